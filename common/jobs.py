@@ -1,0 +1,255 @@
+"""Job records in Redis: status, logs, result, queue position, and the per-job lease.
+
+A job is IN_QUEUE, IN_PROGRESS or COMPLETED (fal's three statuses; failures and cancels are
+COMPLETED with an error). State changes are Lua scripts, so a cancel, a claim by a worker and a
+completion can race without corrupting anything:
+
+- `claim` moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL that the running worker
+  renews). A redelivered copy of a job whose lease is alive is deferred, never run twice; a job whose
+  lease expired (its worker died) is claimed again, up to `max_attempts` times.
+- `complete` succeeds once: only the first completion (by the lease holder) is recorded, so a
+  job gets exactly one result and one webhook.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import redis
+
+from common.schemas import JobSpec
+
+Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
+CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
+
+PREFIX = "birefnet:"
+
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'COMPLETED' then return 'completed' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'leased' end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[3], ARGV[5])
+if attempts > tonumber(ARGV[4]) then return 'exhausted' end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6])
+return 'claimed'
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_COMPLETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'COMPLETED' then return 0 end
+local lease = redis.call('GET', KEYS[2])
+if lease and lease ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
+"""
+
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'not_found' end
+if status == 'COMPLETED' then return 'already_completed' end
+if status == 'IN_PROGRESS' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'requested'
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
+return 'cancelled'
+"""
+
+
+def utc_timestamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class JobRecord:
+    request_id: str
+    status: Status
+    spec: JobSpec
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    result: dict | None = None  # the body the result endpoint returns (output or error body)
+    result_code: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+    inference_time: float | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    worker: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "COMPLETED" and self.error is None
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, *, record_ttl: int = 7 * 24 * 3600):
+        self.redis = client
+        self.record_ttl = record_ttl
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._complete = client.register_script(_COMPLETE)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), **kwargs)
+
+    # --- keys ---
+    @staticmethod
+    def job_key(request_id: str) -> str:
+        return f"{PREFIX}job:{request_id}"
+
+    @staticmethod
+    def logs_key(request_id: str) -> str:
+        return f"{PREFIX}job:{request_id}:logs"
+
+    @staticmethod
+    def lease_key(request_id: str) -> str:
+        return f"{PREFIX}lease:{request_id}"
+
+    @staticmethod
+    def pending_key(variant: str) -> str:
+        return f"{PREFIX}pending:{variant}"
+
+    # --- creation and lookup ---
+    def create(self, spec: JobSpec) -> bool:
+        """Record a new IN_QUEUE job; False if a record with this id exists already."""
+        key = self.job_key(spec.request_id)
+        created = self.redis.hsetnx(key, "spec", spec.model_dump_json())
+        if not created:
+            return False
+        seq = self.redis.incr(f"{PREFIX}seq")
+        score = seq + (10**12 if spec.priority == "low" else 0)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"status": "IN_QUEUE", "created_at": repr(spec.created_at),
+                                "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
+        pipe.zadd(self.pending_key(spec.variant), {spec.request_id: score})
+        pipe.expire(key, self.record_ttl)
+        pipe.execute()
+        return True
+
+    def ensure(self, spec: JobSpec) -> None:
+        """Recreate a record lost with Redis data (the message carries the full spec)."""
+        if not self.redis.exists(self.job_key(spec.request_id)):
+            self.create(spec)
+
+    def get(self, request_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(self.job_key(request_id))
+        if not raw or "spec" not in raw or "status" not in raw:
+            return None
+
+        def num(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        return JobRecord(
+            request_id=request_id,
+            status=raw["status"],  # type: ignore[arg-type]
+            spec=JobSpec.model_validate_json(raw["spec"]),
+            created_at=float(raw.get("created_at") or 0),
+            started_at=num("started_at"),
+            completed_at=num("completed_at"),
+            result=json.loads(raw["result"]) if raw.get("result") else None,
+            result_code=int(raw["result_code"]) if raw.get("result_code") else None,
+            error=raw.get("error") or None,
+            error_type=raw.get("error_type") or None,
+            inference_time=num("inference_time"),
+            attempts=int(raw.get("attempts") or 0),
+            cancel_requested=raw.get("cancel_requested") == "1",
+            worker=raw.get("worker") or None,
+            extra=json.loads(raw["extra"]) if raw.get("extra") else {},
+        )
+
+    def status(self, request_id: str) -> Status | None:
+        return self.redis.hget(self.job_key(request_id), "status")  # type: ignore[return-value]
+
+    def queue_position(self, request_id: str, variant: str) -> int | None:
+        """0 = next to run in its variant's queue; None once it left the queue."""
+        return self.redis.zrank(self.pending_key(variant), request_id)
+
+    def queue_depth(self, variant: str) -> int:
+        return self.redis.zcard(self.pending_key(variant))
+
+    # --- logs ---
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        entry = {"message": message, "level": level, "source": "USER", "timestamp": utc_timestamp()}
+        pipe = self.redis.pipeline()
+        pipe.rpush(self.logs_key(request_id), json.dumps(entry))
+        pipe.expire(self.logs_key(request_id), self.record_ttl)
+        pipe.execute()
+
+    def logs(self, request_id: str, start: int = 0) -> list[dict]:
+        return [json.loads(item) for item in self.redis.lrange(self.logs_key(request_id), start, -1)]
+
+    # --- worker side ---
+    def claim(self, request_id: str, variant: str, token: str, *, lease_seconds: float, max_attempts: int,
+              worker: str) -> ClaimOutcome:
+        return self._claim(
+            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
+        )
+
+    def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
+        return bool(self._renew(keys=[self.lease_key(request_id)], args=[token, int(lease_seconds * 1000)]))
+
+    def release(self, request_id: str, token: str) -> None:
+        """Give the lease back without completing (the job will be retried)."""
+        if self.redis.get(self.lease_key(request_id)) == token:
+            self.redis.delete(self.lease_key(request_id))
+
+    def complete(self, request_id: str, *, token: str = "", result: dict, result_code: int = 200,
+                 error: str | None = None, error_type: str | None = None,
+                 inference_time: float | None = None, extra: dict | None = None) -> bool:
+        """Record the outcome; True only for the one call that completed the job."""
+        record = self.get(request_id)
+        variant = record.spec.variant if record else ""
+        fields = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
+                  "error": error or "", "error_type": error_type or "",
+                  "inference_time": "" if inference_time is None else repr(inference_time),
+                  "extra": json.dumps(extra or {})}
+        flat = [item for pair in fields.items() for item in pair]
+        done = bool(self._complete(
+            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            args=[token, request_id, *flat],
+        ))
+        if done:
+            self.redis.expire(self.job_key(request_id), self.record_ttl)
+        return done
+
+    def cancel(self, request_id: str) -> CancelOutcome:
+        record = self.get(request_id)
+        if record is None:
+            return "not_found"
+        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
+        fields = {"completed_at": repr(time.time()), "result": json.dumps(body), "result_code": 499,
+                  "error": "Request was cancelled", "error_type": "client_cancelled"}
+        flat = [item for pair in fields.items() for item in pair]
+        return self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
+                            args=[request_id, *flat])
+
+    def cancel_requested(self, request_id: str) -> bool:
+        return self.redis.hget(self.job_key(request_id), "cancel_requested") == "1"
+
+    # --- S3 event de-duplication ---
+    def job_for_object(self, object_fingerprint: str, request_id: str) -> str:
+        """The job id for an input object version: the first caller's id wins."""
+        key = f"{PREFIX}object:{object_fingerprint}"
+        self.redis.set(key, request_id, nx=True, ex=self.record_ttl)
+        return self.redis.get(key) or request_id

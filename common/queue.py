@@ -1,0 +1,50 @@
+"""Celery on Redis: one queue per model variant, plus `webhooks` for deliveries.
+
+The gateway and producer only *send* tasks by name; they never import worker code (or torch).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from common.schemas import JobSpec
+from common.settings import Settings
+
+RUN_JOB = "birefnet.run_job"
+DELIVER_WEBHOOK = "birefnet.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"
+
+
+def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
+    app = Celery(name, broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A job is acknowledged only once it is done; a worker that dies leaves it to be redelivered.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=WEBHOOK_QUEUE,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Redelivery of a killed worker's job after visibility_timeout; the restore sweep runs every
+            # unacked_restore_interval seconds (throttle 1: every sweep scans).
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": settings.unacked_restore_interval,
+            "unacked_restore_throttle": 1,
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+def send_job(app: Celery, spec: JobSpec) -> None:
+    """Put a job on its variant's queue (the spec travels whole, so a lost record can be rebuilt)."""
+    app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue)
+
+
+def send_webhook(app: Celery, request_id: str, attempt: int = 0, countdown: float | None = None) -> None:
+    app.send_task(DELIVER_WEBHOOK, args=[request_id, attempt], queue=WEBHOOK_QUEUE, countdown=countdown)

@@ -1,0 +1,48 @@
+"""Ending a job: result document in the output bucket, then the record, then the webhook.
+
+The order is the promise fal clients rely on: COMPLETED is visible only after the result is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from common.errors import JobError
+from common.jobs import JobStore
+from common.queue import send_webhook
+from common.schemas import JobSpec
+from common.settings import Settings
+from common.storage import RESULT_DOCUMENT, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def error_body(exc: JobError) -> dict:
+    return {"detail": exc.detail()}
+
+
+def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | None, celery: Celery,
+               spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
+               error_type: str | None = None, token: str = "", inference_time: float | None = None,
+               extra: dict | None = None) -> bool:
+    """Store the outcome once; returns True for the call that completed the job."""
+    if objects is not None and not spec.params.sync_mode:
+        objects.write_json(
+            settings.output_bucket, spec.output_prefix + RESULT_DOCUMENT, body,
+            metadata={"request-id": spec.request_id, "status": "OK" if error is None else "ERROR",
+                      "status-code": str(code)},
+        )
+    done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
+                          error_type=error_type, inference_time=inference_time, extra=extra)
+    if done and spec.webhook_url:
+        send_webhook(celery, spec.request_id)
+    if not done:
+        log.info("job %s was already completed elsewhere; outcome discarded", spec.request_id)
+    return done
+
+
+def fail_job(*, exc: JobError, **kwargs) -> bool:
+    return finish_job(body=error_body(exc), code=exc.status_code, error=exc.message,
+                      error_type=exc.error_type, **kwargs)

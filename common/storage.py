@@ -1,0 +1,135 @@
+"""S3 access through boto3, and the output key layout.
+
+Output layout (all under `settings.output_prefix`, default `results/`):
+
+    uploads/<input key>/<fingerprint>/cutout.<ext>   jobs from bucket uploads
+    uploads/<input key>/<fingerprint>/mask.<ext>
+    uploads/<input key>/<fingerprint>/result.json
+    requests/<request id>/...                        jobs submitted through the gateway
+
+`fingerprint` hashes the input object's version (VersionId, else ETag) and the job parameters,
+so a re-delivered event or an identical re-upload finds the finished result and is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from common.errors import FileDownloadError, ImageTooLargeError
+from common.settings import Settings
+
+RESULT_DOCUMENT = "result.json"
+
+
+def boto_config() -> Config:
+    return Config(signature_version="s3v4", retries={"max_attempts": 4, "mode": "standard"},
+                  connect_timeout=5, read_timeout=30)
+
+
+def make_s3_client(settings: Settings):
+    return boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
+                        config=boto_config())
+
+
+def make_sqs_client(settings: Settings):
+    return boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url,
+                        config=boto_config())
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/key/with/slashes' -> ('bucket', 'key/with/slashes')."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, key = url[5:].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"s3 URL needs a bucket and a key: {url!r}")
+    return bucket, key
+
+
+def fingerprint(bucket: str, key: str, version: str, params: dict) -> str:
+    canonical = json.dumps({"b": bucket, "k": key, "v": version, "p": params}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def upload_output_prefix(settings: Settings, key: str, fp: str) -> str:
+    return f"{settings.output_prefix}uploads/{key}/{fp}/"
+
+
+def request_output_prefix(settings: Settings, request_id: str) -> str:
+    return f"{settings.output_prefix}requests/{request_id}/"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    version: str  # VersionId when versioning is on, else the ETag
+    content_type: str
+    metadata: dict[str, str]
+
+
+class ObjectStore:
+    """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
+
+    def __init__(self, settings: Settings, client=None):
+        self.settings = settings
+        self.client = client or make_s3_client(settings)
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        meta = self.client.head_object(Bucket=bucket, Key=key)
+        version = meta.get("VersionId") or meta.get("ETag", "").strip('"')
+        return ObjectInfo(bucket, key, meta.get("ContentLength", 0), version,
+                          meta.get("ContentType", ""), {k.lower(): v for k, v in meta.get("Metadata", {}).items()})
+
+    def read(self, bucket: str, key: str, *, max_bytes: int) -> bytes:
+        """An input object, refused when larger than max_bytes."""
+        try:
+            obj = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+                raise FileDownloadError(f"cannot read s3://{bucket}/{key}: {code}") from exc
+            raise
+        size = obj.get("ContentLength", 0)
+        if size > max_bytes:
+            obj["Body"].close()
+            raise ImageTooLargeError(f"input is {size} bytes; the limit is {max_bytes} bytes")
+        return obj["Body"].read()
+
+    def write(self, bucket: str, key: str, data: bytes, content_type: str,
+              metadata: dict[str, str] | None = None) -> None:
+        self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
+                               Metadata=metadata or {})
+
+    def write_json(self, bucket: str, key: str, document: dict, metadata: dict[str, str] | None = None) -> None:
+        self.write(bucket, key, json.dumps(document, separators=(",", ":")).encode(), "application/json",
+                   metadata)
+
+    def read_json(self, bucket: str, key: str) -> dict | None:
+        """A JSON document, or None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return json.loads(body)
+
+    def url_for(self, bucket: str, key: str) -> str:
+        """The URL put into result documents, in the configured style."""
+        style = self.settings.result_url_style
+        if style == "s3":
+            return f"s3://{bucket}/{key}"
+        if style == "public":
+            return f"{self.settings.public_base_url.rstrip('/')}/{quote(key)}"
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.settings.presigned_url_ttl
+        )

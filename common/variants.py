@@ -1,0 +1,160 @@
+"""Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue.
+
+Pure data (no torch), shared by the gateway and producer (validation, routing) and the worker
+(which checkpoint to load). Operators add or override entries with the `variant_overrides`
+setting (JSON: {variant_id: {field: value}}), e.g. to point a variant at a local file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Endpoint = Literal["v1", "v2"]
+PatchOrder = Literal["einops", "legacy"]
+
+RES_1024 = "1024x1024"
+RES_2048 = "2048x2048"
+RES_2304 = "2304x2304"
+
+
+class VariantSpec(BaseModel):
+    """One servable BiRefNet checkpoint and how to run it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(description="Stable slug; also names the Celery queue (birefnet.<id>).")
+    fal_names: dict[Endpoint, str] = Field(
+        default_factory=dict, description="fal `model` enum value per endpoint version."
+    )
+    weights: str = Field(
+        description="Checkpoint source: hf://<repo>@<revision>/<file>, a https URL, s3://bucket/key, "
+        "a local path, or 'recipe' (untrained weights made from the recipe, never a trained model)."
+    )
+    backbone: str = "swin_v1_l"
+    patch_order: PatchOrder = "legacy"
+    default_resolution: str = RES_1024
+    allowed_resolutions: tuple[str, ...] = (RES_1024, RES_2048)
+    note: str = ""
+
+    @property
+    def queue(self) -> str:
+        return f"birefnet.{self.id}"
+
+
+# Checkpoints published before 2024-11-05 use the legacy patch channel order, later ones einops.
+_HF = "hf://ZhengPeng7"
+_GH_V1 = "https://github.com/ZhengPeng7/BiRefNet/releases/download/v1"
+
+BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
+    VariantSpec(
+        id="v1-general-light",
+        fal_names={"v1": "General Use (Light)"},
+        weights=f"{_GH_V1}/BiRefNet-DIS_ep580.pth",
+        note="v1 endpoint: DIS-trained BiRefNet (BiRefNet-DIS_ep580.pth).",
+    ),
+    VariantSpec(
+        id="v1-general-heavy",
+        fal_names={"v1": "General Use (Heavy)"},
+        weights=f"{_GH_V1}/BiRefNet-massive-epoch_240.pth",
+        note="v1 endpoint: BiRefNet trained on the massive mixed set (BiRefNet-massive-epoch_240.pth).",
+    ),
+    VariantSpec(
+        id="v1-portrait",
+        fal_names={"v1": "Portrait"},
+        weights=f"{_GH_V1}/BiRefNet-portrait-TR_P3M_10k-epoch_120.pth",
+    ),
+    VariantSpec(
+        id="general-light",
+        fal_names={"v2": "General Use (Light)"},
+        weights=f"{_HF}/BiRefNet@main/model.safetensors",
+    ),
+    VariantSpec(
+        id="general-light-2k",
+        fal_names={"v2": "General Use (Light 2K)"},
+        weights=f"{_HF}/BiRefNet_lite-2K@main/model.safetensors",
+        backbone="swin_v1_t",
+    ),
+    VariantSpec(
+        id="general-heavy",
+        fal_names={"v2": "General Use (Heavy)"},
+        # fal documents BiRefNet_lite (the Swin-T model) for "Heavy"; we follow fal verbatim.
+        weights=f"{_HF}/BiRefNet_lite@main/model.safetensors",
+        backbone="swin_v1_t",
+        note="Mapped as fal documents it (BiRefNet_lite, Swin-T), although the name suggests the larger model.",
+    ),
+    VariantSpec(
+        id="matting",
+        fal_names={"v2": "Matting"},
+        weights=f"{_HF}/BiRefNet-matting@main/model.safetensors",
+    ),
+    VariantSpec(
+        id="portrait",
+        fal_names={"v2": "Portrait"},
+        weights=f"{_HF}/BiRefNet-portrait@main/model.safetensors",
+    ),
+    VariantSpec(
+        id="general-dynamic",
+        fal_names={"v2": "General Use (Dynamic)"},
+        weights=f"{_HF}/BiRefNet_dynamic@main/model.safetensors",
+        patch_order="einops",
+        allowed_resolutions=(RES_1024, RES_2048, RES_2304),
+    ),
+    VariantSpec(
+        id="hr",
+        weights=f"{_HF}/BiRefNet_HR@main/model.safetensors",
+        patch_order="einops",
+        default_resolution=RES_2048,
+        note="Not a fal model name; reachable by variant id (S3 metadata model=hr).",
+    ),
+    VariantSpec(
+        id="hr-matting",
+        weights=f"{_HF}/BiRefNet_HR-matting@main/model.safetensors",
+        patch_order="einops",
+        default_resolution=RES_2048,
+        note="Not a fal model name; reachable by variant id (S3 metadata model=hr-matting).",
+    ),
+)
+
+DEFAULT_MODEL_NAME = "General Use (Light)"
+
+
+class VariantRegistry:
+    """Looks variants up by id or by (endpoint, fal model name)."""
+
+    def __init__(self, variants: tuple[VariantSpec, ...] | list[VariantSpec]):
+        self._by_id = {v.id: v for v in variants}
+
+    @classmethod
+    def with_overrides(cls, overrides: dict[str, dict] | None = None) -> VariantRegistry:
+        merged = {v.id: v for v in BUILTIN_VARIANTS}
+        for variant_id, fields in (overrides or {}).items():
+            base = merged.get(variant_id)
+            data = {**(base.model_dump() if base else {}), **fields, "id": variant_id}
+            merged[variant_id] = VariantSpec.model_validate(data)
+        return cls(list(merged.values()))
+
+    def __iter__(self):
+        return iter(self._by_id.values())
+
+    def get(self, variant_id: str) -> VariantSpec:
+        try:
+            return self._by_id[variant_id]
+        except KeyError:
+            raise KeyError(f"unknown model variant {variant_id!r}; known: {sorted(self._by_id)}") from None
+
+    def model_names(self, endpoint: Endpoint) -> list[str]:
+        return [v.fal_names[endpoint] for v in self._by_id.values() if endpoint in v.fal_names]
+
+    def by_model_name(self, endpoint: Endpoint, name: str) -> VariantSpec:
+        for v in self._by_id.values():
+            if v.fal_names.get(endpoint) == name:
+                return v
+        raise KeyError(f"unknown model {name!r} for {endpoint}; expected one of {self.model_names(endpoint)}")
+
+    def resolve(self, endpoint: Endpoint, name_or_id: str) -> VariantSpec:
+        """A fal model name for the endpoint, or a variant id (S3 metadata may use either)."""
+        if name_or_id in self._by_id:
+            return self._by_id[name_or_id]
+        return self.by_model_name(endpoint, name_or_id)

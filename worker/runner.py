@@ -1,0 +1,232 @@
+"""Runs one job on a warm predictor: claim, fetch, infer, store, complete.
+
+Kept free of Celery so that the same code runs in tests, benchmarks and the Celery task.
+What happens to the job is returned as an `Outcome`; the Celery task turns `defer` and `retry`
+into Celery retries.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis
+from botocore.exceptions import BotoCoreError, ClientError
+from celery import Celery
+
+from common.errors import JobError
+from common.fetch import fetch_input
+from common.jobs import PREFIX, JobStore
+from common.results import fail_job, finish_job
+from common.schemas import ImageFile, JobSpec
+from common.settings import Settings
+from common.storage import RESULT_DOCUMENT, ObjectStore
+from worker.engine import Predictor, render_outputs
+from worker.imaging import EncodedImage, decode_image
+
+log = logging.getLogger(__name__)
+
+OutcomeKind = Literal["done", "failed", "cancelled", "skipped", "defer", "retry"]
+
+UNTRAINED_WARNING = ("UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
+                     "trained BiRefNet checkpoint; the mask is meaningless.")
+
+
+@dataclass
+class Outcome:
+    kind: OutcomeKind
+    detail: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TransientError(Exception):
+    """Infrastructure trouble (S3, Redis); the job is retried without counting as a crash."""
+
+
+_TRANSIENT = (BotoCoreError, redis.ConnectionError, redis.TimeoutError)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 0
+    return isinstance(exc, _TRANSIENT)
+
+
+class LeaseKeeper:
+    """Renews the job's lease in the background while it runs, so no other worker takes it."""
+
+    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float):
+        self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self.store.renew(self.request_id, self.token, self.lease_seconds)
+            except redis.RedisError:
+                log.warning("could not renew the lease of %s", self.request_id)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
+                 predictors: dict[str, Predictor], worker_name: str):
+        self.settings = settings
+        self.store = store
+        self.objects = objects
+        self.celery = celery
+        self.predictors = predictors
+        self.worker_name = worker_name
+
+    def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
+        return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
+                          spec=spec, token=token, **kwargs)
+
+    def run(self, spec: JobSpec) -> Outcome:
+        self.store.ensure(spec)
+        token = uuid.uuid4().hex
+        claim = self.store.claim(spec.request_id, spec.variant, token,
+                                 lease_seconds=self.settings.job_lease_seconds,
+                                 max_attempts=self.settings.max_job_attempts, worker=self.worker_name)
+        if claim == "completed":
+            return Outcome("skipped", "already completed")
+        if claim == "leased":
+            return Outcome("defer", "another worker holds the lease")
+        if claim == "exhausted":
+            self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
+            exc = JobError(f"the job failed {self.settings.max_job_attempts} times (its worker stopped "
+                           "while running it); it was moved to the dead-letter list",
+                           error_type="runner_disconnected", status_code=503)
+            self._finish(spec, "", body={"detail": exc.message, "error_type": exc.error_type},
+                         code=exc.status_code, error=exc.message, error_type=exc.error_type)
+            return Outcome("failed", "attempts exhausted")
+        if claim == "missing":
+            return Outcome("skipped", "job record missing")
+
+        with LeaseKeeper(self.store, spec.request_id, token, self.settings.job_lease_seconds):
+            try:
+                return self._run_claimed(spec, token)
+            except JobError as exc:
+                log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
+                self.store.log(spec.request_id, f"error: {exc.message}", "ERROR")
+                fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
+                         celery=self.celery, spec=spec, token=token)
+                return Outcome("failed", exc.message)
+            except Exception as exc:
+                self.store.release(spec.request_id, token)
+                if _is_transient(exc):
+                    # Not the job's fault: give the attempt back so outages do not exhaust it.
+                    self.store.redis.hincrby(self.store.job_key(spec.request_id), "attempts", -1)
+                    self.store.redis.hset(self.store.job_key(spec.request_id), "status", "IN_QUEUE")
+                    log.warning("job %s hit a transient error, will retry: %s", spec.request_id, exc)
+                    return Outcome("retry", f"transient: {exc}")
+                self.store.redis.hset(self.store.job_key(spec.request_id), "status", "IN_QUEUE")
+                log.exception("job %s raised unexpectedly", spec.request_id)
+                return Outcome("retry", f"{type(exc).__name__}: {exc}")
+
+    def _reuse_existing(self, spec: JobSpec, token: str) -> bool:
+        """A finished result for the same input version and parameters is not computed again."""
+        if not spec.input_fingerprint or spec.params.sync_mode:
+            return False
+        key = spec.output_prefix + RESULT_DOCUMENT
+        try:
+            head = self.objects.client.head_object(Bucket=self.settings.output_bucket, Key=key)
+        except ClientError:
+            return False
+        if head.get("Metadata", {}).get("status") != "OK":
+            return False
+        body = self.objects.read_json(self.settings.output_bucket, key)
+        if body is None:
+            return False
+        self.store.log(spec.request_id, "result already exists for this input version; reusing it")
+        self._finish(spec, token, body=body, extra={"reused": True})
+        return True
+
+    def _cancelled(self, spec: JobSpec, token: str) -> bool:
+        if not self.store.cancel_requested(spec.request_id):
+            return False
+        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
+        self._finish(spec, token, body=body, code=499, error="Request was cancelled",
+                     error_type="client_cancelled")
+        return True
+
+    def _run_claimed(self, spec: JobSpec, token: str) -> Outcome:
+        if spec.start_deadline and time.time() > spec.start_deadline:
+            body = {"detail": "Request timed out before it started", "error_type": "request_timeout"}
+            self._finish(spec, token, body=body, code=504, error=body["detail"], error_type="request_timeout")
+            return Outcome("failed", "start deadline passed")
+        if self._reuse_existing(spec, token):
+            return Outcome("done", "reused")
+        predictor = self.predictors.get(spec.variant)
+        if predictor is None:
+            raise JobError(f"this worker does not serve variant {spec.variant!r}",
+                           error_type="runner_scheduling_failure", status_code=503)
+        params = spec.params
+        timings: dict[str, float] = {}
+        log_ = self.store.log
+        rid = spec.request_id
+
+        started = time.perf_counter()
+        log_(rid, "loading image")
+        data = fetch_input(spec.image_url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
+                           timeout=self.settings.http_timeout)
+        timings["fetch"] = time.perf_counter() - started
+        t = time.perf_counter()
+        image = decode_image(data, max_pixels=self.settings.max_input_pixels)
+        timings["decode"] = time.perf_counter() - t
+        if self._cancelled(spec, token):
+            return Outcome("cancelled")
+
+        width, height = (int(v) for v in params.operating_resolution.split("x"))
+        log_(rid, f"inference {params.operating_resolution} on {predictor.device} ({image.width}x{image.height} input)")
+        if predictor.untrained:
+            log_(rid, UNTRAINED_WARNING, "WARN")
+        t = time.perf_counter()
+        (mask,) = predictor.predict_masks([image], (width, height))
+        timings["inference"] = time.perf_counter() - t
+        if self._cancelled(spec, token):
+            return Outcome("cancelled")
+
+        t = time.perf_counter()
+        rendered = render_outputs(image, mask, output_format=params.output_format, output_mask=params.output_mask,
+                                  refine_foreground=params.refine_foreground, mask_only=params.mask_only)
+        timings["render"] = time.perf_counter() - t
+
+        log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
+        t = time.perf_counter()
+        body: dict = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
+                      "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
+        if predictor.untrained:
+            body["warning"] = UNTRAINED_WARNING
+        timings["upload"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        self._finish(spec, token, body=body, inference_time=timings["inference"],
+                     extra={"timings": timings, "weights": predictor.weights_description})
+        log_(rid, f"done in {timings['total']:.2f}s")
+        return Outcome("done", timings=timings)
+
+    def _publish(self, spec: JobSpec, encoded: EncodedImage, stem: str) -> dict:
+        file_name = f"{stem}{encoded.extension}"
+        if spec.params.sync_mode:
+            url = f"data:{encoded.content_type};base64,{base64.b64encode(encoded.data).decode()}"
+        else:
+            key = spec.output_prefix + file_name
+            self.objects.write(self.settings.output_bucket, key, encoded.data, encoded.content_type,
+                               metadata={"request-id": spec.request_id})
+            url = self.objects.url_for(self.settings.output_bucket, key)
+        return ImageFile(url=url, content_type=encoded.content_type, file_name=file_name,
+                         file_size=encoded.file_size, width=encoded.width, height=encoded.height).model_dump()
