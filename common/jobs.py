@@ -58,6 +58,16 @@ redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 """
 
+_REQUEUE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
+if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+return 1
+"""
+
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'not_found' end
@@ -69,6 +79,12 @@ end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
 return 'cancelled'
+"""
+
+_POP_DUE = """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(items) do redis.call('ZREM', KEYS[1], member) end
+return items
 """
 
 
@@ -107,6 +123,8 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._complete = client.register_script(_COMPLETE)
         self._cancel = client.register_script(_CANCEL)
+        self._pop_due = client.register_script(_POP_DUE)
+        self._requeue = client.register_script(_REQUEUE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> JobStore:
@@ -209,10 +227,13 @@ class JobStore:
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(request_id)], args=[token, int(lease_seconds * 1000)]))
 
-    def release(self, request_id: str, token: str) -> None:
-        """Give the lease back without completing (the job will be retried)."""
-        if self.redis.get(self.lease_key(request_id)) == token:
-            self.redis.delete(self.lease_key(request_id))
+    def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
+        """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
+        was not the job's doing (an outage), so it does not count towards `max_attempts`."""
+        return bool(self._requeue(
+            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            args=[token, request_id, "1" if refund_attempt else "0", 0],
+        ))
 
     def complete(self, request_id: str, *, token: str = "", result: dict, result_code: int = 200,
                  error: str | None = None, error_type: str | None = None,
@@ -246,6 +267,11 @@ class JobStore:
 
     def cancel_requested(self, request_id: str) -> bool:
         return self.redis.hget(self.job_key(request_id), "cancel_requested") == "1"
+
+    # --- schedules (sorted sets scored by due time) ---
+    def pop_due(self, key: str, limit: int = 100) -> list[str]:
+        """Members of a schedule whose time has come, removed atomically: each goes to one caller."""
+        return self._pop_due(keys=[key], args=[time.time(), limit])
 
     # --- S3 event de-duplication ---
     def job_for_object(self, object_fingerprint: str, request_id: str) -> str:

@@ -10,9 +10,10 @@ import json
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.auth import ApiKeyConfig
 from common.variants import VariantRegistry
 
 
@@ -22,11 +23,11 @@ class Settings(BaseSettings):
     # --- Broker and job records ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for Celery queues and job records.")
     visibility_timeout: int = Field(
-        60, description="Seconds before an unacknowledged job is handed to another worker (a killed worker's "
+        20, description="Seconds before an unacknowledged job is handed to another worker (a killed worker's "
         "job comes back after this). A live worker's job is protected by its lease, so this may be short."
     )
     unacked_restore_interval: float = Field(
-        5.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
+        2.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
     )
     job_lease_seconds: int = Field(30, description="Lease a worker holds on a running job, renewed while it runs.")
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
@@ -78,12 +79,114 @@ class Settings(BaseSettings):
     http_timeout: float = Field(20.0, description="Timeout (s) for downloading image URLs.")
     webhook_timeout: float = Field(15.0, description="Timeout (s) of one webhook delivery attempt.")
 
+    # --- Model engine ---
+    inference_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Autocast compute dtype for the network on CUDA; the CPU always runs float32."
+    )
+    channels_last: bool = Field(True, description="Use the channels_last memory layout on CUDA (faster convolutions).")
+    compile_model: bool = Field(
+        False, description="Wrap the network in torch.compile (mainly for CUDA). If compiling fails at the "
+        "warm-up, the worker logs it and runs eagerly."
+    )
+    warmup_forward: bool = Field(
+        True, description="Run one forward pass when a model loads (CUDA: at the variant's default resolution, "
+        "so kernels are tuned before the first job; CPU: a small one that proves the model runs)."
+    )
+    max_batch_size: int = Field(4, ge=1, description="Most images the engine puts through one forward pass.")
+    fused_inference: bool = Field(
+        True, description="Use the native model's fused inference path (BatchNorm folded into convs, faster "
+        "deformable conv; same results up to float32 rounding). Off: the reference path."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let Hugging Face repos whose weights do not fit the native BiRefNet load through "
+        "transformers' AutoModelForImageSegmentation with trust_remote_code=True (runs Python from the repo)."
+    )
+    png_compress_level: int = Field(
+        3, ge=0, le=9, description="zlib level for PNG outputs: 0-9, lower is faster and larger."
+    )
+    webp_quality: int = Field(
+        90, ge=1, le=100, description="Quality of lossy WebP cut-outs (alpha and masks are always lossless)."
+    )
+
+    # --- Gateway ---
+    gateway_host: str = Field("0.0.0.0", description="Address the fal-compatible HTTP gateway (`python -m producer.gateway`) binds.")
+    gateway_port: int = Field(8080, description="Port of the gateway.")
+    gateway_workers: int = Field(1, ge=1, description="uvicorn worker processes of the gateway.")
+    gateway_tls_cert: str = Field(
+        "", description="PEM certificate chain for HTTPS (fal's clients only speak https); with gateway_tls_key. "
+        "Empty: plain HTTP, e.g. behind a TLS-terminating load balancer."
+    )
+    gateway_tls_key: str = Field("", description="PEM private key of gateway_tls_cert.")
+    gateway_public_url: str = Field(
+        "", description="Public base URL of the gateway (e.g. https://api.example). Submit answers "
+        "{this}/queue/... as status_url/response_url/cancel_url, and gateway-served files use it. Empty: "
+        "built from each request's Host (and X-Forwarded-* when trusted)."
+    )
+    gateway_trust_forwarded: bool = Field(
+        True, description="Build public URLs from X-Forwarded-Proto/X-Forwarded-Host (set false when clients "
+        "reach the gateway without a proxy)."
+    )
+    gateway_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("*",), description="Origins allowed by CORS (comma-separated or JSON list; * = any)."
+    )
+    gateway_auth: Literal["keys", "off"] = Field(
+        "keys", description="'keys': every API call needs `Authorization: Key <id:secret>` matching "
+        "gateway_api_keys. 'off': development only, no auth; all callers share one namespace."
+    )
+    gateway_api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list,
+        description='JSON list of API keys, secrets hashed: [{"id": "team-a", "hash": "scrypt$...", '
+        '"user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m common.auth new --id '
+        "team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// image_url of that key may name.",
+    )
+    gateway_result_retention: int = Field(
+        3600, description="Seconds a completed request's status and result stay readable; then 404."
+    )
+    gateway_output_retention: int = Field(
+        7 * 24 * 3600, description="Default lifetime (s) of API output files and their URLs; a request's "
+        "x-fal-object-lifecycle-preference expiration_duration_seconds overrides it. Presigned URLs are "
+        "capped at 7 days; files are deleted when it ends."
+    )
+    gateway_output_urls: Literal["presigned", "gateway", "public"] = Field(
+        "presigned", description="URLs of API outputs and uploads: presigned S3 URLs, 'gateway' (signed, "
+        "expiring {gateway_public_url}/objects/... URLs the gateway streams from S3; needs gateway_public_url "
+        "and gateway_signing_secret) or 'public' (public_base_url + key)."
+    )
+    gateway_signing_secret: str = Field(
+        "", description="HMAC secret for gateway-served file URLs and upload tokens. Empty: generated once "
+        "and kept in Redis (development; gateway_output_urls='gateway' requires it set)."
+    )
+    gateway_max_body_bytes: int = Field(
+        40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413."
+    )
+    gateway_block_private_urls: bool = Field(
+        True, description="Refuse http(s) image_url and webhook URLs that resolve to loopback, private or "
+        "link-local addresses (SSRF guard)."
+    )
+    gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
+    gateway_sweep_interval: float = Field(
+        1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
+        "and deletes output files past their retention."
+    )
+    webhook_signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or comma-separated) "
+        "signing webhooks. The first signs; all are published at /.well-known/jwks.json (rotation). Empty: a "
+        "key is generated and kept in Redis (development)."
+    )
+    webhook_max_retries: int = Field(10, ge=0, description="Webhook retries after the first failed attempt (fal: 10).")
+    webhook_retry_base: float = Field(
+        15.0, description="First webhook retry delay (s); doubles per retry up to webhook_retry_max_delay "
+        "(defaults: 10 retries over about 2 hours)."
+    )
+    webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
+
     @field_validator("output_prefix")
     @classmethod
     def _prefix_slash(cls, value: str) -> str:
         return value if not value or value.endswith("/") else value + "/"
 
-    @field_validator("worker_variants", "image_suffixes", mode="before")
+    @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
+                     mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # Accept "a,b" as well as JSON lists from the environment.
@@ -93,6 +196,12 @@ class Settings(BaseSettings):
             return tuple(json.loads(value))
         return value
 
+    @model_validator(mode="after")
+    def _gateway_urls_need_a_base(self) -> Settings:
+        if self.gateway_output_urls == "gateway" and not (self.gateway_public_url and self.gateway_signing_secret):
+            raise ValueError("gateway_output_urls='gateway' needs gateway_public_url and gateway_signing_secret")
+        return self
+
     @cached_property
     def variants(self) -> VariantRegistry:
         return VariantRegistry.with_overrides(self.variant_overrides)
@@ -100,3 +209,33 @@ class Settings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """The README's settings table, made from the fields' descriptions."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        default = info.default_factory() if info.default_factory else info.default
+        shown = json.dumps(default) if isinstance(default, dict | list | tuple) else default
+        rows.append(f"| `BIREFNET_{name.upper()}` | `{shown}` | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the table between the README's settings markers."""
+    import re
+
+    with open(path) as handle:
+        text = handle.read()
+    pattern = re.compile(r"(<!-- settings:start[^>]*-->\n).*?(\n<!-- settings:end -->)", re.S)
+    with open(path, "w") as handle:
+        handle.write(pattern.sub(lambda m: m.group(1) + settings_table() + m.group(2), text))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--readme" in sys.argv:
+        update_readme()
+    else:
+        print(settings_table())

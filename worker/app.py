@@ -79,7 +79,12 @@ def run_job(task: Task, spec_data: dict) -> str:
     if state.runner is None:
         raise RuntimeError("models are not loaded: start workers with `python -m worker`")
     spec = JobSpec.model_validate(spec_data)
-    outcome = state.runner.run(spec)
+    try:
+        outcome = state.runner.run(spec)
+    except Exception:
+        # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
+        log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
+        raise task.retry(countdown=5.0, max_retries=None) from None
     if outcome.kind == "defer":
         # Another worker is running it: look again after a lease period, in case that worker dies.
         raise task.retry(countdown=settings.job_lease_seconds, max_retries=None)

@@ -108,8 +108,9 @@ class JobRunner:
             return Outcome("defer", "another worker holds the lease")
         if claim == "exhausted":
             self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
-            exc = JobError(f"the job failed {self.settings.max_job_attempts} times (its worker stopped "
-                           "while running it); it was moved to the dead-letter list",
+            last = self.store.redis.hget(self.store.job_key(spec.request_id), "last_error") or "worker stopped"
+            exc = JobError(f"the job failed {self.settings.max_job_attempts} times (last: {last}); "
+                           "it was moved to the dead-letter list",
                            error_type="runner_disconnected", status_code=503)
             self._finish(spec, "", body={"detail": exc.message, "error_type": exc.error_type},
                          code=exc.status_code, error=exc.message, error_type=exc.error_type)
@@ -127,15 +128,15 @@ class JobRunner:
                          celery=self.celery, spec=spec, token=token)
                 return Outcome("failed", exc.message)
             except Exception as exc:
-                self.store.release(spec.request_id, token)
-                if _is_transient(exc):
-                    # Not the job's fault: give the attempt back so outages do not exhaust it.
-                    self.store.redis.hincrby(self.store.job_key(spec.request_id), "attempts", -1)
-                    self.store.redis.hset(self.store.job_key(spec.request_id), "status", "IN_QUEUE")
+                transient = _is_transient(exc)
+                # An outage is not the job's fault: refund the attempt so outages do not exhaust it.
+                self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=transient)
+                if transient:
                     log.warning("job %s hit a transient error, will retry: %s", spec.request_id, exc)
                     return Outcome("retry", f"transient: {exc}")
-                self.store.redis.hset(self.store.job_key(spec.request_id), "status", "IN_QUEUE")
                 log.exception("job %s raised unexpectedly", spec.request_id)
+                self.store.redis.hset(self.store.job_key(spec.request_id), "last_error",
+                                      f"{type(exc).__name__}: {exc}"[:500])
                 return Outcome("retry", f"{type(exc).__name__}: {exc}")
 
     def _reuse_existing(self, spec: JobSpec, token: str) -> bool:
@@ -227,6 +228,7 @@ class JobRunner:
             key = spec.output_prefix + file_name
             self.objects.write(self.settings.output_bucket, key, encoded.data, encoded.content_type,
                                metadata={"request-id": spec.request_id})
-            url = self.objects.url_for(self.settings.output_bucket, key)
+            url = self.objects.url_for(self.settings.output_bucket, key, ttl=spec.extra.get("output_ttl"),
+                                       api=spec.source == "api")
         return ImageFile(url=url, content_type=encoded.content_type, file_name=file_name,
                          file_size=encoded.file_size, width=encoded.width, height=encoded.height).model_dump()
