@@ -20,8 +20,11 @@ def main(argv: list[str] | None = None) -> None:
 
     state.load()
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)
+    # One job at a time runs in the main thread (solo); more run in threads that share the warm model.
+    pool = ["--pool=solo"] if settings.worker_concurrency == 1 else [
+        "--pool=threads", f"--concurrency={settings.worker_concurrency}"]
     app.worker_main([
-        "worker", "--pool=solo", "-Q", queues, "-n", f"{'+'.join(settings.worker_variants)}@%h",
+        "worker", *pool, "-Q", queues, "-n", f"{'+'.join(settings.worker_variants)}@%h",
         f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle",
     ])
 
