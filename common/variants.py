@@ -44,73 +44,81 @@ class VariantSpec(BaseModel):
 
 
 # Checkpoints published before 2024-11-05 use the legacy patch channel order, later ones einops.
+# Hugging Face sources are pinned to a commit of the model repo (hf://<repo>@<commit>/<file>), so a
+# re-upload cannot silently change what a variant serves. The hashes are the repos' commits as of
+# Aug 2026, as recorded (and agreeing) in several public projects that pin them; bump them
+# deliberately, after checking the new weights (e.g. with `python -m worker.patch_order_check`).
 _HF = "hf://ZhengPeng7"
-_GH_V1 = "https://github.com/ZhengPeng7/BiRefNet/releases/download/v1"
 
 BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
+    # fal names old GitHub-release .pth files for v1 (BiRefNet-DIS_ep580.pth, BiRefNet-massive-epoch_240.pth,
+    # BiRefNet-portrait-TR_P3M_10k-epoch_120.pth). They are not in the v1 release and predate the current
+    # architecture, so v1 serves the published checkpoints trained on the same data. Operators with the
+    # original files can point `weights` at them (BIREFNET_VARIANT_OVERRIDES).
     VariantSpec(
         id="v1-general-light",
         fal_names={"v1": "General Use (Light)"},
-        weights=f"{_GH_V1}/BiRefNet-DIS_ep580.pth",
-        note="v1 endpoint: DIS-trained BiRefNet (BiRefNet-DIS_ep580.pth).",
+        weights=f"{_HF}/BiRefNet-DIS5K@main/model.safetensors",
+        note="v1 endpoint: DIS5K-trained BiRefNet (fal names BiRefNet-DIS_ep580.pth).",
     ),
     VariantSpec(
         id="v1-general-heavy",
         fal_names={"v1": "General Use (Heavy)"},
-        weights=f"{_GH_V1}/BiRefNet-massive-epoch_240.pth",
-        note="v1 endpoint: BiRefNet trained on the massive mixed set (BiRefNet-massive-epoch_240.pth).",
+        weights=f"{_HF}/BiRefNet-massive-TR_DIS5K_TR_TEs@main/model.safetensors",
+        note="v1 endpoint: BiRefNet trained on the massive mixed set (fal names BiRefNet-massive-epoch_240.pth).",
     ),
     VariantSpec(
         id="v1-portrait",
         fal_names={"v1": "Portrait"},
-        weights=f"{_GH_V1}/BiRefNet-portrait-TR_P3M_10k-epoch_120.pth",
+        weights=f"{_HF}/BiRefNet-portrait@ecdeb6240ef23557dbd48ff27c59c1a88cbcb755/model.safetensors",
+        note="v1 endpoint: the portrait model trained on P3M-10k (fal names BiRefNet-portrait-TR_P3M_10k-epoch_120.pth).",
     ),
     VariantSpec(
         id="general-light",
         fal_names={"v2": "General Use (Light)"},
-        weights=f"{_HF}/BiRefNet@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet@e2bf8e4460fc8fa32bba5ea4d94b3233d367b0e4/model.safetensors",
     ),
     VariantSpec(
         id="general-light-2k",
         fal_names={"v2": "General Use (Light 2K)"},
-        weights=f"{_HF}/BiRefNet_lite-2K@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet_lite-2K@67d658fa863b1e716c3854270645e68860007d0e/model.safetensors",
         backbone="swin_v1_t",
     ),
     VariantSpec(
         id="general-heavy",
         fal_names={"v2": "General Use (Heavy)"},
         # fal documents BiRefNet_lite (the Swin-T model) for "Heavy"; we follow fal verbatim.
-        weights=f"{_HF}/BiRefNet_lite@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet_lite@7838f1c3472f827cd8ce13ab5ccc2ce48077360f/model.safetensors",
         backbone="swin_v1_t",
         note="Mapped as fal documents it (BiRefNet_lite, Swin-T), although the name suggests the larger model.",
     ),
     VariantSpec(
         id="matting",
         fal_names={"v2": "Matting"},
-        weights=f"{_HF}/BiRefNet-matting@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet-matting@57f9f68b43ba337c75762b14cf3075d659007268/model.safetensors",
     ),
     VariantSpec(
         id="portrait",
         fal_names={"v2": "Portrait"},
-        weights=f"{_HF}/BiRefNet-portrait@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet-portrait@ecdeb6240ef23557dbd48ff27c59c1a88cbcb755/model.safetensors",
     ),
     VariantSpec(
         id="general-dynamic",
         fal_names={"v2": "General Use (Dynamic)"},
-        weights=f"{_HF}/BiRefNet_dynamic@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet_dynamic@280306042f57b7a33854319da62fd86aaa89ec4c/model.safetensors",
         patch_order="einops",
         allowed_resolutions=(RES_1024, RES_2048, RES_2304),
     ),
     VariantSpec(
         id="hr",
-        weights=f"{_HF}/BiRefNet_HR@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet_HR@a7a562f6fd16021180f2f4348f4de003a2d3d1e1/model.safetensors",
         patch_order="einops",
         default_resolution=RES_2048,
         note="Not a fal model name; reachable by variant id (S3 metadata model=hr).",
     ),
     VariantSpec(
         id="hr-matting",
-        weights=f"{_HF}/BiRefNet_HR-matting@main/model.safetensors",
+        weights=f"{_HF}/BiRefNet_HR-matting@5d6b6f8adcb5b417c871b1d84ceaae9871355b7f/model.safetensors",
         patch_order="einops",
         default_resolution=RES_2048,
         note="Not a fal model name; reachable by variant id (S3 metadata model=hr-matting).",

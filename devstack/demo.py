@@ -20,7 +20,7 @@ from common.storage import make_s3_client
 from devstack.receiver import WebhookReceiver
 from devstack.stack import LocalStack
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 120)
 
 
 def sample_photos() -> dict[str, np.ndarray]:
@@ -34,11 +34,11 @@ def _weights_banner(store: JobStore) -> None:
     workers = [json.loads(store.redis.get(k) or "{}") for k in store.redis.keys(f"{PREFIX}worker:*")]
     untrained = sorted({v for w in workers for v in w.get("untrained", [])})
     if untrained:
-        console.print(Panel.fit(
-            "[bold]The trained checkpoint could not be downloaded here, so the worker runs with UNTRAINED\n"
-            "recipe weights (random numbers made from the state-dict keys). The pipeline is real; the masks\n"
-            "are not. Put a checkpoint in the weights cache or set BIREFNET_VARIANT_OVERRIDES to serve a\n"
-            f"trained model.[/bold]\nvariants on untrained weights: {', '.join(untrained)}",
+        console.print(Panel(
+            "[bold]The trained checkpoint could not be loaded here, so the worker runs with UNTRAINED recipe "
+            "weights (random numbers made from the state-dict keys). The pipeline is real; the masks are not. "
+            "Put a checkpoint in the weights cache or set BIREFNET_VARIANT_OVERRIDES to serve a trained "
+            f"model.[/bold]\n\nvariants on untrained weights: {', '.join(untrained)}",
             title="[blink]UNTRAINED WEIGHTS[/blink]", border_style="bold red"))
 
 
@@ -84,16 +84,17 @@ def run_demo(out_dir: Path = Path("out")) -> None:
 
         out_dir.mkdir(exist_ok=True)
         table = Table(title=f"cut-outs in ./{out_dir}/")
-        for column in ("image", "size", "variant", "queue", "fetch", "decode", "inference", "render",
-                       "upload", "total", "file"):
-            table.add_column(column, justify="right" if column not in ("image", "variant", "file") else "left")
+        for column in ("image", "size", "variant", "waited", "fetch", "decode", "inference", "render",
+                       "upload", "total"):
+            table.add_column(column, justify="left" if column in ("image", "variant") else "right",
+                             no_wrap=True)
         for delivery in receiver.received:
             body = delivery.json()
             record = store.get(body["request_id"])
             assert record is not None
             name = Path(record.spec.image_url).stem
             if body["status"] != "OK":
-                table.add_row(name, "-", record.spec.variant, *["-"] * 7, f"ERROR: {body['error']}")
+                table.add_row(name, f"ERROR: {body['error']}", record.spec.variant, *["-"] * 7)
                 continue
             for field, suffix in (("image", ""), ("mask_image", ".mask")):
                 item = body["payload"][field]
@@ -104,8 +105,8 @@ def run_demo(out_dir: Path = Path("out")) -> None:
             queued = (record.started_at or 0) - record.created_at
             cells = [f"{timings.get(k, 0):.2f}s" for k in ("fetch", "decode", "inference", "render", "upload",
                                                             "total")]
-            table.add_row(name, f"{cutout.width}x{cutout.height}", record.spec.variant, f"{queued:.2f}s", *cells,
-                          f"{name}.png")
+            table.add_row(f"{name}.png", f"{cutout.width}x{cutout.height}", record.spec.variant, f"{queued:.2f}s",
+                          *cells)
         console.print(table)
         _weights_banner(store)
         console.print(f"demo finished in {time.perf_counter() - started:.1f}s")

@@ -1,0 +1,91 @@
+"""Variant -> ready network: native BiRefNet with its checkpoint, remote code (opt-in), or recipe.
+
+Untrained recipe weights are used only when the variant asks for `recipe`, or when
+`weights_fallback="recipe"` and the real checkpoint cannot be loaded. Either way the log shows a
+banner and the result says `untrained=True`, so nobody mistakes the output for a real model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from common.settings import Settings
+from common.variants import VariantSpec
+from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
+from worker.remote_code import has_remote_code, load_remote_code_network
+from worker.weights import WeightsError, fetch, load_into, parse_source, read_state_dict
+
+log = logging.getLogger(__name__)
+
+_BANNER_WIDTH = 92
+
+
+@dataclass(frozen=True)
+class LoadedNetwork:
+    """A network mapping (N,3,H,W) ImageNet-normalised images to (N,1,H,W) mask logits."""
+
+    module: nn.Module
+    untrained: bool
+    description: str  # what was loaded, for logs and results
+
+
+def build_native(spec: VariantSpec) -> BiRefNet:
+    return BiRefNet(BiRefNetConfig(backbone=spec.backbone, patch_order=spec.patch_order))
+
+
+def load_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
+    """Build the variant's network with its weights, on the CPU, in eval mode."""
+    source = parse_source(spec.weights)
+    if source.kind == "recipe":
+        return _recipe_network(spec, reason="the variant's weights are set to 'recipe'")
+    try:
+        return _real_network(spec, settings)
+    except WeightsError as exc:
+        if settings.weights_fallback != "recipe":
+            raise
+        log.error("variant %s: %s", spec.id, exc)
+        return _recipe_network(spec, reason=f"fallback, the real checkpoint failed: {exc}")
+
+
+def _real_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
+    source = parse_source(spec.weights)
+    path = fetch(source, settings)
+    model = build_native(spec)
+    description = f"{source.description} ({spec.backbone}, {spec.patch_order} patch order)"
+    try:
+        load_into(model, read_state_dict(path), source=source.description)
+    except WeightsError as native_error:
+        if not (path.is_dir() and has_remote_code(path)):
+            raise
+        if not settings.trust_remote_code:
+            raise WeightsError(
+                f"{native_error}. The repo ships its own modelling code; set BIREFNET_TRUST_REMOTE_CODE=true "
+                "to run it through transformers (executes Python from the repo)."
+            ) from native_error
+        log.warning("variant %s: checkpoint does not fit the native model (%s); using the repo's code",
+                    spec.id, native_error)
+        network = load_remote_code_network(Path(path)).eval()
+        return LoadedNetwork(network, untrained=False, description=f"{source.description} (transformers remote code)")
+    return LoadedNetwork(model.eval(), untrained=False, description=description)
+
+
+def _recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
+    model = build_native(spec)
+    model.load_state_dict(recipe_state_dict(model), strict=True)
+    description = f"UNTRAINED recipe weights ({spec.backbone}, {spec.patch_order} patch order; {reason})"
+    _log_banner(
+        f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
+        "Masks are meaningless: this is not a trained model. For demos and tests only.",
+        f"Reason: {reason}",
+    )
+    return LoadedNetwork(model.eval(), untrained=True, description=description)
+
+
+def _log_banner(*lines: str) -> None:
+    rule = "!" * _BANNER_WIDTH
+    body = "\n".join(f"!!! {line}" for line in lines)
+    log.warning("\n%s\n%s\n%s", rule, body, rule)
