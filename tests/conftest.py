@@ -110,6 +110,9 @@ def stack(redis_server: RedisServer, moto_endpoint: str, tmp_path: Path) -> Iter
         "BIREFNET_JOB_LEASE_SECONDS": "6",
         "BIREFNET_SQS_WAIT_SECONDS": "1",
         "BIREFNET_TORCH_THREADS": "1",
+        # Test servers (webhook receivers, image servers) listen on loopback; production refuses it.
+        "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+        "BIREFNET_FETCH_ALLOWED_PORTS": "*",
         "BIREFNET_TEST_LOG_DIR": str(tmp_path),
     }
     env = stack_environment(redis_url, moto_endpoint, "", extra)

@@ -108,7 +108,7 @@ def _oriented(image: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - EXIF parsing raises anything from struct.error to KeyError
-        return image
+        return image.copy()  # a copy: the caller closes the decoded original
 
 
 def _configured_max_side() -> int:
