@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         '{"general-light": {"weights": "/models/BiRefNet.safetensors"}}.',
     )
     torch_threads: int = Field(0, description="CPU threads for torch (0: torch's default).")
+    worker_concurrency: int = Field(
+        1, ge=1, description="Jobs a worker holds at once (one thread each). Their forward passes are batched "
+        "(up to max_batch_size) when their operating resolutions match: dynamic batching."
+    )
+    batch_wait_ms: float = Field(10.0, description="How long the batcher waits for more jobs to fill a batch.")
     ready_file: str = Field("/tmp/birefnet-worker-ready", description="Written once models are loaded (readiness probe).")
     max_input_bytes: int = Field(50 * 1024 * 1024, description="Largest input image accepted, in bytes.")
     max_input_pixels: int = Field(64_000_000, description="Largest decoded input image, in pixels.")
@@ -159,10 +164,6 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(
         40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413."
     )
-    gateway_block_private_urls: bool = Field(
-        True, description="Refuse http(s) image_url and webhook URLs that resolve to loopback, private or "
-        "link-local addresses (SSRF guard)."
-    )
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
@@ -179,6 +180,78 @@ class Settings(BaseSettings):
         "(defaults: 10 retries over about 2 hours)."
     )
     webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
+
+    # --- Operations ---
+    producer_http_host: str = Field(
+        "0.0.0.0", description="Address `python -m producer http` (S3-style event notifications, e.g. MinIO "
+        "webhooks, at POST /s3-events) binds."
+    )
+    producer_http_port: int = Field(8081, description="Port of `python -m producer http`.")
+    producer_http_token: str = Field(
+        "", description="Shared secret the event endpoint requires as `Authorization: Bearer <token>` (MinIO's "
+        "webhook auth_token). Empty: no check (keep the endpoint internal)."
+    )
+    worker_metrics_port: int = Field(
+        9100, description="Port of a worker's Prometheus /metrics (0: off). A busy port is logged, not fatal."
+    )
+    producer_metrics_port: int = Field(
+        9101, description="Port of the SQS producer's Prometheus /metrics (0: off); `producer http` serves "
+        "/metrics on its own port."
+    )
+    webhooks_metrics_port: int = Field(9102, description="Port of the webhook deliverer's Prometheus /metrics (0: off).")
+    ops_window_seconds: int = Field(
+        900, description="Default window (s) of the ops command's throughput and latency figures."
+    )
+    ops_completions_kept: int = Field(
+        100_000, description="Completed jobs kept (approximately) in the Redis stream birefnet:completions "
+        "that ops throughput and latency are computed from."
+    )
+
+    # --- Input safety ---
+    fetch_allow_networks: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="CIDR networks (comma-separated or JSON list) that http(s) image URLs may reach although "
+        "they are private, loopback or otherwise not public, e.g. 10.20.0.0/16 for an intranet image server "
+        "(tests: 127.0.0.0/8). Empty: public addresses only. Cloud metadata addresses stay refused regardless."
+    )
+    fetch_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
+        (80, 443), description="Ports http(s) image URLs may use (comma-separated); `*` allows any port."
+    )
+    fetch_max_redirects: int = Field(
+        5, ge=0, description="Redirects followed when downloading an image URL; each hop is checked again."
+    )
+    fetch_connect_timeout: float = Field(
+        5.0, gt=0, description="Timeout (s) for resolving and connecting to an image URL's host (per hop); "
+        "http_timeout bounds the whole download, redirects included."
+    )
+    max_input_side: int = Field(
+        16383, ge=8, description="Largest input width or height, in pixels (16383 is the most a WebP output holds)."
+    )
+
+    @staticmethod
+    def _input_list(value: object) -> object:
+        """A comma-separated or JSON list from the environment, as a list; other values unchanged."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        return value
+
+    @field_validator("fetch_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        import ipaddress
+
+        items = cls._input_list(value)
+        return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in items)  # type: ignore[union-attr]
+
+    @field_validator("fetch_allowed_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip() == "*":
+            return (0,)  # 0: any port
+        items = cls._input_list(value)
+        if not items:
+            raise ValueError("fetch_allowed_ports may not be empty; use * to allow any port")
+        return tuple(items)  # type: ignore[arg-type]
 
     @field_validator("output_prefix")
     @classmethod

@@ -22,11 +22,14 @@ from celery import Celery
 from common.errors import JobError
 from common.fetch import fetch_input
 from common.jobs import PREFIX, JobStore
+from common.metrics import job_finished, job_started
+from common.netguard import NetPolicy
 from common.results import fail_job, finish_job
 from common.schemas import ImageFile, JobSpec
 from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
-from worker.engine import Predictor, render_outputs
+from worker.batcher import MaskBatcher
+from worker.engine import Predictor
 from worker.imaging import EncodedImage, decode_image
 
 log = logging.getLogger(__name__)
@@ -86,17 +89,33 @@ class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
                  predictors: dict[str, Predictor], worker_name: str):
         self.settings = settings
+        self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
+                                              wait_seconds=settings.batch_wait_ms / 1000)
+                         for variant, predictor in predictors.items()}
         self.store = store
         self.objects = objects
         self.celery = celery
         self.predictors = predictors
         self.worker_name = worker_name
+        self.net_policy = NetPolicy.from_settings(settings)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
         return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
                           spec=spec, token=token, **kwargs)
 
     def run(self, spec: JobSpec) -> Outcome:
+        # For ops and metrics: the running set while it runs, then the completions stream and the stage
+        # histograms (timings come with `done` outcomes).
+        job_started(self.store, spec)
+        outcome = Outcome("retry", "raised")
+        try:
+            outcome = self._run_job(spec)
+            return outcome
+        finally:
+            job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
+                         keep=self.settings.ops_completions_kept)
+
+    def _run_job(self, spec: JobSpec) -> Outcome:
         self.store.ensure(spec)
         token = uuid.uuid4().hex
         claim = self.store.claim(spec.request_id, spec.variant, token,
@@ -184,10 +203,12 @@ class JobRunner:
         started = time.perf_counter()
         log_(rid, "loading image")
         data = fetch_input(spec.image_url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
+                           policy=self.net_policy,
                            timeout=self.settings.http_timeout)
         timings["fetch"] = time.perf_counter() - started
         t = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_input_pixels)
+        image = decode_image(data, max_pixels=self.settings.max_input_pixels,
+                             max_side=self.settings.max_input_side)
         timings["decode"] = time.perf_counter() - t
         if self._cancelled(spec, token):
             return Outcome("cancelled")
@@ -197,14 +218,17 @@ class JobRunner:
         if predictor.untrained:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        (mask,) = predictor.predict_masks([image], (width, height))
+        mask, batch_size = self.batchers[spec.variant].predict(image, (width, height))
         timings["inference"] = time.perf_counter() - t
+        if batch_size > 1:
+            log_(rid, f"ran in a batch of {batch_size}")
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
         t = time.perf_counter()
-        rendered = render_outputs(image, mask, output_format=params.output_format, output_mask=params.output_mask,
-                                  refine_foreground=params.refine_foreground, mask_only=params.mask_only)
+        rendered = predictor.render_outputs(image, mask, output_format=params.output_format,
+                                            output_mask=params.output_mask,
+                                            refine_foreground=params.refine_foreground, mask_only=params.mask_only)
         timings["render"] = time.perf_counter() - t
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
