@@ -1,4 +1,4 @@
-"""`python -m producer sqs|webhooks`: the S3-event consumer, or the webhook delivery worker."""
+"""`python -m producer sqs|http|webhooks`: the S3-event consumer (SQS or HTTP), or the webhook delivery worker."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m producer")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("sqs", help="consume S3 event notifications from SQS")
+    http = sub.add_parser("http", help="take S3 event notifications over HTTP (MinIO webhooks): POST /s3-events")
+    http.add_argument("--host", help="bind address (default: BIREFNET_PRODUCER_HTTP_HOST)")
+    http.add_argument("--port", type=int, help="port (default: BIREFNET_PRODUCER_HTTP_PORT)")
     hooks = sub.add_parser("webhooks", help="run the webhook delivery worker (Celery queue 'webhooks')")
     hooks.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
@@ -21,8 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
 
     if args.command == "sqs":
+        from common.metrics import register_queue_collector, start_metrics_server
         from common.storage import make_sqs_client
         from producer.app import build_intake
+        from producer.http_events import CountingIntake
         from producer.sqs import SqsConsumer
 
         if not settings.sqs_queue_url:
@@ -30,10 +35,21 @@ def main(argv: list[str] | None = None) -> None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, build_intake(settings),
+        register_queue_collector(settings)
+        start_metrics_server(settings.producer_metrics_port, "producer")
+        intake = CountingIntake(build_intake(settings), "sqs")
+        SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,  # type: ignore[arg-type]
                     wait_seconds=settings.sqs_wait_seconds).run(stop)
+    elif args.command == "http":
+        from producer.http_events import serve
+
+        serve(settings, args.host, args.port)
     elif args.command == "webhooks":
-        from producer.webhook_worker import app
+        from common.metrics import instrument_webhook_deliverer, start_metrics_server
+        from producer.webhook_worker import app, store
+
+        instrument_webhook_deliverer(store, settings.webhook_max_retries)
+        start_metrics_server(settings.webhooks_metrics_port, "webhooks")
 
         app.worker_main(["worker", "-Q", "webhooks", "--pool=threads", f"--concurrency={args.concurrency}",
                          "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])

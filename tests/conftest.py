@@ -113,6 +113,10 @@ def stack(redis_server: RedisServer, moto_endpoint: str, tmp_path: Path) -> Iter
         # Test servers (webhook receivers, image servers) listen on loopback; production refuses it.
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
         "BIREFNET_FETCH_ALLOWED_PORTS": "*",
+        # Tests may run several workers at once: no fixed metrics ports (tests that scrape set their own).
+        "BIREFNET_WORKER_METRICS_PORT": "0",
+        "BIREFNET_PRODUCER_METRICS_PORT": "0",
+        "BIREFNET_WEBHOOKS_METRICS_PORT": "0",
         "BIREFNET_TEST_LOG_DIR": str(tmp_path),
     }
     env = stack_environment(redis_url, moto_endpoint, "", extra)

@@ -15,8 +15,11 @@ import threading
 import time
 
 from celery import Task
+from celery.signals import worker_ready
 
-from common.jobs import PREFIX, JobStore
+from common.jobs import JobStore
+from common.metrics import model_loaded, register_gpu_collector, start_metrics_server
+from common.ops_state import paused_variants, publish_heartbeat
 from common.queue import RUN_JOB, make_celery
 from common.schemas import JobSpec
 from common.settings import Settings
@@ -38,6 +41,8 @@ class WorkerState:
         self.name = f"{'+'.join(settings.worker_variants)}@{socket.gethostname()}:{os.getpid()}"
 
     def load(self) -> None:
+        start_metrics_server(settings.worker_metrics_port, "worker")  # early: liveness probes use it
+        register_gpu_collector()
         predictors: dict[str, Predictor] = {}
         for variant_id in settings.worker_variants:
             spec = settings.variants.get(variant_id)
@@ -46,6 +51,7 @@ class WorkerState:
             predictor.load()
             log.info("variant %s ready in %.1fs: %s", variant_id, time.perf_counter() - started,
                      predictor.weights_description)
+            model_loaded(variant_id, time.perf_counter() - started, predictor.untrained)
             predictors[variant_id] = predictor
         store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name)
@@ -62,16 +68,29 @@ class WorkerState:
             "device": str(next(iter(self.runner.predictors.values())).device) if self.runner.predictors else "",
             "started_at": time.time(),
         }
-        key = f"{PREFIX}worker:{self.name}"
         while True:
             try:
-                self.runner.store.redis.set(key, json.dumps({**info, "seen_at": time.time()}), ex=30)
+                publish_heartbeat(self.runner.store.redis, self.name, info)
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(10)
 
 
 state = WorkerState()
+
+
+@worker_ready.connect
+def _honour_pauses(sender, **_) -> None:
+    """A worker starting while `ops pause` holds one of its variants leaves that queue alone."""
+    try:
+        paused = paused_variants(state.runner.store.redis) if state.runner else {}
+    except Exception:
+        log.warning("could not read pause flags; consuming every queue", exc_info=True)
+        return
+    for variant in settings.worker_variants:
+        if variant in paused:
+            log.warning("variant %s is paused (python -m ops resume %s); not consuming it", variant, variant)
+            sender.cancel_task_queue(settings.variants.get(variant).queue)
 
 
 @app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)

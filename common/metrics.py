@@ -1,0 +1,261 @@
+"""Prometheus metrics of every process (no torch here).
+
+Where each family comes from:
+- workers (`python -m worker`, port `worker_metrics_port`): job stage histograms, completions, errors,
+  retries, model load time, untrained-weights flag, GPU memory (read only if the process already
+  imported torch and CUDA is up);
+- the producer (`producer http` on its own port, `producer sqs` on `producer_metrics_port`): events by
+  outcome, plus the queue gauges read from Redis at scrape time;
+- the webhook deliverer (`producer webhooks`, `webhooks_metrics_port`): deliveries by outcome;
+- the gateway mounts `/metrics` with `add_metrics_route(app, settings)` (queue gauges included).
+
+Queue gauges are global (read from Redis), so several processes exporting them report the same values:
+aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from common import ops_state
+from common.jobs import JobStore
+from common.schemas import JobSpec
+from common.settings import Settings
+from common.webhooks import FAILED_KEY, attempts_key
+
+log = logging.getLogger(__name__)
+
+STAGES = ("queue_wait", "fetch", "decode", "inference", "render", "upload", "total")
+# From a small image on a warm GPU (tens of ms) to a large one on CPU or a long queue (minutes).
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+JOB_STAGE_SECONDS = Histogram(
+    "birefnet_job_stage_seconds", "Seconds a job spent in each stage (queue_wait: created -> started; "
+    "total: fetch through upload).", ["variant", "stage"], buckets=_BUCKETS)
+JOBS_COMPLETED = Counter(
+    "birefnet_jobs_completed_total", "Jobs a worker completed, by outcome (done, failed, cancelled).",
+    ["variant", "outcome"])
+JOB_ERRORS = Counter("birefnet_job_errors_total", "Jobs that ended with an error, by fal error_type.",
+                     ["variant", "error_type"])
+JOB_RETRIES = Counter("birefnet_job_retries_total", "Job runs given back to the queue (transient trouble "
+                      "or an unexpected exception).", ["variant"])
+MODEL_LOAD_SECONDS = Gauge("birefnet_model_load_seconds", "Seconds this worker took to load (and warm) "
+                           "the variant's model.", ["variant"])
+MODEL_UNTRAINED = Gauge("birefnet_model_untrained", "1 when the variant runs on untrained recipe weights "
+                        "(results are meaningless).", ["variant"])
+WEBHOOK_DELIVERIES = Counter("birefnet_webhook_deliveries_total", "Webhook delivery attempts by outcome "
+                             "(delivered, failed: will retry, gave_up: last retry failed).", ["outcome"])
+PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created events handled by the "
+                          "producer, by source (sqs, http) and outcome (enqueued, ignored, error, malformed).",
+                          ["source", "outcome"])
+
+
+# --- worker side ---
+def job_started(store: JobStore, spec: JobSpec) -> None:
+    """A worker took the job: it shows as running (ops, metrics) until `job_finished`."""
+    try:
+        ops_state.mark_running(store.redis, spec.variant, spec.request_id)
+    except Exception:
+        log.warning("could not mark job %s as running", spec.request_id, exc_info=True)
+
+
+def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str, float] | None = None,
+                 *, worker: str = "", keep: int = 100_000) -> None:
+    """Record a job the worker is done with: metrics plus an entry in the completions stream.
+
+    `outcome` is the runner's Outcome.kind; only done/failed/cancelled are completions, `retry` counts as
+    a retry and the rest (skipped, defer) are not the job's end. Never raises: metrics must not fail jobs.
+    """
+    variant = spec.variant
+    try:
+        if outcome == "defer":
+            return  # another worker holds the job: it is still running there
+        ops_state.unmark_running(store.redis, variant, spec.request_id)
+        if outcome == "retry":
+            JOB_RETRIES.labels(variant).inc()
+            return
+        if outcome not in ("done", "failed", "cancelled"):
+            return
+        created, started, completed, error_type = store.redis.hmget(
+            store.job_key(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
+        JOBS_COMPLETED.labels(variant, outcome).inc()
+        if error_type:
+            JOB_ERRORS.labels(variant, error_type).inc()
+        queue_wait = float(started) - float(created) if started and created else None
+        if queue_wait is not None:
+            JOB_STAGE_SECONDS.labels(variant, "queue_wait").observe(max(queue_wait, 0.0))
+        for stage, seconds in (timings or {}).items():
+            if stage in STAGES:
+                JOB_STAGE_SECONDS.labels(variant, stage).observe(seconds)
+        ops_state.record_completion(store.redis, {
+            "request_id": spec.request_id, "variant": variant, "outcome": outcome,
+            "error_type": error_type or "", "worker": worker,
+            "queue_wait": _rounded(queue_wait), "run": _rounded((timings or {}).get("total")),
+            "latency": _rounded(float(completed) - float(created)) if completed and created else "",
+        }, keep=keep)
+    except Exception:
+        log.warning("could not record metrics for job %s", spec.request_id, exc_info=True)
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def model_loaded(variant: str, seconds: float, untrained: bool) -> None:
+    MODEL_LOAD_SECONDS.labels(variant).set(seconds)
+    MODEL_UNTRAINED.labels(variant).set(1 if untrained else 0)
+
+
+class GpuMemoryCollector(Collector):
+    """CUDA memory per device, read at scrape time from a torch the process has already imported."""
+
+    def collect(self):
+        torch = sys.modules.get("torch")  # never import it here: slim processes must stay slim
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        family = GaugeMetricFamily("birefnet_gpu_memory_bytes", "CUDA memory by device and kind "
+                                   "(allocated, reserved, max_allocated, free, total).", labels=["device", "kind"])
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            family.add_metric([device, "allocated"], torch.cuda.memory_allocated(index))
+            family.add_metric([device, "reserved"], torch.cuda.memory_reserved(index))
+            family.add_metric([device, "max_allocated"], torch.cuda.max_memory_allocated(index))
+            free, total = torch.cuda.mem_get_info(index)
+            family.add_metric([device, "free"], free)
+            family.add_metric([device, "total"], total)
+        yield family
+
+
+# --- queue gauges (any process with Redis access) ---
+class QueueCollector(Collector):
+    """Queue depth, oldest waiting job, in progress, workers, pause flags, dead letters; read per scrape."""
+
+    def __init__(self, settings: Settings):
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        self.queues = {v.id: v.queue for v in settings.variants}
+        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                          socket_connect_timeout=2)
+
+    def collect(self):
+        up = GaugeMetricFamily("birefnet_redis_up", "1 when the queue gauges could be read from Redis.")
+        try:
+            snapshot = ops_state.variant_snapshot(self.redis, self.queues)
+            deadletters = self.redis.zcard(ops_state.DEADLETTER_KEY)
+            webhooks_failed = self.redis.zcard(FAILED_KEY)
+        except redis.RedisError as exc:
+            log.warning("queue metrics unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        gauges = {
+            "queued_messages": ("birefnet_queue_messages", "Messages waiting in the variant's Celery queue."),
+            "waiting_jobs": ("birefnet_queue_waiting_jobs", "Jobs IN_QUEUE for the variant."),
+            "in_progress": ("birefnet_jobs_in_progress", "Jobs of the variant a worker is running."),
+            "reserved": ("birefnet_jobs_reserved", "Messages a worker holds without running them yet."),
+        }
+        for field, (name, doc) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["variant"])
+            for variant, figures in snapshot.items():
+                family.add_metric([variant], figures[field])
+            yield family
+        oldest = GaugeMetricFamily("birefnet_queue_oldest_job_age_seconds",
+                                   "Age of the oldest waiting job (0 when none).", labels=["variant"])
+        workers = GaugeMetricFamily("birefnet_workers_online", "Workers with a fresh heartbeat serving the "
+                                    "variant.", labels=["variant"])
+        paused = GaugeMetricFamily("birefnet_variant_paused", "1 while `ops pause` holds the variant.",
+                                   labels=["variant"])
+        for variant, figures in snapshot.items():
+            oldest.add_metric([variant], figures["oldest_waiting_seconds"] or 0)
+            workers.add_metric([variant], len(figures["workers"]))
+            paused.add_metric([variant], 1 if figures["paused"] else 0)
+        yield from (oldest, workers, paused)
+        yield GaugeMetricFamily("birefnet_deadletters", "Jobs in the dead-letter list.", value=deadletters)
+        yield GaugeMetricFamily("birefnet_webhooks_failed", "Requests whose webhook failed every retry.",
+                                value=webhooks_failed)
+
+
+_queue_collector: QueueCollector | None = None
+_gpu_collector: GpuMemoryCollector | None = None
+
+
+def register_queue_collector(settings: Settings) -> QueueCollector:
+    """Export the queue gauges from this process (idempotent; the latest settings win)."""
+    global _queue_collector
+    if _queue_collector is None:
+        _queue_collector = QueueCollector(settings)
+        REGISTRY.register(_queue_collector)
+    else:
+        _queue_collector.configure(settings)
+    return _queue_collector
+
+
+def register_gpu_collector() -> None:
+    global _gpu_collector
+    if _gpu_collector is None:
+        _gpu_collector = GpuMemoryCollector()
+        REGISTRY.register(_gpu_collector)
+
+
+# --- exposition ---
+def start_metrics_server(port: int, what: str) -> bool:
+    """Serve /metrics on `port` in a daemon thread; a busy port is logged, not fatal (0: off)."""
+    if not port:
+        return False
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        log.warning("%s metrics not served: port %d: %s", what, port, exc)
+        return False
+    log.info("%s metrics on :%d/metrics", what, port)
+    return True
+
+
+def metrics_response():
+    """The current metrics as a Starlette response (for a `GET /metrics` route)."""
+    from starlette.responses import Response
+
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_metrics_route(app, settings: Settings | None = None, path: str = "/metrics") -> None:
+    """Add `GET /metrics` to a FastAPI/Starlette app; with settings, the queue gauges are included."""
+    if settings is not None:
+        register_queue_collector(settings)
+    app.add_route(path, lambda _request: metrics_response(), methods=["GET"], include_in_schema=False)
+
+
+# --- webhook deliverer ---
+def instrument_webhook_deliverer(store: JobStore, max_retries: int) -> None:
+    """Count deliveries by outcome from the attempt each `deliver_webhook` task recorded."""
+    from celery.signals import task_postrun
+
+    from common.queue import DELIVER_WEBHOOK
+
+    @task_postrun.connect(weak=False)
+    def _count(sender=None, args=None, **_) -> None:
+        if getattr(sender, "name", None) != DELIVER_WEBHOOK or not args:
+            return
+        request_id, attempt = args[0], int(args[1]) if len(args) > 1 else 0
+        try:
+            for raw in reversed(store.redis.lrange(attempts_key(request_id), -5, -1)):
+                entry = json.loads(raw)
+                if entry.get("attempt") == attempt:
+                    outcome = "delivered" if entry.get("ok") else ("gave_up" if attempt >= max_retries
+                                                                    else "failed")
+                    WEBHOOK_DELIVERIES.labels(outcome).inc()
+                    return
+        except Exception:
+            log.warning("could not count the webhook delivery of %s", request_id, exc_info=True)

@@ -1,0 +1,105 @@
+"""Command line of `python -m ops`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import redis
+from rich.console import Console
+
+from common.queue import make_celery
+from common.settings import Settings
+from ops import control, render
+from ops.status import gather_status
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --json / --redis-url work before or after the subcommand.
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the data as JSON (for scripts)")
+    shared.add_argument("--redis-url", default=argparse.SUPPRESS,
+                        help="Redis of the deployment (default: BIREFNET_REDIS_URL)")
+    parser = argparse.ArgumentParser(prog="python -m ops", parents=[shared],
+                                     description="Queues, workers and dead letters of birefnet-serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", parents=[shared], help="per-variant queues, workers, throughput, latency")
+    status.add_argument("--minutes", type=float, help="window of throughput/latency (default: "
+                        "BIREFNET_OPS_WINDOW_SECONDS)")
+    status.add_argument("--all", action="store_true", help="list every variant, idle ones included")
+    pause = sub.add_parser("pause", parents=[shared], help="stop the workers of a variant taking new jobs")
+    pause.add_argument("variant")
+    pause.add_argument("--reason", default="", help="shown to whoever looks at the flag")
+    resume = sub.add_parser("resume", parents=[shared], help="let the workers of a variant take jobs again")
+    resume.add_argument("variant")
+    drain = sub.add_parser("drain", parents=[shared], help="pause a variant and wait for its running jobs")
+    drain.add_argument("variant")
+    drain.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    dead = sub.add_parser("deadletters", parents=[shared], help="jobs that failed every attempt")
+    dead.add_argument("--limit", type=int, default=50)
+    requeue = sub.add_parser("requeue", parents=[shared], help="run failed / dead-lettered jobs again")
+    requeue.add_argument("request_ids", nargs="+", metavar="request-id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    as_json = getattr(args, "json", False)
+    overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
+    settings = Settings(**overrides)
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)
+    console = Console()
+    exit_code = 0
+
+    def show(data: dict, view) -> None:
+        if as_json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            console.print(view)
+
+    try:
+        if args.command == "status":
+            window = args.minutes * 60 if args.minutes else None
+            data = gather_status(r, settings, window=window, show_all=args.all)
+            show(data, render.status_view(data) if not as_json else None)
+        elif args.command == "deadletters":
+            data = control.deadletter_list(r, limit=args.limit)
+            show(data, render.deadletters_view(data) if not as_json else None)
+        else:
+            celery = make_celery(settings, name="birefnet-ops")
+            if args.command == "pause":
+                data = control.pause(r, celery, settings, args.variant, reason=args.reason)
+            elif args.command == "resume":
+                data = control.resume(r, celery, settings, args.variant)
+            elif args.command == "drain":
+                with console.status(f"draining {args.variant} ...") as spinner:
+                    data = control.drain(r, celery, settings, args.variant, timeout=args.timeout, progress=lambda s: (
+                        spinner.update(f"draining {args.variant}: {len(s['running'])} job(s) running, "
+                                       f"{s['workers_stopped']}/{s['workers_serving']} worker(s) stopped, "
+                                       f"{s['waited_seconds']:.0f}s")))
+                exit_code = 0 if data["drained"] else 1
+            else:
+                results = [control.requeue(r, celery, settings, rid) for rid in args.request_ids]
+                if as_json:
+                    print(json.dumps(results, indent=2, default=str))
+                else:
+                    for item in results:
+                        console.print(render.control_view("requeue", item))
+                return 0
+            show(data, render.control_view(args.command, data) if not as_json else None)
+    except control.OpsError as exc:
+        if as_json:
+            print(json.dumps({"error": str(exc)}))
+        else:
+            console.print(f"[bold red]error:[/] {exc}")
+        return 2
+    except redis.ConnectionError as exc:
+        console.print(f"[bold red]Redis unreachable at {settings.redis_url}:[/] {exc}")
+        return 3
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

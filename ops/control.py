@@ -1,0 +1,143 @@
+"""`ops pause|resume|drain|requeue`: steer the workers of one variant, bring dead letters back.
+
+Pausing is two things: a Redis flag (workers starting later honour it, producers and the gateway can
+show it) and Celery's `cancel_consumer` broadcast to the running workers. A worker busy with a job
+hears the broadcast when the job ends, so right after a pause one more job may still start; `drain`
+waits until every worker serving the variant confirms it stopped consuming and none of its jobs runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from celery import Celery
+
+from common import ops_state
+from common.jobs import PREFIX, JobStore
+from common.queue import send_job
+from common.settings import Settings
+from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
+
+
+class OpsError(Exception):
+    """A command that cannot be carried out (unknown variant, job not in a requeueable state)."""
+
+
+def _queue(settings: Settings, variant: str) -> str:
+    try:
+        return settings.variants.get(variant).queue
+    except KeyError:
+        raise OpsError(f"unknown variant {variant!r}") from None
+
+
+def _nodes(replies: list[dict] | None) -> list[str]:
+    return sorted(node for reply in replies or [] for node in reply)
+
+
+def serving_nodes(r: redis.Redis, variant: str) -> list[str]:
+    """Celery node names of live workers serving the variant (one entry per worker process)."""
+    return sorted(ops_state.celery_node(w["name"]) for w in ops_state.live_workers(r)
+                  if variant in w.get("variants", []))
+
+
+def pause(r: redis.Redis, celery: Celery, settings: Settings, variant: str, reason: str = "") -> dict:
+    queue = _queue(settings, variant)
+    ops_state.set_paused(r, variant, reason)
+    # To every worker, also those whose heartbeat is late: cancelling a queue it does not consume is a no-op.
+    replies = celery.control.cancel_consumer(queue, reply=True, timeout=1.0)
+    serving = serving_nodes(r, variant)
+    return {"variant": variant, "queue": queue, "paused": True, "workers_serving": len(serving),
+            "acknowledged_by": [node for node in _nodes(replies) if node in serving]}
+
+
+def resume(r: redis.Redis, celery: Celery, settings: Settings, variant: str) -> dict:
+    queue = _queue(settings, variant)
+    was_paused = ops_state.clear_paused(r, variant)
+    serving = serving_nodes(r, variant)
+    replies: list[dict] = []
+    if serving:
+        # Only to the workers that serve it: add_consumer would make any worker take the queue.
+        replies = celery.control.add_consumer(queue, reply=True, timeout=1.0, destination=sorted(set(serving)))
+    return {"variant": variant, "queue": queue, "paused": False, "was_paused": was_paused,
+            "workers_serving": len(serving), "acknowledged_by": _nodes(replies)}
+
+
+def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, timeout: float = 600,
+          poll: float = 1.0, progress: Callable[[dict], None] | None = None) -> dict:
+    """Pause the variant and wait until its workers stopped consuming and run no job of it."""
+    queue = _queue(settings, variant)
+    paused = pause(r, celery, settings, variant, reason="drain")
+    started = time.time()
+    seen_running: set[str] = set()
+    while True:
+        running = set(ops_state.running_jobs(r, [variant])[variant])
+        seen_running |= running
+        serving = serving_nodes(r, variant)
+        # A worker answers `active_queues` only between jobs; an answer without the queue confirms it.
+        replies = celery.control.broadcast("active_queues", reply=True, timeout=min(poll, 1.0),
+                                           destination=sorted(set(serving))) if serving else []
+        stopped = [node for reply in replies for node, queues in reply.items()
+                   if node in serving and not any(q.get("name") == queue for q in queues or [])]
+        state = {"variant": variant, "queue": queue, "running": sorted(running), "workers_serving": len(serving),
+                 "workers_stopped": len(stopped), "waited_seconds": round(time.time() - started, 1)}
+        drained = not running and len(stopped) >= len(serving)
+        if drained or time.time() - started > timeout:
+            break
+        if progress:
+            progress(state)
+        time.sleep(poll)
+    return {**state, "drained": drained, "paused": True, "finished": sorted(seen_running - running),
+            "left_in_queue": ops_state.broker_depths(r, [queue])[queue],
+            "acknowledged_by": paused["acknowledged_by"]}
+
+
+def deadletter_list(r: redis.Redis, limit: int = 50) -> dict:
+    from ops.status import deadletters
+
+    return deadletters(r, limit=limit)
+
+
+_RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
+                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered")
+
+
+def requeue(r: redis.Redis, celery: Celery, settings: Settings, request_id: str) -> dict:
+    """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, sent again."""
+    store = JobStore(r, record_ttl=settings.job_record_ttl)
+    key = store.job_key(request_id)
+    with r.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                record = store.get(request_id)
+                if record is None:
+                    raise OpsError(f"no job record {request_id!r} (expired or never existed)")
+                dead = r.zscore(ops_state.DEADLETTER_KEY, request_id) is not None
+                if record.status != "COMPLETED" or (record.error is None and not dead):
+                    raise OpsError(f"job {request_id} is {record.status}"
+                                   f"{' and succeeded' if record.status == 'COMPLETED' else ''}; only failed "
+                                   "jobs are requeued")
+                # A start deadline set at submission has long passed; the retry must not time out at once.
+                spec = record.spec.model_copy(update={"start_deadline": None})
+                score = r.incr(f"{PREFIX}seq") + (10**12 if spec.priority == "low" else 0)
+                pipe.multi()
+                pipe.hdel(key, *_RESET_FIELDS)
+                pipe.hset(key, mapping={"status": "IN_QUEUE", "attempts": 0, "spec": spec.model_dump_json()})
+                pipe.expire(key, store.record_ttl)
+                pipe.zadd(store.pending_key(spec.variant), {request_id: score})
+                pipe.zrem(ops_state.DEADLETTER_KEY, request_id)
+                # Let the webhook go out again for the new outcome.
+                pipe.zrem(FAILED_KEY, request_id)
+                retries = range(settings.webhook_max_retries + 2)
+                pipe.zrem(DUE_KEY, *[f"{request_id}|{n}" for n in retries])
+                pipe.delete(*[f"{attempts_key(request_id)}:try:{n}" for n in retries])
+                pipe.execute()
+                break
+            except redis.WatchError:
+                continue
+    store.log(request_id, "requeued by ops: attempts reset", "WARN")
+    send_job(celery, spec)
+    return {"request_id": request_id, "variant": spec.variant, "queue": spec.queue, "requeued": True,
+            "was_dead_letter": dead, "previous_error": record.error}

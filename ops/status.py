@@ -1,0 +1,125 @@
+"""`ops status` data: per-variant queues, workers, throughput and latency, webhook failures, dead letters."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, defaultdict
+
+import redis
+
+from common import ops_state
+from common.jobs import JobStore
+from common.settings import Settings
+from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _floats(entries: list[dict], field: str) -> list[float]:
+    return [float(e[field]) for e in entries if e.get(field)]
+
+
+def completion_stats(entries: list[dict], window: float) -> dict:
+    """Throughput and latency of one variant's completions in the window (latencies of `done` jobs only:
+    rejected inputs fail in milliseconds and would flatter the figures)."""
+    outcomes = Counter(e.get("outcome", "") for e in entries)
+    done = [e for e in entries if e.get("outcome") == "done"]
+    stats: dict[str, object] = {
+        "completed": len(entries), "done": outcomes["done"], "failed": outcomes["failed"],
+        "cancelled": outcomes["cancelled"],
+        "jobs_per_minute": round(len(entries) / (window / 60), 3) if window else None,
+        "errors": dict(Counter(e["error_type"] for e in entries if e.get("error_type"))),
+    }
+    for name, field in (("latency", "latency"), ("run", "run"), ("queue_wait", "queue_wait")):
+        values = _floats(done, field)
+        stats[f"{name}_p50"] = percentile(values, 50)
+        stats[f"{name}_p95"] = percentile(values, 95)
+    return stats
+
+
+def workers(r: redis.Redis, now: float) -> list[dict]:
+    out = []
+    for beat in ops_state.live_workers(r):
+        out.append({
+            "name": beat.get("name"), "node": ops_state.celery_node(beat.get("name", "")),
+            "variants": beat.get("variants", []), "untrained": beat.get("untrained", []),
+            "device": beat.get("device", ""), "seen_seconds_ago": round(now - beat.get("seen_at", now), 1),
+            "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None,
+        })
+    return sorted(out, key=lambda w: w["name"] or "")
+
+
+def webhook_failures(r: redis.Redis, limit: int = 5) -> dict:
+    """`failed`: requests whose every attempt failed (retries exhausted); `retrying`: requests whose last
+    attempt failed and that have a retry booked."""
+    failed_total = r.zcard(FAILED_KEY)
+    recent = []
+    for request_id, failed_at in r.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True):
+        last = r.lindex(attempts_key(request_id), -1)
+        attempt = json.loads(last) if last else {}
+        recent.append({"request_id": request_id, "failed_at": failed_at,
+                       "webhook_url": _spec_field(r, request_id, "webhook_url"),
+                       "attempts": r.llen(attempts_key(request_id)), "last_error": attempt.get("error")})
+    booked = {member.rpartition("|")[0] for member in r.zrange(DUE_KEY, 0, 9999)}
+    pipe = r.pipeline()
+    for request_id in booked:
+        pipe.lindex(attempts_key(request_id), -1)
+    retrying = sum(1 for last in pipe.execute() if last and not json.loads(last).get("ok"))
+    return {"failed": failed_total, "retrying": retrying, "recent_failures": recent}
+
+
+def _spec_field(r: redis.Redis, request_id: str, field: str) -> object:
+    raw = r.hget(JobStore.job_key(request_id), "spec")
+    return json.loads(raw).get(field) if raw else None
+
+
+def deadletters(r: redis.Redis, limit: int = 20) -> dict:
+    entries = []
+    for request_id, dead_at in r.zrevrange(ops_state.DEADLETTER_KEY, 0, limit - 1, withscores=True):
+        raw = r.hgetall(JobStore.job_key(request_id))
+        spec = json.loads(raw["spec"]) if raw.get("spec") else {}
+        entries.append({
+            "request_id": request_id, "dead_at": dead_at, "variant": spec.get("variant"),
+            "image_url": spec.get("image_url"), "status": raw.get("status"), "attempts": int(raw.get("attempts") or 0),
+            "last_error": raw.get("last_error") or None, "error": raw.get("error") or None,
+            "created_at": float(raw["created_at"]) if raw.get("created_at") else None,
+        })
+    return {"count": r.zcard(ops_state.DEADLETTER_KEY), "entries": entries}
+
+
+def gather_status(r: redis.Redis, settings: Settings, *, window: float | None = None, show_all: bool = False,
+                  now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    window = float(window or settings.ops_window_seconds)
+    queues = {v.id: v.queue for v in settings.variants}
+    completions = defaultdict(list)
+    for entry in ops_state.read_completions(r, now - window):
+        completions[entry.get("variant", "")].append(entry)
+    for variant in completions:  # a variant known to the workers but not to this configuration
+        queues.setdefault(variant, f"birefnet.{variant}")
+    snapshot = ops_state.variant_snapshot(r, queues, now=now)
+    variants = {}
+    for variant, figures in snapshot.items():
+        figures.update(completion_stats(completions.get(variant, []), window))
+        active = (figures["queued_messages"] or figures["waiting_jobs"] or figures["in_progress"]
+                  or figures["reserved"] or figures["workers"] or figures["paused"] or figures["completed"])
+        if show_all or active:
+            variants[variant] = figures
+    live = workers(r, now)
+    return {
+        "at": now,
+        "window_seconds": window,
+        "variants": variants,
+        "workers": live,
+        "untrained_variants": sorted({v for w in live for v in w["untrained"]}),
+        "webhooks": webhook_failures(r),
+        "deadletters": deadletters(r, limit=5),
+    }

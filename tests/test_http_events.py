@@ -1,0 +1,115 @@
+"""`producer http` over real HTTP (uvicorn on loopback) with a real redis-server and moto S3."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import quote_plus
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.jobs import JobStore
+from devstack.services import free_port
+from producer.app import build_intake
+from producer.http_events import create_app
+from tests.conftest import Stack, wait_for
+from tests.test_producer import put, queued_specs
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """Run an ASGI app with uvicorn in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 15, "uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def minio_body(bucket: str, key: str, event: str = "s3:ObjectCreated:Put") -> str:
+    """A notification as MinIO's webhook target sends it (keys URL-encoded in the record)."""
+    record = {"eventVersion": "2.0", "eventSource": "minio:s3", "eventName": event,
+              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                     "object": {"key": quote_plus(key, safe="/"), "size": 3, "eTag": "abc", "sequencer": "1"}}}
+    return json.dumps({"EventName": event, "Key": f"{bucket}/{key}", "Records": [record]})
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus text exposition (None when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def test_minio_notification_becomes_one_job(stack: Stack):
+    settings = stack.settings.model_copy(update={"producer_http_token": "s3cret"})
+    put(stack, "shots/a cat.png", {"output_mask": "true"})
+    body = minio_body(settings.input_bucket, "shots/a cat.png")
+    auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    with serve(create_app(settings)) as url:
+        first = httpx.post(f"{url}/s3-events", content=body, headers=auth)
+        again = httpx.post(f"{url}/s3-events", content=body, headers=auth)  # MinIO retried: same job
+    assert first.status_code == 200, first.text
+    (request_id,) = first.json()["request_ids"]
+    assert again.json()["request_ids"] == [request_id]
+    specs = queued_specs(stack, "birefnet.general-light")
+    assert {s["request_id"] for s in specs} == {request_id}
+    assert specs[0]["image_url"] == f"s3://{settings.input_bucket}/shots/a cat.png"
+    assert specs[0]["params"]["output_mask"] is True
+    assert JobStore.from_url(settings.redis_url).get(request_id).status == "IN_QUEUE"
+
+
+def test_auth_probes_bad_bodies_and_metrics(stack: Stack):
+    settings = stack.settings.model_copy(update={"producer_http_token": "s3cret"})
+    put(stack, "notes/readme.txt")
+    with serve(create_app(settings)) as url:
+        body = minio_body(settings.input_bucket, "notes/readme.txt")
+        assert httpx.post(f"{url}/s3-events", content=body).status_code == 401
+        assert httpx.post(f"{url}/s3-events", content=body,
+                          headers={"Authorization": "Bearer nope"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.head(f"{url}/s3-events").status_code == 200  # MinIO's liveness probe
+        ignored = httpx.post(f"{url}/s3-events", content=body, headers=auth)
+        assert ignored.status_code == 200 and ignored.json()["request_ids"] == []
+        bad = httpx.post(f"{url}/s3-events", content=b"{not json", headers=auth)
+        assert bad.status_code == 400
+        test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent"}
+        assert httpx.post(f"{url}/s3-events", json=test_event, headers=auth).json()["records"] == 0
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    assert sample(metrics, "birefnet_producer_events_total", source="http", outcome="ignored") >= 1
+    assert sample(metrics, "birefnet_producer_events_total", source="http", outcome="malformed") >= 1
+    assert sample(metrics, "birefnet_redis_up") == 1
+    assert sample(metrics, "birefnet_queue_messages", variant="general-light") == 0
+    assert no_jobs_queued(stack)
+
+
+def no_jobs_queued(stack: Stack) -> bool:
+    return queued_specs(stack, "birefnet.general-light") == []
+
+
+def test_transient_failure_answers_503_and_the_retry_succeeds(stack: Stack):
+    put(stack, "later.png")
+    body = minio_body(stack.settings.input_bucket, "later.png")
+    down = stack.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with serve(create_app(down, build_intake(down))) as url:
+        failed = httpx.post(f"{url}/s3-events", content=body)
+        assert httpx.get(f"{url}/readyz").status_code == 503
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
+    assert no_jobs_queued(stack), "nothing was enqueued"
+    with serve(create_app(stack.settings)) as url:
+        retried = httpx.post(f"{url}/s3-events", content=body)
+    assert retried.status_code == 200 and len(retried.json()["request_ids"]) == 1
+    wait_for(lambda: len(queued_specs(stack, "birefnet.general-light")) == 1, 5, "the job on its queue")
