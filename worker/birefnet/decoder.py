@@ -1,0 +1,210 @@
+"""BiRefNet decoder: coarse-to-fine blocks with lateral connections, image-patch references
+(the "inward" bilateral reference) and gradient-attention gating (the "outward" reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import CL, BasicDecBlk, BasicLatBlk, SimpleConvs, conv1x1, f32, fold_bn
+from .config import BiRefNetConfig
+
+
+def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear, align_corners=True: the resize used everywhere in BiRefNet."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x  # align_corners=True at equal size is an exact copy
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def patch_stack(image_BCHW: Tensor, grid_h: int, grid_w: int, order: str) -> Tensor:
+    """Cut the image into grid_h x grid_w tiles and stack them on the channel axis.
+
+    einops: channel = c * GH * GW + row * GW + col   (official code since Nov 2024)
+    legacy: channel = (col * GH + row) * C + c         (older code, third-party ports)
+
+    Returned in channels-last memory (one copy), the layout the following conv wants.
+    """
+    b, c, h, w = image_BCHW.shape
+    th, tw = h // grid_h, w // grid_w
+    tiles = image_BCHW.reshape(b, c, grid_h, th, grid_w, tw)  # (B, C, row, th, col, tw)
+    # (B, th, tw, channel...) with the channel sub-axes ordered as above.
+    tiles = tiles.permute(0, 3, 5, 1, 2, 4) if order == "einops" else tiles.permute(0, 3, 5, 4, 2, 1)
+    return tiles.reshape(b, th, tw, c * grid_h * grid_w).permute(0, 3, 1, 2)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: BiRefNetConfig) -> None:
+        super().__init__()
+        self.patch_order = cfg.patch_order
+        ch = cfg.lateral_channels  # deepest first, e.g. Swin-T: (1536, 768, 384, 192)
+        ic = cfg.ipt_inter_channels
+        ipt_out = [c // 8 for c in ch]
+        # Patch-stack inputs: 32x32, 16x16, 8x8, 4x4 and 1x1 tiles of the RGB image.
+        ipt_in = [g * g * cfg.in_chans for g in (32, 16, 8, 4, 1)]
+        self.ipt_blk5 = SimpleConvs(ipt_in[0], ipt_out[0], ic)
+        self.ipt_blk4 = SimpleConvs(ipt_in[1], ipt_out[0], ic)
+        self.ipt_blk3 = SimpleConvs(ipt_in[2], ipt_out[1], ic)
+        self.ipt_blk2 = SimpleConvs(ipt_in[3], ipt_out[2], ic)
+        self.ipt_blk1 = SimpleConvs(ipt_in[4], ipt_out[3], ic)
+
+        def dec_blk(cin: int, cout: int) -> BasicDecBlk:
+            return BasicDecBlk(cin, cout, cfg.dec_inter_channels, cfg.aspp_channels, cfg.aspp_kernel_sizes)
+
+        self.decoder_block4 = dec_blk(ch[0] + ipt_out[0], ch[1])
+        self.decoder_block3 = dec_blk(ch[1] + ipt_out[0], ch[2])
+        self.decoder_block2 = dec_blk(ch[2] + ipt_out[1], ch[3])
+        self.decoder_block1 = dec_blk(ch[3] + ipt_out[2], ch[3] // 2)
+        self.conv_out1 = nn.Sequential(nn.Conv2d(ch[3] // 2 + ipt_out[3], 1, 1))
+
+        self.lateral_block4 = BasicLatBlk(ch[1], ch[1])
+        self.lateral_block3 = BasicLatBlk(ch[2], ch[2])
+        self.lateral_block2 = BasicLatBlk(ch[3], ch[3])
+
+        # Training-only multi-scale supervision heads (kept for strict loading, never run).
+        self.conv_ms_spvn_4 = nn.Conv2d(ch[1], 1, 1)
+        self.conv_ms_spvn_3 = nn.Conv2d(ch[2], 1, 1)
+        self.conv_ms_spvn_2 = nn.Conv2d(ch[3], 1, 1)
+
+        # Gradient attention: conv -> BN -> ReLU -> 1x1 -> sigmoid gates each decoder stage.
+        n = cfg.gdt_channels
+        for i, cin in zip((4, 3, 2), ch[1:], strict=True):
+            gdt = nn.Sequential(nn.Conv2d(cin, n, 3, padding=1), nn.BatchNorm2d(n), nn.ReLU(inplace=True))
+            self.add_module(f"gdt_convs_{i}", gdt)
+        for i in (4, 3, 2):  # training-only gradient prediction heads
+            self.add_module(f"gdt_convs_pred_{i}", nn.Sequential(nn.Conv2d(n, 1, 1)))
+        for i in (4, 3, 2):
+            self.add_module(f"gdt_convs_attn_{i}", nn.Sequential(nn.Conv2d(n, 1, 1)))
+        self._fused: dict | None = None
+
+    @property
+    def dec_blocks(self) -> tuple[BasicDecBlk, ...]:
+        return (self.decoder_block4, self.decoder_block3, self.decoder_block2, self.decoder_block1)
+
+    def _patches(self, image: Tensor, blk: SimpleConvs, size: torch.Size) -> Tensor:
+        stack = patch_stack(image, image.shape[-2] // size[0], image.shape[-1] // size[1], self.patch_order)
+        return blk(resize(stack, size))
+
+    def _gate(self, p: Tensor, i: int) -> Tensor:
+        """p * sigmoid(attn(ReLU(BN(conv(p))))): gradient-aware attention."""
+        attn = getattr(self, f"gdt_convs_attn_{i}")
+        if self._fused is None:
+            return p * torch.sigmoid(attn(getattr(self, f"gdt_convs_{i}")(p)))
+        w, b = self._fused["gdt"][i]
+        g = F.conv2d(p, w, b, padding=1).relu_()
+        return p * torch.sigmoid(conv1x1(g, attn[0].weight, attn[0].bias))
+
+    # ------------------------------------------------------------------ reference path
+    def forward(self, image: Tensor, x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> Tensor:
+        x4 = torch.cat([x4, self._patches(image, self.ipt_blk5, x4.shape[-2:])], dim=1)
+        p4 = self._gate(self.decoder_block4(x4), 4)
+
+        p3 = resize(p4, x3.shape[-2:]) + self.lateral_block4(x3)
+        p3 = torch.cat([p3, self._patches(image, self.ipt_blk4, p3.shape[-2:])], dim=1)
+        p3 = self._gate(self.decoder_block3(p3), 3)
+
+        p2 = resize(p3, x2.shape[-2:]) + self.lateral_block3(x2)
+        p2 = torch.cat([p2, self._patches(image, self.ipt_blk3, p2.shape[-2:])], dim=1)
+        p2 = self._gate(self.decoder_block2(p2), 2)
+
+        p1 = resize(p2, x1.shape[-2:]) + self.lateral_block2(x1)
+        p1 = torch.cat([p1, self._patches(image, self.ipt_blk2, p1.shape[-2:])], dim=1)
+        p1 = resize(self.decoder_block1(p1), image.shape[-2:])
+        p1 = torch.cat([p1, self._patches(image, self.ipt_blk1, p1.shape[-2:])], dim=1)
+        return self.conv_out1(p1)
+
+    # ------------------------------------------------------------------ fused path
+    @torch.no_grad()
+    def fuse(self) -> None:
+        for blk in self.dec_blocks:
+            blk.fuse()
+        gdt = {}
+        for i in (4, 3, 2):
+            seq = getattr(self, f"gdt_convs_{i}")
+            gdt[i] = f32(*fold_bn(seq[0], seq[1]))
+        # The final 1x1 conv_out1 is linear and so commutes with the (weights-sum-to-1) bilinear
+        # resize; compose it into the preceding 3x3 convs: decoder_block1.conv_out (+BN) and
+        # ipt_blk1.conv_out, so neither 3x3 conv produces more than one channel.
+        w_out = self.conv_out1[0].weight.detach().double().flatten()  # (ca + cb,)
+        b_out = self.conv_out1[0].bias.detach().double()
+        ca = self.decoder_block1.conv_out.out_channels
+        w_a, b_a = self.decoder_block1.folded_conv_out()
+        w_b, b_b = fold_bn(self.ipt_blk1.conv_out, None)
+        final_a = torch.einsum("o,oikl->ikl", w_out[:ca], w_a)[None], (w_out[:ca] @ b_a)[None]
+        final_b = torch.einsum("o,oikl->ikl", w_out[ca:], w_b)[None], (w_out[ca:] @ b_b + b_out)
+        # ... and at full size, ipt_blk1.conv1 (3->64, 3x3) followed by that 64->1 3x3 conv is one
+        # 3->1 5x5 conv away from the image border (where the zero padding of the 64-channel
+        # intermediate differs); the 1-pixel border is recomputed exactly by `_full_size_branch`.
+        w1, b1 = fold_bn(self.ipt_blk1.conv1, None)
+        w5 = w1.new_zeros(1, w1.shape[1], 5, 5)
+        for a in range(3):
+            for b in range(3):
+                w5[0, :, a : a + 3, b : b + 3] += torch.einsum("o,oikl->ikl", final_b[0][0, :, a, b], w1)
+        b5 = final_b[1] + (final_b[0].sum((2, 3)) @ b1)
+        lateral = {}
+        for name in ("lateral_block4", "lateral_block3", "lateral_block2"):
+            conv = getattr(self, name).conv
+            w, b = fold_bn(conv, None)
+            c = w.shape[1] // 2  # input = cat(full-size part, half-size part)
+            lateral[name] = f32(w[:, :c], b, w[:, c:])
+        self._fused = {
+            "gdt": gdt,
+            "lateral": lateral,
+            "final_a": f32(*final_a),
+            "final_b": f32(*final_b),
+            "final_b5": f32(w5, b5),
+        }
+
+    def unfuse(self) -> None:
+        self._fused = None
+        for blk in self.dec_blocks:
+            blk.unfuse()
+
+    def forward_fused(self, image: Tensor, full: list[Tensor], half: list[Tensor], x4: Tensor) -> Tensor:
+        """Same result as `forward`, with x1..x3 given as their (full-size, half-size) parts.
+
+        lateral(cat(f, resize(h))) = W_f f + resize(W_h h) + b: the half-size part of each lateral
+        1x1 conv runs at half size and the concatenated x1..x3 are never built."""
+        f1, f2, f3 = full[:3]
+        h1, h2, h3 = half[:3]
+        x4 = torch.cat([x4, self._patches(image, self.ipt_blk5, x4.shape[-2:])], dim=1)
+        p4 = self._gate(self.decoder_block4(x4), 4)
+
+        p3 = resize(p4, f3.shape[-2:]) + self._lateral("lateral_block4", f3, h3)
+        p3 = torch.cat([p3, self._patches(image, self.ipt_blk4, p3.shape[-2:])], dim=1)
+        p3 = self._gate(self.decoder_block3(p3), 3)
+
+        p2 = resize(p3, f2.shape[-2:]) + self._lateral("lateral_block3", f2, h2)
+        p2 = torch.cat([p2, self._patches(image, self.ipt_blk3, p2.shape[-2:])], dim=1)
+        p2 = self._gate(self.decoder_block2(p2), 2)
+
+        p1 = resize(p2, f1.shape[-2:]) + self._lateral("lateral_block2", f1, h1)
+        p1 = torch.cat([p1, self._patches(image, self.ipt_blk2, p1.shape[-2:])], dim=1)
+        body = self.decoder_block1.forward_body(p1)
+        logits = resize(F.conv2d(body, *self._fused["final_a"], padding=1), image.shape[-2:])
+        return logits.add_(self._full_size_branch(image))
+
+    def _full_size_branch(self, image: Tensor) -> Tensor:
+        """conv_out1's share of ipt_blk1(image): conv3x3(3->64) then the composed conv3x3(64->1)."""
+        conv1 = self.ipt_blk1.conv1
+
+        def two_step(x: Tensor) -> Tensor:
+            return F.conv2d(conv1(x), *self._fused["final_b"], padding=1)
+
+        h, w = image.shape[-2:]
+        x = image.contiguous(memory_format=CL)
+        if min(h, w) < 4:
+            return two_step(x)
+        out = F.conv2d(x, *self._fused["final_b5"], padding=2)
+        # Border pixels: exact two-step result on 3-pixel strips (rows/cols beyond are not needed).
+        out[..., :1, :] = two_step(x[..., :3, :])[..., :1, :]
+        out[..., -1:, :] = two_step(x[..., -3:, :])[..., -1:, :]
+        out[..., :, :1] = two_step(x[..., :, :3])[..., :, :1]
+        out[..., :, -1:] = two_step(x[..., :, -3:])[..., :, -1:]
+        return out
+
+    def _lateral(self, name: str, full: Tensor, half: Tensor) -> Tensor:
+        w_full, bias, w_half = self._fused["lateral"][name]
+        out = conv1x1(full, w_full, bias)
+        return out.add_(resize(conv1x1(half, w_half), full.shape[-2:]))
