@@ -41,9 +41,15 @@ def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
     return app
 
 
+# kombu's Redis transport keeps one list per priority step and pops step 0 first across all of a worker's
+# queues, so `low` jobs (step 9) run only when no normal job of that worker's variants waits.
+LOW_PRIORITY = 9
+
+
 def send_job(app: Celery, spec: JobSpec) -> None:
     """Put a job on its variant's queue (the spec travels whole, so a lost record can be rebuilt)."""
-    app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue)
+    priority = LOW_PRIORITY if spec.priority == "low" else None
+    app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue, priority=priority)
 
 
 def send_webhook(app: Celery, request_id: str, attempt: int = 0, countdown: float | None = None) -> None:

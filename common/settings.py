@@ -227,6 +227,13 @@ class Settings(BaseSettings):
         16383, ge=8, description="Largest input width or height, in pixels (16383 is the most a WebP output holds)."
     )
 
+    # --- Reliability ---
+    test_operating_resolution: str = Field(
+        "", pattern=r"^(\d+x\d+)?$", description="Testing only: workers run every job's forward pass at this "
+        "WIDTHxHEIGHT (e.g. 128x128) instead of its operating_resolution, so CPU chaos and load tests finish in "
+        "minutes; every job's logs say so. Empty: off (always, in production)."
+    )
+
     @staticmethod
     def _input_list(value: object) -> object:
         """A comma-separated or JSON list from the environment, as a list; other values unchanged."""

@@ -6,6 +6,7 @@ Output layout (all under `settings.output_prefix`, default `results/`):
     uploads/<input key>/<fingerprint>/mask.<ext>
     uploads/<input key>/<fingerprint>/result.json
     requests/<request id>/...                        jobs submitted through the gateway
+    files/<owner hash>/<random>/<file name>          files uploaded through the gateway (image_url inputs)
 
 `fingerprint` hashes the input object's version (VersionId, else ETag) and the job parameters,
 so a re-delivered event or an identical re-upload finds the finished result and is not recomputed.
@@ -24,6 +25,9 @@ from botocore.exceptions import ClientError
 
 from common.errors import FileDownloadError, ImageTooLargeError
 from common.settings import Settings
+from common.signed_urls import object_url
+
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 
 RESULT_DOCUMENT = "result.json"
 
@@ -64,6 +68,11 @@ def upload_output_prefix(settings: Settings, key: str, fp: str) -> str:
 
 def request_output_prefix(settings: Settings, request_id: str) -> str:
     return f"{settings.output_prefix}requests/{request_id}/"
+
+
+def uploads_prefix(settings: Settings, owner: str) -> str:
+    """Where one API key's uploads live (hashed: key ids stay out of URLs)."""
+    return f"{settings.output_prefix}files/{hashlib.sha256(owner.encode()).hexdigest()[:16]}/"
 
 
 @dataclass(frozen=True)
@@ -123,13 +132,31 @@ class ObjectStore:
             raise
         return json.loads(body)
 
-    def url_for(self, bucket: str, key: str) -> str:
-        """The URL put into result documents, in the configured style."""
-        style = self.settings.result_url_style
+    def url_for(self, bucket: str, key: str, *, ttl: float | None = None, api: bool = False) -> str:
+        """The URL put into result documents: `result_url_style` for bucket uploads, `gateway_output_urls`
+        for API requests (whose callers cannot use s3:// URLs); `ttl` is the file's retention."""
+        style = self.settings.gateway_output_urls if api else self.settings.result_url_style
+        ttl = ttl or (self.settings.gateway_output_retention if api else self.settings.presigned_url_ttl)
         if style == "s3":
             return f"s3://{bucket}/{key}"
         if style == "public":
             return f"{self.settings.public_base_url.rstrip('/')}/{quote(key)}"
+        if style == "gateway":
+            return object_url(self.settings.gateway_public_url, self.settings.gateway_signing_secret, key, ttl)
         return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.settings.presigned_url_ttl
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(min(ttl, MAX_PRESIGN_SECONDS))
         )
+
+    def presigned_put(self, bucket: str, key: str, content_type: str, ttl: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": bucket, "Key": key, "ContentType": content_type}, ExpiresIn=ttl)
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Delete every object under a prefix; returns how many."""
+        deleted = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                deleted += len(keys)
+        return deleted

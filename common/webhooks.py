@@ -1,18 +1,33 @@
-"""fal-style webhook payloads and delivery (FAL_API.md §9).
+"""fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
 
 Deliveries run on the `webhooks` Celery queue (producer/webhook_worker.py), so GPU workers never wait on
-HTTP. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
+HTTP. Deliveries go through the SSRF guard (`common.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
+
+Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout
+is redelivered early and runs twice. Instead each attempt first books its successor in a Redis sorted set
+(`birefnet:webhook:due`, due time as score) and the deliverer's pump thread re-queues entries as they fall
+due. Booking before posting means a deliverer that dies mid-attempt still leaves the retry behind; a
+success cancels it. After `webhook_max_retries` retries the request lands in `birefnet:webhook:failed`.
+The first attempt is booked too, before the job completes, in case the task sent at completion is lost;
+a booking stays until its attempt starts (the pump re-sends it after a grace period otherwise).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import httpx
+import httpcore
 
+from common.errors import JobError
 from common.jobs import PREFIX, JobRecord, JobStore
+from common.netguard import NetPolicy, guarded_pool, parse_http_url
+from common.settings import Settings
+from common.signing import WebhookSigner
+
+DUE_KEY = f"{PREFIX}webhook:due"
+FAILED_KEY = f"{PREFIX}webhook:failed"
 
 
 def error_summary(record: JobRecord) -> str | None:
@@ -37,6 +52,11 @@ def encode_payload(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+def webhook_user_id(record: JobRecord) -> str:
+    """X-Fal-Webhook-User-Id: the key owner's user id (set by the gateway), else the job's owner."""
+    return str(record.spec.extra.get("user_id") or record.spec.owner or "system")
+
+
 @dataclass
 class Attempt:
     attempt: int
@@ -53,7 +73,7 @@ def attempts_key(request_id: str) -> str:
 def record_attempt(store: JobStore, request_id: str, attempt: Attempt) -> None:
     key = attempts_key(request_id)
     pipe = store.redis.pipeline()
-    pipe.rpush(key, json.dumps(attempt.__dict__))
+    pipe.rpush(key, json.dumps(asdict(attempt)))
     pipe.expire(key, store.record_ttl)
     if attempt.ok:
         pipe.hset(store.job_key(request_id), "webhook_delivered", "1")
@@ -64,25 +84,121 @@ def list_attempts(store: JobStore, request_id: str) -> list[dict]:
     return [json.loads(item) for item in store.redis.lrange(attempts_key(request_id), 0, -1)]
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str | None]:
-    """One delivery attempt: (HTTP status or None, error text or None). Any 2xx counts as delivered."""
+def webhook_policy(settings: Settings) -> NetPolicy:
+    """Receivers may listen on any port; which addresses they may have follows the image-URL rules."""
+    return NetPolicy.from_settings(settings, allowed_ports=None)
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
+         policy: NetPolicy) -> tuple[int | None, str | None]:
+    """One delivery attempt through the SSRF guard, no redirects: (HTTP status or None, error text or None).
+    Any 2xx counts as delivered."""
     try:
-        response = httpx.post(url, content=body, headers={"content-type": "application/json", **headers},
-                              timeout=timeout, follow_redirects=False)
-    except httpx.HTTPError as exc:
+        target = parse_http_url(url, policy)
+        sent = [(b"Host", target.host_header), (b"Content-Type", b"application/json"),
+                (b"Content-Length", str(len(body)).encode()), (b"User-Agent", b"birefnet-serve webhooks"),
+                *((name.encode(), value.encode()) for name, value in headers.items())]
+        with guarded_pool(policy, timeout) as (pool, _backend):
+            response = pool.request("POST", target.core_url(), headers=sent, content=body, extensions={
+                "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}})
+    except JobError as exc:  # the URL or its address is not allowed
+        return None, f"webhook URL refused: {exc.message}"
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}"
+    if 200 <= response.status < 300:
+        return response.status, None
+    return response.status, f"HTTP {response.status}"
 
 
-def deliver_once(store: JobStore, request_id: str, *, timeout: float, attempt: int = 0) -> Attempt | None:
-    """Deliver the webhook of a completed job once; None when there is nothing to deliver."""
-    record = store.get(request_id)
-    if record is None or record.status != "COMPLETED" or not record.spec.webhook_url:
-        return None
-    body = encode_payload(build_payload(record))
-    status_code, error = post(record.spec.webhook_url, body, {}, timeout)
-    result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error)
-    record_attempt(store, request_id, result)
-    return result
+def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> None:
+    """Book attempt 0 as a retry would be booked, before the job completes. The delivery task sent at
+    completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
+    Whichever copy runs first delivers; the attempt removes the booking."""
+    due = time.time() + settings.webhook_timeout + retry_delay(settings, 0)
+    store.redis.zadd(DUE_KEY, {_member(request_id, 0): due}, nx=True)
+
+
+def retry_delay(settings: Settings, attempt: int) -> float:
+    """Seconds between attempt `attempt` (0 = the first) failing and the next one."""
+    return min(settings.webhook_retry_base * 2**attempt, settings.webhook_retry_max_delay)
+
+
+_CLAIM_DUE = """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(items) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], member) end
+return items
+"""
+
+
+def _member(request_id: str, attempt: int) -> str:
+    return f"{request_id}|{attempt}"
+
+
+class WebhookSender:
+    """Signs and delivers one attempt at a time; books retries; lists what finally failed."""
+
+    def __init__(self, settings: Settings, store: JobStore, signer: WebhookSigner):
+        self.settings = settings
+        self.store = store
+        self.signer = signer
+        self.policy = webhook_policy(settings)
+        self._claim_due = store.redis.register_script(_CLAIM_DUE)
+
+    def deliver(self, request_id: str, attempt: int = 0) -> Attempt | None:
+        """Deliver attempt `attempt`; None when there is nothing (more) to deliver."""
+        redis = self.store.redis
+        own, successor = _member(request_id, attempt), _member(request_id, attempt + 1)
+        record = self.store.get(request_id)
+        if (record is None or record.status != "COMPLETED" or not record.spec.webhook_url
+                or redis.hget(self.store.job_key(request_id), "webhook_delivered") == "1"):
+            redis.zrem(DUE_KEY, own)  # nothing (more) to deliver: leave no booking behind
+            return None
+        last = attempt >= self.settings.webhook_max_retries
+        if not last:
+            # Booked before this attempt is taken, so Redis or the deliverer dying in between leaves it behind.
+            safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt)
+            redis.zadd(DUE_KEY, {successor: safety}, nx=True)
+        # One run per attempt number, even if the broker hands the task out twice.
+        taken = redis.set(f"{attempts_key(request_id)}:try:{attempt}", "1", nx=True, ex=self.store.record_ttl)
+        redis.zrem(DUE_KEY, own)  # this attempt is happening (here or in another copy): no booking left for it
+        if not taken:
+            return None
+
+        body = encode_payload(build_payload(record))
+        headers = self.signer.headers(request_id, webhook_user_id(record), body)
+        status_code, error = post(record.spec.webhook_url, body, headers, self.settings.webhook_timeout, self.policy)
+        result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error)
+        record_attempt(self.store, request_id, result)
+        if result.ok:
+            redis.zrem(DUE_KEY, successor)
+            redis.zrem(FAILED_KEY, request_id)
+        elif last:
+            redis.zadd(FAILED_KEY, {request_id: result.at})
+        else:
+            redis.zadd(DUE_KEY, {successor: result.at + retry_delay(self.settings, attempt)}, xx=True)
+        return result
+
+    def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
+        """Attempts whose time has come, for this pump to send. Each stays booked, due again after a grace
+        period, until its attempt starts and removes the booking: a task lost on its way to the broker is
+        sent again, and a second copy finds the attempt taken. Atomic, so one pump sends each."""
+        grace = 4 * self.settings.webhook_timeout
+        items = self._claim_due(keys=[DUE_KEY], args=[time.time(), limit, time.time() + grace])
+        return [(rid, int(attempt)) for rid, _, attempt in (item.rpartition("|") for item in items)]
+
+    def pop_due(self, limit: int = 100) -> list[tuple[str, int]]:
+        """Retries whose time has come, removed from the schedule (each goes to exactly one caller)."""
+        items = self.store.pop_due(DUE_KEY, limit)
+        return [(rid, int(attempt)) for rid, _, attempt in (item.rpartition("|") for item in items)]
+
+    def failed(self, limit: int = 100) -> list[dict]:
+        """Requests whose webhook never got a 2xx, newest first, with every attempt."""
+        entries = self.store.redis.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True)
+        out = []
+        for request_id, failed_at in entries:
+            record = self.store.get(request_id)
+            out.append({"request_id": request_id, "failed_at": failed_at,
+                        "webhook_url": record.spec.webhook_url if record else None,
+                        "owner": record.spec.owner if record else None,
+                        "attempts": list_attempts(self.store, request_id)})
+        return out

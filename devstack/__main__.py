@@ -21,11 +21,17 @@ def up() -> None:
     print(f"  output bucket    s3://{settings.output_bucket}/{settings.output_prefix}")
     print(f"  event queue      {settings.sqs_queue_url}")
     print(f"  worker variants  {stack.dev.worker_variants}")
+    print(f"  gateway          {stack.gateway_url}  (fal-compatible; auth off, any FAL_KEY works; CA {stack.tls.ca})")
     print(f"  logs             {stack.log_dir}")
     print("env for other shells:")
     for key in ("BIREFNET_REDIS_URL", "BIREFNET_S3_ENDPOINT_URL", "BIREFNET_SQS_ENDPOINT_URL",
                 "BIREFNET_SQS_QUEUE_URL"):
         print(f"  export {key}={stack.env[key]}")
+    host = stack.gateway_url.removeprefix("https://")
+    print("fal_client against the gateway:")
+    print(f"  export FAL_KEY=dev FAL_RUN_HOST={host}/run FAL_QUEUE_RUN_HOST={host}/queue SSL_CERT_FILE={stack.tls.ca}")
+    print(f"  curl --cacert {stack.tls.ca} -H 'Authorization: Key dev' -H 'Content-Type: application/json' \\")
+    print(f"       -d '{{\"image_url\": \"https://...\"}}' {stack.gateway_url}/queue/fal-ai/birefnet/v2")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while all(p.poll() is None for p in stack.processes.values()):

@@ -1,13 +1,23 @@
-"""The slim Celery app that delivers webhooks (queue `webhooks`); no torch, no model."""
+"""The slim Celery app that delivers webhooks (queue `webhooks`); no torch, no model.
+
+Besides the task, every deliverer runs a small pump thread that re-queues retries as they fall due
+(see common/webhooks.py for why retries are not Celery countdowns).
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+import time
+
+from celery.signals import worker_ready
 
 from common.jobs import JobStore
-from common.queue import DELIVER_WEBHOOK, make_celery
+from common.queue import DELIVER_WEBHOOK, make_celery, send_webhook
 from common.settings import Settings
-from common.webhooks import deliver_once
+from common.signing import WebhookSigner
+from common.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 settings = Settings()
@@ -15,8 +25,30 @@ app = make_celery(settings, name="birefnet-webhooks")
 store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
 
 
+@functools.cache
+def sender() -> WebhookSender:
+    """Built on first use: without configured keys the signer reads (or makes) its key in Redis."""
+    return WebhookSender(settings, store, WebhookSigner.from_settings(settings.webhook_signing_keys, store.redis))
+
+
 @app.task(name=DELIVER_WEBHOOK, acks_late=True)
 def deliver_webhook(request_id: str, attempt: int = 0) -> None:
-    result = deliver_once(store, request_id, timeout=settings.webhook_timeout, attempt=attempt)
+    result = sender().deliver(request_id, attempt)
     if result is not None and not result.ok:
         log.warning("webhook for %s failed (attempt %d): %s", request_id, attempt, result.error)
+
+
+def pump_retries(interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            for request_id, attempt in sender().claim_due():
+                send_webhook(app, request_id, attempt)
+        except Exception:  # Redis hiccups must not end the pump; the schedule is still in Redis
+            log.warning("webhook retry pump failed; trying again", exc_info=True)
+
+
+@worker_ready.connect
+def _start_pump(**_) -> None:
+    interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))
+    threading.Thread(target=pump_retries, args=(interval,), name="webhook-retries", daemon=True).start()

@@ -139,13 +139,10 @@ class JobRunner:
 
         with LeaseKeeper(self.store, spec.request_id, token, self.settings.job_lease_seconds):
             try:
-                return self._run_claimed(spec, token)
-            except JobError as exc:
-                log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
-                self.store.log(spec.request_id, f"error: {exc.message}", "ERROR")
-                fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
-                         celery=self.celery, spec=spec, token=token)
-                return Outcome("failed", exc.message)
+                try:
+                    return self._run_claimed(spec, token)
+                except JobError as exc:  # storing the error can meet an outage too: handled below
+                    return self._fail(spec, token, exc)
             except Exception as exc:
                 transient = _is_transient(exc)
                 # An outage is not the job's fault: refund the attempt so outages do not exhaust it.
@@ -157,6 +154,13 @@ class JobRunner:
                 self.store.redis.hset(self.store.job_key(spec.request_id), "last_error",
                                       f"{type(exc).__name__}: {exc}"[:500])
                 return Outcome("retry", f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, spec: JobSpec, token: str, exc: JobError) -> Outcome:
+        log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
+        self.store.log(spec.request_id, f"error: {exc.message}", "ERROR")
+        fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
+                 celery=self.celery, spec=spec, token=token)
+        return Outcome("failed", exc.message)
 
     def _reuse_existing(self, spec: JobSpec, token: str) -> bool:
         """A finished result for the same input version and parameters is not computed again."""
@@ -213,8 +217,12 @@ class JobRunner:
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
-        width, height = (int(v) for v in params.operating_resolution.split("x"))
-        log_(rid, f"inference {params.operating_resolution} on {predictor.device} ({image.width}x{image.height} input)")
+        resolution = self.settings.test_operating_resolution or params.operating_resolution
+        width, height = (int(v) for v in resolution.split("x"))
+        log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
+        if resolution != params.operating_resolution:
+            log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
+                      "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
         if predictor.untrained:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()

@@ -1,0 +1,168 @@
+"""API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest.
+
+Configured keys (setting `gateway_api_keys`) carry a hash of the secret, never the secret:
+
+- `sha256$<hex>`: fast; also lets a bare token (FAL_KEY without `id:`) be looked up by its hash.
+- `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>`: slow on purpose; needs the `id:secret` form. Verified
+  credentials are cached in memory (by their SHA-256), so fal's 10 status polls a second stay cheap.
+
+`python -m common.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field, field_validator
+
+SCRYPT_PARAMS = (2**14, 8, 1)
+ANONYMOUS = "anonymous"
+
+
+class ApiKeyConfig(BaseModel):
+    """One configured API key."""
+
+    id: str = Field(description="Key id: the part before ':' in FAL_KEY; owns its requests and uploads.")
+    hash: str = Field(description="sha256$<hex> or scrypt$n$r$p$<salt hex>$<hash hex> of the secret.")
+    user_id: str | None = Field(None, description="Sent as X-Fal-Webhook-User-Id; defaults to the key id.")
+    admin: bool = Field(False, description="May call the /admin endpoints.")
+    s3_read: list[str] = Field(
+        default_factory=list, description="'bucket/prefix' entries an s3:// image_url may name ('bucket/' = all)."
+    )
+
+    @field_validator("hash")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("$", 1)[0]
+        if scheme not in ("sha256", "scrypt"):
+            raise ValueError("hash must start with 'sha256$' or 'scrypt$'")
+        return value
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key id owns requests; user_id signs webhooks."""
+
+    key_id: str
+    user_id: str
+    admin: bool = False
+    s3_read: tuple[str, ...] = ()
+
+
+ANONYMOUS_PRINCIPAL = Principal(key_id=ANONYMOUS, user_id=ANONYMOUS, admin=True)
+
+
+def sha256_hex(value: str | bytes) -> str:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()
+
+
+def hash_secret(secret: str, scheme: str = "scrypt") -> str:
+    if scheme == "sha256":
+        return f"sha256${sha256_hex(secret)}"
+    n, r, p = SCRYPT_PARAMS
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    scheme, _, rest = stored.partition("$")
+    if scheme == "sha256":
+        return hmac.compare_digest(sha256_hex(secret), rest)
+    if scheme == "scrypt":
+        n, r, p, salt, digest = rest.split("$")
+        got = hashlib.scrypt(secret.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                             dklen=len(digest) // 2)
+        return hmac.compare_digest(got.hex(), digest)
+    return False
+
+
+def credential_from_header(value: str | None) -> str | None:
+    """The credential of an `Authorization: Key …` or `Bearer …` header."""
+    if not value:
+        return None
+    scheme, _, credential = value.strip().partition(" ")
+    if scheme.lower() not in ("key", "bearer") or not credential.strip():
+        return None
+    return credential.strip()
+
+
+class KeyRing:
+    """Configured keys, looked up by id (id:secret) or by SHA-256 (bare tokens)."""
+
+    def __init__(self, keys: list[ApiKeyConfig], cache_size: int = 4096):
+        self._by_id = {key.id: key for key in keys}
+        self._by_token_hash = {key.hash.split("$", 1)[1]: key for key in keys if key.hash.startswith("sha256$")}
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # the gateway verifies on the event loop and in its thread pool
+
+    @staticmethod
+    def _principal(key: ApiKeyConfig) -> Principal:
+        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read))
+
+    def cached(self, credential: str | None) -> Principal | None:
+        """A credential verified before (no hashing cost beyond one SHA-256)."""
+        if not credential:
+            return None
+        fingerprint = sha256_hex(credential)
+        with self._lock:
+            found = self._verified.get(fingerprint)
+            if found is not None:
+                self._verified.move_to_end(fingerprint)
+        return found
+
+    def authenticate(self, credential: str | None) -> Principal | None:
+        if not credential:
+            return None
+        cached = self.cached(credential)
+        if cached is not None:
+            return cached
+        fingerprint = sha256_hex(credential)
+        principal = self._check(credential, fingerprint)
+        if principal is not None:
+            with self._lock:
+                self._verified[fingerprint] = principal
+                if len(self._verified) > self._cache_size:
+                    self._verified.popitem(last=False)
+        return principal
+
+    def _check(self, credential: str, fingerprint: str) -> Principal | None:
+        key_id, sep, secret = credential.partition(":")
+        if sep:
+            key = self._by_id.get(key_id)
+            return self._principal(key) if key is not None and verify_secret(secret, key.hash) else None
+        key = self._by_token_hash.get(fingerprint)
+        return self._principal(key) if key is not None else None
+
+
+def new_key(key_id: str, *, user_id: str | None = None, admin: bool = False, scheme: str = "scrypt") -> tuple[str, dict]:
+    """A fresh FAL_KEY and the configuration entry that accepts it."""
+    secret = secrets.token_urlsafe(32)
+    entry = ApiKeyConfig(id=key_id, hash=hash_secret(secret, scheme), user_id=user_id, admin=admin)
+    return f"{key_id}:{secret}", entry.model_dump(exclude_defaults=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.auth", description="make an API key")
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("new", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry")
+    make.add_argument("--id", required=True)
+    make.add_argument("--user-id")
+    make.add_argument("--admin", action="store_true")
+    make.add_argument("--scheme", choices=["scrypt", "sha256"], default="scrypt")
+    args = parser.parse_args(argv)
+    fal_key, entry = new_key(args.id, user_id=args.user_id, admin=args.admin, scheme=args.scheme)
+    print(f"FAL_KEY={fal_key}")
+    print(json.dumps(entry))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""HMAC-signed, expiring gateway URLs for stored files, and short-lived upload tokens.
+
+A gateway-served file URL is `{public}/objects/{key}?exp=<unix>&sig=<hmac>`: the gateway streams the
+object from S3 when the signature holds and `exp` has not passed, so S3 never needs to be reachable by
+callers. Upload tokens (fal's `storage/auth/token`) are `<base64url payload>.<hmac>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from urllib.parse import quote
+
+GENERATED_SECRET = "birefnet:gateway-signing-secret"
+
+
+def _sign(secret: str, text: str) -> str:
+    digest = hmac.new(secret.encode(), text.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:24]).rstrip(b"=").decode()
+
+
+def _object_text(key: str, expires: int) -> str:
+    return f"object\n{key}\n{expires}"
+
+
+def object_url(base_url: str, secret: str, key: str, ttl: float, now: float | None = None) -> str:
+    expires = int((now if now is not None else time.time()) + ttl)
+    signature = _sign(secret, _object_text(key, expires))
+    return f"{base_url.rstrip('/')}/objects/{quote(key)}?exp={expires}&sig={signature}"
+
+
+def object_url_valid(secret: str, key: str, expires: str, signature: str, now: float | None = None) -> bool:
+    if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+        return False
+    return hmac.compare_digest(_sign(secret, _object_text(key, int(expires))), signature)
+
+
+def make_token(secret: str, owner: str, ttl: float) -> tuple[str, int]:
+    expires = int(time.time() + ttl)
+    payload = base64.urlsafe_b64encode(json.dumps({"o": owner, "e": expires}).encode()).rstrip(b"=").decode()
+    return f"{payload}.{_sign(secret, 'token:' + payload)}", expires
+
+
+def read_token(secret: str, token: str) -> str | None:
+    """The owner named by a valid, unexpired upload token."""
+    payload, _, signature = token.partition(".")
+    if not signature or not hmac.compare_digest(_sign(secret, "token:" + payload), signature):
+        return None
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return data["o"] if data.get("e", 0) >= time.time() else None
+
+
+def shared_secret(configured: str, client) -> str:
+    """The configured secret, else one generated once and shared through Redis (development)."""
+    if configured:
+        return configured
+    client.set(GENERATED_SECRET, secrets.token_urlsafe(32), nx=True)
+    value = client.get(GENERATED_SECRET)
+    return value.decode() if isinstance(value, bytes) else str(value)

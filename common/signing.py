@@ -1,0 +1,127 @@
+"""Ed25519 webhook signatures exactly as fal makes them (FAL_API.md §9), and the JWKS that verifies them.
+
+Signed bytes: UTF-8 of `request_id \\n user_id \\n timestamp \\n sha256hex(raw body)`; the signature travels
+hex-encoded in `X-Fal-Webhook-Signature`. The first configured key signs; every configured key is
+published in the JWKS, so a key can be rotated in ahead of use and kept published after it stops signing.
+
+Without configured keys, one key is generated and kept in Redis (shared by the gateway and the webhook
+deliverer); fine for development, but configure `webhook_signing_keys` in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import redis
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
+
+GENERATED_KEY = "birefnet:webhook-signing-key"
+HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
+HEADER_USER_ID = "X-Fal-Webhook-User-Id"
+HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
+HEADER_SIGNATURE = "X-Fal-Webhook-Signature"
+MAX_SKEW_SECONDS = 300
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_private_key(text: str) -> Ed25519PrivateKey:
+    """A PEM (PKCS#8) key, or the raw 32-byte seed as base64/base64url/hex."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_private_key(text.encode(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("webhook signing keys must be Ed25519")
+        return key
+    for decode in (bytes.fromhex, b64url_decode, base64.b64decode):
+        try:
+            seed = decode(text)
+        except (ValueError, binascii.Error):
+            continue
+        if len(seed) == 32:
+            return Ed25519PrivateKey.from_private_bytes(seed)
+    raise ValueError("a webhook signing key must be PEM or a 32-byte seed in hex or base64")
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(raw_public(key)).hexdigest()[:16]
+
+
+def message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
+    return "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()]).encode()
+
+
+def jwk(key: Ed25519PublicKey) -> dict:
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw_public(key)), "kid": key_id(key),
+            "alg": "EdDSA", "use": "sig"}
+
+
+@dataclass
+class WebhookSigner:
+    keys: list[Ed25519PrivateKey]
+
+    @classmethod
+    def from_settings(cls, keys: Iterable[str], client: redis.Redis) -> WebhookSigner:
+        loaded = [load_private_key(text) for text in keys if text.strip()]
+        if not loaded:
+            loaded = [load_private_key(generated_seed(client))]
+        return cls(loaded)
+
+    def headers(self, request_id: str, user_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
+        timestamp = str(int(now if now is not None else time.time()))
+        signature = self.keys[0].sign(message(request_id, user_id, timestamp, body))
+        return {HEADER_REQUEST_ID: request_id, HEADER_USER_ID: user_id, HEADER_TIMESTAMP: timestamp,
+                HEADER_SIGNATURE: signature.hex()}
+
+    def jwks(self) -> dict:
+        return {"keys": [jwk(key.public_key()) for key in self.keys]}
+
+
+def generated_seed(client: redis.Redis) -> str:
+    """The development key: created once, then shared through Redis by every process."""
+    seed = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    if client.set(GENERATED_KEY, seed.hex(), nx=True):
+        log.warning("no webhook_signing_keys configured: generated one and stored it in Redis (dev only)")
+    stored = client.get(GENERATED_KEY)
+    return stored.decode() if isinstance(stored, bytes) else str(stored)
+
+
+def verify(headers: Mapping[str, str], body: bytes, jwks: dict, now: float | None = None) -> bool:
+    """fal's documented receiver check: four headers, timestamp within 5 min, any JWKS key verifies."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        request_id, user_id, timestamp, signature = (
+            lowered[h.lower()] for h in (HEADER_REQUEST_ID, HEADER_USER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE))
+        if abs((now if now is not None else time.time()) - int(timestamp)) > MAX_SKEW_SECONDS:
+            return False
+        signed, sig = message(request_id, user_id, timestamp, body), bytes.fromhex(signature)
+    except (KeyError, ValueError):
+        return False
+    for entry in jwks.get("keys", []):
+        try:
+            Ed25519PublicKey.from_public_bytes(b64url_decode(entry["x"].rstrip("="))).verify(sig, signed)
+            return True
+        except (InvalidSignature, ValueError, KeyError):
+            continue
+    return False

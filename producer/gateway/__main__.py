@@ -1,0 +1,23 @@
+"""`python -m producer.gateway`: the fal-compatible HTTP gateway on uvicorn (host, port, TLS from settings)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from common.settings import Settings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    tls = {"ssl_certfile": settings.gateway_tls_cert, "ssl_keyfile": settings.gateway_tls_key} \
+        if settings.gateway_tls_cert else {}
+    uvicorn.run("producer.gateway.app:create_app", factory=True, host=settings.gateway_host,
+                port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,
+                timeout_keep_alive=75, log_level="info", access_log=False, **tls)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Client-side uploads (FAL_API.md §10.2) and gateway-served files.
+
+- `POST /rest/storage/upload/initiate` (JS `fal.storage.upload`, Python's `repository="fal"`): a presigned
+  S3 PUT plus the file's URL, usable as `image_url`.
+- `POST /rest/storage/auth/token` + `POST /files/upload` (Python's default `fal_v3` upload; point
+  `fal_client.client.REST_URL` at `{gateway}/rest` and `CDN_URL` at `{gateway}`).
+- `GET /objects/{key}?exp=&sig=`: streams a stored file when its signed URL is valid (gateway-served URLs).
+
+Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from botocore.exceptions import ClientError
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+
+from common.auth import Principal, credential_from_header
+from common.signed_urls import make_token, object_url_valid, read_token
+from common.storage import uploads_prefix
+from producer.gateway.inputs import lifecycle_seconds
+from producer.gateway.models import (
+    ERRORS,
+    ErrorBody,
+    FileUploaded,
+    UploadInitiate,
+    UploadInitiated,
+    UploadToken,
+)
+from producer.gateway.responses import FalError, fal_json
+from producer.gateway.security import Caller, principal
+from producer.gateway.state import Gateway, gateway
+from producer.gateway.submit import OUTPUTS_KEY
+from producer.gateway.urls import public_base
+
+router = APIRouter(tags=["files"])
+UPLOAD_URL_TTL = 3600
+TOKEN_TTL = 3600
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def upload_key(gw: Gateway, owner: str, file_name: str) -> str:
+    name = _UNSAFE.sub("_", file_name.rsplit("/", 1)[-1])[:120].strip("._") or "file"
+    return f"{uploads_prefix(gw.settings, owner)}{uuid.uuid4().hex}/{name}"
+
+
+def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
+    gw.redis.zadd(OUTPUTS_KEY, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
+
+
+@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, responses={
+    **ERRORS, 400: {"model": ErrorBody, "description": "Body is not JSON"}})
+async def upload_initiate(request: Request, caller: Caller, spec: UploadInitiate | None = None,
+                          storage_type: Annotated[str, Query()] = None,
+                          lifecycle: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
+                          ) -> Response:
+    """Any `storage_type` (fal-cdn-v3, gcs) is served the same way: S3 in our deployment."""
+    gw = gateway(request)
+    spec = spec or UploadInitiate()
+    key = upload_key(gw, caller.key_id, spec.file_name)
+    ttl = lifecycle_seconds(lifecycle)
+
+    def initiate() -> dict:
+        bucket = gw.settings.output_bucket
+        schedule_deletion(gw, key, ttl)
+        return {"upload_url": gw.objects.presigned_put(bucket, key, spec.content_type, UPLOAD_URL_TTL),
+                "file_url": gw.objects.url_for(bucket, key, ttl=ttl, api=True)}
+
+    return fal_json(await run_in_threadpool(initiate))
+
+
+@router.post("/rest/storage/auth/token", response_model=UploadToken, responses=ERRORS)
+async def upload_token(request: Request, caller: Caller,
+                       storage_type: Annotated[str, Query()] = None) -> Response:
+    gw = gateway(request)
+    token, expires = make_token(await run_in_threadpool(lambda: gw.secret), caller.key_id, TOKEN_TTL)
+    return fal_json({"token": token, "token_type": "Bearer", "base_url": public_base(request, gw.settings),
+                     "expires_at": datetime.fromtimestamp(expires, UTC).isoformat()})
+
+
+async def uploader(request: Request, authorization: str | None) -> Principal:
+    """An upload token from /rest/storage/auth/token, or an API key."""
+    gw = gateway(request)
+    credential = credential_from_header(authorization)
+    owner = read_token(await run_in_threadpool(lambda: gw.secret), credential) if credential else None
+    if owner is not None:
+        return Principal(key_id=owner, user_id=owner)
+    return await principal(request, authorization)
+
+
+@router.post("/files/upload", response_model=FileUploaded, responses=ERRORS, openapi_extra={
+    "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}})
+async def files_upload(
+    request: Request,
+    authorization: Annotated[str, Header()] = None,
+    content_type: Annotated[str, Header()] = None,
+    file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
+    lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
+) -> Response:
+    """The raw bytes of one file; answers the URL to use as image_url."""
+    gw = gateway(request)
+    owner = await uploader(request, authorization)
+    data = await request.body()
+    key = upload_key(gw, owner.key_id, file_name or "upload.bin")
+    ttl = lifecycle_seconds(lifecycle or request.headers.get("x-fal-object-lifecycle-preference"))
+
+    def store() -> str:
+        bucket = gw.settings.output_bucket
+        gw.objects.write(bucket, key, data, content_type or "application/octet-stream")
+        schedule_deletion(gw, key, ttl)
+        return gw.objects.url_for(bucket, key, ttl=ttl, api=True)
+
+    return fal_json({"access_url": await run_in_threadpool(store)})
+
+
+@router.get("/objects/{key:path}", responses={200: {"content": {"*/*": {}}, "description": "The file"},
+                                              404: {"description": "Unknown, expired or badly signed URL"}})
+async def get_object(request: Request, key: str, exp: Annotated[str, Query()] = "",
+                     sig: Annotated[str, Query()] = "") -> Response:
+    """A stored file behind a signed, expiring URL (no API key: the signature is the permission)."""
+    gw = gateway(request)
+    secret = await run_in_threadpool(lambda: gw.secret)
+    if not object_url_valid(secret, key, exp, sig):
+        raise FalError(404, {"detail": "File not found or link expired"})
+    try:
+        obj = await run_in_threadpool(gw.objects.client.get_object, Bucket=gw.settings.output_bucket, Key=key)
+    except ClientError as exc:
+        raise FalError(404, {"detail": "File not found or link expired"}) from exc
+    # The stored Content-Type as is (a media_type would get "; charset=utf-8" added to text types).
+    headers = {"content-length": str(obj["ContentLength"]), "cache-control": "private, max-age=3600",
+               "content-type": obj.get("ContentType") or "application/octet-stream"}
+    return StreamingResponse(iterate_in_threadpool(obj["Body"].iter_chunks(1 << 16)), headers=headers)

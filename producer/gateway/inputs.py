@@ -1,0 +1,182 @@
+"""Request input: fal headers, the model input with FastAPI-exact 422 details, and `image_url` policy.
+
+`image_url` policy, decided at submit so workers only ever see something they may read:
+- `s3://bucket/key`: only what the caller's key lists in `s3_read`, or its own uploads;
+- our own signed `/objects/...` URLs become `s3://` (the signature is the permission);
+- large data URIs are stored in S3 first, so the job record and the Celery message stay small;
+- path-style URLs of our output bucket (custom S3 endpoints) become `s3://` when the key may read them;
+- other http(s) URLs pass `common.netguard`'s submit-time SSRF check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from fastapi.encoders import jsonable_encoder
+from pydantic import ValidationError
+
+from common import netguard
+from common.auth import ANONYMOUS, Principal
+from common.errors import JobError
+from common.fetch import decode_data_uri
+from common.netguard import NetPolicy
+from common.schemas import INPUT_MODELS, BiRefNetInput
+from common.settings import Settings
+from common.signed_urls import object_url_valid
+from common.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
+from common.variants import VariantSpec
+from producer.gateway.responses import FalError
+
+INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
+_ON = {"1", "true", "yes", "on"}
+
+
+# --- headers ---
+def flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in _ON
+
+
+TIMEOUT_PATTERN = r"^[0-9]+(\.[0-9]+)?$"  # what fal's clients send: str(float), e.g. "30.0"
+
+
+def start_timeout(value: str | None) -> float | None:
+    """`X-Fal-Request-Timeout` seconds (0: none); anything but a plain number is a 400, as on fal."""
+    if value is None or not value.strip():
+        return None
+    if not re.match(TIMEOUT_PATTERN, value.strip()):
+        raise FalError.flat(400, f"Invalid X-Fal-Request-Timeout header: {value!r}", "bad_request")
+    return float(value) or None
+
+
+def priority(value: str | None) -> str:
+    """`X-Fal-Queue-Priority`: `low` or `normal`; anything else counts as normal."""
+    return "low" if (value or "").strip().lower() == "low" else "normal"
+
+
+def lifecycle_seconds(value: str | None) -> int | None:
+    """`expiration_duration_seconds` of `x-fal-object-lifecycle-preference` (JSON); ignored when malformed."""
+    try:
+        seconds = json.loads(value or "")["expiration_duration_seconds"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return int(seconds) if isinstance(seconds, int | float) and seconds > 0 else None
+
+
+# --- body ---
+def detail(loc: list[Any], msg: str, type_: str, **extra: Any) -> dict:
+    return {"type": type_, "loc": loc, "msg": msg, **extra}
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object body; a missing body is `{}` (JS sends none without input). Malformed: 422 now."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        pos = getattr(exc, "pos", 0)
+        raise FalError(422, {"detail": [detail(["body", pos], "JSON decode error", "json_invalid",
+                                               input={}, ctx={"error": getattr(exc, "msg", str(exc))})]}) from exc
+    if not isinstance(data, dict):
+        raise FalError(422, {"detail": [detail(
+            ["body"], "Input should be a valid dictionary or object to extract fields from",
+            "model_attributes_type", input=data)]})
+    return data
+
+
+def validate_input(endpoint: str, data: dict, settings: Settings) -> tuple[BiRefNetInput, VariantSpec]:
+    """The validated input and its variant, or InputErrors carrying FastAPI's `detail` list."""
+    try:
+        parsed = INPUT_MODELS[endpoint].model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+        raise InputErrors(jsonable_encoder(errors)) from exc
+    variant = settings.variants.by_model_name(endpoint, parsed.model.value)  # type: ignore[arg-type]
+    if parsed.operating_resolution.value not in variant.allowed_resolutions:
+        allowed = ", ".join(variant.allowed_resolutions)
+        raise InputErrors([detail(["body", "operating_resolution"],
+                                  f"Value error, {parsed.operating_resolution.value} is not supported by "
+                                  f"'{parsed.model.value}' (allowed: {allowed})", "value_error",
+                                  input=parsed.operating_resolution.value)])
+    return parsed, variant
+
+
+class InputErrors(Exception):
+    """A 422 the model would answer: becomes the request's stored result."""
+
+    def __init__(self, details: list[dict]):
+        super().__init__(details[0]["msg"] if details else "invalid input")
+        self.details = details
+
+
+# --- image_url policy ---
+def check_url(url: str, policy: NetPolicy, loc: list[Any]) -> None:
+    """The SSRF guard's submit-time check (the worker checks again when it connects)."""
+    try:
+        netguard.check_url(url, policy=policy)
+    except JobError as exc:
+        raise InputErrors([detail(loc, exc.message, exc.error_type)]) from exc
+
+
+def may_read_s3(principal: Principal, settings: Settings, bucket: str, key: str) -> bool:
+    if principal.key_id == ANONYMOUS:
+        return True
+    if bucket == settings.output_bucket and key.startswith(uploads_prefix(settings, principal.key_id)):
+        return True
+    return any(f"{bucket}/{key}".startswith(entry) for entry in principal.s3_read if "/" in entry)
+
+
+def own_object_key(url: str, secret: str) -> str | None:
+    """The S3 key behind one of our signed `/objects/...` URLs, when the signature is valid."""
+    parts = urlsplit(url)
+    if not parts.path.startswith("/objects/"):
+        return None
+    query = parse_qs(parts.query)
+    key = unquote(parts.path[len("/objects/"):])
+    expires, signature = query.get("exp", [""])[0], query.get("sig", [""])[0]
+    return key if object_url_valid(secret, key, expires, signature) else None
+
+
+def own_bucket_key(url: str, settings: Settings) -> str | None:
+    """The key behind a (presigned) path-style URL of our output bucket on a custom S3 endpoint, which is
+    often private (MinIO, moto) and so out of reach of the SSRF guard: such inputs are read through S3."""
+    if not settings.s3_endpoint_url:
+        return None
+    base = f"{settings.s3_endpoint_url.rstrip('/')}/{settings.output_bucket}/"
+    return unquote(urlsplit(url).path[len(urlsplit(base).path):]) if url.startswith(base) else None
+
+
+def resolve_image_url(url: str, *, principal: Principal, settings: Settings, objects: ObjectStore,
+                      secret: str, policy: NetPolicy, request_id: str) -> str:
+    """What the worker should fetch for `image_url`; raises InputErrors for what it may not."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "s3":
+        try:
+            bucket, key = parse_s3_url(url)
+        except ValueError as exc:
+            raise InputErrors([detail(["body", "image_url"], str(exc), "file_download_error")]) from exc
+        if not may_read_s3(principal, settings, bucket, key):
+            raise InputErrors([detail(["body", "image_url"], f"this API key may not read {url}",
+                                      "file_download_error")])
+        return url
+    if scheme == "data":
+        if len(url) <= INLINE_DATA_LIMIT:
+            return url
+        try:
+            data = decode_data_uri(url, max_bytes=settings.max_input_bytes)
+        except JobError as exc:
+            raise InputErrors(exc.detail()) from exc
+        key = f"{request_output_prefix(settings, request_id)}input"  # deleted with the request's outputs
+        objects.write(settings.output_bucket, key, data, "application/octet-stream")
+        return f"s3://{settings.output_bucket}/{key}"
+    own = own_object_key(url, secret)
+    if own is not None:  # the signature is the permission
+        return f"s3://{settings.output_bucket}/{own}"
+    key = own_bucket_key(url, settings)
+    if key is not None and may_read_s3(principal, settings, settings.output_bucket, key):
+        return f"s3://{settings.output_bucket}/{key}"
+    check_url(url, policy, ["body", "image_url"])
+    return url

@@ -1,0 +1,63 @@
+"""JWKS for webhook receivers, health, failed webhook deliveries (admin), and the proxy route's 400."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from common.webhooks import WebhookSender
+from producer.gateway.models import ERRORS, ErrorBody, FailedWebhooks
+from producer.gateway.responses import FalError, fal_json
+from producer.gateway.routing import PROXY_PATH
+from producer.gateway.security import Admin
+from producer.gateway.state import gateway
+
+router = APIRouter()
+
+
+@router.get("/.well-known/jwks.json", tags=["webhooks"])
+async def jwks(request: Request) -> Response:
+    """Public keys that verify X-Fal-Webhook-Signature (receivers may cache this up to 24 h)."""
+    return fal_json(gateway(request).signer.jwks(), headers={"cache-control": "public, max-age=3600"})
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz(request: Request) -> Response:
+    try:
+        await gateway(request).aredis.ping()
+    except Exception as exc:
+        raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
+    return fal_json({"status": "ok"})
+
+
+@router.get("/admin/webhooks/failed", tags=["ops"], response_model=FailedWebhooks,
+            responses={**ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}})
+async def failed_webhooks(request: Request, caller: Admin,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+    """Requests whose webhook never got a 2xx after every retry, newest first, with each attempt."""
+    gw = gateway(request)
+    sender = WebhookSender(gw.settings, gw.store, gw.signer)
+    return fal_json({"failed": await run_in_threadpool(sender.failed, limit)})
+
+
+async def proxy(request: Request) -> Response:
+    """fal's JS `proxyUrl` target. Requests whose `x-fal-target-url` names https://queue.fal.run/...,
+    https://fal.run/... or https://rest.fal.ai/... are served as that route (same method, body and
+    Authorization); anything else ends here."""
+    raise FalError(400, {"detail": "Invalid request: x-fal-target-url must be a queue.fal.run, fal.run or "
+                                   "rest.fal.ai URL", "error_type": "bad_request"})
+
+
+# Documented, not enforced by FastAPI: a missing or foreign target is fal's 400, not a 422.
+_TARGET = {"name": "x-fal-target-url", "in": "header", "required": True,
+           "description": "The fal URL this request stands for (fal's JS client sets it).",
+           "schema": {"type": "string", "pattern": r"^https://(queue\.fal\.run|fal\.run|rest\.fal\.ai)/"}}
+for _method in ("GET", "POST", "PUT"):
+    router.add_api_route(
+        PROXY_PATH, proxy, methods=[_method], tags=["proxy"], operation_id=f"proxy_{_method.lower()}",
+        openapi_extra={"parameters": [_TARGET]},
+        responses={400: {"model": ErrorBody, "description": "Missing or foreign x-fal-target-url"},
+                   "default": {"description": "Whatever the target route answers"}})

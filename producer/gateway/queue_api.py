@@ -1,0 +1,196 @@
+"""The queue API (FAL_API.md §3-5, §7): submit, status, status stream, result, cancel.
+
+Submit arrives on the full app id (`/fal-ai/birefnet` or `/fal-ai/birefnet/v2`); everything
+request-scoped lives on `/fal-ai/birefnet/requests/{id}` for both (routing.py folds in the lenient forms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+
+from common.queue import send_webhook
+from common.schemas import BiRefNetOutput
+from producer.gateway import records
+from producer.gateway.inputs import TIMEOUT_PATTERN, flag, lifecycle_seconds, priority, start_timeout
+from producer.gateway.models import (
+    ERRORS,
+    CancelStatus,
+    ErrorBody,
+    QueueStatus,
+    QueueSubmitted,
+    ValidationErrorBody,
+)
+from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
+from producer.gateway.security import Caller
+from producer.gateway.state import Gateway, gateway
+from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, submit_job
+from producer.gateway.urls import APP_PATH, public_base, request_urls
+
+router = APIRouter(prefix="/queue", tags=["queue"])
+ENDPOINTS = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet
+INPUT_SCHEMAS = {"v1": "BiRefNetInput", "v2": "BiRefNetV2Input"}
+REQUEST = f"/{APP_PATH}/requests/{{request_id}}"
+
+# Typed `str` with a None default (not `str | None`): optional without documenting a null value.
+TimeoutHeader = Annotated[str, Header(
+    alias="X-Fal-Request-Timeout", description="Seconds the request may wait before it starts; then it "
+    "completes with a 504 request_timeout error. Not a number: 400.", json_schema_extra={"pattern": TIMEOUT_PATTERN})]
+WebhookQuery = Annotated[str, Query(
+    description="URL to POST the result to when done (fal's webhook payload, signed).", pattern=r"^https?://\S+$")]
+BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout"}}
+PriorityHeader = Annotated[str, Header(
+    alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
+LifecycleHeader = Annotated[str, Header(
+    alias="x-fal-object-lifecycle-preference", description='JSON {"expiration_duration_seconds": N}: '
+    "retention of this request's output files.")]
+
+
+def body_doc(endpoint: str) -> dict:
+    schema = {"$ref": f"#/components/schemas/{INPUT_SCHEMAS[endpoint]}"}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
+            webhook_url: str | None = None) -> SubmitOptions:
+    return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
+                         priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle))
+
+
+def not_found(request_id: str) -> FalError:
+    return FalError(404, {"detail": "Request not found"}, request_id=request_id)
+
+
+def make_submit(endpoint: str):
+    async def submit(
+        request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
+        lifecycle: LifecycleHeader = None, fal_webhook: WebhookQuery = None,
+    ) -> Response:
+        gw = gateway(request)
+        submitted = await run_in_threadpool(
+            submit_job, gw, caller, await request.body(),
+            options(endpoint, timeout, queue_priority, lifecycle, fal_webhook))
+        rid = submitted.request_id
+        try:
+            position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+        except redis.RedisError:
+            # The job is queued: answering 503 now would make the client submit it a second time.
+            position = None
+        body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
+                **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
+        return fal_json(body, request_id=rid)
+
+    submit.__name__ = f"submit_{endpoint}"
+    return submit
+
+
+for _endpoint, _suffix in ENDPOINTS.items():
+    router.add_api_route(
+        f"/{APP_PATH}{_suffix}", make_submit(_endpoint), methods=["POST"], response_model=QueueSubmitted,
+        summary=f"Submit a fal-ai/birefnet{_suffix} request", openapi_extra=body_doc(_endpoint),
+        responses={**ERRORS, **BAD_REQUEST,
+                   422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"}},
+    )
+
+
+async def visible(gw: Gateway, request_id: str, caller, logs_from: int | None = None) -> records.StatusRead:
+    read = await records.read_status(gw, request_id, caller, logs_from)
+    if read is None:
+        raise not_found(request_id)
+    return read
+
+
+@router.get(REQUEST + "/status", response_model=QueueStatus, responses={
+    **ERRORS, 202: {"model": QueueStatus, "description": "IN_QUEUE or IN_PROGRESS"}})
+async def status(request: Request, request_id: str, caller: Caller,
+                 logs: Annotated[str, Query(description="1/true: include all logs so far")] = None) -> Response:
+    """202 while IN_QUEUE / IN_PROGRESS, 200 once COMPLETED (failed and cancelled requests too)."""
+    gw = gateway(request)
+    read = await visible(gw, request_id, caller, 0 if flag(logs) else None)
+    urls = request_urls(public_base(request, gw.settings), request_id)
+    body = records.status_body(read.snap, urls, read.logs, read.position)
+    return fal_json(body, 200 if read.snap.completed else 202, request_id=request_id)
+
+
+@router.get(REQUEST + "/status/stream", responses={
+    **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "`data: <status JSON>` per change "
+                    "(logs: new entries only), `: ping` keep-alives; closes after COMPLETED."}})
+async def status_stream(request: Request, request_id: str, caller: Caller,
+                        logs: Annotated[str, Query(description="1/true: include new log entries")] = None) -> Response:
+    gw = gateway(request)
+    await visible(gw, request_id, caller)
+    urls = request_urls(public_base(request, gw.settings), request_id)
+    return StreamingResponse(
+        status_events(gw, request_id, caller, urls, flag(logs)), media_type="text/event-stream",
+        headers={REQUEST_ID: request_id, "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_logs: bool,
+                        poll: float = 0.1) -> AsyncIterator[str]:
+    sent_logs, last_state, last_sent = 0, None, 0.0
+    while True:
+        read = await records.read_status(gw, request_id, caller, sent_logs if with_logs else None)
+        if read is None:
+            return
+        now = time.monotonic()
+        if (read.snap.status, read.position) != last_state or read.logs:
+            body = records.status_body(read.snap, urls, read.logs, read.position)
+            yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+            sent_logs += len(read.logs or [])
+            last_state, last_sent = (read.snap.status, read.position), now
+            if read.snap.completed:
+                return
+        elif now - last_sent >= gw.settings.gateway_sse_ping_interval:
+            yield ": ping\n\n"
+            last_sent = now
+        await asyncio.sleep(poll)
+
+
+@router.get(REQUEST, responses={
+    **ERRORS, 200: {"model": BiRefNetOutput, "description": "The model output"},
+    400: {"model": ErrorBody, "description": "Not completed yet"},
+    422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
+    499: {"model": ErrorBody, "description": "Cancelled"},
+    504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"}})
+async def result(request: Request, request_id: str, caller: Caller) -> Response:
+    """The output (200), or the error with the code the model answered."""
+    gw = gateway(request)
+    snap = (await visible(gw, request_id, caller)).snap
+    if not snap.completed:
+        raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=request_id)
+    raw, code = await records.result(gw, request_id)
+    return stored_result(raw, code, snap.error_type, request_id)
+
+
+def cancel_job(gw: Gateway, request_id: str) -> str:
+    outcome = gw.store.cancel(request_id)
+    if outcome == "cancelled":
+        gw.redis.zrem(DEADLINES_KEY, request_id)
+        record = gw.store.get(request_id)
+        if record is not None and record.spec.webhook_url:
+            send_webhook(gw.celery, request_id)
+    return outcome
+
+
+_CANCEL = {"cancelled": (202, "CANCELLATION_REQUESTED"), "requested": (202, "CANCELLATION_REQUESTED"),
+           "already_completed": (400, "ALREADY_COMPLETED"), "not_found": (404, "NOT_FOUND")}
+
+
+@router.put(REQUEST + "/cancel", responses={
+    **ERRORS, 202: {"model": CancelStatus}, 400: {"model": CancelStatus}, 404: {"model": CancelStatus}})
+async def cancel(request: Request, request_id: str, caller: Caller) -> Response:
+    """A queued request never runs; a running one stops at its next checkpoint if it can."""
+    gw = gateway(request)
+    snap = await records.snapshot(gw, request_id, caller)
+    outcome = "not_found" if snap is None else await run_in_threadpool(cancel_job, gw, request_id)
+    code, state = _CANCEL[outcome]
+    return fal_json({"status": state}, code, request_id=request_id)

@@ -1,0 +1,119 @@
+"""Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s).
+
+One Lua round trip: HMGET of the small fields (never the spec, which may carry a data URI), plus ZRANK
+while queued and LRANGE when logs are asked for. A record is visible only to the key that made it (404 for everyone
+else, as for ids that never existed) and only for `gateway_result_retention` after completion.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from common.auth import ANONYMOUS, Principal
+from common.jobs import JobStore
+from producer.gateway.state import Gateway
+
+_FIELDS = ("status", "owner", "variant", "result_code", "error", "error_type", "inference_time", "completed_at")
+# One round trip for a status read: the record's small fields, the queue rank while queued, and logs
+# from an index when asked for. (The pending key is derived inside: fine on one Redis, not on a cluster.)
+_READ = f"""
+local fields = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in _FIELDS)})
+if not fields[1] then return false end
+local rank = false
+if fields[1] == 'IN_QUEUE' then rank = redis.call('ZRANK', ARGV[1] .. fields[3], ARGV[2]) end
+local logs = {{}}
+if ARGV[3] ~= '' then logs = redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1) end
+return {{fields, rank, logs}}
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    request_id: str
+    status: str
+    owner: str
+    variant: str
+    result_code: int | None
+    error: str | None
+    error_type: str | None
+    inference_time: float | None
+    completed_at: float | None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "COMPLETED"
+
+    @property
+    def error_message(self) -> str | None:
+        """fal's status `error`: "Invalid status code: N" for the model's 4xx, the message otherwise."""
+        if not self.completed or not self.error_type:
+            return None
+        code = self.result_code or 500
+        if 400 <= code < 500 and code != 499:
+            return f"Invalid status code: {code}"
+        return self.error or "Internal error"
+
+
+def visible(owner: str, principal: Principal) -> bool:
+    return principal.key_id == ANONYMOUS or owner == principal.key_id
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    snap: Snapshot
+    position: int | None  # while IN_QUEUE
+    logs: list[dict] | None  # when asked for: entries from the requested index on
+
+
+async def read_status(gw: Gateway, request_id: str, principal: Principal,
+                      logs_from: int | None = None) -> StatusRead | None:
+    """The request as `principal` may see it (None: unknown, another key's, or past retention)."""
+    if gw.status_script is None:
+        gw.status_script = gw.aredis.register_script(_READ)
+    reply = await gw.status_script(keys=[JobStore.job_key(request_id), JobStore.logs_key(request_id)],
+                         args=[JobStore.pending_key(""), request_id, "" if logs_from is None else logs_from])
+    if not reply:
+        return None
+    values, rank, entries = reply
+    raw = dict(zip(_FIELDS, values, strict=True))
+    if not raw["status"] or not visible(raw["owner"] or "", principal):
+        return None
+    completed_at = float(raw["completed_at"]) if raw["completed_at"] else None
+    if completed_at is not None and completed_at + gw.settings.gateway_result_retention < time.time():
+        return None
+    snap = Snapshot(
+        request_id=request_id, status=raw["status"], owner=raw["owner"] or "", variant=raw["variant"] or "",
+        result_code=int(raw["result_code"]) if raw["result_code"] else None,
+        error=raw["error"] or None, error_type=raw["error_type"] or None,
+        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None,
+        completed_at=completed_at,
+    )
+    position = (rank or 0) if snap.status == "IN_QUEUE" else None
+    return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
+
+
+async def snapshot(gw: Gateway, request_id: str, principal: Principal) -> Snapshot | None:
+    read = await read_status(gw, request_id, principal)
+    return read.snap if read else None
+
+
+async def result(gw: Gateway, request_id: str) -> tuple[str, int]:
+    """The stored result body (JSON text) and its status code."""
+    raw, code = await gw.aredis.hmget(JobStore.job_key(request_id), ["result", "result_code"])
+    return raw or "null", int(code or 200)
+
+
+def status_body(snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None) -> dict:
+    """fal's status shape: `logs` always present (null unless asked for), `queue_position` only queued."""
+    body: dict = {"status": snap.status, "request_id": snap.request_id, **urls}
+    if snap.status == "IN_QUEUE":
+        body["queue_position"] = position or 0
+    body["logs"] = entries
+    done = snap.completed and snap.inference_time is not None
+    body["metrics"] = {"inference_time": snap.inference_time} if done else {}
+    if snap.completed and snap.error_type:
+        body["error"] = snap.error_message
+        body["error_type"] = snap.error_type
+    return body

@@ -1,0 +1,74 @@
+"""Synchronous run (FAL_API.md §8): the same job as a queue submit, answered when it is done.
+
+The connection is held with no server-side limit (fal's clients have no read timeout on run). A caller
+that hangs up cancels its request, as on fal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from common.jobs import JobStore
+from common.schemas import BiRefNetOutput
+from producer.gateway import records
+from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
+from producer.gateway.queue_api import (
+    BAD_REQUEST,
+    ENDPOINTS,
+    LifecycleHeader,
+    PriorityHeader,
+    TimeoutHeader,
+    body_doc,
+    cancel_job,
+    options,
+)
+from producer.gateway.responses import stored_result
+from producer.gateway.security import Caller
+from producer.gateway.state import Gateway, gateway
+from producer.gateway.submit import submit_job
+from producer.gateway.urls import APP_PATH
+
+router = APIRouter(prefix="/run", tags=["run"])
+
+
+async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool:
+    """Poll the record (10 ms at first, backing off to 100 ms); False when the caller went away first."""
+    key, interval = JobStore.job_key(request_id), 0.01
+    while await gw.aredis.hget(key, "status") != "COMPLETED":
+        if await request.is_disconnected():
+            return False
+        await asyncio.sleep(interval)
+        interval = min(0.1, interval * 1.5)
+    return True
+
+
+def make_run(endpoint: str):
+    async def run(request: Request, caller: Caller, timeout: TimeoutHeader = None,
+                  queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None) -> Response:
+        gw = gateway(request)
+        submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
+                                            options(endpoint, timeout, queue_priority, lifecycle))
+        rid = submitted.request_id
+        if not await wait_completed(gw, request, rid):
+            await run_in_threadpool(cancel_job, gw, rid)
+            return Response(status_code=499)  # nobody reads it
+        raw, code = await records.result(gw, rid)
+        error_type = await gw.aredis.hget(JobStore.job_key(rid), "error_type")
+        return stored_result(raw, code, error_type or None, rid)
+
+    run.__name__ = f"run_{endpoint}"
+    return run
+
+
+for _endpoint, _suffix in ENDPOINTS.items():
+    router.add_api_route(
+        f"/{APP_PATH}{_suffix}", make_run(_endpoint), methods=["POST"], summary=f"Run fal-ai/birefnet{_suffix} "
+        "and wait for the output", openapi_extra=body_doc(_endpoint),
+        responses={**ERRORS, **BAD_REQUEST, 200: {"model": BiRefNetOutput, "description": "The model output"},
+                   422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
+                   504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"}},
+    )

@@ -1,0 +1,40 @@
+"""FastAPI dependencies: who is calling (401 without a valid key), and admin-only routes (403)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader
+
+from common.auth import ANONYMOUS_PRINCIPAL, Principal, credential_from_header
+from producer.gateway.responses import FalError
+from producer.gateway.state import gateway
+
+# Declared for the OpenAPI document: fal's `Authorization: Key <id:secret>` (Bearer accepted too).
+authorization_header = APIKeyHeader(name="Authorization", auto_error=False,
+                                    description="`Key <key id>:<secret>` (fal's FAL_KEY), or `Bearer <same>`.")
+
+
+async def principal(request: Request, header: Annotated[str | None, Depends(authorization_header)]) -> Principal:
+    gw = gateway(request)
+    if gw.settings.gateway_auth == "off":
+        return ANONYMOUS_PRINCIPAL
+    credential = credential_from_header(header)
+    # The first check of a scrypt-hashed key costs tens of ms: keep it off the event loop.
+    found = gw.keys.cached(credential) or await run_in_threadpool(gw.keys.authenticate, credential)
+    if found is None:
+        detail = "Missing Authorization header" if not header else "Invalid API key"
+        raise FalError(401, {"detail": detail, "error_type": "unauthorized"})
+    return found
+
+
+async def admin(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not caller.admin:
+        raise FalError(403, {"detail": "This API key is not an admin key", "error_type": "forbidden"})
+    return caller
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]

@@ -1,0 +1,73 @@
+"""What one gateway process holds: settings, Redis clients, the Celery sender, S3, keys and signers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+from fastapi import Request
+from redis.commands.core import AsyncScript
+
+from common.auth import KeyRing
+from common.jobs import JobStore
+from common.netguard import NetPolicy
+from common.queue import make_celery
+from common.settings import Settings
+from common.signed_urls import shared_secret
+from common.signing import WebhookSigner
+from common.storage import ObjectStore
+from common.webhooks import webhook_policy
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: JobStore  # sync: Lua state changes, run in the thread pool
+    aredis: aioredis.Redis  # async: the hot read paths (status, result, streams)
+    celery: Celery
+    objects: ObjectStore
+    keys: KeyRing
+    signer: WebhookSigner
+    status_script: AsyncScript | None = None  # registered on first use (records.py)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Gateway:
+        store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+        return cls(
+            settings=settings,
+            store=store,
+            aredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True),
+            celery=make_celery(settings, name="birefnet-gateway"),
+            objects=ObjectStore(settings),
+            keys=KeyRing(settings.gateway_api_keys),
+            signer=WebhookSigner.from_settings(settings.webhook_signing_keys, store.redis),
+        )
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.store.redis
+
+    @cached_property
+    def fetch_policy(self) -> NetPolicy:
+        """Where image URLs may point (the workers enforce the same at connect time)."""
+        return NetPolicy.from_settings(self.settings)
+
+    @cached_property
+    def webhook_policy(self) -> NetPolicy:
+        return webhook_policy(self.settings)
+
+    @cached_property
+    def secret(self) -> str:
+        """HMAC secret for gateway-served URLs and upload tokens."""
+        return shared_secret(self.settings.gateway_signing_secret, self.store.redis)
+
+    async def close(self) -> None:
+        await self.aredis.aclose()
+        self.store.redis.close()
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway

@@ -1,0 +1,73 @@
+"""Background duties of the gateway: expire queued requests past their start deadline, delete old files.
+
+Both schedules are Redis sorted sets popped atomically, so several gateway replicas share the work
+without doing anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi.concurrency import run_in_threadpool
+
+from common.results import finish_job
+from common.storage import request_output_prefix
+from producer.gateway.state import Gateway
+from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY
+
+log = logging.getLogger(__name__)
+TIMEOUT_BODY = {"detail": "Request timed out before it started (X-Fal-Request-Timeout)",
+                "error_type": "request_timeout"}
+
+
+def expire_deadlines(gw: Gateway) -> int:
+    """Complete requests still queued past their X-Fal-Request-Timeout with fal's 504 request_timeout.
+
+    The worker checks the same deadline when it claims a job; this covers jobs no worker reaches in time.
+    A worker claiming at the same moment wins or loses atomically (the completion needs no live lease).
+    """
+    expired = 0
+    for request_id in gw.store.pop_due(DEADLINES_KEY):
+        record = gw.store.get(request_id)
+        if record is None or record.status != "IN_QUEUE":
+            continue
+        if finish_job(settings=gw.settings, store=gw.store, objects=None, celery=gw.celery, spec=record.spec,
+                      body=TIMEOUT_BODY, code=504, error=TIMEOUT_BODY["detail"], error_type="request_timeout"):
+            expired += 1
+    return expired
+
+
+def delete_expired_files(gw: Gateway) -> int:
+    """Delete output files (per request) and uploads whose retention has ended."""
+    deleted = 0
+    bucket = gw.settings.output_bucket
+    for member in gw.store.pop_due(OUTPUTS_KEY):
+        kind, _, name = member.partition(":")
+        if kind == "obj":
+            gw.objects.client.delete_object(Bucket=bucket, Key=name)
+            deleted += 1
+            continue
+        record = gw.store.get(name)
+        if record is not None and record.status != "COMPLETED":
+            # Retention counts from completion: look again later.
+            gw.redis.zadd(OUTPUTS_KEY, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
+            continue
+        if record is not None and record.completed_at:
+            due = record.completed_at + float(record.spec.extra.get("output_ttl", 0))
+            if due > time.time():
+                gw.redis.zadd(OUTPUTS_KEY, {member: due})
+                continue
+        deleted += gw.objects.delete_prefix(bucket, request_output_prefix(gw.settings, name))
+    return deleted
+
+
+async def sweep_forever(gw: Gateway) -> None:
+    while True:
+        await asyncio.sleep(gw.settings.gateway_sweep_interval)
+        try:
+            await run_in_threadpool(expire_deadlines, gw)
+            await run_in_threadpool(delete_expired_files, gw)
+        except Exception:  # keep sweeping through Redis or S3 hiccups; the schedules persist
+            log.warning("gateway sweep failed; retrying", exc_info=True)

@@ -1,0 +1,27 @@
+"""Absolute URLs handed to callers: the Python client uses status/response/cancel URLs verbatim."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from common.settings import Settings
+
+APP_PATH = "fal-ai/birefnet"  # request-scoped URLs drop the `/v2` subpath (FAL_API.md §1.2)
+
+
+def public_base(request: Request, settings: Settings) -> str:
+    """`gateway_public_url`, else scheme://host of this request (X-Forwarded-* when trusted)."""
+    if settings.gateway_public_url:
+        return settings.gateway_public_url.rstrip("/")
+    headers = request.headers
+    proto = host = ""
+    if settings.gateway_trust_forwarded:
+        proto = headers.get("x-forwarded-proto", "").split(",")[0].strip()
+        host = headers.get("x-forwarded-host", "").split(",")[0].strip()
+    return f"{proto or request.url.scheme}://{host or headers.get('host') or request.url.netloc}"
+
+
+def request_urls(base: str, request_id: str) -> dict[str, str]:
+    response_url = f"{base}/queue/{APP_PATH}/requests/{request_id}"
+    return {"response_url": response_url, "status_url": f"{response_url}/status",
+            "cancel_url": f"{response_url}/cancel"}

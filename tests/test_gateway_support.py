@@ -1,0 +1,221 @@
+"""Shared parts for the gateway tests (no tests here): a private stack with real Redis, moto, worker and
+webhook-deliverer subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA),
+API keys, and small image helpers.
+
+The stack is built once per test module (`GatewayStack`), because starting worker processes dominates
+the run time; tests keep apart by using their own keys and request ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from PIL import Image
+
+from common.auth import hash_secret
+from common.settings import Settings
+from devstack.services import free_port, provision_aws, stack_environment
+from devstack.stack import TlsFiles, make_tls
+from producer.gateway.app import create_app
+from tests.conftest import TEST_VARIANTS, Stack, wait_for
+
+# --- keys ---
+KEYS = {  # id -> secret; "alice" is scrypt-hashed (id:secret), "bob" sha256 (also usable as a bare token)
+    "alice": "alice-secret",
+    "bob": "bob-secret",
+    "ops": "ops-secret",
+}
+ALICE = "alice:alice-secret"
+BOB = "bob:bob-secret"
+OPS = "ops:ops-secret"
+
+
+def api_keys_setting(s3_read_bucket: str) -> str:
+    return json.dumps([
+        {"id": "alice", "hash": hash_secret(KEYS["alice"], "scrypt"), "user_id": "user-alice",
+         "s3_read": [f"{s3_read_bucket}/alice/"]},
+        {"id": "bob", "hash": hash_secret(KEYS["bob"], "sha256")},
+        {"id": "ops", "hash": hash_secret(KEYS["ops"], "sha256"), "admin": True},
+    ])
+
+
+def auth(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Key {credential}"}
+
+
+def signing_seed() -> str:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
+
+
+# --- images ---
+def png_bytes(size: tuple[int, int] = (64, 48), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, color)
+    image.paste((20, 200, 20), (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class FileServer:
+    """Serves fixed bodies by path on 127.0.0.1 (http image_url inputs); unknown paths are 404.
+    `delays` holds a job in its download ("loading image") for that many seconds."""
+
+    def __init__(self, files: dict[str, tuple[bytes, str]], delays: dict[str, float] | None = None):
+        server_files, server_delays = files, delays or {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                time.sleep(server_delays.get(self.path, 0))
+                body, mime = server_files.get(self.path, (b"missing", "text/plain"))
+                self.send_response(200 if self.path in server_files else 404)
+                self.send_header("content-type", mime)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- the gateway in a thread ---
+class GatewayServer:
+    """uvicorn serving create_app(settings) on 127.0.0.1, in a daemon thread."""
+
+    def __init__(self, settings: Settings, tls: TlsFiles | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.tls = tls
+        ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, **ssl)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "the gateway to start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+# --- a whole stack for one test module ---
+@dataclass
+class GatewayStack:
+    stack: Stack
+    settings: Settings
+    gateway: GatewayServer
+    saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def client(self, credential: str | None = ALICE, headers: dict[str, str] | None = None) -> httpx.Client:
+        merged = {**(auth(credential) if credential else {}), **(headers or {})}
+        verify = ssl.create_default_context(cafile=str(self.gateway.tls.ca)) if self.gateway.tls else True
+        return httpx.Client(base_url=self.url, headers=merged, timeout=30, verify=verify)
+
+    def wait_status(self, request_id: str, status: str = "COMPLETED", credential: str = ALICE,
+                    timeout: float = 60) -> dict:
+        with self.client(credential) as client:
+            def current() -> dict | None:
+                body = client.get(f"/queue/fal-ai/birefnet/requests/{request_id}/status").json()
+                return body if body.get("status") == status else None
+
+            return wait_for(current, timeout, f"{request_id} to be {status}", interval=0.05)
+
+    def close(self) -> None:
+        self.gateway.stop()
+        self.stack.stop_all()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, tls: bool = False,
+                        workers: tuple[str, ...] = ("general-light",), extra: dict[str, str] | None = None,
+                        webhooks: bool = True) -> GatewayStack:
+    suffix = uuid.uuid4().hex[:8]
+    db = int(suffix, 16) % 15 + 1
+    redis_url = f"redis://127.0.0.1:{redis_port}/{db}"
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    values = {
+        "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
+        "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
+        "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
+        "BIREFNET_WEIGHTS_FALLBACK": "none",
+        "BIREFNET_VISIBILITY_TIMEOUT": "10",
+        "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",
+        "BIREFNET_JOB_LEASE_SECONDS": "6",
+        "BIREFNET_TORCH_THREADS": "1",
+        "BIREFNET_TEST_LOG_DIR": str(log_dir),
+        "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"),
+        # Image servers, S3 and webhook receivers live on 127.0.0.1 here (the SSRF guard refuses it otherwise).
+        "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
+        "BIREFNET_FETCH_ALLOWED_PORTS": "*",
+        "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.2",
+        "BIREFNET_WEBHOOK_SIGNING_KEYS": f"{signing_seed()},{signing_seed()}",  # two: JWKS rotation
+        "BIREFNET_WEBHOOK_RETRY_BASE": "0.2",
+        "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "0.5",
+        "BIREFNET_WEBHOOK_MAX_RETRIES": "3",
+        # Workers run the network at 256x256 whatever the request says (logged): jobs take a fraction of a second.
+        "BIREFNET_TEST_OPERATING_RESOLUTION": "256x256",
+        **(extra or {}),
+    }
+    env = stack_environment(redis_url, moto_endpoint, "", values)
+    saved = {key: os.environ.get(key) for key in env if key.startswith(("BIREFNET_", "AWS_"))}
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
+    settings = Settings()
+    provision_aws(settings, queue_name=f"events-{suffix}")
+    stack = Stack(settings=settings, env=env)
+    tls_files = make_tls(log_dir) if tls else None
+    gateway = GatewayServer(settings, tls_files).start()
+    result = GatewayStack(stack=stack, settings=settings, gateway=gateway, saved_env=saved)
+    try:
+        if webhooks:
+            stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+        for variants in workers:
+            stack.start_worker(variants)
+    except BaseException:
+        result.close()
+        raise
+    return result

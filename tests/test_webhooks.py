@@ -1,0 +1,160 @@
+"""Webhook signing (fal's scheme), JWKS, delivery attempts and the retry schedule, against real Redis and a
+real HTTP receiver (the Celery transport around it is covered by the gateway tests)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.jobs import JobStore
+from common.schemas import JobParams, JobSpec
+from common.settings import Settings
+from common.signing import WebhookSigner, load_private_key, message, verify
+from common.webhooks import DUE_KEY, FAILED_KEY, WebhookSender, list_attempts, retry_delay
+from devstack.receiver import WebhookReceiver
+from devstack.services import RedisServer
+
+
+def seed() -> str:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
+
+
+def fal_documented_verify(headers: dict[str, str], body: bytes, jwks: dict) -> bool:
+    """The receiver procedure fal documents, written out independently of common.signing."""
+    request_id = headers.get("X-Fal-Webhook-Request-Id")
+    user_id = headers.get("X-Fal-Webhook-User-Id")
+    timestamp = headers.get("X-Fal-Webhook-Timestamp")
+    signature_hex = headers.get("X-Fal-Webhook-Signature")
+    if not all((request_id, user_id, timestamp, signature_hex)):
+        return False
+    if abs(int(time.time()) - int(timestamp)) > 300:
+        return False
+    signed = "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()]).encode("utf-8")
+    for key in jwks["keys"]:
+        raw = base64.urlsafe_b64decode(key["x"] + "=" * (-len(key["x"]) % 4))
+        try:
+            Ed25519PublicKey.from_public_bytes(raw).verify(bytes.fromhex(signature_hex), signed)
+            return True
+        except Exception:
+            continue
+    return False
+
+
+def test_signature_is_fals_scheme_and_rotation_publishes_every_key():
+    old, new = seed(), seed()
+    signer = WebhookSigner([load_private_key(new), load_private_key(old)])
+    body = b'{"request_id":"r","status":"OK"}'
+    headers = signer.headers("r", "user-1", body)
+    assert set(headers) == {"X-Fal-Webhook-Request-Id", "X-Fal-Webhook-User-Id", "X-Fal-Webhook-Timestamp",
+                            "X-Fal-Webhook-Signature"}
+    assert len(bytes.fromhex(headers["X-Fal-Webhook-Signature"])) == 64
+    jwks = signer.jwks()
+    assert [k["kty"] for k in jwks["keys"]] == ["OKP", "OKP"] and all(k["crv"] == "Ed25519" for k in jwks["keys"])
+    assert fal_documented_verify(headers, body, jwks) and verify(headers, body, jwks)
+    # Receivers that still hold only the old key's JWKS fail; the first key signs.
+    only_old = WebhookSigner([load_private_key(old)]).jwks()
+    assert not fal_documented_verify(headers, body, only_old)
+    assert not verify(headers, body + b" ", jwks), "the body is hashed exactly"
+    assert not verify({**headers, "X-Fal-Webhook-User-Id": "someone"}, body, jwks)
+    stale = signer.headers("r", "user-1", body, now=time.time() - 301)
+    assert not verify(stale, body, jwks) and not fal_documented_verify(stale, body, jwks)
+    assert message("r", "u", "1", b"x") == f"r\nu\n1\n{hashlib.sha256(b'x').hexdigest()}".encode()
+
+
+def test_private_keys_load_from_pem_hex_and_base64():
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for text in (pem, raw.hex(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("=")):
+        loaded = load_private_key(text).public_key()
+        assert loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == public
+    with pytest.raises(ValueError):
+        load_private_key("not a key")
+
+
+def test_default_retry_schedule_is_ten_retries_over_about_two_hours():
+    delays = [retry_delay(Settings(), n) for n in range(Settings().webhook_max_retries)]
+    assert len(delays) == 10 and delays[0] == 15 and max(delays) == 1800
+    assert 1.5 * 3600 <= sum(delays) <= 2.5 * 3600
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> JobStore:
+    job_store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    job_store.redis.flushdb()
+    return job_store
+
+
+@pytest.fixture
+def receiver():
+    hooks = WebhookReceiver().start()
+    yield hooks
+    hooks.stop()
+
+
+def completed_job(store: JobStore, url: str) -> str:
+    rid = str(uuid.uuid4())
+    spec = JobSpec(request_id=rid, variant="general-light", image_url="s3://b/k.png", params=JobParams(),
+                   output_prefix=f"results/requests/{rid}/", webhook_url=url, owner="alice",
+                   extra={"user_id": "user-alice"})
+    store.create(spec)
+    store.complete(rid, result={"image": {"url": "https://x/y.png"}, "mask_image": None}, inference_time=0.1)
+    return rid
+
+
+def sender(store: JobStore, **settings) -> WebhookSender:
+    values = {"webhook_retry_base": 0.05, "webhook_retry_max_delay": 0.1, "webhook_max_retries": 2,
+              "webhook_timeout": 5, "fetch_allow_networks": ("127.0.0.0/8",), "fetch_allowed_ports": (0,),
+              **settings}
+    return WebhookSender(Settings(**values), store, WebhookSigner([load_private_key(seed())]))
+
+
+def test_attempts_are_recorded_and_retries_booked_until_delivered(store, receiver):
+    hooks = sender(store)
+    rid = completed_job(store, receiver.url)
+    receiver.status_codes = [500]
+    first = hooks.deliver(rid, 0)
+    assert first is not None and not first.ok and first.status_code == 500
+    assert store.redis.zscore(DUE_KEY, f"{rid}|1") is not None, "the retry is booked"
+    assert hooks.deliver(rid, 0) is None, "one run per attempt number, even if the task is redelivered"
+    time.sleep(0.1)
+    assert hooks.claim_due() == [(rid, 1)], "the pump picks the booked retry up when it falls due"
+    second = hooks.deliver(rid, 1)
+    assert second.ok and store.redis.zscore(DUE_KEY, f"{rid}|2") is None, "success cancels the next one"
+    assert [a["ok"] for a in list_attempts(store, rid)] == [False, True]
+    assert hooks.deliver(rid, 2) is None, "delivered: nothing more"
+    body = receiver.received[-1]
+    assert json.loads(body.body) == {"request_id": rid, "gateway_request_id": rid, "status": "OK",
+                                     "payload": {"image": {"url": "https://x/y.png"}, "mask_image": None},
+                                     "error": None}
+    assert body.headers["X-Fal-Webhook-User-Id"] == "user-alice"
+    assert verify(body.headers, body.body, hooks.signer.jwks())
+
+
+def test_exhausted_retries_are_listed_as_failed(store):
+    hooks = sender(store)
+    rid = completed_job(store, "http://127.0.0.1:9/unreachable")
+    for attempt in range(3):
+        result = hooks.deliver(rid, attempt)
+        assert result is not None and not result.ok and result.status_code is None
+    assert store.redis.zscore(FAILED_KEY, rid) is not None
+    (failed,) = hooks.failed()
+    assert failed["request_id"] == rid and len(failed["attempts"]) == 3 and failed["owner"] == "alice"
+    assert not store.redis.zrangebyscore(DUE_KEY, "-inf", "+inf"), "no retry after the last"
+
+
+def test_private_receivers_are_refused_by_the_ssrf_guard(store):
+    hooks = sender(store, fetch_allow_networks=())
+    rid = completed_job(store, "http://127.0.0.1:9/hook")
+    result = hooks.deliver(rid, 0)
+    assert not result.ok and "loopback" in result.error
