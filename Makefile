@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench clean
+.PHONY: install test demo up lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_model.py
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_batching.py
+	$(BIN)/python bench/bench_gateway.py
+
+# The full-size chaos and load runs (CI runs shorter versions of both inside `make test`).
+chaos: $(STAMP)
+	CHAOS_JOBS=400 CHAOS_KILLS=8 LOAD_JOBS=300 $(BIN)/python -m pytest -q -ra -s -m slow tests/test_chaos.py tests/test_load.py
+	$(BIN)/python bench/bench_load.py --jobs 1000
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

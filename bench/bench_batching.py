@@ -53,7 +53,7 @@ def main() -> None:
         batcher = MaskBatcher(predictor, max_size=size, wait_seconds=0.01)
         started = time.perf_counter()
         with ThreadPoolExecutor(size) as pool:
-            list(pool.map(lambda im: batcher.predict(im, res), images))
+            list(pool.map(batcher.predict, images, [res] * len(images)))
         batcher_rate = len(images) / (time.perf_counter() - started)
         seen = sum(batcher.batch_sizes) / max(1, len(batcher.batch_sizes))
         print(f"| {size} | {engine_rate:.2f} | {batcher_rate:.2f} | {seen:.1f} |")

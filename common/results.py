@@ -15,6 +15,7 @@ from common.queue import send_webhook
 from common.schemas import JobSpec
 from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
+from common.webhooks import book_first_attempt
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | No
             metadata={"request-id": spec.request_id, "status": "OK" if error is None else "ERROR",
                       "status-code": str(code)},
         )
+    if spec.webhook_url:
+        book_first_attempt(store, settings, spec.request_id)  # delivered even if the task below is lost
     done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
                           error_type=error_type, inference_time=inference_time, extra=extra)
     if done and spec.webhook_url:

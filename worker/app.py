@@ -13,8 +13,10 @@ import os
 import socket
 import threading
 import time
+from typing import NoReturn
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from common.jobs import JobStore
@@ -93,6 +95,23 @@ def _honour_pauses(sender, **_) -> None:
             sender.cancel_task_queue(settings.variants.get(variant).queue)
 
 
+def retry_later(task: Task, countdown: float) -> NoReturn:
+    """Hand the job back to the broker to run again after `countdown` seconds; always raises.
+
+    Two broker rules shape this. The new message is held unacknowledged by a worker until it is due, and
+    kombu's Redis transport restores held messages older than the visibility timeout: a longer countdown
+    would be handed out again while it waits, doubling the copies of a deferred job at every round. So the
+    countdown stays under half the visibility timeout. And when the new message cannot be published (Redis
+    down), Celery rejects the current one without requeueing, which would lose the job: requeue it
+    instead (or, with Redis still down, leave it unacknowledged to come back after the visibility timeout).
+    """
+    try:
+        task.retry(countdown=min(countdown, settings.visibility_timeout / 2), max_retries=None)
+    except Reject as exc:
+        log.warning("could not queue the retry (%s); keeping the message", exc.reason)
+        raise Reject(exc.reason, requeue=True) from None
+
+
 @app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
 def run_job(task: Task, spec_data: dict) -> str:
     if state.runner is None:
@@ -103,11 +122,10 @@ def run_job(task: Task, spec_data: dict) -> str:
     except Exception:
         # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
         log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
-        raise task.retry(countdown=5.0, max_retries=None) from None
+        retry_later(task, 5.0)
     if outcome.kind == "defer":
-        # Another worker is running it: look again after a lease period, in case that worker dies.
-        raise task.retry(countdown=settings.job_lease_seconds, max_retries=None)
+        # Another worker is running it: look again later, in case that worker dies.
+        retry_later(task, settings.job_lease_seconds)
     if outcome.kind == "retry":
-        retries = task.request.retries
-        raise task.retry(countdown=min(30.0, 2.0 * 2**retries), max_retries=None)
+        retry_later(task, min(30.0, 2.0 * 2**task.request.retries))
     return outcome.kind

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from .deform import CHUNK_PIXELS, deform_weight_matrix, padded_rows, sample_columns
-from .ops import PackedLinear
+from .ops import PackedLinear, fast_path
 
 CL = torch.channels_last
 
@@ -45,10 +45,10 @@ def f32(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.detach().float().contiguous() for t in tensors)
 
 
-def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """1x1 conv as one GEMM over channels-last rows (avoids the slow 1x1 conv path); out channels-last."""
+def conv1x1(x: Tensor, linear: PackedLinear) -> Tensor:
+    """1x1 conv as one GEMM over channels-last rows (PyTorch's own 1x1 conv path is slow here)."""
     b, c, h, w = x.shape
-    out = F.linear(x.permute(0, 2, 3, 1).reshape(b, h * w, c), weight.view(weight.shape[0], c), bias)
+    out = linear(x.permute(0, 2, 3, 1).reshape(b, h * w, c))
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -115,7 +115,7 @@ class ASPPDeformable(nn.Module):
         return (self.aspp1, *self.aspp_deforms)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fused is not None:
+        if fast_path(self._fused, x):
             return self._forward_fused(x)
         feats = [blk(x) for blk in self.branches]
         pooled = self.global_avg_pool(x)
@@ -131,7 +131,8 @@ class ASPPDeformable(nn.Module):
         w1_spatial, w1_pool, b1 = f32(w1[:, :n_spatial], w1[:, n_spatial:], b1)
         self._fused = {
             "branches": [blk.fused_params() for blk in self.branches],
-            "conv1": PackedLinear(w1_spatial, b1, activation="relu", rows_hint=CHUNK_PIXELS),
+            # bias given per call: conv1's share of the pooled branch + its own (folded) bias
+            "conv1": PackedLinear(w1_spatial, None, activation="relu", rows_hint=CHUNK_PIXELS),
             "pool": f32(pool_w.flatten(1), pool_b),
             "pool_conv1": (w1_pool, b1),
         }
@@ -142,15 +143,16 @@ class ASPPDeformable(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor:
         p = self._fused
         b_sz, c, h, w = x.shape
-        rows = padded_rows(x)  # (B, H*W + 1, C)
+        rows = padded_rows(x)  # (B, (H+2)*(W+2), C), zero border
+        tokens = x.permute(0, 2, 3, 1).reshape(b_sz, h * w, c)
         # Image pooling branch: constant over space, so it only adds a per-image bias to conv1.
-        pooled = F.relu(F.linear(rows[:, : h * w].mean(1), *p["pool"]))
+        pooled = F.relu(F.linear(tokens.mean(1), *p["pool"]))
         image_bias = F.linear(pooled, *p["pool_conv1"])  # (B, Cout), includes conv1's own bias
         offsets, modulators = [], []
         for blk, (om_w, om_b, _) in zip(self.branches, p["branches"], strict=True):
             k, pad = blk.atrous_conv.kernel_size, blk.atrous_conv.padding
             if k == 1:
-                om = F.linear(rows[:, : h * w], om_w.flatten(1), om_b).view(b_sz, h, w, 3)
+                om = F.linear(tokens, om_w.flatten(1), om_b).view(b_sz, h, w, 3)
             else:
                 om = F.conv2d(x, om_w, om_b, padding=pad).permute(0, 2, 3, 1)  # (B, H, W, 3K)
             offsets.append(om[..., : 2 * k * k].reshape(b_sz, h, w, k * k, 2))
@@ -192,7 +194,7 @@ class BasicDecBlk(nn.Module):
         self._fused: tuple[Tensor, ...] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fused is not None:
+        if fast_path(self._fused, x):
             return F.conv2d(self.forward_body(x), *self._fused[2:], padding=1)
         x = self.relu_in(self.bn_in(self.conv_in(x)))
         return self.bn_out(self.conv_out(self.dec_att(x)))

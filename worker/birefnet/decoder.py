@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .blocks import CL, BasicDecBlk, BasicLatBlk, SimpleConvs, conv1x1, f32, fold_bn
 from .config import BiRefNetConfig
+from .ops import PackedLinear, fast_path
 
 
 def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -89,11 +90,11 @@ class Decoder(nn.Module):
     def _gate(self, p: Tensor, i: int) -> Tensor:
         """p * sigmoid(attn(ReLU(BN(conv(p))))): gradient-aware attention."""
         attn = getattr(self, f"gdt_convs_attn_{i}")
-        if self._fused is None:
+        if not fast_path(self._fused, p):
             return p * torch.sigmoid(attn(getattr(self, f"gdt_convs_{i}")(p)))
-        w, b = self._fused["gdt"][i]
+        w, b, attn_1x1 = self._fused["gdt"][i]
         g = F.conv2d(p, w, b, padding=1).relu_()
-        return p * torch.sigmoid(conv1x1(g, attn[0].weight, attn[0].bias))
+        return p * torch.sigmoid(conv1x1(g, attn_1x1))
 
     # ------------------------------------------------------------------ reference path
     def forward(self, image: Tensor, x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> Tensor:
@@ -121,8 +122,8 @@ class Decoder(nn.Module):
             blk.fuse()
         gdt = {}
         for i in (4, 3, 2):
-            seq = getattr(self, f"gdt_convs_{i}")
-            gdt[i] = f32(*fold_bn(seq[0], seq[1]))
+            seq, attn = getattr(self, f"gdt_convs_{i}"), getattr(self, f"gdt_convs_attn_{i}")[0]
+            gdt[i] = (*f32(*fold_bn(seq[0], seq[1])), PackedLinear(attn.weight.flatten(1), attn.bias))
         # The final 1x1 conv_out1 is linear and so commutes with the (weights-sum-to-1) bilinear
         # resize; compose it into the preceding 3x3 convs: decoder_block1.conv_out (+BN) and
         # ipt_blk1.conv_out, so neither 3x3 conv produces more than one channel.
@@ -147,7 +148,8 @@ class Decoder(nn.Module):
             conv = getattr(self, name).conv
             w, b = fold_bn(conv, None)
             c = w.shape[1] // 2  # input = cat(full-size part, half-size part)
-            lateral[name] = f32(w[:, :c], b, w[:, c:])
+            w_full, b, w_half = f32(w[:, :c].flatten(1), b, w[:, c:].flatten(1))
+            lateral[name] = (PackedLinear(w_full, b), PackedLinear(w_half, None))
         self._fused = {
             "gdt": gdt,
             "lateral": lateral,
@@ -205,6 +207,5 @@ class Decoder(nn.Module):
         return out
 
     def _lateral(self, name: str, full: Tensor, half: Tensor) -> Tensor:
-        w_full, bias, w_half = self._fused["lateral"][name]
-        out = conv1x1(full, w_full, bias)
-        return out.add_(resize(conv1x1(half, w_half), full.shape[-2:]))
+        lin_full, lin_half = self._fused["lateral"][name]
+        return conv1x1(full, lin_full).add_(resize(conv1x1(half, lin_half), full.shape[-2:]))

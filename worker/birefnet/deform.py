@@ -5,7 +5,7 @@ BiRefNet's decoder at high resolution (7x7 deformable branches at 1/4 resolution
 sampling is vectorised, channels-last and done in chunks of output rows, each followed by GEMMs:
 
 * sample point ``y = (out_y - pad + i) + offset_y`` (the same float32 arithmetic as torchvision);
-* bilinear corners from ``floor``; a corner outside the image reads an all-zero row, which is
+* bilinear corners from ``floor``, read from a copy of the input with a zero border, which is
   torchvision's rule (out-of-range corners, and points with ``y <= -1`` or ``y >= H``, add 0);
 * ``F.embedding_bag`` gathers the 4 corner rows and sums them with per-sample weights
   (bilinear weight x modulator) in one pass, giving the column matrix ``(pixels, taps*C)``.
@@ -26,12 +26,11 @@ CHUNK_PIXELS = 2048
 
 
 def padded_rows(x_BCHW: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H*W + 1, C) token rows plus one zero row for out-of-range corners."""
+    """(B, C, H, W) -> (B, (H+2)*(W+2), C): channels-last rows of the image with a zero border."""
     b, c, h, w = x_BCHW.shape
-    rows = x_BCHW.new_empty(b, h * w + 1, c)
-    rows[:, : h * w].copy_(x_BCHW.permute(0, 2, 3, 1).reshape(b, h * w, c))
-    rows[:, h * w].zero_()
-    return rows
+    rows = x_BCHW.new_zeros(b, h + 2, w + 2, c)
+    rows[:, 1 : h + 1, 1 : w + 1].copy_(x_BCHW.permute(0, 2, 3, 1))
+    return rows.view(b, (h + 2) * (w + 2), c)
 
 
 def sample_columns(
@@ -46,14 +45,19 @@ def sample_columns(
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Modulated bilinear samples for one image, in chunks of output rows.
 
-    rows_LC: (H*W + 1, C) from `padded_rows`; offset_HWK2: (Ho, Wo, K, 2) as (dy, dx);
+    rows_LC: ((H+2)*(W+2), C) from `padded_rows`; offset_HWK2: (Ho, Wo, K, 2) as (dy, dx);
     modulator_HWK: (Ho, Wo, K). Yields (r0, r1, cols) with cols ((r1 - r0) * Wo, K * C), column
     index ``tap * C + channel``, taps in row-major kernel order.
+
+    A point with floor(y) in [-1, H-1] and floor(x) in [-1, W-1] has all four corners on the
+    zero-bordered grid, and corners outside the image read the zero border; any other point lies
+    entirely outside (torchvision: y <= -1 or y >= H etc.) and gets weight 0.
     """
     ho, wo, k, _ = offset_HWK2.shape
     c = rows_LC.shape[1]
     dtype, device = rows_LC.dtype, rows_LC.device
-    zero_row = height * width
+    stride = width + 2  # row length of the bordered grid
+    corner = torch.tensor([0, 1, stride, stride + 1], dtype=torch.int32, device=device)
     tap_y = torch.arange(kernel_size, device=device).repeat_interleave(kernel_size)  # (K,)
     tap_x = torch.arange(kernel_size, device=device).repeat(kernel_size)
     base_x = (torch.arange(wo, device=device)[:, None] - padding + tap_x).to(dtype)  # (Wo, K), exact ints
@@ -62,33 +66,22 @@ def sample_columns(
         r1 = min(ho, r0 + rows_per_chunk)
         base_y = (torch.arange(r0, r1, device=device)[:, None] - padding + tap_y).to(dtype)  # (r, K)
         off = offset_HWK2[r0:r1]
-        py = base_y[:, None, :] + off[..., 0]  # (r, Wo, K)
+        py = base_y[:, None, :] + off[..., 0]  # (r, Wo, K): same float32 sum as torchvision
         px = base_x[None, :, :] + off[..., 1]
         y0 = py.floor()
         x0 = px.floor()
         ly = py - y0
         lx = px - x0
+        y0i = y0.to(torch.int32)
+        x0i = x0.to(torch.int32)
+        inside = (y0i >= -1) & (y0i < height) & (x0i >= -1) & (x0i < width)
+        top_left = torch.where(inside, (y0i + 1) * stride + (x0i + 1), 0)
+        idx = (top_left[..., None] + corner).reshape(-1, 4)
         hy = 1 - ly
         hx = 1 - lx
-        y0i = y0.to(torch.int64)
-        x0i = x0.to(torch.int64)
-        in_y0 = (y0i >= 0) & (y0i < height)
-        in_y1 = (y0i >= -1) & (y0i < height - 1)
-        in_x0 = (x0i >= 0) & (x0i < width)
-        in_x1 = (x0i >= -1) & (x0i < width - 1)
-        i00 = y0i * width + x0i
-        idx = torch.stack(
-            [
-                torch.where(in_y0 & in_x0, i00, zero_row),
-                torch.where(in_y0 & in_x1, i00 + 1, zero_row),
-                torch.where(in_y1 & in_x0, i00 + width, zero_row),
-                torch.where(in_y1 & in_x1, i00 + width + 1, zero_row),
-            ],
-            dim=-1,
-        ).view(-1, 4)
-        m = modulator_HWK[r0:r1]
-        wts = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1).mul_(m[..., None]).view(-1, 4)
-        cols = F.embedding_bag(idx, rows_LC, per_sample_weights=wts, mode="sum")
+        wts = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)  # (r, Wo, K, 4)
+        wts.mul_((modulator_HWK[r0:r1] * inside)[..., None])  # modulator, or 0 outside
+        cols = F.embedding_bag(idx, rows_LC, per_sample_weights=wts.reshape(-1, 4), mode="sum")
         yield r0, r1, cols.view((r1 - r0) * wo, k * c)
 
 

@@ -14,9 +14,19 @@ key names) and reproduces the official logits. Pipeline:
 Every resize is bilinear with ``align_corners=True``. ``forward`` returns the final logits
 (N, 1, H, W); H and W should be multiples of 32.
 
-``fuse_for_inference()`` switches to a faster path with identical math up to float32 rounding:
-BatchNorm folded into convs, offset+modulator convs merged, the ASPP image-pooling branch turned
-into a bias, and a vectorised deformable conv instead of torchvision's scalar CPU kernel.
+``fuse_for_inference()`` (CPU, float32) switches to a faster path with the same math up to
+float32 rounding (max |diff| vs the official logits ~3e-6, like the reference path):
+
+* GEMMs on oneDNN with prepacked weights and fused bias / GELU / ReLU / residual add;
+* BatchNorm folded into the convs; offset and modulator convs merged into one;
+* a vectorised deformable conv (`deform.py`) instead of torchvision's scalar CPU kernel, with
+  the ASPP branches and their 1x1 fusion conv computed chunk by chunk;
+* linear maps composed where they commute: the final 1x1 conv moved before the last resize and
+  folded into the 3x3 convs feeding it, the full-size image branch reduced to one 5x5 conv (plus
+  an exact border fix), the lateral 1x1 convs split over the (full, half)-size encoder parts.
+
+Other inputs (GPU, half precision) take the reference path, which matches the official code
+op for op (and uses torchvision's ``deform_conv2d``).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from torch import Tensor, nn
 from .blocks import BasicDecBlk
 from .config import BiRefNetConfig
 from .decoder import Decoder, resize
+from .ops import fast_path
 from .swin import SwinTransformer
 
 
@@ -74,8 +85,10 @@ class BiRefNet(nn.Module):
         return x1, x2, x3, x4
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (N, 3, H, W) ImageNet-normalised -> logits (N, 1, H, W)."""
-        if self._fused:
+        """x: (N, 3, H, W) ImageNet-normalised, H and W multiples of 32 -> logits (N, 1, H, W)."""
+        if x.dim() != 4 or x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"expected (N, C, H, W) with H and W multiples of 32, got {tuple(x.shape)}")
+        if fast_path(self._fused or None, x):
             return self._forward_fused(x)
         x1, x2, x3, x4 = self.encode(x)
         x4 = self.squeeze_module(x4)

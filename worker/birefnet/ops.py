@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_path(state: object, x: Tensor) -> bool:
+    """Use a module's fused CPU path? Only when fused and x is a CPU float32 tensor; otherwise
+    (e.g. the model was moved to a GPU) the reference path runs on the module's parameters."""
+    return state is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
 _ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import PackedLinear
+from .ops import PackedLinear, fast_path
 
 
 def relative_position_index(window_size: int) -> Tensor:
@@ -119,10 +119,11 @@ class WindowAttention(nn.Module):
 
     def position_bias(self) -> Tensor:
         """(heads, N, N) additive bias from the table."""
-        if self._bias_cache is not None:
+        table = self.relative_position_bias_table
+        if self._bias_cache is not None and self._bias_cache.device == table.device:
             return self._bias_cache
         n = self.window_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1).contiguous()
 
     def freeze_bias(self) -> None:
@@ -193,7 +194,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, tokens_BHWC: Tensor, plan: WindowPlan) -> Tensor:
         b, h, w, c = tokens_BHWC.shape
-        attn, fast = self.attn, self._fast
+        attn = self.attn
+        fast = self._fast if fast_path(self._fast, tokens_BHWC) else None
         x = self.norm1(tokens_BHWC)
         qkv_BLC = (fast["qkv"](x) if fast else attn.qkv(x)).view(b, h * w, 3 * c)
         # Windowing (pad + roll + partition) is one gather; qkv runs on real tokens only, since a
@@ -231,7 +233,7 @@ class PatchMerging(nn.Module):
             .reshape(b, h // 2, w // 2, 4 * c)
         )
         x = self.norm(x)
-        return self._fast(x) if self._fast is not None else self.reduction(x)
+        return self._fast(x) if fast_path(self._fast, x) else self.reduction(x)
 
     def fuse(self) -> None:
         self._fast = PackedLinear(self.reduction.weight, None)
