@@ -19,20 +19,24 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def patch_stack(image_BCHW: Tensor, grid_h: int, grid_w: int, order: str) -> Tensor:
+def patch_stack(
+    image_BCHW: Tensor, grid_h: int, grid_w: int, order: str, channels_last: bool = False
+) -> Tensor:
     """Cut the image into grid_h x grid_w tiles and stack them on the channel axis.
 
     einops: channel = c * GH * GW + row * GW + col   (official code since Nov 2024)
     legacy: channel = (col * GH + row) * C + c         (older code, third-party ports)
 
-    Returned in channels-last memory (one copy), the layout the following conv wants.
+    One copy, into contiguous or channels-last memory.
     """
     b, c, h, w = image_BCHW.shape
     th, tw = h // grid_h, w // grid_w
     tiles = image_BCHW.reshape(b, c, grid_h, th, grid_w, tw)  # (B, C, row, th, col, tw)
-    # (B, th, tw, channel...) with the channel sub-axes ordered as above.
-    tiles = tiles.permute(0, 3, 5, 1, 2, 4) if order == "einops" else tiles.permute(0, 3, 5, 4, 2, 1)
-    return tiles.reshape(b, th, tw, c * grid_h * grid_w).permute(0, 3, 1, 2)
+    if channels_last:  # (B, th, tw, channel...) with the channel sub-axes ordered as above
+        tiles = tiles.permute(0, 3, 5, 1, 2, 4) if order == "einops" else tiles.permute(0, 3, 5, 4, 2, 1)
+        return tiles.reshape(b, th, tw, c * grid_h * grid_w).permute(0, 3, 1, 2)
+    tiles = tiles.permute(0, 1, 2, 4, 3, 5) if order == "einops" else tiles.permute(0, 4, 2, 1, 3, 5)
+    return tiles.reshape(b, c * grid_h * grid_w, th, tw)
 
 
 class Decoder(nn.Module):
@@ -84,7 +88,10 @@ class Decoder(nn.Module):
         return (self.decoder_block4, self.decoder_block3, self.decoder_block2, self.decoder_block1)
 
     def _patches(self, image: Tensor, blk: SimpleConvs, size: torch.Size) -> Tensor:
-        stack = patch_stack(image, image.shape[-2] // size[0], image.shape[-1] // size[1], self.patch_order)
+        grid_h, grid_w = image.shape[-2] // size[0], image.shape[-1] // size[1]
+        stack = patch_stack(
+            image, grid_h, grid_w, self.patch_order, channels_last=fast_path(self._fused, image)
+        )
         return blk(resize(stack, size))
 
     def _gate(self, p: Tensor, i: int) -> Tensor:

@@ -73,8 +73,10 @@ class BiRefNet(nn.Module):
     # ------------------------------------------------------------------ encoder
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h, w = x.shape[-2:]
-        full = self.bb(x)
-        half = self.bb(resize(x, (h // 2, w // 2)))
+        # Contiguous NCHW stage outputs, as in the official code (mixed memory formats would send
+        # later cats and convs down slow paths).
+        full = [f.contiguous() for f in self.bb(x)]
+        half = [f.contiguous() for f in self.bb(resize(x, (h // 2, w // 2)))]
         x1, x2, x3, x4 = (
             torch.cat([f, resize(g, f.shape[-2:])], dim=1) for f, g in zip(full, half, strict=True)
         )
