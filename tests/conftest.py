@@ -91,16 +91,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture
-def stack(redis_server: RedisServer, moto_endpoint: str, tmp_path: Path) -> Iterator[Stack]:
-    """Fresh buckets, event queue and Redis database for one test; processes are the test's to start."""
-    suffix = uuid.uuid4().hex[:8]
-    db = int(suffix, 16) % 15 + 1  # spread tests over Redis databases 1..15
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[str, str]]:
+    """A fresh Redis database, bucket names and fast timings for one test's processes:
+    (name suffix, Redis URL, BIREFNET_* environment)."""
     import redis
 
+    suffix = uuid.uuid4().hex[:8]
+    db = int(suffix, 16) % 15 + 1  # spread tests over Redis databases 1..15
+    redis_url = f"redis://127.0.0.1:{redis_port}/{db}"
     redis.Redis.from_url(redis_url).flushdb()
-    extra = {
+    return suffix, redis_url, {
         "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
         "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
         "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
@@ -117,8 +117,14 @@ def stack(redis_server: RedisServer, moto_endpoint: str, tmp_path: Path) -> Iter
         "BIREFNET_WORKER_METRICS_PORT": "0",
         "BIREFNET_PRODUCER_METRICS_PORT": "0",
         "BIREFNET_WEBHOOKS_METRICS_PORT": "0",
-        "BIREFNET_TEST_LOG_DIR": str(tmp_path),
+        "BIREFNET_TEST_LOG_DIR": str(log_dir),
     }
+
+
+@pytest.fixture
+def stack(redis_server: RedisServer, moto_endpoint: str, tmp_path: Path) -> Iterator[Stack]:
+    """Fresh buckets, event queue and Redis database for one test; processes are the test's to start."""
+    suffix, redis_url, extra = isolated_settings(redis_server.port, tmp_path)
     env = stack_environment(redis_url, moto_endpoint, "", extra)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
     settings = Settings()

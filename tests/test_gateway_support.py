@@ -15,7 +15,6 @@ import os
 import ssl
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +30,7 @@ from common.settings import Settings
 from devstack.services import free_port, provision_aws, stack_environment
 from devstack.stack import TlsFiles, make_tls
 from producer.gateway.app import create_app
-from tests.conftest import TEST_VARIANTS, Stack, wait_for
+from tests.conftest import Stack, isolated_settings, wait_for
 
 # --- keys ---
 KEYS = {  # id -> secret; "alice" is scrypt-hashed (id:secret), "bob" sha256 (also usable as a bare token)
@@ -172,22 +171,8 @@ class GatewayStack:
 def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, tls: bool = False,
                         workers: tuple[str, ...] = ("general-light",), extra: dict[str, str] | None = None,
                         webhooks: bool = True) -> GatewayStack:
-    suffix = uuid.uuid4().hex[:8]
-    db = int(suffix, 16) % 15 + 1
-    redis_url = f"redis://127.0.0.1:{redis_port}/{db}"
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    values = {
-        "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
-        "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
-        "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
-        "BIREFNET_WEIGHTS_FALLBACK": "none",
-        "BIREFNET_VISIBILITY_TIMEOUT": "10",
-        "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",
-        "BIREFNET_JOB_LEASE_SECONDS": "6",
-        "BIREFNET_TORCH_THREADS": "1",
-        "BIREFNET_TEST_LOG_DIR": str(log_dir),
+    suffix, redis_url, values = isolated_settings(redis_port, log_dir)
+    values |= {
         "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"),
         # Image servers, S3 and webhook receivers live on 127.0.0.1 here (the SSRF guard refuses it otherwise).
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
