@@ -22,6 +22,7 @@ from celery.signals import worker_ready
 from common.jobs import JobStore
 from common.metrics import model_loaded, register_gpu_collector, start_metrics_server
 from common.ops_state import paused_variants, publish_heartbeat
+from common.orphans import resend_orphans
 from common.queue import RUN_JOB, make_celery
 from common.schemas import JobSpec
 from common.settings import Settings
@@ -73,6 +74,9 @@ class WorkerState:
         while True:
             try:
                 publish_heartbeat(self.runner.store.redis, self.name, info)
+                for variant in self.runner.predictors:
+                    resend_orphans(self.runner.store, app, variant, settings.variants.get(variant).queue,
+                                   min_age=3 * settings.visibility_timeout)
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(10)

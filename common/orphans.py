@@ -1,0 +1,73 @@
+"""Re-sending jobs whose broker message was lost.
+
+Kombu's Redis transport moves a message from the queue list to its `unacked` hash in two steps; a worker
+killed between them loses the message, and the job would wait IN_QUEUE forever. Workers therefore look,
+now and then, for IN_QUEUE jobs old enough that their message should have been taken, and whose request
+id is in neither the variant's queue lists nor the unacked hash, and send them again. A duplicate message
+is harmless: a job is claimed once (common.jobs), later copies are dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+from celery import Celery
+
+from common.jobs import PREFIX, JobStore
+from common.queue import send_job
+
+log = logging.getLogger(__name__)
+
+SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
+
+
+def _request_id(raw: str | bytes) -> str | None:
+    """The job's request id from a kombu message (queue list entry or unacked [message, exchange, key])."""
+    try:
+        data = json.loads(raw)
+        envelope = data[0] if isinstance(data, list) else data
+        if isinstance(envelope, str):
+            envelope = json.loads(envelope)
+        args = json.loads(base64.b64decode(envelope["body"]))[0]
+        return args[0]["request_id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str] | None:
+    r = store.redis
+    lists = [key for queue in queues for key in r.scan_iter(f"{queue}*") if r.type(key) == "list"]
+    if sum(r.llen(key) for key in lists) + r.hlen("unacked") > SCAN_LIMIT:
+        return None
+    ids = {_request_id(raw) for key in lists for raw in r.lrange(key, 0, -1)}
+    ids |= {_request_id(raw) for raw in r.hvals("unacked")}
+    return ids
+
+
+def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *, min_age: float) -> list[str]:
+    """Send again the IN_QUEUE jobs of `variant` older than `min_age` seconds that have no message."""
+    lock = f"{PREFIX}orphans:{variant}"
+    if not store.redis.set(lock, "1", nx=True, ex=max(5, int(min_age / 2))):
+        return []  # another worker just looked
+    cutoff = time.time() - min_age
+    candidates = []
+    for request_id in store.redis.zrange(store.pending_key(variant), 0, 199):
+        record = store.get(request_id)
+        if record and record.status == "IN_QUEUE" and record.created_at < cutoff:
+            candidates.append(record)
+    if not candidates:
+        return []
+    present = _ids_with_messages(store, [queue])
+    if present is None:
+        return []
+    resent = []
+    for record in candidates:
+        if record.request_id not in present and store.status(record.request_id) == "IN_QUEUE":
+            send_job(celery, record.spec)
+            resent.append(record.request_id)
+    if resent:
+        log.warning("re-sent %d job(s) of %s whose broker message was lost: %s", len(resent), variant, resent[:5])
+    return resent
