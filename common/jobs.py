@@ -239,8 +239,7 @@ class JobStore:
                  error: str | None = None, error_type: str | None = None,
                  inference_time: float | None = None, extra: dict | None = None) -> bool:
         """Record the outcome; True only for the one call that completed the job."""
-        record = self.get(request_id)
-        variant = record.spec.variant if record else ""
+        variant = self.redis.hget(self.job_key(request_id), "variant") or ""
         fields = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
                   "error": error or "", "error_type": error_type or "",
                   "inference_time": "" if inference_time is None else repr(inference_time),
