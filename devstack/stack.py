@@ -106,6 +106,9 @@ class LocalStack:
         self.aws.start()
         base = stack_environment(self.redis.url, self.aws.url, "", {
             "BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback,
+            # The demo's webhook receiver and local image servers live on loopback, which production refuses.
+            "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+            "BIREFNET_FETCH_ALLOWED_PORTS": "*",
             "BIREFNET_READY_FILE": str(self.log_dir / "worker.ready"),
         })
         settings = Settings(**{"redis_url": self.redis.url, "s3_endpoint_url": self.aws.url,
