@@ -19,6 +19,7 @@ parallel region.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -34,11 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = {("swin_v1_t", 1024): (7.70, 2.79), ("swin_v1_l", 1024): (18.19, 4.52)}
 
 
-def run_one(backbone: str, size: int, mode: str, threads: int, repeats: int, warmup: int) -> dict:
+def run_one(
+    backbone: str, size: int, mode: str, threads: int, repeats: int, warmup: int, retain: bool
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
+    if retain:  # as workers do by default (BIREFNET_RETAIN_FREED_MEMORY)
+        from worker.allocator import retain_freed_memory
+
+        retain_freed_memory()
     from worker.birefnet import BiRefNet, BiRefNetConfig
     from worker.birefnet.recipe import COMPUTED_LEAVES, recipe_value
 
@@ -68,6 +75,7 @@ def run_one(backbone: str, size: int, mode: str, threads: int, repeats: int, war
         "size": size,
         "mode": mode,
         "threads": threads,
+        "retain": retain,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "cpu_s": statistics.median(cpu_times),
@@ -91,12 +99,20 @@ def main() -> None:
         help="OMP_WAIT_POLICY of the child processes (PASSIVE: idle OpenMP threads sleep instead of "
         "spinning, which on a shared machine is 3x faster; 'default': leave the environment alone)",
     )
+    ap.add_argument(
+        "--malloc",
+        nargs="+",
+        default=["retain"],
+        choices=["retain", "default"],
+        help="retain: glibc keeps freed memory, as workers do (worker/allocator.py); default: glibc as is",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:  # child process: one configuration, JSON on stdout
         res = run_one(
-            args.backbones[0], args.sizes[0], args.modes[0], args.threads[0], args.repeats, args.warmup
+            args.backbones[0], args.sizes[0], args.modes[0], args.threads[0], args.repeats, args.warmup,
+            args.malloc[0] == "retain",
         )
         print(json.dumps(res))
         return
@@ -106,11 +122,11 @@ def main() -> None:
     for backbone in args.backbones:
         for size in args.sizes:
             for mode in args.modes:
-                for threads in args.threads:
+                for threads, malloc in itertools.product(args.threads, args.malloc):
                     cmd = [
                         sys.executable, __file__, "--worker", "--backbones", backbone, "--sizes", str(size),
                         "--modes", mode, "--threads", str(threads), "--repeats", str(args.repeats),
-                        "--warmup", str(args.warmup),
+                        "--warmup", str(args.warmup), "--malloc", malloc,
                     ]  # fmt: skip
                     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
                     if args.omp_wait_policy != "default":
@@ -119,7 +135,7 @@ def main() -> None:
                     res = json.loads(out.strip().splitlines()[-1])
                     rows.append(res)
                     print(
-                        f"# {backbone} {size} {mode} {threads}t: {res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB",
+                        f"# {backbone} {size} {mode} {threads}t malloc={malloc}: {res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB",
                         file=sys.stderr,
                     )
     load_after = os.getloadavg()
@@ -138,16 +154,17 @@ def main() -> None:
         f" 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: other processes share the CPU)\n"
     )
     print(
-        "| backbone | size | path | threads | median s | min s | CPU s | peak RSS GiB | RSS after load GiB "
+        "| backbone | size | path | threads | malloc | median s | min s | CPU s | peak RSS GiB | RSS after load GiB "
         "| median vs official | official s / GiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         off = OFFICIAL.get((r["backbone"], r["size"]))
         ratio = f"{r['median_s'] / off[0]:.2f}x" if off and r["threads"] == 2 else "-"
         off_s = f"{off[0]:.2f} / {off[1]:.2f}" if off else "-"
         print(
-            f"| {r['backbone']} | {r['size']} | {r['mode']} | {r['threads']} | {r['median_s']:.2f} | {r['min_s']:.2f} "
+            f"| {r['backbone']} | {r['size']} | {r['mode']} | {r['threads']} "
+            f"| {'retain' if r['retain'] else 'default'} | {r['median_s']:.2f} | {r['min_s']:.2f} "
             f"| {r['cpu_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['rss_after_load_gib']:.2f} | {ratio} | {off_s} |"
         )
 

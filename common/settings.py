@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         '{"general-light": {"weights": "/models/BiRefNet.safetensors"}}.',
     )
     torch_threads: int = Field(0, description="CPU threads for torch (0: torch's default).")
+    retain_freed_memory: bool = Field(
+        True, description="Workers tell glibc's malloc to keep freed memory (no mmap for big blocks, no heap "
+        "trim), so each forward reuses its activation buffers instead of page-faulting them in afresh (CPU, "
+        "1024²: Swin-L 19.4 -> 13.8 s, Swin-T 5.4 -> 4.5 s). A worker then keeps its peak memory between "
+        "jobs. No effect off glibc.",
+    )
     worker_concurrency: int = Field(
         1, ge=1, description="Jobs a worker holds at once (one thread each). Their forward passes are batched "
         "(up to max_batch_size) when their operating resolutions match: dynamic batching."

@@ -29,6 +29,7 @@ from torch import nn
 from common.errors import InvalidInputError
 from common.settings import Settings
 from common.variants import VariantSpec
+from worker.allocator import retain_freed_memory
 from worker.imaging import (
     OUTPUT_FORMATS,
     EncodedImage,
@@ -237,6 +238,8 @@ class Predictor:
         """Weights, device placement, eval mode, GPU tuning, optional compile, warm-up forward."""
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.retain_freed_memory:
+            retain_freed_memory()
         loaded = load_network(self.spec, self.settings)
         module = loaded.module.to(self._device).eval()
         if self._on_cuda:
