@@ -150,6 +150,10 @@ class JobSpec(BaseModel):
     priority: Literal["normal", "low"] = "normal"
     created_at: float = Field(default_factory=time.time)
     start_deadline: float | None = Field(None, description="Unix time after which the job must not start.")
+    max_attempts: int | None = Field(
+        None, ge=1, description="Deliveries this job may take, at most BIREFNET_MAX_JOB_ATTEMPTS (None: that "
+        "setting); 1 when the caller sent x-fal-no-retry."
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @property

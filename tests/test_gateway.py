@@ -431,6 +431,33 @@ def test_low_priority_runs_after_normal_and_queue_positions(gs, alice):
         worker.wait(timeout=20)
 
 
+@pytest.mark.timeout(240)
+def test_no_retry_request_fails_instead_of_running_again(gs, alice):
+    no_retry = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "1"})["request_id"]
+    retried = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "0"})["request_id"]
+    # A worker takes both and dies: the leases it leaves run out with no result (what kill -9 leaves).
+    store = JobStore.from_url(gs.settings.redis_url)
+    for rid in (no_retry, retried):
+        assert store.claim(rid, "general-heavy", "ghost", lease_seconds=0.5, max_attempts=3, worker="ghost") == "claimed"
+    time.sleep(0.6)
+
+    worker = gs.stack.start_worker("general-heavy", name="worker-heavy-no-retry")
+    try:
+        completed(gs, no_retry, timeout=60)
+        completed(gs, retried, timeout=60)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+    failed = alice.get(f"{REQ}/{no_retry}")
+    assert failed.status_code == 503 and failed.json()["error_type"] == "runner_disconnected"
+    assert "x-fal-no-retry" in failed.json()["detail"]
+    assert record(gs, no_retry).started_at is not None and record(gs, no_retry).attempts == 2  # the 2nd refused
+    # Without the header the same job runs again, to its own outcome (this input is not an image: 422).
+    again = alice.get(f"{REQ}/{retried}")
+    assert again.status_code == 422, again.text
+    assert record(gs, retried).attempts == 2
+
+
 # --- 21: retention, limits -----------------------------------------------------------------------------
 def test_results_expire_after_retention_and_body_limit(gs):
     short = GatewayServer(gs.settings.model_copy(update={

@@ -118,9 +118,10 @@ class JobRunner:
     def _run_job(self, spec: JobSpec) -> Outcome:
         self.store.ensure(spec)
         token = uuid.uuid4().hex
+        max_attempts = min(spec.max_attempts or self.settings.max_job_attempts, self.settings.max_job_attempts)
         claim = self.store.claim(spec.request_id, spec.variant, token,
                                  lease_seconds=self.settings.job_lease_seconds,
-                                 max_attempts=self.settings.max_job_attempts, worker=self.worker_name)
+                                 max_attempts=max_attempts, worker=self.worker_name)
         if claim == "completed":
             return Outcome("skipped", "already completed")
         if claim == "leased":
@@ -128,9 +129,13 @@ class JobRunner:
         if claim == "exhausted":
             self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
             last = self.store.redis.hget(self.store.job_key(spec.request_id), "last_error") or "worker stopped"
-            exc = JobError(f"the job failed {self.settings.max_job_attempts} times (last: {last}); "
-                           "it was moved to the dead-letter list",
-                           error_type="runner_disconnected", status_code=503)
+            if spec.max_attempts == 1:
+                message = (f"the job's first run ended without a result (last: {last}) and the request asked "
+                           "for no retries (x-fal-no-retry); it was moved to the dead-letter list")
+            else:
+                message = (f"the job failed {max_attempts} times (last: {last}); "
+                           "it was moved to the dead-letter list")
+            exc = JobError(message, error_type="runner_disconnected", status_code=503)
             self._finish(spec, "", body={"detail": exc.message, "error_type": exc.error_type},
                          code=exc.status_code, error=exc.message, error_type=exc.error_type)
             return Outcome("failed", "attempts exhausted")

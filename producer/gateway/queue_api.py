@@ -53,6 +53,9 @@ PriorityHeader = Annotated[str, Header(
 LifecycleHeader = Annotated[str, Header(
     alias="x-fal-object-lifecycle-preference", description='JSON {"expiration_duration_seconds": N}: '
     "retention of this request's output files.")]
+NoRetryHeader = Annotated[str, Header(
+    alias="x-fal-no-retry", description="`1`, `true` or `yes`: if the worker running this request dies, the "
+    "request fails (503 runner_disconnected) instead of running again.")]
 
 
 def body_doc(endpoint: str) -> dict:
@@ -61,9 +64,10 @@ def body_doc(endpoint: str) -> dict:
 
 
 def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
-            webhook_url: str | None = None) -> SubmitOptions:
+            no_retry: str | None, webhook_url: str | None = None) -> SubmitOptions:
     return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
-                         priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle))
+                         priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
+                         no_retry=(no_retry or "").strip().lower() in ("1", "true", "yes"))
 
 
 def not_found(request_id: str) -> FalError:
@@ -73,12 +77,12 @@ def not_found(request_id: str) -> FalError:
 def make_submit(endpoint: str):
     async def submit(
         request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
-        lifecycle: LifecycleHeader = None, fal_webhook: WebhookQuery = None,
+        lifecycle: LifecycleHeader = None, no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None,
     ) -> Response:
         gw = gateway(request)
         submitted = await run_in_threadpool(
             submit_job, gw, caller, await request.body(),
-            options(endpoint, timeout, queue_priority, lifecycle, fal_webhook))
+            options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook))
         rid = submitted.request_id
         try:
             position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)

@@ -20,6 +20,7 @@ from producer.gateway.queue_api import (
     BAD_REQUEST,
     ENDPOINTS,
     LifecycleHeader,
+    NoRetryHeader,
     PriorityHeader,
     TimeoutHeader,
     body_doc,
@@ -48,10 +49,11 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
 
 def make_run(endpoint: str):
     async def run(request: Request, caller: Caller, timeout: TimeoutHeader = None,
-                  queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None) -> Response:
+                  queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
+                  no_retry: NoRetryHeader = None) -> Response:
         gw = gateway(request)
         submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
-                                            options(endpoint, timeout, queue_priority, lifecycle))
+                                            options(endpoint, timeout, queue_priority, lifecycle, no_retry))
         rid = submitted.request_id
         if not await wait_completed(gw, request, rid):
             await run_in_threadpool(cancel_job, gw, rid)

@@ -38,6 +38,7 @@ class SubmitOptions:
     start_timeout: float | None = None
     priority: str = "normal"
     output_ttl: int | None = None
+    no_retry: bool = False  # x-fal-no-retry: a job whose worker dies is not run again
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
         output_prefix=request_output_prefix(settings, request_id), webhook_url=options.webhook_url,
         owner=principal.key_id, priority=options.priority, created_at=now,
         start_deadline=now + options.start_timeout if options.start_timeout else None,
+        max_attempts=1 if options.no_retry else None,
         extra={"user_id": principal.user_id, "output_ttl": output_ttl},
     )
     try:
