@@ -8,6 +8,7 @@ report the median. Prints a markdown table.
     .venv/bin/python bench/bench_model.py                       # Swin-T/L at 512 and 1024, fused, 2 threads
     .venv/bin/python bench/bench_model.py --modes reference fused --sizes 1024 --backbones swin_v1_t
     .venv/bin/python bench/bench_model.py --threads 1 2         # 1 thread: robust to a busy machine
+    .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory or not
 
 "CPU s" is the process CPU time per forward. Children run with OMP_WAIT_POLICY=PASSIVE by
 default: on a machine shared with other processes, spinning OpenMP threads wait at every
