@@ -68,9 +68,10 @@ def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, t
           poll: float = 1.0, progress: Callable[[dict], None] | None = None) -> dict:
     """Pause the variant and wait until its workers stopped consuming and run no job of it."""
     queue = _queue(settings, variant)
+    # Jobs running when the drain begins count as finished by it, even if they end while pausing.
+    seen_running = set(ops_state.running_jobs(r, [variant])[variant])
     paused = pause(r, celery, settings, variant, reason="drain")
     started = time.time()
-    seen_running: set[str] = set()
     while True:
         running = set(ops_state.running_jobs(r, [variant])[variant])
         seen_running |= running
