@@ -36,6 +36,12 @@ class ApiKeyConfig(BaseModel):
     s3_read: list[str] = Field(
         default_factory=list, description="'bucket/prefix' entries an s3:// image_url may name ('bucket/' = all)."
     )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Most requests of this key IN_QUEUE or IN_PROGRESS at once; more: 429. None: no limit."
+    )
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit."
+    )
 
     @field_validator("hash")
     @classmethod
@@ -54,6 +60,8 @@ class Principal:
     user_id: str
     admin: bool = False
     s3_read: tuple[str, ...] = ()
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
 
 
 ANONYMOUS_PRINCIPAL = Principal(key_id=ANONYMOUS, user_id=ANONYMOUS, admin=True)
@@ -106,7 +114,8 @@ class KeyRing:
 
     @staticmethod
     def _principal(key: ApiKeyConfig) -> Principal:
-        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read))
+        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read),
+                         max_concurrent=key.max_concurrent, requests_per_minute=key.requests_per_minute)
 
     def cached(self, credential: str | None) -> Principal | None:
         """A credential verified before (no hashing cost beyond one SHA-256)."""

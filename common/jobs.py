@@ -130,6 +130,13 @@ class JobStore:
     def from_url(cls, url: str, **kwargs) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), **kwargs)
 
+    @classmethod
+    def from_settings(cls, settings) -> JobStore:
+        """The store on the configured Redis (TLS, ACL, Sentinel: common.redis_conn)."""
+        from common.redis_conn import redis_client
+
+        return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
+
     # --- keys ---
     @staticmethod
     def job_key(request_id: str) -> str:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from common import ops_state
 from common.jobs import JobStore
+from common.redis_conn import redis_client
 from common.schemas import JobSpec
 from common.settings import Settings
 from common.webhooks import FAILED_KEY, attempts_key
@@ -142,8 +143,7 @@ class QueueCollector(Collector):
 
     def configure(self, settings: Settings) -> None:
         self.queues = {v.id: v.queue for v in settings.variants}
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                                          socket_connect_timeout=2)
+        self.redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=2)
 
     def collect(self):
         up = GaugeMetricFamily("birefnet_redis_up", "1 when the queue gauges could be read from Redis.")

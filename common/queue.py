@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from common.redis_conn import celery_broker
 from common.schemas import JobSpec
 from common.settings import Settings
 
@@ -16,8 +17,10 @@ WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
-    app = Celery(name, broker=settings.redis_url)
+    broker = celery_broker(settings)  # TLS, ACL and Sentinel options: common.redis_conn
+    app = Celery(name, broker=broker.url)
     app.conf.update(
+        broker_use_ssl=broker.use_ssl,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -33,6 +36,7 @@ def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
+            **broker.transport_options,
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=True,

@@ -12,6 +12,7 @@ from celery import Celery
 from common.errors import JobError
 from common.jobs import JobStore
 from common.queue import send_webhook
+from common.redis_conn import wait_for_replicas
 from common.schemas import JobSpec
 from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
@@ -39,6 +40,8 @@ def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | No
         book_first_attempt(store, settings, spec.request_id)  # delivered even if the task below is lost
     done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
                           error_type=error_type, inference_time=inference_time, extra=extra)
+    if done:
+        wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
     if done and spec.webhook_url:
         send_webhook(celery, spec.request_id)
     if not done:

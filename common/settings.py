@@ -33,6 +33,41 @@ class Settings(BaseSettings):
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
     max_job_attempts: int = Field(3, description="Deliveries of one job before it is ended as failed (poison job).")
 
+    # --- Managed Redis (every Redis user: Celery broker, job store, gateway, webhooks, ops, metrics) ---
+    redis_username: str = Field(
+        "", description="ACL user name for Redis (and the master behind Sentinel); overrides the one in "
+        "redis_url. Empty: the URL's, else the default user."
+    )
+    redis_password: str = Field(
+        "", description="Password for Redis (ACL user's, or requirepass); overrides the one in redis_url, so "
+        "the secret can come from its own variable."
+    )
+    redis_tls_ca_file: str = Field(
+        "", description="CA bundle (PEM) that verifies the Redis server's certificate when redis_url is "
+        "rediss:// (TLS). Empty: the system's trust store. The host name is checked too."
+    )
+    redis_tls_cert_file: str = Field(
+        "", description="Client certificate (PEM) for Redis servers that require one (tls-auth-clients); "
+        "with redis_tls_key_file."
+    )
+    redis_tls_key_file: str = Field("", description="Private key (PEM) of redis_tls_cert_file.")
+    redis_sentinels: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Redis Sentinel addresses host:port (comma-separated or JSON list). Set: the master "
+        "of redis_sentinel_master is discovered through them and followed across failovers; redis_url then "
+        "only gives the scheme (rediss:// = TLS to master and sentinels), database and credentials."
+    )
+    redis_sentinel_master: str = Field("mymaster", description="Name of the Sentinel-monitored master.")
+    redis_sentinel_username: str = Field("", description="ACL user name for the sentinels themselves (if they require auth).")
+    redis_sentinel_password: str = Field("", description="Password for the sentinels themselves (if they require auth).")
+    redis_wait_replicas: int = Field(
+        0, ge=0, description="Replicas that must acknowledge an accepted job and a completion (Redis WAIT) "
+        "before the gateway answers or the webhook is sent: with Sentinel, a failover right after then does not "
+        "forget them. 0: no wait (a single Redis with AOF)."
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, description="Longest wait (ms) for redis_wait_replicas; past it the call proceeds (logged)."
+    )
+
     # --- S3 / SQS ---
     aws_region: str = Field("us-east-1", description="AWS region for S3 and SQS.")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (unset for AWS; MinIO or moto URL otherwise).")
@@ -187,6 +222,21 @@ class Settings(BaseSettings):
     )
     webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
 
+    # --- Limits and backpressure ---
+    max_queue_depth: int = Field(
+        0, ge=0, description="Most requests waiting (IN_QUEUE) per variant: submits and sync runs beyond it get "
+        "429 queue_full; bucket uploads' S3 events stay in SQS (or MinIO's queue) until there is room. "
+        "0: no cap. Requests' fal_max_queue_length can only lower it."
+    )
+    max_queue_depth_per_variant: dict[str, int] = Field(
+        default_factory=dict, description='JSON {variant_id: depth} overriding max_queue_depth per variant '
+        '(0: no cap for that variant), e.g. {"general-heavy": 200}.'
+    )
+    queue_full_retry_after: int = Field(
+        5, ge=1, description="Retry-After (s) of a queue_full 429, and how long a deferred S3 event stays "
+        "invisible in SQS before it is tried again."
+    )
+
     # --- Operations ---
     producer_http_host: str = Field(
         "0.0.0.0", description="Address `python -m producer http` (S3-style event notifications, e.g. MinIO "
@@ -272,7 +322,7 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
-                     mode="before")
+                     "redis_sentinels", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # Accept "a,b" as well as JSON lists from the environment.

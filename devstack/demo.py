@@ -53,7 +53,7 @@ def run_demo(out_dir: Path = Path("out")) -> None:
         settings = stack.settings
         with console.status("loading the model into the worker (warm start) ..."):
             stack.wait_worker_ready()
-        store = JobStore.from_url(settings.redis_url)
+        store = JobStore.from_settings(settings)
         _weights_banner(store)
 
         s3 = make_s3_client(settings)

@@ -10,6 +10,7 @@ import redis
 from rich.console import Console
 
 from common.queue import make_celery
+from common.redis_conn import redis_client
 from common.settings import Settings
 from ops import control, render
 from ops.status import gather_status
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = getattr(args, "json", False)
     overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
     settings = Settings(**overrides)
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)
+    r = redis_client(settings, socket_connect_timeout=5)
     console = Console()
     exit_code = 0
 

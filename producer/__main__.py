@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
         start_metrics_server(settings.producer_metrics_port, "producer")
-        intake = CountingIntake(build_intake(settings), "sqs")
+        built = build_intake(settings)
+        intake = CountingIntake(built, "sqs")
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,  # type: ignore[arg-type]
-                    wait_seconds=settings.sqs_wait_seconds).run(stop)
+                    wait_seconds=settings.sqs_wait_seconds, has_room=built.limiter.queue_has_room).run(stop)
     elif args.command == "http":
         from producer.http_events import serve
 

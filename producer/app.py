@@ -10,5 +10,5 @@ from producer.intake import Intake
 
 
 def build_intake(settings: Settings) -> Intake:
-    store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+    store = JobStore.from_settings(settings)
     return Intake(settings, store, make_celery(settings), ObjectStore(settings))

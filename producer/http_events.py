@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from common.limits import QueueFull
 from common.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
 from producer.events import MalformedEvent, ObjectCreated, parse_notification
@@ -34,6 +35,9 @@ class CountingIntake:
     def handle(self, event: ObjectCreated) -> str | None:
         try:
             request_id = self.intake.handle(event)
+        except QueueFull:
+            PRODUCER_EVENTS.labels(self.source, "deferred").inc()
+            raise
         except Exception:
             PRODUCER_EVENTS.labels(self.source, "error").inc()
             raise
@@ -78,6 +82,10 @@ def create_app(settings: Settings, intake: Intake | None = None) -> FastAPI:
         try:
             # Intake talks to S3 and Redis synchronously: keep it off the event loop.
             request_ids = await run_in_threadpool(handle, events)
+        except QueueFull as full:
+            # Backpressure: MinIO keeps the event in its queue dir and sends it again.
+            return JSONResponse({"detail": str(full), "error_type": "queue_full"}, status_code=503,
+                                headers={"Retry-After": str(full.retry_after)})
         except Exception as exc:
             log.exception("could not enqueue jobs for a notification; asking the sender to retry")
             return JSONResponse({"detail": f"temporarily unable to enqueue: {type(exc).__name__}"},

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from common.errors import InvalidInputError
 from common.jobs import JobStore
+from common.limits import Limiter, QueueFull
 from common.queue import send_job
 from common.results import fail_job
 from common.schemas import INPUT_MODELS, JobParams, JobSpec
@@ -58,6 +59,7 @@ class Intake:
         self.store = store
         self.celery = celery
         self.objects = objects
+        self.limiter = Limiter(store.redis, settings)
 
     def is_candidate(self, event: ObjectCreated) -> bool:
         if event.bucket == self.settings.output_bucket:
@@ -121,6 +123,10 @@ class Intake:
             params=job_params, source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
             input_fingerprint=fp, webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
         )
+        if error is None and not self.limiter.queue_has_room(variant_id) \
+                and not self.store.redis.exists(self.store.job_key(request_id)):
+            # Backpressure: the event stays with its sender (SQS, MinIO) until the queue has room.
+            raise QueueFull(variant_id, self.settings.queue_full_retry_after)
         created = self.store.create(spec)
         if error is not None:
             if created:

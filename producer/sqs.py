@@ -3,13 +3,19 @@
 A message is deleted only after every job it names is safely enqueued. A message that cannot be
 handled now (Redis or S3 unreachable) stays and comes back after the queue's visibility timeout; on
 AWS a redrive policy moves it to the dead-letter queue after a bounded number of receives.
+
+Backpressure: a message whose job would go past its variant's queue cap (`max_queue_depth`) is made
+visible again after `queue_full_retry_after` s, and the consumer stops receiving until that queue has
+room again, so waiting events are not received over and over (each receive counts towards the redrive).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
+from common.limits import QueueFull
 from producer.events import MalformedEvent, parse_notification
 from producer.intake import Intake
 
@@ -17,11 +23,23 @@ log = logging.getLogger(__name__)
 
 
 class SqsConsumer:
-    def __init__(self, sqs_client, queue_url: str, intake: Intake, *, wait_seconds: int = 10):
+    def __init__(self, sqs_client, queue_url: str, intake: Intake, *, wait_seconds: int = 10,
+                 has_room: Callable[[str], bool] | None = None):
         self.sqs = sqs_client
         self.queue_url = queue_url
         self.intake = intake
         self.wait_seconds = wait_seconds
+        self.has_room = has_room  # variant -> whether its queue is under its cap
+        self.full: dict[str, int] = {}  # variants found full -> seconds to wait before looking again
+
+    def paused(self) -> float:
+        """Seconds to wait before the next receive: some variant's queue is still full (0: go on)."""
+        for variant, retry_after in list(self.full.items()):
+            if self.has_room is None or self.has_room(variant):
+                del self.full[variant]
+            else:
+                return retry_after
+        return 0.0
 
     def poll_once(self) -> int:
         """Receive one batch and handle it; returns the number of messages deleted."""
@@ -29,7 +47,14 @@ class SqsConsumer:
                                             WaitTimeSeconds=self.wait_seconds)
         deleted = 0
         for message in response.get("Messages", []):
-            if self.handle_message(message["Body"]):
+            try:
+                done = self.handle_message(message["Body"])
+            except QueueFull as full:
+                self.full[full.variant] = full.retry_after
+                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"],
+                                                   VisibilityTimeout=full.retry_after)
+                continue
+            if done:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
                 deleted += 1
         return deleted
@@ -44,6 +69,9 @@ class SqsConsumer:
         try:
             for event in events:
                 self.intake.handle(event)
+        except QueueFull as full:
+            log.info("%s: the event waits in SQS", full)
+            raise
         except Exception:
             log.exception("could not enqueue jobs for a message; it will be redelivered")
             return False
@@ -53,6 +81,10 @@ class SqsConsumer:
         log.info("consuming S3 events from %s", self.queue_url)
         while not stop.is_set():
             try:
+                wait = self.paused()
+                if wait:
+                    stop.wait(wait)
+                    continue
                 self.poll_once()
             except Exception:
                 log.exception("SQS receive failed; retrying")

@@ -22,7 +22,7 @@ from common.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 settings = Settings()
 app = make_celery(settings, name="birefnet-webhooks")
-store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+store = JobStore.from_settings(settings)
 
 
 @functools.cache

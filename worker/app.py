@@ -56,7 +56,7 @@ class WorkerState:
                      predictor.weights_description)
             model_loaded(variant_id, time.perf_counter() - started, predictor.untrained)
             predictors[variant_id] = predictor
-        store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+        store = JobStore.from_settings(settings)
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name)
         with open(settings.ready_file, "w") as handle:
             handle.write(json.dumps({"variants": list(predictors), "pid": os.getpid()}))

@@ -47,6 +47,11 @@ TimeoutHeader = Annotated[str, Header(
     "completes with a 504 request_timeout error. Not a number: 400.", json_schema_extra={"pattern": TIMEOUT_PATTERN})]
 WebhookQuery = Annotated[str, Query(
     description="URL to POST the result to when done (fal's webhook payload, signed).", pattern=r"^https?://\S+$")]
+MaxQueueQuery = Annotated[int, Query(
+    alias="fal_max_queue_length", ge=0, description="Refuse (429 queue_full) instead of queueing when this many "
+    "requests already wait for the model.")]
+LIMITED = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
+                 "max_concurrent: concurrency_limit) or the queue cap (queue_full); see Retry-After"}}
 BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout"}}
 PriorityHeader = Annotated[str, Header(
     alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
@@ -64,10 +69,11 @@ def body_doc(endpoint: str) -> dict:
 
 
 def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
-            no_retry: str | None, webhook_url: str | None = None) -> SubmitOptions:
+            no_retry: str | None, webhook_url: str | None = None, max_queue_length: int | None = None) -> SubmitOptions:
     return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
                          priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
-                         no_retry=(no_retry or "").strip().lower() in ("1", "true", "yes"))
+                         no_retry=(no_retry or "").strip().lower() in ("1", "true", "yes"),
+                         max_queue_length=max_queue_length)
 
 
 def not_found(request_id: str) -> FalError:
@@ -78,11 +84,12 @@ def make_submit(endpoint: str):
     async def submit(
         request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
         lifecycle: LifecycleHeader = None, no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None,
+        max_queue_length: MaxQueueQuery = None,
     ) -> Response:
         gw = gateway(request)
         submitted = await run_in_threadpool(
             submit_job, gw, caller, await request.body(),
-            options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook))
+            options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook, max_queue_length))
         rid = submitted.request_id
         try:
             position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
@@ -101,7 +108,7 @@ for _endpoint, _suffix in ENDPOINTS.items():
     router.add_api_route(
         f"/{APP_PATH}{_suffix}", make_submit(_endpoint), methods=["POST"], response_model=QueueSubmitted,
         summary=f"Submit a fal-ai/birefnet{_suffix} request", openapi_extra=body_doc(_endpoint),
-        responses={**ERRORS, **BAD_REQUEST,
+        responses={**ERRORS, **BAD_REQUEST, **LIMITED,
                    422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"}},
     )
 

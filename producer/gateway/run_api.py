@@ -19,7 +19,9 @@ from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
 from producer.gateway.queue_api import (
     BAD_REQUEST,
     ENDPOINTS,
+    LIMITED,
     LifecycleHeader,
+    MaxQueueQuery,
     NoRetryHeader,
     PriorityHeader,
     TimeoutHeader,
@@ -50,10 +52,11 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
 def make_run(endpoint: str):
     async def run(request: Request, caller: Caller, timeout: TimeoutHeader = None,
                   queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
-                  no_retry: NoRetryHeader = None) -> Response:
+                  no_retry: NoRetryHeader = None, max_queue_length: MaxQueueQuery = None) -> Response:
         gw = gateway(request)
         submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
-                                            options(endpoint, timeout, queue_priority, lifecycle, no_retry))
+                                            options(endpoint, timeout, queue_priority, lifecycle, no_retry,
+                                                    max_queue_length=max_queue_length))
         rid = submitted.request_id
         if not await wait_completed(gw, request, rid):
             await run_in_threadpool(cancel_job, gw, rid)
@@ -70,7 +73,7 @@ for _endpoint, _suffix in ENDPOINTS.items():
     router.add_api_route(
         f"/{APP_PATH}{_suffix}", make_run(_endpoint), methods=["POST"], summary=f"Run fal-ai/birefnet{_suffix} "
         "and wait for the output", openapi_extra=body_doc(_endpoint),
-        responses={**ERRORS, **BAD_REQUEST, 200: {"model": BiRefNetOutput, "description": "The model output"},
+        responses={**ERRORS, **BAD_REQUEST, **LIMITED, 200: {"model": BiRefNetOutput, "description": "The model output"},
                    422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
                    504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"}},
     )

@@ -13,8 +13,10 @@ from redis.commands.core import AsyncScript
 
 from common.auth import KeyRing
 from common.jobs import JobStore
+from common.limits import Limiter
 from common.netguard import NetPolicy
 from common.queue import make_celery
+from common.redis_conn import async_redis_client
 from common.settings import Settings
 from common.signed_urls import shared_secret
 from common.signing import WebhookSigner
@@ -35,11 +37,11 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
-        store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
+        store = JobStore.from_settings(settings)
         return cls(
             settings=settings,
             store=store,
-            aredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True),
+            aredis=async_redis_client(settings),
             celery=make_celery(settings, name="birefnet-gateway"),
             objects=ObjectStore(settings),
             keys=KeyRing(settings.gateway_api_keys),
@@ -49,6 +51,11 @@ class Gateway:
     @property
     def redis(self) -> redis.Redis:
         return self.store.redis
+
+    @cached_property
+    def limiter(self) -> Limiter:
+        """Per-key limits and queue caps (shared by all gateway processes through Redis)."""
+        return Limiter(self.store.redis, self.settings)
 
     @cached_property
     def fetch_policy(self) -> NetPolicy:

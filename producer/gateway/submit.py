@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from common.auth import Principal
 from common.jobs import PREFIX
 from common.queue import send_job
+from common.redis_conn import wait_for_replicas
 from common.results import finish_job
 from common.schemas import JobParams, JobSpec
 from common.storage import request_output_prefix
@@ -39,6 +40,7 @@ class SubmitOptions:
     priority: str = "normal"
     output_ttl: int | None = None
     no_retry: bool = False  # x-fal-no-retry: a job whose worker dies is not run again
+    max_queue_length: int | None = None  # fal_max_queue_length: refuse when this many already wait
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
         image_url = data.get("image_url")
         spec = JobSpec(**common, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
                        image_url=image_url[:2048] if isinstance(image_url, str) else "", params=JobParams())
+        admit(gw, principal, request_id, None, options)
         gw.store.create(spec)
         finish_job(settings=settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
                    body={"detail": exc.details}, code=422, error=exc.details[0]["msg"],
@@ -77,6 +80,7 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
         return Submitted(request_id, spec.variant, rejected=True)
 
     spec = JobSpec(**common, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed))
+    admit(gw, principal, request_id, variant.id, options)
     gw.store.create(spec)
     pipe = gw.redis.pipeline()
     if spec.start_deadline:
@@ -92,4 +96,15 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
                    code=503, error="Could not reach the job queue", error_type="runner_connection_error")
         raise FalError.flat(503, "Could not reach the job queue", "runner_connection_error",
                             request_id=request_id) from exc
+    wait_for_replicas(gw.redis, settings)  # with Sentinel: a failover now must not forget the job
     return Submitted(request_id, spec.variant, rejected=False)
+
+
+def admit(gw: Gateway, principal: Principal, request_id: str, variant: str | None, options: SubmitOptions) -> None:
+    """429 in fal's error shape, with Retry-After, when a limit of the key or the queue cap says no."""
+    refusal = gw.limiter.admit(key_id=principal.key_id, request_id=request_id, variant=variant,
+                               max_concurrent=principal.max_concurrent,
+                               requests_per_minute=principal.requests_per_minute,
+                               max_queue_length=options.max_queue_length)
+    if refusal is not None:
+        raise FalError.flat(429, refusal.message, refusal.reason, headers={"Retry-After": str(refusal.retry_after)})

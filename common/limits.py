@@ -1,0 +1,126 @@
+"""Per-key limits and queue caps, checked in Redis so every gateway process shares them.
+
+One Lua script admits a request or says why not, atomically:
+
+- queue cap: the variant's IN_QUEUE set (`birefnet:pending:<variant>`, owned by common.jobs) is at its cap
+  (`max_queue_depth`, per variant, or the request's `fal_max_queue_length`) -> `queue_full`.
+- `requests_per_minute`: a sliding 60 s log of the key's admitted requests -> `rate_limited`, with the
+  seconds until the oldest one leaves the window.
+- `max_concurrent`: the key's admitted requests, pruned on every check against their job records (a
+  COMPLETED job, or a record that never appeared within a grace period, frees its slot). Nothing is
+  counted up or down by hand, so a gateway that crashes between admitting and answering leaks nothing.
+
+Refused requests are not counted: a client retrying a 429 does not use up its own rate.
+Time is Redis's own clock (TIME), so gateways with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from common.jobs import PREFIX, JobStore
+from common.settings import Settings
+
+Reason = Literal["queue_full", "rate_limited", "concurrency_limit"]
+NO_CAP = -1
+UNADMITTED_GRACE = 60  # s a slot stays taken for a request whose job record has not appeared (yet)
+
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local rpm, maxc, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rid = ARGV[4]
+if cap >= 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {'queue_full', ARGV[8]} end
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+  if redis.call('ZCARD', KEYS[1]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {'rate_limited', tostring(math.max(1, math.ceil(tonumber(oldest[2]) + 60 - now)))}
+  end
+end
+if maxc > 0 then
+  local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    local status = redis.call('HGET', ARGV[5] .. members[i], 'status')
+    if status == 'COMPLETED' or ((not status) and now - tonumber(members[i + 1]) > tonumber(ARGV[6])) then
+      redis.call('ZREM', KEYS[2], members[i])
+    end
+  end
+  if redis.call('ZCARD', KEYS[2]) >= maxc then return {'concurrency_limit', '1'} end
+  redis.call('ZADD', KEYS[2], now, rid)
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, rid)
+  redis.call('EXPIRE', KEYS[1], 61)
+end
+return {'ok', '0'}
+"""
+
+MESSAGES: dict[Reason, str] = {
+    "queue_full": "The queue for this model is full; retry later",
+    "rate_limited": "Too many requests for this API key (requests_per_minute); retry later",
+    "concurrency_limit": "Too many requests of this API key are queued or running (max_concurrent); retry "
+                         "when one completes",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: Reason
+    retry_after: int  # seconds, for the Retry-After header
+
+    @property
+    def message(self) -> str:
+        return MESSAGES[self.reason]
+
+
+def queue_cap(settings: Settings, variant: str, requested: int | None = None) -> int:
+    """The most IN_QUEUE requests `variant` may hold for this submit (NO_CAP: unlimited)."""
+    configured = settings.max_queue_depth_per_variant.get(variant, settings.max_queue_depth)
+    caps = [c for c in (configured or None, requested) if c is not None]
+    return min(caps) if caps else NO_CAP
+
+
+def rate_key(key_id: str) -> str:
+    return f"{PREFIX}limits:rate:{key_id}"
+
+
+def active_key(key_id: str) -> str:
+    return f"{PREFIX}limits:active:{key_id}"
+
+
+class QueueFull(Exception):
+    """A variant's queue is at its cap: the event that would add to it is to be kept and tried again."""
+
+    def __init__(self, variant: str, retry_after: int):
+        super().__init__(f"the queue of {variant} is full")
+        self.variant, self.retry_after = variant, retry_after
+
+
+class Limiter:
+    def __init__(self, client: redis.Redis, settings: Settings):
+        self.redis = client
+        self.settings = settings
+        self._admit = client.register_script(_ADMIT)
+
+    def admit(self, *, key_id: str, request_id: str, variant: str | None, max_concurrent: int | None = None,
+              requests_per_minute: int | None = None, max_queue_length: int | None = None) -> Refusal | None:
+        """None when the request may be enqueued (and is now counted); else why not. `variant` None: the
+        request will not wait in a queue (rejected input), so no queue cap applies."""
+        cap = NO_CAP if variant is None else queue_cap(self.settings, variant, max_queue_length)
+        if cap == NO_CAP and not max_concurrent and not requests_per_minute:
+            return None  # nothing to check: no round trip
+        reason, retry_after = self._admit(
+            keys=[rate_key(key_id), active_key(key_id), JobStore.pending_key(variant or "")],
+            args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, JobStore.job_key(""),
+                  UNADMITTED_GRACE, self.settings.job_record_ttl, self.settings.queue_full_retry_after])
+        return None if reason == "ok" else Refusal(reason, int(retry_after))
+
+    def queue_has_room(self, variant: str) -> bool:
+        """Whether `variant`'s queue is under its configured cap (S3 events wait in SQS while it is not)."""
+        cap = queue_cap(self.settings, variant)
+        return cap == NO_CAP or self.redis.zcard(JobStore.pending_key(variant)) < cap
