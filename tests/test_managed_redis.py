@@ -10,6 +10,7 @@ The services are subprocesses (`python -m producer.gateway`, `python -m producer
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from common.redis_conn import redis_client
 from common.settings import Settings
@@ -44,6 +47,7 @@ from tests.redis_topologies import SentinelGroup, TlsRedis, tls_redis_binary
 from tests.test_gateway_support import api_keys_setting
 
 TLS_BINARY = tls_redis_binary()
+FAILOVER_JOBS = int(os.environ.get("FAILOVER_JOBS", "24"))  # `make chaos`: 200
 needs_tls = pytest.mark.skipif(TLS_BINARY is None, reason="no redis-server built with TLS (`make test` installs "
                                "Debian's redis-server)")
 
@@ -164,13 +168,14 @@ def test_tls_acl_and_client_certificate_for_every_redis_user(moto_endpoint: str,
     server = TlsRedis(TLS_BINARY, tmp_path).start()
     c = server.certs
     # The server really insists: no client certificate, or a wrong password, is refused.
+    once = {"retry": Retry(NoBackoff(), 0), "socket_timeout": 3}
     with pytest.raises(redis.ConnectionError):
         redis.Redis(host="127.0.0.1", port=server.port, ssl=True, ssl_ca_certs=str(c.ca), username=server.username,
-                    password=server.password, socket_timeout=5).ping()
+                    password=server.password, **once).ping()
     with pytest.raises(redis.AuthenticationError):
-        server.client(password="wrong").ping()
-    with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=server.port, socket_timeout=2).ping()  # plain TCP on the TLS port
+        server.client(password="wrong", **once).ping()
+    with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+        redis.Redis(port=server.port, **once).ping()  # plain TCP on the TLS port
     redis_env = {
         "BIREFNET_REDIS_URL": f"rediss://127.0.0.1:{server.port}/0",
         "BIREFNET_REDIS_USERNAME": server.username, "BIREFNET_REDIS_PASSWORD": server.password,
@@ -214,9 +219,9 @@ def test_sentinel_failover_during_a_run_loses_nothing_and_repeats_nothing(moto_e
     try:
         stack.start(workers=2)
         submitted = Submitted()
-        thread = threading.Thread(target=submit_some, args=(stack, receiver, submitted, 40, 4), daemon=True)
+        thread = threading.Thread(target=submit_some, args=(stack, receiver, submitted, FAILOVER_JOBS, 4), daemon=True)
         thread.start()
-        wait_for(lambda: len(submitted.api) + len(submitted.s3_keys) >= 12, 120, "jobs flowing")
+        wait_for(lambda: len(submitted.api) + len(submitted.s3_keys) >= FAILOVER_JOBS // 3, 120, "jobs flowing")
         old = group.kill_master()
         wait_for(lambda: group.master_port() not in (None, old), 60, "the sentinels to promote a replica")
         thread.join(timeout=300)
