@@ -21,6 +21,7 @@ def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
     app = Celery(name, broker=broker.url)
     app.conf.update(
         broker_use_ssl=broker.use_ssl,
+        broker_transport=broker.transport,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -17,6 +17,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+import kombu.transport.redis as kombu_redis
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
@@ -109,13 +110,41 @@ def async_redis_client(settings: Settings, *, decode_responses: bool = True, **o
     return aioredis.Redis(host=target.host, port=target.port, **kwargs)
 
 
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection.
+
+    When a failover drops the broker connection, kombu closes the channel and then restores its
+    unacknowledged messages through a fresh pool, built from connection details that are gone by then
+    (AttributeError on `conninfo.hostname`); Celery takes that for an unrecoverable error and the process
+    exits. A Sentinel-managed pool asks the sentinels for the master at every new connection, so the pool
+    built before serves the restore, on the new master.
+    """
+
+    def _get_pool(self, asynchronous: bool = False):
+        kept = self.__dict__.setdefault("_kept_pools", {})
+        if self.connection.client is None and asynchronous in kept:
+            return kept[asynchronous]
+        pool = super()._get_pool(asynchronous)
+        kept[asynchronous] = pool
+        return pool
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
+
+
 @dataclass(frozen=True)
 class BrokerOptions:
-    """What Celery needs: `broker_url`, extra `broker_transport_options`, and `broker_use_ssl`."""
+    """What Celery needs: `broker_url`, extra `broker_transport_options`, `broker_use_ssl`, and the kombu
+    transport (None: the URL's scheme decides)."""
 
     url: str
     transport_options: dict
     use_ssl: dict | None
+    transport: str | None = None
 
 
 def celery_broker(settings: Settings) -> BrokerOptions:
@@ -131,7 +160,8 @@ def celery_broker(settings: Settings) -> BrokerOptions:
         # kombu: `sentinel://[user:password@]host:port/db;sentinel://...`; the credentials are the master's.
         url = ";".join(f"sentinel://{userinfo}{host}:{port}/{target.db}" for host, port in target.sentinels)
         sentinel_kwargs = {k: v for k, v in target.sentinel_kwargs().items() if v is not None}
-        return BrokerOptions(url, {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs}, use_ssl)
+        return BrokerOptions(url, {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs}, use_ssl,
+                             SENTINEL_TRANSPORT)
     scheme = "rediss" if target.tls else "redis"
     host = f"[{target.host}]" if ":" in target.host else target.host
     return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)

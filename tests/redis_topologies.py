@@ -127,7 +127,11 @@ class TlsRedis:
                 "--user", self.username, "on", f">{self.password}", "~*", "&*", "+@all"]
         log = open(self.directory / "redis-tls.log", "w")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        _wait_ping(self.client(), self.process, "the TLS redis-server")
+        try:
+            _wait_ping(self.client(), self.process, "the TLS redis-server")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def client(self, **overrides) -> redis.Redis:
@@ -165,6 +169,13 @@ class SentinelGroup:
         return proc
 
     def start(self) -> SentinelGroup:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelGroup:
         self.data_ports = [free_port() for _ in range(1 + self.replicas)]
         master = self.data_ports[0]
         for n, port in enumerate(self.data_ports):

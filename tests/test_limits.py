@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 import redis
 
@@ -174,3 +175,24 @@ def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
     uploads = {key for key in store.redis.scan_iter("birefnet:job:*") if key.count(":") == 2}
     images = sorted(json.loads(store.redis.hget(k, "spec"))["image_url"] for k in uploads)
     assert images == [f"s3://{settings.input_bucket}/bp/{n}.png" for n in range(5)], "one job per upload"
+
+
+def test_minio_events_get_503_queue_full_until_there_is_room(stack: Stack):
+    from producer.http_events import create_app
+    from tests.test_http_events import minio_body, serve
+    from tests.test_producer import put
+
+    settings = stack.settings.model_copy(update={"max_queue_depth": 1, "queue_full_retry_after": 3})
+    put(stack, "m/one.png")
+    put(stack, "m/two.png")
+    with serve(create_app(settings)) as url:
+        first = httpx.post(f"{url}/s3-events", content=minio_body(settings.input_bucket, "m/one.png"))
+        second = httpx.post(f"{url}/s3-events", content=minio_body(settings.input_bucket, "m/two.png"))
+        assert first.status_code == 200, first.text
+        assert second.status_code == 503 and second.json()["error_type"] == "queue_full"
+        assert second.headers["retry-after"] == "3"
+        store = JobStore.from_url(settings.redis_url)
+        store.cancel(first.json()["request_ids"][0])  # the queue has room again
+        again = httpx.post(f"{url}/s3-events", content=minio_body(settings.input_bucket, "m/two.png"))
+        assert again.status_code == 200, again.text
+    assert store.get(again.json()["request_ids"][0]).status == "IN_QUEUE"
