@@ -230,6 +230,8 @@ def test_sentinel_failover_during_a_run_loses_nothing_and_repeats_nothing(moto_e
         print("sentinel failover:", json.dumps({"jobs": len(result["ids"]), "refused_and_retried": submitted.refused,
                                                 "old_master": old, "new_master": group.master_port()}))
         assert_every_job_once(result, submitted)
+        crashed = [proc.args for proc in stack.stack.processes if proc.poll() is not None]
+        assert not crashed, f"services exited during the failover: {crashed}"
     finally:
         stack.close()
         receiver.stop()
