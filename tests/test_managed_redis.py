@@ -260,3 +260,43 @@ def test_settings_build_one_consistent_client_and_broker():
     assert broker.transport_options["sentinel_kwargs"]["ssl"] is True and broker.use_ssl is not None
     with pytest.raises(ValueError):
         RedisTarget.from_settings(Settings(redis_url="memcached://x"))
+
+
+def test_sentinel_broker_channel_closes_after_a_lost_connection_and_restores_its_message(tmp_path: Path):
+    """What kombu does when a failover drops the broker connection: the connection's details go, then the
+    channel closes and puts its unacknowledged messages back. kombu's own Sentinel channel raises there (and
+    Celery stops the process as 'unrecoverable'); ours closes and the message is back in its queue."""
+    import kombu
+    import kombu.transport.redis as kombu_redis
+
+    from common.redis_conn import SentinelTransport, celery_broker
+
+    group = SentinelGroup(TLS_BINARY or redis_server_binary(), tmp_path, replicas=1).start()
+    try:
+        settings = Settings(redis_url="redis://x/2", redis_password=group.password,
+                            redis_sentinels=",".join(f"127.0.0.1:{p}" for p in group.sentinel_ports),
+                            redis_sentinel_master=group.master_name)
+        broker = celery_broker(settings)
+        master = redis.Redis(port=group.master_port(), password=group.password, db=2)
+        outcomes = {}
+        for transport in (None, broker.transport):
+            conn = kombu.Connection(broker.url, transport=transport, transport_options=broker.transport_options)
+            queue = kombu.Queue("lost-connection", routing_key="lost-connection")
+            with conn.Producer() as producer:
+                producer.publish({"n": 1}, routing_key="lost-connection", declare=[queue])
+            channel = conn.channel()
+            taken = []
+            kombu.Consumer(channel, [queue], callbacks=[lambda body, message, taken=taken: taken.append(message)]).consume()
+            conn.drain_events(timeout=10)
+            assert taken and master.llen("lost-connection") == 0, "the message is held, unacknowledged"
+            conn.transport.client = None
+            try:
+                channel.close()
+                outcomes[type(conn.transport)] = master.llen("lost-connection")
+            except AttributeError:
+                outcomes[type(conn.transport)] = "AttributeError"
+            master.delete("lost-connection")
+        assert outcomes == {kombu_redis.SentinelTransport: "AttributeError", SentinelTransport: 1}, (
+            "kombu fixed it? then drop common.redis_conn.SentinelChannel")
+    finally:
+        group.stop()
