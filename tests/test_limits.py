@@ -25,7 +25,14 @@ from common.storage import boto_config, make_sqs_client
 from producer.app import build_intake
 from producer.sqs import SqsConsumer
 from tests.conftest import Stack, wait_for
-from tests.test_gateway_support import GatewayStack, data_uri, png_bytes, start_gateway_stack
+from tests.test_gateway_support import (
+    GatewayServer,
+    GatewayStack,
+    auth,
+    data_uri,
+    png_bytes,
+    start_gateway_stack,
+)
 
 V2 = "/queue/fal-ai/birefnet/v2"
 RUN = "/run/fal-ai/birefnet/v2"
@@ -67,8 +74,16 @@ def assert_429(response, error_type: str) -> int:
 
 
 def test_max_concurrent_counts_queued_requests_and_frees_slots_on_completion(gs: GatewayStack):
+    second_gateway = GatewayServer(gs.settings).start()  # another gateway process would see the same Redis
+    try:
+        with httpx.Client(base_url=second_gateway.url, headers=auth(cred("concurrent")), timeout=30) as elsewhere:
+            first = elsewhere.post(V2, json=body()).json()["request_id"]
+            with gs.client(cred("concurrent")) as client:
+                second = client.post(V2, json=body()).json()["request_id"]
+            assert_429(elsewhere.post(V2, json=body()), "concurrency_limit")
+    finally:
+        second_gateway.stop()
     with gs.client(cred("concurrent")) as client, gs.client(cred("free")) as other:
-        first, second = (client.post(V2, json=body()).json()["request_id"] for _ in range(2))
         assert_429(client.post(V2, json=body()), "concurrency_limit")
         assert_429(client.post(RUN, json=body()), "concurrency_limit")  # sync run: the same limit
         assert other.post(V2, json=body()).status_code == 200, "another key is not limited by this one"
