@@ -1,0 +1,233 @@
+"""Bucket intake end to end with real processes: moto's S3/SQS/SNS/EventBridge server, the real producer
+(`python -m producer sqs`), a real worker, webhooks to a real receiver. Event bodies the tests send
+themselves are the providers' documented payloads (tests/event_payloads.py names each source)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import boto3
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from skimage import data as samples
+
+from common import ops_state
+from common.jobs import JobStore
+from common.queue import make_celery
+from common.storage import boto_config
+from ops import control
+from tests import event_payloads as docs
+from tests.conftest import Stack, WebhookReceiver, wait_for
+from tests.test_pipeline_e2e import png_bytes
+
+FAST = {"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}  # CPU: small forward passes, logged as test mode
+
+
+def client(stack: Stack, service: str):
+    url = stack.settings.s3_endpoint_url
+    return boto3.client(service, region_name=stack.settings.aws_region, endpoint_url=url, config=boto_config())
+
+
+def picture(source: np.ndarray, width: int, height: int) -> bytes:
+    return png_bytes(np.asarray(Image.fromarray(source).resize((width, height))))
+
+
+def fetch_image(url: str) -> Image.Image:
+    response = httpx.get(url)
+    response.raise_for_status()
+    return Image.open(io.BytesIO(response.content))
+
+
+def job_records(stack: Stack) -> dict[str, object]:
+    store = JobStore.from_url(stack.settings.redis_url)
+    ids = [k.split(":")[-1] for k in store.redis.scan_iter("birefnet:job:*") if not k.endswith(":logs")]
+    return {rid: store.get(rid) for rid in ids}
+
+
+def queue_counts(sqs, url: str) -> int:
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def by_request(deliveries) -> dict[str, dict]:
+    return {d.json()["request_id"]: d.json() for d in deliveries}
+
+
+@pytest.mark.timeout(420)
+def test_versions_duplicates_and_bad_records_over_sqs(stack: Stack, webhook_receiver: WebhookReceiver):
+    """Two versions of one key whose events both arrive after the second upload, out of order; one of them
+    delivered twice; malformed records between good ones. Every good record completes from its own bytes,
+    one result and one webhook each, and nothing reaches the dead-letter queue."""
+    settings = stack.settings
+    s3, sqs = client(stack, "s3"), client(stack, "sqs")
+    bucket, key = settings.input_bucket, "shots/c++ notes 1 ünï%2F.png"
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={})  # we send the events
+    dlq_url = sqs.create_queue(QueueName=f"dlq-{bucket}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sqs.set_queue_attributes(QueueUrl=settings.sqs_queue_url, Attributes={
+        "VisibilityTimeout": "3",
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})
+
+    meta = {"webhook_url": webhook_receiver.url, "refine_foreground": "false"}
+    sizes = {"v1": (96, 72), "v2": (64, 112)}
+    sources = {"v1": samples.astronaut(), "v2": samples.chelsea()}
+    uploads = {}
+    for name in ("v1", "v2"):
+        put = s3.put_object(Bucket=bucket, Key=key, Body=picture(sources[name], *sizes[name]), Metadata=meta,
+                            ContentType="image/png")
+        uploads[name] = (put["VersionId"], put["ETag"].strip('"'))
+    other_key = "other/plus+and space.png"
+    other = s3.put_object(Bucket=bucket, Key=other_key, Body=picture(samples.coffee(), 80, 60), Metadata=meta)
+
+    def record(name: str, sequencer: str) -> dict:
+        version_id, etag = uploads[name]
+        return docs.aws_record(bucket, key, etag=etag, version_id=version_id, sequencer=sequencer)
+
+    other_record = docs.aws_record(bucket, other_key, etag=other["ETag"].strip('"'), version_id=other["VersionId"])
+    bad_key = docs.aws_record(bucket, "x.png", etag="e")
+    bad_key["s3"]["object"]["key"] = 12
+    batch = {"Records": [None, record("v1", "0A"), {"eventName": "ObjectCreated:Put", "s3": "nope"},
+                         other_record, bad_key, 7]}
+    for body in (docs.aws_notification(record("v2", "0B")), batch,  # v2's event first
+                 docs.aws_notification(record("v1", "0A")),  # v1 delivered a second time
+                 "this is not an event notification"):
+        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
+
+    stack.start(["-m", "producer", "sqs"], "producer")
+    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start_worker("general-light", extra_env=FAST)
+
+    deliveries = by_request(webhook_receiver.wait(3, timeout=300))
+    wait_for(lambda: queue_counts(sqs, settings.sqs_queue_url) == 0, 60, "every message deleted")
+    records = job_records(stack)
+    assert len(records) == 3, {r.spec.image_url for r in records.values()}
+    assert all(r.status == "COMPLETED" and r.ok for r in records.values()), [r.error for r in records.values()]
+    assert set(deliveries) == set(records) and len(webhook_receiver.received) == 3, "one webhook per upload"
+
+    seen = set()
+    for rid, record_ in records.items():
+        body = deliveries[rid]
+        assert body["status"] == "OK", body
+        spec = record_.spec
+        if spec.image_url.startswith(f"s3://{bucket}/{key}?versionId="):
+            name = next(n for n, (v, _) in uploads.items() if spec.input_version == v)
+            assert spec.image_url == f"s3://{bucket}/{key}?versionId={uploads[name][0]}"
+            image = body["payload"]["image"]
+            assert (image["width"], image["height"]) == sizes[name], name
+            cutout = fetch_image(image["url"])
+            want = np.asarray(Image.open(io.BytesIO(picture(sources[name], *sizes[name]))).convert("RGB"))
+            assert np.array_equal(np.asarray(cutout.convert("RGBA"))[..., :3], want), f"{name}: its own pixels"
+            seen.add(name)
+        else:
+            assert spec.image_url == f"s3://{bucket}/{other_key}?versionId={other['VersionId']}"
+    assert seen == {"v1", "v2"}
+    assert queue_counts(sqs, dlq_url) == 0, "nothing reached the dead-letter queue"
+    log = stack.tail("producer", 400)
+    assert "record 0 skipped: the record is missing, not an object" in log
+    assert "record 2 skipped: s3 is a str, not an object" in log and "record 4 skipped" in log
+    assert "dropped: not an event notification" in log
+
+
+@pytest.mark.timeout(420)
+def test_overwrite_while_paused_supersedes_the_first_job(stack: Stack, webhook_receiver: WebhookReceiver):
+    """Unversioned bucket (moto's own S3 -> SQS events): the first upload's job waits on a paused variant,
+    the key is overwritten, then the variant resumes. The first job ends "superseded by a newer upload",
+    the second is cut from the new bytes."""
+    settings = stack.settings
+    s3 = client(stack, "s3")
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    ops_state.set_paused(r, "general-light", "test")
+    stack.start(["-m", "producer", "sqs"], "producer")
+    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start_worker("general-light", name="worker", extra_env=FAST)
+    wait_for(lambda: "is paused" in stack.tail("worker", 200), 60, "the worker to leave its paused queue alone")
+
+    meta = {"webhook_url": webhook_receiver.url}
+    key = "portraits/me + you.png"
+    s3.put_object(Bucket=settings.input_bucket, Key=key, Body=picture(samples.astronaut(), 90, 90), Metadata=meta)
+    wait_for(lambda: len(job_records(stack)) == 1, 60, "the first upload's job")
+    s3.put_object(Bucket=settings.input_bucket, Key=key, Body=picture(samples.chelsea(), 70, 50), Metadata=meta)
+    wait_for(lambda: len(job_records(stack)) == 2, 60, "the second upload's job")
+    assert all(rec.status == "IN_QUEUE" for rec in job_records(stack).values())
+    control.resume(r, make_celery(settings), settings, "general-light")
+
+    deliveries = webhook_receiver.wait(2, timeout=300)
+    by_status = {d.json()["status"]: d.json() for d in deliveries}
+    assert set(by_status) == {"OK", "ERROR"}, [d.json() for d in deliveries]
+    (detail,) = by_status["ERROR"]["payload"]["detail"]
+    assert detail["type"] == "file_download_error" and "superseded by a newer upload" in detail["msg"]
+    image = by_status["OK"]["payload"]["image"]
+    assert (image["width"], image["height"]) == (70, 50)
+    records = job_records(stack)
+    failed = records[by_status["ERROR"]["request_id"]]
+    assert failed.spec.input_etag and failed.spec.image_url == f"s3://{settings.input_bucket}/{key}"
+
+
+@pytest.mark.timeout(420)
+def test_eventbridge_and_sns_routes_end_to_end(stack: Stack, webhook_receiver: WebhookReceiver):
+    """S3 -> EventBridge -> SQS, S3 -> SNS -> SQS (envelope and raw delivery), all delivered by moto, plus a
+    documented EventBridge event for a versioned object; events from a bucket outside the allow-list and
+    from the output bucket are ignored with the reason logged."""
+    settings = stack.settings
+    s3, sqs, sns, events = (client(stack, s) for s in ("s3", "sqs", "sns", "events"))
+    queue_arn = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url,
+                                         AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    suffix = settings.input_bucket.removeprefix("in-")
+    eb, via_sns, raw, stray = (f"{p}-{suffix}" for p in ("eb", "sns", "raw", "stray"))
+    for bucket in (eb, via_sns, raw, stray):
+        s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_notification_configuration(Bucket=eb, NotificationConfiguration={"EventBridgeConfiguration": {}})
+    events.put_rule(Name=f"uploads-{suffix}", EventPattern=json.dumps(
+        {"source": ["aws.s3"], "detail-type": ["Object Created"], "detail": {"bucket": {"name": [eb]}}}))
+    events.put_targets(Rule=f"uploads-{suffix}", Targets=[{"Id": "queue", "Arn": queue_arn}])
+    for bucket, raw_delivery in ((via_sns, "false"), (raw, "true")):
+        topic = sns.create_topic(Name=f"t-{bucket}")["TopicArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn,
+                      Attributes={"RawMessageDelivery": raw_delivery})
+        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [
+            {"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}]})
+    s3.put_bucket_versioning(Bucket=settings.input_bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_notification_configuration(Bucket=settings.input_bucket, NotificationConfiguration={})
+
+    allowed = ",".join((settings.input_bucket, eb, via_sns, raw))
+    stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_INPUT_BUCKETS": allowed})
+    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start_worker("general-light", extra_env=FAST)
+
+    meta = {"webhook_url": webhook_receiver.url}
+    keys = {eb: "bridge/c++ notes 1.png", via_sns: "sns/100% ünï 猫.png", raw: "raw/a%2Fb plus+.png"}
+    sizes = {eb: (64, 48), via_sns: (40, 72), raw: (56, 56)}
+    for bucket, key in keys.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=picture(samples.astronaut(), *sizes[bucket]), Metadata=meta)
+    documented_key = "documented/Object Created.png"
+    put = s3.put_object(Bucket=settings.input_bucket, Key=documented_key, Body=picture(samples.coffee(), 50, 30),
+                        Metadata=meta)
+    sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.eventbridge_object_created(
+        settings.input_bucket, documented_key, etag=put["ETag"].strip('"'), version_id=put["VersionId"])))
+    s3.put_object(Bucket=stray, Key="misrouted.png", Body=b"x")  # no notification: send its event by hand
+    for bucket in (stray, settings.output_bucket):
+        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.aws_notification(
+            docs.aws_record(bucket, "misrouted.png", etag="e"))))
+
+    deliveries = by_request(webhook_receiver.wait(4, timeout=300))
+    records = job_records(stack)
+    assert len(records) == 4 and set(records) == set(deliveries)
+    found = {}
+    for rid, record in records.items():
+        assert deliveries[rid]["status"] == "OK", deliveries[rid]
+        found[record.spec.image_url] = deliveries[rid]["payload"]["image"]
+    for bucket, key in keys.items():
+        image = found[f"s3://{bucket}/{key}"]
+        assert (image["width"], image["height"]) == sizes[bucket], key
+    documented = found[f"s3://{settings.input_bucket}/{documented_key}?versionId={put['VersionId']}"]
+    assert (documented["width"], documented["height"]) == (50, 30)
+    wait_for(lambda: "is not an input bucket" in stack.tail("producer", 400), 30, "the misrouted event's log line")
+    log = stack.tail("producer", 400)
+    assert f"bucket '{stray}' is not an input bucket" in log
+    assert f"it is in the output bucket '{settings.output_bucket}'" in log
