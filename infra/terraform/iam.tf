@@ -74,7 +74,8 @@ data "aws_iam_policy_document" "producer" {
   statement {
     sid       = "ReadInputs"
     effect    = "Allow"
-    actions   = ["s3:GetObject"] # also authorises HeadObject
+    # GetObject also authorises HeadObject; GetObjectVersion the same with a VersionId (versioned buckets).
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
     resources = ["${aws_s3_bucket.input.arn}/*"]
   }
 
@@ -139,7 +140,7 @@ data "aws_iam_policy_document" "worker" {
   statement {
     sid       = "ReadInputs"
     effect    = "Allow"
-    actions   = ["s3:GetObject"]
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"] # jobs from versioned buckets read one version
     resources = ["${aws_s3_bucket.input.arn}/*"]
   }
 
