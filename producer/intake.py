@@ -75,13 +75,13 @@ _PRECONDITION = ("412", "PreconditionFailed")
 _REFUSED = ("400", "InvalidArgument", "InvalidRequest", "NoSuchBucket", "InvalidBucketName")
 _HEX = re.compile(r"^[0-9A-Fa-f]{1,64}$")
 
-# Newest sequencer seen per unversioned key (hash seq, etag); 'stale' with the newer ETag when ARGV is older.
+# Newest sequencer handled per unversioned key (hash seq, etag): replaced only by a newer one.
 _SEQUENCE = """
 local seq = redis.call('HGET', KEYS[1], 'seq')
-if seq and seq > ARGV[1] then return {'stale', redis.call('HGET', KEYS[1], 'etag') or ''} end
+if seq and seq > ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'etag', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {'ok', ''}
+return 1
 """
 
 
@@ -160,6 +160,10 @@ class Intake:
         if reason:
             log.info("ignoring %s (%s): %s", named, event.event_name, reason)
             return None
+        if not event.version_id:
+            stale = self._stale(event)  # before any S3 call: a stale event needs none
+            if stale:
+                return self._superseded(event, stale)
         event, info, problem = self._locate(event)
         if problem == "gone":
             log.warning("%s is gone (deleted before its event was handled); event dropped", named)
@@ -171,22 +175,29 @@ class Intake:
             return None
         version_id = event.version_id or info.version_id
         if version_id is None:
-            stale = self._stale(event, info)
-            if stale:
-                return self._superseded(event, stale)
+            self._record_sequence(event, info)
         return self._enqueue(event, info, version_id)
 
-    def _stale(self, event: ObjectCreated, info: ObjectInfo) -> str | None:
-        """Why an unversioned event is older than one already handled for its key, else None."""
+    def _sequence_key(self, event: ObjectCreated) -> str:
+        digest = hashlib.sha256(f"{event.bucket}\0{event.key}".encode()).hexdigest()[:32]
+        return f"{PREFIX}keyseq:{digest}"
+
+    def _stale(self, event: ObjectCreated) -> str | None:
+        """Why an unversioned event is older than one already handled for its key (and names other
+        content), else None."""
         seq = _sequence_value(event.sequencer)
-        if seq is None:
+        if seq is None or not event.etag:
             return None
-        digest = hashlib.sha256(f"{event.bucket}/{event.key}".encode()).hexdigest()[:32]
-        outcome, newer_etag = self._sequence(keys=[f"{PREFIX}keyseq:{digest}"],
-                                             args=[seq, info.etag, self.settings.job_record_ttl])
-        if outcome == "stale" and newer_etag != (event.etag or info.etag):
-            return f"a newer upload of the key (ETag {newer_etag}) was handled first (sequencer {event.sequencer})"
+        newest, newest_etag = self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"])
+        if newest and newest > seq and newest_etag != event.etag:
+            return (f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
+                    f"(sequencer {event.sequencer}) is stale")
         return None
+
+    def _record_sequence(self, event: ObjectCreated, info: ObjectInfo) -> None:
+        seq = _sequence_value(event.sequencer)
+        if seq is not None:
+            self._sequence(keys=[self._sequence_key(event)], args=[seq, info.etag, self.settings.job_record_ttl])
 
     def _upload_key(self, event: ObjectCreated, pin: str) -> str:
         digest = hashlib.sha256(f"{event.bucket}\0{event.key}\0{pin}".encode()).hexdigest()[:32]

@@ -144,3 +144,36 @@ def test_minio_and_ceph_bodies_keys_bad_records_and_allow_list(stack: Stack, cap
     assert "outside bucket" in text and "input prefixes ['in/']" in text
     assert "bucket 'someone-else' is not an input bucket" in text
     assert f"it is in the output bucket '{settings.output_bucket}'" in text
+
+
+def test_stale_and_overwritten_events_are_superseded_once(stack: Stack):
+    """Unversioned key: an event older (by sequencer) than one already handled, or naming an ETag the key
+    no longer has, ends as one 'superseded' job (no job that could run); redelivery finds that job."""
+    settings, bucket = stack.settings, stack.settings.input_bucket
+    key, other = "stale/c++ shot.png", "stale/overwritten.png"
+    etag_a = put(stack, key, body=b"first upload")
+    etag_b = put(stack, key, body=b"second upload")
+    etag_c = put(stack, other, body=b"third upload")
+    put(stack, other, body=b"fourth upload")
+
+    def body(k: str, etag: str, sequencer: str) -> dict:
+        return docs.aws_notification(docs.aws_record(bucket, k, etag=etag, sequencer=sequencer))
+
+    with serve(create_app(settings)) as url:
+        newer = httpx.post(f"{url}/s3-events", json=body(key, etag_b, "0060D9D2B9F3A1C4E0")).json()["request_ids"]
+        stale = httpx.post(f"{url}/s3-events", json=body(key, etag_a, "0060D9D2B9F3A1C4D0")).json()["request_ids"]
+        again = httpx.post(f"{url}/s3-events", json=body(key, etag_a, "0060D9D2B9F3A1C4D0")).json()["request_ids"]
+        gone = httpx.post(f"{url}/s3-events", json=body(other, etag_c, "0061")).json()["request_ids"]
+    assert len(newer) == len(stale) == len(gone) == 1 and stale == again and stale != newer
+    (queued,) = queued_specs(stack, "birefnet.general-light")
+    assert queued["request_id"] == newer[0] and queued["input_etag"] == etag_b, "only the current upload runs"
+    store = JobStore.from_url(settings.redis_url)
+    for rid, why in ((stale[0], "is stale"), (gone[0], "replaced by a newer upload")):
+        record = store.get(rid)
+        assert record.status == "COMPLETED" and record.error_type == "file_download_error"
+        assert "superseded by a newer upload" in record.error and why in record.error, record.error
+        s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
+                          config=boto_config())
+        document = json.loads(s3.get_object(Bucket=settings.output_bucket,
+                                            Key=record.spec.output_prefix + "result.json")["Body"].read())
+        assert "superseded" in document["detail"][0]["msg"]
