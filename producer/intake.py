@@ -164,7 +164,13 @@ class Intake:
             stale = self._stale(event)  # before any S3 call: a stale event needs none
             if stale:
                 return self._superseded(event, stale)
-        event, info, problem = self._locate(event)
+        located, info, problem = self._locate(event)
+        if located.key != event.key:  # found under the key's other reading: apply the rules to that one
+            reason = self.ignore_reason(located)
+            if reason:
+                log.info("ignoring %s (%s): %s", s3_url(located.bucket, located.key), event.event_name, reason)
+                return None
+        event = located
         if problem == "gone":
             log.warning("%s is gone (deleted before its event was handled); event dropped", named)
             return None
