@@ -58,11 +58,40 @@ def by_request(deliveries) -> dict[str, dict]:
     return {d.json()["request_id"]: d.json() for d in deliveries}
 
 
-@pytest.mark.timeout(420)
-def test_versions_duplicates_and_bad_records_over_sqs(stack: Stack, webhook_receiver: WebhookReceiver):
-    """Two versions of one key whose events both arrive after the second upload, out of order; one of them
-    delivered twice; malformed records between good ones. Every good record completes from its own bytes,
-    one result and one webhook each, and nothing reaches the dead-letter queue."""
+def routes(stack: Stack) -> dict[str, str]:
+    """Buckets whose uploads reach the event queue by moto's own delivery: S3 -> EventBridge -> SQS,
+    S3 -> SNS -> SQS (envelope) and S3 -> SNS -> SQS (raw delivery); plus one no route reaches."""
+    settings = stack.settings
+    s3, sqs, sns, events = (client(stack, s) for s in ("s3", "sqs", "sns", "events"))
+    queue_arn = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url,
+                                         AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    suffix = settings.input_bucket.removeprefix("in-")
+    buckets = {p: f"{p}-{suffix}" for p in ("eventbridge", "sns", "raw", "stray")}
+    for bucket in buckets.values():
+        s3.create_bucket(Bucket=bucket)
+    eb = buckets["eventbridge"]
+    s3.put_bucket_notification_configuration(Bucket=eb, NotificationConfiguration={"EventBridgeConfiguration": {}})
+    events.put_rule(Name=f"uploads-{suffix}", EventPattern=json.dumps(
+        {"source": ["aws.s3"], "detail-type": ["Object Created"], "detail": {"bucket": {"name": [eb]}}}))
+    events.put_targets(Rule=f"uploads-{suffix}", Targets=[{"Id": "queue", "Arn": queue_arn}])
+    for bucket, raw_delivery in ((buckets["sns"], "false"), (buckets["raw"], "true")):
+        topic = sns.create_topic(Name=f"t-{bucket}")["TopicArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn,
+                      Attributes={"RawMessageDelivery": raw_delivery})
+        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [
+            {"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}]})
+    return buckets
+
+
+@pytest.mark.timeout(480)
+def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_receiver: WebhookReceiver):
+    """Over SQS, one producer and one worker:
+    - two versions of one key whose events both arrive after the second upload, out of order, one of them
+      delivered twice, with malformed records between good ones: each version is cut from its own bytes,
+      one result and one webhook each, every message deleted, nothing in the dead-letter queue;
+    - S3 -> EventBridge -> SQS and S3 -> SNS -> SQS (envelope and raw), delivered by moto, and a documented
+      EventBridge event for a versioned object: keys with '+', spaces, '%', unicode arrive intact;
+    - events for a bucket outside the allow-list and for the output bucket are ignored, the log says why."""
     settings = stack.settings
     s3, sqs = client(stack, "s3"), client(stack, "sqs")
     bucket, key = settings.input_bucket, "shots/c++ notes 1 ünï%2F.png"
@@ -71,8 +100,9 @@ def test_versions_duplicates_and_bad_records_over_sqs(stack: Stack, webhook_rece
     dlq_url = sqs.create_queue(QueueName=f"dlq-{bucket}")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sqs.set_queue_attributes(QueueUrl=settings.sqs_queue_url, Attributes={
-        "VisibilityTimeout": "3",
+        "VisibilityTimeout": "10",
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})
+    buckets = routes(stack)
 
     meta = {"webhook_url": webhook_receiver.url, "refine_foreground": "false"}
     sizes = {"v1": (96, 72), "v2": (64, 112)}
@@ -99,39 +129,56 @@ def test_versions_duplicates_and_bad_records_over_sqs(stack: Stack, webhook_rece
                  "this is not an event notification"):
         sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
 
-    stack.start(["-m", "producer", "sqs"], "producer")
+    route_keys = {buckets["eventbridge"]: "bridge/c++ notes 1.png", buckets["sns"]: "sns/100% ünï 猫.png",
+                  buckets["raw"]: "raw/a%2Fb plus+.png"}
+    route_sizes = dict(zip(route_keys, ((64, 48), (40, 72), (56, 56)), strict=True))
+    for route_bucket, route_key in route_keys.items():
+        s3.put_object(Bucket=route_bucket, Key=route_key, Body=picture(samples.astronaut(), *route_sizes[route_bucket]),
+                      Metadata=meta)
+    documented_key = "documented/Object Created.png"
+    documented = s3.put_object(Bucket=bucket, Key=documented_key, Body=picture(samples.coffee(), 50, 30),
+                               Metadata=meta)
+    sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.eventbridge_object_created(
+        bucket, documented_key, etag=documented["ETag"].strip('"'), version_id=documented["VersionId"])))
+    s3.put_object(Bucket=buckets["stray"], Key="misrouted.png", Body=b"x")  # no route: its event sent by hand
+    for ignored in (buckets["stray"], settings.output_bucket):
+        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.aws_notification(
+            docs.aws_record(ignored, "misrouted.png", etag="e"))))
+
+    allowed = ",".join((bucket, buckets["eventbridge"], buckets["sns"], buckets["raw"]))
+    stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_INPUT_BUCKETS": allowed})
     stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light", extra_env=FAST)
 
-    deliveries = by_request(webhook_receiver.wait(3, timeout=300))
-    wait_for(lambda: queue_counts(sqs, settings.sqs_queue_url) == 0, 60, "every message deleted")
+    deliveries = by_request(webhook_receiver.wait(7, timeout=360))
+    wait_for(lambda: queue_counts(sqs, settings.sqs_queue_url) == 0, 90, "every message deleted")
     records = job_records(stack)
-    assert len(records) == 3, {r.spec.image_url for r in records.values()}
+    assert len(records) == 7, sorted(r.spec.image_url for r in records.values())
     assert all(r.status == "COMPLETED" and r.ok for r in records.values()), [r.error for r in records.values()]
-    assert set(deliveries) == set(records) and len(webhook_receiver.received) == 3, "one webhook per upload"
+    assert set(deliveries) == set(records) and len(webhook_receiver.received) == 7, "one webhook per upload"
+    assert all(body["status"] == "OK" for body in deliveries.values())
+    found = {r.spec.image_url: (r, deliveries[rid]["payload"]["image"]) for rid, r in records.items()}
 
-    seen = set()
-    for rid, record_ in records.items():
-        body = deliveries[rid]
-        assert body["status"] == "OK", body
-        spec = record_.spec
-        if spec.image_url.startswith(f"s3://{bucket}/{key}?versionId="):
-            name = next(n for n, (v, _) in uploads.items() if spec.input_version == v)
-            assert spec.image_url == f"s3://{bucket}/{key}?versionId={uploads[name][0]}"
-            image = body["payload"]["image"]
-            assert (image["width"], image["height"]) == sizes[name], name
-            cutout = fetch_image(image["url"])
-            want = np.asarray(Image.open(io.BytesIO(picture(sources[name], *sizes[name]))).convert("RGB"))
-            assert np.array_equal(np.asarray(cutout.convert("RGBA"))[..., :3], want), f"{name}: its own pixels"
-            seen.add(name)
-        else:
-            assert spec.image_url == f"s3://{bucket}/{other_key}?versionId={other['VersionId']}"
-    assert seen == {"v1", "v2"}
+    for name, (version_id, _) in uploads.items():  # each version from its own bytes
+        record_, image = found[f"s3://{bucket}/{key}?versionId={version_id}"]
+        assert record_.spec.input_version == version_id
+        assert (image["width"], image["height"]) == sizes[name], name
+        want = np.asarray(Image.open(io.BytesIO(picture(sources[name], *sizes[name]))).convert("RGB"))
+        assert np.array_equal(np.asarray(fetch_image(image["url"]).convert("RGBA"))[..., :3], want), name
+    assert f"s3://{bucket}/{other_key}?versionId={other['VersionId']}" in found
+    for route_bucket, route_key in route_keys.items():
+        _, image = found[f"s3://{route_bucket}/{route_key}"]
+        assert (image["width"], image["height"]) == route_sizes[route_bucket], route_key
+    _, image = found[f"s3://{bucket}/{documented_key}?versionId={documented['VersionId']}"]
+    assert (image["width"], image["height"]) == (50, 30)
+
     assert queue_counts(sqs, dlq_url) == 0, "nothing reached the dead-letter queue"
-    log = stack.tail("producer", 400)
+    log = stack.tail("producer", 600)
     assert "record 0 skipped: the record is missing, not an object" in log
     assert "record 2 skipped: s3 is a str, not an object" in log and "record 4 skipped" in log
     assert "dropped: not an event notification" in log
+    assert f"bucket '{buckets['stray']}' is not an input bucket" in log
+    assert f"it is in the output bucket '{settings.output_bucket}'" in log
 
 
 @pytest.mark.timeout(420)
@@ -167,67 +214,3 @@ def test_overwrite_while_paused_supersedes_the_first_job(stack: Stack, webhook_r
     records = job_records(stack)
     failed = records[by_status["ERROR"]["request_id"]]
     assert failed.spec.input_etag and failed.spec.image_url == f"s3://{settings.input_bucket}/{key}"
-
-
-@pytest.mark.timeout(420)
-def test_eventbridge_and_sns_routes_end_to_end(stack: Stack, webhook_receiver: WebhookReceiver):
-    """S3 -> EventBridge -> SQS, S3 -> SNS -> SQS (envelope and raw delivery), all delivered by moto, plus a
-    documented EventBridge event for a versioned object; events from a bucket outside the allow-list and
-    from the output bucket are ignored with the reason logged."""
-    settings = stack.settings
-    s3, sqs, sns, events = (client(stack, s) for s in ("s3", "sqs", "sns", "events"))
-    queue_arn = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url,
-                                         AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    suffix = settings.input_bucket.removeprefix("in-")
-    eb, via_sns, raw, stray = (f"{p}-{suffix}" for p in ("eb", "sns", "raw", "stray"))
-    for bucket in (eb, via_sns, raw, stray):
-        s3.create_bucket(Bucket=bucket)
-    s3.put_bucket_notification_configuration(Bucket=eb, NotificationConfiguration={"EventBridgeConfiguration": {}})
-    events.put_rule(Name=f"uploads-{suffix}", EventPattern=json.dumps(
-        {"source": ["aws.s3"], "detail-type": ["Object Created"], "detail": {"bucket": {"name": [eb]}}}))
-    events.put_targets(Rule=f"uploads-{suffix}", Targets=[{"Id": "queue", "Arn": queue_arn}])
-    for bucket, raw_delivery in ((via_sns, "false"), (raw, "true")):
-        topic = sns.create_topic(Name=f"t-{bucket}")["TopicArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn,
-                      Attributes={"RawMessageDelivery": raw_delivery})
-        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [
-            {"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}]})
-    s3.put_bucket_versioning(Bucket=settings.input_bucket, VersioningConfiguration={"Status": "Enabled"})
-    s3.put_bucket_notification_configuration(Bucket=settings.input_bucket, NotificationConfiguration={})
-
-    allowed = ",".join((settings.input_bucket, eb, via_sns, raw))
-    stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_INPUT_BUCKETS": allowed})
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
-    stack.start_worker("general-light", extra_env=FAST)
-
-    meta = {"webhook_url": webhook_receiver.url}
-    keys = {eb: "bridge/c++ notes 1.png", via_sns: "sns/100% ünï 猫.png", raw: "raw/a%2Fb plus+.png"}
-    sizes = {eb: (64, 48), via_sns: (40, 72), raw: (56, 56)}
-    for bucket, key in keys.items():
-        s3.put_object(Bucket=bucket, Key=key, Body=picture(samples.astronaut(), *sizes[bucket]), Metadata=meta)
-    documented_key = "documented/Object Created.png"
-    put = s3.put_object(Bucket=settings.input_bucket, Key=documented_key, Body=picture(samples.coffee(), 50, 30),
-                        Metadata=meta)
-    sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.eventbridge_object_created(
-        settings.input_bucket, documented_key, etag=put["ETag"].strip('"'), version_id=put["VersionId"])))
-    s3.put_object(Bucket=stray, Key="misrouted.png", Body=b"x")  # no notification: send its event by hand
-    for bucket in (stray, settings.output_bucket):
-        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.aws_notification(
-            docs.aws_record(bucket, "misrouted.png", etag="e"))))
-
-    deliveries = by_request(webhook_receiver.wait(4, timeout=300))
-    records = job_records(stack)
-    assert len(records) == 4 and set(records) == set(deliveries)
-    found = {}
-    for rid, record in records.items():
-        assert deliveries[rid]["status"] == "OK", deliveries[rid]
-        found[record.spec.image_url] = deliveries[rid]["payload"]["image"]
-    for bucket, key in keys.items():
-        image = found[f"s3://{bucket}/{key}"]
-        assert (image["width"], image["height"]) == sizes[bucket], key
-    documented = found[f"s3://{settings.input_bucket}/{documented_key}?versionId={put['VersionId']}"]
-    assert (documented["width"], documented["height"]) == (50, 30)
-    wait_for(lambda: "is not an input bucket" in stack.tail("producer", 400), 30, "the misrouted event's log line")
-    log = stack.tail("producer", 400)
-    assert f"bucket '{stray}' is not an input bucket" in log
-    assert f"it is in the output bucket '{settings.output_bucket}'" in log
