@@ -74,8 +74,7 @@ data "aws_iam_policy_document" "producer" {
   statement {
     sid       = "ReadInputs"
     effect    = "Allow"
-    # GetObject also authorises HeadObject; GetObjectVersion the same with a VersionId (versioned buckets).
-    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"] # also HeadObject (with a VersionId: versioned buckets)
     resources = ["${aws_s3_bucket.input.arn}/*"]
   }
 
