@@ -259,3 +259,28 @@ def test_forms_are_labelled_and_keyboard_ordered(gs, browser):
     assert "2304x2304" not in [o.text for o in resolutions.options]
     Select(browser.find_element(By.ID, "model")).select_by_visible_text("General Use (Dynamic)")
     assert "2304x2304" in [o.text for o in resolutions.options]
+
+
+def test_page_data_endpoints(gs):
+    """What the pages read: the endpoints' choices (from the schemas the gateway validates with) and the
+    admin-only ops status; the pages themselves are static and carry a strict CSP."""
+    with gs.client(None) as anonymous:
+        options = anonymous.get("/playground/options.json").json()
+        page = anonymous.get("/playground")
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        assert anonymous.get("/playground/ops").status_code == 200
+        assert anonymous.get("/playground/secrets.txt").status_code == 404
+        assert anonymous.get("/admin/ops/status").status_code == 401
+    v1, v2 = options["endpoints"]["v1"], options["endpoints"]["v2"]
+    assert v2["app_id"] == "fal-ai/birefnet/v2" and len(v2["fields"]["model"]["choices"]) == 6
+    assert v1["fields"]["model"]["choices"] == ["General Use (Light)", "General Use (Heavy)", "Portrait"]
+    assert v2["variants"]["General Use (Light)"] == "general-light" and v1["variants"]["Portrait"] == "v1-portrait"
+    assert "mask_only" in v2["fields"] and "mask_only" not in v1["fields"]
+    assert v2["fields"]["refine_foreground"]["default"] is True and v2["fields"]["output_format"]["default"] == "png"
+    with gs.client(ALICE) as client:
+        assert client.get("/admin/ops/status").status_code == 403
+    with gs.client(OPS) as client:
+        status = client.get("/admin/ops/status", params={"minutes": 5, "all": "true"}).json()
+    assert status["window_seconds"] == 300 and "general-light" in status["variants"]
+    assert len(status["variants"]) > 2, "all=true lists every configured variant"
+    assert [w["variants"] for w in status["workers"]] == [["general-light"]]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, Response
 
 from common.schemas import INPUT_MODELS
 from ops.status import gather_status
@@ -80,8 +80,6 @@ async def playground_asset(name: str) -> Response:
         return _file(PAGES[name])
     if name in ASSETS:
         return _file(name)
-    if name.endswith("/") or name in ("index.html", "playground.html"):
-        return RedirectResponse("/playground")
     raise FalError(404, {"detail": "Not found"})
 
 
