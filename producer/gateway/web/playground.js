@@ -261,7 +261,10 @@ async function showResult(id, final) {
 
 function showImage(id, url, name) {
   const img = $(id);
-  img.onerror = () => addLog(`this browser cannot display ${name || url.slice(0, 80)} as an image`, "WARN", "status");
+  img.onerror = () => {
+    img.hidden = true;
+    addLog(`this browser cannot display ${name || url.slice(0, 80)} as an image`, "WARN", "status");
+  };
   img.src = url;
   img.hidden = false;
 }
