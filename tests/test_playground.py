@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,11 +163,21 @@ def test_upload_shows_cutout_mask_json_and_snippets(gs, browser, tmp_path):
     python = browser.find_element(By.ID, "snippet").text
     assert 'fal_client.subscribe(\n    "fal-ai/birefnet/v2"' in python and '"output_mask": True' in python
     assert f'QUEUE_URL_FORMAT = "{gs.url}/queue/"' in python  # plain http: the client's https formats patched
+    # Copied as is, the Python snippet runs the same request with fal's own client.
+    ran = subprocess.run([sys.executable, "-c", python], env={**os.environ, "FAL_KEY": ALICE}, capture_output=True,
+                         text=True, timeout=180, cwd=ROOT)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1].startswith("http://127.0.0.1:"), ran.stdout
     browser.find_element(By.CSS_SELECTOR, "label[for=lang-js]").click()
     js = browser.find_element(By.ID, "snippet").text
     assert 'fal.subscribe("fal-ai/birefnet/v2"' in js and "output_mask: true" in js
     assert "requestMiddleware" in js and "alice-secret" not in js
     browser.find_element(By.CSS_SELECTOR, "label[for=lang-curl]").click()
+    if shutil.which("curl"):  # the curl snippet's submit, copied as is, queues the same request
+        submit = curl.split("# Then")[0]
+        ran = subprocess.run(["bash", "-c", submit], env={**os.environ, "FAL_KEY": ALICE}, capture_output=True,
+                             text=True, timeout=60)
+        assert json.loads(ran.stdout)["status"] == "IN_QUEUE", ran.stdout + ran.stderr
     screenshot(browser, "playground-result")
 
 
