@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench chaos clean redis-tls
+.PHONY: install test demo up lint bench chaos clean browser redis-tls
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ redis-tls:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } || \
 	  echo "warning: no TLS-capable redis-server; the managed-Redis TLS test will be skipped"
 
-test: $(STAMP) redis-tls
+test: $(STAMP) browser redis-tls
 	$(BIN)/python -m pytest -q -ra
+
+# Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
+# installed when missing and apt-get is there (CI runs as root); otherwise those tests skip locally.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "make browser: no chromium/chromedriver and no root apt-get; the browser tests will skip"; \
+	  fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m devstack demo
