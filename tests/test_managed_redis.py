@@ -159,7 +159,10 @@ def assert_every_job_once(result: dict, submitted: Submitted) -> None:
     assert len(result["ids"]) == len(submitted.api) + len(submitted.s3_keys)
     assert result["failed"] == {}
     assert set(result["webhooks"].values()) == {1}, "one webhook per job"
-    assert set(result["runs"].values()) == {1}, "no job ran to completion twice"
+    # "done in" is a job's last log line, written after its completion: at most one per job. A failover
+    # right after a completion can swallow that line (the job itself is COMPLETED, replicated, with its
+    # webhook), so zero is possible; two would be a job completed twice.
+    assert max(result["runs"].values()) <= 1, "no job ran to completion twice"
 
 
 @needs_tls
@@ -227,8 +230,9 @@ def test_sentinel_failover_during_a_run_loses_nothing_and_repeats_nothing(moto_e
         thread.join(timeout=300)
         assert not thread.is_alive()
         result = stack.outcome(submitted, receiver, timeout=300)
-        print("sentinel failover:", json.dumps({"jobs": len(result["ids"]), "refused_and_retried": submitted.refused,
-                                                "old_master": old, "new_master": group.master_port()}))
+        print("sentinel failover:", json.dumps({
+            "jobs": len(result["ids"]), "refused_and_retried": submitted.refused, "old_master": old,
+            "new_master": group.master_port(), "last_log_line_lost": sum(n == 0 for n in result["runs"].values())}))
         assert_every_job_once(result, submitted)
         crashed = [proc.args for proc in stack.stack.processes if proc.poll() is not None]
         assert not crashed, f"services exited during the failover: {crashed}"
