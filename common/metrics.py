@@ -50,6 +50,9 @@ MODEL_LOAD_SECONDS = Gauge("birefnet_model_load_seconds", "Seconds this worker t
                            "the variant's model.", ["variant"])
 MODEL_UNTRAINED = Gauge("birefnet_model_untrained", "1 when the variant runs on untrained recipe weights "
                         "(results are meaningless).", ["variant"])
+MASKS = Counter("birefnet_masks_total", "Masks a worker used for a job, by where they came from: network (a "
+                "forward pass ran), cache (content cache: same image bytes, variant, weights, resolution) or "
+                "compose (the kept mask of an earlier request).", ["variant", "source"])
 WEBHOOK_DELIVERIES = Counter("birefnet_webhook_deliveries_total", "Webhook delivery attempts by outcome "
                              "(delivered, failed: will retry, gave_up: last retry failed).", ["outcome"])
 PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created events handled by the "

@@ -233,6 +233,28 @@ class Settings(BaseSettings):
         16383, ge=8, description="Largest input width or height, in pixels (16383 is the most a WebP output holds)."
     )
 
+    # --- Beyond fal: compositing, cropping, mask reuse ---
+    mask_cache_seconds: int = Field(
+        24 * 3600, ge=0, description="Lifetime (s) of the content cache: a job whose image bytes, variant, weights "
+        "and operating resolution match an earlier job's (in the same cache scope) reuses that mask instead of "
+        "running the network. 0: off."
+    )
+    mask_cache_uploads_scope: Literal["uploads", "shared"] = Field(
+        "uploads", description="Cache scope of bucket-upload jobs: 'uploads' (among uploads only) or 'shared' (with "
+        "API keys whose entry says \"mask_cache\": \"shared\"; keys default to their own scope)."
+    )
+    mask_cache_wait_seconds: float = Field(
+        60.0, ge=0, description="How long a job waits for an identical job already running the network (same "
+        "cache key) to store its mask, before running the network itself."
+    )
+    jpeg_quality: int = Field(90, ge=1, le=95, description="Quality of JPEG outputs (opaque backgrounds only).")
+    avif_quality: int = Field(80, ge=1, le=100, description="Quality of AVIF outputs (colour and alpha).")
+    test_unsupported_output_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Testing only: output formats (comma-separated, e.g. avif) workers treat as unsupported "
+        "even if their Pillow has them, to test the 422 a server without them answers. Empty: off (always, in "
+        "production)."
+    )
+
     # --- Reliability ---
     test_operating_resolution: str = Field(
         "", pattern=r"^(\d+x\d+)?$", description="Testing only: workers run every job's forward pass at this "
@@ -272,7 +294,7 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
-                     mode="before")
+                     "test_unsupported_output_formats", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # Accept "a,b" as well as JSON lists from the environment.

@@ -29,8 +29,10 @@ from common.schemas import ImageFile, JobSpec
 from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
 from worker.batcher import MaskBatcher
+from worker.compose import check_output_format, render_job_outputs
 from worker.engine import Predictor
 from worker.imaging import EncodedImage, decode_image
+from worker.masks import MaskSource
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class JobRunner:
         self.predictors = predictors
         self.worker_name = worker_name
         self.net_policy = NetPolicy.from_settings(settings)
+        self.masks = MaskSource(settings, store, objects)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
         return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
@@ -205,6 +208,7 @@ class JobRunner:
             raise JobError(f"this worker does not serve variant {spec.variant!r}",
                            error_type="runner_scheduling_failure", status_code=503)
         params = spec.params
+        check_output_format(params.output_format, self.settings)  # a 422 before any work
         timings: dict[str, float] = {}
         log_ = self.store.log
         rid = spec.request_id
@@ -219,29 +223,34 @@ class JobRunner:
         image = decode_image(data, max_pixels=self.settings.max_input_pixels,
                              max_side=self.settings.max_input_side)
         timings["decode"] = time.perf_counter() - t
+        background = self._background(spec)
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
         resolution = self.settings.test_operating_resolution or params.operating_resolution
         width, height = (int(v) for v in resolution.split("x"))
-        log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
+        if not spec.reuse_from:
+            log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
         if resolution != params.operating_resolution:
             log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
                       "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
         if predictor.untrained:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        mask, batch_size = self.batchers[spec.variant].predict(image, (width, height))
-        timings["inference"] = time.perf_counter() - t
+        obtained = self.masks.obtain(spec, data, image, resolution=resolution, weights=predictor.weights_description,
+                                     compute=lambda: self.batchers[spec.variant].predict(image, (width, height)))
+        mask, batch_size = obtained.mask, obtained.batch_size
+        timings["inference" if obtained.source == "network" else "mask_reuse"] = time.perf_counter() - t
+        if obtained.source != "network":
+            log_(rid, obtained.detail)
+            log.info("job %s: %s", rid, obtained.detail)
         if batch_size > 1:
             log_(rid, f"ran in a batch of {batch_size}")
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
         t = time.perf_counter()
-        rendered = predictor.render_outputs(image, mask, output_format=params.output_format,
-                                            output_mask=params.output_mask,
-                                            refine_foreground=params.refine_foreground, mask_only=params.mask_only)
+        rendered = render_job_outputs(predictor, image, mask, params, background=background)
         timings["render"] = time.perf_counter() - t
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
@@ -252,10 +261,26 @@ class JobRunner:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
-        self._finish(spec, token, body=body, inference_time=timings["inference"],
-                     extra={"timings": timings, "weights": predictor.weights_description})
+        self._finish(spec, token, body=body, inference_time=timings.get("inference", 0.0),
+                     extra={"timings": timings, "weights": predictor.weights_description,
+                            "mask_source": obtained.source})
         log_(rid, f"done in {timings['total']:.2f}s")
         return Outcome("done", timings=timings)
+
+    def _background(self, spec: JobSpec):
+        """The decoded background_image_url (same fetcher, guards and limits as image_url), or None."""
+        url = spec.params.background_image_url
+        if not url:
+            return None
+        self.store.log(spec.request_id, "loading background image")
+        try:
+            data = fetch_input(url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
+                               policy=self.net_policy, timeout=self.settings.http_timeout)
+            return decode_image(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+        except JobError as exc:
+            exc.field = "background_image_url"
+            exc.message = f"background_image_url: {exc.message}"
+            raise
 
     def _publish(self, spec: JobSpec, encoded: EncodedImage, stem: str) -> dict:
         file_name = f"{stem}{encoded.extension}"

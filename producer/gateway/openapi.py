@@ -11,14 +11,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from common.schemas import BiRefNetInput, BiRefNetV2Input
+from common.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
 
 REF = "#/components/schemas/{model}"
 
 
 def input_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (BiRefNetInput, BiRefNetV2Input):
+    for model in (BiRefNetInput, BiRefNetV2Input, ComposeInput):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
