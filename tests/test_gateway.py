@@ -246,7 +246,7 @@ def test_invalid_input_completes_with_fastapi_422(gs, alice):
     assert item["loc"] == ["body", "operating_resolution"] and "General Use (Dynamic)" in item["msg"]
     _, scheme = result_of(gs, alice, {"image_url": "ftp://x/a.png"})
     assert scheme.json()["detail"][0]["loc"] == ["body", "image_url"]
-    _, bad_enum = result_of(gs, alice, {"image_url": NOT_AN_IMAGE, "output_format": "jpeg"})
+    _, bad_enum = result_of(gs, alice, {"image_url": NOT_AN_IMAGE, "output_format": "bmp"})
     assert bad_enum.json()["detail"][0]["type"] == "enum"
 
     # Sync run answers the 422 itself; bodies that are not JSON objects are refused at submit.
