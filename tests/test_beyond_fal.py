@@ -440,3 +440,20 @@ def test_python_client_with_extension_arguments_and_compose(gs):
     assert (queued["width"], queued["height"]) == (first["width"] + 2 * round(first["width"] / 10),
                                                    first["height"] + 2 * round(first["height"] / 10))
     assert got["error"]["status"] == 422 and "background_color" in json.dumps(got["error"]["message"])
+
+
+def test_openapi_documents_the_extension_fields_and_compose(gs):
+    with client(gs, ALICE) as c:
+        document = c.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    for name in ("BiRefNetInput", "BiRefNetV2Input", "ComposeInput"):
+        assert {"background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
+                "crop_aspect_ratio", "crop_threshold"} <= set(schemas[name]["properties"]), name
+    assert list(schemas["BiRefNetV2Input"]["properties"])[0] == "image_url", "fal's fields first"
+    for path in ("/queue/fal-ai/birefnet/requests/{request_id}/compose",
+                 "/run/fal-ai/birefnet/requests/{request_id}/compose"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": "#/components/schemas/ComposeInput"} and body["examples"], path
+    submit_examples = document["paths"]["/queue/fal-ai/birefnet/v2"]["post"]["requestBody"]["content"][
+        "application/json"]["examples"]
+    assert any("background_color" in example["value"] for example in submit_examples.values())

@@ -67,6 +67,10 @@ NOT_READY = {400: {"model": ErrorBody, "description": "The source request is sti
 
 def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
     """The kept-mask manifest of the caller's request `source_id`; FalError 404/400 otherwise."""
+    try:
+        uuid.UUID(source_id)  # request ids are UUIDs; anything else names no request (and no S3 key)
+    except ValueError:
+        raise not_found(source_id) from None
     record = gw.store.get(source_id)
     if record is not None and principal.key_id != ANONYMOUS and record.spec.owner != principal.key_id:
         raise not_found(source_id)
