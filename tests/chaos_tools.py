@@ -183,6 +183,7 @@ def chaos_environment(**overrides: str) -> dict[str, str]:
         "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
         "BIREFNET_WEIGHTS_FALLBACK": "none",
         "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
+        "BIREFNET_MASK_CACHE_SECONDS": "0",  # every job runs the network: the load is what it says
         "BIREFNET_TORCH_THREADS": "1",
         "BIREFNET_VISIBILITY_TIMEOUT": "3",
         "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",

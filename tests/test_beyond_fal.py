@@ -64,6 +64,7 @@ def gs(redis_server, moto_endpoint, tmp_path_factory, metrics_port) -> GatewaySt
                                 workers=(), webhooks=False, extra={
                                     "BIREFNET_GATEWAY_API_KEYS": keys_setting(),
                                     "BIREFNET_MAX_INPUT_BYTES": str(MAX_INPUT),
+                                    "BIREFNET_MASK_CACHE_SECONDS": "3600",
                                     "BIREFNET_MASK_CACHE_UPLOADS_SCOPE": "shared",
                                     "BIREFNET_PREFIX_DEFAULTS": json.dumps(PRODUCTS)})
     try:

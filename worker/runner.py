@@ -261,7 +261,8 @@ class JobRunner:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
-        self._finish(spec, token, body=body, inference_time=timings.get("inference", 0.0),
+        # fal's inference_time: the network's seconds, or reading a reused mask's (no network run).
+        self._finish(spec, token, body=body, inference_time=timings.get("inference", timings.get("mask_reuse")),
                      extra={"timings": timings, "weights": predictor.weights_description,
                             "mask_source": obtained.source})
         log_(rid, f"done in {timings['total']:.2f}s")
