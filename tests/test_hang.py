@@ -167,3 +167,23 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
                                            "elapsed": round(time.time() - record.created_at, 1)}))
     finally:
         stack.close()
+
+
+def test_the_forward_hook_cannot_be_enabled_with_trained_weights(tmp_path: Path):
+    from common.settings import Settings
+    from worker.test_hooks import load_forward_hook
+
+    setting = hook_setting(tmp_path, Rule(HANG_ONCE, 0.1, times=1))
+    assert load_forward_hook(Settings(), {VARIANT: False}) is None, "off unless set"
+    with pytest.raises(RuntimeError, match="untrained recipe weights"):
+        load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: False})
+    with pytest.raises(RuntimeError, match="untrained recipe weights"):
+        load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: True, "general-heavy": False})
+    hook = load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: True})
+    assert hook is not None and "width 61" in hook.describe()
+    from PIL import Image
+
+    started = time.monotonic()
+    hook([Image.new("RGB", (HANG_ONCE, 8))])  # the one allowed use: 0.1 s
+    hook([Image.new("RGB", (HANG_ONCE, 8))])  # used up: at once
+    assert (tmp_path / f"forward-hook-{HANG_ONCE}-0").exists() and time.monotonic() - started >= 0.1
