@@ -91,15 +91,16 @@ def chaos_events(stack: ChaosStack, submitted: Submitted, avoid: set[str], figur
     for n in range(KILLS):
         wait_for(lambda n=n: len(submitted.api) + len(submitted.s3_keys) >= (n + 1) * JOBS / (KILLS + 2),
                  JOBS / RATE * 3, "the submissions to move on")
-        killed = stack.kill_busy_worker(avoid)
+        # Generous waits: a worker started just before may still be importing torch on a loaded machine.
+        killed = stack.kill_busy_worker(avoid, timeout=240)
         avoid.add(killed)  # never the same job twice: three deaths would dead-letter it by design
         figures["kills"] += 1
         stack.start_worker(wait=False)
         if n == 0:
-            stack.busy_worker()
+            stack.busy_worker(timeout=240)
             stack.crash_redis(down_seconds=1.5)
         if n == 1:
-            stack.busy_worker()
+            stack.busy_worker(timeout=240)
             stack.s3_outage(seconds=6)
             figures["s3_outage_seconds"] += 6
 
