@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(30, description="Lease a worker holds on a running job, renewed while it runs.")
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
     max_job_attempts: int = Field(3, description="Deliveries of one job before it is ended as failed (poison job).")
+    job_time_limit: float = Field(
+        300.0, gt=0, description="Most seconds one run of a job may take on a worker (download to stored "
+        "result), sized for the largest allowed image at the slowest variant on a GPU; a variant's "
+        "`time_limit` (variant_overrides) overrides it. A run past it ends that attempt (counted, retried on "
+        "another worker; after max_job_attempts: 504 request_timeout, dead-lettered), and a worker whose "
+        "inference thread is stuck that long hands its jobs back and exits for its supervisor to replace."
+    )
 
     # --- S3 / SQS ---
     aws_region: str = Field("us-east-1", description="AWS region for S3 and SQS.")
@@ -277,6 +284,16 @@ class Settings(BaseSettings):
         "WIDTHxHEIGHT (e.g. 128x128) instead of its operating_resolution, so CPU chaos and load tests finish in "
         "minutes; every job's logs say so. Empty: off (always, in production)."
     )
+
+    test_forward_hook: str = Field(
+        "", description="Testing only: JSON rules for tests/forward_hook.py that make chosen forwards hang or "
+        "take a set time (the hang and chaos tests). A worker refuses to start with it unless every variant "
+        "it serves runs untrained recipe weights and tests/ is importable (never in the images). Empty: off."
+    )
+
+    def time_limit(self, variant_id: str) -> float:
+        """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""
+        return self.variants.get(variant_id).time_limit or self.job_time_limit
 
     @staticmethod
     def _input_list(value: object) -> object:

@@ -38,6 +38,7 @@ from tests.test_gateway_support import (
     png_bytes,
     start_gateway_stack,
 )
+from tests.test_webhooks import fal_documented_verify
 
 V1 = "/queue/fal-ai/birefnet"
 V2 = "/queue/fal-ai/birefnet/v2"
@@ -559,6 +560,7 @@ def test_webhook_is_signed_retried_and_failures_listed(gs, alice, receiver):
     deliveries = receiver.wait(3, timeout=30)
     last = deliveries[-1]
     assert verify(last.headers, last.body, jwks)
+    assert fal_documented_verify(last.headers, last.body, jwks), "fal's documented verifier, against our JWKS"
     assert last.headers["X-Fal-Webhook-User-Id"] == "user-alice"
     assert last.json() == {"request_id": rid, "gateway_request_id": rid, "status": "ERROR",
                            "error": "Invalid status code: 422", "payload": last.json()["payload"]}
