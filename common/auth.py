@@ -19,6 +19,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -42,6 +43,10 @@ class ApiKeyConfig(BaseModel):
     requests_per_minute: int | None = Field(
         None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit."
     )
+    mask_cache: Literal["key", "shared"] = Field(
+        "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
+        "'shared' (with every key and bucket upload that shares)."
+    )
 
     @field_validator("hash")
     @classmethod
@@ -62,6 +67,7 @@ class Principal:
     s3_read: tuple[str, ...] = ()
     max_concurrent: int | None = None
     requests_per_minute: int | None = None
+    mask_cache: str = "key"
 
 
 ANONYMOUS_PRINCIPAL = Principal(key_id=ANONYMOUS, user_id=ANONYMOUS, admin=True)
@@ -115,7 +121,8 @@ class KeyRing:
     @staticmethod
     def _principal(key: ApiKeyConfig) -> Principal:
         return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read),
-                         max_concurrent=key.max_concurrent, requests_per_minute=key.requests_per_minute)
+                         max_concurrent=key.max_concurrent, requests_per_minute=key.requests_per_minute,
+                         mask_cache=key.mask_cache)
 
     def cached(self, credential: str | None) -> Principal | None:
         """A credential verified before (no hashing cost beyond one SHA-256)."""
