@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# fal's JS client for the README's JS example test (skipped there when npm is missing).
+JS_DEPS := tests/js/node_modules/.package-lock.json
+
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the JS client test will be skipped"; fi
+
+test: $(STAMP) $(JS_DEPS)
 	$(BIN)/python -m pytest -q -ra
 
 demo: $(STAMP)

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         "better one (logged loudly); 'pin': keep the configured order whatever the check says; 'off': no check."
     )
     patch_order_check_margin: float = Field(
-        0.02, ge=0, description="How much higher (mean |mask - 0.5|, 0..0.5) the other order's confidence must "
+        0.02, ge=0, description="How much higher (mean distance of the mask from 0.5, 0..0.5) the other order's confidence must "
         "be, and on most photos, to count as clearly better; closer than this keeps the configured order."
     )
     patch_order_check_resolution: str = Field(

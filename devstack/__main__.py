@@ -41,10 +41,9 @@ def print_endpoints(stack) -> None:
     host = stack.gateway_url.removeprefix("https://")
     print("Python (fal_client) against the gateway:")
     print(f"  export FAL_KEY=dev FAL_RUN_HOST={host}/run FAL_QUEUE_RUN_HOST={host}/queue SSL_CERT_FILE={ca}")
-    print("JavaScript (@fal-ai/client, Node) against the gateway:")
-    print(f"  export FAL_KEY=dev NODE_EXTRA_CA_CERTS={ca}")
-    print(f"  fal.config({{ requestMiddleware: async (r) => ({{ ...r, url: r.url.replace(/^https:\\/\\/[^/]+/, "
-          f"\"{stack.gateway_url}\") }}) }})")
+    print("JavaScript (@fal-ai/client, Node 18+) against the gateway:")
+    print(f"  export FAL_KEY=dev NODE_EXTRA_CA_CERTS={ca} GATEWAY_URL={stack.gateway_url}")
+    print('  fal.config({ proxyUrl: { url: `${process.env.GATEWAY_URL}/api/fal/proxy`, when: "always" } });')
     print("curl:")
     print(f"  curl --cacert {ca} -H 'Authorization: Key dev' -H 'Content-Type: application/json' \\")
     print(f"       -d '{{\"image_url\": \"https://...\"}}' {stack.gateway_url}/queue/fal-ai/birefnet/v2")
