@@ -59,6 +59,8 @@ class ReadinessReporter:
         self.announced_all = False
 
     def poll(self) -> None:
+        if self.announced_all:
+            return  # nothing more to report (and the logs keep growing with every job)
         for name, variants in self.stack.workers.items():
             path = self.stack.log_dir / f"{name}.log"
             text = path.read_text(errors="replace") if path.exists() else ""
