@@ -254,7 +254,8 @@ def test_compose_packed_override_serves_every_model_in_one_worker():
     assert len(variants) == len(set(variants))
     assert set(variants) == FAL_MODEL_VARIANTS
     assert merged["environment"]["BIREFNET_WORKER_VARIANTS"] == ",".join(variants)
-    assert merged["healthcheck"]["test"] == ["CMD", "test", "-f", READY_FILE]
+    # It keeps the per-model worker's readiness probe, GPU reservation, weights volume and stop grace.
+    assert not {"healthcheck", "deploy", "volumes", "stop_grace_period"} & set(svc)
 
 
 def test_compose_env_names_are_settings_fields():
