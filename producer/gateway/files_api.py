@@ -20,13 +20,14 @@ from typing import Annotated
 from botocore.exceptions import ClientError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from common.auth import Principal, credential_from_header
 from common.signed_urls import make_token, object_url_valid, read_token
 from common.storage import uploads_prefix
-from producer.gateway.inputs import lifecycle_seconds
 from producer.gateway.models import (
     ERRORS,
     ErrorBody,
@@ -34,7 +35,10 @@ from producer.gateway.models import (
     UploadInitiate,
     UploadInitiated,
     UploadToken,
+    ValidationErrorBody,
 )
+from producer.gateway.parsing import content_type as parse_content_type
+from producer.gateway.parsing import json_object_body, lifecycle_seconds
 from producer.gateway.responses import FalError, fal_json
 from producer.gateway.security import Caller, principal
 from producer.gateway.state import Gateway, gateway
@@ -56,15 +60,29 @@ def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
     gw.redis.zadd(OUTPUTS_KEY, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
 
 
-@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, responses={
-    **ERRORS, 400: {"model": ErrorBody, "description": "Body is not JSON"}})
-async def upload_initiate(request: Request, caller: Caller, spec: UploadInitiate | None = None,
-                          storage_type: Annotated[str, Query()] = None,
+def initiate_spec(raw: bytes) -> UploadInitiate:
+    """The body of an upload initiate, parsed like every body (parsing.py); a missing body means defaults."""
+    data = json_object_body(raw)
+    try:
+        return UploadInitiate.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+        raise FalError(422, {"detail": jsonable_encoder(errors)}) from None
+
+
+_INITIATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": UploadInitiate.model_json_schema()}}}}
+
+
+@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, openapi_extra=_INITIATE_BODY,
+             responses={**ERRORS, 400: {"model": ErrorBody, "description": "Malformed lifecycle header"},
+                        422: {"model": ValidationErrorBody, "description": "Body is not a valid JSON object"}})
+async def upload_initiate(request: Request, caller: Caller, storage_type: Annotated[str, Query()] = None,
                           lifecycle: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
                           ) -> Response:
     """Any `storage_type` (fal-cdn-v3, gcs) is served the same way: S3 in our deployment."""
     gw = gateway(request)
-    spec = spec or UploadInitiate()
+    spec = initiate_spec(await request.body())
     key = upload_key(gw, caller.key_id, spec.file_name)
     ttl = lifecycle_seconds(lifecycle)
 
@@ -96,7 +114,9 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
     return await principal(request, authorization)
 
 
-@router.post("/files/upload", response_model=FileUploaded, responses=ERRORS, openapi_extra={
+@router.post("/files/upload", response_model=FileUploaded, responses={
+    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed Content-Type or lifecycle header"}},
+    openapi_extra={
     "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}})
 async def files_upload(
     request: Request,
@@ -108,13 +128,19 @@ async def files_upload(
     """The raw bytes of one file; answers the URL to use as image_url."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
+    stored_type = parse_content_type(content_type) or "application/octet-stream"
+    if lifecycle is not None:
+        ttl = lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle")
+    else:
+        ttl = lifecycle_seconds(request.headers.get("x-fal-object-lifecycle-preference"))
     data = await request.body()
+    if not data:
+        raise FalError.flat(400, "Request body is empty: send the file's bytes", "bad_request")
     key = upload_key(gw, owner.key_id, file_name or "upload.bin")
-    ttl = lifecycle_seconds(lifecycle or request.headers.get("x-fal-object-lifecycle-preference"))
 
     def store() -> str:
         bucket = gw.settings.output_bucket
-        gw.objects.write(bucket, key, data, content_type or "application/octet-stream")
+        gw.objects.write(bucket, key, data, stored_type)
         schedule_deletion(gw, key, ttl)
         return gw.objects.url_for(bucket, key, ttl=ttl, api=True)
 
