@@ -37,8 +37,7 @@ from producer.gateway.models import (
     UploadToken,
     ValidationErrorBody,
 )
-from producer.gateway.parsing import content_type as parse_content_type
-from producer.gateway.parsing import json_object_body, lifecycle_seconds
+from producer.gateway.parsing import json_object_body, lifecycle_seconds, valid_content_type
 from producer.gateway.responses import FalError, fal_json
 from producer.gateway.security import Caller, principal
 from producer.gateway.state import Gateway, gateway
@@ -115,7 +114,7 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
 
 
 @router.post("/files/upload", response_model=FileUploaded, responses={
-    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed Content-Type or lifecycle header"}},
+    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"}},
     openapi_extra={
     "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}})
 async def files_upload(
@@ -124,15 +123,18 @@ async def files_upload(
     content_type: Annotated[str, Header()] = None,
     file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
+    lifecycle_preference: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
 ) -> Response:
-    """The raw bytes of one file; answers the URL to use as image_url."""
+    """The raw bytes of one file; answers the URL to use as image_url. A Content-Type that is not a MIME
+    type only labels the bytes: they are stored as application/octet-stream."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
-    stored_type = parse_content_type(content_type) or "application/octet-stream"
+    stored_type = content_type.strip() if content_type and valid_content_type(content_type.strip()) else (
+        "application/octet-stream")
     if lifecycle is not None:
         ttl = lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle")
     else:
-        ttl = lifecycle_seconds(request.headers.get("x-fal-object-lifecycle-preference"))
+        ttl = lifecycle_seconds(lifecycle_preference)
     data = await request.body()
     if not data:
         raise FalError.flat(400, "Request body is empty: send the file's bytes", "bad_request")

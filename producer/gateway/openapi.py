@@ -12,8 +12,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from common.schemas import BiRefNetInput, BiRefNetV2Input
+from producer.gateway.parsing import MAX_LIFETIME
 
 REF = "#/components/schemas/{model}"
+
+
+# The schemes BiRefNetInput's validator takes (case-insensitive), spelled for every regex dialect.
+IMAGE_URL_PATTERN = r"^([Hh][Tt][Tt][Pp][Ss]?|[Dd][Aa][Tt][Aa]|[Ss]3):"
 
 
 def input_schemas() -> dict[str, Any]:
@@ -21,6 +26,7 @@ def input_schemas() -> dict[str, Any]:
     for model in (BiRefNetInput, BiRefNetV2Input):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
+        schema.get("properties", {}).get("image_url", {}).setdefault("pattern", IMAGE_URL_PATTERN)
         schemas[model.__name__] = schema
     return schemas
 
@@ -34,6 +40,27 @@ COMMON_ERRORS = {
     "500": "Internal gateway error",
     "503": "Job store or queue unreachable; retry shortly",
 }
+
+
+LIFECYCLE_HEADERS = ("x-fal-object-lifecycle-preference", "X-Fal-Object-Lifecycle")
+
+
+def lifecycle_content() -> dict[str, Any]:
+    """What parsing.lifecycle_seconds accepts: a JSON object whose expiration_duration_seconds, when
+    present, is a number of seconds in range (other members, e.g. initial_acl, are ignored)."""
+    seconds = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_LIFETIME}
+    return {"application/json": {"schema": {"type": "object", "properties": {
+        "expiration_duration_seconds": seconds}}}}
+
+
+def describe_lifecycle_headers(schema: dict[str, Any]) -> None:
+    """FastAPI documents these headers as plain strings; they are JSON (OpenAPI's `content` parameters)."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "header" and parameter.get("name") in LIFECYCLE_HEADERS:
+                    parameter.pop("schema", None)
+                    parameter["content"] = lifecycle_content()
 
 
 def add_common_errors(schema: dict[str, Any], auth: bool) -> None:
@@ -60,6 +87,7 @@ def install_openapi(app: FastAPI, auth: bool = True) -> None:
                                  routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {}).update(input_schemas())
             add_common_errors(schema, auth)
+            describe_lifecycle_headers(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
