@@ -21,12 +21,18 @@ REF = "#/components/schemas/{model}"
 IMAGE_URL_PATTERN = r"^([Hh][Tt][Tt][Pp][Ss]?|[Dd][Aa][Tt][Aa]|[Ss]3):"
 
 
+# A 1x1 PNG: an example that needs no network.
+EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+                 "hKmMIQAAAABJRU5ErkJggg==")
+
+
 def input_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     for model in (BiRefNetInput, BiRefNetV2Input):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schema.get("properties", {}).get("image_url", {}).setdefault("pattern", IMAGE_URL_PATTERN)
+        schema.setdefault("examples", [{"image_url": EXAMPLE_IMAGE}])
         schemas[model.__name__] = schema
     return schemas
 
@@ -63,6 +69,26 @@ def describe_lifecycle_headers(schema: dict[str, Any]) -> None:
                     parameter["content"] = lifecycle_content()
 
 
+REQUEST_SCOPED = {"status": ("get", "/status"), "status_stream": ("get", "/status/stream"), "result": ("get", ""),
+                  "cancel": ("put", "/cancel")}
+
+
+def add_links(schema: dict[str, Any]) -> None:
+    """OpenAPI links from a submit's `request_id` to the request-scoped routes (stateful testing follows them)."""
+    paths = schema.get("paths", {})
+    base = next((path for path in paths if path.endswith("/requests/{request_id}")), None)
+    if base is None:
+        return
+    links = {}
+    for name, (method, suffix) in REQUEST_SCOPED.items():
+        operation_id = paths.get(base + suffix, {}).get(method, {}).get("operationId")
+        if operation_id:
+            links[name] = {"operationId": operation_id, "parameters": {"request_id": "$response.body#/request_id"}}
+    for path, methods in paths.items():
+        if path.startswith("/queue/") and "/requests/" not in path and "post" in methods:
+            methods["post"].get("responses", {}).get("200", {})["links"] = links
+
+
 def add_common_errors(schema: dict[str, Any], auth: bool) -> None:
     for path in schema.get("paths", {}).values():
         for method, operation in path.items():
@@ -88,6 +114,7 @@ def install_openapi(app: FastAPI, auth: bool = True) -> None:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(input_schemas())
             add_common_errors(schema, auth)
             describe_lifecycle_headers(schema)
+            add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
