@@ -116,7 +116,7 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
 @router.post("/files/upload", response_model=FileUploaded, responses={
     **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"}},
     openapi_extra={
-    "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}}}}})
 async def files_upload(
     request: Request,
     authorization: Annotated[str, Header()] = None,
