@@ -145,6 +145,14 @@ class JobSpec(BaseModel):
     input_fingerprint: str | None = Field(
         None, description="Hash of the input object version and params; equal fingerprints share results."
     )
+    input_version: str | None = Field(
+        None, description="Bucket uploads on versioned buckets: the object version the job reads (image_url "
+        "ends in ?versionId=<it>)."
+    )
+    input_etag: str | None = Field(
+        None, description="Bucket uploads on unversioned buckets: the ETag the upload event named; the worker "
+        "reads the object only while it still has it (an overwrite supersedes the job)."
+    )
     webhook_url: str | None = None
     owner: str | None = Field(None, description="API key id (gateway) or 's3' for bucket uploads.")
     priority: Literal["normal", "low"] = "normal"

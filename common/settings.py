@@ -59,6 +59,22 @@ class Settings(BaseSettings):
     )
     default_endpoint: Literal["v1", "v2"] = Field("v2", description="fal endpoint whose schema S3-event jobs follow.")
 
+    # --- Bucket intake: which events become jobs ---
+    input_buckets: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Buckets whose upload events become jobs (comma-separated or JSON list). Empty: "
+        "input_bucket only. Events for any other bucket are ignored, with a log line that says so."
+    )
+    input_prefixes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Per input bucket, the key prefixes whose uploads become jobs, JSON, e.g. {"photos": '
+        '["incoming/", "shop/"]}. A bucket not named here takes every key.',
+    )
+    sns_topic_arns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="SNS topics whose HTTP(S) deliveries the event endpoint accepts (comma-separated). "
+        "Messages must carry a valid SNS signature (versions 1 and 2, certificate fetched from an SNS host); "
+        "subscriptions of these topics are confirmed automatically. Empty: SNS over HTTP is refused."
+    )
+
     # --- Worker ---
     worker_variants: Annotated[tuple[str, ...], NoDecode] = Field(("general-light",), description="Variant ids this worker serves.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
@@ -286,7 +302,7 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
-                     mode="before")
+                     "input_buckets", "sns_topic_arns", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # Accept "a,b" as well as JSON lists from the environment.
@@ -301,6 +317,10 @@ class Settings(BaseSettings):
         if self.gateway_output_urls == "gateway" and not (self.gateway_public_url and self.gateway_signing_secret):
             raise ValueError("gateway_output_urls='gateway' needs gateway_public_url and gateway_signing_secret")
         return self
+
+    @property
+    def accepted_input_buckets(self) -> tuple[str, ...]:
+        return self.input_buckets or (self.input_bucket,)
 
     @cached_property
     def variants(self) -> VariantRegistry:

@@ -1193,6 +1193,7 @@ def test_terraform_iam_least_privilege():
     for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
         assert producer[action] == {queue}, action
     assert producer["s3:GetObject"] == {input_objects}
+    assert producer["s3:GetObjectVersion"] == {input_objects}, "HEAD of the version an event names"
     assert producer["s3:PutObject"] == {results}, "error documents only"
     assert not any(a.startswith("sqs:Send") for a in producer)
 
@@ -1200,6 +1201,7 @@ def test_terraform_iam_least_privilege():
     assert not any(a.startswith("sqs:") for a in worker), "jobs reach workers through Redis"
     # "${statement.value}": the optional worker_extra_read_arns (s3:// weights, API s3_read buckets).
     assert worker["s3:GetObject"] == {input_objects, results, "${statement.value}"}
+    assert worker["s3:GetObjectVersion"] == {input_objects}, "jobs from versioned buckets read one version"
     assert worker["s3:PutObject"] == {results}
 
     gateway = _role_permissions("gateway")

@@ -212,7 +212,7 @@ class JobRunner:
         started = time.perf_counter()
         log_(rid, "loading image")
         data = fetch_input(spec.image_url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
-                           policy=self.net_policy,
+                           policy=self.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
                            timeout=self.settings.http_timeout)
         timings["fetch"] = time.perf_counter() - started
         t = time.perf_counter()

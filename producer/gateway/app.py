@@ -23,8 +23,9 @@ from starlette.routing import Match
 
 from common.metrics import register_queue_collector, start_metrics_server
 from common.settings import Settings
-from producer.gateway import files_api, misc_api, queue_api, run_api
+from producer.gateway import files_api, misc_api, playground_api, queue_api, run_api
 from producer.gateway.openapi import install_openapi
+from producer.gateway.parsing import json_safe
 from producer.gateway.responses import (
     ERROR_TYPE,
     REQUEST_ID,
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in (queue_api.router, run_api.router, files_api.router, misc_api.router):
         app.include_router(router)
+    app.include_router(playground_api.router)  # browser pages: /playground, /playground/ops
     register_queue_collector(settings)  # Prometheus: queue gauges, as the other processes export them
     install_exception_handlers(app)
     install_openapi(app, auth=settings.gateway_auth != "off")
@@ -90,7 +92,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, exc: RequestValidationError) -> Response:
         from fastapi.encoders import jsonable_encoder
 
-        return fal_json({"detail": jsonable_encoder(exc.errors())}, 422)
+        # Echoed inputs may be floats JSON cannot carry (`?minutes=nan` parses as NaN): spelled as text.
+        return fal_json({"detail": json_safe(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -108,6 +108,17 @@ def check_text(value: str, loc: list[Any]) -> None:
                                "Unicode") from None
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/Infinity floats as strings, for answers that echo what a caller sent."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 # --- bodies ---
 def body_error(exc: InvalidJson) -> FalError:
     """A 422 in FastAPI's `json_invalid` shape, the location inside the body included."""
