@@ -116,7 +116,11 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
 @router.post("/files/upload", response_model=FileUploaded, responses={
     **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"}},
     openapi_extra={
-    "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}}}}})
+    "requestBody": {"required": True, "content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary", "minLength": 1}}},
+        # Any Content-Type is taken (stored with the file when it is a MIME type). Not declared as */*:
+        # fuzzers then serialise the bytes as a form, i.e. send an empty body.
+        "description": "The file's bytes, with its own Content-Type (e.g. image/png)."}})
 async def files_upload(
     request: Request,
     authorization: Annotated[str, Header()] = None,
