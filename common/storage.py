@@ -30,6 +30,10 @@ from common.signed_urls import object_url
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 
 RESULT_DOCUMENT = "result.json"
+# Mask reuse (worker.masks): what a job keeps beside its outputs so compose can render without the network.
+KEPT_MASK = "kept/mask.png"  # 8-bit mask, input size
+KEPT_INPUT = "kept/input"  # the input bytes (API requests)
+KEPT_MANIFEST = "kept/manifest.json"  # owner, variant, input and mask locations (API requests)
 
 
 def boto_config() -> Config:

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 # User metadata (x-amz-meta-<name>) that sets job parameters.
 PARAM_KEYS = ("model", "operating_resolution", "output_format", "output_mask", "refine_foreground",
-              "mask_only", "webhook_url", "endpoint")
+              "mask_only", "webhook_url", "endpoint",
+              # extension fields (common.extensions)
+              "background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
+              "crop_aspect_ratio", "crop_threshold")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -95,6 +98,14 @@ def _sequence_value(sequencer: str | None) -> str | None:
     if not sequencer or not _HEX.match(sequencer):
         return None
     return sequencer.upper().rjust(64, "0")
+
+
+def check_upload_background(url: str | None, bucket: str) -> None:
+    """An upload's metadata may name an s3:// background only in its own bucket: whoever can upload must not
+    be able to have the worker read (and publish) other buckets' objects. http(s) URLs meet the SSRF guard."""
+    if url and url.lower().startswith("s3://") and not url.startswith(f"s3://{bucket}/"):
+        raise InvalidInputError(f"background_image_url may only name objects in s3://{bucket}/ (the upload's bucket)",
+                                field="background_image_url")
 
 
 class Intake:
@@ -255,6 +266,7 @@ class Intake:
             job_params = JobParams.from_input(data)
             if variant_id is None:
                 variant_id = variants.by_model_name(endpoint, data.model.value).id
+            check_upload_background(job_params.background_image_url, event.bucket)
             resolution = job_params.operating_resolution
             if resolution not in variants.get(variant_id).allowed_resolutions:
                 raise InvalidInputError(f"operating_resolution {resolution} is not allowed for this model",
@@ -277,6 +289,7 @@ class Intake:
             input_fingerprint=fp, input_version=version_id, input_etag=None if version_id else (info.etag or None),
             webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
             extra={"sequencer": event.sequencer, "event_source": event.source},
+            mask_cache_scope=self.settings.mask_cache_uploads_scope,
         )
         created = self.store.create(spec)
         if error is not None:

@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from common.schemas import BiRefNetInput, BiRefNetV2Input
+from common.extensions import OutputExtensions
+from common.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
 from producer.gateway.parsing import MAX_LIFETIME
 
 REF = "#/components/schemas/{model}"
@@ -28,11 +29,16 @@ EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAf
 
 def input_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (BiRefNetInput, BiRefNetV2Input):
+    for model in (BiRefNetInput, BiRefNetV2Input, ComposeInput):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
-        schema.get("properties", {}).get("image_url", {}).setdefault("pattern", IMAGE_URL_PATTERN)
-        schema.setdefault("examples", [{"image_url": EXAMPLE_IMAGE}])
+        # fal's own fields first, then the extension fields the model inherits.
+        properties = schema.get("properties", {})
+        schema["properties"] = {**{k: v for k, v in properties.items() if k not in OutputExtensions.model_fields},
+                                **{k: v for k, v in properties.items() if k in OutputExtensions.model_fields}}
+        schema["properties"].get("image_url", {}).setdefault("pattern", IMAGE_URL_PATTERN)
+        if schema.get("required") == ["image_url"]:
+            schema.setdefault("examples", [{"image_url": EXAMPLE_IMAGE}])
         schemas[model.__name__] = schema
     return schemas
 
