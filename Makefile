@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench chaos clean browser
+.PHONY: install test demo up lint bench chaos fuzz clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	CHAOS_JOBS=400 CHAOS_KILLS=8 LOAD_JOBS=300 $(BIN)/python -m pytest -q -ra -s -m slow tests/test_chaos.py tests/test_load.py
 	$(BIN)/python bench/bench_load.py --jobs 1000
+
+# The long fuzzing run (CI runs FUZZ_CASES=5 inside `make test`); case counts land in out/fuzz/.
+FUZZ_CASES ?= 100
+fuzz: $(STAMP)
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_EXAMPLES=$(FUZZ_CASES) FUZZ_REPORT_DIR=out/fuzz $(BIN)/python -m pytest -q -ra -s \
+		tests/test_fuzz_schemathesis.py tests/test_fuzz_api.py tests/test_hostile_input.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

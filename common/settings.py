@@ -226,6 +226,20 @@ class Settings(BaseSettings):
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
         "and deletes output files past their retention."
     )
+    # Failed-auth throttling (issue #16): counters in Redis, shared by every gateway process.
+    gateway_auth_fail_limit: int = Field(
+        20, ge=0, description="Failed authentications allowed per client address, and per key id, within "
+        "gateway_auth_fail_window; beyond it the gateway answers 429 with Retry-After without checking the "
+        "credential (0: no throttling)."
+    )
+    gateway_auth_fail_window: int = Field(
+        60, ge=1, description="Seconds over which gateway_auth_fail_limit counts failed authentications."
+    )
+    gateway_metrics_port: int = Field(
+        0, ge=0, description="Port serving the gateway's Prometheus /metrics without a key (for in-cluster "
+        "scraping; keep it off the public network). 0: off. On the API port /metrics needs an admin key when "
+        "gateway_auth is 'keys'."
+    )
     webhook_signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or comma-separated) "
         "signing webhooks. The first signs; all are published at /.well-known/jwks.json (rotation). Empty: a "
