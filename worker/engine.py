@@ -39,6 +39,7 @@ from worker.imaging import (
     rgba_from,
 )
 from worker.loading import LoadedNetwork, load_network
+from worker.patch_order_check import PatchOrderReport, log_patch_order, self_check
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class Predictor:
         self._device = resolve_device(settings.device)
         self._network: nn.Module | None = None
         self._loaded: LoadedNetwork | None = None
+        self.patch_order_report: PatchOrderReport | None = None  # set by load(): the self-check's finding
 
     # -- state -----------------------------------------------------------------------------
 
@@ -210,7 +212,11 @@ class Predictor:
 
     @property
     def weights_description(self) -> str:
-        return self._require_loaded().description
+        description = self._require_loaded().description
+        report = self.patch_order_report
+        if report is not None and report.in_use != report.configured:
+            description += f"; patch order {report.in_use} ADOPTED by the self-check (configured {report.configured})"
+        return description
 
     @property
     def network(self) -> nn.Module:
@@ -234,13 +240,14 @@ class Predictor:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Weights, device placement, eval mode, GPU tuning, optional compile, warm-up forward."""
+    def load(self, loaded: LoadedNetwork | None = None) -> None:
+        """Weights (`loaded`, else the variant's own), device placement, eval mode, GPU tuning, the
+        patch-order self-check, optional compile, warm-up forward."""
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
         if self.settings.retain_freed_memory:
             retain_freed_memory()
-        loaded = load_network(self.spec, self.settings)
+        loaded = loaded or load_network(self.spec, self.settings)
         module = loaded.module.to(self._device).eval()
         if self._on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed operating resolutions: tuned kernels pay off
@@ -253,6 +260,8 @@ class Predictor:
             module.fuse_for_inference()
         self._loaded = loaded
         self._network = module
+        self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
+        log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
             self._network = torch.compile(module)
         if self.settings.warmup_forward:
