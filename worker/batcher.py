@@ -1,10 +1,11 @@
 """Dynamic batching: jobs running in parallel threads share one forward pass.
 
-Each job's thread fetches and decodes its own image (I/O overlaps with the GPU), then hands the image
-to the batcher and waits. The batcher's single inference thread takes the first waiting image, keeps
-collecting for up to `wait_seconds` or until `max_size` images are waiting, and runs each group of
-equal operating resolution as one batch. A batch that fails is retried image by image, so one job's
-bad input fails that job only.
+Each job's thread fetches, decodes and prepares its own image (resize + normalise; I/O and CPU work
+overlap with the forward), hands the network input to the batcher and waits; the mask's resize back,
+refinement and encoding happen in the job's thread again. The batcher's single inference thread does
+only forwards: it takes the first waiting input, keeps collecting for up to `wait_seconds` or until
+`max_size` inputs are waiting, and runs each group of equal operating resolution as one batch. A batch
+that fails is retried image by image, so one job's bad input fails that job only.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from worker.engine import Predictor
+from worker.engine import ImageLike, Predictor, PreparedImage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Pending:
-    image: Image.Image
+    prepared: PreparedImage
     resolution: tuple[int, int]
     future: Future = field(default_factory=Future)
 
@@ -41,11 +41,21 @@ class MaskBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{predictor.spec.id}", daemon=True)
         self._thread.start()
 
-    def predict(self, image: Image.Image, resolution: tuple[int, int]) -> tuple[np.ndarray, int]:
+    def predict(self, image: ImageLike, resolution: tuple[int, int]) -> tuple[np.ndarray, int]:
         """The mask for one image, and the size of the batch it ran in (blocks until done)."""
-        pending = _Pending(image, resolution)
+        mask, batch_size, _ = self.predict_prepared(image, resolution)
+        if not isinstance(mask, np.ndarray):
+            mask = mask.cpu().numpy()
+        return mask, batch_size
+
+    def predict_prepared(self, image: ImageLike, resolution: tuple[int, int]):
+        """(mask, batch size, PreparedImage): the mask is a device tensor on CUDA (for render_outputs with
+        `prepared`), float32 numpy otherwise. Preparation and the mask's resize run in the calling thread."""
+        prepared = self.predictor.prepare(image, resolution)
+        pending = _Pending(prepared, resolution)
         self._waiting.put(pending)
-        return pending.future.result()
+        logits, batch_size = pending.future.result()
+        return self.predictor.mask_for(logits, prepared), batch_size, prepared
 
     def _collect(self) -> list[_Pending]:
         batch = [self._waiting.get()]
@@ -70,7 +80,7 @@ class MaskBatcher:
     def _run(self, resolution: tuple[int, int], items: list[_Pending]) -> None:
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
         try:
-            masks = self.predictor.predict_masks([item.image for item in items], resolution)
+            logits = self.predictor.forward([item.prepared for item in items])
         except Exception as exc:
             if len(items) == 1:
                 items[0].future.set_exception(exc)
@@ -79,5 +89,5 @@ class MaskBatcher:
             for item in items:
                 self._run(resolution, [item])
             return
-        for item, mask in zip(items, masks, strict=True):
-            item.future.set_result((mask, len(items)))
+        for item, row in zip(items, logits, strict=True):
+            item.future.set_result((row, len(items)))

@@ -30,7 +30,9 @@ from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
 from worker.batcher import MaskBatcher
 from worker.engine import Predictor
-from worker.imaging import EncodedImage, decode_image
+from worker.imaging import EncodedImage
+from worker.null_model import NULL_MODEL_BANNER
+from worker.pixels import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,9 @@ class JobRunner:
         params = spec.params
         timings: dict[str, float] = {}
         log_ = self.store.log
+        if predictor.null_model:
+            def log_(request_id: str, message: str, level: str = "INFO") -> None:
+                self.store.log(request_id, f"[{NULL_MODEL_BANNER}] {message}", level)
         rid = spec.request_id
 
         started = time.perf_counter()
@@ -216,22 +221,22 @@ class JobRunner:
                            timeout=self.settings.http_timeout)
         timings["fetch"] = time.perf_counter() - started
         t = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_input_pixels,
-                             max_side=self.settings.max_input_side)
+        image = decode_rgb(data, max_pixels=self.settings.max_input_pixels,
+                           max_side=self.settings.max_input_side)
         timings["decode"] = time.perf_counter() - t
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
         resolution = self.settings.test_operating_resolution or params.operating_resolution
         width, height = (int(v) for v in resolution.split("x"))
-        log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
+        log_(rid, f"inference {resolution} on {predictor.device} ({image.shape[1]}x{image.shape[0]} input)")
         if resolution != params.operating_resolution:
             log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
                       "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
-        if predictor.untrained:
+        if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        mask, batch_size = self.batchers[spec.variant].predict(image, (width, height))
+        mask, batch_size, prepared = self.batchers[spec.variant].predict_prepared(image, (width, height))
         timings["inference"] = time.perf_counter() - t
         if batch_size > 1:
             log_(rid, f"ran in a batch of {batch_size}")
@@ -241,14 +246,17 @@ class JobRunner:
         t = time.perf_counter()
         rendered = predictor.render_outputs(image, mask, output_format=params.output_format,
                                             output_mask=params.output_mask,
-                                            refine_foreground=params.refine_foreground, mask_only=params.mask_only)
+                                            refine_foreground=params.refine_foreground, mask_only=params.mask_only,
+                                            prepared=prepared)
         timings["render"] = time.perf_counter() - t
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
         t = time.perf_counter()
         body: dict = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
                       "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
-        if predictor.untrained:
+        if predictor.null_model:
+            body["warning"] = NULL_MODEL_BANNER
+        elif predictor.untrained:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
