@@ -185,6 +185,14 @@ class Settings(BaseSettings):
         40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413."
     )
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
+    gateway_push_recheck: float = Field(
+        60.0, gt=0, description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "
+        "re-reads the record anyway after this many seconds without a message (a safety net, not a poll)."
+    )
+    gateway_push_fallback_poll: float = Field(
+        0.5, gt=0, description="While the gateway's pub/sub subscription is down, waiting callers re-read their "
+        "job this often instead."
+    )
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
         "and deletes output files past their retention."

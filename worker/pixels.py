@@ -120,9 +120,9 @@ def input_array(rgb: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
     if (width, height) != resolution:
         rgb = cv2.resize(rgb, resolution, interpolation=_interpolation((width, height), resolution))
     out = np.empty((3, resolution[1], resolution[0]), dtype=np.float32)
-    for channel in range(3):  # x / (255 std) - mean / std, straight into the planar layout
-        np.multiply(rgb[..., channel], _SCALE[channel], out=out[channel], casting="unsafe")
-        out[channel] -= _OFFSET[channel]
+    for channel, plane in enumerate(cv2.split(rgb)):  # x / (255 std) - mean / std, one pass per plane
+        cv2.addWeighted(plane, float(_SCALE[channel]), plane, 0.0, -float(_OFFSET[channel]), dst=out[channel],
+                        dtype=cv2.CV_32F)
     return out
 
 
