@@ -149,11 +149,16 @@ def plumbing(args) -> None:
 
 # ---- waiting callers -----------------------------------------------------------------------------
 
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    return {name: int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
 def total_commands(client: redis.Redis) -> int:
-    return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+    return sum(command_counts(client).values())
 
 
-def measure_waiters(url: str, store_url: str, waiters: int, seconds: float) -> tuple[float, float]:
+def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
+                    settle: float = 8.0) -> tuple[float, float]:
     """(idle commands/s of the stack, extra commands per waiting client per second)."""
     client = redis.Redis.from_url(store_url)
     http = httpx.Client(base_url=url, headers=auth(ALICE), timeout=None)
@@ -166,7 +171,7 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float) -> t
     threads = []
 
     def stream(rid: str) -> None:
-        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
+        with contextlib_suppress(), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
                 c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
             for _ in response.iter_lines():
                 if stop.is_set():
@@ -183,10 +188,13 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float) -> t
         threads.append(threading.Thread(target=run, args=(n,), daemon=True))
     for thread in threads:
         thread.start()
-    time.sleep(3.0)  # everyone connected and waiting
-    start = total_commands(client)
+    time.sleep(settle)  # everyone connected and waiting
+    counts = command_counts(client)
     time.sleep(seconds)
-    waiting_rate = (total_commands(client) - start - 1) / seconds
+    after = command_counts(client)
+    waiting_rate = (sum(after.values()) - sum(counts.values()) - 1) / seconds
+    busiest = sorted(((after[k] - counts.get(k, 0), k) for k in after), reverse=True)[:4]
+    print(f"{url}: commands while waiting: {busiest}", file=sys.stderr)
     stop.set()
     http.close()
     return idle_rate, (waiting_rate - idle_rate) / (2 * waiters)

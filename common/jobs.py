@@ -182,8 +182,11 @@ class JobStore:
                                 "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
         pipe.zadd(self.pending_key(spec.variant), {spec.request_id: score})
         pipe.expire(key, self.record_ttl)
-        self.notify(spec.request_id, spec.variant, pipe)  # a low-priority job's position may have moved
-        pipe.execute()
+        if spec.priority != "low":  # it is queued ahead of any low-priority job: their positions move
+            pipe.zcount(self.pending_key(spec.variant), f"({10**12}", "+inf")
+        replies = pipe.execute()
+        if spec.priority != "low" and replies[-1]:
+            self.notify(spec.request_id, spec.variant)
         return True
 
     def ensure(self, spec: JobSpec) -> None:

@@ -73,6 +73,7 @@ class JobEvents:
         try:
             with contextlib.suppress(TimeoutError):  # not subscribed yet: the fallback poll covers it
                 await asyncio.wait_for(self._ready.wait(), 2.0)
+            watch.changed.clear()  # the caller reads the record next: earlier wake-ups are covered by that
             yield watch
         finally:
             self._discard(self._by_job, request_id, watch)
