@@ -151,3 +151,15 @@ def test_render_outputs_png_is_the_composed_cutout(tmp_path):
     assert np.array_equal(cutout[..., :3], rgb)
     assert np.array_equal(cutout[..., 3], pixels.mask_to_uint8(mask))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(rendered.mask.data))), cutout[..., 3])
+
+
+def test_cuda_warm_up_covers_every_allowed_resolution_and_batch_size():
+    spec = VariantSpec(id="nano-test", weights="recipe", backbone="swin_v1_nano",
+                       allowed_resolutions=("1024x1024", "2048x2048"))
+    predictor = Predictor(spec, Settings(device="cpu", max_batch_size=3))
+    assert predictor.warmup_shapes() == [((64, 64), 1)], "CPU: one small proof-of-life forward"
+    predictor._device = torch.device("cuda")  # the plan only; nothing runs
+    assert predictor.warmup_shapes() == ([((1024, 1024), b) for b in (1, 2, 3)]
+                                         + [((2048, 2048), b) for b in (1, 2, 3)])
+    predictor.settings = Settings(device="cpu", max_batch_size=3, warmup_all_shapes=False)
+    assert predictor.warmup_shapes() == [((1024, 1024), 1)]
