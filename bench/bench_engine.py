@@ -227,6 +227,44 @@ def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
               f"{cpu / args.images * 1000:.1f} | {seen} |")
 
 
+def gil_check(jpeg: bytes, settings: Settings) -> None:
+    """How freely another Python thread runs during each stage: a thread that only counts, holding the
+    GIL between bytecodes. Near its rate beside a sleep = the stage releases the GIL; near its rate
+    beside pure Python = it holds it."""
+    rgb = pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    mask = pixels.mask_at_size(null_probabilities((256, 256)), (rgb.shape[1], rgb.shape[0]))
+    alpha8 = pixels.mask_to_uint8(mask)
+    rgba = pixels.rgba_array(rgb, alpha8)
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+
+    def rate(fn) -> float:
+        start, began = count[0], time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (count[0] - start) / (time.perf_counter() - began) / 1000
+
+    rows = [("sleep (releases the GIL)", lambda: time.sleep(0.1)),
+            ("pure Python (holds the GIL)", lambda: sum(range(1_000_000))),
+            ("decode", lambda: pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
+            ("preprocess", lambda: pixels.input_array(rgb, (1024, 1024))),
+            ("refine", lambda: pixels.refine_colours(rgb, mask, alpha8)),
+            ("encode", lambda: pixels.encode_png(rgba, settings.png_compress_level))]
+    print("\n### GIL: iterations/ms of a counting Python thread while a stage runs (1 MP)\n")
+    print("| stage | counter iterations per ms |")
+    print("| --- | ---: |")
+    for name, fn in rows:
+        print(f"| {name} | {rate(fn):.0f} |")
+    stop.set()
+    spinner.join()
+
+
 def forward_row(args, settings: Settings) -> None:
     resolution = parse_resolution(args.resolution)
     predictor = Predictor(VariantSpec(id="bench", weights="recipe", backbone=args.backbone), settings)
@@ -261,6 +299,7 @@ def main() -> int:
     if not args.skip_stages:
         stage_table(photos, args, settings)
     engine_throughput(photos["1024x1024 (1.0 MP)"], args, settings)
+    gil_check(photos["1024x1024 (1.0 MP)"], settings)
     if args.forward:
         forward_row(args, settings)
     print(f"\nthreads alive: {threading.active_count()}; load average at end {os.getloadavg()[0]:.2f}")
