@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench chaos clean
+.PHONY: install test demo up lint bench chaos clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra
+
+# Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
+# installed when missing and apt-get is there (CI runs as root); otherwise those tests skip locally.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "make browser: no chromium/chromedriver and no root apt-get; the browser tests will skip"; \
+	  fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m devstack demo

@@ -138,6 +138,7 @@ def main() -> None:
             "BIREFNET_GATEWAY_API_KEYS": json.dumps([{"id": "bench", "hash": hash_secret("bench-secret")}]),
             "BIREFNET_WORKER_METRICS_PORT": "0",
             "BIREFNET_TEST_OPERATING_RESOLUTION": args.resolution,
+            "BIREFNET_MASK_CACHE_SECONDS": "0",  # the same image every time: run the network every time
         })
         os.environ.update({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
         settings = Settings()

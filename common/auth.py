@@ -19,6 +19,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -35,6 +36,10 @@ class ApiKeyConfig(BaseModel):
     admin: bool = Field(False, description="May call the /admin endpoints.")
     s3_read: list[str] = Field(
         default_factory=list, description="'bucket/prefix' entries an s3:// image_url may name ('bucket/' = all)."
+    )
+    mask_cache: Literal["key", "shared"] = Field(
+        "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
+        "'shared' (with every key and bucket upload that shares)."
     )
 
     @field_validator("hash")
@@ -54,6 +59,7 @@ class Principal:
     user_id: str
     admin: bool = False
     s3_read: tuple[str, ...] = ()
+    mask_cache: str = "key"
 
 
 ANONYMOUS_PRINCIPAL = Principal(key_id=ANONYMOUS, user_id=ANONYMOUS, admin=True)
@@ -106,7 +112,8 @@ class KeyRing:
 
     @staticmethod
     def _principal(key: ApiKeyConfig) -> Principal:
-        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read))
+        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read),
+                         mask_cache=key.mask_cache)
 
     def cached(self, credential: str | None) -> Principal | None:
         """A credential verified before (no hashing cost beyond one SHA-256)."""

@@ -143,8 +143,13 @@ def _describe(exc: Exception) -> str:
 
 
 def fetch_input(url: str, *, objects: ObjectStore, max_bytes: int, timeout: float,
-                policy: NetPolicy | None = None) -> bytes:
-    """The input's bytes. `policy` defaults to the settings' (production) network rules."""
+                policy: NetPolicy | None = None, version_id: str | None = None,
+                if_match: str | None = None) -> bytes:
+    """The input's bytes. `policy` defaults to the settings' (production) network rules.
+
+    For s3:// URLs of bucket uploads: `version_id` reads that version (the URL then ends in
+    `?versionId=<it>`); `if_match` (an ETag) reads the object only while it is still the upload the job
+    was made for (else SupersededError)."""
     scheme = scheme_of(url)
     if scheme == "data":
         return decode_data_uri(url, max_bytes=max_bytes)
@@ -153,7 +158,11 @@ def fetch_input(url: str, *, objects: ObjectStore, max_bytes: int, timeout: floa
             bucket, key = parse_s3_url(url)
         except ValueError as exc:
             raise FileDownloadError(str(exc)) from exc
-        data = objects.read(bucket, key, max_bytes=max_bytes)
+        suffix = f"?versionId={version_id}"
+        if version_id and key.endswith(suffix):
+            key = key[:-len(suffix)]
+        data = objects.read(bucket, key, max_bytes=max_bytes, version_id=version_id,
+                            if_match=None if version_id else if_match)
         if not data:
             raise FileDownloadError(f"{url} is empty (0 bytes)")
         return data

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Mapping
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -50,6 +51,9 @@ MODEL_LOAD_SECONDS = Gauge("birefnet_model_load_seconds", "Seconds this worker t
                            "the variant's model.", ["variant"])
 MODEL_UNTRAINED = Gauge("birefnet_model_untrained", "1 when the variant runs on untrained recipe weights "
                         "(results are meaningless).", ["variant"])
+MASKS = Counter("birefnet_masks_total", "Masks a worker used for a job, by where they came from: network (a "
+                "forward pass ran), cache (content cache: same image bytes, variant, weights, resolution) or "
+                "compose (the kept mask of an earlier request).", ["variant", "source"])
 WEBHOOK_DELIVERIES = Counter("birefnet_webhook_deliveries_total", "Webhook delivery attempts by outcome "
                              "(delivered, failed: will retry, gave_up: last retry failed).", ["outcome"])
 PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created events handled by the "
@@ -208,19 +212,57 @@ def register_gpu_collector() -> None:
 
 
 # --- exposition ---
-def start_metrics_server(port: int, what: str) -> bool:
-    """Serve /metrics on `port` in a daemon thread; a busy port is logged, not fatal (0: off)."""
+HealthCheck = Callable[[], tuple[bool, str]]  # (healthy, why) for one probe path
+
+
+def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck] | None = None) -> bool:
+    """Serve /metrics on `port` in a daemon thread; a busy port is logged, not fatal (0: off). `probes`
+    adds paths (e.g. /healthz) answering 200 or 503 with the check's text."""
     if not port:
         return False
-    from prometheus_client import start_http_server
-
     try:
-        start_http_server(port)
+        if probes:
+            _serve_with_probes(port, probes)
+        else:
+            from prometheus_client import start_http_server
+
+            start_http_server(port)
     except OSError as exc:
         log.warning("%s metrics not served: port %d: %s", what, port, exc)
         return False
-    log.info("%s metrics on :%d/metrics", what, port)
+    log.info("%s metrics on :%d/metrics%s", what, port, "".join(f", {path}" for path in probes or {}))
     return True
+
+
+def _serve_with_probes(port: int, probes: Mapping[str, HealthCheck]) -> None:
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app()
+
+    def app(environ, start_response):
+        check = probes.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics_app(environ, start_response)
+        try:
+            ok, text = check()
+        except Exception as exc:  # a failing check is an unhealthy answer, not a crashed server
+            ok, text = False, f"check failed: {exc}"
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [text.encode() + b"\n"]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # probes every few seconds would flood the log
+            pass
+
+    server = make_server("", port, app, server_class=Server, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
 
 def metrics_response():

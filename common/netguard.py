@@ -303,6 +303,7 @@ class NetPolicy:
     connect_timeout: float = 5.0
     resolver: Resolver = system_resolver
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # None: system CAs (certifi)
+    purpose: str = "image URLs"  # what the refusals speak of ("webhook URLs" for webhook deliveries)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> NetPolicy:
@@ -320,7 +321,7 @@ class NetPolicy:
             raise UrlNotAllowedError(f"invalid port {port}")
         if self.allowed_ports is not None and port not in self.allowed_ports:
             allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
-            raise UrlNotAllowedError(f"port {port} is not allowed for image URLs (allowed: {allowed})")
+            raise UrlNotAllowedError(f"port {port} is not allowed for {self.purpose} (allowed: {allowed})")
 
     def check_address(self, address: IPAddress, host: str, *, literal: bool = False) -> None:
         reason = blocked_reason(address, self.allow_networks)
@@ -330,7 +331,7 @@ class NetPolicy:
             else:
                 named = f"{host!r} resolves to {address}, which"
             raise UrlNotAllowedError(
-                f"{named} is {reason}; image URLs must point to public internet addresses"
+                f"{named} is {reason}; {self.purpose} must point to public internet addresses"
             )
 
     def resolve(self, host: str, port: int, timeout: float | None = None) -> list[IPAddress]:
@@ -453,7 +454,7 @@ class GuardedBackend(httpcore.NetworkBackend):
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        raise UrlNotAllowedError("unix sockets are not reachable from image URLs")
+        raise UrlNotAllowedError(f"unix sockets are not reachable from {self.policy.purpose}")
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from common.extensions import OutputExtensions
 from common.variants import RES_1024, RES_2048, RES_2304
 
 
@@ -46,10 +47,12 @@ class OutputFormat(enum.StrEnum):
     WEBP = "webp"
     PNG = "png"
     GIF = "gif"
+    JPEG = "jpeg"  # extension: only with an opaque background (common.extensions)
+    AVIF = "avif"  # extension: where the workers' Pillow has AVIF (else the job ends with a 422)
 
 
-class BiRefNetInput(BaseModel):
-    """`fal-ai/birefnet` (v1) input."""
+class BiRefNetInput(OutputExtensions):
+    """`fal-ai/birefnet` (v1) input, plus our extension fields (background, crop, jpeg/avif)."""
 
     image_url: str = Field(description="URL (http, https, s3) or data URI of the image.")
     model: ModelV1 = ModelV1.GENERAL_LIGHT
@@ -108,27 +111,38 @@ class BiRefNetOutput(BaseModel):
     mask_image: ImageFile | None = None
 
 
-class JobParams(BaseModel):
+class ComposeInput(OutputExtensions):
+    """Body of `POST .../requests/{id}/compose`: new outputs from that request's kept mask, no network run."""
+
+    output_format: OutputFormat = OutputFormat.PNG
+    output_mask: bool = False
+    refine_foreground: bool = True
+    mask_only: bool = False
+    sync_mode: bool = False
+
+
+class JobParams(OutputExtensions):
     """The validated, endpoint-independent parameters a worker needs."""
 
     model_config = ConfigDict(frozen=True)
 
     operating_resolution: str = RES_1024
-    output_format: Literal["png", "webp", "gif"] = "png"
+    output_format: Literal["png", "webp", "gif", "jpeg", "avif"] = "png"
     output_mask: bool = False
     refine_foreground: bool = True
     mask_only: bool = False
     sync_mode: bool = False
 
     @classmethod
-    def from_input(cls, data: BiRefNetInput) -> JobParams:
+    def from_input(cls, data: BiRefNetInput | ComposeInput, operating_resolution: str | None = None) -> JobParams:
         return cls(
-            operating_resolution=data.operating_resolution.value,
+            operating_resolution=operating_resolution or data.operating_resolution.value,  # type: ignore[union-attr]
             output_format=data.output_format.value,
             output_mask=data.output_mask,
             refine_foreground=data.refine_foreground,
             mask_only=getattr(data, "mask_only", False),
             sync_mode=data.sync_mode,
+            **{name: getattr(data, name) for name in OutputExtensions.model_fields},
         )
 
 
@@ -145,6 +159,14 @@ class JobSpec(BaseModel):
     input_fingerprint: str | None = Field(
         None, description="Hash of the input object version and params; equal fingerprints share results."
     )
+    input_version: str | None = Field(
+        None, description="Bucket uploads on versioned buckets: the object version the job reads (image_url "
+        "ends in ?versionId=<it>)."
+    )
+    input_etag: str | None = Field(
+        None, description="Bucket uploads on unversioned buckets: the ETag the upload event named; the worker "
+        "reads the object only while it still has it (an overwrite supersedes the job)."
+    )
     webhook_url: str | None = None
     owner: str | None = Field(None, description="API key id (gateway) or 's3' for bucket uploads.")
     priority: Literal["normal", "low"] = "normal"
@@ -155,6 +177,11 @@ class JobSpec(BaseModel):
         "setting); 1 when the caller sent x-fal-no-retry."
     )
     extra: dict[str, Any] = Field(default_factory=dict)
+    reuse_from: str | None = Field(
+        None, description="Compose: render from the kept mask of this request instead of running the network.")
+    mask_cache_scope: str | None = Field(
+        None, description="Who may share masks with this job through the content cache ('shared', 'key:<id>', "
+        "'uploads'); None: no cache.")
 
     @property
     def queue(self) -> str:

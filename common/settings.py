@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(30, description="Lease a worker holds on a running job, renewed while it runs.")
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
     max_job_attempts: int = Field(3, description="Deliveries of one job before it is ended as failed (poison job).")
+    job_time_limit: float = Field(
+        300.0, gt=0, description="Most seconds one run of a job may take on a worker (download to stored "
+        "result), sized for the largest allowed image at the slowest variant on a GPU; a variant's "
+        "`time_limit` (variant_overrides) overrides it. A run past it ends that attempt (counted, retried on "
+        "another worker; after max_job_attempts: 504 request_timeout, dead-lettered), and a worker whose "
+        "inference thread is stuck that long hands its jobs back and exits for its supervisor to replace."
+    )
 
     # --- S3 / SQS ---
     aws_region: str = Field("us-east-1", description="AWS region for S3 and SQS.")
@@ -58,6 +65,22 @@ class Settings(BaseSettings):
         "The longest matching prefix wins; object metadata overrides.",
     )
     default_endpoint: Literal["v1", "v2"] = Field("v2", description="fal endpoint whose schema S3-event jobs follow.")
+
+    # --- Bucket intake: which events become jobs ---
+    input_buckets: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Buckets whose upload events become jobs (comma-separated or JSON list). Empty: "
+        "input_bucket only. Events for any other bucket are ignored, with a log line that says so."
+    )
+    input_prefixes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Per input bucket, the key prefixes whose uploads become jobs, JSON, e.g. {"photos": '
+        '["incoming/", "shop/"]}. A bucket not named here takes every key.',
+    )
+    sns_topic_arns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="SNS topics whose HTTP(S) deliveries the event endpoint accepts (comma-separated). "
+        "Messages must carry a valid SNS signature (versions 1 and 2, certificate fetched from an SNS host); "
+        "subscriptions of these topics are confirmed automatically. Empty: SNS over HTTP is refused."
+    )
 
     # --- Worker ---
     worker_variants: Annotated[tuple[str, ...], NoDecode] = Field(("general-light",), description="Variant ids this worker serves.")
@@ -255,12 +278,44 @@ class Settings(BaseSettings):
         16383, ge=8, description="Largest input width or height, in pixels (16383 is the most a WebP output holds)."
     )
 
+    # --- Beyond fal: compositing, cropping, mask reuse ---
+    mask_cache_seconds: int = Field(
+        24 * 3600, ge=0, description="Lifetime (s) of the content cache: a job whose image bytes, variant, weights "
+        "and operating resolution match an earlier job's (in the same cache scope) reuses that mask instead of "
+        "running the network. 0: off."
+    )
+    mask_cache_uploads_scope: Literal["uploads", "shared"] = Field(
+        "uploads", description="Cache scope of bucket-upload jobs: 'uploads' (among uploads only) or 'shared' (with "
+        "API keys whose entry says \"mask_cache\": \"shared\"; keys default to their own scope)."
+    )
+    mask_cache_wait_seconds: float = Field(
+        60.0, ge=0, description="How long a job waits for an identical job already running the network (same "
+        "cache key) to store its mask, before running the network itself."
+    )
+    jpeg_quality: int = Field(90, ge=1, le=95, description="Quality of JPEG outputs (opaque backgrounds only).")
+    avif_quality: int = Field(80, ge=1, le=100, description="Quality of AVIF outputs (colour and alpha).")
+    test_unsupported_output_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Testing only: output formats (comma-separated, e.g. avif) workers treat as unsupported "
+        "even if their Pillow has them, to test the 422 a server without them answers. Empty: off (always, in "
+        "production)."
+    )
+
     # --- Reliability ---
     test_operating_resolution: str = Field(
         "", pattern=r"^(\d+x\d+)?$", description="Testing only: workers run every job's forward pass at this "
         "WIDTHxHEIGHT (e.g. 128x128) instead of its operating_resolution, so CPU chaos and load tests finish in "
         "minutes; every job's logs say so. Empty: off (always, in production)."
     )
+
+    test_forward_hook: str = Field(
+        "", description="Testing only: JSON rules for tests/forward_hook.py that make chosen forwards hang or "
+        "take a set time (the hang and chaos tests). A worker refuses to start with it unless every variant "
+        "it serves runs untrained recipe weights and tests/ is importable (never in the images). Empty: off."
+    )
+
+    def time_limit(self, variant_id: str) -> float:
+        """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""
+        return self.variants.get(variant_id).time_limit or self.job_time_limit
 
     @staticmethod
     def _input_list(value: object) -> object:
@@ -294,7 +349,7 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
-                     mode="before")
+                     "input_buckets", "sns_topic_arns", "test_unsupported_output_formats", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # Accept "a,b" as well as JSON lists from the environment.
@@ -309,6 +364,10 @@ class Settings(BaseSettings):
         if self.gateway_output_urls == "gateway" and not (self.gateway_public_url and self.gateway_signing_secret):
             raise ValueError("gateway_output_urls='gateway' needs gateway_public_url and gateway_signing_secret")
         return self
+
+    @property
+    def accepted_input_buckets(self) -> tuple[str, ...]:
+        return self.input_buckets or (self.input_bucket,)
 
     @cached_property
     def variants(self) -> VariantRegistry:

@@ -37,6 +37,13 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def b64url_padded(data: bytes) -> str:
+    """base64url with `=` padding, as fal's own JWKS serves `x`: fal's documented verifier decodes it with a
+    plain base64.urlsafe_b64decode, which rejects unpadded input. Receivers written for fal's JWKS therefore
+    work against ours unchanged."""
+    return base64.urlsafe_b64encode(data).decode()
+
+
 def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -72,7 +79,7 @@ def message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes
 
 
 def jwk(key: Ed25519PublicKey) -> dict:
-    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw_public(key)), "kid": key_id(key),
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url_padded(raw_public(key)), "kid": key_id(key),
             "alg": "EdDSA", "use": "sig"}
 
 

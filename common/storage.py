@@ -30,6 +30,10 @@ from common.signed_urls import object_url
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 
 RESULT_DOCUMENT = "result.json"
+# Mask reuse (worker.masks): what a job keeps beside its outputs so compose can render without the network.
+KEPT_MASK = "kept/mask.png"  # 8-bit mask, input size
+KEPT_INPUT = "kept/input"  # the input bytes (API requests)
+KEPT_MANIFEST = "kept/manifest.json"  # owner, variant, input and mask locations (API requests)
 
 
 def boto_config() -> Config:
@@ -55,6 +59,16 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket or not key:
         raise ValueError(f"s3 URL needs a bucket and a key: {url!r}")
     return bucket, key
+
+
+def s3_url(bucket: str, key: str, version_id: str | None = None) -> str:
+    """`s3://bucket/key`, with `?versionId=V` when it names one version (jobs from versioned-bucket uploads;
+    the version also travels in the job spec, so a key that itself holds '?versionId=' is never misread)."""
+    return f"s3://{bucket}/{key}" + (f"?versionId={version_id}" if version_id else "")
+
+
+class SupersededError(FileDownloadError):
+    """The object named by an upload event was overwritten before its job read it."""
 
 
 def fingerprint(bucket: str, key: str, version: str, params: dict) -> str:
@@ -83,6 +97,8 @@ class ObjectInfo:
     version: str  # VersionId when versioning is on, else the ETag
     content_type: str
     metadata: dict[str, str]
+    etag: str = ""
+    version_id: str | None = None  # None on unversioned buckets
 
 
 class ObjectStore:
@@ -92,20 +108,42 @@ class ObjectStore:
         self.settings = settings
         self.client = client or make_s3_client(settings)
 
-    def head(self, bucket: str, key: str) -> ObjectInfo:
-        meta = self.client.head_object(Bucket=bucket, Key=key)
+    def head(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None) -> ObjectInfo:
+        """An object's metadata; `version_id` names one version, `if_match` (an ETag) fails with HTTP 412
+        (ClientError) unless the current object still has it."""
+        extra = {"VersionId": version_id} if version_id else {}
+        if if_match:
+            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+        meta = self.client.head_object(Bucket=bucket, Key=key, **extra)
         version = meta.get("VersionId") or meta.get("ETag", "").strip('"')
+        if version == "null":  # the null version of a suspended bucket is replaced by the next write
+            version = meta.get("ETag", "").strip('"')
         return ObjectInfo(bucket, key, meta.get("ContentLength", 0), version,
-                          meta.get("ContentType", ""), {k.lower(): v for k, v in meta.get("Metadata", {}).items()})
+                          meta.get("ContentType", ""), {k.lower(): v for k, v in meta.get("Metadata", {}).items()},
+                          etag=meta.get("ETag", "").strip('"'),
+                          version_id=meta.get("VersionId") if meta.get("VersionId") not in (None, "null") else None)
 
-    def read(self, bucket: str, key: str, *, max_bytes: int) -> bytes:
-        """An input object, refused when larger than max_bytes."""
+    def read(self, bucket: str, key: str, *, max_bytes: int, version_id: str | None = None,
+             if_match: str | None = None) -> bytes:
+        """An input object (one version of it with `version_id`; only while its ETag is `if_match`, else
+        SupersededError), refused when larger than max_bytes."""
+        extra = {"VersionId": version_id} if version_id else {}
+        if if_match:
+            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+        named = s3_url(bucket, key, version_id)
         try:
-            obj = self.client.get_object(Bucket=bucket, Key=key)
+            obj = self.client.get_object(Bucket=bucket, Key=key, **extra)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "412") or status == 412:
+                raise SupersededError(
+                    f"superseded by a newer upload: {named} was overwritten before this job read it (the "
+                    f"upload it was made for had ETag {if_match}); the newer upload has a job of its own") from exc
+            if code in ("NoSuchVersion", "InvalidArgument") and version_id:
+                raise FileDownloadError(f"cannot read {named}: that version no longer exists ({code})") from exc
             if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
-                raise FileDownloadError(f"cannot read s3://{bucket}/{key}: {code}") from exc
+                raise FileDownloadError(f"cannot read {named}: {code}") from exc
             raise
         size = obj.get("ContentLength", 0)
         if size > max_bytes:

@@ -37,6 +37,9 @@ class VariantSpec(BaseModel):
     default_resolution: str = RES_1024
     allowed_resolutions: tuple[str, ...] = (RES_1024, RES_2048)
     note: str = ""
+    time_limit: float | None = Field(
+        None, gt=0, description="Run-time limit (s) of this variant's jobs; None: the job_time_limit setting."
+    )
 
     @property
     def queue(self) -> str:

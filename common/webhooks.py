@@ -7,7 +7,9 @@ Retries do not use Celery countdowns: with the Redis broker a countdown longer t
 is redelivered early and runs twice. Instead each attempt first books its successor in a Redis sorted set
 (`birefnet:webhook:due`, due time as score) and the deliverer's pump thread re-queues entries as they fall
 due. Booking before posting means a deliverer that dies mid-attempt still leaves the retry behind; a
-success cancels it. After `webhook_max_retries` retries the request lands in `birefnet:webhook:failed`.
+success cancels it. After `webhook_max_retries` retries the request lands in `birefnet:webhook:failed`; a
+URL that the network policy refuses (loopback, private, metadata addresses, a disallowed port) lands there
+on its first attempt, since retrying cannot change the answer.
 The first attempt is booked too, before the job completes, in case the task sent at completion is lost;
 a booking stays until its attempt starts (the pump re-sends it after a grace period otherwise).
 """
@@ -64,6 +66,7 @@ class Attempt:
     status_code: int | None
     ok: bool
     error: str | None = None
+    final: bool = False  # no retry follows: the URL is refused by the network policy, or retries ran out
 
 
 def attempts_key(request_id: str) -> str:
@@ -86,13 +89,16 @@ def list_attempts(store: JobStore, request_id: str) -> list[dict]:
 
 def webhook_policy(settings: Settings) -> NetPolicy:
     """Receivers may listen on any port; which addresses they may have follows the image-URL rules."""
-    return NetPolicy.from_settings(settings, allowed_ports=None)
+    return NetPolicy.from_settings(settings, allowed_ports=None, purpose="webhook URLs")
+
+
+REFUSED_PREFIX = "webhook URL refused: "
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
          policy: NetPolicy) -> tuple[int | None, str | None]:
     """One delivery attempt through the SSRF guard, no redirects: (HTTP status or None, error text or None).
-    Any 2xx counts as delivered."""
+    Any 2xx counts as delivered; an error starting with REFUSED_PREFIX means the policy refused the URL."""
     try:
         target = parse_http_url(url, policy)
         sent = [(b"Host", target.host_header), (b"Content-Type", b"application/json"),
@@ -102,7 +108,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
             response = pool.request("POST", target.core_url(), headers=sent, content=body, extensions={
                 "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}})
     except JobError as exc:  # the URL or its address is not allowed
-        return None, f"webhook URL refused: {exc.message}"
+        return None, REFUSED_PREFIX + exc.message
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     if 200 <= response.status < 300:
@@ -167,12 +173,15 @@ class WebhookSender:
         body = encode_payload(build_payload(record))
         headers = self.signer.headers(request_id, webhook_user_id(record), body)
         status_code, error = post(record.spec.webhook_url, body, headers, self.settings.webhook_timeout, self.policy)
-        result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error)
+        refused = error is not None and error.startswith(REFUSED_PREFIX)
+        result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error,
+                         final=error is not None and (last or refused))
         record_attempt(self.store, request_id, result)
         if result.ok:
             redis.zrem(DUE_KEY, successor)
             redis.zrem(FAILED_KEY, request_id)
-        elif last:
+        elif result.final:
+            redis.zrem(DUE_KEY, successor)  # a refused URL stays refused: no retry
             redis.zadd(FAILED_KEY, {request_id: result.at})
         else:
             redis.zadd(DUE_KEY, {successor: result.at + retry_delay(self.settings, attempt)}, xx=True)

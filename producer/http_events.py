@@ -1,14 +1,21 @@
-"""`python -m producer http`: S3-style event notifications over HTTP (MinIO's webhook target).
+"""`python -m producer http`: event notifications over HTTP (MinIO webhooks, Ceph RGW HTTP push, SNS).
 
-POST /s3-events takes the same bodies as the SQS consumer (AWS records, SNS envelopes, MinIO's
-`{"EventName", "Key", "Records"}`) and answers 2xx only once every job it names is enqueued; on
-transient trouble (Redis or S3 unreachable) it answers 503, so MinIO keeps the event in its queue dir
-and sends it again. Redelivered events map to the same job, so retries are safe.
+POST /s3-events takes the same bodies as the SQS consumer (AWS records, EventBridge events, MinIO's
+`{"EventName", "Key", "Records"}`, Ceph's records) and answers 2xx only once every good record is
+enqueued; on transient trouble (Redis or S3 unreachable) it answers 503, so MinIO keeps the event in its
+queue dir and sends it again. Redelivered events map to the same job, so retries are safe. A malformed
+body, or one whose every record is malformed, is answered 400 with the reasons (never 500); records
+refused beside good ones are listed in a 200 answer's `rejected`.
+
+SNS HTTP(S) subscriptions POST to the same path (SNS sets `x-amz-sns-message-type`): they are
+authenticated by SNS's signature instead of the bearer token, for the topics in `sns_topic_arns` only,
+and subscription confirmations are answered by visiting their SubscribeURL (see producer.sns).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -16,9 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from common.metrics import PRODUCER_EVENTS, add_metrics_route
+from common.netguard import NetPolicy
 from common.settings import Settings
-from producer.events import MalformedEvent, ObjectCreated, parse_notification
+from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
 from producer.intake import Intake
+from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +58,32 @@ def _authorized(header: str | None, token: str) -> bool:
     return header is not None and hmac.compare_digest(header.strip().encode(), expected.encode())
 
 
-def create_app(settings: Settings, intake: Intake | None = None) -> FastAPI:
+def default_sns_verifier(settings: Settings) -> SnsVerifier:
+    """Production SNS checks: SNS hosts only, fetched under the settings' network rules."""
+    return SnsVerifier(settings.sns_topic_arns, NetPolicy.from_settings(settings), timeout=settings.http_timeout)
+
+
+def _sns_message(headers, body: bytes) -> dict | None:
+    """The SNS message when this request is an SNS HTTP delivery, else None."""
+    if headers.get("x-amz-sns-message-type") is None:
+        return None
+    try:
+        message = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def _rejections(note: Notification) -> list[dict]:
+    return [{"record": r.index, "reason": r.reason} for r in note.rejected]
+
+
+def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
     if intake is None:
         from producer.app import build_intake
 
         intake = build_intake(settings)
+    sns = sns or default_sns_verifier(settings)
     counted = CountingIntake(intake, "http")
     app = FastAPI(title="birefnet producer (S3 event notifications)", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -62,27 +92,61 @@ def create_app(settings: Settings, intake: Intake | None = None) -> FastAPI:
     def handle(events: list[ObjectCreated]) -> list[str]:
         return [rid for rid in (counted.handle(e) for e in events) if rid]
 
-    @app.post("/s3-events")
-    async def s3_events(request: Request) -> Response:
-        if not _authorized(request.headers.get("authorization"), settings.producer_http_token):
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": "notification too large"}, status_code=413)
+    def malformed(reason: str, body: bytes, **extra) -> JSONResponse:
+        PRODUCER_EVENTS.labels("http", "malformed").inc()
+        log.error("refusing a body that is not an event notification (%s): %.200r", reason, body)
+        return JSONResponse({"detail": f"not an S3 event notification: {reason}", **extra}, status_code=400)
+
+    async def handle_sns(message: dict, body: bytes) -> Response:
+        if message.get("Type") not in SNS_TYPES:
+            return malformed("an SNS delivery whose body is not an SNS message", body)
         try:
-            events = parse_notification(body)
+            await run_in_threadpool(sns.verify, message)
+            if message["Type"] == "SubscriptionConfirmation":
+                await run_in_threadpool(sns.confirm, message)
+                return JSONResponse({"confirmed": message.get("TopicArn")})
+        except SnsRefused as exc:
+            PRODUCER_EVENTS.labels("http", "refused").inc()
+            log.warning("refusing an SNS message: %s", exc)
+            return JSONResponse({"detail": f"not accepted as an SNS message: {exc}"}, status_code=403)
+        except SnsUnavailable as exc:
+            log.warning("SNS message not checked now: %s", exc)
+            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        if message["Type"] == "UnsubscribeConfirmation":
+            log.warning("SNS unsubscribed this endpoint from %s", message.get("TopicArn"))
+            return JSONResponse({"unsubscribed": message.get("TopicArn")})
+        return await handle_events(message, body)
+
+    async def handle_events(payload: bytes | dict, body: bytes) -> Response:
+        try:
+            note = parse_notification(payload)
         except MalformedEvent as exc:
-            PRODUCER_EVENTS.labels("http", "malformed").inc()
-            log.error("refusing a body that is not an S3 event notification (%s): %.200r", exc, body)
-            return JSONResponse({"detail": f"not an S3 event notification: {exc}"}, status_code=400)
+            return malformed(str(exc), body)
+        for rejected in note.rejected:
+            log.error("HTTP notification: record %d skipped: %s", rejected.index, rejected.reason)
+        if note.rejected and not note.events:
+            return malformed("no readable record", body, rejected=_rejections(note))
         try:
             # Intake talks to S3 and Redis synchronously: keep it off the event loop.
-            request_ids = await run_in_threadpool(handle, events)
+            request_ids = await run_in_threadpool(handle, note.events)
         except Exception as exc:
             log.exception("could not enqueue jobs for a notification; asking the sender to retry")
             return JSONResponse({"detail": f"temporarily unable to enqueue: {type(exc).__name__}"},
                                 status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({"request_ids": request_ids, "records": len(events)})
+        return JSONResponse({"request_ids": request_ids, "records": len(note.events),
+                             "rejected": _rejections(note)})
+
+    @app.post("/s3-events")
+    async def s3_events(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": "notification too large"}, status_code=413)
+        message = _sns_message(request.headers, body)
+        if message is not None:  # SNS authenticates by signature (it cannot send our bearer token)
+            return await handle_sns(message, body)
+        if not _authorized(request.headers.get("authorization"), settings.producer_http_token):
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        return await handle_events(body, body)
 
     @app.head("/s3-events")
     async def s3_events_probe() -> Response:

@@ -1,28 +1,49 @@
-"""Turns a created input object into exactly one job, however often its event is delivered."""
+"""Turns a created input object into exactly one job, however often its event is delivered.
+
+Every job is pinned to the exact content its event names:
+
+- the event carries a version id (versioned bucket): HEAD and GET that version; the job's image_url is
+  `s3://bucket/key?versionId=V` and its fingerprint hashes V. Two versions are two jobs, each cut from
+  its own bytes, in whatever order their events arrive.
+- otherwise the event's ETag: HEAD with If-Match, and the worker GETs with If-Match. An object overwritten
+  before its job reads it ends that job with "superseded by a newer upload"; the newer upload's own event
+  makes its own job. When the store answers the HEAD with a version id (a versioned bucket whose events
+  lack one), the job is pinned to that version.
+- the event's `sequencer` orders events for one key: an event older than one already handled for an
+  unversioned key, naming other content, is stale and superseded without a job that could run.
+
+Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import uuid
+from dataclasses import replace
 
 from botocore.exceptions import ClientError
 from celery import Celery
 from pydantic import ValidationError
 
-from common.errors import InvalidInputError
-from common.jobs import JobStore
+from common.errors import FileDownloadError, InvalidInputError
+from common.jobs import PREFIX, JobStore
 from common.queue import send_job
 from common.results import fail_job
 from common.schemas import INPUT_MODELS, JobParams, JobSpec
 from common.settings import Settings
-from common.storage import ObjectStore, fingerprint, upload_output_prefix
+from common.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
 from producer.events import ObjectCreated
 
 log = logging.getLogger(__name__)
 
 # User metadata (x-amz-meta-<name>) that sets job parameters.
 PARAM_KEYS = ("model", "operating_resolution", "output_format", "output_mask", "refine_foreground",
-              "mask_only", "webhook_url", "endpoint")
+              "mask_only", "webhook_url", "endpoint",
+              # extension fields (common.extensions)
+              "background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
+              "crop_aspect_ratio", "crop_threshold")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -52,33 +73,176 @@ def job_parameters(settings: Settings, key: str, metadata: dict[str, str]) -> di
     return {name: _coerce(value) for name, value in params.items()}
 
 
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
+_PRECONDITION = ("412", "PreconditionFailed")
+_REFUSED = ("400", "InvalidArgument", "InvalidRequest", "NoSuchBucket", "InvalidBucketName")
+_HEX = re.compile(r"^[0-9A-Fa-f]{1,64}$")
+
+# Newest sequencer handled per unversioned key (hash seq, etag): replaced only by a newer one.
+_SEQUENCE = """
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if seq and seq > ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'etag', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _sequence_value(sequencer: str | None) -> str | None:
+    """S3's sequencer, comparable as a string: upper-case hex left-padded to one length (AWS: pad, then
+    compare lexicographically)."""
+    if not sequencer or not _HEX.match(sequencer):
+        return None
+    return sequencer.upper().rjust(64, "0")
+
+
+def check_upload_background(url: str | None, bucket: str) -> None:
+    """An upload's metadata may name an s3:// background only in its own bucket: whoever can upload must not
+    be able to have the worker read (and publish) other buckets' objects. http(s) URLs meet the SSRF guard."""
+    if url and url.lower().startswith("s3://") and not url.startswith(f"s3://{bucket}/"):
+        raise InvalidInputError(f"background_image_url may only name objects in s3://{bucket}/ (the upload's bucket)",
+                                field="background_image_url")
+
+
 class Intake:
     def __init__(self, settings: Settings, store: JobStore, celery: Celery, objects: ObjectStore):
         self.settings = settings
         self.store = store
         self.celery = celery
         self.objects = objects
+        self._sequence = store.redis.register_script(_SEQUENCE)
+
+    def ignore_reason(self, event: ObjectCreated) -> str | None:
+        """Why an event makes no job, or None when it should."""
+        s = self.settings
+        buckets = s.accepted_input_buckets
+        if event.bucket == s.output_bucket and (event.bucket not in buckets or event.key.startswith(s.output_prefix)):
+            return f"it is in the output bucket {s.output_bucket!r} (our own results are never processed again)"
+        if event.bucket not in buckets:
+            return (f"bucket {event.bucket!r} is not an input bucket (accepted: {', '.join(buckets)}; "
+                    "set BIREFNET_INPUT_BUCKETS)")
+        prefixes = s.input_prefixes.get(event.bucket)
+        if prefixes and not event.key.startswith(tuple(prefixes)):
+            return f"the key is outside bucket {event.bucket!r}'s input prefixes {prefixes} (BIREFNET_INPUT_PREFIXES)"
+        if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)):
+            return "not an image key (its suffix is not in BIREFNET_IMAGE_SUFFIXES)"
+        return None
 
     def is_candidate(self, event: ObjectCreated) -> bool:
-        if event.bucket == self.settings.output_bucket:
-            return False  # never process our own outputs (a shared bucket would loop)
-        return event.key.lower().endswith(tuple(s.lower() for s in self.settings.image_suffixes))
+        return self.ignore_reason(event) is None
+
+    def _head(self, event: ObjectCreated) -> ObjectInfo:
+        if event.version_id:
+            return self.objects.head(event.bucket, event.key, version_id=event.version_id)
+        return self.objects.head(event.bucket, event.key, if_match=event.etag)
+
+    def _locate(self, event: ObjectCreated) -> tuple[ObjectCreated, ObjectInfo | None, str]:
+        """The event (its key as found), the object version it names, and '' - or None and why not:
+        'gone', 'superseded' or a refusal."""
+        try:
+            return event, self._head(event), ""
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _NOT_FOUND and event.alt_key:  # EventBridge: the key may have come un-encoded
+                event = replace(event, key=event.alt_key, alt_key=None)
+                try:
+                    return event, self._head(event), ""
+                except ClientError as again:
+                    exc, code = again, _code(again)
+            if code in _NOT_FOUND:
+                return event, None, "gone"
+            if code in _PRECONDITION:
+                return event, None, "superseded"
+            if code in _REFUSED:
+                return event, None, f"refused by the object store ({code})"
+            raise
 
     def handle(self, event: ObjectCreated) -> str | None:
         """Enqueue the job for one created object; returns its request id (None when ignored).
 
         Raises on transient failures (S3 or Redis unreachable) so the caller keeps the event.
         """
-        if not self.is_candidate(event):
-            log.info("ignoring s3://%s/%s (not an image key)", event.bucket, event.key)
+        named = s3_url(event.bucket, event.key, event.version_id)
+        reason = self.ignore_reason(event)
+        if reason:
+            log.info("ignoring %s (%s): %s", named, event.event_name, reason)
             return None
-        try:
-            info = self.objects.head(event.bucket, event.key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                log.warning("s3://%s/%s is gone; event dropped", event.bucket, event.key)
+        if not event.version_id:
+            stale = self._stale(event)  # before any S3 call: a stale event needs none
+            if stale:
+                return self._superseded(event, stale)
+        located, info, problem = self._locate(event)
+        if located.key != event.key:  # found under the key's other reading: apply the rules to that one
+            reason = self.ignore_reason(located)
+            if reason:
+                log.info("ignoring %s (%s): %s", s3_url(located.bucket, located.key), event.event_name, reason)
                 return None
-            raise
+        event = located
+        if problem == "gone":
+            log.warning("%s is gone (deleted before its event was handled); event dropped", named)
+            return None
+        if problem == "superseded":
+            return self._superseded(event, "its content was replaced by a newer upload before the event was handled")
+        if info is None:
+            log.warning("%s: %s; event dropped", named, problem)
+            return None
+        version_id = event.version_id or info.version_id
+        if version_id is None:
+            self._record_sequence(event, info)
+        return self._enqueue(event, info, version_id)
+
+    def _sequence_key(self, event: ObjectCreated) -> str:
+        digest = hashlib.sha256(f"{event.bucket}\0{event.key}".encode()).hexdigest()[:32]
+        return f"{PREFIX}keyseq:{digest}"
+
+    def _stale(self, event: ObjectCreated) -> str | None:
+        """Why an unversioned event is older than one already handled for its key (and names other
+        content), else None."""
+        seq = _sequence_value(event.sequencer)
+        if seq is None or not event.etag:
+            return None
+        newest, newest_etag = self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"])
+        if newest and newest > seq and newest_etag != event.etag:
+            return (f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
+                    f"(sequencer {event.sequencer}) is stale")
+        return None
+
+    def _record_sequence(self, event: ObjectCreated, info: ObjectInfo) -> None:
+        seq = _sequence_value(event.sequencer)
+        if seq is not None:
+            self._sequence(keys=[self._sequence_key(event)], args=[seq, info.etag, self.settings.job_record_ttl])
+
+    def _upload_key(self, event: ObjectCreated, pin: str) -> str:
+        digest = hashlib.sha256(f"{event.bucket}\0{event.key}\0{pin}".encode()).hexdigest()[:32]
+        return f"{PREFIX}upload:{digest}"
+
+    def _superseded(self, event: ObjectCreated, why: str) -> str:
+        """End the job of an upload that was overwritten before anything could read it (one per upload)."""
+        pin = event.etag or f"seq:{event.sequencer}"
+        existing = self.store.redis.get(self._upload_key(event, pin))
+        if existing:
+            return existing  # this upload already has its job (a redelivered event)
+        fp = fingerprint(event.bucket, event.key, pin, {"superseded": True})
+        request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
+        named = s3_url(event.bucket, event.key)
+        spec = JobSpec(request_id=request_id, endpoint=self.settings.default_endpoint,
+                       variant=self.settings.worker_variants[0], image_url=named, params=JobParams(),
+                       source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
+                       input_fingerprint=fp, input_etag=event.etag, owner="s3",
+                       extra={"sequencer": event.sequencer, "event_source": event.source})
+        if self.store.create(spec):
+            error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
+                                      f"before its job could read it; {why}. The newer upload has a job of its own")
+            log.warning("job %s for %s: %s", request_id, named, error.message)
+            fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects,
+                     celery=self.celery, spec=spec)
+        return request_id
+
+    def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
         params = job_parameters(self.settings, event.key, info.metadata)
         webhook_url = params.pop("webhook_url", None)
         endpoint = str(params.pop("endpoint", self.settings.default_endpoint))
@@ -93,7 +257,8 @@ class Intake:
                 params.pop("model")
             except KeyError:
                 pass
-        image_url = f"s3://{event.bucket}/{event.key}"
+        image_url = s3_url(event.bucket, event.key, version_id)
+        pin = version_id or info.etag or info.version
         error: InvalidInputError | None = None
         job_params = JobParams()
         try:
@@ -101,6 +266,7 @@ class Intake:
             job_params = JobParams.from_input(data)
             if variant_id is None:
                 variant_id = variants.by_model_name(endpoint, data.model.value).id
+            check_upload_background(job_params.background_image_url, event.bucket)
             resolution = job_params.operating_resolution
             if resolution not in variants.get(variant_id).allowed_resolutions:
                 raise InvalidInputError(f"operating_resolution {resolution} is not allowed for this model",
@@ -113,13 +279,17 @@ class Intake:
             error = exc if isinstance(exc, InvalidInputError) else InvalidInputError(str(exc), field="model")
 
         variant_id = variant_id or self.settings.worker_variants[0]
-        fp = fingerprint(event.bucket, event.key, info.version,
+        fp = fingerprint(event.bucket, event.key, pin,
                          {"p": job_params.model_dump(), "v": variant_id, "e": str(error or "")})
         request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
+        self.store.redis.set(self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl)
         spec = JobSpec(
             request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,  # type: ignore[arg-type]
             params=job_params, source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
-            input_fingerprint=fp, webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
+            input_fingerprint=fp, input_version=version_id, input_etag=None if version_id else (info.etag or None),
+            webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
+            extra={"sequencer": event.sequencer, "event_source": event.source},
+            mask_cache_scope=self.settings.mask_cache_uploads_scope,
         )
         created = self.store.create(spec)
         if error is not None:

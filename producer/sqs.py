@@ -1,8 +1,10 @@
 """The SQS consumer: S3 event notifications in, jobs out.
 
-A message is deleted only after every job it names is safely enqueued. A message that cannot be
-handled now (Redis or S3 unreachable) stays and comes back after the queue's visibility timeout; on
-AWS a redrive policy moves it to the dead-letter queue after a bounded number of receives.
+A message is deleted only after every good record it holds is safely enqueued. Malformed records are
+logged with their reason and skipped; the good records beside them still become jobs. A message that
+cannot be handled now (Redis or S3 unreachable) stays and comes back after the queue's visibility
+timeout; on AWS a redrive policy moves it to the dead-letter queue after a bounded number of receives.
+Records already enqueued from a message that comes back map to the same jobs, so redelivery is safe.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 
-from producer.events import MalformedEvent, parse_notification
+from producer.events import MalformedEvent, Notification, parse_notification
 from producer.intake import Intake
 
 log = logging.getLogger(__name__)
+
+
+def log_rejected(note: Notification, where: str) -> None:
+    for rejected in note.rejected:
+        log.error("%s: record %d skipped: %s", where, rejected.index, rejected.reason)
 
 
 class SqsConsumer:
@@ -29,25 +36,34 @@ class SqsConsumer:
                                             WaitTimeSeconds=self.wait_seconds)
         deleted = 0
         for message in response.get("Messages", []):
-            if self.handle_message(message["Body"]):
+            try:
+                done = self.handle_message(message.get("Body") or "", message.get("MessageId", "?"))
+            except Exception:  # never let one message take the batch down
+                log.exception("message %s: unexpected failure; it will be redelivered", message.get("MessageId"))
+                done = False
+            if done:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
                 deleted += 1
         return deleted
 
-    def handle_message(self, body: str) -> bool:
-        """True when the message is done with (its jobs are enqueued, or it holds nothing to do)."""
+    def handle_message(self, body: str, message_id: str = "?") -> bool:
+        """True when the message is done with: every good record is enqueued (or needs nothing)."""
+        where = f"SQS message {message_id}"
         try:
-            events = parse_notification(body)
+            note = parse_notification(body)
         except MalformedEvent as exc:
-            log.error("dropping a message that is not an S3 event (%s): %.200s", exc, body)
+            log.error("%s dropped: not an event notification (%s): %.200s", where, exc, body)
             return True
-        try:
-            for event in events:
+        log_rejected(note, where)
+        complete = True
+        for event in note.events:
+            try:
                 self.intake.handle(event)
-        except Exception:
-            log.exception("could not enqueue jobs for a message; it will be redelivered")
-            return False
-        return True
+            except Exception:
+                log.exception("%s: could not enqueue s3://%s/%s; the message will be redelivered", where,
+                              event.bucket, event.key)
+                complete = False
+        return complete
 
     def run(self, stop: threading.Event) -> None:
         log.info("consuming S3 events from %s", self.queue_url)

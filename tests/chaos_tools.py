@@ -157,16 +157,6 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def noise_jpeg(width: int, height: int) -> bytes:
-    """Random pixels: slow to refine and to encode as PNG, so the job takes seconds at any operating size."""
-    import numpy as np
-
-    pixels = np.random.default_rng(7).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def flat_png(side: int) -> bytes:
     """A big, almost uniform picture: a few tens of KB to upload, `side`² pixels to hold in memory."""
     image = Image.new("RGB", (side, side), (20, 160, 40))
@@ -183,6 +173,7 @@ def chaos_environment(**overrides: str) -> dict[str, str]:
         "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
         "BIREFNET_WEIGHTS_FALLBACK": "none",
         "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
+        "BIREFNET_MASK_CACHE_SECONDS": "0",  # every job runs the network: the load is what it says
         "BIREFNET_TORCH_THREADS": "1",
         "BIREFNET_VISIBILITY_TIMEOUT": "3",
         "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",

@@ -60,3 +60,32 @@ def test_one_bad_input_fails_only_its_own_job(predictor: Predictor):
     assert futures[2].result()[0].shape == (300, 451)
     with pytest.raises(Exception):  # noqa: B017 - whatever the engine raises reaches only that job
         futures[1].result()
+
+
+def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(predictor: Predictor):
+    """The batcher's side of the run-time limit (the real-process behaviour is in tests/test_hang.py)."""
+    import threading
+
+    from worker.batcher import ForwardTimeout, WorkerUnavailable
+
+    release = threading.Event()
+    stuck = Image.new("RGB", (61, 40))
+    batcher = MaskBatcher(predictor, max_size=1, wait_seconds=0.0,
+                          forward_hook=lambda images: release.wait() if images[0].width == 61 else None)
+    with ThreadPoolExecutor(2) as pool:
+        hung = pool.submit(batcher.predict, stuck, (64, 64), 0.5)
+        threading.Event().wait(0.1)  # the hung one is in its forward before the next arrives
+        waiting = pool.submit(batcher.predict, photos()[0], (64, 64), 0.5)
+        with pytest.raises(ForwardTimeout):
+            hung.result()
+        with pytest.raises(WorkerUnavailable):  # never started: not its fault, another worker takes it
+            waiting.result()
+    assert batcher.busy_for() > 0.4 and batcher.forwards_done == 0
+    batcher.declare_stuck("test")
+    with pytest.raises(WorkerUnavailable):
+        batcher.predict(photos()[1], (64, 64), 5)
+    release.set()  # let the inference thread finish before the interpreter exits (torch in a daemon thread)
+    for _ in range(300):
+        if batcher.forwards_done:
+            break
+        threading.Event().wait(0.1)

@@ -27,11 +27,11 @@ from tests.chaos_tools import (
     ChaosStack,
     Submitted,
     audit,
+    chaos_environment,
     data_uri,
     deliveries_of_task,
     log_lines,
     messages_of,
-    noise_jpeg,
     running_in_background,
     small_png,
     submit_mixed,
@@ -40,16 +40,22 @@ from tests.chaos_tools import (
     wait_all_done,
 )
 from tests.conftest import wait_for
+from tests.forward_hook import Rule, hook_setting, marker_png
 
 JOBS = int(os.environ.get("CHAOS_JOBS", "100"))
 KILLS = int(os.environ.get("CHAOS_KILLS", str(max(4, JOBS // 50))))
 RATE = float(os.environ.get("CHAOS_RATE", "2.5"))  # submissions per second (two workers do ~3/s here)
-SLOW_SIZE = (4000, 3000)  # random pixels: ~10 s of refining and encoding, several visibility timeouts
+# The slow job: an image of this width, whose forward the test-only hook makes last SLOW_VISIBILITY_TIMEOUTS
+# visibility timeouts plus a second, on any machine (tests/forward_hook.py).
+SLOW_WIDTH, SLOW_VISIBILITY_TIMEOUTS = 63, 3
 
 
 @pytest.fixture
 def chaos(moto_endpoint: str, tmp_path: Path):
-    stack = ChaosStack(tmp_path, moto_endpoint)
+    visibility = int(chaos_environment()["BIREFNET_VISIBILITY_TIMEOUT"])
+    slow = Rule(SLOW_WIDTH, seconds=SLOW_VISIBILITY_TIMEOUTS * visibility + 1)
+    stack = ChaosStack(tmp_path, moto_endpoint,
+                       overrides={"BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp_path / "hook", slow)})
     try:
         yield stack
     finally:
@@ -85,15 +91,16 @@ def chaos_events(stack: ChaosStack, submitted: Submitted, avoid: set[str], figur
     for n in range(KILLS):
         wait_for(lambda n=n: len(submitted.api) + len(submitted.s3_keys) >= (n + 1) * JOBS / (KILLS + 2),
                  JOBS / RATE * 3, "the submissions to move on")
-        killed = stack.kill_busy_worker(avoid)
+        # Generous waits: a worker started just before may still be importing torch on a loaded machine.
+        killed = stack.kill_busy_worker(avoid, timeout=240)
         avoid.add(killed)  # never the same job twice: three deaths would dead-letter it by design
         figures["kills"] += 1
         stack.start_worker(wait=False)
         if n == 0:
-            stack.busy_worker()
+            stack.busy_worker(timeout=240)
             stack.crash_redis(down_seconds=1.5)
         if n == 1:
-            stack.busy_worker()
+            stack.busy_worker(timeout=240)
             stack.s3_outage(seconds=6)
             figures["s3_outage_seconds"] += 6
 
@@ -109,8 +116,8 @@ def test_chaos_nothing_lost_nothing_twice(chaos: ChaosStack, receiver: WebhookRe
     stop = threading.Event()
 
     # A job slower than the visibility timeout: its message comes back to the other worker while it runs.
-    slow_key = "slow/noise.jpg"
-    upload(chaos.s3_direct(), chaos.settings.input_bucket, slow_key, noise_jpeg(*SLOW_SIZE),
+    slow_key = "slow/marker.png"
+    upload(chaos.s3_direct(), chaos.settings.input_bucket, slow_key, marker_png(SLOW_WIDTH),
            {"webhook_url": receiver.url})
     submitted.s3_keys.append(slow_key)
     slow_id, slow_tasks = watch_slow_job(chaos, slow_key)

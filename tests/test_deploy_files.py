@@ -217,7 +217,8 @@ def test_compose_workers():
         assert svc["build"]["dockerfile"] == "infra/docker/Dockerfile.worker"
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), name
-        assert svc["healthcheck"]["test"] == ["CMD", "test", "-f", READY_FILE]
+        assert _healthcheck_port(svc) == WORKER_METRICS_PORT and "/readyz" in " ".join(svc["healthcheck"]["test"])
+        assert str(WORKER_METRICS_PORT) in svc["expose"]
         assert seconds(svc["healthcheck"]["start_period"]) >= 600, "first start downloads weights"
         assert seconds(svc["stop_grace_period"]) >= 600, "warm shutdown lets the current job finish"
         assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
@@ -748,7 +749,9 @@ def test_worker_pod_spec(overlay: str):
         worker = spec["containers"][0]
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
         ready = ["test", "-f", READY_FILE]
-        assert worker["readinessProbe"]["exec"]["command"] == ready
+        # Readiness and liveness reflect the inference thread (the watchdog), not just an open port.
+        assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         startup = worker["startupProbe"]
         assert startup["exec"]["command"] == ready
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60, "weight download budget"
@@ -1193,6 +1196,7 @@ def test_terraform_iam_least_privilege():
     for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
         assert producer[action] == {queue}, action
     assert producer["s3:GetObject"] == {input_objects}
+    assert producer["s3:GetObjectVersion"] == {input_objects}, "HEAD of the version an event names"
     assert producer["s3:PutObject"] == {results}, "error documents only"
     assert not any(a.startswith("sqs:Send") for a in producer)
 
@@ -1200,6 +1204,7 @@ def test_terraform_iam_least_privilege():
     assert not any(a.startswith("sqs:") for a in worker), "jobs reach workers through Redis"
     # "${statement.value}": the optional worker_extra_read_arns (s3:// weights, API s3_read buckets).
     assert worker["s3:GetObject"] == {input_objects, results, "${statement.value}"}
+    assert worker["s3:GetObjectVersion"] == {input_objects}, "jobs from versioned buckets read one version"
     assert worker["s3:PutObject"] == {results}
 
     gateway = _role_permissions("gateway")

@@ -38,6 +38,7 @@ from tests.test_gateway_support import (
     png_bytes,
     start_gateway_stack,
 )
+from tests.test_webhooks import fal_documented_verify
 
 V1 = "/queue/fal-ai/birefnet"
 V2 = "/queue/fal-ai/birefnet/v2"
@@ -246,7 +247,7 @@ def test_invalid_input_completes_with_fastapi_422(gs, alice):
     assert item["loc"] == ["body", "operating_resolution"] and "General Use (Dynamic)" in item["msg"]
     _, scheme = result_of(gs, alice, {"image_url": "ftp://x/a.png"})
     assert scheme.json()["detail"][0]["loc"] == ["body", "image_url"]
-    _, bad_enum = result_of(gs, alice, {"image_url": NOT_AN_IMAGE, "output_format": "jpeg"})
+    _, bad_enum = result_of(gs, alice, {"image_url": NOT_AN_IMAGE, "output_format": "bmp"})
     assert bad_enum.json()["detail"][0]["type"] == "enum"
 
     # Sync run answers the 422 itself; bodies that are not JSON objects are refused at submit.
@@ -559,6 +560,7 @@ def test_webhook_is_signed_retried_and_failures_listed(gs, alice, receiver):
     deliveries = receiver.wait(3, timeout=30)
     last = deliveries[-1]
     assert verify(last.headers, last.body, jwks)
+    assert fal_documented_verify(last.headers, last.body, jwks), "fal's documented verifier, against our JWKS"
     assert last.headers["X-Fal-Webhook-User-Id"] == "user-alice"
     assert last.json() == {"request_id": rid, "gateway_request_id": rid, "status": "ERROR",
                            "error": "Invalid status code: 422", "payload": last.json()["payload"]}

@@ -35,11 +35,12 @@ def serve(app) -> Iterator[str]:
         thread.join(10)
 
 
-def minio_body(bucket: str, key: str, event: str = "s3:ObjectCreated:Put") -> str:
-    """A notification as MinIO's webhook target sends it (keys URL-encoded in the record)."""
+def minio_body(bucket: str, key: str, etag: str | None = None, event: str = "s3:ObjectCreated:Put") -> str:
+    """A notification as MinIO's webhook target sends it (keys URL-encoded in the record). Without `etag`
+    the record names no ETag and the producer takes the object as it is now."""
+    obj = {"key": quote_plus(key, safe="/"), "size": 3, "sequencer": "1", **({"eTag": etag} if etag else {})}
     record = {"eventVersion": "2.0", "eventSource": "minio:s3", "eventName": event,
-              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                     "object": {"key": quote_plus(key, safe="/"), "size": 3, "eTag": "abc", "sequencer": "1"}}}
+              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj}}
     return json.dumps({"EventName": event, "Key": f"{bucket}/{key}", "Records": [record]})
 
 
@@ -54,8 +55,8 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def test_minio_notification_becomes_one_job(stack: Stack):
     settings = stack.settings.model_copy(update={"producer_http_token": "s3cret"})
-    put(stack, "shots/a cat.png", {"output_mask": "true"})
-    body = minio_body(settings.input_bucket, "shots/a cat.png")
+    etag = put(stack, "shots/a cat.png", {"output_mask": "true"})
+    body = minio_body(settings.input_bucket, "shots/a cat.png", etag)
     auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
     with serve(create_app(settings)) as url:
         first = httpx.post(f"{url}/s3-events", content=body, headers=auth)
@@ -72,9 +73,9 @@ def test_minio_notification_becomes_one_job(stack: Stack):
 
 def test_auth_probes_bad_bodies_and_metrics(stack: Stack):
     settings = stack.settings.model_copy(update={"producer_http_token": "s3cret"})
-    put(stack, "notes/readme.txt")
+    etag = put(stack, "notes/readme.txt")
     with serve(create_app(settings)) as url:
-        body = minio_body(settings.input_bucket, "notes/readme.txt")
+        body = minio_body(settings.input_bucket, "notes/readme.txt", etag)
         assert httpx.post(f"{url}/s3-events", content=body).status_code == 401
         assert httpx.post(f"{url}/s3-events", content=body,
                           headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -101,8 +102,8 @@ def no_jobs_queued(stack: Stack) -> bool:
 
 
 def test_transient_failure_answers_503_and_the_retry_succeeds(stack: Stack):
-    put(stack, "later.png")
-    body = minio_body(stack.settings.input_bucket, "later.png")
+    etag = put(stack, "later.png")
+    body = minio_body(stack.settings.input_bucket, "later.png", etag)
     down = stack.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with serve(create_app(down, build_intake(down))) as url:
         failed = httpx.post(f"{url}/s3-events", content=body)

@@ -32,6 +32,9 @@ def test_worker_producer_and_webhook_metrics_move_after_jobs(stack: Stack, webho
                  "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"})
     worker_url, hooks_url = f"http://127.0.0.1:{worker_port}/metrics", f"http://127.0.0.1:{hooks_port}/metrics"
     before = scrape(worker_url)
+    for probe in ("healthz", "readyz"):  # the probes share the port: 200 while the inference thread is fine
+        answer = httpx.get(f"http://127.0.0.1:{worker_port}/{probe}", timeout=5)
+        assert answer.status_code == 200 and answer.text.strip() == "ok", (probe, answer.text)
     assert sample(before, "birefnet_model_load_seconds", variant="general-light") > 0
     assert sample(before, "birefnet_model_untrained", variant="general-light") == 1  # tests run recipe weights
     assert sample(before, "birefnet_jobs_completed_total", variant="general-light", outcome="done") is None

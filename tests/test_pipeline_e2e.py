@@ -37,7 +37,6 @@ def start_pipeline(stack: Stack) -> None:
 def expected_mask(settings: Settings, image: Image.Image) -> np.ndarray:
     """The model's mask for this input, computed here with the same variant and weights as the worker."""
     from worker.engine import Predictor
-
     from worker.imaging import mask_to_image
 
     predictor = Predictor(settings.variants.get("general-light"), settings)

@@ -33,10 +33,12 @@ def drain(c: SqsConsumer, rounds: int = 3) -> int:
     return sum(c.poll_once() for _ in range(rounds))
 
 
-def put(stack: Stack, key: str, metadata: dict | None = None, body: bytes = b"img") -> None:
+def put(stack: Stack, key: str, metadata: dict | None = None, body: bytes = b"img") -> str:
+    """Upload to the input bucket; returns the object's ETag (as events carry it)."""
     s3 = boto3.client("s3", region_name=stack.settings.aws_region, endpoint_url=stack.settings.s3_endpoint_url,
                       config=boto_config())
-    s3.put_object(Bucket=stack.settings.input_bucket, Key=key, Body=body, Metadata=metadata or {})
+    return s3.put_object(Bucket=stack.settings.input_bucket, Key=key, Body=body,
+                         Metadata=metadata or {})["ETag"].strip('"')
 
 
 def test_upload_becomes_one_job_with_metadata_params(stack: Stack):

@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from common.jobs import JobStore
 from tests.conftest import Stack, WebhookReceiver, wait_for
+from tests.forward_hook import Rule, hook_setting, marker_png
 from tests.test_pipeline_e2e import s3_client
+
+SLOW_WIDTH = 64  # the hook's marker (no other test image is 64 pixels wide)
 
 
 @pytest.mark.timeout(300)
-def test_killed_worker_job_is_redelivered_and_done_once(stack: Stack, webhook_receiver: WebhookReceiver):
+def test_killed_worker_job_is_redelivered_and_done_once(stack: Stack, webhook_receiver: WebhookReceiver,
+                                                        tmp_path: Path):
     settings = stack.settings
     stack.start(["-m", "producer", "sqs"], "producer")
     stack.start(["-m", "producer", "webhooks"], "webhooks")
-    doomed = stack.start_worker("general-light", name="doomed")
+    # The first worker's forward of this image takes a minute (the test-only hook), whatever the CPU, so it
+    # is surely killed mid-job; the rescuer runs it normally.
+    slow = hook_setting(tmp_path / "hook", Rule(SLOW_WIDTH, seconds=60))
+    doomed = stack.start_worker("general-light", name="doomed", extra_env={"BIREFNET_TEST_FORWARD_HOOK": slow})
     store = JobStore.from_url(settings.redis_url)
-
-    # A 12-megapixel upload keeps the first worker busy long enough to be killed mid-job.
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, size=(3000, 4000, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    s3_client(settings).put_object(Bucket=settings.input_bucket, Key="big.jpg", Body=buffer.getvalue(),
-                                   Metadata={"webhook_url": webhook_receiver.url,
-                                             "operating_resolution": "2048x2048"})
+    s3_client(settings).put_object(Bucket=settings.input_bucket, Key="slow.png", Body=marker_png(SLOW_WIDTH),
+                                   Metadata={"webhook_url": webhook_receiver.url})
 
     def running_job() -> str | None:
         for key in store.redis.scan_iter("birefnet:job:*"):

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.jobs import JobStore
 from common.schemas import JobParams, JobSpec
@@ -28,22 +28,37 @@ def seed() -> str:
 
 
 def fal_documented_verify(headers: dict[str, str], body: bytes, jwks: dict) -> bool:
-    """The receiver procedure fal documents, written out independently of common.signing."""
+    """The receiver procedure of fal's documentation ("Verifying Your Webhook",
+    https://docs.fal.ai/model-apis/model-endpoints/webhooks), written out independently of common.signing
+    and with the same libraries: each JWKS key's `x` decoded with a plain base64.urlsafe_b64decode (which
+    raises on missing padding: fal's keys are padded), PyNaCl's VerifyKey, a 300 s timestamp window, and
+    the message request_id \\n user_id \\n timestamp \\n sha256hex(body)."""
+    from nacl.encoding import HexEncoder
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
     request_id = headers.get("X-Fal-Webhook-Request-Id")
     user_id = headers.get("X-Fal-Webhook-User-Id")
     timestamp = headers.get("X-Fal-Webhook-Timestamp")
     signature_hex = headers.get("X-Fal-Webhook-Signature")
     if not all((request_id, user_id, timestamp, signature_hex)):
         return False
-    if abs(int(time.time()) - int(timestamp)) > 300:
+    try:
+        if abs(int(time.time()) - int(timestamp)) > 300:
+            return False
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
         return False
     signed = "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()]).encode("utf-8")
     for key in jwks["keys"]:
-        raw = base64.urlsafe_b64decode(key["x"] + "=" * (-len(key["x"]) % 4))
+        x = key.get("x")
+        if not isinstance(x, str):
+            continue
         try:
-            Ed25519PublicKey.from_public_bytes(raw).verify(bytes.fromhex(signature_hex), signed)
+            raw = base64.urlsafe_b64decode(x)  # as the docs do: no re-padding
+            VerifyKey(raw.hex(), encoder=HexEncoder).verify(signed, signature)
             return True
-        except Exception:
+        except (BadSignatureError, ValueError):  # binascii.Error (bad padding) is a ValueError
             continue
     return False
 
@@ -59,6 +74,12 @@ def test_signature_is_fals_scheme_and_rotation_publishes_every_key():
     jwks = signer.jwks()
     assert [k["kty"] for k in jwks["keys"]] == ["OKP", "OKP"] and all(k["crv"] == "Ed25519" for k in jwks["keys"])
     assert fal_documented_verify(headers, body, jwks) and verify(headers, body, jwks)
+    # As fal's own JWKS: x is base64url of the 32-byte key *with* padding (44 characters, one '=').
+    assert all(len(k["x"]) == 44 and k["x"].endswith("=") and "+" not in k["x"] and "/" not in k["x"]
+               for k in jwks["keys"])
+    unpadded = {"keys": [{**k, "x": k["x"].rstrip("=")} for k in jwks["keys"]]}
+    assert not fal_documented_verify(headers, body, unpadded), "the docs' decoder rejects unpadded keys"
+    assert verify(headers, body, unpadded), "our own verifier accepts both forms"
     # Receivers that still hold only the old key's JWKS fail; the first key signs.
     only_old = WebhookSigner([load_private_key(old)]).jwks()
     assert not fal_documented_verify(headers, body, only_old)
@@ -153,8 +174,17 @@ def test_exhausted_retries_are_listed_as_failed(store):
     assert not store.redis.zrangebyscore(DUE_KEY, "-inf", "+inf"), "no retry after the last"
 
 
-def test_private_receivers_are_refused_by_the_ssrf_guard(store):
-    hooks = sender(store, fetch_allow_networks=())
-    rid = completed_job(store, "http://127.0.0.1:9/hook")
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:9/hook", "loopback"),
+    ("http://10.1.2.3/hook", "private"),
+    ("http://169.254.169.254/latest/meta-data/", "metadata"),
+])
+def test_a_receiver_refused_by_the_network_policy_fails_finally_on_the_first_attempt(store, url, reason):
+    hooks = sender(store, fetch_allow_networks=(), webhook_max_retries=10)
+    rid = completed_job(store, url)
     result = hooks.deliver(rid, 0)
-    assert not result.ok and "loopback" in result.error
+    assert not result.ok and result.final and reason in result.error
+    assert "webhook URL" in result.error and "image URL" not in result.error, result.error
+    assert not store.redis.zrangebyscore(DUE_KEY, "-inf", "+inf"), "no retry is booked: it cannot succeed"
+    (failed,) = hooks.failed()
+    assert failed["request_id"] == rid and [a["final"] for a in failed["attempts"]] == [True]

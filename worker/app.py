@@ -2,11 +2,14 @@
 
 `python -m worker` loads the models *before* Celery starts consuming (pool solo: the model lives in
 the process that runs the jobs), writes the readiness file, and keeps a heartbeat in Redis that the
-ops command reads.
+ops command reads. A watchdog (worker/watchdog.py) ends a worker whose inference thread is stuck; the
+metrics port answers the probes: /healthz (liveness: the inference threads make progress) and /readyz
+(models loaded and not stuck).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,8 @@ from common.settings import Settings
 from common.storage import ObjectStore
 from worker.engine import Predictor
 from worker.runner import JobRunner
+from worker.test_hooks import load_forward_hook
+from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,21 @@ class WorkerState:
 
     def __init__(self) -> None:
         self.runner: JobRunner | None = None
+        self.watchdog: Watchdog | None = None
         self.name = f"{'+'.join(settings.worker_variants)}@{socket.gethostname()}:{os.getpid()}"
 
+    def live(self) -> tuple[bool, str]:
+        """Liveness: loading counts as alive (the startup probe covers it); then the watchdog's verdict."""
+        return self.watchdog.healthy() if self.watchdog else (True, "loading models")
+
+    def ready(self) -> tuple[bool, str]:
+        if self.watchdog is None:
+            return False, "loading models"
+        return self.watchdog.healthy()
+
     def load(self) -> None:
-        start_metrics_server(settings.worker_metrics_port, "worker")  # early: liveness probes use it
+        # Early: the liveness probe uses it while the models load.
+        start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready})
         register_gpu_collector()
         predictors: dict[str, Predictor] = {}
         for variant_id in settings.worker_variants:
@@ -57,7 +73,14 @@ class WorkerState:
             model_loaded(variant_id, time.perf_counter() - started, predictor.untrained)
             predictors[variant_id] = predictor
         store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
-        self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name)
+        hook = load_forward_hook(settings, {v: p.untrained for v, p in predictors.items()})
+        self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
+                                forward_hook=hook)
+        self.runner.health.on_trip(lambda _reason: self._not_ready())
+        limits = {variant: settings.time_limit(variant) for variant in predictors}
+        self.watchdog = Watchdog(self.runner, limits, grace=settings.job_lease_seconds,
+                                 drain_seconds=min(10.0, settings.job_lease_seconds / 2),
+                                 interval=min(1.0, min(limits.values()) / 10)).start()
         with open(settings.ready_file, "w") as handle:
             handle.write(json.dumps({"variants": list(predictors), "pid": os.getpid()}))
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
@@ -80,6 +103,12 @@ class WorkerState:
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(10)
+
+
+    @staticmethod
+    def _not_ready() -> None:
+        with contextlib.suppress(OSError):
+            os.remove(settings.ready_file)
 
 
 state = WorkerState()
@@ -127,6 +156,11 @@ def run_job(task: Task, spec_data: dict) -> str:
         # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
         log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
         retry_later(task, 5.0)
+    if outcome.kind == "handback" or (outcome.kind == "retry" and state.runner.health.tripped):
+        # This worker is stuck and about to exit: put the message straight back for another worker (a
+        # countdown retry would be held here and come back only after the visibility timeout).
+        time.sleep(0.2)  # while it lasts, do not spin on messages it keeps being handed
+        raise Reject(outcome.detail, requeue=True)
     if outcome.kind == "defer":
         # Another worker is running it: look again later, in case that worker dies.
         retry_later(task, settings.job_lease_seconds)

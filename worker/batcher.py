@@ -14,48 +14,120 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from worker.engine import ImageLike, Predictor, PreparedImage
 
 log = logging.getLogger(__name__)
 
+ForwardHook = Callable[[Sequence[Image.Image]], None]  # test-only: runs in the forward (worker.test_hooks)
+
+
+class ForwardTimeout(Exception):
+    """The forward this job was in ran past the job's run-time limit (the job's own attempt ends).
+    `shared`: other jobs were in the same forward, so which one made it hang is not known."""
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
+
+
+class WorkerUnavailable(Exception):
+    """This worker's inference thread cannot take the job (stuck, or busy past the job's limit before the
+    job's forward began): the job is not at fault and goes to another worker."""
+
 
 @dataclass
 class _Pending:
-    prepared: PreparedImage
+    image: ImageLike  # for the test-only forward hook
     resolution: tuple[int, int]
+    prepared: PreparedImage | None = None
     future: Future = field(default_factory=Future)
+    alone: bool = False  # runs in a forward of its own (its job was in a batch that hung)
+    started: bool = False  # taken into a forward (guarded by the batcher's lock)
+    abandoned: bool = False  # its job stopped waiting; skipped if not started yet
+    batch_size: int = 0  # of the forward it was taken into
 
 
 class MaskBatcher:
-    def __init__(self, predictor: Predictor, *, max_size: int, wait_seconds: float):
+    def __init__(self, predictor: Predictor, *, max_size: int, wait_seconds: float,
+                 forward_hook: ForwardHook | None = None):
         self.predictor = predictor
         self.max_size = max(1, max_size)
         self.wait_seconds = max(0.0, wait_seconds)
+        self.forward_hook = forward_hook
         self._waiting: queue.Queue[_Pending] = queue.Queue()
         self.batch_sizes: list[int] = []  # recent batch sizes, for logs and benchmarks
+        # Progress of the inference thread, for the watchdog: when the forward now running began
+        # (time.monotonic(), None while idle) and how many forwards have finished.
+        self.forward_started: float | None = None
+        self.forwards_done = 0
+        self.stuck_reason: str | None = None
+        self._lock = threading.Lock()
+        self._in_flight: list[_Pending] = []
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{predictor.spec.id}", daemon=True)
         self._thread.start()
 
-    def predict(self, image: ImageLike, resolution: tuple[int, int]) -> tuple[np.ndarray, int]:
-        """The mask for one image, and the size of the batch it ran in (blocks until done)."""
-        mask, batch_size, _ = self.predict_prepared(image, resolution)
+    def predict(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
+                alone: bool = False) -> tuple[np.ndarray, int]:
+        """The mask (float32 numpy) for one image, and the size of the batch it ran in (blocks until done,
+        or `timeout` seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not).
+        `alone`: never batched with other images."""
+        mask, batch_size, _ = self.predict_prepared(image, resolution, timeout, alone=alone)
         if not isinstance(mask, np.ndarray):
             mask = mask.cpu().numpy()
         return mask, batch_size
 
-    def predict_prepared(self, image: ImageLike, resolution: tuple[int, int]):
+    def predict_prepared(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
+                         alone: bool = False):
         """(mask, batch size, PreparedImage): the mask is a device tensor on CUDA (for render_outputs with
-        `prepared`), float32 numpy otherwise. Preparation and the mask's resize run in the calling thread."""
+        `prepared`), float32 numpy otherwise. Preparation and the mask's resize run in the calling thread;
+        the batcher's thread runs only the forward."""
+        if self.stuck_reason:
+            raise WorkerUnavailable(self.stuck_reason)
         prepared = self.predictor.prepare(image, resolution)
-        pending = _Pending(prepared, resolution)
+        pending = _Pending(image, resolution, prepared=prepared, alone=alone)
         self._waiting.put(pending)
-        logits, batch_size = pending.future.result()
+        try:
+            logits, batch_size = pending.future.result(timeout=timeout)
+        except TimeoutError:
+            with self._lock:
+                pending.abandoned = True
+                started = pending.started
+            if started:
+                raise ForwardTimeout("its forward pass did not finish within the job's run-time limit",
+                                     shared=pending.batch_size > 1) from None
+            raise WorkerUnavailable("the inference thread was still busy with other forwards when this job's "
+                                    "run-time limit passed") from None
         return self.predictor.mask_for(logits, prepared), batch_size, prepared
+
+    def busy_for(self) -> float:
+        """Seconds the forward now running has taken (0 while idle)."""
+        started = self.forward_started
+        return time.monotonic() - started if started is not None else 0.0
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def declare_stuck(self, reason: str) -> None:
+        """The watchdog's verdict: end the jobs in the running forward (ForwardTimeout) and hand back every
+        waiting one (WorkerUnavailable); later calls to predict are refused at once."""
+        with self._lock:
+            self.stuck_reason = reason
+            in_flight, self._in_flight = self._in_flight, []
+        for item in in_flight:
+            _settle(item.future, exc=ForwardTimeout(reason, shared=len(in_flight) > 1))
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            _settle(item.future, exc=WorkerUnavailable(reason))
 
     def _collect(self) -> list[_Pending]:
         batch = [self._waiting.get()]
@@ -71,23 +143,62 @@ class MaskBatcher:
     def _loop(self) -> None:
         while True:
             batch = self._collect()
-            groups: dict[tuple[int, int], list[_Pending]] = {}
+            groups: dict[tuple, list[_Pending]] = {}
             for item in batch:
-                groups.setdefault(item.resolution, []).append(item)
-            for resolution, items in groups.items():
+                groups.setdefault((item.resolution, id(item) if item.alone else None), []).append(item)
+            for (resolution, _), items in groups.items():
                 self._run(resolution, items)
 
+    def _take(self, items: list[_Pending]) -> list[_Pending]:
+        """Mark the items that are still wanted as started (the others' jobs gave up waiting)."""
+        with self._lock:
+            if self.stuck_reason:
+                wanted = []
+            else:
+                wanted = [item for item in items if not item.abandoned]
+                for item in wanted:
+                    item.started, item.batch_size = True, len(wanted)
+                self._in_flight = wanted
+        for item in items:
+            if item not in wanted:
+                _settle(item.future, exc=WorkerUnavailable(self.stuck_reason or "abandoned"))
+        return wanted
+
     def _run(self, resolution: tuple[int, int], items: list[_Pending]) -> None:
+        items = self._take(items)
+        if not items:
+            return
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
+        self.forward_started = time.monotonic()
         try:
+            if self.forward_hook is not None:
+                self.forward_hook([item.image for item in items])
             logits = self.predictor.forward([item.prepared for item in items])
         except Exception as exc:
             if len(items) == 1:
-                items[0].future.set_exception(exc)
+                _settle(items[0].future, exc=exc)
                 return
             log.warning("a batch of %d failed (%s); running its images one by one", len(items), exc)
             for item in items:
+                with self._lock:
+                    item.abandoned = item.abandoned or item.future.done()
                 self._run(resolution, [item])
             return
+        finally:
+            self.forward_started = None
+            self.forwards_done += 1
+            with self._lock:
+                self._in_flight = []
         for item, row in zip(items, logits, strict=True):
-            item.future.set_result((row, len(items)))
+            _settle(item.future, result=(row, len(items)))
+
+
+def _settle(future: Future, *, result: object = None, exc: BaseException | None = None) -> None:
+    """Set a future's outcome unless it has one (the watchdog may have ended it first)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except Exception:  # InvalidStateError: already settled
+        pass

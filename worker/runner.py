@@ -18,6 +18,7 @@ from typing import Literal
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
+from PIL import Image
 
 from common.errors import JobError
 from common.fetch import fetch_input
@@ -28,15 +29,17 @@ from common.results import fail_job, finish_job
 from common.schemas import ImageFile, JobSpec
 from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
-from worker.batcher import MaskBatcher
+from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
+from worker.compose import check_output_format, render_job_outputs
 from worker.engine import Predictor
-from worker.imaging import EncodedImage
+from worker.imaging import EncodedImage, decode_image
+from worker.masks import MaskSource
 from worker.null_model import NULL_MODEL_BANNER
 from worker.pixels import decode_rgb
 
 log = logging.getLogger(__name__)
 
-OutcomeKind = Literal["done", "failed", "cancelled", "skipped", "defer", "retry"]
+OutcomeKind = Literal["done", "failed", "cancelled", "skipped", "defer", "retry", "handback"]
 
 UNTRAINED_WARNING = ("UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
                      "trained BiRefNet checkpoint; the mask is meaningless.")
@@ -53,6 +56,42 @@ class TransientError(Exception):
     """Infrastructure trouble (S3, Redis); the job is retried without counting as a crash."""
 
 
+class JobTimedOut(Exception):
+    """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
+
+
+TIMEOUT_ERROR_TYPE, TIMEOUT_STATUS = "request_timeout", 504  # fal: "exceeded the allowed processing time"
+
+
+class WorkerHealth:
+    """Whether this worker still takes jobs. Tripped once (by the watchdog, or by a job whose forward ran
+    past its limit); from then on jobs are handed back, leases are no longer renewed, and the worker exits."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._tripped = threading.Event()
+        self._listeners: list = []
+
+    @property
+    def tripped(self) -> bool:
+        return self._tripped.is_set()
+
+    def on_trip(self, listener) -> None:
+        self._listeners.append(listener)
+
+    def trip(self, reason: str) -> None:
+        if self._tripped.is_set():
+            return
+        self.reason = reason
+        self._tripped.set()
+        log.critical("worker is stuck and stops taking jobs: %s", reason)
+        for listener in self._listeners:
+            try:
+                listener(reason)
+            except Exception:
+                log.exception("a watchdog listener failed")
+
+
 _TRANSIENT = (BotoCoreError, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -66,13 +105,17 @@ def _is_transient(exc: BaseException) -> bool:
 class LeaseKeeper:
     """Renews the job's lease in the background while it runs, so no other worker takes it."""
 
-    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float):
+    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float,
+                 health: WorkerHealth | None = None):
         self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
+        self.health = health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
+            if self.health is not None and self.health.tripped:
+                return  # a stuck worker lets its leases run out, so other workers can take the jobs
             try:
                 self.store.renew(self.request_id, self.token, self.lease_seconds)
             except redis.RedisError:
@@ -89,23 +132,39 @@ class LeaseKeeper:
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str):
+                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None):
         self.settings = settings
         self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
-                                              wait_seconds=settings.batch_wait_ms / 1000)
+                                              wait_seconds=settings.batch_wait_ms / 1000, forward_hook=forward_hook)
                          for variant, predictor in predictors.items()}
+        self.health = WorkerHealth()
+        self.health.on_trip(self._stop_inference)
+        # Jobs running now: request id -> deadline of this run (time.monotonic()), for the watchdog.
+        self.running: dict[str, float] = {}
+        self._running_lock = threading.Lock()
         self.store = store
         self.objects = objects
         self.celery = celery
         self.predictors = predictors
         self.worker_name = worker_name
         self.net_policy = NetPolicy.from_settings(settings)
+        self.masks = MaskSource(settings, store, objects)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
         return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
                           spec=spec, token=token, **kwargs)
 
+    def _stop_inference(self, reason: str) -> None:
+        for batcher in self.batchers.values():
+            batcher.declare_stuck(reason)
+
+    def running_jobs(self) -> dict[str, float]:
+        with self._running_lock:
+            return dict(self.running)
+
     def run(self, spec: JobSpec) -> Outcome:
+        if self.health.tripped:  # stuck: take nothing more (the Celery task puts the message back)
+            return Outcome("handback", f"worker is stuck: {self.health.reason}")
         # For ops and metrics: the running set while it runs, then the completions stream and the stage
         # histograms (timings come with `done` outcomes).
         job_started(self.store, spec)
@@ -130,7 +189,15 @@ class JobRunner:
             return Outcome("defer", "another worker holds the lease")
         if claim == "exhausted":
             self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
-            last = self.store.redis.hget(self.store.job_key(spec.request_id), "last_error") or "worker stopped"
+            last, last_type = self.store.redis.hmget(self.store.job_key(spec.request_id),
+                                                     ["last_error", "last_error_type"])
+            last = last or "worker stopped"
+            if last_type == TIMEOUT_ERROR_TYPE:
+                message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
+                           "attempts were allowed, so it was moved to the dead-letter list")
+                body = {"detail": message, "error_type": TIMEOUT_ERROR_TYPE}
+                self._finish(spec, "", body=body, code=TIMEOUT_STATUS, error=message, error_type=TIMEOUT_ERROR_TYPE)
+                return Outcome("failed", "attempts exhausted (run-time limit)")
             if spec.max_attempts == 1:
                 message = (f"the job's first run ended without a result (last: {last}) and the request asked "
                            "for no retries (x-fal-no-retry); it was moved to the dead-letter list")
@@ -144,23 +211,63 @@ class JobRunner:
         if claim == "missing":
             return Outcome("skipped", "job record missing")
 
-        with LeaseKeeper(self.store, spec.request_id, token, self.settings.job_lease_seconds):
+        limit = self.settings.time_limit(spec.variant)
+        deadline = time.monotonic() + limit
+        with self._running_lock:
+            self.running[spec.request_id] = deadline
+        try:
+            with LeaseKeeper(self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health):
+                return self._run_leased(spec, token, deadline, limit)
+        finally:
+            with self._running_lock:
+                self.running.pop(spec.request_id, None)
+
+    def _run_leased(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
+        try:
             try:
-                try:
-                    return self._run_claimed(spec, token)
-                except JobError as exc:  # storing the error can meet an outage too: handled below
-                    return self._fail(spec, token, exc)
-            except Exception as exc:
-                transient = _is_transient(exc)
-                # An outage is not the job's fault: refund the attempt so outages do not exhaust it.
-                self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=transient)
-                if transient:
-                    log.warning("job %s hit a transient error, will retry: %s", spec.request_id, exc)
-                    return Outcome("retry", f"transient: {exc}")
-                log.exception("job %s raised unexpectedly", spec.request_id)
-                self.store.redis.hset(self.store.job_key(spec.request_id), "last_error",
-                                      f"{type(exc).__name__}: {exc}"[:500])
-                return Outcome("retry", f"{type(exc).__name__}: {exc}")
+                return self._run_claimed(spec, token, deadline, limit)
+            except JobError as exc:  # storing the error can meet an outage too: handled below
+                return self._fail(spec, token, exc)
+            except (JobTimedOut, ForwardTimeout) as exc:
+                return self._timed_out(spec, token, limit, exc)
+            except WorkerUnavailable as exc:
+                # Not the job's fault: refund the attempt and let another worker take it at once.
+                self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=True)
+                self.store.log(spec.request_id, f"handed to another worker: {exc}", "WARN")
+                return Outcome("handback", str(exc))
+        except Exception as exc:
+            transient = _is_transient(exc)
+            # An outage is not the job's fault: refund the attempt so outages do not exhaust it.
+            self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=transient)
+            if transient:
+                log.warning("job %s hit a transient error, will retry: %s", spec.request_id, exc)
+                return Outcome("retry", f"transient: {exc}")
+            log.exception("job %s raised unexpectedly", spec.request_id)
+            self.store.redis.hset(self.store.job_key(spec.request_id), mapping={
+                "last_error": f"{type(exc).__name__}: {exc}"[:500], "last_error_type": ""})
+            return Outcome("retry", f"{type(exc).__name__}: {exc}")
+
+    def _timed_out(self, spec: JobSpec, token: str, limit: float, exc: Exception) -> Outcome:
+        """This run passed its limit: the attempt counts and the job goes back to the queue; once its
+        attempts are used up, the next claim ends it with fal's 504 request_timeout and dead-letters it."""
+        message = f"the run took longer than its run-time limit of {limit:.0f}s ({exc})"
+        shared = isinstance(exc, ForwardTimeout) and exc.shared
+        if shared:
+            # Batched with other jobs, one of which may be the culprit: not charged, and run alone next time
+            # so that only the job that hangs by itself uses up its attempts.
+            message += "; it shared that forward with other jobs, so it runs alone next time, not charged"
+        log.warning("job %s: %s", spec.request_id, message)
+        self.store.log(spec.request_id, f"error: {message}", "ERROR")
+        fields = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
+        if shared:
+            fields["run_alone"] = "1"
+        self.store.redis.hset(self.store.job_key(spec.request_id), mapping=fields)
+        self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=shared)
+        if isinstance(exc, ForwardTimeout):
+            # The inference thread has not come back within a whole job's limit: it is stuck.
+            self.health.trip(f"a forward of {spec.variant} ran past the {limit:.0f}s run-time limit "
+                             f"(job {spec.request_id})")
+        return Outcome("retry", message)
 
     def _fail(self, spec: JobSpec, token: str, exc: JobError) -> Outcome:
         log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
@@ -195,7 +302,7 @@ class JobRunner:
                      error_type="client_cancelled")
         return True
 
-    def _run_claimed(self, spec: JobSpec, token: str) -> Outcome:
+    def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
         if spec.start_deadline and time.time() > spec.start_deadline:
             body = {"detail": "Request timed out before it started", "error_type": "request_timeout"}
             self._finish(spec, token, body=body, code=504, error=body["detail"], error_type="request_timeout")
@@ -207,6 +314,7 @@ class JobRunner:
             raise JobError(f"this worker does not serve variant {spec.variant!r}",
                            error_type="runner_scheduling_failure", status_code=503)
         params = spec.params
+        check_output_format(params.output_format, self.settings)  # a 422 before any work
         timings: dict[str, float] = {}
         log_ = self.store.log
         if predictor.null_model:
@@ -217,38 +325,47 @@ class JobRunner:
         started = time.perf_counter()
         log_(rid, "loading image")
         data = fetch_input(spec.image_url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
-                           policy=self.net_policy,
+                           policy=self.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
                            timeout=self.settings.http_timeout)
         timings["fetch"] = time.perf_counter() - started
         t = time.perf_counter()
-        image = decode_rgb(data, max_pixels=self.settings.max_input_pixels,
-                           max_side=self.settings.max_input_side)
+        rgb = decode_rgb(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+        image = Image.fromarray(rgb)  # the mask cache and the extended output stage take PIL images
         timings["decode"] = time.perf_counter() - t
+        background = self._background(spec)
         if self._cancelled(spec, token):
             return Outcome("cancelled")
+        _check_deadline(deadline, "the download and decode")
 
         resolution = self.settings.test_operating_resolution or params.operating_resolution
         width, height = (int(v) for v in resolution.split("x"))
-        log_(rid, f"inference {resolution} on {predictor.device} ({image.shape[1]}x{image.shape[0]} input)")
+        if not spec.reuse_from:
+            log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
         if resolution != params.operating_resolution:
             log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
                       "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
         if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        mask, batch_size, prepared = self.batchers[spec.variant].predict_prepared(image, (width, height))
-        timings["inference"] = time.perf_counter() - t
+        alone = self.store.redis.hget(self.store.job_key(rid), "run_alone") == "1"
+        obtained = self.masks.obtain(
+            spec, data, image, resolution=resolution, weights=predictor.weights_description,
+            compute=lambda: self.batchers[spec.variant].predict(
+                image, (width, height), alone=alone, timeout=max(0.0, deadline - time.monotonic())))
+        mask, batch_size = obtained.mask, obtained.batch_size
+        timings["inference" if obtained.source == "network" else "mask_reuse"] = time.perf_counter() - t
+        if obtained.source != "network":
+            log_(rid, obtained.detail)
+            log.info("job %s: %s", rid, obtained.detail)
         if batch_size > 1:
             log_(rid, f"ran in a batch of {batch_size}")
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
         t = time.perf_counter()
-        rendered = predictor.render_outputs(image, mask, output_format=params.output_format,
-                                            output_mask=params.output_mask,
-                                            refine_foreground=params.refine_foreground, mask_only=params.mask_only,
-                                            prepared=prepared)
+        rendered = render_job_outputs(predictor, image, mask, params, background=background)
         timings["render"] = time.perf_counter() - t
+        _check_deadline(deadline, "rendering the outputs")
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
         t = time.perf_counter()
@@ -260,10 +377,27 @@ class JobRunner:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
-        self._finish(spec, token, body=body, inference_time=timings["inference"],
-                     extra={"timings": timings, "weights": predictor.weights_description})
+        # fal's inference_time: the network's seconds, or reading a reused mask's (no network run).
+        self._finish(spec, token, body=body, inference_time=timings.get("inference", timings.get("mask_reuse")),
+                     extra={"timings": timings, "weights": predictor.weights_description,
+                            "mask_source": obtained.source})
         log_(rid, f"done in {timings['total']:.2f}s")
         return Outcome("done", timings=timings)
+
+    def _background(self, spec: JobSpec):
+        """The decoded background_image_url (same fetcher, guards and limits as image_url), or None."""
+        url = spec.params.background_image_url
+        if not url:
+            return None
+        self.store.log(spec.request_id, "loading background image")
+        try:
+            data = fetch_input(url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
+                               policy=self.net_policy, timeout=self.settings.http_timeout)
+            return decode_image(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+        except JobError as exc:
+            exc.field = "background_image_url"
+            exc.message = f"background_image_url: {exc.message}"
+            raise
 
     def _publish(self, spec: JobSpec, encoded: EncodedImage, stem: str) -> dict:
         file_name = f"{stem}{encoded.extension}"
@@ -277,3 +411,8 @@ class JobRunner:
                                        api=spec.source == "api")
         return ImageFile(url=url, content_type=encoded.content_type, file_name=file_name,
                          file_size=encoded.file_size, width=encoded.width, height=encoded.height).model_dump()
+
+
+def _check_deadline(deadline: float, stage: str) -> None:
+    if time.monotonic() > deadline:
+        raise JobTimedOut(f"the limit passed during {stage}")

@@ -74,7 +74,7 @@ data "aws_iam_policy_document" "producer" {
   statement {
     sid       = "ReadInputs"
     effect    = "Allow"
-    actions   = ["s3:GetObject"] # also authorises HeadObject
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"] # also HeadObject (with a VersionId: versioned buckets)
     resources = ["${aws_s3_bucket.input.arn}/*"]
   }
 
@@ -139,7 +139,7 @@ data "aws_iam_policy_document" "worker" {
   statement {
     sid       = "ReadInputs"
     effect    = "Allow"
-    actions   = ["s3:GetObject"]
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"] # jobs from versioned buckets read one version
     resources = ["${aws_s3_bucket.input.arn}/*"]
   }
 

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from common.metrics import add_metrics_route
 from common.settings import Settings
-from producer.gateway import files_api, misc_api, queue_api, run_api
+from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api
 from producer.gateway.openapi import install_openapi
 from producer.gateway.responses import (
     ERROR_TYPE,
@@ -64,8 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "slashes are ignored, `/fal-ai/birefnet/v2/requests/...` equals `/fal-ai/birefnet/requests/...`, and "
         "`/api/fal/proxy` serves fal's JS proxy protocol (x-fal-target-url).",
     )
-    for router in (queue_api.router, run_api.router, files_api.router, misc_api.router):
+    for router in (queue_api.router, run_api.router, files_api.router, misc_api.router, compose_api.router):
         app.include_router(router)
+    app.include_router(playground_api.router)  # browser pages: /playground, /playground/ops
     add_metrics_route(app, settings)  # Prometheus: queue gauges, as the other processes export them
     install_exception_handlers(app)
     install_openapi(app)

@@ -150,16 +150,18 @@ def own_bucket_key(url: str, settings: Settings) -> str | None:
 
 
 def resolve_image_url(url: str, *, principal: Principal, settings: Settings, objects: ObjectStore,
-                      secret: str, policy: NetPolicy, request_id: str) -> str:
-    """What the worker should fetch for `image_url`; raises InputErrors for what it may not."""
+                      secret: str, policy: NetPolicy, request_id: str, field: str = "image_url") -> str:
+    """What the worker should fetch for `image_url` (or another image `field`, e.g. background_image_url);
+    raises InputErrors for what it may not."""
+    loc = ["body", field]
     scheme = url.split(":", 1)[0].lower()
     if scheme == "s3":
         try:
             bucket, key = parse_s3_url(url)
         except ValueError as exc:
-            raise InputErrors([detail(["body", "image_url"], str(exc), "file_download_error")]) from exc
+            raise InputErrors([detail(loc, str(exc), "file_download_error")]) from exc
         if not may_read_s3(principal, settings, bucket, key):
-            raise InputErrors([detail(["body", "image_url"], f"this API key may not read {url}",
+            raise InputErrors([detail(loc, f"this API key may not read {url}",
                                       "file_download_error")])
         return url
     if scheme == "data":
@@ -168,8 +170,10 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
         try:
             data = decode_data_uri(url, max_bytes=settings.max_input_bytes)
         except JobError as exc:
+            exc.field = field
             raise InputErrors(exc.detail()) from exc
-        key = f"{request_output_prefix(settings, request_id)}input"  # deleted with the request's outputs
+        name = "input" if field == "image_url" else field
+        key = f"{request_output_prefix(settings, request_id)}{name}"  # deleted with the request's outputs
         objects.write(settings.output_bucket, key, data, "application/octet-stream")
         return f"s3://{settings.output_bucket}/{key}"
     own = own_object_key(url, secret)
@@ -178,5 +182,5 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
     key = own_bucket_key(url, settings)
     if key is not None and may_read_s3(principal, settings, settings.output_bucket, key):
         return f"s3://{settings.output_bucket}/{key}"
-    check_url(url, policy, ["body", "image_url"])
+    check_url(url, policy, loc)
     return url

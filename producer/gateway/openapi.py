@@ -11,16 +11,21 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from common.schemas import BiRefNetInput, BiRefNetV2Input
+from common.extensions import OutputExtensions
+from common.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
 
 REF = "#/components/schemas/{model}"
 
 
 def input_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (BiRefNetInput, BiRefNetV2Input):
+    for model in (BiRefNetInput, BiRefNetV2Input, ComposeInput):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
+        # fal's own fields first, then the extension fields the model inherits.
+        properties = schema.get("properties", {})
+        schema["properties"] = {**{k: v for k, v in properties.items() if k not in OutputExtensions.model_fields},
+                                **{k: v for k, v in properties.items() if k in OutputExtensions.model_fields}}
         schemas[model.__name__] = schema
     return schemas
 

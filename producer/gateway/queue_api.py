@@ -57,9 +57,23 @@ NoRetryHeader = Annotated[str, Header(
     "request fails (503 runner_disconnected) instead of running again.")]
 
 
+INPUT_EXAMPLES = {  # fal's input, then the extension fields (common.extensions)
+    "fal": {"summary": "fal's input", "value": {"image_url": "https://example.com/cat.jpg", "output_mask": True}},
+    "background_jpeg": {"summary": "Extension: on white, as JPEG", "value": {
+        "image_url": "https://example.com/shoe.jpg", "background_color": "#ffffff", "output_format": "jpeg"}},
+    "product_shot": {"summary": "Extension: trimmed square on a backdrop", "value": {
+        "image_url": "https://example.com/shoe.jpg", "crop_to_subject": True, "crop_margin": "10%",
+        "crop_aspect_ratio": "1:1", "background_image_url": "https://example.com/backdrop.jpg",
+        "background_fit": "cover"}},
+    "avif": {"summary": "Extension: AVIF with alpha", "value": {
+        "image_url": "https://example.com/cat.jpg", "output_format": "avif"}},
+}
+
+
 def body_doc(endpoint: str) -> dict:
     schema = {"$ref": f"#/components/schemas/{INPUT_SCHEMAS[endpoint]}"}
-    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": False, "content": {"application/json": {
+        "schema": schema, "examples": INPUT_EXAMPLES}}}}
 
 
 def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,

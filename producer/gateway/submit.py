@@ -48,6 +48,21 @@ class Submitted:
     rejected: bool  # invalid input: already COMPLETED with a 422 result
 
 
+def mask_cache_scope(principal: Principal) -> str:
+    """Content-cache scope of a key's jobs: its own unless its entry says `"mask_cache": "shared"`."""
+    return "shared" if principal.mask_cache == "shared" else f"key:{principal.key_id}"
+
+
+def resolve_background(gw: Gateway, principal: Principal, parsed, request_id: str):
+    """`background_image_url` under the same policy as `image_url` (s3 permissions, SSRF check, large data URIs)."""
+    if not parsed.background_image_url:
+        return parsed
+    url = resolve_image_url(parsed.background_image_url, principal=principal, settings=gw.settings,
+                            objects=gw.objects, secret=gw.secret, policy=gw.fetch_policy, request_id=request_id,
+                            field="background_image_url")
+    return parsed.model_copy(update={"background_image_url": url})
+
+
 def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOptions) -> Submitted:
     data = parse_body(body)
     settings = gw.settings
@@ -66,6 +81,7 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
         parsed, variant = validate_input(options.endpoint, data, settings)
         image_url = resolve_image_url(parsed.image_url, principal=principal, settings=settings, objects=gw.objects,
                                       secret=gw.secret, policy=gw.fetch_policy, request_id=request_id)
+        parsed = resolve_background(gw, principal, parsed, request_id)
     except InputErrors as exc:
         image_url = data.get("image_url")
         spec = JobSpec(**common, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
@@ -76,7 +92,8 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
                    error_type=exc.details[0]["type"])
         return Submitted(request_id, spec.variant, rejected=True)
 
-    spec = JobSpec(**common, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed))
+    spec = JobSpec(**common, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed),
+                   mask_cache_scope=mask_cache_scope(principal))
     gw.store.create(spec)
     pipe = gw.redis.pipeline()
     if spec.start_deadline:

@@ -1,0 +1,185 @@
+"""Mask reuse: `POST .../requests/{id}/compose` renders new outputs from a request's kept mask.
+
+The body takes the output fields (output_format, output_mask, refine_foreground, mask_only, sync_mode) and the
+extension fields (background, crop). The compose request is a request of its own (queue: fal's submit answer,
+then status/result/cancel/webhook as usual; run: the output directly), served by a worker of the source's
+variant that reads the kept input and mask and never runs the network. fal's clients reach it with their path
+arguments: `fal_client.submit("fal-ai/birefnet", path=f"/requests/{id}/compose", arguments={...})`.
+
+The source must be the caller's request, with a mask kept: not sync_mode, not failed before its mask, and
+within its output retention (the kept files are deleted with its other outputs).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from common.auth import ANONYMOUS, Principal
+from common.queue import send_job
+from common.results import finish_job
+from common.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
+from common.storage import KEPT_MANIFEST, parse_s3_url, request_output_prefix
+from producer.gateway import records
+from producer.gateway.inputs import InputErrors, parse_body
+from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
+from producer.gateway.queue_api import (
+    LifecycleHeader,
+    NoRetryHeader,
+    PriorityHeader,
+    TimeoutHeader,
+    WebhookQuery,
+    cancel_job,
+    not_found,
+    options,
+)
+from producer.gateway.responses import FalError, fal_json, stored_result
+from producer.gateway.run_api import wait_completed
+from producer.gateway.security import Caller
+from producer.gateway.state import Gateway, gateway
+from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY, SubmitOptions, Submitted, resolve_background
+from producer.gateway.urls import APP_PATH, public_base, request_urls
+
+router = APIRouter(tags=["compose"])
+PATH = f"/{APP_PATH}/requests/{{request_id}}/compose"
+
+EXAMPLES = {
+    "white_background_jpeg": {"summary": "Opaque white background, JPEG", "value": {
+        "background_color": "#ffffff", "output_format": "jpeg"}},
+    "product_shot": {"summary": "Square product shot: trimmed to the subject, 10 % margin, on a backdrop", "value": {
+        "crop_to_subject": True, "crop_margin": "10%", "crop_aspect_ratio": "1:1",
+        "background_image_url": "https://example.com/backdrop.jpg", "background_fit": "cover"}},
+    "avif_cutout": {"summary": "Transparent AVIF cut-out and the mask", "value": {
+        "output_format": "avif", "output_mask": True}},
+}
+BODY_DOC = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ComposeInput"}, "examples": EXAMPLES}}}}
+NOT_READY = {400: {"model": ErrorBody, "description": "The source request is still running"},
+             404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
+                   "(sync_mode, failed before its mask, output retention ended)"}}
+
+
+def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
+    """The kept-mask manifest of the caller's request `source_id`; FalError 404/400 otherwise."""
+    try:
+        uuid.UUID(source_id)  # request ids are UUIDs; anything else names no request (and no S3 key)
+    except ValueError:
+        raise not_found(source_id) from None
+    record = gw.store.get(source_id)
+    if record is not None and principal.key_id != ANONYMOUS and record.spec.owner != principal.key_id:
+        raise not_found(source_id)
+    if record is not None and record.status != "COMPLETED":
+        raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=source_id)
+    manifest = gw.objects.read_json(gw.settings.output_bucket,
+                                    request_output_prefix(gw.settings, source_id) + KEPT_MANIFEST)
+    if manifest is None or (principal.key_id != ANONYMOUS and manifest.get("owner") != principal.key_id):
+        if record is None:
+            raise not_found(source_id)
+        raise FalError(404, {"detail": f"Request {source_id} has no kept mask: it used sync_mode, failed before "
+                             "its mask was computed, or its output retention ended"}, request_id=source_id)
+    bucket, key = parse_s3_url(manifest["mask"])
+    try:
+        gw.objects.client.head_object(Bucket=bucket, Key=key)
+    except Exception:  # noqa: BLE001 - missing (retention ended) or unreadable: either way nothing to compose from
+        raise FalError(404, {"detail": f"The kept mask of request {source_id} is no longer stored (its output "
+                             "retention ended)"}, request_id=source_id) from None
+    return manifest
+
+
+def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: bytes,
+                   opts: SubmitOptions) -> Submitted:
+    data = parse_body(body)
+    manifest = source_manifest(gw, principal, source_id)
+    settings = gw.settings
+    request_id = str(uuid.uuid4())
+    now = time.time()
+    output_ttl = opts.output_ttl or settings.gateway_output_retention
+    spec_fields = dict(
+        request_id=request_id, endpoint=manifest["endpoint"], variant=manifest["variant"], source="api",
+        image_url=manifest["input"], output_prefix=request_output_prefix(settings, request_id),
+        webhook_url=opts.webhook_url, owner=principal.key_id, priority=opts.priority, created_at=now,
+        start_deadline=now + opts.start_timeout if opts.start_timeout else None,
+        max_attempts=1 if opts.no_retry else None, reuse_from=source_id,
+        extra={"user_id": principal.user_id, "output_ttl": output_ttl, "kept_mask": manifest["mask"]},
+    )
+    try:
+        parsed = ComposeInput.model_validate(data)
+        parsed = resolve_background(gw, principal, parsed, request_id)
+    except InputErrors as exc:
+        return _rejected(gw, JobSpec(**spec_fields, params=JobParams()), exc.details)
+    except ValidationError as exc:
+        details = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+        return _rejected(gw, JobSpec(**spec_fields, params=JobParams()), jsonable_encoder(details))
+    spec = JobSpec(**spec_fields, params=JobParams.from_input(parsed, manifest["operating_resolution"]))
+    gw.store.create(spec)
+    pipe = gw.redis.pipeline()
+    if spec.start_deadline:
+        pipe.zadd(DEADLINES_KEY, {request_id: spec.start_deadline})
+    pipe.zadd(OUTPUTS_KEY, {f"req:{request_id}": now + output_ttl})
+    pipe.execute()
+    try:
+        send_job(gw.celery, spec)
+    except Exception as exc:
+        finish_job(settings=settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
+                   body={"detail": "Could not reach the job queue", "error_type": "runner_connection_error"},
+                   code=503, error="Could not reach the job queue", error_type="runner_connection_error")
+        raise FalError.flat(503, "Could not reach the job queue", "runner_connection_error",
+                            request_id=request_id) from exc
+    return Submitted(request_id, spec.variant, rejected=False)
+
+
+def _rejected(gw: Gateway, spec: JobSpec, details: list[dict]) -> Submitted:
+    """Invalid compose options: the request completes at once with the 422 (as a submit's would)."""
+    gw.store.create(spec)
+    finish_job(settings=gw.settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
+               body={"detail": details}, code=422, error=details[0]["msg"], error_type=details[0]["type"])
+    return Submitted(spec.request_id, spec.variant, rejected=True)
+
+
+@router.post("/queue" + PATH, response_model=QueueSubmitted, openapi_extra=BODY_DOC,
+             summary="Compose new outputs from a request's kept mask (queued; no network run)",
+             responses={**ERRORS, **NOT_READY,
+                        422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"}})
+async def compose_queued(request: Request, request_id: str, caller: Caller, timeout: TimeoutHeader = None,
+                         queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
+                         no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None) -> Response:
+    """Answers like a submit: a new request id with its status/response/cancel URLs. Invalid options
+    complete that request with a 422 result, as on submit."""
+    gw = gateway(request)
+    submitted = await run_in_threadpool(
+        submit_compose, gw, caller, request_id, await request.body(),
+        options("v2", timeout, queue_priority, lifecycle, no_retry, fal_webhook))
+    rid = submitted.request_id
+    try:
+        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+    except Exception:  # noqa: BLE001 - queued already; a 5xx now would make the caller submit twice
+        position = None
+    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
+            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
+    return fal_json(body, request_id=rid)
+
+
+@router.post("/run" + PATH, openapi_extra=BODY_DOC,
+             summary="Compose new outputs from a request's kept mask and wait for them (no network run)",
+             responses={**ERRORS, **NOT_READY, 200: {"model": BiRefNetOutput, "description": "The output"},
+                        422: {"model": ValidationErrorBody, "description": "Invalid options"}})
+async def compose_run(request: Request, request_id: str, caller: Caller, timeout: TimeoutHeader = None,
+                      queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
+                      no_retry: NoRetryHeader = None) -> Response:
+    gw = gateway(request)
+    submitted = await run_in_threadpool(
+        submit_compose, gw, caller, request_id, await request.body(),
+        options("v2", timeout, queue_priority, lifecycle, no_retry))
+    rid = submitted.request_id
+    if not await wait_completed(gw, request, rid):
+        await run_in_threadpool(cancel_job, gw, rid)
+        return Response(status_code=499)
+    raw, code = await records.result(gw, rid)
+    error_type = await gw.aredis.hget(gw.store.job_key(rid), "error_type")
+    return stored_result(raw, code, error_type or None, rid)

@@ -1,0 +1,101 @@
+"""The browser pages: a playground like fal's model page and an ops page, plus the JSON they read.
+
+- `GET /playground` (and `/playground/ops`): plain HTML/JS/CSS from `producer/gateway/web/`, no build step.
+  The pages hold no data; everything they show comes from API calls made with the key the user types in,
+  so they are served without auth (like /openapi.json) and the API's own auth applies to every call.
+- `GET /playground/options.json`: the endpoints' input fields (enums, defaults) and which variant serves
+  each model, from the same schemas the gateway validates with.
+- `GET /admin/ops/status` (admin key): `python -m ops status --json` as the ops page shows it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, Response
+
+from common.schemas import INPUT_MODELS
+from ops.status import gather_status
+from producer.gateway.models import ERRORS, ErrorBody
+from producer.gateway.responses import FalError, fal_json
+from producer.gateway.security import Admin
+from producer.gateway.state import gateway
+
+router = APIRouter(tags=["playground"])
+WEB_DIR = Path(__file__).resolve().parent / "web"
+PAGES = {"": "playground.html", "ops": "ops.html"}
+ASSETS = {"playground.js", "ops.js", "common.js", "style.css"}  # what /playground/<name> may serve
+APP_IDS = {"v1": "fal-ai/birefnet", "v2": "fal-ai/birefnet/v2"}
+# Security headers for the pages: scripts only from this origin, images from anywhere (outputs may be
+# presigned S3 URLs on another host), no framing.
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src * data: blob:; connect-src 'self'; "
+                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-cache",
+}
+
+
+def _file(name: str) -> Response:
+    return FileResponse(WEB_DIR / name, headers=PAGE_HEADERS)
+
+
+@router.get("/playground", include_in_schema=False)
+async def playground_page() -> Response:
+    return _file(PAGES[""])
+
+
+@router.get("/playground/options.json")
+async def playground_options(request: Request) -> Response:
+    """Input fields per endpoint (choices and defaults) and the variant serving each model."""
+    registry = gateway(request).settings.variants
+    endpoints = {}
+    for endpoint, schema in INPUT_MODELS.items():
+        fields = {}
+        for name, field in schema.model_fields.items():
+            if name == "image_url":
+                continue
+            annotation = field.annotation
+            choices = [member.value for member in annotation] if isinstance(annotation, type) and hasattr(
+                annotation, "__members__") else None
+            default = getattr(field.default, "value", field.default)
+            fields[name] = {"default": default, "choices": choices, "description": field.description or ""}
+        variants = {}
+        for model in fields["model"]["choices"]:
+            try:
+                variants[model] = registry.by_model_name(endpoint, model).id  # type: ignore[arg-type]
+            except KeyError:
+                variants[model] = None
+        endpoints[endpoint] = {"app_id": APP_IDS[endpoint], "fields": fields, "variants": variants,
+                               "resolution_limits": {"2304x2304": ["General Use (Dynamic)"]}}
+    return fal_json({"endpoints": endpoints, "auth": gateway(request).settings.gateway_auth})
+
+
+@router.get("/playground/{name}", include_in_schema=False)
+async def playground_asset(name: str) -> Response:
+    if name in PAGES:
+        return _file(PAGES[name])
+    if name in ASSETS:
+        return _file(name)
+    raise FalError(404, {"detail": "Not found"})
+
+
+@router.get("/admin/ops/status", tags=["ops"], responses={
+    **ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}})
+async def ops_status(request: Request, caller: Admin,
+                     minutes: Annotated[float, Query(gt=0, le=7 * 24 * 60)] = None,
+                     all_variants: Annotated[bool, Query(alias="all")] = False) -> Response:
+    """Queues per variant, workers and their variants, throughput and latency over the window, webhook
+    failures and dead letters: the data of `python -m ops status --json`."""
+    gw = gateway(request)
+    window = minutes * 60 if minutes else None
+    data = await run_in_threadpool(gather_status, gw.redis, gw.settings, window=window, show_all=all_variants)
+    names: dict[str, list[str]] = {}
+    for variant in gw.settings.variants:
+        names[variant.id] = [f"{e}: {n}" for e, n in variant.fal_names.items()]
+    for variant, figures in data["variants"].items():
+        figures["fal_models"] = names.get(variant, [])
+    return fal_json(data)
