@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench chaos clean browser
+.PHONY: install test demo up lint bench chaos fuzz clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP) browser
+# fal's JS client for the README's JS example test (skipped there when npm is missing).
+JS_DEPS := tests/js/node_modules/.package-lock.json
+
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the JS client test will be skipped"; fi
+
+test: $(STAMP) browser $(JS_DEPS)
 	$(BIN)/python -m pytest -q -ra
 
 # Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
@@ -48,6 +55,12 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	CHAOS_JOBS=400 CHAOS_KILLS=8 LOAD_JOBS=300 $(BIN)/python -m pytest -q -ra -s -m slow tests/test_chaos.py tests/test_load.py
 	$(BIN)/python bench/bench_load.py --jobs 1000
+
+# The long fuzzing run (CI runs FUZZ_CASES=5 inside `make test`); case counts land in out/fuzz/.
+FUZZ_CASES ?= 100
+fuzz: $(STAMP)
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_EXAMPLES=$(FUZZ_CASES) FUZZ_REPORT_DIR=out/fuzz $(BIN)/python -m pytest -q -ra -s \
+		tests/test_fuzz_schemathesis.py tests/test_fuzz_api.py tests/test_hostile_input.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

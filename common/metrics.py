@@ -51,6 +51,12 @@ MODEL_LOAD_SECONDS = Gauge("birefnet_model_load_seconds", "Seconds this worker t
                            "the variant's model.", ["variant"])
 MODEL_UNTRAINED = Gauge("birefnet_model_untrained", "1 when the variant runs on untrained recipe weights "
                         "(results are meaningless).", ["variant"])
+PATCH_ORDER_CONFIDENCE = Gauge("birefnet_patch_order_confidence", "Mean mask confidence (|mask - 0.5|, 0..0.5) "
+                               "on the sample photos under each decoder patch order, from the worker's check at "
+                               "load (absent when the check did not run).", ["variant", "order"])
+PATCH_ORDER_IN_USE = Gauge("birefnet_patch_order_in_use", "1 for the decoder patch order the variant runs with, "
+                           "0 for the other; verdict: confirmed, adopted, pinned, inconclusive or skipped.",
+                           ["variant", "order", "configured", "verdict"])
 MASKS = Counter("birefnet_masks_total", "Masks a worker used for a job, by where they came from: network (a "
                 "forward pass ran), cache (content cache: same image bytes, variant, weights, resolution) or "
                 "compose (the kept mask of an earlier request).", ["variant", "source"])
@@ -115,6 +121,15 @@ def _rounded(value: float | None) -> str:
 def model_loaded(variant: str, seconds: float, untrained: bool) -> None:
     MODEL_LOAD_SECONDS.labels(variant).set(seconds)
     MODEL_UNTRAINED.labels(variant).set(1 if untrained else 0)
+
+
+def patch_order_checked(variant: str, report: dict) -> None:
+    """Export a worker.patch_order_check.PatchOrderReport (as a dict)."""
+    for order, value in report.get("confidence", {}).items():
+        PATCH_ORDER_CONFIDENCE.labels(variant, order).set(value)
+    for order in ("einops", "legacy"):
+        PATCH_ORDER_IN_USE.labels(variant, order, report["configured"], report["verdict"]).set(
+            1 if order == report["in_use"] else 0)
 
 
 class GpuMemoryCollector(Collector):

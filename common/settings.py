@@ -113,6 +113,34 @@ class Settings(BaseSettings):
     http_timeout: float = Field(20.0, description="Timeout (s) for downloading image URLs.")
     webhook_timeout: float = Field(15.0, description="Timeout (s) of one webhook delivery attempt.")
 
+    # --- Several variants in one worker; patch-order self-check (issue 14) ---
+    worker_share_networks: bool = Field(
+        True, description="A worker serving several variants loads a network once for variants that name the "
+        "same checkpoint, backbone and patch order (v1 and v2 Portrait), and once per backbone and patch order "
+        "for variants that fall back to recipe weights. false: one network per variant."
+    )
+    patch_order_check: Literal["adopt", "pin", "off"] = Field(
+        "adopt", description="When a worker loads trained weights it runs sample photos through both decoder "
+        "patch orders and compares mask confidence. 'adopt': if the configured order is clearly worse, use the "
+        "better one (logged loudly); 'pin': keep the configured order whatever the check says; 'off': no check."
+    )
+    patch_order_check_margin: float = Field(
+        0.02, ge=0, description="How much higher (mean distance of the mask from 0.5, 0..0.5) the other order's confidence must "
+        "be, and on most photos, to count as clearly better; closer than this keeps the configured order."
+    )
+    patch_order_check_resolution: str = Field(
+        "512x512", description="Operating resolution (WxH) of the patch-order check's forward passes."
+    )
+    patch_order_check_photos: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Image files for the patch-order check (comma-separated); empty: the photos shipped in "
+        "worker/samples/."
+    )
+
+    @field_validator("patch_order_check_photos", mode="before")
+    @classmethod
+    def _photo_list(cls, value: object) -> object:
+        return cls._split_csv(value)
+
     # --- Model engine ---
     inference_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Dtype of the network's weights and compute on CUDA (float16/bfloat16: the weights "
@@ -219,6 +247,20 @@ class Settings(BaseSettings):
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
         "and deletes output files past their retention."
+    )
+    # Failed-auth throttling (issue #16): counters in Redis, shared by every gateway process.
+    gateway_auth_fail_limit: int = Field(
+        20, ge=0, description="Failed authentications allowed per client address, and per key id, within "
+        "gateway_auth_fail_window; beyond it the gateway answers 429 with Retry-After without checking the "
+        "credential (0: no throttling)."
+    )
+    gateway_auth_fail_window: int = Field(
+        60, ge=1, description="Seconds over which gateway_auth_fail_limit counts failed authentications."
+    )
+    gateway_metrics_port: int = Field(
+        0, ge=0, description="Port serving the gateway's Prometheus /metrics without a key (for in-cluster "
+        "scraping; keep it off the public network). 0: off. On the API port /metrics needs an admin key when "
+        "gateway_auth is 'keys'."
     )
     webhook_signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or comma-separated) "

@@ -18,7 +18,7 @@ from rich.table import Table
 from common.jobs import PREFIX, JobStore
 from common.storage import make_s3_client
 from devstack.receiver import WebhookReceiver
-from devstack.stack import LocalStack
+from devstack.stack import DevStackSettings, LocalStack
 
 console = Console(width=None if Console().is_terminal else 120)
 
@@ -44,11 +44,11 @@ def _weights_banner(store: JobStore) -> None:
 
 def run_demo(out_dir: Path = Path("out")) -> None:
     started = time.perf_counter()
-    stack = LocalStack()
+    stack = LocalStack(DevStackSettings(allow_loopback_urls=True))  # its webhook receiver is on loopback
     receiver = WebhookReceiver().start()
     try:
         console.print(f"starting a private stack (logs in {stack.log_dir}) ...")
-        stack.start()
+        stack.start(variants=stack.dev.demo_variant)
         assert stack.settings is not None
         settings = stack.settings
         with console.status("loading the model into the worker (warm start) ..."):
@@ -57,7 +57,7 @@ def run_demo(out_dir: Path = Path("out")) -> None:
         _weights_banner(store)
 
         s3 = make_s3_client(settings)
-        variant = stack.dev.worker_variants.split(",")[0]
+        variant = stack.dev.demo_variant
         photos = sample_photos()
         uploaded_at: dict[str, float] = {}
         for name, pixels in photos.items():

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,7 +28,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import Settings
-from devstack.services import MotoServer, RedisServer, provision_aws, stack_environment
+from devstack.services import MotoServer, RedisServer, free_port, provision_aws, stack_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,8 +39,18 @@ class DevStackSettings(BaseSettings):
     redis_port: int = Field(6390, description="Port of the local stack's redis-server.")
     aws_port: int = Field(5390, description="Port of the local stack's S3+SQS endpoint (moto).")
     gateway_port: int = Field(8390, description="Port of the local stack's fal-compatible gateway (HTTPS, auth off).")
-    worker_variants: str = Field("general-heavy", description="Variants the local stack's worker serves.")
+    worker_variants: str = Field(
+        "all", description="Variants the local stack's workers serve: comma-separated ids in one worker, `;` "
+        "between workers (e.g. `general-light;matting,portrait`); `all`: every model of fal's v1 and v2 endpoints, "
+        "packed into one worker.")
+    demo_variant: str = Field("general-heavy", description="Variant `make demo` runs (Swin-T: quick on CPU).")
     weights_fallback: str = Field("recipe", description="The local stack falls back to recipe weights, loudly.")
+    allow_loopback_urls: bool = Field(
+        True, description="Let image URLs (and webhooks) reach 127.0.0.1 on any port, as the demo's own servers "
+        "need; false: the production SSRF rules (public addresses, ports 80/443) apply to the local stack too.")
+    hub_probe_timeout: float = Field(
+        3.0, description="Seconds to wait for Hugging Face (HF_ENDPOINT) before starting the workers offline "
+        "(HF_HUB_OFFLINE=1: cached checkpoints, else the fallback) instead of retrying every download; 0: no probe.")
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,48 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     return files
 
 
+def worker_groups(spec: str, settings: Settings) -> list[list[str]]:
+    """`a,b;c` -> [[a, b], [c]]; `all` -> every variant that fal's endpoints name, in one worker."""
+    every = [v.id for v in settings.variants if v.fal_names]
+    groups = []
+    for part in spec.split(";"):
+        ids = [i.strip() for i in part.split(",") if i.strip()]
+        ids = [x for i in ids for x in (every if i == "all" else [i])]
+        if ids:
+            groups.append(list(dict.fromkeys(ids)))
+    for group in groups:
+        for variant in group:
+            settings.variants.get(variant)  # unknown ids fail here, with the list of known ones
+    return groups
+
+
+def hub_offline_reason(timeout: float) -> str | None:
+    """Why the workers should not try Hugging Face (None: reachable, or probing is off / already offline).
+
+    Without this, each variant spends ~23 s in huggingface_hub's retries before its fallback when there is
+    no network. A TCP connect to the hub's host within `timeout` counts as reachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if timeout <= 0:
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:  # getaddrinfo has no timeout of its own: run it in a thread we can give up on
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port} unreachable ({exc})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"{host}:{port} did not answer within {timeout:g} s"
+
+
 class LocalStack:
     def __init__(self, dev: DevStackSettings | None = None, log_dir: Path | None = None):
         self.dev = dev or DevStackSettings()
@@ -95,22 +151,23 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.settings: Settings | None = None
         self.tls: TlsFiles | None = None
+        self.workers: dict[str, list[str]] = {}  # process name -> the variant ids it serves
+        self.hub_offline_reason: str | None = None
 
     @property
     def gateway_url(self) -> str:
         return f"https://127.0.0.1:{self.dev.gateway_port}"
 
-    def start(self, *, with_worker: bool = True) -> LocalStack:
+    def start(self, *, with_worker: bool = True, variants: str | None = None) -> LocalStack:
+        """Everything, workers last. `variants` overrides `BIREFNET_DEV_WORKER_VARIANTS` (same syntax)."""
         (self.log_dir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis.start()
         self.aws.start()
-        base = stack_environment(self.redis.url, self.aws.url, "", {
-            "BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback,
+        extra = {"BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback}
+        if self.dev.allow_loopback_urls:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
-            "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
-            "BIREFNET_FETCH_ALLOWED_PORTS": "*",
-            "BIREFNET_READY_FILE": str(self.log_dir / "worker.ready"),
-        })
+            extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}
+        base = stack_environment(self.redis.url, self.aws.url, "", extra)
         settings = Settings(**{"redis_url": self.redis.url, "s3_endpoint_url": self.aws.url,
                                "sqs_endpoint_url": self.aws.url})
         provisioned = provision_aws(settings)
@@ -126,8 +183,19 @@ class LocalStack:
             "BIREFNET_GATEWAY_AUTH": "off",  # development mode: any FAL_KEY works
         })
         if with_worker:
-            self._spawn("worker", ["-m", "worker", "--variants", self.dev.worker_variants])
+            self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout)
+            worker_env = {"HF_HUB_OFFLINE": "1"} if self.hub_offline_reason else {}
+            for index, group in enumerate(worker_groups(variants or self.dev.worker_variants, self.settings)):
+                name = "worker" if index == 0 else f"worker{index + 1}"
+                self.workers[name] = group
+                self._spawn(name, ["-m", "worker", "--variants", ",".join(group)], {
+                    **worker_env, "BIREFNET_READY_FILE": str(self.ready_file(name)),
+                    "BIREFNET_WORKER_METRICS_PORT": str(free_port()),
+                })
         return self
+
+    def ready_file(self, worker: str) -> Path:
+        return self.log_dir / f"{worker}.ready"
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
         handle = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
@@ -135,14 +203,14 @@ class LocalStack:
                                                 stdout=handle, stderr=subprocess.STDOUT)
 
     def wait_worker_ready(self, timeout: float = 300) -> None:
-        ready = self.log_dir / "worker.ready"
+        """Until every worker has written its ready file (raises if one exits first)."""
         deadline = time.time() + timeout
-        while not ready.exists():
-            proc = self.processes["worker"]
-            if proc.poll() is not None:
-                raise RuntimeError(f"the worker exited; see {self.log_dir / 'worker.log'}:\n{self.tail('worker')}")
+        while not all(self.ready_file(name).exists() for name in self.workers):
+            for name in self.workers:
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
             if time.time() > deadline:
-                raise TimeoutError("the worker did not become ready")
+                raise TimeoutError("the workers did not become ready")
             time.sleep(0.2)
 
     def tail(self, name: str, lines: int = 30) -> str:

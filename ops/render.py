@@ -42,6 +42,12 @@ def status_view(data: dict) -> Group:
                  style="bold"),
             title="UNTRAINED WEIGHTS", border_style="bold red"))
 
+    if data.get("unserved_variants"):
+        lines = [f"no worker serves {u['model']} ({u['variant']}) right now: {u['waiting_jobs']} job(s) waiting, "
+                 f"oldest {duration(u['oldest_waiting_seconds'])}" for u in data["unserved_variants"]]
+        parts.append(Panel.fit(Text("\n".join(lines) + "\nstart a worker for it (python -m worker --variants ID) "
+                                    "or check the autoscaler", style="bold"),
+                               title="NO WORKER", border_style="bold red"))
     window = duration(data["window_seconds"])
     table = Table(title=f"queues at {clock(data['at'])} (throughput and latency: last {window})",
                   title_justify="left")
@@ -79,6 +85,22 @@ def status_view(data: dict) -> Group:
     if not data["workers"]:
         workers_table.add_row(Text("no worker heartbeat in the last 30 s", style="bold red"), "", "", "", "", "")
     parts.append(workers_table)
+
+    checks = [(w["name"], variant, report) for w in data["workers"]
+              for variant, report in (w.get("patch_order") or {}).items() if report]
+    if checks:
+        order_table = Table(title="patch order (worker self-check at load; mask confidence 0..0.5)",
+                            title_justify="left")
+        for name in ("worker", "variant", "configured", "in use", "einops", "legacy", "verdict"):
+            order_table.add_column(name)
+        styles = {"adopted": "bold red", "pinned": "bold red", "inconclusive": "yellow", "confirmed": "green"}
+        for worker_name, variant, report in checks:
+            confidence = report.get("confidence") or {}
+            order_table.add_row(worker_name, variant, report["configured"], report["in_use"],
+                                f"{confidence['einops']:.4f}" if "einops" in confidence else "-",
+                                f"{confidence['legacy']:.4f}" if "legacy" in confidence else "-",
+                                Text(report["verdict"], style=styles.get(report["verdict"], "dim")))
+        parts.append(order_table)
 
     hooks = data["webhooks"]
     line = Text("webhooks: ")

@@ -12,6 +12,7 @@ import redis
 from common import ops_state
 from common.jobs import JobStore
 from common.settings import Settings
+from common.unserved import model_label
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 
 
@@ -52,6 +53,7 @@ def workers(r: redis.Redis, now: float) -> list[dict]:
             "name": beat.get("name"), "node": ops_state.celery_node(beat.get("name", "")),
             "variants": beat.get("variants", []), "untrained": beat.get("untrained", []),
             "device": beat.get("device", ""), "seen_seconds_ago": round(now - beat.get("seen_at", now), 1),
+            "patch_order": beat.get("patch_order") or {},
             "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None,
         })
     return sorted(out, key=lambda w: w["name"] or "")
@@ -95,6 +97,22 @@ def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     return {"count": r.zcard(ops_state.DEADLETTER_KEY), "entries": entries}
 
 
+def unserved(snapshot: dict[str, dict], settings: Settings) -> list[dict]:
+    """Variants with jobs waiting and no live worker: nobody will take those jobs until one starts."""
+    out = []
+    for variant, figures in snapshot.items():
+        if figures["workers"] or not (figures["waiting_jobs"] or figures["queued_messages"]):
+            continue
+        try:
+            label = model_label(settings.variants.get(variant))
+        except KeyError:
+            label = variant
+        out.append({"variant": variant, "model": label, "waiting_jobs": figures["waiting_jobs"],
+                    "queued_messages": figures["queued_messages"],
+                    "oldest_waiting_seconds": figures["oldest_waiting_seconds"]})
+    return out
+
+
 def gather_status(r: redis.Redis, settings: Settings, *, window: float | None = None, show_all: bool = False,
                   now: float | None = None) -> dict:
     now = time.time() if now is None else now
@@ -115,6 +133,7 @@ def gather_status(r: redis.Redis, settings: Settings, *, window: float | None = 
             variants[variant] = figures
     live = workers(r, now)
     return {
+        "unserved_variants": unserved(snapshot, settings),
         "at": now,
         "window_seconds": window,
         "variants": variants,

@@ -58,6 +58,10 @@ ENV_PREFIX = "BIREFNET_"
 SETTINGS_FIELDS = set(Settings.model_fields)
 READY_FILE = Settings.model_fields["ready_file"].default
 REGISTRY = VariantRegistry.with_overrides()
+# Every model fal's two endpoints name (v1: Light, Heavy, Portrait; v2: Light, Light 2K, Heavy, Matting,
+# Portrait, Dynamic): the deployments must serve each of them.
+FAL_MODEL_VARIANTS = {v.id for v in REGISTRY if v.fal_names}
+PACKED_COMPOSE_FILE = ROOT / "infra" / "compose" / "packed.yml"
 
 
 def tool(name: str) -> str | None:
@@ -205,7 +209,7 @@ def test_compose_app_services():
 def test_compose_workers():
     workers = worker_services()
     variants = {compose_worker_variant(name, svc) for name, svc in workers.items()}
-    assert {"general-light", "general-heavy"} <= variants
+    assert variants >= FAL_MODEL_VARIANTS, f"compose serves no worker for {FAL_MODEL_VARIANTS - variants}"
     assert len(variants) == len(workers), "one service per variant"
     volumes = compose()["volumes"]
     for name, svc in workers.items():
@@ -228,6 +232,30 @@ def test_compose_workers():
         assert env["HF_HOME"].startswith(cache_dir.rstrip("/") + "/")
         assert str(WORKER_METRICS_PORT) in svc["expose"]
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_packed_override_serves_every_model_in_one_worker():
+    """infra/compose/packed.yml: the per-model workers switched off (a profile), one worker for them all."""
+    checker = tool("check-jsonschema")
+    assert checker, "check-jsonschema missing: pip install -e .[dev]"
+    result = run([checker, "--builtin-schema", "vendor.compose-spec", str(PACKED_COMPOSE_FILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    packed = yaml.safe_load(PACKED_COMPOSE_FILE.read_text())["services"]
+    switched_off = {name for name, svc in packed.items() if svc.get("profiles")}
+    assert switched_off == set(worker_services()), "every per-model worker (and nothing else) is switched off"
+    started = [name for name, svc in packed.items() if not svc.get("profiles")]
+    assert started == ["worker-all"]
+    svc = packed["worker-all"]
+    assert (PACKED_COMPOSE_FILE.parent / svc["extends"]["file"]).resolve() == COMPOSE_FILE.resolve()
+    base = services()[svc["extends"]["service"]]
+    # Compose's merge for `extends`: command replaced, environment merged key by key.
+    merged = {**base, "command": svc["command"], "environment": {**base["environment"], **svc["environment"]}}
+    variants = compose_worker_variant("worker-all", merged).split(",")
+    assert len(variants) == len(set(variants))
+    assert set(variants) == FAL_MODEL_VARIANTS
+    assert merged["environment"]["BIREFNET_WORKER_VARIANTS"] == ",".join(variants)
+    # It keeps the per-model worker's readiness probe, GPU reservation, weights volume and stop grace.
+    assert not {"healthcheck", "deploy", "volumes", "stop_grace_period"} & set(svc)
 
 
 def test_compose_env_names_are_settings_fields():
@@ -736,7 +764,7 @@ def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
         redis_url = container_env(pod_spec(deployment)["containers"][0])["BIREFNET_REDIS_URL"]["value"]
         parsed = urlparse(redis_url)
         assert parsed.hostname == service and parsed.port == int(port) and parsed.path == "/0"
-    assert {"general-light", "general-heavy"} <= variants
+    assert variants >= FAL_MODEL_VARIANTS, f"{overlay}: no worker pool for {FAL_MODEL_VARIANTS - variants}"
 
 
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)

@@ -612,6 +612,10 @@ def test_openapi_matches_the_routes_served(gs, alice):
 def test_health_and_metrics(gs):
     with gs.client(None) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/metrics").status_code == 401, "metrics on the API port need the admin key"
+    with gs.client(ALICE) as client:
+        assert client.get("/metrics").status_code == 403
+    with gs.client(OPS) as client:
         metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "birefnet_queue_waiting_jobs" in metrics.text
 

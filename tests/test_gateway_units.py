@@ -80,13 +80,18 @@ def test_signed_urls_and_tokens():
 
 def test_headers_and_bodies():
     assert start_timeout(None) is None and start_timeout("30.0") == 30.0 and start_timeout("0") is None
-    for bad in ("soon", "-1", "nan", "inf", "1e3", "null"):
+    for bad in ("soon", "-1", "nan", "inf", "1e3", "null", "", "9" * 400):
         with pytest.raises(FalError) as caught:
             start_timeout(bad)
         assert caught.value.status_code == 400 and caught.value.body["error_type"] == "bad_request"
     assert priority("LOW") == "low" and priority("urgent") == "normal" and priority(None) == "normal"
     assert lifecycle_seconds('{"expiration_duration_seconds": 600, "initial_acl": "private"}') == 600
-    assert lifecycle_seconds("nope") is None and lifecycle_seconds('{"expiration_duration_seconds": -1}') is None
+    assert lifecycle_seconds(None) is None and lifecycle_seconds('{"initial_acl": "private"}') is None
+    for bad in ("nope", '{"expiration_duration_seconds": -1}', '{"expiration_duration_seconds": Infinity}',
+                '{"expiration_duration_seconds": 1e400}', "[" * 1000, '{"expiration_duration_seconds": "9"}'):
+        with pytest.raises(FalError) as caught:
+            lifecycle_seconds(bad)
+        assert caught.value.status_code == 400 and "x-fal-object-lifecycle-preference" in caught.value.body["detail"]
     assert parse_body(b"") == {} and parse_body(b'{"a": 1}') == {"a": 1}
     with pytest.raises(FalError):
         parse_body(b"[1]")

@@ -23,7 +23,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from common.jobs import JobStore
-from common.metrics import model_loaded, register_gpu_collector, start_metrics_server
+from common.metrics import model_loaded, patch_order_checked, register_gpu_collector, start_metrics_server
 from common.ops_state import paused_variants, publish_heartbeat
 from common.orphans import resend_orphans
 from common.queue import RUN_JOB, make_celery
@@ -31,6 +31,7 @@ from common.schemas import JobSpec
 from common.settings import Settings
 from common.storage import ObjectStore
 from worker.engine import Predictor
+from worker.packing import load_predictors
 from worker.runner import JobRunner
 from worker.test_hooks import load_forward_hook
 from worker.watchdog import Watchdog
@@ -62,16 +63,13 @@ class WorkerState:
         # Early: the liveness probe uses it while the models load.
         start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready})
         register_gpu_collector()
-        predictors: dict[str, Predictor] = {}
-        for variant_id in settings.worker_variants:
-            spec = settings.variants.get(variant_id)
-            started = time.perf_counter()
-            predictor = Predictor(spec, settings)
-            predictor.load()
-            log.info("variant %s ready in %.1fs: %s", variant_id, time.perf_counter() - started,
-                     predictor.weights_description)
-            model_loaded(variant_id, time.perf_counter() - started, predictor.untrained)
-            predictors[variant_id] = predictor
+        def ready(variant_id: str, predictor: Predictor, seconds: float) -> None:
+            log.info("variant %s ready in %.1fs: %s", variant_id, seconds, predictor.weights_description)
+            model_loaded(variant_id, seconds, predictor.untrained)
+            if predictor.patch_order_report is not None:
+                patch_order_checked(variant_id, predictor.patch_order_report.as_dict())
+
+        predictors = load_predictors(settings, on_ready=ready)
         store = JobStore.from_url(settings.redis_url, record_ttl=settings.job_record_ttl)
         hook = load_forward_hook(settings, {v: p.untrained for v, p in predictors.items()})
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
@@ -92,6 +90,8 @@ class WorkerState:
             "variants": list(self.runner.predictors),
             "untrained": [v for v, p in self.runner.predictors.items() if p.untrained],
             "device": str(next(iter(self.runner.predictors.values())).device) if self.runner.predictors else "",
+            "patch_order": {v: p.patch_order_report.as_dict() if p.patch_order_report else None
+                            for v, p in self.runner.predictors.items()},
             "started_at": time.time(),
         }
         while True:

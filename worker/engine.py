@@ -45,6 +45,7 @@ from worker.imaging import (
 )
 from worker.loading import LoadedNetwork, load_network
 from worker.null_model import NULL_MODEL_BANNER, NullNetwork
+from worker.patch_order_check import PatchOrderReport, log_patch_order, self_check
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ class Predictor:
         self._device = resolve_device(settings.device)
         self._network: nn.Module | None = None
         self._loaded: LoadedNetwork | None = None
+        self.patch_order_report: PatchOrderReport | None = None  # set by load(): the self-check's finding
 
     # -- state -----------------------------------------------------------------------------
 
@@ -301,7 +303,11 @@ class Predictor:
 
     @property
     def weights_description(self) -> str:
-        return self._require_loaded().description
+        description = self._require_loaded().description
+        report = self.patch_order_report
+        if report is not None and report.in_use != report.configured:
+            description += f"; patch order {report.in_use} ADOPTED by the self-check (configured {report.configured})"
+        return description
 
     @property
     def network(self) -> nn.Module:
@@ -326,8 +332,9 @@ class Predictor:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Weights, device placement and dtype, eval mode, GPU tuning, optional compile, warm-up."""
+    def load(self, loaded: LoadedNetwork | None = None) -> None:
+        """Weights (`loaded`, else the variant's own; the null model under `benchmark_null_model`), device
+        placement and dtype, eval mode, GPU tuning, the patch-order self-check, optional compile, warm-up."""
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
         if self.settings.retain_freed_memory:
@@ -336,7 +343,7 @@ class Predictor:
             log.warning("%s: variant %s runs NO network", NULL_MODEL_BANNER, self.spec.id)
             loaded = LoadedNetwork(module=NullNetwork(), untrained=True, description=NULL_MODEL_BANNER)
         else:
-            loaded = load_network(self.spec, self.settings)
+            loaded = loaded or load_network(self.spec, self.settings)
         module = loaded.module.to(self._device).eval()
         if self._on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed operating resolutions: tuned kernels pay off
@@ -351,6 +358,8 @@ class Predictor:
             module.fuse_for_inference()
         self._loaded = loaded
         self._network = module
+        self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
+        log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
             self._network = torch.compile(module, mode=mode)

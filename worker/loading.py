@@ -41,14 +41,14 @@ def load_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
     """Build the variant's network with its weights, on the CPU, in eval mode."""
     source = parse_source(spec.weights)
     if source.kind == "recipe":
-        return _recipe_network(spec, reason="the variant's weights are set to 'recipe'")
+        return recipe_network(spec, reason="the variant's weights are set to 'recipe'")
     try:
         return _real_network(spec, settings)
     except WeightsError as exc:
         if settings.weights_fallback != "recipe":
             raise
         log.error("variant %s: %s", spec.id, exc)
-        return _recipe_network(spec, reason=f"fallback, the real checkpoint failed: {exc}")
+        return recipe_network(spec, reason=f"fallback, the real checkpoint failed: {exc}")
 
 
 def _real_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
@@ -73,11 +73,11 @@ def _real_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
     return LoadedNetwork(model.eval(), untrained=False, description=description)
 
 
-def _recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
+def recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
     model = build_native(spec)
     model.load_state_dict(recipe_state_dict(model), strict=True)
     description = f"UNTRAINED recipe weights ({spec.backbone}, {spec.patch_order} patch order; {reason})"
-    _log_banner(
+    log_banner(
         f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
         "Masks are meaningless: this is not a trained model. For demos and tests only.",
         f"Reason: {reason}",
@@ -85,7 +85,7 @@ def _recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
     return LoadedNetwork(model.eval(), untrained=True, description=description)
 
 
-def _log_banner(*lines: str) -> None:
+def log_banner(*lines: str) -> None:
     rule = "!" * _BANNER_WIDTH
     body = "\n".join(f"!!! {line}" for line in lines)
     log.warning("\n%s\n%s\n%s", rule, body, rule)

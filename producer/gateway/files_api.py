@@ -20,13 +20,14 @@ from typing import Annotated
 from botocore.exceptions import ClientError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from common.auth import Principal, credential_from_header
 from common.signed_urls import make_token, object_url_valid, read_token
 from common.storage import uploads_prefix
-from producer.gateway.inputs import lifecycle_seconds
 from producer.gateway.models import (
     ERRORS,
     ErrorBody,
@@ -34,7 +35,9 @@ from producer.gateway.models import (
     UploadInitiate,
     UploadInitiated,
     UploadToken,
+    ValidationErrorBody,
 )
+from producer.gateway.parsing import json_object_body, lifecycle_seconds, valid_content_type
 from producer.gateway.responses import FalError, fal_json
 from producer.gateway.security import Caller, principal
 from producer.gateway.state import Gateway, gateway
@@ -56,15 +59,29 @@ def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
     gw.redis.zadd(OUTPUTS_KEY, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
 
 
-@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, responses={
-    **ERRORS, 400: {"model": ErrorBody, "description": "Body is not JSON"}})
-async def upload_initiate(request: Request, caller: Caller, spec: UploadInitiate | None = None,
-                          storage_type: Annotated[str, Query()] = None,
+def initiate_spec(raw: bytes) -> UploadInitiate:
+    """The body of an upload initiate, parsed like every body (parsing.py); a missing body means defaults."""
+    data = json_object_body(raw)
+    try:
+        return UploadInitiate.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+        raise FalError(422, {"detail": jsonable_encoder(errors)}) from None
+
+
+_INITIATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": UploadInitiate.model_json_schema()}}}}
+
+
+@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, openapi_extra=_INITIATE_BODY,
+             responses={**ERRORS, 400: {"model": ErrorBody, "description": "Malformed lifecycle header"},
+                        422: {"model": ValidationErrorBody, "description": "Body is not a valid JSON object"}})
+async def upload_initiate(request: Request, caller: Caller, storage_type: Annotated[str, Query()] = None,
                           lifecycle: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
                           ) -> Response:
     """Any `storage_type` (fal-cdn-v3, gcs) is served the same way: S3 in our deployment."""
     gw = gateway(request)
-    spec = spec or UploadInitiate()
+    spec = initiate_spec(await request.body())
     key = upload_key(gw, caller.key_id, spec.file_name)
     ttl = lifecycle_seconds(lifecycle)
 
@@ -96,25 +113,40 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
     return await principal(request, authorization)
 
 
-@router.post("/files/upload", response_model=FileUploaded, responses=ERRORS, openapi_extra={
-    "requestBody": {"required": True, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}})
+@router.post("/files/upload", response_model=FileUploaded, responses={
+    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"}},
+    openapi_extra={
+    "requestBody": {"required": True, "content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary", "minLength": 1}}},
+        # Any Content-Type is taken (stored with the file when it is a MIME type). Not declared as */*:
+        # fuzzers then serialise the bytes as a form, i.e. send an empty body.
+        "description": "The file's bytes, with its own Content-Type (e.g. image/png)."}})
 async def files_upload(
     request: Request,
     authorization: Annotated[str, Header()] = None,
     content_type: Annotated[str, Header()] = None,
     file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
+    lifecycle_preference: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
 ) -> Response:
-    """The raw bytes of one file; answers the URL to use as image_url."""
+    """The raw bytes of one file; answers the URL to use as image_url. A Content-Type that is not a MIME
+    type only labels the bytes: they are stored as application/octet-stream."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
+    stored_type = content_type.strip() if content_type and valid_content_type(content_type.strip()) else (
+        "application/octet-stream")
+    if lifecycle is not None:
+        ttl = lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle")
+    else:
+        ttl = lifecycle_seconds(lifecycle_preference)
     data = await request.body()
+    if not data:
+        raise FalError.flat(400, "Request body is empty: send the file's bytes", "bad_request")
     key = upload_key(gw, owner.key_id, file_name or "upload.bin")
-    ttl = lifecycle_seconds(lifecycle or request.headers.get("x-fal-object-lifecycle-preference"))
 
     def store() -> str:
         bucket = gw.settings.output_bucket
-        gw.objects.write(bucket, key, data, content_type or "application/octet-stream")
+        gw.objects.write(bucket, key, data, stored_type)
         schedule_deletion(gw, key, ttl)
         return gw.objects.url_for(bucket, key, ttl=ttl, api=True)
 

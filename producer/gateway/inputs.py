@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,7 +26,12 @@ from common.settings import Settings
 from common.signed_urls import object_url_valid
 from common.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
 from common.variants import VariantSpec
-from producer.gateway.responses import FalError
+from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
+    TIMEOUT_PATTERN,
+    lifecycle_seconds,
+    start_timeout,
+)
+from producer.gateway.parsing import json_object_body as parse_body  # noqa: F401
 
 INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
 _ON = {"1", "true", "yes", "on"}
@@ -39,52 +42,14 @@ def flag(value: str | None) -> bool:
     return (value or "").strip().lower() in _ON
 
 
-TIMEOUT_PATTERN = r"^[0-9]+(\.[0-9]+)?$"  # what fal's clients send: str(float), e.g. "30.0"
-
-
-def start_timeout(value: str | None) -> float | None:
-    """`X-Fal-Request-Timeout` seconds (0: none); anything but a plain number is a 400, as on fal."""
-    if value is None or not value.strip():
-        return None
-    if not re.match(TIMEOUT_PATTERN, value.strip()):
-        raise FalError.flat(400, f"Invalid X-Fal-Request-Timeout header: {value!r}", "bad_request")
-    return float(value) or None
-
-
 def priority(value: str | None) -> str:
     """`X-Fal-Queue-Priority`: `low` or `normal`; anything else counts as normal."""
     return "low" if (value or "").strip().lower() == "low" else "normal"
 
 
-def lifecycle_seconds(value: str | None) -> int | None:
-    """`expiration_duration_seconds` of `x-fal-object-lifecycle-preference` (JSON); ignored when malformed."""
-    try:
-        seconds = json.loads(value or "")["expiration_duration_seconds"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return int(seconds) if isinstance(seconds, int | float) and seconds > 0 else None
-
-
 # --- body ---
 def detail(loc: list[Any], msg: str, type_: str, **extra: Any) -> dict:
     return {"type": type_, "loc": loc, "msg": msg, **extra}
-
-
-def parse_body(raw: bytes) -> dict:
-    """The JSON object body; a missing body is `{}` (JS sends none without input). Malformed: 422 now."""
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        pos = getattr(exc, "pos", 0)
-        raise FalError(422, {"detail": [detail(["body", pos], "JSON decode error", "json_invalid",
-                                               input={}, ctx={"error": getattr(exc, "msg", str(exc))})]}) from exc
-    if not isinstance(data, dict):
-        raise FalError(422, {"detail": [detail(
-            ["body"], "Input should be a valid dictionary or object to extract fields from",
-            "model_attributes_type", input=data)]})
-    return data
 
 
 def validate_input(endpoint: str, data: dict, settings: Settings) -> tuple[BiRefNetInput, VariantSpec]:
@@ -121,7 +86,15 @@ def check_url(url: str, policy: NetPolicy, loc: list[Any]) -> None:
         raise InputErrors([detail(loc, exc.message, exc.error_type)]) from exc
 
 
+def has_dot_segments(key: str) -> bool:
+    """`.`/`..` segments (also percent-encoded): literal on AWS, but some S3-compatible stores normalise
+    them, so `files/<own prefix>/../../requests/<other id>/...` could leave the prefix it was checked against."""
+    return any(unquote(segment) in (".", "..") for segment in key.replace("\\", "/").split("/"))
+
+
 def may_read_s3(principal: Principal, settings: Settings, bucket: str, key: str) -> bool:
+    if has_dot_segments(key):
+        return False
     if principal.key_id == ANONYMOUS:
         return True
     if bucket == settings.output_bucket and key.startswith(uploads_prefix(settings, principal.key_id)):
@@ -160,6 +133,9 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
             bucket, key = parse_s3_url(url)
         except ValueError as exc:
             raise InputErrors([detail(loc, str(exc), "file_download_error")]) from exc
+        if has_dot_segments(key):
+            raise InputErrors([detail(loc, "'.' and '..' segments are not allowed in an S3 key",
+                                      "file_download_error")])
         if not may_read_s3(principal, settings, bucket, key):
             raise InputErrors([detail(loc, f"this API key may not read {url}",
                                       "file_download_error")])

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from common.metrics import metrics_response
 from common.webhooks import WebhookSender
 from producer.gateway.models import ERRORS, ErrorBody, FailedWebhooks
 from producer.gateway.responses import FalError, fal_json
@@ -31,6 +32,12 @@ async def healthz(request: Request) -> Response:
     except Exception as exc:
         raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
     return fal_json({"status": "ok"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(_: Admin) -> Response:
+    """Prometheus metrics; an admin key when auth is on (or without a key on gateway_metrics_port)."""
+    return metrics_response()
 
 
 @router.get("/admin/webhooks/failed", tags=["ops"], response_model=FailedWebhooks,

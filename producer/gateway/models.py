@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from producer.gateway.parsing import CONTENT_TYPE_PATTERN
+
 
 class QueueSubmitted(BaseModel):
     status: Literal["IN_QUEUE"] = "IN_QUEUE"
@@ -51,8 +53,9 @@ class ValidationErrorBody(BaseModel):
 
 
 class UploadInitiate(BaseModel):
-    content_type: str = "application/octet-stream"
-    file_name: str = "upload.bin"
+    content_type: str = Field("application/octet-stream", pattern=CONTENT_TYPE_PATTERN,
+                              description="MIME type the upload will be sent with.")
+    file_name: str = Field("upload.bin", max_length=1024)
 
 
 class UploadInitiated(BaseModel):

@@ -29,6 +29,7 @@ from producer.gateway.models import (
     QueueSubmitted,
     ValidationErrorBody,
 )
+from producer.gateway.parsing import TIMEOUT_MAX_LENGTH
 from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
@@ -43,10 +44,16 @@ REQUEST = f"/{APP_PATH}/requests/{{request_id}}"
 # Typed `str` with a None default (not `str | None`): optional without documenting a null value.
 TimeoutHeader = Annotated[str, Header(
     alias="X-Fal-Request-Timeout", description="Seconds the request may wait before it starts; then it "
-    "completes with a 504 request_timeout error. Not a number: 400.", json_schema_extra={"pattern": TIMEOUT_PATTERN})]
+    "completes with a 504 request_timeout error. Not a number: 400.",
+    json_schema_extra={"pattern": TIMEOUT_PATTERN, "maxLength": TIMEOUT_MAX_LENGTH})]
+# No whitespace or control characters, spelled out: `\s` differs between Python, Rust (pydantic) and
+# ECMAScript (the OpenAPI document's regex dialect), e.g. on U+0085.
+WEBHOOK_PATTERN = (r"^https?://[^\u0000-\u0020\u007f-\u009f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
+                   r"\u205f\u3000\ufeff]+$")
 WebhookQuery = Annotated[str, Query(
-    description="URL to POST the result to when done (fal's webhook payload, signed).", pattern=r"^https?://\S+$")]
-BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout"}}
+    description="URL to POST the result to when done (fal's webhook payload, signed).", pattern=WEBHOOK_PATTERN,
+    max_length=4096)]
+BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
 PriorityHeader = Annotated[str, Header(
     alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
 LifecycleHeader = Annotated[str, Header(

@@ -11,6 +11,7 @@ from fastapi.security import APIKeyHeader
 from common.auth import ANONYMOUS_PRINCIPAL, Principal, credential_from_header
 from producer.gateway.responses import FalError
 from producer.gateway.state import gateway
+from producer.gateway.throttle import AuthThrottle, client_address
 
 # Declared for the OpenAPI document: fal's `Authorization: Key <id:secret>` (Bearer accepted too).
 authorization_header = APIKeyHeader(name="Authorization", auto_error=False,
@@ -22,11 +23,22 @@ async def principal(request: Request, header: Annotated[str | None, Depends(auth
     if gw.settings.gateway_auth == "off":
         return ANONYMOUS_PRINCIPAL
     credential = credential_from_header(header)
+    found = gw.keys.cached(credential)
+    if found is not None:
+        return found
+    if not header:
+        raise FalError(401, {"detail": "Missing Authorization header", "error_type": "unauthorized"})
+    # A presented credential is a guess until verified: throttled per address and per (configured) key id.
+    key_id = (credential or "").partition(":")[0] if ":" in (credential or "") else None
+    throttle = AuthThrottle.of(gw.aredis, gw.settings)
+    scopes = throttle.scopes(client_address(request, gw.settings),
+                             key_id if key_id and gw.keys.knows(key_id) else None)
+    await throttle.check(scopes)
     # The first check of a scrypt-hashed key costs tens of ms: keep it off the event loop.
-    found = gw.keys.cached(credential) or await run_in_threadpool(gw.keys.authenticate, credential)
+    found = await run_in_threadpool(gw.keys.authenticate, credential)
     if found is None:
-        detail = "Missing Authorization header" if not header else "Invalid API key"
-        raise FalError(401, {"detail": detail, "error_type": "unauthorized"})
+        await throttle.failed(scopes)
+        raise FalError(401, {"detail": "Invalid API key", "error_type": "unauthorized"})
     return found
 
 

@@ -1,4 +1,5 @@
-"""Background duties of the gateway: expire queued requests past their start deadline, delete old files.
+"""Background duties of the gateway: expire queued requests past their start deadline, delete old files,
+and tell waiting requests when no worker serves their model (common/unserved.py).
 
 Both schedules are Redis sorted sets popped atomically, so several gateway replicas share the work
 without doing anything twice.
@@ -14,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from common.results import finish_job
 from common.storage import request_output_prefix
+from common.unserved import note_unserved_jobs
 from producer.gateway.state import Gateway
 from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY
 
@@ -69,5 +71,6 @@ async def sweep_forever(gw: Gateway) -> None:
         try:
             await run_in_threadpool(expire_deadlines, gw)
             await run_in_threadpool(delete_expired_files, gw)
+            await run_in_threadpool(note_unserved_jobs, gw.store, gw.settings.variants, time.time())
         except Exception:  # keep sweeping through Redis or S3 hiccups; the schedules persist
             log.warning("gateway sweep failed; retrying", exc_info=True)

@@ -1,0 +1,74 @@
+"""Queued jobs for a model that no live worker serves: say so in their status logs while they wait.
+
+A job for a variant without a worker waits forever (KEDA may be scaling one up, or the deployment simply
+has no pool for it); without a word the caller only sees `IN_QUEUE`. The gateway's sweeper calls
+`note_unserved_jobs` every sweep: each waiting job of a variant that no worker heartbeat lists gets one log
+line ("no worker serves General Use (Light) right now; waiting ..."), once. `python -m ops status` shows the
+same variants (`unserved_variants`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from common import ops_state
+from common.jobs import JobStore, utc_timestamp
+from common.variants import VariantRegistry, VariantSpec
+
+NOTED_FIELD = "unserved_noted"
+# Per variant and sweep: more waiting jobs are noted on later sweeps.
+BATCH = 200
+
+# Only a job still waiting, and only once; the job record must exist (no orphan hash without a TTL).
+_NOTE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'IN_QUEUE' then return 0 end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+return 1
+"""
+
+
+def model_label(spec: VariantSpec) -> str:
+    """How callers name the variant: its fal model name(s), else its id."""
+    names = sorted(set(spec.fal_names.values()))
+    return " / ".join(names) if names else spec.id
+
+
+def unserved_message(spec: VariantSpec) -> str:
+    endpoints = "/".join(sorted(spec.fal_names))
+    model = f"{endpoints} model, " if endpoints else ""
+    return (f"no worker serves {model_label(spec)} right now; waiting ({model}variant {spec.id}, queue {spec.queue}; "
+            f"a worker started with `python -m worker --variants {spec.id}` takes it)")
+
+
+def served_variants(r: redis.Redis) -> set[str]:
+    """Variants that at least one live worker (heartbeat within its TTL) has loaded."""
+    return {v for beat in ops_state.live_workers(r) for v in beat.get("variants", [])}
+
+
+def note_unserved_jobs(store: JobStore, registry: VariantRegistry, now: float) -> int:
+    """Log the 'no worker serves ...' line on every waiting job of an unserved variant (once per job)."""
+    r = store.redis
+    served = served_variants(r)
+    unserved = [spec for spec in registry if spec.id not in served]
+    if not unserved:
+        return 0
+    pipe = r.pipeline()
+    for spec in unserved:
+        pipe.zrange(store.pending_key(spec.id), 0, BATCH - 1)
+    waiting = pipe.execute()
+    script = r.register_script(_NOTE)
+    noted = 0
+    for spec, ids in zip(unserved, waiting, strict=True):
+        if not ids:
+            continue
+        entry = json.dumps({"message": unserved_message(spec), "level": "WARN", "source": "USER",
+                            "timestamp": utc_timestamp()})
+        for raw in ids:
+            request_id = raw.decode() if isinstance(raw, bytes) else raw
+            noted += int(script(keys=[store.job_key(request_id), store.logs_key(request_id)],
+                                args=[NOTED_FIELD, str(now), entry, store.record_ttl]))
+    return noted

@@ -1,0 +1,66 @@
+"""Failed-authentication throttling, per client address and per key id, with counters in Redis.
+
+Counters live in Redis so every gateway process (uvicorn workers, replicas) shares them. A fixed window of
+`gateway_auth_fail_window` seconds starts at a scope's first failure; once `gateway_auth_fail_limit`
+failures are counted, credentials from that address, or naming that key id, are not checked at all until
+the window ends (429 with Retry-After): a guess gets no answer. Credentials this process has verified
+before still pass (a guesser cannot lock a key's owner out of a warm gateway), since they prove the secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from common.jobs import PREFIX
+from common.settings import Settings
+from producer.gateway.responses import FalError
+
+KEY = f"{PREFIX}gateway:authfail:"
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    """The caller's address: the last X-Forwarded-For hop when forwarded headers are trusted (what the
+    nearest proxy saw), else the socket's peer."""
+    if settings.gateway_trust_forwarded:
+        hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+        if hops:
+            return hops[-1][:64]
+    return request.client.host if request.client else "unknown"
+
+
+@dataclass(frozen=True)
+class AuthThrottle:
+    redis: aioredis.Redis
+    limit: int
+    window: int
+
+    @classmethod
+    def of(cls, redis: aioredis.Redis, settings: Settings) -> AuthThrottle:
+        return cls(redis, settings.gateway_auth_fail_limit, settings.gateway_auth_fail_window)
+
+    @staticmethod
+    def scopes(address: str, key_id: str | None) -> list[str]:
+        return [f"{KEY}ip:{address}", *([f"{KEY}key:{key_id}"] if key_id else [])]
+
+    async def check(self, scopes: list[str]) -> None:
+        """429 when any scope is over its limit."""
+        if not self.limit:
+            return
+        counts = await self.redis.mget(scopes)
+        over = [scope for scope, count in zip(scopes, counts, strict=True) if count and int(count) >= self.limit]
+        if over:
+            retry = max([await self.redis.ttl(scope) for scope in over] + [1])
+            raise FalError.flat(429, f"Too many failed authentication attempts; retry in {retry} s",
+                                "rate_limited", headers={"Retry-After": str(retry)})
+
+    async def failed(self, scopes: list[str]) -> None:
+        if not self.limit:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for scope in scopes:
+            pipe.set(scope, 0, ex=self.window, nx=True)
+            pipe.incr(scope)
+        await pipe.execute()
