@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_batching.py
 	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_plumbing.py
 
 # The full-size chaos and load runs (CI runs shorter versions of both inside `make test`).
 chaos: $(STAMP) redis-tls

@@ -1,13 +1,23 @@
-"""Time every stage around the forward pass, as a worker job runs them, for two photo sizes.
+"""The worker's per-image CPU work around the forward, today's path beside the one it replaced.
 
-Stages: decode (JPEG bytes -> RGB), preprocess (resize + normalise), forward, postprocess
-(sigmoid + resize the mask back), refine (blur-fusion foreground colours), compose (RGBA) and
-encode (PNG). Photos: a 1024x1024 and a 4000x3000 (12 MP) JPEG, upscaled from skimage samples.
-Recipe weights (untrained: only the timing means anything), float32, CPU. Prints a markdown table
-of the median over `--repeats` runs.
+Part 1, per stage, one image at a time (CPU time of all threads, and wall time; median of --repeats):
+decode (JPEG bytes -> RGB), preprocess (resize + normalise to the operating resolution), postprocess
+(the mask back to the image's size), refine (blur-fusion foreground colours), compose (RGBA + 8-bit
+mask) and encode (cut-out and mask, PNG). The mask is the null model's constant soft ellipse, so the
+figures do not depend on weights. Rows:
 
-    .venv/bin/python bench/bench_engine.py                        # swin_v1_t, 2 threads, 1024x1024
-    .venv/bin/python bench/bench_engine.py --backbone swin_v1_l --repeats 3 --png-levels 1 6
+* baseline: the implementation before issue #12 (Pillow decode, Pillow bilinear resize, torch mask
+  resize, torch blur fusion over the whole image, Pillow PNG level 3);
+* current: worker.pixels (simplejpeg, OpenCV, band-limited blur fusion, libdeflate PNG level 1).
+
+Output bytes are reported next to Pillow's PNG at levels 1 and 6 and the raw RGBA size.
+
+Part 2, the engine in one process with the null model (`benchmark_null_model`: no network) and N job
+threads around one batcher, bytes in -> encoded cut-out + mask out at 1 MP with refine and PNG (no S3):
+images/s and CPU ms per image.
+
+    .venv/bin/python bench/bench_engine.py [--repeats 5] [--threads 1 2 4] [--images 48]
+    .venv/bin/python bench/bench_engine.py --forward --backbone swin_v1_t   # also time a real forward
 """
 
 from __future__ import annotations
@@ -15,12 +25,17 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import statistics
+import os
+import platform
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
@@ -28,10 +43,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.settings import Settings  # noqa: E402
 from common.variants import VariantSpec  # noqa: E402
-from worker.engine import Predictor, StageTimings, parse_resolution  # noqa: E402
-from worker.imaging import compose_cutout, decode_image, encode_image  # noqa: E402
+from worker import pixels  # noqa: E402
+from worker.batcher import MaskBatcher  # noqa: E402
+from worker.engine import Predictor, StageTimings, parse_resolution, render_outputs  # noqa: E402
+from worker.imaging import decode_image, encode_image, mask_to_image, refined_colours, rgba_from  # noqa: E402
+from worker.null_model import NullNetwork  # noqa: E402
 
-STAGES = ("decode", "preprocess", "forward", "postprocess", "refine", "compose", "encode")
+STAGES = ("decode", "preprocess", "postprocess", "refine", "compose", "encode")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_photos() -> dict[str, bytes]:
@@ -47,62 +78,231 @@ def make_photos() -> dict[str, bytes]:
     return encoded
 
 
-def run_job(predictor: Predictor, jpeg: bytes, resolution: tuple[int, int], settings: Settings) -> StageTimings:
+def null_probabilities(resolution: tuple[int, int]) -> np.ndarray:
+    width, height = resolution
+    with torch.inference_mode():
+        logits = NullNetwork()(torch.zeros(1, 3, height, width))
+    return logits.sigmoid()[0, 0].numpy().copy()
+
+
+class Clock:
+    """CPU seconds of the whole process (all threads) and wall seconds, per named stage."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    def time(self, stage: str, fn, *args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+        self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
+        return result
+
+
+# ---- the implementation before issue #12, kept here as the baseline ----------------------------
+
+def baseline_input(image: Image.Image, resolution: tuple[int, int]) -> torch.Tensor:
+    resized = image if image.size == resolution else image.resize(resolution, Image.Resampling.BILINEAR)
+    array = (np.asarray(resized, dtype=np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def baseline_mask(probabilities: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    p = torch.from_numpy(probabilities)[None]
+    if p.shape[-2:] != (height, width):
+        p = F.interpolate(p[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
+    return p[0].clamp_(0.0, 1.0).numpy()
+
+
+def baseline_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: Settings, clock: Clock):
+    image = clock.time("decode", decode_image, jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    clock.time("preprocess", baseline_input, image, resolution)
+    mask = clock.time("postprocess", baseline_mask, probabilities, image.size)
+    colours = clock.time("refine", refined_colours, image, mask, "cpu")
+    cutout = clock.time("compose", rgba_from, colours, mask)
+    mask_image = clock.time("compose", mask_to_image, mask)
+
+    def encode():
+        return (encode_image(cutout, "png", png_compress_level=3).data,
+                encode_image(mask_image, "png", png_compress_level=3).data)
+
+    return clock.time("encode", encode), cutout
+
+
+def current_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: Settings, clock: Clock):
+    rgb = clock.time("decode", pixels.decode_rgb, jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    clock.time("preprocess", pixels.input_array, rgb, resolution)
+    size = (rgb.shape[1], rgb.shape[0])
+    mask = clock.time("postprocess", pixels.mask_at_size, probabilities.copy(), size)
     timings = StageTimings()
-    with timings.stage("decode"):
-        image = decode_image(jpeg, max_pixels=settings.max_input_pixels)
-    (mask,) = predictor.predict_masks([image], resolution, timings=timings)
-    predictor.render_outputs(image, mask, output_format="png", output_mask=False, refine_foreground=True,
-                             mask_only=False, timings=timings)
-    return timings
+    cpu, wall = time.process_time(), time.perf_counter()
+    rendered = render_outputs(rgb, mask, output_format="png", output_mask=True, refine_foreground=True,
+                              mask_only=False, timings=timings, png_compress_level=settings.png_compress_level)
+    # render_outputs times its own stages (wall); CPU time is apportioned by their wall shares.
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    for stage, seconds in timings.seconds.items():
+        clock.wall[stage] = clock.wall.get(stage, 0.0) + seconds
+        clock.cpu[stage] = clock.cpu.get(stage, 0.0) + cpu * seconds / max(wall, 1e-9)
+    cutout = Image.open(io.BytesIO(rendered.image.data))
+    return (rendered.image.data, rendered.mask.data if rendered.mask else b""), cutout
 
 
-def time_png_level(jpeg: bytes, level: int, settings: Settings) -> float:
-    image = decode_image(jpeg, max_pixels=settings.max_input_pixels)
-    cutout = compose_cutout(image, torch.rand(image.height, image.width).numpy(), refine=False)
-    started = time.perf_counter()
-    encode_image(cutout, "png", png_compress_level=level)
-    return time.perf_counter() - started
+def stage_table(photos: dict[str, bytes], args, settings: Settings) -> None:
+    resolution = parse_resolution(args.resolution)
+    probabilities = null_probabilities(resolution)
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    for name, jpeg in photos.items():
+        for label, job in (("baseline", baseline_job), ("current", current_job)):
+            # torch (the baseline's refine and mask resize) on one thread: no spinning pool threads in
+            # its CPU time
+            torch.set_num_threads(1)
+            job(jpeg, probabilities, resolution, settings, Clock())  # warm caches and pools
+            clocks = []
+            for _ in range(args.repeats):
+                clock = Clock()
+                (outputs, cutout) = job(jpeg, probabilities, resolution, settings, clock)
+                clocks.append(clock)
+            # Best of N: the run least disturbed by other load on a shared machine.
+            rows[f"{name} {label}"] = {
+                stage: (min(c.cpu.get(stage, 0.0) for c in clocks),
+                        min(c.wall.get(stage, 0.0) for c in clocks)) for stage in STAGES}
+            sizes.setdefault(name, {})[f"{label} cut-out"] = len(outputs[0])
+            sizes[name][f"{label} mask"] = len(outputs[1])
+            for level in (1, 6):  # the same pixels through Pillow's encoder
+                buffer = io.BytesIO()
+                cutout.save(buffer, format="PNG", compress_level=level)
+                sizes[name][f"{label} cut-out, Pillow PNG level {level}"] = buffer.tell()
+            sizes[name]["raw RGBA"] = cutout.width * cutout.height * 4
+
+    print("### Per-image CPU stages (bytes in -> cut-out + mask PNG), CPU ms (all threads) / wall ms\n")
+    print("| stage | " + " | ".join(rows) + " |")
+    print("| --- |" + " ---: |" * len(rows))
+    for stage in STAGES:
+        print(f"| {stage} | " + " | ".join(f"{r[stage][0] * 1000:.1f} / {r[stage][1] * 1000:.1f}"
+                                           for r in rows.values()) + " |")
+    print("| **total** | " + " | ".join(
+        f"**{sum(v[0] for v in r.values()) * 1000:.0f} / {sum(v[1] for v in r.values()) * 1000:.0f}**"
+        for r in rows.values()) + " |")
+    names = list(photos)
+    for name in names:
+        base = sum(v[0] for v in rows[f"{name} baseline"].values())
+        now = sum(v[0] for v in rows[f"{name} current"].values())
+        print(f"\n{name}: current / baseline CPU time = {now / base:.3f}")
+    print("\n### Output bytes\n")
+    print("| file | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for key in sizes[names[0]]:
+        print(f"| {key} | " + " | ".join(f"{sizes[n][key]:,}" for n in names) + " |")
+
+
+def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
+    resolution = parse_resolution(args.resolution)
+    spec = VariantSpec(id="bench-null", weights="recipe", backbone="swin_v1_nano")
+    predictor = Predictor(spec, settings.model_copy(update={"benchmark_null_model": True}))
+    predictor.load()
+    print(f"\n### Engine, one process, null model ({predictor.weights_description})\n")
+    print("1 MP JPEG bytes -> decode -> batcher (null forward) -> mask -> refine -> cut-out + mask PNG, no S3\n")
+    print("| job threads | images | seconds | images/s | CPU ms per image | batch sizes seen |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for threads in args.threads:
+        batcher = MaskBatcher(predictor, max_size=settings.max_batch_size, wait_seconds=settings.batch_wait_ms / 1000)
+
+        def job(_: int, batcher: MaskBatcher = batcher) -> int:
+            rgb = pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+            mask, _, prepared = batcher.predict_prepared(rgb, resolution)
+            rendered = predictor.render_outputs(rgb, mask, output_format="png", output_mask=True,
+                                                refine_foreground=True, mask_only=False, prepared=prepared)
+            return rendered.image.file_size
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(job, range(threads)))  # warm-up
+            cpu, wall = time.process_time(), time.perf_counter()
+            list(pool.map(job, range(args.images)))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        seen = sorted(set(batcher.batch_sizes))
+        print(f"| {threads} | {args.images} | {wall:.2f} | {args.images / wall:.1f} | "
+              f"{cpu / args.images * 1000:.1f} | {seen} |")
+
+
+def gil_check(jpeg: bytes, settings: Settings) -> None:
+    """How freely another Python thread runs during each stage: a thread that only counts, holding the
+    GIL between bytecodes. Near its rate beside a sleep = the stage releases the GIL; near its rate
+    beside pure Python = it holds it."""
+    rgb = pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    mask = pixels.mask_at_size(null_probabilities((256, 256)), (rgb.shape[1], rgb.shape[0]))
+    alpha8 = pixels.mask_to_uint8(mask)
+    rgba = pixels.rgba_array(rgb, alpha8)
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+
+    def rate(fn) -> float:
+        start, began = count[0], time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (count[0] - start) / (time.perf_counter() - began) / 1000
+
+    rows = [("sleep (releases the GIL)", lambda: time.sleep(0.1)),
+            ("pure Python (holds the GIL)", lambda: sum(range(1_000_000))),
+            ("decode", lambda: pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
+            ("preprocess", lambda: pixels.input_array(rgb, (1024, 1024))),
+            ("refine", lambda: pixels.refine_colours(rgb, mask, alpha8)),
+            ("encode", lambda: pixels.encode_png(rgba, settings.png_compress_level))]
+    print("\n### GIL: iterations/ms of a counting Python thread while a stage runs (1 MP)\n")
+    print("| stage | counter iterations per ms |")
+    print("| --- | ---: |")
+    for name, fn in rows:
+        print(f"| {name} | {rate(fn):.0f} |")
+    stop.set()
+    spinner.join()
+
+
+def forward_row(args, settings: Settings) -> None:
+    resolution = parse_resolution(args.resolution)
+    predictor = Predictor(VariantSpec(id="bench", weights="recipe", backbone=args.backbone), settings)
+    predictor.load()
+    prepared = [predictor.prepare(np.zeros((resolution[1], resolution[0], 3), np.uint8), resolution)]
+    predictor.forward(prepared)
+    cpu, wall = time.process_time(), time.perf_counter()
+    predictor.forward(prepared)
+    print(f"\nforward {args.backbone} {args.resolution} (recipe weights, for scale): CPU "
+          f"{(time.process_time() - cpu) * 1000:.0f} ms, wall {(time.perf_counter() - wall) * 1000:.0f} ms")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="swin_v1_t")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resolution", default="1024x1024")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--png-levels", type=int, nargs="*", default=[], help="extra rows: PNG encode at these levels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2, 4], help="job threads (part 2)")
+    parser.add_argument("--images", type=int, default=48, help="images per part-2 row")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--forward", action="store_true", help="also time one real forward (recipe weights)")
+    parser.add_argument("--backbone", default="swin_v1_t")
+    parser.add_argument("--skip-stages", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-
-    torch.set_num_threads(args.threads)
-    settings = Settings(device="cpu", torch_threads=args.threads, warmup_forward=False)
-    spec = VariantSpec(id="bench", weights="recipe", backbone=args.backbone)
-    resolution = parse_resolution(args.resolution)
-    predictor = Predictor(spec, settings)
-    started = time.perf_counter()
-    predictor.load()
-    load_seconds = time.perf_counter() - started
+    torch.set_num_threads(args.torch_threads)
+    settings = Settings(device="cpu", torch_threads=args.torch_threads, warmup_forward=False, max_input_side=8192)
+    load = os.getloadavg()
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average at start {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; torch {torch.__version__}, {args.torch_threads} torch threads; "
+          f"operating resolution {args.resolution}; stage figures: best of {args.repeats}\n")
     photos = make_photos()
-    predictor.predict_masks([Image.new("RGB", resolution)], resolution)  # warm-up at the real size
-
-    medians: dict[str, dict[str, float]] = {}
-    for name, jpeg in photos.items():
-        runs = [run_job(predictor, jpeg, resolution, settings).seconds for _ in range(args.repeats)]
-        medians[name] = {stage: statistics.median(run.get(stage, 0.0) for run in runs) for stage in STAGES}
-        for level in args.png_levels:
-            medians[name][f"encode png level {level}"] = time_png_level(jpeg, level, settings)
-
-    names = list(photos)
-    print(f"BiRefNet engine stages: {args.backbone}, recipe weights, operating resolution {args.resolution}, "
-          f"float32, CPU, {args.threads} threads, torch {torch.__version__}, PNG level {settings.png_compress_level}, "
-          f"median of {args.repeats}; model load {load_seconds:.1f}s\n")
-    print("| stage | " + " | ".join(names) + " |")
-    print("| --- |" + " ---: |" * len(names))
-    for stage in medians[names[0]]:
-        print(f"| {stage} | " + " | ".join(f"{medians[n][stage]:.3f} s" for n in names) + " |")
-    totals = [sum(medians[n][s] for s in STAGES) for n in names]
-    print("| **total** | " + " | ".join(f"**{total:.3f} s**" for total in totals) + " |")
+    if not args.skip_stages:
+        stage_table(photos, args, settings)
+    engine_throughput(photos["1024x1024 (1.0 MP)"], args, settings)
+    gil_check(photos["1024x1024 (1.0 MP)"], settings)
+    if args.forward:
+        forward_row(args, settings)
+    print(f"\nthreads alive: {threading.active_count()}; load average at end {os.getloadavg()[0]:.2f}")
     return 0
 
 

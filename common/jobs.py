@@ -28,6 +28,7 @@ ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
 PREFIX = "birefnet:"
+EVENTS_PREFIX = f"{PREFIX}events:"  # pub/sub: job:<request id> and queue:<variant> (gateway waiters)
 
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -154,6 +155,26 @@ class JobStore:
     def pending_key(variant: str) -> str:
         return f"{PREFIX}pending:{variant}"
 
+    @staticmethod
+    def job_channel(request_id: str) -> str:
+        """Pub/sub channel told about every change of the job's record (the message is a hint only)."""
+        return f"{EVENTS_PREFIX}job:{request_id}"
+
+    @staticmethod
+    def queue_channel(variant: str) -> str:
+        """Pub/sub channel told whenever the order of a variant's queue changes (queue positions)."""
+        return f"{EVENTS_PREFIX}queue:{variant}"
+
+    def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
+        """Tell waiting callers (gateway status streams and sync runs) that the job, and with `variant`
+        its queue, changed. Two PUBLISHes in one round trip (or on the caller's pipeline)."""
+        target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        target.publish(self.job_channel(request_id), "1")
+        if variant:
+            target.publish(self.queue_channel(variant), "1")
+        if pipe is None:
+            target.execute()
+
     # --- creation and lookup ---
     def create(self, spec: JobSpec) -> bool:
         """Record a new IN_QUEUE job; False if a record with this id exists already."""
@@ -168,7 +189,11 @@ class JobStore:
                                 "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
         pipe.zadd(self.pending_key(spec.variant), {spec.request_id: score})
         pipe.expire(key, self.record_ttl)
-        pipe.execute()
+        if spec.priority != "low":  # it is queued ahead of any low-priority job: their positions move
+            pipe.zcount(self.pending_key(spec.variant), f"({10**12}", "+inf")
+        replies = pipe.execute()
+        if spec.priority != "low" and replies[-1]:
+            self.notify(spec.request_id, spec.variant)
         return True
 
     def ensure(self, spec: JobSpec) -> None:
@@ -218,6 +243,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.rpush(self.logs_key(request_id), json.dumps(entry))
         pipe.expire(self.logs_key(request_id), self.record_ttl)
+        self.notify(request_id, pipe=pipe)
         pipe.execute()
 
     def logs(self, request_id: str, start: int = 0) -> list[dict]:
@@ -226,10 +252,13 @@ class JobStore:
     # --- worker side ---
     def claim(self, request_id: str, variant: str, token: str, *, lease_seconds: float, max_attempts: int,
               worker: str) -> ClaimOutcome:
-        return self._claim(
+        outcome = self._claim(
             keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
             args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
         )
+        if outcome in ("claimed", "exhausted"):
+            self.notify(request_id, variant)
+        return outcome
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(request_id)], args=[token, int(lease_seconds * 1000)]))
@@ -237,10 +266,13 @@ class JobStore:
     def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
         """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
         was not the job's doing (an outage), so it does not count towards `max_attempts`."""
-        return bool(self._requeue(
+        requeued = bool(self._requeue(
             keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
             args=[token, request_id, "1" if refund_attempt else "0", 0],
         ))
+        if requeued:
+            self.notify(request_id, variant)
+        return requeued
 
     def complete(self, request_id: str, *, token: str = "", result: dict, result_code: int = 200,
                  error: str | None = None, error_type: str | None = None,
@@ -257,7 +289,10 @@ class JobStore:
             args=[token, request_id, *flat],
         ))
         if done:
-            self.redis.expire(self.job_key(request_id), self.record_ttl)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.expire(self.job_key(request_id), self.record_ttl)
+            self.notify(request_id, variant, pipe)
+            pipe.execute()
         return done
 
     def cancel(self, request_id: str) -> CancelOutcome:
@@ -268,8 +303,11 @@ class JobStore:
         fields = {"completed_at": repr(time.time()), "result": json.dumps(body), "result_code": 499,
                   "error": "Request was cancelled", "error_type": "client_cancelled"}
         flat = [item for pair in fields.items() for item in pair]
-        return self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
-                            args=[request_id, *flat])
+        outcome = self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
+                               args=[request_id, *flat])
+        if outcome in ("cancelled", "requested"):
+            self.notify(request_id, record.spec.variant if outcome == "cancelled" else None)
+        return outcome
 
     def cancel_requested(self, request_id: str) -> bool:
         return self.redis.hget(self.job_key(request_id), "cancel_requested") == "1"

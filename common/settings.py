@@ -178,7 +178,8 @@ class Settings(BaseSettings):
 
     # --- Model engine ---
     inference_dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Autocast compute dtype for the network on CUDA; the CPU always runs float32."
+        "float16", description="Dtype of the network's weights and compute on CUDA (float16/bfloat16: the weights "
+        "are converted at load, no autocast); the CPU always runs float32."
     )
     channels_last: bool = Field(True, description="Use the channels_last memory layout on CUDA (faster convolutions).")
     compile_model: bool = Field(
@@ -190,6 +191,18 @@ class Settings(BaseSettings):
         "so kernels are tuned before the first job; CPU: a small one that proves the model runs)."
     )
     max_batch_size: int = Field(4, ge=1, description="Most images the engine puts through one forward pass.")
+    warmup_all_shapes: bool = Field(
+        True, description="CUDA: the warm-up runs every allowed operating resolution of the variant at every "
+        "batch size up to max_batch_size, so no job pays for kernel tuning or compilation."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode when compile_model is on; 'reduce-overhead' captures CUDA "
+        "graphs (fixed shapes: with warmup_all_shapes every shape is captured at load)."
+    )
+    benchmark_null_model: bool = Field(
+        False, description="BENCHMARK ONLY: replace every variant's network by a constant mask (no weights, "
+        "no forward) to measure the rest of the system. Every log line and result says NULL MODEL."
+    )
     fused_inference: bool = Field(
         True, description="Use the native model's fused inference path (BatchNorm folded into convs, faster "
         "deformable conv; same results up to float32 rounding). Off: the reference path."
@@ -199,7 +212,8 @@ class Settings(BaseSettings):
         "transformers' AutoModelForImageSegmentation with trust_remote_code=True (runs Python from the repo)."
     )
     png_compress_level: int = Field(
-        3, ge=0, le=9, description="zlib level for PNG outputs: 0-9, lower is faster and larger."
+        1, ge=0, le=9, description="Deflate level for PNG outputs (libdeflate, rows up-filtered): 1-9, lower is "
+        "faster and larger (0 is taken as 1). Level 1 is about Pillow's level 3 in size at 5x the speed."
     )
     webp_quality: int = Field(
         90, ge=1, le=100, description="Quality of lossy WebP cut-outs (alpha and masks are always lossless)."
@@ -257,6 +271,14 @@ class Settings(BaseSettings):
         40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413."
     )
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
+    gateway_push_recheck: float = Field(
+        60.0, gt=0, description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "
+        "re-reads the record anyway after this many seconds without a message (a safety net, not a poll)."
+    )
+    gateway_push_fallback_poll: float = Field(
+        0.5, gt=0, description="While the gateway's pub/sub subscription is down, waiting callers re-read their "
+        "job this often instead."
+    )
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
         "and deletes output files past their retention."

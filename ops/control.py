@@ -128,6 +128,7 @@ def requeue(r: redis.Redis, celery: Celery, settings: Settings, request_id: str)
                 pipe.hset(key, mapping={"status": "IN_QUEUE", "attempts": 0, "spec": spec.model_dump_json()})
                 pipe.expire(key, store.record_ttl)
                 pipe.zadd(store.pending_key(spec.variant), {request_id: score})
+                store.notify(request_id, spec.variant, pipe)
                 pipe.zrem(ops_state.DEADLETTER_KEY, request_id)
                 # Let the webhook go out again for the new outcome.
                 pipe.zrem(FAILED_KEY, request_id)

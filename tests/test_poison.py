@@ -2,8 +2,9 @@
 (BIREFNET_MAX_JOB_ATTEMPTS), then completes with an error, lands in the dead-letter list, and
 `python -m ops` lists it and, once the cause is fixed, requeues it.
 
-The poison is real: a 9-megapixel PNG of ~30 KB (well inside the input limits) whose refinement needs about
-a gigabyte more than a small job. The worker runs under a memory limit that the test enforces the way the
+The poison is real: a 36-megapixel PNG of ~100 KB (well inside the input limits) whose decoding, refinement
+and encoding need about a gigabyte more than a small job (9 megapixels were enough before the worker's CPU
+path got lean, issue #12). The worker runs under a memory limit that the test enforces the way the
 kernel's OOM killer (or a container runtime) does: SIGKILL when its resident memory passes the limit, then a
 fresh worker, as a restart policy would start. Everything else is the real stack: redis-server, moto,
 `python -m producer.gateway`, the webhook deliverer and `python -m worker` processes.
@@ -67,7 +68,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         limit = resident_mb(worker.pid) + HEADROOM_MB
 
         with OomKiller(stack, limit) as killer:
-            poison = client.submit({"image_url": data_uri(flat_png(3000))})
+            poison = client.submit({"image_url": data_uri(flat_png(6000))})
             healthy = client.submit({"image_url": data_uri(small_png(2))})
             wait_for(lambda: store.status(poison) == "COMPLETED", 300, "the poison job to end")
         wait_for(lambda: webhooks_for(receiver, poison), 30, "the poison job's webhook")
@@ -86,6 +87,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         assert document["Metadata"]["status"] == "ERROR"
         # Other work went on between the deaths.
         wait_for(lambda: store.status(healthy) == "COMPLETED", 60, "the healthy job")
+        wait_for(lambda: webhooks_for(receiver, healthy), 30, "the healthy job's webhook")  # sent after COMPLETED
         assert store.get(healthy).ok and len(webhooks_for(receiver, healthy)) == 1
 
         listed = ops(stack, "--json", "deadletters")
@@ -104,7 +106,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         hooks = wait_for(lambda: (h := webhooks_for(receiver, poison)) and len(h) == 2 and h, 30,
                          "the webhook of the new outcome")
         assert [h["status"] for h in hooks] == ["ERROR", "OK"]
-        assert hooks[1]["payload"]["image"]["width"] == 3000
+        assert hooks[1]["payload"]["image"]["width"] == 6000
         client.close()
     finally:
         stack.close()

@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from worker.app import app, settings, state  # after the environment is final
 
+    if settings.benchmark_null_model:
+        from worker.null_model import mark_process_logs
+
+        mark_process_logs()
+
     state.load()
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)
     # One job at a time runs in the main thread (solo); more run in threads that share the warm model.

@@ -1,10 +1,11 @@
 """Dynamic batching: jobs running in parallel threads share one forward pass.
 
-Each job's thread fetches and decodes its own image (I/O overlaps with the GPU), then hands the image
-to the batcher and waits. The batcher's single inference thread takes the first waiting image, keeps
-collecting for up to `wait_seconds` or until `max_size` images are waiting, and runs each group of
-equal operating resolution as one batch. A batch that fails is retried image by image, so one job's
-bad input fails that job only.
+Each job's thread fetches, decodes and prepares its own image (resize + normalise; I/O and CPU work
+overlap with the forward), hands the network input to the batcher and waits; the mask's resize back,
+refinement and encoding happen in the job's thread again. The batcher's single inference thread does
+only forwards: it takes the first waiting input, keeps collecting for up to `wait_seconds` or until
+`max_size` inputs are waiting, and runs each group of equal operating resolution as one batch. A batch
+that fails is retried image by image, so one job's bad input fails that job only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from worker.engine import Predictor
+from worker.engine import ImageLike, Predictor, PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class WorkerUnavailable(Exception):
 
 @dataclass
 class _Pending:
-    image: Image.Image
+    image: ImageLike  # for the test-only forward hook
     resolution: tuple[int, int]
+    prepared: PreparedImage | None = None
     future: Future = field(default_factory=Future)
     alone: bool = False  # runs in a forward of its own (its job was in a batch that hung)
     started: bool = False  # taken into a forward (guarded by the batcher's lock)
@@ -71,17 +73,28 @@ class MaskBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{predictor.spec.id}", daemon=True)
         self._thread.start()
 
-    def predict(self, image: Image.Image, resolution: tuple[int, int], timeout: float | None = None, *,
+    def predict(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
                 alone: bool = False) -> tuple[np.ndarray, int]:
-        """The mask for one image, and the size of the batch it ran in (blocks until done, or `timeout`
-        seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not). `alone`: never
-        batched with other images."""
+        """The mask (float32 numpy) for one image, and the size of the batch it ran in (blocks until done,
+        or `timeout` seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not).
+        `alone`: never batched with other images."""
+        mask, batch_size, _ = self.predict_prepared(image, resolution, timeout, alone=alone)
+        if not isinstance(mask, np.ndarray):
+            mask = mask.cpu().numpy()
+        return mask, batch_size
+
+    def predict_prepared(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
+                         alone: bool = False):
+        """(mask, batch size, PreparedImage): the mask is a device tensor on CUDA (for render_outputs with
+        `prepared`), float32 numpy otherwise. Preparation and the mask's resize run in the calling thread;
+        the batcher's thread runs only the forward."""
         if self.stuck_reason:
             raise WorkerUnavailable(self.stuck_reason)
-        pending = _Pending(image, resolution, alone=alone)
+        prepared = self.predictor.prepare(image, resolution)
+        pending = _Pending(image, resolution, prepared=prepared, alone=alone)
         self._waiting.put(pending)
         try:
-            return pending.future.result(timeout=timeout)
+            logits, batch_size = pending.future.result(timeout=timeout)
         except TimeoutError:
             with self._lock:
                 pending.abandoned = True
@@ -91,6 +104,7 @@ class MaskBatcher:
                                      shared=pending.batch_size > 1) from None
             raise WorkerUnavailable("the inference thread was still busy with other forwards when this job's "
                                     "run-time limit passed") from None
+        return self.predictor.mask_for(logits, prepared), batch_size, prepared
 
     def busy_for(self) -> float:
         """Seconds the forward now running has taken (0 while idle)."""
@@ -159,7 +173,7 @@ class MaskBatcher:
         try:
             if self.forward_hook is not None:
                 self.forward_hook([item.image for item in items])
-            masks = self.predictor.predict_masks([item.image for item in items], resolution)
+            logits = self.predictor.forward([item.prepared for item in items])
         except Exception as exc:
             if len(items) == 1:
                 _settle(items[0].future, exc=exc)
@@ -175,8 +189,8 @@ class MaskBatcher:
             self.forwards_done += 1
             with self._lock:
                 self._in_flight = []
-        for item, mask in zip(items, masks, strict=True):
-            _settle(item.future, result=(mask, len(items)))
+        for item, row in zip(items, logits, strict=True):
+            _settle(item.future, result=(row, len(items)))
 
 
 def _settle(future: Future, *, result: object = None, exc: BaseException | None = None) -> None:

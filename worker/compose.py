@@ -19,8 +19,9 @@ from common.errors import InvalidInputError
 from common.extensions import LOSSY_FORMATS, BackgroundFit, parse_aspect_ratio, parse_hex_color, parse_margin
 from common.schemas import JobParams
 from common.settings import Settings
+from worker import pixels
 from worker.engine import RenderedOutputs, StageTimings
-from worker.imaging import EncodedImage, encode_image, mask_to_image, refined_colours
+from worker.imaging import EncodedImage, encode_image, mask_to_image
 
 _PILLOW_FEATURES = {"avif": "avif", "jpeg": "jpg", "webp": "webp"}
 _CONTENT_TYPES = {"jpeg": ("image/jpeg", ".jpg"), "avif": ("image/avif", ".avif")}
@@ -199,7 +200,9 @@ def render_extended(image: Image.Image, mask: np.ndarray, params: JobParams, *, 
         with timings.stage("encode"):
             return RenderedOutputs(image=encoded_mask(), mask=None)
     with timings.stage("refine"):
-        colours = refined_colours(image, mask, device) if params.refine_foreground else np.asarray(image)
+        # the plain path's refinement (worker.pixels), so both paths give the same colours
+        colours = (pixels.refine_colours(np.asarray(image), np.asarray(mask, dtype=np.float32))
+                   if params.refine_foreground else np.asarray(image))
     with timings.stage("compose"):
         rgba = np.empty((box[3] - box[1], box[2] - box[0], 4), dtype=np.uint8)
         rgba[..., :3] = crop_padded(colours, box)

@@ -1,11 +1,17 @@
 """A small cog-like predictor around the BiRefNet network, plus output rendering.
 
-The worker's per-job path:
+The worker's per-job path, split so that only the forward runs on the batcher's thread:
 
-    image = decode_image(data, max_pixels=...)                       # worker.imaging
-    (mask,) = predictor.predict_masks([image], (width, height))      # float32 HxW in [0, 1]
+    image = decode_rgb(data, max_pixels=..., max_side=...)           # worker.pixels: (H, W, 3) uint8
+    prepared = predictor.prepare(image, (width, height))              # job thread: resize + normalise
+    (logits,) = predictor.forward([prepared])                         # batcher thread: the network only
+    mask = predictor.mask_for(logits, prepared)                       # job thread: sigmoid + resize back
     rendered = predictor.render_outputs(image, mask, output_format="png", output_mask=False,
                                         refine_foreground=True, mask_only=False)
+
+`predict_masks` does the first three for a list of images (tests, benchmarks, tools). On CUDA the
+decoded image goes to the device once (pinned, non-blocking) and the mask stays there through the
+resize back, refinement and composition; only the final 8-bit RGBA and mask come back.
 
 Pass one `StageTimings` as `timings=` to both calls (and wrap the decode in
 `timings.stage("decode")`) to get per-stage seconds for the job's log.
@@ -18,7 +24,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,16 +35,16 @@ from torch import nn
 from common.errors import InvalidInputError
 from common.settings import Settings
 from common.variants import VariantSpec
+from worker import pixels
 from worker.allocator import retain_freed_memory
 from worker.imaging import (
     OUTPUT_FORMATS,
     EncodedImage,
     encode_image,
-    mask_to_image,
-    refined_colours,
-    rgba_from,
+    refine_foreground,
 )
 from worker.loading import LoadedNetwork, load_network
+from worker.null_model import NULL_MODEL_BANNER, NullNetwork
 from worker.patch_order_check import PatchOrderReport, log_patch_order, self_check
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SIZE_MULTIPLE = 32  # Swin patch embedding (4) x three 2x patch merges
 MAX_SIDE = 4096
 CPU_WARMUP_RESOLUTION = (64, 64)
-DEFAULT_PNG_COMPRESS_LEVEL = 3
+DEFAULT_PNG_COMPRESS_LEVEL = 1
 DEFAULT_WEBP_QUALITY = 90
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -122,28 +128,86 @@ def resolve_device(name: str) -> torch.device:
 # Pre- and post-processing
 # --------------------------------------------------------------------------------------------
 
-
-def to_input_tensor(image: Image.Image, resolution: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> (3, H, W) float32, resized to (W, H) with bilinear and ImageNet-normalised
-    (the reference pipeline: PIL bilinear resize, /255, (x - mean) / std in float32)."""
-    resized = image if image.size == resolution else image.resize(resolution, Image.Resampling.BILINEAR)
-    array = (np.asarray(resized, dtype=np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+ImageLike = Image.Image | np.ndarray  # a decoded RGB image: PIL, or (H, W, 3) uint8
 
 
-def mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(1, h, w) probabilities -> float32 (H, W) numpy mask at `size` = (W, H), bilinear."""
+@dataclass
+class PreparedImage:
+    """One image ready for the network: its input at the operating resolution, on the device.
+
+    `device_rgb` (CUDA only) is the decoded image uploaded once, as (3, H, W) uint8, for the
+    device-side refinement and composition."""
+
+    network_input: torch.Tensor  # (3, h, w) float32, ImageNet-normalised
+    size: tuple[int, int]  # (W, H) of the decoded image
+    device_rgb: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def to_input_tensor(image: ImageLike, resolution: tuple[int, int]) -> torch.Tensor:
+    """RGB image -> (3, H, W) float32 at `resolution` = (W, H), ImageNet-normalised (OpenCV resize:
+    area when shrinking, bilinear otherwise; see worker.pixels)."""
+    return torch.from_numpy(pixels.input_array(pixels.as_rgb_array(image), resolution))
+
+
+def device_input(rgb: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 on any device -> (3, h, w) float32 at `resolution`, normalised, on that device
+    (antialiased bilinear when shrinking, as the area filter on the CPU path)."""
+    width, height = resolution
+    x = rgb.unsqueeze(0).float()
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(IMAGENET_MEAN * 255.0, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD * 255.0, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)[0]
+
+
+def mask_at_size(probabilities: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(1, h, w) or (h, w) probabilities -> float32 (H, W) numpy mask at `size` = (W, H), bilinear
+    (area when shrinking) with OpenCV, off the GIL."""
+    if isinstance(probabilities, torch.Tensor):
+        probabilities = probabilities.detach().to("cpu", torch.float32).numpy()
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    return pixels.mask_at_size(probabilities.reshape(probabilities.shape[-2:]), size)
+
+
+def device_mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, h, w) probabilities -> float32 (H, W) mask at `size`, on the probabilities' device."""
     width, height = size
-    if probabilities.shape[-2:] != (height, width):
-        # antialias matters when the input was smaller than the operating resolution.
-        probabilities = F.interpolate(probabilities[None], size=(height, width), mode="bilinear",
-                                      align_corners=False, antialias=True)[0]
-    return probabilities[0].clamp_(0.0, 1.0).to("cpu", torch.float32).numpy()
+    x = probabilities.float().reshape(1, 1, *probabilities.shape[-2:])
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x[0, 0].clamp_(0.0, 1.0)
+
+
+def device_cutout(rgb: torch.Tensor, mask: torch.Tensor, *, refine: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) uint8 image and (H, W) float mask on a device -> host (H, W, 4) RGBA and (H, W) mask,
+    uint8: refinement and composition run where the tensors are; one copy back of each."""
+    alpha8 = mask.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    if refine:
+        colours = refine_foreground(rgb.float().div_(255.0), mask).mul_(255.0).round_().to(torch.uint8)
+    else:
+        colours = rgb
+    rgba = torch.cat([colours, alpha8[None]], dim=0).permute(1, 2, 0).contiguous()
+    return rgba.cpu().numpy(), alpha8.cpu().numpy()
+
+
+def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, webp_quality: int,
+                  lossless: bool = False) -> EncodedImage:
+    """uint8 (H, W) grey or (H, W, 4) RGBA -> encoded file. PNG takes the fast path (worker.pixels);
+    WebP and GIF go through Pillow (imaging.encode_image)."""
+    height, width = pixels_.shape[:2]
+    if fmt == "png":
+        return EncodedImage(data=pixels.encode_png(pixels_, png_compress_level), content_type="image/png",
+                            extension=".png", width=width, height=height)
+    image = Image.fromarray(pixels_, "L" if pixels_.ndim == 2 else "RGBA")
+    return encode_image(image, fmt, png_compress_level=png_compress_level, webp_quality=webp_quality,
+                        lossless=lossless)
 
 
 def render_outputs(
-    image: Image.Image,
-    mask: np.ndarray,
+    image: ImageLike | None,
+    mask: np.ndarray | torch.Tensor,
     *,
     output_format: str,
     output_mask: bool,
@@ -153,33 +217,53 @@ def render_outputs(
     timings: StageTimings | None = None,
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
     webp_quality: int = DEFAULT_WEBP_QUALITY,
+    device_rgb: torch.Tensor | None = None,
 ) -> RenderedOutputs:
     """Encode the cut-out (RGBA, input size) and, if asked, the mask (8-bit grey), in `output_format`.
 
-    `mask_only` returns just the mask (as `image`) and skips the foreground refinement.
-    `device` runs the refinement (default: CUDA when present); `Predictor.render_outputs` passes its own.
+    `mask_only` returns just the mask (as `image`) and skips the foreground refinement. The CPU path
+    (a numpy mask) runs in the calling thread on GIL-free libraries (worker.pixels); a torch `mask`
+    on a device with `device_rgb` there too composes on that device (`device_cutout`). `device` is
+    accepted for compatibility; the mask's type decides the path.
+
+    This is the output stage: the one place that turns (image, mask) into files.
     """
+    del device
     fmt = output_format.lower()
     if fmt not in OUTPUT_FORMATS:
         raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}",
                                 field="output_format")
     timings = timings if timings is not None else StageTimings()
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     options = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
 
-    def encode_mask() -> EncodedImage:
-        return encode_image(mask_to_image(mask), fmt, lossless=True, **options)
+    if isinstance(mask, torch.Tensor):
+        if device_rgb is None:
+            mask = mask.detach().to("cpu", torch.float32).numpy()
+        else:
+            with timings.stage("refine" if refine_foreground and not mask_only else "compose"):
+                rgba, alpha8 = device_cutout(device_rgb, mask, refine=refine_foreground and not mask_only)
+            with timings.stage("encode"):
+                if mask_only:
+                    return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
+                encoded = encode_pixels(rgba, fmt, **options)
+                encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
+            return RenderedOutputs(image=encoded, mask=encoded_mask)
 
+    with timings.stage("compose"):
+        alpha8 = pixels.mask_to_uint8(np.asarray(mask, dtype=np.float32))
     if mask_only:
         with timings.stage("encode"):
-            return RenderedOutputs(image=encode_mask(), mask=None)
+            return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
+    rgb = pixels.as_rgb_array(image)
+    if alpha8.shape != rgb.shape[:2]:
+        raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, image is {rgb.shape[1]}x{rgb.shape[0]}")
     with timings.stage("refine"):
-        colours = refined_colours(image, mask, device) if refine_foreground else np.asarray(image)
+        colours = pixels.refine_colours(rgb, mask, alpha8) if refine_foreground else rgb
     with timings.stage("compose"):
-        cutout = rgba_from(colours, mask)
+        cutout = pixels.rgba_array(colours, alpha8)
     with timings.stage("encode"):
-        encoded = encode_image(cutout, fmt, **options)
-        encoded_mask = encode_mask() if output_mask else None
+        encoded = encode_pixels(cutout, fmt, **options)
+        encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
     return RenderedOutputs(image=encoded, mask=encoded_mask)
 
 
@@ -189,7 +273,8 @@ def render_outputs(
 
 
 class Predictor:
-    """One variant's network on one device: `load()` once, then `predict_masks` per batch."""
+    """One variant's network on one device: `load()` once, then `predict_masks` per batch (or the
+    split `prepare` / `forward` / `mask_for` that the worker's batcher uses)."""
 
     def __init__(self, spec: VariantSpec, settings: Settings):
         self.spec = spec
@@ -207,8 +292,14 @@ class Predictor:
 
     @property
     def untrained(self) -> bool:
-        """True when running recipe weights: results must say they are not from a trained model."""
+        """True when running recipe weights (or the null model): results must say they are not from a
+        trained model."""
         return self._require_loaded().untrained
+
+    @property
+    def null_model(self) -> bool:
+        """True for the benchmark-only null model (`benchmark_null_model`): a constant mask, no network."""
+        return bool(self.settings.benchmark_null_model)
 
     @property
     def weights_description(self) -> str:
@@ -234,28 +325,35 @@ class Predictor:
         return self._device.type == "cuda"
 
     @property
-    def _autocast_dtype(self) -> torch.dtype | None:
+    def _half_dtype(self) -> torch.dtype | None:
+        """float16/bfloat16 on CUDA (weights are stored in it), None for float32."""
         dtype = _DTYPES[self.settings.inference_dtype]
         return dtype if self._on_cuda and dtype != torch.float32 else None
 
     # -- loading ---------------------------------------------------------------------------
 
     def load(self, loaded: LoadedNetwork | None = None) -> None:
-        """Weights (`loaded`, else the variant's own), device placement, eval mode, GPU tuning, the
-        patch-order self-check, optional compile, warm-up forward."""
+        """Weights (`loaded`, else the variant's own; the null model under `benchmark_null_model`), device
+        placement and dtype, eval mode, GPU tuning, the patch-order self-check, optional compile, warm-up."""
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
         if self.settings.retain_freed_memory:
             retain_freed_memory()
-        loaded = loaded or load_network(self.spec, self.settings)
+        if self.null_model:
+            log.warning("%s: variant %s runs NO network", NULL_MODEL_BANNER, self.spec.id)
+            loaded = LoadedNetwork(module=NullNetwork(), untrained=True, description=NULL_MODEL_BANNER)
+        else:
+            loaded = loaded or load_network(self.spec, self.settings)
         module = loaded.module.to(self._device).eval()
         if self._on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed operating resolutions: tuned kernels pay off
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            if self._half_dtype is not None:
+                module = module.to(self._half_dtype)  # weights in the inference dtype, not autocast
             if self.settings.channels_last:
                 module = module.to(memory_format=torch.channels_last)
-        # Last: the fused copies are plain tensors made from the parameters, on their device.
+        # Last: the fused copies are plain tensors made from the parameters, on their device and dtype.
         if self.settings.fused_inference and hasattr(module, "fuse_for_inference"):
             module.fuse_for_inference()
         self._loaded = loaded
@@ -263,84 +361,130 @@ class Predictor:
         self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
         log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
-            self._network = torch.compile(module)
+            mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
+            self._network = torch.compile(module, mode=mode)
         if self.settings.warmup_forward:
             self._warm_up(eager=module)
         log.info("variant %s loaded on %s%s: %s", self.spec.id, self._device,
-                 f" ({self.settings.inference_dtype} autocast)" if self._autocast_dtype else "",
+                 f" ({self.settings.inference_dtype} weights)" if self._half_dtype else "",
                  loaded.description)
 
+    def warmup_shapes(self) -> list[tuple[tuple[int, int], int]]:
+        """(resolution, batch size) pairs the warm-up runs: on CUDA every allowed resolution x every
+        batch size up to max_batch_size (each shape tunes its own kernels, and compiled/graphed networks
+        specialise on shapes); on the CPU one small forward that proves the model runs."""
+        if not self._on_cuda:
+            return [(CPU_WARMUP_RESOLUTION, 1)]
+        resolutions = [parse_resolution(text) for text in (self.spec.allowed_resolutions or
+                                                              (self.spec.default_resolution,))]
+        if not self.settings.warmup_all_shapes:
+            return [(parse_resolution(self.spec.default_resolution), 1)]
+        return [(resolution, batch) for resolution in resolutions
+                for batch in range(1, self.settings.max_batch_size + 1)]
+
     def _warm_up(self, eager: nn.Module) -> None:
-        width, height = (parse_resolution(self.spec.default_resolution) if self._on_cuda
-                         else CPU_WARMUP_RESOLUTION)
-        dummy = torch.zeros(1, 3, height, width, device=self._device)
-        started = time.perf_counter()
-        try:
-            self._forward(dummy)
-        except Exception:
-            if self._network is eager:
-                raise
-            log.warning("torch.compile failed at the warm-up forward; running eagerly", exc_info=True)
-            self._network = eager
-            self._forward(dummy)
-        log.info("variant %s warm-up forward %dx%d took %.2fs", self.spec.id, width, height,
-                 time.perf_counter() - started)
+        for (width, height), batch in self.warmup_shapes():
+            dummy = torch.zeros(batch, 3, height, width, device=self._device)
+            started = time.perf_counter()
+            try:
+                self._forward(dummy)
+            except Exception:
+                if self._network is eager:
+                    raise
+                log.warning("torch.compile failed at the warm-up forward; running eagerly", exc_info=True)
+                self._network = eager
+                self._forward(dummy)
+            log.info("variant %s warm-up forward %dx%d batch %d took %.2fs", self.spec.id, width, height, batch,
+                     time.perf_counter() - started)
 
     # -- inference -------------------------------------------------------------------------
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        dtype = self._autocast_dtype
-        with torch.inference_mode(), torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
+        half = self._half_dtype
+        if half is not None:
+            batch = batch.to(half)
+        if self._on_cuda and self.settings.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
             logits = self.network(batch)
         if self._on_cuda:
             torch.cuda.synchronize(self._device)  # so the stage timings mean something
         return logits
 
+    def prepare(self, image: ImageLike, resolution: tuple[int, int]) -> PreparedImage:
+        """The network input for one image (job thread). CUDA: one pinned, non-blocking upload of the
+        uint8 image, resized and normalised on the device, which keeps the upload for `render_outputs`."""
+        width, height = check_resolution(resolution)
+        rgb = pixels.as_rgb_array(image)
+        size = (rgb.shape[1], rgb.shape[0])
+        if not self._on_cuda:
+            return PreparedImage(network_input=torch.from_numpy(pixels.input_array(rgb, (width, height))), size=size)
+        with torch.inference_mode():
+            host = torch.from_numpy(np.ascontiguousarray(rgb)).pin_memory()
+            device_rgb = host.to(self._device, non_blocking=True).permute(2, 0, 1)
+            network_input = device_input(device_rgb, (width, height))
+        return PreparedImage(network_input=network_input, size=size, device_rgb=device_rgb,
+                             extra={"pinned": host})  # keep the pinned buffer alive until the copy is done
+
+    def forward(self, prepared: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """Logits (1, h, w) per image, for images prepared at one resolution (the batcher's only work);
+        at most max_batch_size images per forward."""
+        out: list[torch.Tensor] = []
+        step = self.settings.max_batch_size
+        for start in range(0, len(prepared), step):
+            chunk = prepared[start:start + step]
+            batch = torch.stack([item.network_input.to(self._device, non_blocking=True) for item in chunk])
+            out.extend(self._forward(batch).unbind(0))
+        return out
+
+    def mask_for(self, logits: torch.Tensor, prepared: PreparedImage) -> np.ndarray | torch.Tensor:
+        """Probabilities at the image's own size (job thread): float32 numpy on the CPU; on CUDA a device
+        tensor, for `render_outputs` to compose there."""
+        with torch.inference_mode():
+            probabilities = logits.float().sigmoid()
+            if self._on_cuda:
+                return device_mask_at_size(probabilities, prepared.size)
+            return mask_at_size(probabilities, prepared.size)
+
     def predict_masks(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[ImageLike],
         resolution: tuple[int, int],
         *,
         timings: StageTimings | None = None,
     ) -> list[np.ndarray]:
-        """Masks (float32 HxW in [0, 1], each at its image's original size) for RGB images.
+        """Masks (float32 HxW numpy in [0, 1], each at its image's original size) for RGB images.
 
         Every image is resized to the operating `resolution` = (width, height), so images go
         through the network together, `max_batch_size` at a time; each probability map is then
-        resized back to its image's size with bilinear interpolation.
+        resized back to its image's size.
         """
-        width, height = check_resolution(resolution)
+        check_resolution(resolution)
         timings = timings if timings is not None else StageTimings()
-        masks: list[np.ndarray] = []
-        step = self.settings.max_batch_size
-        for start in range(0, len(images), step):
-            chunk = images[start:start + step]
-            with timings.stage("preprocess"):
-                batch = torch.stack([to_input_tensor(image, (width, height)) for image in chunk])
-                batch = batch.to(self._device, non_blocking=True)
-                if self._on_cuda and self.settings.channels_last:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-            with timings.stage("forward"):
-                logits = self._forward(batch)
-            with timings.stage("postprocess"), torch.inference_mode():
-                probabilities = logits.float().sigmoid()
-                masks.extend(mask_at_size(p, image.size) for p, image in zip(probabilities, chunk, strict=True))
-        return masks
+        with timings.stage("preprocess"):
+            prepared = [self.prepare(image, resolution) for image in images]
+        with timings.stage("forward"):
+            logits = self.forward(prepared)
+        with timings.stage("postprocess"):
+            masks = [self.mask_for(item, prep) for item, prep in zip(logits, prepared, strict=True)]
+        return [mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask for mask in masks]
 
     def render_outputs(
         self,
-        image: Image.Image,
-        mask: np.ndarray,
+        image: ImageLike,
+        mask: np.ndarray | torch.Tensor,
         *,
         output_format: str,
         output_mask: bool,
         refine_foreground: bool,
         mask_only: bool,
         timings: StageTimings | None = None,
+        prepared: PreparedImage | None = None,
     ) -> RenderedOutputs:
-        """`render_outputs` on this predictor's device with the configured encoder settings."""
+        """`render_outputs` with the configured encoder settings (and, on CUDA, the device-side image)."""
         return render_outputs(
             image, mask, output_format=output_format, output_mask=output_mask,
             refine_foreground=refine_foreground, mask_only=mask_only, device=self._device, timings=timings,
             png_compress_level=self.settings.png_compress_level, webp_quality=self.settings.webp_quality,
+            device_rgb=prepared.device_rgb if prepared is not None else None,
         )

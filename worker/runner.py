@@ -18,6 +18,7 @@ from typing import Literal
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
+from PIL import Image
 
 from common.errors import JobError
 from common.fetch import fetch_input
@@ -33,6 +34,8 @@ from worker.compose import check_output_format, render_job_outputs
 from worker.engine import Predictor
 from worker.imaging import EncodedImage, decode_image
 from worker.masks import MaskSource
+from worker.null_model import NULL_MODEL_BANNER
+from worker.pixels import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +317,9 @@ class JobRunner:
         check_output_format(params.output_format, self.settings)  # a 422 before any work
         timings: dict[str, float] = {}
         log_ = self.store.log
+        if predictor.null_model:
+            def log_(request_id: str, message: str, level: str = "INFO") -> None:
+                self.store.log(request_id, f"[{NULL_MODEL_BANNER}] {message}", level)
         rid = spec.request_id
 
         started = time.perf_counter()
@@ -323,8 +329,8 @@ class JobRunner:
                            timeout=self.settings.http_timeout)
         timings["fetch"] = time.perf_counter() - started
         t = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_input_pixels,
-                             max_side=self.settings.max_input_side)
+        rgb = decode_rgb(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+        image = Image.fromarray(rgb)  # the mask cache and the extended output stage take PIL images
         timings["decode"] = time.perf_counter() - t
         background = self._background(spec)
         if self._cancelled(spec, token):
@@ -338,7 +344,7 @@ class JobRunner:
         if resolution != params.operating_resolution:
             log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
                       "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
-        if predictor.untrained:
+        if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
         alone = self.store.redis.hget(self.store.job_key(rid), "run_alone") == "1"
@@ -365,7 +371,9 @@ class JobRunner:
         t = time.perf_counter()
         body: dict = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
                       "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
-        if predictor.untrained:
+        if predictor.null_model:
+            body["warning"] = NULL_MODEL_BANNER
+        elif predictor.untrained:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started

@@ -6,7 +6,6 @@ request-scoped lives on `/fal-ai/birefnet/requests/{id}` for both (routing.py fo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -159,32 +158,44 @@ async def status(request: Request, request_id: str, caller: Caller,
 async def status_stream(request: Request, request_id: str, caller: Caller,
                         logs: Annotated[str, Query(description="1/true: include new log entries")] = None) -> Response:
     gw = gateway(request)
-    await visible(gw, request_id, caller)
+    variant = (await visible(gw, request_id, caller)).snap.variant
     urls = request_urls(public_base(request, gw.settings), request_id)
     return StreamingResponse(
-        status_events(gw, request_id, caller, urls, flag(logs)), media_type="text/event-stream",
+        status_events(gw, request_id, caller, urls, flag(logs), variant), media_type="text/event-stream",
         headers={REQUEST_ID: request_id, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_logs: bool,
-                        poll: float = 0.1) -> AsyncIterator[str]:
+                        variant: str = "") -> AsyncIterator[str]:
+    """One `data:` event per change, read when the job's (or its queue's) pub/sub event says something
+    changed; `: ping` keep-alives in between cost no Redis command."""
     sent_logs, last_state, last_sent = 0, None, 0.0
-    while True:
-        read = await records.read_status(gw, request_id, caller, sent_logs if with_logs else None)
-        if read is None:
-            return
-        now = time.monotonic()
-        if (read.snap.status, read.position) != last_state or read.logs:
-            body = records.status_body(read.snap, urls, read.logs, read.position)
-            yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
-            sent_logs += len(read.logs or [])
-            last_state, last_sent = (read.snap.status, read.position), now
-            if read.snap.completed:
+    async with gw.events.watch(request_id, variant) as watch:
+        while True:
+            read = await records.read_status(gw, request_id, caller, sent_logs if with_logs else None)
+            if read is None:
                 return
-        elif now - last_sent >= gw.settings.gateway_sse_ping_interval:
-            yield ": ping\n\n"
-            last_sent = now
-        await asyncio.sleep(poll)
+            if (read.snap.status, read.position) != last_state or read.logs:
+                body = records.status_body(read.snap, urls, read.logs, read.position)
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+                sent_logs += len(read.logs or [])
+                last_state, last_sent = (read.snap.status, read.position), time.monotonic()
+                if read.snap.completed:
+                    return
+            # Sleep until an event, a ping is due, or the safety re-check; only events and re-checks read.
+            idle = 0.0
+            while True:
+                ping_in = gw.settings.gateway_sse_ping_interval - (time.monotonic() - last_sent)
+                if ping_in <= 0:
+                    yield ": ping\n\n"
+                    last_sent = time.monotonic()
+                    continue
+                started = time.monotonic()
+                if await watch.wait(min(ping_in, watch.recheck_after - idle)):
+                    break
+                idle += time.monotonic() - started
+                if idle >= watch.recheck_after:
+                    break
 
 
 @router.get(REQUEST, responses={

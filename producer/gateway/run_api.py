@@ -38,15 +38,28 @@ from producer.gateway.urls import APP_PATH
 router = APIRouter(prefix="/run", tags=["run"])
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the caller hangs up (the body is already read: the next ASGI message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool:
-    """Poll the record (10 ms at first, backing off to 100 ms); False when the caller went away first."""
-    key, interval = JobStore.job_key(request_id), 0.01
-    while await gw.aredis.hget(key, "status") != "COMPLETED":
-        if await request.is_disconnected():
-            return False
-        await asyncio.sleep(interval)
-        interval = min(0.1, interval * 1.5)
-    return True
+    """Until the job completes (True) or the caller goes away first (False). Woken by the job's pub/sub
+    events (producer/gateway/events.py): no Redis command while nothing changes."""
+    key = JobStore.job_key(request_id)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        async with gw.events.watch(request_id) as watch:
+            while await gw.aredis.hget(key, "status") != "COMPLETED":
+                waiter = asyncio.ensure_future(watch.wait())
+                await asyncio.wait({waiter, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if hangup.done():
+                    waiter.cancel()
+                    return False
+        return True
+    finally:
+        hangup.cancel()
 
 
 def make_run(endpoint: str):

@@ -22,6 +22,7 @@ from common.signed_urls import shared_secret
 from common.signing import WebhookSigner
 from common.storage import ObjectStore
 from common.webhooks import webhook_policy
+from producer.gateway.events import JobEvents, job_events_for
 
 
 @dataclass
@@ -67,11 +68,18 @@ class Gateway:
         return webhook_policy(self.settings)
 
     @cached_property
+    def events(self) -> JobEvents:
+        """Pushed job changes for status streams and sync runs (one subscription per process)."""
+        return job_events_for(self.aredis, self.settings)
+
+    @cached_property
     def secret(self) -> str:
         """HMAC secret for gateway-served URLs and upload tokens."""
         return shared_secret(self.settings.gateway_signing_secret, self.store.redis)
 
     async def close(self) -> None:
+        if "events" in self.__dict__:
+            await self.events.close()
         await self.aredis.aclose()
         self.store.redis.close()
 

@@ -1,0 +1,272 @@
+"""What the system costs without the network: the null model through the whole pipeline.
+
+Part 1, plumbing: a private stack on loopback (tests/chaos_tools.ChaosStack: redis-server with AOF
+`appendfsync always`, moto S3, `python -m producer.gateway`, the SQS producer, the webhook deliverer and
+`--workers` `python -m worker` processes with BIREFNET_BENCHMARK_NULL_MODEL=true, i.e. no network at
+all), `--jobs` requests of ~128x128 PNG data URIs with a webhook each, submitted by `--concurrency`
+client threads. Reports jobs/s and CPU milliseconds per job of each of our processes (and their
+children) and of Redis, from /proc/<pid>/stat (utime + stime), excluding the S3 server (moto) and this
+benchmark process (the clients and the webhook receiver).
+
+Part 2, waiting callers: a stack of Redis and one gateway, `--waiters` status streams and as many
+synchronous runs waiting on requests that never start (their variant has no worker), for `--seconds`.
+Reports Redis commands per waiting client per second (INFO commandstats, less the same gateway's idle
+rate), for this checkout's gateway and, with `--baseline-root`, for the gateway of another checkout
+(e.g. the code before issue #12).
+
+    python bench/bench_plumbing.py [--jobs 300] [--workers 1] [--concurrency 8]
+    python bench/bench_plumbing.py --skip-plumbing --baseline-root /path/to/old/checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devstack.receiver import WebhookReceiver  # noqa: E402
+from devstack.services import MotoServer, free_port  # noqa: E402
+from tests import chaos_tools  # noqa: E402
+from tests.chaos_tools import ChaosStack, run_load  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
+from tests.test_gateway_support import ALICE, auth  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+V2 = "/fal-ai/birefnet/v2"
+QUEUE_V2 = f"/queue{V2}"
+NEVER_RUNS = {"model": "General Use (Heavy)"}  # the stack's workers serve general-light only
+
+
+def png_128(seed: int) -> bytes:
+    """A distinct ~128x128 picture per job."""
+    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
+    image = Image.new("RGB", (128, 128), color)
+    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (24 + seed % 16, 20, 96, 100))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants (Celery pools, uvicorn workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+        todo.extend(children.get(current, []))
+    return total
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def our_processes(stack: ChaosStack) -> dict[str, int]:
+    pids = {}
+    for proc in stack.stack.processes:
+        args = " ".join(proc.args) if isinstance(proc.args, list) else str(proc.args)
+        if "producer.gateway" in args:
+            pids["gateway"] = proc.pid
+        elif "producer webhooks" in args:
+            pids["webhook deliverer"] = proc.pid
+        elif "producer sqs" in args:
+            pids["producer (SQS events, idle here)"] = proc.pid
+    for name, proc in stack.workers.items():
+        pids[name] = proc.pid
+    return pids
+
+
+def plumbing(args) -> None:
+    chaos_tools.small_png = png_128  # run_load's images
+    receiver = WebhookReceiver().start()
+    overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
+                 "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
+    with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-plumbing-") as logs:
+        stack = ChaosStack(Path(logs), moto.url, overrides=overrides, s3_proxy=False)
+        try:
+            stack.start(workers=args.workers, producer=True)
+            run_load(stack, receiver, 20, concurrency=args.concurrency, timeout=600)  # warm-up
+            pids = our_processes(stack)
+            pids_redis = stack.redis.process.pid
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            redis_before = cpu_seconds(pids_redis)
+            figures = run_load(stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600)
+            time.sleep(1.0)  # webhooks of the last jobs
+            after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            redis_after = cpu_seconds(pids_redis)
+            banner = [line for line in stack.stack.tail("worker-1", 400).splitlines() if "NULL MODEL" in line][:1]
+        finally:
+            stack.close()
+            receiver.stop()
+    jobs = figures["jobs"]
+    assert figures["ok"] == jobs, f"{jobs - figures['ok']} jobs did not succeed"
+    print(f"### Plumbing with the null model: {cpu_model()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"{jobs} jobs, ~128x128 PNG data URIs, webhook each, {args.concurrency} client threads, "
+          f"{args.workers} worker process(es) x {args.worker_threads} job threads; worker log says: "
+          f"{banner[0][-120:] if banner else '(no banner found)'}\n")
+    print(f"throughput {figures['throughput']:.1f} jobs/s; submit -> COMPLETED p50 {figures['latency']['p50']:.2f} s, "
+          f"webhook p50 {figures['webhook_latency']['p50']:.2f} s; webhooks per job {figures['webhooks_per_job']}\n")
+    print("| process | CPU ms per job |")
+    print("| --- | ---: |")
+    ours = 0.0
+    for name in pids:
+        per_job = (after[name] - before[name]) / jobs * 1000
+        ours += per_job
+        print(f"| {name} | {per_job:.2f} |")
+    print(f"| **our processes together** | **{ours:.2f}** |")
+    print(f"| redis-server (AOF, fsync always) | {(redis_after - redis_before) / jobs * 1000:.2f} |")
+
+
+# ---- waiting callers -----------------------------------------------------------------------------
+
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    return {name: int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+def total_commands(client: redis.Redis) -> int:
+    return sum(command_counts(client).values())
+
+
+def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
+                    settle: float = 8.0) -> tuple[float, float]:
+    """(idle commands/s of the stack, extra commands per waiting client per second)."""
+    client = redis.Redis.from_url(store_url)
+    http = httpx.Client(base_url=url, headers=auth(ALICE), timeout=None)
+    start = total_commands(client)
+    time.sleep(seconds)
+    idle_rate = (total_commands(client) - start - 1) / seconds
+    ids = [http.post(QUEUE_V2, json={"image_url": chaos_tools.data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
+           for n in range(waiters)]
+    stop = threading.Event()
+    threads = []
+
+    def stream(rid: str) -> None:
+        with contextlib_suppress(), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
+                c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    return
+
+    def run(n: int) -> None:
+        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, contextlib_suppress():
+            c.post(V2, json={"image_url": chaos_tools.data_uri(png_128(1000 + n)), **NEVER_RUNS},
+                   timeout=seconds + 15)
+
+    for rid in ids:
+        threads.append(threading.Thread(target=stream, args=(rid,), daemon=True))
+    for n in range(waiters):
+        threads.append(threading.Thread(target=run, args=(n,), daemon=True))
+    for thread in threads:
+        thread.start()
+    time.sleep(settle)  # everyone connected and waiting
+    counts = command_counts(client)
+    time.sleep(seconds)
+    after = command_counts(client)
+    waiting_rate = (sum(after.values()) - sum(counts.values()) - 1) / seconds
+    busiest = sorted(((after[k] - counts.get(k, 0), k) for k in after), reverse=True)[:4]
+    print(f"{url}: commands while waiting: {busiest}", file=sys.stderr)
+    stop.set()
+    http.close()
+    return idle_rate, (waiting_rate - idle_rate) / (2 * waiters)
+
+
+class contextlib_suppress:  # noqa: N801 - a tiny local suppress(httpx.HTTPError)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, httpx.HTTPError)
+
+
+def waiting(args) -> None:
+    rows = []
+    with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-waiting-") as logs:
+        stack = ChaosStack(Path(logs), moto.url, s3_proxy=False)
+        try:
+            stack.start(workers=0, producer=False, webhooks=False)
+            idle, per_client = measure_waiters(stack.gateway_url, stack.settings.redis_url, args.waiters, args.seconds)
+            rows.append(("this checkout (pub/sub)", idle, per_client))
+            if args.baseline_root:
+                port = free_port()
+                env = {**stack.stack.env, "BIREFNET_GATEWAY_PORT": str(port)}
+                baseline = subprocess.Popen([sys.executable, "-m", "producer.gateway"], cwd=args.baseline_root,
+                                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    url = f"http://127.0.0.1:{port}"
+                    wait_for(lambda: _up(url), 60, "the baseline gateway")
+                    # stop ours so that only the baseline's sweeper and waiters count
+                    for proc in stack.stack.processes:
+                        proc.kill()
+                    time.sleep(1.0)
+                    idle, per_client = measure_waiters(url, stack.settings.redis_url, args.waiters, args.seconds)
+                    rows.append((f"baseline {args.baseline_root} (polling)", idle, per_client))
+                finally:
+                    baseline.kill()  # open streams would hold a graceful shutdown
+                    baseline.wait(timeout=10)
+        finally:
+            stack.close()
+    print(f"\n### Waiting callers: {args.waiters} status streams + {args.waiters} sync runs on requests that "
+          f"never start, {args.seconds:.0f} s\n")
+    print("| gateway | stack idle (commands/s) | Redis commands per waiting client per second |")
+    print("| --- | ---: | ---: |")
+    for name, idle, per_client in rows:
+        print(f"| {name} | {idle:.1f} | {per_client:.2f} |")
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker-threads", type=int, default=4, help="BIREFNET_WORKER_CONCURRENCY")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads submitting")
+    parser.add_argument("--waiters", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--baseline-root", help="checkout whose gateway is the 'before' row of part 2")
+    parser.add_argument("--skip-plumbing", action="store_true")
+    parser.add_argument("--skip-waiting", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_plumbing:
+        plumbing(args)
+    if not args.skip_waiting:
+        waiting(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""One prepared GPU check (<= 5 minutes on one GPU); exits cleanly with a message without CUDA.
+
+Reports, for Swin-T and Swin-L (recipe weights: only differences and speed mean anything):
+
+1. float16 / bfloat16 vs float32: max and mean |logit difference| and the share of 8-bit mask pixels
+   that differ (and the largest difference), on the same inputs, weights stored in the dtype as the
+   worker stores them;
+2. forward milliseconds at batch 1/2/4/8 at 1024² and 2048² (float16; 2048² stops at the first batch
+   that does not fit) and the peak GPU memory of each;
+3. end-to-end images/s through the engine: 1 MP JPEG bytes -> decode -> device path (upload once,
+   resize/normalise/refine/compose on the GPU) -> cut-out + mask PNG, with N job threads around the
+   batcher (float16, Swin-T and Swin-L, 1024²).
+
+    python bench/gpu_check.py [--quick] [--threads 4 8] [--budget 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="*", default=[4, 8], help="job threads for part 3")
+    parser.add_argument("--images", type=int, default=64, help="images per part-3 row")
+    parser.add_argument("--budget", type=float, default=290.0, help="seconds; later parts are skipped past it")
+    parser.add_argument("--quick", action="store_true", help="Swin-T only, 1024² only")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available on this machine; nothing to measure. Run it on a GPU host:\n"
+              "    python bench/gpu_check.py")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    started = time.monotonic()
+
+    def over_budget() -> bool:
+        return time.monotonic() - started > args.budget
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from common.settings import Settings
+    from common.variants import VariantSpec
+    from worker import pixels
+    from worker.batcher import MaskBatcher
+    from worker.engine import Predictor
+
+    device = torch.cuda.get_device_name(0)
+    print(f"GPU: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    backbones = ["swin_v1_t"] if args.quick else ["swin_v1_t", "swin_v1_l"]
+
+    def predictor(backbone: str, dtype: str, **fields) -> Predictor:
+        settings = Settings(device="cuda", inference_dtype=dtype, warmup_forward=False, max_batch_size=8,
+                            max_input_side=8192, **fields)
+        spec = VariantSpec(id=f"check-{backbone}", weights="recipe", backbone=backbone,
+                           allowed_resolutions=("1024x1024", "2048x2048"))
+        loaded = Predictor(spec, settings)
+        loaded.load()
+        return loaded
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+
+    # 1. precision ---------------------------------------------------------------------------------
+    print("### 1. Half precision vs float32 (weights stored in the dtype), 1024², 4 photos\n")
+    print("| backbone | dtype | max abs logit diff | mean abs logit diff | mask pixels differing | max mask diff |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for backbone in backbones:
+        torch.manual_seed(0)
+        reference = predictor(backbone, "float32")
+        state = {k: v.float().clone() for k, v in reference.network.state_dict().items()}
+        prepared = [reference.prepare(photo, (1024, 1024)) for photo in photos]
+        logits32 = torch.stack(reference.forward(prepared)).float()
+        del reference
+        for dtype in ("float16", "bfloat16"):
+            half = Predictor(VariantSpec(id=f"check-{backbone}", weights="recipe", backbone=backbone),
+                             Settings(device="cuda", inference_dtype=dtype, warmup_forward=False, max_batch_size=8,
+                                      fused_inference=False))
+            half.load()
+            half.network.load_state_dict({k: v.to(half.network.state_dict()[k].dtype) for k, v in state.items()},
+                                         strict=False)
+            if hasattr(half.network, "fuse_for_inference"):
+                half.network.fuse_for_inference()
+            logits = torch.stack(half.forward(prepared)).float()
+            diff = (logits - logits32).abs()
+            mask_a = (logits.sigmoid() * 255).round()
+            mask_b = (logits32.sigmoid() * 255).round()
+            mask_diff = (mask_a - mask_b).abs()
+            print(f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "
+                  f"{(mask_diff > 0).float().mean() * 100:.3f} % | {mask_diff.max():.0f} |")
+            del half
+            torch.cuda.empty_cache()
+
+    # 2. forward speed and memory ------------------------------------------------------------------
+    print("\n### 2. Forward ms (float16 weights, channels_last, median of 5) and peak GPU memory\n")
+    print("| backbone | resolution | batch | ms per forward | ms per image | peak GPU memory |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    resolutions = [(1024, 1024)] if args.quick else [(1024, 1024), (2048, 2048)]
+    for backbone in backbones:
+        model = predictor(backbone, "float16")
+        for width, height in resolutions:
+            for batch in (1, 2, 4, 8):
+                if over_budget():
+                    print("| (budget reached) | | | | | |")
+                    break
+                try:
+                    x = torch.zeros(batch, 3, height, width, device="cuda")
+                    torch.cuda.reset_peak_memory_stats()
+                    model._forward(x)
+                    times = []
+                    for _ in range(5):
+                        t = time.perf_counter()
+                        model._forward(x)
+                        times.append(time.perf_counter() - t)
+                    ms = sorted(times)[2] * 1000
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    print(f"| {backbone} | {width}x{height} | {batch} | {ms:.1f} | {ms / batch:.1f} | {peak:.2f} GiB |")
+                except torch.cuda.OutOfMemoryError:
+                    print(f"| {backbone} | {width}x{height} | {batch} | out of memory | | |")
+                    torch.cuda.empty_cache()
+                    break
+        del model
+        torch.cuda.empty_cache()
+
+    # 3. end to end --------------------------------------------------------------------------------
+    print("\n### 3. Engine end to end: 1 MP JPEG bytes -> cut-out + mask PNG (refine on), float16, 1024²\n")
+    print("| backbone | job threads | images | images/s | batch sizes seen |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    for backbone in backbones:
+        if over_budget():
+            print("| (budget reached) | | | | |")
+            break
+        model = predictor(backbone, "float16")
+        model._forward(torch.zeros(8, 3, 1024, 1024, device="cuda"))
+        for threads in args.threads:
+            batcher = MaskBatcher(model, max_size=8, wait_seconds=0.005)
+
+            def job(_: int, batcher: MaskBatcher = batcher, model: Predictor = model) -> int:
+                rgb = pixels.decode_rgb(jpeg, max_pixels=64_000_000, max_side=8192)
+                mask, _, prepared = batcher.predict_prepared(rgb, (1024, 1024))
+                return model.render_outputs(rgb, mask, output_format="png", output_mask=True, refine_foreground=True,
+                                            mask_only=False, prepared=prepared).image.file_size
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(job, range(threads)))
+                t = time.perf_counter()
+                list(pool.map(job, range(args.images)))
+                seconds = time.perf_counter() - t
+            print(f"| {backbone} | {threads} | {args.images} | {args.images / seconds:.1f} | "
+                  f"{sorted(set(batcher.batch_sizes))} |")
+        del model
+        torch.cuda.empty_cache()
+    print(f"\nall parts in {time.monotonic() - started:.0f} s")
+    _ = np  # numpy is imported for the engine's sake
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Push, not polling, for callers that wait: one Redis pub/sub subscription per gateway process.
+
+`JobStore` publishes a message on `birefnet:events:job:<id>` whenever a job's record changes (claim,
+requeue, log line, completion, cancel) and on `birefnet:events:queue:<variant>` whenever a queue's
+order changes. The hub pattern-subscribes to both once and wakes the local waiters of that job (or of
+every job queued on that variant), which then read the record once. While nothing changes a waiting
+caller costs Redis nothing.
+
+If the subscription breaks, every waiter is woken (and re-reads) and, until the hub is subscribed
+again, waiters fall back to re-reading every `gateway_push_fallback_poll` seconds; a successful
+resubscription wakes them all once more, so nothing published meanwhile is missed. Waiters also
+re-read after `gateway_push_recheck` seconds without a message, a safety net for a state change that
+did not go through `JobStore` (the default keeps that at well under one command per minute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis
+import redis.asyncio as aioredis
+
+from common.jobs import EVENTS_PREFIX, JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Watch:
+    """One waiter: `changed` is set by the hub whenever its job or its queue may have changed."""
+
+    def __init__(self, hub: JobEvents, request_id: str, variant: str) -> None:
+        self.hub, self.request_id, self.variant = hub, request_id, variant
+        self.changed = asyncio.Event()
+
+    @property
+    def recheck_after(self) -> float:
+        """Seconds a waiter may go without re-reading: long while subscribed, short while not."""
+        return self.hub.recheck if self.hub.subscribed else self.hub.fallback_poll
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True once something changed (the flag is consumed); False after `timeout` (default:
+        `recheck_after`). A cancelled wait leaves the flag as it was, so no change is lost."""
+        limit = self.recheck_after if timeout is None else min(timeout, self.recheck_after)
+        try:
+            await asyncio.wait_for(self.changed.wait(), max(0.0, limit))
+        except TimeoutError:
+            return False
+        self.changed.clear()
+        return True
+
+
+class JobEvents:
+    def __init__(self, client: aioredis.Redis, *, recheck: float, fallback_poll: float) -> None:
+        self.client = client
+        self.recheck, self.fallback_poll = recheck, fallback_poll
+        self.subscribed = False
+        self._by_job: dict[str, set[Watch]] = {}
+        self._by_queue: dict[str, set[Watch]] = {}
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, request_id: str, variant: str = "") -> AsyncIterator[Watch]:
+        """Register before reading the record, so a change between the read and the wait is not lost."""
+        self._start()
+        watch = Watch(self, request_id, variant)
+        self._by_job.setdefault(request_id, set()).add(watch)
+        if variant:
+            self._by_queue.setdefault(variant, set()).add(watch)
+        try:
+            with contextlib.suppress(TimeoutError):  # not subscribed yet: the fallback poll covers it
+                await asyncio.wait_for(self._ready.wait(), 2.0)
+            watch.changed.clear()  # the caller reads the record next: earlier wake-ups are covered by that
+            yield watch
+        finally:
+            self._discard(self._by_job, request_id, watch)
+            if variant:
+                self._discard(self._by_queue, variant, watch)
+
+    @staticmethod
+    def _discard(index: dict[str, set[Watch]], key: str, watch: Watch) -> None:
+        watchers = index.get(key)
+        if watchers is not None:
+            watchers.discard(watch)
+            if not watchers:
+                del index[key]
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="job-events")
+
+    def _wake_all(self) -> None:
+        for watchers in (*self._by_job.values(), *self._by_queue.values()):
+            for watch in watchers:
+                watch.changed.set()
+
+    def _dispatch(self, channel: str) -> None:
+        kind, _, name = channel[len(EVENTS_PREFIX):].partition(":")
+        index = self._by_job if kind == "job" else self._by_queue if kind == "queue" else {}
+        for watch in index.get(name, ()):
+            watch.changed.set()
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.psubscribe(f"{EVENTS_PREFIX}*")
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                    if message is None:
+                        continue
+                    if message["type"] == "psubscribe":
+                        self.subscribed, delay = True, 0.1
+                        self._ready.set()
+                        self._wake_all()  # anything published while we were not subscribed
+                    elif message["type"] == "pmessage":
+                        self._dispatch(message["channel"])
+            except asyncio.CancelledError:
+                raise
+            except (redis.RedisError, OSError) as exc:
+                if self.subscribed:
+                    log.warning("job event subscription lost (%s); waiters re-read every %.1fs until it is back",
+                                exc, self.fallback_poll)
+                self.subscribed = False
+                self._ready.set()  # waiters run on the fallback poll meanwhile
+                self._wake_all()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+def job_events_for(client: aioredis.Redis, settings) -> JobEvents:
+    return JobEvents(client, recheck=settings.gateway_push_recheck, fallback_poll=settings.gateway_push_fallback_poll)
+
+
+__all__ = ["JobEvents", "JobStore", "Watch", "job_events_for"]

@@ -1,0 +1,99 @@
+"""Pushed job changes (producer/gateway/events.py): waiters wake on every state change that goes through
+JobStore, not otherwise, and cost Redis no command while they wait. Real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.jobs import JobStore
+from common.schemas import JobParams, JobSpec
+from devstack.services import RedisServer
+from producer.gateway.events import JobEvents
+
+
+def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
+    rid = str(uuid.uuid4())
+    return JobSpec(request_id=rid, variant=variant, image_url="s3://b/k.png", params=JobParams(),
+                   output_prefix=f"results/requests/{rid}/", priority=priority)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> JobStore:
+    job_store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    job_store.redis.flushdb()
+    return job_store
+
+
+def commands(store: JobStore) -> int:
+    return sum(int(v["calls"]) for v in store.redis.info("commandstats").values())
+
+
+def test_waiters_wake_on_each_change_and_stay_silent_otherwise(store: JobStore, redis_server: RedisServer):
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", decode_responses=True)
+        hub = JobEvents(client, recheck=60.0, fallback_poll=0.2)
+        spec, other = make_spec(), make_spec()
+        store.create(spec)
+        store.create(other)
+        try:
+            async with hub.watch(spec.request_id, spec.variant) as watch, \
+                    hub.watch(other.request_id) as bystander:
+                assert hub.subscribed
+                before = commands(store)
+                assert not await watch.wait(1.0), "nothing changed: no wake-up"
+                assert commands(store) - before <= 2, "waiting costs no Redis command (INFO itself counts)"
+
+                steps = [
+                    lambda: store.log(spec.request_id, "loading image"),
+                    lambda: store.claim(spec.request_id, spec.variant, "t", lease_seconds=5, max_attempts=3,
+                                        worker="w"),
+                    lambda: store.complete(spec.request_id, token="t", result={"ok": True}),
+                ]
+                for step in steps:
+                    await asyncio.to_thread(step)
+                    assert await watch.wait(10.0), "a change wakes the job's waiter"
+                assert await bystander.wait(0.5) is False, "other jobs' changes do not wake it"
+
+                # a job leaving the queue moves everyone behind it: queue watchers wake
+                third = make_spec()
+                await asyncio.to_thread(store.create, third)
+                async with hub.watch(third.request_id, third.variant) as queued:
+                    await asyncio.to_thread(store.cancel, other.request_id)
+                    assert await queued.wait(10.0)
+                    assert await bystander.wait(10.0), "its own cancel wakes the cancelled job's waiter"
+        finally:
+            await hub.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_subscription_wakes_waiters_and_they_fall_back_to_polling(store: JobStore,
+                                                                          redis_server: RedisServer):
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", decode_responses=True)
+        hub = JobEvents(client, recheck=60.0, fallback_poll=0.2)
+        spec = make_spec()
+        store.create(spec)
+        try:
+            async with hub.watch(spec.request_id) as watch:
+                assert hub.subscribed
+                store.redis.client_kill_filter(_type="pubsub")
+                assert await watch.wait(10.0), "the broken subscription wakes the waiter to re-read"
+                for _ in range(100):  # resubscribed (another wake-up), and pushes work again
+                    if hub.subscribed:
+                        break
+                    await asyncio.sleep(0.1)
+                assert hub.subscribed
+                watch.changed.clear()
+                await asyncio.to_thread(store.log, spec.request_id, "still heard")
+                assert await watch.wait(10.0)
+        finally:
+            await hub.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
