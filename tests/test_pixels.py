@@ -163,3 +163,35 @@ def test_cuda_warm_up_covers_every_allowed_resolution_and_batch_size():
                                          + [((2048, 2048), b) for b in (1, 2, 3)])
     predictor.settings = Settings(device="cpu", max_batch_size=3, warmup_all_shapes=False)
     assert predictor.warmup_shapes() == [((1024, 1024), 1)]
+
+
+def test_job_output_stage_keeps_a_device_mask_on_the_device():
+    """What a CUDA job does after its forward, on CPU tensors: the mask is quantised where it is, one 8-bit
+    copy comes back (kept and cached), and the output stage composes with the uploaded image there."""
+    from common.schemas import JobParams
+    from worker.compose import render_job_outputs
+    from worker.engine import PreparedImage, quantise_device_mask
+
+    rgb = data.coffee()
+    soft = soft_masks(rgb)["content"]
+    device_rgb = torch.from_numpy(rgb).permute(2, 0, 1)
+    prepared = PreparedImage(network_input=torch.zeros(3, 32, 32), size=(rgb.shape[1], rgb.shape[0]),
+                             device_rgb=device_rgb)
+    device_mask, host = quantise_device_mask(torch.from_numpy(soft), prepared)
+    assert isinstance(device_mask.levels, torch.Tensor) and host.dtype == np.float32
+    assert np.array_equal(pixels.mask_to_uint8(host), pixels.mask_to_uint8(soft)), "the host copy is the 8-bit mask"
+
+    spec = VariantSpec(id="nano-test", weights="recipe", backbone="swin_v1_nano")
+    predictor = Predictor(spec, Settings(device="cpu"))
+    params = JobParams(output_format="png", output_mask=True, refine_foreground=True)
+    # a blank host image: the device path must take its colours from the uploaded one
+    blank = Image.new("RGB", (rgb.shape[1], rgb.shape[0]))
+    on_device = render_job_outputs(predictor, blank, host, params, device_mask=device_mask)
+    on_host = render_job_outputs(predictor, Image.fromarray(rgb), host, params)
+    device_cut = np.asarray(Image.open(io.BytesIO(on_device.image.data)))
+    host_cut = np.asarray(Image.open(io.BytesIO(on_host.image.data)))
+    assert np.array_equal(device_cut[..., 3], host_cut[..., 3])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(on_device.mask.data))),
+                          np.asarray(Image.open(io.BytesIO(on_host.mask.data))))
+    visible = host_cut[..., 3] > 0
+    assert np.abs(device_cut[..., :3].astype(np.int16) - host_cut[..., :3])[visible].mean() <= 1.0

@@ -20,7 +20,7 @@ from common.extensions import LOSSY_FORMATS, BackgroundFit, parse_aspect_ratio, 
 from common.schemas import JobParams
 from common.settings import Settings
 from worker import pixels
-from worker.engine import RenderedOutputs, StageTimings
+from worker.engine import DeviceMask, RenderedOutputs, StageTimings
 from worker.imaging import EncodedImage, encode_image, mask_to_image
 
 _PILLOW_FEATURES = {"avif": "avif", "jpeg": "jpg", "webp": "webp"}
@@ -219,11 +219,17 @@ def render_extended(image: Image.Image, mask: np.ndarray, params: JobParams, *, 
 
 
 def render_job_outputs(predictor, image: Image.Image, mask: np.ndarray, params: JobParams, *,
-                       background: Image.Image | None = None, timings: StageTimings | None = None) -> RenderedOutputs:
-    """The worker's output stage: fal's rendering, or the extended one when extension fields are set."""
+                       background: Image.Image | None = None, timings: StageTimings | None = None,
+                       device_mask: DeviceMask | None = None) -> RenderedOutputs:
+    """The worker's output stage: fal's rendering, or the extended one when extension fields are set.
+    `device_mask` (CUDA, the network ran for this job): the same mask on the GPU, so fal's rendering
+    refines and composes there and copies back only the 8-bit outputs."""
     if not params.extended:
-        return predictor.render_outputs(image, mask, output_format=params.output_format,
+        on_device = device_mask is not None and device_mask.prepared.device_rgb is not None
+        return predictor.render_outputs(image, device_mask.levels if on_device else mask,
+                                        output_format=params.output_format,
                                         output_mask=params.output_mask, refine_foreground=params.refine_foreground,
-                                        mask_only=params.mask_only, timings=timings)
+                                        mask_only=params.mask_only, timings=timings,
+                                        prepared=device_mask.prepared if on_device else None)
     return render_extended(image, mask, params, background=background, device=predictor.device,
                            settings=predictor.settings, timings=timings)

@@ -192,6 +192,24 @@ def device_cutout(rgb: torch.Tensor, mask: torch.Tensor, *, refine: bool) -> tup
     return rgba.cpu().numpy(), alpha8.cpu().numpy()
 
 
+@dataclass
+class DeviceMask:
+    """A job's mask kept on the GPU for the output stage (CUDA): float (H, W) at 8-bit levels, beside the
+    prepared image whose uploaded `device_rgb` it composes with."""
+
+    levels: torch.Tensor
+    prepared: PreparedImage
+
+
+def quantise_device_mask(mask: torch.Tensor, prepared: PreparedImage) -> tuple[DeviceMask, np.ndarray]:
+    """A device mask at 8-bit levels (what the output mask holds) and its one copy to the host, as float32
+    (H, W): the host copy is what is kept and cached, the device one what is rendered."""
+    with torch.inference_mode():
+        alpha8 = mask.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        host = alpha8.cpu().numpy().astype(np.float32) / np.float32(255.0)
+        return DeviceMask(levels=alpha8.float().div_(255.0), prepared=prepared), host
+
+
 def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, webp_quality: int,
                   lossless: bool = False) -> EncodedImage:
     """uint8 (H, W) grey or (H, W, 4) RGBA -> encoded file. PNG takes the fast path (worker.pixels);

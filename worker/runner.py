@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
@@ -31,7 +32,7 @@ from common.settings import Settings
 from common.storage import RESULT_DOCUMENT, ObjectStore
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
-from worker.engine import Predictor
+from worker.engine import DeviceMask, Predictor, quantise_device_mask
 from worker.imaging import EncodedImage, decode_image
 from worker.masks import MaskSource
 from worker.null_model import NULL_MODEL_BANNER
@@ -348,10 +349,19 @@ class JobRunner:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
         alone = self.store.redis.hget(self.store.job_key(rid), "run_alone") == "1"
-        obtained = self.masks.obtain(
-            spec, data, image, resolution=resolution, weights=predictor.weights_description,
-            compute=lambda: self.batchers[spec.variant].predict(
-                image, (width, height), alone=alone, timeout=max(0.0, deadline - time.monotonic())))
+        on_device: list[DeviceMask] = []
+
+        def compute():
+            mask, batch, prepared = self.batchers[spec.variant].predict_prepared(
+                image, (width, height), alone=alone, timeout=max(0.0, deadline - time.monotonic()))
+            if isinstance(mask, np.ndarray):
+                return mask, batch
+            device_mask, host = quantise_device_mask(mask, prepared)  # CUDA: the mask stays on the device
+            on_device.append(device_mask)
+            return host, batch
+
+        obtained = self.masks.obtain(spec, data, image, resolution=resolution,
+                                     weights=predictor.weights_description, compute=compute)
         mask, batch_size = obtained.mask, obtained.batch_size
         timings["inference" if obtained.source == "network" else "mask_reuse"] = time.perf_counter() - t
         if obtained.source != "network":
@@ -363,7 +373,8 @@ class JobRunner:
             return Outcome("cancelled")
 
         t = time.perf_counter()
-        rendered = render_job_outputs(predictor, image, mask, params, background=background)
+        rendered = render_job_outputs(predictor, image, mask, params, background=background,
+                                      device_mask=on_device[0] if on_device else None)
         timings["render"] = time.perf_counter() - t
         _check_deadline(deadline, "rendering the outputs")
 
