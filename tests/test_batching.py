@@ -29,15 +29,17 @@ def photos() -> list[Image.Image]:
                                          samples.rocket())]
 
 
-def test_concurrent_jobs_run_as_one_batch_with_their_own_masks(predictor: Predictor):
+@pytest.mark.parametrize("kind", ["pil", "array"])  # arrays: what the worker's decoder hands the batcher
+def test_concurrent_jobs_run_as_one_batch_with_their_own_masks(predictor: Predictor, kind: str):
     batcher = MaskBatcher(predictor, max_size=4, wait_seconds=0.5)
-    images = photos()
+    images = photos() if kind == "pil" else [np.asarray(image) for image in photos()]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda im: batcher.predict(im, (256, 256)), images))
     assert max(size for _, size in results) > 1, "jobs arriving together share a forward pass"
     for image, (mask, _) in zip(images, results, strict=True):
         (alone,) = predictor.predict_masks([image], (256, 256))
-        assert mask.shape == (image.height, image.width)
+        height, width = np.asarray(image).shape[:2]
+        assert mask.shape == (height, width)
         assert np.abs(mask - alone).max() < 1e-4, "a batched mask equals the mask computed alone"
 
 

@@ -42,7 +42,7 @@ class WorkerUnavailable(Exception):
     job's forward began): the job is not at fault and goes to another worker."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the fields hold arrays
 class _Pending:
     image: ImageLike  # for the test-only forward hook
     resolution: tuple[int, int]
