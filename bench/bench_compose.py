@@ -35,9 +35,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common.auth import hash_secret
-from common.jobs import JobStore
+from common.domain.auth import hash_secret
 from common.settings import Settings
+from common.state.jobs import JobStore
 from devstack.services import MotoServer, RedisServer, free_port, provision_aws, stack_environment
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,8 +41,8 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.domain.variants import VariantSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from common.variants import VariantSpec  # noqa: E402
 from worker import pixels  # noqa: E402
 from worker.batcher import MaskBatcher  # noqa: E402
 from worker.engine import Predictor, StageTimings, parse_resolution, render_outputs  # noqa: E402

@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    from common.domain.variants import BUILTIN_VARIANTS
     from common.settings import Settings
-    from common.variants import BUILTIN_VARIANTS
 
     fal_models = [v for v in BUILTIN_VARIANTS if v.fal_names]
     settings = Settings(device=args.device, worker_variants=tuple(v.id for v in fal_models),

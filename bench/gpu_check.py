@@ -50,8 +50,8 @@ def main() -> int:
     from PIL import Image
     from skimage import data
 
+    from common.domain.variants import VariantSpec
     from common.settings import Settings
-    from common.variants import VariantSpec
     from worker import pixels
     from worker.batcher import MaskBatcher
     from worker.engine import Predictor

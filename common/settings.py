@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from common.auth import ApiKeyConfig
-from common.variants import VariantRegistry
+from common.domain.auth import ApiKeyConfig
+from common.domain.variants import VariantRegistry
 
 
 class Settings(BaseSettings):
@@ -247,7 +247,7 @@ class Settings(BaseSettings):
     gateway_api_keys: list[ApiKeyConfig] = Field(
         default_factory=list,
         description='JSON list of API keys, secrets hashed: [{"id": "team-a", "hash": "scrypt$...", '
-        '"user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m common.auth new --id '
+        '"user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m common.domain.auth new --id '
         "team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// image_url of that key may name.",
     )
     gateway_result_retention: int = Field(

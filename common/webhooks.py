@@ -1,7 +1,7 @@
 """fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
 
 Deliveries run on the `webhooks` Celery queue (producer/webhook_worker.py), so GPU workers never wait on
-HTTP. Deliveries go through the SSRF guard (`common.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
+HTTP. Deliveries go through the SSRF guard (`common.adapters.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
 
 Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout
 is redelivered early and runs twice. Instead each attempt first books its successor in a Redis sorted set
@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 
 import httpcore
 
-from common.errors import JobError
-from common.jobs import PREFIX, JobRecord, JobStore
-from common.netguard import NetPolicy, guarded_pool, parse_http_url
+from common.adapters.netguard import NetPolicy, guarded_pool, parse_http_url
+from common.domain.errors import JobError
+from common.domain.signing import WebhookSigner
 from common.settings import Settings
-from common.signing import WebhookSigner
+from common.state.jobs import PREFIX, JobRecord, JobStore
 
 DUE_KEY = f"{PREFIX}webhook:due"
 FAILED_KEY = f"{PREFIX}webhook:failed"

@@ -15,8 +15,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.jobs import PREFIX, JobStore
-from common.storage import make_s3_client
+from common.adapters.storage import make_s3_client
+from common.state.jobs import PREFIX, JobStore
 from devstack.receiver import WebhookReceiver
 from devstack.stack import DevStackSettings, LocalStack
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import boto3
 import redis
 
+from common.adapters.storage import boto_config
 from common.settings import Settings
-from common.storage import boto_config
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ import sys
 import redis
 from rich.console import Console
 
-from common.queue import make_celery
-from common.redis_conn import redis_client
+from common.adapters.queue import make_celery
+from common.adapters.redis_conn import redis_client
 from common.settings import Settings
 from ops import control, render
 from ops.status import gather_status

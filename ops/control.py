@@ -14,10 +14,10 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
-from common import ops_state
-from common.jobs import PREFIX, JobStore
-from common.queue import send_job
+from common.adapters.queue import send_job
 from common.settings import Settings
+from common.state import ops_state
+from common.state.jobs import PREFIX, JobStore
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 
 

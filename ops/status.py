@@ -9,10 +9,10 @@ from collections import Counter, defaultdict
 
 import redis
 
-from common import ops_state
-from common.jobs import JobStore
 from common.settings import Settings
-from common.unserved import model_label
+from common.state import ops_state
+from common.state.jobs import JobStore
+from common.state.unserved import model_label
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 
 

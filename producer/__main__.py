@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
 
     if args.command == "sqs":
-        from common.metrics import register_queue_collector, start_metrics_server
-        from common.storage import make_sqs_client
+        from common.adapters.storage import make_sqs_client
+        from common.observability.metrics import register_queue_collector, start_metrics_server
         from producer.app import build_intake
         from producer.http_events import CountingIntake
         from producer.sqs import SqsConsumer
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
         serve(settings, args.host, args.port)
     elif args.command == "webhooks":
-        from common.metrics import instrument_webhook_deliverer, start_metrics_server
+        from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
         from producer.webhook_worker import app, store
 
         instrument_webhook_deliverer(store, settings.webhook_max_retries)

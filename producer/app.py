@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from common.jobs import JobStore
-from common.queue import make_celery
+from common.adapters.queue import make_celery
+from common.adapters.storage import ObjectStore
 from common.settings import Settings
-from common.storage import ObjectStore
+from common.state.jobs import JobStore
 from producer.intake import Intake
 
 

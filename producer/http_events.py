@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from common.limits import QueueFull
-from common.metrics import PRODUCER_EVENTS, add_metrics_route
-from common.netguard import NetPolicy
+from common.adapters.netguard import NetPolicy
+from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
+from common.state.limits import QueueFull
 from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
 from producer.intake import Intake
 from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier

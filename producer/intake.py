@@ -27,14 +27,14 @@ from botocore.exceptions import ClientError
 from celery import Celery
 from pydantic import ValidationError
 
-from common.errors import FileDownloadError, InvalidInputError
-from common.jobs import PREFIX, JobStore
-from common.limits import Limiter, QueueFull
-from common.queue import send_job
-from common.results import fail_job
-from common.schemas import INPUT_MODELS, JobParams, JobSpec
+from common.adapters.queue import send_job
+from common.adapters.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
+from common.domain.errors import FileDownloadError, InvalidInputError
+from common.domain.schemas import INPUT_MODELS, JobParams, JobSpec
 from common.settings import Settings
-from common.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
+from common.state.jobs import PREFIX, JobStore
+from common.state.limits import Limiter, QueueFull
+from common.state.results import fail_job
 from producer.events import ObjectCreated
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # User metadata (x-amz-meta-<name>) that sets job parameters.
 PARAM_KEYS = ("model", "operating_resolution", "output_format", "output_mask", "refine_foreground",
               "mask_only", "webhook_url", "endpoint",
-              # extension fields (common.extensions)
+              # extension fields (common.domain.extensions)
               "background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
               "crop_aspect_ratio", "crop_threshold")
 _TRUE = {"1", "true", "yes", "on"}
@@ -306,7 +306,7 @@ class Intake:
             return request_id
         record = self.store.get(request_id)
         if created or (record is not None and record.status != "COMPLETED"):
-            # Re-sending for an unfinished job is safe: a worker runs a job at most once (see common.jobs).
+            # Re-sending for an unfinished job is safe: a worker runs a job at most once (see common.state.jobs).
             send_job(self.celery, spec)
             log.info("job %s queued on %s for %s", request_id, spec.queue, image_url)
         return request_id

@@ -29,9 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from common.errors import JobError
-from common.fetch import download_http
-from common.netguard import NetPolicy, UrlNotAllowedError
+from common.adapters.fetch import download_http
+from common.adapters.netguard import NetPolicy, UrlNotAllowedError
+from common.domain.errors import JobError
 
 log = logging.getLogger(__name__)
 

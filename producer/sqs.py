@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from common.limits import QueueFull
+from common.state.limits import QueueFull
 from producer.events import MalformedEvent, Notification, parse_notification
 from producer.intake import Intake
 

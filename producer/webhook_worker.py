@@ -13,10 +13,10 @@ import time
 
 from celery.signals import worker_ready
 
-from common.jobs import JobStore
-from common.queue import DELIVER_WEBHOOK, make_celery, send_webhook
+from common.adapters.queue import DELIVER_WEBHOOK, make_celery, send_webhook
+from common.domain.signing import WebhookSigner
 from common.settings import Settings
-from common.signing import WebhookSigner
+from common.state.jobs import JobStore
 from common.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ import httpx
 import redis
 from PIL import Image
 
-from common import ops_state
-from common.jobs import JobRecord, JobStore
+from common.adapters.storage import RESULT_DOCUMENT, boto_config
 from common.settings import Settings
-from common.storage import RESULT_DOCUMENT, boto_config
+from common.state import ops_state
+from common.state.jobs import JobRecord, JobStore
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer, free_port, provision_aws, stack_environment
 from tests.conftest import TEST_VARIANTS, Stack, wait_for

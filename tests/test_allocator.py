@@ -21,7 +21,7 @@ PROBE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from PIL import Image
     from common.settings import Settings
-    from common.variants import VariantSpec
+    from common.domain.variants import VariantSpec
     from worker.engine import Predictor
     settings = Settings(device="cpu", retain_freed_memory={retain}, warmup_forward=False)
     predictor = Predictor(VariantSpec(id="nano", weights="recipe", backbone="swin_v1_nano"), settings)

@@ -27,14 +27,14 @@ import pytest
 import redis
 from PIL import Image
 
-from common.errors import JobError
-from common.fetch import fetch_input
-from common.jobs import JobRecord, JobStore
-from common.netguard import NetPolicy
-from common.queue import make_celery, send_job
-from common.schemas import JobParams, JobSpec
+from common.adapters.fetch import fetch_input
+from common.adapters.netguard import NetPolicy
+from common.adapters.queue import make_celery, send_job
+from common.adapters.storage import boto_config
+from common.domain.errors import JobError
+from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.storage import boto_config
+from common.state.jobs import JobRecord, JobStore
 from devstack.services import stack_environment
 from tests.conftest import TEST_VARIANTS, Stack, wait_for
 from tests.test_ssrf import LocalServer

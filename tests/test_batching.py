@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data as samples
 
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker.batcher import MaskBatcher
 from worker.engine import Predictor
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from common.auth import hash_secret
-from common.storage import boto_config
+from common.adapters.storage import boto_config
+from common.domain.auth import hash_secret
 from devstack.services import free_port, provision_aws
 from tests.conftest import wait_for
 from tests.test_fal_client import run_client

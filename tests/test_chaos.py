@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from common.queue import make_celery, send_job
-from common.schemas import JobParams, JobSpec
-from common.storage import request_output_prefix
+from common.adapters.queue import make_celery, send_job
+from common.adapters.storage import request_output_prefix
+from common.domain.schemas import JobParams, JobSpec
 from devstack.receiver import WebhookReceiver
 from tests.chaos_tools import (
     VARIANT,
@@ -226,10 +226,10 @@ class _BrokerDown:
 
 
 def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_server, receiver):
-    from common.jobs import JobStore
-    from common.results import finish_job
+    from common.domain.signing import WebhookSigner, load_private_key
     from common.settings import Settings
-    from common.signing import WebhookSigner, load_private_key
+    from common.state.jobs import JobStore
+    from common.state.results import finish_job
     from common.webhooks import DUE_KEY, WebhookSender
     from tests.test_gateway_support import signing_seed
 

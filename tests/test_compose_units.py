@@ -1,4 +1,4 @@
-"""The pure parts of the extension output stage (worker/compose.py, common/extensions.py), without processes."""
+"""The pure parts of the extension output stage (worker/compose.py, common/domain/extensions.py), without processes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import InvalidInputError
-from common.extensions import parse_aspect_ratio, parse_hex_color, parse_margin
-from common.schemas import JobParams
+from common.domain.errors import InvalidInputError
+from common.domain.extensions import parse_aspect_ratio, parse_hex_color, parse_margin
+from common.domain.schemas import JobParams
 from common.settings import Settings
 from worker.compose import (
     check_output_format,

@@ -34,8 +34,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.domain.variants import VariantRegistry
 from common.settings import Settings
-from common.variants import VariantRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -395,7 +395,7 @@ def test_dockerignore():
         "pyproject.toml",
         "README.md",
         "common/settings.py",
-        "common/variants.py",
+        "common/domain/variants.py",
         "producer/__init__.py",
         "worker/__main__.py",
         "ops/__main__.py",
@@ -639,7 +639,7 @@ def redis_lists(variant: str) -> set[str]:
     """The Redis lists Celery fills for a variant: its queue, and kombu's list for low-priority jobs."""
     from kombu.transport.redis import Channel
 
-    from common.queue import LOW_PRIORITY
+    from common.adapters.queue import LOW_PRIORITY
 
     queue = REGISTRY.get(variant).queue
     steps = Channel.priority_steps

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.variants import BUILTIN_VARIANTS
+from common.domain.variants import BUILTIN_VARIANTS
 from devstack.services import free_port
 from tests.conftest import ROOT, wait_for
 from tests.test_gateway_support import FileServer, png_bytes

@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
-from common.errors import InvalidInputError
+from common.domain.errors import InvalidInputError
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker import patch_order_check
 from worker.birefnet import recipe_state_dict
 from worker.engine import Predictor, StageTimings, parse_resolution, render_outputs

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.auth import hash_secret
+from common.domain.auth import hash_secret
 from tests.chaos_tools import V2, ChaosStack, percentile, small_png
 from tests.conftest import wait_for
 from tests.test_gateway_support import FileServer

@@ -19,7 +19,7 @@ import textwrap
 import httpx
 import pytest
 
-from common.signing import verify
+from common.domain.signing import verify
 from devstack.receiver import WebhookReceiver
 from tests.conftest import ROOT
 from tests.test_gateway_support import (

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis
 
-from common.jobs import JobStore
-from common.signing import verify
-from common.storage import uploads_prefix
+from common.adapters.storage import uploads_prefix
+from common.domain.signing import verify
+from common.state.jobs import JobStore
 from common.webhooks import list_attempts
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from common.auth import hash_secret
+from common.domain.auth import hash_secret
 from common.settings import Settings
 from devstack.services import free_port, provision_aws, stack_environment
 from devstack.stack import TlsFiles, make_tls

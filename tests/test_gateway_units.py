@@ -6,10 +6,17 @@ import time
 
 import pytest
 
-from common.auth import ApiKeyConfig, KeyRing, credential_from_header, hash_secret, new_key, verify_secret
+from common.adapters.storage import ObjectStore
+from common.domain.auth import (
+    ApiKeyConfig,
+    KeyRing,
+    credential_from_header,
+    hash_secret,
+    new_key,
+    verify_secret,
+)
+from common.domain.signed_urls import make_token, object_url, object_url_valid, read_token
 from common.settings import Settings
-from common.signed_urls import make_token, object_url, object_url_valid, read_token
-from common.storage import ObjectStore
 from producer.gateway.inputs import (
     InputErrors,
     check_url,
@@ -111,7 +118,7 @@ def test_validation_details_are_fastapis():
 
 
 def test_submit_time_ssrf_check_uses_the_netguard_policy():
-    from common.netguard import NetPolicy
+    from common.adapters.netguard import NetPolicy
 
     strict = NetPolicy.from_settings(Settings(fetch_allow_networks=(), fetch_allowed_ports=(80, 443)))
     for url in ("http://127.0.0.1/a.png", "http://169.254.169.254/latest", "http://10.0.0.8/x", "http://[::1]/x"):

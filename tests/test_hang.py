@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common import ops_state
-from common.queue import make_celery, send_job
-from common.schemas import JobParams, JobSpec
-from common.storage import request_output_prefix
+from common.adapters.queue import make_celery, send_job
+from common.adapters.storage import request_output_prefix
+from common.domain.schemas import JobParams, JobSpec
+from common.state import ops_state
 from devstack.services import free_port
 from tests.chaos_tools import VARIANT, ChaosStack, data_uri, log_lines, small_png
 from tests.conftest import TEST_VARIANTS, wait_for

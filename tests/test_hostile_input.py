@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from common.storage import uploads_prefix
+from common.adapters.storage import uploads_prefix
 from tests.conftest import wait_for
 from tests.test_gateway_support import ALICE, BOB, OPS, GatewayServer, GatewayStack, auth, start_gateway_stack
 

@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.jobs import JobStore
+from common.state.jobs import JobStore
 from devstack.services import free_port
 from producer.app import build_intake
 from producer.http_events import create_app

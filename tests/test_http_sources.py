@@ -14,8 +14,8 @@ import httpx
 import pytest
 from skimage import data as samples
 
-from common.jobs import JobStore
-from common.storage import boto_config
+from common.adapters.storage import boto_config
+from common.state.jobs import JobStore
 from producer.app import build_intake
 from producer.http_events import create_app, default_sns_verifier
 from producer.sns import SNS_HOST, SnsRefused

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageCms
 from skimage import data
 
-from common.errors import ImageLoadError, ImageTooLargeError, ImageTooSmallError
+from common.domain.errors import ImageLoadError, ImageTooLargeError, ImageTooSmallError
 from worker.imaging import (
     box_blur,
     compose_cutout,

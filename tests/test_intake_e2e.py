@@ -15,10 +15,10 @@ import redis
 from PIL import Image
 from skimage import data as samples
 
-from common import ops_state
-from common.jobs import JobStore
-from common.queue import make_celery
-from common.storage import boto_config
+from common.adapters.queue import make_celery
+from common.adapters.storage import boto_config
+from common.state import ops_state
+from common.state.jobs import JobStore
 from ops import control
 from tests import event_payloads as docs
 from tests.conftest import Stack, WebhookReceiver, wait_for

@@ -9,8 +9,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from common.jobs import JobStore
-from common.schemas import JobParams, JobSpec
+from common.domain.schemas import JobParams, JobSpec
+from common.state.jobs import JobStore
 from devstack.services import RedisServer
 from producer.gateway.events import JobEvents
 

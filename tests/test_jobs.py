@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from common.jobs import JobStore
-from common.schemas import JobParams, JobSpec
+from common.domain.schemas import JobParams, JobSpec
+from common.state.jobs import JobStore
 from devstack.services import RedisServer
 
 

@@ -17,11 +17,11 @@ import httpx
 import pytest
 import redis
 
-from common.auth import hash_secret
-from common.jobs import JobStore
-from common.limits import Limiter
+from common.adapters.storage import boto_config, make_sqs_client
+from common.domain.auth import hash_secret
 from common.settings import Settings
-from common.storage import boto_config, make_sqs_client
+from common.state.jobs import JobStore
+from common.state.limits import Limiter
 from producer.app import build_intake
 from producer.sqs import SqsConsumer
 from tests.conftest import Stack, wait_for

@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common.redis_conn import redis_client
+from common.adapters.redis_conn import redis_client
 from common.settings import Settings
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port, provision_aws, redis_server_binary, stack_environment
@@ -98,7 +98,7 @@ class ManagedStack:
     def s3(self):
         import boto3
 
-        from common.storage import boto_config
+        from common.adapters.storage import boto_config
 
         return boto3.client("s3", region_name=self.settings.aws_region, endpoint_url=self.moto_url,
                             config=boto_config())
@@ -106,7 +106,7 @@ class ManagedStack:
     def outcome(self, submitted: Submitted, receiver: WebhookReceiver, timeout: float) -> dict:
         """Wait until every accepted job is COMPLETED with a webhook; then what became of each."""
         client = redis_client(self.settings, socket_timeout=5)
-        from common.jobs import JobStore
+        from common.state.jobs import JobStore
 
         store = JobStore(client)
 
@@ -246,8 +246,8 @@ def test_sentinel_failover_during_a_run_loses_nothing_and_repeats_nothing(moto_e
 
 
 def test_settings_build_one_consistent_client_and_broker():
-    """The pieces every Redis user gets from common.redis_conn, for each shape of configuration."""
-    from common.redis_conn import RedisTarget, celery_broker
+    """The pieces every Redis user gets from common.adapters.redis_conn, for each shape of configuration."""
+    from common.adapters.redis_conn import RedisTarget, celery_broker
 
     plain = Settings(redis_url="redis://u:p%40ss@cache.internal:6380/4")
     assert celery_broker(plain).url == "redis://u:p%40ss@cache.internal:6380/4"
@@ -276,7 +276,7 @@ def test_sentinel_broker_channel_closes_after_a_lost_connection_and_restores_its
     import kombu
     import kombu.transport.redis as kombu_redis
 
-    from common.redis_conn import SentinelTransport, celery_broker
+    from common.adapters.redis_conn import SentinelTransport, celery_broker
 
     group = SentinelGroup(TLS_BINARY or redis_server_binary(), tmp_path, replicas=1).start()
     try:
@@ -304,6 +304,6 @@ def test_sentinel_broker_channel_closes_after_a_lost_connection_and_restores_its
                 outcomes[type(conn.transport)] = "AttributeError"
             master.delete("lost-connection")
         assert outcomes == {kombu_redis.SentinelTransport: "AttributeError", SentinelTransport: 1}, (
-            "kombu fixed it? then drop common.redis_conn.SentinelChannel")
+            "kombu fixed it? then drop common.adapters.redis_conn.SentinelChannel")
     finally:
         group.stop()

@@ -6,9 +6,9 @@ import httpx
 import pytest
 from skimage import data as samples
 
-from common import ops_state
-from common.jobs import JobStore
-from common.metrics import STAGES
+from common.observability.metrics import STAGES
+from common.state import ops_state
+from common.state.jobs import JobStore
 from devstack.services import free_port
 from producer.http_events import create_app
 from tests.conftest import Stack, WebhookReceiver, wait_for

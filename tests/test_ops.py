@@ -12,11 +12,11 @@ import redis
 from rich.console import Console
 from skimage import data as samples
 
-from common import ops_state
-from common.jobs import JobStore
-from common.queue import make_celery, send_job
-from common.schemas import JobParams, JobSpec
-from common.storage import request_output_prefix
+from common.adapters.queue import make_celery, send_job
+from common.adapters.storage import request_output_prefix
+from common.domain.schemas import JobParams, JobSpec
+from common.state import ops_state
+from common.state.jobs import JobStore
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
 from ops.status import gather_status, percentile

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from common.jobs import JobStore
-from common.orphans import resend_orphans
-from common.queue import make_celery, send_job
-from common.schemas import JobParams, JobSpec
+from common.adapters.queue import make_celery, send_job
+from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
+from common.state.jobs import JobStore
+from common.state.orphans import resend_orphans
 from devstack.services import RedisServer
 
 

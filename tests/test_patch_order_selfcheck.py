@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from devstack.services import free_port
 from tests.conftest import ROOT, Stack, wait_for
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from skimage import data as samples
 
+from common.adapters.storage import boto_config
 from common.settings import Settings
-from common.storage import boto_config
 from tests.conftest import Stack, WebhookReceiver, wait_for
 
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-from common.errors import ImageTooLargeError
+from common.domain.errors import ImageTooLargeError
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker import pixels
 from worker.engine import Predictor, device_cutout, device_input, render_outputs
 from worker.imaging import decode_image, refined_colours
@@ -168,7 +168,7 @@ def test_cuda_warm_up_covers_every_allowed_resolution_and_batch_size():
 def test_job_output_stage_keeps_a_device_mask_on_the_device():
     """What a CUDA job does after its forward, on CPU tensors: the mask is quantised where it is, one 8-bit
     copy comes back (kept and cached), and the output stage composes with the uploaded image there."""
-    from common.schemas import JobParams
+    from common.domain.schemas import JobParams
     from worker.compose import render_job_outputs
     from worker.engine import PreparedImage, quantise_device_mask
 

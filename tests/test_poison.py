@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from common import ops_state
+from common.state import ops_state
 from devstack.receiver import WebhookReceiver
 from tests.chaos_tools import (
     ChaosStack,

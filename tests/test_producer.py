@@ -8,9 +8,9 @@ import json
 import boto3
 import redis
 
-from common.jobs import JobStore
+from common.adapters.storage import boto_config, make_sqs_client
 from common.settings import Settings
-from common.storage import boto_config, make_sqs_client
+from common.state.jobs import JobStore
 from devstack.services import RedisServer
 from producer.app import build_intake
 from producer.sqs import SqsConsumer

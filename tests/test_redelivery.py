@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.jobs import JobStore
+from common.state.jobs import JobStore
 from tests.conftest import Stack, WebhookReceiver, wait_for
 from tests.forward_hook import Rule, hook_setting, marker_png
 from tests.test_pipeline_e2e import s3_client

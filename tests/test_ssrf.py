@@ -1,4 +1,4 @@
-"""SSRF guard (common.netguard) through fetch_input, against real local HTTP(S) servers.
+"""SSRF guard (common.adapters.netguard) through fetch_input, against real local HTTP(S) servers.
 
 Layout of the tests' little internet, all on loopback:
 - `allowed`: the image server on 127.0.0.1, the only network the test policy allow-lists (as an operator
@@ -31,9 +31,15 @@ import httpcore
 import pytest
 from PIL import Image
 
-from common.errors import JobError
-from common.fetch import fetch_input
-from common.netguard import NetPolicy, UrlNotAllowedError, blocked_reason, check_url, parse_ipv4_literal
+from common.adapters.fetch import fetch_input
+from common.adapters.netguard import (
+    NetPolicy,
+    UrlNotAllowedError,
+    blocked_reason,
+    check_url,
+    parse_ipv4_literal,
+)
+from common.domain.errors import JobError
 from common.settings import Settings
 
 MAX_BYTES = 1_000_000

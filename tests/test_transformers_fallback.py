@@ -21,8 +21,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker.birefnet import recipe_state_dict
 from worker.engine import Predictor
 from worker.loading import build_native

@@ -13,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.jobs import JobStore
-from common.schemas import JobParams, JobSpec
+from common.domain.schemas import JobParams, JobSpec
+from common.domain.signing import WebhookSigner, load_private_key, message, verify
 from common.settings import Settings
-from common.signing import WebhookSigner, load_private_key, message, verify
+from common.state.jobs import JobStore
 from common.webhooks import DUE_KEY, FAILED_KEY, WebhookSender, list_attempts, retry_delay
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer
@@ -29,7 +29,7 @@ def seed() -> str:
 
 def fal_documented_verify(headers: dict[str, str], body: bytes, jwks: dict) -> bool:
     """The receiver procedure of fal's documentation ("Verifying Your Webhook",
-    https://docs.fal.ai/model-apis/model-endpoints/webhooks), written out independently of common.signing
+    https://docs.fal.ai/model-apis/model-endpoints/webhooks), written out independently of common.domain.signing
     and with the same libraries: each JWKS key's `x` decoded with a plain base64.urlsafe_b64decode (which
     raises on missing padding: fal's keys are padded), PyNaCl's VerifyKey, a 300 s timestamp window, and
     the message request_id \\n user_id \\n timestamp \\n sha256hex(body)."""

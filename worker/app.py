@@ -22,14 +22,19 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_ready
 
-from common.jobs import JobStore
-from common.metrics import model_loaded, patch_order_checked, register_gpu_collector, start_metrics_server
-from common.ops_state import paused_variants, publish_heartbeat
-from common.orphans import resend_orphans
-from common.queue import RUN_JOB, make_celery
-from common.schemas import JobSpec
+from common.adapters.queue import RUN_JOB, make_celery
+from common.adapters.storage import ObjectStore
+from common.domain.schemas import JobSpec
+from common.observability.metrics import (
+    model_loaded,
+    patch_order_checked,
+    register_gpu_collector,
+    start_metrics_server,
+)
 from common.settings import Settings
-from common.storage import ObjectStore
+from common.state.jobs import JobStore
+from common.state.ops_state import paused_variants, publish_heartbeat
+from common.state.orphans import resend_orphans
 from worker.engine import Predictor
 from worker.packing import load_predictors
 from worker.runner import JobRunner

@@ -15,9 +15,15 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, features
 
-from common.errors import InvalidInputError
-from common.extensions import LOSSY_FORMATS, BackgroundFit, parse_aspect_ratio, parse_hex_color, parse_margin
-from common.schemas import JobParams
+from common.domain.errors import InvalidInputError
+from common.domain.extensions import (
+    LOSSY_FORMATS,
+    BackgroundFit,
+    parse_aspect_ratio,
+    parse_hex_color,
+    parse_margin,
+)
+from common.domain.schemas import JobParams
 from common.settings import Settings
 from worker import pixels
 from worker.engine import DeviceMask, RenderedOutputs, StageTimings

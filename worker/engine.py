@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from common.errors import InvalidInputError
+from common.domain.errors import InvalidInputError
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker import pixels
 from worker.allocator import retain_freed_memory
 from worker.imaging import (

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from common.errors import ImageLoadError, ImageTooLargeError, ImageTooSmallError
+from common.domain.errors import ImageLoadError, ImageTooLargeError, ImageTooSmallError
 
 # Formats we open. Restricting the list keeps Pillow away from plugins that shell out
 # (EPS runs Ghostscript) or that nobody sends as a photo. JPEG includes MPO (many phone cameras).

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.variants import VariantSpec
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
 from worker.remote_code import has_remote_code, load_remote_code_network
 from worker.weights import WeightsError, fetch, load_into, parse_source, read_state_dict

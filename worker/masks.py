@@ -28,12 +28,12 @@ import redis
 from botocore.exceptions import ClientError
 from PIL import Image
 
-from common.errors import FileDownloadError
-from common.jobs import PREFIX, JobStore
-from common.metrics import MASKS
-from common.schemas import JobSpec
+from common.adapters.storage import KEPT_INPUT, KEPT_MANIFEST, KEPT_MASK, ObjectStore, parse_s3_url
+from common.domain.errors import FileDownloadError
+from common.domain.schemas import JobSpec
+from common.observability.metrics import MASKS
 from common.settings import Settings
-from common.storage import KEPT_INPUT, KEPT_MANIFEST, KEPT_MASK, ObjectStore, parse_s3_url
+from common.state.jobs import PREFIX, JobStore
 from worker.compose import mask_from_png, mask_png, quantise_mask
 
 log = logging.getLogger(__name__)

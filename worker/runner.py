@@ -21,15 +21,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from PIL import Image
 
-from common.errors import JobError
-from common.fetch import fetch_input
-from common.jobs import PREFIX, JobStore
-from common.metrics import job_finished, job_started
-from common.netguard import NetPolicy
-from common.results import fail_job, finish_job
-from common.schemas import ImageFile, JobSpec
+from common.adapters.fetch import fetch_input
+from common.adapters.netguard import NetPolicy
+from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
+from common.domain.errors import JobError
+from common.domain.schemas import ImageFile, JobSpec
+from common.observability.metrics import job_finished, job_started
 from common.settings import Settings
-from common.storage import RESULT_DOCUMENT, ObjectStore
+from common.state.jobs import PREFIX, JobStore
+from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
 from worker.engine import DeviceMask, Predictor, quantise_device_mask

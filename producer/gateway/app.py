@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
-from common.metrics import register_queue_collector, start_metrics_server
+from common.observability.metrics import register_queue_collector, start_metrics_server
 from common.settings import Settings
 from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api
 from producer.gateway.openapi import install_openapi

@@ -21,11 +21,11 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from common.auth import ANONYMOUS, Principal
-from common.queue import send_job
-from common.results import finish_job
-from common.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
-from common.storage import KEPT_MANIFEST, parse_s3_url, request_output_prefix
+from common.adapters.queue import send_job
+from common.adapters.storage import KEPT_MANIFEST, parse_s3_url, request_output_prefix
+from common.domain.auth import ANONYMOUS, Principal
+from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
+from common.state.results import finish_job
 from producer.gateway import records
 from producer.gateway.inputs import InputErrors, parse_body
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import redis
 import redis.asyncio as aioredis
 
-from common.jobs import EVENTS_PREFIX, JobStore
+from common.state.jobs import EVENTS_PREFIX, JobStore
 
 log = logging.getLogger(__name__)
 

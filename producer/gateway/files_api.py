@@ -25,9 +25,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from common.auth import Principal, credential_from_header
-from common.signed_urls import make_token, object_url_valid, read_token
-from common.storage import uploads_prefix
+from common.adapters.storage import uploads_prefix
+from common.domain.auth import Principal, credential_from_header
+from common.domain.signed_urls import make_token, object_url_valid, read_token
 from producer.gateway.models import (
     ERRORS,
     ErrorBody,

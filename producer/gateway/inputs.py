@@ -5,7 +5,7 @@
 - our own signed `/objects/...` URLs become `s3://` (the signature is the permission);
 - large data URIs are stored in S3 first, so the job record and the Celery message stay small;
 - path-style URLs of our output bucket (custom S3 endpoints) become `s3://` when the key may read them;
-- other http(s) URLs pass `common.netguard`'s submit-time SSRF check.
+- other http(s) URLs pass `common.adapters.netguard`'s submit-time SSRF check.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 
-from common import netguard
-from common.auth import ANONYMOUS, Principal
-from common.errors import JobError
-from common.fetch import decode_data_uri
-from common.netguard import NetPolicy
-from common.schemas import INPUT_MODELS, BiRefNetInput
+from common.adapters import netguard
+from common.adapters.fetch import decode_data_uri
+from common.adapters.netguard import NetPolicy
+from common.adapters.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
+from common.domain.auth import ANONYMOUS, Principal
+from common.domain.errors import JobError
+from common.domain.schemas import INPUT_MODELS, BiRefNetInput
+from common.domain.signed_urls import object_url_valid
+from common.domain.variants import VariantSpec
 from common.settings import Settings
-from common.signed_urls import object_url_valid
-from common.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
-from common.variants import VariantSpec
 from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
     TIMEOUT_PATTERN,
     lifecycle_seconds,

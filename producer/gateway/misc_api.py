@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from common.metrics import metrics_response
+from common.observability.metrics import metrics_response
 from common.webhooks import WebhookSender
 from producer.gateway.models import ERRORS, ErrorBody, FailedWebhooks
 from producer.gateway.responses import FalError, fal_json

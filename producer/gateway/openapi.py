@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from common.extensions import OutputExtensions
-from common.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
+from common.domain.extensions import OutputExtensions
+from common.domain.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
 from producer.gateway.parsing import MAX_LIFETIME
 
 REF = "#/components/schemas/{model}"

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
-from common.schemas import INPUT_MODELS
+from common.domain.schemas import INPUT_MODELS
 from ops.status import gather_status
 from producer.gateway.models import ERRORS, ErrorBody
 from producer.gateway.responses import FalError, fal_json

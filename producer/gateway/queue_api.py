@@ -17,8 +17,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
-from common.queue import send_webhook
-from common.schemas import BiRefNetOutput
+from common.adapters.queue import send_webhook
+from common.domain.schemas import BiRefNetOutput
 from producer.gateway import records
 from producer.gateway.inputs import TIMEOUT_PATTERN, flag, lifecycle_seconds, priority, start_timeout
 from producer.gateway.models import (
@@ -69,7 +69,7 @@ NoRetryHeader = Annotated[str, Header(
     "request fails (503 runner_disconnected) instead of running again.")]
 
 
-INPUT_EXAMPLES = {  # fal's input, then the extension fields (common.extensions)
+INPUT_EXAMPLES = {  # fal's input, then the extension fields (common.domain.extensions)
     "fal": {"summary": "fal's input", "value": {"image_url": "https://example.com/cat.jpg", "output_mask": True}},
     "background_jpeg": {"summary": "Extension: on white, as JPEG", "value": {
         "image_url": "https://example.com/shoe.jpg", "background_color": "#ffffff", "output_format": "jpeg"}},

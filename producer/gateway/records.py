@@ -11,8 +11,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from common.auth import ANONYMOUS, Principal
-from common.jobs import JobStore
+from common.domain.auth import ANONYMOUS, Principal
+from common.state.jobs import JobStore
 from producer.gateway.state import Gateway
 
 _FIELDS = ("status", "owner", "variant", "result_code", "error", "error_type", "inference_time", "completed_at")

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from common.jobs import JobStore
-from common.schemas import BiRefNetOutput
+from common.domain.schemas import BiRefNetOutput
+from common.state.jobs import JobStore
 from producer.gateway import records
 from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
 from producer.gateway.queue_api import (

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
-from common.auth import ANONYMOUS_PRINCIPAL, Principal, credential_from_header
+from common.domain.auth import ANONYMOUS_PRINCIPAL, Principal, credential_from_header
 from producer.gateway.responses import FalError
 from producer.gateway.state import gateway
 from producer.gateway.throttle import AuthThrottle, client_address

@@ -11,16 +11,16 @@ from celery import Celery
 from fastapi import Request
 from redis.commands.core import AsyncScript
 
-from common.auth import KeyRing
-from common.jobs import JobStore
-from common.limits import Limiter
-from common.netguard import NetPolicy
-from common.queue import make_celery
-from common.redis_conn import async_redis_client
+from common.adapters.netguard import NetPolicy
+from common.adapters.queue import make_celery
+from common.adapters.redis_conn import async_redis_client
+from common.adapters.storage import ObjectStore
+from common.domain.auth import KeyRing
+from common.domain.signed_urls import shared_secret
+from common.domain.signing import WebhookSigner
 from common.settings import Settings
-from common.signed_urls import shared_secret
-from common.signing import WebhookSigner
-from common.storage import ObjectStore
+from common.state.jobs import JobStore
+from common.state.limits import Limiter
 from common.webhooks import webhook_policy
 from producer.gateway.events import JobEvents, job_events_for
 

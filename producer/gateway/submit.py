@@ -11,14 +11,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from common.auth import Principal
-from common.jobs import PREFIX
-from common.queue import send_job
-from common.redis_conn import wait_for_replicas
-from common.results import finish_job
-from common.schemas import JobParams, JobSpec
-from common.storage import request_output_prefix
-from common.variants import DEFAULT_MODEL_NAME
+from common.adapters.queue import send_job
+from common.adapters.redis_conn import wait_for_replicas
+from common.adapters.storage import request_output_prefix
+from common.domain.auth import Principal
+from common.domain.schemas import JobParams, JobSpec
+from common.domain.variants import DEFAULT_MODEL_NAME
+from common.state.jobs import PREFIX
+from common.state.results import finish_job
 from producer.gateway.inputs import (
     InputErrors,
     parse_body,

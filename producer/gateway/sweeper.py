@@ -1,5 +1,5 @@
 """Background duties of the gateway: expire queued requests past their start deadline, delete old files,
-and tell waiting requests when no worker serves their model (common/unserved.py).
+and tell waiting requests when no worker serves their model (common/state/unserved.py).
 
 Both schedules are Redis sorted sets popped atomically, so several gateway replicas share the work
 without doing anything twice.
@@ -13,9 +13,9 @@ import time
 
 from fastapi.concurrency import run_in_threadpool
 
-from common.results import finish_job
-from common.storage import request_output_prefix
-from common.unserved import note_unserved_jobs
+from common.adapters.storage import request_output_prefix
+from common.state.results import finish_job
+from common.state.unserved import note_unserved_jobs
 from producer.gateway.state import Gateway
 from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY
 

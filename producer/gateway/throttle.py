@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from fastapi import Request
 
-from common.jobs import PREFIX
 from common.settings import Settings
+from common.state.jobs import PREFIX
 from producer.gateway.responses import FalError
 
 KEY = f"{PREFIX}gateway:authfail:"

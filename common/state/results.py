@@ -9,13 +9,13 @@ import logging
 
 from celery import Celery
 
-from common.errors import JobError
-from common.jobs import JobStore
-from common.queue import send_webhook
-from common.redis_conn import wait_for_replicas
-from common.schemas import JobSpec
+from common.adapters.queue import send_webhook
+from common.adapters.redis_conn import wait_for_replicas
+from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
+from common.domain.errors import JobError
+from common.domain.schemas import JobSpec
 from common.settings import Settings
-from common.storage import RESULT_DOCUMENT, ObjectStore
+from common.state.jobs import JobStore
 from common.webhooks import book_first_attempt
 
 log = logging.getLogger(__name__)

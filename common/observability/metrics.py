@@ -25,11 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from common import ops_state
-from common.jobs import JobStore
-from common.redis_conn import redis_client
-from common.schemas import JobSpec
+from common.adapters.redis_conn import redis_client
+from common.domain.schemas import JobSpec
 from common.settings import Settings
+from common.state import ops_state
+from common.state.jobs import JobStore
 from common.webhooks import FAILED_KEY, attempts_key
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def instrument_webhook_deliverer(store: JobStore, max_retries: int) -> None:
     """Count deliveries by outcome from the attempt each `deliver_webhook` task recorded."""
     from celery.signals import task_postrun
 
-    from common.queue import DELIVER_WEBHOOK
+    from common.adapters.queue import DELIVER_WEBHOOK
 
     @task_postrun.connect(weak=False)
     def _count(sender=None, args=None, **_) -> None:

@@ -2,7 +2,7 @@
 
 One Lua script admits a request or says why not, atomically:
 
-- queue cap: the variant's IN_QUEUE set (`birefnet:pending:<variant>`, owned by common.jobs) is at its cap
+- queue cap: the variant's IN_QUEUE set (`birefnet:pending:<variant>`, owned by common.state.jobs) is at its cap
   (`max_queue_depth`, per variant, or the request's `fal_max_queue_length`) -> `queue_full`.
 - `requests_per_minute`: a sliding 60 s log of the key's admitted requests -> `rate_limited`, with the
   seconds until the oldest one leaves the window.
@@ -21,8 +21,8 @@ from typing import Literal
 
 import redis
 
-from common.jobs import PREFIX, JobStore
 from common.settings import Settings
+from common.state.jobs import PREFIX, JobStore
 
 Reason = Literal["queue_full", "rate_limited", "concurrency_limit"]
 NO_CAP = -1

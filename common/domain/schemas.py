@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from common.extensions import OutputExtensions
-from common.variants import RES_1024, RES_2048, RES_2304
+from common.domain.extensions import OutputExtensions
+from common.domain.variants import RES_1024, RES_2048, RES_2304
 
 
 class ModelV1(enum.StrEnum):
@@ -47,7 +47,7 @@ class OutputFormat(enum.StrEnum):
     WEBP = "webp"
     PNG = "png"
     GIF = "gif"
-    JPEG = "jpeg"  # extension: only with an opaque background (common.extensions)
+    JPEG = "jpeg"  # extension: only with an opaque background (common.domain.extensions)
     AVIF = "avif"  # extension: where the workers' Pillow has AVIF (else the job ends with a 422)
 
 

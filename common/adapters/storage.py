@@ -23,9 +23,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from common.errors import FileDownloadError, ImageTooLargeError
+from common.domain.errors import FileDownloadError, ImageTooLargeError
+from common.domain.signed_urls import object_url
 from common.settings import Settings
-from common.signed_urls import object_url
 
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 

@@ -6,7 +6,7 @@ Configured keys (setting `gateway_api_keys`) carry a hash of the secret, never t
 - `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>`: slow on purpose; needs the `id:secret` form. Verified
   credentials are cached in memory (by their SHA-256), so fal's 10 status polls a second stay cheap.
 
-`python -m common.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
+`python -m common.domain.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def new_key(key_id: str, *, user_id: str | None = None, admin: bool = False, sch
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.auth", description="make an API key")
+    parser = argparse.ArgumentParser(prog="python -m common.domain.auth", description="make an API key")
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("new", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry")
     make.add_argument("--id", required=True)

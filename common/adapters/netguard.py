@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from common.errors import FileDownloadError
+from common.domain.errors import FileDownloadError
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -363,7 +363,7 @@ def check_url(url: str, *, policy: NetPolicy | None = None, resolve: bool = True
     if scheme not in SCHEMES:
         raise UrlNotAllowedError(f"unsupported URL scheme {scheme!r}; use http, https, data or s3")
     if scheme == "s3":
-        from common.storage import parse_s3_url
+        from common.adapters.storage import parse_s3_url
 
         try:
             parse_s3_url(url)
@@ -371,7 +371,7 @@ def check_url(url: str, *, policy: NetPolicy | None = None, resolve: bool = True
             raise UrlNotAllowedError(str(exc)) from None
         return
     if scheme == "data":
-        return  # decoded (and size-checked) by common.fetch.decode_data_uri
+        return  # decoded (and size-checked) by common.adapters.fetch.decode_data_uri
     target = parse_http_url(url, policy)
     literal = literal_address(target.host)
     if literal is not None:

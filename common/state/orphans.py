@@ -4,7 +4,7 @@ Kombu's Redis transport moves a message from the queue list to its `unacked` has
 killed between them loses the message, and the job would wait IN_QUEUE forever. Workers therefore look,
 now and then, for IN_QUEUE jobs old enough that their message should have been taken, and whose request
 id is in neither the variant's queue lists nor the unacked hash, and send them again. A duplicate message
-is harmless: a job is claimed once (common.jobs), later copies are dropped.
+is harmless: a job is claimed once (common.state.jobs), later copies are dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 
 from celery import Celery
 
-from common.jobs import PREFIX, JobStore
-from common.queue import send_job
+from common.adapters.queue import send_job
+from common.state.jobs import PREFIX, JobStore
 
 log = logging.getLogger(__name__)
 

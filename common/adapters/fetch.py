@@ -1,6 +1,6 @@
 """Reading a job's input image: s3://, http(s):// or data: URIs, with size and time limits.
 
-http(s) downloads go through `common.netguard` (SSRF guard): every connection, redirects included,
+http(s) downloads go through `common.adapters.netguard` (SSRF guard): every connection, redirects included,
 is resolved once, checked and dialled by address. Errors are JobErrors with fal's error types:
 `file_download_error` for anything about getting the bytes, `image_too_large` for the size cap.
 """
@@ -16,8 +16,7 @@ from urllib.parse import unquote_to_bytes
 import httpcore
 import httpx
 
-from common.errors import FileDownloadError, ImageTooLargeError
-from common.netguard import (
+from common.adapters.netguard import (
     NetPolicy,
     UrlNotAllowedError,
     default_policy,
@@ -25,7 +24,8 @@ from common.netguard import (
     parse_http_url,
     scheme_of,
 )
-from common.storage import ObjectStore, parse_s3_url
+from common.adapters.storage import ObjectStore, parse_s3_url
+from common.domain.errors import FileDownloadError, ImageTooLargeError
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from common.redis_conn import celery_broker
-from common.schemas import JobSpec
+from common.adapters.redis_conn import celery_broker
+from common.domain.schemas import JobSpec
 from common.settings import Settings
 
 RUN_JOB = "birefnet.run_job"
@@ -17,7 +17,7 @@ WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
-    broker = celery_broker(settings)  # TLS, ACL and Sentinel options: common.redis_conn
+    broker = celery_broker(settings)  # TLS, ACL and Sentinel options: common.adapters.redis_conn
     app = Celery(name, broker=broker.url)
     app.conf.update(
         broker_use_ssl=broker.use_ssl,

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from common.jobs import PREFIX
+from common.state.jobs import PREFIX
 
 PAUSED_KEY = f"{PREFIX}paused"
 WORKERS_KEY = f"{PREFIX}workers"

@@ -21,7 +21,7 @@ from typing import Literal
 
 import redis
 
-from common.schemas import JobSpec
+from common.domain.schemas import JobSpec
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
@@ -133,8 +133,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings) -> JobStore:
-        """The store on the configured Redis (TLS, ACL, Sentinel: common.redis_conn)."""
-        from common.redis_conn import redis_client
+        """The store on the configured Redis (TLS, ACL, Sentinel: common.adapters.redis_conn)."""
+        from common.adapters.redis_conn import redis_client
 
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 

@@ -13,9 +13,9 @@ import json
 
 import redis
 
-from common import ops_state
-from common.jobs import JobStore, utc_timestamp
-from common.variants import VariantRegistry, VariantSpec
+from common.domain.variants import VariantRegistry, VariantSpec
+from common.state import ops_state
+from common.state.jobs import JobStore, utc_timestamp
 
 NOTED_FIELD = "unserved_noted"
 # Per variant and sweep: more waiting jobs are noted on later sweeps.

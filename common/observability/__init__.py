@@ -1,0 +1,1 @@
+"""What every process exports about itself: Prometheus metrics."""
