@@ -1,6 +1,6 @@
 """Load on this machine: N requests through the fal-compatible gateway, two workers, all must complete.
 
-Starts a private stack on loopback (tests/chaos_tools.ChaosStack without chaos: redis-server with AOF
+Starts a private stack on loopback (tests/helpers/chaos_tools.ChaosStack without chaos: redis-server with AOF
 `appendfsync always`, moto S3+SQS, `python -m producer.gateway`, the webhook deliverer and `--workers`
 `python -m worker` processes on the nano architecture with recipe weights, forward passes at 128x128 via
 BIREFNET_TEST_OPERATING_RESOLUTION), then:
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
 
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer  # noqa: E402
-from tests.chaos_tools import ChaosStack, run_load  # noqa: E402
+from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
 
 
 def check(figures: dict) -> None:

@@ -1,6 +1,6 @@
 """What the system costs without the network: the null model through the whole pipeline.
 
-Part 1, plumbing: a private stack on loopback (tests/chaos_tools.ChaosStack: redis-server with AOF
+Part 1, plumbing: a private stack on loopback (tests/helpers/chaos_tools.ChaosStack: redis-server with AOF
 `appendfsync always`, moto S3, `python -m producer.gateway`, the SQS producer, the webhook deliverer and
 `--workers` `python -m worker` processes with BIREFNET_BENCHMARK_NULL_MODEL=true, i.e. no network at
 all), `--jobs` requests of ~128x128 PNG data URIs with a webhook each, submitted by `--concurrency`
@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer, free_port  # noqa: E402
-from tests import chaos_tools  # noqa: E402
-from tests.chaos_tools import ChaosStack, run_load  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
-from tests.test_gateway_support import ALICE, auth  # noqa: E402
+from tests.helpers import chaos_tools  # noqa: E402
+from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
+from tests.helpers.gateway import ALICE, auth  # noqa: E402
+from tests.helpers.stack import wait_for  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 V2 = "/fal-ai/birefnet/v2"

@@ -12,9 +12,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import redis
@@ -27,6 +29,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_python(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python <args>` from the repository root with exactly `env`, stdout and stderr into `log_path`."""
+    handle = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def redis_server_binary() -> str:

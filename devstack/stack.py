@@ -12,7 +12,6 @@ import ipaddress
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,9 +27,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import Settings
-from devstack.services import MotoServer, RedisServer, free_port, provision_aws, stack_environment
-
-ROOT = Path(__file__).resolve().parent.parent
+from devstack.services import (
+    MotoServer,
+    RedisServer,
+    free_port,
+    provision_aws,
+    spawn_python,
+    stack_environment,
+)
 
 
 class DevStackSettings(BaseSettings):
@@ -198,9 +202,7 @@ class LocalStack:
         return self.log_dir / f"{worker}.ready"
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
-        handle = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
-        self.processes[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**self.env, **(extra_env or {})},
-                                                stdout=handle, stderr=subprocess.STDOUT)
+        self.processes[name] = spawn_python(args, {**self.env, **(extra_env or {})}, self.log_dir / f"{name}.log")
 
     def wait_worker_ready(self, timeout: float = 300) -> None:
         """Until every worker has written its ready file (raises if one exits first)."""

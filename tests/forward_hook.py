@@ -36,15 +36,6 @@ def hook_setting(directory: Path | str, *rules: Rule) -> str:
     return json.dumps({"dir": str(directory), "rules": [rule.__dict__ for rule in rules]})
 
 
-def marker_png(width: int, height: int = 40) -> bytes:
-    """A small picture whose width selects a rule."""
-    import io
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 40, 90)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class ForwardHook:
     def __init__(self, directory: Path, rules: Sequence[Rule]):
         self.directory, self.rules = directory, list(rules)

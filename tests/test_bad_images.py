@@ -35,9 +35,8 @@ from common.domain.errors import JobError
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
 from common.state.jobs import JobRecord, JobStore
-from devstack.services import stack_environment
-from tests.conftest import TEST_VARIANTS, Stack, wait_for
-from tests.test_ssrf import LocalServer
+from tests.helpers.servers import LocalServer
+from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, wait_for
 from worker.imaging import decode_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's, for the case below
@@ -392,7 +391,7 @@ def worker(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[WorkerHarn
     redis_url = f"redis://127.0.0.1:{redis_server.port}/{int(suffix, 16) % 15 + 1}"
     redis.Redis.from_url(redis_url).flushdb()
     log_dir = tmp_path_factory.mktemp("bad-images")
-    env = stack_environment(redis_url, moto_endpoint, "", {
+    stack = build_stack(redis_url, moto_endpoint, {
         "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
         "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
         "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
@@ -403,22 +402,15 @@ def worker(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[WorkerHarn
         "BIREFNET_MAX_INPUT_BYTES": str(MAX_BYTES),
         "BIREFNET_HTTP_TIMEOUT": "5",
         "BIREFNET_TEST_LOG_DIR": str(log_dir),
-    })
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            if key.startswith(("BIREFNET_", "AWS_")):
-                patch.setenv(key, value)
-        settings = Settings()
-        s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                          config=boto_config())
-        for bucket in (settings.input_bucket, settings.output_bucket):
-            s3.create_bucket(Bucket=bucket)
-        stack = Stack(settings=settings, env=env)
-        proc = stack.start_worker("general-light", name="worker")
-        try:
-            yield WorkerHarness(stack, settings, JobStore.from_url(redis_url), s3, proc.pid)
-        finally:
-            stack.stop_all()
+    }, queue_name=f"events-{suffix}")
+    settings = stack.settings
+    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
+                      config=boto_config())
+    proc = stack.start_worker("general-light", name="worker")
+    try:
+        yield WorkerHarness(stack, settings, JobStore.from_url(redis_url), s3, proc.pid)
+    finally:
+        stack.stop_all()
 
 
 # (name, how the input arrives, expected error type, message fragment)

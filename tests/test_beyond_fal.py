@@ -25,17 +25,11 @@ from PIL import Image, ImageOps
 from common.adapters.storage import boto_config
 from common.domain.auth import hash_secret
 from devstack.services import free_port, provision_aws
-from tests.conftest import wait_for
-from tests.test_fal_client import run_client
-from tests.test_gateway_support import (
-    ALICE,
-    BOB,
-    FileServer,
-    GatewayStack,
-    data_uri,
-    png_bytes,
-    start_gateway_stack,
-)
+from tests.helpers.fal_client import run_client
+from tests.helpers.gateway import ALICE, BOB, GatewayStack, start_gateway_stack
+from tests.helpers.images import data_uri, png_bytes
+from tests.helpers.servers import FileServer
+from tests.helpers.stack import wait_for
 
 V2 = "/queue/fal-ai/birefnet/v2"
 REQ = "/queue/fal-ai/birefnet/requests"

@@ -22,25 +22,24 @@ from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from devstack.receiver import WebhookReceiver
-from tests.chaos_tools import (
+from tests.forward_hook import Rule, hook_setting
+from tests.helpers.chaos_tools import (
     VARIANT,
     ChaosStack,
     Submitted,
     audit,
     chaos_environment,
-    data_uri,
     deliveries_of_task,
     log_lines,
     messages_of,
     running_in_background,
-    small_png,
     submit_mixed,
     task_ids_of,
     upload,
     wait_all_done,
 )
-from tests.conftest import wait_for
-from tests.forward_hook import Rule, hook_setting, marker_png
+from tests.helpers.images import data_uri, marker_png, small_png
+from tests.helpers.stack import wait_for
 
 JOBS = int(os.environ.get("CHAOS_JOBS", "100"))
 KILLS = int(os.environ.get("CHAOS_KILLS", str(max(4, JOBS // 50))))
@@ -231,7 +230,7 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     from common.state.jobs import JobStore
     from common.state.results import finish_job
     from common.webhooks import DUE_KEY, WebhookSender
-    from tests.test_gateway_support import signing_seed
+    from tests.helpers.gateway import signing_seed
 
     store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
     store.redis.flushdb()

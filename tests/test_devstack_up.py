@@ -24,8 +24,9 @@ import pytest
 
 from common.domain.variants import BUILTIN_VARIANTS
 from devstack.services import free_port
-from tests.conftest import ROOT, wait_for
-from tests.test_gateway_support import FileServer, png_bytes
+from tests.helpers.images import png_bytes
+from tests.helpers.servers import FileServer
+from tests.helpers.stack import ROOT, wait_for
 
 FAL_MODELS = [v for v in BUILTIN_VARIANTS if v.fal_names]
 JS_MODULES = ROOT / "tests" / "js" / "node_modules"

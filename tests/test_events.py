@@ -1,4 +1,4 @@
-"""Event notifications as each provider documents them (tests/event_payloads.py names the sources)."""
+"""Event notifications as each provider documents them (tests/helpers/event_payloads.py names the sources)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from producer.events import MalformedEvent, parse_notification
-from tests import event_payloads as docs
+from tests.helpers import event_payloads as docs
 
 # Keys that break naive decoding: spaces, '+', '%', unicode, an encoded slash, a '?' that is not a query.
 HARD_KEYS = ["c++ notes 1.png", "100% real/ünïcødé 猫.png", "a%2Fb/slash%2Fkept.png", "what?versionId=x.png",

@@ -26,9 +26,10 @@ import httpx
 import pytest
 
 from common.domain.auth import hash_secret
-from tests.chaos_tools import V2, ChaosStack, percentile, small_png
-from tests.conftest import wait_for
-from tests.test_gateway_support import FileServer
+from tests.helpers.chaos_tools import V2, ChaosStack, percentile
+from tests.helpers.images import small_png
+from tests.helpers.servers import FileServer
+from tests.helpers.stack import wait_for
 
 JOBS = int(os.environ.get("FAIRNESS_JOBS", "10"))
 HOLD = 1.0  # seconds each job spends in its download

@@ -11,41 +11,17 @@ The TLS certificate comes from a CA the test generates. Real Redis, moto, worker
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import httpx
 import pytest
 
 from common.domain.signing import verify
 from devstack.receiver import WebhookReceiver
-from tests.conftest import ROOT
-from tests.test_gateway_support import (
-    ALICE,
-    FileServer,
-    GatewayStack,
-    data_uri,
-    png_bytes,
-    start_gateway_stack,
-)
-from tests.test_webhooks import fal_documented_verify
-
-APP = "fal-ai/birefnet/v2"
-IMAGE = data_uri(png_bytes((72, 40)))
-NOT_AN_IMAGE = data_uri(b"<html>not an image</html>", "text/html")
-
-PRELUDE = f"""
-import json, os, sys, time
-import fal_client
-from fal_client import Completed, InProgress, Queued, FalClientHTTPError
-APP = {APP!r}
-IMAGE = {IMAGE!r}
-NOT_AN_IMAGE = {NOT_AN_IMAGE!r}
-def out(value):
-    print("RESULT " + json.dumps(value))
-"""
+from tests.helpers.fal_client import run_client
+from tests.helpers.fal_verify import fal_documented_verify
+from tests.helpers.gateway import GatewayStack, start_gateway_stack
+from tests.helpers.images import png_bytes
+from tests.helpers.servers import FileServer
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +29,6 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("fal-client"), tls=True)
     yield stack
     stack.close()
-
-
-def run_client(gs: GatewayStack, body: str, timeout: float = 180) -> dict:
-    """Run a fal_client script in a subprocess; returns what it passed to out()."""
-    host = f"127.0.0.1:{gs.gateway.port}"
-    env = {**os.environ, "FAL_KEY": ALICE, "FAL_RUN_HOST": f"{host}/run", "FAL_QUEUE_RUN_HOST": f"{host}/queue",
-           "SSL_CERT_FILE": str(gs.gateway.tls.ca), "PYTHONPATH": str(ROOT)}
-    script = PRELUDE + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"client failed:\n{done.stdout}\n{done.stderr}"
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.mark.timeout(240)

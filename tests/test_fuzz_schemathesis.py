@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_gateway_support import ALICE, BOB, GatewayStack, auth, start_gateway_stack
+from tests.helpers.gateway import ALICE, BOB, GatewayStack, auth, start_gateway_stack
 
 CASES = int(os.environ.get("FUZZ_CASES", "5"))
 REPORT_DIR = Path(os.environ.get("FUZZ_REPORT_DIR") or Path(__file__).resolve().parent.parent / "out" / "fuzz")

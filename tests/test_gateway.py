@@ -25,20 +25,11 @@ from common.state.jobs import JobStore
 from common.webhooks import list_attempts
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port
-from tests.conftest import wait_for
-from tests.test_gateway_support import (
-    ALICE,
-    BOB,
-    OPS,
-    FileServer,
-    GatewayServer,
-    GatewayStack,
-    auth,
-    data_uri,
-    png_bytes,
-    start_gateway_stack,
-)
-from tests.test_webhooks import fal_documented_verify
+from tests.helpers.fal_verify import fal_documented_verify
+from tests.helpers.gateway import ALICE, BOB, OPS, GatewayServer, GatewayStack, auth, start_gateway_stack
+from tests.helpers.images import data_uri, png_bytes
+from tests.helpers.servers import FileServer
+from tests.helpers.stack import wait_for
 
 V1 = "/queue/fal-ai/birefnet"
 V2 = "/queue/fal-ai/birefnet/v2"

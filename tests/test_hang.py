@@ -24,9 +24,10 @@ from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import ops_state
 from devstack.services import free_port
-from tests.chaos_tools import VARIANT, ChaosStack, data_uri, log_lines, small_png
-from tests.conftest import TEST_VARIANTS, wait_for
-from tests.forward_hook import Rule, hook_setting, marker_png
+from tests.forward_hook import Rule, hook_setting
+from tests.helpers.chaos_tools import VARIANT, ChaosStack, log_lines
+from tests.helpers.images import data_uri, marker_png, small_png
+from tests.helpers.stack import TEST_VARIANTS, wait_for
 from worker.watchdog import EXIT_STUCK
 
 LIMIT = 5.0  # general-light's run-time limit here (a per-variant override; the global default stays)

@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from common.adapters.storage import uploads_prefix
-from tests.conftest import wait_for
-from tests.test_gateway_support import ALICE, BOB, OPS, GatewayServer, GatewayStack, auth, start_gateway_stack
+from tests.helpers.gateway import ALICE, BOB, OPS, GatewayServer, GatewayStack, auth, start_gateway_stack
+from tests.helpers.stack import wait_for
 
 V1, V2 = "/queue/fal-ai/birefnet", "/queue/fal-ai/birefnet/v2"
 RUN1, RUN2 = "/run/fal-ai/birefnet", "/run/fal-ai/birefnet/v2"

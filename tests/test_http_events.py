@@ -2,55 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from urllib.parse import quote_plus
-
 import httpx
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.state.jobs import JobStore
-from devstack.services import free_port
 from producer.app import build_intake
 from producer.http_events import create_app
-from tests.conftest import Stack, wait_for
-from tests.test_producer import put, queued_specs
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """Run an ASGI app with uvicorn in a thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 15, "uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def minio_body(bucket: str, key: str, etag: str | None = None, event: str = "s3:ObjectCreated:Put") -> str:
-    """A notification as MinIO's webhook target sends it (keys URL-encoded in the record). Without `etag`
-    the record names no ETag and the producer takes the object as it is now."""
-    obj = {"key": quote_plus(key, safe="/"), "size": 3, "sequencer": "1", **({"eTag": etag} if etag else {})}
-    record = {"eventVersion": "2.0", "eventSource": "minio:s3", "eventName": event,
-              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj}}
-    return json.dumps({"EventName": event, "Key": f"{bucket}/{key}", "Records": [record]})
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """One sample's value from a Prometheus text exposition (None when absent)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
+from tests.helpers.metrics import sample
+from tests.helpers.pipeline import minio_body, put, queued_specs
+from tests.helpers.servers import serve
+from tests.helpers.stack import Stack, wait_for
 
 
 def test_minio_notification_becomes_one_job(stack: Stack):

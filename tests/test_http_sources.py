@@ -1,7 +1,7 @@
 """The HTTP event endpoint (`producer http`'s app on a real uvicorn server) for SNS HTTP(S) subscriptions,
 MinIO webhooks and Ceph RGW HTTP push: signatures, confirmations, keys, malformed bodies, allow-lists.
-Payloads are the providers' documented ones (tests/event_payloads.py); SNS is a loopback stand-in with its
-own CA and signing key (tests/sns_fixture.py), trusted only by the verifier the test builds."""
+Payloads are the providers' documented ones (tests/helpers/event_payloads.py); SNS is a loopback stand-in with its
+own CA and signing key (tests/helpers/sns_fixture.py), trusted only by the verifier the test builds."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from common.state.jobs import JobStore
 from producer.app import build_intake
 from producer.http_events import create_app, default_sns_verifier
 from producer.sns import SNS_HOST, SnsRefused
-from tests import event_payloads as docs
-from tests.conftest import Stack, wait_for
-from tests.sns_fixture import FakeSns
-from tests.test_http_events import serve
-from tests.test_pipeline_e2e import png_bytes
-from tests.test_producer import put, queued_specs
+from tests.helpers import event_payloads as docs
+from tests.helpers.images import array_png
+from tests.helpers.pipeline import put, queued_specs
+from tests.helpers.servers import serve
+from tests.helpers.sns_fixture import FakeSns
+from tests.helpers.stack import Stack, wait_for
 
 TOPIC = "arn:aws:sns:us-west-2:123456789012:MyTopic"
 SNS_HEADERS = {"x-amz-sns-message-type": "Notification", "Content-Type": "text/plain; charset=UTF-8"}
@@ -64,7 +64,7 @@ def test_sns_subscription_and_signed_notifications_end_to_end(stack: Stack, fake
     s3.put_bucket_notification_configuration(Bucket=settings.input_bucket, NotificationConfiguration={})
     stack.start_worker("general-light", extra_env={"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"})
     keys = ["sns-http/c++ notes 1.png", "sns-http/ünï 100%.png"]
-    etags = [s3.put_object(Bucket=settings.input_bucket, Key=k, Body=png_bytes(samples.astronaut()[:64, :48]))
+    etags = [s3.put_object(Bucket=settings.input_bucket, Key=k, Body=array_png(samples.astronaut()[:64, :48]))
              ["ETag"].strip('"') for k in keys]
 
     def notification(n: int) -> dict:

@@ -1,6 +1,6 @@
 """Bucket intake end to end with real processes: moto's S3/SQS/SNS/EventBridge server, the real producer
 (`python -m producer sqs`), a real worker, webhooks to a real receiver. Event bodies the tests send
-themselves are the providers' documented payloads (tests/event_payloads.py names each source)."""
+themselves are the providers' documented payloads (tests/helpers/event_payloads.py names each source)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from common.adapters.queue import make_celery
 from common.adapters.storage import boto_config
 from common.state import ops_state
 from common.state.jobs import JobStore
+from devstack.receiver import WebhookReceiver
 from ops import control
-from tests import event_payloads as docs
-from tests.conftest import Stack, WebhookReceiver, wait_for
-from tests.test_pipeline_e2e import png_bytes
+from tests.helpers import event_payloads as docs
+from tests.helpers.images import array_png
+from tests.helpers.stack import Stack, wait_for
 
 FAST = {"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}  # CPU: small forward passes, logged as test mode
 
@@ -33,7 +34,7 @@ def client(stack: Stack, service: str):
 
 
 def picture(source: np.ndarray, width: int, height: int) -> bytes:
-    return png_bytes(np.asarray(Image.fromarray(source).resize((width, height))))
+    return array_png(np.asarray(Image.fromarray(source).resize((width, height))))
 
 
 def fetch_image(url: str) -> Image.Image:

@@ -24,15 +24,9 @@ from common.state.jobs import JobStore
 from common.state.limits import Limiter
 from producer.app import build_intake
 from producer.sqs import SqsConsumer
-from tests.conftest import Stack, wait_for
-from tests.test_gateway_support import (
-    GatewayServer,
-    GatewayStack,
-    auth,
-    data_uri,
-    png_bytes,
-    start_gateway_stack,
-)
+from tests.helpers.gateway import GatewayServer, GatewayStack, auth, start_gateway_stack
+from tests.helpers.images import data_uri, png_bytes
+from tests.helpers.stack import Stack, wait_for
 
 V2 = "/queue/fal-ai/birefnet/v2"
 RUN = "/run/fal-ai/birefnet/v2"
@@ -194,8 +188,8 @@ def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
 
 def test_minio_events_get_503_queue_full_until_there_is_room(stack: Stack):
     from producer.http_events import create_app
-    from tests.test_http_events import minio_body, serve
-    from tests.test_producer import put
+    from tests.helpers.pipeline import minio_body, put
+    from tests.helpers.servers import serve
 
     settings = stack.settings.model_copy(update={"max_queue_depth": 1, "queue_full_retry_after": 3})
     put(stack, "m/one.png")

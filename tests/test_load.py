@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack.receiver import WebhookReceiver
-from tests.chaos_tools import ChaosStack, run_load
+from tests.helpers.chaos_tools import ChaosStack, run_load
 
 LOAD_JOBS = int(os.environ.get("LOAD_JOBS", "100"))
 

@@ -28,23 +28,21 @@ from redis.retry import Retry
 from common.adapters.redis_conn import redis_client
 from common.settings import Settings
 from devstack.receiver import WebhookReceiver
-from devstack.services import free_port, provision_aws, redis_server_binary, stack_environment
-from tests.chaos_tools import (
+from devstack.services import free_port, redis_server_binary
+from tests.helpers.chaos_tools import (
     DONE_LINE,
     GatewaySubmitter,
     Submitted,
     chaos_environment,
-    data_uri,
     expected_ids,
     job_records,
     log_lines,
-    settings_from,
-    small_png,
     upload,
 )
-from tests.conftest import ROOT, Stack, wait_for
-from tests.redis_topologies import SentinelGroup, TlsRedis, tls_redis_binary
-from tests.test_gateway_support import api_keys_setting
+from tests.helpers.gateway import api_keys_setting
+from tests.helpers.images import data_uri, small_png
+from tests.helpers.redis_topologies import SentinelGroup, TlsRedis, tls_redis_binary
+from tests.helpers.stack import ROOT, build_stack, wait_for
 
 TLS_BINARY = tls_redis_binary()
 FAILOVER_JOBS = int(os.environ.get("FAILOVER_JOBS", "24"))  # `make chaos`: 200
@@ -63,13 +61,8 @@ class ManagedStack:
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
             "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"), "BIREFNET_TEST_LOG_DIR": str(log_dir),
             **redis_env})
-        env = stack_environment(redis_env["BIREFNET_REDIS_URL"], moto_url, "", values)
-        self.settings = settings_from({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
-        queue = provision_aws(self.settings, queue_name=f"events-{suffix}")
-        env["BIREFNET_SQS_QUEUE_URL"] = queue.queue_url
-        self.settings = self.settings.model_copy(update={"sqs_queue_url": queue.queue_url})
-        self.env = env
-        self.stack = Stack(settings=self.settings, env=env)
+        self.stack = build_stack(redis_env["BIREFNET_REDIS_URL"], moto_url, values, queue_name=f"events-{suffix}")
+        self.settings, self.env = self.stack.settings, self.stack.env
         self.moto_url = moto_url
 
     @property

@@ -9,12 +9,14 @@ from skimage import data as samples
 from common.observability.metrics import STAGES
 from common.state import ops_state
 from common.state.jobs import JobStore
+from devstack.receiver import WebhookReceiver
 from devstack.services import free_port
 from producer.http_events import create_app
-from tests.conftest import Stack, WebhookReceiver, wait_for
-from tests.test_http_events import minio_body, sample, serve
-from tests.test_pipeline_e2e import png_bytes
-from tests.test_producer import put
+from tests.helpers.images import array_png
+from tests.helpers.metrics import sample
+from tests.helpers.pipeline import minio_body, put
+from tests.helpers.servers import serve
+from tests.helpers.stack import Stack, wait_for
 
 
 def scrape(url: str) -> str:
@@ -40,7 +42,7 @@ def test_worker_producer_and_webhook_metrics_move_after_jobs(stack: Stack, webho
     assert sample(before, "birefnet_jobs_completed_total", variant="general-light", outcome="done") is None
 
     hook = {"webhook_url": webhook_receiver.url}
-    put(stack, "m/astronaut.png", hook, body=png_bytes(samples.astronaut()))
+    put(stack, "m/astronaut.png", hook, body=array_png(samples.astronaut()))
     put(stack, "m/broken.png", hook, body=b"<html>not an image</html>")
     with serve(create_app(settings)) as producer_url:
         for key in ("m/astronaut.png", "m/broken.png"):

@@ -22,9 +22,9 @@ from ops import cli, control, render
 from ops.status import gather_status, percentile
 from producer.app import build_intake
 from producer.events import ObjectCreated
-from tests.conftest import Stack, wait_for
-from tests.test_pipeline_e2e import png_bytes
-from tests.test_producer import put
+from tests.helpers.images import array_png
+from tests.helpers.pipeline import put
+from tests.helpers.stack import Stack, wait_for
 
 
 def submit(stack: Stack, key: str, body: bytes = b"img", metadata: dict | None = None) -> str:
@@ -136,7 +136,7 @@ def test_pause_resume_and_drain_steer_a_running_worker(stack: Stack):
 
     paused = control.pause(r, celery, settings, "general-light")
     assert paused["workers_serving"] == 1 and all(n.startswith("general-light@") for n in paused["acknowledged_by"])
-    job = submit(stack, "ops/a.png", png_bytes(samples.astronaut()))
+    job = submit(stack, "ops/a.png", array_png(samples.astronaut()))
     time.sleep(3)
     assert status_of(stack, job) == "IN_QUEUE", "a paused variant's jobs stay queued"
     view = gather_status(r, settings)["variants"]["general-light"]
@@ -152,7 +152,7 @@ def test_pause_resume_and_drain_steer_a_running_worker(stack: Stack):
     assert drained["drained"] and drained["finished"] == [job] and drained["running"] == []
     assert drained["workers_stopped"] == drained["workers_serving"] == 1
     assert status_of(stack, job) == "COMPLETED"
-    later = submit(stack, "ops/b.png", png_bytes(samples.astronaut()))
+    later = submit(stack, "ops/b.png", array_png(samples.astronaut()))
     time.sleep(3)
     assert status_of(stack, later) == "IN_QUEUE", "a drained variant stays paused"
 
@@ -168,7 +168,7 @@ def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revive
     celery = make_celery(settings)
     store = JobStore(r)
     # A job that already used up its attempts: the worker's claim dead-letters it.
-    put(stack, "dead/astronaut.png", {}, body=png_bytes(samples.astronaut()))
+    put(stack, "dead/astronaut.png", {}, body=array_png(samples.astronaut()))
     rid = str(uuid.uuid4())
     spec = JobSpec(request_id=rid, variant="general-light", params=JobParams(),
                    image_url=f"s3://{settings.input_bucket}/dead/astronaut.png",

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from common.domain.variants import VariantSpec
 from common.settings import Settings
 from devstack.services import free_port
-from tests.conftest import ROOT, Stack, wait_for
+from tests.helpers.stack import ROOT, Stack, wait_for
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
 from worker.engine import Predictor
 from worker.patch_order_check import SAMPLES_DIR, decide

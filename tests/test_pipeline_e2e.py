@@ -5,27 +5,17 @@ from __future__ import annotations
 import io
 import json
 
-import boto3
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as samples
 
-from common.adapters.storage import boto_config
 from common.settings import Settings
-from tests.conftest import Stack, WebhookReceiver, wait_for
-
-
-def s3_client(settings: Settings):
-    return boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                        config=boto_config())
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from devstack.receiver import WebhookReceiver
+from tests.helpers.images import array_png
+from tests.helpers.pipeline import queue_is_empty, s3_client
+from tests.helpers.stack import Stack, wait_for
 
 
 def start_pipeline(stack: Stack) -> None:
@@ -51,7 +41,7 @@ def test_upload_comes_back_cut_out_with_webhook(stack: Stack, webhook_receiver: 
     start_pipeline(stack)
     s3 = s3_client(settings)
     photo = samples.astronaut()  # 512x512 RGB
-    s3.put_object(Bucket=settings.input_bucket, Key="photos/astronaut one.png", Body=png_bytes(photo),
+    s3.put_object(Bucket=settings.input_bucket, Key="photos/astronaut one.png", Body=array_png(photo),
                   ContentType="image/png",
                   Metadata={"output_mask": "true", "webhook_url": webhook_receiver.url, "output_format": "png"})
 
@@ -105,7 +95,7 @@ def test_bad_image_gets_error_and_next_image_still_works(stack: Stack, webhook_r
     assert detail["type"] == "image_load_error" and detail["loc"] == ["body", "image_url"]
     assert "image" in detail["msg"].lower()
 
-    s3.put_object(Bucket=settings.input_bucket, Key="good/chelsea.png", Body=png_bytes(samples.chelsea()),
+    s3.put_object(Bucket=settings.input_bucket, Key="good/chelsea.png", Body=array_png(samples.chelsea()),
                   Metadata=hook)
     deliveries = webhook_receiver.wait(2, timeout=180)
     good = deliveries[1].json()
@@ -124,7 +114,7 @@ def test_invalid_metadata_is_an_error_result_not_a_crash(stack: Stack, webhook_r
     settings = stack.settings
     start_pipeline(stack)
     s3 = s3_client(settings)
-    s3.put_object(Bucket=settings.input_bucket, Key="x/astronaut.png", Body=png_bytes(samples.astronaut()),
+    s3.put_object(Bucket=settings.input_bucket, Key="x/astronaut.png", Body=array_png(samples.astronaut()),
                   Metadata={"webhook_url": webhook_receiver.url, "model": "Fancy"})
     (delivery,) = webhook_receiver.wait(1, timeout=120)
     body = delivery.json()
@@ -137,9 +127,3 @@ def test_invalid_metadata_is_an_error_result_not_a_crash(stack: Stack, webhook_r
     wait_for(lambda: queue_is_empty(settings), 30, "the SQS message to be deleted")
 
 
-def queue_is_empty(settings: Settings) -> bool:
-    sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url)
-    attrs = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url,
-                                     AttributeNames=["ApproximateNumberOfMessages",
-                                                     "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"

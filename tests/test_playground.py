@@ -21,8 +21,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
-from tests.test_gateway_support import ALICE, OPS, FileServer, GatewayStack, png_bytes, start_gateway_stack
+from tests.helpers.gateway import ALICE, OPS, GatewayStack, start_gateway_stack
+from tests.helpers.images import png_bytes
+from tests.helpers.servers import FileServer
+from tests.helpers.stack import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -21,17 +21,9 @@ import pytest
 
 from common.state import ops_state
 from devstack.receiver import WebhookReceiver
-from tests.chaos_tools import (
-    ChaosStack,
-    GatewaySubmitter,
-    OomKiller,
-    data_uri,
-    flat_png,
-    log_lines,
-    resident_mb,
-    small_png,
-)
-from tests.conftest import ROOT, wait_for
+from tests.helpers.chaos_tools import ChaosStack, GatewaySubmitter, OomKiller, log_lines, resident_mb
+from tests.helpers.images import data_uri, flat_png, small_png
+from tests.helpers.stack import ROOT, wait_for
 
 MAX_ATTEMPTS = 2
 HEADROOM_MB = 400  # the limit above a warm worker's resident memory; the poison needs ~1 GB more

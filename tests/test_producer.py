@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import json
-
-import boto3
-import redis
-
-from common.adapters.storage import boto_config, make_sqs_client
+from common.adapters.storage import make_sqs_client
 from common.settings import Settings
 from common.state.jobs import JobStore
 from devstack.services import RedisServer
 from producer.app import build_intake
 from producer.sqs import SqsConsumer
-from tests.conftest import Stack
-from tests.test_pipeline_e2e import queue_is_empty
-
-
-def queued_specs(stack: Stack, queue: str) -> list[dict]:
-    """Job specs waiting in a Celery queue (a Redis list of kombu envelopes), oldest first."""
-    client = redis.Redis.from_url(stack.settings.redis_url)
-    envelopes = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
-    return [json.loads(base64.b64decode(e["body"]))[0][0] for e in envelopes]
+from tests.helpers.pipeline import put, queue_is_empty, queued_specs
+from tests.helpers.stack import Stack
 
 
 def consumer(settings: Settings) -> SqsConsumer:
@@ -32,13 +19,6 @@ def consumer(settings: Settings) -> SqsConsumer:
 def drain(c: SqsConsumer, rounds: int = 3) -> int:
     return sum(c.poll_once() for _ in range(rounds))
 
-
-def put(stack: Stack, key: str, metadata: dict | None = None, body: bytes = b"img") -> str:
-    """Upload to the input bucket; returns the object's ETag (as events carry it)."""
-    s3 = boto3.client("s3", region_name=stack.settings.aws_region, endpoint_url=stack.settings.s3_endpoint_url,
-                      config=boto_config())
-    return s3.put_object(Bucket=stack.settings.input_bucket, Key=key, Body=body,
-                         Metadata=metadata or {})["ETag"].strip('"')
 
 
 def test_upload_becomes_one_job_with_metadata_params(stack: Stack):

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from common.state.jobs import JobStore
-from tests.conftest import Stack, WebhookReceiver, wait_for
-from tests.forward_hook import Rule, hook_setting, marker_png
-from tests.test_pipeline_e2e import s3_client
+from devstack.receiver import WebhookReceiver
+from tests.forward_hook import Rule, hook_setting
+from tests.helpers.images import marker_png
+from tests.helpers.pipeline import s3_client
+from tests.helpers.stack import Stack, wait_for
 
 SLOW_WIDTH = 64  # the hook's marker (no other test image is 64 pixels wide)
 

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.test_gateway_support import GatewayStack, data_uri, png_bytes, start_gateway_stack
+from tests.helpers.gateway import GatewayStack, start_gateway_stack
+from tests.helpers.images import data_uri, png_bytes
+from tests.helpers.stack import ROOT, wait_for
 
 IMAGE = data_uri(png_bytes((48, 32)))
 WAITING = "no worker serves General Use (Light) right now; waiting"

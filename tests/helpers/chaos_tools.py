@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import math
 import os
@@ -35,16 +34,16 @@ from pathlib import Path
 import boto3
 import httpx
 import redis
-from PIL import Image
 
 from common.adapters.storage import RESULT_DOCUMENT, boto_config
 from common.settings import Settings
 from common.state import ops_state
 from common.state.jobs import JobRecord, JobStore
 from devstack.receiver import WebhookReceiver
-from devstack.services import RedisServer, free_port, provision_aws, stack_environment
-from tests.conftest import TEST_VARIANTS, Stack, wait_for
-from tests.test_gateway_support import ALICE, api_keys_setting, auth, signing_seed
+from devstack.services import RedisServer, free_port
+from tests.helpers.gateway import ALICE, api_keys_setting, auth, signing_seed
+from tests.helpers.images import data_uri, flat_png, small_png  # noqa: F401 - chaos tests take them from here
+from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, settings_from, wait_for  # noqa: F401
 
 V2 = "/queue/fal-ai/birefnet/v2"
 VARIANT = "general-light"
@@ -142,30 +141,6 @@ class TcpProxy:
         src.close()
 
 
-# --- images ------------------------------------------------------------------------------------------
-def small_png(seed: int) -> bytes:
-    """A distinct small picture per job (a square on a background), a few hundred bytes."""
-    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
-    image = Image.new("RGB", (96 + seed % 17, 64 + seed % 13), color)
-    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (20, 16, 60, 48))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def flat_png(side: int) -> bytes:
-    """A big, almost uniform picture: a few tens of KB to upload, `side`² pixels to hold in memory."""
-    image = Image.new("RGB", (side, side), (20, 160, 40))
-    image.paste((230, 230, 230), (side // 4, side // 4, side * 3 // 4, side * 3 // 4))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # --- the stack ---------------------------------------------------------------------------------------
 def chaos_environment(**overrides: str) -> dict[str, str]:
     """Settings of a chaos or load stack: nano model at 128x128, short timeouts so failures heal fast."""
@@ -193,20 +168,6 @@ def chaos_environment(**overrides: str) -> dict[str, str]:
     }
     values.update(overrides)
     return values
-
-
-def settings_from(env: dict[str, str]) -> Settings:
-    """Settings as a child process with `env` would read them (os.environ is left as it was)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return Settings()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass
@@ -237,14 +198,11 @@ class ChaosStack:
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
             "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"),
             "BIREFNET_TEST_LOG_DIR": str(self.log_dir), **self.overrides})
-        env = stack_environment(self.redis.url, self.proxy.url if self.s3_proxy else self.moto_url, "", values)
-        env["BIREFNET_SQS_ENDPOINT_URL"] = self.moto_url  # only S3 goes through the cuttable proxy
-        self.settings = settings_from({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
-        queue = provision_aws(self.settings, queue_name=f"events-{suffix}")
-        self._versioned_output_and_quick_queue(queue.queue_url)
-        env["BIREFNET_SQS_QUEUE_URL"] = queue.queue_url
-        self.settings = self.settings.model_copy(update={"sqs_queue_url": queue.queue_url})
-        self.stack = Stack(settings=self.settings, env=env)
+        # Only S3 goes through the cuttable proxy.
+        self.stack = build_stack(self.redis.url, self.proxy.url if self.s3_proxy else self.moto_url, values,
+                                 queue_name=f"events-{suffix}", sqs_url=self.moto_url)
+        self.settings = self.stack.settings
+        self._versioned_output_and_quick_queue(self.settings.sqs_queue_url)
         if gateway:
             self.stack.start(["-m", "producer.gateway"], "gateway")
         if producer:

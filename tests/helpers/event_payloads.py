@@ -63,7 +63,7 @@ def sns_envelope(message: dict | str, topic_arn: str = "arn:aws:sns:us-west-2:12
     Source: "Amazon SNS message and JSON formats" / "HTTP/HTTPS notification JSON format",
     https://docs.aws.amazon.com/sns/latest/dg/http-notification-json.html
     The signature fields are the documentation's placeholders: SQS deliveries are not checked; HTTP ones
-    are signed by tests.sns_fixture.
+    are signed by tests.helpers.sns_fixture.
     """
     envelope = {
         "Type": "Notification",

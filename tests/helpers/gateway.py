@@ -1,6 +1,5 @@
-"""Shared parts for the gateway tests (no tests here): a private stack with real Redis, moto, worker and
-webhook-deliverer subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA),
-API keys, and small image helpers.
+"""Shared parts for the gateway tests: a private stack with real Redis, moto, worker and webhook-deliverer
+subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA), and API keys.
 
 The stack is built once per test module (`GatewayStack`), because starting worker processes dominates
 the run time; tests keep apart by using their own keys and request ids.
@@ -8,29 +7,23 @@ the run time; tests keep apart by using their own keys and request ids.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
 import ssl
 import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from PIL import Image
 
 from common.domain.auth import hash_secret
 from common.settings import Settings
-from devstack.services import free_port, provision_aws, stack_environment
+from devstack.services import free_port
 from devstack.stack import TlsFiles, make_tls
 from producer.gateway.app import create_app
-from tests.conftest import Stack, isolated_settings, wait_for
+from tests.helpers.stack import Stack, build_stack, isolated_settings, wait_for
 
 # --- keys ---
 KEYS = {  # id -> secret; "alice" is scrypt-hashed (id:secret), "bob" sha256 (also usable as a bare token)
@@ -59,50 +52,6 @@ def auth(credential: str) -> dict[str, str]:
 def signing_seed() -> str:
     return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
-
-
-# --- images ---
-def png_bytes(size: tuple[int, int] = (64, 48), color=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    image = Image.new("RGB", size, color)
-    image.paste((20, 200, 20), (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-class FileServer:
-    """Serves fixed bodies by path on 127.0.0.1 (http image_url inputs); unknown paths are 404.
-    `delays` holds a job in its download ("loading image") for that many seconds."""
-
-    def __init__(self, files: dict[str, tuple[bytes, str]], delays: dict[str, float] | None = None):
-        server_files, server_delays = files, delays or {}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                time.sleep(server_delays.get(self.path, 0))
-                body, mime = server_files.get(self.path, (b"missing", "text/plain"))
-                self.send_response(200 if self.path in server_files else 404)
-                self.send_header("content-type", mime)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # --- the gateway in a thread ---
@@ -138,7 +87,6 @@ class GatewayStack:
     stack: Stack
     settings: Settings
     gateway: GatewayServer
-    saved_env: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -161,11 +109,6 @@ class GatewayStack:
     def close(self) -> None:
         self.gateway.stop()
         self.stack.stop_all()
-        for key, value in self.saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, tls: bool = False,
@@ -186,15 +129,11 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
         "BIREFNET_TEST_OPERATING_RESOLUTION": "256x256",
         **(extra or {}),
     }
-    env = stack_environment(redis_url, moto_endpoint, "", values)
-    saved = {key: os.environ.get(key) for key in env if key.startswith(("BIREFNET_", "AWS_"))}
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
-    settings = Settings()
-    provision_aws(settings, queue_name=f"events-{suffix}")
-    stack = Stack(settings=settings, env=env)
+    stack = build_stack(redis_url, moto_endpoint, values, queue_name=f"events-{suffix}")
+    settings = stack.settings
     tls_files = make_tls(log_dir) if tls else None
     gateway = GatewayServer(settings, tls_files).start()
-    result = GatewayStack(stack=stack, settings=settings, gateway=gateway, saved_env=saved)
+    result = GatewayStack(stack=stack, settings=settings, gateway=gateway)
     try:
         if webhooks:
             stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
