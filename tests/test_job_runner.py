@@ -1,0 +1,295 @@
+"""worker/runner.py's JobRunner in this process, over every outcome it can return: a real redis-server, moto S3,
+the null-model predictor (a constant mask, no network), no Celery worker (the Celery app only books webhook
+tasks, and these jobs have none)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from PIL import Image
+
+from common.adapters.queue import make_celery
+from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
+from common.domain.schemas import JobParams, JobSpec
+from common.settings import Settings
+from common.state.jobs import PREFIX, JobRecord, JobStore
+from tests.helpers.images import data_uri, png_bytes
+from tests.helpers.pipeline import put, s3_client
+from tests.helpers.stack import Stack
+from worker.engine import Predictor
+from worker.null_model import NULL_MODEL_BANNER
+from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner, Outcome
+
+VARIANT = "general-light"
+IMAGE = data_uri(png_bytes((40, 30)))
+
+
+@dataclass
+class Harness:
+    """A runner with a null-model predictor; `during_forward` runs inside each forward (in the batcher's thread)."""
+
+    settings: Settings
+    store: JobStore
+    stack: Stack
+    runner: JobRunner
+    during_forward: list[Callable[[], None]] = field(default_factory=list)
+
+    def job(self, image_url: str = IMAGE, variant: str = VARIANT, create: bool = True, **fields) -> JobSpec:
+        rid = uuid.uuid4().hex
+        spec = JobSpec(request_id=rid, variant=variant, image_url=image_url,
+                       params=fields.pop("params", JobParams(output_format="png")),
+                       output_prefix=fields.pop("output_prefix", request_output_prefix(self.settings, rid)), **fields)
+        if create:
+            assert self.store.create(spec)
+        return spec
+
+    def record(self, spec: JobSpec) -> JobRecord:
+        record = self.store.get(spec.request_id)
+        assert record is not None
+        return record
+
+    def attempts(self, spec: JobSpec) -> int:
+        return int(self.store.redis.hget(self.store.job_key(spec.request_id), "attempts") or 0)
+
+
+def make_harness(stack: Stack, **overrides) -> Harness:
+    settings = stack.settings.model_copy(update={
+        "device": "cpu", "benchmark_null_model": True, "warmup_forward": False, "max_batch_size": 1,
+        "batch_wait_ms": 0, **overrides})
+    predictor = Predictor(settings.variants.get(VARIANT), settings)
+    predictor.load()
+    store = JobStore.from_url(settings.redis_url)
+    hooks: list[Callable[[], None]] = []
+
+    def forward_hook(images: Sequence[Image.Image]) -> None:
+        for hook in hooks:
+            hook()
+
+    runner = JobRunner(settings, store, ObjectStore(settings), make_celery(settings), {VARIANT: predictor},
+                       "test-runner:1", forward_hook=forward_hook)
+    return Harness(settings, store, stack, runner, hooks)
+
+
+@pytest.fixture
+def harness(stack: Stack) -> Iterator[Harness]:
+    yield make_harness(stack)
+
+
+def assert_failed(h: Harness, spec: JobSpec, outcome: Outcome, code: int, error_type: str, fragment: str) -> None:
+    record = h.record(spec)
+    assert outcome.kind == "failed", outcome
+    assert record.status == "COMPLETED" and record.result_code == code, record
+    assert record.error_type == error_type and fragment in (record.error or ""), record.error
+
+
+# --- done -------------------------------------------------------------------------------------------
+def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
+    spec = harness.job(params=JobParams(output_format="png", output_mask=True))
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "done" and {"fetch", "decode", "inference", "render", "upload", "total"} <= set(outcome.timings)
+    record = harness.record(spec)
+    assert record.ok and record.result_code == 200 and record.inference_time is not None
+    assert record.result["warning"] == NULL_MODEL_BANNER
+    assert (record.result["image"]["width"], record.result["image"]["height"]) == (40, 30)
+    assert record.result["mask_image"]["content_type"] == "image/png"
+    s3 = s3_client(harness.settings)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=harness.settings.output_bucket,
+                                                  Prefix=spec.output_prefix)["Contents"]}
+    assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= keys
+    assert not harness.store.redis.exists(harness.store.lease_key(spec.request_id)), "the lease is released"
+    assert spec.request_id not in harness.runner.running_jobs()
+
+
+def test_an_existing_result_for_the_same_input_is_reused(harness: Harness):
+    first = harness.job(input_fingerprint="fp-1")
+    assert harness.runner.run(first).kind == "done"
+    again = harness.job(input_fingerprint="fp-1", output_prefix=first.output_prefix)
+    outcome = harness.runner.run(again)
+    assert (outcome.kind, outcome.detail) == ("done", "reused")
+    record = harness.record(again)
+    assert record.ok and record.extra.get("reused") is True
+    assert record.result["image"] == harness.record(first).result["image"]
+
+
+# --- claims that run nothing ------------------------------------------------------------------------
+def test_a_completed_job_is_skipped(harness: Harness):
+    spec = harness.job()
+    assert harness.runner.run(spec).kind == "done"
+    outcome = harness.runner.run(spec)
+    assert (outcome.kind, outcome.detail) == ("skipped", "already completed")
+
+
+def test_a_job_leased_by_another_worker_is_deferred(harness: Harness):
+    spec = harness.job()
+    harness.store.redis.set(harness.store.lease_key(spec.request_id), "elsewhere", px=60_000)
+    outcome = harness.runner.run(spec)
+    assert (outcome.kind, outcome.detail) == ("defer", "another worker holds the lease")
+    assert harness.record(spec).status == "IN_QUEUE"
+
+
+def test_a_job_without_a_record_is_skipped(harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    spec = harness.job(create=False)
+    monkeypatch.setattr(harness.store, "ensure", lambda spec: None)  # the record expired between the two
+    outcome = harness.runner.run(spec)
+    assert (outcome.kind, outcome.detail) == ("skipped", "job record missing")
+
+
+@pytest.mark.parametrize("last_type, max_attempts, code, error_type, fragment", [
+    ("", None, 503, "runner_disconnected", "moved to the dead-letter list"),
+    ("", 1, 503, "runner_disconnected", "asked for no retries (x-fal-no-retry)"),
+    (TIMEOUT_ERROR_TYPE, None, 504, TIMEOUT_ERROR_TYPE, "ended at its run-time limit"),
+])
+def test_exhausted_attempts_end_the_job_and_dead_letter_it(harness: Harness, last_type, max_attempts, code,
+                                                           error_type, fragment):
+    spec = harness.job(max_attempts=max_attempts)
+    allowed = max_attempts or harness.settings.max_job_attempts
+    harness.store.redis.hset(harness.store.job_key(spec.request_id), mapping={
+        "attempts": allowed, "last_error": "worker stopped", "last_error_type": last_type})
+    outcome = harness.runner.run(spec)
+    assert_failed(harness, spec, outcome, code, error_type, fragment)
+    assert outcome.detail.startswith("attempts exhausted")
+    assert harness.store.redis.zscore(f"{PREFIX}deadletter", spec.request_id) is not None
+
+
+def test_a_stuck_worker_hands_jobs_back_untouched(harness: Harness):
+    harness.runner.health.trip("test")
+    spec = harness.job()
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "handback" and "worker is stuck: test" in outcome.detail
+    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 0
+
+
+# --- the job's own errors -----------------------------------------------------------------------------
+def test_a_passed_start_deadline_fails_with_504(harness: Harness):
+    spec = harness.job(start_deadline=time.time() - 1)
+    outcome = harness.runner.run(spec)
+    assert_failed(harness, spec, outcome, 504, "request_timeout", "timed out before it started")
+    assert outcome.detail == "start deadline passed"
+
+
+def test_a_variant_this_worker_does_not_serve_fails_with_503(harness: Harness):
+    spec = harness.job(variant="general-heavy")
+    assert_failed(harness, spec, harness.runner.run(spec), 503, "runner_scheduling_failure", "does not serve")
+
+
+def test_invalid_input_fails_before_any_work(stack: Stack):
+    harness = make_harness(stack, test_unsupported_output_formats=["avif"])
+    forwards: list[bool] = []
+    harness.during_forward.append(lambda: forwards.append(True))
+    spec = harness.job(params=JobParams(output_format="avif"))
+    outcome = harness.runner.run(spec)
+    assert_failed(harness, spec, outcome, 422, "unsupported_output_format", "is not supported by this server")
+    assert not forwards, "nothing is computed for an input that cannot be served"
+
+
+def test_a_download_error_fails_the_job(harness: Harness):
+    spec = harness.job(f"s3://{harness.settings.input_bucket}/missing.png")
+    assert_failed(harness, spec, harness.runner.run(spec), 422, "file_download_error", "NoSuchKey")
+
+
+def test_an_undecodable_image_fails_the_job(harness: Harness):
+    spec = harness.job(data_uri(b"<html>not an image</html>"))
+    outcome = harness.runner.run(spec)
+    record = harness.record(spec)
+    assert outcome.kind == "failed" and record.result_code == 422 and record.error_type == "image_load_error", record
+
+
+def test_an_overwritten_upload_is_superseded(harness: Harness):
+    put(harness.stack, "photo.png", body=png_bytes())
+    spec = harness.job(f"s3://{harness.settings.input_bucket}/photo.png", source="s3_event", input_etag="0" * 32)
+    outcome = harness.runner.run(spec)
+    record = harness.record(spec)
+    assert outcome.kind == "failed" and record.status == "COMPLETED", record
+    assert "superseded by a newer upload" in (record.error or "")
+
+
+# --- cancelled ---------------------------------------------------------------------------------------
+def test_cancelled_before_it_runs(harness: Harness):
+    spec = harness.job()
+    harness.store.redis.hset(harness.store.job_key(spec.request_id), "cancel_requested", "1")
+    forwards: list[bool] = []
+    harness.during_forward.append(lambda: forwards.append(True))
+    assert harness.runner.run(spec).kind == "cancelled"
+    assert_failed(harness, spec, Outcome("failed"), 499, "client_cancelled", "Request was cancelled")
+    assert not forwards, "no forward for a job cancelled before it ran"
+
+
+def test_cancelled_while_it_runs(harness: Harness):
+    spec = harness.job()
+    cancels: list[str] = []
+    harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
+    assert harness.runner.run(spec).kind == "cancelled"
+    assert cancels == ["requested"]
+    assert_failed(harness, spec, Outcome("failed"), 499, "client_cancelled", "Request was cancelled")
+    assert not s3_client(harness.settings).list_objects_v2(
+        Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix + "cutout").get("Contents")
+
+
+# --- lease lost ---------------------------------------------------------------------------------------
+def test_a_lost_lease_discards_the_outcome(harness: Harness):
+    spec = harness.job()
+    key = harness.store.lease_key(spec.request_id)
+    harness.during_forward.append(lambda: harness.store.redis.set(key, "another-worker", px=60_000))
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "done"
+    record = harness.record(spec)
+    assert record.status == "IN_PROGRESS" and record.result is None, "the lease holder's job, not completed by us"
+
+
+# --- retried ------------------------------------------------------------------------------------------
+def test_a_forward_past_the_time_limit_retries_and_trips_the_worker(stack: Stack):
+    harness = make_harness(stack, job_time_limit=0.5)
+    harness.during_forward.append(lambda: time.sleep(1.5))
+    spec = harness.job()
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "retry" and "run-time limit" in outcome.detail
+    fields = harness.store.redis.hgetall(harness.store.job_key(spec.request_id))
+    assert fields["status"] == "IN_QUEUE" and fields["last_error_type"] == TIMEOUT_ERROR_TYPE
+    assert harness.attempts(spec) == 1, "the attempt counts"
+    assert harness.runner.health.tripped, "a forward that does not come back makes the worker stuck"
+    assert harness.runner.run(harness.job()).kind == "handback"
+
+
+def test_a_limit_passed_before_the_forward_retries_without_tripping(stack: Stack):
+    harness = make_harness(stack, job_time_limit=0.0)
+    spec = harness.job()
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "retry" and "during the download and decode" in outcome.detail
+    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 1
+    assert not harness.runner.health.tripped
+
+
+def test_a_stuck_batcher_hands_the_job_to_another_worker(harness: Harness):
+    harness.runner.batchers[VARIANT].declare_stuck("test")
+    spec = harness.job()
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "handback"
+    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 0, "the attempt is refunded"
+    assert "handed to another worker" in " ".join(e["message"] for e in harness.store.logs(spec.request_id))
+
+
+def test_an_s3_outage_retries_with_the_attempt_refunded(harness: Harness):
+    put(harness.stack, "photo.png", body=png_bytes())
+    down = harness.settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:1"})
+    harness.runner.objects = ObjectStore(down)
+    spec = harness.job(f"s3://{harness.settings.input_bucket}/photo.png")
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "retry" and outcome.detail.startswith("transient:")
+    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 0
+
+
+def test_an_unexpected_error_retries_and_is_recorded(harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harness.runner.masks, "obtain", boom)
+    spec = harness.job()
+    outcome = harness.runner.run(spec)
+    assert (outcome.kind, outcome.detail) == ("retry", "RuntimeError: boom")
+    fields = harness.store.redis.hgetall(harness.store.job_key(spec.request_id))
+    assert fields["status"] == "IN_QUEUE" and fields["last_error"] == "RuntimeError: boom"
+    assert harness.attempts(spec) == 1, "the attempt counts"
