@@ -22,7 +22,7 @@ from tests.helpers.pipeline import put, s3_client
 from tests.helpers.stack import Stack
 from worker.engine import Predictor
 from worker.null_model import NULL_MODEL_BANNER
-from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner, Outcome
+from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner
 
 VARIANT = "general-light"
 IMAGE = data_uri(png_bytes((40, 30)))
@@ -79,9 +79,9 @@ def harness(stack: Stack) -> Iterator[Harness]:
     yield make_harness(stack)
 
 
-def assert_failed(h: Harness, spec: JobSpec, outcome: Outcome, code: int, error_type: str, fragment: str) -> None:
+def assert_ended_with(h: Harness, spec: JobSpec, code: int, error_type: str, fragment: str) -> None:
+    """The job is completed with this error (what the result endpoint and the webhook will say)."""
     record = h.record(spec)
-    assert outcome.kind == "failed", outcome
     assert record.status == "COMPLETED" and record.result_code == code, record
     assert record.error_type == error_type and fragment in (record.error or ""), record.error
 
@@ -150,7 +150,8 @@ def test_exhausted_attempts_end_the_job_and_dead_letter_it(harness: Harness, las
     harness.store.redis.hset(harness.store.job_key(spec.request_id), mapping={
         "attempts": allowed, "last_error": "worker stopped", "last_error_type": last_type})
     outcome = harness.runner.run(spec)
-    assert_failed(harness, spec, outcome, code, error_type, fragment)
+    assert outcome.kind == "failed", outcome
+    assert_ended_with(harness, spec, code, error_type, fragment)
     assert outcome.detail.startswith("attempts exhausted")
     assert harness.store.redis.zscore(f"{PREFIX}deadletter", spec.request_id) is not None
 
@@ -167,13 +168,16 @@ def test_a_stuck_worker_hands_jobs_back_untouched(harness: Harness):
 def test_a_passed_start_deadline_fails_with_504(harness: Harness):
     spec = harness.job(start_deadline=time.time() - 1)
     outcome = harness.runner.run(spec)
-    assert_failed(harness, spec, outcome, 504, "request_timeout", "timed out before it started")
+    assert outcome.kind == "failed", outcome
+    assert_ended_with(harness, spec, 504, "request_timeout", "timed out before it started")
     assert outcome.detail == "start deadline passed"
 
 
 def test_a_variant_this_worker_does_not_serve_fails_with_503(harness: Harness):
     spec = harness.job(variant="general-heavy")
-    assert_failed(harness, spec, harness.runner.run(spec), 503, "runner_scheduling_failure", "does not serve")
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "failed", outcome
+    assert_ended_with(harness, spec, 503, "runner_scheduling_failure", "does not serve")
 
 
 def test_invalid_input_fails_before_any_work(stack: Stack):
@@ -182,13 +186,16 @@ def test_invalid_input_fails_before_any_work(stack: Stack):
     harness.during_forward.append(lambda: forwards.append(True))
     spec = harness.job(params=JobParams(output_format="avif"))
     outcome = harness.runner.run(spec)
-    assert_failed(harness, spec, outcome, 422, "unsupported_output_format", "is not supported by this server")
+    assert outcome.kind == "failed", outcome
+    assert_ended_with(harness, spec, 422, "unsupported_output_format", "is not supported by this server")
     assert not forwards, "nothing is computed for an input that cannot be served"
 
 
 def test_a_download_error_fails_the_job(harness: Harness):
     spec = harness.job(f"s3://{harness.settings.input_bucket}/missing.png")
-    assert_failed(harness, spec, harness.runner.run(spec), 422, "file_download_error", "NoSuchKey")
+    outcome = harness.runner.run(spec)
+    assert outcome.kind == "failed", outcome
+    assert_ended_with(harness, spec, 422, "file_download_error", "NoSuchKey")
 
 
 def test_an_undecodable_image_fails_the_job(harness: Harness):
@@ -214,7 +221,7 @@ def test_cancelled_before_it_runs(harness: Harness):
     forwards: list[bool] = []
     harness.during_forward.append(lambda: forwards.append(True))
     assert harness.runner.run(spec).kind == "cancelled"
-    assert_failed(harness, spec, Outcome("failed"), 499, "client_cancelled", "Request was cancelled")
+    assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
     assert not forwards, "no forward for a job cancelled before it ran"
 
 
@@ -224,7 +231,7 @@ def test_cancelled_while_it_runs(harness: Harness):
     harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
     assert harness.runner.run(spec).kind == "cancelled"
     assert cancels == ["requested"]
-    assert_failed(harness, spec, Outcome("failed"), 499, "client_cancelled", "Request was cancelled")
+    assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
     assert not s3_client(harness.settings).list_objects_v2(
         Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix + "cutout").get("Contents")
 
