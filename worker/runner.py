@@ -24,7 +24,7 @@ from PIL import Image
 from common.adapters.fetch import fetch_input
 from common.adapters.netguard import NetPolicy
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
-from common.domain.errors import JobError
+from common.domain.errors import JobError, RequestCancelled, RequestTimeout, RunnerDisconnected
 from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import job_finished, job_started
 from common.settings import Settings
@@ -61,7 +61,7 @@ class JobTimedOut(Exception):
     """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
 
 
-TIMEOUT_ERROR_TYPE, TIMEOUT_STATUS = "request_timeout", 504  # fal: "exceeded the allowed processing time"
+TIMEOUT_ERROR_TYPE = RequestTimeout.error_type  # fal: "exceeded the allowed processing time"
 
 
 class WorkerHealth:
@@ -155,6 +155,10 @@ class JobRunner:
         return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
                           spec=spec, token=token, **kwargs)
 
+    def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
+        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
+                        celery=self.celery, spec=spec, token=token)
+
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():
             batcher.declare_stuck(reason)
@@ -196,8 +200,7 @@ class JobRunner:
             if last_type == TIMEOUT_ERROR_TYPE:
                 message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
                            "attempts were allowed, so it was moved to the dead-letter list")
-                body = {"detail": message, "error_type": TIMEOUT_ERROR_TYPE}
-                self._finish(spec, "", body=body, code=TIMEOUT_STATUS, error=message, error_type=TIMEOUT_ERROR_TYPE)
+                self._end(spec, "", RequestTimeout(message))
                 return Outcome("failed", "attempts exhausted (run-time limit)")
             if spec.max_attempts == 1:
                 message = (f"the job's first run ended without a result (last: {last}) and the request asked "
@@ -205,9 +208,7 @@ class JobRunner:
             else:
                 message = (f"the job failed {max_attempts} times (last: {last}); "
                            "it was moved to the dead-letter list")
-            exc = JobError(message, error_type="runner_disconnected", status_code=503)
-            self._finish(spec, "", body={"detail": exc.message, "error_type": exc.error_type},
-                         code=exc.status_code, error=exc.message, error_type=exc.error_type)
+            self._end(spec, "", RunnerDisconnected(message))
             return Outcome("failed", "attempts exhausted")
         if claim == "missing":
             return Outcome("skipped", "job record missing")
@@ -273,8 +274,7 @@ class JobRunner:
     def _fail(self, spec: JobSpec, token: str, exc: JobError) -> Outcome:
         log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
         self.store.log(spec.request_id, f"error: {exc.message}", "ERROR")
-        fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
-                 celery=self.celery, spec=spec, token=token)
+        self._end(spec, token, exc)
         return Outcome("failed", exc.message)
 
     def _reuse_existing(self, spec: JobSpec, token: str) -> bool:
@@ -298,15 +298,12 @@ class JobRunner:
     def _cancelled(self, spec: JobSpec, token: str) -> bool:
         if not self.store.cancel_requested(spec.request_id):
             return False
-        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
-        self._finish(spec, token, body=body, code=499, error="Request was cancelled",
-                     error_type="client_cancelled")
+        self._end(spec, token, RequestCancelled())
         return True
 
     def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
         if spec.start_deadline and time.time() > spec.start_deadline:
-            body = {"detail": "Request timed out before it started", "error_type": "request_timeout"}
-            self._finish(spec, token, body=body, code=504, error=body["detail"], error_type="request_timeout")
+            self._end(spec, token, RequestTimeout())
             return Outcome("failed", "start deadline passed")
         if self._reuse_existing(spec, token):
             return Outcome("done", "reused")

@@ -1,6 +1,13 @@
-"""Failures that end a job with a fal-style error body instead of crashing anything."""
+"""Failures that end a job with a fal-style error body instead of crashing anything.
+
+Each error builds its own stored body (`body()`): the list form `{"detail": [{loc, msg, type}]}` for
+what is wrong with the input (FastAPI's 422 shape), the flat form `{"detail": msg, "error_type": type}`
+for what happened to the request (timeouts, cancellation, runner and queue failures, limits).
+"""
 
 from __future__ import annotations
+
+START_TIMEOUT_MESSAGE = "Request timed out before it started"
 
 
 class JobError(Exception):
@@ -25,9 +32,25 @@ class JobError(Exception):
         """FastAPI-style error list, as fal's result endpoint and webhooks carry it."""
         return [{"loc": ["body", self.field], "msg": self.message, "type": self.error_type}]
 
+    def body(self) -> dict:
+        """The stored result (and webhook payload) of a job this error ends."""
+        return {"detail": self.detail()}
+
 
 class InvalidInputError(JobError):
     error_type = "value_error"
+
+
+class InputErrors(JobError):
+    """The 422 the model would answer, with FastAPI's exact `detail` list (one entry per problem)."""
+
+    def __init__(self, details: list[dict]):
+        first = details[0] if details else {"msg": "invalid input", "type": "value_error"}
+        super().__init__(first["msg"], error_type=first["type"])
+        self.details = details
+
+    def detail(self) -> list[dict]:
+        return self.details
 
 
 class FileDownloadError(JobError):
@@ -44,3 +67,45 @@ class ImageTooLargeError(JobError):
 
 class ImageTooSmallError(JobError):
     error_type = "image_too_small"
+
+
+class RequestError(JobError):
+    """What happened to the request rather than its input: fal's flat `{detail, error_type}` body."""
+
+    default_message = ""
+
+    def __init__(self, message: str | None = None, **kwargs):
+        super().__init__(message or self.default_message, **kwargs)
+
+    def body(self) -> dict:
+        return {"detail": self.message, "error_type": self.error_type}
+
+
+class RequestTimeout(RequestError):
+    """X-Fal-Request-Timeout passed before the request started (or its last attempt hit the run-time limit)."""
+
+    error_type, status_code, default_message = "request_timeout", 504, START_TIMEOUT_MESSAGE
+
+
+class RequestCancelled(RequestError):
+    error_type, status_code, default_message = "client_cancelled", 499, "Request was cancelled"
+
+
+class RunnerDisconnected(RequestError):
+    """The job's attempts ended without a result (workers died or stopped)."""
+
+    error_type, status_code = "runner_disconnected", 503
+
+
+class QueueUnreachable(RequestError):
+    error_type, status_code, default_message = "runner_connection_error", 503, "Could not reach the job queue"
+
+
+class LimitRefused(RequestError):
+    """A limit of the API key or the queue cap refuses the request now (429 with Retry-After); no job."""
+
+    status_code = 429
+
+    def __init__(self, message: str, reason: str, retry_after: int):
+        super().__init__(message, error_type=reason)
+        self.retry_after = retry_after

@@ -21,6 +21,7 @@ from typing import Literal
 
 import redis
 
+from common.domain.errors import RequestCancelled
 from common.domain.schemas import JobSpec
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
@@ -299,9 +300,9 @@ class JobStore:
         record = self.get(request_id)
         if record is None:
             return "not_found"
-        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
-        fields = {"completed_at": repr(time.time()), "result": json.dumps(body), "result_code": 499,
-                  "error": "Request was cancelled", "error_type": "client_cancelled"}
+        cancelled = RequestCancelled()
+        fields = {"completed_at": repr(time.time()), "result": json.dumps(cancelled.body()),
+                  "result_code": cancelled.status_code, "error": cancelled.message, "error_type": cancelled.error_type}
         flat = [item for pair in fields.items() for item in pair]
         outcome = self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
                                args=[request_id, *flat])

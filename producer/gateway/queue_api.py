@@ -65,7 +65,7 @@ LifecycleHeader = Annotated[str, Header(
     alias="x-fal-object-lifecycle-preference", description='JSON {"expiration_duration_seconds": N}: '
     "retention of this request's output files.")]
 NoRetryHeader = Annotated[str, Header(
-    alias="x-fal-no-retry", description="`1`, `true` or `yes`: if the worker running this request dies, the "
+    alias="x-fal-no-retry", description="`1`, `true`, `yes` or `on`: if the worker running this request dies, the "
     "request fails (503 runner_disconnected) instead of running again.")]
 
 
@@ -92,7 +92,7 @@ def options(endpoint: str, timeout: str | None, queue_priority: str | None, life
             no_retry: str | None, webhook_url: str | None = None, max_queue_length: int | None = None) -> SubmitOptions:
     return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
                          priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
-                         no_retry=(no_retry or "").strip().lower() in ("1", "true", "yes"),
+                         no_retry=flag(no_retry),
                          max_queue_length=max_queue_length)
 
 
