@@ -32,7 +32,6 @@ from common.domain.schemas import INPUT_MODELS, JobParams, JobSpec
 from common.settings import Settings
 from common.state.jobs import PREFIX, JobStore
 from common.state.limits import Limiter
-from common.state.results import fail_job
 from producer.admission import Admission, parse_bool, validate_input
 from producer.events import ObjectCreated
 
@@ -230,13 +229,9 @@ class Intake:
                        source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
                        input_fingerprint=fp, input_etag=event.etag, owner="s3",
                        extra={"sequencer": event.sequencer, "event_source": event.source})
-        if self.store.create(spec):
-            error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
-                                      f"before its job could read it; {why}. The newer upload has a job of its own")
-            log.warning("job %s for %s: %s", request_id, named, error.message)
-            fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects,
-                     celery=self.celery, spec=spec)
-        return request_id
+        error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
+                                  f"before its job could read it; {why}. The newer upload has a job of its own")
+        return self.admission.enqueue(spec, rejection=error).request_id
 
     def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
         params = job_parameters(self.settings, event.key, info.metadata)

@@ -1,13 +1,7 @@
-"""Failures that end a job with a fal-style error body instead of crashing anything.
-
-Each error builds its own stored body (`body()`): the list form `{"detail": [{loc, msg, type}]}` for
-what is wrong with the input (FastAPI's 422 shape), the flat form `{"detail": msg, "error_type": type}`
-for what happened to the request (timeouts, cancellation, runner and queue failures, limits).
-"""
+"""Failures that end a job with a fal-style error body instead of crashing anything; each builds its own
+(`body()`): the list form for what is wrong with the input, the flat form for what happened to the request."""
 
 from __future__ import annotations
-
-START_TIMEOUT_MESSAGE = "Request timed out before it started"
 
 
 class JobError(Exception):
@@ -45,8 +39,7 @@ class InputErrors(JobError):
     """The 422 the model would answer, with FastAPI's exact `detail` list (one entry per problem)."""
 
     def __init__(self, details: list[dict]):
-        first = details[0] if details else {"msg": "invalid input", "type": "value_error"}
-        super().__init__(first["msg"], error_type=first["type"])
+        super().__init__(details[0]["msg"], error_type=details[0]["type"])
         self.details = details
 
     def detail(self) -> list[dict]:
@@ -70,7 +63,7 @@ class ImageTooSmallError(JobError):
 
 
 class RequestError(JobError):
-    """What happened to the request rather than its input: fal's flat `{detail, error_type}` body."""
+    """What happened to the request, not its input: fal's flat `{detail, error_type}` body."""
 
     default_message = ""
 
@@ -81,19 +74,15 @@ class RequestError(JobError):
         return {"detail": self.message, "error_type": self.error_type}
 
 
-class RequestTimeout(RequestError):
-    """X-Fal-Request-Timeout passed before the request started (or its last attempt hit the run-time limit)."""
-
-    error_type, status_code, default_message = "request_timeout", 504, START_TIMEOUT_MESSAGE
+class RequestTimeout(RequestError):  # X-Fal-Request-Timeout passed, or the last attempt hit the run-time limit
+    error_type, status_code, default_message = "request_timeout", 504, "Request timed out before it started"
 
 
 class RequestCancelled(RequestError):
     error_type, status_code, default_message = "client_cancelled", 499, "Request was cancelled"
 
 
-class RunnerDisconnected(RequestError):
-    """The job's attempts ended without a result (workers died or stopped)."""
-
+class RunnerDisconnected(RequestError):  # the job's attempts ended without a result
     error_type, status_code = "runner_disconnected", 503
 
 
@@ -102,10 +91,10 @@ class QueueUnreachable(RequestError):
 
 
 class LimitRefused(RequestError):
-    """A limit of the API key or the queue cap refuses the request now (429 with Retry-After); no job."""
+    """A limit of the API key or a queue cap says no (429 with Retry-After): no job is made."""
 
     status_code = 429
 
     def __init__(self, message: str, reason: str, retry_after: int):
         super().__init__(message, error_type=reason)
-        self.retry_after = retry_after
+        self.reason, self.retry_after = reason, retry_after  # Retry-After: seconds

@@ -25,7 +25,6 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
 from producer.admission import validation_details
-from producer.gateway import records
 from producer.gateway.inputs import parse_body
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from producer.gateway.queue_api import (
@@ -34,16 +33,16 @@ from producer.gateway.queue_api import (
     PriorityHeader,
     TimeoutHeader,
     WebhookQuery,
-    cancel_job,
     not_found,
     options,
+    submitted_answer,
 )
-from producer.gateway.responses import FalError, fal_json, stored_result
-from producer.gateway.run_api import wait_completed
+from producer.gateway.responses import FalError
+from producer.gateway.run_api import run_answer
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
 from producer.gateway.submit import SubmitOptions, Submitted, enqueue, request_fields, resolve_background
-from producer.gateway.urls import APP_PATH, public_base, request_urls
+from producer.gateway.urls import APP_PATH
 
 router = APIRouter(tags=["compose"])
 PATH = f"/{APP_PATH}/requests/{{request_id}}/compose"
@@ -124,14 +123,7 @@ async def compose_queued(request: Request, request_id: str, caller: Caller, time
     submitted = await run_in_threadpool(
         submit_compose, gw, caller, request_id, await request.body(),
         options("v2", timeout, queue_priority, lifecycle, no_retry, fal_webhook))
-    rid = submitted.request_id
-    try:
-        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
-    except Exception:  # noqa: BLE001 - queued already; a 5xx now would make the caller submit twice
-        position = None
-    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
-            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
-    return fal_json(body, request_id=rid)
+    return await submitted_answer(gw, request, submitted)
 
 
 @router.post("/run" + PATH, openapi_extra=BODY_DOC,
@@ -145,10 +137,4 @@ async def compose_run(request: Request, request_id: str, caller: Caller, timeout
     submitted = await run_in_threadpool(
         submit_compose, gw, caller, request_id, await request.body(),
         options("v2", timeout, queue_priority, lifecycle, no_retry))
-    rid = submitted.request_id
-    if not await wait_completed(gw, request, rid):
-        await run_in_threadpool(cancel_job, gw, rid)
-        return Response(status_code=499)
-    raw, code = await records.result(gw, rid)
-    error_type = await gw.aredis.hget(gw.store.job_key(rid), "error_type")
-    return stored_result(raw, code, error_type or None, rid)
+    return await run_answer(gw, request, submitted.request_id)

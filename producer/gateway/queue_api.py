@@ -33,7 +33,7 @@ from producer.gateway.parsing import TIMEOUT_MAX_LENGTH
 from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, submit_job
+from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, Submitted, submit_job
 from producer.gateway.urls import APP_PATH, public_base, request_urls
 
 router = APIRouter(prefix="/queue", tags=["queue"])
@@ -110,18 +110,23 @@ def make_submit(endpoint: str):
         submitted = await run_in_threadpool(
             submit_job, gw, caller, await request.body(),
             options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook, max_queue_length))
-        rid = submitted.request_id
-        try:
-            position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
-        except redis.RedisError:
-            # The job is queued: answering 503 now would make the client submit it a second time.
-            position = None
-        body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
-                **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
-        return fal_json(body, request_id=rid)
+        return await submitted_answer(gw, request, submitted)
 
     submit.__name__ = f"submit_{endpoint}"
     return submit
+
+
+async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) -> Response:
+    """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
+    rid = submitted.request_id
+    try:
+        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+    except redis.RedisError:
+        # The job is queued: answering 503 now would make the client submit it a second time.
+        position = None
+    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
+            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
+    return fal_json(body, request_id=rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():

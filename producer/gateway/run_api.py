@@ -70,16 +70,20 @@ def make_run(endpoint: str):
         submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
                                             options(endpoint, timeout, queue_priority, lifecycle, no_retry,
                                                     max_queue_length=max_queue_length))
-        rid = submitted.request_id
-        if not await wait_completed(gw, request, rid):
-            await run_in_threadpool(cancel_job, gw, rid)
-            return Response(status_code=499)  # nobody reads it
-        raw, code = await records.result(gw, rid)
-        error_type = await gw.aredis.hget(JobStore.job_key(rid), "error_type")
-        return stored_result(raw, code, error_type or None, rid)
+        return await run_answer(gw, request, submitted.request_id)
 
     run.__name__ = f"run_{endpoint}"
     return run
+
+
+async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
+    """The result once the job completes; a caller that hangs up first cancels it."""
+    if not await wait_completed(gw, request, rid):
+        await run_in_threadpool(cancel_job, gw, rid)
+        return Response(status_code=499)  # nobody reads it
+    raw, code = await records.result(gw, rid)
+    error_type = await gw.aredis.hget(JobStore.job_key(rid), "error_type")
+    return stored_result(raw, code, error_type or None, rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():

@@ -18,7 +18,7 @@ from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.settings import Settings
 from common.state.jobs import PREFIX
-from producer.admission import Admission, KeyLimits, Submitted, validate_input
+from producer.admission import Admission, Submitted, validate_input
 from producer.gateway.inputs import parse_body, resolve_image_url
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
@@ -93,14 +93,13 @@ def enqueue(gw: Gateway, principal: Principal, options: SubmitOptions, spec: Job
     """Every API job's way into the queue (producer/admission.py), under the key's limits and the queue caps;
     a refusal is fal's flat error (429 with Retry-After, or 503 when the queue cannot be reached)."""
     admission = Admission(gw.settings, gw.store, gw.celery, gw.limiter)
-    limits = KeyLimits(principal.key_id, principal.max_concurrent, principal.requests_per_minute,
-                       options.max_queue_length)
     # Outputs (and a large inline input) are deleted after their retention; a queued request expires.
     schedule = {OUTPUTS_KEY: (f"req:{spec.request_id}", spec.created_at + spec.extra["output_ttl"])}
     if spec.start_deadline:
         schedule[DEADLINES_KEY] = (spec.request_id, spec.start_deadline)
     try:
-        return admission.enqueue(spec, rejection=rejection, limits=limits, schedule=schedule)
+        return admission.enqueue(spec, rejection=rejection, principal=principal,
+                                 max_queue_length=options.max_queue_length, schedule=schedule)
     except LimitRefused as exc:
         raise FalError.flat(exc.status_code, exc.message, exc.error_type,
                             headers={"Retry-After": str(exc.retry_after)}) from None
