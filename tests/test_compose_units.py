@@ -12,6 +12,7 @@ from common.domain.errors import InvalidInputError
 from common.domain.extensions import parse_aspect_ratio, parse_hex_color, parse_margin
 from common.domain.schemas import JobParams
 from common.settings import Settings
+from worker.test_hooks import HooksForTests
 from worker.compose import (
     check_output_format,
     crop_padded,
@@ -63,10 +64,10 @@ def test_quantised_mask_survives_its_png_exactly():
 
 
 def test_capability_override_and_contain_with_an_opaque_colour():
-    settings = Settings(test_unsupported_output_formats="avif")
-    assert not output_format_supported("avif", settings) and output_format_supported("png", settings)
+    simulated = HooksForTests(unsupported_output_formats="avif").unsupported_output_formats
+    assert not output_format_supported("avif", simulated) and output_format_supported("png", simulated)
     with pytest.raises(InvalidInputError) as raised:
-        check_output_format("avif", settings)
+        check_output_format("avif", simulated)
     assert raised.value.error_type == "unsupported_output_format" and "simulated" in raised.value.message
 
     image = Image.new("RGB", (40, 30), (200, 10, 10))
