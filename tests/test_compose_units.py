@@ -12,7 +12,6 @@ from common.domain.errors import InvalidInputError
 from common.domain.extensions import parse_aspect_ratio, parse_hex_color, parse_margin
 from common.domain.schemas import JobParams
 from common.settings import Settings
-from worker.test_hooks import HooksForTests
 from worker.compose import (
     check_output_format,
     crop_padded,
@@ -23,6 +22,7 @@ from worker.compose import (
     render_extended,
     subject_box,
 )
+from worker.test_hooks import HooksForTests
 
 
 def test_parsers():
