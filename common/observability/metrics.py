@@ -6,7 +6,7 @@ Where each family comes from:
   imported torch and CUDA is up);
 - the producer (`producer http` on its own port, `producer sqs` on `producer_metrics_port`): events by
   outcome, plus the queue gauges read from Redis at scrape time;
-- the webhook deliverer (`producer webhooks`, `webhooks_metrics_port`): deliveries by outcome;
+- the webhook deliverer (`python -m deliverer`, `webhooks_metrics_port`): deliveries by outcome;
 - the gateway mounts `/metrics` with `add_metrics_route(app, settings)` (queue gauges included).
 
 Queue gauges are global (read from Redis), so several processes exporting them report the same values:
