@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         from common.adapters.storage import make_sqs_client
         from common.observability.metrics import register_queue_collector, start_metrics_server
         from producer.app import build_intake
-        from producer.http_events import CountingIntake
+        from producer.counted_intake import CountingIntake
         from producer.sqs import SqsConsumer
 
         if not settings.sqs_queue_url:

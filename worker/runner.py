@@ -26,8 +26,9 @@ from common.adapters.netguard import NetPolicy
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError
 from common.domain.schemas import ImageFile, JobSpec
-from common.observability.metrics import job_finished, job_started
+from common.observability.metrics import count_job_run
 from common.settings import Settings
+from common.state.job_progress import job_finished, job_started
 from common.state.jobs import PREFIX, JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
@@ -177,8 +178,9 @@ class JobRunner:
             outcome = self._run_job(spec)
             return outcome
         finally:
-            job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
-                         keep=self.settings.ops_completions_kept)
+            completion = job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
+                                      keep=self.settings.ops_completions_kept)
+            count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         self.store.ensure(spec)
