@@ -401,7 +401,7 @@ class Settings(BaseSettings):
         import ipaddress
 
         items = parse_list(value)
-        return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in items)  # type: ignore[union-attr]
+        return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in items)  # type: ignore[attr-defined]
 
     @field_validator("fetch_allowed_ports", mode="before")
     @classmethod

@@ -55,7 +55,7 @@ def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str
             "queue_wait": _rounded(queue_wait), "run": _rounded((timings or {}).get("total")),
             "latency": _rounded(float(completed) - float(created)) if completed and created else "",
         }, keep=keep)
-        return Completion(outcome, error_type or "", queue_wait)
+        return Completion(outcome, str(error_type or ""), queue_wait)
     except Exception:
         log.warning("could not record the end of job %s", spec.request_id, exc_info=True)
         return None
