@@ -44,7 +44,6 @@ from worker.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
-
 class WorkerState:
     """What this process holds: warm predictors and the runner that uses them."""
 
