@@ -21,11 +21,7 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors, JobError
 from common.domain.signed_urls import object_url_valid
 from common.settings import Settings
-from producer.admission import (  # noqa: F401 - the routes' input validation lives there
-    detail,
-    flag,
-    validate_input,
-)
+from producer.admission import detail
 from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
     TIMEOUT_PATTERN,
     lifecycle_seconds,

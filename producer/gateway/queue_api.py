@@ -19,8 +19,9 @@ from starlette.responses import Response
 
 from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
+from producer.admission import flag
 from producer.gateway import records
-from producer.gateway.inputs import TIMEOUT_PATTERN, flag, lifecycle_seconds, priority, start_timeout
+from producer.gateway.inputs import TIMEOUT_PATTERN, lifecycle_seconds, priority, start_timeout
 from producer.gateway.models import (
     ERRORS,
     CancelStatus,
