@@ -168,32 +168,27 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
         # The tile with a halo, so that box windows of its pixels lie inside; at the image border the
         # region stops there, and OpenCV's REFLECT_101 border matches the full-image filter's.
         ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
-        image = rgb[ry0:ry1, rx0:rx1].astype(np.float32)
-        image *= np.float32(1 / 255)
-        alpha = mask[ry0:ry1, rx0:rx1, None]
+        image = cv2.multiply(rgb[ry0:ry1, rx0:rx1], 1 / 255, dtype=cv2.CV_32F)
+        alpha = mask[ry0:ry1, rx0:rx1]
+        alpha3 = cv2.merge([alpha, alpha, alpha])  # OpenCV's element-wise ops want equal channel counts
         fg1, bg1 = _sample_fields(fields, (ry0, ry1, rx0, rx1))
-        fg1 = _fusion_estimate(image, fg1, bg1, alpha)
-        blurred_alpha = cv2.blur(alpha[..., 0], box)[..., None]
-        fg1 *= alpha
-        fg2 = cv2.blur(fg1, box)
-        fg2 /= blurred_alpha + _EPS
-        bg1 *= 1 - alpha
-        bg2 = cv2.blur(bg1, box)
-        bg2 /= (1 + _EPS) - blurred_alpha
-        estimate = _fusion_estimate(image, fg2, bg2, alpha)
+        fg1 = _fusion_estimate(image, fg1, bg1, alpha3)
+        blurred_alpha = cv2.blur(alpha, box)
+        fg2 = cv2.blur(cv2.multiply(fg1, alpha3), box)
+        fg2 = cv2.divide(fg2, cv2.merge([blurred_alpha + _EPS] * 3))
+        bg2 = cv2.blur(cv2.multiply(bg1, 1 - alpha3), box)
+        bg2 = cv2.divide(bg2, cv2.merge([(1 + _EPS) - blurred_alpha] * 3))
+        estimate = _fusion_estimate(image, fg2, bg2, alpha3)
         iy, ix = y0 - ry0, x0 - rx0
         out[y0:y1, x0:x1] = cv2.convertScaleAbs(estimate[iy:iy + y1 - y0, ix:ix + x1 - x0], alpha=255.0)
     return out
 
 
-def _fusion_estimate(image: np.ndarray, fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """F = Fb + a (I - Bb - a (Fb - Bb)), clipped to [0, 1]."""
-    estimate = fg - bg
-    estimate *= -alpha
-    estimate += image
-    estimate -= bg
-    estimate *= alpha
-    estimate += fg
+def _fusion_estimate(image: np.ndarray, fg: np.ndarray, bg: np.ndarray, alpha3: np.ndarray) -> np.ndarray:
+    """F = Fb + a (I - Bb - a (Fb - Bb)), clipped to [0, 1]; (h, w, 3) float32 each."""
+    estimate = cv2.multiply(cv2.subtract(fg, bg), alpha3)
+    estimate = cv2.multiply(cv2.subtract(cv2.subtract(image, estimate), bg), alpha3)
+    estimate = cv2.add(estimate, fg)
     return np.clip(estimate, 0.0, 1.0, out=estimate)
 
 
@@ -270,14 +265,14 @@ def _sample_fields(fields: tuple[np.ndarray, np.ndarray, int, int, int],
     (small pixel j is the mean of full-size pixels origin + j*f .. origin + j*f + f - 1)."""
     fg, bg, factor, origin_y, origin_x = fields
     y0, y1, x0, x1 = region
-    xs = (np.arange(x0 - origin_x, x1 - origin_x, dtype=np.float32) + np.float32(0.5)) / np.float32(factor) \
-        - np.float32(0.5)
-    ys = (np.arange(y0 - origin_y, y1 - origin_y, dtype=np.float32) + np.float32(0.5)) / np.float32(factor) \
-        - np.float32(0.5)
-    map_x = np.broadcast_to(xs[None, :], (y1 - y0, x1 - x0)).copy()
-    map_y = np.broadcast_to(ys[:, None], (y1 - y0, x1 - x0)).copy()
-    return (cv2.remap(fg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
-            cv2.remap(bg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    scale = 1 / factor
+    # dst (x, y) samples src (x / f + ox, y / f + oy): the pixel-centre mapping, as an affine warp
+    inverse = np.array([[scale, 0.0, (x0 - origin_x + 0.5) * scale - 0.5],
+                        [0.0, scale, (y0 - origin_y + 0.5) * scale - 0.5]])
+    size = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return (cv2.warpAffine(fg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE),
+            cv2.warpAffine(bg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE))
 
 
 # --------------------------------------------------------------------------------------------
