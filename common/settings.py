@@ -139,7 +139,8 @@ class Settings(BaseSettings):
         description='JSON {variant_id: {field: value}} adding or changing variants, e.g. '
         '{"general-light": {"weights": "/models/BiRefNet.safetensors"}}.',
     )
-    torch_threads: int = Field(0, description="CPU threads for torch (0: torch's default).")
+    torch_threads: int = Field(0, description="CPU threads for torch (0: 1 on CUDA and for the null model, "
+                               "where torch only does tiny host-side work; torch's default on CPU).")
     retain_freed_memory: bool = Field(
         True, description="Workers tell glibc's malloc to keep freed memory (no mmap for big blocks, no heap "
         "trim), so each forward reuses its activation buffers instead of page-faulting them in afresh (CPU, "

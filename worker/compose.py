@@ -27,8 +27,9 @@ from common.domain.extensions import (
 from common.domain.schemas import JobParams
 from common.settings import Settings
 from worker import pixels
-from worker.engine import DeviceMask, RenderedOutputs, StageTimings
 from worker.imaging import EncodedImage, encode_image, mask_to_image
+from worker.rendering import DeviceMask, RenderedOutputs
+from worker.timings import StageTimings
 
 _PILLOW_FEATURES = {"avif": "avif", "jpeg": "jpg", "webp": "webp"}
 _CONTENT_TYPES = {"jpeg": ("image/jpeg", ".jpg"), "avif": ("image/avif", ".avif")}

@@ -33,11 +33,12 @@ from common.state.jobs import PREFIX, JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
-from worker.engine import DeviceMask, Predictor, quantise_device_mask
+from worker.engine import Predictor
 from worker.imaging import EncodedImage, decode_image
 from worker.masks import MaskSource
 from worker.null_model import NULL_MODEL_BANNER
 from worker.pixels import decode_rgb
+from worker.rendering import DeviceMask, quantise_device_mask
 from worker.test_hooks import HooksForTests
 
 log = logging.getLogger(__name__)
