@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypedDict, cast
 
 import numpy as np
 import torch
@@ -223,6 +224,11 @@ def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, web
                         lossless=lossless)
 
 
+class _EncoderOptions(TypedDict):
+    png_compress_level: int
+    webp_quality: int
+
+
 def render_outputs(
     image: ImageLike | None,
     mask: np.ndarray | torch.Tensor,
@@ -252,7 +258,7 @@ def render_outputs(
         raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}",
                                 field="output_format")
     timings = timings if timings is not None else StageTimings()
-    options = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
+    options: _EncoderOptions = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
 
     if isinstance(mask, torch.Tensor):
         if device_rgb is None:
@@ -272,6 +278,7 @@ def render_outputs(
     if mask_only:
         with timings.stage("encode"):
             return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
+    assert image is not None, "the CPU path composes onto the decoded image"
     rgb = pixels.as_rgb_array(image)
     if alpha8.shape != rgb.shape[:2]:
         raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, image is {rgb.shape[1]}x{rgb.shape[0]}")
@@ -372,15 +379,17 @@ class Predictor:
             if self.settings.channels_last:
                 module = module.to(memory_format=torch.channels_last)
         # Last: the fused copies are plain tensors made from the parameters, on their device and dtype.
-        if self.settings.fused_inference and hasattr(module, "fuse_for_inference"):
-            module.fuse_for_inference()
+        fuse_for_inference = getattr(module, "fuse_for_inference", None)
+        if self.settings.fused_inference and callable(fuse_for_inference):
+            fuse_for_inference()
         self._loaded = loaded
         self._network = module
         self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
         log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
-            self._network = torch.compile(module, mode=mode)
+            # torch.compile of a Module returns an OptimizedModule; its stub says only "callable".
+            self._network = cast(nn.Module, torch.compile(module, mode=mode))
         if self.settings.warmup_forward:
             self._warm_up(eager=module)
         log.info("variant %s loaded on %s%s: %s", self.spec.id, self._device,

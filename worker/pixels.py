@@ -20,10 +20,12 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import cast
 
 import cv2
 import imagecodecs
 import numpy as np
+import numpy.typing as npt
 import simplejpeg
 from PIL import Image
 
@@ -174,10 +176,11 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
         fg1 = _fusion_estimate(image, fg1, bg1, alpha)
         blurred_alpha = cv2.blur(alpha[..., 0], box)[..., None]
         fg1 *= alpha
-        fg2 = cv2.blur(fg1, box)
+        # cv2's stubs drop the dtype; a float32 image blurs to float32.
+        fg2 = cast(npt.NDArray[np.float32], cv2.blur(fg1, box))
         fg2 /= blurred_alpha + _EPS
         bg1 *= 1 - alpha
-        bg2 = cv2.blur(bg1, box)
+        bg2 = cast(npt.NDArray[np.float32], cv2.blur(bg1, box))
         bg2 /= (1 + _EPS) - blurred_alpha
         estimate = _fusion_estimate(image, fg2, bg2, alpha)
         iy, ix = y0 - ry0, x0 - rx0
@@ -262,7 +265,7 @@ def rgba_array(rgb: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
     return cv2.merge([rgb[..., 0], rgb[..., 1], rgb[..., 2], alpha8])
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
+def _chunk(kind: bytes, payload: bytes | bytearray) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
 
 
@@ -278,6 +281,7 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     filtered[:, 0] = 2  # filter type "up": each byte minus the one above it (mod 256)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    compressed = imagecodecs.deflate_encode(filtered, level=max(1, min(12, level)))  # zlib stream
+    # imagecodecs takes any buffer; its stub only lists bytes-like types.
+    compressed = imagecodecs.deflate_encode(filtered, level=max(1, min(12, level)))  # type: ignore[arg-type]
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", compressed) + _chunk(b"IEND", b"")
