@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -60,9 +61,10 @@ EXAMPLES = {
 }
 BODY_DOC = {"requestBody": {"required": False, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ComposeInput"}, "examples": EXAMPLES}}}}
-NOT_READY = {400: {"model": ErrorBody, "description": "The source request is still running"},
-             404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
-                   "(sync_mode, failed before its mask, output retention ended)"}}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The source request is still running"},
+    404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
+          "(sync_mode, failed before its mask, output retention ended)"}}
 
 
 def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
@@ -181,5 +183,5 @@ async def compose_run(request: Request, request_id: str, caller: Caller, timeout
         await run_in_threadpool(cancel_job, gw, rid)
         return Response(status_code=499)
     raw, code = await records.result(gw, rid)
-    error_type = await gw.aredis.hget(gw.store.job_key(rid), "error_type")
+    error_type = cast(str | None, await gw.aredis.hget(gw.store.job_key(rid), "error_type"))  # a decoding client: str replies
     return stored_result(raw, code, error_type or None, rid)

@@ -24,7 +24,7 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import JobError
 from common.domain.schemas import INPUT_MODELS, BiRefNetInput
 from common.domain.signed_urls import object_url_valid
-from common.domain.variants import VariantSpec
+from common.domain.variants import Endpoint, VariantSpec
 from common.settings import Settings
 from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
     TIMEOUT_PATTERN,
@@ -52,14 +52,14 @@ def detail(loc: list[Any], msg: str, type_: str, **extra: Any) -> dict:
     return {"type": type_, "loc": loc, "msg": msg, **extra}
 
 
-def validate_input(endpoint: str, data: dict, settings: Settings) -> tuple[BiRefNetInput, VariantSpec]:
+def validate_input(endpoint: Endpoint, data: dict, settings: Settings) -> tuple[BiRefNetInput, VariantSpec]:
     """The validated input and its variant, or InputErrors carrying FastAPI's `detail` list."""
     try:
         parsed = INPUT_MODELS[endpoint].model_validate(data)
     except ValidationError as exc:
         errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
         raise InputErrors(jsonable_encoder(errors)) from exc
-    variant = settings.variants.by_model_name(endpoint, parsed.model.value)  # type: ignore[arg-type]
+    variant = settings.variants.by_model_name(endpoint, parsed.model.value)
     if parsed.operating_resolution.value not in variant.allowed_resolutions:
         allowed = ", ".join(variant.allowed_resolutions)
         raise InputErrors([detail(["body", "operating_resolution"],
@@ -155,8 +155,8 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
     own = own_object_key(url, secret)
     if own is not None:  # the signature is the permission
         return f"s3://{settings.output_bucket}/{own}"
-    key = own_bucket_key(url, settings)
-    if key is not None and may_read_s3(principal, settings, settings.output_bucket, key):
-        return f"s3://{settings.output_bucket}/{key}"
+    bucket_key = own_bucket_key(url, settings)
+    if bucket_key is not None and may_read_s3(principal, settings, settings.output_bucket, bucket_key):
+        return f"s3://{settings.output_bucket}/{bucket_key}"
     check_url(url, policy, loc)
     return url

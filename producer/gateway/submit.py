@@ -16,7 +16,7 @@ from common.adapters.redis_conn import wait_for_replicas
 from common.adapters.storage import request_output_prefix
 from common.domain.auth import Principal
 from common.domain.schemas import JobParams, JobSpec
-from common.domain.variants import DEFAULT_MODEL_NAME
+from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.state.jobs import PREFIX
 from common.state.results import finish_job
 from producer.gateway.inputs import (
@@ -34,7 +34,7 @@ OUTPUTS_KEY = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its
 
 @dataclass(frozen=True)
 class SubmitOptions:
-    endpoint: str  # "v1" | "v2"
+    endpoint: Endpoint
     webhook_url: str | None = None
     start_timeout: float | None = None
     priority: str = "normal"
@@ -85,9 +85,9 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
                                       secret=gw.secret, policy=gw.fetch_policy, request_id=request_id)
         parsed = resolve_background(gw, principal, parsed, request_id)
     except InputErrors as exc:
-        image_url = data.get("image_url")
+        given_url = data.get("image_url")
         spec = JobSpec(**common, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
-                       image_url=image_url[:2048] if isinstance(image_url, str) else "", params=JobParams())
+                       image_url=given_url[:2048] if isinstance(given_url, str) else "", params=JobParams())
         admit(gw, principal, request_id, None, options)
         gw.store.create(spec)
         finish_job(settings=settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
