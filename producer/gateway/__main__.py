@@ -13,7 +13,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     tls = bool(settings.gateway_tls_cert)  # None is uvicorn's default: plain HTTP
-    uvicorn.run("producer.gateway.app:create_app", factory=True, host=settings.gateway_host,
+    uvicorn.run("producer.gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
                 port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,
                 timeout_keep_alive=75, log_level="info", access_log=False,
                 ssl_certfile=settings.gateway_tls_cert if tls else None,
