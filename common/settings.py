@@ -448,7 +448,7 @@ def settings_table() -> str:
     """The README's settings table, made from the fields' descriptions."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
-        default = info.default_factory() if info.default_factory else info.default
+        default = info.get_default(call_default_factory=True)
         shown = json.dumps(default) if isinstance(default, dict | list | tuple) else default
         rows.append(f"| `BIREFNET_{name.upper()}` | `{shown}` | {info.description or ''} |")
     return "\n".join(rows)

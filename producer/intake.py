@@ -22,13 +22,15 @@ import logging
 import re
 import uuid
 from dataclasses import replace
+from typing import cast
 
 from botocore.exceptions import ClientError
 from celery import Celery
 
 from common.adapters.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
 from common.domain.errors import FileDownloadError, InputErrors, InvalidInputError, JobError
-from common.domain.schemas import INPUT_MODELS, JobParams, JobSpec
+from common.domain.schemas import JobParams, JobSpec
+from common.domain.variants import is_endpoint
 from common.settings import Settings
 from common.state.jobs import PREFIX, JobStore
 from common.state.limits import Limiter
@@ -200,7 +202,7 @@ class Intake:
         seq = _sequence_value(event.sequencer)
         if seq is None or not event.etag:
             return None
-        newest, newest_etag = self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"])
+        newest, newest_etag = cast(list[str | None], self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"]))  # a decoding client: str replies
         if newest and newest > seq and newest_etag != event.etag:
             return (f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
                     f"(sequencer {event.sequencer}) is stale")
@@ -218,7 +220,7 @@ class Intake:
     def _superseded(self, event: ObjectCreated, why: str) -> str:
         """End the job of an upload that was overwritten before anything could read it (one per upload)."""
         pin = event.etag or f"seq:{event.sequencer}"
-        existing = self.store.redis.get(self._upload_key(event, pin))
+        existing = cast(str | None, self.store.redis.get(self._upload_key(event, pin)))  # a decoding client: str replies
         if existing:
             return existing  # this upload already has its job (a redelivered event)
         fp = fingerprint(event.bucket, event.key, pin, {"superseded": True})
@@ -237,7 +239,7 @@ class Intake:
         params = job_parameters(self.settings, event.key, info.metadata)
         webhook_url = params.pop("webhook_url", None)
         endpoint = str(params.pop("endpoint", self.settings.default_endpoint))
-        if endpoint not in INPUT_MODELS:
+        if not is_endpoint(endpoint):  # the keys of INPUT_MODELS
             endpoint = self.settings.default_endpoint
         variants = self.settings.variants
         variant_id: str | None = None
@@ -271,7 +273,7 @@ class Intake:
         request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
         self.store.redis.set(self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl)
         spec = JobSpec(
-            request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,  # type: ignore[arg-type]
+            request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,
             params=job_params, source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
             input_fingerprint=fp, input_version=version_id, input_etag=None if version_id else (info.etag or None),
             webhook_url=str(webhook_url) if webhook_url else None, owner="s3",

@@ -139,7 +139,7 @@ def retry_later(task: Task, countdown: float, visibility_timeout: float) -> NoRe
     instead (or, with Redis still down, leave it unacknowledged to come back after the visibility timeout).
     """
     try:
-        task.retry(countdown=min(countdown, visibility_timeout / 2), max_retries=None)
+        raise task.retry(countdown=min(countdown, visibility_timeout / 2), max_retries=None)  # Celery's idiom
     except Reject as exc:
         log.warning("could not queue the retry (%s); keeping the message", exc.reason)
         raise Reject(exc.reason, requeue=True) from None

@@ -233,11 +233,12 @@ def render_job_outputs(predictor, image: Image.Image, mask: np.ndarray, params: 
     `device_mask` (CUDA, the network ran for this job): the same mask on the GPU, so fal's rendering
     refines and composes there and copies back only the 8-bit outputs."""
     if not params.extended:
-        on_device = device_mask is not None and device_mask.prepared.device_rgb is not None
-        return predictor.render_outputs(image, device_mask.levels if on_device else mask,
+        if device_mask is not None and device_mask.prepared.device_rgb is None:
+            device_mask = None  # no image on the device to compose with: the CPU path
+        return predictor.render_outputs(image, mask if device_mask is None else device_mask.levels,
                                         output_format=params.output_format,
                                         output_mask=params.output_mask, refine_foreground=params.refine_foreground,
                                         mask_only=params.mask_only, timings=timings,
-                                        prepared=device_mask.prepared if on_device else None)
+                                        prepared=None if device_mask is None else device_mask.prepared)
     return render_extended(image, mask, params, background=background, device=predictor.device,
                            settings=predictor.settings, timings=timings)

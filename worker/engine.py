@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -234,15 +235,17 @@ class Predictor:
             if self.settings.channels_last:
                 module = module.to(memory_format=torch.channels_last)
         # Last: the fused copies are plain tensors made from the parameters, on their device and dtype.
-        if self.settings.fused_inference and hasattr(module, "fuse_for_inference"):
-            module.fuse_for_inference()
+        fuse_for_inference = getattr(module, "fuse_for_inference", None)
+        if self.settings.fused_inference and callable(fuse_for_inference):
+            fuse_for_inference()
         self._loaded = loaded
         self._network = module
         self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
         log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
-            self._network = torch.compile(module, mode=mode)
+            # torch.compile of a Module returns an OptimizedModule; its stub says only "callable".
+            self._network = cast(nn.Module, torch.compile(module, mode=mode))
         if self.settings.warmup_forward:
             self._warm_up(eager=module)
         log.info("variant %s loaded on %s%s: %s", self.spec.id, self._device,

@@ -66,7 +66,7 @@ def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[i
 
 def verdict(scores: dict[str, list[float]]) -> str:
     overall = {order: float(np.mean(values)) for order, values in scores.items()}
-    best, other = sorted(overall, key=overall.get, reverse=True)
+    best, other = sorted(overall, key=overall.__getitem__, reverse=True)
     margin = overall[best] - overall[other]
     wins = sum(a > b for a, b in zip(scores[best], scores[other], strict=True))
     if margin < DECISIVE_MARGIN:
@@ -144,7 +144,7 @@ def self_check(predictor: Predictor) -> PatchOrderReport:
     if predictor.untrained:
         return PatchOrderReport(configured, configured, "skipped", "not run: untrained recipe weights learned "
                                 "nothing, so neither order makes them more confident (the answer would be noise)")
-    if getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
+    if decoder is None or getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
         return PatchOrderReport(configured, configured, "skipped", "not run: the network is not the native "
                                 "BiRefNet (remote code), whose patch order cannot be switched")
     photos = sample_photos(settings)

@@ -8,7 +8,7 @@ copy comes back for encoding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -77,6 +77,11 @@ def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, web
                         lossless=lossless)
 
 
+class _EncoderOptions(TypedDict):
+    png_compress_level: int
+    webp_quality: int
+
+
 def render_outputs(
     image: ImageLike | None,
     mask: np.ndarray | torch.Tensor,
@@ -106,7 +111,7 @@ def render_outputs(
         raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}",
                                 field="output_format")
     timings = timings if timings is not None else StageTimings()
-    options = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
+    options: _EncoderOptions = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
 
     if isinstance(mask, torch.Tensor):
         if device_rgb is None:
@@ -126,6 +131,7 @@ def render_outputs(
     if mask_only:
         with timings.stage("encode"):
             return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
+    assert image is not None, "the CPU path composes onto the decoded image"
     rgb = pixels.as_rgb_array(image)
     if alpha8.shape != rgb.shape[:2]:
         raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, image is {rgb.shape[1]}x{rgb.shape[0]}")

@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from PIL import Image
+from redis.typing import EncodableT, FieldT
 
 from common.adapters.fetch import fetch_input
 from common.adapters.netguard import NetPolicy
@@ -200,8 +201,8 @@ class JobRunner:
             return Outcome("defer", "another worker holds the lease")
         if claim == "exhausted":
             self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
-            last, last_type = self.store.redis.hmget(self.store.job_key(spec.request_id),
-                                                     ["last_error", "last_error_type"])
+            last, last_type = cast(list[str | None], self.store.redis.hmget(self.store.job_key(spec.request_id),
+                                                     ["last_error", "last_error_type"]))  # a decoding client: str replies
             last = last or "worker stopped"
             if last_type == TIMEOUT_ERROR_TYPE:
                 message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
@@ -266,7 +267,7 @@ class JobRunner:
             message += "; it shared that forward with other jobs, so it runs alone next time, not charged"
         log.warning("job %s: %s", spec.request_id, message)
         self.store.log(spec.request_id, f"error: {message}", "ERROR")
-        fields = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
+        fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
         if shared:
             fields["run_alone"] = "1"
         self.store.redis.hset(self.store.job_key(spec.request_id), mapping=fields)
@@ -383,7 +384,7 @@ class JobRunner:
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
         t = time.perf_counter()
-        body: dict = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
+        body: dict[str, object] = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
                       "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
         if predictor.null_model:
             body["warning"] = NULL_MODEL_BANNER

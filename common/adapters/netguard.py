@@ -273,7 +273,7 @@ def _explain_numeric_host(url: str, policy: NetPolicy) -> None:
 
 def system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [info[4][0] for info in infos]
+    return [str(info[4][0]) for info in infos]  # an IPv4 or IPv6 address (str)
 
 
 _dns_pool: ThreadPoolExecutor | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -58,9 +59,10 @@ EXAMPLES = {
 }
 BODY_DOC = {"requestBody": {"required": False, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ComposeInput"}, "examples": EXAMPLES}}}}
-NOT_READY = {400: {"model": ErrorBody, "description": "The source request is still running"},
-             404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
-                   "(sync_mode, failed before its mask, output retention ended)"}}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The source request is still running"},
+    404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
+          "(sync_mode, failed before its mask, output retention ended)"}}
 
 
 def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:

@@ -116,8 +116,8 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
     own = own_object_key(url, secret)
     if own is not None:  # the signature is the permission
         return f"s3://{settings.output_bucket}/{own}"
-    key = own_bucket_key(url, settings)
-    if key is not None and may_read_s3(principal, settings, settings.output_bucket, key):
-        return f"s3://{settings.output_bucket}/{key}"
+    bucket_key = own_bucket_key(url, settings)
+    if bucket_key is not None and may_read_s3(principal, settings, settings.output_bucket, bucket_key):
+        return f"s3://{settings.output_bucket}/{bucket_key}"
     check_url(url, policy, loc)
     return url

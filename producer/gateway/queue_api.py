@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Header, Query, Request
@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
+from common.domain.variants import Endpoint
 from producer.admission import flag
 from producer.gateway import records
 from producer.gateway.inputs import TIMEOUT_PATTERN, lifecycle_seconds, priority, start_timeout
@@ -38,7 +39,7 @@ from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, Submitted, sub
 from producer.gateway.urls import APP_PATH, public_base, request_urls
 
 router = APIRouter(prefix="/queue", tags=["queue"])
-ENDPOINTS = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet
+ENDPOINTS: dict[Endpoint, str] = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet
 INPUT_SCHEMAS = {"v1": "BiRefNetInput", "v2": "BiRefNetV2Input"}
 REQUEST = f"/{APP_PATH}/requests/{{request_id}}"
 
@@ -57,9 +58,9 @@ WebhookQuery = Annotated[str, Query(
 MaxQueueQuery = Annotated[int, Query(
     alias="fal_max_queue_length", ge=0, description="Refuse (429 queue_full) instead of queueing when this many "
     "requests already wait for the model.")]
-LIMITED = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
+LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
                  "max_concurrent: concurrency_limit) or the queue cap (queue_full); see Retry-After"}}
-BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
 PriorityHeader = Annotated[str, Header(
     alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
 LifecycleHeader = Annotated[str, Header(
@@ -89,7 +90,7 @@ def body_doc(endpoint: str) -> dict:
         "schema": schema, "examples": INPUT_EXAMPLES}}}}
 
 
-def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
+def options(endpoint: Endpoint, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
             no_retry: str | None, webhook_url: str | None = None, max_queue_length: int | None = None) -> SubmitOptions:
     return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
                          priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
@@ -101,7 +102,7 @@ def not_found(request_id: str) -> FalError:
     return FalError(404, {"detail": "Request not found"}, request_id=request_id)
 
 
-def make_submit(endpoint: str):
+def make_submit(endpoint: Endpoint):
     async def submit(
         request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
         lifecycle: LifecycleHeader = None, no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None,

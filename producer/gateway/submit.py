@@ -15,7 +15,7 @@ from common.adapters.storage import request_output_prefix
 from common.domain.auth import Principal
 from common.domain.errors import InputErrors, JobError, LimitRefused, QueueUnreachable
 from common.domain.schemas import JobParams, JobSpec
-from common.domain.variants import DEFAULT_MODEL_NAME
+from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.settings import Settings
 from common.state.jobs import PREFIX
 from producer.admission import Admission, Submitted, validate_input
@@ -29,7 +29,7 @@ OUTPUTS_KEY = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its
 
 @dataclass(frozen=True)
 class SubmitOptions:
-    endpoint: str  # "v1" | "v2"
+    endpoint: Endpoint
     webhook_url: str | None = None
     start_timeout: float | None = None
     priority: str = "normal"
@@ -79,9 +79,9 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
                                       secret=gw.secret, policy=gw.fetch_policy, request_id=request_id)
         parsed = resolve_background(gw, principal, parsed, request_id)
     except InputErrors as exc:
-        image_url = data.get("image_url")
+        given_url = data.get("image_url")
         spec = JobSpec(**fields, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
-                       image_url=image_url[:2048] if isinstance(image_url, str) else "", params=JobParams())
+                       image_url=given_url[:2048] if isinstance(given_url, str) else "", params=JobParams())
         return enqueue(gw, principal, options, spec, rejection=exc)
     spec = JobSpec(**fields, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed),
                    mask_cache_scope=mask_cache_scope(principal))
