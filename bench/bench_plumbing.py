@@ -96,7 +96,7 @@ def our_processes(stack: ChaosStack) -> dict[str, int]:
         args = " ".join(proc.args) if isinstance(proc.args, list) else str(proc.args)
         if "producer.gateway" in args:
             pids["gateway"] = proc.pid
-        elif "producer webhooks" in args:
+        elif "-m deliverer" in args:
             pids["webhook deliverer"] = proc.pid
         elif "producer sqs" in args:
             pids["producer (SQS events, idle here)"] = proc.pid

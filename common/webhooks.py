@@ -1,6 +1,6 @@
 """fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
 
-Deliveries run on the `webhooks` Celery queue (producer/webhook_worker.py), so GPU workers never wait on
+Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on
 HTTP. Deliveries go through the SSRF guard (`common.adapters.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
 
 Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout

@@ -175,7 +175,7 @@ class LocalStack:
         self.env = base
         self.settings = settings.model_copy(update={"sqs_queue_url": provisioned.queue_url})
         self._spawn("producer", ["-m", "producer", "sqs"])
-        self._spawn("webhooks", ["-m", "producer", "webhooks", "--concurrency", "2"])
+        self._spawn("webhooks", ["-m", "deliverer", "--concurrency", "2"])
         self.tls = make_tls(self.log_dir)
         self._spawn("gateway", ["-m", "producer.gateway"], {
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.dev.gateway_port),

@@ -30,7 +30,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def start_pipeline(stack: Stack) -> None:
     stack.start(["-m", "producer", "sqs"], "producer")
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light")
 
 

@@ -10,6 +10,7 @@ Masks stay exact: with jpeg/avif they are PNG.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 
 import numpy as np
 import PIL
@@ -40,20 +41,20 @@ AVIF_SPEED = 8  # libavif 0 (slowest, smallest) .. 10; 8 keeps a 1 MP encode wel
 # --------------------------------------------------------------------------------------------
 
 
-def output_format_supported(fmt: str, settings: Settings) -> bool:
+def output_format_supported(fmt: str, simulated_unsupported: Collection[str] = ()) -> bool:
     """Whether this worker can encode `fmt`: the installed Pillow's feature flag, minus the formats the
-    testing-only setting `test_unsupported_output_formats` switches off."""
-    if fmt in settings.test_unsupported_output_formats:
+    testing-only switch BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS (`simulated_unsupported`) turns off."""
+    if fmt in simulated_unsupported:
         return False
     feature = _PILLOW_FEATURES.get(fmt)
     return feature is None or bool(features.check(feature))
 
 
-def check_output_format(fmt: str, settings: Settings) -> None:
+def check_output_format(fmt: str, simulated_unsupported: Collection[str] = ()) -> None:
     """A 422 for formats this worker cannot write, before any work is done for the job."""
-    if not output_format_supported(fmt, settings):
+    if not output_format_supported(fmt, simulated_unsupported):
         simulated = " (simulated: BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS)" if (
-            fmt in settings.test_unsupported_output_formats) else ""
+            fmt in simulated_unsupported) else ""
         raise InvalidInputError(
             f"output_format '{fmt}' is not supported by this server: its image library (Pillow {PIL.__version__}) "
             f"was built without {fmt.upper()} support{simulated}; use png, webp or gif",

@@ -26,8 +26,9 @@ from common.adapters.netguard import NetPolicy
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError
 from common.domain.schemas import ImageFile, JobSpec
-from common.observability.metrics import job_finished, job_started
+from common.observability.metrics import count_job_run
 from common.settings import Settings
+from common.state.job_progress import job_finished, job_started
 from common.state.jobs import PREFIX, JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
@@ -38,6 +39,7 @@ from worker.masks import MaskSource
 from worker.null_model import NULL_MODEL_BANNER
 from worker.pixels import decode_rgb
 from worker.rendering import DeviceMask, quantise_device_mask
+from worker.test_hooks import HooksForTests
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,10 @@ class LeaseKeeper:
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None):
+                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None,
+                 hooks: HooksForTests | None = None):
         self.settings = settings
+        self.hooks = hooks or HooksForTests.off()
         self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
                                               wait_seconds=settings.batch_wait_ms / 1000, forward_hook=forward_hook)
                          for variant, predictor in predictors.items()}
@@ -175,8 +179,9 @@ class JobRunner:
             outcome = self._run_job(spec)
             return outcome
         finally:
-            job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
-                         keep=self.settings.ops_completions_kept)
+            completion = job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
+                                      keep=self.settings.ops_completions_kept)
+            count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         self.store.ensure(spec)
@@ -316,7 +321,7 @@ class JobRunner:
             raise JobError(f"this worker does not serve variant {spec.variant!r}",
                            error_type="runner_scheduling_failure", status_code=503)
         params = spec.params
-        check_output_format(params.output_format, self.settings)  # a 422 before any work
+        check_output_format(params.output_format, self.hooks.unsupported_output_formats)  # a 422 before any work
         timings: dict[str, float] = {}
         log_ = self.store.log
         if predictor.null_model:
@@ -339,7 +344,7 @@ class JobRunner:
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
-        resolution = self.settings.test_operating_resolution or params.operating_resolution
+        resolution = self.hooks.operating_resolution or params.operating_resolution
         width, height = (int(v) for v in resolution.split("x"))
         if not spec.reuse_from:
             log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")

@@ -14,7 +14,7 @@ def main() -> None:
     settings = Settings()
     tls = {"ssl_certfile": settings.gateway_tls_cert, "ssl_keyfile": settings.gateway_tls_key} \
         if settings.gateway_tls_cert else {}
-    uvicorn.run("producer.gateway.app:create_app", factory=True, host=settings.gateway_host,
+    uvicorn.run("producer.gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
                 port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,
                 timeout_keep_alive=75, log_level="info", access_log=False, **tls)
 
