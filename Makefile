@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint bench chaos fuzz clean browser redis-tls
+.PHONY: install test demo up lint typecheck bench chaos fuzz clean browser redis-tls
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the JS client test will be skipped"; fi
 
-test: $(STAMP) browser $(JS_DEPS) redis-tls
+test: $(STAMP) typecheck browser $(JS_DEPS) redis-tls
 	$(BIN)/python -m pytest -q -ra
 
 # Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
@@ -49,8 +49,12 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/python -m devstack up
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
+
+# mypy over the packages listed under [tool.mypy] in pyproject.toml (about 2 minutes: torch is big).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_model.py

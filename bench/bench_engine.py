@@ -45,9 +45,11 @@ from common.domain.variants import VariantSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from worker import pixels  # noqa: E402
 from worker.batcher import MaskBatcher  # noqa: E402
-from worker.engine import Predictor, StageTimings, parse_resolution, render_outputs  # noqa: E402
+from worker.engine import Predictor, parse_resolution  # noqa: E402
 from worker.imaging import decode_image, encode_image, mask_to_image, refined_colours, rgba_from  # noqa: E402
 from worker.null_model import NullNetwork  # noqa: E402
+from worker.rendering import render_outputs  # noqa: E402
+from worker.timings import StageTimings  # noqa: E402
 
 STAGES = ("decode", "preprocess", "postprocess", "refine", "compose", "encode")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -201,9 +203,11 @@ def stage_table(photos: dict[str, bytes], args, settings: Settings) -> None:
 def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
     resolution = parse_resolution(args.resolution)
     spec = VariantSpec(id="bench-null", weights="recipe", backbone="swin_v1_nano")
-    predictor = Predictor(spec, settings.model_copy(update={"benchmark_null_model": True}))
+    # torch_threads 0: the worker's own choice for the null model (one torch thread, see Predictor.load)
+    predictor = Predictor(spec, settings.model_copy(update={"benchmark_null_model": True, "torch_threads": 0}))
     predictor.load()
-    print(f"\n### Engine, one process, null model ({predictor.weights_description})\n")
+    print(f"\n### Engine, one process, null model ({predictor.weights_description}); "
+          f"{torch.get_num_threads()} torch thread(s)\n")
     print("1 MP JPEG bytes -> decode -> batcher (null forward) -> mask -> refine -> cut-out + mask PNG, no S3\n")
     print("| job threads | images | seconds | images/s | CPU ms per image | batch sizes seen |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")

@@ -96,7 +96,7 @@ def our_processes(stack: ChaosStack) -> dict[str, int]:
         args = " ".join(proc.args) if isinstance(proc.args, list) else str(proc.args)
         if "producer.gateway" in args:
             pids["gateway"] = proc.pid
-        elif "producer webhooks" in args:
+        elif "-m deliverer" in args:
             pids["webhook deliverer"] = proc.pid
         elif "producer sqs" in args:
             pids["producer (SQS events, idle here)"] = proc.pid
@@ -145,6 +145,61 @@ def plumbing(args) -> None:
         print(f"| {name} | {per_job:.2f} |")
     print(f"| **our processes together** | **{ours:.2f}** |")
     print(f"| redis-server (AOF, fsync always) | {(redis_after - redis_before) / jobs * 1000:.2f} |")
+
+
+# ---- building blocks ------------------------------------------------------------------------------
+
+def per_call_ms(fn, calls: int) -> float:
+    """Client CPU ms per call of `fn` (this thread only: the S3 server runs in a thread of this process),
+    after a few warm-up calls."""
+    for _ in range(5):
+        fn()
+    started = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - started) / calls * 1000
+
+
+def building_blocks(args) -> None:
+    """What one call of each library a job goes through costs the calling process: the floor under the
+    per-job figures above (server side excluded: moto and redis-server run in their own processes)."""
+    import boto3
+    from botocore.config import Config
+
+    from common.adapters.queue import make_celery
+    from common.adapters.storage import make_s3_client
+    from common.settings import Settings
+    from devstack.services import RedisServer
+
+    body = os.urandom(20_000)
+    with MotoServer() as moto, RedisServer(appendonly=False) as server:
+        settings = Settings(s3_endpoint_url=moto.url, redis_url=server.url, aws_region="us-east-1")
+        s3 = make_s3_client(settings)
+        s3.create_bucket(Bucket="blocks")
+        lean = boto3.client("s3", region_name="us-east-1", endpoint_url=moto.url, config=Config(
+            signature_version="s3v4", request_checksum_calculation="when_required",
+            response_checksum_validation="when_required"))
+        client = redis.Redis.from_url(server.url)
+        celery = make_celery(settings)
+        rows = [
+            ("S3 put_object, 20 KB (boto3, our client)",
+             lambda: s3.put_object(Bucket="blocks", Key="k", Body=body)),
+            ("S3 get_object + read, 20 KB (boto3, our client)",
+             lambda: s3.get_object(Bucket="blocks", Key="k")["Body"].read()),
+            ("S3 put_object, 20 KB (boto3, checksums only when required)",
+             lambda: lean.put_object(Bucket="blocks", Key="k", Body=body)),
+            ("S3 head_object (boto3, our client)", lambda: s3.head_object(Bucket="blocks", Key="k")),
+            ("Redis round trip (PING)", client.ping),
+            ("Redis pipeline HSET + EXPIRE + PUBLISH", lambda: client.pipeline().hset("h", mapping={"a": 1, "b": 2})
+             .expire("h", 60).publish("c", "x").execute()),
+            ("Celery send_task (Redis broker)",
+             lambda: celery.send_task("bench.noop", args=[{"x": 1}], queue="bench-blocks")),
+        ]
+        print(f"\n### Building blocks: client CPU ms per call ({args.block_calls} calls each, calling thread)\n")
+        print("| call | CPU ms |")
+        print("| --- | ---: |")
+        for name, fn in rows:
+            print(f"| {name} | {per_call_ms(fn, args.block_calls):.2f} |")
 
 
 # ---- waiting callers -----------------------------------------------------------------------------
@@ -261,9 +316,13 @@ def main() -> None:
     parser.add_argument("--baseline-root", help="checkout whose gateway is the 'before' row of part 2")
     parser.add_argument("--skip-plumbing", action="store_true")
     parser.add_argument("--skip-waiting", action="store_true")
+    parser.add_argument("--skip-blocks", action="store_true")
+    parser.add_argument("--block-calls", type=int, default=200, help="calls per building-block row")
     args = parser.parse_args()
     if not args.skip_plumbing:
         plumbing(args)
+    if not args.skip_blocks:
+        building_blocks(args)
     if not args.skip_waiting:
         waiting(args)
 

@@ -17,6 +17,15 @@ from common.domain.auth import ApiKeyConfig
 from common.domain.variants import VariantRegistry
 
 
+def parse_list(value: object) -> object:
+    """A list from the environment, comma-separated ("a,b") or JSON ("[...]"), as a tuple; other values
+    (already parsed, e.g. passed in code) unchanged."""
+    if isinstance(value, str):
+        text = value.strip()
+        return tuple(json.loads(text)) if text.startswith("[") else tuple(p.strip() for p in text.split(",") if p.strip())
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BIREFNET_", env_file=".env", extra="ignore")
 
@@ -130,7 +139,8 @@ class Settings(BaseSettings):
         description='JSON {variant_id: {field: value}} adding or changing variants, e.g. '
         '{"general-light": {"weights": "/models/BiRefNet.safetensors"}}.',
     )
-    torch_threads: int = Field(0, description="CPU threads for torch (0: torch's default).")
+    torch_threads: int = Field(0, description="CPU threads for torch (0: 1 on CUDA and for the null model, "
+                               "where torch only does tiny host-side work; torch's default on CPU).")
     retain_freed_memory: bool = Field(
         True, description="Workers tell glibc's malloc to keep freed memory (no mmap for big blocks, no heap "
         "trim), so each forward reuses its activation buffers instead of page-faulting them in afresh (CPU, "
@@ -170,11 +180,6 @@ class Settings(BaseSettings):
         (), description="Image files for the patch-order check (comma-separated); empty: the photos shipped in "
         "worker/samples/."
     )
-
-    @field_validator("patch_order_check_photos", mode="before")
-    @classmethod
-    def _photo_list(cls, value: object) -> object:
-        return cls._split_csv(value)
 
     # --- Model engine ---
     inference_dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -386,51 +391,25 @@ class Settings(BaseSettings):
     )
     jpeg_quality: int = Field(90, ge=1, le=95, description="Quality of JPEG outputs (opaque backgrounds only).")
     avif_quality: int = Field(80, ge=1, le=100, description="Quality of AVIF outputs (colour and alpha).")
-    test_unsupported_output_formats: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Testing only: output formats (comma-separated, e.g. avif) workers treat as unsupported "
-        "even if their Pillow has them, to test the 422 a server without them answers. Empty: off (always, in "
-        "production)."
-    )
-
-    # --- Reliability ---
-    test_operating_resolution: str = Field(
-        "", pattern=r"^(\d+x\d+)?$", description="Testing only: workers run every job's forward pass at this "
-        "WIDTHxHEIGHT (e.g. 128x128) instead of its operating_resolution, so CPU chaos and load tests finish in "
-        "minutes; every job's logs say so. Empty: off (always, in production)."
-    )
-
-    test_forward_hook: str = Field(
-        "", description="Testing only: JSON rules for tests/forward_hook.py that make chosen forwards hang or "
-        "take a set time (the hang and chaos tests). A worker refuses to start with it unless every variant "
-        "it serves runs untrained recipe weights and tests/ is importable (never in the images). Empty: off."
-    )
 
     def time_limit(self, variant_id: str) -> float:
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""
         return self.variants.get(variant_id).time_limit or self.job_time_limit
-
-    @staticmethod
-    def _input_list(value: object) -> object:
-        """A comma-separated or JSON list from the environment, as a list; other values unchanged."""
-        if isinstance(value, str):
-            text = value.strip()
-            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
-        return value
 
     @field_validator("fetch_allow_networks", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
         import ipaddress
 
-        items = cls._input_list(value)
-        return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in items)  # type: ignore[union-attr]
+        items = parse_list(value)
+        return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in items)  # type: ignore[attr-defined]
 
     @field_validator("fetch_allowed_ports", mode="before")
     @classmethod
     def _ports(cls, value: object) -> object:
         if isinstance(value, str) and value.strip() == "*":
             return (0,)  # 0: any port
-        items = cls._input_list(value)
+        items = parse_list(value)
         if not items:
             raise ValueError("fetch_allowed_ports may not be empty; use * to allow any port")
         return tuple(items)  # type: ignore[arg-type]
@@ -441,16 +420,10 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("worker_variants", "image_suffixes", "gateway_cors_origins", "webhook_signing_keys",
-                     "input_buckets", "sns_topic_arns", "test_unsupported_output_formats", "redis_sentinels",
-                     mode="before")
+                     "input_buckets", "sns_topic_arns", "redis_sentinels", "patch_order_check_photos", mode="before")
     @classmethod
-    def _split_csv(cls, value: object) -> object:
-        # Accept "a,b" as well as JSON lists from the environment.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        if isinstance(value, str):
-            return tuple(json.loads(value))
-        return value
+    def _list(cls, value: object) -> object:
+        return parse_list(value)
 
     @model_validator(mode="after")
     def _gateway_urls_need_a_base(self) -> Settings:
@@ -475,7 +448,7 @@ def settings_table() -> str:
     """The README's settings table, made from the fields' descriptions."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
-        default = info.default_factory() if info.default_factory else info.default
+        default = info.get_default(call_default_factory=True)
         shown = json.dumps(default) if isinstance(default, dict | list | tuple) else default
         rows.append(f"| `BIREFNET_{name.upper()}` | `{shown}` | {info.description or ''} |")
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
 
-Deliveries run on the `webhooks` Celery queue (producer/webhook_worker.py), so GPU workers never wait on
+Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on
 HTTP. Deliveries go through the SSRF guard (`common.adapters.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
 
 Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import httpcore
 
@@ -202,7 +203,7 @@ class WebhookSender:
 
     def failed(self, limit: int = 100) -> list[dict]:
         """Requests whose webhook never got a 2xx, newest first, with every attempt."""
-        entries = self.store.redis.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True)
+        entries = cast(list[tuple[str, float]], self.store.redis.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True))  # a decoding client: str replies
         out = []
         for request_id, failed_at in entries:
             record = self.store.get(request_id)

@@ -17,12 +17,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import redis
 
 from common.adapters.storage import boto_config
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
 
 
 def free_port() -> int:
@@ -103,7 +107,7 @@ class MotoServer:
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
-        self._server = None
+        self._server: ThreadedMotoServer | None = None
 
     @property
     def url(self) -> str:

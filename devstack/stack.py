@@ -67,7 +67,7 @@ class TlsFiles:
 def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
     """A private CA and a server certificate for `hosts` signed by it (clients trust ca.pem)."""
     now = datetime.datetime.now(datetime.UTC)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=30)}
+    not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30)
 
     def name(common: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
@@ -80,7 +80,8 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder(subject_name=name("birefnet local CA"), issuer_name=name("birefnet local CA"),
-                                  public_key=ca_key.public_key(), serial_number=x509.random_serial_number(), **valid)
+                                  public_key=ca_key.public_key(), serial_number=x509.random_serial_number(),
+                                  not_valid_before=not_before, not_valid_after=not_after)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -88,7 +89,8 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
     cert = (x509.CertificateBuilder(subject_name=name(hosts[0]), issuer_name=ca.subject, public_key=key.public_key(),
-                                    serial_number=x509.random_serial_number(), **valid)
+                                    serial_number=x509.random_serial_number(),
+                                    not_valid_before=not_before, not_valid_after=not_after)
             .add_extension(x509.SubjectAlternativeName([alt(h) for h in hosts]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -172,14 +174,13 @@ class LocalStack:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
             extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}
         base = stack_environment(self.redis.url, self.aws.url, "", extra)
-        settings = Settings(**{"redis_url": self.redis.url, "s3_endpoint_url": self.aws.url,
-                               "sqs_endpoint_url": self.aws.url})
+        settings = Settings(redis_url=self.redis.url, s3_endpoint_url=self.aws.url, sqs_endpoint_url=self.aws.url)
         provisioned = provision_aws(settings)
         base["BIREFNET_SQS_QUEUE_URL"] = provisioned.queue_url
         self.env = base
         self.settings = settings.model_copy(update={"sqs_queue_url": provisioned.queue_url})
         self._spawn("producer", ["-m", "producer", "sqs"])
-        self._spawn("webhooks", ["-m", "producer", "webhooks", "--concurrency", "2"])
+        self._spawn("webhooks", ["-m", "deliverer", "--concurrency", "2"])
         self.tls = make_tls(self.log_dir)
         self._spawn("gateway", ["-m", "producer.gateway"], {
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.dev.gateway_port),

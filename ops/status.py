@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections import Counter, defaultdict
+from typing import cast
 
 import redis
 
@@ -59,18 +60,24 @@ def workers(r: redis.Redis, now: float) -> list[dict]:
     return sorted(out, key=lambda w: w["name"] or "")
 
 
+def _newest_scored(r: redis.Redis, key: str, limit: int) -> list[tuple[str, float]]:
+    """The `limit` highest-scored members of a sorted set, with their scores. redis-py types replies as
+    bytes or str whatever the client; ops' client decodes them (str)."""
+    return cast(list[tuple[str, float]], r.zrevrange(key, 0, limit - 1, withscores=True))
+
+
 def webhook_failures(r: redis.Redis, limit: int = 5) -> dict:
     """`failed`: requests whose every attempt failed (retries exhausted); `retrying`: requests whose last
     attempt failed and that have a retry booked."""
     failed_total = r.zcard(FAILED_KEY)
     recent = []
-    for request_id, failed_at in r.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True):
+    for request_id, failed_at in _newest_scored(r, FAILED_KEY, limit):
         last = r.lindex(attempts_key(request_id), -1)
         attempt = json.loads(last) if last else {}
         recent.append({"request_id": request_id, "failed_at": failed_at,
                        "webhook_url": _spec_field(r, request_id, "webhook_url"),
                        "attempts": r.llen(attempts_key(request_id)), "last_error": attempt.get("error")})
-    booked = {member.rpartition("|")[0] for member in r.zrange(DUE_KEY, 0, 9999)}
+    booked = {member.rpartition("|")[0] for member in cast(list[str], r.zrange(DUE_KEY, 0, 9999))}
     pipe = r.pipeline()
     for request_id in booked:
         pipe.lindex(attempts_key(request_id), -1)
@@ -85,7 +92,7 @@ def _spec_field(r: redis.Redis, request_id: str, field: str) -> object:
 
 def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     entries = []
-    for request_id, dead_at in r.zrevrange(ops_state.DEADLETTER_KEY, 0, limit - 1, withscores=True):
+    for request_id, dead_at in _newest_scored(r, ops_state.DEADLETTER_KEY, limit):
         raw = r.hgetall(JobStore.job_key(request_id))
         spec = json.loads(raw["spec"]) if raw.get("spec") else {}
         entries.append({

@@ -1,4 +1,7 @@
-"""`python -m producer sqs|http|webhooks`: the S3-event consumer (SQS or HTTP), or the webhook delivery worker."""
+"""`python -m producer sqs|http`: the S3-event consumer (SQS or HTTP).
+
+`python -m producer webhooks` still starts the webhook deliverer, now `python -m deliverer` (kept for
+existing deployments and scripts)."""
 
 from __future__ import annotations
 
@@ -17,9 +20,14 @@ def main(argv: list[str] | None = None) -> None:
     http = sub.add_parser("http", help="take S3 event notifications over HTTP (MinIO webhooks): POST /s3-events")
     http.add_argument("--host", help="bind address (default: BIREFNET_PRODUCER_HTTP_HOST)")
     http.add_argument("--port", type=int, help="port (default: BIREFNET_PRODUCER_HTTP_PORT)")
-    hooks = sub.add_parser("webhooks", help="run the webhook delivery worker (Celery queue 'webhooks')")
+    hooks = sub.add_parser("webhooks", help="alias of `python -m deliverer`: the webhook delivery worker")
     hooks.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.command == "webhooks":
+        from deliverer.__main__ import main as run_deliverer
+
+        run_deliverer(["--concurrency", str(args.concurrency)])
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
 
@@ -27,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         from common.adapters.storage import make_sqs_client
         from common.observability.metrics import register_queue_collector, start_metrics_server
         from producer.app import build_intake
-        from producer.http_events import CountingIntake
+        from producer.counted_intake import CountingIntake
         from producer.sqs import SqsConsumer
 
         if not settings.sqs_queue_url:
@@ -45,15 +53,6 @@ def main(argv: list[str] | None = None) -> None:
         from producer.http_events import serve
 
         serve(settings, args.host, args.port)
-    elif args.command == "webhooks":
-        from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
-        from producer.webhook_worker import app, store
-
-        instrument_webhook_deliverer(store, settings.webhook_max_retries)
-        start_metrics_server(settings.webhooks_metrics_port, "webhooks")
-
-        app.worker_main(["worker", "-Q", "webhooks", "--pool=threads", f"--concurrency={args.concurrency}",
-                         "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 
 
 if __name__ == "__main__":

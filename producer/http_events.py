@@ -26,6 +26,7 @@ from common.adapters.netguard import NetPolicy
 from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
 from common.state.limits import QueueFull
+from producer.counted_intake import CountingIntake
 from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
 from producer.intake import Intake
 from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
@@ -33,25 +34,6 @@ from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024  # a notification is a few KB; MinIO sends one record per request
-
-
-class CountingIntake:
-    """Wraps an Intake to count events by outcome (`producer_events_total{source=...}`)."""
-
-    def __init__(self, intake: Intake, source: str):
-        self.intake, self.source = intake, source
-
-    def handle(self, event: ObjectCreated) -> str | None:
-        try:
-            request_id = self.intake.handle(event)
-        except QueueFull:
-            PRODUCER_EVENTS.labels(self.source, "deferred").inc()
-            raise
-        except Exception:
-            PRODUCER_EVENTS.labels(self.source, "error").inc()
-            raise
-        PRODUCER_EVENTS.labels(self.source, "enqueued" if request_id else "ignored").inc()
-        return request_id
 
 
 def _authorized(header: str | None, token: str) -> bool:

@@ -22,19 +22,19 @@ import logging
 import re
 import uuid
 from dataclasses import replace
+from typing import cast
 
 from botocore.exceptions import ClientError
 from celery import Celery
-from pydantic import ValidationError
 
-from common.adapters.queue import send_job
 from common.adapters.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
-from common.domain.errors import FileDownloadError, InvalidInputError
-from common.domain.schemas import INPUT_MODELS, JobParams, JobSpec
+from common.domain.errors import FileDownloadError, InputErrors, InvalidInputError, JobError
+from common.domain.schemas import JobParams, JobSpec
+from common.domain.variants import is_endpoint
 from common.settings import Settings
 from common.state.jobs import PREFIX, JobStore
-from common.state.limits import Limiter, QueueFull
-from common.state.results import fail_job
+from common.state.limits import Limiter
+from producer.admission import Admission, parse_bool, validate_input
 from producer.events import ObjectCreated
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,13 @@ PARAM_KEYS = ("model", "operating_resolution", "output_format", "output_mask", "
               # extension fields (common.domain.extensions)
               "background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
               "crop_aspect_ratio", "crop_threshold")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 def _coerce(value: object) -> object:
-    """Metadata values are strings; booleans arrive as 'true'/'false'."""
+    """Metadata values are strings; booleans arrive as words (producer.admission.parse_bool)."""
     if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        return value.strip()
+        boolean = parse_bool(value)
+        return value.strip() if boolean is None else boolean
     return value
 
 
@@ -116,6 +110,7 @@ class Intake:
         self.celery = celery
         self.objects = objects
         self.limiter = Limiter(store.redis, settings)
+        self.admission = Admission(settings, store, celery, self.limiter, objects)
         self._sequence = store.redis.register_script(_SEQUENCE)
 
     def ignore_reason(self, event: ObjectCreated) -> str | None:
@@ -207,7 +202,7 @@ class Intake:
         seq = _sequence_value(event.sequencer)
         if seq is None or not event.etag:
             return None
-        newest, newest_etag = self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"])
+        newest, newest_etag = cast(list[str | None], self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"]))  # a decoding client: str replies
         if newest and newest > seq and newest_etag != event.etag:
             return (f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
                     f"(sequencer {event.sequencer}) is stale")
@@ -225,7 +220,7 @@ class Intake:
     def _superseded(self, event: ObjectCreated, why: str) -> str:
         """End the job of an upload that was overwritten before anything could read it (one per upload)."""
         pin = event.etag or f"seq:{event.sequencer}"
-        existing = self.store.redis.get(self._upload_key(event, pin))
+        existing = cast(str | None, self.store.redis.get(self._upload_key(event, pin)))  # a decoding client: str replies
         if existing:
             return existing  # this upload already has its job (a redelivered event)
         fp = fingerprint(event.bucket, event.key, pin, {"superseded": True})
@@ -236,19 +231,15 @@ class Intake:
                        source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
                        input_fingerprint=fp, input_etag=event.etag, owner="s3",
                        extra={"sequencer": event.sequencer, "event_source": event.source})
-        if self.store.create(spec):
-            error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
-                                      f"before its job could read it; {why}. The newer upload has a job of its own")
-            log.warning("job %s for %s: %s", request_id, named, error.message)
-            fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects,
-                     celery=self.celery, spec=spec)
-        return request_id
+        error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
+                                  f"before its job could read it; {why}. The newer upload has a job of its own")
+        return self.admission.enqueue(spec, rejection=error).request_id
 
     def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
         params = job_parameters(self.settings, event.key, info.metadata)
         webhook_url = params.pop("webhook_url", None)
         endpoint = str(params.pop("endpoint", self.settings.default_endpoint))
-        if endpoint not in INPUT_MODELS:
+        if not is_endpoint(endpoint):  # the keys of INPUT_MODELS
             endpoint = self.settings.default_endpoint
         variants = self.settings.variants
         variant_id: str | None = None
@@ -261,24 +252,20 @@ class Intake:
                 pass
         image_url = s3_url(event.bucket, event.key, version_id)
         pin = version_id or info.etag or info.version
-        error: InvalidInputError | None = None
+        error: JobError | None = None
         job_params = JobParams()
         try:
-            data = INPUT_MODELS[endpoint].model_validate({**params, "image_url": image_url})
+            data, variant = validate_input(endpoint, {**params, "image_url": image_url}, self.settings,
+                                           variants.get(variant_id) if variant_id else None)
             job_params = JobParams.from_input(data)
-            if variant_id is None:
-                variant_id = variants.by_model_name(endpoint, data.model.value).id
+            variant_id = variant.id
             check_upload_background(job_params.background_image_url, event.bucket)
-            resolution = job_params.operating_resolution
-            if resolution not in variants.get(variant_id).allowed_resolutions:
-                raise InvalidInputError(f"operating_resolution {resolution} is not allowed for this model",
-                                        field="operating_resolution")
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            field = str(first["loc"][0]) if first.get("loc") else "image_url"
+        except InputErrors as exc:
+            first = exc.details[0]
+            field = str(first["loc"][1]) if len(first.get("loc", ())) > 1 else "image_url"
             error = InvalidInputError(f"invalid x-amz-meta-{field}: {first['msg']}", field=field)
-        except (InvalidInputError, KeyError) as exc:
-            error = exc if isinstance(exc, InvalidInputError) else InvalidInputError(str(exc), field="model")
+        except InvalidInputError as exc:
+            error = exc
 
         variant_id = variant_id or self.settings.worker_variants[0]
         fp = fingerprint(event.bucket, event.key, pin,
@@ -286,27 +273,12 @@ class Intake:
         request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
         self.store.redis.set(self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl)
         spec = JobSpec(
-            request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,  # type: ignore[arg-type]
+            request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,
             params=job_params, source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
             input_fingerprint=fp, input_version=version_id, input_etag=None if version_id else (info.etag or None),
             webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
             extra={"sequencer": event.sequencer, "event_source": event.source},
             mask_cache_scope=self.settings.mask_cache_uploads_scope,
         )
-        if error is None and not self.limiter.queue_has_room(variant_id) \
-                and not self.store.redis.exists(self.store.job_key(request_id)):
-            # Backpressure: the event stays with its sender (SQS, MinIO) until the queue has room.
-            raise QueueFull(variant_id, self.settings.queue_full_retry_after)
-        created = self.store.create(spec)
-        if error is not None:
-            if created:
-                log.warning("job %s for %s rejected: %s", request_id, image_url, error.message)
-                fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects,
-                         celery=self.celery, spec=spec)
-            return request_id
-        record = self.store.get(request_id)
-        if created or (record is not None and record.status != "COMPLETED"):
-            # Re-sending for an unfinished job is safe: a worker runs a job at most once (see common.state.jobs).
-            send_job(self.celery, spec)
-            log.info("job %s queued on %s for %s", request_id, spec.queue, image_url)
-        return request_id
+        # A full queue raises QueueFull: the event stays with its sender (SQS, MinIO) until there is room.
+        return self.admission.enqueue(spec, rejection=error).request_id

@@ -265,10 +265,10 @@ def test_damaged_files_decode_or_fail_cleanly(name, data):
         assert image.mode == "RGB"
 
 
-def test_max_side_defaults_to_the_setting(monkeypatch):
+def test_max_side_comes_from_the_setting(monkeypatch):
     monkeypatch.setenv("BIREFNET_MAX_INPUT_SIDE", "100")
     with pytest.raises(JobError, match="neither side may exceed 100"):
-        decode_image(solid_png(200, 8), max_pixels=MAX_PIXELS)
+        decode_image(solid_png(200, 8), max_pixels=MAX_PIXELS, max_side=Settings().max_input_side)
 
 
 # --- data URIs and HTTP-served files ---------------------------------------------------------------
@@ -297,7 +297,8 @@ DATA_CASES = [
 @pytest.mark.parametrize(("name", "url", "outcome", "fragment"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_data_uri(name, url, outcome, fragment):
     def run() -> Image.Image:
-        data = fetch_input(url, objects=None, max_bytes=MAX_BYTES, timeout=5)  # type: ignore[arg-type]
+        data = fetch_input(url, objects=None, max_bytes=MAX_BYTES, timeout=5,  # type: ignore[arg-type]
+                           policy=NetPolicy.from_settings(Settings()))
         return decode_image(data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
 
     if outcome == "ok":

@@ -208,14 +208,16 @@ class _Task:
 def test_worker_retries_stay_under_the_visibility_timeout_and_keep_the_message_when_redis_is_down():
     from celery.exceptions import Reject, Retry
 
+    from common.settings import Settings
     from worker import app as worker_app
 
+    visibility_timeout = Settings().visibility_timeout
     task = _Task()
     with pytest.raises(Retry):
-        worker_app.retry_later(task, 30.0)
-    assert task.countdowns == [worker_app.settings.visibility_timeout / 2]
+        worker_app.retry_later(task, 30.0, visibility_timeout)
+    assert task.countdowns == [visibility_timeout / 2]
     with pytest.raises(Reject) as rejected:
-        worker_app.retry_later(_Task(publish_fails=True), 1.0)
+        worker_app.retry_later(_Task(publish_fails=True), 1.0, visibility_timeout)
     assert rejected.value.requeue, "requeued (or left unacknowledged), never dropped"
 
 

@@ -22,6 +22,7 @@ from worker.compose import (
     render_extended,
     subject_box,
 )
+from worker.test_hooks import HooksForTests
 
 
 def test_parsers():
@@ -63,10 +64,10 @@ def test_quantised_mask_survives_its_png_exactly():
 
 
 def test_capability_override_and_contain_with_an_opaque_colour():
-    settings = Settings(test_unsupported_output_formats="avif")
-    assert not output_format_supported("avif", settings) and output_format_supported("png", settings)
+    simulated = HooksForTests(unsupported_output_formats="avif").unsupported_output_formats
+    assert not output_format_supported("avif", simulated) and output_format_supported("png", simulated)
     with pytest.raises(InvalidInputError) as raised:
-        check_output_format("avif", settings)
+        check_output_format("avif", simulated)
     assert raised.value.error_type == "unsupported_output_format" and "simulated" in raised.value.message
 
     image = Image.new("RGB", (40, 30), (200, 10, 10))

@@ -191,7 +191,7 @@ def test_compose_app_services():
     assert "ports" not in svc["producer"], "the webhook endpoint stays on the internal network"
     assert _healthcheck_port(svc["producer"]) == PRODUCER_HTTP_PORT
 
-    assert svc["webhooks"]["command"] == ["python", "-m", "producer", "webhooks"]
+    assert svc["webhooks"]["command"] == ["python", "-m", "deliverer"]
     for name in ("gateway", "producer", "webhooks"):
         assert svc[name]["build"]["dockerfile"] == "infra/docker/Dockerfile.app"
         assert svc[name]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -329,7 +329,7 @@ def test_dockerfile_conventions(dockerfile: Path):
     user = users[-1].split(":")[0]
     assert user not in ("root", "0"), users
     text = dockerfile.read_text()
-    for source in ("pyproject.toml", "README.md", "common", "producer", "worker", "ops"):
+    for source in ("pyproject.toml", "README.md", "common", "producer", "deliverer", "worker", "ops"):
         assert re.search(rf"^COPY .*\b{re.escape(source)}\b", text, re.M), f"COPY {source}"
     assert re.search(r"^CMD \[", text, re.M), "exec-form CMD so the app gets SIGTERM"
 
@@ -396,6 +396,7 @@ def test_dockerignore():
         "common/settings.py",
         "common/domain/variants.py",
         "producer/__init__.py",
+        "deliverer/__main__.py",
         "worker/__main__.py",
         "ops/__main__.py",
     ]
@@ -767,7 +768,7 @@ def test_k8s_ports_match(overlay: str):
     producer = pod_spec(find(overlay, "Deployment", "birefnet-producer"))["containers"][0]
     assert producer["command"] == ["python", "-m", "producer", "sqs"]
     webhooks = pod_spec(find(overlay, "Deployment", "birefnet-webhooks"))["containers"][0]
-    assert webhooks["command"] == ["python", "-m", "producer", "webhooks"]
+    assert webhooks["command"] == ["python", "-m", "deliverer"]
 
 
 def test_k8s_redis_is_persistent():

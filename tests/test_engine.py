@@ -15,8 +15,10 @@ from common.domain.variants import VariantSpec
 from common.settings import Settings
 from worker import patch_order_check
 from worker.birefnet import recipe_state_dict
-from worker.engine import Predictor, StageTimings, parse_resolution, render_outputs
+from worker.engine import Predictor, parse_resolution
 from worker.loading import build_native
+from worker.rendering import render_outputs
+from worker.timings import StageTimings
 from worker.weights import WeightsError
 
 RESOLUTION = (64, 64)  # smallest sensible size: keeps the nano forward well under a second

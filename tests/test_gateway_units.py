@@ -15,17 +15,17 @@ from common.domain.auth import (
     new_key,
     verify_secret,
 )
+from common.domain.errors import InputErrors
 from common.domain.signed_urls import make_token, object_url, object_url_valid, read_token
 from common.settings import Settings
+from producer.admission import validate_input
 from producer.gateway.inputs import (
-    InputErrors,
     check_url,
     lifecycle_seconds,
     own_bucket_key,
     parse_body,
     priority,
     start_timeout,
-    validate_input,
 )
 from producer.gateway.responses import FalError
 from producer.gateway.routing import canonical_path, proxy_target
@@ -143,3 +143,28 @@ def test_output_urls_per_style(monkeypatch):
     assert "X-Amz-Expires=604800" in presigned, "capped at SigV4's 7 days"
     with pytest.raises(ValueError):
         Settings(gateway_output_urls="gateway")
+
+
+def test_one_boolean_parser_for_headers_queries_and_metadata():
+    from producer.admission import flag, parse_bool
+    from producer.gateway.queue_api import options
+
+    for word in ("1", "true", "Yes", " on "):
+        assert parse_bool(word) is True and flag(word)
+        assert options("v2", None, None, None, word).no_retry, "x-fal-no-retry reads the same words"
+    for word in ("0", "false", "NO", "off"):
+        assert parse_bool(word) is False and not flag(word)
+    assert parse_bool("maybe") is None and not flag(None) and not options("v2", None, None, None, "maybe").no_retry
+
+
+def test_error_types_build_their_own_fal_bodies():
+    from common.domain.errors import InvalidInputError, RequestCancelled, RequestTimeout
+
+    # One start-timeout body for the worker's claim check and the gateway's sweeper.
+    assert RequestTimeout().body() == {"detail": "Request timed out before it started", "error_type": "request_timeout"}
+    assert RequestTimeout.status_code == 504 and RequestCancelled().status_code == 499
+    assert RequestCancelled().body() == {"detail": "Request was cancelled", "error_type": "client_cancelled"}
+    assert InvalidInputError("bad", field="model").body() == {
+        "detail": [{"loc": ["body", "model"], "msg": "bad", "type": "value_error"}]}
+    details = [{"type": "missing", "loc": ["body", "image_url"], "msg": "Field required", "input": {}}]
+    assert InputErrors(details).body() == {"detail": details} and InputErrors(details).error_type == "missing"

@@ -171,16 +171,15 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
 
 
 def test_the_forward_hook_cannot_be_enabled_with_trained_weights(tmp_path: Path):
-    from common.settings import Settings
-    from worker.test_hooks import load_forward_hook
+    from worker.test_hooks import HooksForTests, load_forward_hook
 
     setting = hook_setting(tmp_path, Rule(HANG_ONCE, 0.1, times=1))
-    assert load_forward_hook(Settings(), {VARIANT: False}) is None, "off unless set"
+    assert load_forward_hook(HooksForTests(), {VARIANT: False}) is None, "off unless set"
     with pytest.raises(RuntimeError, match="untrained recipe weights"):
-        load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: False})
+        load_forward_hook(HooksForTests(forward_hook=setting), {VARIANT: False})
     with pytest.raises(RuntimeError, match="untrained recipe weights"):
-        load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: True, "general-heavy": False})
-    hook = load_forward_hook(Settings(test_forward_hook=setting), {VARIANT: True})
+        load_forward_hook(HooksForTests(forward_hook=setting), {VARIANT: True, "general-heavy": False})
+    hook = load_forward_hook(HooksForTests(forward_hook=setting), {VARIANT: True})
     assert hook is not None and "width 61" in hook.describe()
     from PIL import Image
 

@@ -23,6 +23,7 @@ from worker.imaging import (
 )
 
 MAX_PIXELS = 10_000_000
+MAX_SIDE = 16383  # the max_input_side default
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _sixteen_bit(image: Image.Image) -> Image.Image:
 )
 def test_decodes_every_mode_to_rgb(astronaut, name, make, fmt, options):
     source = make(astronaut)
-    decoded = decode_image(encode(source, fmt, **options), max_pixels=MAX_PIXELS)
+    decoded = decode_image(encode(source, fmt, **options), max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
     assert decoded.mode == "RGB"
     assert decoded.size == astronaut.size
     if source.mode in ("L", "LA", "1", "I;16", "I", "F"):
@@ -83,7 +84,7 @@ def test_decodes_every_mode_to_rgb(astronaut, name, make, fmt, options):
 def test_alpha_is_dropped_keeping_stored_colours(astronaut):
     rgba = astronaut.convert("RGBA")
     rgba.putalpha(0)  # fully transparent: the colours are still there
-    decoded = decode_image(encode(rgba, "PNG"), max_pixels=MAX_PIXELS)
+    decoded = decode_image(encode(rgba, "PNG"), max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
     assert np.array_equal(np.asarray(decoded), np.asarray(astronaut))
 
 
@@ -93,7 +94,7 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     data_ = encode(Image.fromarray(stored), "PNG", exif=exif.tobytes())
-    decoded = decode_image(data_, max_pixels=MAX_PIXELS)
+    decoded = decode_image(data_, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
     assert decoded.size == (20, 40)
     pixels = np.asarray(decoded).astype(int)
     assert pixels[2, -3, 0] > 200 and pixels[2, -3, 1] < 50  # stored top-left -> displayed top-right
@@ -104,13 +105,13 @@ def test_animated_gif_and_webp_give_the_first_frame():
     for fmt in ("GIF", "WEBP"):
         data_ = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
         assert getattr(Image.open(io.BytesIO(data_)), "n_frames", 1) == 3
-        decoded = np.asarray(decode_image(data_, max_pixels=MAX_PIXELS)).astype(int)
+        decoded = np.asarray(decode_image(data_, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)).astype(int)
         assert decoded[..., 0].mean() > 200 and decoded[..., 1].mean() < 30, fmt
 
 
 def test_icc_profile_is_converted_to_srgb(astronaut):
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    decoded = decode_image(encode(astronaut, "PNG", icc_profile=srgb), max_pixels=MAX_PIXELS)
+    decoded = decode_image(encode(astronaut, "PNG", icc_profile=srgb), max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
     # sRGB -> sRGB changes (almost) nothing, but the path through LittleCMS ran.
     assert np.abs(np.asarray(decoded).astype(int) - np.asarray(astronaut)).max() <= 2
 
@@ -131,30 +132,30 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def test_declared_size_over_the_limit_is_refused_before_decoding():
     with pytest.raises(ImageTooLargeError, match="10000x10000"):
-        decode_image(png_claiming(10_000, 10_000), max_pixels=64_000_000)
+        decode_image(png_claiming(10_000, 10_000), max_pixels=64_000_000, max_side=MAX_SIDE)
 
 
 def test_size_beyond_pillows_own_bomb_limit_is_too_large_not_a_crash():
     with pytest.raises(ImageTooLargeError):
-        decode_image(png_claiming(100_000, 100_000), max_pixels=64_000_000)
+        decode_image(png_claiming(100_000, 100_000), max_pixels=64_000_000, max_side=MAX_SIDE)
 
 
 def test_limit_above_pillows_default_is_honoured(astronaut, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     # A generous limit must not be undercut by Pillow's global MAX_IMAGE_PIXELS.
-    decode_image(encode(astronaut, "PNG"), max_pixels=500_000_000)
+    decode_image(encode(astronaut, "PNG"), max_pixels=500_000_000, max_side=MAX_SIDE)
     assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= 500_000_000
 
 
 def test_small_limit_refuses_a_normal_photo(astronaut):
     with pytest.raises(ImageTooLargeError, match="512x512"):
-        decode_image(encode(astronaut, "JPEG"), max_pixels=100_000)
+        decode_image(encode(astronaut, "JPEG"), max_pixels=100_000, max_side=MAX_SIDE)
 
 
 def test_truncated_file_is_a_load_error(astronaut):
     data_ = encode(astronaut, "JPEG", quality=90)
     with pytest.raises(ImageLoadError, match="truncated"):
-        decode_image(data_[: len(data_) // 2], max_pixels=MAX_PIXELS)
+        decode_image(data_[: len(data_) // 2], max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
 
 
 @pytest.mark.parametrize(
@@ -164,12 +165,12 @@ def test_truncated_file_is_a_load_error(astronaut):
 )
 def test_unreadable_inputs_are_load_errors(payload):
     with pytest.raises(ImageLoadError):
-        decode_image(payload, max_pixels=MAX_PIXELS)
+        decode_image(payload, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
 
 
 def test_tiny_image_is_too_small():
     with pytest.raises(ImageTooSmallError, match="4x4"):
-        decode_image(encode(Image.new("RGB", (4, 4)), "PNG"), max_pixels=MAX_PIXELS)
+        decode_image(encode(Image.new("RGB", (4, 4)), "PNG"), max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
 
 
 # --------------------------------------------------------------------------------------------

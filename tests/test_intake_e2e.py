@@ -148,7 +148,7 @@ def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_re
 
     allowed = ",".join((bucket, buckets["eventbridge"], buckets["sns"], buckets["raw"]))
     stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_INPUT_BUCKETS": allowed})
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light", extra_env=FAST)
 
     deliveries = by_request(webhook_receiver.wait(7, timeout=360))
@@ -192,7 +192,7 @@ def test_overwrite_while_paused_supersedes_the_first_job(stack: Stack, webhook_r
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     ops_state.set_paused(r, "general-light", "test")
     stack.start(["-m", "producer", "sqs"], "producer")
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light", name="worker", extra_env=FAST)
     wait_for(lambda: "is paused" in stack.tail("worker", 200), 60, "the worker to leave its paused queue alone")
 

@@ -17,7 +17,14 @@ import httpx
 import pytest
 import redis
 
-from common.adapters.storage import boto_config, make_sqs_client
+from common.adapters.storage import (
+    KEPT_INPUT,
+    KEPT_MANIFEST,
+    KEPT_MASK,
+    boto_config,
+    make_sqs_client,
+    request_output_prefix,
+)
 from common.domain.auth import hash_secret
 from common.settings import Settings
 from common.state.jobs import JobStore
@@ -126,6 +133,40 @@ def test_queue_caps_fal_max_queue_length_and_per_variant_depth(gs: GatewayStack)
         assert_429(client.post(RUN, json=heavy), "queue_full")
         # Invalid input never waits in a queue: it is answered (COMPLETED with 422) even when the queue is full.
         assert client.post(V2, json={"model": "General Use (Heavy)"}).status_code == 200
+
+
+def kept_source(gs: GatewayStack, owner: str) -> str:
+    """A finished request of `owner` with its mask kept, as a worker leaves one (no worker runs here)."""
+    settings = gs.settings
+    source_id = str(uuid.uuid4())
+    prefix = request_output_prefix(settings, source_id)
+    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
+                      config=boto_config())
+    bucket = settings.output_bucket
+    s3.put_object(Bucket=bucket, Key=prefix + KEPT_MASK, Body=png_bytes())
+    s3.put_object(Bucket=bucket, Key=prefix + KEPT_INPUT, Body=png_bytes())
+    manifest = {"request_id": source_id, "owner": owner, "variant": "general-light", "endpoint": "v2",
+                "operating_resolution": "1024x1024", "input": f"s3://{bucket}/{prefix}{KEPT_INPUT}",
+                "mask": f"s3://{bucket}/{prefix}{KEPT_MASK}", "width": 8, "height": 8, "created_at": time.time()}
+    s3.put_object(Bucket=bucket, Key=prefix + KEPT_MANIFEST, Body=json.dumps(manifest).encode())
+    return source_id
+
+
+def test_compose_requests_meet_the_same_limits(gs: GatewayStack):
+    """Compose is a way into the queue like submit: the key's limits count it and refuse it alike."""
+    source = kept_source(gs, "concurrent")
+    compose = f"/queue/fal-ai/birefnet/requests/{source}/compose"
+    with gs.client(cred("concurrent")) as client:
+        assert client.post(compose, json={"output_mask": True}).status_code == 200
+        assert client.post(V2, json=body()).status_code == 200
+        assert_429(client.post(compose, json={"output_mask": True}), "concurrency_limit")
+        assert_429(client.post(f"/run/fal-ai/birefnet/requests/{source}/compose", json={}), "concurrency_limit")
+        assert_429(client.post(V2, json=body()), "concurrency_limit")
+    rate_source = kept_source(gs, "rate")
+    with gs.client(cred("rate")) as client:
+        for _ in range(3):
+            assert client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}).status_code == 200
+        assert_429(client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}), "rate_limited")
 
 
 def test_a_slot_taken_by_a_gateway_that_died_before_creating_its_job_is_freed(redis_server, tmp_path: Path):

@@ -72,7 +72,7 @@ class ManagedStack:
     def start(self, workers: int = 1) -> ManagedStack:
         self.stack.start(["-m", "producer.gateway"], "gateway")
         self.stack.start(["-m", "producer", "sqs"], "producer")
-        self.stack.start(["-m", "producer", "webhooks", "--concurrency", "4"], "webhooks")
+        self.stack.start(["-m", "deliverer", "--concurrency", "4"], "webhooks")
         for n in range(workers):
             self.stack.start_worker("general-light", name=f"worker-{n + 1}", wait=False)
         for n in range(workers):

@@ -28,7 +28,7 @@ def test_worker_producer_and_webhook_metrics_move_after_jobs(stack: Stack, webho
     settings = stack.settings
     worker_port, hooks_port = free_port(), free_port()
     stack.start_worker("general-light", extra_env={"BIREFNET_WORKER_METRICS_PORT": str(worker_port)})
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks",
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks",
                 {"BIREFNET_WEBHOOKS_METRICS_PORT": str(hooks_port),
                  # the receiver listens on loopback, which the SSRF guard refuses by default
                  "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"})

@@ -20,7 +20,7 @@ from tests.helpers.stack import Stack, wait_for
 
 def start_pipeline(stack: Stack) -> None:
     stack.start(["-m", "producer", "sqs"], "producer")
-    stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light")
 
 

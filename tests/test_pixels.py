@@ -14,8 +14,9 @@ from common.domain.errors import ImageTooLargeError
 from common.domain.variants import VariantSpec
 from common.settings import Settings
 from worker import pixels
-from worker.engine import Predictor, device_cutout, device_input, render_outputs
+from worker.engine import Predictor, device_input
 from worker.imaging import decode_image, refined_colours
+from worker.rendering import device_cutout, render_outputs
 
 MAX_PIXELS = 64_000_000
 
@@ -170,7 +171,8 @@ def test_job_output_stage_keeps_a_device_mask_on_the_device():
     copy comes back (kept and cached), and the output stage composes with the uploaded image there."""
     from common.domain.schemas import JobParams
     from worker.compose import render_job_outputs
-    from worker.engine import PreparedImage, quantise_device_mask
+    from worker.engine import PreparedImage
+    from worker.rendering import quantise_device_mask
 
     rgb = data.coffee()
     soft = soft_masks(rgb)["content"]

@@ -24,7 +24,7 @@ def test_killed_worker_job_is_redelivered_and_done_once(stack: Stack, webhook_re
                                                         tmp_path: Path):
     settings = stack.settings
     stack.start(["-m", "producer", "sqs"], "producer")
-    stack.start(["-m", "producer", "webhooks"], "webhooks")
+    stack.start(["-m", "deliverer"], "webhooks")
     # The first worker's forward of this image takes a minute (the test-only hook), whatever the CPU, so it
     # is surely killed mid-job; the rescuer runs it normally.
     slow = hook_setting(tmp_path / "hook", Rule(SLOW_WIDTH, seconds=60))

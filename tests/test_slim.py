@@ -1,4 +1,4 @@
-"""The gateway, producer and ops stay slim: importing them never pulls in torch."""
+"""The gateway, producer, webhook deliverer and ops stay slim: importing them never pulls in torch."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_slim_processes_do_not_import_torch():
     modules = sorted(
         ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        for package in ("common", "producer", "ops")
+        for package in ("common", "producer", "deliverer", "ops")
         for path in (ROOT / package).rglob("*.py")
         if path.name != "__main__.py"
     )

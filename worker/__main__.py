@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -12,18 +11,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", help="comma-separated variant ids (default: BIREFNET_WORKER_VARIANTS)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    if args.variants:
-        os.environ["BIREFNET_WORKER_VARIANTS"] = args.variants
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from worker.app import app, settings, state  # after the environment is final
+    from common.settings import Settings
+    from worker.app import WorkerState, create_celery_app
+    from worker.test_hooks import HooksForTests
 
+    # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
+    settings = Settings(worker_variants=args.variants) if args.variants else Settings()
     if settings.benchmark_null_model:
         from worker.null_model import mark_process_logs
 
         mark_process_logs()
 
-    state.load()
+    state = WorkerState(settings, HooksForTests())
+    app = create_celery_app(settings, state)
+    state.load(app)
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)
     # One job at a time runs in the main thread (solo); more run in threads that share the warm model.
     pool = ["--pool=solo"] if settings.worker_concurrency == 1 else [

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import NoReturn
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.signals import worker_ready
 
@@ -38,19 +38,18 @@ from common.state.orphans import resend_orphans
 from worker.engine import Predictor
 from worker.packing import load_predictors
 from worker.runner import JobRunner
-from worker.test_hooks import load_forward_hook
+from worker.test_hooks import HooksForTests, load_forward_hook
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-settings = Settings()
-app = make_celery(settings, name="birefnet-worker")
 
 
 class WorkerState:
     """What this process holds: warm predictors and the runner that uses them."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, hooks: HooksForTests) -> None:
+        self.settings = settings
+        self.hooks = hooks
         self.runner: JobRunner | None = None
         self.watchdog: Watchdog | None = None
         self.name = f"{'+'.join(settings.worker_variants)}@{socket.gethostname()}:{os.getpid()}"
@@ -64,7 +63,9 @@ class WorkerState:
             return False, "loading models"
         return self.watchdog.healthy()
 
-    def load(self) -> None:
+    def load(self, app: Celery) -> None:
+        """Load the models and start the probes, the watchdog and the heartbeat; `app` sends follow-up tasks."""
+        settings = self.settings
         # Early: the liveness probe uses it while the models load.
         start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready})
         register_gpu_collector()
@@ -76,9 +77,9 @@ class WorkerState:
 
         predictors = load_predictors(settings, on_ready=ready)
         store = JobStore.from_settings(settings)
-        hook = load_forward_hook(settings, {v: p.untrained for v, p in predictors.items()})
+        hook = load_forward_hook(self.hooks, {v: p.untrained for v, p in predictors.items()})
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
-                                forward_hook=hook)
+                                forward_hook=hook, hooks=self.hooks)
         self.runner.health.on_trip(lambda _reason: self._not_ready())
         limits = {variant: settings.time_limit(variant) for variant in predictors}
         self.watchdog = Watchdog(self.runner, limits, grace=settings.job_lease_seconds,
@@ -86,10 +87,11 @@ class WorkerState:
                                  interval=min(1.0, min(limits.values()) / 10)).start()
         with open(settings.ready_file, "w") as handle:
             handle.write(json.dumps({"variants": list(predictors), "pid": os.getpid()}))
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(app,), name="heartbeat", daemon=True).start()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, app: Celery) -> None:
         assert self.runner is not None
+        settings = self.settings
         info = {
             "name": self.name,
             "variants": list(self.runner.predictors),
@@ -109,31 +111,24 @@ class WorkerState:
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(10)
 
-
-    @staticmethod
-    def _not_ready() -> None:
+    def _not_ready(self) -> None:
         with contextlib.suppress(OSError):
-            os.remove(settings.ready_file)
+            os.remove(self.settings.ready_file)
+
+    def honour_pauses(self, consumer) -> None:
+        """A worker starting while `ops pause` holds one of its variants leaves that queue alone."""
+        try:
+            paused = paused_variants(self.runner.store.redis) if self.runner else {}
+        except Exception:
+            log.warning("could not read pause flags; consuming every queue", exc_info=True)
+            return
+        for variant in self.settings.worker_variants:
+            if variant in paused:
+                log.warning("variant %s is paused (python -m ops resume %s); not consuming it", variant, variant)
+                consumer.cancel_task_queue(self.settings.variants.get(variant).queue)
 
 
-state = WorkerState()
-
-
-@worker_ready.connect
-def _honour_pauses(sender, **_) -> None:
-    """A worker starting while `ops pause` holds one of its variants leaves that queue alone."""
-    try:
-        paused = paused_variants(state.runner.store.redis) if state.runner else {}
-    except Exception:
-        log.warning("could not read pause flags; consuming every queue", exc_info=True)
-        return
-    for variant in settings.worker_variants:
-        if variant in paused:
-            log.warning("variant %s is paused (python -m ops resume %s); not consuming it", variant, variant)
-            sender.cancel_task_queue(settings.variants.get(variant).queue)
-
-
-def retry_later(task: Task, countdown: float) -> NoReturn:
+def retry_later(task: Task, countdown: float, visibility_timeout: float) -> NoReturn:
     """Hand the job back to the broker to run again after `countdown` seconds; always raises.
 
     Two broker rules shape this. The new message is held unacknowledged by a worker until it is due, and
@@ -144,31 +139,41 @@ def retry_later(task: Task, countdown: float) -> NoReturn:
     instead (or, with Redis still down, leave it unacknowledged to come back after the visibility timeout).
     """
     try:
-        task.retry(countdown=min(countdown, settings.visibility_timeout / 2), max_retries=None)
+        raise task.retry(countdown=min(countdown, visibility_timeout / 2), max_retries=None)  # Celery's idiom
     except Reject as exc:
         log.warning("could not queue the retry (%s); keeping the message", exc.reason)
         raise Reject(exc.reason, requeue=True) from None
 
 
-@app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
-def run_job(task: Task, spec_data: dict) -> str:
-    if state.runner is None:
-        raise RuntimeError("models are not loaded: start workers with `python -m worker`")
-    spec = JobSpec.model_validate(spec_data)
-    try:
-        outcome = state.runner.run(spec)
-    except Exception:
-        # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
-        log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
-        retry_later(task, 5.0)
-    if outcome.kind == "handback" or (outcome.kind == "retry" and state.runner.health.tripped):
-        # This worker is stuck and about to exit: put the message straight back for another worker (a
-        # countdown retry would be held here and come back only after the visibility timeout).
-        time.sleep(0.2)  # while it lasts, do not spin on messages it keeps being handed
-        raise Reject(outcome.detail, requeue=True)
-    if outcome.kind == "defer":
-        # Another worker is running it: look again later, in case that worker dies.
-        retry_later(task, settings.job_lease_seconds)
-    if outcome.kind == "retry":
-        retry_later(task, min(30.0, 2.0 * 2**task.request.retries))
-    return outcome.kind
+def create_celery_app(settings: Settings, state: WorkerState) -> Celery:
+    """The worker's Celery app: `run_job` over `state`'s runner, and the pause check at start-up."""
+    app = make_celery(settings, name="birefnet-worker")
+    worker_ready.connect(lambda sender, **_: state.honour_pauses(sender), weak=False)
+
+    def later(task: Task, countdown: float) -> NoReturn:
+        retry_later(task, countdown, settings.visibility_timeout)
+
+    @app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
+    def run_job(task: Task, spec_data: dict) -> str:
+        if state.runner is None:
+            raise RuntimeError("models are not loaded: start workers with `python -m worker`")
+        spec = JobSpec.model_validate(spec_data)
+        try:
+            outcome = state.runner.run(spec)
+        except Exception:
+            # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
+            log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
+            later(task, 5.0)
+        if outcome.kind == "handback" or (outcome.kind == "retry" and state.runner.health.tripped):
+            # This worker is stuck and about to exit: put the message straight back for another worker (a
+            # countdown retry would be held here and come back only after the visibility timeout).
+            time.sleep(0.2)  # while it lasts, do not spin on messages it keeps being handed
+            raise Reject(outcome.detail, requeue=True)
+        if outcome.kind == "defer":
+            # Another worker is running it: look again later, in case that worker dies.
+            later(task, settings.job_lease_seconds)
+        if outcome.kind == "retry":
+            later(task, min(30.0, 2.0 * 2**task.request.retries))
+        return outcome.kind
+
+    return app

@@ -19,13 +19,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from worker.engine import ImageLike, Predictor, PreparedImage
 
 log = logging.getLogger(__name__)
 
-ForwardHook = Callable[[Sequence[Image.Image]], None]  # test-only: runs in the forward (worker.test_hooks)
+ForwardHook = Callable[[Sequence[ImageLike]], None]  # test-only: runs in the forward (worker.test_hooks)
 
 
 class ForwardTimeout(Exception):
@@ -46,7 +45,7 @@ class WorkerUnavailable(Exception):
 class _Pending:
     image: ImageLike  # for the test-only forward hook
     resolution: tuple[int, int]
-    prepared: PreparedImage | None = None
+    prepared: PreparedImage
     future: Future = field(default_factory=Future)
     alone: bool = False  # runs in a forward of its own (its job was in a batch that hung)
     started: bool = False  # taken into a forward (guarded by the batcher's lock)

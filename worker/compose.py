@@ -10,6 +10,7 @@ Masks stay exact: with jpeg/avif they are PNG.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 
 import numpy as np
 import PIL
@@ -26,8 +27,9 @@ from common.domain.extensions import (
 from common.domain.schemas import JobParams
 from common.settings import Settings
 from worker import pixels
-from worker.engine import DeviceMask, RenderedOutputs, StageTimings
 from worker.imaging import EncodedImage, encode_image, mask_to_image
+from worker.rendering import DeviceMask, RenderedOutputs
+from worker.timings import StageTimings
 
 _PILLOW_FEATURES = {"avif": "avif", "jpeg": "jpg", "webp": "webp"}
 _CONTENT_TYPES = {"jpeg": ("image/jpeg", ".jpg"), "avif": ("image/avif", ".avif")}
@@ -39,20 +41,20 @@ AVIF_SPEED = 8  # libavif 0 (slowest, smallest) .. 10; 8 keeps a 1 MP encode wel
 # --------------------------------------------------------------------------------------------
 
 
-def output_format_supported(fmt: str, settings: Settings) -> bool:
+def output_format_supported(fmt: str, simulated_unsupported: Collection[str] = ()) -> bool:
     """Whether this worker can encode `fmt`: the installed Pillow's feature flag, minus the formats the
-    testing-only setting `test_unsupported_output_formats` switches off."""
-    if fmt in settings.test_unsupported_output_formats:
+    testing-only switch BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS (`simulated_unsupported`) turns off."""
+    if fmt in simulated_unsupported:
         return False
     feature = _PILLOW_FEATURES.get(fmt)
     return feature is None or bool(features.check(feature))
 
 
-def check_output_format(fmt: str, settings: Settings) -> None:
+def check_output_format(fmt: str, simulated_unsupported: Collection[str] = ()) -> None:
     """A 422 for formats this worker cannot write, before any work is done for the job."""
-    if not output_format_supported(fmt, settings):
+    if not output_format_supported(fmt, simulated_unsupported):
         simulated = " (simulated: BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS)" if (
-            fmt in settings.test_unsupported_output_formats) else ""
+            fmt in simulated_unsupported) else ""
         raise InvalidInputError(
             f"output_format '{fmt}' is not supported by this server: its image library (Pillow {PIL.__version__}) "
             f"was built without {fmt.upper()} support{simulated}; use png, webp or gif",
@@ -231,11 +233,12 @@ def render_job_outputs(predictor, image: Image.Image, mask: np.ndarray, params: 
     `device_mask` (CUDA, the network ran for this job): the same mask on the GPU, so fal's rendering
     refines and composes there and copies back only the 8-bit outputs."""
     if not params.extended:
-        on_device = device_mask is not None and device_mask.prepared.device_rgb is not None
-        return predictor.render_outputs(image, device_mask.levels if on_device else mask,
+        if device_mask is not None and device_mask.prepared.device_rgb is None:
+            device_mask = None  # no image on the device to compose with: the CPU path
+        return predictor.render_outputs(image, mask if device_mask is None else device_mask.levels,
                                         output_format=params.output_format,
                                         output_mask=params.output_mask, refine_foreground=params.refine_foreground,
                                         mask_only=params.mask_only, timings=timings,
-                                        prepared=device_mask.prepared if on_device else None)
+                                        prepared=None if device_mask is None else device_mask.prepared)
     return render_extended(image, mask, params, background=background, device=predictor.device,
                            settings=predictor.settings, timings=timings)

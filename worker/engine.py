@@ -1,4 +1,4 @@
-"""A small cog-like predictor around the BiRefNet network, plus output rendering.
+"""A small cog-like predictor around the BiRefNet network (the output stage is worker.rendering).
 
 The worker's per-job path, split so that only the forward runs on the batcher's thread:
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -37,15 +37,11 @@ from common.domain.variants import VariantSpec
 from common.settings import Settings
 from worker import pixels
 from worker.allocator import retain_freed_memory
-from worker.imaging import (
-    OUTPUT_FORMATS,
-    EncodedImage,
-    encode_image,
-    refine_foreground,
-)
 from worker.loading import LoadedNetwork, load_network
 from worker.null_model import NULL_MODEL_BANNER, NullNetwork
 from worker.patch_order_check import PatchOrderReport, log_patch_order, self_check
+from worker.rendering import RenderedOutputs, render_outputs
+from worker.timings import StageTimings
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +50,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SIZE_MULTIPLE = 32  # Swin patch embedding (4) x three 2x patch merges
 MAX_SIDE = 4096
 CPU_WARMUP_RESOLUTION = (64, 64)
-DEFAULT_PNG_COMPRESS_LEVEL = 1
-DEFAULT_WEBP_QUALITY = 90
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -82,37 +76,6 @@ def check_resolution(resolution: tuple[int, int]) -> tuple[int, int]:
                 field="operating_resolution",
             )
     return width, height
-
-
-class StageTimings:
-    """Seconds spent per named stage, accumulated over calls (batches add up)."""
-
-    STAGES = ("decode", "preprocess", "forward", "postprocess", "refine", "compose", "encode")
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-
-    def as_dict(self, digits: int = 4) -> dict[str, float]:
-        return {name: round(value, digits) for name, value in self.seconds.items()}
-
-    def __str__(self) -> str:
-        return " ".join(f"{name}={value * 1000:.0f}ms" for name, value in self.seconds.items())
-
-
-@dataclass(frozen=True)
-class RenderedOutputs:
-    """Encoded results of one job. With `mask_only`, `image` holds the mask and `mask` is None."""
-
-    image: EncodedImage
-    mask: EncodedImage | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,111 +141,6 @@ def device_mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> t
     if tuple(x.shape[-2:]) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return x[0, 0].clamp_(0.0, 1.0)
-
-
-def device_cutout(rgb: torch.Tensor, mask: torch.Tensor, *, refine: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(3, H, W) uint8 image and (H, W) float mask on a device -> host (H, W, 4) RGBA and (H, W) mask,
-    uint8: refinement and composition run where the tensors are; one copy back of each."""
-    alpha8 = mask.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    if refine:
-        colours = refine_foreground(rgb.float().div_(255.0), mask).mul_(255.0).round_().to(torch.uint8)
-    else:
-        colours = rgb
-    rgba = torch.cat([colours, alpha8[None]], dim=0).permute(1, 2, 0).contiguous()
-    return rgba.cpu().numpy(), alpha8.cpu().numpy()
-
-
-@dataclass
-class DeviceMask:
-    """A job's mask kept on the GPU for the output stage (CUDA): float (H, W) at 8-bit levels, beside the
-    prepared image whose uploaded `device_rgb` it composes with."""
-
-    levels: torch.Tensor
-    prepared: PreparedImage
-
-
-def quantise_device_mask(mask: torch.Tensor, prepared: PreparedImage) -> tuple[DeviceMask, np.ndarray]:
-    """A device mask at 8-bit levels (what the output mask holds) and its one copy to the host, as float32
-    (H, W): the host copy is what is kept and cached, the device one what is rendered."""
-    with torch.inference_mode():
-        alpha8 = mask.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-        host = alpha8.cpu().numpy().astype(np.float32) / np.float32(255.0)
-        return DeviceMask(levels=alpha8.float().div_(255.0), prepared=prepared), host
-
-
-def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, webp_quality: int,
-                  lossless: bool = False) -> EncodedImage:
-    """uint8 (H, W) grey or (H, W, 4) RGBA -> encoded file. PNG takes the fast path (worker.pixels);
-    WebP and GIF go through Pillow (imaging.encode_image)."""
-    height, width = pixels_.shape[:2]
-    if fmt == "png":
-        return EncodedImage(data=pixels.encode_png(pixels_, png_compress_level), content_type="image/png",
-                            extension=".png", width=width, height=height)
-    image = Image.fromarray(pixels_, "L" if pixels_.ndim == 2 else "RGBA")
-    return encode_image(image, fmt, png_compress_level=png_compress_level, webp_quality=webp_quality,
-                        lossless=lossless)
-
-
-def render_outputs(
-    image: ImageLike | None,
-    mask: np.ndarray | torch.Tensor,
-    *,
-    output_format: str,
-    output_mask: bool,
-    refine_foreground: bool,
-    mask_only: bool,
-    device: torch.device | str | None = None,
-    timings: StageTimings | None = None,
-    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
-    webp_quality: int = DEFAULT_WEBP_QUALITY,
-    device_rgb: torch.Tensor | None = None,
-) -> RenderedOutputs:
-    """Encode the cut-out (RGBA, input size) and, if asked, the mask (8-bit grey), in `output_format`.
-
-    `mask_only` returns just the mask (as `image`) and skips the foreground refinement. The CPU path
-    (a numpy mask) runs in the calling thread on GIL-free libraries (worker.pixels); a torch `mask`
-    on a device with `device_rgb` there too composes on that device (`device_cutout`). `device` is
-    accepted for compatibility; the mask's type decides the path.
-
-    This is the output stage: the one place that turns (image, mask) into files.
-    """
-    del device
-    fmt = output_format.lower()
-    if fmt not in OUTPUT_FORMATS:
-        raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}",
-                                field="output_format")
-    timings = timings if timings is not None else StageTimings()
-    options = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
-
-    if isinstance(mask, torch.Tensor):
-        if device_rgb is None:
-            mask = mask.detach().to("cpu", torch.float32).numpy()
-        else:
-            with timings.stage("refine" if refine_foreground and not mask_only else "compose"):
-                rgba, alpha8 = device_cutout(device_rgb, mask, refine=refine_foreground and not mask_only)
-            with timings.stage("encode"):
-                if mask_only:
-                    return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
-                encoded = encode_pixels(rgba, fmt, **options)
-                encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
-            return RenderedOutputs(image=encoded, mask=encoded_mask)
-
-    with timings.stage("compose"):
-        alpha8 = pixels.mask_to_uint8(np.asarray(mask, dtype=np.float32))
-    if mask_only:
-        with timings.stage("encode"):
-            return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
-    rgb = pixels.as_rgb_array(image)
-    if alpha8.shape != rgb.shape[:2]:
-        raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, image is {rgb.shape[1]}x{rgb.shape[0]}")
-    with timings.stage("refine"):
-        colours = pixels.refine_colours(rgb, mask, alpha8) if refine_foreground else rgb
-    with timings.stage("compose"):
-        cutout = pixels.rgba_array(colours, alpha8)
-    with timings.stage("encode"):
-        encoded = encode_pixels(cutout, fmt, **options)
-        encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
-    return RenderedOutputs(image=encoded, mask=encoded_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,8 +211,13 @@ class Predictor:
     def load(self, loaded: LoadedNetwork | None = None) -> None:
         """Weights (`loaded`, else the variant's own; the null model under `benchmark_null_model`), device
         placement and dtype, eval mode, GPU tuning, the patch-order self-check, optional compile, warm-up."""
-        if self.settings.torch_threads > 0:
-            torch.set_num_threads(self.settings.torch_threads)
+        threads = self.settings.torch_threads
+        if threads == 0 and (self._on_cuda or self.null_model):
+            # torch's CPU pool would only serve tiny host-side ops here, and its idle threads spin
+            # (OpenMP busy-waits) on the cores the job threads need for decoding and encoding.
+            threads = 1
+        if threads > 0:
+            torch.set_num_threads(threads)
         if self.settings.retain_freed_memory:
             retain_freed_memory()
         if self.null_model:
@@ -372,15 +235,17 @@ class Predictor:
             if self.settings.channels_last:
                 module = module.to(memory_format=torch.channels_last)
         # Last: the fused copies are plain tensors made from the parameters, on their device and dtype.
-        if self.settings.fused_inference and hasattr(module, "fuse_for_inference"):
-            module.fuse_for_inference()
+        fuse_for_inference = getattr(module, "fuse_for_inference", None)
+        if self.settings.fused_inference and callable(fuse_for_inference):
+            fuse_for_inference()
         self._loaded = loaded
         self._network = module
         self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
         log_patch_order(self.spec.id, self.patch_order_report)
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
-            self._network = torch.compile(module, mode=mode)
+            # torch.compile of a Module returns an OptimizedModule; its stub says only "callable".
+            self._network = cast(nn.Module, torch.compile(module, mode=mode))
         if self.settings.warmup_forward:
             self._warm_up(eager=module)
         log.info("variant %s loaded on %s%s: %s", self.spec.id, self._device,

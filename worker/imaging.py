@@ -36,7 +36,7 @@ _SRGB_PROFILE = ImageCms.createProfile("sRGB")
 # --------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int = MIN_SIDE, max_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int = MIN_SIDE) -> Image.Image:
     """Decode an uploaded image to 8-bit RGB with its EXIF orientation applied.
 
     * Palette (incl. transparency), CMYK, grey, 1-bit, 16-bit (I;16, I) and float inputs become RGB.
@@ -45,14 +45,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = MIN_SIDE, max_
       as the reference pipeline's `convert("RGB")` does. The cut-out's alpha is the predicted mask.
     * Animated GIF / WebP / multi-page TIFF: the first frame.
     * The declared width x height is checked against `max_pixels` and each side against `max_side`
-      (None: the `max_input_side` setting) before any pixel is decoded (decompression bombs).
+      (the worker passes its `max_input_side` setting) before any pixel is decoded (decompression bombs).
     * Whatever else goes wrong inside a decoder is an `ImageLoadError`, never a crash: a bad file
       must end its job with a clear error, not be retried as a worker failure.
     """
     if not data:
         raise ImageLoadError("the image file is empty")
-    if max_side is None:
-        max_side = _configured_max_side()
     _raise_pillow_limit(max_pixels)
     try:
         # We check the declared size ourselves right after, so Pillow's bomb *warning* is noise;
@@ -109,12 +107,6 @@ def _oriented(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - EXIF parsing raises anything from struct.error to KeyError
         return image.copy()  # a copy: the caller closes the decoded original
-
-
-def _configured_max_side() -> int:
-    from common.settings import Settings  # the worker's settings; callers may pass max_side instead
-
-    return Settings().max_input_side
 
 
 def _raise_pillow_limit(max_pixels: int) -> None:

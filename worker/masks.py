@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis
@@ -109,7 +110,7 @@ class MaskSource:
         hit = self._lookup(key, image)
         if hit is None and not self.redis.set(lock, spec.request_id, nx=True,
                                               ex=max(1, int(self.settings.mask_cache_wait_seconds))):
-            holder = self.redis.get(lock) or "another job"
+            holder = cast(str | None, self.redis.get(lock)) or "another job"  # a decoding client: str replies
             self.store.log(spec.request_id, f"request {holder} is computing the mask of this image; waiting for it")
             hit = self._wait(key, lock, image)
             if hit is None:

@@ -51,7 +51,8 @@ def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[i
             settings: Settings) -> dict[str, list[float]]:
     from worker.engine import Predictor
 
-    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels, min_side=1) for path in photos]
+    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels,
+                           max_side=settings.max_input_side, min_side=1) for path in photos]
     scores: dict[str, list[float]] = {}
     for order in PATCH_ORDERS:
         spec = VariantSpec(id=f"patch-order-{order}", weights=weights, backbone=backbone, patch_order=order)
@@ -65,7 +66,7 @@ def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[i
 
 def verdict(scores: dict[str, list[float]]) -> str:
     overall = {order: float(np.mean(values)) for order, values in scores.items()}
-    best, other = sorted(overall, key=overall.get, reverse=True)
+    best, other = sorted(overall, key=overall.__getitem__, reverse=True)
     margin = overall[best] - overall[other]
     wins = sum(a > b for a, b in zip(scores[best], scores[other], strict=True))
     if margin < DECISIVE_MARGIN:
@@ -143,11 +144,12 @@ def self_check(predictor: Predictor) -> PatchOrderReport:
     if predictor.untrained:
         return PatchOrderReport(configured, configured, "skipped", "not run: untrained recipe weights learned "
                                 "nothing, so neither order makes them more confident (the answer would be noise)")
-    if getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
+    if decoder is None or getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
         return PatchOrderReport(configured, configured, "skipped", "not run: the network is not the native "
                                 "BiRefNet (remote code), whose patch order cannot be switched")
     photos = sample_photos(settings)
-    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels, min_side=1) for path in photos]
+    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels,
+                           max_side=settings.max_input_side, min_side=1) for path in photos]
     if not images:
         return PatchOrderReport(configured, configured, "skipped", "not run: no sample photos")
     resolution = parse_resolution(settings.patch_order_check_resolution)

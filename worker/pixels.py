@@ -10,9 +10,10 @@ Chosen by measurement (bench/bench_engine.py, README "Per-image CPU work"):
   pixel. With F = Fb + a(I - Bb - a(Fb - Bb)), an opaque pixel (a = 1) is I exactly, so the full-size
   work is limited to tiles that hold partly transparent pixels; the wide first pass (a 90-pixel box
   over smooth fields) runs on a downscaled copy and is sampled bilinearly. OpenCV box filters.
-* PNG: rows with the "up" filter (one numpy subtraction) deflated by libdeflate (imagecodecs), in
-  a container written here (IHDR/IDAT/IEND). libpng at its fastest settings (through Pillow, OpenCV or
-  imagecodecs) spends most of its time choosing filters; this is 3-5x faster at a similar size.
+* PNG: rows with the "up" filter (one numpy subtraction) deflated by libdeflate (imagecodecs; zlib-ng
+  for grey masks, whose flat runs it matches about 4x faster), in a container written here
+  (IHDR/IDAT/IEND). libpng at its fastest settings (through Pillow, OpenCV or imagecodecs) spends most
+  of its time choosing filters; this is 3-5x faster at a similar size.
 """
 
 from __future__ import annotations
@@ -160,39 +161,35 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
     tiles = _tiles_with(cv2.inRange(alpha8, 1, 254))
     if not tiles:
         return out
-    fields = _wide_pass_fields(rgb, alpha8, REFINE_RADII[0])
     box = (REFINE_RADII[1], REFINE_RADII[1])
     halo = REFINE_RADII[1] // 2 + 1
+    fields = _wide_pass_fields(rgb, alpha8, REFINE_RADII[0], _tiles_bounds(tiles), halo)
     for y0, y1, x0, x1 in tiles:
         # The tile with a halo, so that box windows of its pixels lie inside; at the image border the
         # region stops there, and OpenCV's REFLECT_101 border matches the full-image filter's.
         ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
-        image = rgb[ry0:ry1, rx0:rx1].astype(np.float32)
-        image *= np.float32(1 / 255)
-        alpha = mask[ry0:ry1, rx0:rx1, None]
+        # OpenCV takes a scalar operand; its stubs only list arrays.
+        image = cv2.multiply(rgb[ry0:ry1, rx0:rx1], 1 / 255, dtype=cv2.CV_32F)  # type: ignore[call-overload]
+        alpha = mask[ry0:ry1, rx0:rx1]
+        alpha3 = cv2.merge([alpha, alpha, alpha])  # OpenCV's element-wise ops want equal channel counts
         fg1, bg1 = _sample_fields(fields, (ry0, ry1, rx0, rx1))
-        fg1 = _fusion_estimate(image, fg1, bg1, alpha)
-        blurred_alpha = cv2.blur(alpha[..., 0], box)[..., None]
-        fg1 *= alpha
-        fg2 = cv2.blur(fg1, box)
-        fg2 /= blurred_alpha + _EPS
-        bg1 *= 1 - alpha
-        bg2 = cv2.blur(bg1, box)
-        bg2 /= (1 + _EPS) - blurred_alpha
-        estimate = _fusion_estimate(image, fg2, bg2, alpha)
+        fg1 = _fusion_estimate(image, fg1, bg1, alpha3)
+        blurred_alpha = cv2.blur(alpha, box)
+        fg2 = cv2.blur(cv2.multiply(fg1, alpha3), box)
+        fg2 = cv2.divide(fg2, cv2.merge([blurred_alpha + _EPS] * 3))
+        bg2 = cv2.blur(cv2.multiply(bg1, 1 - alpha3), box)
+        bg2 = cv2.divide(bg2, cv2.merge([(1 + _EPS) - blurred_alpha] * 3))
+        estimate = _fusion_estimate(image, fg2, bg2, alpha3)
         iy, ix = y0 - ry0, x0 - rx0
         out[y0:y1, x0:x1] = cv2.convertScaleAbs(estimate[iy:iy + y1 - y0, ix:ix + x1 - x0], alpha=255.0)
     return out
 
 
-def _fusion_estimate(image: np.ndarray, fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """F = Fb + a (I - Bb - a (Fb - Bb)), clipped to [0, 1]."""
-    estimate = fg - bg
-    estimate *= -alpha
-    estimate += image
-    estimate -= bg
-    estimate *= alpha
-    estimate += fg
+def _fusion_estimate(image: np.ndarray, fg: np.ndarray, bg: np.ndarray, alpha3: np.ndarray) -> np.ndarray:
+    """F = Fb + a (I - Bb - a (Fb - Bb)), clipped to [0, 1]; (h, w, 3) float32 each."""
+    estimate = cv2.multiply(cv2.subtract(fg, bg), alpha3)
+    estimate = cv2.multiply(cv2.subtract(cv2.subtract(image, estimate), bg), alpha3)
+    estimate = cv2.add(estimate, fg)
     return np.clip(estimate, 0.0, 1.0, out=estimate)
 
 
@@ -215,11 +212,36 @@ def _tiles_with(flags: np.ndarray) -> list[tuple[int, int, int, int]]:
     return tiles
 
 
-def _wide_pass_fields(rgb: np.ndarray, alpha8: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _tiles_bounds(tiles: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the rectangle that holds every tile."""
+    return (min(t[0] for t in tiles), max(t[1] for t in tiles), min(t[2] for t in tiles), max(t[3] for t in tiles))
+
+
+def _field_window(start: int, stop: int, size: int, margin: int, factor: int) -> tuple[int, int]:
+    """[start, stop) widened by `margin` on one axis of length `size`, with ends on the shrink grid
+    (multiples of `factor` from 0) unless they reach the image's edge, so shrunk blocks stay the same."""
+    low = max(0, (start - margin) // factor * factor)
+    high = stop + margin
+    high = size if high >= size else min(size, -(-high // factor) * factor)
+    return low, high
+
+
+def _wide_pass_fields(rgb: np.ndarray, alpha8: np.ndarray, box: int, bounds: tuple[int, int, int, int],
+                      halo: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """The first pass's blurred foreground and background colour fields (Fb, Bb) on a copy shrunk by an
-    integer factor so the box is about `_WIDE_PASS_BOX` pixels: float32 (h, w, 3) each, and the factor."""
+    integer factor so the box is about `_WIDE_PASS_BOX` pixels: float32 (h, w, 3) each, the factor, and
+    the full-size (y, x) origin of the fields.
+
+    Only a window around `bounds` (the tiles, each widened by `halo`) is computed: wide enough that every
+    sample and every box window of a sample lies inside it, so the values there are those the whole image
+    gives (the window's edges sit on the shrink grid) while the work follows the soft edges' extent."""
     factor = max(1, round(box / _WIDE_PASS_BOX))
     small_box = max(1, round(box / factor))
+    margin = halo + factor * (small_box // 2 + 2)
+    full_height, full_width = alpha8.shape
+    y0, y1 = _field_window(bounds[0], bounds[1], full_height, margin, factor)
+    x0, x1 = _field_window(bounds[2], bounds[3], full_width, margin, factor)
+    rgb, alpha8 = rgb[y0:y1, x0:x1], alpha8[y0:y1, x0:x1]
     height, width = alpha8.shape
     pad_y, pad_x = -height % factor, -width % factor  # whole blocks: OpenCV's fast integer INTER_AREA
     premultiplied = cv2.multiply(rgb, cv2.merge([alpha8, alpha8, alpha8]), scale=1 / 255)  # I * a, uint8
@@ -235,21 +257,23 @@ def _wide_pass_fields(rgb: np.ndarray, alpha8: np.ndarray, box: int) -> tuple[np
     blurred_alpha = cv2.blur(alpha, (small_box, small_box))[..., None]
     fg_field = cv2.blur(fg, (small_box, small_box)) / (blurred_alpha + _EPS)
     bg_field = cv2.blur(bg, (small_box, small_box)) / ((1 + _EPS) - blurred_alpha)
-    return fg_field, bg_field, factor
+    return fg_field, bg_field, factor, y0, x0
 
 
-def _sample_fields(fields: tuple[np.ndarray, np.ndarray, int],
+def _sample_fields(fields: tuple[np.ndarray, np.ndarray, int, int, int],
                    region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear samples of the small fields at the full-size pixel centres of `region`
-    (small pixel j is the mean of full-size pixels j*f .. j*f + f - 1)."""
-    fg, bg, factor = fields
+    (small pixel j is the mean of full-size pixels origin + j*f .. origin + j*f + f - 1)."""
+    fg, bg, factor, origin_y, origin_x = fields
     y0, y1, x0, x1 = region
-    xs = (np.arange(x0, x1, dtype=np.float32) + np.float32(0.5)) / np.float32(factor) - np.float32(0.5)
-    ys = (np.arange(y0, y1, dtype=np.float32) + np.float32(0.5)) / np.float32(factor) - np.float32(0.5)
-    map_x = np.broadcast_to(xs[None, :], (y1 - y0, x1 - x0)).copy()
-    map_y = np.broadcast_to(ys[:, None], (y1 - y0, x1 - x0)).copy()
-    return (cv2.remap(fg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
-            cv2.remap(bg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    scale = 1 / factor
+    # dst (x, y) samples src (x / f + ox, y / f + oy): the pixel-centre mapping, as an affine warp
+    inverse = np.array([[scale, 0.0, (x0 - origin_x + 0.5) * scale - 0.5],
+                        [0.0, scale, (y0 - origin_y + 0.5) * scale - 0.5]])
+    size = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return (cv2.warpAffine(fg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE),
+            cv2.warpAffine(bg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE))
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,12 +286,13 @@ def rgba_array(rgb: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
     return cv2.merge([rgb[..., 0], rgb[..., 1], rgb[..., 2], alpha8])
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
+def _chunk(kind: bytes, payload: bytes | bytearray) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
 
 
 def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
-    """(H, W) grey or (H, W, 3|4) uint8 -> PNG bytes: every row "up"-filtered, libdeflate at `level`."""
+    """(H, W) grey or (H, W, 3|4) uint8 -> PNG bytes: every row "up"-filtered, then deflated at `level`
+    (libdeflate for colour; zlib-ng, level 2 at least, for grey)."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError(f"expected uint8 (H, W[, C]) pixels, got {pixels.dtype} {pixels.shape}")
     height, width = pixels.shape[:2]
@@ -278,6 +303,10 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     filtered[:, 0] = 2  # filter type "up": each byte minus the one above it (mod 256)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    compressed = imagecodecs.deflate_encode(filtered, level=max(1, min(12, level)))  # zlib stream
+    # imagecodecs takes any buffer (here the array); its stubs only list bytes-like types.
+    if channels == 1:  # masks: long flat runs, where zlib-ng's matcher is ~4x libdeflate's speed at ~+10 %
+        compressed = imagecodecs.zlibng_encode(filtered, level=max(2, min(9, level)))  # type: ignore[arg-type]
+    else:
+        compressed = imagecodecs.deflate_encode(filtered, level=max(1, min(12, level)))  # type: ignore[arg-type]
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", compressed) + _chunk(b"IEND", b"")

@@ -13,30 +13,34 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from PIL import Image
+from redis.typing import EncodableT, FieldT
 
 from common.adapters.fetch import fetch_input
 from common.adapters.netguard import NetPolicy
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
-from common.domain.errors import JobError
+from common.domain.errors import JobError, RequestCancelled, RequestTimeout, RunnerDisconnected
 from common.domain.schemas import ImageFile, JobSpec
-from common.observability.metrics import job_finished, job_started
+from common.observability.metrics import count_job_run
 from common.settings import Settings
+from common.state.job_progress import job_finished, job_started
 from common.state.jobs import PREFIX, JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
-from worker.engine import DeviceMask, Predictor, quantise_device_mask
+from worker.engine import Predictor
 from worker.imaging import EncodedImage, decode_image
 from worker.masks import MaskSource
 from worker.null_model import NULL_MODEL_BANNER
 from worker.pixels import decode_rgb
+from worker.rendering import DeviceMask, quantise_device_mask
+from worker.test_hooks import HooksForTests
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class JobTimedOut(Exception):
     """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
 
 
-TIMEOUT_ERROR_TYPE, TIMEOUT_STATUS = "request_timeout", 504  # fal: "exceeded the allowed processing time"
+TIMEOUT_ERROR_TYPE = RequestTimeout.error_type  # fal: "exceeded the allowed processing time"
 
 
 class WorkerHealth:
@@ -133,8 +137,10 @@ class LeaseKeeper:
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None):
+                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None,
+                 hooks: HooksForTests | None = None):
         self.settings = settings
+        self.hooks = hooks or HooksForTests.off()
         self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
                                               wait_seconds=settings.batch_wait_ms / 1000, forward_hook=forward_hook)
                          for variant, predictor in predictors.items()}
@@ -155,6 +161,10 @@ class JobRunner:
         return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
                           spec=spec, token=token, **kwargs)
 
+    def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
+        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
+                        celery=self.celery, spec=spec, token=token)
+
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():
             batcher.declare_stuck(reason)
@@ -174,8 +184,9 @@ class JobRunner:
             outcome = self._run_job(spec)
             return outcome
         finally:
-            job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
-                         keep=self.settings.ops_completions_kept)
+            completion = job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
+                                      keep=self.settings.ops_completions_kept)
+            count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         self.store.ensure(spec)
@@ -190,14 +201,13 @@ class JobRunner:
             return Outcome("defer", "another worker holds the lease")
         if claim == "exhausted":
             self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
-            last, last_type = self.store.redis.hmget(self.store.job_key(spec.request_id),
-                                                     ["last_error", "last_error_type"])
+            last, last_type = cast(list[str | None], self.store.redis.hmget(self.store.job_key(spec.request_id),
+                                                     ["last_error", "last_error_type"]))  # a decoding client: str replies
             last = last or "worker stopped"
             if last_type == TIMEOUT_ERROR_TYPE:
                 message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
                            "attempts were allowed, so it was moved to the dead-letter list")
-                body = {"detail": message, "error_type": TIMEOUT_ERROR_TYPE}
-                self._finish(spec, "", body=body, code=TIMEOUT_STATUS, error=message, error_type=TIMEOUT_ERROR_TYPE)
+                self._end(spec, "", RequestTimeout(message))
                 return Outcome("failed", "attempts exhausted (run-time limit)")
             if spec.max_attempts == 1:
                 message = (f"the job's first run ended without a result (last: {last}) and the request asked "
@@ -205,9 +215,7 @@ class JobRunner:
             else:
                 message = (f"the job failed {max_attempts} times (last: {last}); "
                            "it was moved to the dead-letter list")
-            exc = JobError(message, error_type="runner_disconnected", status_code=503)
-            self._finish(spec, "", body={"detail": exc.message, "error_type": exc.error_type},
-                         code=exc.status_code, error=exc.message, error_type=exc.error_type)
+            self._end(spec, "", RunnerDisconnected(message))
             return Outcome("failed", "attempts exhausted")
         if claim == "missing":
             return Outcome("skipped", "job record missing")
@@ -259,7 +267,7 @@ class JobRunner:
             message += "; it shared that forward with other jobs, so it runs alone next time, not charged"
         log.warning("job %s: %s", spec.request_id, message)
         self.store.log(spec.request_id, f"error: {message}", "ERROR")
-        fields = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
+        fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
         if shared:
             fields["run_alone"] = "1"
         self.store.redis.hset(self.store.job_key(spec.request_id), mapping=fields)
@@ -273,8 +281,7 @@ class JobRunner:
     def _fail(self, spec: JobSpec, token: str, exc: JobError) -> Outcome:
         log.warning("job %s failed: %s (%s)", spec.request_id, exc.message, exc.error_type)
         self.store.log(spec.request_id, f"error: {exc.message}", "ERROR")
-        fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
-                 celery=self.celery, spec=spec, token=token)
+        self._end(spec, token, exc)
         return Outcome("failed", exc.message)
 
     def _reuse_existing(self, spec: JobSpec, token: str) -> bool:
@@ -298,15 +305,12 @@ class JobRunner:
     def _cancelled(self, spec: JobSpec, token: str) -> bool:
         if not self.store.cancel_requested(spec.request_id):
             return False
-        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
-        self._finish(spec, token, body=body, code=499, error="Request was cancelled",
-                     error_type="client_cancelled")
+        self._end(spec, token, RequestCancelled())
         return True
 
     def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
         if spec.start_deadline and time.time() > spec.start_deadline:
-            body = {"detail": "Request timed out before it started", "error_type": "request_timeout"}
-            self._finish(spec, token, body=body, code=504, error=body["detail"], error_type="request_timeout")
+            self._end(spec, token, RequestTimeout())
             return Outcome("failed", "start deadline passed")
         if self._reuse_existing(spec, token):
             return Outcome("done", "reused")
@@ -315,7 +319,7 @@ class JobRunner:
             raise JobError(f"this worker does not serve variant {spec.variant!r}",
                            error_type="runner_scheduling_failure", status_code=503)
         params = spec.params
-        check_output_format(params.output_format, self.settings)  # a 422 before any work
+        check_output_format(params.output_format, self.hooks.unsupported_output_formats)  # a 422 before any work
         timings: dict[str, float] = {}
         log_ = self.store.log
         if predictor.null_model:
@@ -338,7 +342,7 @@ class JobRunner:
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
-        resolution = self.settings.test_operating_resolution or params.operating_resolution
+        resolution = self.hooks.operating_resolution or params.operating_resolution
         width, height = (int(v) for v in resolution.split("x"))
         if not spec.reuse_from:
             log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
@@ -380,7 +384,7 @@ class JobRunner:
 
         log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
         t = time.perf_counter()
-        body: dict = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
+        body: dict[str, object] = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
                       "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
         if predictor.null_model:
             body["warning"] = NULL_MODEL_BANNER

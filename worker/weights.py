@@ -152,6 +152,8 @@ def _fetch_hf_file(source: WeightSource, settings: Settings) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
+        if source.filename is None:  # reported like any other failed download
+            raise ValueError("a Hugging Face file source needs a filename")
         return Path(hf_hub_download(source.location, source.filename, revision=source.revision,
                                     cache_dir=cache_root(settings) / "hf"))
     except Exception as exc:  # offline misses, 404s, auth, network: all end the same way

@@ -19,7 +19,6 @@ import httpx
 from common.adapters.netguard import (
     NetPolicy,
     UrlNotAllowedError,
-    default_policy,
     guarded_pool,
     parse_http_url,
     scheme_of,
@@ -99,10 +98,9 @@ def _read_body(response: httpcore.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def download_http(url: str, *, max_bytes: int, timeout: float, policy: NetPolicy | None = None) -> bytes:
+def download_http(url: str, *, max_bytes: int, timeout: float, policy: NetPolicy) -> bytes:
     """GET an image over http(s): redirects followed by hand and re-checked at every hop, `timeout`
     seconds in all (connects, redirects and body), at most `max_bytes`."""
-    policy = policy or default_policy()
     current = url
     try:
         with guarded_pool(policy, timeout) as (pool, _backend):
@@ -143,9 +141,8 @@ def _describe(exc: Exception) -> str:
 
 
 def fetch_input(url: str, *, objects: ObjectStore, max_bytes: int, timeout: float,
-                policy: NetPolicy | None = None, version_id: str | None = None,
-                if_match: str | None = None) -> bytes:
-    """The input's bytes. `policy` defaults to the settings' (production) network rules.
+                policy: NetPolicy, version_id: str | None = None, if_match: str | None = None) -> bytes:
+    """The input's bytes; http(s) URLs are fetched under `policy` (the worker's: NetPolicy.from_settings).
 
     For s3:// URLs of bucket uploads: `version_id` reads that version (the URL then ends in
     `?versionId=<it>`); `if_match` (an ETag) reads the object only while it is still the upload the job

@@ -273,7 +273,7 @@ def _explain_numeric_host(url: str, policy: NetPolicy) -> None:
 
 def system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [info[4][0] for info in infos]
+    return [str(info[4][0]) for info in infos]  # an IPv4 or IPv6 address (str)
 
 
 _dns_pool: ThreadPoolExecutor | None = None
@@ -354,11 +354,10 @@ class NetPolicy:
         return addresses
 
 
-def check_url(url: str, *, policy: NetPolicy | None = None, resolve: bool = True) -> None:
+def check_url(url: str, *, policy: NetPolicy, resolve: bool = True) -> None:
     """Submit-time check of an image URL (the gateway calls this). Raises UrlNotAllowedError or
     FileDownloadError (both `file_download_error`). The worker checks again when it connects, so a
     name that changes its answer later (DNS rebinding) gains nothing."""
-    policy = policy or default_policy()
     scheme = scheme_of(url)
     if scheme not in SCHEMES:
         raise UrlNotAllowedError(f"unsupported URL scheme {scheme!r}; use http, https, data or s3")
@@ -378,12 +377,6 @@ def check_url(url: str, *, policy: NetPolicy | None = None, resolve: bool = True
         policy.check_address(literal, target.host, literal=True)
     elif resolve:
         policy.resolve(target.host, target.port)
-
-
-def default_policy() -> NetPolicy:
-    from common.settings import Settings
-
-    return NetPolicy.from_settings(Settings())
 
 
 # --- connect-time enforcement ---------------------------------------------------------------------

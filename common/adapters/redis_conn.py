@@ -86,28 +86,25 @@ def _host_port(item: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> redis.Redis:
-    """A redis-py client for the configured Redis (the current master, with Sentinel)."""
+def _client(settings: Settings, client_class: type, sentinel_class: type, decode_responses: bool, options: dict):
     target = RedisTarget.from_settings(settings)
     kwargs = {"db": target.db, "decode_responses": decode_responses, **target.auth_kwargs(),
               **target.tls_kwargs(), **options}
     if target.sentinels:
-        sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(),
-                            socket_timeout=options.get("socket_timeout", 5))
-        return sentinel.master_for(target.master, redis_class=redis.Redis, **kwargs)
-    return redis.Redis(host=target.host, port=target.port, **kwargs)
+        sentinel = sentinel_class(list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(),
+                                  socket_timeout=options.get("socket_timeout", 5))
+        return sentinel.master_for(target.master, redis_class=client_class, **kwargs)
+    return client_class(host=target.host, port=target.port, **kwargs)
+
+
+def redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> redis.Redis:
+    """A redis-py client for the configured Redis (the current master, with Sentinel)."""
+    return _client(settings, redis.Redis, Sentinel, decode_responses, options)
 
 
 def async_redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
     """The asyncio twin of `redis_client` (the gateway's hot read paths)."""
-    target = RedisTarget.from_settings(settings)
-    kwargs = {"db": target.db, "decode_responses": decode_responses, **target.auth_kwargs(),
-              **target.tls_kwargs(), **options}
-    if target.sentinels:
-        sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(),
-                                 socket_timeout=options.get("socket_timeout", 5))
-        return sentinel.master_for(target.master, redis_class=aioredis.Redis, **kwargs)
-    return aioredis.Redis(host=target.host, port=target.port, **kwargs)
+    return _client(settings, aioredis.Redis, AsyncSentinel, decode_responses, options)
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):

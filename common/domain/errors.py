@@ -1,4 +1,5 @@
-"""Failures that end a job with a fal-style error body instead of crashing anything."""
+"""Failures that end a job with a fal-style error body instead of crashing anything; each builds its own
+(`body()`): the list form for what is wrong with the input, the flat form for what happened to the request."""
 
 from __future__ import annotations
 
@@ -25,9 +26,24 @@ class JobError(Exception):
         """FastAPI-style error list, as fal's result endpoint and webhooks carry it."""
         return [{"loc": ["body", self.field], "msg": self.message, "type": self.error_type}]
 
+    def body(self) -> dict:
+        """The stored result (and webhook payload) of a job this error ends."""
+        return {"detail": self.detail()}
+
 
 class InvalidInputError(JobError):
     error_type = "value_error"
+
+
+class InputErrors(JobError):
+    """The 422 the model would answer, with FastAPI's exact `detail` list (one entry per problem)."""
+
+    def __init__(self, details: list[dict]):
+        super().__init__(details[0]["msg"], error_type=details[0]["type"])
+        self.details = details
+
+    def detail(self) -> list[dict]:
+        return self.details
 
 
 class FileDownloadError(JobError):
@@ -44,3 +60,41 @@ class ImageTooLargeError(JobError):
 
 class ImageTooSmallError(JobError):
     error_type = "image_too_small"
+
+
+class RequestError(JobError):
+    """What happened to the request, not its input: fal's flat `{detail, error_type}` body."""
+
+    default_message = ""
+
+    def __init__(self, message: str | None = None, **kwargs):
+        super().__init__(message or self.default_message, **kwargs)
+
+    def body(self) -> dict:
+        return {"detail": self.message, "error_type": self.error_type}
+
+
+class RequestTimeout(RequestError):  # X-Fal-Request-Timeout passed, or the last attempt hit the run-time limit
+    error_type, status_code, default_message = "request_timeout", 504, "Request timed out before it started"
+
+
+class RequestCancelled(RequestError):
+    error_type, status_code, default_message = "client_cancelled", 499, "Request was cancelled"
+
+
+class RunnerDisconnected(RequestError):  # the job's attempts ended without a result
+    error_type, status_code = "runner_disconnected", 503
+
+
+class QueueUnreachable(RequestError):
+    error_type, status_code, default_message = "runner_connection_error", 503, "Could not reach the job queue"
+
+
+class LimitRefused(RequestError):
+    """A limit of the API key or a queue cap says no (429 with Retry-After): no job is made."""
+
+    status_code = 429
+
+    def __init__(self, message: str, reason: str, retry_after: int):
+        super().__init__(message, error_type=reason)
+        self.reason, self.retry_after = reason, retry_after  # Retry-After: seconds

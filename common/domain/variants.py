@@ -7,12 +7,18 @@ setting (JSON: {variant_id: {field: value}}), e.g. to point a variant at a local
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Endpoint = Literal["v1", "v2"]
 PatchOrder = Literal["einops", "legacy"]
+
+
+def is_endpoint(name: str) -> TypeGuard[Endpoint]:
+    """A fal endpoint version this service serves."""
+    return name in ("v1", "v2")
+
 
 RES_1024 = "1024x1024"
 RES_2048 = "2048x2048"

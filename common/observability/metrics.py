@@ -6,7 +6,7 @@ Where each family comes from:
   imported torch and CUDA is up);
 - the producer (`producer http` on its own port, `producer sqs` on `producer_metrics_port`): events by
   outcome, plus the queue gauges read from Redis at scrape time;
-- the webhook deliverer (`producer webhooks`, `webhooks_metrics_port`): deliveries by outcome;
+- the webhook deliverer (`python -m deliverer`, `webhooks_metrics_port`): deliveries by outcome;
 - the gateway mounts `/metrics` with `add_metrics_route(app, settings)` (queue gauges included).
 
 Queue gauges are global (read from Redis), so several processes exporting them report the same values:
@@ -26,9 +26,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.adapters.redis_conn import redis_client
-from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state import ops_state
+from common.state.job_progress import Completion
 from common.state.jobs import JobStore
 from common.webhooks import FAILED_KEY, attempts_key
 
@@ -69,54 +69,26 @@ PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created e
 
 
 # --- worker side ---
-def job_started(store: JobStore, spec: JobSpec) -> None:
-    """A worker took the job: it shows as running (ops, metrics) until `job_finished`."""
+def count_job_run(variant: str, outcome: str, completion: Completion | None,
+                  timings: dict[str, float] | None = None) -> None:
+    """Count a run the worker is done with: a retry, or (with its Completion) the job's end and its
+    stage times. Never raises: metrics must not fail jobs."""
     try:
-        ops_state.mark_running(store.redis, spec.variant, spec.request_id)
-    except Exception:
-        log.warning("could not mark job %s as running", spec.request_id, exc_info=True)
-
-
-def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str, float] | None = None,
-                 *, worker: str = "", keep: int = 100_000) -> None:
-    """Record a job the worker is done with: metrics plus an entry in the completions stream.
-
-    `outcome` is the runner's Outcome.kind; only done/failed/cancelled are completions, `retry` counts as
-    a retry and the rest (skipped, defer) are not the job's end. Never raises: metrics must not fail jobs.
-    """
-    variant = spec.variant
-    try:
-        if outcome == "defer":
-            return  # another worker holds the job: it is still running there
-        ops_state.unmark_running(store.redis, variant, spec.request_id)
         if outcome == "retry":
             JOB_RETRIES.labels(variant).inc()
             return
-        if outcome not in ("done", "failed", "cancelled"):
+        if completion is None:
             return
-        created, started, completed, error_type = store.redis.hmget(
-            store.job_key(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
-        JOBS_COMPLETED.labels(variant, outcome).inc()
-        if error_type:
-            JOB_ERRORS.labels(variant, error_type).inc()
-        queue_wait = float(started) - float(created) if started and created else None
-        if queue_wait is not None:
-            JOB_STAGE_SECONDS.labels(variant, "queue_wait").observe(max(queue_wait, 0.0))
+        JOBS_COMPLETED.labels(variant, completion.outcome).inc()
+        if completion.error_type:
+            JOB_ERRORS.labels(variant, completion.error_type).inc()
+        if completion.queue_wait is not None:
+            JOB_STAGE_SECONDS.labels(variant, "queue_wait").observe(max(completion.queue_wait, 0.0))
         for stage, seconds in (timings or {}).items():
             if stage in STAGES:
                 JOB_STAGE_SECONDS.labels(variant, stage).observe(seconds)
-        ops_state.record_completion(store.redis, {
-            "request_id": spec.request_id, "variant": variant, "outcome": outcome,
-            "error_type": error_type or "", "worker": worker,
-            "queue_wait": _rounded(queue_wait), "run": _rounded((timings or {}).get("total")),
-            "latency": _rounded(float(completed) - float(created)) if completed and created else "",
-        }, keep=keep)
     except Exception:
-        log.warning("could not record metrics for job %s", spec.request_id, exc_info=True)
-
-
-def _rounded(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+        log.warning("could not count metrics for a %s job", variant, exc_info=True)
 
 
 def model_loaded(variant: str, seconds: float, untrained: bool) -> None:

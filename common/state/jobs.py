@@ -17,10 +17,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, cast
 
 import redis
 
+from common.domain.errors import RequestCancelled
 from common.domain.schemas import JobSpec
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
@@ -202,7 +203,7 @@ class JobStore:
             self.create(spec)
 
     def get(self, request_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(self.job_key(request_id))
+        raw = cast(dict[str, str], self.redis.hgetall(self.job_key(request_id)))  # a decoding client: str replies
         if not raw or "spec" not in raw or "status" not in raw:
             return None
 
@@ -232,7 +233,7 @@ class JobStore:
 
     def queue_position(self, request_id: str, variant: str) -> int | None:
         """0 = next to run in its variant's queue; None once it left the queue."""
-        return self.redis.zrank(self.pending_key(variant), request_id)
+        return cast(int | None, self.redis.zrank(self.pending_key(variant), request_id))  # no withscore: int
 
     def queue_depth(self, variant: str) -> int:
         return self.redis.zcard(self.pending_key(variant))
@@ -278,8 +279,8 @@ class JobStore:
                  error: str | None = None, error_type: str | None = None,
                  inference_time: float | None = None, extra: dict | None = None) -> bool:
         """Record the outcome; True only for the one call that completed the job."""
-        variant = self.redis.hget(self.job_key(request_id), "variant") or ""
-        fields = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
+        variant = cast(str | None, self.redis.hget(self.job_key(request_id), "variant")) or ""  # a decoding client: str replies
+        fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
                   "error": error or "", "error_type": error_type or "",
                   "inference_time": "" if inference_time is None else repr(inference_time),
                   "extra": json.dumps(extra or {})}
@@ -299,9 +300,9 @@ class JobStore:
         record = self.get(request_id)
         if record is None:
             return "not_found"
-        body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
-        fields = {"completed_at": repr(time.time()), "result": json.dumps(body), "result_code": 499,
-                  "error": "Request was cancelled", "error_type": "client_cancelled"}
+        cancelled = RequestCancelled()
+        fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(cancelled.body()),
+                  "result_code": cancelled.status_code, "error": cancelled.message, "error_type": cancelled.error_type}
         flat = [item for pair in fields.items() for item in pair]
         outcome = self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
                                args=[request_id, *flat])
@@ -322,4 +323,4 @@ class JobStore:
         """The job id for an input object version: the first caller's id wins."""
         key = f"{PREFIX}object:{object_fingerprint}"
         self.redis.set(key, request_id, nx=True, ex=self.record_ttl)
-        return self.redis.get(key) or request_id
+        return cast(str | None, self.redis.get(key)) or request_id  # a decoding client: str replies

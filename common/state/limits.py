@@ -16,11 +16,11 @@ Time is Redis's own clock (TIME), so gateways with skewed clocks agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import redis
 
+from common.domain.errors import LimitRefused
 from common.settings import Settings
 from common.state.jobs import PREFIX, JobStore
 
@@ -68,16 +68,6 @@ MESSAGES: dict[Reason, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Refusal:
-    reason: Reason
-    retry_after: int  # seconds, for the Retry-After header
-
-    @property
-    def message(self) -> str:
-        return MESSAGES[self.reason]
-
-
 def queue_cap(settings: Settings, variant: str, requested: int | None = None) -> int:
     """The most IN_QUEUE requests `variant` may hold for this submit (NO_CAP: unlimited)."""
     configured = settings.max_queue_depth_per_variant.get(variant, settings.max_queue_depth)
@@ -108,7 +98,7 @@ class Limiter:
         self._admit = client.register_script(_ADMIT)
 
     def admit(self, *, key_id: str, request_id: str, variant: str | None, max_concurrent: int | None = None,
-              requests_per_minute: int | None = None, max_queue_length: int | None = None) -> Refusal | None:
+              requests_per_minute: int | None = None, max_queue_length: int | None = None) -> LimitRefused | None:
         """None when the request may be enqueued (and is now counted); else why not. `variant` None: the
         request will not wait in a queue (rejected input), so no queue cap applies."""
         cap = NO_CAP if variant is None else queue_cap(self.settings, variant, max_queue_length)
@@ -118,7 +108,7 @@ class Limiter:
             keys=[rate_key(key_id), active_key(key_id), JobStore.pending_key(variant or "")],
             args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, JobStore.job_key(""),
                   UNADMITTED_GRACE, self.settings.job_record_ttl, self.settings.queue_full_retry_after])
-        return None if reason == "ok" else Refusal(reason, int(retry_after))
+        return None if reason == "ok" else LimitRefused(MESSAGES[reason], reason, int(retry_after))
 
     def queue_has_room(self, variant: str) -> bool:
         """Whether `variant`'s queue is under its configured cap (S3 events wait in SQS while it is not)."""

@@ -18,9 +18,11 @@ import base64
 import json
 import time
 from collections.abc import Iterable
+from typing import cast
 
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
+from redis.typing import EncodableT, FieldT
 
 from common.state.jobs import PREFIX
 
@@ -110,16 +112,18 @@ def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]
 
 # --- completions stream ---
 def record_completion(r: redis.Redis, entry: dict[str, object], *, keep: int) -> None:
-    fields = {k: "" if v is None else str(v) for k, v in entry.items()}
+    fields: dict[FieldT, EncodableT] = {k: "" if v is None else str(v) for k, v in entry.items()}
     r.xadd(COMPLETIONS_KEY, fields, maxlen=keep, approximate=True)
 
 
 def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> list[dict]:
     """Completion entries newer than `since` (unix time), oldest first, with `at` (unix time) added."""
-    entries = r.xrange(COMPLETIONS_KEY, min=f"{int(since * 1000)}-0", max="+", count=limit)
+    # redis-py types a range reply as possibly None; XRANGE always returns a list.
+    entries = cast(list[tuple[bytes | str, dict[bytes | str, bytes | str]]],
+                   r.xrange(COMPLETIONS_KEY, min=f"{int(since * 1000)}-0", max="+", count=limit))
     out = []
     for entry_id, fields in entries:
-        item = {_text(k): _text(v) for k, v in fields.items()}
+        item: dict[str, str | float] = {_text(k): _text(v) for k, v in fields.items()}
         item["at"] = int(_text(entry_id).split("-")[0]) / 1000
         out.append(item)
     return out
@@ -145,7 +149,8 @@ def broker_depths(r: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
 def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
     """Messages delivered to workers and not yet acknowledged, by queue: [{request_id, task, since}]."""
     held: dict[str, list[dict]] = {}
-    index = {_text(k): v for k, v in r.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)}
+    scored = cast(list[tuple[bytes | str, float]], r.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True))
+    index = {_text(k): v for k, v in scored}
     for tag, raw in r.hgetall(UNACKED_KEY).items():
         try:
             message, _exchange, routing_key = json.loads(raw)

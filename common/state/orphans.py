@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import time
+from typing import cast
 
 from celery import Celery
 
@@ -37,7 +38,7 @@ def _request_id(raw: str | bytes) -> str | None:
         return None
 
 
-def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str] | None:
+def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str | None] | None:
     r = store.redis
     lists = [key for queue in queues for key in r.scan_iter(f"{queue}*") if r.type(key) == "list"]
     if sum(r.llen(key) for key in lists) + r.hlen("unacked") > SCAN_LIMIT:
@@ -54,7 +55,7 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
         return []  # another worker just looked
     cutoff = time.time() - min_age
     candidates = []
-    for request_id in store.redis.zrange(store.pending_key(variant), 0, 199):
+    for request_id in cast(list[str], store.redis.zrange(store.pending_key(variant), 0, 199)):  # a decoding client: str replies
         record = store.get(request_id)
         if record and record.status == "IN_QUEUE" and record.created_at < cutoff:
             candidates.append(record)

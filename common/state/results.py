@@ -21,10 +21,6 @@ from common.webhooks import book_first_attempt
 log = logging.getLogger(__name__)
 
 
-def error_body(exc: JobError) -> dict:
-    return {"detail": exc.detail()}
-
-
 def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | None, celery: Celery,
                spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
                error_type: str | None = None, token: str = "", inference_time: float | None = None,
@@ -50,5 +46,6 @@ def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | No
 
 
 def fail_job(*, exc: JobError, **kwargs) -> bool:
-    return finish_job(body=error_body(exc), code=exc.status_code, error=exc.message,
+    """End the job with the error's own body and status."""
+    return finish_job(body=exc.body(), code=exc.status_code, error=exc.message,
                       error_type=exc.error_type, **kwargs)

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # Slim image for everything but the GPU worker: gateway, producer (sqs|http), webhook deliverer, ops.
 #   docker build -f infra/docker/Dockerfile.app -t birefnet-app:0.1.0 .
-# The command picks the role, e.g. `python -m producer.gateway` (default), `python -m producer http`.
+# The command picks the role, e.g. `python -m producer.gateway` (default), `python -m producer http`,
+# `python -m deliverer`.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -13,6 +14,7 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY producer ./producer
+COPY deliverer ./deliverer
 COPY worker ./worker
 COPY ops ./ops
 RUN pip install --no-cache-dir .

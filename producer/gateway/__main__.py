@@ -12,11 +12,12 @@ from common.settings import Settings
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    tls = {"ssl_certfile": settings.gateway_tls_cert, "ssl_keyfile": settings.gateway_tls_key} \
-        if settings.gateway_tls_cert else {}
-    uvicorn.run("producer.gateway.app:create_app", factory=True, host=settings.gateway_host,
+    tls = bool(settings.gateway_tls_cert)  # None is uvicorn's default: plain HTTP
+    uvicorn.run("producer.gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
                 port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,
-                timeout_keep_alive=75, log_level="info", access_log=False, **tls)
+                timeout_keep_alive=75, log_level="info", access_log=False,
+                ssl_certfile=settings.gateway_tls_cert if tls else None,
+                ssl_keyfile=settings.gateway_tls_key if tls else None)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 EXPOSED = [REQUEST_ID, ERROR_TYPE, TIMEOUT_TYPE, "x-fal-billable-units"]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,6 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],
                        expose_headers=EXPOSED, max_age=600)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory (`python -m producer.gateway`): each uvicorn worker process reads its own settings."""
+    return create_app(Settings())
 
 
 def install_exception_handlers(app: FastAPI) -> None:

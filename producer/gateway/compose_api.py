@@ -12,22 +12,21 @@ within its output retention (the kept files are deleted with its other outputs).
 
 from __future__ import annotations
 
-import time
 import uuid
+from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from common.adapters.queue import send_job
 from common.adapters.storage import KEPT_MANIFEST, parse_s3_url, request_output_prefix
 from common.domain.auth import ANONYMOUS, Principal
+from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
-from common.state.results import finish_job
-from producer.gateway import records
-from producer.gateway.inputs import InputErrors, parse_body
+from producer.admission import validation_details
+from producer.gateway.inputs import parse_body
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from producer.gateway.queue_api import (
     LifecycleHeader,
@@ -35,16 +34,16 @@ from producer.gateway.queue_api import (
     PriorityHeader,
     TimeoutHeader,
     WebhookQuery,
-    cancel_job,
     not_found,
     options,
+    submitted_answer,
 )
-from producer.gateway.responses import FalError, fal_json, stored_result
-from producer.gateway.run_api import wait_completed
+from producer.gateway.responses import FalError
+from producer.gateway.run_api import run_answer
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY, SubmitOptions, Submitted, resolve_background
-from producer.gateway.urls import APP_PATH, public_base, request_urls
+from producer.gateway.submit import SubmitOptions, Submitted, enqueue, request_fields, resolve_background
+from producer.gateway.urls import APP_PATH
 
 router = APIRouter(tags=["compose"])
 PATH = f"/{APP_PATH}/requests/{{request_id}}/compose"
@@ -60,9 +59,10 @@ EXAMPLES = {
 }
 BODY_DOC = {"requestBody": {"required": False, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ComposeInput"}, "examples": EXAMPLES}}}}
-NOT_READY = {400: {"model": ErrorBody, "description": "The source request is still running"},
-             404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
-                   "(sync_mode, failed before its mask, output retention ended)"}}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The source request is still running"},
+    404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
+          "(sync_mode, failed before its mask, output retention ended)"}}
 
 
 def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
@@ -96,50 +96,20 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
                    opts: SubmitOptions) -> Submitted:
     data = parse_body(body)
     manifest = source_manifest(gw, principal, source_id)
-    settings = gw.settings
     request_id = str(uuid.uuid4())
-    now = time.time()
-    output_ttl = opts.output_ttl or settings.gateway_output_retention
-    spec_fields = dict(
-        request_id=request_id, endpoint=manifest["endpoint"], variant=manifest["variant"], source="api",
-        image_url=manifest["input"], output_prefix=request_output_prefix(settings, request_id),
-        webhook_url=opts.webhook_url, owner=principal.key_id, priority=opts.priority, created_at=now,
-        start_deadline=now + opts.start_timeout if opts.start_timeout else None,
-        max_attempts=1 if opts.no_retry else None, reuse_from=source_id,
-        extra={"user_id": principal.user_id, "output_ttl": output_ttl, "kept_mask": manifest["mask"]},
-    )
+    fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,
+                               kept_mask=manifest["mask"]),
+              "variant": manifest["variant"], "image_url": manifest["input"], "reuse_from": source_id}
     try:
-        parsed = ComposeInput.model_validate(data)
+        try:
+            parsed = ComposeInput.model_validate(data)
+        except ValidationError as exc:
+            raise InputErrors(validation_details(exc)) from exc
         parsed = resolve_background(gw, principal, parsed, request_id)
-    except InputErrors as exc:
-        return _rejected(gw, JobSpec(**spec_fields, params=JobParams()), exc.details)
-    except ValidationError as exc:
-        details = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
-        return _rejected(gw, JobSpec(**spec_fields, params=JobParams()), jsonable_encoder(details))
-    spec = JobSpec(**spec_fields, params=JobParams.from_input(parsed, manifest["operating_resolution"]))
-    gw.store.create(spec)
-    pipe = gw.redis.pipeline()
-    if spec.start_deadline:
-        pipe.zadd(DEADLINES_KEY, {request_id: spec.start_deadline})
-    pipe.zadd(OUTPUTS_KEY, {f"req:{request_id}": now + output_ttl})
-    pipe.execute()
-    try:
-        send_job(gw.celery, spec)
-    except Exception as exc:
-        finish_job(settings=settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
-                   body={"detail": "Could not reach the job queue", "error_type": "runner_connection_error"},
-                   code=503, error="Could not reach the job queue", error_type="runner_connection_error")
-        raise FalError.flat(503, "Could not reach the job queue", "runner_connection_error",
-                            request_id=request_id) from exc
-    return Submitted(request_id, spec.variant, rejected=False)
-
-
-def _rejected(gw: Gateway, spec: JobSpec, details: list[dict]) -> Submitted:
-    """Invalid compose options: the request completes at once with the 422 (as a submit's would)."""
-    gw.store.create(spec)
-    finish_job(settings=gw.settings, store=gw.store, objects=None, celery=gw.celery, spec=spec,
-               body={"detail": details}, code=422, error=details[0]["msg"], error_type=details[0]["type"])
-    return Submitted(spec.request_id, spec.variant, rejected=True)
+    except InputErrors as exc:  # invalid options: the request completes at once with the 422, as a submit's
+        return enqueue(gw, principal, opts, JobSpec(**fields, params=JobParams()), rejection=exc)
+    spec = JobSpec(**fields, params=JobParams.from_input(parsed, manifest["operating_resolution"]))
+    return enqueue(gw, principal, opts, spec)
 
 
 @router.post("/queue" + PATH, response_model=QueueSubmitted, openapi_extra=BODY_DOC,
@@ -155,14 +125,7 @@ async def compose_queued(request: Request, request_id: str, caller: Caller, time
     submitted = await run_in_threadpool(
         submit_compose, gw, caller, request_id, await request.body(),
         options("v2", timeout, queue_priority, lifecycle, no_retry, fal_webhook))
-    rid = submitted.request_id
-    try:
-        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
-    except Exception:  # noqa: BLE001 - queued already; a 5xx now would make the caller submit twice
-        position = None
-    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
-            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
-    return fal_json(body, request_id=rid)
+    return await submitted_answer(gw, request, submitted)
 
 
 @router.post("/run" + PATH, openapi_extra=BODY_DOC,
@@ -176,10 +139,4 @@ async def compose_run(request: Request, request_id: str, caller: Caller, timeout
     submitted = await run_in_threadpool(
         submit_compose, gw, caller, request_id, await request.body(),
         options("v2", timeout, queue_priority, lifecycle, no_retry))
-    rid = submitted.request_id
-    if not await wait_completed(gw, request, rid):
-        await run_in_threadpool(cancel_job, gw, rid)
-        return Response(status_code=499)
-    raw, code = await records.result(gw, rid)
-    error_type = await gw.aredis.hget(gw.store.job_key(rid), "error_type")
-    return stored_result(raw, code, error_type or None, rid)
+    return await run_answer(gw, request, submitted.request_id)

@@ -20,7 +20,6 @@ from typing import Annotated
 from botocore.exceptions import ClientError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -28,6 +27,7 @@ from starlette.responses import Response
 from common.adapters.storage import uploads_prefix
 from common.domain.auth import Principal, credential_from_header
 from common.domain.signed_urls import make_token, object_url_valid, read_token
+from producer.admission import validation_details
 from producer.gateway.models import (
     ERRORS,
     ErrorBody,
@@ -65,8 +65,7 @@ def initiate_spec(raw: bytes) -> UploadInitiate:
     try:
         return UploadInitiate.model_validate(data)
     except ValidationError as exc:
-        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
-        raise FalError(422, {"detail": jsonable_encoder(errors)}) from None
+        raise FalError(422, {"detail": validation_details(exc)}) from None
 
 
 _INITIATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {

@@ -1,4 +1,4 @@
-"""Request input: fal headers, the model input with FastAPI-exact 422 details, and `image_url` policy.
+"""Request input: fal headers and `image_url` policy (the model input is checked in producer/admission.py).
 
 `image_url` policy, decided at submit so workers only ever see something they may read:
 - `s3://bucket/key`: only what the caller's key lists in `s3_read`, or its own uploads;
@@ -13,19 +13,15 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from fastapi.encoders import jsonable_encoder
-from pydantic import ValidationError
-
 from common.adapters import netguard
 from common.adapters.fetch import decode_data_uri
 from common.adapters.netguard import NetPolicy
 from common.adapters.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
 from common.domain.auth import ANONYMOUS, Principal
-from common.domain.errors import JobError
-from common.domain.schemas import INPUT_MODELS, BiRefNetInput
+from common.domain.errors import InputErrors, JobError
 from common.domain.signed_urls import object_url_valid
-from common.domain.variants import VariantSpec
 from common.settings import Settings
+from producer.admission import detail
 from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
     TIMEOUT_PATTERN,
     lifecycle_seconds,
@@ -34,47 +30,12 @@ from producer.gateway.parsing import (  # noqa: F401 - the routes' header and bo
 from producer.gateway.parsing import json_object_body as parse_body  # noqa: F401
 
 INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
-_ON = {"1", "true", "yes", "on"}
 
 
 # --- headers ---
-def flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in _ON
-
-
 def priority(value: str | None) -> str:
     """`X-Fal-Queue-Priority`: `low` or `normal`; anything else counts as normal."""
     return "low" if (value or "").strip().lower() == "low" else "normal"
-
-
-# --- body ---
-def detail(loc: list[Any], msg: str, type_: str, **extra: Any) -> dict:
-    return {"type": type_, "loc": loc, "msg": msg, **extra}
-
-
-def validate_input(endpoint: str, data: dict, settings: Settings) -> tuple[BiRefNetInput, VariantSpec]:
-    """The validated input and its variant, or InputErrors carrying FastAPI's `detail` list."""
-    try:
-        parsed = INPUT_MODELS[endpoint].model_validate(data)
-    except ValidationError as exc:
-        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
-        raise InputErrors(jsonable_encoder(errors)) from exc
-    variant = settings.variants.by_model_name(endpoint, parsed.model.value)  # type: ignore[arg-type]
-    if parsed.operating_resolution.value not in variant.allowed_resolutions:
-        allowed = ", ".join(variant.allowed_resolutions)
-        raise InputErrors([detail(["body", "operating_resolution"],
-                                  f"Value error, {parsed.operating_resolution.value} is not supported by "
-                                  f"'{parsed.model.value}' (allowed: {allowed})", "value_error",
-                                  input=parsed.operating_resolution.value)])
-    return parsed, variant
-
-
-class InputErrors(Exception):
-    """A 422 the model would answer: becomes the request's stored result."""
-
-    def __init__(self, details: list[dict]):
-        super().__init__(details[0]["msg"] if details else "invalid input")
-        self.details = details
 
 
 # --- image_url policy ---
@@ -155,8 +116,8 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
     own = own_object_key(url, secret)
     if own is not None:  # the signature is the permission
         return f"s3://{settings.output_bucket}/{own}"
-    key = own_bucket_key(url, settings)
-    if key is not None and may_read_s3(principal, settings, settings.output_bucket, key):
-        return f"s3://{settings.output_bucket}/{key}"
+    bucket_key = own_bucket_key(url, settings)
+    if bucket_key is not None and may_read_s3(principal, settings, settings.output_bucket, bucket_key):
+        return f"s3://{settings.output_bucket}/{bucket_key}"
     check_url(url, policy, loc)
     return url

@@ -63,7 +63,7 @@ async def playground_options(request: Request) -> Response:
                 annotation, "__members__") else None
             default = getattr(field.default, "value", field.default)
             fields[name] = {"default": default, "choices": choices, "description": field.description or ""}
-        variants = {}
+        variants: dict[str, str | None] = {}
         for model in fields["model"]["choices"]:
             try:
                 variants[model] = registry.by_model_name(endpoint, model).id  # type: ignore[arg-type]

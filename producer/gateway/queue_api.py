@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Header, Query, Request
@@ -19,8 +19,10 @@ from starlette.responses import Response
 
 from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
+from common.domain.variants import Endpoint
+from producer.admission import flag
 from producer.gateway import records
-from producer.gateway.inputs import TIMEOUT_PATTERN, flag, lifecycle_seconds, priority, start_timeout
+from producer.gateway.inputs import TIMEOUT_PATTERN, lifecycle_seconds, priority, start_timeout
 from producer.gateway.models import (
     ERRORS,
     CancelStatus,
@@ -33,11 +35,11 @@ from producer.gateway.parsing import TIMEOUT_MAX_LENGTH
 from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, submit_job
+from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, Submitted, submit_job
 from producer.gateway.urls import APP_PATH, public_base, request_urls
 
 router = APIRouter(prefix="/queue", tags=["queue"])
-ENDPOINTS = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet
+ENDPOINTS: dict[Endpoint, str] = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet
 INPUT_SCHEMAS = {"v1": "BiRefNetInput", "v2": "BiRefNetV2Input"}
 REQUEST = f"/{APP_PATH}/requests/{{request_id}}"
 
@@ -56,16 +58,16 @@ WebhookQuery = Annotated[str, Query(
 MaxQueueQuery = Annotated[int, Query(
     alias="fal_max_queue_length", ge=0, description="Refuse (429 queue_full) instead of queueing when this many "
     "requests already wait for the model.")]
-LIMITED = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
+LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
                  "max_concurrent: concurrency_limit) or the queue cap (queue_full); see Retry-After"}}
-BAD_REQUEST = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
 PriorityHeader = Annotated[str, Header(
     alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
 LifecycleHeader = Annotated[str, Header(
     alias="x-fal-object-lifecycle-preference", description='JSON {"expiration_duration_seconds": N}: '
     "retention of this request's output files.")]
 NoRetryHeader = Annotated[str, Header(
-    alias="x-fal-no-retry", description="`1`, `true` or `yes`: if the worker running this request dies, the "
+    alias="x-fal-no-retry", description="`1`, `true`, `yes` or `on`: if the worker running this request dies, the "
     "request fails (503 runner_disconnected) instead of running again.")]
 
 
@@ -88,11 +90,11 @@ def body_doc(endpoint: str) -> dict:
         "schema": schema, "examples": INPUT_EXAMPLES}}}}
 
 
-def options(endpoint: str, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
+def options(endpoint: Endpoint, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
             no_retry: str | None, webhook_url: str | None = None, max_queue_length: int | None = None) -> SubmitOptions:
     return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
                          priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
-                         no_retry=(no_retry or "").strip().lower() in ("1", "true", "yes"),
+                         no_retry=flag(no_retry),
                          max_queue_length=max_queue_length)
 
 
@@ -100,7 +102,7 @@ def not_found(request_id: str) -> FalError:
     return FalError(404, {"detail": "Request not found"}, request_id=request_id)
 
 
-def make_submit(endpoint: str):
+def make_submit(endpoint: Endpoint):
     async def submit(
         request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
         lifecycle: LifecycleHeader = None, no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None,
@@ -110,18 +112,23 @@ def make_submit(endpoint: str):
         submitted = await run_in_threadpool(
             submit_job, gw, caller, await request.body(),
             options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook, max_queue_length))
-        rid = submitted.request_id
-        try:
-            position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
-        except redis.RedisError:
-            # The job is queued: answering 503 now would make the client submit it a second time.
-            position = None
-        body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
-                **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
-        return fal_json(body, request_id=rid)
+        return await submitted_answer(gw, request, submitted)
 
     submit.__name__ = f"submit_{endpoint}"
     return submit
+
+
+async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) -> Response:
+    """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
+    rid = submitted.request_id
+    try:
+        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+    except redis.RedisError:
+        # The job is queued: answering 503 now would make the client submit it a second time.
+        position = None
+    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
+            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
+    return fal_json(body, request_id=rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from common.domain.auth import ANONYMOUS, Principal
 from common.state.jobs import JobStore
@@ -101,7 +102,7 @@ async def snapshot(gw: Gateway, request_id: str, principal: Principal) -> Snapsh
 
 async def result(gw: Gateway, request_id: str) -> tuple[str, int]:
     """The stored result body (JSON text) and its status code."""
-    raw, code = await gw.aredis.hmget(JobStore.job_key(request_id), ["result", "result_code"])
+    raw, code = cast(list[str | None], await gw.aredis.hmget(JobStore.job_key(request_id), ["result", "result_code"]))  # a decoding client: str replies
     return raw or "null", int(code or 200)
 
 

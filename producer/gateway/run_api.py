@@ -7,12 +7,14 @@ that hangs up cancels its request, as on fal.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from common.domain.schemas import BiRefNetOutput
+from common.domain.variants import Endpoint
 from common.state.jobs import JobStore
 from producer.gateway import records
 from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
@@ -62,7 +64,7 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
         hangup.cancel()
 
 
-def make_run(endpoint: str):
+def make_run(endpoint: Endpoint):
     async def run(request: Request, caller: Caller, timeout: TimeoutHeader = None,
                   queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
                   no_retry: NoRetryHeader = None, max_queue_length: MaxQueueQuery = None) -> Response:
@@ -70,16 +72,20 @@ def make_run(endpoint: str):
         submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
                                             options(endpoint, timeout, queue_priority, lifecycle, no_retry,
                                                     max_queue_length=max_queue_length))
-        rid = submitted.request_id
-        if not await wait_completed(gw, request, rid):
-            await run_in_threadpool(cancel_job, gw, rid)
-            return Response(status_code=499)  # nobody reads it
-        raw, code = await records.result(gw, rid)
-        error_type = await gw.aredis.hget(JobStore.job_key(rid), "error_type")
-        return stored_result(raw, code, error_type or None, rid)
+        return await run_answer(gw, request, submitted.request_id)
 
     run.__name__ = f"run_{endpoint}"
     return run
+
+
+async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
+    """The result once the job completes; a caller that hangs up first cancels it."""
+    if not await wait_completed(gw, request, rid):
+        await run_in_threadpool(cancel_job, gw, rid)
+        return Response(status_code=499)  # nobody reads it
+    raw, code = await records.result(gw, rid)
+    error_type = cast(str | None, await gw.aredis.hget(JobStore.job_key(rid), "error_type"))  # decoding client
+    return stored_result(raw, code, error_type or None, rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():

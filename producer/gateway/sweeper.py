@@ -14,14 +14,13 @@ import time
 from fastapi.concurrency import run_in_threadpool
 
 from common.adapters.storage import request_output_prefix
-from common.state.results import finish_job
+from common.domain.errors import RequestTimeout
+from common.state.results import fail_job
 from common.state.unserved import note_unserved_jobs
 from producer.gateway.state import Gateway
 from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY
 
 log = logging.getLogger(__name__)
-TIMEOUT_BODY = {"detail": "Request timed out before it started (X-Fal-Request-Timeout)",
-                "error_type": "request_timeout"}
 
 
 def expire_deadlines(gw: Gateway) -> int:
@@ -35,8 +34,8 @@ def expire_deadlines(gw: Gateway) -> int:
         record = gw.store.get(request_id)
         if record is None or record.status != "IN_QUEUE":
             continue
-        if finish_job(settings=gw.settings, store=gw.store, objects=None, celery=gw.celery, spec=record.spec,
-                      body=TIMEOUT_BODY, code=504, error=TIMEOUT_BODY["detail"], error_type="request_timeout"):
+        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=gw.store, objects=None, celery=gw.celery,
+                    spec=record.spec):
             expired += 1
     return expired
 

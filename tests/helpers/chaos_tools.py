@@ -208,7 +208,7 @@ class ChaosStack:
         if producer:
             self.stack.start(["-m", "producer", "sqs"], "producer")
         if webhooks:
-            self.stack.start(["-m", "producer", "webhooks", "--concurrency", "4"], "webhooks")
+            self.stack.start(["-m", "deliverer", "--concurrency", "4"], "webhooks")
         names = [self.start_worker(wait=False) for _ in range(workers)]
         for name in names:
             self.wait_ready(name)

@@ -136,7 +136,7 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
     result = GatewayStack(stack=stack, settings=settings, gateway=gateway)
     try:
         if webhooks:
-            stack.start(["-m", "producer", "webhooks", "--concurrency", "2"], "webhooks")
+            stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
         for variants in workers:
             stack.start_worker(variants)
     except BaseException:

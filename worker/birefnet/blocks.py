@@ -19,15 +19,18 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from .deform import CHUNK_PIXELS, deform_weight_matrix, padded_rows, sample_columns
-from .ops import PackedLinear, fast_path
+from .ops import PackedLinear, fast_path, fused_state
 
 CL = torch.channels_last
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval BatchNorm as y = x * scale + shift (float64)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return scale, bn.bias.double() - bn.running_mean.double() * scale
+    weight, bias, mean, var = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if weight is None or bias is None or mean is None or var is None:
+        raise ValueError("only an affine BatchNorm with running statistics folds into a conv")
+    scale = weight.double() / torch.sqrt(var.double() + bn.eps)
+    return scale, bias.double() - mean.double() * scale
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor]:
@@ -86,7 +89,9 @@ class ASPPBranch(nn.Module):
         """[offset; modulator] conv (weight, bias) and the BN-folded sampling GEMM (+ReLU)."""
         conv = self.atrous_conv
         om_w = torch.cat([conv.offset_conv.weight, conv.modulator_conv.weight])
-        om_b = torch.cat([conv.offset_conv.bias, conv.modulator_conv.bias])
+        offset_bias, modulator_bias = conv.offset_conv.bias, conv.modulator_conv.bias
+        assert offset_bias is not None and modulator_bias is not None  # both convs are built with bias
+        om_b = torch.cat([offset_bias, modulator_bias])
         w, b = fold_bn(conv.regular_conv, self.bn)
         om_w, om_b, w_mat, b = f32(om_w, om_b, deform_weight_matrix(w), b)
         return om_w, om_b, PackedLinear(w_mat.t(), b, activation="relu", rows_hint=CHUNK_PIXELS)
@@ -124,7 +129,9 @@ class ASPPDeformable(nn.Module):
         return self.relu(self.bn1(out))  # (+ dropout: identity at inference)
 
     def fuse(self) -> None:
-        pool_w, pool_b = fold_bn(self.global_avg_pool[1], self.global_avg_pool[2])
+        pool_conv, pool_bn = self.global_avg_pool[1], self.global_avg_pool[2]
+        assert isinstance(pool_conv, nn.Conv2d) and isinstance(pool_bn, nn.BatchNorm2d)
+        pool_w, pool_b = fold_bn(pool_conv, pool_bn)
         w1, b1 = fold_bn(self.conv1, self.bn1)
         w1 = w1.flatten(1)  # (Cout, 256 * n_branches + 256)
         n_spatial = self.aspp1.bn.num_features * len(self.branches)
@@ -141,7 +148,7 @@ class ASPPDeformable(nn.Module):
         self._fused = None
 
     def _forward_fused(self, x: Tensor) -> Tensor:
-        p = self._fused
+        p = fused_state(self._fused)
         b_sz, c, h, w = x.shape
         rows = padded_rows(x)  # (B, (H+2)*(W+2), C), zero border
         tokens = x.permute(0, 2, 3, 1).reshape(b_sz, h * w, c)
@@ -195,13 +202,14 @@ class BasicDecBlk(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if fast_path(self._fused, x):
-            return F.conv2d(self.forward_body(x), *self._fused[2:], padding=1)
+            w_out, b_out = fused_state(self._fused)[2:]
+            return F.conv2d(self.forward_body(x), w_out, b_out, padding=1)
         x = self.relu_in(self.bn_in(self.conv_in(x)))
         return self.bn_out(self.conv_out(self.dec_att(x)))
 
     def forward_body(self, x: Tensor) -> Tensor:
         """Fused path up to (not including) conv_out: conv_in+BN+ReLU, ASPP."""
-        w_in, b_in = self._fused[:2]
+        w_in, b_in = fused_state(self._fused)[:2]
         x = F.conv2d(x.contiguous(memory_format=CL), w_in, b_in, padding=1).relu_()
         return self.dec_att(x)
 

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 PatchOrder = Literal["einops", "legacy"]
+
+_Field = TypeVar("_Field")
+
+
+def filled(value: _Field | None) -> _Field:
+    """A config field that ``__post_init__`` has filled in from the preset (never None after it)."""
+    if value is None:
+        raise ValueError("BiRefNetConfig field read before the preset filled it in")
+    return value
 
 # The official decoder widths; every preset but nano uses them.
 _DECODER = {
@@ -107,10 +116,10 @@ class BiRefNetConfig:
         for name, value in _PRESETS[self.backbone].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        object.__setattr__(self, "depths", tuple(self.depths))
-        object.__setattr__(self, "aspp_kernel_sizes", tuple(self.aspp_kernel_sizes))
-        object.__setattr__(self, "num_heads", tuple(self.num_heads))
-        if len(self.depths) != 4 or len(self.num_heads) != 4:
+        object.__setattr__(self, "depths", tuple(filled(self.depths)))
+        object.__setattr__(self, "aspp_kernel_sizes", tuple(filled(self.aspp_kernel_sizes)))
+        object.__setattr__(self, "num_heads", tuple(filled(self.num_heads)))
+        if len(filled(self.depths)) != 4 or len(filled(self.num_heads)) != 4:
             raise ValueError("BiRefNet expects a 4-stage backbone")
         if not 0 <= self.num_context <= 3:
             raise ValueError("num_context must be in [0, 3]")
@@ -118,7 +127,7 @@ class BiRefNetConfig:
     @property
     def stage_dims(self) -> tuple[int, ...]:
         """Channels of each backbone stage output (strides 4, 8, 16, 32)."""
-        return tuple(self.embed_dim * 2**i for i in range(4))
+        return tuple(filled(self.embed_dim) * 2**i for i in range(4))
 
     @property
     def lateral_channels(self) -> tuple[int, ...]:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import CL, BasicDecBlk, BasicLatBlk, SimpleConvs, conv1x1, f32, fold_bn
-from .config import BiRefNetConfig
-from .ops import PackedLinear, fast_path
+from .config import BiRefNetConfig, filled
+from .ops import PackedLinear, fast_path, fused_state
 
 
 def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -44,7 +44,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.patch_order = cfg.patch_order
         ch = cfg.lateral_channels  # deepest first, e.g. Swin-T: (1536, 768, 384, 192)
-        ic = cfg.ipt_inter_channels
+        ic = filled(cfg.ipt_inter_channels)
         ipt_out = [c // 8 for c in ch]
         # Patch-stack inputs: 32x32, 16x16, 8x8, 4x4 and 1x1 tiles of the RGB image.
         ipt_in = [g * g * cfg.in_chans for g in (32, 16, 8, 4, 1)]
@@ -55,7 +55,13 @@ class Decoder(nn.Module):
         self.ipt_blk1 = SimpleConvs(ipt_in[4], ipt_out[3], ic)
 
         def dec_blk(cin: int, cout: int) -> BasicDecBlk:
-            return BasicDecBlk(cin, cout, cfg.dec_inter_channels, cfg.aspp_channels, cfg.aspp_kernel_sizes)
+            return BasicDecBlk(
+                cin,
+                cout,
+                filled(cfg.dec_inter_channels),
+                filled(cfg.aspp_channels),
+                filled(cfg.aspp_kernel_sizes),
+            )
 
         self.decoder_block4 = dec_blk(ch[0] + ipt_out[0], ch[1])
         self.decoder_block3 = dec_blk(ch[1] + ipt_out[0], ch[2])
@@ -73,7 +79,7 @@ class Decoder(nn.Module):
         self.conv_ms_spvn_2 = nn.Conv2d(ch[3], 1, 1)
 
         # Gradient attention: conv -> BN -> ReLU -> 1x1 -> sigmoid gates each decoder stage.
-        n = cfg.gdt_channels
+        n = filled(cfg.gdt_channels)
         for i, cin in zip((4, 3, 2), ch[1:], strict=True):
             gdt = nn.Sequential(nn.Conv2d(cin, n, 3, padding=1), nn.BatchNorm2d(n), nn.ReLU(inplace=True))
             self.add_module(f"gdt_convs_{i}", gdt)
@@ -99,7 +105,7 @@ class Decoder(nn.Module):
         attn = getattr(self, f"gdt_convs_attn_{i}")
         if not fast_path(self._fused, p):
             return p * torch.sigmoid(attn(getattr(self, f"gdt_convs_{i}")(p)))
-        w, b, attn_1x1 = self._fused["gdt"][i]
+        w, b, attn_1x1 = fused_state(self._fused)["gdt"][i]
         g = F.conv2d(p, w, b, padding=1).relu_()
         return p * torch.sigmoid(conv1x1(g, attn_1x1))
 
@@ -134,8 +140,10 @@ class Decoder(nn.Module):
         # The final 1x1 conv_out1 is linear and so commutes with the (weights-sum-to-1) bilinear
         # resize; compose it into the preceding 3x3 convs: decoder_block1.conv_out (+BN) and
         # ipt_blk1.conv_out, so neither 3x3 conv produces more than one channel.
-        w_out = self.conv_out1[0].weight.detach().double().flatten()  # (ca + cb,)
-        b_out = self.conv_out1[0].bias.detach().double()
+        conv_out1 = self.conv_out1[0]
+        assert isinstance(conv_out1, nn.Conv2d) and conv_out1.bias is not None
+        w_out = conv_out1.weight.detach().double().flatten()  # (ca + cb,)
+        b_out = conv_out1.bias.detach().double()
         ca = self.decoder_block1.conv_out.out_channels
         w_a, b_a = self.decoder_block1.folded_conv_out()
         w_b, b_b = fold_bn(self.ipt_blk1.conv_out, None)
@@ -146,9 +154,9 @@ class Decoder(nn.Module):
         # intermediate differs); the 1-pixel border is recomputed exactly by `_full_size_branch`.
         w1, b1 = fold_bn(self.ipt_blk1.conv1, None)
         w5 = w1.new_zeros(1, w1.shape[1], 5, 5)
-        for a in range(3):
-            for b in range(3):
-                w5[0, :, a : a + 3, b : b + 3] += torch.einsum("o,oikl->ikl", final_b[0][0, :, a, b], w1)
+        for dy in range(3):
+            for dx in range(3):
+                w5[0, :, dy : dy + 3, dx : dx + 3] += torch.einsum("o,oikl->ikl", final_b[0][0, :, dy, dx], w1)
         b5 = final_b[1] + (final_b[0].sum((2, 3)) @ b1)
         lateral = {}
         for name in ("lateral_block4", "lateral_block3", "lateral_block2"):
@@ -191,21 +199,25 @@ class Decoder(nn.Module):
         p1 = resize(p2, f1.shape[-2:]) + self._lateral("lateral_block2", f1, h1)
         p1 = torch.cat([p1, self._patches(image, self.ipt_blk2, p1.shape[-2:])], dim=1)
         body = self.decoder_block1.forward_body(p1)
-        logits = resize(F.conv2d(body, *self._fused["final_a"], padding=1), image.shape[-2:])
+        w_a, b_a = fused_state(self._fused)["final_a"]
+        logits = resize(F.conv2d(body, w_a, b_a, padding=1), image.shape[-2:])
         return logits.add_(self._full_size_branch(image))
 
     def _full_size_branch(self, image: Tensor) -> Tensor:
         """conv_out1's share of ipt_blk1(image): conv3x3(3->64) then the composed conv3x3(64->1)."""
         conv1 = self.ipt_blk1.conv1
+        fused = fused_state(self._fused)
+        w_b, b_b = fused["final_b"]
+        w_b5, b_b5 = fused["final_b5"]
 
         def two_step(x: Tensor) -> Tensor:
-            return F.conv2d(conv1(x), *self._fused["final_b"], padding=1)
+            return F.conv2d(conv1(x), w_b, b_b, padding=1)
 
         h, w = image.shape[-2:]
         x = image.contiguous(memory_format=CL)
         if min(h, w) < 4:
             return two_step(x)
-        out = F.conv2d(x, *self._fused["final_b5"], padding=2)
+        out = F.conv2d(x, w_b5, b_b5, padding=2)
         # Border pixels: exact two-step result on 3-pixel strips (rows/cols beyond are not needed).
         out[..., :1, :] = two_step(x[..., :3, :])[..., :1, :]
         out[..., -1:, :] = two_step(x[..., -3:, :])[..., -1:, :]
@@ -214,5 +226,5 @@ class Decoder(nn.Module):
         return out
 
     def _lateral(self, name: str, full: Tensor, half: Tensor) -> Tensor:
-        lin_full, lin_half = self._fused["lateral"][name]
+        lin_full, lin_half = fused_state(self._fused)["lateral"][name]
         return conv1x1(full, lin_full).add_(resize(conv1x1(half, lin_half), full.shape[-2:]))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BasicDecBlk
-from .config import BiRefNetConfig
+from .config import BiRefNetConfig, filled
 from .decoder import Decoder, resize
 from .ops import fast_path
 from .swin import SwinTransformer
@@ -47,10 +47,10 @@ class BiRefNet(nn.Module):
         cfg = config or BiRefNetConfig()
         self.config = cfg
         self.bb = SwinTransformer(
-            embed_dim=cfg.embed_dim,
-            depths=cfg.depths,
-            num_heads=cfg.num_heads,
-            window_size=cfg.window_size,
+            embed_dim=filled(cfg.embed_dim),
+            depths=filled(cfg.depths),
+            num_heads=filled(cfg.num_heads),
+            window_size=filled(cfg.window_size),
             mlp_ratio=cfg.mlp_ratio,
             patch_size=cfg.patch_size,
             in_chans=cfg.in_chans,
@@ -60,9 +60,9 @@ class BiRefNet(nn.Module):
             BasicDecBlk(
                 ch[0] + cfg.context_channels,
                 ch[0],
-                cfg.dec_inter_channels,
-                cfg.aspp_channels,
-                cfg.aspp_kernel_sizes,
+                filled(cfg.dec_inter_channels),
+                filled(cfg.aspp_channels),
+                filled(cfg.aspp_kernel_sizes),
             )
         )
         self.decoder = Decoder(cfg)
@@ -112,12 +112,18 @@ class BiRefNet(nn.Module):
         return self.decoder.forward_fused(x, full, half, x4).contiguous()
 
     # ------------------------------------------------------------------ fast path
+    @property
+    def _squeeze_block(self) -> BasicDecBlk:
+        block = self.squeeze_module[0]  # nn.Sequential indexing is typed as any Module
+        assert isinstance(block, BasicDecBlk)
+        return block
+
     @torch.no_grad()
     def fuse_for_inference(self) -> BiRefNet:
         """Precompute inference-only fused weights (state_dict keys are unchanged).
 
         Call after loading weights; later `load_state_dict` calls refresh the fused copies."""
-        self.squeeze_module[0].fuse()
+        self._squeeze_block.fuse()
         self.decoder.fuse()
         self.bb.fuse()
         self._fused = True
@@ -125,7 +131,7 @@ class BiRefNet(nn.Module):
 
     def unfuse(self) -> BiRefNet:
         """Back to the reference path (drops the fused copies)."""
-        self.squeeze_module[0].unfuse()
+        self._squeeze_block.unfuse()
         self.decoder.unfuse()
         self.bb.unfuse()
         self._fused = False

@@ -9,6 +9,8 @@ freezing uses); without oneDNN we fall back to ``F.linear``. Both are plain fp32
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,16 @@ def fast_path(state: object, x: Tensor) -> bool:
     """Use a module's fused CPU path? Only when fused and x is a CPU float32 tensor; otherwise
     (e.g. the model was moved to a GPU) the reference path runs on the module's parameters."""
     return state is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+_State = TypeVar("_State")
+
+
+def fused_state(state: _State | None) -> _State:
+    """A module's fused weights, for code that runs only after ``fast_path`` said yes."""
+    if state is None:
+        raise RuntimeError("fused path reached on a module that is not fused")
+    return state
 
 
 _ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import PackedLinear, fast_path
+from .ops import PackedLinear, fast_path, fused_state
 
 
 def relative_position_index(window_size: int) -> Tensor:
@@ -106,6 +106,8 @@ class Mlp(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias."""
 
+    relative_position_index: Tensor  # a registered buffer
+
     def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
         super().__init__()
         self.dim = dim
@@ -147,6 +149,7 @@ class WindowAttention(nn.Module):
         if split > 0:
             outs.append(self._sdpa(q[:, :split], k[:, :split], v[:, :split], bias_HNN))
         if split < n_win:
+            assert plan.mask is not None  # WindowPlan builds a mask whenever some windows need one
             # Windows crossing the shift-region boundaries: bias + region mask.
             mask_WHNN = bias_HNN.unsqueeze(0) + plan.mask.to(q.dtype).unsqueeze(1)
             outs.append(self._sdpa(q[:, split:], k[:, split:], v[:, split:], mask_WHNN))
@@ -233,7 +236,7 @@ class PatchMerging(nn.Module):
             .reshape(b, h // 2, w // 2, 4 * c)
         )
         x = self.norm(x)
-        return self._fast(x) if fast_path(self._fast, x) else self.reduction(x)
+        return fused_state(self._fast)(x) if fast_path(self._fast, x) else self.reduction(x)
 
     def fuse(self) -> None:
         self._fast = PackedLinear(self.reduction.weight, None)
@@ -267,6 +270,7 @@ class SwinStage(nn.Module):
     def forward(self, tokens_BHWC: Tensor) -> Tensor:
         _, h, w, _ = tokens_BHWC.shape
         for blk in self.blocks:
+            assert isinstance(blk, SwinBlock)  # nn.ModuleList iterates as plain Modules
             tokens_BHWC = blk(tokens_BHWC, self.plan(h, w, blk.shift_size, tokens_BHWC.device))
         return tokens_BHWC
 
@@ -325,6 +329,7 @@ class SwinTransformer(nn.Module):
         tokens_BHWC = self.patch_embed(x_BCHW)
         feats = []
         for i, stage in enumerate(self.layers):
+            assert isinstance(stage, SwinStage)  # nn.ModuleList iterates as plain Modules
             tokens_BHWC = stage(tokens_BHWC)
             # NCHW view of channels-last memory: the decoder convs prefer it anyway.
             feats.append(getattr(self, f"norm{i}")(tokens_BHWC).permute(0, 3, 1, 2))

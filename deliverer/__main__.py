@@ -1,0 +1,32 @@
+"""`python -m deliverer [--concurrency N]`: the webhook delivery worker (Celery queue 'webhooks')."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from common.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deliverer")
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+
+    from common.adapters.queue import WEBHOOK_QUEUE
+    from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
+    from common.state.jobs import JobStore
+    from deliverer.app import create_celery_app
+
+    store = JobStore.from_settings(settings)
+    app = create_celery_app(settings, store)
+    instrument_webhook_deliverer(store, settings.webhook_max_retries)
+    start_metrics_server(settings.webhooks_metrics_port, "webhooks")
+    app.worker_main(["worker", "-Q", WEBHOOK_QUEUE, "--pool=threads", f"--concurrency={args.concurrency}",
+                     "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
+
+
+if __name__ == "__main__":
+    main()
