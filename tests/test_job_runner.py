@@ -23,6 +23,7 @@ from tests.helpers.stack import Stack
 from worker.engine import Predictor
 from worker.null_model import NULL_MODEL_BANNER
 from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner
+from worker.test_hooks import HooksForTests
 
 VARIANT = "general-light"
 IMAGE = data_uri(png_bytes((40, 30)))
@@ -56,22 +57,22 @@ class Harness:
         return int(self.store.redis.hget(self.store.job_key(spec.request_id), "attempts") or 0)
 
 
-def make_harness(stack: Stack, **overrides) -> Harness:
+def make_harness(stack: Stack, hooks: HooksForTests | None = None, **overrides) -> Harness:
     settings = stack.settings.model_copy(update={
         "device": "cpu", "benchmark_null_model": True, "warmup_forward": False, "max_batch_size": 1,
         "batch_wait_ms": 0, **overrides})
     predictor = Predictor(settings.variants.get(VARIANT), settings)
     predictor.load()
     store = JobStore.from_url(settings.redis_url)
-    hooks: list[Callable[[], None]] = []
+    in_forward: list[Callable[[], None]] = []
 
     def forward_hook(images: Sequence[Image.Image]) -> None:
-        for hook in hooks:
+        for hook in in_forward:
             hook()
 
     runner = JobRunner(settings, store, ObjectStore(settings), make_celery(settings), {VARIANT: predictor},
-                       "test-runner:1", forward_hook=forward_hook)
-    return Harness(settings, store, stack, runner, hooks)
+                       "test-runner:1", forward_hook=forward_hook, hooks=hooks)
+    return Harness(settings, store, stack, runner, in_forward)
 
 
 @pytest.fixture
@@ -181,7 +182,7 @@ def test_a_variant_this_worker_does_not_serve_fails_with_503(harness: Harness):
 
 
 def test_invalid_input_fails_before_any_work(stack: Stack):
-    harness = make_harness(stack, test_unsupported_output_formats=["avif"])
+    harness = make_harness(stack, hooks=HooksForTests.model_construct(unsupported_output_formats=("avif",)))
     forwards: list[bool] = []
     harness.during_forward.append(lambda: forwards.append(True))
     spec = harness.job(params=JobParams(output_format="avif"))
