@@ -316,7 +316,8 @@ class Predictor:
         step = self.settings.max_batch_size
         for start in range(0, len(prepared), step):
             chunk = prepared[start:start + step]
-            batch = torch.stack([item.network_input.to(self._device, non_blocking=True) for item in chunk])
+            inputs = [item.network_input.to(self._device, non_blocking=True) for item in chunk]
+            batch = inputs[0].unsqueeze(0) if len(inputs) == 1 else torch.stack(inputs)  # no copy for one
             out.extend(self._forward(batch).unbind(0))
         return out
 
