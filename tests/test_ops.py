@@ -15,7 +15,7 @@ from skimage import data as samples
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobStore
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
@@ -48,7 +48,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     settings, r = stack.settings, client(stack)
     now = time.time()
     # A completion from before the window must not count.
-    r.xadd(ops_state.COMPLETIONS_KEY, {"variant": "general-light", "outcome": "done", "latency": "99"},
+    r.xadd(keys.COMPLETIONS, {"variant": "general-light", "outcome": "done", "latency": "99"},
            id=f"{int((now - 7200) * 1000)}-0")
 
     ids = [submit(stack, f"q/{n}.png") for n in range(3)]
@@ -76,7 +76,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
             r.zadd(DUE_KEY, {member: now + 30})
         else:
             r.zadd(FAILED_KEY, {rid: now})
-    r.zadd(ops_state.DEADLETTER_KEY, {ids[2]: now})
+    r.zadd(keys.DEADLETTER, {ids[2]: now})
 
     data = gather_status(r, settings, window=600, now=now + 1)
     light = data["variants"]["general-light"]
@@ -197,5 +197,5 @@ def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revive
              "the requeued job to succeed")
     record = store.get(rid)
     assert record.attempts == 1 and record.result["image"]["width"] == 512
-    assert r.zcard(ops_state.DEADLETTER_KEY) == 0
+    assert r.zcard(keys.DEADLETTER) == 0
     assert cli.main(["--redis-url", settings.redis_url, "requeue", rid]) == 2, "a succeeded job is not requeued"

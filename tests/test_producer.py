@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import json
-
 import boto3
 import redis
 
+from common.adapters import broker
 from common.adapters.storage import boto_config, make_sqs_client
 from common.settings import Settings
 from common.state.jobs import JobStore
@@ -21,8 +19,7 @@ from tests.test_pipeline_e2e import queue_is_empty
 def queued_specs(stack: Stack, queue: str) -> list[dict]:
     """Job specs waiting in a Celery queue (a Redis list of kombu envelopes), oldest first."""
     client = redis.Redis.from_url(stack.settings.redis_url)
-    envelopes = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
-    return [json.loads(base64.b64decode(e["body"]))[0][0] for e in envelopes]
+    return [broker.decode(m).spec for m in reversed(client.lrange(queue, 0, -1))]
 
 
 def consumer(settings: Settings) -> SqsConsumer:

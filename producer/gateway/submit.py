@@ -17,7 +17,7 @@ from common.adapters.storage import request_output_prefix
 from common.domain.auth import Principal
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
-from common.state.jobs import PREFIX
+from common.state import keys
 from common.state.results import finish_job
 from producer.gateway.inputs import (
     InputErrors,
@@ -28,8 +28,8 @@ from producer.gateway.inputs import (
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
 
-DEADLINES_KEY = f"{PREFIX}gateway:deadlines"  # request id -> start deadline (queued requests to expire)
-OUTPUTS_KEY = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its files are deleted
+DEADLINES_KEY = keys.DEADLINES
+OUTPUTS_KEY = keys.OUTPUTS
 
 
 @dataclass(frozen=True)
