@@ -149,7 +149,7 @@ class WebhookSender:
         redis = self.store.redis
         own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
         record = self.store.get(request_id)
-        if (record is None or record.status != "COMPLETED" or not record.spec.webhook_url
+        if (record is None or not record.status.is_terminal or not record.spec.webhook_url
                 or redis.hget(self.store.job_key(request_id), "webhook_delivered") == "1"):
             redis.zrem(DUE_KEY, own)  # nothing (more) to deliver: leave no booking behind
             return None

@@ -306,7 +306,7 @@ class Intake:
                          celery=self.celery, spec=spec)
             return request_id
         record = self.store.get(request_id)
-        if created or (record is not None and record.status != "COMPLETED"):
+        if created or (record is not None and not record.status.is_terminal):
             # Re-sending for an unfinished job is safe: a worker runs a job at most once (see common.state.jobs).
             send_job(self.celery, spec)
             log.info("job %s queued on %s for %s", request_id, spec.queue, image_url)

@@ -25,6 +25,7 @@ from common.adapters.queue import send_job
 from common.adapters.storage import KEPT_MANIFEST, parse_s3_url, request_output_prefix
 from common.domain.auth import ANONYMOUS, Principal
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
+from common.state import keys
 from common.state.results import finish_job
 from producer.gateway import records
 from producer.gateway.inputs import InputErrors, parse_body
@@ -43,7 +44,7 @@ from producer.gateway.responses import FalError, fal_json, stored_result
 from producer.gateway.run_api import wait_completed
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY, SubmitOptions, Submitted, resolve_background
+from producer.gateway.submit import SubmitOptions, Submitted, resolve_background
 from producer.gateway.urls import APP_PATH, public_base, request_urls
 
 router = APIRouter(tags=["compose"])
@@ -74,7 +75,7 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
     record = gw.store.get(source_id)
     if record is not None and principal.key_id != ANONYMOUS and record.spec.owner != principal.key_id:
         raise not_found(source_id)
-    if record is not None and record.status != "COMPLETED":
+    if record is not None and not record.status.is_terminal:
         raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=source_id)
     manifest = gw.objects.read_json(gw.settings.output_bucket,
                                     request_output_prefix(gw.settings, source_id) + KEPT_MANIFEST)
@@ -120,8 +121,8 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
     gw.store.create(spec)
     pipe = gw.redis.pipeline()
     if spec.start_deadline:
-        pipe.zadd(DEADLINES_KEY, {request_id: spec.start_deadline})
-    pipe.zadd(OUTPUTS_KEY, {f"req:{request_id}": now + output_ttl})
+        pipe.zadd(keys.DEADLINES, {request_id: spec.start_deadline})
+    pipe.zadd(keys.OUTPUTS, {f"req:{request_id}": now + output_ttl})
     pipe.execute()
     try:
         send_job(gw.celery, spec)

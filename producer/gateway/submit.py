@@ -28,9 +28,6 @@ from producer.gateway.inputs import (
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
 
-DEADLINES_KEY = keys.DEADLINES
-OUTPUTS_KEY = keys.OUTPUTS
-
 
 @dataclass(frozen=True)
 class SubmitOptions:
@@ -101,8 +98,8 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
     gw.store.create(spec)
     pipe = gw.redis.pipeline()
     if spec.start_deadline:
-        pipe.zadd(DEADLINES_KEY, {request_id: spec.start_deadline})
-    pipe.zadd(OUTPUTS_KEY, {f"req:{request_id}": now + output_ttl})  # outputs, and a large inline input
+        pipe.zadd(keys.DEADLINES, {request_id: spec.start_deadline})
+    pipe.zadd(keys.OUTPUTS, {f"req:{request_id}": now + output_ttl})  # outputs, and a large inline input
     pipe.execute()
     try:
         send_job(gw.celery, spec)
