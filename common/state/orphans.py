@@ -31,7 +31,7 @@ def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str] | None:
     if sum(r.llen(key) for key in lists) + r.hlen(broker.UNACKED) > SCAN_LIMIT:
         return None
     raws = [raw for key in lists for raw in r.lrange(key, 0, -1)] + r.hvals(broker.UNACKED)
-    return {message.job_request_id for message in map(broker.decode, raws) if message}
+    return {rid for message in map(broker.decode, raws) if message and (rid := message.job_request_id)}
 
 
 def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *, min_age: float) -> list[str]:
