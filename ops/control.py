@@ -14,6 +14,7 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
+from common.adapters import broker
 from common.adapters.queue import send_job
 from common.settings import Settings
 from common.state import ops_state
@@ -89,7 +90,7 @@ def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, t
             progress(state)
         time.sleep(poll)
     return {**state, "drained": drained, "paused": True, "finished": sorted(seen_running - running),
-            "left_in_queue": ops_state.broker_depths(r, [queue])[queue],
+            "left_in_queue": broker.depths(r, [queue])[queue],
             "acknowledged_by": paused["acknowledged_by"]}
 
 

@@ -12,6 +12,7 @@ import redis
 from rich.console import Console
 from skimage import data as samples
 
+from common.adapters import broker
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
@@ -111,7 +112,7 @@ def test_a_message_held_but_not_running_counts_as_reserved(stack: Stack):
     with kombu.Connection(settings.redis_url) as conn:
         queue = conn.SimpleQueue("birefnet.general-light", no_ack=False)
         message = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
-        assert ops_state.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
+        assert broker.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
         view = gather_status(r, settings)["variants"]["general-light"]
         assert (view["queued_messages"], view["waiting_jobs"], view["reserved"], view["in_progress"]) == (0, 1, 1, 0)
         message.ack()

@@ -40,18 +40,15 @@ def priority_score(sequence: int, priority: str) -> int:
 
 
 # --- S3 intake de-duplication (producer.intake) ---
-def object_job(object_fingerprint: str) -> str:
-    """The job id of an input object version (first caller wins)."""
+def object_job(object_fingerprint: str) -> str:  # the job id of an input object version
     return f"{PREFIX}object:{object_fingerprint}"
 
 
-def key_sequence(digest: str) -> str:
-    """The newest S3 event sequencer handled for an unversioned bucket key."""
+def key_sequence(digest: str) -> str:  # newest event sequencer handled for an unversioned key
     return f"{PREFIX}keyseq:{digest}"
 
 
-def upload(digest: str) -> str:
-    """The job that ended an upload overwritten before it could be read."""
+def upload(digest: str) -> str:  # the job that ended an upload overwritten before it was read
     return f"{PREFIX}upload:{digest}"
 
 
@@ -60,13 +57,11 @@ EVENTS_PREFIX = f"{PREFIX}events:"
 EVENTS_PATTERN = f"{EVENTS_PREFIX}*"
 
 
-def job_channel(request_id: str) -> str:
-    """Told about every change of the job's record (the message is a hint only)."""
+def job_channel(request_id: str) -> str:  # every change of the job's record (a hint only)
     return f"{EVENTS_PREFIX}job:{request_id}"
 
 
-def queue_channel(variant: str) -> str:
-    """Told whenever the order of a variant's queue changes (queue positions)."""
+def queue_channel(variant: str) -> str:  # every change of the order of a variant's queue
     return f"{EVENTS_PREFIX}queue:{variant}"
 
 
@@ -83,13 +78,11 @@ def heartbeat(worker_name: str) -> str:
     return f"{HEARTBEAT_PREFIX}{worker_name}"
 
 
-def running(variant: str) -> str:
-    """Zset of the jobs workers run for a variant (request id -> start)."""
+def running(variant: str) -> str:  # zset request id -> start, jobs workers run for a variant
     return f"{PREFIX}running:{variant}"
 
 
-def orphan_scan(variant: str) -> str:
-    """Lock: one worker at a time looks for a variant's lost broker messages (common.state.orphans)."""
+def orphan_scan(variant: str) -> str:  # lock: one worker at a time looks for lost messages
     return f"{PREFIX}orphans:{variant}"
 
 
@@ -130,18 +123,15 @@ WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due tim
 WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
 
 
-def webhook_attempts(request_id: str) -> str:
-    """List of the delivery attempts made for a job."""
+def webhook_attempts(request_id: str) -> str:  # list of the delivery attempts made
     return f"{PREFIX}webhook:{request_id}"
 
 
-def webhook_booking(request_id: str, attempt: int) -> str:
-    """A WEBHOOK_DUE member: attempt `attempt` of the job's delivery."""
+def webhook_booking(request_id: str, attempt: int) -> str:  # a WEBHOOK_DUE member
     return f"{request_id}|{attempt}"
 
 
-def webhook_try(request_id: str, attempt: int) -> str:
-    """Marker taken by whichever copy of a delivery makes attempt `attempt`."""
+def webhook_try(request_id: str, attempt: int) -> str:  # taken by the one copy making the attempt
     return f"{webhook_attempts(request_id)}:try:{attempt}"
 
 

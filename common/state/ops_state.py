@@ -18,8 +18,7 @@ from collections.abc import Iterable
 
 import redis
 
-from common.adapters.broker import depths as broker_depths
-from common.adapters.broker import held_messages
+from common.adapters import broker
 from common.state import keys
 
 HEARTBEAT_TTL = 30
@@ -126,7 +125,7 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
     """
     now = time.time() if now is None else now
     variants = list(queues)
-    depths = broker_depths(r, queues.values())
+    depths = broker.depths(r, queues.values())
     pipe = r.pipeline()
     for variant in variants:
         key = keys.pending(variant)
@@ -140,7 +139,7 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
         pipe.hget(keys.job(rid), "created_at")
     created = dict(zip(heads, pipe.execute(), strict=True))
     running = running_jobs(r, variants)
-    held = held_messages(r)
+    held = broker.held_messages(r)
     paused = paused_variants(r)
     workers = live_workers(r)
 
