@@ -27,10 +27,12 @@ from common.adapters.netguard import NetPolicy, guarded_pool, parse_http_url
 from common.domain.errors import JobError
 from common.domain.signing import WebhookSigner
 from common.settings import Settings
-from common.state.jobs import PREFIX, JobRecord, JobStore
+from common.state import keys
+from common.state.jobs import JobRecord, JobStore
 
-DUE_KEY = f"{PREFIX}webhook:due"
-FAILED_KEY = f"{PREFIX}webhook:failed"
+DUE_KEY = keys.WEBHOOK_DUE
+FAILED_KEY = keys.WEBHOOK_FAILED
+attempts_key = keys.webhook_attempts
 
 
 def error_summary(record: JobRecord) -> str | None:
@@ -68,10 +70,6 @@ class Attempt:
     ok: bool
     error: str | None = None
     final: bool = False  # no retry follows: the URL is refused by the network policy, or retries ran out
-
-
-def attempts_key(request_id: str) -> str:
-    return f"{PREFIX}webhook:{request_id}"
 
 
 def record_attempt(store: JobStore, request_id: str, attempt: Attempt) -> None:
@@ -122,7 +120,7 @@ def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> 
     completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
     Whichever copy runs first delivers; the attempt removes the booking."""
     due = time.time() + settings.webhook_timeout + retry_delay(settings, 0)
-    store.redis.zadd(DUE_KEY, {_member(request_id, 0): due}, nx=True)
+    store.redis.zadd(DUE_KEY, {keys.webhook_booking(request_id, 0): due}, nx=True)
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:
@@ -135,10 +133,6 @@ local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 
 for _, member in ipairs(items) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], member) end
 return items
 """
-
-
-def _member(request_id: str, attempt: int) -> str:
-    return f"{request_id}|{attempt}"
 
 
 class WebhookSender:
@@ -154,9 +148,9 @@ class WebhookSender:
     def deliver(self, request_id: str, attempt: int = 0) -> Attempt | None:
         """Deliver attempt `attempt`; None when there is nothing (more) to deliver."""
         redis = self.store.redis
-        own, successor = _member(request_id, attempt), _member(request_id, attempt + 1)
+        own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
         record = self.store.get(request_id)
-        if (record is None or record.status != "COMPLETED" or not record.spec.webhook_url
+        if (record is None or not record.status.is_terminal or not record.spec.webhook_url
                 or redis.hget(self.store.job_key(request_id), "webhook_delivered") == "1"):
             redis.zrem(DUE_KEY, own)  # nothing (more) to deliver: leave no booking behind
             return None
@@ -166,7 +160,7 @@ class WebhookSender:
             safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt)
             redis.zadd(DUE_KEY, {successor: safety}, nx=True)
         # One run per attempt number, even if the broker hands the task out twice.
-        taken = redis.set(f"{attempts_key(request_id)}:try:{attempt}", "1", nx=True, ex=self.store.record_ttl)
+        taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.store.record_ttl)
         redis.zrem(DUE_KEY, own)  # this attempt is happening (here or in another copy): no booking left for it
         if not taken:
             return None

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.adapters.storage import make_s3_client
-from common.state.jobs import PREFIX, JobStore
+from common.state import keys
+from common.state.jobs import JobStore
 from devstack.receiver import WebhookReceiver
 from devstack.stack import DevStackSettings, LocalStack
 
@@ -31,7 +32,7 @@ def sample_photos() -> dict[str, np.ndarray]:
 
 
 def _weights_banner(store: JobStore) -> None:
-    workers = [json.loads(store.redis.get(k) or "{}") for k in store.redis.keys(f"{PREFIX}worker:*")]
+    workers = [json.loads(store.redis.get(k) or "{}") for k in store.redis.keys(keys.HEARTBEAT_PATTERN)]
     untrained = sorted({v for w in workers for v in w.get("untrained", [])})
     if untrained:
         console.print(Panel(

@@ -14,11 +14,11 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
+from common.adapters import broker
 from common.adapters.queue import send_job
 from common.settings import Settings
 from common.state import ops_state
-from common.state.jobs import PREFIX, JobStore
-from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
+from common.state.jobs import JobStore
 
 
 class OpsError(Exception):
@@ -90,7 +90,7 @@ def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, t
             progress(state)
         time.sleep(poll)
     return {**state, "drained": drained, "paused": True, "finished": sorted(seen_running - running),
-            "left_in_queue": ops_state.broker_depths(r, [queue])[queue],
+            "left_in_queue": broker.depths(r, [queue])[queue],
             "acknowledged_by": paused["acknowledged_by"]}
 
 
@@ -100,46 +100,18 @@ def deadletter_list(r: redis.Redis, limit: int = 50) -> dict:
     return deadletters(r, limit=limit)
 
 
-_RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
-                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered")
-
-
 def requeue(r: redis.Redis, celery: Celery, settings: Settings, request_id: str) -> dict:
     """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, sent again."""
     store = JobStore(r, record_ttl=settings.job_record_ttl)
-    key = store.job_key(request_id)
-    with r.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                record = store.get(request_id)
-                if record is None:
-                    raise OpsError(f"no job record {request_id!r} (expired or never existed)")
-                dead = r.zscore(ops_state.DEADLETTER_KEY, request_id) is not None
-                if record.status != "COMPLETED" or (record.error is None and not dead):
-                    raise OpsError(f"job {request_id} is {record.status}"
-                                   f"{' and succeeded' if record.status == 'COMPLETED' else ''}; only failed "
-                                   "jobs are requeued")
-                # A start deadline set at submission has long passed; the retry must not time out at once.
-                spec = record.spec.model_copy(update={"start_deadline": None})
-                score = r.incr(f"{PREFIX}seq") + (10**12 if spec.priority == "low" else 0)
-                pipe.multi()
-                pipe.hdel(key, *_RESET_FIELDS)
-                pipe.hset(key, mapping={"status": "IN_QUEUE", "attempts": 0, "spec": spec.model_dump_json()})
-                pipe.expire(key, store.record_ttl)
-                pipe.zadd(store.pending_key(spec.variant), {request_id: score})
-                store.notify(request_id, spec.variant, pipe)
-                pipe.zrem(ops_state.DEADLETTER_KEY, request_id)
-                # Let the webhook go out again for the new outcome.
-                pipe.zrem(FAILED_KEY, request_id)
-                retries = range(settings.webhook_max_retries + 2)
-                pipe.zrem(DUE_KEY, *[f"{request_id}|{n}" for n in retries])
-                pipe.delete(*[f"{attempts_key(request_id)}:try:{n}" for n in retries])
-                pipe.execute()
-                break
-            except redis.WatchError:
-                continue
+    # Attempt numbers a webhook of the old outcome may have booked (the first plus every retry).
+    restart = store.restart_failed(request_id, webhook_attempts=settings.webhook_max_retries + 2)
+    record = restart.previous
+    if record is None:
+        raise OpsError(f"no job record {request_id!r} (expired or never existed)")
+    if restart.spec is None:
+        raise OpsError(f"job {request_id} is {record.status}"
+                       f"{' and succeeded' if record.status.is_terminal else ''}; only failed jobs are requeued")
     store.log(request_id, "requeued by ops: attempts reset", "WARN")
-    send_job(celery, spec)
-    return {"request_id": request_id, "variant": spec.variant, "queue": spec.queue, "requeued": True,
-            "was_dead_letter": dead, "previous_error": record.error}
+    send_job(celery, restart.spec)
+    return {"request_id": request_id, "variant": restart.spec.variant, "queue": restart.spec.queue,
+            "requeued": True, "was_dead_letter": restart.was_dead_letter, "previous_error": record.error}

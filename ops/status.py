@@ -11,10 +11,8 @@ from typing import cast
 import redis
 
 from common.settings import Settings
-from common.state import ops_state
-from common.state.jobs import JobStore
+from common.state import keys, ops_state
 from common.state.unserved import model_label
-from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -69,31 +67,31 @@ def _newest_scored(r: redis.Redis, key: str, limit: int) -> list[tuple[str, floa
 def webhook_failures(r: redis.Redis, limit: int = 5) -> dict:
     """`failed`: requests whose every attempt failed (retries exhausted); `retrying`: requests whose last
     attempt failed and that have a retry booked."""
-    failed_total = r.zcard(FAILED_KEY)
+    failed_total = r.zcard(keys.WEBHOOK_FAILED)
     recent = []
-    for request_id, failed_at in _newest_scored(r, FAILED_KEY, limit):
-        last = r.lindex(attempts_key(request_id), -1)
+    for request_id, failed_at in _newest_scored(r, keys.WEBHOOK_FAILED, limit):
+        last = r.lindex(keys.webhook_attempts(request_id), -1)
         attempt = json.loads(last) if last else {}
         recent.append({"request_id": request_id, "failed_at": failed_at,
                        "webhook_url": _spec_field(r, request_id, "webhook_url"),
-                       "attempts": r.llen(attempts_key(request_id)), "last_error": attempt.get("error")})
-    booked = {member.rpartition("|")[0] for member in cast(list[str], r.zrange(DUE_KEY, 0, 9999))}
+                       "attempts": r.llen(keys.webhook_attempts(request_id)), "last_error": attempt.get("error")})
+    booked = {member.rpartition("|")[0] for member in cast(list[str], r.zrange(keys.WEBHOOK_DUE, 0, 9999))}
     pipe = r.pipeline()
     for request_id in booked:
-        pipe.lindex(attempts_key(request_id), -1)
+        pipe.lindex(keys.webhook_attempts(request_id), -1)
     retrying = sum(1 for last in pipe.execute() if last and not json.loads(last).get("ok"))
     return {"failed": failed_total, "retrying": retrying, "recent_failures": recent}
 
 
 def _spec_field(r: redis.Redis, request_id: str, field: str) -> object:
-    raw = r.hget(JobStore.job_key(request_id), "spec")
+    raw = r.hget(keys.job(request_id), "spec")
     return json.loads(raw).get(field) if raw else None
 
 
 def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     entries = []
-    for request_id, dead_at in _newest_scored(r, ops_state.DEADLETTER_KEY, limit):
-        raw = r.hgetall(JobStore.job_key(request_id))
+    for request_id, dead_at in _newest_scored(r, keys.DEADLETTER, limit):
+        raw = r.hgetall(keys.job(request_id))
         spec = json.loads(raw["spec"]) if raw.get("spec") else {}
         entries.append({
             "request_id": request_id, "dead_at": dead_at, "variant": spec.get("variant"),
@@ -101,7 +99,7 @@ def deadletters(r: redis.Redis, limit: int = 20) -> dict:
             "last_error": raw.get("last_error") or None, "error": raw.get("error") or None,
             "created_at": float(raw["created_at"]) if raw.get("created_at") else None,
         })
-    return {"count": r.zcard(ops_state.DEADLETTER_KEY), "entries": entries}
+    return {"count": r.zcard(keys.DEADLETTER), "entries": entries}
 
 
 def unserved(snapshot: dict[str, dict], settings: Settings) -> list[dict]:

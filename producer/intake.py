@@ -32,7 +32,8 @@ from common.domain.errors import FileDownloadError, InputErrors, InvalidInputErr
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import is_endpoint
 from common.settings import Settings
-from common.state.jobs import PREFIX, JobStore
+from common.state import keys
+from common.state.jobs import JobStore
 from common.state.limits import Limiter
 from producer.admission import Admission, parse_bool, validate_input
 from producer.events import ObjectCreated
@@ -194,7 +195,7 @@ class Intake:
 
     def _sequence_key(self, event: ObjectCreated) -> str:
         digest = hashlib.sha256(f"{event.bucket}\0{event.key}".encode()).hexdigest()[:32]
-        return f"{PREFIX}keyseq:{digest}"
+        return keys.key_sequence(digest)
 
     def _stale(self, event: ObjectCreated) -> str | None:
         """Why an unversioned event is older than one already handled for its key (and names other
@@ -215,7 +216,7 @@ class Intake:
 
     def _upload_key(self, event: ObjectCreated, pin: str) -> str:
         digest = hashlib.sha256(f"{event.bucket}\0{event.key}\0{pin}".encode()).hexdigest()[:32]
-        return f"{PREFIX}upload:{digest}"
+        return keys.upload(digest)
 
     def _superseded(self, event: ObjectCreated, why: str) -> str:
         """End the job of an upload that was overwritten before anything could read it (one per upload)."""

@@ -22,7 +22,7 @@ import pytest
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
-from common.state import ops_state
+from common.state import keys
 from devstack.services import free_port
 from tests.forward_hook import Rule, hook_setting
 from tests.helpers.chaos_tools import VARIANT, ChaosStack, log_lines
@@ -140,7 +140,7 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
             assert "run-time limit" in record.error and "dead-letter" in record.error
             assert record.attempts == 3, "two charged runs, then the claim that ended it"
             assert log_lines(store, always).count("loading image") >= 2
-            assert store.redis.zscore(ops_state.DEADLETTER_KEY, always) is not None
+            assert store.redis.zscore(keys.DEADLETTER, always) is not None
 
             # Nothing else was held past its own limit: each normal job finished within one run and none
             # counted an attempt (one handed back by a stuck worker had its attempt refunded).

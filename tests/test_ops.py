@@ -12,10 +12,11 @@ import redis
 from rich.console import Console
 from skimage import data as samples
 
+from common.adapters import broker
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobStore
 from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
@@ -48,7 +49,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     settings, r = stack.settings, client(stack)
     now = time.time()
     # A completion from before the window must not count.
-    r.xadd(ops_state.COMPLETIONS_KEY, {"variant": "general-light", "outcome": "done", "latency": "99"},
+    r.xadd(keys.COMPLETIONS, {"variant": "general-light", "outcome": "done", "latency": "99"},
            id=f"{int((now - 7200) * 1000)}-0")
 
     ids = [submit(stack, f"q/{n}.png") for n in range(3)]
@@ -76,7 +77,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
             r.zadd(DUE_KEY, {member: now + 30})
         else:
             r.zadd(FAILED_KEY, {rid: now})
-    r.zadd(ops_state.DEADLETTER_KEY, {ids[2]: now})
+    r.zadd(keys.DEADLETTER, {ids[2]: now})
 
     data = gather_status(r, settings, window=600, now=now + 1)
     light = data["variants"]["general-light"]
@@ -111,7 +112,7 @@ def test_a_message_held_but_not_running_counts_as_reserved(stack: Stack):
     with kombu.Connection(settings.redis_url) as conn:
         queue = conn.SimpleQueue("birefnet.general-light", no_ack=False)
         message = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
-        assert ops_state.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
+        assert broker.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
         view = gather_status(r, settings)["variants"]["general-light"]
         assert (view["queued_messages"], view["waiting_jobs"], view["reserved"], view["in_progress"]) == (0, 1, 1, 0)
         message.ack()
@@ -197,5 +198,5 @@ def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revive
              "the requeued job to succeed")
     record = store.get(rid)
     assert record.attempts == 1 and record.result["image"]["width"] == 512
-    assert r.zcard(ops_state.DEADLETTER_KEY) == 0
+    assert r.zcard(keys.DEADLETTER) == 0
     assert cli.main(["--redis-url", settings.redis_url, "requeue", rid]) == 2, "a succeeded job is not requeued"

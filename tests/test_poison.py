@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from common.state import ops_state
+from common.state import keys
 from devstack.receiver import WebhookReceiver
 from tests.helpers.chaos_tools import ChaosStack, GatewaySubmitter, OomKiller, log_lines, resident_mb
 from tests.helpers.images import data_uri, flat_png, small_png
@@ -71,7 +71,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         assert len(killer.kills) == MAX_ATTEMPTS and all(mb > limit for mb in killer.kills)
         assert record.error_type == "runner_disconnected" and record.result_code == 503
         assert record.attempts == MAX_ATTEMPTS + 1 and log_lines(store, poison).count("loading image") == MAX_ATTEMPTS
-        assert store.redis.zscore(ops_state.DEADLETTER_KEY, poison) is not None
+        assert store.redis.zscore(keys.DEADLETTER, poison) is not None
         (hook,) = webhooks_for(receiver, poison)
         assert hook["status"] == "ERROR" and "dead-letter" in hook["error"]
         document = stack.s3_direct().head_object(Bucket=stack.settings.output_bucket,
@@ -94,7 +94,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         wait_for(lambda: (r := store.get(poison)) is not None and r.status == "COMPLETED" and r.ok, 180,
                  "the requeued job to succeed")
         assert store.get(poison).attempts == 1
-        assert store.redis.zcard(ops_state.DEADLETTER_KEY) == 0
+        assert store.redis.zcard(keys.DEADLETTER) == 0
         hooks = wait_for(lambda: (h := webhooks_for(receiver, poison)) and len(h) == 2 and h, 30,
                          "the webhook of the new outcome")
         assert [h["status"] for h in hooks] == ["ERROR", "OK"]

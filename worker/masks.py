@@ -34,14 +34,12 @@ from common.domain.errors import FileDownloadError
 from common.domain.schemas import JobSpec
 from common.observability.metrics import MASKS
 from common.settings import Settings
-from common.state.jobs import PREFIX, JobStore
+from common.state import keys
+from common.state.jobs import JobStore
 from worker.compose import mask_from_png, mask_png, quantise_mask
 
 log = logging.getLogger(__name__)
 
-CACHE_KEY = f"{PREFIX}maskcache:"
-# The gateway sweeper's file-deletion schedule (producer.gateway.submit.OUTPUTS_KEY): "obj:<key>" -> due time.
-FILE_SCHEDULE = f"{PREFIX}gateway:outputs"
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ class ObtainedMask:
 def cache_key(scope: str, data: bytes, variant: str, resolution: str, weights: str) -> str:
     identity = json.dumps({"s": scope, "i": hashlib.sha256(data).hexdigest(), "v": variant, "r": resolution,
                            "w": weights}, sort_keys=True)
-    return CACHE_KEY + hashlib.sha256(identity.encode()).hexdigest()[:40]
+    return keys.mask_cache(hashlib.sha256(identity.encode()).hexdigest()[:40])
 
 
 class MaskSource:
@@ -156,11 +154,11 @@ class MaskSource:
 
     def _store(self, key: str, spec: JobSpec, mask: np.ndarray) -> None:
         lifetime = self.settings.mask_cache_seconds
-        object_key = f"{self.settings.output_prefix}cache/{key[len(CACHE_KEY):]}.png"
+        object_key = f"{self.settings.output_prefix}cache/{key[len(keys.MASK_CACHE_PREFIX):]}.png"
         self.objects.write(self.settings.output_bucket, object_key, mask_png(mask), "image/png",
                            metadata={"request-id": spec.request_id})
         pipe = self.redis.pipeline()
-        pipe.zadd(FILE_SCHEDULE, {f"obj:{object_key}": time.time() + lifetime})
+        pipe.zadd(keys.OUTPUTS, {f"obj:{object_key}": time.time() + lifetime})
         pipe.set(key, json.dumps({"key": object_key, "request_id": spec.request_id, "at": time.time()}), ex=lifetime)
         pipe.execute()
 

@@ -13,14 +13,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from PIL import Image
-from redis.typing import EncodableT, FieldT
 
 from common.adapters.fetch import fetch_input
 from common.adapters.netguard import NetPolicy
@@ -30,7 +29,7 @@ from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import Settings
 from common.state.job_progress import job_finished, job_started
-from common.state.jobs import PREFIX, JobStore
+from common.state.jobs import JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
@@ -200,9 +199,8 @@ class JobRunner:
         if claim == "leased":
             return Outcome("defer", "another worker holds the lease")
         if claim == "exhausted":
-            self.store.redis.zadd(f"{PREFIX}deadletter", {spec.request_id: time.time()})
-            last, last_type = cast(list[str | None], self.store.redis.hmget(self.store.job_key(spec.request_id),
-                                                     ["last_error", "last_error_type"]))  # a decoding client: str replies
+            self.store.dead_letter(spec.request_id)
+            last, last_type = self.store.last_error(spec.request_id)
             last = last or "worker stopped"
             if last_type == TIMEOUT_ERROR_TYPE:
                 message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
@@ -252,8 +250,7 @@ class JobRunner:
                 log.warning("job %s hit a transient error, will retry: %s", spec.request_id, exc)
                 return Outcome("retry", f"transient: {exc}")
             log.exception("job %s raised unexpectedly", spec.request_id)
-            self.store.redis.hset(self.store.job_key(spec.request_id), mapping={
-                "last_error": f"{type(exc).__name__}: {exc}"[:500], "last_error_type": ""})
+            self.store.note_error(spec.request_id, f"{type(exc).__name__}: {exc}")
             return Outcome("retry", f"{type(exc).__name__}: {exc}")
 
     def _timed_out(self, spec: JobSpec, token: str, limit: float, exc: Exception) -> Outcome:
@@ -267,10 +264,7 @@ class JobRunner:
             message += "; it shared that forward with other jobs, so it runs alone next time, not charged"
         log.warning("job %s: %s", spec.request_id, message)
         self.store.log(spec.request_id, f"error: {message}", "ERROR")
-        fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": TIMEOUT_ERROR_TYPE}
-        if shared:
-            fields["run_alone"] = "1"
-        self.store.redis.hset(self.store.job_key(spec.request_id), mapping=fields)
+        self.store.note_error(spec.request_id, message, TIMEOUT_ERROR_TYPE, run_alone=shared)
         self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=shared)
         if isinstance(exc, ForwardTimeout):
             # The inference thread has not come back within a whole job's limit: it is stuck.
@@ -352,7 +346,7 @@ class JobRunner:
         if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        alone = self.store.redis.hget(self.store.job_key(rid), "run_alone") == "1"
+        alone = self.store.runs_alone(rid)
         on_device: list[DeviceMask] = []
 
         def compute():

@@ -24,6 +24,7 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from common.settings import Settings
+from common.state import keys
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def celery_broker(settings: Settings) -> BrokerOptions:
     return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
-WAIT_MARKER = "birefnet:replicated"
+WAIT_MARKER = keys.REPLICATED_MARKER
 
 
 def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:

@@ -15,7 +15,9 @@ import secrets
 import time
 from urllib.parse import quote
 
-GENERATED_SECRET = "birefnet:gateway-signing-secret"
+from common.state import keys
+
+GENERATED_SECRET = keys.GATEWAY_SIGNING_SECRET
 
 
 def _sign(secret: str, text: str) -> str:

@@ -23,9 +23,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.state import keys
+
 log = logging.getLogger(__name__)
 
-GENERATED_KEY = "birefnet:webhook-signing-key"
+GENERATED_KEY = keys.WEBHOOK_SIGNING_KEY
 HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
 HEADER_USER_ID = "X-Fal-Webhook-User-Id"
 HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"

@@ -27,10 +27,9 @@ from prometheus_client.registry import Collector
 
 from common.adapters.redis_conn import redis_client
 from common.settings import Settings
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.job_progress import Completion
 from common.state.jobs import JobStore
-from common.webhooks import FAILED_KEY, attempts_key
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,8 @@ class QueueCollector(Collector):
         up = GaugeMetricFamily("birefnet_redis_up", "1 when the queue gauges could be read from Redis.")
         try:
             snapshot = ops_state.variant_snapshot(self.redis, self.queues)
-            deadletters = self.redis.zcard(ops_state.DEADLETTER_KEY)
-            webhooks_failed = self.redis.zcard(FAILED_KEY)
+            deadletters = self.redis.zcard(keys.DEADLETTER)
+            webhooks_failed = self.redis.zcard(keys.WEBHOOK_FAILED)
         except redis.RedisError as exc:
             log.warning("queue metrics unavailable: %s", exc)
             up.add_metric([], 0)
@@ -279,7 +278,7 @@ def instrument_webhook_deliverer(store: JobStore, max_retries: int) -> None:
             return
         request_id, attempt = args[0], int(args[1]) if len(args) > 1 else 0
         try:
-            for raw in reversed(store.redis.lrange(attempts_key(request_id), -5, -1)):
+            for raw in reversed(store.redis.lrange(keys.webhook_attempts(request_id), -5, -1)):
                 entry = json.loads(raw)
                 if entry.get("attempt") == attempt:
                     outcome = "delivered" if entry.get("ok") else ("gave_up" if attempt >= max_retries

@@ -20,16 +20,15 @@ from datetime import UTC, datetime
 from typing import Literal, cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from common.domain.errors import RequestCancelled
 from common.domain.schemas import JobSpec
+from common.domain.status import Status
+from common.state import keys
 
-Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
-
-PREFIX = "birefnet:"
-EVENTS_PREFIX = f"{PREFIX}events:"  # pub/sub: job:<request id> and queue:<variant> (gateway waiters)
 
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -89,6 +88,32 @@ for _, member in ipairs(items) do redis.call('ZREM', KEYS[1], member) end
 return items
 """
 
+# The gateway's status read (run on its async client): the record's small fields (never the spec, which
+# may carry a data URI), the queue rank while queued, and logs from an index when asked for, in one round
+# trip. (The pending key is derived inside: fine on one Redis, not on a cluster.)
+STATUS_FIELDS = ("status", "owner", "variant", "result_code", "error", "error_type", "inference_time",
+                 "completed_at")
+STATUS_READ = f"""
+local fields = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in STATUS_FIELDS)})
+if not fields[1] then return false end
+local rank = false
+if fields[1] == 'IN_QUEUE' then rank = redis.call('ZRANK', ARGV[1] .. fields[3], ARGV[2]) end
+local logs = {{}}
+if ARGV[3] ~= '' then logs = redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1) end
+return {{fields, rank, logs}}
+"""
+
+
+def status_read_call(request_id: str, logs_from: int | None) -> dict:
+    """`keys` and `args` for STATUS_READ."""
+    return {"keys": [keys.job(request_id), keys.logs(request_id)],
+            "args": [keys.PENDING_PREFIX, request_id, "" if logs_from is None else logs_from]}
+
+
+# Fields a restart clears: what the previous run left (ops requeue of a failed job).
+_RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
+                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered")
+
 
 def utc_timestamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -114,7 +139,15 @@ class JobRecord:
 
     @property
     def ok(self) -> bool:
-        return self.status == "COMPLETED" and self.error is None
+        return self.status == Status.COMPLETED and self.error is None
+
+
+@dataclass(frozen=True)
+class Restart:
+    """What `JobStore.restart_failed` found and did."""
+    previous: JobRecord | None  # None: no such record
+    was_dead_letter: bool = False
+    spec: JobSpec | None = None  # the spec sent again; None: not restarted (not a failed job)
 
 
 class JobStore:
@@ -139,32 +172,13 @@ class JobStore:
 
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 
-    # --- keys ---
-    @staticmethod
-    def job_key(request_id: str) -> str:
-        return f"{PREFIX}job:{request_id}"
-
-    @staticmethod
-    def logs_key(request_id: str) -> str:
-        return f"{PREFIX}job:{request_id}:logs"
-
-    @staticmethod
-    def lease_key(request_id: str) -> str:
-        return f"{PREFIX}lease:{request_id}"
-
-    @staticmethod
-    def pending_key(variant: str) -> str:
-        return f"{PREFIX}pending:{variant}"
-
-    @staticmethod
-    def job_channel(request_id: str) -> str:
-        """Pub/sub channel told about every change of the job's record (the message is a hint only)."""
-        return f"{EVENTS_PREFIX}job:{request_id}"
-
-    @staticmethod
-    def queue_channel(variant: str) -> str:
-        """Pub/sub channel told whenever the order of a variant's queue changes (queue positions)."""
-        return f"{EVENTS_PREFIX}queue:{variant}"
+    # --- keys (common.state.keys) ---
+    job_key = staticmethod(keys.job)
+    logs_key = staticmethod(keys.logs)
+    lease_key = staticmethod(keys.lease)
+    pending_key = staticmethod(keys.pending)
+    job_channel = staticmethod(keys.job_channel)
+    queue_channel = staticmethod(keys.queue_channel)
 
     def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
         """Tell waiting callers (gateway status streams and sync runs) that the job, and with `variant`
@@ -183,15 +197,14 @@ class JobStore:
         created = self.redis.hsetnx(key, "spec", spec.model_dump_json())
         if not created:
             return False
-        seq = self.redis.incr(f"{PREFIX}seq")
-        score = seq + (10**12 if spec.priority == "low" else 0)
+        score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping={"status": "IN_QUEUE", "created_at": repr(spec.created_at),
                                 "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
         pipe.zadd(self.pending_key(spec.variant), {spec.request_id: score})
         pipe.expire(key, self.record_ttl)
         if spec.priority != "low":  # it is queued ahead of any low-priority job: their positions move
-            pipe.zcount(self.pending_key(spec.variant), f"({10**12}", "+inf")
+            pipe.zcount(self.pending_key(spec.variant), f"({keys.LOW_PRIORITY_OFFSET}", "+inf")
         replies = pipe.execute()
         if spec.priority != "low" and replies[-1]:
             self.notify(spec.request_id, spec.variant)
@@ -212,7 +225,7 @@ class JobStore:
 
         return JobRecord(
             request_id=request_id,
-            status=raw["status"],  # type: ignore[arg-type]
+            status=Status(raw["status"]),
             spec=JobSpec.model_validate_json(raw["spec"]),
             created_at=float(raw.get("created_at") or 0),
             started_at=num("started_at"),
@@ -229,7 +242,8 @@ class JobStore:
         )
 
     def status(self, request_id: str) -> Status | None:
-        return self.redis.hget(self.job_key(request_id), "status")  # type: ignore[return-value]
+        raw = cast(str | None, self.redis.hget(self.job_key(request_id), "status"))  # a decoding client
+        return Status(raw) if raw else None
 
     def queue_position(self, request_id: str, variant: str) -> int | None:
         """0 = next to run in its variant's queue; None once it left the queue."""
@@ -313,6 +327,62 @@ class JobStore:
     def cancel_requested(self, request_id: str) -> bool:
         return self.redis.hget(self.job_key(request_id), "cancel_requested") == "1"
 
+    # --- failed runs: the last error, dead letters, and a fresh start by ops ---
+    def note_error(self, request_id: str, message: str, error_type: str = "", *, run_alone: bool = False) -> None:
+        """Keep a failed run's error on the record (the message of the final failure once attempts run
+        out); `run_alone`: the next run takes a forward by itself."""
+        fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": error_type}
+        if run_alone:
+            fields["run_alone"] = "1"
+        self.redis.hset(self.job_key(request_id), mapping=fields)
+
+    def last_error(self, request_id: str) -> tuple[str | None, str | None]:
+        """(message, error type) noted by the last failed run."""
+        last, last_type = cast(list[str | None], self.redis.hmget(self.job_key(request_id),
+                                                                  ["last_error", "last_error_type"]))  # decoding client
+        return last, last_type
+
+    def runs_alone(self, request_id: str) -> bool:
+        return self.redis.hget(self.job_key(request_id), "run_alone") == "1"
+
+    def dead_letter(self, request_id: str) -> None:
+        """List a job whose attempts ran out (ops lists and requeues them)."""
+        self.redis.zadd(keys.DEADLETTER, {request_id: time.time()})
+
+    def restart_failed(self, request_id: str, *, webhook_attempts: int) -> Restart:
+        """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, queued
+        again, its webhook bookings of up to `webhook_attempts` attempts cleared so the new outcome is
+        delivered. Only the record changes: the caller sends the returned spec to the broker."""
+        key = self.job_key(request_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    record = self.get(request_id)
+                    if record is None:
+                        return Restart(None)
+                    dead = self.redis.zscore(keys.DEADLETTER, request_id) is not None
+                    if record.status != Status.COMPLETED or (record.error is None and not dead):
+                        return Restart(record, dead)
+                    # A start deadline set at submission has long passed; the retry must not time out at once.
+                    spec = record.spec.model_copy(update={"start_deadline": None})
+                    score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
+                    pipe.multi()
+                    pipe.hdel(key, *_RESET_FIELDS)
+                    pipe.hset(key, mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()})
+                    pipe.expire(key, self.record_ttl)
+                    pipe.zadd(self.pending_key(spec.variant), {request_id: score})
+                    self.notify(request_id, spec.variant, pipe)
+                    pipe.zrem(keys.DEADLETTER, request_id)
+                    pipe.zrem(keys.WEBHOOK_FAILED, request_id)
+                    attempts = range(webhook_attempts)
+                    pipe.zrem(keys.WEBHOOK_DUE, *[keys.webhook_booking(request_id, n) for n in attempts])
+                    pipe.delete(*[keys.webhook_try(request_id, n) for n in attempts])
+                    pipe.execute()
+                    return Restart(record, dead, spec)
+                except redis.WatchError:
+                    continue
+
     # --- schedules (sorted sets scored by due time) ---
     def pop_due(self, key: str, limit: int = 100) -> list[str]:
         """Members of a schedule whose time has come, removed atomically: each goes to one caller."""
@@ -321,6 +391,6 @@ class JobStore:
     # --- S3 event de-duplication ---
     def job_for_object(self, object_fingerprint: str, request_id: str) -> str:
         """The job id for an input object version: the first caller's id wins."""
-        key = f"{PREFIX}object:{object_fingerprint}"
+        key = keys.object_job(object_fingerprint)
         self.redis.set(key, request_id, nx=True, ex=self.record_ttl)
         return cast(str | None, self.redis.get(key)) or request_id  # a decoding client: str replies

@@ -22,7 +22,7 @@ import redis
 
 from common.domain.errors import LimitRefused
 from common.settings import Settings
-from common.state.jobs import PREFIX, JobStore
+from common.state import keys
 
 Reason = Literal["queue_full", "rate_limited", "concurrency_limit"]
 NO_CAP = -1
@@ -75,14 +75,6 @@ def queue_cap(settings: Settings, variant: str, requested: int | None = None) ->
     return min(caps) if caps else NO_CAP
 
 
-def rate_key(key_id: str) -> str:
-    return f"{PREFIX}limits:rate:{key_id}"
-
-
-def active_key(key_id: str) -> str:
-    return f"{PREFIX}limits:active:{key_id}"
-
-
 class QueueFull(Exception):
     """A variant's queue is at its cap: the event that would add to it is to be kept and tried again."""
 
@@ -105,12 +97,12 @@ class Limiter:
         if cap == NO_CAP and not max_concurrent and not requests_per_minute:
             return None  # nothing to check: no round trip
         reason, retry_after = self._admit(
-            keys=[rate_key(key_id), active_key(key_id), JobStore.pending_key(variant or "")],
-            args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, JobStore.job_key(""),
+            keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.pending(variant or "")],
+            args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, keys.JOB_PREFIX,
                   UNADMITTED_GRACE, self.settings.job_record_ttl, self.settings.queue_full_retry_after])
         return None if reason == "ok" else LimitRefused(MESSAGES[reason], reason, int(retry_after))
 
     def queue_has_room(self, variant: str) -> bool:
         """Whether `variant`'s queue is under its configured cap (S3 events wait in SQS while it is not)."""
         cap = queue_cap(self.settings, variant)
-        return cap == NO_CAP or self.redis.zcard(JobStore.pending_key(variant)) < cap
+        return cap == NO_CAP or self.redis.zcard(keys.pending(variant)) < cap

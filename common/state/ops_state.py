@@ -7,68 +7,55 @@
 - Completions (`birefnet:completions`, a Redis stream capped near `ops_completions_kept`): one entry per
   finished job, the source of throughput and latency percentiles. Stream ids carry Redis's clock, so a
   time window is an XRANGE.
-- Broker introspection: Celery's Redis transport keeps each queue as lists (one per priority step) and
-  the messages workers hold but have not acknowledged in the `unacked` hash. With `acks_late` a running
-  job's message sits there until the job ends.
+- Broker introspection (queue depths, held messages) comes from common.adapters.broker.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Iterable
 from typing import cast
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS, Channel
 from redis.typing import EncodableT, FieldT
 
-from common.state.jobs import PREFIX
+from common.adapters import broker
+from common.state import keys
 
-PAUSED_KEY = f"{PREFIX}paused"
-WORKERS_KEY = f"{PREFIX}workers"
-COMPLETIONS_KEY = f"{PREFIX}completions"
-DEADLETTER_KEY = f"{PREFIX}deadletter"
 HEARTBEAT_TTL = 30
-UNACKED_KEY = Channel.unacked_key
-UNACKED_INDEX_KEY = Channel.unacked_index_key
-
-
-def heartbeat_key(name: str) -> str:
-    return f"{PREFIX}worker:{name}"
 
 
 # --- pause flags ---
 def set_paused(r: redis.Redis, variant: str, reason: str = "") -> None:
-    r.hset(PAUSED_KEY, variant, json.dumps({"at": time.time(), "reason": reason}))
+    r.hset(keys.PAUSED, variant, json.dumps({"at": time.time(), "reason": reason}))
 
 
 def clear_paused(r: redis.Redis, variant: str) -> bool:
-    return bool(r.hdel(PAUSED_KEY, variant))
+    return bool(r.hdel(keys.PAUSED, variant))
 
 
 def paused_variants(r: redis.Redis) -> dict[str, dict]:
     """{variant: {"at": unix time, "reason": str}} for every paused variant."""
-    return {_text(k): json.loads(v) for k, v in r.hgetall(PAUSED_KEY).items()}
+    return {_text(k): json.loads(v) for k, v in r.hgetall(keys.PAUSED).items()}
 
 
 # --- worker heartbeats ---
 def publish_heartbeat(r: redis.Redis, name: str, info: dict) -> None:
     now = time.time()
     pipe = r.pipeline()
-    pipe.set(heartbeat_key(name), json.dumps({**info, "seen_at": now}), ex=HEARTBEAT_TTL)
-    pipe.zadd(WORKERS_KEY, {name: now})
-    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - 86400)  # forget workers gone for a day
+    pipe.set(keys.heartbeat(name), json.dumps({**info, "seen_at": now}), ex=HEARTBEAT_TTL)
+    pipe.zadd(keys.WORKERS, {name: now})
+    pipe.zremrangebyscore(keys.WORKERS, "-inf", now - 86400)  # forget workers gone for a day
     pipe.execute()
 
 
 def live_workers(r: redis.Redis) -> list[dict]:
     """Heartbeats of the workers seen within the heartbeat TTL."""
-    names = [_text(n) for n in r.zrangebyscore(WORKERS_KEY, time.time() - HEARTBEAT_TTL, "+inf")]
+    names = [_text(n) for n in r.zrangebyscore(keys.WORKERS, time.time() - HEARTBEAT_TTL, "+inf")]
     if not names:
         return []
-    beats = r.mget([heartbeat_key(n) for n in names])
+    beats = r.mget([keys.heartbeat(n) for n in names])
     return [json.loads(b) for b in beats if b]
 
 
@@ -78,18 +65,15 @@ def celery_node(worker_name: str) -> str:
 
 
 # --- running jobs ---
-def running_key(variant: str) -> str:
-    return f"{PREFIX}running:{variant}"
-
 
 def mark_running(r: redis.Redis, variant: str, request_id: str) -> None:
-    r.zadd(running_key(variant), {request_id: time.time()})
+    r.zadd(keys.running(variant), {request_id: time.time()})
 
 
 def unmark_running(r: redis.Redis, variant: str, request_id: str) -> None:
     pipe = r.pipeline()
-    pipe.zrem(running_key(variant), request_id)
-    pipe.zremrangebyscore(running_key(variant), "-inf", time.time() - 86400)  # left by killed workers
+    pipe.zrem(keys.running(variant), request_id)
+    pipe.zremrangebyscore(keys.running(variant), "-inf", time.time() - 86400)  # left by killed workers
     pipe.execute()
 
 
@@ -100,12 +84,12 @@ def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]
     variants = list(variants)
     pipe = r.pipeline()
     for variant in variants:
-        pipe.zrange(running_key(variant), 0, -1)
+        pipe.zrange(keys.running(variant), 0, -1)
     members = pipe.execute()
     pipe = r.pipeline()
     for ids in members:
         for rid in ids:
-            pipe.exists(f"{PREFIX}lease:{_text(rid)}")
+            pipe.exists(keys.lease(_text(rid)))
     alive = iter(pipe.execute())
     return {v: sorted(_text(rid) for rid in ids if next(alive)) for v, ids in zip(variants, members, strict=True)}
 
@@ -113,14 +97,14 @@ def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]
 # --- completions stream ---
 def record_completion(r: redis.Redis, entry: dict[str, object], *, keep: int) -> None:
     fields: dict[FieldT, EncodableT] = {k: "" if v is None else str(v) for k, v in entry.items()}
-    r.xadd(COMPLETIONS_KEY, fields, maxlen=keep, approximate=True)
+    r.xadd(keys.COMPLETIONS, fields, maxlen=keep, approximate=True)
 
 
 def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> list[dict]:
     """Completion entries newer than `since` (unix time), oldest first, with `at` (unix time) added."""
     # redis-py types a range reply as possibly None; XRANGE always returns a list.
     entries = cast(list[tuple[bytes | str, dict[bytes | str, bytes | str]]],
-                   r.xrange(COMPLETIONS_KEY, min=f"{int(since * 1000)}-0", max="+", count=limit))
+                   r.xrange(keys.COMPLETIONS, min=f"{int(since * 1000)}-0", max="+", count=limit))
     out = []
     for entry_id, fields in entries:
         item: dict[str, str | float] = {_text(k): _text(v) for k, v in fields.items()}
@@ -129,49 +113,11 @@ def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> 
     return out
 
 
-# --- broker (kombu's Redis transport) ---
-def broker_lists(queue: str) -> list[str]:
-    """The Redis lists holding a Celery queue's messages, one per priority step."""
-    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
-
-
-def broker_depths(r: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
-    queues = list(queues)
-    pipe = r.pipeline()
-    for queue in queues:
-        for key in broker_lists(queue):
-            pipe.llen(key)
-    lengths = pipe.execute()
-    steps = len(PRIORITY_STEPS)
-    return {q: sum(lengths[i * steps:(i + 1) * steps]) for i, q in enumerate(queues)}
-
-
-def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
-    """Messages delivered to workers and not yet acknowledged, by queue: [{request_id, task, since}]."""
-    held: dict[str, list[dict]] = {}
-    scored = cast(list[tuple[bytes | str, float]], r.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True))
-    index = {_text(k): v for k, v in scored}
-    for tag, raw in r.hgetall(UNACKED_KEY).items():
-        try:
-            message, _exchange, routing_key = json.loads(raw)
-            headers = message.get("headers") or {}
-            request_id = None
-            if headers.get("task") and message.get("properties", {}).get("body_encoding") == "base64":
-                args = json.loads(base64.b64decode(message["body"]))[0]
-                request_id = args[0].get("request_id") if args and isinstance(args[0], dict) else args[0]
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            continue  # not a Celery task message we understand
-        held.setdefault(_text(routing_key), []).append(
-            {"request_id": request_id, "task": headers.get("task"), "since": index.get(_text(tag))})
-    return held
-
-
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- one snapshot per variant, shared by `ops status` and the Prometheus queue collector ---
-_LOW_PRIORITY_OFFSET = 10**12  # JobStore.create scores low-priority jobs after every normal one
 
 
 def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None = None) -> dict[str, dict]:
@@ -183,21 +129,21 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
     """
     now = time.time() if now is None else now
     variants = list(queues)
-    depths = broker_depths(r, queues.values())
+    depths = broker.depths(r, queues.values())
     pipe = r.pipeline()
     for variant in variants:
-        key = f"{PREFIX}pending:{variant}"
+        key = keys.pending(variant)
         pipe.zcard(key)
-        pipe.zrangebyscore(key, "-inf", f"({_LOW_PRIORITY_OFFSET}", start=0, num=1)
-        pipe.zrangebyscore(key, _LOW_PRIORITY_OFFSET, "+inf", start=0, num=1)
+        pipe.zrangebyscore(key, "-inf", f"({keys.LOW_PRIORITY_OFFSET}", start=0, num=1)
+        pipe.zrangebyscore(key, keys.LOW_PRIORITY_OFFSET, "+inf", start=0, num=1)
     raw = pipe.execute()
     heads = [_text(rid) for i in range(len(variants)) for rid in raw[3 * i + 1] + raw[3 * i + 2]]
     pipe = r.pipeline()
     for rid in heads:
-        pipe.hget(f"{PREFIX}job:{rid}", "created_at")
+        pipe.hget(keys.job(rid), "created_at")
     created = dict(zip(heads, pipe.execute(), strict=True))
     running = running_jobs(r, variants)
-    held = held_messages(r)
+    held = broker.held_messages(r)
     paused = paused_variants(r)
     workers = live_workers(r)
 

@@ -9,55 +9,42 @@ is harmless: a job is claimed once (common.state.jobs), later copies are dropped
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from typing import cast
 
 from celery import Celery
 
+from common.adapters import broker
 from common.adapters.queue import send_job
-from common.state.jobs import PREFIX, JobStore
+from common.domain.status import Status
+from common.state import keys
+from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
 
 
-def _request_id(raw: str | bytes) -> str | None:
-    """The job's request id from a kombu message (queue list entry or unacked [message, exchange, key])."""
-    try:
-        data = json.loads(raw)
-        envelope = data[0] if isinstance(data, list) else data
-        if isinstance(envelope, str):
-            envelope = json.loads(envelope)
-        args = json.loads(base64.b64decode(envelope["body"]))[0]
-        return args[0]["request_id"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str | None] | None:
+def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str] | None:
     r = store.redis
-    lists = [key for queue in queues for key in r.scan_iter(f"{queue}*") if r.type(key) == "list"]
-    if sum(r.llen(key) for key in lists) + r.hlen("unacked") > SCAN_LIMIT:
+    lists = [key for queue in queues for key in broker.queue_lists(queue)]
+    if sum(r.llen(key) for key in lists) + r.hlen(broker.UNACKED) > SCAN_LIMIT:
         return None
-    ids = {_request_id(raw) for key in lists for raw in r.lrange(key, 0, -1)}
-    ids |= {_request_id(raw) for raw in r.hvals("unacked")}
-    return ids
+    raws = [raw for key in lists for raw in r.lrange(key, 0, -1)] + r.hvals(broker.UNACKED)
+    return {rid for message in map(broker.decode, raws) if message and (rid := message.job_request_id)}
 
 
 def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *, min_age: float) -> list[str]:
     """Send again the IN_QUEUE jobs of `variant` older than `min_age` seconds that have no message."""
-    lock = f"{PREFIX}orphans:{variant}"
+    lock = keys.orphan_scan(variant)
     if not store.redis.set(lock, "1", nx=True, ex=max(5, int(min_age / 2))):
         return []  # another worker just looked
     cutoff = time.time() - min_age
     candidates = []
     for request_id in cast(list[str], store.redis.zrange(store.pending_key(variant), 0, 199)):  # a decoding client: str replies
         record = store.get(request_id)
-        if record and record.status == "IN_QUEUE" and record.created_at < cutoff:
+        if record and record.status == Status.IN_QUEUE and record.created_at < cutoff:
             candidates.append(record)
     if not candidates:
         return []
@@ -66,7 +53,7 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
         return []
     resent = []
     for record in candidates:
-        if record.request_id not in present and store.status(record.request_id) == "IN_QUEUE":
+        if record.request_id not in present and store.status(record.request_id) == Status.IN_QUEUE:
             send_job(celery, record.spec)
             resent.append(record.request_id)
     if resent:

@@ -74,7 +74,7 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
     record = gw.store.get(source_id)
     if record is not None and principal.key_id != ANONYMOUS and record.spec.owner != principal.key_id:
         raise not_found(source_id)
-    if record is not None and record.status != "COMPLETED":
+    if record is not None and not record.status.is_terminal:
         raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=source_id)
     manifest = gw.objects.read_json(gw.settings.output_bucket,
                                     request_output_prefix(gw.settings, source_id) + KEPT_MANIFEST)

@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator
 import redis
 import redis.asyncio as aioredis
 
-from common.state.jobs import EVENTS_PREFIX, JobStore
+from common.state import keys
+from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class JobEvents:
                 watch.changed.set()
 
     def _dispatch(self, channel: str) -> None:
-        kind, _, name = channel[len(EVENTS_PREFIX):].partition(":")
+        kind, _, name = channel[len(keys.EVENTS_PREFIX):].partition(":")
         index = self._by_job if kind == "job" else self._by_queue if kind == "queue" else {}
         for watch in index.get(name, ()):
             watch.changed.set()
@@ -108,7 +109,7 @@ class JobEvents:
         while True:
             pubsub = self.client.pubsub()
             try:
-                await pubsub.psubscribe(f"{EVENTS_PREFIX}*")
+                await pubsub.psubscribe(keys.EVENTS_PATTERN)
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
                     if message is None:

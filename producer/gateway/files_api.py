@@ -27,6 +27,7 @@ from starlette.responses import Response
 from common.adapters.storage import uploads_prefix
 from common.domain.auth import Principal, credential_from_header
 from common.domain.signed_urls import make_token, object_url_valid, read_token
+from common.state import keys
 from producer.admission import validation_details
 from producer.gateway.models import (
     ERRORS,
@@ -41,7 +42,6 @@ from producer.gateway.parsing import json_object_body, lifecycle_seconds, valid_
 from producer.gateway.responses import FalError, fal_json
 from producer.gateway.security import Caller, principal
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import OUTPUTS_KEY
 from producer.gateway.urls import public_base
 
 router = APIRouter(tags=["files"])
@@ -56,7 +56,7 @@ def upload_key(gw: Gateway, owner: str, file_name: str) -> str:
 
 
 def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
-    gw.redis.zadd(OUTPUTS_KEY, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
+    gw.redis.zadd(keys.OUTPUTS, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
 
 
 def initiate_spec(raw: bytes) -> UploadInitiate:

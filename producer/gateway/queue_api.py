@@ -20,6 +20,7 @@ from starlette.responses import Response
 from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
 from common.domain.variants import Endpoint
+from common.state import keys
 from producer.admission import flag
 from producer.gateway import records
 from producer.gateway.inputs import TIMEOUT_PATTERN, lifecycle_seconds, priority, start_timeout
@@ -35,7 +36,7 @@ from producer.gateway.parsing import TIMEOUT_MAX_LENGTH
 from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import DEADLINES_KEY, SubmitOptions, Submitted, submit_job
+from producer.gateway.submit import SubmitOptions, Submitted, submit_job
 from producer.gateway.urls import APP_PATH, public_base, request_urls
 
 router = APIRouter(prefix="/queue", tags=["queue"])
@@ -224,7 +225,7 @@ async def result(request: Request, request_id: str, caller: Caller) -> Response:
 def cancel_job(gw: Gateway, request_id: str) -> str:
     outcome = gw.store.cancel(request_id)
     if outcome == "cancelled":
-        gw.redis.zrem(DEADLINES_KEY, request_id)
+        gw.redis.zrem(keys.DEADLINES, request_id)
         record = gw.store.get(request_id)
         if record is not None and record.spec.webhook_url:
             send_webhook(gw.celery, request_id)

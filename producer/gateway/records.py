@@ -1,7 +1,7 @@
 """Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s).
 
-One Lua round trip: HMGET of the small fields (never the spec, which may carry a data URI), plus ZRANK
-while queued and LRANGE when logs are asked for. A record is visible only to the key that made it (404 for everyone
+One Lua round trip (common.state.jobs.STATUS_READ): the small fields, the queue rank while queued, logs
+when asked for. A record is visible only to the key that made it (404 for everyone
 else, as for ids that never existed) and only for `gateway_result_retention` after completion.
 """
 
@@ -13,21 +13,10 @@ from dataclasses import dataclass
 from typing import cast
 
 from common.domain.auth import ANONYMOUS, Principal
-from common.state.jobs import JobStore
+from common.domain.status import Status
+from common.state import keys
+from common.state.jobs import STATUS_FIELDS, STATUS_READ, status_read_call
 from producer.gateway.state import Gateway
-
-_FIELDS = ("status", "owner", "variant", "result_code", "error", "error_type", "inference_time", "completed_at")
-# One round trip for a status read: the record's small fields, the queue rank while queued, and logs
-# from an index when asked for. (The pending key is derived inside: fine on one Redis, not on a cluster.)
-_READ = f"""
-local fields = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in _FIELDS)})
-if not fields[1] then return false end
-local rank = false
-if fields[1] == 'IN_QUEUE' then rank = redis.call('ZRANK', ARGV[1] .. fields[3], ARGV[2]) end
-local logs = {{}}
-if ARGV[3] ~= '' then logs = redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1) end
-return {{fields, rank, logs}}
-"""
 
 
 @dataclass(frozen=True)
@@ -44,7 +33,7 @@ class Snapshot:
 
     @property
     def completed(self) -> bool:
-        return self.status == "COMPLETED"
+        return self.status == Status.COMPLETED
 
     @property
     def error_message(self) -> str | None:
@@ -72,13 +61,12 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
                       logs_from: int | None = None) -> StatusRead | None:
     """The request as `principal` may see it (None: unknown, another key's, or past retention)."""
     if gw.status_script is None:
-        gw.status_script = gw.aredis.register_script(_READ)
-    reply = await gw.status_script(keys=[JobStore.job_key(request_id), JobStore.logs_key(request_id)],
-                         args=[JobStore.pending_key(""), request_id, "" if logs_from is None else logs_from])
+        gw.status_script = gw.aredis.register_script(STATUS_READ)
+    reply = await gw.status_script(**status_read_call(request_id, logs_from))
     if not reply:
         return None
     values, rank, entries = reply
-    raw = dict(zip(_FIELDS, values, strict=True))
+    raw = dict(zip(STATUS_FIELDS, values, strict=True))
     if not raw["status"] or not visible(raw["owner"] or "", principal):
         return None
     completed_at = float(raw["completed_at"]) if raw["completed_at"] else None
@@ -91,7 +79,7 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
         inference_time=float(raw["inference_time"]) if raw["inference_time"] else None,
         completed_at=completed_at,
     )
-    position = (rank or 0) if snap.status == "IN_QUEUE" else None
+    position = (rank or 0) if snap.status == Status.IN_QUEUE else None
     return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
 
 
@@ -102,14 +90,14 @@ async def snapshot(gw: Gateway, request_id: str, principal: Principal) -> Snapsh
 
 async def result(gw: Gateway, request_id: str) -> tuple[str, int]:
     """The stored result body (JSON text) and its status code."""
-    raw, code = cast(list[str | None], await gw.aredis.hmget(JobStore.job_key(request_id), ["result", "result_code"]))  # a decoding client: str replies
+    raw, code = cast(list[str | None], await gw.aredis.hmget(keys.job(request_id), ["result", "result_code"]))  # a decoding client: str replies
     return raw or "null", int(code or 200)
 
 
 def status_body(snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None) -> dict:
     """fal's status shape: `logs` always present (null unless asked for), `queue_position` only queued."""
     body: dict = {"status": snap.status, "request_id": snap.request_id, **urls}
-    if snap.status == "IN_QUEUE":
+    if snap.status == Status.IN_QUEUE:
         body["queue_position"] = position or 0
     body["logs"] = entries
     done = snap.completed and snap.inference_time is not None

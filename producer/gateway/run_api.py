@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from common.domain.schemas import BiRefNetOutput
+from common.domain.status import Status
 from common.domain.variants import Endpoint
 from common.state.jobs import JobStore
 from producer.gateway import records
@@ -53,7 +54,7 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
     hangup = asyncio.ensure_future(_disconnected(request))
     try:
         async with gw.events.watch(request_id) as watch:
-            while await gw.aredis.hget(key, "status") != "COMPLETED":
+            while await gw.aredis.hget(key, "status") != Status.COMPLETED:
                 waiter = asyncio.ensure_future(watch.wait())
                 await asyncio.wait({waiter, hangup}, return_when=asyncio.FIRST_COMPLETED)
                 if hangup.done():

@@ -17,14 +17,11 @@ from common.domain.errors import InputErrors, JobError, LimitRefused, QueueUnrea
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.settings import Settings
-from common.state.jobs import PREFIX
+from common.state import keys
 from producer.admission import Admission, Submitted, validate_input
 from producer.gateway.inputs import parse_body, resolve_image_url
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
-
-DEADLINES_KEY = f"{PREFIX}gateway:deadlines"  # request id -> start deadline (queued requests to expire)
-OUTPUTS_KEY = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its files are deleted
 
 
 @dataclass(frozen=True)
@@ -94,9 +91,9 @@ def enqueue(gw: Gateway, principal: Principal, options: SubmitOptions, spec: Job
     a refusal is fal's flat error (429 with Retry-After, or 503 when the queue cannot be reached)."""
     admission = Admission(gw.settings, gw.store, gw.celery, gw.limiter)
     # Outputs (and a large inline input) are deleted after their retention; a queued request expires.
-    schedule = {OUTPUTS_KEY: (f"req:{spec.request_id}", spec.created_at + spec.extra["output_ttl"])}
+    schedule = {keys.OUTPUTS: (f"req:{spec.request_id}", spec.created_at + spec.extra["output_ttl"])}
     if spec.start_deadline:
-        schedule[DEADLINES_KEY] = (spec.request_id, spec.start_deadline)
+        schedule[keys.DEADLINES] = (spec.request_id, spec.start_deadline)
     try:
         return admission.enqueue(spec, rejection=rejection, principal=principal,
                                  max_queue_length=options.max_queue_length, schedule=schedule)

@@ -15,10 +15,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from common.adapters.storage import request_output_prefix
 from common.domain.errors import RequestTimeout
+from common.domain.status import Status
+from common.state import keys
 from common.state.results import fail_job
 from common.state.unserved import note_unserved_jobs
 from producer.gateway.state import Gateway
-from producer.gateway.submit import DEADLINES_KEY, OUTPUTS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ def expire_deadlines(gw: Gateway) -> int:
     A worker claiming at the same moment wins or loses atomically (the completion needs no live lease).
     """
     expired = 0
-    for request_id in gw.store.pop_due(DEADLINES_KEY):
+    for request_id in gw.store.pop_due(keys.DEADLINES):
         record = gw.store.get(request_id)
-        if record is None or record.status != "IN_QUEUE":
+        if record is None or record.status != Status.IN_QUEUE:
             continue
         if fail_job(exc=RequestTimeout(), settings=gw.settings, store=gw.store, objects=None, celery=gw.celery,
                     spec=record.spec):
@@ -44,21 +45,21 @@ def delete_expired_files(gw: Gateway) -> int:
     """Delete output files (per request) and uploads whose retention has ended."""
     deleted = 0
     bucket = gw.settings.output_bucket
-    for member in gw.store.pop_due(OUTPUTS_KEY):
+    for member in gw.store.pop_due(keys.OUTPUTS):
         kind, _, name = member.partition(":")
         if kind == "obj":
             gw.objects.client.delete_object(Bucket=bucket, Key=name)
             deleted += 1
             continue
         record = gw.store.get(name)
-        if record is not None and record.status != "COMPLETED":
+        if record is not None and not record.status.is_terminal:
             # Retention counts from completion: look again later.
-            gw.redis.zadd(OUTPUTS_KEY, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
+            gw.redis.zadd(keys.OUTPUTS, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
             continue
         if record is not None and record.completed_at:
             due = record.completed_at + float(record.spec.extra.get("output_ttl", 0))
             if due > time.time():
-                gw.redis.zadd(OUTPUTS_KEY, {member: due})
+                gw.redis.zadd(keys.OUTPUTS, {member: due})
                 continue
         deleted += gw.objects.delete_prefix(bucket, request_output_prefix(gw.settings, name))
     return deleted

@@ -15,10 +15,8 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 from common.settings import Settings
-from common.state.jobs import PREFIX
+from common.state import keys
 from producer.gateway.responses import FalError
-
-KEY = f"{PREFIX}gateway:authfail:"
 
 
 def client_address(request: Request, settings: Settings) -> str:
@@ -43,7 +41,7 @@ class AuthThrottle:
 
     @staticmethod
     def scopes(address: str, key_id: str | None) -> list[str]:
-        return [f"{KEY}ip:{address}", *([f"{KEY}key:{key_id}"] if key_id else [])]
+        return [keys.auth_fail_address(address), *([keys.auth_fail_key(key_id)] if key_id else [])]
 
     async def check(self, scopes: list[str]) -> None:
         """429 when any scope is over its limit."""

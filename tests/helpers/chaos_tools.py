@@ -14,7 +14,6 @@ Every wait is bounded in time; nothing binds anything but 127.0.0.1.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
@@ -35,6 +34,7 @@ import boto3
 import httpx
 import redis
 
+from common.adapters import broker
 from common.adapters.storage import RESULT_DOCUMENT, boto_config
 from common.settings import Settings
 from common.state import ops_state
@@ -566,25 +566,22 @@ def audit(stack: ChaosStack, submitted: Submitted, receiver: WebhookReceiver | N
 
 # --- the Celery side of one job ------------------------------------------------------------------------
 def job_of_message(raw: str | bytes) -> tuple[str | None, str | None]:
-    """(request id, task id) of a raw kombu message; unacked entries wrap it as [message, exchange, key]."""
-    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, AttributeError):
-        message = json.loads(raw)
-        message = message[0] if isinstance(message, list) else message
-        args = json.loads(base64.b64decode(message["body"]))[0]
-        if args and isinstance(args[0], dict):
-            return args[0].get("request_id"), message["headers"]["id"]
-    return None, None
+    """(request id, task id) of a raw kombu message (a queue list entry or an unacked entry)."""
+    message = broker.decode(raw)
+    if message is None or message.spec is None:
+        return None, None
+    return message.job_request_id, message.task_id
 
 
 def task_ids_of(r: redis.Redis, request_id: str) -> set[str]:
     """Celery task ids of the broker messages for a job that workers hold right now."""
-    return {task for rid, task in map(job_of_message, r.hvals(ops_state.UNACKED_KEY)) if rid == request_id}
+    return {task for rid, task in map(job_of_message, r.hvals(broker.UNACKED)) if rid == request_id}
 
 
 def messages_of(r: redis.Redis, request_id: str, queue: str) -> int:
     """Broker messages carrying the job: waiting in the queue's lists plus held by workers."""
-    waiting = [raw for name in ops_state.broker_lists(queue) for raw in r.lrange(name, 0, -1)]
-    held = r.hvals(ops_state.UNACKED_KEY)
+    waiting = [raw for name in broker.queue_lists(queue) for raw in r.lrange(name, 0, -1)]
+    held = r.hvals(broker.UNACKED)
     return sum(job_of_message(raw)[0] == request_id for raw in [*waiting, *held])
 
 

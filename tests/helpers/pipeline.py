@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from urllib.parse import quote_plus
 
 import boto3
 import redis
 
+from common.adapters import broker
 from common.adapters.storage import boto_config
 from common.settings import Settings
 from tests.helpers.stack import Stack
@@ -30,8 +30,7 @@ def queue_is_empty(settings: Settings) -> bool:
 def queued_specs(stack: Stack, queue: str) -> list[dict]:
     """Job specs waiting in a Celery queue (a Redis list of kombu envelopes), oldest first."""
     client = redis.Redis.from_url(stack.settings.redis_url)
-    envelopes = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
-    return [json.loads(base64.b64decode(e["body"]))[0][0] for e in envelopes]
+    return [broker.decode(m).spec for m in reversed(client.lrange(queue, 0, -1))]
 
 
 def put(stack: Stack, key: str, metadata: dict | None = None, body: bytes = b"img") -> str:

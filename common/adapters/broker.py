@@ -1,0 +1,114 @@
+"""The broker's side of Redis: how kombu's Redis transport lays out Celery's queues and messages.
+
+The only module that knows it. A queue is a list per priority step (`<queue>`, `<queue>\\x06\\x163`, ...);
+a message delivered to a worker and not yet acknowledged sits in the `unacked` hash (delivery tag ->
+JSON `[message, exchange, routing key]`), with the delivery time in the `unacked_index` zset. With
+`acks_late` a running job's message sits there until the job ends. A message is a JSON envelope whose
+`headers` name the Celery task and its id and whose body (base64) is `[args, kwargs, embed]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+UNACKED = Channel.unacked_key
+UNACKED_INDEX = Channel.unacked_index_key
+
+_MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    task: str | None  # the Celery task name
+    task_id: str | None
+    args: list
+    routing_key: str | None = None  # for a held message (an `unacked` entry): the queue it came from
+
+    @property
+    def spec(self) -> dict | None:
+        """The job spec a run-job task carries as its first argument."""
+        first = self.args[0] if self.args else None
+        return first if isinstance(first, dict) else None
+
+    @property
+    def job_request_id(self) -> str | None:
+        """The request id of a run-job task's spec."""
+        return self.spec.get("request_id") if self.spec else None
+
+    @property
+    def request_id(self) -> str | None:
+        """The job a task is about: its spec's id, or the bare id other tasks (webhooks) take first."""
+        if self.spec is not None:
+            return self.job_request_id
+        return self.args[0] if self.args else None
+
+
+def decode(raw: str | bytes) -> TaskMessage | None:
+    """A queue list entry or an `unacked` entry; None when it is no message we understand."""
+    try:
+        data = json.loads(raw)
+        routing_key = None
+        if isinstance(data, list):
+            message, routing_key = data[0], (_text(data[2]) if len(data) > 2 else None)
+        else:
+            message = data
+        if isinstance(message, str):
+            message = json.loads(message)
+        headers = message.get("headers") or {}
+    except _MALFORMED:
+        return None
+    return TaskMessage(headers.get("task"), headers.get("id"), _args(message), routing_key)
+
+
+def _args(message: dict) -> list:
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return args if isinstance(args, list) else []
+    except _MALFORMED:
+        return []
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists holding a Celery queue's messages, one per priority step."""
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+
+
+def depths(r: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue (all priority steps)."""
+    queues = list(queues)
+    pipe = r.pipeline()
+    for queue in queues:
+        for key in queue_lists(queue):
+            pipe.llen(key)
+    lengths = pipe.execute()
+    steps = len(PRIORITY_STEPS)
+    return {q: sum(lengths[i * steps:(i + 1) * steps]) for i, q in enumerate(queues)}
+
+
+def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
+    """Messages delivered to workers and not yet acknowledged, by queue: [{request_id, task, since}]."""
+    held: dict[str, list[dict]] = {}
+    scored = cast(list[tuple[bytes | str, float]], r.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+    index = {_text(k): v for k, v in scored}
+    for tag, raw in r.hgetall(UNACKED).items():
+        message = decode(raw)
+        if message is None or message.routing_key is None:
+            continue  # not a Celery task message we understand
+        held.setdefault(message.routing_key, []).append(
+            {"request_id": message.request_id if message.task else None, "task": message.task,
+             "since": index.get(_text(tag))})
+    return held
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,141 @@
+"""Every Redis key and pub/sub channel name of the project, in one place (as rq keeps its `keys.py`).
+
+The strings are stored data: changing one orphans what a running deployment has written. Everything else
+builds its key names from here. (The broker's own keys, kombu's queue lists and `unacked` hash, are
+kombu's: common.adapters.broker.)
+"""
+
+from __future__ import annotations
+
+PREFIX = "birefnet:"
+
+# Queue position score of a low-priority job: added to its sequence number, so every normal job ranks
+# ahead of every low-priority one while each class stays first-in, first-out.
+LOW_PRIORITY_OFFSET = 10**12
+
+# --- job records (common.state.jobs) ---
+JOB_PREFIX = f"{PREFIX}job:"  # + request id: the record hash (Lua scripts append the id themselves)
+PENDING_PREFIX = f"{PREFIX}pending:"  # + variant: the IN_QUEUE zset, scored by queue position
+SEQUENCE = f"{PREFIX}seq"  # counter behind the queue position scores
+
+
+def job(request_id: str) -> str:
+    return f"{JOB_PREFIX}{request_id}"
+
+
+def logs(request_id: str) -> str:
+    return f"{JOB_PREFIX}{request_id}:logs"
+
+
+def lease(request_id: str) -> str:
+    return f"{PREFIX}lease:{request_id}"
+
+
+def pending(variant: str) -> str:
+    return f"{PENDING_PREFIX}{variant}"
+
+
+def priority_score(sequence: int, priority: str) -> int:
+    return sequence + (LOW_PRIORITY_OFFSET if priority == "low" else 0)
+
+
+# --- S3 intake de-duplication (producer.intake) ---
+def object_job(object_fingerprint: str) -> str:  # the job id of an input object version
+    return f"{PREFIX}object:{object_fingerprint}"
+
+
+def key_sequence(digest: str) -> str:  # newest event sequencer handled for an unversioned key
+    return f"{PREFIX}keyseq:{digest}"
+
+
+def upload(digest: str) -> str:  # the job that ended an upload overwritten before it was read
+    return f"{PREFIX}upload:{digest}"
+
+
+# --- change events (pub/sub; producer.gateway.events listens) ---
+EVENTS_PREFIX = f"{PREFIX}events:"
+EVENTS_PATTERN = f"{EVENTS_PREFIX}*"
+
+
+def job_channel(request_id: str) -> str:  # every change of the job's record (a hint only)
+    return f"{EVENTS_PREFIX}job:{request_id}"
+
+
+def queue_channel(variant: str) -> str:  # every change of the order of a variant's queue
+    return f"{EVENTS_PREFIX}queue:{variant}"
+
+
+# --- operational state (common.state.ops_state) ---
+PAUSED = f"{PREFIX}paused"  # hash variant -> JSON
+WORKERS = f"{PREFIX}workers"  # zset worker name -> last heartbeat
+COMPLETIONS = f"{PREFIX}completions"  # stream, one entry per finished job
+DEADLETTER = f"{PREFIX}deadletter"  # zset request id -> when its attempts ran out
+HEARTBEAT_PREFIX = f"{PREFIX}worker:"
+HEARTBEAT_PATTERN = f"{HEARTBEAT_PREFIX}*"
+
+
+def heartbeat(worker_name: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{worker_name}"
+
+
+def running(variant: str) -> str:  # zset request id -> start, jobs workers run for a variant
+    return f"{PREFIX}running:{variant}"
+
+
+def orphan_scan(variant: str) -> str:  # lock: one worker at a time looks for lost messages
+    return f"{PREFIX}orphans:{variant}"
+
+
+# --- admission limits (common.state.limits) and failed-auth throttle (producer.gateway.throttle) ---
+def rate_limit(key_id: str) -> str:
+    return f"{PREFIX}limits:rate:{key_id}"
+
+
+def active_limit(key_id: str) -> str:
+    return f"{PREFIX}limits:active:{key_id}"
+
+
+AUTH_FAIL_PREFIX = f"{PREFIX}gateway:authfail:"
+
+
+def auth_fail_address(address: str) -> str:
+    return f"{AUTH_FAIL_PREFIX}ip:{address}"
+
+
+def auth_fail_key(key_id: str) -> str:
+    return f"{AUTH_FAIL_PREFIX}key:{key_id}"
+
+
+# --- gateway schedules (producer.gateway.sweeper), zsets scored by due time ---
+DEADLINES = f"{PREFIX}gateway:deadlines"  # request id -> start deadline (queued requests to expire)
+OUTPUTS = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its files are deleted
+
+# --- kept masks (worker.masks) ---
+MASK_CACHE_PREFIX = f"{PREFIX}maskcache:"
+
+
+def mask_cache(digest: str) -> str:
+    return f"{MASK_CACHE_PREFIX}{digest}"
+
+
+# --- webhooks (common.webhooks) ---
+WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due time
+WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
+
+
+def webhook_attempts(request_id: str) -> str:  # list of the delivery attempts made
+    return f"{PREFIX}webhook:{request_id}"
+
+
+def webhook_booking(request_id: str, attempt: int) -> str:  # a WEBHOOK_DUE member
+    return f"{request_id}|{attempt}"
+
+
+def webhook_try(request_id: str, attempt: int) -> str:  # taken by the one copy making the attempt
+    return f"{webhook_attempts(request_id)}:try:{attempt}"
+
+
+# --- generated secrets and the replication marker ---
+GATEWAY_SIGNING_SECRET = f"{PREFIX}gateway-signing-secret"  # common.domain.signed_urls
+WEBHOOK_SIGNING_KEY = f"{PREFIX}webhook-signing-key"  # common.domain.signing
+REPLICATED_MARKER = f"{PREFIX}replicated"  # common.adapters.redis_conn.wait_for_replicas
