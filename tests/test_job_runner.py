@@ -16,7 +16,8 @@ from common.adapters.queue import make_celery
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state.jobs import PREFIX, JobRecord, JobStore
+from common.state import keys
+from common.state.jobs import JobRecord, JobStore
 from tests.helpers.images import data_uri, png_bytes
 from tests.helpers.pipeline import put, s3_client
 from tests.helpers.stack import Stack
@@ -154,7 +155,7 @@ def test_exhausted_attempts_end_the_job_and_dead_letter_it(harness: Harness, las
     assert outcome.kind == "failed", outcome
     assert_ended_with(harness, spec, code, error_type, fragment)
     assert outcome.detail.startswith("attempts exhausted")
-    assert harness.store.redis.zscore(f"{PREFIX}deadletter", spec.request_id) is not None
+    assert harness.store.redis.zscore(keys.DEADLETTER, spec.request_id) is not None
 
 
 def test_a_stuck_worker_hands_jobs_back_untouched(harness: Harness):
