@@ -1,7 +1,7 @@
 """The slim Celery app that delivers webhooks (queue `webhooks`); no torch, no model.
 
 Besides the task, every deliverer runs a small pump thread that re-queues retries as they fall due
-(see common/webhooks.py for why retries are not Celery countdowns).
+(see common/state/webhooks.py for why retries are not Celery countdowns).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common.adapters.queue import DELIVER_WEBHOOK, make_celery, send_webhook
 from common.domain.signing import WebhookSigner
 from common.settings import Settings
 from common.state.jobs import JobStore
-from common.webhooks import WebhookSender
+from common.state.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 

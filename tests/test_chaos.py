@@ -231,7 +231,7 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     from common.settings import Settings
     from common.state.jobs import JobStore
     from common.state.results import finish_job
-    from common.webhooks import DUE_KEY, WebhookSender
+    from common.state.webhooks import DUE_KEY, WebhookSender
     from tests.helpers.gateway import signing_seed
 
     store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")

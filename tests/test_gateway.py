@@ -22,7 +22,7 @@ import redis
 from common.adapters.storage import uploads_prefix
 from common.domain.signing import verify
 from common.state.jobs import JobStore
-from common.webhooks import list_attempts
+from common.state.webhooks import list_attempts
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port
 from tests.helpers.fal_verify import fal_documented_verify

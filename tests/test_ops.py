@@ -18,7 +18,7 @@ from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys, ops_state
 from common.state.jobs import JobStore
-from common.webhooks import DUE_KEY, FAILED_KEY, attempts_key
+from common.state.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
 from ops.status import gather_status, percentile
 from producer.app import build_intake

@@ -17,7 +17,7 @@ from common.domain.schemas import JobParams, JobSpec
 from common.domain.signing import WebhookSigner, load_private_key, message, verify
 from common.settings import Settings
 from common.state.jobs import JobStore
-from common.webhooks import DUE_KEY, FAILED_KEY, WebhookSender, list_attempts, retry_delay
+from common.state.webhooks import DUE_KEY, FAILED_KEY, WebhookSender, list_attempts, retry_delay
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer
 from tests.helpers.fal_verify import fal_documented_verify

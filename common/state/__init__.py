@@ -1,1 +1,2 @@
-"""State kept in Redis: job records and their transitions, ops flags, limits, orphan recovery, ending a job."""
+"""State kept in Redis: job records and their transitions (one key layout: keys.py), ops flags, limits,
+orphan recovery, webhook deliveries, ending a job."""

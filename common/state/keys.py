@@ -118,7 +118,7 @@ def mask_cache(digest: str) -> str:
     return f"{MASK_CACHE_PREFIX}{digest}"
 
 
-# --- webhooks (common.webhooks) ---
+# --- webhooks (common.state.webhooks) ---
 WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due time
 WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
 

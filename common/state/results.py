@@ -16,7 +16,7 @@ from common.domain.errors import JobError
 from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state.jobs import JobStore
-from common.webhooks import book_first_attempt
+from common.state.webhooks import book_first_attempt
 
 log = logging.getLogger(__name__)
 

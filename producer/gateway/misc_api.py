@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from common.observability.metrics import metrics_response
-from common.webhooks import WebhookSender
+from common.state.webhooks import WebhookSender
 from producer.gateway.models import ERRORS, ErrorBody, FailedWebhooks
 from producer.gateway.responses import FalError, fal_json
 from producer.gateway.routing import PROXY_PATH

@@ -21,7 +21,7 @@ from common.domain.signing import WebhookSigner
 from common.settings import Settings
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
-from common.webhooks import webhook_policy
+from common.state.webhooks import webhook_policy
 from producer.gateway.events import JobEvents, job_events_for
 
 
