@@ -35,6 +35,10 @@ def pending(variant: str) -> str:
     return f"{PENDING_PREFIX}{variant}"
 
 
+def unserved_noted(variant: str) -> str:  # waiting jobs already told no worker serves them (unserved)
+    return f"{PREFIX}unserved-noted:{variant}"
+
+
 def priority_score(sequence: int, priority: str) -> int:
     return sequence + (LOW_PRIORITY_OFFSET if priority == "low" else 0)
 

@@ -14,7 +14,7 @@ import json
 import redis
 
 from common.domain.variants import VariantRegistry, VariantSpec
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobStore, utc_timestamp
 
 NOTED_FIELD = "unserved_noted"
@@ -56,19 +56,24 @@ def note_unserved_jobs(store: JobStore, registry: VariantRegistry, now: float) -
     unserved = [spec for spec in registry if spec.id not in served]
     if not unserved:
         return 0
+    # Two commands per unserved variant and sweep, however many jobs wait: the jobs already noted are
+    # kept in a set (trimmed to those still waiting), and only the others are looked at.
     pipe = r.pipeline()
     for spec in unserved:
-        pipe.zrange(store.pending_key(spec.id), 0, BATCH - 1)
-    waiting = pipe.execute()
+        pending, seen = store.pending_key(spec.id), keys.unserved_noted(spec.id)
+        pipe.zinterstore(seen, {seen: 1, pending: 0})
+        pipe.zdiff([pending, seen])
+    replies = pipe.execute()
     script = r.register_script(_NOTE)
     noted = 0
-    for spec, ids in zip(unserved, waiting, strict=True):
+    for spec, ids in zip(unserved, replies[1::2], strict=True):
         if not ids:
             continue
         entry = json.dumps({"message": unserved_message(spec), "level": "WARN", "source": "USER",
                             "timestamp": utc_timestamp()})
-        for raw in ids:
-            request_id = raw.decode() if isinstance(raw, bytes) else raw
+        looked_at = [raw.decode() if isinstance(raw, bytes) else raw for raw in ids[:BATCH]]
+        for request_id in looked_at:
             noted += int(script(keys=[store.job_key(request_id), store.logs_key(request_id)],
                                 args=[NOTED_FIELD, str(now), entry, store.record_ttl]))
+        r.zadd(keys.unserved_noted(spec.id), dict.fromkeys(looked_at, now))
     return noted
