@@ -441,10 +441,6 @@ class Settings(BaseSettings):
         return VariantRegistry.with_overrides(self.variant_overrides)
 
 
-def get_settings() -> Settings:
-    return Settings()
-
-
 def settings_table() -> str:
     """The README's settings table, made from the fields' descriptions."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]

@@ -165,9 +165,6 @@ def celery_broker(settings: Settings) -> BrokerOptions:
     return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
-WAIT_MARKER = keys.REPLICATED_MARKER
-
-
 def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:
     """Block until `redis_wait_replicas` replicas have every write made so far, by any connection (Redis
     WAIT), so a Sentinel failover right after does not forget it.
@@ -181,7 +178,7 @@ def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:
         return
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.set(WAIT_MARKER, "1", px=60_000)
+        pipe.set(keys.REPLICATED_MARKER, "1", px=60_000)
         pipe.wait(wanted, settings.redis_wait_timeout_ms)
         acked = pipe.execute()[-1]
     except redis.RedisError as exc:

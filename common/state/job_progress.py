@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from common.domain.schemas import JobSpec
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str
         if outcome not in COMPLETED:
             return None
         created, started, completed, error_type = store.redis.hmget(
-            store.job_key(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
+            keys.job(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
         queue_wait = float(started) - float(created) if started and created else None
         ops_state.record_completion(store.redis, {
             "request_id": spec.request_id, "variant": spec.variant, "outcome": outcome,

@@ -42,7 +42,7 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
         return []  # another worker just looked
     cutoff = time.time() - min_age
     candidates = []
-    for request_id in cast(list[str], store.redis.zrange(store.pending_key(variant), 0, 199)):  # a decoding client: str replies
+    for request_id in cast(list[str], store.redis.zrange(keys.pending(variant), 0, 199)):  # a decoding client: str replies
         record = store.get(request_id)
         if record and record.status == Status.IN_QUEUE and record.created_at < cutoff:
             candidates.append(record)

@@ -123,7 +123,7 @@ async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) 
     """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
     rid = submitted.request_id
     try:
-        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+        position = await gw.aredis.zrank(keys.pending(submitted.variant), rid)
     except redis.RedisError:
         # The job is queued: answering 503 now would make the client submit it a second time.
         position = None

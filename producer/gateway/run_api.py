@@ -16,7 +16,7 @@ from starlette.responses import Response
 from common.domain.schemas import BiRefNetOutput
 from common.domain.status import Status
 from common.domain.variants import Endpoint
-from common.state.jobs import JobStore
+from common.state import keys
 from producer.gateway import records
 from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
 from producer.gateway.queue_api import (
@@ -50,7 +50,7 @@ async def _disconnected(request: Request) -> None:
 async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool:
     """Until the job completes (True) or the caller goes away first (False). Woken by the job's pub/sub
     events (producer/gateway/events.py): no Redis command while nothing changes."""
-    key = JobStore.job_key(request_id)
+    key = keys.job(request_id)
     hangup = asyncio.ensure_future(_disconnected(request))
     try:
         async with gw.events.watch(request_id) as watch:
@@ -85,7 +85,7 @@ async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
         await run_in_threadpool(cancel_job, gw, rid)
         return Response(status_code=499)  # nobody reads it
     raw, code = await records.result(gw, rid)
-    error_type = cast(str | None, await gw.aredis.hget(JobStore.job_key(rid), "error_type"))  # decoding client
+    error_type = cast(str | None, await gw.aredis.hget(keys.job(rid), "error_type"))  # decoding client
     return stored_result(raw, code, error_type or None, rid)
 
 
