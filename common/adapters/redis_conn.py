@@ -1,14 +1,5 @@
-"""The one place Redis connections are made: plain, TLS (rediss://), ACL users, and Sentinel.
-
-Every Redis user (the Celery broker, the job store, the gateway's async reads, the webhook deliverer,
-ops, metrics) gets its client or broker options from here, so a managed Redis is configured once:
-
-- `redis_url`: `redis://` or `rediss://` (TLS), host, port, database, optional `user:password@`.
-- `redis_username` / `redis_password`: ACL credentials that override the URL's (secrets kept apart).
-- `redis_tls_ca_file`, `redis_tls_cert_file`, `redis_tls_key_file`: CA bundle and client certificate.
-- `redis_sentinels` + `redis_sentinel_master`: discover the master through Sentinel and follow failovers
-  (redis-py's `Sentinel.master_for`; kombu's `sentinel://` transport with `master_name`).
-"""
+"""The one place Redis connections are made (plain, TLS, ACL users, Sentinel): every Redis user, the
+Celery broker included, gets its client or broker options here, so a managed Redis is configured once."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""S3 access through boto3, and the output key layout.
-
-Output layout (all under `settings.output_prefix`, default `results/`):
-
-    uploads/<input key>/<fingerprint>/cutout.<ext>   jobs from bucket uploads
-    uploads/<input key>/<fingerprint>/mask.<ext>
-    uploads/<input key>/<fingerprint>/result.json
-    requests/<request id>/...                        jobs submitted through the gateway
-    files/<owner hash>/<random>/<file name>          files uploaded through the gateway (image_url inputs)
-
-`fingerprint` hashes the input object's version (VersionId, else ETag) and the job parameters,
-so a re-delivered event or an identical re-upload finds the finished result and is not recomputed.
-"""
+"""S3 access through boto3, and the output key layout (README: uploads/, requests/, files/ under
+`output_prefix`). An upload's `fingerprint` hashes the input object's version and the job parameters, so
+a re-delivered event or an identical re-upload finds the finished result and is not recomputed."""
 
 from __future__ import annotations
 

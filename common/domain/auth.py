@@ -1,11 +1,6 @@
-"""API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest.
-
-Configured keys (setting `gateway_api_keys`) carry a hash of the secret, never the secret:
-
-- `sha256$<hex>`: fast; also lets a bare token (FAL_KEY without `id:`) be looked up by its hash.
-- `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>`: slow on purpose; needs the `id:secret` form. Verified
-  credentials are cached in memory (by their SHA-256), so fal's 10 status polls a second stay cheap.
-
+"""API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest as
+`sha256$<hex>` (fast; also finds a bare token by its hash) or `scrypt$n$r$p$<salt>$<hash>` (slow on purpose;
+verified credentials are cached by SHA-256, so fal's 10 status polls a second stay cheap).
 `python -m common.domain.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
 """
 

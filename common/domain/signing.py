@@ -1,11 +1,7 @@
 """Ed25519 webhook signatures exactly as fal makes them (FAL_API.md §9), and the JWKS that verifies them.
 
-Signed bytes: UTF-8 of `request_id \\n user_id \\n timestamp \\n sha256hex(raw body)`; the signature travels
-hex-encoded in `X-Fal-Webhook-Signature`. The first configured key signs; every configured key is
-published in the JWKS, so a key can be rotated in ahead of use and kept published after it stops signing.
-
-Without configured keys, one key is generated and kept in Redis (shared by the gateway and the webhook
-deliverer); fine for development, but configure `webhook_signing_keys` in production.
+The first configured key signs; every configured key is published, so keys can be rotated. Without
+configured keys one is generated and kept in Redis (development only).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue.
-
-Pure data (no torch), shared by the gateway and producer (validation, routing) and the worker
-(which checkpoint to load). Operators add or override entries with the `variant_overrides`
-setting (JSON: {variant_id: {field: value}}), e.g. to point a variant at a local file.
-"""
+"""Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue. Pure data
+(no torch), shared by the gateway, producer and worker; the `variant_overrides` setting adds or changes entries."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Operational state in Redis that workers write and ops, metrics, producer and gateway read.
-
-- Pause flags (`birefnet:paused`, a hash variant -> JSON): set by `python -m ops pause`; a worker that
-  starts while its variant is paused does not consume that queue, and other processes can show it.
-- Worker registry (`birefnet:workers`, a zset name -> last heartbeat): lets readers find the heartbeat
-  keys `birefnet:worker:<name>` without SCANning a keyspace full of job records.
-- Completions (`birefnet:completions`, a Redis stream capped near `ops_completions_kept`): one entry per
-  finished job, the source of throughput and latency percentiles. Stream ids carry Redis's clock, so a
-  time window is an XRANGE.
-- Broker introspection (queue depths, held messages) comes from common.adapters.broker.
-"""
+"""Operational state in Redis that workers write and ops, metrics, producer and gateway read: pause flags,
+the worker registry (so heartbeat keys are found without SCANning), running sets, and the completions
+stream (its ids carry Redis's clock, so a time window is an XRANGE)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Queued jobs for a model that no live worker serves: say so in their status logs while they wait.
-
-A job for a variant without a worker waits forever (KEDA may be scaling one up, or the deployment simply
-has no pool for it); without a word the caller only sees `IN_QUEUE`. The gateway's sweeper calls
-`note_unserved_jobs` every sweep: each waiting job of a variant that no worker heartbeat lists gets one log
-line ("no worker serves General Use (Light) right now; waiting ..."), once. `python -m ops status` shows the
-same variants (`unserved_variants`).
-"""
+"""Queued jobs for a model that no live worker serves: say so, once, in their status logs while they
+wait (the gateway's sweeper calls `note_unserved_jobs`); without a word the caller only sees IN_QUEUE."""
 
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
-"""fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
+"""fal-style webhook payloads, signed delivery through the SSRF guard, and retries (FAL_API.md §9).
 
-Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on
-HTTP. Deliveries go through the SSRF guard (`common.adapters.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
-
-Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout
-is redelivered early and runs twice. Instead each attempt first books its successor in a Redis sorted set
-(`birefnet:webhook:due`, due time as score) and the deliverer's pump thread re-queues entries as they fall
-due. Booking before posting means a deliverer that dies mid-attempt still leaves the retry behind; a
-success cancels it. After `webhook_max_retries` retries the request lands in `birefnet:webhook:failed`; a
-URL that the network policy refuses (loopback, private, metadata addresses, a disallowed port) lands there
-on its first attempt, since retrying cannot change the answer.
-The first attempt is booked too, before the job completes, in case the task sent at completion is lost;
-a booking stays until its attempt starts (the pump re-sends it after a grace period otherwise).
+Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on HTTP. Retries do
+not use Celery countdowns (with the Redis broker one longer than the visibility timeout is redelivered
+early and runs twice): each attempt first books its successor in the due zset and the deliverer's pump
+re-queues bookings as they fall due, so a deliverer dying mid-attempt still leaves the retry behind. The
+first attempt is booked too, before the job completes, in case the task sent at completion is lost.
 """
 
 from __future__ import annotations
