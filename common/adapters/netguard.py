@@ -276,14 +276,11 @@ def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]  # an IPv4 or IPv6 address (str)
 
 
-_dns_pool: ThreadPoolExecutor | None = None
+_dns_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="netguard-dns")  # threads start on first use
 
 
 def _resolve_with_timeout(resolver: Resolver, host: str, port: int, timeout: float) -> Sequence[str]:
     """getaddrinfo has no timeout of its own; a lookup that hangs must not hang the job."""
-    global _dns_pool
-    if _dns_pool is None:
-        _dns_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="netguard-dns")
     future = _dns_pool.submit(resolver, host, port)
     try:
         return future.result(timeout=max(timeout, 0.001))

@@ -100,14 +100,10 @@ def async_redis_client(settings: Settings, *, decode_responses: bool = True, **o
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection.
-
-    When a failover drops the broker connection, kombu closes the channel and then restores its
-    unacknowledged messages through a fresh pool, built from connection details that are gone by then
-    (AttributeError on `conninfo.hostname`); Celery takes that for an unrecoverable error and the process
-    exits. A Sentinel-managed pool asks the sentinels for the master at every new connection, so the pool
-    built before serves the restore, on the new master.
-    """
+    """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection: after
+    a failover kombu restores unacknowledged messages through a fresh pool built from connection details
+    that are gone by then (AttributeError, which Celery takes as fatal). The kept Sentinel-managed pool
+    asks the sentinels for the master at every new connection, so it serves the restore on the new master."""
 
     def _get_pool(self, asynchronous: bool = False):
         kept = self.__dict__.setdefault("_kept_pools", {})

@@ -91,6 +91,13 @@ class ObjectInfo:
     version_id: str | None = None  # None on unversioned buckets
 
 
+def _version_args(version_id: str | None, if_match: str | None) -> dict[str, str]:
+    extra = {"VersionId": version_id} if version_id else {}
+    if if_match:
+        extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+    return extra
+
+
 class ObjectStore:
     """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
 
@@ -101,10 +108,7 @@ class ObjectStore:
     def head(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None) -> ObjectInfo:
         """An object's metadata; `version_id` names one version, `if_match` (an ETag) fails with HTTP 412
         (ClientError) unless the current object still has it."""
-        extra = {"VersionId": version_id} if version_id else {}
-        if if_match:
-            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
-        meta = self.client.head_object(Bucket=bucket, Key=key, **extra)
+        meta = self.client.head_object(Bucket=bucket, Key=key, **_version_args(version_id, if_match))
         version = meta.get("VersionId") or meta.get("ETag", "").strip('"')
         if version == "null":  # the null version of a suspended bucket is replaced by the next write
             version = meta.get("ETag", "").strip('"')
@@ -117,12 +121,9 @@ class ObjectStore:
              if_match: str | None = None) -> bytes:
         """An input object (one version of it with `version_id`; only while its ETag is `if_match`, else
         SupersededError), refused when larger than max_bytes."""
-        extra = {"VersionId": version_id} if version_id else {}
-        if if_match:
-            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
         named = s3_url(bucket, key, version_id)
         try:
-            obj = self.client.get_object(Bucket=bucket, Key=key, **extra)
+            obj = self.client.get_object(Bucket=bucket, Key=key, **_version_args(version_id, if_match))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -36,12 +36,10 @@ class ApiKeyConfig(BaseModel):
         None, ge=1, description="Most requests of this key IN_QUEUE or IN_PROGRESS at once; more: 429. None: no limit."
     )
     requests_per_minute: int | None = Field(
-        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit."
-    )
+        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit.")
     mask_cache: Literal["key", "shared"] = Field(
         "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
-        "'shared' (with every key and bucket upload that shares)."
-    )
+        "'shared' (with every key and bucket upload that shares).")
 
     @field_validator("hash")
     @classmethod

@@ -13,6 +13,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from common.adapters import broker
+from common.adapters.broker import as_text as _text
 from common.state import keys
 
 HEARTBEAT_TTL = 30
@@ -103,10 +104,6 @@ def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> 
         item["at"] = int(_text(entry_id).split("-")[0]) / 1000
         out.append(item)
     return out
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- one snapshot per variant, shared by `ops status` and the Prometheus queue collector ---
