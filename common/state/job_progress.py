@@ -35,7 +35,7 @@ def job_started(store: JobStore, spec: JobSpec) -> None:
 def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str, float] | None = None,
                  *, worker: str = "", keep: int = 100_000) -> Completion | None:
     """Record a run the worker is done with (`outcome`: the runner's Outcome.kind; `defer`: another
-    worker holds the job); its Completion when it ended the job. Never raises: bookkeeping must not fail jobs."""
+    worker holds the job); its Completion if it ended the job. Never raises: bookkeeping mustn't fail jobs."""
     try:
         if outcome == "defer":
             return None
