@@ -1,8 +1,5 @@
-"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file).
-
-Every field is documented in the README's settings table; keep the two in step
-(tests/test_settings_doc.py checks that every field appears there).
-"""
+"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The README's settings
+table is generated from the fields' descriptions (tests/test_settings_doc.py checks it is in step)."""
 
 from __future__ import annotations
 
@@ -390,12 +387,11 @@ def settings_table() -> str:
 def update_readme(path: str = "README.md") -> None:
     """Rewrite the table between the README's settings markers."""
     import re
+    from pathlib import Path
 
-    with open(path) as handle:
-        text = handle.read()
     pattern = re.compile(r"(<!-- settings:start[^>]*-->\n).*?(\n<!-- settings:end -->)", re.S)
-    with open(path, "w") as handle:
-        handle.write(pattern.sub(lambda m: m.group(1) + settings_table() + m.group(2), text))
+    text = Path(path).read_text()
+    Path(path).write_text(pattern.sub(lambda m: m.group(1) + settings_table() + m.group(2), text))
 
 
 if __name__ == "__main__":

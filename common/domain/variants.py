@@ -1,5 +1,5 @@
 """Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue. Pure data
-(no torch), shared by the gateway, producer and worker; the `variant_overrides` setting adds or changes entries."""
+(no torch), shared by the gateway, producer and worker; `variant_overrides` adds or changes entries."""
 
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ class WebhookSender:
             redis.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
             redis.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
         else:
-            redis.zadd(keys.WEBHOOK_DUE, {successor: result.at + retry_delay(self.settings, attempt)}, xx=True)
+            retry_at = result.at + retry_delay(self.settings, attempt)
+            redis.zadd(keys.WEBHOOK_DUE, {successor: retry_at}, xx=True)
         return result
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
