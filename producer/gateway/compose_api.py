@@ -26,8 +26,8 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
 from producer.admission import validation_details
-from producer.gateway.inputs import parse_body
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
+from producer.gateway.parsing import json_object_body
 from producer.gateway.queue_api import (
     LifecycleHeader,
     NoRetryHeader,
@@ -94,7 +94,7 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
 
 def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: bytes,
                    opts: SubmitOptions) -> Submitted:
-    data = parse_body(body)
+    data = json_object_body(body)
     manifest = source_manifest(gw, principal, source_id)
     request_id = str(uuid.uuid4())
     fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,

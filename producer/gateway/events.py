@@ -24,7 +24,6 @@ import redis
 import redis.asyncio as aioredis
 
 from common.state import keys
-from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +140,3 @@ class JobEvents:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
-
-def job_events_for(client: aioredis.Redis, settings) -> JobEvents:
-    return JobEvents(client, recheck=settings.gateway_push_recheck, fallback_poll=settings.gateway_push_fallback_poll)
-
-
-__all__ = ["JobEvents", "JobStore", "Watch", "job_events_for"]

@@ -46,10 +46,6 @@ class Snapshot:
         return self.error or "Internal error"
 
 
-def visible(owner: str, principal: Principal) -> bool:
-    return principal.key_id == ANONYMOUS or owner == principal.key_id
-
-
 @dataclass(frozen=True)
 class StatusRead:
     snap: Snapshot
@@ -67,7 +63,7 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
         return None
     values, rank, entries = reply
     raw = dict(zip(STATUS_FIELDS, values, strict=True))
-    if not raw["status"] or not visible(raw["owner"] or "", principal):
+    if not raw["status"] or principal.key_id not in (ANONYMOUS, raw["owner"] or ""):
         return None
     completed_at = float(raw["completed_at"]) if raw["completed_at"] else None
     if completed_at is not None and completed_at + gw.settings.gateway_result_retention < time.time():
@@ -83,15 +79,11 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
     return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
 
 
-async def snapshot(gw: Gateway, request_id: str, principal: Principal) -> Snapshot | None:
-    read = await read_status(gw, request_id, principal)
-    return read.snap if read else None
-
-
-async def result(gw: Gateway, request_id: str) -> tuple[str, int]:
-    """The stored result body (JSON text) and its status code."""
-    raw, code = cast(list[str | None], await gw.aredis.hmget(keys.job(request_id), ["result", "result_code"]))  # a decoding client: str replies
-    return raw or "null", int(code or 200)
+async def result(gw: Gateway, request_id: str) -> tuple[str, int, str | None]:
+    """The stored result body (JSON text), its status code and its error type."""
+    reply = await gw.aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
+    raw, code, error_type = cast(list[str | None], reply)  # a decoding client: str replies
+    return raw or "null", int(code or 200), error_type or None
 
 
 def status_body(snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None) -> dict:
