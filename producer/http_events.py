@@ -26,9 +26,8 @@ from common.adapters.netguard import NetPolicy
 from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
 from common.state.limits import QueueFull
-from producer.counted_intake import CountingIntake
 from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
-from producer.intake import Intake
+from producer.intake import CountingIntake, Intake, build_intake
 from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,7 @@ def _rejections(note: Notification) -> list[dict]:
 
 
 def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
-    if intake is None:
-        from producer.app import build_intake
-
-        intake = build_intake(settings)
+    intake = intake or build_intake(settings)
     sns = sns or default_sns_verifier(settings)
     counted = CountingIntake(intake, "http")
     app = FastAPI(title="birefnet producer (S3 event notifications)", docs_url=None, redoc_url=None,

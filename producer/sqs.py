@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from common.state.limits import QueueFull
 from producer.events import MalformedEvent, Notification, parse_notification
-from producer.intake import Intake
+from producer.intake import CountingIntake, Intake
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def log_rejected(note: Notification, where: str) -> None:
 
 
 class SqsConsumer:
-    def __init__(self, sqs_client, queue_url: str, intake: Intake, *, wait_seconds: int = 10,
+    def __init__(self, sqs_client, queue_url: str, intake: Intake | CountingIntake, *, wait_seconds: int = 10,
                  has_room: Callable[[str], bool] | None = None):
         self.sqs = sqs_client
         self.queue_url = queue_url
