@@ -1,16 +1,9 @@
 """`python -m producer http`: event notifications over HTTP (MinIO webhooks, Ceph RGW HTTP push, SNS).
 
-POST /s3-events takes the same bodies as the SQS consumer (AWS records, EventBridge events, MinIO's
-`{"EventName", "Key", "Records"}`, Ceph's records) and answers 2xx only once every good record is
-enqueued; on transient trouble (Redis or S3 unreachable) it answers 503, so MinIO keeps the event in its
-queue dir and sends it again. Redelivered events map to the same job, so retries are safe. A malformed
-body, or one whose every record is malformed, is answered 400 with the reasons (never 500); records
-refused beside good ones are listed in a 200 answer's `rejected`.
-
-SNS HTTP(S) subscriptions POST to the same path (SNS sets `x-amz-sns-message-type`): they are
-authenticated by SNS's signature instead of the bearer token, for the topics in `sns_topic_arns` only,
-and subscription confirmations are answered by visiting their SubscribeURL (see producer.sns).
-"""
+POST /s3-events takes what the SQS consumer takes and answers 2xx only once every good record is enqueued
+(refused records listed in `rejected`), 503 on transient trouble (MinIO keeps the event and sends it again;
+redelivery maps to the same job), 400 with the reasons when no record is readable. SNS deliveries
+(`x-amz-sns-message-type`) are authenticated by SNS's signature instead of the bearer token (producer.sns)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """Turns a created input object into exactly one job, however often its event is delivered.
 
-Every job is pinned to the exact content its event names:
-
-- the event carries a version id (versioned bucket): HEAD and GET that version; the job's image_url is
-  `s3://bucket/key?versionId=V` and its fingerprint hashes V. Two versions are two jobs, each cut from
-  its own bytes, in whatever order their events arrive.
-- otherwise the event's ETag: HEAD with If-Match, and the worker GETs with If-Match. An object overwritten
-  before its job reads it ends that job with "superseded by a newer upload"; the newer upload's own event
-  makes its own job. When the store answers the HEAD with a version id (a versioned bucket whose events
-  lack one), the job is pinned to that version.
-- the event's `sequencer` orders events for one key: an event older than one already handled for an
-  unversioned key, naming other content, is stale and superseded without a job that could run.
-
-Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's.
-"""
+Each job is pinned to the content its event names: its version id (HEAD and GET that version; else the
+version id the HEAD answers), or its ETag (HEAD and the worker's GET with If-Match: an object overwritten
+first ends that job as superseded, and the newer upload's event makes its own job). The `sequencer` orders
+the events of an unversioned key: an older one naming other content is superseded without a runnable job.
+Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's."""
 
 from __future__ import annotations
 

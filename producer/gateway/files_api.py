@@ -1,13 +1,6 @@
-"""Client-side uploads (FAL_API.md §10.2) and gateway-served files.
-
-- `POST /rest/storage/upload/initiate` (JS `fal.storage.upload`, Python's `repository="fal"`): a presigned
-  S3 PUT plus the file's URL, usable as `image_url`.
-- `POST /rest/storage/auth/token` + `POST /files/upload` (Python's default `fal_v3` upload; point
-  `fal_client.client.REST_URL` at `{gateway}/rest` and `CDN_URL` at `{gateway}`).
-- `GET /objects/{key}?exp=&sig=`: streams a stored file when its signed URL is valid (gateway-served URLs).
-
-Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input.
-"""
+"""Client-side uploads (FAL_API.md §10.2) and gateway-served files: upload initiate (a presigned S3 PUT),
+auth token + `/files/upload` (Python's default upload), and `/objects/{key}` behind signed URLs.
+Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input."""
 
 from __future__ import annotations
 

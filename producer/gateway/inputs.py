@@ -1,12 +1,5 @@
-"""Request input: fal headers and `image_url` policy (the model input is checked in producer/admission.py).
-
-`image_url` policy, decided at submit so workers only ever see something they may read:
-- `s3://bucket/key`: only what the caller's key lists in `s3_read`, or its own uploads;
-- our own signed `/objects/...` URLs become `s3://` (the signature is the permission);
-- large data URIs are stored in S3 first, so the job record and the Celery message stay small;
-- path-style URLs of our output bucket (custom S3 endpoints) become `s3://` when the key may read them;
-- other http(s) URLs pass `common.adapters.netguard`'s submit-time SSRF check.
-"""
+"""Request input: the priority header and the `image_url` policy, decided at submit so workers only ever
+see what they may read (the model input is checked in producer/admission.py)."""
 
 from __future__ import annotations
 

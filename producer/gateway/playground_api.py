@@ -1,12 +1,5 @@
-"""The browser pages: a playground like fal's model page and an ops page, plus the JSON they read.
-
-- `GET /playground` (and `/playground/ops`): plain HTML/JS/CSS from `producer/gateway/web/`, no build step.
-  The pages hold no data; everything they show comes from API calls made with the key the user types in,
-  so they are served without auth (like /openapi.json) and the API's own auth applies to every call.
-- `GET /playground/options.json`: the endpoints' input fields (enums, defaults) and which variant serves
-  each model, from the same schemas the gateway validates with.
-- `GET /admin/ops/status` (admin key): `python -m ops status --json` as the ops page shows it.
-"""
+"""The browser pages (`/playground`, `/playground/ops`; files in `web/`, served without auth: every API
+call they make carries the key the user types in), the input fields they offer, and the ops status JSON."""
 
 from __future__ import annotations
 

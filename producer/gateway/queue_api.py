@@ -1,8 +1,5 @@
-"""The queue API (FAL_API.md §3-5, §7): submit, status, status stream, result, cancel.
-
-Submit arrives on the full app id (`/fal-ai/birefnet` or `/fal-ai/birefnet/v2`); everything
-request-scoped lives on `/fal-ai/birefnet/requests/{id}` for both (routing.py folds in the lenient forms).
-"""
+"""The queue API (FAL_API.md §3-5, §7): submit on the app id (`/fal-ai/birefnet[/v2]`), then status,
+status stream, result and cancel on `/fal-ai/birefnet/requests/{id}` for both."""
 
 from __future__ import annotations
 

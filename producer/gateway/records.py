@@ -1,9 +1,5 @@
-"""Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s).
-
-One Lua round trip (common.state.jobs.STATUS_READ): the small fields, the queue rank while queued, logs
-when asked for. A record is visible only to the key that made it (404 for everyone
-else, as for ids that never existed) and only for `gateway_result_retention` after completion.
-"""
+"""Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s),
+in one Lua round trip; a record is visible only to the key that made it, until `gateway_result_retention`."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""JSON responses in fal's shapes, and the two ASGI wrappers every response passes through.
-
-fal's clients need JSON bodies on errors too (JS only parses `application/json`) and read
-`x-fal-request-id` (JS fills `requestId` from it; Python does not retry a 5xx that carries it).
-"""
+"""JSON responses in fal's shapes, and the two ASGI wrappers every response passes through. fal's clients
+need JSON bodies on errors too and read `x-fal-request-id` (JS fills `requestId` from it)."""
 
 from __future__ import annotations
 

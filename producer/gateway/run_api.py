@@ -1,8 +1,5 @@
-"""Synchronous run (FAL_API.md §8): the same job as a queue submit, answered when it is done.
-
-The connection is held with no server-side limit (fal's clients have no read timeout on run). A caller
-that hangs up cancels its request, as on fal.
-"""
+"""Synchronous run (FAL_API.md §8): a queue submit answered when done, with no server-side time limit
+(fal's clients have none on run); a caller that hangs up cancels its request, as on fal."""
 
 from __future__ import annotations
 

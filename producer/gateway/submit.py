@@ -1,9 +1,5 @@
-"""Turning an API call into a job: record, schedules, Celery message (blocking; runs in the thread pool).
-
-As on fal, the queue accepts any JSON object and the model validates it: invalid input becomes a request
-that is COMPLETED at once with the model's 422 body (and an ERROR webhook). Only bodies that are not a
-JSON object at all are refused at submit.
-"""
+"""Turning an API call into a job (blocking; runs in the thread pool). As on fal, any JSON object is
+queued, and invalid input becomes a request COMPLETED at once with the model's 422 body."""
 
 from __future__ import annotations
 
