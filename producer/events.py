@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
-# eventSource values whose keys are URL-encoded (form encoding); others are taken as they are.
-URL_ENCODED_SOURCES = ("aws:s3", "minio:s3")
-RAW_KEY_SOURCES = ("ceph:s3",)
+RAW_KEY_SOURCES = ("ceph:s3",)  # eventSource values whose keys are not form-encoded
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
 

@@ -42,7 +42,7 @@ def default_sns_verifier(settings: Settings) -> SnsVerifier:
 
 
 def _sns_message(headers, body: bytes) -> dict | None:
-    """The SNS message when this request is an SNS HTTP delivery, else None."""
+    """The SNS message of an SNS HTTP delivery ({} when unreadable), else None."""
     if headers.get("x-amz-sns-message-type") is None:
         return None
     try:

@@ -12,15 +12,10 @@ import threading
 from collections.abc import Callable
 
 from common.state.limits import QueueFull
-from producer.events import MalformedEvent, Notification, parse_notification
+from producer.events import MalformedEvent, parse_notification
 from producer.intake import CountingIntake, Intake
 
 log = logging.getLogger(__name__)
-
-
-def log_rejected(note: Notification, where: str) -> None:
-    for rejected in note.rejected:
-        log.error("%s: record %d skipped: %s", where, rejected.index, rejected.reason)
 
 
 class SqsConsumer:
@@ -71,7 +66,8 @@ class SqsConsumer:
         except MalformedEvent as exc:
             log.error("%s dropped: not an event notification (%s): %.200s", where, exc, body)
             return True
-        log_rejected(note, where)
+        for rejected in note.rejected:
+            log.error("%s: record %d skipped: %s", where, rejected.index, rejected.reason)
         complete = True
         for event in note.events:
             try:

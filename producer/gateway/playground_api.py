@@ -86,9 +86,7 @@ async def ops_status(request: Request, caller: Admin,
     gw = gateway(request)
     window = minutes * 60 if minutes else None
     data = await run_in_threadpool(gather_status, gw.redis, gw.settings, window=window, show_all=all_variants)
-    names: dict[str, list[str]] = {}
-    for variant in gw.settings.variants:
-        names[variant.id] = [f"{e}: {n}" for e, n in variant.fal_names.items()]
+    names = {v.id: [f"{e}: {n}" for e, n in v.fal_names.items()] for v in gw.settings.variants}
     for variant, figures in data["variants"].items():
         figures["fal_models"] = names.get(variant, [])
     return fal_json(data)

@@ -19,13 +19,11 @@ from producer.gateway.state import Gateway
 class Snapshot:
     request_id: str
     status: str
-    owner: str
     variant: str
     result_code: int | None
     error: str | None
     error_type: str | None
     inference_time: float | None
-    completed_at: float | None
 
     @property
     def completed(self) -> bool:
@@ -65,18 +63,15 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
     if completed_at is not None and completed_at + gw.settings.gateway_result_retention < time.time():
         return None
     snap = Snapshot(
-        request_id=request_id, status=raw["status"], owner=raw["owner"] or "", variant=raw["variant"] or "",
+        request_id=request_id, status=raw["status"], variant=raw["variant"] or "",
         result_code=int(raw["result_code"]) if raw["result_code"] else None,
         error=raw["error"] or None, error_type=raw["error_type"] or None,
-        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None,
-        completed_at=completed_at,
-    )
+        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None)
     position = (rank or 0) if snap.status == Status.IN_QUEUE else None
     return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
 
 
 async def result(gw: Gateway, request_id: str) -> tuple[str, int, str | None]:
-    """The stored result body (JSON text), its status code and its error type."""
     reply = await gw.aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
     raw, code, error_type = cast(list[str | None], reply)  # a decoding client: str replies
     return raw or "null", int(code or 200), error_type or None

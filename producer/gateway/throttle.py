@@ -30,16 +30,11 @@ class AuthThrottle:
     limit: int
     window: int
 
-    @classmethod
-    def of(cls, redis: aioredis.Redis, settings: Settings) -> AuthThrottle:
-        return cls(redis, settings.gateway_auth_fail_limit, settings.gateway_auth_fail_window)
-
     @staticmethod
     def scopes(address: str, key_id: str | None) -> list[str]:
         return [keys.auth_fail_address(address), *([keys.auth_fail_key(key_id)] if key_id else [])]
 
     async def check(self, scopes: list[str]) -> None:
-        """429 when any scope is over its limit."""
         if not self.limit:
             return
         counts = await self.redis.mget(scopes)
