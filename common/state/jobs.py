@@ -1,14 +1,10 @@
 """Job records in Redis: status, logs, result, queue position, and the per-job lease.
 
-A job is IN_QUEUE, IN_PROGRESS or COMPLETED (fal's three statuses; failures and cancels are
-COMPLETED with an error). State changes are Lua scripts, so a cancel, a claim by a worker and a
-completion can race without corrupting anything:
-
-- `claim` moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL that the running worker
-  renews). A redelivered copy of a job whose lease is alive is deferred, never run twice; a job whose
-  lease expired (its worker died) is claimed again, up to `max_attempts` times.
-- `complete` succeeds once: only the first completion (by the lease holder) is recorded, so a
-  job gets exactly one result and one webhook.
+State changes are Lua scripts, so a cancel, a claim by a worker and a completion can race safely: `claim`
+moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL the running worker renews), so a
+redelivered copy of a job whose lease is alive is deferred, never run twice, and one whose lease expired
+(its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
+holder) is recorded, so a job gets exactly one result and one webhook.
 """
 
 from __future__ import annotations
