@@ -21,6 +21,7 @@ rate), for this checkout's gateway and, with `--baseline-root`, for the gateway 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import subprocess
@@ -37,8 +38,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchstack import cpu_model, healthy  # noqa: E402
+
 from devstack.receiver import WebhookReceiver  # noqa: E402
-from devstack.services import MotoServer, free_port  # noqa: E402
+from devstack.services import MotoServer, RedisServer, free_port  # noqa: E402
 from tests.helpers import chaos_tools  # noqa: E402
 from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
 from tests.helpers.gateway import ALICE, auth  # noqa: E402
@@ -80,14 +83,6 @@ def cpu_seconds(pid: int) -> float:
         total += (int(fields[11]) + int(fields[12])) / TICKS
         todo.extend(children.get(current, []))
     return total
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def our_processes(stack: ChaosStack) -> dict[str, int]:
@@ -167,18 +162,19 @@ def building_blocks(args) -> None:
     from botocore.config import Config
 
     from common.adapters.queue import make_celery
-    from common.adapters.storage import make_s3_client
     from common.settings import Settings
-    from devstack.services import RedisServer
+    from devstack.services import aws_client, stack_environment
 
     body = os.urandom(20_000)
     with MotoServer() as moto, RedisServer(appendonly=False) as server:
         settings = Settings(s3_endpoint_url=moto.url, redis_url=server.url, aws_region="us-east-1")
-        s3 = make_s3_client(settings)
+        env = stack_environment(os.environ, server.url, moto.url)  # the AWS credentials
+        s3 = aws_client("s3", moto.url, settings, env)
         s3.create_bucket(Bucket="blocks")
         lean = boto3.client("s3", region_name="us-east-1", endpoint_url=moto.url, config=Config(
             signature_version="s3v4", request_checksum_calculation="when_required",
-            response_checksum_validation="when_required"))
+            response_checksum_validation="when_required"), aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
         client = redis.Redis.from_url(server.url)
         celery = make_celery(settings)
         rows = [
@@ -226,14 +222,15 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
     threads = []
 
     def stream(rid: str) -> None:
-        with contextlib_suppress(), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
                 c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
             for _ in response.iter_lines():
                 if stop.is_set():
                     return
 
     def run(n: int) -> None:
-        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, contextlib_suppress():
+        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, \
+                contextlib.suppress(httpx.HTTPError):
             c.post(V2, json={"image_url": chaos_tools.data_uri(png_128(1000 + n)), **NEVER_RUNS},
                    timeout=seconds + 15)
 
@@ -255,14 +252,6 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
     return idle_rate, (waiting_rate - idle_rate) / (2 * waiters)
 
 
-class contextlib_suppress:  # noqa: N801 - a tiny local suppress(httpx.HTTPError)
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, httpx.HTTPError)
-
-
 def waiting(args) -> None:
     rows = []
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-waiting-") as logs:
@@ -278,7 +267,7 @@ def waiting(args) -> None:
                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     url = f"http://127.0.0.1:{port}"
-                    wait_for(lambda: _up(url), 60, "the baseline gateway")
+                    wait_for(lambda: healthy(url), 60, "the baseline gateway")
                     # stop ours so that only the baseline's sweeper and waiters count
                     for proc in stack.stack.processes:
                         proc.kill()
@@ -296,13 +285,6 @@ def waiting(args) -> None:
     print("| --- | ---: | ---: |")
     for name, idle, per_client in rows:
         print(f"| {name} | {idle:.1f} | {per_client:.2f} |")
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.adapters.storage import make_s3_client
 from common.state import keys
 from common.state.jobs import JobStore
 from devstack.receiver import WebhookReceiver
+from devstack.services import aws_client
 from devstack.stack import DevStackSettings, LocalStack
 
 console = Console(width=None if Console().is_terminal else 120)
@@ -57,7 +57,7 @@ def run_demo(out_dir: Path = Path("out")) -> None:
         store = JobStore.from_settings(settings)
         _weights_banner(store)
 
-        s3 = make_s3_client(settings)
+        s3 = aws_client("s3", settings.s3_endpoint_url, settings, stack.env)
         variant = stack.dev.demo_variant
         photos = sample_photos()
         uploaded_at: dict[str, float] = {}
