@@ -1,17 +1,9 @@
 """Mask reuse against a full job: what a new background costs when the network does not run again.
 
-Starts a private stack on loopback (redis-server, moto S3, one `python -m worker`, `python -m producer.gateway`
-with an API key) and, for one photo-sized input (`--size`, default 1024x768), measures submit → COMPLETED
-(client side, status polled every 10 ms) and the worker's own time (claim → completion) for:
-
-1. **full job**: new image bytes every time (one pixel changed), so the content cache misses and the network
-   runs at the operating resolution;
-2. **cache hit**: the same bytes again, a new request (content cache);
-3. **compose (queue)**: `POST .../requests/{id}/compose` from the first full job's kept mask;
-4. **compose (run)**: `POST /run/.../requests/{id}/compose`, the caller's wall time.
-
-Every request asks for the same rendering (a background colour, PNG), so the rows differ only in where the
-mask comes from. Recipe weights (the network's cost does not depend on the values). Prints a markdown table.
+On the loopback stack of bench/benchstack.py, one photo-sized input (`--size`), submit → COMPLETED (status
+polled every 10 ms) and the worker's claim → completion for: a full job (new bytes: the content cache
+misses), the same bytes again (content cache), compose through the queue and compose through /run, all
+asking for the same rendering (background colour, PNG). Recipe weights. Prints a markdown table.
 
     python bench/bench_compose.py [--backbone swin_v1_t] [--resolution 1024x1024] [--repeats 3]
 """

@@ -1,15 +1,8 @@
 """Gateway overhead on this machine: submit→COMPLETED around the nano model, and status-poll throughput.
 
-Starts a private stack on loopback (redis-server, moto S3, one `python -m worker` on the nano architecture
-with recipe weights, `python -m producer.gateway` as its own process with an API key), then:
-
-1. submits `--jobs` requests one at a time (v2, a small PNG as data URI) and polls their status every
-   10 ms until COMPLETED. Per job: total (client-side, submit sent → COMPLETED seen), worker (claim →
-   completion, from the job record), overhead = total − worker (gateway, Redis, Celery hand-off,
-   polling granularity);
-2. polls one completed request's status with N concurrent keep-alive clients for `--seconds` each.
-
-Prints markdown tables.
+On the loopback stack of bench/benchstack.py (nano, recipe weights): `--jobs` sequential v2 requests
+polled every 10 ms (overhead = client total − the worker's claim → completion), then one completed
+request's status polled by N concurrent keep-alive clients for `--seconds` each. Prints markdown tables.
 
     python bench/bench_gateway.py [--jobs 50] [--seconds 5] [--pollers 1,4,16] [--resolution 256x256]
 """

@@ -1,9 +1,8 @@
 """Benchmark BiRefNet inference on CPU: forward time and peak memory per configuration.
 
-Each configuration runs in a fresh subprocess (so peak RSS, from ``resource.getrusage``, belongs
-to that configuration alone): build the model, load recipe weights, optionally
-``fuse_for_inference()``, warm up, then time a few forwards under ``torch.inference_mode`` and
-report the median. Prints a markdown table.
+Each configuration runs in a fresh subprocess (peak RSS is its own): build, recipe weights, optionally
+``fuse_for_inference()``, warm up, median of a few forwards under ``torch.inference_mode``; "CPU s" is
+process CPU time per forward. Prints a markdown table.
 
     .venv/bin/python bench/bench_model.py                       # Swin-T/L at 512 and 1024, fused, 2 threads
     .venv/bin/python bench/bench_model.py --modes reference fused --sizes 1024 --backbones swin_v1_t
@@ -11,20 +10,14 @@ report the median. Prints a markdown table.
     .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory or not
     .venv/bin/python bench/bench_model.py --official ~/src/BiRefNet --backbones swin_v1_t --sizes 512
 
-``--official PATH`` names a checkout of https://github.com/ZhengPeng7/BiRefNet that you fetched yourself
-(nothing of it is part of this repository; it needs its own requirements: einops, kornia, timm, opencv,
-tqdm). For every configuration the official model then runs on the same input, weights (the same recipe,
-by key), threads, allocator setting and OpenMP policy, in its own fresh process, alternating with ours
-(ours, official, ours, official, ... ``--rounds`` times), and the table adds its figures and the ratio
-ours/official, plus the largest logit difference between the two. Without it, only our figures are
-printed: a speed figure counts only beside a baseline measured in the same run, on the same machine.
+``--official PATH``: a checkout of https://github.com/ZhengPeng7/BiRefNet you fetched yourself (with its own
+requirements: einops, kornia, timm, opencv, tqdm). The official model then runs alternately with ours
+(``--rounds``), each in a fresh process with the same input, recipe weights (by key), threads, allocator
+and OpenMP policy; the table adds its figures, the ratios and the largest logit difference.
 
-"CPU s" is the process CPU time per forward (steadier than wall time when other processes share the
-machine; with --official, compare both). Children run with OMP_WAIT_POLICY=PASSIVE by
-default: on a machine shared with other processes, spinning OpenMP threads wait at every
-barrier for a descheduled partner (measured: Swin-T 512 took 7.5-8.1 s spinning vs 2.2 s
-passive under the same load); on an idle machine it costs at most a futex wake-up per
-parallel region.
+Children run with OMP_WAIT_POLICY=PASSIVE by default: on a shared machine spinning OpenMP threads wait at
+every barrier for a descheduled partner (Swin-T 512: 7.5-8.1 s spinning vs 2.2 s passive under the same
+load); on an idle machine it costs at most a futex wake-up per parallel region.
 """
 
 from __future__ import annotations

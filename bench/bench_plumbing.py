@@ -1,18 +1,13 @@
 """What the system costs without the network: the null model through the whole pipeline.
 
-Part 1, plumbing: a private stack on loopback (tests/helpers/chaos_tools.ChaosStack: redis-server with AOF
-`appendfsync always`, moto S3, `python -m producer.gateway`, the SQS producer, the webhook deliverer and
-`--workers` `python -m worker` processes with BIREFNET_BENCHMARK_NULL_MODEL=true, i.e. no network at
-all), `--jobs` requests of ~128x128 PNG data URIs with a webhook each, submitted by `--concurrency`
-client threads. Reports jobs/s and CPU milliseconds per job of each of our processes (and their
-children) and of Redis, from /proc/<pid>/stat (utime + stime), excluding the S3 server (moto) and this
-benchmark process (the clients and the webhook receiver).
-
-Part 2, waiting callers: a stack of Redis and one gateway, `--waiters` status streams and as many
-synchronous runs waiting on requests that never start (their variant has no worker), for `--seconds`.
-Reports Redis commands per waiting client per second (INFO commandstats, less the same gateway's idle
-rate), for this checkout's gateway and, with `--baseline-root`, for the gateway of another checkout
-(e.g. the code before issue #12).
+Part 1, plumbing: a ChaosStack (tests/helpers/chaos_tools.py) whose `--workers` run
+BIREFNET_BENCHMARK_NULL_MODEL=true; `--jobs` ~128x128 PNG requests with a webhook each from
+`--concurrency` threads. Reports jobs/s and CPU ms per job of each of our processes (with children) and of
+Redis, from /proc/<pid>/stat (moto and this process excluded).
+Part 2, building blocks: client CPU ms per call of the S3, Redis and Celery calls a job makes.
+Part 3, waiting callers: `--waiters` status streams and as many sync runs on requests that never start,
+for `--seconds`: Redis commands per waiting client per second (INFO commandstats less the idle rate), for
+this checkout's gateway and, with `--baseline-root`, another checkout's.
 
     python bench/bench_plumbing.py [--jobs 300] [--workers 1] [--concurrency 8]
     python bench/bench_plumbing.py --skip-plumbing --baseline-root /path/to/old/checkout

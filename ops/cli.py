@@ -13,7 +13,7 @@ from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
 from common.settings import Settings
 from ops import control, render
-from ops.status import gather_status
+from ops.status import deadletters, gather_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             data = gather_status(r, settings, window=window, show_all=args.all)
             show(data, render.status_view(data) if not as_json else None)
         elif args.command == "deadletters":
-            data = control.deadletter_list(r, limit=args.limit)
+            data = deadletters(r, limit=args.limit)
             show(data, render.deadletters_view(data) if not as_json else None)
         else:
             celery = make_celery(settings, name="birefnet-ops")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -159,7 +159,3 @@ def control_view(command: str, data: dict) -> Text:
         return Text.assemble((f"{data['request_id']} requeued", "bold green"),
                              f" on {data['queue']} (attempts reset; was: {_short(data['previous_error'], 80)})")
     return Text(str(data))
-
-
-def print_view(renderable, console: Console | None = None) -> None:
-    (console or Console()).print(renderable)
