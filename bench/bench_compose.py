@@ -19,7 +19,7 @@ import time
 
 import httpx
 import numpy as np
-from benchstack import KEY, cpu_model, worker_and_gateway
+from benchstack import KEY, completed, cpu_model, worker_and_gateway
 from PIL import Image
 
 from common.state.jobs import JobStore
@@ -41,16 +41,8 @@ def photo(size: tuple[int, int], variant: int) -> str:
 
 def timed(client: httpx.Client, store: JobStore, path: str, body: dict) -> tuple[str, float, float]:
     """(request id, client seconds submit → COMPLETED, worker seconds claim → completion)."""
-    started = time.perf_counter()
-    response = client.post(path, json=body)
-    response.raise_for_status()
-    rid = response.json()["request_id"]
-    while client.get(f"{REQ}/{rid}/status").json()["status"] != "COMPLETED":
-        time.sleep(0.01)
-    total = time.perf_counter() - started
-    record = store.get(rid)
-    assert record is not None and record.error is None, record and (record.error, record.result)
-    return rid, total, (record.completed_at or 0) - (record.started_at or 0)
+    record, _, total = completed(client, store, path, body)
+    return record.request_id, total, (record.completed_at or 0) - (record.started_at or 0)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import statistics
 import time
 
 import httpx
-from benchstack import KEY, worker_and_gateway
+from benchstack import KEY, completed, worker_and_gateway
 from PIL import Image
 
 from common.state.jobs import JobStore
@@ -42,22 +42,13 @@ def run_jobs(client: httpx.Client, store: JobStore, count: int) -> dict[str, lis
     body = {"image_url": image_uri()}
     rows: dict[str, list[float]] = {"total": [], "worker": [], "queued": [], "overhead": [], "submit": []}
     for _ in range(count):
-        started = time.perf_counter()
-        response = client.post("/queue/fal-ai/birefnet/v2", json=body)
-        response.raise_for_status()
-        submitted = time.perf_counter()
-        rid = response.json()["request_id"]
-        while client.get(STATUS.format(rid=rid)).json()["status"] != "COMPLETED":
-            time.sleep(0.01)
-        total = time.perf_counter() - started
-        record = store.get(rid)
-        assert record is not None and record.error is None, record and record.error
+        record, submit, total = completed(client, store, "/queue/fal-ai/birefnet/v2", body)
         worker = (record.completed_at or 0) - (record.started_at or 0)
         rows["total"].append(total)
         rows["worker"].append(worker)
         rows["queued"].append((record.started_at or 0) - record.created_at)
         rows["overhead"].append(total - worker)
-        rows["submit"].append(submitted - started)
+        rows["submit"].append(submit)
     return rows
 
 
@@ -102,9 +93,7 @@ def main() -> None:
         with httpx.Client(base_url=bs.url, headers={"Authorization": f"Key {KEY}"}, timeout=120) as client:
             run_jobs(client, bs.store, 1)  # warm-up: first forward pass, connections
             rows = run_jobs(client, bs.store, args.jobs)
-            rid = client.post("/queue/fal-ai/birefnet/v2", json={"image_url": image_uri()}).json()["request_id"]
-            while client.get(STATUS.format(rid=rid)).json()["status"] != "COMPLETED":
-                time.sleep(0.05)
+            rid = completed(client, bs.store, "/queue/fal-ai/birefnet/v2", {"image_url": image_uri()}, 0.05)[0].request_id
 
         print(f"gateway benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"nano BiRefNet (recipe weights) at {args.resolution or '1024x1024'} on CPU, 1 worker, "

@@ -60,22 +60,18 @@ def png_128(seed: int) -> bytes:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and all its descendants (Celery pools, uvicorn workers)."""
+    stats: dict[int, list[str]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
+        if current in stats:
+            total += (int(stats[current][11]) + int(stats[current][12])) / TICKS
         todo.extend(children.get(current, []))
     return total
 

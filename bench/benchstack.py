@@ -16,7 +16,7 @@ import httpx
 
 from common.domain.auth import hash_secret
 from common.settings import Settings
-from common.state.jobs import JobStore
+from common.state.jobs import JobRecord, JobStore
 from devstack.services import (
     MotoServer,
     RedisServer,
@@ -55,6 +55,23 @@ def wait(predicate, timeout: float, what: str) -> None:
         if time.time() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def completed(client: httpx.Client, store: JobStore, path: str, body: dict,
+              poll: float = 0.01) -> tuple[JobRecord, float, float]:
+    """Submit and poll the status every `poll` s until COMPLETED: (record, seconds of the submit call,
+    seconds submit → COMPLETED seen); the job must have succeeded."""
+    started = time.perf_counter()
+    response = client.post(path, json=body)
+    response.raise_for_status()
+    submitted = time.perf_counter()
+    rid = response.json()["request_id"]
+    while client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status").json()["status"] != "COMPLETED":
+        time.sleep(poll)
+    total = time.perf_counter() - started
+    record = store.get(rid)
+    assert record is not None and record.error is None, record and (record.error, record.result)
+    return record, submitted - started, total
 
 
 @dataclass
