@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import tempfile
 import time
@@ -88,7 +89,7 @@ def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_
     logs = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     port = free_port()
     with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-        env = stack_environment(redis_server.url, moto.url, {
+        env = stack_environment(os.environ, redis_server.url, moto.url, {
             "BIREFNET_VARIANT_OVERRIDES": json.dumps({"general-light": {"backbone": backbone, "weights": "recipe"}}),
             "BIREFNET_WEIGHTS_FALLBACK": "none",
             "BIREFNET_READY_FILE": str(logs / "worker.ready"),

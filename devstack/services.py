@@ -213,7 +213,8 @@ def settings_from(env: Mapping[str, str], dotenv: bool = False) -> Settings:
         def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                        env_settings: PydanticBaseSettingsSource,
                                        dotenv_settings: PydanticBaseSettingsSource,
-                                       **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+                                       file_secret_settings: PydanticBaseSettingsSource,
+                                       ) -> tuple[PydanticBaseSettingsSource, ...]:
             mapping = _MappingEnvSource(settings_cls, env)
             return (init_settings, mapping, dotenv_settings) if dotenv else (init_settings, mapping)
 
