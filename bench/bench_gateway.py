@@ -93,7 +93,8 @@ def main() -> None:
         with httpx.Client(base_url=bs.url, headers={"Authorization": f"Key {KEY}"}, timeout=120) as client:
             run_jobs(client, bs.store, 1)  # warm-up: first forward pass, connections
             rows = run_jobs(client, bs.store, args.jobs)
-            rid = completed(client, bs.store, "/queue/fal-ai/birefnet/v2", {"image_url": image_uri()}, 0.05)[0].request_id
+            record = completed(client, bs.store, "/queue/fal-ai/birefnet/v2", {"image_url": image_uri()}, 0.05)[0]
+            rid = record.request_id
 
         print(f"gateway benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"nano BiRefNet (recipe weights) at {args.resolution or '1024x1024'} on CPU, 1 worker, "

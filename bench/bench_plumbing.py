@@ -210,7 +210,6 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
     ids = [http.post(QUEUE_V2, json={"image_url": chaos_tools.data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
            for n in range(waiters)]
     stop = threading.Event()
-    threads = []
 
     def stream(rid: str) -> None:
         with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
@@ -225,10 +224,8 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
             c.post(V2, json={"image_url": chaos_tools.data_uri(png_128(1000 + n)), **NEVER_RUNS},
                    timeout=seconds + 15)
 
-    for rid in ids:
-        threads.append(threading.Thread(target=stream, args=(rid,), daemon=True))
-    for n in range(waiters):
-        threads.append(threading.Thread(target=run, args=(n,), daemon=True))
+    threads = [threading.Thread(target=stream, args=(rid,), daemon=True) for rid in ids]
+    threads += [threading.Thread(target=run, args=(n,), daemon=True) for n in range(waiters)]
     for thread in threads:
         thread.start()
     time.sleep(settle)  # everyone connected and waiting

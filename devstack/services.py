@@ -102,10 +102,7 @@ class RedisServer:
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
+            (self.process.kill if kill else self.process.terminate)()
             self.process.wait(timeout=15)
 
     def __enter__(self) -> RedisServer:
