@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 
 from common.domain.auth import hash_secret
-from common.settings import Settings
 from common.state.jobs import JobRecord, JobStore
 from devstack.services import (
     MotoServer,
@@ -79,7 +78,6 @@ def completed(client: httpx.Client, store: JobStore, path: str, body: dict,
 class BenchStack:
     url: str
     port: int
-    settings: Settings
     store: JobStore
 
 
@@ -107,6 +105,6 @@ def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_
             wait(lambda: (logs / "worker.ready").exists(), worker_timeout, "the worker")
             url = f"http://127.0.0.1:{port}"
             wait(lambda: healthy(url), 60, "the gateway")
-            yield BenchStack(url, port, settings, JobStore.from_url(settings.redis_url))
+            yield BenchStack(url, port, JobStore.from_url(settings.redis_url))
         finally:
             stop_processes(processes)

@@ -48,8 +48,7 @@ def main() -> int:
     from worker.batcher import MaskBatcher
     from worker.engine import Predictor
 
-    device = torch.cuda.get_device_name(0)
-    print(f"GPU: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, CUDA {torch.version.cuda}\n")
     backbones = ["swin_v1_t"] if args.quick else ["swin_v1_t", "swin_v1_l"]
 
     def predictor(backbone: str, dtype: str, **fields) -> Predictor:
@@ -85,9 +84,7 @@ def main() -> int:
                 half.network.fuse_for_inference()
             logits = torch.stack(half.forward(prepared)).float()
             diff = (logits - logits32).abs()
-            mask_a = (logits.sigmoid() * 255).round()
-            mask_b = (logits32.sigmoid() * 255).round()
-            mask_diff = (mask_a - mask_b).abs()
+            mask_diff = ((logits.sigmoid() * 255).round() - (logits32.sigmoid() * 255).round()).abs()
             print(f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "
                   f"{(mask_diff > 0).float().mean() * 100:.3f} % | {mask_diff.max():.0f} |")
             del half
