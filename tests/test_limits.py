@@ -29,7 +29,7 @@ from common.domain.auth import hash_secret
 from common.settings import Settings
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
-from producer.app import build_intake
+from producer.intake import build_intake
 from producer.sqs import SqsConsumer
 from tests.helpers.gateway import GatewayServer, GatewayStack, auth, start_gateway_stack
 from tests.helpers.images import data_uri, png_bytes

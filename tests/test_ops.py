@@ -21,8 +21,8 @@ from common.state.jobs import JobStore
 from common.state.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
 from ops.status import gather_status, percentile
-from producer.app import build_intake
 from producer.events import ObjectCreated
+from producer.intake import build_intake
 from tests.helpers.images import array_png
 from tests.helpers.pipeline import put
 from tests.helpers.stack import Stack, wait_for

@@ -1,13 +1,9 @@
-"""Synchronous run (FAL_API.md §8): the same job as a queue submit, answered when it is done.
-
-The connection is held with no server-side limit (fal's clients have no read timeout on run). A caller
-that hangs up cancels its request, as on fal.
-"""
+"""Synchronous run (FAL_API.md §8): a queue submit answered when done, with no server-side time limit
+(fal's clients have none on run); a caller that hangs up cancels its request, as on fal."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -84,9 +80,7 @@ async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
     if not await wait_completed(gw, request, rid):
         await run_in_threadpool(cancel_job, gw, rid)
         return Response(status_code=499)  # nobody reads it
-    raw, code = await records.result(gw, rid)
-    error_type = cast(str | None, await gw.aredis.hget(JobStore.job_key(rid), "error_type"))  # decoding client
-    return stored_result(raw, code, error_type or None, rid)
+    return stored_result(*await records.result(gw, rid), rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():
