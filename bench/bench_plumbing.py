@@ -33,14 +33,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchstack import cpu_model, healthy  # noqa: E402
+from benchstack import cpu_model, healthy, wait  # noqa: E402
 
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer, RedisServer, free_port  # noqa: E402
 from tests.helpers import chaos_tools  # noqa: E402
 from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
 from tests.helpers.gateway import ALICE, auth  # noqa: E402
-from tests.helpers.stack import wait_for  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 V2 = "/fal-ai/birefnet/v2"
@@ -255,7 +254,7 @@ def waiting(args) -> None:
                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     url = f"http://127.0.0.1:{port}"
-                    wait_for(lambda: healthy(url), 60, "the baseline gateway")
+                    wait(lambda: healthy(url), 60, "the baseline gateway")
                     # stop ours so that only the baseline's sweeper and waiters count
                     for proc in stack.stack.processes:
                         proc.kill()
