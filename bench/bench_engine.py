@@ -1,20 +1,10 @@
 """The worker's per-image CPU work around the forward, today's path beside the one it replaced.
 
-Part 1, per stage, one image at a time (CPU time of all threads, and wall time; median of --repeats):
-decode (JPEG bytes -> RGB), preprocess (resize + normalise to the operating resolution), postprocess
-(the mask back to the image's size), refine (blur-fusion foreground colours), compose (RGBA + 8-bit
-mask) and encode (cut-out and mask, PNG). The mask is the null model's constant soft ellipse, so the
-figures do not depend on weights. Rows:
-
-* baseline: the implementation before issue #12 (Pillow decode, Pillow bilinear resize, torch mask
-  resize, torch blur fusion over the whole image, Pillow PNG level 3);
-* current: worker.pixels (simplejpeg, OpenCV, band-limited blur fusion, libdeflate PNG level 1).
-
-Output bytes are reported next to Pillow's PNG at levels 1 and 6 and the raw RGBA size.
-
-Part 2, the engine in one process with the null model (`benchmark_null_model`: no network) and N job
-threads around one batcher, bytes in -> encoded cut-out + mask out at 1 MP with refine and PNG (no S3):
-images/s and CPU ms per image.
+Part 1, per stage (decode, preprocess, postprocess, refine, compose, encode), one image at a time, CPU and
+wall ms, best of --repeats, with the null model's constant mask: the baseline (the code before issue #12:
+Pillow, torch resize and blur fusion, PNG level 3) beside worker.pixels, plus output bytes. Part 2: the
+engine with the null model and N job threads around one batcher at 1 MP: images/s and CPU ms per image.
+Part 3: how freely another Python thread runs during each stage (the GIL).
 
     .venv/bin/python bench/bench_engine.py [--repeats 5] [--threads 1 2 4] [--images 48]
     .venv/bin/python bench/bench_engine.py --forward --backbone swin_v1_t   # also time a real forward
@@ -26,7 +16,6 @@ import argparse
 import io
 import logging
 import os
-import platform
 import sys
 import threading
 import time
@@ -41,6 +30,8 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchstack import cpu_model  # noqa: E402
+
 from common.domain.variants import VariantSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from worker import pixels  # noqa: E402
@@ -54,17 +45,6 @@ from worker.timings import StageTimings  # noqa: E402
 STAGES = ("decode", "preprocess", "postprocess", "refine", "compose", "encode")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_photos() -> dict[str, bytes]:

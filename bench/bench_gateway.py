@@ -1,15 +1,8 @@
 """Gateway overhead on this machine: submit→COMPLETED around the nano model, and status-poll throughput.
 
-Starts a private stack on loopback (redis-server, moto S3, one `python -m worker` on the nano architecture
-with recipe weights, `python -m producer.gateway` as its own process with an API key), then:
-
-1. submits `--jobs` requests one at a time (v2, a small PNG as data URI) and polls their status every
-   10 ms until COMPLETED. Per job: total (client-side, submit sent → COMPLETED seen), worker (claim →
-   completion, from the job record), overhead = total − worker (gateway, Redis, Celery hand-off,
-   polling granularity);
-2. polls one completed request's status with N concurrent keep-alive clients for `--seconds` each.
-
-Prints markdown tables.
+On the loopback stack of bench/benchstack.py (nano, recipe weights): `--jobs` sequential v2 requests
+polled every 10 ms (overhead = client total − the worker's claim → completion), then one completed
+request's status polled by N concurrent keep-alive clients for `--seconds` each. Prints markdown tables.
 
     python bench/bench_gateway.py [--jobs 50] [--seconds 5] [--pollers 1,4,16] [--resolution 256x256]
 """
@@ -20,27 +13,17 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
-import redis
+from benchstack import KEY, completed, worker_and_gateway
 from PIL import Image
 
-from common.domain.auth import hash_secret
-from common.settings import Settings
 from common.state.jobs import JobStore
-from devstack.services import MotoServer, RedisServer, free_port, provision_aws, stack_environment
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "bench:bench-secret"
 STATUS = "/queue/fal-ai/birefnet/requests/{rid}/status"
 
 
@@ -55,39 +38,17 @@ def image_uri() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=open(log, "w"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
-
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def run_jobs(client: httpx.Client, store: JobStore, count: int) -> dict[str, list[float]]:
     body = {"image_url": image_uri()}
     rows: dict[str, list[float]] = {"total": [], "worker": [], "queued": [], "overhead": [], "submit": []}
     for _ in range(count):
-        started = time.perf_counter()
-        response = client.post("/queue/fal-ai/birefnet/v2", json=body)
-        response.raise_for_status()
-        submitted = time.perf_counter()
-        rid = response.json()["request_id"]
-        while client.get(STATUS.format(rid=rid)).json()["status"] != "COMPLETED":
-            time.sleep(0.01)
-        total = time.perf_counter() - started
-        record = store.get(rid)
-        assert record is not None and record.error is None, record and record.error
+        record, submit, total = completed(client, store, "/queue/fal-ai/birefnet/v2", body)
         worker = (record.completed_at or 0) - (record.started_at or 0)
         rows["total"].append(total)
         rows["worker"].append(worker)
         rows["queued"].append((record.started_at or 0) - record.created_at)
         rows["overhead"].append(total - worker)
-        rows["submit"].append(submitted - started)
+        rows["submit"].append(submit)
     return rows
 
 
@@ -126,70 +87,35 @@ def main() -> None:
     parser.add_argument("--resolution", default="", help="run the network at WxH instead of the request's "
                         "1024x1024 (BIREFNET_TEST_OPERATING_RESOLUTION; the overhead does not depend on it)")
     args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    port = free_port()
-    with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-        env = stack_environment(redis_server.url, moto.url, "", {
-            "BIREFNET_VARIANT_OVERRIDES": json.dumps({"general-light": {"backbone": "swin_v1_nano", "weights": "recipe"}}),
-            "BIREFNET_WEIGHTS_FALLBACK": "none",
-            "BIREFNET_READY_FILE": str(logs / "worker.ready"),
-            "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-            "BIREFNET_GATEWAY_PORT": str(port),
-            "BIREFNET_GATEWAY_API_KEYS": json.dumps([{"id": "bench", "hash": hash_secret("bench-secret")}]),
-            "BIREFNET_WORKER_METRICS_PORT": "0",
-            "BIREFNET_TEST_OPERATING_RESOLUTION": args.resolution,
-            "BIREFNET_MASK_CACHE_SECONDS": "0",  # the same image every time: run the network every time
-        })
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("BIREFNET_", "AWS_"))})
-        settings = Settings()
-        provision_aws(settings)
-        processes = [spawn(["-m", "worker", "--variants", "general-light"], env, logs / "worker.log"),
-                     spawn(["-m", "producer.gateway"], env, logs / "gateway.log")]
-        try:
-            wait(lambda: (logs / "worker.ready").exists(), 180, "the worker")
-            url = f"http://127.0.0.1:{port}"
-            wait(lambda: _up(url), 60, "the gateway")
-            store = JobStore.from_url(settings.redis_url)
-            with httpx.Client(base_url=url, headers={"Authorization": f"Key {KEY}"}, timeout=120) as client:
-                run_jobs(client, store, 1)  # warm-up: first forward pass, connections
-                rows = run_jobs(client, store, args.jobs)
-                rid = client.post("/queue/fal-ai/birefnet/v2", json={"image_url": image_uri()}).json()["request_id"]
-                while client.get(STATUS.format(rid=rid)).json()["status"] != "COMPLETED":
-                    time.sleep(0.05)
+    overrides = {"BIREFNET_TEST_OPERATING_RESOLUTION": args.resolution,
+                 "BIREFNET_MASK_CACHE_SECONDS": "0"}  # the same image every time: run the network every time
+    with worker_and_gateway("gateway", "swin_v1_nano", overrides, 180) as bs:
+        with httpx.Client(base_url=bs.url, headers={"Authorization": f"Key {KEY}"}, timeout=120) as client:
+            run_jobs(client, bs.store, 1)  # warm-up: first forward pass, connections
+            rows = run_jobs(client, bs.store, args.jobs)
+            record = completed(client, bs.store, "/queue/fal-ai/birefnet/v2", {"image_url": image_uri()}, 0.05)[0]
+            rid = record.request_id
 
-            print(f"gateway benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                  f"nano BiRefNet (recipe weights) at {args.resolution or '1024x1024'} on CPU, 1 worker, "
-                  "1 gateway process (uvicorn)\n")
-            if args.jobs:
-                print(f"submit → COMPLETED, {args.jobs} sequential jobs, status polled every 10 ms\n")
-                print("| seconds | p50 | p95 | mean |")
-                print("| --- | --- | --- | --- |")
-                for name, label in (("submit", "submit call"), ("queued", "queued (submit → worker claim)"),
-                                    ("worker", "worker (claim → completed)"), ("total", "total (client)"),
-                                    ("overhead", "**overhead** (total − worker)")):
-                    values = rows[name]
-                    print(f"| {label} | {percentile(values, 0.5):.3f} | {percentile(values, 0.95):.3f} | "
-                          f"{statistics.mean(values):.3f} |")
-            print(f"\nstatus polls (GET .../status?logs=1 of a completed request, keep-alive), {args.seconds:g} s each\n")
-            print("| concurrent pollers | requests/s | p50 ms | p99 ms |")
+        print(f"gateway benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"nano BiRefNet (recipe weights) at {args.resolution or '1024x1024'} on CPU, 1 worker, "
+              "1 gateway process (uvicorn)\n")
+        if args.jobs:
+            print(f"submit → COMPLETED, {args.jobs} sequential jobs, status polled every 10 ms\n")
+            print("| seconds | p50 | p95 | mean |")
             print("| --- | --- | --- | --- |")
-            for pollers in (int(p) for p in args.pollers.split(",")):
-                rate, latencies = asyncio.run(poll(port, rid, pollers, args.seconds))
-                print(f"| {pollers} | {rate:.0f} | {percentile(latencies, 0.5) * 1000:.1f} | "
-                      f"{percentile(latencies, 0.99) * 1000:.1f} |")
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=20)
-            redis.Redis.from_url(settings.redis_url).close()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+            for name, label in (("submit", "submit call"), ("queued", "queued (submit → worker claim)"),
+                                ("worker", "worker (claim → completed)"), ("total", "total (client)"),
+                                ("overhead", "**overhead** (total − worker)")):
+                values = rows[name]
+                print(f"| {label} | {percentile(values, 0.5):.3f} | {percentile(values, 0.95):.3f} | "
+                      f"{statistics.mean(values):.3f} |")
+        print(f"\nstatus polls (GET .../status?logs=1 of a completed request, keep-alive), {args.seconds:g} s each\n")
+        print("| concurrent pollers | requests/s | p50 ms | p99 ms |")
+        print("| --- | --- | --- | --- |")
+        for pollers in (int(p) for p in args.pollers.split(",")):
+            rate, latencies = asyncio.run(poll(bs.port, rid, pollers, args.seconds))
+            print(f"| {pollers} | {rate:.0f} | {percentile(latencies, 0.5) * 1000:.1f} | "
+                  f"{percentile(latencies, 0.99) * 1000:.1f} |")
 
 
 if __name__ == "__main__":

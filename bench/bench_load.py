@@ -1,17 +1,9 @@
 """Load on this machine: N requests through the fal-compatible gateway, two workers, all must complete.
 
-Starts a private stack on loopback (tests/helpers/chaos_tools.ChaosStack without chaos: redis-server with AOF
-`appendfsync always`, moto S3+SQS, `python -m producer.gateway`, the webhook deliverer and `--workers`
-`python -m worker` processes on the nano architecture with recipe weights, forward passes at 128x128 via
-BIREFNET_TEST_OPERATING_RESOLUTION), then:
-
-1. burst: submits `--jobs` requests (small PNG data URIs, each with a webhook) from `--concurrency` client
-   threads as fast as the gateway takes them; throughput = jobs / (last completion − first submit);
-2. paced (`--paced-jobs`, default 200): submits at 70 % of the burst throughput, so latency is the
-   system's, not the backlog's.
-
-Per job: submit → COMPLETED (job record), submit → webhook received, worker run time. Checks that every
-job completed OK with exactly one webhook. Prints markdown tables.
+A ChaosStack without chaos (tests/helpers/chaos_tools.py; nano workers, forward passes at 128x128): a burst
+of `--jobs` requests (small PNG data URIs with webhooks) from `--concurrency` threads (throughput = jobs /
+(last completion − first submit)), then `--paced-jobs` at 70 % of that throughput, so latency is the
+system's, not the backlog's. Checks every job completed OK with exactly one webhook; prints markdown tables.
 
     python bench/bench_load.py [--jobs 1000] [--workers 2] [--concurrency 8] [--paced-jobs 200]
 """

@@ -1,9 +1,8 @@
 """Benchmark BiRefNet inference on CPU: forward time and peak memory per configuration.
 
-Each configuration runs in a fresh subprocess (so peak RSS, from ``resource.getrusage``, belongs
-to that configuration alone): build the model, load recipe weights, optionally
-``fuse_for_inference()``, warm up, then time a few forwards under ``torch.inference_mode`` and
-report the median. Prints a markdown table.
+Each configuration runs in a fresh subprocess (peak RSS is its own): build, recipe weights, optionally
+``fuse_for_inference()``, warm up, median of a few forwards under ``torch.inference_mode``; "CPU s" is
+process CPU time per forward. Prints a markdown table.
 
     .venv/bin/python bench/bench_model.py                       # Swin-T/L at 512 and 1024, fused, 2 threads
     .venv/bin/python bench/bench_model.py --modes reference fused --sizes 1024 --backbones swin_v1_t
@@ -11,20 +10,14 @@ report the median. Prints a markdown table.
     .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory or not
     .venv/bin/python bench/bench_model.py --official ~/src/BiRefNet --backbones swin_v1_t --sizes 512
 
-``--official PATH`` names a checkout of https://github.com/ZhengPeng7/BiRefNet that you fetched yourself
-(nothing of it is part of this repository; it needs its own requirements: einops, kornia, timm, opencv,
-tqdm). For every configuration the official model then runs on the same input, weights (the same recipe,
-by key), threads, allocator setting and OpenMP policy, in its own fresh process, alternating with ours
-(ours, official, ours, official, ... ``--rounds`` times), and the table adds its figures and the ratio
-ours/official, plus the largest logit difference between the two. Without it, only our figures are
-printed: a speed figure counts only beside a baseline measured in the same run, on the same machine.
+``--official PATH``: a checkout of https://github.com/ZhengPeng7/BiRefNet you fetched yourself (with its own
+requirements: einops, kornia, timm, opencv, tqdm). The official model then runs alternately with ours
+(``--rounds``), each in a fresh process with the same input, recipe weights (by key), threads, allocator
+and OpenMP policy; the table adds its figures, the ratios and the largest logit difference.
 
-"CPU s" is the process CPU time per forward (steadier than wall time when other processes share the
-machine; with --official, compare both). Children run with OMP_WAIT_POLICY=PASSIVE by
-default: on a machine shared with other processes, spinning OpenMP threads wait at every
-barrier for a descheduled partner (measured: Swin-T 512 took 7.5-8.1 s spinning vs 2.2 s
-passive under the same load); on an idle machine it costs at most a futex wake-up per
-parallel region.
+Children run with OMP_WAIT_POLICY=PASSIVE by default: on a shared machine spinning OpenMP threads wait at
+every barrier for a descheduled partner (Swin-T 512: 7.5-8.1 s spinning vs 2.2 s passive under the same
+load); on an idle machine it costs at most a futex wake-up per parallel region.
 """
 
 from __future__ import annotations
@@ -119,10 +112,8 @@ def official_model(checkout: Path, backbone: str):
     return Official(bb_pretrained=False).eval()
 
 
-def run_one(
-    backbone: str, size: int, mode: str, threads: int, repeats: int, warmup: int, retain: bool,
-    official: Path | None = None, save_output: str | None = None,
-) -> dict:
+def run_one(backbone: str, size: int, mode: str, threads: int, repeats: int, warmup: int, retain: bool,
+            official: Path | None = None, save_output: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -158,18 +149,10 @@ def run_one(
         import numpy as np
 
         np.save(save_output, y.float().numpy())
-    return {
-        "backbone": backbone,
-        "size": size,
-        "mode": mode,
-        "threads": threads,
-        "retain": retain,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "cpu_s": statistics.median(cpu_times),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "rss_after_load_gib": rss_loaded,
-    }
+    return {"backbone": backbone, "size": size, "mode": mode, "threads": threads, "retain": retain,
+            "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu_times),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_after_load_gib": rss_loaded}
 
 
 def main() -> None:
@@ -180,43 +163,24 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument(
-        "--omp-wait-policy",
-        default="PASSIVE",
-        choices=["PASSIVE", "ACTIVE", "default"],
-        help="OMP_WAIT_POLICY of the child processes (PASSIVE: idle OpenMP threads sleep instead of "
-        "spinning, which on a shared machine is 3x faster; 'default': leave the environment alone)",
-    )
-    ap.add_argument(
-        "--malloc",
-        nargs="+",
-        default=["retain"],
-        choices=["retain", "default"],
-        help="retain: glibc keeps freed memory, as workers do (worker/allocator.py); default: glibc as is",
-    )
-    ap.add_argument(
-        "--official",
-        type=Path,
-        metavar="PATH",
-        help="a checkout of github.com/ZhengPeng7/BiRefNet: run the official model side by side with ours",
-    )
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="with --official: ours and official alternate this many times per configuration (default 2); "
-        "each side reports the median over its rounds",
-    )
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                    help="OMP_WAIT_POLICY of the child processes (PASSIVE: idle OpenMP threads sleep instead of "
+                    "spinning, which on a shared machine is 3x faster; 'default': leave the environment alone)")
+    ap.add_argument("--malloc", nargs="+", default=["retain"], choices=["retain", "default"],
+                    help="retain: glibc keeps freed memory, as workers do (worker/allocator.py); default: glibc as is")
+    ap.add_argument("--official", type=Path, metavar="PATH",
+                    help="a checkout of github.com/ZhengPeng7/BiRefNet: run the official model side by side with ours")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="with --official: ours and official alternate this many times per configuration "
+                    "(default 2); each side reports the median over its rounds")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-official", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save-output", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:  # child process: one configuration, JSON on stdout
-        res = run_one(
-            args.backbones[0], args.sizes[0], args.modes[0], args.threads[0], args.repeats, args.warmup,
-            args.malloc[0] == "retain", args.official if args.run_official else None, args.save_output,
-        )
+        res = run_one(args.backbones[0], args.sizes[0], args.modes[0], args.threads[0], args.repeats, args.warmup,
+                      args.malloc[0] == "retain", args.official if args.run_official else None, args.save_output)
         print(json.dumps(res))
         return
     if args.official is not None:
@@ -251,12 +215,9 @@ def main() -> None:
                             raise SystemExit(f"{side} run failed:\n{done.stdout}\n{done.stderr}")
                         res = json.loads(done.stdout.strip().splitlines()[-1])
                         runs[side].append(res)
-                        print(
-                            f"# {side} {backbone} {size} {mode if side == 'ours' else 'reference'} {threads}t "
-                            f"malloc={malloc} round {round_no + 1}: "
-                            f"{res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB",
-                            file=sys.stderr,
-                        )
+                        print(f"# {side} {backbone} {size} {mode if side == 'ours' else 'reference'} {threads}t "
+                              f"malloc={malloc} round {round_no + 1}: "
+                              f"{res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB", file=sys.stderr)
                     row = summarise(runs["ours"])
                     if args.official:
                         row["official"] = summarise(runs["official"])
@@ -264,20 +225,14 @@ def main() -> None:
                     rows.append(row)
     load_after = os.getloadavg()
 
-    policy = (
-        args.omp_wait_policy
-        if args.omp_wait_policy != "default"
-        else os.environ.get("OMP_WAIT_POLICY", "unset")
-    )
+    policy = args.omp_wait_policy if args.omp_wait_policy != "default" else os.environ.get("OMP_WAIT_POLICY", "unset")
     import torch
 
     print(f"\nCPU: {cpu_description()}; {os.cpu_count()} CPUs visible; torch {torch.__version__}")
     print(f"CPU forward, batch 1, fp32, inference_mode, recipe weights, OMP_WAIT_POLICY={policy}")
     print(f"(median of {args.repeats} after {args.warmup} warm-up, fresh process per run, {rounds} round(s): "
           "each figure is the median over the rounds;")
-    print(
-        f" 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: other processes share the CPU)"
-    )
+    print(f" 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: other processes share the CPU)")
     if args.official:
         commit = subprocess.run(["git", "-C", str(args.official), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip() or "unknown commit"
@@ -305,13 +260,10 @@ def main() -> None:
 
 def summarise(runs: list[dict]) -> dict:
     """One row from a side's rounds: medians of the rounds' medians, best min, largest peak RSS."""
-    row = dict(runs[0])
-    row["median_s"] = statistics.median(r["median_s"] for r in runs)
-    row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
-    row["min_s"] = min(r["min_s"] for r in runs)
-    row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
-    row["rss_after_load_gib"] = max(r["rss_after_load_gib"] for r in runs)
-    return row
+    return {**runs[0], "median_s": statistics.median(r["median_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs), "min_s": min(r["min_s"] for r in runs),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+            "rss_after_load_gib": max(r["rss_after_load_gib"] for r in runs)}
 
 
 def max_abs_diff(a: Path, b: Path) -> float:

@@ -2,11 +2,9 @@
 
     python bench/bench_packed_worker.py [--share] [--device cpu|cuda]
 
-Loads the variants one after another exactly as `python -m worker --variants <all>` does
-(worker.packing.load_predictors), with RECIPE weights (untrained, same shapes and sizes as the published
-checkpoints; nothing is downloaded), and prints the process's resident memory (VmRSS) after each, plus
-CUDA memory when on a GPU. Without --share every variant gets its own network, which is what trained
-weights need (except v1/v2 Portrait, which name the same checkpoint and share one network in the worker).
+Loads the variants as `python -m worker --variants <all>` does (worker.packing.load_predictors), with
+recipe weights (published shapes, nothing downloaded), printing VmRSS after each (and CUDA memory on a GPU).
+Without --share each variant gets its own network, as trained weights need (v1/v2 Portrait share one).
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """What the system costs without the network: the null model through the whole pipeline.
 
-Part 1, plumbing: a private stack on loopback (tests/helpers/chaos_tools.ChaosStack: redis-server with AOF
-`appendfsync always`, moto S3, `python -m producer.gateway`, the SQS producer, the webhook deliverer and
-`--workers` `python -m worker` processes with BIREFNET_BENCHMARK_NULL_MODEL=true, i.e. no network at
-all), `--jobs` requests of ~128x128 PNG data URIs with a webhook each, submitted by `--concurrency`
-client threads. Reports jobs/s and CPU milliseconds per job of each of our processes (and their
-children) and of Redis, from /proc/<pid>/stat (utime + stime), excluding the S3 server (moto) and this
-benchmark process (the clients and the webhook receiver).
-
-Part 2, waiting callers: a stack of Redis and one gateway, `--waiters` status streams and as many
-synchronous runs waiting on requests that never start (their variant has no worker), for `--seconds`.
-Reports Redis commands per waiting client per second (INFO commandstats, less the same gateway's idle
-rate), for this checkout's gateway and, with `--baseline-root`, for the gateway of another checkout
-(e.g. the code before issue #12).
+Part 1, plumbing: a ChaosStack (tests/helpers/chaos_tools.py) whose `--workers` run
+BIREFNET_BENCHMARK_NULL_MODEL=true; `--jobs` ~128x128 PNG requests with a webhook each from
+`--concurrency` threads. Reports jobs/s and CPU ms per job of each of our processes (with children) and of
+Redis, from /proc/<pid>/stat (moto and this process excluded).
+Part 2, building blocks: client CPU ms per call of the S3, Redis and Celery calls a job makes.
+Part 3, waiting callers: `--waiters` status streams and as many sync runs on requests that never start,
+for `--seconds`: Redis commands per waiting client per second (INFO commandstats less the idle rate), for
+this checkout's gateway and, with `--baseline-root`, another checkout's.
 
     python bench/bench_plumbing.py [--jobs 300] [--workers 1] [--concurrency 8]
     python bench/bench_plumbing.py --skip-plumbing --baseline-root /path/to/old/checkout
@@ -21,6 +16,7 @@ rate), for this checkout's gateway and, with `--baseline-root`, for the gateway 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import subprocess
@@ -37,12 +33,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchstack import cpu_model, healthy, wait  # noqa: E402
+
 from devstack.receiver import WebhookReceiver  # noqa: E402
-from devstack.services import MotoServer, free_port  # noqa: E402
+from devstack.services import MotoServer, RedisServer, free_port  # noqa: E402
 from tests.helpers import chaos_tools  # noqa: E402
 from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
 from tests.helpers.gateway import ALICE, auth  # noqa: E402
-from tests.helpers.stack import wait_for  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 V2 = "/fal-ai/birefnet/v2"
@@ -62,32 +59,20 @@ def png_128(seed: int) -> bytes:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and all its descendants (Celery pools, uvicorn workers)."""
+    stats: dict[int, list[str]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
+        if current in stats:
+            total += (int(stats[current][11]) + int(stats[current][12])) / TICKS
         todo.extend(children.get(current, []))
     return total
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def our_processes(stack: ChaosStack) -> dict[str, int]:
@@ -167,18 +152,19 @@ def building_blocks(args) -> None:
     from botocore.config import Config
 
     from common.adapters.queue import make_celery
-    from common.adapters.storage import make_s3_client
     from common.settings import Settings
-    from devstack.services import RedisServer
+    from devstack.services import aws_client, stack_environment
 
     body = os.urandom(20_000)
     with MotoServer() as moto, RedisServer(appendonly=False) as server:
         settings = Settings(s3_endpoint_url=moto.url, redis_url=server.url, aws_region="us-east-1")
-        s3 = make_s3_client(settings)
+        env = stack_environment(os.environ, server.url, moto.url)  # the AWS credentials
+        s3 = aws_client("s3", moto.url, settings, env)
         s3.create_bucket(Bucket="blocks")
         lean = boto3.client("s3", region_name="us-east-1", endpoint_url=moto.url, config=Config(
             signature_version="s3v4", request_checksum_calculation="when_required",
-            response_checksum_validation="when_required"))
+            response_checksum_validation="when_required"), aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
         client = redis.Redis.from_url(server.url)
         celery = make_celery(settings)
         rows = [
@@ -223,24 +209,22 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
     ids = [http.post(QUEUE_V2, json={"image_url": chaos_tools.data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
            for n in range(waiters)]
     stop = threading.Event()
-    threads = []
 
     def stream(rid: str) -> None:
-        with contextlib_suppress(), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
                 c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
             for _ in response.iter_lines():
                 if stop.is_set():
                     return
 
     def run(n: int) -> None:
-        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, contextlib_suppress():
+        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, \
+                contextlib.suppress(httpx.HTTPError):
             c.post(V2, json={"image_url": chaos_tools.data_uri(png_128(1000 + n)), **NEVER_RUNS},
                    timeout=seconds + 15)
 
-    for rid in ids:
-        threads.append(threading.Thread(target=stream, args=(rid,), daemon=True))
-    for n in range(waiters):
-        threads.append(threading.Thread(target=run, args=(n,), daemon=True))
+    threads = [threading.Thread(target=stream, args=(rid,), daemon=True) for rid in ids]
+    threads += [threading.Thread(target=run, args=(n,), daemon=True) for n in range(waiters)]
     for thread in threads:
         thread.start()
     time.sleep(settle)  # everyone connected and waiting
@@ -253,14 +237,6 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
     stop.set()
     http.close()
     return idle_rate, (waiting_rate - idle_rate) / (2 * waiters)
-
-
-class contextlib_suppress:  # noqa: N801 - a tiny local suppress(httpx.HTTPError)
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, httpx.HTTPError)
 
 
 def waiting(args) -> None:
@@ -278,7 +254,7 @@ def waiting(args) -> None:
                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     url = f"http://127.0.0.1:{port}"
-                    wait_for(lambda: _up(url), 60, "the baseline gateway")
+                    wait(lambda: healthy(url), 60, "the baseline gateway")
                     # stop ours so that only the baseline's sweeper and waiters count
                     for proc in stack.stack.processes:
                         proc.kill()
@@ -296,13 +272,6 @@ def waiting(args) -> None:
     print("| --- | ---: | ---: |")
     for name, idle, per_client in rows:
         print(f"| {name} | {idle:.1f} | {per_client:.2f} |")
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def main() -> None:

@@ -1,15 +1,8 @@
 """One prepared GPU check (<= 5 minutes on one GPU); exits cleanly with a message without CUDA.
 
-Reports, for Swin-T and Swin-L (recipe weights: only differences and speed mean anything):
-
-1. float16 / bfloat16 vs float32: max and mean |logit difference| and the share of 8-bit mask pixels
-   that differ (and the largest difference), on the same inputs, weights stored in the dtype as the
-   worker stores them;
-2. forward milliseconds at batch 1/2/4/8 at 1024² and 2048² (float16; 2048² stops at the first batch
-   that does not fit) and the peak GPU memory of each;
-3. end-to-end images/s through the engine: 1 MP JPEG bytes -> decode -> device path (upload once,
-   resize/normalise/refine/compose on the GPU) -> cut-out + mask PNG, with N job threads around the
-   batcher (float16, Swin-T and Swin-L, 1024²).
+For Swin-T and Swin-L (recipe weights): float16/bfloat16 vs float32 logit and 8-bit mask differences;
+forward ms and peak GPU memory at batch 1/2/4/8 at 1024² and 2048²; engine images/s end to end (1 MP JPEG
+bytes -> cut-out + mask PNG on the device path) with N job threads around the batcher.
 
     python bench/gpu_check.py [--quick] [--threads 4 8] [--budget 300]
 """
@@ -46,7 +39,6 @@ def main() -> int:
     def over_budget() -> bool:
         return time.monotonic() - started > args.budget
 
-    import numpy as np
     from PIL import Image
     from skimage import data
 
@@ -56,8 +48,7 @@ def main() -> int:
     from worker.batcher import MaskBatcher
     from worker.engine import Predictor
 
-    device = torch.cuda.get_device_name(0)
-    print(f"GPU: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, CUDA {torch.version.cuda}\n")
     backbones = ["swin_v1_t"] if args.quick else ["swin_v1_t", "swin_v1_l"]
 
     def predictor(backbone: str, dtype: str, **fields) -> Predictor:
@@ -93,9 +84,7 @@ def main() -> int:
                 half.network.fuse_for_inference()
             logits = torch.stack(half.forward(prepared)).float()
             diff = (logits - logits32).abs()
-            mask_a = (logits.sigmoid() * 255).round()
-            mask_b = (logits32.sigmoid() * 255).round()
-            mask_diff = (mask_a - mask_b).abs()
+            mask_diff = ((logits.sigmoid() * 255).round() - (logits32.sigmoid() * 255).round()).abs()
             print(f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "
                   f"{(mask_diff > 0).float().mean() * 100:.3f} % | {mask_diff.max():.0f} |")
             del half
@@ -164,7 +153,6 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
     print(f"\nall parts in {time.monotonic() - started:.0f} s")
-    _ = np  # numpy is imported for the engine's sake
     return 0
 
 

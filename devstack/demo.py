@@ -8,27 +8,20 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from skimage import data as samples
 
-from common.adapters.storage import make_s3_client
 from common.state import keys
 from common.state.jobs import JobStore
 from devstack.receiver import WebhookReceiver
+from devstack.services import aws_client
 from devstack.stack import DevStackSettings, LocalStack
 
 console = Console(width=None if Console().is_terminal else 120)
-
-
-def sample_photos() -> dict[str, np.ndarray]:
-    """Real photos that ship inside scikit-image."""
-    from skimage import data
-
-    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee()}
 
 
 def _weights_banner(store: JobStore) -> None:
@@ -57,9 +50,9 @@ def run_demo(out_dir: Path = Path("out")) -> None:
         store = JobStore.from_settings(settings)
         _weights_banner(store)
 
-        s3 = make_s3_client(settings)
+        s3 = aws_client("s3", settings.s3_endpoint_url, settings, stack.env)
         variant = stack.dev.demo_variant
-        photos = sample_photos()
+        photos = {"astronaut": samples.astronaut(), "chelsea": samples.chelsea(), "coffee": samples.coffee()}
         uploaded_at: dict[str, float] = {}
         for name, pixels in photos.items():
             buffer = io.BytesIO()

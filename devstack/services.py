@@ -1,12 +1,10 @@
-"""Real local services for tests, `make up` and `make demo`: redis-server and moto's S3+SQS server.
-
-Everything binds to 127.0.0.1 on a free port and is stopped by whoever started it.
-"""
+"""Real local services for tests, benchmarks, `make up` and `make demo`: redis-server, moto's S3+SQS server,
+and the environment and settings of the processes started around them (passed explicitly, never written
+into this process's os.environ). Everything binds to 127.0.0.1 on a free port."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -15,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
 import redis
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 from common.adapters.storage import boto_config
 from common.settings import Settings
@@ -42,6 +42,19 @@ def spawn_python(args: list[str], env: dict[str, str], log_path: Path) -> subpro
     """`python <args>` from the repository root with exactly `env`, stdout and stderr into `log_path`."""
     handle = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen], timeout: float = 20) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL after `timeout`)."""
+    processes = list(processes)
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def redis_server_binary() -> str:
@@ -89,10 +102,7 @@ class RedisServer:
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
+            (self.process.kill if kill else self.process.terminate)()
             self.process.wait(timeout=15)
 
     def __enter__(self) -> RedisServer:
@@ -117,8 +127,6 @@ class MotoServer:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         return self
@@ -141,11 +149,18 @@ class Provisioned:
     queue_arn: str
 
 
-def provision_aws(settings: Settings, queue_name: str = "birefnet-input-events") -> Provisioned:
+def aws_client(service: str, endpoint: str | None, settings: Settings, env: Mapping[str, str] | None = None):
+    """A boto3 client of a local endpoint with the credentials in `env` (a stack's; None: boto3's own chain)."""
+    keys = {} if env is None else {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+                                   "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+    return boto3.client(service, endpoint_url=endpoint, region_name=settings.aws_region, config=boto_config(), **keys)
+
+
+def provision_aws(settings: Settings, env: Mapping[str, str] | None = None,
+                  queue_name: str = "birefnet-input-events") -> Provisioned:
     """Buckets, the event queue and the input bucket's notification, as infra/terraform does on AWS."""
-    kwargs = {"region_name": settings.aws_region, "config": boto_config()}
-    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, **kwargs)
-    sqs = boto3.client("sqs", endpoint_url=settings.sqs_endpoint_url, **kwargs)
+    s3 = aws_client("s3", settings.s3_endpoint_url, settings, env)
+    sqs = aws_client("sqs", settings.sqs_endpoint_url, settings, env)
     for bucket in (settings.input_bucket, settings.output_bucket):
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=bucket)
@@ -160,21 +175,44 @@ def provision_aws(settings: Settings, queue_name: str = "birefnet-input-events")
     return Provisioned(queue_url=queue_url, queue_arn=queue_arn)
 
 
-def stack_environment(redis_url: str, aws_url: str, queue_url: str, extra: dict[str, str] | None = None) -> dict:
-    """Environment for child processes (producer, workers) of a local stack."""
-    env = dict(os.environ)
-    env.update({
+def stack_environment(environ: Mapping[str, str], redis_url: str, aws_url: str,
+                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for the child processes of a local stack: `environ` (the caller's), the stack's endpoints,
+    moto's dummy credentials unless `environ` has some, then `extra`."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", **environ,
         "BIREFNET_REDIS_URL": redis_url,
         "BIREFNET_S3_ENDPOINT_URL": aws_url,
         "BIREFNET_SQS_ENDPOINT_URL": aws_url,
-        "BIREFNET_SQS_QUEUE_URL": queue_url,
-        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "BIREFNET_SQS_QUEUE_URL": "",
         "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra or {})
-    return env
+        **(extra or {}),
+    }
 
 
-def dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {key.lower(): value for key, value in self._environ.items()
+                if not (self.env_ignore_empty and value == "")}
+
+
+def settings_from(env: Mapping[str, str], dotenv: bool = False) -> Settings:
+    """Settings as a child process started with `env` reads them (.env only with `dotenv`; os.environ unread)."""
+
+    class FromEnv(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                       env_settings: PydanticBaseSettingsSource,
+                                       dotenv_settings: PydanticBaseSettingsSource,
+                                       file_secret_settings: PydanticBaseSettingsSource,
+                                       ) -> tuple[PydanticBaseSettingsSource, ...]:
+            mapping = _MappingEnvSource(settings_cls, env)
+            return (init_settings, mapping, dotenv_settings) if dotenv else (init_settings, mapping)
+
+    return FromEnv()

@@ -1,8 +1,8 @@
 """A private local stack on loopback: Redis, S3+SQS (moto), producer, webhook deliverer, worker(s), and the
 fal-compatible gateway over HTTPS (certificate from a CA made for the stack, auth off).
 
-Used by `make up` (foreground) and `make demo`. Ports and names come from settings
-(BIREFNET_DEV_* for the stack's own ports, BIREFNET_* for the rest).
+Used by `make up` (foreground) and `make demo`. Ports and names come from settings (BIREFNET_DEV_* for the
+stack's own ports, BIREFNET_* for the rest) and the environment the stack is given; it never writes os.environ.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,8 +33,10 @@ from devstack.services import (
     RedisServer,
     free_port,
     provision_aws,
+    settings_from,
     spawn_python,
     stack_environment,
+    stop_processes,
 )
 
 
@@ -120,17 +123,15 @@ def worker_groups(spec: str, settings: Settings) -> list[list[str]]:
     return groups
 
 
-def hub_offline_reason(timeout: float) -> str | None:
-    """Why the workers should not try Hugging Face (None: reachable, or probing is off / already offline).
-
-    Without this, each variant spends ~23 s in huggingface_hub's retries before its fallback when there is
-    no network. A TCP connect to the hub's host within `timeout` counts as reachable."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+def hub_offline_reason(timeout: float, environ: Mapping[str, str]) -> str | None:
+    """Why the workers (environment `environ`) should not try Hugging Face (None: reachable, or probing is off
+    / already offline). Without this, each variant spends ~23 s in huggingface_hub's retries before its
+    fallback when there is no network. A TCP connect to the hub's host within `timeout` counts as reachable."""
+    if environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     if timeout <= 0:
         return None
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
+    parsed = urlparse(environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
     outcome: list[str | None] = []
 
@@ -148,8 +149,12 @@ def hub_offline_reason(timeout: float) -> str | None:
 
 
 class LocalStack:
-    def __init__(self, dev: DevStackSettings | None = None, log_dir: Path | None = None):
+    """`environ` (default: this process's, read once here) is what the stack's processes start from."""
+
+    def __init__(self, dev: DevStackSettings | None = None, log_dir: Path | None = None,
+                 environ: Mapping[str, str] | None = None):
         self.dev = dev or DevStackSettings()
+        self.environ = dict(os.environ if environ is None else environ)
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="birefnet-stack-"))
         self.redis = RedisServer(port=self.dev.redis_port, data_dir=str(self.log_dir / "redis"))
         self.aws = MotoServer(port=self.dev.aws_port)
@@ -173,12 +178,10 @@ class LocalStack:
         if self.dev.allow_loopback_urls:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
             extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}
-        base = stack_environment(self.redis.url, self.aws.url, "", extra)
-        settings = Settings(redis_url=self.redis.url, s3_endpoint_url=self.aws.url, sqs_endpoint_url=self.aws.url)
-        provisioned = provision_aws(settings)
-        base["BIREFNET_SQS_QUEUE_URL"] = provisioned.queue_url
-        self.env = base
-        self.settings = settings.model_copy(update={"sqs_queue_url": provisioned.queue_url})
+        self.env = stack_environment(self.environ, self.redis.url, self.aws.url, extra)
+        settings = settings_from(self.env, dotenv=True)
+        self.env["BIREFNET_SQS_QUEUE_URL"] = provision_aws(settings, self.env).queue_url
+        self.settings = settings.model_copy(update={"sqs_queue_url": self.env["BIREFNET_SQS_QUEUE_URL"]})
         self._spawn("producer", ["-m", "producer", "sqs"])
         self._spawn("webhooks", ["-m", "deliverer", "--concurrency", "2"])
         self.tls = make_tls(self.log_dir)
@@ -188,7 +191,7 @@ class LocalStack:
             "BIREFNET_GATEWAY_AUTH": "off",  # development mode: any FAL_KEY works
         })
         if with_worker:
-            self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout)
+            self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout, self.env)
             worker_env = {"HF_HUB_OFFLINE": "1"} if self.hub_offline_reason else {}
             for index, group in enumerate(worker_groups(variants or self.dev.worker_variants, self.settings)):
                 name = "worker" if index == 0 else f"worker{index + 1}"
@@ -221,13 +224,6 @@ class LocalStack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes.values())
         self.aws.stop()
         self.redis.stop()

@@ -1,5 +1,2 @@
-"""`python -m ops`: see where the queues stand and steer them (status, pause/resume/drain, dead letters).
-
-Data gathering (`ops.status`, `ops.control`) returns plain dicts (what `--json` prints); `ops.render`
-draws them with rich.
-"""
+"""`python -m ops`: queue status and steering; `ops.status`/`ops.control` return the dicts `--json` prints,
+`ops.render` draws them with rich."""

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import redis
-from rich.console import Console
+from rich.console import Console, Group
 
 from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
 from common.settings import Settings
 from ops import control, render
-from ops.status import gather_status
+from ops.status import deadletters, gather_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,20 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     exit_code = 0
 
-    def show(data: dict, view) -> None:
+    def show(data: dict | list, view: Callable[[], object]) -> None:
         if as_json:
             print(json.dumps(data, indent=2, default=str))
         else:
-            console.print(view)
+            console.print(view())
 
     try:
         if args.command == "status":
             window = args.minutes * 60 if args.minutes else None
             data = gather_status(r, settings, window=window, show_all=args.all)
-            show(data, render.status_view(data) if not as_json else None)
+            show(data, lambda: render.status_view(data))
         elif args.command == "deadletters":
-            data = control.deadletter_list(r, limit=args.limit)
-            show(data, render.deadletters_view(data) if not as_json else None)
+            data = deadletters(r, limit=args.limit)
+            show(data, lambda: render.deadletters_view(data))
         else:
             celery = make_celery(settings, name="birefnet-ops")
             if args.command == "pause":
@@ -83,13 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 exit_code = 0 if data["drained"] else 1
             else:
                 results = [control.requeue(r, celery, settings, rid) for rid in args.request_ids]
-                if as_json:
-                    print(json.dumps(results, indent=2, default=str))
-                else:
-                    for item in results:
-                        console.print(render.control_view("requeue", item))
+                show(results, lambda: Group(*(render.control_view("requeue", item) for item in results)))
                 return 0
-            show(data, render.control_view(args.command, data) if not as_json else None)
+            show(data, lambda: render.control_view(args.command, data))
     except control.OpsError as exc:
         if as_json:
             print(json.dumps({"error": str(exc)}))

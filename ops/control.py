@@ -94,12 +94,6 @@ def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, t
             "acknowledged_by": paused["acknowledged_by"]}
 
 
-def deadletter_list(r: redis.Redis, limit: int = 50) -> dict:
-    from ops.status import deadletters
-
-    return deadletters(r, limit=limit)
-
-
 def requeue(r: redis.Redis, celery: Celery, settings: Settings, request_id: str) -> dict:
     """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, sent again."""
     store = JobStore(r, record_ttl=settings.job_record_ttl)

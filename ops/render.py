@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -31,6 +31,13 @@ def clock(timestamp: float | None) -> str:
 def _short(text: str | None, width: int = 60) -> str:
     text = text or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name)
+    return table
 
 
 def status_view(data: dict) -> Group:
@@ -74,9 +81,7 @@ def status_view(data: dict) -> Group:
     parts.append(Text("p50/p95: job created -> result stored (done jobs); --json adds run time and queue wait",
                       style="dim"))
 
-    workers_table = Table(title="workers online", title_justify="left")
-    for name in ("worker", "variants", "device", "weights", "seen", "up"):
-        workers_table.add_column(name)
+    workers_table = _table("workers online", ("worker", "variants", "device", "weights", "seen", "up"))
     for w in data["workers"]:
         weights = (Text(f"UNTRAINED: {', '.join(w['untrained'])}", style="bold red") if w["untrained"]
                    else Text("trained", style="green"))
@@ -89,10 +94,8 @@ def status_view(data: dict) -> Group:
     checks = [(w["name"], variant, report) for w in data["workers"]
               for variant, report in (w.get("patch_order") or {}).items() if report]
     if checks:
-        order_table = Table(title="patch order (worker self-check at load; mask confidence 0..0.5)",
-                            title_justify="left")
-        for name in ("worker", "variant", "configured", "in use", "einops", "legacy", "verdict"):
-            order_table.add_column(name)
+        order_table = _table("patch order (worker self-check at load; mask confidence 0..0.5)",
+                             ("worker", "variant", "configured", "in use", "einops", "legacy", "verdict"))
         styles = {"adopted": "bold red", "pinned": "bold red", "inconclusive": "yellow", "confirmed": "green"}
         for worker_name, variant, report in checks:
             confidence = report.get("confidence") or {}
@@ -108,9 +111,7 @@ def status_view(data: dict) -> Group:
     line.append(f", {hooks['retrying']} retrying", style="yellow" if hooks["retrying"] else "")
     parts.append(line)
     if hooks["recent_failures"]:
-        failed = Table(title="latest webhook failures", title_justify="left")
-        for name in ("request", "failed at", "attempts", "last error", "url"):
-            failed.add_column(name)
+        failed = _table("latest webhook failures", ("request", "failed at", "attempts", "last error", "url"))
         for f in hooks["recent_failures"]:
             failed.add_row(f["request_id"], clock(f["failed_at"]), str(f["attempts"]), _short(f["last_error"], 40),
                            _short(f["webhook_url"], 40))
@@ -124,9 +125,8 @@ def status_view(data: dict) -> Group:
 
 
 def deadletters_view(data: dict, title: str | None = None) -> Table:
-    table = Table(title=title or f"dead letters ({data['count']})", title_justify="left")
-    for name in ("request", "variant", "dead since", "attempts", "last error", "input"):
-        table.add_column(name)
+    table = _table(title or f"dead letters ({data['count']})",
+                   ("request", "variant", "dead since", "attempts", "last error", "input"))
     for e in data["entries"]:
         table.add_row(e["request_id"], e["variant"] or "-", clock(e["dead_at"]), str(e["attempts"]),
                       _short(e["last_error"] or e["error"], 50), _short(e["image_url"], 50))
@@ -159,7 +159,3 @@ def control_view(command: str, data: dict) -> Text:
         return Text.assemble((f"{data['request_id']} requeued", "bold green"),
                              f" on {data['queue']} (attempts reset; was: {_short(data['previous_error'], 80)})")
     return Text(str(data))
-
-
-def print_view(renderable, console: Console | None = None) -> None:
-    (console or Console()).print(renderable)

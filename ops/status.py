@@ -46,15 +46,12 @@ def completion_stats(entries: list[dict], window: float) -> dict:
 
 
 def workers(r: redis.Redis, now: float) -> list[dict]:
-    out = []
-    for beat in ops_state.live_workers(r):
-        out.append({
-            "name": beat.get("name"), "node": ops_state.celery_node(beat.get("name", "")),
+    out = [{"name": beat.get("name"), "node": ops_state.celery_node(beat.get("name", "")),
             "variants": beat.get("variants", []), "untrained": beat.get("untrained", []),
             "device": beat.get("device", ""), "seen_seconds_ago": round(now - beat.get("seen_at", now), 1),
             "patch_order": beat.get("patch_order") or {},
-            "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None,
-        })
+            "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None}
+           for beat in ops_state.live_workers(r)]
     return sorted(out, key=lambda w: w["name"] or "")
 
 
@@ -137,13 +134,7 @@ def gather_status(r: redis.Redis, settings: Settings, *, window: float | None = 
         if show_all or active:
             variants[variant] = figures
     live = workers(r, now)
-    return {
-        "unserved_variants": unserved(snapshot, settings),
-        "at": now,
-        "window_seconds": window,
-        "variants": variants,
-        "workers": live,
-        "untrained_variants": sorted({v for w in live for v in w["untrained"]}),
-        "webhooks": webhook_failures(r),
-        "deadletters": deadletters(r, limit=5),
-    }
+    return {"unserved_variants": unserved(snapshot, settings), "at": now, "window_seconds": window,
+            "variants": variants, "workers": live,
+            "untrained_variants": sorted({v for w in live for v in w["untrained"]}),
+            "webhooks": webhook_failures(r), "deadletters": deadletters(r, limit=5)}

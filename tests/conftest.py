@@ -4,6 +4,7 @@ Shared helpers live in tests/helpers; this file holds only fixtures."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    with MotoServer() as server:
+    # The test process's own boto3 clients (tests, the gateway in a thread) use moto's dummy credentials
+    # unless it has some; its subprocesses get theirs from Stack.env.
+    with MotoServer() as server, pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            patch.setenv(key, os.environ.get(key, "testing"))
         yield server.url
 
 

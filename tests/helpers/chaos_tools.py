@@ -30,17 +30,16 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import boto3
 import httpx
 import redis
 
 from common.adapters import broker
-from common.adapters.storage import RESULT_DOCUMENT, boto_config
+from common.adapters.storage import RESULT_DOCUMENT
 from common.settings import Settings
 from common.state import keys, ops_state
 from common.state.jobs import JobRecord, JobStore
 from devstack.receiver import WebhookReceiver
-from devstack.services import RedisServer, free_port
+from devstack.services import RedisServer, aws_client, free_port
 from tests.helpers.gateway import ALICE, api_keys_setting, auth, signing_seed
 from tests.helpers.images import data_uri, flat_png, small_png  # noqa: F401 - chaos tests take them from here
 from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, settings_from, wait_for  # noqa: F401
@@ -221,7 +220,7 @@ class ChaosStack:
         leave two versions); a short SQS visibility timeout brings back events that failed quickly."""
         self.s3_direct().put_bucket_versioning(Bucket=self.settings.output_bucket,
                                                VersioningConfiguration={"Status": "Enabled"})
-        sqs = boto3.client("sqs", region_name=self.settings.aws_region, endpoint_url=self.moto_url)
+        sqs = aws_client("sqs", self.moto_url, self.settings, self.stack.env)
         sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": "5"})
 
     # --- clients ---
@@ -241,8 +240,7 @@ class ChaosStack:
 
     def s3_direct(self):
         """S3 as a user sees it (straight to moto, never cut)."""
-        return boto3.client("s3", region_name=self.settings.aws_region, endpoint_url=self.moto_url,
-                            config=boto_config())
+        return aws_client("s3", self.moto_url, self.settings, self.stack.env)
 
     # --- workers ---
     def start_worker(self, wait: bool = True, extra_env: dict[str, str] | None = None) -> str:

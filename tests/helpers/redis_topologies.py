@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from devstack.services import free_port, redis_server_binary
+from devstack.services import free_port, redis_server_binary, stop_processes
 
 
 def tls_redis_binary() -> str | None:
@@ -240,11 +240,4 @@ class SentinelGroup:
         return port
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes.values(), timeout=15)

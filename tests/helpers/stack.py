@@ -1,26 +1,33 @@
 """The one stack builder of the tests: settings for a private set of service processes, and those processes.
 
 A stack's environment lives in `Stack.env` and reaches its subprocesses only through it (devstack's
-launcher); the test process's `os.environ` is never written. The test process gets the same values as
-`Stack.settings`. Feature stacks (the gateway stack in tests/helpers/gateway.py, the chaos stack in
-tests/helpers/chaos_tools.py) are built with `build_stack` and add their own parts around it.
+launcher); the test process's `os.environ` gets nothing of it (only moto's dummy AWS credentials, from
+conftest). The test process gets the same values as `Stack.settings`. Feature stacks (the gateway stack in
+tests/helpers/gateway.py, the chaos stack in tests/helpers/chaos_tools.py) are built with `build_stack`
+and add their own parts around it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 from common.settings import Settings
-from devstack.services import ROOT, provision_aws, spawn_python, stack_environment
+from devstack.services import (
+    ROOT,
+    provision_aws,
+    settings_from,
+    spawn_python,
+    stack_environment,
+    stop_processes,
+)
 
 __all__ = ["ROOT", "TEST_VARIANTS", "Stack", "build_stack", "isolated_settings", "settings_from", "wait_for"]
 
@@ -39,30 +46,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
-        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {key.lower(): value for key, value in self._environ.items()
-                if not (self.env_ignore_empty and value == "")}
-
-
-def settings_from(env: Mapping[str, str]) -> Settings:
-    """Settings as a child process started with `env` reads them (no .env file, os.environ untouched)."""
-
-    class FromEnv(Settings):
-        @classmethod
-        def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                       **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, _MappingEnvSource(settings_cls, env)
-
-    return FromEnv()
 
 
 def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[str, str]]:
@@ -132,23 +115,16 @@ class Stack:
         return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 
     def stop_all(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes)
 
 
 def build_stack(redis_url: str, s3_url: str, values: dict[str, str], *, queue_name: str,
                 sqs_url: str | None = None) -> Stack:
     """Environment (`values` over the test process's own), settings, buckets and event queue of one stack.
     `values` must hold BIREFNET_TEST_LOG_DIR; `sqs_url` (default: `s3_url`) lets S3 go through a proxy."""
-    env = stack_environment(redis_url, s3_url, "", values)
+    env = stack_environment(os.environ, redis_url, s3_url, values)
     env["BIREFNET_SQS_ENDPOINT_URL"] = sqs_url or s3_url
     settings = settings_from(env)
-    queue = provision_aws(settings, queue_name=queue_name)
+    queue = provision_aws(settings, env, queue_name=queue_name)
     env["BIREFNET_SQS_QUEUE_URL"] = queue.queue_url
     return Stack(settings=settings.model_copy(update={"sqs_queue_url": queue.queue_url}), env=env)
