@@ -31,9 +31,7 @@ MIN_SIDE = 8  # smaller inputs carry no usable subject; refuse them rather than 
 _CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 _SRGB_PROFILE = ImageCms.createProfile("sRGB")
 
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
+# --- Decoding ---
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int = MIN_SIDE) -> Image.Image:
@@ -164,9 +162,7 @@ def _icc_to_srgb(image: Image.Image) -> Image.Image | None:
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# Foreground colour refinement (Forte & Pitié 2021, "Approximate Fast Foreground Colour Estimation")
-# --------------------------------------------------------------------------------------------
+# --- Foreground colour refinement (Forte & Pitié 2021, "Approximate Fast Foreground Colour Estimation") ---
 
 
 def _reflect_indices(length: int, before: int, after: int, device: torch.device) -> torch.Tensor:
@@ -245,9 +241,7 @@ def refine_foreground(image: torch.Tensor, mask: torch.Tensor, *, radii: tuple[i
     return foreground
 
 
-# --------------------------------------------------------------------------------------------
-# Composition
-# --------------------------------------------------------------------------------------------
+# --- Composition ---
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:
@@ -292,9 +286,7 @@ def compose_cutout(
     return rgba_from(rgb, mask)
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding
-# --------------------------------------------------------------------------------------------
+# --- Encoding ---
 
 
 @dataclass(frozen=True)

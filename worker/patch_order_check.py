@@ -84,9 +84,7 @@ def report(photos: list[Path], scores: dict[str, list[float]]) -> str:
     return "\n".join(lines) + "\n\n" + verdict(scores)
 
 
-# --------------------------------------------------------------------------------------------
-# The worker's own check at load time
-# --------------------------------------------------------------------------------------------
+# --- The worker's own check at load time ---
 
 
 @dataclass(frozen=True)

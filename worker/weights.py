@@ -113,9 +113,7 @@ def parse_source(source: str) -> WeightSource:
     return WeightSource("local", str(path), sha256=sha256)
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching: source -> local file or folder
-# --------------------------------------------------------------------------------------------
+# --- Fetching: source -> local file or folder ---
 
 
 def cache_root(settings: Settings) -> Path:
@@ -254,9 +252,7 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the expected {expected}")
 
 
-# --------------------------------------------------------------------------------------------
-# Reading: file or folder -> state dict
-# --------------------------------------------------------------------------------------------
+# --- Reading: file or folder -> state dict ---
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -321,9 +317,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return cleaned
 
 
-# --------------------------------------------------------------------------------------------
-# Fitting: state dict -> model, strictly
-# --------------------------------------------------------------------------------------------
+# --- Fitting: state dict -> model, strictly ---
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:

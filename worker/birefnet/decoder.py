@@ -19,9 +19,8 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def patch_stack(
-    image_BCHW: Tensor, grid_h: int, grid_w: int, order: str, channels_last: bool = False
-) -> Tensor:
+def patch_stack(image_BCHW: Tensor, grid_h: int, grid_w: int, order: str,
+                channels_last: bool = False) -> Tensor:
     """Cut the image into grid_h x grid_w tiles and stack them on the channel axis.
 
     einops: channel = c * GH * GW + row * GW + col   (official code since Nov 2024)
@@ -55,13 +54,8 @@ class Decoder(nn.Module):
         self.ipt_blk1 = SimpleConvs(ipt_in[4], ipt_out[3], ic)
 
         def dec_blk(cin: int, cout: int) -> BasicDecBlk:
-            return BasicDecBlk(
-                cin,
-                cout,
-                filled(cfg.dec_inter_channels),
-                filled(cfg.aspp_channels),
-                filled(cfg.aspp_kernel_sizes),
-            )
+            return BasicDecBlk(cin, cout, filled(cfg.dec_inter_channels), filled(cfg.aspp_channels),
+                               filled(cfg.aspp_kernel_sizes))
 
         self.decoder_block4 = dec_blk(ch[0] + ipt_out[0], ch[1])
         self.decoder_block3 = dec_blk(ch[1] + ipt_out[0], ch[2])
@@ -95,9 +89,8 @@ class Decoder(nn.Module):
 
     def _patches(self, image: Tensor, blk: SimpleConvs, size: torch.Size) -> Tensor:
         grid_h, grid_w = image.shape[-2] // size[0], image.shape[-1] // size[1]
-        stack = patch_stack(
-            image, grid_h, grid_w, self.patch_order, channels_last=fast_path(self._fused, image)
-        )
+        channels_last = fast_path(self._fused, image)
+        stack = patch_stack(image, grid_h, grid_w, self.patch_order, channels_last=channels_last)
         return blk(resize(stack, size))
 
     def _gate(self, p: Tensor, i: int) -> Tensor:
@@ -165,13 +158,8 @@ class Decoder(nn.Module):
             c = w.shape[1] // 2  # input = cat(full-size part, half-size part)
             w_full, b, w_half = f32(w[:, :c].flatten(1), b, w[:, c:].flatten(1))
             lateral[name] = (PackedLinear(w_full, b), PackedLinear(w_half, None))
-        self._fused = {
-            "gdt": gdt,
-            "lateral": lateral,
-            "final_a": f32(*final_a),
-            "final_b": f32(*final_b),
-            "final_b5": f32(w5, b5),
-        }
+        self._fused = {"gdt": gdt, "lateral": lateral, "final_a": f32(*final_a), "final_b": f32(*final_b),
+                       "final_b5": f32(w5, b5)}
 
     def unfuse(self) -> None:
         self._fused = None
