@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from common.settings import Settings
+from worker.birefnet.recipe import COMPUTED_LEAVES  # computed buffers: a checkpoint may lack them
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ RECIPE = "recipe"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Written by DataParallel / DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Integer buffers the model computes itself; a checkpoint that lacks them is still complete.
-COMPUTED_LEAVES = ("relative_position_index", "num_batches_tracked")
 # Weight files looked for in a folder (Hugging Face layout), in order of preference.
 FOLDER_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                        "pytorch_model.bin.index.json")
@@ -131,10 +130,8 @@ def fetch(source: WeightSource, settings: Settings) -> Path:
         if not path.exists():
             raise WeightsError(f"checkpoint {path} does not exist")
         fetched = path
-    elif source.kind == "hf":
-        fetched = _fetch_hf_file(source, settings)
-    elif source.kind == "hf-repo":
-        fetched = _fetch_hf_repo(source, settings)
+    elif source.kind in ("hf", "hf-repo"):
+        fetched = _fetch_hf(source, settings)
     elif source.kind == "https":
         fetched = _fetch_url(source.location, settings)
     elif source.kind == "s3":
@@ -146,25 +143,20 @@ def fetch(source: WeightSource, settings: Settings) -> Path:
     return fetched
 
 
-def _fetch_hf_file(source: WeightSource, settings: Settings) -> Path:
-    from huggingface_hub import hf_hub_download
+def _fetch_hf(source: WeightSource, settings: Settings) -> Path:
+    """One file (kind "hf") or the whole repo in Hugging Face layout (kind "hf-repo")."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
+    cache_dir = cache_root(settings) / "hf"
+    patterns = ["*.json", "*.safetensors", "*.py", "pytorch_model*.bin"]
     try:
+        if source.kind == "hf-repo":
+            return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns,
+                                          cache_dir=cache_dir))
         if source.filename is None:  # reported like any other failed download
             raise ValueError("a Hugging Face file source needs a filename")
         return Path(hf_hub_download(source.location, source.filename, revision=source.revision,
-                                    cache_dir=cache_root(settings) / "hf"))
-    except Exception as exc:  # offline misses, 404s, auth, network: all end the same way
-        raise WeightsError(f"cannot download {source.description}: {exc}") from exc
-
-
-def _fetch_hf_repo(source: WeightSource, settings: Settings) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.py", "pytorch_model*.bin"]
-    try:
-        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns,
-                                      cache_dir=cache_root(settings) / "hf"))
+                                    cache_dir=cache_dir))
     except Exception as exc:  # offline misses, 404s, auth, network: all end the same way
         raise WeightsError(f"cannot download {source.description}: {exc}") from exc
 
