@@ -303,13 +303,8 @@ class Predictor:
             host = probabilities.to("cpu", torch.float32).numpy()
             return pixels.mask_at_size(host.reshape(host.shape[-2:]), prepared.size)
 
-    def predict_masks(
-        self,
-        images: Sequence[ImageLike],
-        resolution: tuple[int, int],
-        *,
-        timings: StageTimings | None = None,
-    ) -> list[np.ndarray]:
+    def predict_masks(self, images: Sequence[ImageLike], resolution: tuple[int, int], *,
+                      timings: StageTimings | None = None) -> list[np.ndarray]:
         """Masks (float32 HxW numpy in [0, 1], each at its image's original size) for RGB images.
 
         Every image is resized to the operating `resolution` = (width, height), so images go
@@ -326,18 +321,10 @@ class Predictor:
             masks = [self.mask_for(item, prep) for item, prep in zip(logits, prepared, strict=True)]
         return [mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask for mask in masks]
 
-    def render_outputs(
-        self,
-        image: ImageLike,
-        mask: np.ndarray | torch.Tensor,
-        *,
-        output_format: str,
-        output_mask: bool,
-        refine_foreground: bool,
-        mask_only: bool,
-        timings: StageTimings | None = None,
-        prepared: PreparedImage | None = None,
-    ) -> RenderedOutputs:
+    def render_outputs(self, image: ImageLike, mask: np.ndarray | torch.Tensor, *, output_format: str,
+                       output_mask: bool, refine_foreground: bool, mask_only: bool,
+                       timings: StageTimings | None = None,
+                       prepared: PreparedImage | None = None) -> RenderedOutputs:
         """`render_outputs` with the configured encoder settings (and, on CUDA, the device-side image)."""
         return render_outputs(
             image, mask, output_format=output_format, output_mask=output_mask,

@@ -82,20 +82,12 @@ class _EncoderOptions(TypedDict):
     webp_quality: int
 
 
-def render_outputs(
-    image: ImageLike | None,
-    mask: np.ndarray | torch.Tensor,
-    *,
-    output_format: str,
-    output_mask: bool,
-    refine_foreground: bool,
-    mask_only: bool,
-    device: torch.device | str | None = None,
-    timings: StageTimings | None = None,
-    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
-    webp_quality: int = DEFAULT_WEBP_QUALITY,
-    device_rgb: torch.Tensor | None = None,
-) -> RenderedOutputs:
+def render_outputs(image: ImageLike | None, mask: np.ndarray | torch.Tensor, *, output_format: str,
+                   output_mask: bool, refine_foreground: bool, mask_only: bool,
+                   device: torch.device | str | None = None, timings: StageTimings | None = None,
+                   png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+                   webp_quality: int = DEFAULT_WEBP_QUALITY,
+                   device_rgb: torch.Tensor | None = None) -> RenderedOutputs:
     """Encode the cut-out (RGBA, input size) and, if asked, the mask (8-bit grey), in `output_format`.
 
     `mask_only` returns just the mask (as `image`) and skips the foreground refinement. The CPU path
