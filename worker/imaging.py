@@ -320,7 +320,8 @@ def encode_image(image: Image.Image, fmt: str, *, png_compress_level: int = 6, w
         else:
             image.save(buffer, format="WEBP", quality=webp_quality, alpha_quality=100, method=4)
     else:
-        _gif_ready(image).save(buffer, format="GIF", **_gif_options(image))
+        options = {"transparency": _GIF_TRANSPARENT_INDEX} if image.mode == "RGBA" else {}
+        _gif_ready(image).save(buffer, format="GIF", **options)
     return EncodedImage(data=buffer.getvalue(), content_type=_CONTENT_TYPES[fmt], extension=f".{fmt}",
                         width=image.width, height=image.height)
 
@@ -341,7 +342,3 @@ def _gif_ready(image: Image.Image) -> Image.Image:
     out = Image.fromarray(indices, "P")
     out.putpalette(palette)
     return out
-
-
-def _gif_options(image: Image.Image) -> dict:
-    return {"transparency": _GIF_TRANSPARENT_INDEX} if image.mode == "RGBA" else {}

@@ -25,9 +25,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -211,26 +213,19 @@ def _fetch_s3(location: str, settings: Settings) -> Path:
     return target
 
 
-class _atomic_file:
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[BinaryIO]:
     """Write to a temp file beside `target`, rename over it only when complete (no half files
     in the cache if the process dies, and concurrent workers never read a partial download)."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self):
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part")
-        self.handle = os.fdopen(fd, "wb")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb):
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
-        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 def verify_sha256(path: Path, expected: str) -> None:
@@ -335,11 +330,8 @@ def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
     """'' when keys and shapes agree, else counts and the first few missing / unexpected / misshapen keys."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    misshapen = sorted(
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected.keys() & state.keys()
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
+    misshapen = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                       for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
         if keys:
