@@ -1,8 +1,5 @@
-"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file).
-
-Every field is documented in the README's settings table; keep the two in step
-(tests/test_settings_doc.py checks that every field appears there).
-"""
+"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The README's settings
+table is generated from the fields' descriptions (tests/test_settings_doc.py checks it is in step)."""
 
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for Celery queues and job records.")
     visibility_timeout: int = Field(
         20, description="Seconds before an unacknowledged job is handed to another worker (a killed worker's "
-        "job comes back after this). A live worker's job is protected by its lease, so this may be short."
-    )
+        "job comes back after this). A live worker's job is protected by its lease, so this may be short.")
     unacked_restore_interval: float = Field(
         2.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
     )
@@ -46,40 +42,33 @@ class Settings(BaseSettings):
         "result), sized for the largest allowed image at the slowest variant on a GPU; a variant's "
         "`time_limit` (variant_overrides) overrides it. A run past it ends that attempt (counted, retried on "
         "another worker; after max_job_attempts: 504 request_timeout, dead-lettered), and a worker whose "
-        "inference thread is stuck that long hands its jobs back and exits for its supervisor to replace."
-    )
+        "inference thread is stuck that long hands its jobs back and exits for its supervisor to replace.")
 
     # --- Managed Redis (every Redis user: Celery broker, job store, gateway, webhooks, ops, metrics) ---
     redis_username: str = Field(
         "", description="ACL user name for Redis (and the master behind Sentinel); overrides the one in "
-        "redis_url. Empty: the URL's, else the default user."
-    )
+        "redis_url. Empty: the URL's, else the default user.")
     redis_password: str = Field(
         "", description="Password for Redis (ACL user's, or requirepass); overrides the one in redis_url, so "
-        "the secret can come from its own variable."
-    )
+        "the secret can come from its own variable.")
     redis_tls_ca_file: str = Field(
         "", description="CA bundle (PEM) that verifies the Redis server's certificate when redis_url is "
-        "rediss:// (TLS). Empty: the system's trust store. The host name is checked too."
-    )
+        "rediss:// (TLS). Empty: the system's trust store. The host name is checked too.")
     redis_tls_cert_file: str = Field(
         "", description="Client certificate (PEM) for Redis servers that require one (tls-auth-clients); "
-        "with redis_tls_key_file."
-    )
+        "with redis_tls_key_file.")
     redis_tls_key_file: str = Field("", description="Private key (PEM) of redis_tls_cert_file.")
     redis_sentinels: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Redis Sentinel addresses host:port (comma-separated or JSON list). Set: the master "
         "of redis_sentinel_master is discovered through them and followed across failovers; redis_url then "
-        "only gives the scheme (rediss:// = TLS to master and sentinels), database and credentials."
-    )
+        "only gives the scheme (rediss:// = TLS to master and sentinels), database and credentials.")
     redis_sentinel_master: str = Field("mymaster", description="Name of the Sentinel-monitored master.")
     redis_sentinel_username: str = Field("", description="ACL user name for the sentinels themselves (if they require auth).")
     redis_sentinel_password: str = Field("", description="Password for the sentinels themselves (if they require auth).")
     redis_wait_replicas: int = Field(
         0, ge=0, description="Replicas that must acknowledge an accepted job and a completion (Redis WAIT) "
-        "before the gateway answers or the webhook is sent: with Sentinel, a failover right after then does not "
-        "forget them. 0: no wait (a single Redis with AOF)."
-    )
+        "before the gateway answers or the webhook is sent: with Sentinel, a failover right after then does "
+        "not forget them. 0: no wait (a single Redis with AOF).")
     redis_wait_timeout_ms: int = Field(
         1000, ge=1, description="Longest wait (ms) for redis_wait_replicas; past it the call proceeds (logged)."
     )
@@ -94,37 +83,29 @@ class Settings(BaseSettings):
     sqs_queue_url: str | None = Field(None, description="SQS queue receiving the input bucket's event notifications.")
     result_url_style: Literal["presigned", "s3", "public"] = Field(
         "presigned", description="How result documents name output files: presigned HTTPS URLs, s3:// URIs, "
-        "or public_base_url + key."
-    )
+        "or public_base_url + key.")
     presigned_url_ttl: int = Field(7 * 24 * 3600, description="Lifetime (s) of presigned output URLs (SigV4 max: 7 days).")
     public_base_url: str = Field("", description="Base URL of the output bucket when result_url_style is 'public'.")
     sqs_wait_seconds: int = Field(10, description="SQS long-poll wait per receive call.")
     image_suffixes: Annotated[tuple[str, ...], NoDecode] = Field(
-        (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"),
-        description="Object key suffixes (case-insensitive) treated as images; other keys are ignored.",
-    )
+        (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"), description="Object key "
+        "suffixes (case-insensitive) treated as images; other keys are ignored.")
     prefix_defaults: dict[str, dict[str, object]] = Field(
-        default_factory=dict,
-        description='Per key-prefix job defaults, JSON, e.g. {"portraits/": {"model": "Portrait"}}. '
-        "The longest matching prefix wins; object metadata overrides.",
-    )
+        default_factory=dict, description='Per key-prefix job defaults, JSON, e.g. {"portraits/": {"model": '
+        '"Portrait"}}. The longest matching prefix wins; object metadata overrides.')
     default_endpoint: Literal["v1", "v2"] = Field("v2", description="fal endpoint whose schema S3-event jobs follow.")
 
     # --- Bucket intake: which events become jobs ---
     input_buckets: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Buckets whose upload events become jobs (comma-separated or JSON list). Empty: "
-        "input_bucket only. Events for any other bucket are ignored, with a log line that says so."
-    )
+        "input_bucket only. Events for any other bucket are ignored, with a log line that says so.")
     input_prefixes: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description='Per input bucket, the key prefixes whose uploads become jobs, JSON, e.g. {"photos": '
-        '["incoming/", "shop/"]}. A bucket not named here takes every key.',
-    )
+        default_factory=dict, description="Per input bucket, the key prefixes whose uploads become jobs, "
+        'JSON, e.g. {"photos": ["incoming/", "shop/"]}. A bucket not named here takes every key.')
     sns_topic_arns: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="SNS topics whose HTTP(S) deliveries the event endpoint accepts (comma-separated). "
         "Messages must carry a valid SNS signature (versions 1 and 2, certificate fetched from an SNS host); "
-        "subscriptions of these topics are confirmed automatically. Empty: SNS over HTTP is refused."
-    )
+        "subscriptions of these topics are confirmed automatically. Empty: SNS over HTTP is refused.")
 
     # --- Worker ---
     worker_variants: Annotated[tuple[str, ...], NoDecode] = Field(("general-light",), description="Variant ids this worker serves.")
@@ -132,25 +113,20 @@ class Settings(BaseSettings):
     weights_cache_dir: str = Field("~/.cache/birefnet", description="Where downloaded checkpoints are kept.")
     weights_fallback: Literal["none", "recipe"] = Field(
         "none", description="If a variant's checkpoint cannot be loaded: fail ('none') or run with untrained "
-        "recipe weights ('recipe', demos only; every log line and result says so)."
-    )
+        "recipe weights ('recipe', demos only; every log line and result says so).")
     variant_overrides: dict[str, dict] = Field(
-        default_factory=dict,
-        description='JSON {variant_id: {field: value}} adding or changing variants, e.g. '
-        '{"general-light": {"weights": "/models/BiRefNet.safetensors"}}.',
-    )
+        default_factory=dict, description="JSON {variant_id: {field: value}} adding or changing variants, "
+        'e.g. {"general-light": {"weights": "/models/BiRefNet.safetensors"}}.')
     torch_threads: int = Field(0, description="CPU threads for torch (0: 1 on CUDA and for the null model, "
                                "where torch only does tiny host-side work; torch's default on CPU).")
     retain_freed_memory: bool = Field(
         True, description="Workers tell glibc's malloc to keep freed memory (no mmap for big blocks, no heap "
         "trim), so each forward reuses its activation buffers instead of page-faulting them in afresh (CPU, "
         "1024²: Swin-L 19.4 -> 13.8 s, Swin-T 5.4 -> 4.5 s). A worker then keeps its peak memory between "
-        "jobs. No effect off glibc.",
-    )
+        "jobs. No effect off glibc.")
     worker_concurrency: int = Field(
-        1, ge=1, description="Jobs a worker holds at once (one thread each). Their forward passes are batched "
-        "(up to max_batch_size) when their operating resolutions match: dynamic batching."
-    )
+        1, ge=1, description="Jobs a worker holds at once (one thread each). Their forward passes are "
+        "batched (up to max_batch_size) when their operating resolutions match: dynamic batching.")
     batch_wait_ms: float = Field(10.0, description="How long the batcher waits for more jobs to fill a batch.")
     ready_file: str = Field("/tmp/birefnet-worker-ready", description="Written once models are loaded (readiness probe).")
     max_input_bytes: int = Field(50 * 1024 * 1024, description="Largest input image accepted, in bytes.")
@@ -161,9 +137,8 @@ class Settings(BaseSettings):
     # --- Several variants in one worker; patch-order self-check (issue 14) ---
     worker_share_networks: bool = Field(
         True, description="A worker serving several variants loads a network once for variants that name the "
-        "same checkpoint, backbone and patch order (v1 and v2 Portrait), and once per backbone and patch order "
-        "for variants that fall back to recipe weights. false: one network per variant."
-    )
+        "same checkpoint, backbone and patch order (v1 and v2 Portrait), and once per backbone and patch "
+        "order for variants that fall back to recipe weights. false: one network per variant.")
     patch_order_check: Literal["adopt", "pin", "off"] = Field(
         "adopt", description="When a worker loads trained weights it runs sample photos through both decoder "
         "patch orders and compares mask confidence. 'adopt': if the configured order is clearly worse, use the "
@@ -174,23 +149,19 @@ class Settings(BaseSettings):
         "be, and on most photos, to count as clearly better; closer than this keeps the configured order."
     )
     patch_order_check_resolution: str = Field(
-        "512x512", description="Operating resolution (WxH) of the patch-order check's forward passes."
-    )
+        "512x512", description="Operating resolution (WxH) of the patch-order check's forward passes.")
     patch_order_check_photos: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Image files for the patch-order check (comma-separated); empty: the photos shipped in "
-        "worker/samples/."
-    )
+        (), description="Image files for the patch-order check (comma-separated); empty: the photos shipped "
+        "in worker/samples/.")
 
     # --- Model engine ---
     inference_dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Dtype of the network's weights and compute on CUDA (float16/bfloat16: the weights "
-        "are converted at load, no autocast); the CPU always runs float32."
-    )
+        "float16", description="Dtype of the network's weights and compute on CUDA (float16/bfloat16: the "
+        "weights are converted at load, no autocast); the CPU always runs float32.")
     channels_last: bool = Field(True, description="Use the channels_last memory layout on CUDA (faster convolutions).")
     compile_model: bool = Field(
         False, description="Wrap the network in torch.compile (mainly for CUDA). If compiling fails at the "
-        "warm-up, the worker logs it and runs eagerly."
-    )
+        "warm-up, the worker logs it and runs eagerly.")
     warmup_forward: bool = Field(
         True, description="Run one forward pass when a model loads (CUDA: at the variant's default resolution, "
         "so kernels are tuned before the first job; CPU: a small one that proves the model runs)."
@@ -198,163 +169,130 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(4, ge=1, description="Most images the engine puts through one forward pass.")
     warmup_all_shapes: bool = Field(
         True, description="CUDA: the warm-up runs every allowed operating resolution of the variant at every "
-        "batch size up to max_batch_size, so no job pays for kernel tuning or compilation."
-    )
+        "batch size up to max_batch_size, so no job pays for kernel tuning or compilation.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode when compile_model is on; 'reduce-overhead' captures CUDA "
-        "graphs (fixed shapes: with warmup_all_shapes every shape is captured at load)."
-    )
+        "graphs (fixed shapes: with warmup_all_shapes every shape is captured at load).")
     benchmark_null_model: bool = Field(
         False, description="BENCHMARK ONLY: replace every variant's network by a constant mask (no weights, "
-        "no forward) to measure the rest of the system. Every log line and result says NULL MODEL."
-    )
+        "no forward) to measure the rest of the system. Every log line and result says NULL MODEL.")
     fused_inference: bool = Field(
         True, description="Use the native model's fused inference path (BatchNorm folded into convs, faster "
-        "deformable conv; same results up to float32 rounding). Off: the reference path."
-    )
+        "deformable conv; same results up to float32 rounding). Off: the reference path.")
     trust_remote_code: bool = Field(
         False, description="Let Hugging Face repos whose weights do not fit the native BiRefNet load through "
         "transformers' AutoModelForImageSegmentation with trust_remote_code=True (runs Python from the repo)."
     )
     png_compress_level: int = Field(
-        1, ge=0, le=9, description="Deflate level for PNG outputs (rows up-filtered). 1: zlib-ng's fastest (a 1 MP "
-        "photo's cut-out ~1.0 MB, a quarter of raw RGBA); 2-9: libdeflate at that level, ~30 % smaller at "
-        "about 2x the CPU (0 is taken as 1). Masks always go through zlib-ng."
-    )
+        1, ge=0, le=9, description="Deflate level for PNG outputs (rows up-filtered). 1: zlib-ng's fastest "
+        "(a 1 MP photo's cut-out ~1.0 MB, a quarter of raw RGBA); 2-9: libdeflate at that level, ~30 % "
+        "smaller at about 2x the CPU (0 is taken as 1). Masks always go through zlib-ng.")
     webp_quality: int = Field(
-        90, ge=1, le=100, description="Quality of lossy WebP cut-outs (alpha and masks are always lossless)."
-    )
+        90, ge=1, le=100, description="Quality of lossy WebP cut-outs (alpha and masks are always lossless).")
 
     # --- Gateway ---
     gateway_host: str = Field("0.0.0.0", description="Address the fal-compatible HTTP gateway (`python -m producer.gateway`) binds.")
     gateway_port: int = Field(8080, description="Port of the gateway.")
     gateway_workers: int = Field(1, ge=1, description="uvicorn worker processes of the gateway.")
     gateway_tls_cert: str = Field(
-        "", description="PEM certificate chain for HTTPS (fal's clients only speak https); with gateway_tls_key. "
-        "Empty: plain HTTP, e.g. behind a TLS-terminating load balancer."
-    )
+        "", description="PEM certificate chain for HTTPS (fal's clients only speak https); with "
+        "gateway_tls_key. Empty: plain HTTP, e.g. behind a TLS-terminating load balancer.")
     gateway_tls_key: str = Field("", description="PEM private key of gateway_tls_cert.")
     gateway_public_url: str = Field(
         "", description="Public base URL of the gateway (e.g. https://api.example). Submit answers "
         "{this}/queue/... as status_url/response_url/cancel_url, and gateway-served files use it. Empty: "
-        "built from each request's Host (and X-Forwarded-* when trusted)."
-    )
+        "built from each request's Host (and X-Forwarded-* when trusted).")
     gateway_trust_forwarded: bool = Field(
         True, description="Build public URLs from X-Forwarded-Proto/X-Forwarded-Host (set false when clients "
-        "reach the gateway without a proxy)."
-    )
+        "reach the gateway without a proxy).")
     gateway_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
-        ("*",), description="Origins allowed by CORS (comma-separated or JSON list; * = any)."
-    )
+        ("*",), description="Origins allowed by CORS (comma-separated or JSON list; * = any).")
     gateway_auth: Literal["keys", "off"] = Field(
         "keys", description="'keys': every API call needs `Authorization: Key <id:secret>` matching "
-        "gateway_api_keys. 'off': development only, no auth; all callers share one namespace."
-    )
+        "gateway_api_keys. 'off': development only, no auth; all callers share one namespace.")
     gateway_api_keys: list[ApiKeyConfig] = Field(
-        default_factory=list,
-        description='JSON list of API keys, secrets hashed: [{"id": "team-a", "hash": "scrypt$...", '
-        '"user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m common.domain.auth new --id '
-        "team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// image_url of that key may name.",
-    )
+        default_factory=list, description='JSON list of API keys, secrets hashed: [{"id": "team-a", "hash": '
+        '"scrypt$...", "user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m '
+        "common.domain.auth new --id team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// "
+        "image_url of that key may name.")
     gateway_result_retention: int = Field(
-        3600, description="Seconds a completed request's status and result stay readable; then 404."
-    )
+        3600, description="Seconds a completed request's status and result stay readable; then 404.")
     gateway_output_retention: int = Field(
         7 * 24 * 3600, description="Default lifetime (s) of API output files and their URLs; a request's "
         "x-fal-object-lifecycle-preference expiration_duration_seconds overrides it. Presigned URLs are "
-        "capped at 7 days; files are deleted when it ends."
-    )
+        "capped at 7 days; files are deleted when it ends.")
     gateway_output_urls: Literal["presigned", "gateway", "public"] = Field(
         "presigned", description="URLs of API outputs and uploads: presigned S3 URLs, 'gateway' (signed, "
-        "expiring {gateway_public_url}/objects/... URLs the gateway streams from S3; needs gateway_public_url "
-        "and gateway_signing_secret) or 'public' (public_base_url + key)."
-    )
+        "expiring {gateway_public_url}/objects/... URLs the gateway streams from S3; needs "
+        "gateway_public_url and gateway_signing_secret) or 'public' (public_base_url + key).")
     gateway_signing_secret: str = Field(
         "", description="HMAC secret for gateway-served file URLs and upload tokens. Empty: generated once "
-        "and kept in Redis (development; gateway_output_urls='gateway' requires it set)."
-    )
+        "and kept in Redis (development; gateway_output_urls='gateway' requires it set).")
     gateway_max_body_bytes: int = Field(
-        40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413."
-    )
+        40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413.")
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
     gateway_push_recheck: float = Field(
         60.0, gt=0, description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "
-        "re-reads the record anyway after this many seconds without a message (a safety net, not a poll)."
-    )
+        "re-reads the record anyway after this many seconds without a message (a safety net, not a poll).")
     gateway_push_fallback_poll: float = Field(
-        0.5, gt=0, description="While the gateway's pub/sub subscription is down, waiting callers re-read their "
-        "job this often instead."
-    )
+        0.5, gt=0, description="While the gateway's pub/sub subscription is down, waiting callers re-read "
+        "their job this often instead.")
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
-        "and deletes output files past their retention."
-    )
+        "and deletes output files past their retention.")
     # Failed-auth throttling (issue #16): counters in Redis, shared by every gateway process.
     gateway_auth_fail_limit: int = Field(
         20, ge=0, description="Failed authentications allowed per client address, and per key id, within "
         "gateway_auth_fail_window; beyond it the gateway answers 429 with Retry-After without checking the "
-        "credential (0: no throttling)."
-    )
+        "credential (0: no throttling).")
     gateway_auth_fail_window: int = Field(
-        60, ge=1, description="Seconds over which gateway_auth_fail_limit counts failed authentications."
-    )
+        60, ge=1, description="Seconds over which gateway_auth_fail_limit counts failed authentications.")
     gateway_metrics_port: int = Field(
         0, ge=0, description="Port serving the gateway's Prometheus /metrics without a key (for in-cluster "
         "scraping; keep it off the public network). 0: off. On the API port /metrics needs an admin key when "
-        "gateway_auth is 'keys'."
-    )
+        "gateway_auth is 'keys'.")
     webhook_signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or comma-separated) "
-        "signing webhooks. The first signs; all are published at /.well-known/jwks.json (rotation). Empty: a "
-        "key is generated and kept in Redis (development)."
-    )
+        (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or "
+        "comma-separated) signing webhooks. The first signs; all are published at /.well-known/jwks.json "
+        "(rotation). Empty: a key is generated and kept in Redis (development).")
     webhook_max_retries: int = Field(10, ge=0, description="Webhook retries after the first failed attempt (fal: 10).")
     webhook_retry_base: float = Field(
         15.0, description="First webhook retry delay (s); doubles per retry up to webhook_retry_max_delay "
-        "(defaults: 10 retries over about 2 hours)."
-    )
+        "(defaults: 10 retries over about 2 hours).")
     webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
 
     # --- Limits and backpressure ---
     max_queue_depth: int = Field(
-        0, ge=0, description="Most requests waiting (IN_QUEUE) per variant: submits and sync runs beyond it get "
-        "429 queue_full; bucket uploads' S3 events stay in SQS (or MinIO's queue) until there is room. "
-        "0: no cap. Requests' fal_max_queue_length can only lower it."
-    )
+        0, ge=0, description="Most requests waiting (IN_QUEUE) per variant: submits and sync runs beyond it "
+        "get 429 queue_full; bucket uploads' S3 events stay in SQS (or MinIO's queue) until there is room. "
+        "0: no cap. Requests' fal_max_queue_length can only lower it.")
     max_queue_depth_per_variant: dict[str, int] = Field(
-        default_factory=dict, description='JSON {variant_id: depth} overriding max_queue_depth per variant '
-        '(0: no cap for that variant), e.g. {"general-heavy": 200}.'
-    )
+        default_factory=dict, description="JSON {variant_id: depth} overriding max_queue_depth per variant "
+        '(0: no cap for that variant), e.g. {"general-heavy": 200}.')
     queue_full_retry_after: int = Field(
         5, ge=1, description="Retry-After (s) of a queue_full 429, and how long a deferred S3 event stays "
-        "invisible in SQS before it is tried again."
-    )
+        "invisible in SQS before it is tried again.")
 
     # --- Operations ---
     producer_http_host: str = Field(
         "0.0.0.0", description="Address `python -m producer http` (S3-style event notifications, e.g. MinIO "
-        "webhooks, at POST /s3-events) binds."
-    )
+        "webhooks, at POST /s3-events) binds.")
     producer_http_port: int = Field(8081, description="Port of `python -m producer http`.")
     producer_http_token: str = Field(
-        "", description="Shared secret the event endpoint requires as `Authorization: Bearer <token>` (MinIO's "
-        "webhook auth_token). Empty: no check (keep the endpoint internal)."
-    )
+        "", description="Shared secret the event endpoint requires as `Authorization: Bearer <token>` "
+        "(MinIO's webhook auth_token). Empty: no check (keep the endpoint internal).")
     worker_metrics_port: int = Field(
         9100, description="Port of a worker's Prometheus /metrics (0: off). A busy port is logged, not fatal."
     )
     producer_metrics_port: int = Field(
         9101, description="Port of the SQS producer's Prometheus /metrics (0: off); `producer http` serves "
-        "/metrics on its own port."
-    )
+        "/metrics on its own port.")
     webhooks_metrics_port: int = Field(9102, description="Port of the webhook deliverer's Prometheus /metrics (0: off).")
     ops_window_seconds: int = Field(
-        900, description="Default window (s) of the ops command's throughput and latency figures."
-    )
+        900, description="Default window (s) of the ops command's throughput and latency figures.")
     ops_completions_kept: int = Field(
         100_000, description="Completed jobs kept (approximately) in the Redis stream birefnet:completions "
-        "that ops throughput and latency are computed from."
-    )
+        "that ops throughput and latency are computed from.")
 
     # --- Input safety ---
     fetch_allow_networks: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -363,33 +301,28 @@ class Settings(BaseSettings):
         "(tests: 127.0.0.0/8). Empty: public addresses only. Cloud metadata addresses stay refused regardless."
     )
     fetch_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
-        (80, 443), description="Ports http(s) image URLs may use (comma-separated); `*` allows any port."
-    )
+        (80, 443), description="Ports http(s) image URLs may use (comma-separated); `*` allows any port.")
     fetch_max_redirects: int = Field(
-        5, ge=0, description="Redirects followed when downloading an image URL; each hop is checked again."
-    )
+        5, ge=0, description="Redirects followed when downloading an image URL; each hop is checked again.")
     fetch_connect_timeout: float = Field(
         5.0, gt=0, description="Timeout (s) for resolving and connecting to an image URL's host (per hop); "
-        "http_timeout bounds the whole download, redirects included."
-    )
+        "http_timeout bounds the whole download, redirects included.")
     max_input_side: int = Field(
         16383, ge=8, description="Largest input width or height, in pixels (16383 is the most a WebP output holds)."
     )
 
     # --- Beyond fal: compositing, cropping, mask reuse ---
     mask_cache_seconds: int = Field(
-        24 * 3600, ge=0, description="Lifetime (s) of the content cache: a job whose image bytes, variant, weights "
-        "and operating resolution match an earlier job's (in the same cache scope) reuses that mask instead of "
-        "running the network. 0: off."
-    )
+        24 * 3600, ge=0, description="Lifetime (s) of the content cache: a job whose image bytes, variant, "
+        "weights and operating resolution match an earlier job's (in the same cache scope) reuses that mask "
+        "instead of running the network. 0: off.")
     mask_cache_uploads_scope: Literal["uploads", "shared"] = Field(
         "uploads", description="Cache scope of bucket-upload jobs: 'uploads' (among uploads only) or 'shared' (with "
         "API keys whose entry says \"mask_cache\": \"shared\"; keys default to their own scope)."
     )
     mask_cache_wait_seconds: float = Field(
         60.0, ge=0, description="How long a job waits for an identical job already running the network (same "
-        "cache key) to store its mask, before running the network itself."
-    )
+        "cache key) to store its mask, before running the network itself.")
     jpeg_quality: int = Field(90, ge=1, le=95, description="Quality of JPEG outputs (opaque backgrounds only).")
     avif_quality: int = Field(80, ge=1, le=100, description="Quality of AVIF outputs (colour and alpha).")
 
@@ -441,10 +374,6 @@ class Settings(BaseSettings):
         return VariantRegistry.with_overrides(self.variant_overrides)
 
 
-def get_settings() -> Settings:
-    return Settings()
-
-
 def settings_table() -> str:
     """The README's settings table, made from the fields' descriptions."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
@@ -458,12 +387,11 @@ def settings_table() -> str:
 def update_readme(path: str = "README.md") -> None:
     """Rewrite the table between the README's settings markers."""
     import re
+    from pathlib import Path
 
-    with open(path) as handle:
-        text = handle.read()
     pattern = re.compile(r"(<!-- settings:start[^>]*-->\n).*?(\n<!-- settings:end -->)", re.S)
-    with open(path, "w") as handle:
-        handle.write(pattern.sub(lambda m: m.group(1) + settings_table() + m.group(2), text))
+    text = Path(path).read_text()
+    Path(path).write_text(pattern.sub(lambda m: m.group(1) + settings_table() + m.group(2), text))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-"""`python -m producer sqs|http`: the S3-event consumer (SQS or HTTP).
-
-`python -m producer webhooks` still starts the webhook deliverer, now `python -m deliverer` (kept for
-existing deployments and scripts)."""
+"""`python -m producer sqs|http`: the S3-event consumer (SQS or HTTP)."""
 
 from __future__ import annotations
 
@@ -20,22 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     http = sub.add_parser("http", help="take S3 event notifications over HTTP (MinIO webhooks): POST /s3-events")
     http.add_argument("--host", help="bind address (default: BIREFNET_PRODUCER_HTTP_HOST)")
     http.add_argument("--port", type=int, help="port (default: BIREFNET_PRODUCER_HTTP_PORT)")
-    hooks = sub.add_parser("webhooks", help="alias of `python -m deliverer`: the webhook delivery worker")
-    hooks.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
-    if args.command == "webhooks":
-        from deliverer.__main__ import main as run_deliverer
-
-        run_deliverer(["--concurrency", str(args.concurrency)])
-        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client
         from common.observability.metrics import register_queue_collector, start_metrics_server
-        from producer.app import build_intake
-        from producer.counted_intake import CountingIntake
+        from producer.intake import CountingIntake, build_intake
         from producer.sqs import SqsConsumer
 
         if not settings.sqs_queue_url:
@@ -47,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         start_metrics_server(settings.producer_metrics_port, "producer")
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
-        SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,  # type: ignore[arg-type]
+        SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,
                     wait_seconds=settings.sqs_wait_seconds, has_room=built.limiter.queue_has_room).run(stop)
     elif args.command == "http":
         from producer.http_events import serve

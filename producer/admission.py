@@ -21,6 +21,7 @@ from common.domain.errors import InputErrors, JobError, QueueUnreachable
 from common.domain.schemas import INPUT_MODELS, BiRefNetInput, JobSpec
 from common.domain.variants import VariantSpec
 from common.settings import Settings
+from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
 from common.state.results import fail_job
@@ -103,7 +104,7 @@ class Admission:
             if refusal is not None:
                 raise refusal
         elif rejection is None and not self.limiter.queue_has_room(spec.variant) \
-                and not self.store.redis.exists(self.store.job_key(spec.request_id)):
+                and not self.store.redis.exists(keys.job(spec.request_id)):
             raise QueueFull(spec.variant, self.settings.queue_full_retry_after)
         created = self.store.create(spec)
         if rejection is not None:

@@ -1,23 +1,10 @@
-"""Object-store event notifications -> the created objects they name.
+"""Object-store event notifications -> the created objects they name, for SQS and HTTP alike: AWS S3
+records (and `s3:TestEvent`), the same in an SNS envelope, S3 via EventBridge, MinIO webhooks, Ceph RGW.
 
-One parser for every source the producer takes, whether it arrives over SQS or HTTP:
-
-- AWS S3 event notifications (`{"Records": [...]}`, event versions 2.x) and the one-off `s3:TestEvent`;
-- the same inside an SNS envelope (`{"Type": "Notification", "Message": "<json>"}`; SNS raw message
-  delivery is the bare notification);
-- S3 events routed through EventBridge (`{"detail-type": "Object Created", "source": "aws.s3", ...}`);
-- MinIO webhook bodies (`{"EventName", "Key", "Records"}`, records with `eventSource` `minio:s3`);
-- Ceph RGW HTTP push (records with `eventSource` `ceph:s3`).
-
-Keys: AWS and MinIO URL-encode them (form encoding, "a b+c.png" is "a+b%2Bc.png"); Ceph RGW sends them
-as they are. Decoding follows the record's `eventSource`, so a Ceph key like "c++ notes.png" stays intact.
-EventBridge's documentation does not say either way: its key is read URL-decoded, with the raw form
-kept as `alt_key` for the intake to try when the decoded one does not exist.
-
-Failures are isolated: a record that is not what it should be is reported in `rejected` with its reason
-and the other records of the message still count. Only a message that is not a notification at all
-raises `MalformedEvent`.
-"""
+Keys: AWS and MinIO form-encode them ("a b+c.png" is "a+b%2Bc.png"), Ceph sends them as they are, so decoding
+follows the record's `eventSource`. EventBridge does not document it: its key is read decoded, the raw form
+kept as `alt_key`. A malformed record goes to `rejected` (the others still count); only a message that is
+not a notification at all raises `MalformedEvent`."""
 
 from __future__ import annotations
 
@@ -25,9 +12,7 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
-# eventSource values whose keys are URL-encoded (form encoding); others are taken as they are.
-URL_ENCODED_SOURCES = ("aws:s3", "minio:s3")
-RAW_KEY_SOURCES = ("ceph:s3",)
+RAW_KEY_SOURCES = ("ceph:s3",)  # eventSource values whose keys are not form-encoded
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
 

@@ -1,16 +1,9 @@
 """`python -m producer http`: event notifications over HTTP (MinIO webhooks, Ceph RGW HTTP push, SNS).
 
-POST /s3-events takes the same bodies as the SQS consumer (AWS records, EventBridge events, MinIO's
-`{"EventName", "Key", "Records"}`, Ceph's records) and answers 2xx only once every good record is
-enqueued; on transient trouble (Redis or S3 unreachable) it answers 503, so MinIO keeps the event in its
-queue dir and sends it again. Redelivered events map to the same job, so retries are safe. A malformed
-body, or one whose every record is malformed, is answered 400 with the reasons (never 500); records
-refused beside good ones are listed in a 200 answer's `rejected`.
-
-SNS HTTP(S) subscriptions POST to the same path (SNS sets `x-amz-sns-message-type`): they are
-authenticated by SNS's signature instead of the bearer token, for the topics in `sns_topic_arns` only,
-and subscription confirmations are answered by visiting their SubscribeURL (see producer.sns).
-"""
+POST /s3-events takes what the SQS consumer takes and answers 2xx only once every good record is enqueued
+(refused records listed in `rejected`), 503 on transient trouble (MinIO keeps the event and sends it again;
+redelivery maps to the same job), 400 with the reasons when no record is readable. SNS deliveries
+(`x-amz-sns-message-type`) are authenticated by SNS's signature instead of the bearer token (producer.sns)."""
 
 from __future__ import annotations
 
@@ -26,9 +19,8 @@ from common.adapters.netguard import NetPolicy
 from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
 from common.state.limits import QueueFull
-from producer.counted_intake import CountingIntake
 from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
-from producer.intake import Intake
+from producer.intake import CountingIntake, Intake, build_intake
 from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
 
 log = logging.getLogger(__name__)
@@ -50,7 +42,7 @@ def default_sns_verifier(settings: Settings) -> SnsVerifier:
 
 
 def _sns_message(headers, body: bytes) -> dict | None:
-    """The SNS message when this request is an SNS HTTP delivery, else None."""
+    """The SNS message of an SNS HTTP delivery ({} when unreadable), else None."""
     if headers.get("x-amz-sns-message-type") is None:
         return None
     try:
@@ -65,10 +57,7 @@ def _rejections(note: Notification) -> list[dict]:
 
 
 def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
-    if intake is None:
-        from producer.app import build_intake
-
-        intake = build_intake(settings)
+    intake = intake or build_intake(settings)
     sns = sns or default_sns_verifier(settings)
     counted = CountingIntake(intake, "http")
     app = FastAPI(title="birefnet producer (S3 event notifications)", docs_url=None, redoc_url=None,

@@ -1,19 +1,10 @@
 """Turns a created input object into exactly one job, however often its event is delivered.
 
-Every job is pinned to the exact content its event names:
-
-- the event carries a version id (versioned bucket): HEAD and GET that version; the job's image_url is
-  `s3://bucket/key?versionId=V` and its fingerprint hashes V. Two versions are two jobs, each cut from
-  its own bytes, in whatever order their events arrive.
-- otherwise the event's ETag: HEAD with If-Match, and the worker GETs with If-Match. An object overwritten
-  before its job reads it ends that job with "superseded by a newer upload"; the newer upload's own event
-  makes its own job. When the store answers the HEAD with a version id (a versioned bucket whose events
-  lack one), the job is pinned to that version.
-- the event's `sequencer` orders events for one key: an event older than one already handled for an
-  unversioned key, naming other content, is stale and superseded without a job that could run.
-
-Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's.
-"""
+Each job is pinned to the content its event names: its version id (HEAD and GET that version; else the
+version id the HEAD answers), or its ETag (HEAD and the worker's GET with If-Match: an object overwritten
+first ends that job as superseded, and the newer upload's event makes its own job). The `sequencer` orders
+the events of an unversioned key: an older one naming other content is superseded without a runnable job.
+Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's."""
 
 from __future__ import annotations
 
@@ -27,14 +18,16 @@ from typing import cast
 from botocore.exceptions import ClientError
 from celery import Celery
 
+from common.adapters.queue import make_celery
 from common.adapters.storage import ObjectInfo, ObjectStore, fingerprint, s3_url, upload_output_prefix
 from common.domain.errors import FileDownloadError, InputErrors, InvalidInputError, JobError
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import is_endpoint
+from common.observability.metrics import PRODUCER_EVENTS
 from common.settings import Settings
 from common.state import keys
 from common.state.jobs import JobStore
-from common.state.limits import Limiter
+from common.state.limits import Limiter, QueueFull
 from producer.admission import Admission, parse_bool, validate_input
 from producer.events import ObjectCreated
 
@@ -106,10 +99,7 @@ def check_upload_background(url: str | None, bucket: str) -> None:
 
 class Intake:
     def __init__(self, settings: Settings, store: JobStore, celery: Celery, objects: ObjectStore):
-        self.settings = settings
-        self.store = store
-        self.celery = celery
-        self.objects = objects
+        self.settings, self.store, self.objects = settings, store, objects
         self.limiter = Limiter(store.redis, settings)
         self.admission = Admission(settings, store, celery, self.limiter, objects)
         self._sequence = store.redis.register_script(_SEQUENCE)
@@ -129,9 +119,6 @@ class Intake:
         if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)):
             return "not an image key (its suffix is not in BIREFNET_IMAGE_SUFFIXES)"
         return None
-
-    def is_candidate(self, event: ObjectCreated) -> bool:
-        return self.ignore_reason(event) is None
 
     def _head(self, event: ObjectCreated) -> ObjectInfo:
         if event.version_id:
@@ -283,3 +270,27 @@ class Intake:
         )
         # A full queue raises QueueFull: the event stays with its sender (SQS, MinIO) until there is room.
         return self.admission.enqueue(spec, rejection=error).request_id
+
+
+def build_intake(settings: Settings) -> Intake:
+    return Intake(settings, JobStore.from_settings(settings), make_celery(settings), ObjectStore(settings))
+
+
+class CountingIntake:
+    """Wraps an Intake to count events by outcome (`birefnet_producer_events_total{source=...}`); the SQS
+    consumer and the HTTP endpoint both wrap theirs in it."""
+
+    def __init__(self, intake: Intake, source: str):
+        self.intake, self.source = intake, source
+
+    def handle(self, event: ObjectCreated) -> str | None:
+        try:
+            request_id = self.intake.handle(event)
+        except QueueFull:
+            PRODUCER_EVENTS.labels(self.source, "deferred").inc()
+            raise
+        except Exception:
+            PRODUCER_EVENTS.labels(self.source, "error").inc()
+            raise
+        PRODUCER_EVENTS.labels(self.source, "enqueued" if request_id else "ignored").inc()
+        return request_id

@@ -1,17 +1,9 @@
-"""Amazon SNS over HTTP(S): signature checks and subscription confirmation.
+"""Amazon SNS over HTTP(S): signature checks and subscription confirmation, as described in
+https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html.
 
-Following SNS's "Verifying the signatures of Amazon SNS messages"
-(https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html):
-
-- SignatureVersion 1 is SHA1withRSA, 2 is SHA256withRSA, over "Name\\nvalue\\n" lines of fixed fields;
-- the signing certificate is fetched over HTTPS (TLS-verified) from an SNS host only
-  (`sns.<region>.amazonaws.com`, `.amazonaws.com.cn` in China), through the SSRF-guarded fetcher;
-- only topics listed in `sns_topic_arns` are accepted; a SubscriptionConfirmation of such a topic is
-  confirmed by GETting its SubscribeURL, which must also be on an SNS host.
-
-`SnsVerifier`'s host pattern and network policy are constructor arguments and nothing else: no
-setting or environment variable widens them. Tests pass their own (a loopback "SNS" with its own CA).
-"""
+Signing certificates and SubscribeURLs are fetched from SNS hosts only (through the SSRF-guarded fetcher),
+for the topics in `sns_topic_arns` only. The host pattern and network policy are constructor arguments and
+nothing else: no setting widens them; tests pass their own."""
 
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """The SQS consumer: S3 event notifications in, jobs out.
 
-A message is deleted only after every good record it holds is safely enqueued. Malformed records are
-logged with their reason and skipped; the good records beside them still become jobs. A message that
-cannot be handled now (Redis or S3 unreachable) stays and comes back after the queue's visibility
-timeout; on AWS a redrive policy moves it to the dead-letter queue after a bounded number of receives.
-Records already enqueued from a message that comes back map to the same jobs, so redelivery is safe.
-
-Backpressure: a message whose job would go past its variant's queue cap (`max_queue_depth`) is made
-visible again after `queue_full_retry_after` s, and the consumer stops receiving until that queue has
-room again, so waiting events are not received over and over (each receive counts towards the redrive).
-"""
+A message is deleted only once every good record in it is enqueued (malformed records are logged and
+skipped); one that cannot be handled now comes back after the visibility timeout and maps to the same jobs.
+A full queue (`max_queue_depth`) makes the message visible again after `queue_full_retry_after` s and
+pauses receiving until there is room, since every receive counts towards the redrive policy."""
 
 from __future__ import annotations
 
@@ -18,19 +12,14 @@ import threading
 from collections.abc import Callable
 
 from common.state.limits import QueueFull
-from producer.events import MalformedEvent, Notification, parse_notification
-from producer.intake import Intake
+from producer.events import MalformedEvent, parse_notification
+from producer.intake import CountingIntake, Intake
 
 log = logging.getLogger(__name__)
 
 
-def log_rejected(note: Notification, where: str) -> None:
-    for rejected in note.rejected:
-        log.error("%s: record %d skipped: %s", where, rejected.index, rejected.reason)
-
-
 class SqsConsumer:
-    def __init__(self, sqs_client, queue_url: str, intake: Intake, *, wait_seconds: int = 10,
+    def __init__(self, sqs_client, queue_url: str, intake: Intake | CountingIntake, *, wait_seconds: int = 10,
                  has_room: Callable[[str], bool] | None = None):
         self.sqs = sqs_client
         self.queue_url = queue_url
@@ -77,7 +66,8 @@ class SqsConsumer:
         except MalformedEvent as exc:
             log.error("%s dropped: not an event notification (%s): %.200s", where, exc, body)
             return True
-        log_rejected(note, where)
+        for rejected in note.rejected:
+            log.error("%s: record %d skipped: %s", where, rejected.index, rejected.reason)
         complete = True
         for event in note.events:
             try:

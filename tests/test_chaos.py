@@ -21,6 +21,7 @@ import pytest
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
+from common.state import keys
 from devstack.receiver import WebhookReceiver
 from tests.forward_hook import Rule, hook_setting
 from tests.helpers.chaos_tools import (
@@ -172,8 +173,8 @@ def test_deferred_copies_of_a_running_job_do_not_multiply(moto_endpoint: str, tm
                        output_prefix=request_output_prefix(settings, rid))
         store.create(spec)
         # Another worker runs it and keeps its lease alive (held here for the whole observation).
-        store.redis.hset(store.job_key(rid), mapping={"status": "IN_PROGRESS", "attempts": 1})
-        store.redis.set(store.lease_key(rid), "elsewhere", px=60_000)
+        store.redis.hset(keys.job(rid), mapping={"status": "IN_PROGRESS", "attempts": 1})
+        store.redis.set(keys.lease(rid), "elsewhere", px=60_000)
         send_job(make_celery(settings), spec)
         deadline, peak = time.time() + 14, 0
         while time.time() < deadline:
@@ -181,8 +182,8 @@ def test_deferred_copies_of_a_running_job_do_not_multiply(moto_endpoint: str, tm
             time.sleep(0.2)
         # One message, momentarily two while a deferral publishes its successor before acknowledging.
         assert peak <= 2, f"{peak} copies of one deferred job's message"
-        store.redis.delete(store.lease_key(rid))
-        store.redis.hset(store.job_key(rid), "status", "IN_QUEUE")
+        store.redis.delete(keys.lease(rid))
+        store.redis.hset(keys.job(rid), "status", "IN_QUEUE")
         wait_for(lambda: store.status(rid) == "COMPLETED", 60, "the job to run once the lease is gone")
         assert store.get(rid).ok and log_lines(store, rid).count("loading image") == 1
     finally:
@@ -231,7 +232,7 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     from common.settings import Settings
     from common.state.jobs import JobStore
     from common.state.results import finish_job
-    from common.state.webhooks import DUE_KEY, WebhookSender
+    from common.state.webhooks import WebhookSender
     from tests.helpers.gateway import signing_seed
 
     store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
@@ -251,7 +252,7 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     assert sender.claim_due() == [], "not due yet: the task sent at completion gets its chance first"
     due = wait_for(lambda: sender.claim_due(), 5, "the first attempt's booking to fall due")
     assert due == [(rid, 0)]
-    assert sender.deliver(rid, 0).ok and store.redis.zscore(DUE_KEY, f"{rid}|0") is None
+    assert sender.deliver(rid, 0).ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|0") is None
     assert sender.deliver(rid, 0) is None, "a second copy of the task finds the attempt taken"
     time.sleep(0.5)
     assert sender.claim_due() == [] and [h.json()["request_id"] for h in receiver.received] == [rid]

@@ -21,6 +21,7 @@ import redis
 
 from common.adapters.storage import uploads_prefix
 from common.domain.signing import verify
+from common.state import keys
 from common.state.jobs import JobStore
 from common.state.webhooks import list_attempts
 from devstack.receiver import WebhookReceiver
@@ -620,6 +621,6 @@ def test_redis_is_the_only_state(gs):
         with httpx.Client(base_url=other.url, headers=auth(ALICE)) as client:
             assert client.get(f"{REQ}/{rid}/status").json()["status"] == "IN_QUEUE"
             assert client.put(f"{REQ}/{rid}/cancel").status_code == 202
-        assert redis.Redis.from_url(gs.settings.redis_url).hget(JobStore.job_key(rid), "status") == b"COMPLETED"
+        assert redis.Redis.from_url(gs.settings.redis_url).hget(keys.job(rid), "status") == b"COMPLETED"
     finally:
         other.stop()

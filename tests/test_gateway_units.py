@@ -19,14 +19,9 @@ from common.domain.errors import InputErrors
 from common.domain.signed_urls import make_token, object_url, object_url_valid, read_token
 from common.settings import Settings
 from producer.admission import validate_input
-from producer.gateway.inputs import (
-    check_url,
-    lifecycle_seconds,
-    own_bucket_key,
-    parse_body,
-    priority,
-    start_timeout,
-)
+from producer.gateway.inputs import check_url, own_bucket_key, priority
+from producer.gateway.parsing import json_object_body as parse_body
+from producer.gateway.parsing import lifecycle_seconds, start_timeout
 from producer.gateway.responses import FalError
 from producer.gateway.routing import canonical_path, proxy_target
 

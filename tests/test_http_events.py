@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 
 from common.state.jobs import JobStore
-from producer.app import build_intake
 from producer.http_events import create_app
+from producer.intake import build_intake
 from tests.helpers.metrics import sample
 from tests.helpers.pipeline import minio_body, put, queued_specs
 from tests.helpers.servers import serve

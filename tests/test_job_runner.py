@@ -55,7 +55,7 @@ class Harness:
         return record
 
     def attempts(self, spec: JobSpec) -> int:
-        return int(self.store.redis.hget(self.store.job_key(spec.request_id), "attempts") or 0)
+        return int(self.store.redis.hget(keys.job(spec.request_id), "attempts") or 0)
 
 
 def make_harness(stack: Stack, hooks: HooksForTests | None = None, **overrides) -> Harness:
@@ -99,10 +99,10 @@ def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
     assert (record.result["image"]["width"], record.result["image"]["height"]) == (40, 30)
     assert record.result["mask_image"]["content_type"] == "image/png"
     s3 = s3_client(harness.settings)
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=harness.settings.output_bucket,
+    stored = {o["Key"] for o in s3.list_objects_v2(Bucket=harness.settings.output_bucket,
                                                   Prefix=spec.output_prefix)["Contents"]}
-    assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= keys
-    assert not harness.store.redis.exists(harness.store.lease_key(spec.request_id)), "the lease is released"
+    assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= stored
+    assert not harness.store.redis.exists(keys.lease(spec.request_id)), "the lease is released"
     assert spec.request_id not in harness.runner.running_jobs()
 
 
@@ -127,7 +127,7 @@ def test_a_completed_job_is_skipped(harness: Harness):
 
 def test_a_job_leased_by_another_worker_is_deferred(harness: Harness):
     spec = harness.job()
-    harness.store.redis.set(harness.store.lease_key(spec.request_id), "elsewhere", px=60_000)
+    harness.store.redis.set(keys.lease(spec.request_id), "elsewhere", px=60_000)
     outcome = harness.runner.run(spec)
     assert (outcome.kind, outcome.detail) == ("defer", "another worker holds the lease")
     assert harness.record(spec).status == "IN_QUEUE"
@@ -149,7 +149,7 @@ def test_exhausted_attempts_end_the_job_and_dead_letter_it(harness: Harness, las
                                                            error_type, fragment):
     spec = harness.job(max_attempts=max_attempts)
     allowed = max_attempts or harness.settings.max_job_attempts
-    harness.store.redis.hset(harness.store.job_key(spec.request_id), mapping={
+    harness.store.redis.hset(keys.job(spec.request_id), mapping={
         "attempts": allowed, "last_error": "worker stopped", "last_error_type": last_type})
     outcome = harness.runner.run(spec)
     assert outcome.kind == "failed", outcome
@@ -219,7 +219,7 @@ def test_an_overwritten_upload_is_superseded(harness: Harness):
 # --- cancelled ---------------------------------------------------------------------------------------
 def test_cancelled_before_it_runs(harness: Harness):
     spec = harness.job()
-    harness.store.redis.hset(harness.store.job_key(spec.request_id), "cancel_requested", "1")
+    harness.store.redis.hset(keys.job(spec.request_id), "cancel_requested", "1")
     forwards: list[bool] = []
     harness.during_forward.append(lambda: forwards.append(True))
     assert harness.runner.run(spec).kind == "cancelled"
@@ -241,7 +241,7 @@ def test_cancelled_while_it_runs(harness: Harness):
 # --- lease lost ---------------------------------------------------------------------------------------
 def test_a_lost_lease_discards_the_outcome(harness: Harness):
     spec = harness.job()
-    key = harness.store.lease_key(spec.request_id)
+    key = keys.lease(spec.request_id)
     harness.during_forward.append(lambda: harness.store.redis.set(key, "another-worker", px=60_000))
     outcome = harness.runner.run(spec)
     assert outcome.kind == "done"
@@ -256,7 +256,7 @@ def test_a_forward_past_the_time_limit_retries_and_trips_the_worker(stack: Stack
     spec = harness.job()
     outcome = harness.runner.run(spec)
     assert outcome.kind == "retry" and "run-time limit" in outcome.detail
-    fields = harness.store.redis.hgetall(harness.store.job_key(spec.request_id))
+    fields = harness.store.redis.hgetall(keys.job(spec.request_id))
     assert fields["status"] == "IN_QUEUE" and fields["last_error_type"] == TIMEOUT_ERROR_TYPE
     assert harness.attempts(spec) == 1, "the attempt counts"
     assert harness.runner.health.tripped, "a forward that does not come back makes the worker stuck"
@@ -299,6 +299,6 @@ def test_an_unexpected_error_retries_and_is_recorded(harness: Harness, monkeypat
     spec = harness.job()
     outcome = harness.runner.run(spec)
     assert (outcome.kind, outcome.detail) == ("retry", "RuntimeError: boom")
-    fields = harness.store.redis.hgetall(harness.store.job_key(spec.request_id))
+    fields = harness.store.redis.hgetall(keys.job(spec.request_id))
     assert fields["status"] == "IN_QUEUE" and fields["last_error"] == "RuntimeError: boom"
     assert harness.attempts(spec) == 1, "the attempt counts"

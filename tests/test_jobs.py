@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from common.domain.schemas import JobParams, JobSpec
+from common.state import keys
 from common.state.jobs import JobStore
 from devstack.services import RedisServer
 
@@ -58,7 +59,7 @@ def test_expired_lease_is_claimed_again_until_attempts_run_out(store: JobStore):
     store.create(spec)
     for _ in range(2):
         assert claim(store, spec, attempts=2) == "claimed"
-        store.redis.delete(store.lease_key(spec.request_id))  # the worker died: its lease lapses
+        store.redis.delete(keys.lease(spec.request_id))  # the worker died: its lease lapses
     assert claim(store, spec, attempts=2) == "exhausted"
 
 

@@ -27,9 +27,10 @@ from common.adapters.storage import (
 )
 from common.domain.auth import hash_secret
 from common.settings import Settings
+from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
-from producer.app import build_intake
+from producer.intake import build_intake
 from producer.sqs import SqsConsumer
 from tests.helpers.gateway import GatewayServer, GatewayStack, auth, start_gateway_stack
 from tests.helpers.images import data_uri, png_bytes
@@ -94,7 +95,7 @@ def test_max_concurrent_counts_queued_requests_and_frees_slots_on_completion(gs:
         assert_429(client.post(V2, json=body()), "concurrency_limit")
         # A record that is gone (expired days later, or lost with Redis data) holds no slot either.
         r = redis.Redis.from_url(gs.settings.redis_url)
-        r.delete(JobStore.job_key(second))
+        r.delete(keys.job(second))
         r.zadd("birefnet:limits:active:concurrent", {second: time.time() - 3600})
         assert client.post(V2, json=body()).status_code == 200
 
@@ -211,12 +212,12 @@ def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
         assert sum(sqs_counts(stack)) == 3, "the three events that found no room are still in SQS"
         # Workers take jobs (here: the queued ones are cancelled): room again, the waiting events come in.
         for _ in range(2):
-            for rid in list(store.redis.zrange(store.pending_key("general-light"), 0, -1)):
+            for rid in list(store.redis.zrange(keys.pending("general-light"), 0, -1)):
                 store.cancel(rid)
             time.sleep(0.1)
             wait_for(lambda: store.queue_depth("general-light") > 0 or sum(sqs_counts(stack)) == 0, 30,
                      "waiting events to be taken")
-        for rid in list(store.redis.zrange(store.pending_key("general-light"), 0, -1)):
+        for rid in list(store.redis.zrange(keys.pending("general-light"), 0, -1)):
             store.cancel(rid)
         wait_for(lambda: sum(sqs_counts(stack)) == 0, 30, "every event to be consumed")
     finally:

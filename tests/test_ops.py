@@ -18,11 +18,10 @@ from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys, ops_state
 from common.state.jobs import JobStore
-from common.state.webhooks import DUE_KEY, FAILED_KEY, attempts_key
 from ops import cli, control, render
 from ops.status import gather_status, percentile
-from producer.app import build_intake
 from producer.events import ObjectCreated
+from producer.intake import build_intake
 from tests.helpers.images import array_png
 from tests.helpers.pipeline import put
 from tests.helpers.stack import Stack, wait_for
@@ -54,7 +53,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
 
     ids = [submit(stack, f"q/{n}.png") for n in range(3)]
     store = JobStore(r)
-    store.redis.hset(store.job_key(ids[0]), "created_at", repr(now - 120))  # the oldest has waited 2 min
+    store.redis.hset(keys.job(ids[0]), "created_at", repr(now - 120))  # the oldest has waited 2 min
     low = JobSpec(request_id=str(uuid.uuid4()), variant="general-light", image_url="s3://x/y.png",
                   params=JobParams(), output_prefix="results/requests/x/", priority="low")
     store.create(low)
@@ -71,12 +70,12 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
                                     "error_type": "image_load_error", "latency": 0.01}, keep=1000)
     # Webhooks: one gave up after every retry, one is retrying after a failed attempt.
     for rid, member in (("hook-gone", None), ("hook-retry", "hook-retry|1")):
-        r.rpush(attempts_key(rid), json.dumps({"attempt": 0, "at": now, "status_code": 500, "ok": False,
+        r.rpush(keys.webhook_attempts(rid), json.dumps({"attempt": 0, "at": now, "status_code": 500, "ok": False,
                                                "error": "HTTP 500"}))
         if member:
-            r.zadd(DUE_KEY, {member: now + 30})
+            r.zadd(keys.WEBHOOK_DUE, {member: now + 30})
         else:
-            r.zadd(FAILED_KEY, {rid: now})
+            r.zadd(keys.WEBHOOK_FAILED, {rid: now})
     r.zadd(keys.DEADLETTER, {ids[2]: now})
 
     data = gather_status(r, settings, window=600, now=now + 1)
@@ -175,7 +174,7 @@ def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revive
                    image_url=f"s3://{settings.input_bucket}/dead/astronaut.png",
                    output_prefix=request_output_prefix(settings, rid))
     store.create(spec)
-    store.redis.hset(store.job_key(rid), mapping={"attempts": settings.max_job_attempts,
+    store.redis.hset(keys.job(rid), mapping={"attempts": settings.max_job_attempts,
                                                   "last_error": "RuntimeError: CUDA error"})
     send_job(celery, spec)
 

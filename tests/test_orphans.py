@@ -8,6 +8,7 @@ import uuid
 from common.adapters.queue import make_celery, send_job
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
+from common.state import keys
 from common.state.jobs import JobStore
 from common.state.orphans import resend_orphans
 from devstack.services import RedisServer
@@ -30,7 +31,7 @@ def test_lost_message_is_resent_once(redis_server: RedisServer):
     lost, queued, fresh = job(), job(), job()
     send_job(celery, queued)  # still has its message
     fresh_spec = fresh.model_copy(update={"created_at": time.time()})
-    store.redis.hset(store.job_key(fresh.request_id), "created_at", repr(fresh_spec.created_at))
+    store.redis.hset(keys.job(fresh.request_id), "created_at", repr(fresh_spec.created_at))
 
     resent = resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60)
     assert resent == [lost.request_id], "only the old job without a message is sent again"

@@ -6,7 +6,7 @@ from common.adapters.storage import make_sqs_client
 from common.settings import Settings
 from common.state.jobs import JobStore
 from devstack.services import RedisServer
-from producer.app import build_intake
+from producer.intake import build_intake
 from producer.sqs import SqsConsumer
 from tests.helpers.pipeline import put, queue_is_empty, queued_specs
 from tests.helpers.stack import Stack

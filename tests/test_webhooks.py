@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.signing import WebhookSigner, load_private_key, message, verify
 from common.settings import Settings
+from common.state import keys
 from common.state.jobs import JobStore
-from common.state.webhooks import DUE_KEY, FAILED_KEY, WebhookSender, list_attempts, retry_delay
+from common.state.webhooks import WebhookSender, list_attempts, retry_delay
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer
 from tests.helpers.fal_verify import fal_documented_verify
@@ -112,12 +113,12 @@ def test_attempts_are_recorded_and_retries_booked_until_delivered(store, receive
     receiver.status_codes = [500]
     first = hooks.deliver(rid, 0)
     assert first is not None and not first.ok and first.status_code == 500
-    assert store.redis.zscore(DUE_KEY, f"{rid}|1") is not None, "the retry is booked"
+    assert store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|1") is not None, "the retry is booked"
     assert hooks.deliver(rid, 0) is None, "one run per attempt number, even if the task is redelivered"
     time.sleep(0.1)
     assert hooks.claim_due() == [(rid, 1)], "the pump picks the booked retry up when it falls due"
     second = hooks.deliver(rid, 1)
-    assert second.ok and store.redis.zscore(DUE_KEY, f"{rid}|2") is None, "success cancels the next one"
+    assert second.ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|2") is None, "success cancels the next one"
     assert [a["ok"] for a in list_attempts(store, rid)] == [False, True]
     assert hooks.deliver(rid, 2) is None, "delivered: nothing more"
     body = receiver.received[-1]
@@ -134,10 +135,10 @@ def test_exhausted_retries_are_listed_as_failed(store):
     for attempt in range(3):
         result = hooks.deliver(rid, attempt)
         assert result is not None and not result.ok and result.status_code is None
-    assert store.redis.zscore(FAILED_KEY, rid) is not None
+    assert store.redis.zscore(keys.WEBHOOK_FAILED, rid) is not None
     (failed,) = hooks.failed()
     assert failed["request_id"] == rid and len(failed["attempts"]) == 3 and failed["owner"] == "alice"
-    assert not store.redis.zrangebyscore(DUE_KEY, "-inf", "+inf"), "no retry after the last"
+    assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), "no retry after the last"
 
 
 @pytest.mark.parametrize("url, reason", [
@@ -151,6 +152,6 @@ def test_a_receiver_refused_by_the_network_policy_fails_finally_on_the_first_att
     result = hooks.deliver(rid, 0)
     assert not result.ok and result.final and reason in result.error
     assert "webhook URL" in result.error and "image URL" not in result.error, result.error
-    assert not store.redis.zrangebyscore(DUE_KEY, "-inf", "+inf"), "no retry is booked: it cannot succeed"
+    assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), "no retry is booked: it cannot succeed"
     (failed,) = hooks.failed()
     assert failed["request_id"] == rid and [a["final"] for a in failed["attempts"]] == [True]

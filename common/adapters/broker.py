@@ -56,7 +56,7 @@ def decode(raw: str | bytes) -> TaskMessage | None:
         data = json.loads(raw)
         routing_key = None
         if isinstance(data, list):
-            message, routing_key = data[0], (_text(data[2]) if len(data) > 2 else None)
+            message, routing_key = data[0], (as_text(data[2]) if len(data) > 2 else None)
         else:
             message = data
         if isinstance(message, str):
@@ -99,16 +99,16 @@ def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
     """Messages delivered to workers and not yet acknowledged, by queue: [{request_id, task, since}]."""
     held: dict[str, list[dict]] = {}
     scored = cast(list[tuple[bytes | str, float]], r.zrange(UNACKED_INDEX, 0, -1, withscores=True))
-    index = {_text(k): v for k, v in scored}
+    index = {as_text(k): v for k, v in scored}
     for tag, raw in r.hgetall(UNACKED).items():
         message = decode(raw)
         if message is None or message.routing_key is None:
             continue  # not a Celery task message we understand
         held.setdefault(message.routing_key, []).append(
             {"request_id": message.request_id if message.task else None, "task": message.task,
-             "since": index.get(_text(tag))})
+             "since": index.get(as_text(tag))})
     return held
 
 
-def _text(value: object) -> str:
+def as_text(value: object) -> str:  # a Redis reply, from a decoding client or not
     return value.decode() if isinstance(value, bytes) else str(value)

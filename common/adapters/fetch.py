@@ -1,9 +1,5 @@
-"""Reading a job's input image: s3://, http(s):// or data: URIs, with size and time limits.
-
-http(s) downloads go through `common.adapters.netguard` (SSRF guard): every connection, redirects included,
-is resolved once, checked and dialled by address. Errors are JobErrors with fal's error types:
-`file_download_error` for anything about getting the bytes, `image_too_large` for the size cap.
-"""
+"""Reading a job's input image (s3://, http(s)://, data:) with size and time limits; http(s) goes through
+the SSRF guard (common.adapters.netguard). Errors are fal's file_download_error and image_too_large."""
 
 from __future__ import annotations
 

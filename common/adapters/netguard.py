@@ -1,21 +1,13 @@
-"""Outbound request guard against server-side request forgery (SSRF).
-
-Callers hand us URLs; a worker must never be made to read from our own network (Redis, the cloud
-metadata service, an admin port on localhost). The rules:
+"""Outbound request guard against server-side request forgery (SSRF): a worker must never be made to read
+from our own network (Redis, the cloud metadata service, an admin port on localhost). The rules:
 
 * only http, https, data and s3 URLs; no credentials in URLs; http(s) ports from `fetch_allowed_ports`;
-* a host name is resolved exactly once per connection, and refused if ANY of its addresses is not a
-  public unicast address (so a name with one public and one private address is refused);
-* the connection goes to one of those checked addresses, never to a second lookup's answer: the check
-  lives in the httpcore network backend (`GuardedBackend`), i.e. at the socket, so it also covers
-  every redirect hop and every parser quirk of whatever produced the host name;
-* numeric hosts (`2130706433`, `0x7f.1`, `0177.0.0.1`, `127.1`) are parsed the way inet_aton does,
-  and IPv6 forms that embed an IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) are judged by it;
-* the only way to reach non-public addresses is the documented `fetch_allow_networks` setting; cloud
-  metadata addresses stay refused even then.
-
-`check_url` is the submit-time check (gateway); `guarded_pool` gives an httpcore pool that enforces the
-same rules at connect time (image downloads, webhook deliveries).
+* a host name is resolved once per connection and refused if ANY of its addresses is not public unicast;
+* the connection goes to one of those checked addresses: the check lives in the httpcore network backend
+  (`GuardedBackend`), so it covers every redirect hop and every parser quirk that produced the host name;
+* numeric hosts (`2130706433`, `0x7f.1`, `127.1`) are read as inet_aton does, and IPv6 forms embedding an
+  IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) are judged by it;
+* only `fetch_allow_networks` opens non-public addresses; cloud metadata addresses stay refused even then.
 """
 
 from __future__ import annotations
@@ -276,14 +268,11 @@ def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]  # an IPv4 or IPv6 address (str)
 
 
-_dns_pool: ThreadPoolExecutor | None = None
+_dns_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="netguard-dns")  # threads start on first use
 
 
 def _resolve_with_timeout(resolver: Resolver, host: str, port: int, timeout: float) -> Sequence[str]:
     """getaddrinfo has no timeout of its own; a lookup that hangs must not hang the job."""
-    global _dns_pool
-    if _dns_pool is None:
-        _dns_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="netguard-dns")
     future = _dns_pool.submit(resolver, host, port)
     try:
         return future.result(timeout=max(timeout, 0.001))

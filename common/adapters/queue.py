@@ -14,6 +14,7 @@ from common.settings import Settings
 RUN_JOB = "birefnet.run_job"
 DELIVER_WEBHOOK = "birefnet.deliver_webhook"
 WEBHOOK_QUEUE = "webhooks"
+UNACKED_MUTEX_SECONDS = 10  # one restore sweep takes milliseconds; a dead holder blocks redelivery this long
 
 
 def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
@@ -37,6 +38,9 @@ def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
+            # kombu locks that sweep for 5 minutes by default, and a worker killed mid-sweep (SIGKILL, the
+            # watchdog's exit) keeps the lock: nothing would be redelivered until it expires.
+            "unacked_mutex_expire": UNACKED_MUTEX_SECONDS,
             **broker.transport_options,
         },
         worker_hijack_root_logger=False,

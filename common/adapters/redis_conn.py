@@ -1,14 +1,5 @@
-"""The one place Redis connections are made: plain, TLS (rediss://), ACL users, and Sentinel.
-
-Every Redis user (the Celery broker, the job store, the gateway's async reads, the webhook deliverer,
-ops, metrics) gets its client or broker options from here, so a managed Redis is configured once:
-
-- `redis_url`: `redis://` or `rediss://` (TLS), host, port, database, optional `user:password@`.
-- `redis_username` / `redis_password`: ACL credentials that override the URL's (secrets kept apart).
-- `redis_tls_ca_file`, `redis_tls_cert_file`, `redis_tls_key_file`: CA bundle and client certificate.
-- `redis_sentinels` + `redis_sentinel_master`: discover the master through Sentinel and follow failovers
-  (redis-py's `Sentinel.master_for`; kombu's `sentinel://` transport with `master_name`).
-"""
+"""The one place Redis connections are made (plain, TLS, ACL users, Sentinel): every Redis user, the
+Celery broker included, gets its client or broker options here, so a managed Redis is configured once."""
 
 from __future__ import annotations
 
@@ -109,14 +100,10 @@ def async_redis_client(settings: Settings, *, decode_responses: bool = True, **o
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection.
-
-    When a failover drops the broker connection, kombu closes the channel and then restores its
-    unacknowledged messages through a fresh pool, built from connection details that are gone by then
-    (AttributeError on `conninfo.hostname`); Celery takes that for an unrecoverable error and the process
-    exits. A Sentinel-managed pool asks the sentinels for the master at every new connection, so the pool
-    built before serves the restore, on the new master.
-    """
+    """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection: after
+    a failover kombu restores unacknowledged messages through a fresh pool built from connection details
+    that are gone by then (AttributeError, which Celery takes as fatal). The kept Sentinel-managed pool
+    asks the sentinels for the master at every new connection, so it serves the restore on the new master."""
 
     def _get_pool(self, asynchronous: bool = False):
         kept = self.__dict__.setdefault("_kept_pools", {})
@@ -165,9 +152,6 @@ def celery_broker(settings: Settings) -> BrokerOptions:
     return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
-WAIT_MARKER = keys.REPLICATED_MARKER
-
-
 def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:
     """Block until `redis_wait_replicas` replicas have every write made so far, by any connection (Redis
     WAIT), so a Sentinel failover right after does not forget it.
@@ -181,7 +165,7 @@ def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:
         return
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.set(WAIT_MARKER, "1", px=60_000)
+        pipe.set(keys.REPLICATED_MARKER, "1", px=60_000)
         pipe.wait(wanted, settings.redis_wait_timeout_ms)
         acked = pipe.execute()[-1]
     except redis.RedisError as exc:

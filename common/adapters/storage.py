@@ -1,16 +1,6 @@
-"""S3 access through boto3, and the output key layout.
-
-Output layout (all under `settings.output_prefix`, default `results/`):
-
-    uploads/<input key>/<fingerprint>/cutout.<ext>   jobs from bucket uploads
-    uploads/<input key>/<fingerprint>/mask.<ext>
-    uploads/<input key>/<fingerprint>/result.json
-    requests/<request id>/...                        jobs submitted through the gateway
-    files/<owner hash>/<random>/<file name>          files uploaded through the gateway (image_url inputs)
-
-`fingerprint` hashes the input object's version (VersionId, else ETag) and the job parameters,
-so a re-delivered event or an identical re-upload finds the finished result and is not recomputed.
-"""
+"""S3 access through boto3, and the output key layout (README: uploads/, requests/, files/ under
+`output_prefix`). An upload's `fingerprint` hashes the input object's version and the job parameters, so
+a re-delivered event or an identical re-upload finds the finished result and is not recomputed."""
 
 from __future__ import annotations
 
@@ -101,6 +91,13 @@ class ObjectInfo:
     version_id: str | None = None  # None on unversioned buckets
 
 
+def _version_args(version_id: str | None, if_match: str | None) -> dict[str, str]:
+    extra = {"VersionId": version_id} if version_id else {}
+    if if_match:
+        extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+    return extra
+
+
 class ObjectStore:
     """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
 
@@ -111,10 +108,7 @@ class ObjectStore:
     def head(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None) -> ObjectInfo:
         """An object's metadata; `version_id` names one version, `if_match` (an ETag) fails with HTTP 412
         (ClientError) unless the current object still has it."""
-        extra = {"VersionId": version_id} if version_id else {}
-        if if_match:
-            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
-        meta = self.client.head_object(Bucket=bucket, Key=key, **extra)
+        meta = self.client.head_object(Bucket=bucket, Key=key, **_version_args(version_id, if_match))
         version = meta.get("VersionId") or meta.get("ETag", "").strip('"')
         if version == "null":  # the null version of a suspended bucket is replaced by the next write
             version = meta.get("ETag", "").strip('"')
@@ -127,12 +121,9 @@ class ObjectStore:
              if_match: str | None = None) -> bytes:
         """An input object (one version of it with `version_id`; only while its ETag is `if_match`, else
         SupersededError), refused when larger than max_bytes."""
-        extra = {"VersionId": version_id} if version_id else {}
-        if if_match:
-            extra["IfMatch"] = f'"{if_match.strip(chr(34))}"'
         named = s3_url(bucket, key, version_id)
         try:
-            obj = self.client.get_object(Bucket=bucket, Key=key, **extra)
+            obj = self.client.get_object(Bucket=bucket, Key=key, **_version_args(version_id, if_match))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -1,11 +1,6 @@
-"""API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest.
-
-Configured keys (setting `gateway_api_keys`) carry a hash of the secret, never the secret:
-
-- `sha256$<hex>`: fast; also lets a bare token (FAL_KEY without `id:`) be looked up by its hash.
-- `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>`: slow on purpose; needs the `id:secret` form. Verified
-  credentials are cached in memory (by their SHA-256), so fal's 10 status polls a second stay cheap.
-
+"""API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest as
+`sha256$<hex>` (fast; also finds a bare token by its hash) or `scrypt$n$r$p$<salt>$<hash>` (slow on purpose;
+verified credentials are cached by SHA-256, so fal's 10 status polls a second stay cheap).
 `python -m common.domain.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
 """
 
@@ -41,12 +36,10 @@ class ApiKeyConfig(BaseModel):
         None, ge=1, description="Most requests of this key IN_QUEUE or IN_PROGRESS at once; more: 429. None: no limit."
     )
     requests_per_minute: int | None = Field(
-        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit."
-    )
+        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit.")
     mask_cache: Literal["key", "shared"] = Field(
         "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
-        "'shared' (with every key and bucket upload that shares)."
-    )
+        "'shared' (with every key and bucket upload that shares).")
 
     @field_validator("hash")
     @classmethod

@@ -1,8 +1,6 @@
-"""Extension input fields beyond fal's schema: background, crop to subject, JPEG/AVIF output.
-
-fal's clients pass unknown input fields through unchanged, so these work from `fal_client`, the JS client,
-curl and bucket uploads (`x-amz-meta-*`, per-prefix defaults) alike. Validation errors read like fal's
-FastAPI ones (`loc: ["body", <field>]`). Pure Python: the gateway and producer import this (no numpy).
+"""Extension input fields beyond fal's schema: background, crop to subject, JPEG/AVIF output. fal's clients
+pass unknown fields through, so these work from every client and bucket uploads (`x-amz-meta-*`) alike;
+errors read like fal's FastAPI ones. Pure Python: the gateway and producer import this (no numpy).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""fal's BiRefNet input/output schemas (FAL_API.md §11) and our job spec.
-
-Enum fields use `enum.Enum` so validation errors read exactly like fal's FastAPI ones
-(type "enum", "Input should be 'A', 'B' or 'C'").
-"""
+"""fal's BiRefNet input/output schemas (FAL_API.md §11) and our job spec. Enum fields use `enum.Enum` so
+validation errors read exactly like fal's FastAPI ones (type "enum", "Input should be 'A', 'B' or 'C'")."""
 
 from __future__ import annotations
 
@@ -157,16 +154,13 @@ class JobSpec(BaseModel):
     source: Literal["s3_event", "api"] = "api"
     output_prefix: str = Field(description="Key prefix in the output bucket for this job's files.")
     input_fingerprint: str | None = Field(
-        None, description="Hash of the input object version and params; equal fingerprints share results."
-    )
+        None, description="Hash of the input object version and params; equal fingerprints share results.")
     input_version: str | None = Field(
         None, description="Bucket uploads on versioned buckets: the object version the job reads (image_url "
-        "ends in ?versionId=<it>)."
-    )
+        "ends in ?versionId=<it>).")
     input_etag: str | None = Field(
-        None, description="Bucket uploads on unversioned buckets: the ETag the upload event named; the worker "
-        "reads the object only while it still has it (an overwrite supersedes the job)."
-    )
+        None, description="Bucket uploads on unversioned buckets: the ETag the upload event named; the "
+        "worker reads the object only while it still has it (an overwrite supersedes the job).")
     webhook_url: str | None = None
     owner: str | None = Field(None, description="API key id (gateway) or 's3' for bucket uploads.")
     priority: Literal["normal", "low"] = "normal"
@@ -174,8 +168,7 @@ class JobSpec(BaseModel):
     start_deadline: float | None = Field(None, description="Unix time after which the job must not start.")
     max_attempts: int | None = Field(
         None, ge=1, description="Deliveries this job may take, at most BIREFNET_MAX_JOB_ATTEMPTS (None: that "
-        "setting); 1 when the caller sent x-fal-no-retry."
-    )
+        "setting); 1 when the caller sent x-fal-no-retry.")
     extra: dict[str, Any] = Field(default_factory=dict)
     reuse_from: str | None = Field(
         None, description="Compose: render from the kept mask of this request instead of running the network.")

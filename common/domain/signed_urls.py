@@ -1,9 +1,6 @@
-"""HMAC-signed, expiring gateway URLs for stored files, and short-lived upload tokens.
-
-A gateway-served file URL is `{public}/objects/{key}?exp=<unix>&sig=<hmac>`: the gateway streams the
-object from S3 when the signature holds and `exp` has not passed, so S3 never needs to be reachable by
-callers. Upload tokens (fal's `storage/auth/token`) are `<base64url payload>.<hmac>`.
-"""
+"""HMAC-signed, expiring gateway URLs for stored files (`{public}/objects/{key}?exp=<unix>&sig=<hmac>`,
+streamed from S3 by the gateway, so callers never need to reach S3), and short-lived upload tokens
+(fal's `storage/auth/token`: `<base64url payload>.<hmac>`)."""
 
 from __future__ import annotations
 

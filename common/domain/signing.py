@@ -1,11 +1,7 @@
 """Ed25519 webhook signatures exactly as fal makes them (FAL_API.md §9), and the JWKS that verifies them.
 
-Signed bytes: UTF-8 of `request_id \\n user_id \\n timestamp \\n sha256hex(raw body)`; the signature travels
-hex-encoded in `X-Fal-Webhook-Signature`. The first configured key signs; every configured key is
-published in the JWKS, so a key can be rotated in ahead of use and kept published after it stops signing.
-
-Without configured keys, one key is generated and kept in Redis (shared by the gateway and the webhook
-deliverer); fine for development, but configure `webhook_signing_keys` in production.
+The first configured key signs; every configured key is published, so keys can be rotated. Without
+configured keys one is generated and kept in Redis (development only).
 """
 
 from __future__ import annotations
@@ -27,16 +23,11 @@ from common.state import keys
 
 log = logging.getLogger(__name__)
 
-GENERATED_KEY = keys.WEBHOOK_SIGNING_KEY
 HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
 HEADER_USER_ID = "X-Fal-Webhook-User-Id"
 HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
 HEADER_SIGNATURE = "X-Fal-Webhook-Signature"
 MAX_SKEW_SECONDS = 300
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def b64url_padded(data: bytes) -> str:
@@ -110,9 +101,9 @@ def generated_seed(client: redis.Redis) -> str:
     """The development key: created once, then shared through Redis by every process."""
     seed = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    if client.set(GENERATED_KEY, seed.hex(), nx=True):
+    if client.set(keys.WEBHOOK_SIGNING_KEY, seed.hex(), nx=True):
         log.warning("no webhook_signing_keys configured: generated one and stored it in Redis (dev only)")
-    stored = client.get(GENERATED_KEY)
+    stored = client.get(keys.WEBHOOK_SIGNING_KEY)
     return stored.decode() if isinstance(stored, bytes) else str(stored)
 
 

@@ -1,9 +1,5 @@
-"""A job's status: fal's three, the only values a job record holds.
-
-Failures and cancels are not statuses of their own: they are COMPLETED with an error (fal's contract), so
-COMPLETED is the one terminal status. A StrEnum, so members compare equal to, and serialise as, the
-strings stored in Redis and returned by the API.
-"""
+"""A job's status: fal's three. Failures and cancels are COMPLETED with an error (fal's contract); a
+StrEnum, so members equal the strings stored in Redis and returned by the API."""
 
 from __future__ import annotations
 

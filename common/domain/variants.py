@@ -1,9 +1,5 @@
-"""Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue.
-
-Pure data (no torch), shared by the gateway and producer (validation, routing) and the worker
-(which checkpoint to load). Operators add or override entries with the `variant_overrides`
-setting (JSON: {variant_id: {field: value}}), e.g. to point a variant at a local file.
-"""
+"""Model variants: fal's model names -> checkpoint, backbone, patch order, resolutions, queue. Pure data
+(no torch), shared by the gateway, producer and worker; `variant_overrides` adds or changes entries."""
 
 from __future__ import annotations
 
@@ -32,12 +28,10 @@ class VariantSpec(BaseModel):
 
     id: str = Field(description="Stable slug; also names the Celery queue (birefnet.<id>).")
     fal_names: dict[Endpoint, str] = Field(
-        default_factory=dict, description="fal `model` enum value per endpoint version."
-    )
+        default_factory=dict, description="fal `model` enum value per endpoint version.")
     weights: str = Field(
-        description="Checkpoint source: hf://<repo>@<revision>/<file>, a https URL, s3://bucket/key, "
-        "a local path, or 'recipe' (untrained weights made from the recipe, never a trained model)."
-    )
+        description="Checkpoint source: hf://<repo>@<revision>/<file>, a https URL, s3://bucket/key, a local "
+        "path, or 'recipe' (untrained weights made from the recipe, never a trained model).")
     backbone: str = "swin_v1_l"
     patch_order: PatchOrder = "legacy"
     default_resolution: str = RES_1024

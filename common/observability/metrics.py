@@ -1,16 +1,6 @@
-"""Prometheus metrics of every process (no torch here).
-
-Where each family comes from:
-- workers (`python -m worker`, port `worker_metrics_port`): job stage histograms, completions, errors,
-  retries, model load time, untrained-weights flag, GPU memory (read only if the process already
-  imported torch and CUDA is up);
-- the producer (`producer http` on its own port, `producer sqs` on `producer_metrics_port`): events by
-  outcome, plus the queue gauges read from Redis at scrape time;
-- the webhook deliverer (`python -m deliverer`, `webhooks_metrics_port`): deliveries by outcome;
-- the gateway mounts `/metrics` with `add_metrics_route(app, settings)` (queue gauges included).
-
-Queue gauges are global (read from Redis), so several processes exporting them report the same values:
-aggregate them with max(), not sum().
+"""Prometheus metrics of every process (no torch here): worker job stages and models, producer events,
+webhook deliveries, and queue gauges. The queue gauges are read from Redis, so every process exporting
+them reports the same values: aggregate them with max(), not sum().
 """
 
 from __future__ import annotations

@@ -1,2 +1,1 @@
-"""State kept in Redis: job records and their transitions (one key layout: keys.py), ops flags, limits,
-orphan recovery, webhook deliveries, ending a job."""
+"""State kept in Redis (one key layout: keys.py): job records, ops flags, limits, webhooks, ending a job."""

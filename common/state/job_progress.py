@@ -1,6 +1,5 @@
 """The ops state a worker writes around each job: in the running set while it runs, then an entry in
-the completions stream (what `python -m ops` and the queue gauges read). Metrics are counted apart
-(common.observability.metrics.count_job_run) from the `Completion` this returns."""
+the completions stream (what `python -m ops` and the queue gauges read)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from common.domain.schemas import JobSpec
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,8 @@ def job_started(store: JobStore, spec: JobSpec) -> None:
 
 def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str, float] | None = None,
                  *, worker: str = "", keep: int = 100_000) -> Completion | None:
-    """Record a run the worker is done with; the Completion when it ended the job, else None.
-
-    `outcome` is the runner's Outcome.kind; only done/failed/cancelled are completions (`defer`: another
-    worker holds the job, it stays running there). Never raises: bookkeeping must not fail jobs.
-    """
+    """Record a run the worker is done with (`outcome`: the runner's Outcome.kind; `defer`: another
+    worker holds the job); its Completion if it ended the job. Never raises: bookkeeping mustn't fail jobs."""
     try:
         if outcome == "defer":
             return None
@@ -47,7 +43,7 @@ def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str
         if outcome not in COMPLETED:
             return None
         created, started, completed, error_type = store.redis.hmget(
-            store.job_key(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
+            keys.job(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
         queue_wait = float(started) - float(created) if started and created else None
         ops_state.record_completion(store.redis, {
             "request_id": spec.request_id, "variant": spec.variant, "outcome": outcome,

@@ -1,14 +1,10 @@
 """Job records in Redis: status, logs, result, queue position, and the per-job lease.
 
-A job is IN_QUEUE, IN_PROGRESS or COMPLETED (fal's three statuses; failures and cancels are
-COMPLETED with an error). State changes are Lua scripts, so a cancel, a claim by a worker and a
-completion can race without corrupting anything:
-
-- `claim` moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL that the running worker
-  renews). A redelivered copy of a job whose lease is alive is deferred, never run twice; a job whose
-  lease expired (its worker died) is claimed again, up to `max_attempts` times.
-- `complete` succeeds once: only the first completion (by the lease holder) is recorded, so a
-  job gets exactly one result and one webhook.
+State changes are Lua scripts, so a cancel, a claim by a worker and a completion can race safely: `claim`
+moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL the running worker renews), so a
+redelivered copy of a job whose lease is alive is deferred, never run twice, and one whose lease expired
+(its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
+holder) is recorded, so a job gets exactly one result and one webhook.
 """
 
 from __future__ import annotations
@@ -172,28 +168,20 @@ class JobStore:
 
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 
-    # --- keys (common.state.keys) ---
-    job_key = staticmethod(keys.job)
-    logs_key = staticmethod(keys.logs)
-    lease_key = staticmethod(keys.lease)
-    pending_key = staticmethod(keys.pending)
-    job_channel = staticmethod(keys.job_channel)
-    queue_channel = staticmethod(keys.queue_channel)
-
     def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
         """Tell waiting callers (gateway status streams and sync runs) that the job, and with `variant`
         its queue, changed. Two PUBLISHes in one round trip (or on the caller's pipeline)."""
         target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        target.publish(self.job_channel(request_id), "1")
+        target.publish(keys.job_channel(request_id), "1")
         if variant:
-            target.publish(self.queue_channel(variant), "1")
+            target.publish(keys.queue_channel(variant), "1")
         if pipe is None:
             target.execute()
 
     # --- creation and lookup ---
     def create(self, spec: JobSpec) -> bool:
         """Record a new IN_QUEUE job; False if a record with this id exists already."""
-        key = self.job_key(spec.request_id)
+        key = keys.job(spec.request_id)
         created = self.redis.hsetnx(key, "spec", spec.model_dump_json())
         if not created:
             return False
@@ -201,10 +189,10 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping={"status": "IN_QUEUE", "created_at": repr(spec.created_at),
                                 "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
-        pipe.zadd(self.pending_key(spec.variant), {spec.request_id: score})
+        pipe.zadd(keys.pending(spec.variant), {spec.request_id: score})
         pipe.expire(key, self.record_ttl)
         if spec.priority != "low":  # it is queued ahead of any low-priority job: their positions move
-            pipe.zcount(self.pending_key(spec.variant), f"({keys.LOW_PRIORITY_OFFSET}", "+inf")
+            pipe.zcount(keys.pending(spec.variant), f"({keys.LOW_PRIORITY_OFFSET}", "+inf")
         replies = pipe.execute()
         if spec.priority != "low" and replies[-1]:
             self.notify(spec.request_id, spec.variant)
@@ -212,11 +200,11 @@ class JobStore:
 
     def ensure(self, spec: JobSpec) -> None:
         """Recreate a record lost with Redis data (the message carries the full spec)."""
-        if not self.redis.exists(self.job_key(spec.request_id)):
+        if not self.redis.exists(keys.job(spec.request_id)):
             self.create(spec)
 
     def get(self, request_id: str) -> JobRecord | None:
-        raw = cast(dict[str, str], self.redis.hgetall(self.job_key(request_id)))  # a decoding client: str replies
+        raw = cast(dict[str, str], self.redis.hgetall(keys.job(request_id)))  # a decoding client: str replies
         if not raw or "spec" not in raw or "status" not in raw:
             return None
 
@@ -242,33 +230,33 @@ class JobStore:
         )
 
     def status(self, request_id: str) -> Status | None:
-        raw = cast(str | None, self.redis.hget(self.job_key(request_id), "status"))  # a decoding client
+        raw = cast(str | None, self.redis.hget(keys.job(request_id), "status"))  # a decoding client
         return Status(raw) if raw else None
 
     def queue_position(self, request_id: str, variant: str) -> int | None:
         """0 = next to run in its variant's queue; None once it left the queue."""
-        return cast(int | None, self.redis.zrank(self.pending_key(variant), request_id))  # no withscore: int
+        return cast(int | None, self.redis.zrank(keys.pending(variant), request_id))  # no withscore: int
 
     def queue_depth(self, variant: str) -> int:
-        return self.redis.zcard(self.pending_key(variant))
+        return self.redis.zcard(keys.pending(variant))
 
     # --- logs ---
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
         entry = {"message": message, "level": level, "source": "USER", "timestamp": utc_timestamp()}
         pipe = self.redis.pipeline()
-        pipe.rpush(self.logs_key(request_id), json.dumps(entry))
-        pipe.expire(self.logs_key(request_id), self.record_ttl)
+        pipe.rpush(keys.logs(request_id), json.dumps(entry))
+        pipe.expire(keys.logs(request_id), self.record_ttl)
         self.notify(request_id, pipe=pipe)
         pipe.execute()
 
     def logs(self, request_id: str, start: int = 0) -> list[dict]:
-        return [json.loads(item) for item in self.redis.lrange(self.logs_key(request_id), start, -1)]
+        return [json.loads(item) for item in self.redis.lrange(keys.logs(request_id), start, -1)]
 
     # --- worker side ---
     def claim(self, request_id: str, variant: str, token: str, *, lease_seconds: float, max_attempts: int,
               worker: str) -> ClaimOutcome:
         outcome = self._claim(
-            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
             args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
         )
         if outcome in ("claimed", "exhausted"):
@@ -276,13 +264,13 @@ class JobStore:
         return outcome
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
-        return bool(self._renew(keys=[self.lease_key(request_id)], args=[token, int(lease_seconds * 1000)]))
+        return bool(self._renew(keys=[keys.lease(request_id)], args=[token, int(lease_seconds * 1000)]))
 
     def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
         """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
         was not the job's doing (an outage), so it does not count towards `max_attempts`."""
         requeued = bool(self._requeue(
-            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
             args=[token, request_id, "1" if refund_attempt else "0", 0],
         ))
         if requeued:
@@ -293,19 +281,19 @@ class JobStore:
                  error: str | None = None, error_type: str | None = None,
                  inference_time: float | None = None, extra: dict | None = None) -> bool:
         """Record the outcome; True only for the one call that completed the job."""
-        variant = cast(str | None, self.redis.hget(self.job_key(request_id), "variant")) or ""  # a decoding client: str replies
+        variant = cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""  # a decoding client: str replies
         fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
                   "error": error or "", "error_type": error_type or "",
                   "inference_time": "" if inference_time is None else repr(inference_time),
                   "extra": json.dumps(extra or {})}
         flat = [item for pair in fields.items() for item in pair]
         done = bool(self._complete(
-            keys=[self.job_key(request_id), self.lease_key(request_id), self.pending_key(variant)],
+            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
             args=[token, request_id, *flat],
         ))
         if done:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.expire(self.job_key(request_id), self.record_ttl)
+            pipe.expire(keys.job(request_id), self.record_ttl)
             self.notify(request_id, variant, pipe)
             pipe.execute()
         return done
@@ -318,14 +306,14 @@ class JobStore:
         fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(cancelled.body()),
                   "result_code": cancelled.status_code, "error": cancelled.message, "error_type": cancelled.error_type}
         flat = [item for pair in fields.items() for item in pair]
-        outcome = self._cancel(keys=[self.job_key(request_id), self.pending_key(record.spec.variant)],
+        outcome = self._cancel(keys=[keys.job(request_id), keys.pending(record.spec.variant)],
                                args=[request_id, *flat])
         if outcome in ("cancelled", "requested"):
             self.notify(request_id, record.spec.variant if outcome == "cancelled" else None)
         return outcome
 
     def cancel_requested(self, request_id: str) -> bool:
-        return self.redis.hget(self.job_key(request_id), "cancel_requested") == "1"
+        return self.redis.hget(keys.job(request_id), "cancel_requested") == "1"
 
     # --- failed runs: the last error, dead letters, and a fresh start by ops ---
     def note_error(self, request_id: str, message: str, error_type: str = "", *, run_alone: bool = False) -> None:
@@ -334,16 +322,16 @@ class JobStore:
         fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": error_type}
         if run_alone:
             fields["run_alone"] = "1"
-        self.redis.hset(self.job_key(request_id), mapping=fields)
+        self.redis.hset(keys.job(request_id), mapping=fields)
 
     def last_error(self, request_id: str) -> tuple[str | None, str | None]:
         """(message, error type) noted by the last failed run."""
-        last, last_type = cast(list[str | None], self.redis.hmget(self.job_key(request_id),
+        last, last_type = cast(list[str | None], self.redis.hmget(keys.job(request_id),
                                                                   ["last_error", "last_error_type"]))  # decoding client
         return last, last_type
 
     def runs_alone(self, request_id: str) -> bool:
-        return self.redis.hget(self.job_key(request_id), "run_alone") == "1"
+        return self.redis.hget(keys.job(request_id), "run_alone") == "1"
 
     def dead_letter(self, request_id: str) -> None:
         """List a job whose attempts ran out (ops lists and requeues them)."""
@@ -353,7 +341,7 @@ class JobStore:
         """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, queued
         again, its webhook bookings of up to `webhook_attempts` attempts cleared so the new outcome is
         delivered. Only the record changes: the caller sends the returned spec to the broker."""
-        key = self.job_key(request_id)
+        key = keys.job(request_id)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -371,7 +359,7 @@ class JobStore:
                     pipe.hdel(key, *_RESET_FIELDS)
                     pipe.hset(key, mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()})
                     pipe.expire(key, self.record_ttl)
-                    pipe.zadd(self.pending_key(spec.variant), {request_id: score})
+                    pipe.zadd(keys.pending(spec.variant), {request_id: score})
                     self.notify(request_id, spec.variant, pipe)
                     pipe.zrem(keys.DEADLETTER, request_id)
                     pipe.zrem(keys.WEBHOOK_FAILED, request_id)

@@ -1,9 +1,5 @@
-"""Every Redis key and pub/sub channel name of the project, in one place (as rq keeps its `keys.py`).
-
-The strings are stored data: changing one orphans what a running deployment has written. Everything else
-builds its key names from here. (The broker's own keys, kombu's queue lists and `unacked` hash, are
-kombu's: common.adapters.broker.)
-"""
+"""Every Redis key and pub/sub channel name of the project, in one place (kombu's own broker keys aside:
+common.adapters.broker). The strings are stored data: changing one orphans what a deployment has written."""
 
 from __future__ import annotations
 

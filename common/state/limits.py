@@ -1,17 +1,9 @@
-"""Per-key limits and queue caps, checked in Redis so every gateway process shares them.
+"""Per-key limits and queue caps, checked by one Lua script in Redis so every gateway process shares them.
 
-One Lua script admits a request or says why not, atomically:
-
-- queue cap: the variant's IN_QUEUE set (`birefnet:pending:<variant>`, owned by common.state.jobs) is at its cap
-  (`max_queue_depth`, per variant, or the request's `fal_max_queue_length`) -> `queue_full`.
-- `requests_per_minute`: a sliding 60 s log of the key's admitted requests -> `rate_limited`, with the
-  seconds until the oldest one leaves the window.
-- `max_concurrent`: the key's admitted requests, pruned on every check against their job records (a
-  COMPLETED job, or a record that never appeared within a grace period, frees its slot). Nothing is
-  counted up or down by hand, so a gateway that crashes between admitting and answering leaks nothing.
-
-Refused requests are not counted: a client retrying a 429 does not use up its own rate.
-Time is Redis's own clock (TIME), so gateways with skewed clocks agree.
+The queue cap counts the variant's IN_QUEUE set; `requests_per_minute` keeps a sliding 60 s log;
+`max_concurrent` prunes its set against the job records on every check (a COMPLETED job, or a record that
+never appeared within a grace period, frees its slot), so a gateway that crashes between admitting and
+answering leaks nothing. Refused requests are not counted; time is Redis's own (TIME), so gateways agree.
 """
 
 from __future__ import annotations

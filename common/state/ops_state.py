@@ -1,14 +1,6 @@
-"""Operational state in Redis that workers write and ops, metrics, producer and gateway read.
-
-- Pause flags (`birefnet:paused`, a hash variant -> JSON): set by `python -m ops pause`; a worker that
-  starts while its variant is paused does not consume that queue, and other processes can show it.
-- Worker registry (`birefnet:workers`, a zset name -> last heartbeat): lets readers find the heartbeat
-  keys `birefnet:worker:<name>` without SCANning a keyspace full of job records.
-- Completions (`birefnet:completions`, a Redis stream capped near `ops_completions_kept`): one entry per
-  finished job, the source of throughput and latency percentiles. Stream ids carry Redis's clock, so a
-  time window is an XRANGE.
-- Broker introspection (queue depths, held messages) comes from common.adapters.broker.
-"""
+"""Operational state in Redis that workers write and ops, metrics, producer and gateway read: pause flags,
+the worker registry (so heartbeat keys are found without SCANning), running sets, and the completions
+stream (its ids carry Redis's clock, so a time window is an XRANGE)."""
 
 from __future__ import annotations
 
@@ -21,6 +13,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from common.adapters import broker
+from common.adapters.broker import as_text as _text
 from common.state import keys
 
 HEARTBEAT_TTL = 30
@@ -111,10 +104,6 @@ def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> 
         item["at"] = int(_text(entry_id).split("-")[0]) / 1000
         out.append(item)
     return out
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- one snapshot per variant, shared by `ops status` and the Prometheus queue collector ---

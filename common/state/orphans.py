@@ -1,10 +1,8 @@
 """Re-sending jobs whose broker message was lost.
 
 Kombu's Redis transport moves a message from the queue list to its `unacked` hash in two steps; a worker
-killed between them loses the message, and the job would wait IN_QUEUE forever. Workers therefore look,
-now and then, for IN_QUEUE jobs old enough that their message should have been taken, and whose request
-id is in neither the variant's queue lists nor the unacked hash, and send them again. A duplicate message
-is harmless: a job is claimed once (common.state.jobs), later copies are dropped.
+killed between them loses the message. Workers therefore look for old IN_QUEUE jobs whose id is in
+neither, and send them again; a duplicate is harmless (a job is claimed once).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
         return []  # another worker just looked
     cutoff = time.time() - min_age
     candidates = []
-    for request_id in cast(list[str], store.redis.zrange(store.pending_key(variant), 0, 199)):  # a decoding client: str replies
+    for request_id in cast(list[str], store.redis.zrange(keys.pending(variant), 0, 199)):  # a decoding client: str replies
         record = store.get(request_id)
         if record and record.status == Status.IN_QUEUE and record.created_at < cutoff:
             candidates.append(record)

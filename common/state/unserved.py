@@ -1,11 +1,5 @@
-"""Queued jobs for a model that no live worker serves: say so in their status logs while they wait.
-
-A job for a variant without a worker waits forever (KEDA may be scaling one up, or the deployment simply
-has no pool for it); without a word the caller only sees `IN_QUEUE`. The gateway's sweeper calls
-`note_unserved_jobs` every sweep: each waiting job of a variant that no worker heartbeat lists gets one log
-line ("no worker serves General Use (Light) right now; waiting ..."), once. `python -m ops status` shows the
-same variants (`unserved_variants`).
-"""
+"""Queued jobs for a model that no live worker serves: say so, once, in their status logs while they
+wait (the gateway's sweeper calls `note_unserved_jobs`); without a word the caller only sees IN_QUEUE."""
 
 from __future__ import annotations
 
@@ -60,7 +54,7 @@ def note_unserved_jobs(store: JobStore, registry: VariantRegistry, now: float) -
     # kept in a set (trimmed to those still waiting), and only the others are looked at.
     pipe = r.pipeline()
     for spec in unserved:
-        pending, seen = store.pending_key(spec.id), keys.unserved_noted(spec.id)
+        pending, seen = keys.pending(spec.id), keys.unserved_noted(spec.id)
         pipe.zinterstore(seen, {seen: 1, pending: 0})
         pipe.zdiff([pending, seen])
     replies = pipe.execute()
@@ -73,7 +67,7 @@ def note_unserved_jobs(store: JobStore, registry: VariantRegistry, now: float) -
                             "timestamp": utc_timestamp()})
         looked_at = [raw.decode() if isinstance(raw, bytes) else raw for raw in ids[:BATCH]]
         for request_id in looked_at:
-            noted += int(script(keys=[store.job_key(request_id), store.logs_key(request_id)],
+            noted += int(script(keys=[keys.job(request_id), keys.logs(request_id)],
                                 args=[NOTED_FIELD, str(now), entry, store.record_ttl]))
         r.zadd(keys.unserved_noted(spec.id), dict.fromkeys(looked_at, now))
     return noted

@@ -1,17 +1,10 @@
-"""fal-style webhook payloads, signed delivery and retries (FAL_API.md §9).
+"""fal-style webhook payloads, signed delivery through the SSRF guard, and retries (FAL_API.md §9).
 
-Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on
-HTTP. Deliveries go through the SSRF guard (`common.adapters.netguard`), as image downloads do. Every attempt is recorded on the job (`birefnet:webhook:<id>`), so ops can list failures.
-
-Retries do not use Celery countdowns: with the Redis broker a countdown longer than the visibility timeout
-is redelivered early and runs twice. Instead each attempt first books its successor in a Redis sorted set
-(`birefnet:webhook:due`, due time as score) and the deliverer's pump thread re-queues entries as they fall
-due. Booking before posting means a deliverer that dies mid-attempt still leaves the retry behind; a
-success cancels it. After `webhook_max_retries` retries the request lands in `birefnet:webhook:failed`; a
-URL that the network policy refuses (loopback, private, metadata addresses, a disallowed port) lands there
-on its first attempt, since retrying cannot change the answer.
-The first attempt is booked too, before the job completes, in case the task sent at completion is lost;
-a booking stays until its attempt starts (the pump re-sends it after a grace period otherwise).
+Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on HTTP. Retries do
+not use Celery countdowns (with the Redis broker one longer than the visibility timeout is redelivered
+early and runs twice): each attempt first books its successor in the due zset and the deliverer's pump
+re-queues bookings as they fall due, so a deliverer dying mid-attempt still leaves the retry behind. The
+first attempt is booked too, before the job completes, in case the task sent at completion is lost.
 """
 
 from __future__ import annotations
@@ -29,10 +22,6 @@ from common.domain.signing import WebhookSigner
 from common.settings import Settings
 from common.state import keys
 from common.state.jobs import JobRecord, JobStore
-
-DUE_KEY = keys.WEBHOOK_DUE
-FAILED_KEY = keys.WEBHOOK_FAILED
-attempts_key = keys.webhook_attempts
 
 
 def error_summary(record: JobRecord) -> str | None:
@@ -73,17 +62,17 @@ class Attempt:
 
 
 def record_attempt(store: JobStore, request_id: str, attempt: Attempt) -> None:
-    key = attempts_key(request_id)
+    key = keys.webhook_attempts(request_id)
     pipe = store.redis.pipeline()
     pipe.rpush(key, json.dumps(asdict(attempt)))
     pipe.expire(key, store.record_ttl)
     if attempt.ok:
-        pipe.hset(store.job_key(request_id), "webhook_delivered", "1")
+        pipe.hset(keys.job(request_id), "webhook_delivered", "1")
     pipe.execute()
 
 
 def list_attempts(store: JobStore, request_id: str) -> list[dict]:
-    return [json.loads(item) for item in store.redis.lrange(attempts_key(request_id), 0, -1)]
+    return [json.loads(item) for item in store.redis.lrange(keys.webhook_attempts(request_id), 0, -1)]
 
 
 def webhook_policy(settings: Settings) -> NetPolicy:
@@ -120,7 +109,7 @@ def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> 
     completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
     Whichever copy runs first delivers; the attempt removes the booking."""
     due = time.time() + settings.webhook_timeout + retry_delay(settings, 0)
-    store.redis.zadd(DUE_KEY, {keys.webhook_booking(request_id, 0): due}, nx=True)
+    store.redis.zadd(keys.WEBHOOK_DUE, {keys.webhook_booking(request_id, 0): due}, nx=True)
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:
@@ -151,17 +140,17 @@ class WebhookSender:
         own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
         record = self.store.get(request_id)
         if (record is None or not record.status.is_terminal or not record.spec.webhook_url
-                or redis.hget(self.store.job_key(request_id), "webhook_delivered") == "1"):
-            redis.zrem(DUE_KEY, own)  # nothing (more) to deliver: leave no booking behind
+                or redis.hget(keys.job(request_id), "webhook_delivered") == "1"):
+            redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
         last = attempt >= self.settings.webhook_max_retries
         if not last:
             # Booked before this attempt is taken, so Redis or the deliverer dying in between leaves it behind.
             safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt)
-            redis.zadd(DUE_KEY, {successor: safety}, nx=True)
+            redis.zadd(keys.WEBHOOK_DUE, {successor: safety}, nx=True)
         # One run per attempt number, even if the broker hands the task out twice.
         taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.store.record_ttl)
-        redis.zrem(DUE_KEY, own)  # this attempt is happening (here or in another copy): no booking left for it
+        redis.zrem(keys.WEBHOOK_DUE, own)  # this attempt is happening (here or in another copy): no booking left for it
         if not taken:
             return None
 
@@ -173,13 +162,14 @@ class WebhookSender:
                          final=error is not None and (last or refused))
         record_attempt(self.store, request_id, result)
         if result.ok:
-            redis.zrem(DUE_KEY, successor)
-            redis.zrem(FAILED_KEY, request_id)
+            redis.zrem(keys.WEBHOOK_DUE, successor)
+            redis.zrem(keys.WEBHOOK_FAILED, request_id)
         elif result.final:
-            redis.zrem(DUE_KEY, successor)  # a refused URL stays refused: no retry
-            redis.zadd(FAILED_KEY, {request_id: result.at})
+            redis.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
+            redis.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
         else:
-            redis.zadd(DUE_KEY, {successor: result.at + retry_delay(self.settings, attempt)}, xx=True)
+            retry_at = result.at + retry_delay(self.settings, attempt)
+            redis.zadd(keys.WEBHOOK_DUE, {successor: retry_at}, xx=True)
         return result
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
@@ -187,17 +177,17 @@ class WebhookSender:
         period, until its attempt starts and removes the booking: a task lost on its way to the broker is
         sent again, and a second copy finds the attempt taken. Atomic, so one pump sends each."""
         grace = 4 * self.settings.webhook_timeout
-        items = self._claim_due(keys=[DUE_KEY], args=[time.time(), limit, time.time() + grace])
+        items = self._claim_due(keys=[keys.WEBHOOK_DUE], args=[time.time(), limit, time.time() + grace])
         return [(rid, int(attempt)) for rid, _, attempt in (item.rpartition("|") for item in items)]
 
     def pop_due(self, limit: int = 100) -> list[tuple[str, int]]:
         """Retries whose time has come, removed from the schedule (each goes to exactly one caller)."""
-        items = self.store.pop_due(DUE_KEY, limit)
+        items = self.store.pop_due(keys.WEBHOOK_DUE, limit)
         return [(rid, int(attempt)) for rid, _, attempt in (item.rpartition("|") for item in items)]
 
     def failed(self, limit: int = 100) -> list[dict]:
         """Requests whose webhook never got a 2xx, newest first, with every attempt."""
-        entries = cast(list[tuple[str, float]], self.store.redis.zrevrange(FAILED_KEY, 0, limit - 1, withscores=True))  # a decoding client: str replies
+        entries = cast(list[tuple[str, float]], self.store.redis.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True))  # a decoding client: str replies
         out = []
         for request_id, failed_at in entries:
             record = self.store.get(request_id)

@@ -1,14 +1,7 @@
-"""Mask reuse: `POST .../requests/{id}/compose` renders new outputs from a request's kept mask.
-
-The body takes the output fields (output_format, output_mask, refine_foreground, mask_only, sync_mode) and the
-extension fields (background, crop). The compose request is a request of its own (queue: fal's submit answer,
-then status/result/cancel/webhook as usual; run: the output directly), served by a worker of the source's
-variant that reads the kept input and mask and never runs the network. fal's clients reach it with their path
-arguments: `fal_client.submit("fal-ai/birefnet", path=f"/requests/{id}/compose", arguments={...})`.
-
-The source must be the caller's request, with a mask kept: not sync_mode, not failed before its mask, and
-within its output retention (the kept files are deleted with its other outputs).
-"""
+"""Mask reuse: `POST /queue|/run .../requests/{id}/compose` renders new outputs (output and extension
+fields) from a request's kept mask, as a request of its own served by a worker of the source's variant
+without a network run. The source must be the caller's, with its mask kept: not sync_mode, not failed
+before its mask, and within its output retention."""
 
 from __future__ import annotations
 
@@ -26,8 +19,8 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
 from producer.admission import validation_details
-from producer.gateway.inputs import parse_body
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
+from producer.gateway.parsing import json_object_body
 from producer.gateway.queue_api import (
     LifecycleHeader,
     NoRetryHeader,
@@ -94,7 +87,7 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
 
 def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: bytes,
                    opts: SubmitOptions) -> Submitted:
-    data = parse_body(body)
+    data = json_object_body(body)
     manifest = source_manifest(gw, principal, source_id)
     request_id = str(uuid.uuid4())
     fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,

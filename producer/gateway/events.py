@@ -1,17 +1,9 @@
 """Push, not polling, for callers that wait: one Redis pub/sub subscription per gateway process.
 
-`JobStore` publishes a message on `birefnet:events:job:<id>` whenever a job's record changes (claim,
-requeue, log line, completion, cancel) and on `birefnet:events:queue:<variant>` whenever a queue's
-order changes. The hub pattern-subscribes to both once and wakes the local waiters of that job (or of
-every job queued on that variant), which then read the record once. While nothing changes a waiting
-caller costs Redis nothing.
-
-If the subscription breaks, every waiter is woken (and re-reads) and, until the hub is subscribed
-again, waiters fall back to re-reading every `gateway_push_fallback_poll` seconds; a successful
-resubscription wakes them all once more, so nothing published meanwhile is missed. Waiters also
-re-read after `gateway_push_recheck` seconds without a message, a safety net for a state change that
-did not go through `JobStore` (the default keeps that at well under one command per minute).
-"""
+`JobStore` publishes on `birefnet:events:job:<id>` and `birefnet:events:queue:<variant>`; the hub
+pattern-subscribes once and wakes that job's (or queue's) local waiters, which then read the record once.
+While the subscription is down waiters re-read every `gateway_push_fallback_poll` s (and all once it is
+back); `gateway_push_recheck` is the safety net for a change that did not go through `JobStore`."""
 
 from __future__ import annotations
 
@@ -24,7 +16,6 @@ import redis
 import redis.asyncio as aioredis
 
 from common.state import keys
-from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +132,3 @@ class JobEvents:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
-
-def job_events_for(client: aioredis.Redis, settings) -> JobEvents:
-    return JobEvents(client, recheck=settings.gateway_push_recheck, fallback_poll=settings.gateway_push_fallback_poll)
-
-
-__all__ = ["JobEvents", "JobStore", "Watch", "job_events_for"]

@@ -1,13 +1,6 @@
-"""Client-side uploads (FAL_API.md §10.2) and gateway-served files.
-
-- `POST /rest/storage/upload/initiate` (JS `fal.storage.upload`, Python's `repository="fal"`): a presigned
-  S3 PUT plus the file's URL, usable as `image_url`.
-- `POST /rest/storage/auth/token` + `POST /files/upload` (Python's default `fal_v3` upload; point
-  `fal_client.client.REST_URL` at `{gateway}/rest` and `CDN_URL` at `{gateway}`).
-- `GET /objects/{key}?exp=&sig=`: streams a stored file when its signed URL is valid (gateway-served URLs).
-
-Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input.
-"""
+"""Client-side uploads (FAL_API.md §10.2) and gateway-served files: upload initiate (a presigned S3 PUT),
+auth token + `/files/upload` (Python's default upload), and `/objects/{key}` behind signed URLs.
+Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input."""
 
 from __future__ import annotations
 
@@ -59,15 +52,6 @@ def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
     gw.redis.zadd(keys.OUTPUTS, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
 
 
-def initiate_spec(raw: bytes) -> UploadInitiate:
-    """The body of an upload initiate, parsed like every body (parsing.py); a missing body means defaults."""
-    data = json_object_body(raw)
-    try:
-        return UploadInitiate.model_validate(data)
-    except ValidationError as exc:
-        raise FalError(422, {"detail": validation_details(exc)}) from None
-
-
 _INITIATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {
     "schema": UploadInitiate.model_json_schema()}}}}
 
@@ -80,7 +64,11 @@ async def upload_initiate(request: Request, caller: Caller, storage_type: Annota
                           ) -> Response:
     """Any `storage_type` (fal-cdn-v3, gcs) is served the same way: S3 in our deployment."""
     gw = gateway(request)
-    spec = initiate_spec(await request.body())
+    data = json_object_body(await request.body())  # a missing body means the defaults
+    try:
+        spec = UploadInitiate.model_validate(data)
+    except ValidationError as exc:
+        raise FalError(422, {"detail": validation_details(exc)}) from None
     key = upload_key(gw, caller.key_id, spec.file_name)
     ttl = lifecycle_seconds(lifecycle)
 
@@ -134,10 +122,8 @@ async def files_upload(
     owner = await uploader(request, authorization)
     stored_type = content_type.strip() if content_type and valid_content_type(content_type.strip()) else (
         "application/octet-stream")
-    if lifecycle is not None:
-        ttl = lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle")
-    else:
-        ttl = lifecycle_seconds(lifecycle_preference)
+    ttl = (lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle") if lifecycle is not None
+           else lifecycle_seconds(lifecycle_preference))
     data = await request.body()
     if not data:
         raise FalError.flat(400, "Request body is empty: send the file's bytes", "bad_request")

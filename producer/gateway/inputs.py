@@ -1,12 +1,5 @@
-"""Request input: fal headers and `image_url` policy (the model input is checked in producer/admission.py).
-
-`image_url` policy, decided at submit so workers only ever see something they may read:
-- `s3://bucket/key`: only what the caller's key lists in `s3_read`, or its own uploads;
-- our own signed `/objects/...` URLs become `s3://` (the signature is the permission);
-- large data URIs are stored in S3 first, so the job record and the Celery message stay small;
-- path-style URLs of our output bucket (custom S3 endpoints) become `s3://` when the key may read them;
-- other http(s) URLs pass `common.adapters.netguard`'s submit-time SSRF check.
-"""
+"""Request input: the priority header and the `image_url` policy, decided at submit so workers only ever
+see what they may read (the model input is checked in producer/admission.py)."""
 
 from __future__ import annotations
 
@@ -16,29 +9,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from common.adapters import netguard
 from common.adapters.fetch import decode_data_uri
 from common.adapters.netguard import NetPolicy
-from common.adapters.storage import ObjectStore, parse_s3_url, request_output_prefix, uploads_prefix
+from common.adapters.storage import parse_s3_url, request_output_prefix, uploads_prefix
 from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors, JobError
 from common.domain.signed_urls import object_url_valid
 from common.settings import Settings
 from producer.admission import detail
-from producer.gateway.parsing import (  # noqa: F401 - the routes' header and body parsers live there
-    TIMEOUT_PATTERN,
-    lifecycle_seconds,
-    start_timeout,
-)
-from producer.gateway.parsing import json_object_body as parse_body  # noqa: F401
+from producer.gateway.state import Gateway
 
 INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
 
 
-# --- headers ---
 def priority(value: str | None) -> str:
     """`X-Fal-Queue-Priority`: `low` or `normal`; anything else counts as normal."""
     return "low" if (value or "").strip().lower() == "low" else "normal"
 
 
-# --- image_url policy ---
 def check_url(url: str, policy: NetPolicy, loc: list[Any]) -> None:
     """The SSRF guard's submit-time check (the worker checks again when it connects)."""
     try:
@@ -83,11 +69,11 @@ def own_bucket_key(url: str, settings: Settings) -> str | None:
     return unquote(urlsplit(url).path[len(urlsplit(base).path):]) if url.startswith(base) else None
 
 
-def resolve_image_url(url: str, *, principal: Principal, settings: Settings, objects: ObjectStore,
-                      secret: str, policy: NetPolicy, request_id: str, field: str = "image_url") -> str:
+def resolve_image_url(gw: Gateway, principal: Principal, url: str, request_id: str,
+                      field: str = "image_url") -> str:
     """What the worker should fetch for `image_url` (or another image `field`, e.g. background_image_url);
     raises InputErrors for what it may not."""
-    loc = ["body", field]
+    settings, loc = gw.settings, ["body", field]
     scheme = url.split(":", 1)[0].lower()
     if scheme == "s3":
         try:
@@ -111,13 +97,13 @@ def resolve_image_url(url: str, *, principal: Principal, settings: Settings, obj
             raise InputErrors(exc.detail()) from exc
         name = "input" if field == "image_url" else field
         key = f"{request_output_prefix(settings, request_id)}{name}"  # deleted with the request's outputs
-        objects.write(settings.output_bucket, key, data, "application/octet-stream")
+        gw.objects.write(settings.output_bucket, key, data, "application/octet-stream")
         return f"s3://{settings.output_bucket}/{key}"
-    own = own_object_key(url, secret)
+    own = own_object_key(url, gw.secret)
     if own is not None:  # the signature is the permission
         return f"s3://{settings.output_bucket}/{own}"
     bucket_key = own_bucket_key(url, settings)
     if bucket_key is not None and may_read_s3(principal, settings, settings.output_bucket, bucket_key):
         return f"s3://{settings.output_bucket}/{bucket_key}"
-    check_url(url, policy, loc)
+    check_url(url, gw.fetch_policy, loc)
     return url

@@ -1,8 +1,5 @@
-"""The OpenAPI document: FastAPI's, plus the fal input schemas and the API-key scheme.
-
-Submit and run read their bodies themselves (fal validates in the model, after queueing), so the input
-models are attached to those routes by reference here rather than by FastAPI.
-"""
+"""The OpenAPI document: FastAPI's, plus the fal input schemas (submit and run read their bodies
+themselves, so the input models are attached by reference) and the API-key scheme."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""The gateway's one request-parsing layer: every JSON body and every header value any route reads.
+"""The gateway's one request-parsing layer: every JSON body and header value any route reads.
 
-- JSON is strict: UTF-8 only, no NaN/Infinity (nor numbers that overflow to them), no duplicate keys
-  (parsers disagree on which one wins), nesting at most MAX_JSON_DEPTH, every string and key proper
-  Unicode (a lone surrogate escape such as "\\ud800" cannot be stored, logged or sent to S3).
-  What passes can always be written back as JSON, so responses and stored results stay valid JSON.
-- Header values are bounded in length and parsed exactly; a malformed one is a 400 naming the header.
-
-Failures raise `InvalidJson` (the caller decides between a 422 body detail and a 400 header error) or
-`FalError` directly for headers.
-"""
+JSON is strict (UTF-8, no NaN/Infinity, no duplicate keys, depth at most MAX_JSON_DEPTH, no lone
+surrogates), so whatever passes can be written back as valid JSON. Header values are bounded and parsed
+exactly; a malformed one is a 400 naming the header."""
 
 from __future__ import annotations
 

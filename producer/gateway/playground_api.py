@@ -1,12 +1,5 @@
-"""The browser pages: a playground like fal's model page and an ops page, plus the JSON they read.
-
-- `GET /playground` (and `/playground/ops`): plain HTML/JS/CSS from `producer/gateway/web/`, no build step.
-  The pages hold no data; everything they show comes from API calls made with the key the user types in,
-  so they are served without auth (like /openapi.json) and the API's own auth applies to every call.
-- `GET /playground/options.json`: the endpoints' input fields (enums, defaults) and which variant serves
-  each model, from the same schemas the gateway validates with.
-- `GET /admin/ops/status` (admin key): `python -m ops status --json` as the ops page shows it.
-"""
+"""The browser pages (`/playground`, `/playground/ops`; files in `web/`, served without auth: every API
+call they make carries the key the user types in), the input fields they offer, and the ops status JSON."""
 
 from __future__ import annotations
 
@@ -93,9 +86,7 @@ async def ops_status(request: Request, caller: Admin,
     gw = gateway(request)
     window = minutes * 60 if minutes else None
     data = await run_in_threadpool(gather_status, gw.redis, gw.settings, window=window, show_all=all_variants)
-    names: dict[str, list[str]] = {}
-    for variant in gw.settings.variants:
-        names[variant.id] = [f"{e}: {n}" for e, n in variant.fal_names.items()]
+    names = {v.id: [f"{e}: {n}" for e, n in v.fal_names.items()] for v in gw.settings.variants}
     for variant, figures in data["variants"].items():
         figures["fal_models"] = names.get(variant, [])
     return fal_json(data)

@@ -1,8 +1,5 @@
-"""The queue API (FAL_API.md §3-5, §7): submit, status, status stream, result, cancel.
-
-Submit arrives on the full app id (`/fal-ai/birefnet` or `/fal-ai/birefnet/v2`); everything
-request-scoped lives on `/fal-ai/birefnet/requests/{id}` for both (routing.py folds in the lenient forms).
-"""
+"""The queue API (FAL_API.md §3-5, §7): submit on the app id (`/fal-ai/birefnet[/v2]`), then status,
+status stream, result and cancel on `/fal-ai/birefnet/requests/{id}` for both."""
 
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ from common.domain.variants import Endpoint
 from common.state import keys
 from producer.admission import flag
 from producer.gateway import records
-from producer.gateway.inputs import TIMEOUT_PATTERN, lifecycle_seconds, priority, start_timeout
+from producer.gateway.inputs import priority
 from producer.gateway.models import (
     ERRORS,
     CancelStatus,
@@ -32,7 +29,7 @@ from producer.gateway.models import (
     QueueSubmitted,
     ValidationErrorBody,
 )
-from producer.gateway.parsing import TIMEOUT_MAX_LENGTH
+from producer.gateway.parsing import TIMEOUT_MAX_LENGTH, TIMEOUT_PATTERN, lifecycle_seconds, start_timeout
 from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
 from producer.gateway.security import Caller
 from producer.gateway.state import Gateway, gateway
@@ -123,7 +120,7 @@ async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) 
     """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
     rid = submitted.request_id
     try:
-        position = await gw.aredis.zrank(gw.store.pending_key(submitted.variant), rid)
+        position = await gw.aredis.zrank(keys.pending(submitted.variant), rid)
     except redis.RedisError:
         # The job is queued: answering 503 now would make the client submit it a second time.
         position = None
@@ -215,11 +212,9 @@ async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_l
 async def result(request: Request, request_id: str, caller: Caller) -> Response:
     """The output (200), or the error with the code the model answered."""
     gw = gateway(request)
-    snap = (await visible(gw, request_id, caller)).snap
-    if not snap.completed:
+    if not (await visible(gw, request_id, caller)).snap.completed:
         raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=request_id)
-    raw, code = await records.result(gw, request_id)
-    return stored_result(raw, code, snap.error_type, request_id)
+    return stored_result(*await records.result(gw, request_id), request_id)
 
 
 def cancel_job(gw: Gateway, request_id: str) -> str:
@@ -241,7 +236,7 @@ _CANCEL = {"cancelled": (202, "CANCELLATION_REQUESTED"), "requested": (202, "CAN
 async def cancel(request: Request, request_id: str, caller: Caller) -> Response:
     """A queued request never runs; a running one stops at its next checkpoint if it can."""
     gw = gateway(request)
-    snap = await records.snapshot(gw, request_id, caller)
-    outcome = "not_found" if snap is None else await run_in_threadpool(cancel_job, gw, request_id)
+    read = await records.read_status(gw, request_id, caller)
+    outcome = "not_found" if read is None else await run_in_threadpool(cancel_job, gw, request_id)
     code, state = _CANCEL[outcome]
     return fal_json({"status": state}, code, request_id=request_id)

@@ -1,9 +1,5 @@
-"""Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s).
-
-One Lua round trip (common.state.jobs.STATUS_READ): the small fields, the queue rank while queued, logs
-when asked for. A record is visible only to the key that made it (404 for everyone
-else, as for ids that never existed) and only for `gateway_result_retention` after completion.
-"""
+"""Cheap async reads of job records for status, streams and results (fal's Python client polls 10×/s),
+in one Lua round trip; a record is visible only to the key that made it, until `gateway_result_retention`."""
 
 from __future__ import annotations
 
@@ -23,13 +19,11 @@ from producer.gateway.state import Gateway
 class Snapshot:
     request_id: str
     status: str
-    owner: str
     variant: str
     result_code: int | None
     error: str | None
     error_type: str | None
     inference_time: float | None
-    completed_at: float | None
 
     @property
     def completed(self) -> bool:
@@ -44,10 +38,6 @@ class Snapshot:
         if 400 <= code < 500 and code != 499:
             return f"Invalid status code: {code}"
         return self.error or "Internal error"
-
-
-def visible(owner: str, principal: Principal) -> bool:
-    return principal.key_id == ANONYMOUS or owner == principal.key_id
 
 
 @dataclass(frozen=True)
@@ -67,31 +57,24 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
         return None
     values, rank, entries = reply
     raw = dict(zip(STATUS_FIELDS, values, strict=True))
-    if not raw["status"] or not visible(raw["owner"] or "", principal):
+    if not raw["status"] or principal.key_id not in (ANONYMOUS, raw["owner"] or ""):
         return None
     completed_at = float(raw["completed_at"]) if raw["completed_at"] else None
     if completed_at is not None and completed_at + gw.settings.gateway_result_retention < time.time():
         return None
     snap = Snapshot(
-        request_id=request_id, status=raw["status"], owner=raw["owner"] or "", variant=raw["variant"] or "",
+        request_id=request_id, status=raw["status"], variant=raw["variant"] or "",
         result_code=int(raw["result_code"]) if raw["result_code"] else None,
         error=raw["error"] or None, error_type=raw["error_type"] or None,
-        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None,
-        completed_at=completed_at,
-    )
+        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None)
     position = (rank or 0) if snap.status == Status.IN_QUEUE else None
     return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
 
 
-async def snapshot(gw: Gateway, request_id: str, principal: Principal) -> Snapshot | None:
-    read = await read_status(gw, request_id, principal)
-    return read.snap if read else None
-
-
-async def result(gw: Gateway, request_id: str) -> tuple[str, int]:
-    """The stored result body (JSON text) and its status code."""
-    raw, code = cast(list[str | None], await gw.aredis.hmget(keys.job(request_id), ["result", "result_code"]))  # a decoding client: str replies
-    return raw or "null", int(code or 200)
+async def result(gw: Gateway, request_id: str) -> tuple[str, int, str | None]:
+    reply = await gw.aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
+    raw, code, error_type = cast(list[str | None], reply)  # a decoding client: str replies
+    return raw or "null", int(code or 200), error_type or None
 
 
 def status_body(snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None) -> dict:

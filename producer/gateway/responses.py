@@ -1,8 +1,5 @@
-"""JSON responses in fal's shapes, and the two ASGI wrappers every response passes through.
-
-fal's clients need JSON bodies on errors too (JS only parses `application/json`) and read
-`x-fal-request-id` (JS fills `requestId` from it; Python does not retry a 5xx that carries it).
-"""
+"""JSON responses in fal's shapes, and the two ASGI wrappers every response passes through. fal's clients
+need JSON bodies on errors too and read `x-fal-request-id` (JS fills `requestId` from it)."""
 
 from __future__ import annotations
 
@@ -45,19 +42,14 @@ def fal_json(body: object, status_code: int = 200, *, request_id: str | None = N
     return JSONResponse(body, status_code=status_code, headers=merged)
 
 
-def error_headers(code: int, error_type: str | None) -> dict[str, str]:
-    """Headers of a stored error result: its type, and fal's marker for a caller-set timeout."""
-    if code < 400 or not error_type:
-        return {}
-    headers = {ERROR_TYPE: error_type}
-    if error_type == "request_timeout":
-        headers[TIMEOUT_TYPE] = "user"
-    return headers
-
-
 def stored_result(raw: str, code: int, error_type: str | None, request_id: str) -> Response:
-    """The result exactly as stored (already JSON text): the output, or the error code and body."""
-    headers = {REQUEST_ID: request_id, **error_headers(code, error_type)}
+    """The result exactly as stored (already JSON text): the output, or the error code and body with its
+    type, and fal's marker for a caller-set timeout."""
+    headers = {REQUEST_ID: request_id}
+    if code >= 400 and error_type:
+        headers[ERROR_TYPE] = error_type
+        if error_type == "request_timeout":
+            headers[TIMEOUT_TYPE] = "user"
     return Response(raw, status_code=code, media_type="application/json", headers=headers)
 
 

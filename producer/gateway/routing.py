@@ -1,15 +1,7 @@
-"""Maps every URL convention fal's clients use onto the gateway's canonical routes (FAL_API.md §1).
-
-Canonical routes live under `/queue/...` (queue API) and `/run/...` (synchronous run). This ASGI middleware
-rewrites, before routing:
-
-- a trailing slash away (fal's own SDK calls `.../status/`);
-- root paths: `queue.`-hosts and request-scoped paths (`.../requests/...`) to `/queue`, other app paths to
-  `/run`, so `FAL_RUN_HOST=api.example` with its default `queue.api.example` works;
-- `/queue/{owner}/{alias}/{subpath}/requests/...` to the shared `{owner}/{alias}` namespace (lenient v2);
-- `/api/fal/proxy` with `x-fal-target-url: https://queue.fal.run/...` (JS `proxyUrl`) to the route that
-  target names. A missing or foreign target stays on `/api/fal/proxy`, whose route answers 400.
-"""
+"""Maps every URL convention fal's clients use onto the canonical `/queue/...` and `/run/...` routes
+(FAL_API.md §1), before routing: trailing slashes; root paths (`queue.` hosts and `.../requests/...` to
+/queue, other app paths to /run); `/queue/{owner}/{alias}/{subpath}/requests/...` to `{owner}/{alias}`;
+`/api/fal/proxy` with a fal `x-fal-target-url` (JS `proxyUrl`) to the route it names (else its 400)."""
 
 from __future__ import annotations
 

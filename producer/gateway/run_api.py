@@ -1,13 +1,9 @@
-"""Synchronous run (FAL_API.md §8): the same job as a queue submit, answered when it is done.
-
-The connection is held with no server-side limit (fal's clients have no read timeout on run). A caller
-that hangs up cancels its request, as on fal.
-"""
+"""Synchronous run (FAL_API.md §8): a queue submit answered when done, with no server-side time limit
+(fal's clients have none on run); a caller that hangs up cancels its request, as on fal."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +12,7 @@ from starlette.responses import Response
 from common.domain.schemas import BiRefNetOutput
 from common.domain.status import Status
 from common.domain.variants import Endpoint
-from common.state.jobs import JobStore
+from common.state import keys
 from producer.gateway import records
 from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
 from producer.gateway.queue_api import (
@@ -50,7 +46,7 @@ async def _disconnected(request: Request) -> None:
 async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool:
     """Until the job completes (True) or the caller goes away first (False). Woken by the job's pub/sub
     events (producer/gateway/events.py): no Redis command while nothing changes."""
-    key = JobStore.job_key(request_id)
+    key = keys.job(request_id)
     hangup = asyncio.ensure_future(_disconnected(request))
     try:
         async with gw.events.watch(request_id) as watch:
@@ -84,9 +80,7 @@ async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
     if not await wait_completed(gw, request, rid):
         await run_in_threadpool(cancel_job, gw, rid)
         return Response(status_code=499)  # nobody reads it
-    raw, code = await records.result(gw, rid)
-    error_type = cast(str | None, await gw.aredis.hget(JobStore.job_key(rid), "error_type"))  # decoding client
-    return stored_result(raw, code, error_type or None, rid)
+    return stored_result(*await records.result(gw, rid), rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():

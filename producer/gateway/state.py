@@ -21,8 +21,7 @@ from common.domain.signing import WebhookSigner
 from common.settings import Settings
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
-from common.state.webhooks import webhook_policy
-from producer.gateway.events import JobEvents, job_events_for
+from producer.gateway.events import JobEvents
 
 
 @dataclass
@@ -64,13 +63,10 @@ class Gateway:
         return NetPolicy.from_settings(self.settings)
 
     @cached_property
-    def webhook_policy(self) -> NetPolicy:
-        return webhook_policy(self.settings)
-
-    @cached_property
     def events(self) -> JobEvents:
         """Pushed job changes for status streams and sync runs (one subscription per process)."""
-        return job_events_for(self.aredis, self.settings)
+        return JobEvents(self.aredis, recheck=self.settings.gateway_push_recheck,
+                         fallback_poll=self.settings.gateway_push_fallback_poll)
 
     @cached_property
     def secret(self) -> str:

@@ -1,9 +1,5 @@
-"""Turning an API call into a job: record, schedules, Celery message (blocking; runs in the thread pool).
-
-As on fal, the queue accepts any JSON object and the model validates it: invalid input becomes a request
-that is COMPLETED at once with the model's 422 body (and an ERROR webhook). Only bodies that are not a
-JSON object at all are refused at submit.
-"""
+"""Turning an API call into a job (blocking; runs in the thread pool). As on fal, any JSON object is
+queued, and invalid input becomes a request COMPLETED at once with the model's 422 body."""
 
 from __future__ import annotations
 
@@ -19,7 +15,8 @@ from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.settings import Settings
 from common.state import keys
 from producer.admission import Admission, Submitted, validate_input
-from producer.gateway.inputs import parse_body, resolve_image_url
+from producer.gateway.inputs import resolve_image_url
+from producer.gateway.parsing import json_object_body
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
 
@@ -44,9 +41,7 @@ def resolve_background(gw: Gateway, principal: Principal, parsed, request_id: st
     """`background_image_url` under the same policy as `image_url` (s3 permissions, SSRF check, large data URIs)."""
     if not parsed.background_image_url:
         return parsed
-    url = resolve_image_url(parsed.background_image_url, principal=principal, settings=gw.settings,
-                            objects=gw.objects, secret=gw.secret, policy=gw.fetch_policy, request_id=request_id,
-                            field="background_image_url")
+    url = resolve_image_url(gw, principal, parsed.background_image_url, request_id, "background_image_url")
     return parsed.model_copy(update={"background_image_url": url})
 
 
@@ -66,14 +61,13 @@ def request_fields(settings: Settings, principal: Principal, options: SubmitOpti
 
 
 def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOptions) -> Submitted:
-    data = parse_body(body)
+    data = json_object_body(body)
     settings = gw.settings
     request_id = str(uuid.uuid4())
     fields = request_fields(settings, principal, options, request_id)
     try:
         parsed, variant = validate_input(options.endpoint, data, settings)
-        image_url = resolve_image_url(parsed.image_url, principal=principal, settings=settings, objects=gw.objects,
-                                      secret=gw.secret, policy=gw.fetch_policy, request_id=request_id)
+        image_url = resolve_image_url(gw, principal, parsed.image_url, request_id)
         parsed = resolve_background(gw, principal, parsed, request_id)
     except InputErrors as exc:
         given_url = data.get("image_url")

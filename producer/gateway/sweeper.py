@@ -1,9 +1,5 @@
 """Background duties of the gateway: expire queued requests past their start deadline, delete old files,
-and tell waiting requests when no worker serves their model (common/state/unserved.py).
-
-Both schedules are Redis sorted sets popped atomically, so several gateway replicas share the work
-without doing anything twice.
-"""
+report unserved models; the schedules are atomically popped sorted sets, so replicas share the work."""
 
 from __future__ import annotations
 

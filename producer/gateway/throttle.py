@@ -1,11 +1,6 @@
-"""Failed-authentication throttling, per client address and per key id, with counters in Redis.
-
-Counters live in Redis so every gateway process (uvicorn workers, replicas) shares them. A fixed window of
-`gateway_auth_fail_window` seconds starts at a scope's first failure; once `gateway_auth_fail_limit`
-failures are counted, credentials from that address, or naming that key id, are not checked at all until
-the window ends (429 with Retry-After): a guess gets no answer. Credentials this process has verified
-before still pass (a guesser cannot lock a key's owner out of a warm gateway), since they prove the secret.
-"""
+"""Failed-authentication throttling per client address and per key id, counted in Redis (shared by every
+gateway process): past `gateway_auth_fail_limit` failures in a window, credentials from that address or
+naming that key id go unchecked until it ends (429). Credentials this process verified before still pass."""
 
 from __future__ import annotations
 
@@ -35,16 +30,11 @@ class AuthThrottle:
     limit: int
     window: int
 
-    @classmethod
-    def of(cls, redis: aioredis.Redis, settings: Settings) -> AuthThrottle:
-        return cls(redis, settings.gateway_auth_fail_limit, settings.gateway_auth_fail_window)
-
     @staticmethod
     def scopes(address: str, key_id: str | None) -> list[str]:
         return [keys.auth_fail_address(address), *([keys.auth_fail_key(key_id)] if key_id else [])]
 
     async def check(self, scopes: list[str]) -> None:
-        """429 when any scope is over its limit."""
         if not self.limit:
             return
         counts = await self.redis.mget(scopes)

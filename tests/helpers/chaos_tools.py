@@ -37,7 +37,7 @@ import redis
 from common.adapters import broker
 from common.adapters.storage import RESULT_DOCUMENT, boto_config
 from common.settings import Settings
-from common.state import ops_state
+from common.state import keys, ops_state
 from common.state.jobs import JobRecord, JobStore
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer, free_port
@@ -269,7 +269,7 @@ class ChaosStack:
         def busy() -> tuple[int, str] | None:
             pids = {p.pid for p in self.live_workers()}
             for rid in ops_state.running_jobs(store.redis, [VARIANT])[VARIANT]:
-                name = store.redis.hget(store.job_key(rid), "worker") or ""
+                name = store.redis.hget(keys.job(rid), "worker") or ""
                 pid = int(name.rsplit(":", 1)[1]) if ":" in name else 0
                 if rid not in avoid and pid in pids:
                     return pid, rid
