@@ -36,9 +36,7 @@ _CONTENT_TYPES = {"jpeg": ("image/jpeg", ".jpg"), "avif": ("image/avif", ".avif"
 AVIF_SPEED = 8  # libavif 0 (slowest, smallest) .. 10; 8 keeps a 1 MP encode well under a second on CPU
 
 
-# --------------------------------------------------------------------------------------------
-# Capabilities
-# --------------------------------------------------------------------------------------------
+# --- Capabilities ---
 
 
 def output_format_supported(fmt: str, simulated_unsupported: Collection[str] = ()) -> bool:
@@ -61,9 +59,7 @@ def check_output_format(fmt: str, simulated_unsupported: Collection[str] = ()) -
             field="output_format", error_type="unsupported_output_format")
 
 
-# --------------------------------------------------------------------------------------------
-# Masks
-# --------------------------------------------------------------------------------------------
+# --- Masks ---
 
 
 def quantise_mask(mask: np.ndarray) -> np.ndarray:
@@ -86,9 +82,7 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# --------------------------------------------------------------------------------------------
-# Crop to subject
-# --------------------------------------------------------------------------------------------
+# --- Crop to subject ---
 
 
 def subject_box(mask: np.ndarray, *, threshold: float, margin: str | int | float = 0,
@@ -141,9 +135,7 @@ def _check_output_size(width: int, height: int, settings: Settings) -> None:
             field="crop_margin")
 
 
-# --------------------------------------------------------------------------------------------
-# Background
-# --------------------------------------------------------------------------------------------
+# --- Background ---
 
 
 def background_layer(size: tuple[int, int], *, color: str | None, image: Image.Image | None,
@@ -162,9 +154,7 @@ def background_layer(size: tuple[int, int], *, color: str | None, image: Image.I
     return fitted.convert("RGBA")
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding
-# --------------------------------------------------------------------------------------------
+# --- Encoding ---
 
 
 def encode(image: Image.Image, fmt: str, settings: Settings, *, mask: bool = False) -> EncodedImage:
@@ -184,9 +174,7 @@ def encode(image: Image.Image, fmt: str, settings: Settings, *, mask: bool = Fal
                         width=image.width, height=image.height)
 
 
-# --------------------------------------------------------------------------------------------
-# The output stage
-# --------------------------------------------------------------------------------------------
+# --- The output stage ---
 
 
 def render_extended(image: Image.Image, mask: np.ndarray, params: JobParams, *, background: Image.Image | None,

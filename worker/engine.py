@@ -45,17 +45,13 @@ from worker.timings import StageTimings
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SIZE_MULTIPLE = 32  # Swin patch embedding (4) x three 2x patch merges
 MAX_SIDE = 4096
 CPU_WARMUP_RESOLUTION = (64, 64)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-# --------------------------------------------------------------------------------------------
-# Small value types
-# --------------------------------------------------------------------------------------------
+# --- Small value types ---
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -87,9 +83,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# --------------------------------------------------------------------------------------------
-# Pre- and post-processing
-# --------------------------------------------------------------------------------------------
+# --- Pre- and post-processing ---
 
 ImageLike = Image.Image | np.ndarray  # a decoded RGB image: PIL, or (H, W, 3) uint8
 
@@ -107,12 +101,6 @@ class PreparedImage:
     extra: dict = field(default_factory=dict)
 
 
-def to_input_tensor(image: ImageLike, resolution: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> (3, H, W) float32 at `resolution` = (W, H), ImageNet-normalised (OpenCV resize:
-    area when shrinking, bilinear otherwise; see worker.pixels)."""
-    return torch.from_numpy(pixels.input_array(pixels.as_rgb_array(image), resolution))
-
-
 def device_input(rgb: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
     """(3, H, W) uint8 on any device -> (3, h, w) float32 at `resolution`, normalised, on that device
     (antialiased bilinear when shrinking, as the area filter on the CPU path)."""
@@ -120,18 +108,9 @@ def device_input(rgb: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor
     x = rgb.unsqueeze(0).float()
     if tuple(x.shape[-2:]) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.as_tensor(IMAGENET_MEAN * 255.0, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(IMAGENET_STD * 255.0, device=x.device).view(1, 3, 1, 1)
+    mean = torch.as_tensor(pixels.IMAGENET_MEAN * 255.0, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(pixels.IMAGENET_STD * 255.0, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)[0]
-
-
-def mask_at_size(probabilities: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(1, h, w) or (h, w) probabilities -> float32 (H, W) numpy mask at `size` = (W, H), bilinear
-    (area when shrinking) with OpenCV, off the GIL."""
-    if isinstance(probabilities, torch.Tensor):
-        probabilities = probabilities.detach().to("cpu", torch.float32).numpy()
-    probabilities = np.asarray(probabilities, dtype=np.float32)
-    return pixels.mask_at_size(probabilities.reshape(probabilities.shape[-2:]), size)
 
 
 def device_mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -143,9 +122,7 @@ def device_mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> t
     return x[0, 0].clamp_(0.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Predictor
-# --------------------------------------------------------------------------------------------
+# --- Predictor ---
 
 
 class Predictor:
@@ -159,8 +136,6 @@ class Predictor:
         self._network: nn.Module | None = None
         self._loaded: LoadedNetwork | None = None
         self.patch_order_report: PatchOrderReport | None = None  # set by load(): the self-check's finding
-
-    # -- state -----------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
@@ -205,8 +180,6 @@ class Predictor:
         """float16/bfloat16 on CUDA (weights are stored in it), None for float32."""
         dtype = _DTYPES[self.settings.inference_dtype]
         return dtype if self._on_cuda and dtype != torch.float32 else None
-
-    # -- loading ---------------------------------------------------------------------------
 
     def load(self, loaded: LoadedNetwork | None = None) -> None:
         """Weights (`loaded`, else the variant's own; the null model under `benchmark_null_model`), device
@@ -280,8 +253,6 @@ class Predictor:
             log.info("variant %s warm-up forward %dx%d batch %d took %.2fs", self.spec.id, width, height, batch,
                      time.perf_counter() - started)
 
-    # -- inference -------------------------------------------------------------------------
-
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         half = self._half_dtype
         if half is not None:
@@ -328,15 +299,12 @@ class Predictor:
             probabilities = logits.float().sigmoid()
             if self._on_cuda:
                 return device_mask_at_size(probabilities, prepared.size)
-            return mask_at_size(probabilities, prepared.size)
+            # OpenCV resize (area when shrinking, bilinear otherwise), off the GIL
+            host = probabilities.to("cpu", torch.float32).numpy()
+            return pixels.mask_at_size(host.reshape(host.shape[-2:]), prepared.size)
 
-    def predict_masks(
-        self,
-        images: Sequence[ImageLike],
-        resolution: tuple[int, int],
-        *,
-        timings: StageTimings | None = None,
-    ) -> list[np.ndarray]:
+    def predict_masks(self, images: Sequence[ImageLike], resolution: tuple[int, int], *,
+                      timings: StageTimings | None = None) -> list[np.ndarray]:
         """Masks (float32 HxW numpy in [0, 1], each at its image's original size) for RGB images.
 
         Every image is resized to the operating `resolution` = (width, height), so images go
@@ -353,18 +321,10 @@ class Predictor:
             masks = [self.mask_for(item, prep) for item, prep in zip(logits, prepared, strict=True)]
         return [mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask for mask in masks]
 
-    def render_outputs(
-        self,
-        image: ImageLike,
-        mask: np.ndarray | torch.Tensor,
-        *,
-        output_format: str,
-        output_mask: bool,
-        refine_foreground: bool,
-        mask_only: bool,
-        timings: StageTimings | None = None,
-        prepared: PreparedImage | None = None,
-    ) -> RenderedOutputs:
+    def render_outputs(self, image: ImageLike, mask: np.ndarray | torch.Tensor, *, output_format: str,
+                       output_mask: bool, refine_foreground: bool, mask_only: bool,
+                       timings: StageTimings | None = None,
+                       prepared: PreparedImage | None = None) -> RenderedOutputs:
         """`render_outputs` with the configured encoder settings (and, on CUDA, the device-side image)."""
         return render_outputs(
             image, mask, output_format=output_format, output_mask=output_mask,

@@ -31,9 +31,7 @@ MIN_SIDE = 8  # smaller inputs carry no usable subject; refuse them rather than 
 _CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 _SRGB_PROFILE = ImageCms.createProfile("sRGB")
 
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
+# --- Decoding ---
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int = MIN_SIDE) -> Image.Image:
@@ -59,9 +57,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int =
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
     except UnidentifiedImageError:
-        raise ImageLoadError(
-            f"not a supported image (expected one of {', '.join(INPUT_FORMATS)})"
-        ) from None
+        raise ImageLoadError(f"not a supported image (expected one of {', '.join(INPUT_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise _bomb_error(exc, max_pixels) from None
     except MemoryError:
@@ -72,9 +68,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int =
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels"
-            )
+            raise ImageTooLargeError(f"image is {width}x{height} ({width * height:,} pixels); "
+                                     f"the limit is {max_pixels:,} pixels")
         if max(width, height) > max_side:
             raise ImageTooLargeError(f"image is {width}x{height}; neither side may exceed {max_side} pixels")
         if min(width, height) < min_side:
@@ -88,9 +83,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int =
             raise
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces as many exception types
             # Pillow reports truncated data as OSError("image file is truncated ...").
-            raise ImageLoadError(
-                f"cannot decode the image ({image.format or 'unknown format'}): {exc or type(exc).__name__}"
-            ) from None
+            raise ImageLoadError(f"cannot decode the image ({image.format or 'unknown format'}): "
+                                 f"{exc or type(exc).__name__}") from None
     return rgb
 
 
@@ -164,9 +158,7 @@ def _icc_to_srgb(image: Image.Image) -> Image.Image | None:
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# Foreground colour refinement (Forte & Pitié 2021, "Approximate Fast Foreground Colour Estimation")
-# --------------------------------------------------------------------------------------------
+# --- Foreground colour refinement (Forte & Pitié 2021, "Approximate Fast Foreground Colour Estimation") ---
 
 
 def _reflect_indices(length: int, before: int, after: int, device: torch.device) -> torch.Tensor:
@@ -213,9 +205,8 @@ def _window_mean(padded: torch.Tensor, dim: int, size: int, length: int) -> torc
     return out.div_(size)  # per axis, so the next cumsum stays small (float32 precision)
 
 
-def _blur_fusion_step(
-    image: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor, alpha: torch.Tensor, radius: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _blur_fusion_step(image: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
+                      alpha: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     eps = 1e-5
     blurred_alpha = box_blur(alpha, radius)
     blurred_fg = box_blur(foreground * alpha, radius).div_(blurred_alpha + eps)
@@ -245,9 +236,7 @@ def refine_foreground(image: torch.Tensor, mask: torch.Tensor, *, radii: tuple[i
     return foreground
 
 
-# --------------------------------------------------------------------------------------------
-# Composition
-# --------------------------------------------------------------------------------------------
+# --- Composition ---
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:
@@ -280,9 +269,8 @@ def rgba_from(rgb: np.ndarray, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-def compose_cutout(
-    image: Image.Image, mask: np.ndarray, *, refine: bool = True, device: torch.device | str = "cpu"
-) -> Image.Image:
+def compose_cutout(image: Image.Image, mask: np.ndarray, *, refine: bool = True,
+                   device: torch.device | str = "cpu") -> Image.Image:
     """RGBA cut-out at the input's size: colours (refined or as decoded) plus the mask as alpha."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
@@ -292,9 +280,7 @@ def compose_cutout(
     return rgba_from(rgb, mask)
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding
-# --------------------------------------------------------------------------------------------
+# --- Encoding ---
 
 
 @dataclass(frozen=True)
@@ -312,14 +298,8 @@ class EncodedImage:
         return len(self.data)
 
 
-def encode_image(
-    image: Image.Image,
-    fmt: str,
-    *,
-    png_compress_level: int = 6,
-    webp_quality: int = 90,
-    lossless: bool = False,
-) -> EncodedImage:
+def encode_image(image: Image.Image, fmt: str, *, png_compress_level: int = 6, webp_quality: int = 90,
+                 lossless: bool = False) -> EncodedImage:
     """Encode an RGBA cut-out or an L mask as png, webp or gif.
 
     * png: lossless, the mode is kept (RGBA or 8-bit L).
@@ -340,14 +320,10 @@ def encode_image(
         else:
             image.save(buffer, format="WEBP", quality=webp_quality, alpha_quality=100, method=4)
     else:
-        _gif_ready(image).save(buffer, format="GIF", **_gif_options(image))
-    return EncodedImage(
-        data=buffer.getvalue(),
-        content_type=_CONTENT_TYPES[fmt],
-        extension=f".{fmt}",
-        width=image.width,
-        height=image.height,
-    )
+        options = {"transparency": _GIF_TRANSPARENT_INDEX} if image.mode == "RGBA" else {}
+        _gif_ready(image).save(buffer, format="GIF", **options)
+    return EncodedImage(data=buffer.getvalue(), content_type=_CONTENT_TYPES[fmt], extension=f".{fmt}",
+                        width=image.width, height=image.height)
 
 
 _GIF_TRANSPARENT_INDEX = 255
@@ -366,7 +342,3 @@ def _gif_ready(image: Image.Image) -> Image.Image:
     out = Image.fromarray(indices, "P")
     out.putpalette(palette)
     return out
-
-
-def _gif_options(image: Image.Image) -> dict:
-    return {"transparency": _GIF_TRANSPARENT_INDEX} if image.mode == "RGBA" else {}

@@ -39,16 +39,21 @@ def build_native(spec: VariantSpec) -> BiRefNet:
 
 def load_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
     """Build the variant's network with its weights, on the CPU, in eval mode."""
-    source = parse_source(spec.weights)
-    if source.kind == "recipe":
-        return recipe_network(spec, reason="the variant's weights are set to 'recipe'")
+    loaded = real_network_or_reason(spec, settings)
+    return loaded if isinstance(loaded, LoadedNetwork) else recipe_network(spec, reason=loaded)
+
+
+def real_network_or_reason(spec: VariantSpec, settings: Settings) -> LoadedNetwork | str:
+    """The variant's real network, or why it runs recipe weights instead (raises if no fallback applies)."""
+    if parse_source(spec.weights).kind == "recipe":
+        return "the variant's weights are set to 'recipe'"
     try:
         return _real_network(spec, settings)
     except WeightsError as exc:
         if settings.weights_fallback != "recipe":
             raise
         log.error("variant %s: %s", spec.id, exc)
-        return recipe_network(spec, reason=f"fallback, the real checkpoint failed: {exc}")
+        return f"fallback, the real checkpoint failed: {exc}"
 
 
 def _real_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
@@ -77,12 +82,14 @@ def recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
     model = build_native(spec)
     model.load_state_dict(recipe_state_dict(model), strict=True)
     description = f"UNTRAINED recipe weights ({spec.backbone}, {spec.patch_order} patch order; {reason})"
-    log_banner(
-        f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
-        "Masks are meaningless: this is not a trained model. For demos and tests only.",
-        f"Reason: {reason}",
-    )
+    recipe_banner(spec, reason)
     return LoadedNetwork(model.eval(), untrained=True, description=description)
+
+
+def recipe_banner(spec: VariantSpec, reason: str, *more: str) -> None:
+    log_banner(f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
+               "Masks are meaningless: this is not a trained model. For demos and tests only.",
+               f"Reason: {reason}", *more)
 
 
 def log_banner(*lines: str) -> None:

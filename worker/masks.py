@@ -41,7 +41,6 @@ from worker.compose import mask_from_png, mask_png, quantise_mask
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ObtainedMask:
     mask: np.ndarray  # float32 (H, W) in [0, 1], at 8-bit levels
@@ -66,8 +65,6 @@ class MaskSource:
     def redis(self) -> redis.Redis:
         return self.store.redis
 
-    # -- the one entry point ----------------------------------------------------------------------
-
     def obtain(self, spec: JobSpec, data: bytes, image: Image.Image, *, resolution: str, weights: str,
                compute: Callable[[], tuple[np.ndarray, int]]) -> ObtainedMask:
         """The job's mask; `compute` runs the network (returns the mask and its batch size)."""
@@ -79,8 +76,6 @@ class MaskSource:
         MASKS.labels(spec.variant, obtained.source).inc()
         self._keep(spec, data, obtained.mask, resolution)
         return obtained
-
-    # -- compose ------------------------------------------------------------------------------------
 
     def _kept_mask(self, spec: JobSpec, image: Image.Image) -> np.ndarray:
         url = spec.extra.get("kept_mask", "")
@@ -94,8 +89,6 @@ class MaskSource:
             raise FileDownloadError(f"the kept mask of request {spec.reuse_from} does not match its input",
                                     field="request_id")
         return mask
-
-    # -- content cache ------------------------------------------------------------------------------
 
     def _cached_or_computed(self, spec: JobSpec, data: bytes, image: Image.Image, resolution: str, weights: str,
                             compute: Callable[[], tuple[np.ndarray, int]]) -> ObtainedMask:
@@ -161,8 +154,6 @@ class MaskSource:
         pipe.zadd(keys.OUTPUTS, {f"obj:{object_key}": time.time() + lifetime})
         pipe.set(key, json.dumps({"key": object_key, "request_id": spec.request_id, "at": time.time()}), ex=lifetime)
         pipe.execute()
-
-    # -- kept artefacts (mask reuse) ----------------------------------------------------------------
 
     def _keep(self, spec: JobSpec, data: bytes, mask: np.ndarray, resolution: str) -> None:
         """Keep the mask (and for API requests the input and a manifest) with the request's outputs."""

@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from common.settings import Settings
 from worker.engine import Predictor
-from worker.loading import load_network, log_banner, recipe_network
-from worker.weights import WeightsError, parse_source
+from worker.loading import LoadedNetwork, real_network_or_reason, recipe_banner, recipe_network
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ def load_predictors(settings: Settings,
 
     `on_ready(variant, predictor, seconds)` is called as each variant becomes servable."""
     share = settings.worker_share_networks
-    strict = settings.model_copy(update={"weights_fallback": "none"})  # the fallback is decided here
     by_source: dict[tuple[str, str, str], Predictor] = {}
     by_recipe: dict[tuple[str, str], Predictor] = {}
     predictors: dict[str, Predictor] = {}
@@ -40,7 +38,7 @@ def load_predictors(settings: Settings,
             log.info("variant %s shares the network already loaded for %s (same checkpoint %s)",
                      variant_id, predictor.spec.id, spec.weights)
         else:
-            predictor = _load_one(spec, settings, strict, by_recipe if share else None)
+            predictor = _load_one(spec, settings, by_recipe if share else None)
             by_source[source_key] = predictor
             if predictor.untrained:
                 by_recipe.setdefault(recipe_key, predictor)
@@ -50,31 +48,13 @@ def load_predictors(settings: Settings,
     return predictors
 
 
-def _load_one(spec, settings: Settings, strict: Settings,
-              recipes: dict[tuple[str, str], Predictor] | None) -> Predictor:
-    recipe_key = (spec.backbone, spec.patch_order)
-    is_recipe = parse_source(spec.weights).kind == "recipe"
-    if is_recipe:
-        reason = "the variant's weights are set to 'recipe'"
-    else:
-        try:
-            loaded = load_network(spec, strict)
-        except WeightsError as exc:
-            if settings.weights_fallback != "recipe":
-                raise
-            log.error("variant %s: %s", spec.id, exc)
-            reason = f"fallback, the real checkpoint failed: {exc}"
-        else:
-            predictor = Predictor(spec, settings)
-            predictor.load(loaded)
-            return predictor
-    if recipes is not None and recipe_key in recipes:
-        shared = recipes[recipe_key]
-        log_banner(f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
-                   "Masks are meaningless: this is not a trained model. For demos and tests only.",
-                   f"Reason: {reason}",
-                   f"Shares the recipe network of {shared.spec.id} ({spec.backbone}, {spec.patch_order} patch order).")
+def _load_one(spec, settings: Settings, recipes: dict[tuple[str, str], Predictor] | None) -> Predictor:
+    loaded = real_network_or_reason(spec, settings)
+    shared = recipes.get((spec.backbone, spec.patch_order)) if recipes is not None else None
+    if isinstance(loaded, str) and shared is not None:
+        recipe_banner(spec, loaded, f"Shares the recipe network of {shared.spec.id} "
+                                    f"({spec.backbone}, {spec.patch_order} patch order).")
         return shared
     predictor = Predictor(spec, settings)
-    predictor.load(recipe_network(spec, reason=reason))
+    predictor.load(loaded if isinstance(loaded, LoadedNetwork) else recipe_network(spec, reason=loaded))
     return predictor

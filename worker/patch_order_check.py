@@ -47,12 +47,16 @@ def mask_confidence(mask: np.ndarray) -> float:
     return float(np.abs(mask.astype(np.float64) - 0.5).mean())
 
 
+def _decode(photos: list[Path], settings: Settings) -> list:
+    return [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels, max_side=settings.max_input_side,
+                         min_side=1) for path in photos]
+
+
 def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[int, int],
             settings: Settings) -> dict[str, list[float]]:
     from worker.engine import Predictor
 
-    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels,
-                           max_side=settings.max_input_side, min_side=1) for path in photos]
+    images = _decode(photos, settings)
     scores: dict[str, list[float]] = {}
     for order in PATCH_ORDERS:
         spec = VariantSpec(id=f"patch-order-{order}", weights=weights, backbone=backbone, patch_order=order)
@@ -84,9 +88,7 @@ def report(photos: list[Path], scores: dict[str, list[float]]) -> str:
     return "\n".join(lines) + "\n\n" + verdict(scores)
 
 
-# --------------------------------------------------------------------------------------------
-# The worker's own check at load time
-# --------------------------------------------------------------------------------------------
+# --- The worker's own check at load time ---
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,7 @@ def self_check(predictor: Predictor) -> PatchOrderReport:
     if decoder is None or getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
         return PatchOrderReport(configured, configured, "skipped", "not run: the network is not the native "
                                 "BiRefNet (remote code), whose patch order cannot be switched")
-    photos = sample_photos(settings)
-    images = [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels,
-                           max_side=settings.max_input_side, min_side=1) for path in photos]
+    images = _decode(sample_photos(settings), settings)
     if not images:
         return PatchOrderReport(configured, configured, "skipped", "not run: no sample photos")
     resolution = parse_resolution(settings.patch_order_check_resolution)

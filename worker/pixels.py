@@ -43,9 +43,7 @@ _WIDE_PASS_BOX = 30  # the 90-box pass runs at 1/3 scale (box 30); its fields ar
 cv2.setNumThreads(1)  # parallelism comes from job threads; OpenCV's own pool would oversubscribe
 
 
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
+# --- Decoding ---
 
 _ORIENT = {  # EXIF orientation -> numpy transform of an (H, W, C) array
     2: lambda a: a[:, ::-1],
@@ -98,16 +96,7 @@ def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
-def image_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
-    """(width, height) of a PIL image or an (H, W, C) array."""
-    if isinstance(image, np.ndarray):
-        return image.shape[1], image.shape[0]
-    return image.size
-
-
-# --------------------------------------------------------------------------------------------
-# Network input and mask
-# --------------------------------------------------------------------------------------------
+# --- Network input and mask ---
 
 
 def _interpolation(source: tuple[int, int], target: tuple[int, int]) -> int:
@@ -140,9 +129,7 @@ def mask_to_uint8(mask: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(mask, alpha=255.0)  # saturating, round-half-even like np.rint
 
 
-# --------------------------------------------------------------------------------------------
-# Foreground refinement (blur fusion, see module docstring)
-# --------------------------------------------------------------------------------------------
+# --- Foreground refinement (blur fusion, see module docstring) ---
 
 
 def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None = None) -> np.ndarray:
@@ -276,9 +263,7 @@ def _sample_fields(fields: tuple[np.ndarray, np.ndarray, int, int, int],
             cv2.warpAffine(bg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE))
 
 
-# --------------------------------------------------------------------------------------------
-# Composition and PNG
-# --------------------------------------------------------------------------------------------
+# --- Composition and PNG ---
 
 
 def rgba_array(rgb: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
@@ -304,7 +289,6 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     filtered[:, 0] = 2  # filter type "up": each byte minus the one above it (mod 256)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    # imagecodecs takes any buffer (here the array); its stubs only list bytes-like types.
     # imagecodecs takes any buffer; its stubs say bytes only (hence the ignores)
     if channels == 1:  # masks: long flat runs, where zlib-ng's matcher is ~4x libdeflate's speed at ~+10 %
         compressed = imagecodecs.zlibng_encode(filtered, level=max(2, min(9, level)))  # type: ignore[arg-type]

@@ -8,7 +8,8 @@ copy comes back for encoding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -77,25 +78,12 @@ def encode_pixels(pixels_: np.ndarray, fmt: str, *, png_compress_level: int, web
                         lossless=lossless)
 
 
-class _EncoderOptions(TypedDict):
-    png_compress_level: int
-    webp_quality: int
-
-
-def render_outputs(
-    image: ImageLike | None,
-    mask: np.ndarray | torch.Tensor,
-    *,
-    output_format: str,
-    output_mask: bool,
-    refine_foreground: bool,
-    mask_only: bool,
-    device: torch.device | str | None = None,
-    timings: StageTimings | None = None,
-    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
-    webp_quality: int = DEFAULT_WEBP_QUALITY,
-    device_rgb: torch.Tensor | None = None,
-) -> RenderedOutputs:
+def render_outputs(image: ImageLike | None, mask: np.ndarray | torch.Tensor, *, output_format: str,
+                   output_mask: bool, refine_foreground: bool, mask_only: bool,
+                   device: torch.device | str | None = None, timings: StageTimings | None = None,
+                   png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+                   webp_quality: int = DEFAULT_WEBP_QUALITY,
+                   device_rgb: torch.Tensor | None = None) -> RenderedOutputs:
     """Encode the cut-out (RGBA, input size) and, if asked, the mask (8-bit grey), in `output_format`.
 
     `mask_only` returns just the mask (as `image`) and skips the foreground refinement. The CPU path
@@ -111,35 +99,28 @@ def render_outputs(
         raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}",
                                 field="output_format")
     timings = timings if timings is not None else StageTimings()
-    options: _EncoderOptions = {"png_compress_level": png_compress_level, "webp_quality": webp_quality}
-
-    if isinstance(mask, torch.Tensor):
-        if device_rgb is None:
+    encode = partial(encode_pixels, png_compress_level=png_compress_level, webp_quality=webp_quality)
+    if isinstance(mask, torch.Tensor) and device_rgb is not None:
+        with timings.stage("refine" if refine_foreground and not mask_only else "compose"):
+            cutout, alpha8 = device_cutout(device_rgb, mask, refine=refine_foreground and not mask_only)
+    else:
+        if isinstance(mask, torch.Tensor):
             mask = mask.detach().to("cpu", torch.float32).numpy()
-        else:
-            with timings.stage("refine" if refine_foreground and not mask_only else "compose"):
-                rgba, alpha8 = device_cutout(device_rgb, mask, refine=refine_foreground and not mask_only)
-            with timings.stage("encode"):
-                if mask_only:
-                    return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
-                encoded = encode_pixels(rgba, fmt, **options)
-                encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
-            return RenderedOutputs(image=encoded, mask=encoded_mask)
-
-    with timings.stage("compose"):
-        alpha8 = pixels.mask_to_uint8(np.asarray(mask, dtype=np.float32))
-    if mask_only:
-        with timings.stage("encode"):
-            return RenderedOutputs(image=encode_pixels(alpha8, fmt, lossless=True, **options), mask=None)
-    assert image is not None, "the CPU path composes onto the decoded image"
-    rgb = pixels.as_rgb_array(image)
-    if alpha8.shape != rgb.shape[:2]:
-        raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, image is {rgb.shape[1]}x{rgb.shape[0]}")
-    with timings.stage("refine"):
-        colours = pixels.refine_colours(rgb, mask, alpha8) if refine_foreground else rgb
-    with timings.stage("compose"):
-        cutout = pixels.rgba_array(colours, alpha8)
+        with timings.stage("compose"):
+            alpha8 = pixels.mask_to_uint8(np.asarray(mask, dtype=np.float32))
+        if not mask_only:
+            assert image is not None, "the CPU path composes onto the decoded image"
+            rgb = pixels.as_rgb_array(image)
+            if alpha8.shape != rgb.shape[:2]:
+                raise ValueError(f"mask is {alpha8.shape[1]}x{alpha8.shape[0]}, "
+                                 f"image is {rgb.shape[1]}x{rgb.shape[0]}")
+            with timings.stage("refine"):
+                colours = pixels.refine_colours(rgb, mask, alpha8) if refine_foreground else rgb
+            with timings.stage("compose"):
+                cutout = pixels.rgba_array(colours, alpha8)
     with timings.stage("encode"):
-        encoded = encode_pixels(cutout, fmt, **options)
-        encoded_mask = encode_pixels(alpha8, fmt, lossless=True, **options) if output_mask else None
+        if mask_only:
+            return RenderedOutputs(image=encode(alpha8, fmt, lossless=True), mask=None)
+        encoded = encode(cutout, fmt)
+        encoded_mask = encode(alpha8, fmt, lossless=True) if output_mask else None
     return RenderedOutputs(image=encoded, mask=encoded_mask)

@@ -56,10 +56,6 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class TransientError(Exception):
-    """Infrastructure trouble (S3, Redis); the job is retried without counting as a crash."""
-
-
 class JobTimedOut(Exception):
     """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
 

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 class StageTimings:
     """Seconds spent per named stage, accumulated over calls (batches add up)."""
 
-    STAGES = ("decode", "preprocess", "forward", "postprocess", "refine", "compose", "encode")
-
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 

@@ -25,9 +25,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from common.settings import Settings
+from worker.birefnet.recipe import COMPUTED_LEAVES  # computed buffers: a checkpoint may lack them
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ RECIPE = "recipe"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Written by DataParallel / DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Integer buffers the model computes itself; a checkpoint that lacks them is still complete.
-COMPUTED_LEAVES = ("relative_position_index", "num_batches_tracked")
 # Weight files looked for in a folder (Hugging Face layout), in order of preference.
 FOLDER_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                        "pytorch_model.bin.index.json")
@@ -113,9 +114,7 @@ def parse_source(source: str) -> WeightSource:
     return WeightSource("local", str(path), sha256=sha256)
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching: source -> local file or folder
-# --------------------------------------------------------------------------------------------
+# --- Fetching: source -> local file or folder ---
 
 
 def cache_root(settings: Settings) -> Path:
@@ -133,10 +132,8 @@ def fetch(source: WeightSource, settings: Settings) -> Path:
         if not path.exists():
             raise WeightsError(f"checkpoint {path} does not exist")
         fetched = path
-    elif source.kind == "hf":
-        fetched = _fetch_hf_file(source, settings)
-    elif source.kind == "hf-repo":
-        fetched = _fetch_hf_repo(source, settings)
+    elif source.kind in ("hf", "hf-repo"):
+        fetched = _fetch_hf(source, settings)
     elif source.kind == "https":
         fetched = _fetch_url(source.location, settings)
     elif source.kind == "s3":
@@ -148,25 +145,20 @@ def fetch(source: WeightSource, settings: Settings) -> Path:
     return fetched
 
 
-def _fetch_hf_file(source: WeightSource, settings: Settings) -> Path:
-    from huggingface_hub import hf_hub_download
+def _fetch_hf(source: WeightSource, settings: Settings) -> Path:
+    """One file (kind "hf") or the whole repo in Hugging Face layout (kind "hf-repo")."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
+    cache_dir = cache_root(settings) / "hf"
+    patterns = ["*.json", "*.safetensors", "*.py", "pytorch_model*.bin"]
     try:
+        if source.kind == "hf-repo":
+            return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns,
+                                          cache_dir=cache_dir))
         if source.filename is None:  # reported like any other failed download
             raise ValueError("a Hugging Face file source needs a filename")
         return Path(hf_hub_download(source.location, source.filename, revision=source.revision,
-                                    cache_dir=cache_root(settings) / "hf"))
-    except Exception as exc:  # offline misses, 404s, auth, network: all end the same way
-        raise WeightsError(f"cannot download {source.description}: {exc}") from exc
-
-
-def _fetch_hf_repo(source: WeightSource, settings: Settings) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.py", "pytorch_model*.bin"]
-    try:
-        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns,
-                                      cache_dir=cache_root(settings) / "hf"))
+                                    cache_dir=cache_dir))
     except Exception as exc:  # offline misses, 404s, auth, network: all end the same way
         raise WeightsError(f"cannot download {source.description}: {exc}") from exc
 
@@ -221,26 +213,19 @@ def _fetch_s3(location: str, settings: Settings) -> Path:
     return target
 
 
-class _atomic_file:
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[BinaryIO]:
     """Write to a temp file beside `target`, rename over it only when complete (no half files
     in the cache if the process dies, and concurrent workers never read a partial download)."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self):
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part")
-        self.handle = os.fdopen(fd, "wb")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb):
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
-        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 def verify_sha256(path: Path, expected: str) -> None:
@@ -254,9 +239,7 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the expected {expected}")
 
 
-# --------------------------------------------------------------------------------------------
-# Reading: file or folder -> state dict
-# --------------------------------------------------------------------------------------------
+# --- Reading: file or folder -> state dict ---
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -321,9 +304,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return cleaned
 
 
-# --------------------------------------------------------------------------------------------
-# Fitting: state dict -> model, strictly
-# --------------------------------------------------------------------------------------------
+# --- Fitting: state dict -> model, strictly ---
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
@@ -349,11 +330,8 @@ def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
     """'' when keys and shapes agree, else counts and the first few missing / unexpected / misshapen keys."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    misshapen = sorted(
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected.keys() & state.keys()
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
+    misshapen = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                       for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
         if keys:

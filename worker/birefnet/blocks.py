@@ -166,12 +166,9 @@ class ASPPDeformable(nn.Module):
             modulators.append(torch.sigmoid(om[..., 2 * k * k :]).mul_(2.0))
         out = x.new_empty(b_sz, h * w, p["conv1"].out_features)
         for bi in range(b_sz):
-            samplers = [
-                sample_columns(
-                    rows[bi], h, w, off[bi], mod[bi], blk.atrous_conv.kernel_size, blk.atrous_conv.padding
-                )
-                for blk, off, mod in zip(self.branches, offsets, modulators, strict=True)
-            ]
+            samplers = [sample_columns(rows[bi], h, w, off[bi], mod[bi], blk.atrous_conv.kernel_size,
+                                       blk.atrous_conv.padding)
+                        for blk, off, mod in zip(self.branches, offsets, modulators, strict=True)]
             # Chunk by chunk: every branch's GEMM+BN+ReLU, then conv1+BN+ReLU over their concat.
             for chunks in zip(*samplers, strict=True):
                 r0, r1 = chunks[0][:2]
@@ -183,14 +180,8 @@ class ASPPDeformable(nn.Module):
 class BasicDecBlk(nn.Module):
     """conv3x3 -> BN -> ReLU -> ASPPDeformable -> conv3x3 -> BN."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        inter_channels: int,
-        aspp_channels: int,
-        kernel_sizes: tuple[int, ...],
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, inter_channels: int, aspp_channels: int,
+                 kernel_sizes: tuple[int, ...]) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, inter_channels, 3, padding=1)
         self.relu_in = nn.ReLU(inplace=True)

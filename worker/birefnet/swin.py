@@ -140,9 +140,8 @@ class WindowAttention(nn.Module):
         """qkv_windows: (B, nW, N, 3C) in plan order -> attention output (B, nW, N, C), pre-projection."""
         b, n_win, n, _ = qkv_windows.shape
         head_dim = self.dim // self.num_heads
-        q, k, v = (
-            qkv_windows.view(b, n_win, n, 3, self.num_heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        )
+        heads = qkv_windows.view(b, n_win, n, 3, self.num_heads, head_dim)
+        q, k, v = heads.permute(3, 0, 1, 4, 2, 5).unbind(0)
         bias_HNN = self.position_bias().to(q.dtype)
         outs = []
         split = plan.num_plain
@@ -154,9 +153,8 @@ class WindowAttention(nn.Module):
             mask_WHNN = bias_HNN.unsqueeze(0) + plan.mask.to(q.dtype).unsqueeze(1)
             outs.append(self._sdpa(q[:, split:], k[:, split:], v[:, split:], mask_WHNN))
         # (B, nW, heads, N, d) -> (B, nW, N, heads, d): the cat does the transpose in its one copy.
-        out = (
-            torch.cat([o.transpose(2, 3) for o in outs], dim=1) if len(outs) > 1 else outs[0].transpose(2, 3)
-        )
+        outs = [o.transpose(2, 3) for o in outs]
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return out.reshape(b, n_win, n, self.dim)
 
     @staticmethod
@@ -164,9 +162,8 @@ class WindowAttention(nn.Module):
         b, w, h, n, d = q.shape
         # A 4-D mask keeps SDPA on the fused CPU kernel; a 3-D one falls back to the slow math path.
         mask = bias.unsqueeze(0) if bias.dim() == 3 else bias.repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(
-            q.reshape(b * w, h, n, d), k.reshape(b * w, h, n, d), v.reshape(b * w, h, n, d), attn_mask=mask
-        )
+        out = F.scaled_dot_product_attention(q.reshape(b * w, h, n, d), k.reshape(b * w, h, n, d),
+                                             v.reshape(b * w, h, n, d), attn_mask=mask)
         return out.view(b, w, h, n, d)
 
 
@@ -230,11 +227,8 @@ class PatchMerging(nn.Module):
             tokens_BHWC = F.pad(tokens_BHWC, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         # (B, H/2, dy, W/2, dx, C) -> (B, H/2, W/2, dx, dy, C): row offset varies fastest.
-        x = (
-            tokens_BHWC.view(b, h // 2, 2, w // 2, 2, c)
-            .permute(0, 1, 3, 4, 2, 5)
-            .reshape(b, h // 2, w // 2, 4 * c)
-        )
+        x = tokens_BHWC.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5)
+        x = x.reshape(b, h // 2, w // 2, 4 * c)
         x = self.norm(x)
         return fused_state(self._fast)(x) if fast_path(self._fast, x) else self.reduction(x)
 
@@ -246,9 +240,8 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(
-        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, downsample: bool
-    ) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 downsample: bool) -> None:
         super().__init__()
         self.window_size = window_size
         self.blocks = nn.ModuleList(
@@ -293,36 +286,26 @@ class PatchEmbed(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin v1 feature extractor: returns 4 maps (B, C_i, H/2^(i+2), W/2^(i+2)), C_i = embed_dim * 2^i."""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        depths: tuple[int, ...],
-        num_heads: tuple[int, ...],
-        window_size: int,
-        mlp_ratio: float = 4.0,
-        patch_size: int = 4,
-        in_chans: int = 3,
-    ) -> None:
+    def __init__(self, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int,
+                 mlp_ratio: float = 4.0, patch_size: int = 4, in_chans: int = 3) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.num_features = [embed_dim * 2**i for i in range(len(depths))]
+        last = len(depths) - 1
         self.layers = nn.ModuleList(
-            SwinStage(
-                self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio, i < len(depths) - 1
-            )
-            for i in range(len(depths))
-        )
+            SwinStage(self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio, i < last)
+            for i in range(len(depths)))
         for i, dim in enumerate(self.num_features):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))
 
     def fuse(self) -> None:
         for m in self.modules():
-            if isinstance(m, (SwinBlock, PatchMerging)):
+            if isinstance(m, SwinBlock | PatchMerging):
                 m.fuse()
 
     def unfuse(self) -> None:
         for m in self.modules():
-            if isinstance(m, (SwinBlock, PatchMerging)):
+            if isinstance(m, SwinBlock | PatchMerging):
                 m.unfuse()
 
     def forward(self, x_BCHW: Tensor) -> list[Tensor]:
