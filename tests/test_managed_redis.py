@@ -34,10 +34,10 @@ from tests.helpers.chaos_tools import (
     GatewaySubmitter,
     Submitted,
     chaos_environment,
-    expected_ids,
     job_records,
     log_lines,
     upload,
+    wait_for_completions,
 )
 from tests.helpers.gateway import api_keys_setting
 from tests.helpers.images import data_uri, small_png
@@ -102,19 +102,8 @@ class ManagedStack:
         from common.state.jobs import JobStore
 
         store = JobStore(client)
-
-        def done():
-            try:
-                records = job_records(store)
-            except redis.RedisError:
-                return None
-            ids = expected_ids(submitted, records, self.settings.input_bucket)
-            if ids is None or any(records[rid].status != "COMPLETED" for rid in ids):
-                return None
-            delivered = {item.json()["request_id"] for item in list(receiver.received)}
-            return (ids, records) if set(ids) <= delivered else None
-
-        ids, records = wait_for(done, timeout, "every accepted job to complete with its webhook", interval=0.5)
+        ids = wait_for_completions(store, self.settings.input_bucket, submitted, receiver, timeout)
+        records = job_records(store)
         time.sleep(2)  # a second webhook or run, if there were to be one, has time to show
         webhooks = Counter(item.json()["request_id"] for item in list(receiver.received))
         runs = {rid: sum(bool(DONE_LINE.match(line)) for line in log_lines(store, rid)) for rid in ids}

@@ -455,23 +455,28 @@ def wait_all_done(stack: ChaosStack, submitted: Submitted, receiver: WebhookRece
                   timeout: float) -> list[str]:
     """Wait until every accepted job is COMPLETED (and, with a receiver, has its webhook)."""
     store = stack.store()
+    try:
+        return wait_for_completions(store, stack.settings.input_bucket, submitted, receiver, timeout)
+    finally:
+        store.redis.close()
 
+
+def wait_for_completions(store: JobStore, bucket: str, submitted: Submitted, receiver: WebhookReceiver | None,
+                         timeout: float) -> list[str]:
+    """The ids of every accepted job once all are COMPLETED (and, with a receiver, have their webhook)."""
     def done() -> list[str] | None:
         try:
             records = job_records(store)
         except redis.RedisError:
             return None
-        ids = expected_ids(submitted, records, stack.settings.input_bucket)
+        ids = expected_ids(submitted, records, bucket)
         if ids is None or any(records[rid].status != "COMPLETED" for rid in ids):
             return None
         if receiver is not None and not set(ids) <= delivered_ids(receiver):
             return None
         return ids
 
-    try:
-        return wait_for(done, timeout, "every accepted job to complete with its webhook", interval=0.5)
-    finally:
-        store.redis.close()
+    return wait_for(done, timeout, "every accepted job to complete with its webhook", interval=0.5)
 
 
 def delivered_ids(receiver: WebhookReceiver) -> set[str]:
