@@ -1,7 +1,7 @@
 """The worker's per-image CPU work around the forward, today's path beside the one it replaced.
 
 Part 1, per stage (decode, preprocess, postprocess, refine, compose, encode), one image at a time, CPU and
-wall ms, best of --repeats, with the null model's constant mask: the baseline (the code before issue #12:
+wall ms, best of --repeats, with the null model's constant mask: the baseline (the earlier code:
 Pillow, torch resize and blur fusion, PNG level 3) beside worker.pixels, plus output bytes. Part 2: the
 engine with the null model and N job threads around one batcher at 1 MP: images/s and CPU ms per image.
 Part 3: how freely another Python thread runs during each stage (the GIL).
@@ -82,7 +82,7 @@ class Clock:
         return result
 
 
-# ---- the implementation before issue #12, kept here as the baseline ----------------------------
+# ---- the earlier implementation, kept here as the baseline ----------------------------------------
 
 def baseline_input(image: Image.Image, resolution: tuple[int, int]) -> torch.Tensor:
     resized = image if image.size == resolution else image.resize(resolution, Image.Resampling.BILINEAR)

@@ -1,5 +1,5 @@
-"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The README's settings
-table is generated from the fields' descriptions (tests/test_settings_doc.py checks it is in step)."""
+"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The settings table of
+docs/configuration.md is generated from the fields' descriptions (tests/test_settings_doc.py checks it)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     http_timeout: float = Field(20.0, description="Timeout (s) for downloading image URLs.")
     webhook_timeout: float = Field(15.0, description="Timeout (s) of one webhook delivery attempt.")
 
-    # --- Several variants in one worker; patch-order self-check (issue 14) ---
+    # --- Several variants in one worker; patch-order self-check ---
     worker_share_networks: bool = Field(
         True, description="A worker serving several variants loads a network once for variants that name the "
         "same checkpoint, backbone and patch order (v1 and v2 Portrait), and once per backbone and patch "
@@ -240,7 +240,7 @@ class Settings(BaseSettings):
     gateway_sweep_interval: float = Field(
         1.0, description="How often (s) the gateway expires queued requests past their X-Fal-Request-Timeout "
         "and deletes output files past their retention.")
-    # Failed-auth throttling (issue #16): counters in Redis, shared by every gateway process.
+    # Failed-auth throttling: counters in Redis, shared by every gateway process.
     gateway_auth_fail_limit: int = Field(
         20, ge=0, description="Failed authentications allowed per client address, and per key id, within "
         "gateway_auth_fail_window; beyond it the gateway answers 429 with Retry-After without checking the "
@@ -375,7 +375,7 @@ class Settings(BaseSettings):
 
 
 def settings_table() -> str:
-    """The README's settings table, made from the fields' descriptions."""
+    """The settings reference table, made from the fields' descriptions."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
         default = info.get_default(call_default_factory=True)
@@ -384,8 +384,8 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def update_readme(path: str = "README.md") -> None:
-    """Rewrite the table between the README's settings markers."""
+def update_docs(path: str = "docs/configuration.md") -> None:
+    """Rewrite the table between the settings markers of the configuration page."""
     import re
     from pathlib import Path
 
@@ -397,7 +397,7 @@ def update_readme(path: str = "README.md") -> None:
 if __name__ == "__main__":
     import sys
 
-    if "--readme" in sys.argv:
-        update_readme()
+    if {"--docs", "--readme"} & set(sys.argv):
+        update_docs()
     else:
         print(settings_table())

@@ -9,7 +9,7 @@ process), no worker: submitted requests stay queued, and /run requests carry X-F
 so a valid one ends with the documented 504 request_timeout (fal's answer to that header) instead of
 waiting for a worker that never comes: on /run, and only there, that 504 is the expected answer.
 
-What is by design and so not checked (see FAL_API.md §3 and §8):
+What is by design and so not checked (see docs/api.md#submit and #run):
 - `negative_data_rejection` on submit and run: fal's queue accepts any JSON object and the model
   validates it, so a schema-violating input is a request completed with a 422, not a 4xx at submit;
 - `positive_data_acceptance` on submit and run: a schema-valid `image_url` can still be unreachable or

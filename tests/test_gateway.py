@@ -1,4 +1,4 @@
-"""Contract tests of the gateway over HTTP (httpx), one per FAL_API.md §14 row or so.
+"""Contract tests of the gateway over HTTP (httpx), one per point of docs/api.md or so.
 
 Real parts: redis-server, moto, a `python -m worker` process for general-light (general-heavy has no
 worker until the priority test starts one, so requests for it stay queued), the webhook deliverer

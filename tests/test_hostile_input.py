@@ -1,4 +1,4 @@
-"""Hostile input never makes the gateway fail (issue #16): every repro of the issue, and a table of
+"""Hostile input never makes the gateway fail: every reported case, and a table of
 hand-written attacks (huge and malformed bodies, invalid UTF-8, duplicate keys, lying Content-Type, path
 traversal, very long ids, every method on every route). Each gets a clear 4xx in fal's shapes, in valid
 JSON, naming the field; nothing is logged as an unhandled error.

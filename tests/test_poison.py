@@ -4,7 +4,7 @@
 
 The poison is real: a 36-megapixel PNG of ~100 KB (well inside the input limits) whose decoding, refinement
 and encoding need about a gigabyte more than a small job (9 megapixels were enough before the worker's CPU
-path got lean, issue #12). The worker runs under a memory limit that the test enforces the way the
+path got lean). The worker runs under a memory limit that the test enforces the way the
 kernel's OOM killer (or a container runtime) does: SIGKILL when its resident memory passes the limit, then a
 fresh worker, as a restart policy would start. Everything else is the real stack: redis-server, moto,
 `python -m producer.gateway`, the webhook deliverer and `python -m worker` processes.

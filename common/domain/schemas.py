@@ -1,4 +1,4 @@
-"""fal's BiRefNet input/output schemas (FAL_API.md §11) and our job spec. Enum fields use `enum.Enum` so
+"""fal's BiRefNet input/output schemas (docs/api.md#inputs) and our job spec. Enum fields use `enum.Enum` so
 validation errors read exactly like fal's FastAPI ones (type "enum", "Input should be 'A', 'B' or 'C'")."""
 
 from __future__ import annotations

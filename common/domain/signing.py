@@ -1,4 +1,4 @@
-"""Ed25519 webhook signatures exactly as fal makes them (FAL_API.md §9), and the JWKS that verifies them.
+"""Ed25519 webhook signatures as fal makes them (docs/api.md#webhooks), and the JWKS that verifies them.
 
 The first configured key signs; every configured key is published, so keys can be rotated. Without
 configured keys one is generated and kept in Redis (development only).

@@ -1,4 +1,4 @@
-"""fal-style webhook payloads, signed delivery through the SSRF guard, and retries (FAL_API.md §9).
+"""fal-style webhook payloads, signed delivery through the SSRF guard, and retries (docs/api.md#webhooks).
 
 Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on HTTP. Retries do
 not use Celery countdowns (with the Redis broker one longer than the visibility timeout is redelivered

@@ -1,4 +1,4 @@
-"""Client-side uploads (FAL_API.md §10.2) and gateway-served files: upload initiate (a presigned S3 PUT),
+"""Client-side uploads (docs/api.md#uploads) and gateway-served files: upload initiate (a presigned S3 PUT),
 auth token + `/files/upload` (Python's default upload), and `/objects/{key}` behind signed URLs.
 Uploads live under the key's own prefix (`files/<hash of key id>/`), which only that key may name as input."""
 

@@ -1,4 +1,4 @@
-"""The queue API (FAL_API.md §3-5, §7): submit on the app id (`/fal-ai/birefnet[/v2]`), then status,
+"""The queue API (docs/api.md#queue): submit on the app id (`/fal-ai/birefnet[/v2]`), then status,
 status stream, result and cancel on `/fal-ai/birefnet/requests/{id}` for both."""
 
 from __future__ import annotations

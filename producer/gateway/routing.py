@@ -1,5 +1,5 @@
 """Maps every URL convention fal's clients use onto the canonical `/queue/...` and `/run/...` routes
-(FAL_API.md §1), before routing: trailing slashes; root paths (`queue.` hosts and `.../requests/...` to
+(docs/api.md#routes), before routing: trailing slashes; root paths (`queue.` hosts and `.../requests/...` to
 /queue, other app paths to /run); `/queue/{owner}/{alias}/{subpath}/requests/...` to `{owner}/{alias}`;
 `/api/fal/proxy` with a fal `x-fal-target-url` (JS `proxyUrl`) to the route it names (else its 400)."""
 

@@ -1,4 +1,4 @@
-"""Synchronous run (FAL_API.md §8): a queue submit answered when done, with no server-side time limit
+"""Synchronous run (docs/api.md#run): a queue submit answered when done, with no server-side time limit
 (fal's clients have none on run); a caller that hangs up cancels its request, as on fal."""
 
 from __future__ import annotations

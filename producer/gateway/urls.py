@@ -6,7 +6,7 @@ from fastapi import Request
 
 from common.settings import Settings
 
-APP_PATH = "fal-ai/birefnet"  # request-scoped URLs drop the `/v2` subpath (FAL_API.md §1.2)
+APP_PATH = "fal-ai/birefnet"  # request-scoped URLs drop the `/v2` subpath (docs/api.md#routes)
 
 
 def public_base(request: Request, settings: Settings) -> str:
