@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint typecheck bench chaos fuzz clean browser redis-tls
+.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ lint: $(STAMP) typecheck
 # mypy over the packages listed under [tool.mypy] in pyproject.toml (about 2 minutes: torch is big).
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml, docs/), strictly: a broken link, anchor or nav entry fails it.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir out/site
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_model.py
