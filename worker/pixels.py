@@ -1,6 +1,6 @@
 """The worker's CPU pixel path: numpy arrays through libraries that release the GIL.
 
-Chosen by measurement (bench/bench_engine.py, README "Per-image CPU work"):
+Chosen by measurement (bench/bench_engine.py, docs/benchmarks.md "Per-image CPU work"):
 
 * decode: JPEGs that need no colour management go through libjpeg-turbo via simplejpeg (about 2-4x
   Pillow's decoder here); everything else, and anything odd, goes through `imaging.decode_image`, which

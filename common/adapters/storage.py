@@ -1,4 +1,4 @@
-"""S3 access through boto3, and the output key layout (README: uploads/, requests/, files/ under
+"""S3 access through boto3, and the output key layout (docs/architecture.md: uploads/, requests/, files/ in
 `output_prefix`). An upload's `fingerprint` hashes the input object's version and the job parameters, so
 a re-delivered event or an identical re-upload finds the finished result and is not recomputed."""
 
