@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line
     settings = Settings()
 
     from common.adapters.queue import WEBHOOK_QUEUE

@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line
 
     from common.settings import Settings
     from worker.app import WorkerState, create_celery_app
