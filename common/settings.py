@@ -288,6 +288,11 @@ class Settings(BaseSettings):
         9101, description="Port of the SQS producer's Prometheus /metrics (0: off); `producer http` serves "
         "/metrics on its own port.")
     webhooks_metrics_port: int = Field(9102, description="Port of the webhook deliverer's Prometheus /metrics (0: off).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics ports (worker, producer, deliverer, gateway_metrics_port) "
+        "bind, with the worker's /healthz and /readyz. They have no authentication: loopback by default; a "
+        "deployment whose Prometheus or kubelet probes reach the pod sets 0.0.0.0 and keeps the ports off "
+        "public networks (e.g. a NetworkPolicy).")
     ops_window_seconds: int = Field(
         900, description="Default window (s) of the ops command's throughput and latency figures.")
     ops_completions_kept: int = Field(

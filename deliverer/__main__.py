@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     store = JobStore.from_settings(settings)
     app = create_celery_app(settings, store)
     instrument_webhook_deliverer(store, settings.webhook_max_retries)
-    start_metrics_server(settings.webhooks_metrics_port, "webhooks")
+    start_metrics_server(settings.webhooks_metrics_port, "webhooks", host=settings.metrics_host)
     app.worker_main(["worker", "-Q", WEBHOOK_QUEUE, "--pool=threads", f"--concurrency={args.concurrency}",
                      "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 

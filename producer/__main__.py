@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
-        start_metrics_server(settings.producer_metrics_port, "producer")
+        start_metrics_server(settings.producer_metrics_port, "producer", host=settings.metrics_host)
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,

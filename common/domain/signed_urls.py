@@ -5,8 +5,8 @@ streamed from S3 by the gateway, so callers never need to reach S3), and short-l
 from __future__ import annotations
 
 import base64
-import hashlib
 import binascii
+import hashlib
 import hmac
 import json
 import re

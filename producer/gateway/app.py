@@ -49,7 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         app.state.gateway = gw
-        start_metrics_server(settings.gateway_metrics_port, "gateway")
+        start_metrics_server(settings.gateway_metrics_port, "gateway", host=settings.metrics_host)
         sweeper = asyncio.create_task(sweep_forever(gw))
         try:
             yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from producer.gateway.parsing import CONTENT_TYPE_PATTERN
 
@@ -52,10 +52,32 @@ class ValidationErrorBody(BaseModel):
     detail: list[dict[str, Any]] = Field(description="FastAPI-style items: loc, msg, type (input, ctx).")
 
 
+# Uploads are inputs: the image types the workers decode (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF), or
+# unlabelled bytes. Anything a browser would run (HTML, SVG, XML, JavaScript) is refused.
+UPLOAD_TYPES = frozenset({
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
+    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream"})
+
+
+def upload_type(content_type: str) -> str | None:
+    """The MIME type to store an upload under (parameters dropped, lower case), or None when it is refused."""
+    essence = content_type.split(";", 1)[0].strip().lower()
+    return essence if essence in UPLOAD_TYPES else None
+
+
 class UploadInitiate(BaseModel):
     content_type: str = Field("application/octet-stream", pattern=CONTENT_TYPE_PATTERN,
-                              description="MIME type the upload will be sent with.")
+                              description="MIME type the upload will be sent with: an input image type "
+                              f"({', '.join(sorted(UPLOAD_TYPES))}).")
     file_name: str = Field("upload.bin", max_length=1024)
+
+    @field_validator("content_type")
+    @classmethod
+    def _image_type(cls, value: str) -> str:
+        stored = upload_type(value)
+        if stored is None:
+            raise ValueError(f"{value[:100]!r} is not an input image type")
+        return stored
 
 
 class UploadInitiated(BaseModel):
