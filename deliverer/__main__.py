@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from common.settings import Settings
+from common.settings import Settings, check_secrets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_redaction()  # no credential in any log line
     settings = Settings()
+    check_secrets(settings)  # refuses development secrets outside development
 
     from common.adapters.queue import WEBHOOK_QUEUE
     from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server

@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from common.settings import Settings
+from common.settings import Settings, check_secrets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_redaction()  # no credential in any log line
     settings = Settings()
+    check_secrets(settings)  # refuses development secrets outside development
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client

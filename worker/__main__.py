@@ -16,12 +16,13 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_redaction()  # no credential in any log line
 
-    from common.settings import Settings
+    from common.settings import Settings, check_secrets
     from worker.app import WorkerState, create_celery_app
     from worker.test_hooks import HooksForTests
 
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
     settings = Settings(worker_variants=args.variants) if args.variants else Settings()
+    check_secrets(settings)  # refuses development secrets outside development
     if settings.benchmark_null_model:
         from worker.null_model import mark_process_logs
 
