@@ -240,6 +240,12 @@ class Settings(BaseSettings):
         "and kept in Redis (development; gateway_output_urls='gateway' requires it set).")
     gateway_max_body_bytes: int = Field(
         40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413.")
+    gateway_body_budget_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="Most bytes of large request bodies (over 1 MiB) one gateway process "
+        "handles at once: each is parsed and decoded in memory at a few times its size, so this bounds the "
+        "memory they take. A body that does not fit is a 429 server_busy with Retry-After, before it is read "
+        "(one body alone always fits). 0: no bound. Size it with bench/bench_body_memory.py against the "
+        "process's memory limit.")
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
     gateway_push_recheck: float = Field(
         60.0, gt=0, description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "

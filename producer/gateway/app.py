@@ -75,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_exception_handlers(app)
     install_openapi(app, auth=settings.gateway_auth != "off")
     app.add_middleware(FalRouting, trust_forwarded=lambda peer: forwarded_trusted(settings, peer))
-    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes,
+                       budget_bytes=settings.gateway_body_budget_bytes)
     app.add_middleware(RequestIdHeader)
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.gateway_cors_origins),
                        allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],
