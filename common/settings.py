@@ -391,7 +391,7 @@ class Settings(BaseSettings):
             raise ValueError("gateway_output_urls='gateway' needs gateway_public_url and gateway_signing_secret")
         return self
 
-    @cached_property
+    @property  # not cached: model_copy(update=...) would keep a stale value
     def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(net) for net in self.gateway_trusted_proxies)
 

@@ -118,7 +118,8 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
                        f"{', '.join(sorted(UPLOAD_TYPES))}."}})
 async def files_upload(
     request: Request,
-    authorization: Annotated[str, Header()] = None,
+    authorization: Annotated[str, Header(description="`Bearer <upload token>` from /rest/storage/auth/token, "
+                                         "or an API key as on every route")] = None,
     content_type: Annotated[str, Header()] = None,
     file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
@@ -150,10 +151,15 @@ async def files_upload(
     return fal_json({"access_url": await run_in_threadpool(store)})
 
 
-@router.get("/objects/{key:path}", responses={200: {"content": {"*/*": {}}, "description": "The file"},
-                                              404: {"description": "Unknown, expired or badly signed URL"}})
-async def get_object(request: Request, key: str, exp: Annotated[str, Query()] = "",
-                     sig: Annotated[str, Query()] = "") -> Response:
+@router.get("/objects/{key:path}", responses={
+    200: {"content": {"*/*": {}}, "description": "The file (opened as a download, in a sandbox: no script runs)"},
+    404: {"model": ErrorBody, "description": "Unknown, expired or badly signed URL, or a malformed exp or sig"}})
+async def get_object(request: Request, key: str,
+                     exp: Annotated[str, Query(description="Expiry, Unix seconds (ASCII digits)",
+                                               json_schema_extra={"pattern": "^[0-9]{0,15}$"})] = "",
+                     sig: Annotated[str, Query(description="The URL's signature (base64url)",
+                                               json_schema_extra={"pattern": "^[A-Za-z0-9_-]{0,64}$"})] = "",
+                     ) -> Response:
     """A stored file behind a signed, expiring URL (no API key: the signature is the permission)."""
     gw = gateway(request)
     secret = await run_in_threadpool(lambda: gw.secret)

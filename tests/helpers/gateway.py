@@ -121,6 +121,8 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
         "BIREFNET_FETCH_ALLOWED_PORTS": "*",
         "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.2",
+        # Tests speak to the gateway from 127.0.0.1, a trusted proxy by default: X-Forwarded-* count when on.
+        "BIREFNET_GATEWAY_TRUST_FORWARDED": "true",
         "BIREFNET_WEBHOOK_SIGNING_KEYS": f"{signing_seed()},{signing_seed()}",  # two: JWKS rotation
         "BIREFNET_WEBHOOK_RETRY_BASE": "0.2",
         "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "0.5",
