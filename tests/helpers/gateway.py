@@ -62,8 +62,10 @@ class GatewayServer:
         self.port = port or free_port()
         self.tls = tls
         ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+        # proxy_headers=False as `python -m producer.gateway` runs it: the gateway alone decides which
+        # X-Forwarded-* to believe (uvicorn's default would take them from any loopback peer).
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, **ssl)
+                                access_log=False, proxy_headers=False, **ssl)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
