@@ -3,7 +3,6 @@ the SSRF guard (common.adapters.netguard). Errors are fal's file_download_error 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import zlib
@@ -67,10 +66,12 @@ def _decode_base64(uri: str, start: int) -> bytes:
     raw = memoryview(uri.encode("ascii"))[start:]  # UnicodeEncodeError (a ValueError) for non-ASCII
     if _WHITESPACE.search(raw):  # line-wrapped base64
         raw = memoryview(_WHITESPACE.sub(b"", raw))
-    body = raw.tobytes().rstrip(b"=") if len(raw) % 4 else None  # unpadded: rare, and small in practice
-    if body is not None:
-        return base64.b64decode(body + b"=" * (-len(body) % 4), validate=True)
-    return base64.b64decode(raw, validate=True)
+    if len(raw) % 4:  # unpadded: rare, and small in practice
+        body = raw.tobytes().rstrip(b"=")
+        raw = memoryview(body + b"=" * (-len(body) % 4))
+    # binascii reads the view in place (base64.b64decode would copy it first); strict: only the alphabet
+    # and correct padding, as b64decode(validate=True).
+    return binascii.a2b_base64(raw, strict_mode=True)
 
 
 def _header(response: httpcore.Response, name: bytes) -> str | None:
