@@ -130,7 +130,7 @@ async def files_upload(
     Content-Type that is not a MIME type only labels the bytes: they are stored as application/octet-stream."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
-    given = content_type.strip() if content_type and valid_content_type(content_type.strip()) else None
+    given = content_type.strip() if content_type and valid_content_type(content_type.strip()) else ""
     stored_type = upload_type(given) if given else "application/octet-stream"
     if stored_type is None:  # checked before the body is read: a refused upload costs no memory
         raise FalError.flat(415, f"Content-Type {given[:100]!r} is not an input image type (one of "
