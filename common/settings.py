@@ -279,7 +279,8 @@ class Settings(BaseSettings):
     webhook_max_retries: int = Field(10, ge=0, description="Webhook retries after the first failed attempt (fal: 10).")
     webhook_retry_base: float = Field(
         15.0, description="First webhook retry delay (s); doubles per retry up to webhook_retry_max_delay "
-        "(defaults: 10 retries over about 2 hours).")
+        "(defaults: 10 retries over at most about 2 hours). Each delay is jittered between half and all of "
+        "that, so the webhooks of one receiver's outage do not all retry at once.")
     webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
 
     # --- Limits and backpressure ---
