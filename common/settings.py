@@ -475,5 +475,9 @@ if __name__ == "__main__":
 
     if "--readme" in sys.argv:
         update_readme()
+    elif "--current" in sys.argv:  # this environment's effective settings, secrets masked
+        from common.observability.redact import redact_settings
+
+        print(json.dumps(redact_settings(Settings().model_dump(mode="json")), indent=2, default=str))
     else:
         print(settings_table())

@@ -320,6 +320,22 @@ except RuntimeError:
     assert "rediss://user:***@redis.internal" in done.stderr and "Key alice:***" in done.stderr, done.stderr
 
 
+def test_settings_dumps_and_headers_mask_credentials(stack: Stack):
+    env = {**stack.env, "BIREFNET_REDIS_URL": "redis://user:RedisPw77@127.0.0.1:1/0",
+           "BIREFNET_GATEWAY_SIGNING_SECRET": "SigningSecret88", "BIREFNET_PRODUCER_HTTP_TOKEN": "HttpToken99"}
+    done = subprocess.run([sys.executable, "-m", "common.settings", "--current"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["redis_url"] == "redis://user:***@127.0.0.1:1/0" and shown["gateway_signing_secret"] == "***"
+    for secret in ("RedisPw77", "SigningSecret88", "HttpToken99"):
+        assert secret not in done.stdout
+    from common.observability.redact import redact_headers
+
+    assert redact_headers({"Authorization": "Key alice:s3cret", "Cookie": "a=b", "Accept": "*/*"}) == {
+        "Authorization": "Key alice:***", "Cookie": "***", "Accept": "*/*"}
+
+
 # --- metrics ports bind loopback by default --------------------------------------------------------------
 def listening_addresses(port: int) -> set[str]:
     """Local addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
