@@ -143,10 +143,6 @@ class KeyRing:
                 self._verified.move_to_end(fingerprint)
         return found
 
-    def knows(self, key_id: str) -> bool:
-        """Whether a key with this id is configured (failed attempts are counted per configured id only)."""
-        return key_id in self._by_id
-
     def authenticate(self, credential: str | None) -> Principal | None:
         if not credential:
             return None
