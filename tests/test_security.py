@@ -129,6 +129,10 @@ def test_guesses_from_other_clients_never_lock_out_a_key_nor_reveal_which_ids_ex
         unknown = statuses(fresh.url, [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
                            ["203.0.113.11"] * (FAIL_LIMIT + 2))
         assert known == unknown == [401] * FAIL_LIMIT + [429, 429], (known, unknown)
+        # An IPv6 client is its /64: hopping between its addresses does not reset the count.
+        hopping = statuses(fresh.url, [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
+                           [f"2001:db8:1:2::{n + 1:x}" for n in range(FAIL_LIMIT + 2)])
+        assert hopping == [401] * FAIL_LIMIT + [429, 429], hopping
     finally:
         fresh.stop()
 

@@ -39,9 +39,11 @@ def client_scope(address: str) -> str:
         parsed = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return address
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is None:
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
         return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
-    return str(parsed.ipv4_mapped or parsed) if isinstance(parsed, ipaddress.IPv6Address) else str(parsed)
+    return str(parsed)
 
 
 @dataclass(frozen=True)
