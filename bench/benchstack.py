@@ -95,6 +95,7 @@ def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_
             "BIREFNET_GATEWAY_PORT": str(port),
             "BIREFNET_GATEWAY_API_KEYS": json.dumps([{"id": "bench", "hash": hash_secret("bench-secret")}]),
             "BIREFNET_WORKER_METRICS_PORT": "0",
+            "BIREFNET_ALLOW_DEV_SECRETS": "true",  # a throwaway stack: keys generated into its Redis
             **values,
         })
         settings = settings_from(env)

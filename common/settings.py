@@ -3,9 +3,14 @@ docs/configuration.md is generated from the fields' descriptions (tests/test_set
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import re
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -203,8 +208,13 @@ class Settings(BaseSettings):
         "{this}/queue/... as status_url/response_url/cancel_url, and gateway-served files use it. Empty: "
         "built from each request's Host (and X-Forwarded-* when trusted).")
     gateway_trust_forwarded: bool = Field(
-        True, description="Build public URLs from X-Forwarded-Proto/X-Forwarded-Host (set false when clients "
-        "reach the gateway without a proxy).")
+        False, description="Believe X-Forwarded-For (the caller's address, for failed-auth throttling) and "
+        "X-Forwarded-Proto/X-Forwarded-Host (public URLs) from the proxies in gateway_trusted_proxies; from any "
+        "other peer they are ignored. Set true behind a load balancer or ingress, with its addresses.")
+    gateway_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("127.0.0.1/32", "::1/128"), description="Addresses or CIDR networks of the proxies in front of the "
+        "gateway (comma-separated or JSON list), e.g. the load balancer's subnet or the cluster's pod network; "
+        "their X-Forwarded-* headers count when gateway_trust_forwarded is true.")
     gateway_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         ("*",), description="Origins allowed by CORS (comma-separated or JSON list; * = any).")
     gateway_auth: Literal["keys", "off"] = Field(
@@ -230,6 +240,12 @@ class Settings(BaseSettings):
         "and kept in Redis (development; gateway_output_urls='gateway' requires it set).")
     gateway_max_body_bytes: int = Field(
         40 * 1024 * 1024, description="Largest request body (JSON with data URIs, uploads); larger is 413.")
+    gateway_body_budget_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="Most bytes of large request bodies (over 1 MiB) one gateway process "
+        "handles at once: each is parsed and decoded in memory at a few times its size, so this bounds the "
+        "memory they take. A body that does not fit is a 429 server_busy with Retry-After, before it is read "
+        "(one body alone always fits). 0: no bound. Size it with bench/bench_body_memory.py against the "
+        "process's memory limit.")
     gateway_sse_ping_interval: float = Field(10.0, description="Seconds between `: ping` comments on status streams.")
     gateway_push_recheck: float = Field(
         60.0, gt=0, description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "
@@ -255,10 +271,16 @@ class Settings(BaseSettings):
         (), description="Ed25519 private keys (PEM, or 32-byte seeds in hex/base64; JSON list or "
         "comma-separated) signing webhooks. The first signs; all are published at /.well-known/jwks.json "
         "(rotation). Empty: a key is generated and kept in Redis (development).")
+    allow_dev_secrets: bool = Field(
+        False, description="Development only: let processes start without gateway_signing_secret and "
+        "webhook_signing_keys (generated once and kept in Redis, where any process that reaches Redis can read "
+        "them) and with placeholder secrets (e.g. 'CHANGE-ME'). Off: such settings stop the process at start "
+        "with an error naming them. The local stacks (devstack, tests) set it.")
     webhook_max_retries: int = Field(10, ge=0, description="Webhook retries after the first failed attempt (fal: 10).")
     webhook_retry_base: float = Field(
         15.0, description="First webhook retry delay (s); doubles per retry up to webhook_retry_max_delay "
-        "(defaults: 10 retries over about 2 hours).")
+        "(defaults: 10 retries over at most about 2 hours). Each delay is jittered between half and all of "
+        "that, so the webhooks of one receiver's outage do not all retry at once.")
     webhook_retry_max_delay: float = Field(1800.0, description="Longest delay (s) between webhook retries.")
 
     # --- Limits and backpressure ---
@@ -288,6 +310,11 @@ class Settings(BaseSettings):
         9101, description="Port of the SQS producer's Prometheus /metrics (0: off); `producer http` serves "
         "/metrics on its own port.")
     webhooks_metrics_port: int = Field(9102, description="Port of the webhook deliverer's Prometheus /metrics (0: off).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics ports (worker, producer, deliverer, gateway_metrics_port) "
+        "bind, with the worker's /healthz and /readyz. They have no authentication: loopback by default; a "
+        "deployment whose Prometheus or kubelet probes reach the pod sets 0.0.0.0 and keeps the ports off "
+        "public networks (e.g. a NetworkPolicy).")
     ops_window_seconds: int = Field(
         900, description="Default window (s) of the ops command's throughput and latency figures.")
     ops_completions_kept: int = Field(
@@ -330,7 +357,7 @@ class Settings(BaseSettings):
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""
         return self.variants.get(variant_id).time_limit or self.job_time_limit
 
-    @field_validator("fetch_allow_networks", mode="before")
+    @field_validator("fetch_allow_networks", "gateway_trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
         import ipaddress
@@ -365,6 +392,10 @@ class Settings(BaseSettings):
             raise ValueError("gateway_output_urls='gateway' needs gateway_public_url and gateway_signing_secret")
         return self
 
+    @property  # not cached: model_copy(update=...) would keep a stale value
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(net) for net in self.gateway_trusted_proxies)
+
     @property
     def accepted_input_buckets(self) -> tuple[str, ...]:
         return self.input_buckets or (self.input_bucket,)
@@ -372,6 +403,51 @@ class Settings(BaseSettings):
     @cached_property
     def variants(self) -> VariantRegistry:
         return VariantRegistry.with_overrides(self.variant_overrides)
+
+
+class InsecureSettings(RuntimeError):
+    """Settings a deployment must not run with (see `secret_problems`)."""
+
+
+# Values that stand for a secret someone forgot to set: CHANGE-ME, birefnet-change-me, <placeholder>, ...
+_PLACEHOLDER = re.compile(r"change[-_ ]?me|placeholder|replace[-_ ]?me|^<.*>$|^(secret|password|changeit|xxx+|todo)$",
+                          re.IGNORECASE)
+
+
+def is_placeholder(value: str) -> bool:
+    return bool(_PLACEHOLDER.search(value.strip()))
+
+
+def secret_problems(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """What makes these settings unfit outside development: keys that would be generated into Redis, and
+    secrets left at a placeholder (settings, the Redis URL's password, the S3 secret key in the environment)."""
+    problems = []
+    if not settings.gateway_signing_secret:
+        problems.append("BIREFNET_GATEWAY_SIGNING_SECRET is empty (it would be generated and kept in Redis)")
+    if not settings.webhook_signing_keys:
+        problems.append("BIREFNET_WEBHOOK_SIGNING_KEYS is empty (a key would be generated and kept in Redis)")
+    secrets = {
+        "BIREFNET_GATEWAY_SIGNING_SECRET": settings.gateway_signing_secret,
+        "BIREFNET_REDIS_PASSWORD": settings.redis_password,
+        "BIREFNET_REDIS_SENTINEL_PASSWORD": settings.redis_sentinel_password,
+        "BIREFNET_PRODUCER_HTTP_TOKEN": settings.producer_http_token,
+        "the password in BIREFNET_REDIS_URL": urlsplit(settings.redis_url).password or "",
+        "AWS_SECRET_ACCESS_KEY": environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        **{f"BIREFNET_WEBHOOK_SIGNING_KEYS[{i}]": key for i, key in enumerate(settings.webhook_signing_keys)},
+    }
+    problems += [f"{name} is a placeholder" for name, value in secrets.items() if value and is_placeholder(value)]
+    return problems
+
+
+def check_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Stop a process at start when its secrets are unfit for production, unless allow_dev_secrets is set."""
+    if settings.allow_dev_secrets:
+        return
+    problems = secret_problems(settings, os.environ if environ is None else environ)
+    if problems:
+        raise InsecureSettings(
+            "refusing to start with development secrets: " + "; ".join(problems) + ". Configure real secrets "
+            "(e.g. from a secret store), or set BIREFNET_ALLOW_DEV_SECRETS=true on a development stack.")
 
 
 def settings_table() -> str:
@@ -399,5 +475,9 @@ if __name__ == "__main__":
 
     if {"--docs", "--readme"} & set(sys.argv):
         update_docs()
+    elif "--current" in sys.argv:  # this environment's effective settings, secrets masked
+        from common.observability.redact import redact_settings
+
+        print(json.dumps(redact_settings(Settings().model_dump(mode="json")), indent=2, default=str))
     else:
         print(settings_table())

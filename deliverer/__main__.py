@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from common.settings import Settings
+from common.settings import Settings, check_secrets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line
     settings = Settings()
+    check_secrets(settings)  # refuses development secrets outside development
 
     from common.adapters.queue import WEBHOOK_QUEUE
     from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
@@ -23,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     store = JobStore.from_settings(settings)
     app = create_celery_app(settings, store)
     instrument_webhook_deliverer(store, settings.webhook_max_retries)
-    start_metrics_server(settings.webhooks_metrics_port, "webhooks")
+    start_metrics_server(settings.webhooks_metrics_port, "webhooks", host=settings.metrics_host)
     app.worker_main(["worker", "-Q", WEBHOOK_QUEUE, "--pool=threads", f"--concurrency={args.concurrency}",
                      "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 

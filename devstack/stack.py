@@ -174,7 +174,8 @@ class LocalStack:
         (self.log_dir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis.start()
         self.aws.start()
-        extra = {"BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback}
+        # A development stack: signing keys generated into its own Redis are fine here (production refuses them).
+        extra = {"BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback, "BIREFNET_ALLOW_DEV_SECRETS": "true"}
         if self.dev.allow_loopback_urls:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
             extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}

@@ -9,9 +9,11 @@ from collections.abc import Callable
 
 import redis
 from rich.console import Console, Group
+from rich.markup import escape
 
 from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
+from common.observability.redact import install_log_redaction, redact_text, redact_url
 from common.settings import Settings
 from ops import control, render
 from ops.status import deadletters, gather_status
@@ -47,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_log_redaction()  # redis-py and Celery log connection errors with their URLs
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
     overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
@@ -94,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[bold red]error:[/] {exc}")
         return 2
     except redis.ConnectionError as exc:
-        console.print(f"[bold red]Redis unreachable at {settings.redis_url}:[/] {exc}")
+        message = f"Redis unreachable at {redact_url(settings.redis_url)}: {redact_text(str(exc))}"
+        if as_json:
+            print(json.dumps({"error": message}))
+        else:
+            console.print(f"[bold red]{escape(message)}[/]")
         return 3
     return exit_code
 

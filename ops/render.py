@@ -9,6 +9,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from common.observability.redact import redact_text
+
 
 def duration(seconds: float | None) -> str:
     if seconds is None:
@@ -29,7 +31,7 @@ def clock(timestamp: float | None) -> str:
 
 
 def _short(text: str | None, width: int = 60) -> str:
-    text = text or "-"
+    text = redact_text(text or "-")  # URLs and errors as stored may carry signatures or passwords
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from common.settings import Settings
+from common.settings import Settings, check_secrets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     http.add_argument("--port", type=int, help="port (default: BIREFNET_PRODUCER_HTTP_PORT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line
     settings = Settings()
+    check_secrets(settings)  # refuses development secrets outside development
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
-        start_metrics_server(settings.producer_metrics_port, "producer")
+        start_metrics_server(settings.producer_metrics_port, "producer", host=settings.metrics_host)
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,

@@ -6,7 +6,7 @@ queues the job, or completes it at once with its rejection's own error body (as 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from celery import Celery
@@ -87,13 +87,15 @@ class Admission:
     objects: ObjectStore | None = None  # where result documents go (None: the job record only)
 
     def enqueue(self, spec: JobSpec, *, rejection: JobError | None = None, principal: Principal | None = None,
-                max_queue_length: int | None = None, schedule: Mapping[str, tuple[str, float]] | None = None
-                ) -> Submitted:
+                max_queue_length: int | None = None, schedule: Mapping[str, tuple[str, float]] | None = None,
+                prepare: Callable[[], None] | None = None) -> Submitted:
         """Queue `spec`'s job (adding `schedule`: sorted set -> (member, due)), or complete it with `rejection`.
 
         API requests (`principal`): the key's limits and queue caps (LimitRefused, no job); an unreachable queue
         ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the event);
-        a redelivered event's unfinished job is sent again (a worker runs a job at most once).
+        a redelivered event's unfinished job is sent again (a worker runs a job at most once). `prepare` (e.g.
+        storing a large inline input) runs once the job is admitted, before it is recorded: a refused request
+        stores nothing.
         """
         if principal is not None:  # rejected input never waits in a queue: no queue cap applies to it
             refusal = self.limiter.admit(key_id=principal.key_id, request_id=spec.request_id,
@@ -106,6 +108,8 @@ class Admission:
         elif rejection is None and not self.limiter.queue_has_room(spec.variant) \
                 and not self.store.redis.exists(keys.job(spec.request_id)):
             raise QueueFull(spec.variant, self.settings.queue_full_retry_after)
+        if prepare is not None and rejection is None:
+            prepare()
         created = self.store.create(spec)
         if rejection is not None:
             if created:

@@ -27,7 +27,17 @@ from common.domain.errors import JobError
 
 log = logging.getLogger(__name__)
 
-SNS_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+# SNS's own endpoint per region and partition, exactly: `sns.<region>.amazonaws.com` (commercial and GovCloud
+# regions), `.amazonaws.com.cn` (China regions only) and the isolated partitions' domains. A region looks like
+# `us-west-2`/`us-gov-east-1`: a looser label would also take `sns.s3.amazonaws.com`, i.e. the S3 bucket "sns".
+_REGION = r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}"
+SNS_HOST = re.compile(
+    r"\Asns\.(?:"
+    rf"(?!cn-){_REGION}\.amazonaws\.com"
+    r"|cn-[a-z]+-[0-9]{1,2}\.amazonaws\.com\.cn"
+    r"|us-iso-[a-z]+-[0-9]{1,2}\.c2s\.ic\.gov"
+    r"|us-isob-[a-z]+-[0-9]{1,2}\.sc2s\.sgov\.gov"
+    r")\Z")
 MAX_CERT_BYTES = 64 * 1024
 _NOTIFICATION_FIELDS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 _CONFIRMATION_FIELDS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
@@ -76,7 +86,7 @@ class SnsVerifier:
         parts = urlsplit(url)
         if parts.scheme != "https" or parts.username or parts.password or not parts.hostname:
             raise SnsRefused(f"{what} {url[:200]!r} is not a plain https:// URL")
-        if not self.host_pattern.match(parts.hostname):
+        if not self.host_pattern.fullmatch(parts.hostname):
             raise SnsRefused(f"{what} host {parts.hostname!r} is not an SNS host")
         return url
 

@@ -14,6 +14,10 @@ from devstack.receiver import WebhookReceiver
 from devstack.services import MotoServer, RedisServer
 from tests.helpers.stack import Stack, build_stack, isolated_settings
 
+# Every stack the tests start is a development stack: it may generate its signing keys into its own Redis
+# (production settings refuse that). Set for this process and inherited by every process it starts.
+os.environ.setdefault("BIREFNET_ALLOW_DEV_SECRETS", "true")
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

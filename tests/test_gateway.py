@@ -491,10 +491,11 @@ def test_s3_inputs_follow_each_keys_permissions(gs, alice, bob):
 
 def test_upload_initiate_put_and_use_as_input(gs, alice, bob):
     initiated = alice.post("/rest/storage/upload/initiate?storage_type=fal-cdn-v3",
-                           json={"content_type": "text/html", "file_name": "my page.html"})
+                           json={"content_type": "image/png", "file_name": "my page.html"})
     assert initiated.status_code == 200
     urls = initiated.json()
-    put = httpx.put(urls["upload_url"], content=b"<html>uploaded</html>", headers={"content-type": "text/html"})
+    # (Uploads take input image types only: text/html here once let a page run on the gateway's origin.)
+    put = httpx.put(urls["upload_url"], content=b"<html>uploaded</html>", headers={"content-type": "image/png"})
     assert put.status_code == 200
     assert httpx.get(urls["file_url"]).content == b"<html>uploaded</html>"
     rid = submit(alice, {"image_url": urls["file_url"]})["request_id"]
@@ -521,14 +522,14 @@ def test_gateway_served_files_and_retention(gs):
             token = client.post("/rest/storage/auth/token?storage_type=fal-cdn-v3", json={}).json()
             assert token["token_type"] == "Bearer" and token["expires_at"]
             uploaded = httpx.post(f"{server.url}/files/upload", content=b"<html>v3</html>", headers={
-                "authorization": f"Bearer {token['token']}", "content-type": "text/html",
+                "authorization": f"Bearer {token['token']}", "content-type": "image/png",  # text/html: 415 now
                 "x-fal-file-name": "v3.html",
                 "x-fal-object-lifecycle": json.dumps({"expiration_duration_seconds": 2})})
             assert uploaded.status_code == 200, uploaded.text
             url = uploaded.json()["access_url"]
             assert url.startswith(f"{server.url}/objects/")
             fetched = httpx.get(url)
-            assert fetched.content == b"<html>v3</html>" and fetched.headers["content-type"] == "text/html"
+            assert fetched.content == b"<html>v3</html>" and fetched.headers["content-type"] == "image/png"
             assert httpx.get(url.replace("sig=", "sig=x")).status_code == 404
             # Our own signed URL becomes an s3:// input the worker reads directly.
             rid = submit(client, {"image_url": url})["request_id"]

@@ -257,7 +257,7 @@ def test_too_large_body_is_a_documented_413(alice):
 
 
 # --- failed-auth throttling ------------------------------------------------------------------------
-def test_failed_auth_is_throttled_per_address_and_per_key_across_processes(gs):
+def test_failed_auth_is_throttled_per_address_across_processes_and_never_locks_out_a_key(gs):
     other = GatewayServer(gs.settings).start()  # a second gateway process on the same Redis
     try:
         # Per address: wrong secrets for key ids that do not even exist.
@@ -271,18 +271,19 @@ def test_failed_auth_is_throttled_per_address_and_per_key_across_processes(gs):
         # Another address is not affected.
         assert httpx.get(f"{gs.url}{REQ}/x/status", headers={"x-forwarded-for": "198.51.100.1",
                                                               **auth(OPS)}).status_code == 404
-        # Per key id: guesses at alice's secret from many addresses.
+        # Guesses at alice's secret from many addresses count against those addresses only: they never
+        # lock alice out (throttling per key id let anyone do that, and told which key ids exist).
         with gs.client(ALICE) as client:
             assert client.get(f"{REQ}/x/status").status_code == 404  # verified (and cached) before the attack
         codes = [httpx.get(f"{other.url}{REQ}/x/status", headers={"x-forwarded-for": f"192.0.2.{n}",
                                                                    **auth(f"alice:guess-{n}")}).status_code
                  for n in range(FAIL_LIMIT + 3)]
-        assert codes[:FAIL_LIMIT] == [401] * FAIL_LIMIT and set(codes[FAIL_LIMIT:]) == {429}, codes
+        assert set(codes) == {401}, codes
         with gs.client(ALICE) as client:
             assert client.get(f"{REQ}/x/status").status_code == 404, "a verified credential still passes"
-        fresh = GatewayServer(gs.settings).start()  # has verified nothing: alice's key id stays throttled
+        fresh = GatewayServer(gs.settings).start()  # has verified nothing: alice's key still passes
         try:
-            assert httpx.get(f"{fresh.url}{REQ}/x/status", headers=auth(ALICE)).status_code == 429
+            assert httpx.get(f"{fresh.url}{REQ}/x/status", headers=auth(ALICE)).status_code == 404
         finally:
             fresh.stop()
     finally:

@@ -71,7 +71,8 @@ def test_private_keys_load_from_pem_hex_and_base64():
 
 
 def test_default_retry_schedule_is_ten_retries_over_about_two_hours():
-    delays = [retry_delay(Settings(), n) for n in range(Settings().webhook_max_retries)]
+    # The schedule's ceilings: each actual delay is jittered between half of its ceiling and all of it.
+    delays = [retry_delay(Settings(), n, jitter=False) for n in range(Settings().webhook_max_retries)]
     assert len(delays) == 10 and delays[0] == 15 and max(delays) == 1800
     assert 1.5 * 3600 <= sum(delays) <= 2.5 * 3600
 

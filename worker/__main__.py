@@ -12,13 +12,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
 
-    from common.settings import Settings
+    install_log_redaction()  # no credential in any log line
+
+    from common.settings import Settings, check_secrets
     from worker.app import WorkerState, create_celery_app
     from worker.test_hooks import HooksForTests
 
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
     settings = Settings(worker_variants=args.variants) if args.variants else Settings()
+    check_secrets(settings)  # refuses development secrets outside development
     if settings.benchmark_null_model:
         from worker.null_model import mark_process_logs
 

@@ -67,7 +67,8 @@ class WorkerState:
         """Load the models and start the probes, the watchdog and the heartbeat; `app` sends follow-up tasks."""
         settings = self.settings
         # Early: the liveness probe uses it while the models load.
-        start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready})
+        start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready},
+                             host=settings.metrics_host)
         register_gpu_collector()
         def ready(variant_id: str, predictor: Predictor, seconds: float) -> None:
             log.info("variant %s ready in %.1fs: %s", variant_id, seconds, predictor.weights_description)

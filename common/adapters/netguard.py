@@ -6,7 +6,7 @@ from our own network (Redis, the cloud metadata service, an admin port on localh
 * the connection goes to one of those checked addresses: the check lives in the httpcore network backend
   (`GuardedBackend`), so it covers every redirect hop and every parser quirk that produced the host name;
 * numeric hosts (`2130706433`, `0x7f.1`, `127.1`) are read as inet_aton does, and IPv6 forms embedding an
-  IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) are judged by it;
+  IPv4 address (mapped, translated, compatible, 6to4, Teredo, NAT64) are judged by it;
 * only `fetch_allow_networks` opens non-public addresses; cloud metadata addresses stay refused even then.
 """
 
@@ -99,6 +99,8 @@ _BLOCKED_V6 = _nets(
     ("ff00::/8", "a multicast address"),
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215): IPv4 in the last 32 bits
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (SIIT, RFC 2765): ::ffff:0:a.b.c.d
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
@@ -109,8 +111,10 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address
         return address.sixtofour, "6to4"
     if address.teredo is not None:
         return address.teredo[1], "Teredo"
-    if address in _NAT64:
+    if address in _NAT64 or address in _NAT64_LOCAL:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF), "NAT64"
+    if address in _TRANSLATED:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF), "IPv4-translated"
     if int(address) >> 32 == 0 and int(address) > 1:
         return ipaddress.IPv4Address(int(address)), "IPv4-compatible"
     return None

@@ -20,6 +20,9 @@ from pydantic import BaseModel, Field, field_validator
 
 SCRYPT_PARAMS = (2**14, 8, 1)
 ANONYMOUS = "anonymous"
+# Owner names the service uses itself: the auth-off namespace (which may read everything), bucket uploads'
+# jobs, webhooks without a user. A configured key with one of these ids would act as that owner.
+RESERVED_KEY_IDS = frozenset({ANONYMOUS, "s3", "system"})
 
 
 class ApiKeyConfig(BaseModel):
@@ -40,6 +43,18 @@ class ApiKeyConfig(BaseModel):
     mask_cache: Literal["key", "shared"] = Field(
         "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
         "'shared' (with every key and bucket upload that shares).")
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a key id may not be empty (jobs without an owner would match it)")
+        if value.strip().lower() in RESERVED_KEY_IDS:
+            raise ValueError(f"key id {value!r} is reserved for the service's own use "
+                             f"({', '.join(sorted(RESERVED_KEY_IDS))}); choose another id")
+        if ":" in value or value != value.strip():
+            raise ValueError(f"key id {value!r} may not contain ':' or surrounding blanks (FAL_KEY is id:secret)")
+        return value
 
     @field_validator("hash")
     @classmethod
@@ -127,10 +142,6 @@ class KeyRing:
             if found is not None:
                 self._verified.move_to_end(fingerprint)
         return found
-
-    def knows(self, key_id: str) -> bool:
-        """Whether a key with this id is configured (failed attempts are counted per configured id only)."""
-        return key_id in self._by_id
 
     def authenticate(self, credential: str | None) -> Principal | None:
         if not credential:

@@ -62,7 +62,8 @@ class BiRefNetInput(OutputExtensions):
     @field_validator("image_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        colon = value.find(":", 0, 64)  # only the head: a data URI may be tens of MB, not to be copied
+        scheme = value[:colon].lower() if colon > 0 else ""
         if scheme not in ("http", "https", "data", "s3"):
             raise PydanticCustomError(
                 "url_scheme", "URL scheme should be 'http', 'https', 'data' or 's3'", {"scheme": scheme}

@@ -191,26 +191,28 @@ def register_gpu_collector() -> None:
 HealthCheck = Callable[[], tuple[bool, str]]  # (healthy, why) for one probe path
 
 
-def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck] | None = None) -> bool:
-    """Serve /metrics on `port` in a daemon thread; a busy port is logged, not fatal (0: off). `probes`
-    adds paths (e.g. /healthz) answering 200 or 503 with the check's text."""
+def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck] | None = None,
+                         host: str = "127.0.0.1") -> bool:
+    """Serve /metrics on `host`:`port` in a daemon thread; a busy port is logged, not fatal (0: off). `probes`
+    adds paths (e.g. /healthz) answering 200 or 503 with the check's text. Loopback unless told otherwise
+    (`metrics_host`): the page has no authentication."""
     if not port:
         return False
     try:
         if probes:
-            _serve_with_probes(port, probes)
+            _serve_with_probes(port, probes, host)
         else:
             from prometheus_client import start_http_server
 
-            start_http_server(port)
+            start_http_server(port, addr=host)
     except OSError as exc:
-        log.warning("%s metrics not served: port %d: %s", what, port, exc)
+        log.warning("%s metrics not served: %s port %d: %s", what, host, port, exc)
         return False
-    log.info("%s metrics on :%d/metrics%s", what, port, "".join(f", {path}" for path in probes or {}))
+    log.info("%s metrics on %s:%d/metrics%s", what, host, port, "".join(f", {path}" for path in probes or {}))
     return True
 
 
-def _serve_with_probes(port: int, probes: Mapping[str, HealthCheck]) -> None:
+def _serve_with_probes(port: int, probes: Mapping[str, HealthCheck], host: str) -> None:
     import threading
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -237,7 +239,7 @@ def _serve_with_probes(port: int, probes: Mapping[str, HealthCheck]) -> None:
         def log_message(self, *args) -> None:  # probes every few seconds would flood the log
             pass
 
-    server = make_server("", port, app, server_class=Server, handler_class=QuietHandler)
+    server = make_server(host, port, app, server_class=Server, handler_class=QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
 

@@ -102,10 +102,6 @@ def auth_fail_address(address: str) -> str:
     return f"{AUTH_FAIL_PREFIX}ip:{address}"
 
 
-def auth_fail_key(key_id: str) -> str:
-    return f"{AUTH_FAIL_PREFIX}key:{key_id}"
-
-
 # --- gateway schedules (producer.gateway.sweeper), zsets scored by due time ---
 DEADLINES = f"{PREFIX}gateway:deadlines"  # request id -> start deadline (queued requests to expire)
 OUTPUTS = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its files are deleted

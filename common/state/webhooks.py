@@ -10,6 +10,7 @@ first attempt is booked too, before the job completes, in case the task sent at 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass
 from typing import cast
@@ -108,13 +109,16 @@ def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> 
     """Book attempt 0 as a retry would be booked, before the job completes. The delivery task sent at
     completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
     Whichever copy runs first delivers; the attempt removes the booking."""
-    due = time.time() + settings.webhook_timeout + retry_delay(settings, 0)
+    due = time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
     store.redis.zadd(keys.WEBHOOK_DUE, {keys.webhook_booking(request_id, 0): due}, nx=True)
 
 
-def retry_delay(settings: Settings, attempt: int) -> float:
-    """Seconds between attempt `attempt` (0 = the first) failing and the next one."""
-    return min(settings.webhook_retry_base * 2**attempt, settings.webhook_retry_max_delay)
+def retry_delay(settings: Settings, attempt: int, jitter: bool = True) -> float:
+    """Seconds between attempt `attempt` (0 = the first) failing and the next one: the doubling delay, with
+    equal jitter (half fixed, half random) so that the many webhooks of one receiver's outage do not all
+    retry at the same instant. `jitter=False`: the upper bound (safety bookings)."""
+    ceiling = min(settings.webhook_retry_base * 2**attempt, settings.webhook_retry_max_delay)
+    return ceiling if not jitter else ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 _CLAIM_DUE = """
@@ -146,7 +150,7 @@ class WebhookSender:
         last = attempt >= self.settings.webhook_max_retries
         if not last:
             # Booked before this attempt is taken, so Redis or the deliverer dying in between leaves it behind.
-            safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt)
+            safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt, jitter=False)
             redis.zadd(keys.WEBHOOK_DUE, {successor: safety}, nx=True)
         # One run per attempt number, even if the broker hands the task out twice.
         taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.store.record_ttl)

@@ -11,6 +11,9 @@ from common.settings import Settings
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.observability.redact import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line
     settings = Settings()
     tls = bool(settings.gateway_tls_cert)  # None is uvicorn's default: plain HTTP
     uvicorn.run("producer.gateway.app:app_from_environment", factory=True, host=settings.gateway_host,

@@ -38,6 +38,7 @@ from producer.gateway.responses import (
 from producer.gateway.routing import FalRouting
 from producer.gateway.state import Gateway
 from producer.gateway.sweeper import sweep_forever
+from producer.gateway.urls import forwarded_trusted
 
 log = logging.getLogger(__name__)
 EXPOSED = [REQUEST_ID, ERROR_TYPE, TIMEOUT_TYPE, "x-fal-billable-units"]
@@ -49,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         app.state.gateway = gw
-        start_metrics_server(settings.gateway_metrics_port, "gateway")
+        start_metrics_server(settings.gateway_metrics_port, "gateway", host=settings.metrics_host)
         sweeper = asyncio.create_task(sweep_forever(gw))
         try:
             yield
@@ -73,8 +74,9 @@ def create_app(settings: Settings) -> FastAPI:
     register_queue_collector(settings)  # Prometheus: queue gauges, as the other processes export them
     install_exception_handlers(app)
     install_openapi(app, auth=settings.gateway_auth != "off")
-    app.add_middleware(FalRouting, trust_forwarded=settings.gateway_trust_forwarded)
-    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(FalRouting, trust_forwarded=lambda peer: forwarded_trusted(settings, peer))
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes,
+                       budget_bytes=settings.gateway_body_budget_bytes)
     app.add_middleware(RequestIdHeader)
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.gateway_cors_origins),
                        allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],

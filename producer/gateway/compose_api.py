@@ -19,6 +19,7 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
 from producer.admission import validation_details
+from producer.gateway.inputs import InputWrites
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from producer.gateway.parsing import json_object_body
 from producer.gateway.queue_api import (
@@ -90,6 +91,7 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
     data = json_object_body(body)
     manifest = source_manifest(gw, principal, source_id)
     request_id = str(uuid.uuid4())
+    writes = InputWrites(gw)  # a large inline background: stored only once the request is admitted
     fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,
                                kept_mask=manifest["mask"]),
               "variant": manifest["variant"], "image_url": manifest["input"], "reuse_from": source_id}
@@ -98,11 +100,11 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
             parsed = ComposeInput.model_validate(data)
         except ValidationError as exc:
             raise InputErrors(validation_details(exc)) from exc
-        parsed = resolve_background(gw, principal, parsed, request_id)
+        parsed = resolve_background(gw, principal, parsed, request_id, writes)
     except InputErrors as exc:  # invalid options: the request completes at once with the 422, as a submit's
         return enqueue(gw, principal, opts, JobSpec(**fields, params=JobParams()), rejection=exc)
     spec = JobSpec(**fields, params=JobParams.from_input(parsed, manifest["operating_resolution"]))
-    return enqueue(gw, principal, opts, spec)
+    return enqueue(gw, principal, opts, spec, writes=writes)
 
 
 @router.post("/queue" + PATH, response_model=QueueSubmitted, openapi_extra=BODY_DOC,

@@ -24,12 +24,14 @@ from common.state import keys
 from producer.admission import validation_details
 from producer.gateway.models import (
     ERRORS,
+    UPLOAD_TYPES,
     ErrorBody,
     FileUploaded,
     UploadInitiate,
     UploadInitiated,
     UploadToken,
     ValidationErrorBody,
+    upload_type,
 )
 from producer.gateway.parsing import json_object_body, lifecycle_seconds, valid_content_type
 from producer.gateway.responses import FalError, fal_json
@@ -41,6 +43,10 @@ router = APIRouter(tags=["files"])
 UPLOAD_URL_TTL = 3600
 TOKEN_TTL = 3600
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# What served files may do in a browser: nothing. A file opened from its URL runs no script, loads nothing
+# and is not sniffed into HTML, whatever it holds (the gateway's origin also serves the playground).
+SERVED_FILE_HEADERS = {"x-content-type-options": "nosniff",
+                       "content-security-policy": "default-src 'none'; sandbox"}
 
 
 def upload_key(gw: Gateway, owner: str, file_name: str) -> str:
@@ -101,27 +107,34 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
 
 
 @router.post("/files/upload", response_model=FileUploaded, responses={
-    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"}},
+    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"},
+    415: {"model": ErrorBody, "description": "A Content-Type that is not an input image type"}},
     openapi_extra={
     "requestBody": {"required": True, "content": {"application/octet-stream": {
         "schema": {"type": "string", "format": "binary", "minLength": 1}}},
-        # Any Content-Type is taken (stored with the file when it is a MIME type). Not declared as */*:
-        # fuzzers then serialise the bytes as a form, i.e. send an empty body.
-        "description": "The file's bytes, with its own Content-Type (e.g. image/png)."}})
+        # Image types (and unlabelled bytes) are taken. Not declared as */*: fuzzers then serialise the bytes
+        # as a form, i.e. send an empty body.
+        "description": "The file's bytes, with its own Content-Type: one of "
+                       f"{', '.join(sorted(UPLOAD_TYPES))}."}})
 async def files_upload(
     request: Request,
-    authorization: Annotated[str, Header()] = None,
+    authorization: Annotated[str, Header(description="`Bearer <upload token>` from /rest/storage/auth/token, "
+                                         "or an API key as on every route")] = None,
     content_type: Annotated[str, Header()] = None,
     file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
     lifecycle_preference: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
 ) -> Response:
-    """The raw bytes of one file; answers the URL to use as image_url. A Content-Type that is not a MIME
-    type only labels the bytes: they are stored as application/octet-stream."""
+    """The raw bytes of one input image; answers the URL to use as image_url. Image types the workers decode
+    are taken (and unlabelled bytes, stored as application/octet-stream); any other MIME type is a 415. A
+    Content-Type that is not a MIME type only labels the bytes: they are stored as application/octet-stream."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
-    stored_type = content_type.strip() if content_type and valid_content_type(content_type.strip()) else (
-        "application/octet-stream")
+    given = content_type.strip() if content_type and valid_content_type(content_type.strip()) else ""
+    stored_type = upload_type(given) if given else "application/octet-stream"
+    if stored_type is None:  # checked before the body is read: a refused upload costs no memory
+        raise FalError.flat(415, f"Content-Type {given[:100]!r} is not an input image type (one of "
+                            f"{', '.join(sorted(UPLOAD_TYPES))})", "unsupported_media_type")
     ttl = (lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle") if lifecycle is not None
            else lifecycle_seconds(lifecycle_preference))
     data = await request.body()
@@ -138,10 +151,15 @@ async def files_upload(
     return fal_json({"access_url": await run_in_threadpool(store)})
 
 
-@router.get("/objects/{key:path}", responses={200: {"content": {"*/*": {}}, "description": "The file"},
-                                              404: {"description": "Unknown, expired or badly signed URL"}})
-async def get_object(request: Request, key: str, exp: Annotated[str, Query()] = "",
-                     sig: Annotated[str, Query()] = "") -> Response:
+@router.get("/objects/{key:path}", responses={
+    200: {"content": {"*/*": {}}, "description": "The file (opened as a download, in a sandbox: no script runs)"},
+    404: {"model": ErrorBody, "description": "Unknown, expired or badly signed URL, or a malformed exp or sig"}})
+async def get_object(request: Request, key: str,
+                     exp: Annotated[str, Query(description="Expiry, Unix seconds (ASCII digits)",
+                                               json_schema_extra={"pattern": "^[0-9]{0,15}$"})] = "",
+                     sig: Annotated[str, Query(description="The URL's signature (base64url)",
+                                               json_schema_extra={"pattern": "^[A-Za-z0-9_-]{0,64}$"})] = "",
+                     ) -> Response:
     """A stored file behind a signed, expiring URL (no API key: the signature is the permission)."""
     gw = gateway(request)
     secret = await run_in_threadpool(lambda: gw.secret)
@@ -152,6 +170,11 @@ async def get_object(request: Request, key: str, exp: Annotated[str, Query()] = 
     except ClientError as exc:
         raise FalError(404, {"detail": "File not found or link expired"}) from exc
     # The stored Content-Type as is (a media_type would get "; charset=utf-8" added to text types).
+    stored_type = obj.get("ContentType") or "application/octet-stream"
     headers = {"content-length": str(obj["ContentLength"]), "cache-control": "private, max-age=3600",
-               "content-type": obj.get("ContentType") or "application/octet-stream"}
+               "content-type": stored_type, **SERVED_FILE_HEADERS}
+    if key.startswith(f"{gw.settings.output_prefix}files/") or upload_type(stored_type) in (None, "application/octet-stream"):
+        # Callers' own files (and anything not an image we made) download instead of opening in a tab.
+        name = _UNSAFE.sub("_", key.rsplit("/", 1)[-1])[:120] or "file"
+        headers["content-disposition"] = f'attachment; filename="{name}"'
     return StreamingResponse(iterate_in_threadpool(obj["Body"].iter_chunks(1 << 16)), headers=headers)

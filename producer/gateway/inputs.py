@@ -20,6 +20,24 @@ from producer.gateway.state import Gateway
 INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
 
 
+class InputWrites:
+    """Large data-URI inputs a submit will store in S3, held until the request is admitted: a request the
+    key's limits or the queue caps refuse, or whose input is invalid, leaves nothing behind."""
+
+    def __init__(self, gw: Gateway):
+        self._gw = gw
+        self._pending: list[tuple[str, bytes]] = []
+
+    def add(self, key: str, data: bytes) -> None:
+        self._pending.append((key, data))
+
+    def flush(self) -> None:
+        """Store them (the request was admitted; its outputs' retention deletes them with the request)."""
+        while self._pending:
+            key, data = self._pending.pop()
+            self._gw.objects.write(self._gw.settings.output_bucket, key, data, "application/octet-stream")
+
+
 def priority(value: str | None) -> str:
     """`X-Fal-Queue-Priority`: `low` or `normal`; anything else counts as normal."""
     return "low" if (value or "").strip().lower() == "low" else "normal"
@@ -70,9 +88,10 @@ def own_bucket_key(url: str, settings: Settings) -> str | None:
 
 
 def resolve_image_url(gw: Gateway, principal: Principal, url: str, request_id: str,
-                      field: str = "image_url") -> str:
+                      field: str = "image_url", writes: InputWrites | None = None) -> str:
     """What the worker should fetch for `image_url` (or another image `field`, e.g. background_image_url);
-    raises InputErrors for what it may not."""
+    raises InputErrors for what it may not. A large data URI becomes an S3 object, stored when `writes` is
+    flushed (at once without `writes`)."""
     settings, loc = gw.settings, ["body", field]
     scheme = url.split(":", 1)[0].lower()
     if scheme == "s3":
@@ -97,7 +116,10 @@ def resolve_image_url(gw: Gateway, principal: Principal, url: str, request_id: s
             raise InputErrors(exc.detail()) from exc
         name = "input" if field == "image_url" else field
         key = f"{request_output_prefix(settings, request_id)}{name}"  # deleted with the request's outputs
-        gw.objects.write(settings.output_bucket, key, data, "application/octet-stream")
+        if writes is not None:
+            writes.add(key, data)
+        else:
+            gw.objects.write(settings.output_bucket, key, data, "application/octet-stream")
         return f"s3://{settings.output_bucket}/{key}"
     own = own_object_key(url, gw.secret)
     if own is not None:  # the signature is the permission

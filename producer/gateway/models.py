@@ -6,8 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from producer.gateway.parsing import CONTENT_TYPE_PATTERN
-
 
 class QueueSubmitted(BaseModel):
     status: Literal["IN_QUEUE"] = "IN_QUEUE"
@@ -52,9 +50,28 @@ class ValidationErrorBody(BaseModel):
     detail: list[dict[str, Any]] = Field(description="FastAPI-style items: loc, msg, type (input, ctx).")
 
 
+# Uploads are inputs: the image types the workers decode (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF), or
+# unlabelled bytes. Anything a browser would run (HTML, SVG, XML, JavaScript) is refused.
+UPLOAD_TYPES = frozenset({
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
+    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream"})
+
+
+def upload_type(content_type: str) -> str | None:
+    """The MIME type to store an upload under (parameters dropped, lower case), or None when it is refused."""
+    essence = content_type.split(";", 1)[0].strip().lower()
+    return essence if essence in UPLOAD_TYPES else None
+
+
+# The same list as a JSON-schema pattern (exact, lower case): what the initiate body's schema promises is
+# exactly what it takes.
+UPLOAD_TYPE_PATTERN = "^(" + "|".join(sorted(t.replace(".", "[.]").replace("+", "[+]") for t in UPLOAD_TYPES)) + ")$"
+
+
 class UploadInitiate(BaseModel):
-    content_type: str = Field("application/octet-stream", pattern=CONTENT_TYPE_PATTERN,
-                              description="MIME type the upload will be sent with.")
+    content_type: str = Field("application/octet-stream", pattern=UPLOAD_TYPE_PATTERN,
+                              description="MIME type the upload will be sent with: an input image type "
+                              f"({', '.join(sorted(UPLOAD_TYPES))}).")
     file_name: str = Field("upload.bin", max_length=1024)
 
 

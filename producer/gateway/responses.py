@@ -74,12 +74,28 @@ class RequestIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
-class BodyLimit:
-    """413 for bodies over the limit, by Content-Length or while streaming."""
+SMALL_BODY = 1 << 20  # bodies up to this size never wait for the budget (status calls, URL submits)
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int):
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or while streaming; and a memory budget for the large
+    bodies being handled at once (`budget_bytes`, 0: none). A body is parsed, validated and decoded in
+    memory (a few times its size at the peak), so a few large ones at once could exhaust the process: a body
+    over SMALL_BODY reserves its size until its request is answered, and one that does not fit is a 429 with
+    Retry-After (fal's clients retry it) before it is read."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, budget_bytes: int = 0, retry_after: int = 1):
         self.app = app
         self.max_bytes = max_bytes
+        self.budget, self.in_use = budget_bytes, 0  # one event loop per process: no lock needed
+        self.retry_after = retry_after
+
+    def _reserve(self, size: int, own: int = 0) -> bool:
+        """Take `size` more bytes of the budget for a body that holds `own` already."""
+        if self.budget and self.in_use + size > self.budget and self.in_use > own:
+            return False  # a single body larger than the whole budget still runs, alone
+        self.in_use += size
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,16 +103,25 @@ class BodyLimit:
         length = dict(scope.get("headers", [])).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(scope, receive, send)
+        reserved = 0
+        if length.isdigit() and int(length) > SMALL_BODY:
+            if not self._reserve(int(length)):
+                return await self._busy(scope, receive, send)
+            reserved = int(length)
         seen = 0
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, reserved
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge
+                if seen > max(reserved, SMALL_BODY):  # a body without Content-Length reserves as it arrives
+                    if not self._reserve(seen - reserved, reserved):
+                        raise _Busy
+                    reserved = seen
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -109,12 +134,25 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await self._too_large(scope, receive, send)
+        except _Busy:
+            if not started:
+                await self._busy(scope, receive, send)
+        finally:
+            self.in_use -= reserved
+
+    async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await FalError.flat(429, "Too many large request bodies in progress; retry shortly", "server_busy",
+                            headers={"Retry-After": str(self.retry_after)}).response()(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = json.dumps({"detail": f"Request body exceeds {self.max_bytes} bytes",
                            "error_type": "request_too_large"}).encode()
         await Response(body, status_code=413, media_type="application/json",
                        headers={ERROR_TYPE: "request_too_large"})(scope, receive, send)
+
+
+class _Busy(Exception):
+    pass
 
 
 class _TooLarge(Exception):

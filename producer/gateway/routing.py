@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -48,9 +49,9 @@ def proxy_target(target_url: str) -> tuple[str, bytes] | None:
 
 
 class FalRouting:
-    def __init__(self, app: ASGIApp, *, trust_forwarded: bool):
+    def __init__(self, app: ASGIApp, *, trust_forwarded: Callable[[str | None], bool]):
         self.app = app
-        self.trust_forwarded = trust_forwarded
+        self.trust_forwarded = trust_forwarded  # peer address -> whether its X-Forwarded-* count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -61,7 +62,8 @@ class FalRouting:
             if routed is not None:
                 path, scope["query_string"] = routed
             else:
-                host = (self.trust_forwarded and _header(scope, b"x-forwarded-host")) or _header(scope, b"host")
+                peer = (scope.get("client") or (None,))[0]
+                host = (self.trust_forwarded(peer) and _header(scope, b"x-forwarded-host")) or _header(scope, b"host")
                 path = canonical_path(path, host.split(",")[0].strip())
             scope["path"] = path
             scope["raw_path"] = path.encode()

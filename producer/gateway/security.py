@@ -28,12 +28,10 @@ async def principal(request: Request, header: Annotated[str | None, Depends(auth
         return found
     if not header:
         raise FalError(401, {"detail": "Missing Authorization header", "error_type": "unauthorized"})
-    # A presented credential is a guess until verified: throttled per address and per (configured) key id.
-    key_id = (credential or "").partition(":")[0] if ":" in (credential or "") else None
+    # A presented credential is a guess until verified: throttled per client, whichever key id it names.
     settings = gw.settings
     throttle = AuthThrottle(gw.aredis, settings.gateway_auth_fail_limit, settings.gateway_auth_fail_window)
-    scopes = throttle.scopes(client_address(request, settings),
-                             key_id if key_id and gw.keys.knows(key_id) else None)
+    scopes = throttle.scopes(client_address(request, settings))
     await throttle.check(scopes)
     # The first check of a scrypt-hashed key costs tens of ms: keep it off the event loop.
     found = await run_in_threadpool(gw.keys.authenticate, credential)

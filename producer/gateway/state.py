@@ -18,7 +18,7 @@ from common.adapters.storage import ObjectStore
 from common.domain.auth import KeyRing
 from common.domain.signed_urls import shared_secret
 from common.domain.signing import WebhookSigner
-from common.settings import Settings
+from common.settings import Settings, check_secrets
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
 from producer.gateway.events import JobEvents
@@ -37,6 +37,7 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
+        check_secrets(settings)  # a deployment never signs with keys anyone reaching Redis can read
         store = JobStore.from_settings(settings)
         return cls(
             settings=settings,

@@ -15,7 +15,7 @@ from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.settings import Settings
 from common.state import keys
 from producer.admission import Admission, Submitted, validate_input
-from producer.gateway.inputs import resolve_image_url
+from producer.gateway.inputs import InputWrites, resolve_image_url
 from producer.gateway.parsing import json_object_body
 from producer.gateway.responses import FalError
 from producer.gateway.state import Gateway
@@ -37,11 +37,12 @@ def mask_cache_scope(principal: Principal) -> str:
     return "shared" if principal.mask_cache == "shared" else f"key:{principal.key_id}"
 
 
-def resolve_background(gw: Gateway, principal: Principal, parsed, request_id: str):
+def resolve_background(gw: Gateway, principal: Principal, parsed, request_id: str,
+                       writes: InputWrites | None = None):
     """`background_image_url` under the same policy as `image_url` (s3 permissions, SSRF check, large data URIs)."""
     if not parsed.background_image_url:
         return parsed
-    url = resolve_image_url(gw, principal, parsed.background_image_url, request_id, "background_image_url")
+    url = resolve_image_url(gw, principal, parsed.background_image_url, request_id, "background_image_url", writes)
     return parsed.model_copy(update={"background_image_url": url})
 
 
@@ -65,10 +66,11 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
     settings = gw.settings
     request_id = str(uuid.uuid4())
     fields = request_fields(settings, principal, options, request_id)
+    writes = InputWrites(gw)  # large inline inputs: stored only once the request is admitted
     try:
         parsed, variant = validate_input(options.endpoint, data, settings)
-        image_url = resolve_image_url(gw, principal, parsed.image_url, request_id)
-        parsed = resolve_background(gw, principal, parsed, request_id)
+        image_url = resolve_image_url(gw, principal, parsed.image_url, request_id, writes=writes)
+        parsed = resolve_background(gw, principal, parsed, request_id, writes)
     except InputErrors as exc:
         given_url = data.get("image_url")
         spec = JobSpec(**fields, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
@@ -76,11 +78,11 @@ def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOp
         return enqueue(gw, principal, options, spec, rejection=exc)
     spec = JobSpec(**fields, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed),
                    mask_cache_scope=mask_cache_scope(principal))
-    return enqueue(gw, principal, options, spec)
+    return enqueue(gw, principal, options, spec, writes=writes)
 
 
 def enqueue(gw: Gateway, principal: Principal, options: SubmitOptions, spec: JobSpec,
-            rejection: JobError | None = None) -> Submitted:
+            rejection: JobError | None = None, writes: InputWrites | None = None) -> Submitted:
     """Every API job's way into the queue (producer/admission.py), under the key's limits and the queue caps;
     a refusal is fal's flat error (429 with Retry-After, or 503 when the queue cannot be reached)."""
     admission = Admission(gw.settings, gw.store, gw.celery, gw.limiter)
@@ -90,7 +92,8 @@ def enqueue(gw: Gateway, principal: Principal, options: SubmitOptions, spec: Job
         schedule[keys.DEADLINES] = (spec.request_id, spec.start_deadline)
     try:
         return admission.enqueue(spec, rejection=rejection, principal=principal,
-                                 max_queue_length=options.max_queue_length, schedule=schedule)
+                                 max_queue_length=options.max_queue_length, schedule=schedule,
+                                 prepare=writes.flush if writes is not None else None)
     except LimitRefused as exc:
         raise FalError.flat(exc.status_code, exc.message, exc.error_type,
                             headers={"Retry-After": str(exc.retry_after)}) from None

@@ -160,6 +160,7 @@ def chaos_environment(**overrides: str) -> dict[str, str]:
         "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "2",
         "BIREFNET_WEBHOOK_MAX_RETRIES": "10",
         "BIREFNET_WEBHOOK_SIGNING_KEYS": signing_seed(),
+        "BIREFNET_ALLOW_DEV_SECRETS": "true",  # a throwaway stack: the gateway's secret lives in its Redis
         # Several processes of a kind on one host (and other test runs): no fixed metrics ports.
         "BIREFNET_WORKER_METRICS_PORT": "0",
         "BIREFNET_PRODUCER_METRICS_PORT": "0",

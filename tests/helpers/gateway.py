@@ -62,8 +62,10 @@ class GatewayServer:
         self.port = port or free_port()
         self.tls = tls
         ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+        # proxy_headers=False as `python -m producer.gateway` runs it: the gateway alone decides which
+        # X-Forwarded-* to believe (uvicorn's default would take them from any loopback peer).
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, **ssl)
+                                access_log=False, proxy_headers=False, **ssl)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -121,6 +123,8 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
         "BIREFNET_FETCH_ALLOWED_PORTS": "*",
         "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.2",
+        # Tests speak to the gateway from 127.0.0.1, a trusted proxy by default: X-Forwarded-* count when on.
+        "BIREFNET_GATEWAY_TRUST_FORWARDED": "true",
         "BIREFNET_WEBHOOK_SIGNING_KEYS": f"{signing_seed()},{signing_seed()}",  # two: JWKS rotation
         "BIREFNET_WEBHOOK_RETRY_BASE": "0.2",
         "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "0.5",

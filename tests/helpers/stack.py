@@ -76,6 +76,8 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
         "BIREFNET_PRODUCER_METRICS_PORT": "0",
         "BIREFNET_WEBHOOKS_METRICS_PORT": "0",
         "BIREFNET_TEST_LOG_DIR": str(log_dir),
+        # A test stack is a development stack: signing keys generated into its Redis are fine.
+        "BIREFNET_ALLOW_DEV_SECRETS": "true",
     }
 
 
