@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client
-        from common.observability.metrics import register_queue_collector, start_metrics_server
+        from common.observability.metrics import process_probes, register_queue_collector, start_metrics_server
         from producer.intake import CountingIntake, build_intake
         from producer.sqs import SqsConsumer
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
-        start_metrics_server(settings.producer_metrics_port, "producer")
+        start_metrics_server(settings.producer_metrics_port, "producer", process_probes(settings))
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,
