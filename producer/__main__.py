@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client
-        from common.observability.metrics import process_probes, register_queue_collector, start_metrics_server
+        from common.observability.metrics import (
+            process_probes,
+            register_queue_collector,
+            start_metrics_server,
+        )
         from producer.intake import CountingIntake, build_intake
         from producer.sqs import SqsConsumer
 
