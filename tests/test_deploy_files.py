@@ -61,6 +61,17 @@ REGISTRY = VariantRegistry.with_overrides()
 # Portrait, Dynamic): the deployments must serve each of them.
 FAL_MODEL_VARIANTS = {v.id for v in REGISTRY if v.fal_names}
 PACKED_COMPOSE_FILE = ROOT / "infra" / "compose" / "packed.yml"
+# The metrics bind-address setting: the manifests set it explicitly for pods.
+METRICS_BIND_ENV = "BIREFNET_METRICS_BIND_ADDRESS"
+
+
+def _secrets_table() -> set[tuple[str, str]]:
+    """(Secret, key) pairs infra/k8s/base/secrets.md tells the operator to create."""
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| `([A-Za-z0-9_-]+)` \|", (K8S_DIR / "base" / "secrets.md").read_text(), re.M)
+    return set(rows)
+
+
+REQUIRED_SECRET_KEYS = _secrets_table()
 
 
 def tool(name: str) -> str | None:
@@ -463,7 +474,10 @@ def _selected(doc: dict, target: dict, prefix: str = "", suffix: str = "") -> bo
     return True
 
 
-KUSTOMIZATIONS = sorted(path.parent for path in K8S_DIR.rglob("kustomization.yaml"))
+KUSTOMIZATIONS = sorted(
+    path.parent for path in K8S_DIR.rglob("kustomization.yaml")
+    if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization"
+)
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: str(d.relative_to(K8S_DIR)))
@@ -582,12 +596,12 @@ def test_keda_resources_match_schema(overlay: str):
 
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
 def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
+    """One pool per servable variant, scaled on its own Celery lists (and its own queue gauges, see
+    tests/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
     deployments = worker_deployments(overlay)
     scaled = by_kind(overlay, "ScaledObject")
     assert len(deployments) >= 2 and len(scaled) == len(deployments)
-    services_by_name = {s["metadata"]["name"]: s for s in by_kind(overlay, "Service")}
     auths = {a["metadata"]["name"]: a for a in by_kind(overlay, "TriggerAuthentication")}
-    secrets = {s["metadata"]["name"]: s for s in by_kind(overlay, "Secret")}
     variants = set()
     for deployment in deployments:
         name = deployment["metadata"]["name"]
@@ -605,31 +619,20 @@ def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
         assert spec["minReplicaCount"] == 0, "idle variants scale to zero"
         assert spec["maxReplicaCount"] >= 1
         assert spec["cooldownPeriod"] >= 60
-        triggers = spec["triggers"]
-        assert {t["type"] for t in triggers} == {"redis"}
+        triggers = [t for t in spec["triggers"] if t["type"] == "redis"]
         assert {t["metadata"]["listName"] for t in triggers} == redis_lists(variant)
-        assert len({t["metadata"]["address"] for t in triggers}) == 1
         for trigger in triggers:
             assert int(trigger["metadata"].get("activationListLength", "0")) == 0, "wake on the first job"
-            assert trigger["authenticationRef"] == triggers[0]["authenticationRef"]
-        trigger = triggers[0]
-        # The address is the in-cluster Redis Service, fully qualified (KEDA runs elsewhere).
-        host, port = trigger["metadata"]["address"].rsplit(":", 1)
-        service, namespace, *rest = host.split(".")
-        assert rest == ["svc", "cluster", "local"]
-        assert namespace == deployment["metadata"]["namespace"]
-        assert int(port) in [p["port"] for p in services_by_name[service]["spec"]["ports"]]
-        assert trigger["metadata"].get("databaseIndex", "0") == "0"
-        auth = auths[trigger["authenticationRef"]["name"]]
-        for ref in auth["spec"]["secretTargetRef"]:
-            secret = secrets[ref["name"]]
-            assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
-        assert "password" in {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
-        # The Redis the workers use is the Redis KEDA watches.
-        redis_url = container_env(pod_spec(deployment)["containers"][0])["BIREFNET_REDIS_URL"]["value"]
-        parsed = urlparse(redis_url)
-        assert parsed.hostname == service and parsed.port == int(port) and parsed.path == "/0"
-    assert variants >= FAL_MODEL_VARIANTS, f"{overlay}: no worker pool for {FAL_MODEL_VARIANTS - variants}"
+            assert trigger["metadata"].get("databaseIndex", "0") == "0"
+            auth = auths[trigger["authenticationRef"]["name"]]
+            refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+            assert set(refs) >= {"address", "password", "tls"}
+            for secret, key in refs.values():
+                assert (secret, key) in REQUIRED_SECRET_KEYS, f"{secret}/{key} is not in base/secrets.md"
+        # The Redis the workers use is the Redis KEDA watches: both from the same Secret.
+        url = container_env(pod_spec(deployment)["containers"][0])["BIREFNET_REDIS_URL"]["valueFrom"]
+        assert url["secretKeyRef"]["name"] == refs["address"][0]
+    assert variants == {v.id for v in REGISTRY}, f"{overlay}: pools {sorted(variants)}"
 
 
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
@@ -691,8 +694,12 @@ def test_k8s_env_names_are_settings_fields(overlay: str):
         if doc["kind"] in WORKLOADS:
             for container in containers(doc):
                 names |= set(container_env(container))
-    unknown = sorted(n for n in names if n.startswith(ENV_PREFIX) and env_setting(n) not in SETTINGS_FIELDS)
+    unknown = sorted(n for n in names if n.startswith(ENV_PREFIX) and env_setting(n) not in SETTINGS_FIELDS
+                     and n != METRICS_BIND_ENV)
     assert not unknown, f"not fields of common.settings.Settings: {unknown}"
+    # Metrics and probe ports must listen on the pod address (kubelet and scraper connect from outside).
+    config = find(overlay, "ConfigMap", "birefnet-config")["data"]
+    assert config[METRICS_BIND_ENV] == "0.0.0.0"
 
 
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
@@ -713,14 +720,13 @@ def test_k8s_references_resolve(overlay: str):
             for source in container.get("envFrom", []):
                 if "configMapRef" in source:
                     assert ("ConfigMap", source["configMapRef"]["name"]) in names
-                if "secretRef" in source:
-                    assert ("Secret", source["secretRef"]["name"]) in names
+                if "secretRef" in source:  # Secrets are the operator's: listed in base/secrets.md
+                    assert source["secretRef"]["name"] in {s for s, _ in REQUIRED_SECRET_KEYS}
             defined = []
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    secret = find(overlay, "Secret", ref["name"])
-                    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+                    assert (ref["name"], ref["key"]) in REQUIRED_SECRET_KEYS, ref
                 # $(VAR) only expands variables defined earlier in the list.
                 for var in re.findall(r"\$\((\w+)\)", env.get("value", "")):
                     assert var in defined, f"{env['name']} uses $({var}) before it is defined"
@@ -764,11 +770,20 @@ def test_k8s_ports_match(overlay: str):
     gateway = pod_spec(find(overlay, "Deployment", "birefnet-gateway"))["containers"][0]
     assert gateway["command"] == ["python", "-m", "producer.gateway"]
     assert {"name": "http", "containerPort": GATEWAY_PORT} in gateway["ports"]
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    producer = pod_spec(find(overlay, "Deployment", "birefnet-producer"))["containers"][0]
-    assert producer["command"] == ["python", "-m", "producer", "sqs"]
-    webhooks = pod_spec(find(overlay, "Deployment", "birefnet-webhooks"))["containers"][0]
-    assert webhooks["command"] == ["python", "-m", "deliverer"]
+    # Readiness reflects Redis; liveness is the process alone (a Redis restart restarts no gateway).
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    env = container_env(gateway)
+    assert {"name": "metrics", "containerPort": int(env["BIREFNET_GATEWAY_METRICS_PORT"]["value"])} in gateway["ports"]
+    for name, command, setting in (("producer", ["python", "-m", "producer", "sqs"], "producer_metrics_port"),
+                                   ("webhooks", ["python", "-m", "deliverer"], "webhooks_metrics_port")):
+        container = pod_spec(find(overlay, "Deployment", f"birefnet-{name}"))["containers"][0]
+        assert container["command"] == command
+        port = int(container_env(container).get(f"BIREFNET_{setting.upper()}", {}).get(
+            "value", Settings.model_fields[setting].default))
+        assert {"name": "metrics", "containerPort": port} in container["ports"], name
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
 
 
 def test_k8s_redis_is_persistent():
@@ -780,22 +795,64 @@ def test_k8s_redis_is_persistent():
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 
-def test_k8s_secrets_are_placeholders():
+def test_k8s_manifests_hold_no_secrets():
+    """`kubectl apply -k` must never overwrite the operator's Secrets: none is rendered, and every Secret key
+    the manifests read is listed in base/secrets.md (and provided by the External Secrets example)."""
+    referenced = set()
     for overlay in K8S_OVERLAYS:
-        secrets = {
-            s["metadata"]["name"]: {**s.get("stringData", {}), **s.get("data", {})}
-            for s in by_kind(overlay, "Secret")
-        }
-        assert secrets["birefnet-secrets"] == {"redis-password": "CHANGE-ME"}
-        app = secrets["birefnet-app-secrets"]
-        assert all(v in ("", "[]") for v in app.values()), "no real secrets in the repository"
-        assert all(k.startswith(ENV_PREFIX) and env_setting(k) in SETTINGS_FIELDS for k in app), app
-        # The placeholders are values the settings accept.
-        Settings(**{env_setting(k): json.loads(v) if v.startswith("[") else v for k, v in app.items()})
-        for doc in by_kind(overlay, "Deployment"):
-            for container in containers(doc):
-                sources = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
-                assert "birefnet-app-secrets" in sources, f"{doc['metadata']['name']} lacks the app secrets"
+        assert not by_kind(overlay, "Secret"), f"overlays/{overlay} renders a Secret"
+        for doc in rendered(overlay):
+            if doc["kind"] in WORKLOADS:
+                for container in containers(doc):
+                    referenced |= {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                                   for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+                    sources = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
+                    if doc["metadata"]["name"] != "redis":
+                        assert "birefnet-app-secrets" in sources, f"{doc['metadata']['name']} lacks the app secrets"
+            if doc["kind"] == "TriggerAuthentication":
+                referenced |= {(r["name"], r["key"]) for r in doc["spec"]["secretTargetRef"]}
+    app_keys = {(s, k) for s, k in REQUIRED_SECRET_KEYS if s == "birefnet-app-secrets"}
+    assert referenced | app_keys == REQUIRED_SECRET_KEYS, "base/secrets.md and the manifests disagree"
+    for _, key in app_keys:
+        assert env_setting(key) in SETTINGS_FIELDS, key
+    # The signing keys come from the Secret, never generated into Redis.
+    assert {k for _, k in app_keys} >= {"BIREFNET_GATEWAY_SIGNING_SECRET", "BIREFNET_WEBHOOK_SIGNING_KEYS"}
+    external = kustomize_build(K8S_DIR / "examples" / "external-secrets")
+    provided = {(d["spec"]["target"]["name"], item["secretKey"]) for d in external for item in d["spec"]["data"]}
+    assert provided == REQUIRED_SECRET_KEYS
+    component = yaml.safe_load((K8S_DIR / "components" / "local-secrets" / "kustomization.yaml").read_text())
+    assert {g["name"] for g in component["secretGenerator"]} == {s for s, _ in REQUIRED_SECRET_KEYS}
+    ignored = (K8S_DIR / "components" / "local-secrets" / ".gitignore").read_text().split()
+    for generator in component["secretGenerator"]:
+        for env_file in generator["envs"]:
+            assert any(Path(env_file).match(pattern) for pattern in ignored), f"{env_file} must be git-ignored"
+
+
+def test_local_secrets_component_builds_from_operator_files(tmp_path: Path):
+    """The component turns the operator's (git-ignored) files into the Secrets the pods read."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed")
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, tree, ignore=shutil.ignore_patterns("*.env"))
+    (tree / "components" / "local-secrets" / "redis.env").write_text(
+        "url=redis://:0123abcd@redis:6379/0\npassword=0123abcd\naddress=redis.birefnet.svc.cluster.local:6379\n"
+        "tls=disable\n")
+    (tree / "components" / "local-secrets" / "app.env").write_text(
+        "BIREFNET_GATEWAY_API_KEYS=[]\nBIREFNET_GATEWAY_SIGNING_SECRET=" + "ab" * 32 + "\n"
+        "BIREFNET_WEBHOOK_SIGNING_KEYS=" + "cd" * 32 + "\n")
+    overlay = tree / "overlays" / "mine"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "namespace: birefnet\nresources: [../default]\ncomponents: [../../components/local-secrets]\n")
+    result = run([kubectl, "kustomize", str(overlay)])
+    assert result.returncode == 0, result.stderr
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Secret"}
+    keys = {(name, key) for name, doc in secrets.items() for key in doc["data"]}
+    assert keys == REQUIRED_SECRET_KEYS
+    assert all(doc["metadata"]["namespace"] == "birefnet" for doc in secrets.values())
+    (tree / "components" / "local-secrets" / "app.env").unlink()
+    assert run([kubectl, "kustomize", str(overlay)]).returncode != 0, "a missing file must stop the build"
 
 
 def test_aws_overlay_matches_terraform():
@@ -829,12 +886,85 @@ def test_aws_overlay_matches_terraform():
 
 
 def test_variant_workers_agree_across_compose_and_k8s():
+    """Kubernetes deploys a pool for every variant; compose every fal model, and the variants it leaves out
+    are named in docs/deployment.md (their requests get the "no live worker" answer)."""
     compose_variants = {compose_worker_variant(n, s) for n, s in worker_services().items()}
+    every = {v.id for v in REGISTRY}
     for overlay in K8S_OVERLAYS:
-        k8s_variants = {k8s_worker_variant(d) for d in worker_deployments(overlay)}
-        assert k8s_variants == compose_variants, overlay
-    variant_dirs = {p.name for p in (K8S_DIR / "variants").iterdir() if p.is_dir()}
-    assert variant_dirs <= {v.id for v in REGISTRY}, "variants/<dir> must be a variant id"
+        assert {k8s_worker_variant(d) for d in worker_deployments(overlay)} == every, overlay
+    assert FAL_MODEL_VARIANTS <= compose_variants <= every
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    section = docs[docs.index("Variants compose does not run"):][:2000]
+    for variant in sorted(every - compose_variants):
+        assert f"`{variant}`" in section, f"docs/deployment.md must say compose does not run {variant}"
+
+
+def test_variant_pools_are_generated_from_the_variant_list():
+    """infra/k8s/variants is what infra/k8s/generate_variants.py writes from common/domain/variants.py."""
+    sys.path.insert(0, str(K8S_DIR))
+    try:
+        import generate_variants
+    finally:
+        sys.path.remove(str(K8S_DIR))
+    expected = generate_variants.render()
+    on_disk = {p: p.read_text() for p in (K8S_DIR / "variants").rglob("kustomization.yaml")}
+    assert set(on_disk) == set(expected), "run: python infra/k8s/generate_variants.py"
+    stale = [str(p.relative_to(ROOT)) for p in expected if on_disk[p] != expected[p]]
+    assert not stale, f"stale, run python infra/k8s/generate_variants.py: {stale}"
+    assert {p.name for p in (K8S_DIR / "variants").iterdir() if p.is_dir()} == {v.id for v in REGISTRY}
+
+
+PRIVATE = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"}
+
+
+def _policies(overlay: str, component: str) -> list[dict]:
+    """NetworkPolicies selecting a component's pods."""
+    chosen = []
+    for policy in by_kind(overlay, "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]
+        labels = {"app.kubernetes.io/name": "birefnet", "app.kubernetes.io/component": component}
+        if not selector or selector.get("matchLabels", {}).items() <= labels.items() and all(
+            labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+        ):
+            chosen.append(policy)
+    return chosen
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_network_policies(overlay: str):
+    deny = find(overlay, "NetworkPolicy", "birefnet-default-deny")["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    for component in ("gateway", "producer", "webhooks", "worker", "redis"):
+        ingress = [r for p in _policies(overlay, component) for r in p["spec"].get("ingress", [])]
+        open_rules = [r for r in ingress if not r.get("from")]
+        if component == "gateway":  # the only component reachable from anywhere, on its API port only
+            assert [r["ports"] for r in open_rules] == [[{"protocol": "TCP", "port": "http"}]]
+        else:
+            assert not open_rules, f"{component}: ingress from anywhere"
+        for rule in ingress:
+            for peer in rule.get("from", []):
+                ns = peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                if any(p["port"] == "metrics" for p in rule.get("ports", [])):
+                    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                elif component == "redis":
+                    assert ns == "keda" or peer["podSelector"]["matchExpressions"][0]["key"] == (
+                        "app.kubernetes.io/component")
+    # Workers: DNS, Redis, and HTTP(S) outside the private ranges (S3, the model hub, image URLs) only.
+    egress = [r for p in _policies(overlay, "worker") for r in p["spec"].get("egress", [])]
+    assert egress
+    for rule in egress:
+        ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                assert peer["ipBlock"]["cidr"] == "0.0.0.0/0" and set(peer["ipBlock"]["except"]) >= PRIVATE
+                assert ports <= {("TCP", 443), ("TCP", 80)}
+            elif "namespaceSelector" in peer:
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                assert ports <= {("UDP", 53), ("TCP", 53)}
+            else:
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "redis"}
+                assert ports == {("TCP", 6379)}
 
 
 # ----------------------------------------------------------------------------------------------
