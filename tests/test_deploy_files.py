@@ -145,42 +145,112 @@ def test_compose_redis_is_persistent():
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
 
 
-def test_compose_minio_notifies_the_producer_webhook():
-    minio = services()["minio"]
-    env = minio["environment"]
-    targets = {
-        k.removeprefix("MINIO_NOTIFY_WEBHOOK_ENABLE_")
-        for k, v in env.items()
-        if k.startswith("MINIO_NOTIFY_WEBHOOK_ENABLE_") and v == "on"
-    }
-    assert len(targets) == 1, targets
-    target = targets.pop()
-    endpoint = urlparse(env[f"MINIO_NOTIFY_WEBHOOK_ENDPOINT_{target}"])
-    assert endpoint.hostname == "producer" and "producer" in services()
-    assert endpoint.port == PRODUCER_HTTP_PORT
-    assert endpoint.path == "/s3-events"
-    # Events wait on disk while the producer is down.
-    queue_dir = env.get(f"MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_{target}")
-    assert queue_dir and any(v.split(":")[1] == queue_dir for v in minio["volumes"])
+def test_compose_store_notifies_the_producer_webhook():
+    """RustFS's webhook target PRIMARY posts to `producer http` with the producer's bearer token and keeps
+    events on a volume while the producer is down; s3-init binds the input bucket to that target."""
+    store = services()["s3"]
+    assert store["image"].startswith("rustfs/rustfs:")
+    env = store["environment"]
+    assert env["RUSTFS_NOTIFY_ENABLE"] == "true"
+    targets = {k.removeprefix("RUSTFS_NOTIFY_WEBHOOK_ENABLE_") for k, v in env.items()
+               if k.startswith("RUSTFS_NOTIFY_WEBHOOK_ENABLE_") and v == "on"}
+    assert targets == {"PRIMARY"}
+    endpoint = urlparse(env["RUSTFS_NOTIFY_WEBHOOK_ENDPOINT_PRIMARY"])
+    assert endpoint.hostname == "producer" and endpoint.port == PRODUCER_HTTP_PORT and endpoint.path == "/s3-events"
+    assert env["RUSTFS_OUTBOUND_ALLOW_ORIGINS"] == f"http://producer:{PRODUCER_HTTP_PORT}"
+    app_env = services()["producer"]["environment"]
+    assert env["RUSTFS_NOTIFY_WEBHOOK_AUTH_TOKEN_PRIMARY"] == app_env["BIREFNET_PRODUCER_HTTP_TOKEN"]
+    queue_dir = env["RUSTFS_NOTIFY_WEBHOOK_QUEUE_DIR_PRIMARY"]
+    volume = next(v.split(":")[0] for v in store["volumes"] if v.split(":")[1] == queue_dir)
+    assert volume in compose()["volumes"] and not queue_dir.startswith("/data"), "outside the data volume"
+    # The store's credentials are the ones the services use.
+    assert env["RUSTFS_ACCESS_KEY"] == app_env["AWS_ACCESS_KEY_ID"]
+    assert env["RUSTFS_SECRET_KEY"] == app_env["AWS_SECRET_ACCESS_KEY"]
 
-    init = services()["minio-init"]
-    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    init = services()["s3-init"]
     assert init["restart"] == "no"
-    script = init["command"][0]
-    assert init["entrypoint"][0] == "/bin/sh"
-    buckets = {}
-    for var in ("INPUT_BUCKET", "OUTPUT_BUCKET"):
-        assert f'mc mb --ignore-existing "local/$${{{var}}}"' in script, var
-        buckets[var] = init["environment"][var]
-    event_add = next(line for line in script.splitlines() if line.startswith("mc event add"))
-    assert "--event put" in event_add, "mc's put event = s3:ObjectCreated:*"
-    assert '"local/$${INPUT_BUCKET}"' in event_add
-    assert event_add.endswith(f"arn:minio:sqs::{target}:webhook")
-    # The buckets created are the ones the services use.
+    assert init["command"] == ["python", "/init/init_storage.py"]
+    assert "./infra/compose/init_storage.py:/init/init_storage.py:ro" in init["volumes"]
+    # The ARN names the target in lower case (RustFS lower-cases target ids).
+    assert init["environment"]["S3_EVENTS_ARN"] == "arn:rustfs:sqs:us-east-1:primary:webhook"
+    assert app_env["BIREFNET_INPUT_BUCKET"] == init["environment"]["INPUT_BUCKET"]
+    assert app_env["BIREFNET_OUTPUT_BUCKET"] == init["environment"]["OUTPUT_BUCKET"]
+    assert urlparse(app_env["BIREFNET_S3_ENDPOINT_URL"]).hostname == "s3"
+    assert init["environment"]["S3_ENDPOINT_URL"] == app_env["BIREFNET_S3_ENDPOINT_URL"]
+
+
+CREDENTIALS = ("REDIS_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "EVENTS_TOKEN", "GATEWAY_SIGNING_SECRET",
+               "WEBHOOK_SIGNING_KEY")
+
+
+def test_compose_has_no_default_credentials_and_publishes_only_the_gateway():
+    raw = COMPOSE_FILE.read_text()
+    for name in CREDENTIALS:
+        uses = re.findall(r"\$\{" + name + r"(:?[-?][^}]*)?\}", raw)
+        assert uses, name
+        assert all(u.startswith(":?") for u in uses), f"{name} must be required (${{{name}:?...}}), never defaulted"
+    assert "change-me" not in raw.lower()
+    for name, svc in services().items():
+        for port in svc.get("ports", []):
+            if name == "gateway":
+                assert port == f"{GATEWAY_PORT}:{GATEWAY_PORT}"
+            else:
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host"
     app_env = services()["gateway"]["environment"]
-    assert app_env["BIREFNET_INPUT_BUCKET"] == buckets["INPUT_BUCKET"]
-    assert app_env["BIREFNET_OUTPUT_BUCKET"] == buckets["OUTPUT_BUCKET"]
-    assert urlparse(app_env["BIREFNET_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert app_env["BIREFNET_REDIS_URL"] == (
+        "redis://:${REDIS_PASSWORD:?run python3 infra/compose/init_secrets.py first}@redis:6379/0")
+    assert "--requirepass" in services()["redis"]["command"]
+    flower_broker = next(a for a in services()["flower"]["command"] if a.startswith("--broker="))
+    assert flower_broker == "--broker=" + app_env["BIREFNET_REDIS_URL"], "Flower uses the password too"
+    for key in ("BIREFNET_GATEWAY_SIGNING_SECRET", "BIREFNET_WEBHOOK_SIGNING_KEYS"):
+        assert app_env[key].startswith("${") and ":?" in app_env[key], f"{key} must come from ./.env"
+    for name in services():
+        if name != "preflight":
+            assert _depends_on_preflight(name), f"{name} can start before the credentials are checked"
+
+
+def _depends_on_preflight(name: str, seen: frozenset = frozenset()) -> bool:
+    depends = services()[name].get("depends_on", {})
+    return "preflight" in depends or any(_depends_on_preflight(d, seen | {name}) for d in depends if d not in seen)
+
+
+def _preflight_script(tmp_path: Path) -> str:
+    script = services()["preflight"]["command"][0].replace("$$", "$")
+    assert services()["preflight"]["entrypoint"] == ["/bin/sh", "-ec"]
+    return script.replace("chown 10001:10001 /events", f"test -d {tmp_path}")
+
+
+def test_compose_preflight_refuses_placeholders_and_init_secrets_writes_real_ones(tmp_path: Path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("INPUT_BUCKET=my-input\n")
+    script = ROOT / "infra" / "compose" / "init_secrets.py"
+    first = run([sys.executable, str(script), str(env_file)])
+    assert first.returncode == 0, first.stderr
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert values["INPUT_BUCKET"] == "my-input", "existing lines are kept"
+    assert set(CREDENTIALS) <= set(values)
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    again = run([sys.executable, str(script), str(env_file)])
+    assert again.returncode == 0 and dict(line.split("=", 1) for line in env_file.read_text().splitlines()) == values
+    other = tmp_path / "other.env"
+    run([sys.executable, str(script), str(other)])
+    assert all(values[n] != v for n, v in dict(line.split("=", 1) for line in other.read_text().splitlines()).items())
+
+    check = _preflight_script(tmp_path)
+    good = {name: values[name] for name in CREDENTIALS}
+    assert subprocess.run(["/bin/sh", "-ec", check], env=good, capture_output=True, timeout=30).returncode == 0
+    for name, bad in (("REDIS_PASSWORD", "CHANGE-ME"), ("S3_SECRET_KEY", "birefnet-change-me"),
+                      ("EVENTS_TOKEN", "short"), ("WEBHOOK_SIGNING_KEY", "my-secret-" + "x" * 40)):
+        result = subprocess.run(["/bin/sh", "-ec", check], env={**good, name: bad}, capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode != 0 and name in result.stderr, (name, bad)
+    # The generated values are ones the services accept.
+    Settings(redis_url=f"redis://:{values['REDIS_PASSWORD']}@redis:6379/0",
+             gateway_signing_secret=values["GATEWAY_SIGNING_SECRET"],
+             webhook_signing_keys=values["WEBHOOK_SIGNING_KEY"])
+    from common.domain.signing import WebhookSigner
+
+    assert WebhookSigner.from_settings((values["WEBHOOK_SIGNING_KEY"],), None).jwks()["keys"]  # type: ignore[arg-type]
 
 
 def _healthcheck_port(service: dict) -> int:
@@ -195,7 +265,7 @@ def test_compose_app_services():
     assert svc["gateway"]["command"] == ["python", "-m", "producer.gateway"]
     assert f"{GATEWAY_PORT}:{GATEWAY_PORT}" in svc["gateway"]["ports"]
     assert _healthcheck_port(svc["gateway"]) == GATEWAY_PORT
-    assert "/healthz" in " ".join(svc["gateway"]["healthcheck"]["test"])
+    assert "/livez" in " ".join(svc["gateway"]["healthcheck"]["test"]), "health must not restart with Redis"
 
     assert svc["producer"]["command"] == ["python", "-m", "producer", "http"]
     assert str(PRODUCER_HTTP_PORT) in svc["producer"]["expose"]
@@ -207,13 +277,12 @@ def test_compose_app_services():
         assert svc[name]["build"]["dockerfile"] == "infra/docker/Dockerfile.app"
         assert svc[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
+    assert _healthcheck_port(svc["webhooks"]) == Settings.model_fields["webhooks_metrics_port"].default
     flower = svc["flower"]
-    assert flower["command"][:3] == ["celery", "--broker=redis://redis:6379/0", "flower"]
+    assert flower["command"][0] == "celery" and flower["command"][2] == "flower"
     assert "--port=5555" in flower["command"]
-    assert any(p.endswith(":5555:5555") or p == "5555:5555" for p in flower["ports"])
+    assert any(p.endswith(":5555:5555") for p in flower["ports"])
     assert _healthcheck_port(flower) == 5555
-    # Flower's broker is the Redis the services use.
-    assert svc["gateway"]["environment"]["BIREFNET_REDIS_URL"] == "redis://redis:6379/0"
 
 
 def test_compose_workers():
@@ -279,6 +348,9 @@ def test_compose_env_names_are_settings_fields():
     assert not unknown, f"not fields of common.settings.Settings: {unknown}"
 
 
+ONE_SHOT = {"preflight", "s3-init"}
+
+
 def test_compose_images_volumes_and_healthchecks():
     declared = set(compose()["volumes"])
     for name, svc in services().items():
@@ -290,9 +362,11 @@ def test_compose_images_volumes_and_healthchecks():
             source = volume.split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} not declared"
-        if name not in ("minio-init", "webhooks"):
+        # One-shot services finish; the RustFS image has no HTTP client to probe itself with (s3-init
+        # waits for its S3 API instead, and every app service waits for s3-init).
+        if name not in ONE_SHOT | {"s3"}:
             assert "healthcheck" in svc, f"{name} has no healthcheck"
-        if name in ("minio-init",):
+        if name in ONE_SHOT:
             continue
         assert svc.get("restart") == "unless-stopped", name
 
@@ -1302,3 +1376,28 @@ def test_validators_reject_broken_files(tmp_path: Path):
     scaled = copy.deepcopy(by_kind("default", "ScaledObject")[0])
     del scaled["spec"]["triggers"][0]["metadata"]["listName"]
     assert not keda_validator("ScaledObject").is_valid(scaled)
+
+
+def test_compose_storage_init_creates_buckets_and_notifications(moto_endpoint: str):
+    """infra/compose/init_storage.py (the s3-init service) against moto's S3 over HTTP: buckets made, the input
+    bucket's ObjectCreated events bound to the target, and a second run changes nothing."""
+    import uuid
+
+    import boto3
+
+    suffix = uuid.uuid4().hex[:8]
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    arn = sqs.get_queue_attributes(QueueUrl=sqs.create_queue(QueueName=f"events-{suffix}")["QueueUrl"],
+                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    env = {**os.environ, "S3_ENDPOINT_URL": moto_endpoint, "S3_EVENTS_ARN": arn, "AWS_REGION": "us-east-1",
+           "INPUT_BUCKET": f"in-{suffix}", "OUTPUT_BUCKET": f"out-{suffix}", "S3_WAIT_SECONDS": "10",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    script = ROOT / "infra" / "compose" / "init_storage.py"
+    for attempt in range(2):
+        result = run([sys.executable, str(script)], env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ("exists" in result.stdout) == (attempt == 1)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    assert {f"in-{suffix}", f"out-{suffix}"} <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    queues = s3.get_bucket_notification_configuration(Bucket=f"in-{suffix}")["QueueConfigurations"]
+    assert [(q["QueueArn"], q["Events"]) for q in queues] == [(arn, ["s3:ObjectCreated:*"])]
