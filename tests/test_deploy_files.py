@@ -1123,9 +1123,8 @@ def test_terraform_validate(tmp_path: Path):
             "no local hashicorp/aws provider mirror (set BIREFNET_TF_PLUGIN_DIR); init needs one offline"
         )
     work = tmp_path / "terraform"
-    shutil.copytree(
-        TF_DIR, work, ignore=shutil.ignore_patterns(".terraform", "*.tfstate*", ".terraform.lock.hcl")
-    )
+    # The committed lock file comes along: init checks the mirror's provider against its hashes.
+    shutil.copytree(TF_DIR, work, ignore=shutil.ignore_patterns(".terraform", "*.tfstate*"))
     env = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
     init = run(
         [binary, "init", "-backend=false", "-input=false", "-no-color", f"-plugin-dir={plugin_dir}"],
@@ -1135,6 +1134,8 @@ def test_terraform_validate(tmp_path: Path):
     if init.returncode != 0 and "no available releases match" in init.stdout + init.stderr:
         pytest.skip(f"the provider mirror in {plugin_dir} has no version matching versions.tf")
     assert init.returncode == 0, init.stdout + init.stderr
+    assert (work / ".terraform.lock.hcl").read_text() == (TF_DIR / ".terraform.lock.hcl").read_text(), (
+        "terraform init changed the committed lock file")
     result = run([binary, "validate", "-json", "-no-color"], cwd=work, env=env)
     report = json.loads(result.stdout)
     assert report["valid"] and report["warning_count"] == 0, json.dumps(report["diagnostics"], indent=1)
@@ -1339,11 +1340,81 @@ def test_terraform_outputs():
         "gateway_role_arn",
         "producer_role_arn",
         "worker_role_arn",
+        "instance_profile_names",
+        "aws_account_id",
+        "aws_region",
     ):
         assert name in outputs, name
     assert outputs["sqs_queue_url"]["value"] == "${aws_sqs_queue.events.url}"
     env = outputs["service_env"]["value"]
     assert all(env_setting(k) in SETTINGS_FIELDS for k in env)
+
+
+def test_terraform_lock_pins_the_provider_for_every_platform():
+    lock = (TF_DIR / ".terraform.lock.hcl").read_text()
+    version = re.search(r'provider "registry.terraform.io/hashicorp/aws" \{\s*version\s*=\s*"([\d.]+)"', lock)
+    assert version, lock
+    constraint = terraform()["terraform"][0]["required_providers"][0]["aws"]["version"]
+    major, minor = constraint.removeprefix("~>").strip().split(".")[:2]
+    got = version.group(1).split(".")
+    assert got[0] == major and int(got[1]) >= int(minor), f"{version.group(1)} does not satisfy {constraint}"
+    # zh: the registry's checksums of every platform's package (h1: only the platforms hashed locally).
+    assert len(re.findall(r'"zh:[0-9a-f]{64}"', lock)) >= 10
+    assert re.search(r'"h1:[A-Za-z0-9+/=]{44}"', lock)
+
+
+def test_terraform_ec2_roles_have_instance_profiles():
+    profiles = terraform()["resource"][("aws_iam_instance_profile", "component")]
+    for_each = profiles["for_each"]
+    assert "use_irsa" in for_each, "instance profiles only when the roles trust EC2"
+    for component in ("gateway", "producer", "worker"):
+        assert f"aws_iam_role.{component}.name" in for_each, component
+
+
+def test_aws_overlay_values_come_from_terraform_outputs(tmp_path: Path):
+    """infra/terraform/overlay_values.py turns `terraform output -json` into the aws overlay's values; the
+    committed file is its output for the sample, and other outputs reach every place they belong."""
+    script = TF_DIR / "overlay_values.py"
+    sample = json.loads((TF_DIR / "examples" / "terraform-output.sample.json").read_text())
+    committed = K8S_DIR / "overlays" / "aws" / "terraform-outputs.yaml"
+    regenerated = tmp_path / "values.yaml"
+    assert run([sys.executable, str(script), str(TF_DIR / "examples" / "terraform-output.sample.json"),
+                "--out", str(regenerated)]).returncode == 0
+    assert regenerated.read_text() == committed.read_text(), "regenerate terraform-outputs.yaml"
+    assert set(sample) >= set(terraform()["output"]), "the sample has every output Terraform defines"
+
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed")
+    other = copy.deepcopy(sample)
+    account, region = "210987654321", "eu-west-1"
+    other["aws_account_id"]["value"], other["aws_region"]["value"] = account, region
+    other["sqs_queue_url"]["value"] = f"https://sqs.{region}.amazonaws.com/{account}/svc-events"
+    for component in ("gateway", "producer", "worker"):
+        other[f"{component}_role_arn"]["value"] = f"arn:aws:iam::{account}:role/svc-{component}"
+    other["service_env"]["value"] |= {"BIREFNET_INPUT_BUCKET": "in-x", "BIREFNET_OUTPUT_BUCKET": "out-x",
+                                      "BIREFNET_OUTPUT_PREFIX": "p/"}
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, tree)
+    (tmp_path / "outputs.json").write_text(json.dumps(other))
+    assert run([sys.executable, str(script), str(tmp_path / "outputs.json"), "--out",
+                str(tree / "overlays" / "aws" / "terraform-outputs.yaml")]).returncode == 0
+    result = run([kubectl, "kustomize", str(tree / "overlays" / "aws")])
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "birefnet-config")["data"]
+    assert (config["BIREFNET_AWS_REGION"], config["BIREFNET_INPUT_BUCKET"], config["BIREFNET_OUTPUT_BUCKET"],
+            config["BIREFNET_OUTPUT_PREFIX"], config["BIREFNET_SQS_QUEUE_URL"]) == (
+        region, "in-x", "out-x", "p/", f"https://sqs.{region}.amazonaws.com/{account}/svc-events")
+    for component in ("gateway", "producer", "worker"):
+        account_doc = next(d for d in docs if d["kind"] == "ServiceAccount"
+                           and d["metadata"]["name"] == f"birefnet-{component}")
+        assert account_doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == (
+            f"arn:aws:iam::{account}:role/svc-{component}")
+    images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in pod_spec(d)["containers"]}
+    assert images == {f"{account}.dkr.ecr.{region}.amazonaws.com/birefnet-{n}:0.1.0" for n in ("app", "worker")}
+    assert not [d for d in docs if d["metadata"]["name"] == "birefnet-terraform-outputs"], "local-config only"
+    assert "123456789012" not in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
