@@ -1,13 +1,18 @@
 """Offline validation of the deployment files.
 
-docker-compose.yml      -> Compose Specification schema (check-jsonschema) + wiring checks
+docker-compose.yml      -> Compose Specification schema (check-jsonschema) + wiring checks: required credentials,
+                           the preflight check and init scripts (against moto's S3), only the gateway published
 infra/docker/*          -> hadolint + image conventions, .dockerignore
 infra/k8s (kustomize)   -> rendered with `kubectl kustomize` (skipped without kubectl), core kinds checked with
                            kubernetes-validate (strict, pinned version), KEDA kinds with the JSON
-                           schemas in tests/data/keda/, then cross-object wiring
-infra/terraform         -> `terraform fmt -check`, `terraform validate` when a terraform binary (and,
-                           for validate, a local provider mirror) is present; always parsed with
-                           python-hcl2 and checked for wiring (events -> queue, queue policy, DLQ, IAM)
+                           schemas in tests/data/keda/, then cross-object wiring: no rendered Secret, every
+                           referenced Secret key in base/secrets.md, one generated pool per variant,
+                           probes, NetworkPolicies
+infra/terraform         -> `terraform fmt -check`, `terraform validate` against the committed lock file when a
+                           terraform binary (and a local provider mirror) is present; always parsed with
+                           python-hcl2 and checked for wiring (events -> queue, queue policy, DLQ, IAM); the
+                           aws overlay's values written from `terraform output -json`
+.checkov.yaml, make scan -> every skipped check has a reason; the scan passes (when checkov is installed)
 
 Cross-file checks: every variant worker (compose and k8s) listens on the queue its KEDA trigger
 watches, every BIREFNET_* variable is a Settings field, ports agree everywhere.
