@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls
+.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,3 +82,29 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# checkov over the deployment files (.checkov.yaml lists every skipped check with its reason): the
+# Dockerfiles, secrets in compose, the rendered Kubernetes overlays and monitoring pack, Terraform.
+# checkov lives in .venv-scan (its dependencies clash with the app's); `make scan-venv` installs the pinned
+# requirements when present, else checkov is installed here on first use.
+SCAN_OUT := out/scan
+scan:
+	@test -x .venv-scan/bin/checkov || { test -f requirements/scan.txt && $(MAKE) scan-venv; } || \
+	  { $(PYTHON) -m venv .venv-scan && .venv-scan/bin/python -m pip install --quiet checkov; }
+	@mkdir -p $(SCAN_OUT)/k8s
+	kubectl kustomize infra/k8s/overlays/default > $(SCAN_OUT)/k8s/default.yaml
+	kubectl kustomize infra/k8s/overlays/aws > $(SCAN_OUT)/k8s/aws.yaml
+	kubectl kustomize infra/k8s/monitoring > $(SCAN_OUT)/k8s/monitoring.yaml
+	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -d infra/docker --framework dockerfile
+	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -d $(SCAN_OUT)/k8s --framework kubernetes
+	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -d infra/terraform --framework terraform
+	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -d infra --framework secrets
+	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -f docker-compose.yml --framework secrets
+
+# promtool (Debian's prometheus package) for tests/test_observability.py's alert-rule checks; no-op when
+# present, skipped with a warning without root apt-get.
+promtool:
+	@command -v promtool >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } || \
+	  echo "warning: no promtool; the promtool checks in tests/test_observability.py will be skipped"

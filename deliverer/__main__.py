@@ -20,14 +20,19 @@ def main(argv: list[str] | None = None) -> None:
     check_secrets(settings)  # refuses development secrets outside development
 
     from common.adapters.queue import WEBHOOK_QUEUE
-    from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
+    from common.observability.metrics import (
+        instrument_webhook_deliverer,
+        process_probes,
+        start_metrics_server,
+    )
     from common.state.jobs import JobStore
     from deliverer.app import create_celery_app
 
     store = JobStore.from_settings(settings)
     app = create_celery_app(settings, store)
     instrument_webhook_deliverer(store, settings.webhook_max_retries)
-    start_metrics_server(settings.webhooks_metrics_port, "webhooks", host=settings.metrics_host)
+    start_metrics_server(settings.webhooks_metrics_port, "webhooks", process_probes(settings),
+                         host=settings.metrics_host)
     app.worker_main(["worker", "-Q", WEBHOOK_QUEUE, "--pool=threads", f"--concurrency={args.concurrency}",
                      "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client
-        from common.observability.metrics import register_queue_collector, start_metrics_server
+        from common.observability.metrics import (
+            process_probes,
+            register_queue_collector,
+            start_metrics_server,
+        )
         from producer.intake import CountingIntake, build_intake
         from producer.sqs import SqsConsumer
 
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
-        start_metrics_server(settings.producer_metrics_port, "producer", host=settings.metrics_host)
+        start_metrics_server(settings.producer_metrics_port, "producer", process_probes(settings),
+                             host=settings.metrics_host)
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,

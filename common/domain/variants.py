@@ -51,7 +51,11 @@ class VariantSpec(BaseModel):
 # re-upload cannot silently change what a variant serves. The hashes are the repos' commits as of
 # Aug 2026, as recorded (and agreeing) in several public projects that pin them; bump them
 # deliberately, after checking the new weights (e.g. with `python -m worker.patch_order_check`).
+# One exception: no public record of a commit of BiRefNet-DIS5K (v1 General Use (Light)) was found, so it
+# still follows the repo's main branch; pin it with BIREFNET_VARIANT_OVERRIDES once you have checked one
+# (tests/test_variant_pins.py lists the unpinned sources).
 _HF = "hf://ZhengPeng7"
+UNPINNED_SOURCES = frozenset({"v1-general-light"})
 
 BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
     # fal names old GitHub-release .pth files for v1 (BiRefNet-DIS_ep580.pth, BiRefNet-massive-epoch_240.pth,
@@ -67,7 +71,10 @@ BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
     VariantSpec(
         id="v1-general-heavy",
         fal_names={"v1": "General Use (Heavy)"},
-        weights=f"{_HF}/BiRefNet-massive-TR_DIS5K_TR_TEs@main/model.safetensors",
+        # The massive-set checkpoint (GitHub release BiRefNet-massive-TR_DIS5K_TR_TEs) is the Hugging Face
+        # repo BiRefNet-DIS5K-TR_TEs; commit as a public project pinning it records (alongside the same
+        # BiRefNet commit as general-light's).
+        weights=f"{_HF}/BiRefNet-DIS5K-TR_TEs@487f440314ea7ab8ea7d184861953a4010b55587/model.safetensors",
         note="v1 endpoint: BiRefNet trained on the massive mixed set (fal names BiRefNet-massive-epoch_240.pth).",
     ),
     VariantSpec(

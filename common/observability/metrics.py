@@ -56,6 +56,13 @@ PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created e
                           "producer, by source (sqs, http) and outcome (enqueued, ignored, error, malformed).",
                           ["source", "outcome"])
 
+# Gateway RED metrics: labelled by route template (never the raw path: request ids would make a series each).
+HTTP_REQUESTS = Counter("birefnet_http_requests_total", "HTTP requests the gateway answered, by route template, "
+                        "method and status code.", ["route", "method", "status"])
+HTTP_REQUEST_SECONDS = Histogram("birefnet_http_request_duration_seconds", "Seconds from a request's arrival at "
+                                 "the gateway's router to the end of its response (streams: until they close), by "
+                                 "route template and method.", ["route", "method"], buckets=_BUCKETS)
+
 
 # --- worker side ---
 def count_job_run(variant: str, outcome: str, completion: Completion | None,
@@ -112,6 +119,40 @@ class GpuMemoryCollector(Collector):
             family.add_metric([device, "free"], free)
             family.add_metric([device, "total"], total)
         yield family
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests and timing them per route template (RED: rate, errors, duration).
+    Install it innermost, right around the router, so it sees the route the router matched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        start = time.perf_counter()
+        status = 500  # an exception before the response started is a server error
+
+        async def send_and_record(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            try:
+                HTTP_REQUESTS.labels(route, method, str(status)).inc()
+                HTTP_REQUEST_SECONDS.labels(route, method).observe(time.perf_counter() - start)
+            except Exception:  # metrics must never fail a request
+                log.warning("could not count a request to %s", route, exc_info=True)
 
 
 # --- queue gauges (any process with Redis access) ---
@@ -210,6 +251,28 @@ def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck]
         return False
     log.info("%s metrics on %s:%d/metrics%s", what, host, port, "".join(f", {path}" for path in probes or {}))
     return True
+
+
+def process_probes(settings: Settings) -> dict[str, HealthCheck]:
+    """/healthz and /readyz for a process whose work loop runs in its main thread (SQS producer, webhook
+    deliverer). Liveness never touches Redis (a Redis restart must not restart every pod); readiness is a
+    Redis PING."""
+    import threading
+
+    client = redis_client(settings, socket_timeout=2, socket_connect_timeout=2)
+
+    def live() -> tuple[bool, str]:
+        alive = threading.main_thread().is_alive()
+        return alive, "ok" if alive else "main thread ended"
+
+    def ready() -> tuple[bool, str]:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return False, f"Redis unreachable: {exc}"
+        return True, "ok"
+
+    return {"/healthz": live, "/readyz": ready}
 
 
 def _serve_with_probes(port: int, probes: Mapping[str, HealthCheck], host: str) -> None:

@@ -222,3 +222,16 @@ resource "aws_iam_role_policy" "worker" {
   role   = aws_iam_role.worker.id
   policy = data.aws_iam_policy_document.worker.json
 }
+
+# Without IRSA the roles are for EC2 hosts (compose or self-managed nodes): an instance profile per role,
+# so an instance launched with it gets the role's credentials from the instance metadata service.
+resource "aws_iam_instance_profile" "component" {
+  for_each = local.use_irsa ? {} : {
+    gateway  = aws_iam_role.gateway.name
+    producer = aws_iam_role.producer.name
+    worker   = aws_iam_role.worker.name
+  }
+
+  name = "${var.name}-${each.key}"
+  role = each.value
+}

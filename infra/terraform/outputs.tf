@@ -48,3 +48,18 @@ output "service_env" {
     BIREFNET_SQS_QUEUE_URL = aws_sqs_queue.events.url
   }
 }
+
+output "instance_profile_names" {
+  description = "EC2 instance profiles of the roles (empty with IRSA): launch the hosts with these."
+  value       = { for component, profile in aws_iam_instance_profile.component : component => profile.name }
+}
+
+output "aws_account_id" {
+  description = "Account the resources live in (ECR registry of the images: <id>.dkr.ecr.<region>.amazonaws.com)."
+  value       = data.aws_caller_identity.current.account_id
+}
+
+output "aws_region" {
+  description = "BIREFNET_AWS_REGION"
+  value       = var.aws_region
+}

@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: routers, fal-style errors, CORS, URL conventions and the sweeper.
 
 Middleware, outermost first: CORS (answers preflights) → x-fal-request-id on every response → body limit →
-URL conventions (routing.py) → FastAPI.
+URL conventions (routing.py) → request metrics (RED, per route template) → FastAPI.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
-from common.observability.metrics import register_queue_collector, start_metrics_server
+from common.observability.metrics import RequestMetrics, register_queue_collector, start_metrics_server
 from common.settings import Settings
 from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api
 from producer.gateway.openapi import install_openapi
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     register_queue_collector(settings)  # Prometheus: queue gauges, as the other processes export them
     install_exception_handlers(app)
     install_openapi(app, auth=settings.gateway_auth != "off")
+    app.add_middleware(RequestMetrics)  # innermost: sees the route template the router matched
     app.add_middleware(FalRouting, trust_forwarded=lambda peer: forwarded_trusted(settings, peer))
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes,
                        budget_bytes=settings.gateway_body_budget_bytes)

@@ -27,10 +27,22 @@ async def jwks(request: Request) -> Response:
 
 @router.get("/healthz", tags=["ops"])
 async def healthz(request: Request) -> Response:
+    """200 when this gateway can reach Redis (a readiness check; same as /readyz)."""
     try:
         await gateway(request).aredis.ping()
     except Exception as exc:
         raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
+    return fal_json({"status": "ok"})
+
+
+router.add_api_route("/readyz", healthz, methods=["GET"], tags=["ops"], operation_id="readyz",
+                     summary="Readyz", description="200 when this gateway can reach Redis (readiness probe).")
+
+
+@router.get("/livez", tags=["ops"])
+async def livez() -> Response:
+    """200 while the process serves requests; never touches Redis, so a Redis outage does not make a
+    liveness probe restart every gateway."""
     return fal_json({"status": "ok"})
 
 

@@ -15,7 +15,7 @@ PROXY_PATH = "/api/fal/proxy"
 PROXY_TARGETS = {"queue.fal.run": "/queue", "fal.run": "/run", "rest.fal.ai": "/rest"}
 # First path segments that are the gateway's own, never an app id.
 RESERVED = {"queue", "run", "rest", "api", ".well-known", "openapi.json", "docs", "redoc", "admin", "files",
-            "objects", "healthz", "metrics", "favicon.ico", "playground"}
+            "objects", "healthz", "livez", "readyz", "metrics", "favicon.ico", "playground"}
 _SUBPATH_BEFORE_REQUESTS = re.compile(r"^/queue/([^/]+)/([^/]+)/(?:[^/]+/)+requests/")
 
 
