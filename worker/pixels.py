@@ -155,8 +155,7 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
         # The tile with a halo, so that box windows of its pixels lie inside; at the image border the
         # region stops there, and OpenCV's REFLECT_101 border matches the full-image filter's.
         ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
-        # OpenCV takes a scalar operand; its stubs only list arrays.
-        image = cv2.multiply(rgb[ry0:ry1, rx0:rx1], 1 / 255, dtype=cv2.CV_32F)  # type: ignore[call-overload]
+        image = cv2.multiply(rgb[ry0:ry1, rx0:rx1], 1 / 255, dtype=cv2.CV_32F)  # a scalar operand
         alpha = mask[ry0:ry1, rx0:rx1]
         alpha3 = cv2.merge([alpha, alpha, alpha])  # OpenCV's element-wise ops want equal channel counts
         fg1, bg1 = _sample_fields(fields, (ry0, ry1, rx0, rx1))
