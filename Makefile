@@ -72,7 +72,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the JS client test will be skipped"; fi
 
-test: $(STAMP) lock-check typecheck browser $(JS_DEPS) redis-tls
+test: $(STAMP) lock-check typecheck scan promtool browser $(JS_DEPS) redis-tls
 	$(BIN)/python -m pytest -q -ra
 
 # Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
