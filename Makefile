@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml requirements/build.txt requirements/dev.txt
 	$(PIP_LOCKED) -r requirements/build.txt
 	$(PIP_LOCKED) -r requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)

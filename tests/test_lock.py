@@ -78,3 +78,52 @@ def test_locked_versions_are_installed() -> None:
     for package in ("torch", "celery", "kombu", "redis", "fastapi", "starlette", "opencv-python-headless",
                     "transformers", "mypy", "pytest", "moto"):
         assert version(package) == locked[package], package
+
+# In the subprocess below: imports of installed distributions that requirements/app.txt does not list
+# fail, as they would in the app images, which install only that file.
+_APP_ONLY = """
+import importlib, importlib.metadata as md, re, sys
+allowed = {re.sub(r"[-_.]+", "-", m.lower()) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", open(sys.argv[1]).read(), re.M)}
+allowed.add("birefnet-serve")  # the project itself
+owners = md.packages_distributions()
+class AppLockOnly:
+    def find_spec(self, name, path=None, target=None):
+        dists = owners.get(name.split(".")[0])
+        if dists and not any(re.sub(r"[-_.]+", "-", d.lower()) in allowed for d in dists):
+            raise ModuleNotFoundError(f"{name} (from {', '.join(sorted(set(dists)))}) is not in requirements/app.txt")
+        return None
+sys.meta_path.insert(0, AppLockOnly())
+for module in sys.argv[2:]:
+    importlib.import_module(module)
+print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "transformers"))))
+"""
+
+
+def test_the_slim_packages_import_with_only_the_app_lock() -> None:
+    # The gateway, producer, deliverer and ops images install requirements/app.txt alone.
+    modules = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for package in ("common", "producer", "deliverer", "ops")
+        for path in (ROOT / package).rglob("*.py")
+        if path.name != "__main__.py"
+    )
+    assert len(modules) > 20
+    result = subprocess.run(
+        [sys.executable, "-c", _APP_ONLY, str(ROOT / "requirements" / "app.txt"), *modules],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", f"the slim packages import {result.stdout.strip()}"
+
+
+def test_the_dependabot_configuration_is_valid_and_watches_the_lock() -> None:
+    config = ROOT / ".github" / "dependabot.yml"
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.dependabot", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'package-ecosystem: "uv"' in config.read_text()
