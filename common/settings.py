@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     unacked_restore_interval: float = Field(
         2.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
     )
+    celery_task_events: bool = Field(
+        False, description="Send Celery task events (task-sent, -received, -started, -succeeded: one Redis "
+        "PUBLISH each) for an events consumer such as Flower. Off: nothing reads them otherwise, and they are "
+        "most of the pub/sub traffic a job makes.")
     job_lease_seconds: int = Field(30, description="Lease a worker holds on a running job, renewed while it runs.")
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
     max_job_attempts: int = Field(3, description="Deliveries of one job before it is ended as failed (poison job).")

@@ -104,12 +104,11 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     return response.status, f"HTTP {response.status}"
 
 
-def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> None:
-    """Book attempt 0 as a retry would be booked, before the job completes. The delivery task sent at
-    completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
-    Whichever copy runs first delivers; the attempt removes the booking."""
-    due = time.time() + settings.webhook_timeout + retry_delay(settings, 0)
-    store.redis.zadd(keys.WEBHOOK_DUE, {keys.webhook_booking(request_id, 0): due}, nx=True)
+def first_attempt_due(settings: Settings) -> float:
+    """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
+    after the task sent at completion had its chance. The completion's task and the pump then race; whichever
+    copy runs first delivers, and the attempt removes the booking."""
+    return time.time() + settings.webhook_timeout + retry_delay(settings, 0)
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:
