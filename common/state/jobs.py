@@ -170,6 +170,7 @@ class JobRecord:
     cancel_requested: bool = False
     worker: str | None = None
     extra: dict = field(default_factory=dict)
+    webhook_delivered: bool = False  # a webhook attempt got a 2xx (common.state.webhooks)
 
     @property
     def ok(self) -> bool:
@@ -257,6 +258,7 @@ class JobStore:
             cancel_requested=raw.get("cancel_requested") == "1",
             worker=raw.get("worker") or None,
             extra=json.loads(raw["extra"]) if raw.get("extra") else {},
+            webhook_delivered=raw.get("webhook_delivered") == "1",
         )
 
     def status(self, request_id: str) -> Status | None:
