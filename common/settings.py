@@ -7,7 +7,7 @@ import json
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.domain.auth import ApiKeyConfig
@@ -21,6 +21,14 @@ def parse_list(value: object) -> object:
         text = value.strip()
         return tuple(json.loads(text)) if text.startswith("[") else tuple(p.strip() for p in text.split(",") if p.strip())
     return value
+
+
+class RedisShard(BaseModel):
+    """One extra Redis deployment (common.state.shards): the variants whose queues and records it holds."""
+
+    url: str
+    variants: list[str]
+    sentinel_master: str = ""  # with redis_sentinels: this shard's master name (empty: redis_sentinel_master)
 
 
 class Settings(BaseSettings):
@@ -67,6 +75,10 @@ class Settings(BaseSettings):
         "of redis_sentinel_master is discovered through them and followed across failovers; redis_url then "
         "only gives the scheme (rediss:// = TLS to master and sentinels), database and credentials.")
     redis_sentinel_master: str = Field("mymaster", description="Name of the Sentinel-monitored master.")
+    redis_shards: list[RedisShard] = Field(
+        default_factory=list, description="JSON [{\"url\": ..., \"variants\": [...]}]: further Redis deployments "
+        "(shards 1, 2, ...), each holding the queues and job records of its variants; every other variant stays on "
+        "redis_url (shard 0). Request ids name their shard. Append only: a shard's place is stored in its ids.")
     redis_sentinel_username: str = Field("", description="ACL user name for the sentinels themselves (if they require auth).")
     redis_sentinel_password: str = Field("", description="Password for the sentinels themselves (if they require auth).")
     redis_wait_replicas: int = Field(

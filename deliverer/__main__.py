@@ -11,9 +11,15 @@ from common.settings import Settings
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deliverer")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--shard", type=int, default=0, help="the Redis shard whose webhooks it delivers "
+                        "(redis_shards; 0: redis_url); one deliverer deployment per shard")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    if args.shard:
+        from common.state.shards import ShardMap, settings_for
+
+        settings = settings_for(settings, ShardMap.from_settings(settings).shards[args.shard])
 
     from common.adapters.queue import WEBHOOK_QUEUE
     from common.observability.metrics import instrument_webhook_deliverer, start_metrics_server
