@@ -4,7 +4,8 @@ For each checkout (`--baseline-root` first, when given, then this one) a loopbac
 chaos_tools.ChaosStack: AOF Redis, moto S3, gateway, webhook deliverer, `--workers` null-model workers)
 runs `--jobs` ~128x128 PNG requests with a webhook each from `--concurrency` threads. The measurement
 window opens after a warm-up and closes once the last webhook arrived; the harness itself sends Redis
-nothing inside it (completion is seen at the webhook receiver). Reported per job:
+nothing inside it (completion is seen at the webhook receiver); `--appendfsync` sets Redis's AOF fsync
+policy. Commands run inside Lua scripts count, as INFO commandstats counts them. Reported per job:
 Redis commands by command (INFO commandstats deltas), Redis CPU (INFO cpu used_cpu_sys + used_cpu_user),
 and CPU of each of our processes with children (/proc).
 
@@ -48,6 +49,7 @@ class Run:
     redis_cpu: float  # seconds
     processes: dict[str, float]  # seconds of CPU by process
     idle_commands_per_s: float
+    objects: dict[str, float]  # S3 objects written per job, by bucket role
 
 
 def png_128(seed: int) -> bytes:
@@ -87,7 +89,7 @@ def load(stack: ChaosStack, receiver: WebhookReceiver, jobs: int, concurrency: i
     return ids
 
 
-def measure(label: str, root: Path, args) -> Run:
+def measure(label: str, root: Path, fsync: str, args) -> Run:
     services.ROOT = root  # the stack's processes run from this checkout
     receiver = WebhookReceiver().start()
     overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
@@ -97,6 +99,7 @@ def measure(label: str, root: Path, args) -> Run:
         try:
             stack.start(workers=args.workers, producer=False)
             client = redis.Redis.from_url(stack.settings.redis_url)
+            client.config_set("appendfsync", fsync)  # the stack's Redis starts with AOF, fsync always
             load(stack, receiver, args.warmup, args.concurrency, 0)
             time.sleep(1.0)
             idle_from = command_counts(client)
@@ -109,6 +112,12 @@ def measure(label: str, root: Path, args) -> Run:
             seconds = time.time() - started
             after_counts, after_cpu = command_counts(client), redis_cpu(client)  # two commands of ours
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            s3 = stack.s3_direct()
+            objects = {}
+            for role, bucket in (("input", stack.settings.input_bucket), ("output", stack.settings.output_bucket)):
+                keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                        for o in page.get("Contents", [])]
+                objects[role] = len(keys) / (args.jobs + args.warmup)
             store = stack.store()
             failed = [rid for rid in ids if not (record := store.get(rid)) or not record.ok]
             store.redis.close()
@@ -120,7 +129,7 @@ def measure(label: str, root: Path, args) -> Run:
     deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
     deltas["info"] -= 2  # this benchmark's own INFO calls
     return Run(label, args.jobs, seconds, {k: v for k, v in deltas.items() if v > 0}, after_cpu - cpu,
-               {name: after[name] - before[name] for name in pids}, idle)
+               {name: after[name] - before[name] for name in pids}, idle, objects)
 
 
 def report(runs: list[Run]) -> None:
@@ -138,6 +147,9 @@ def report(runs: list[Run]) -> None:
               + " | ".join(f"{run.processes.get(name, 0) / run.jobs * 1000:.2f}" for run in runs) + " |")
     print("| **CPU ms per job, our processes** | "
           + " | ".join(f"**{sum(run.processes.values()) / run.jobs * 1000:.2f}**" for run in runs) + " |")
+    for role in ("input", "output"):
+        print(f"| S3 objects per job, {role} bucket | "
+              + " | ".join(f"{run.objects.get(role, 0):.2f}" for run in runs) + " |")
     print("\nCommands per job, by command:\n")
     print("| command | " + " | ".join(run.label for run in runs) + " |")
     print("| --- |" + " ---: |" * len(runs))
@@ -155,11 +167,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads submitting")
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument("--baseline-root", type=Path, help="checkout measured first, as the baseline column")
+    parser.add_argument("--appendfsync", nargs="+", default=["always"], choices=["always", "everysec", "no"],
+                        help="Redis AOF fsync policies to measure each checkout under")
     args = parser.parse_args()
     runs = []
-    if args.baseline_root:
-        runs.append(measure(f"baseline ({args.baseline_root.name})", args.baseline_root.resolve(), args))
-    runs.append(measure("this checkout", ROOT, args))
+    for fsync in args.appendfsync:
+        if args.baseline_root:
+            runs.append(measure(f"baseline, fsync {fsync}", args.baseline_root.resolve(), fsync, args))
+        runs.append(measure(f"this checkout, fsync {fsync}", ROOT, fsync, args))
     with contextlib.suppress(BrokenPipeError):
         report(runs)
 
