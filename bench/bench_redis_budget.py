@@ -49,6 +49,7 @@ class Run:
     redis_cpu: float  # seconds
     processes: dict[str, float]  # seconds of CPU by process
     idle_commands_per_s: float
+    idle_redis_cpu_per_s: float  # seconds of Redis CPU per second with no jobs (sweeps, polls, serverCron)
     objects: dict[str, float]  # S3 objects written per job, by bucket role
 
 
@@ -102,9 +103,10 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
             client.config_set("appendfsync", fsync)  # the stack's Redis starts with AOF, fsync always
             load(stack, receiver, args.warmup, args.concurrency, 0)
             time.sleep(1.0)
-            idle_from = command_counts(client)
+            idle_from, idle_cpu = command_counts(client), redis_cpu(client)
             time.sleep(args.idle_seconds)
-            idle = (sum(command_counts(client).values()) - sum(idle_from.values()) - 1) / args.idle_seconds
+            idle = (sum(command_counts(client).values()) - sum(idle_from.values()) - 2) / args.idle_seconds
+            idle_cpu = (redis_cpu(client) - idle_cpu) / args.idle_seconds
             pids = our_processes(stack)
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             counts, cpu, started = command_counts(client), redis_cpu(client), time.time()
@@ -129,7 +131,7 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
     deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
     deltas["info"] -= 2  # this benchmark's own INFO calls
     return Run(label, args.jobs, seconds, {k: v for k, v in deltas.items() if v > 0}, after_cpu - cpu,
-               {name: after[name] - before[name] for name in pids}, idle, objects)
+               {name: after[name] - before[name] for name in pids}, idle, idle_cpu, objects)
 
 
 def report(runs: list[Run]) -> None:
@@ -141,6 +143,13 @@ def report(runs: list[Run]) -> None:
     print("| **Redis commands per job** | "
           + " | ".join(f"**{sum(run.commands.values()) / run.jobs:.1f}**" for run in runs) + " |")
     print("| **Redis CPU ms per job** | " + " | ".join(f"**{run.redis_cpu / run.jobs * 1000:.2f}**" for run in runs) + " |")
+    print("| idle stack, Redis CPU ms/s | " + " | ".join(f"{run.idle_redis_cpu_per_s * 1000:.1f}" for run in runs) + " |")
+    # What a job adds: the window's totals less what the stack does per second anyway (at a fleet's rate
+    # of jobs the per-second costs spread thin).
+    print("| Redis commands per job, less the idle rate | " + " | ".join(
+        f"{(sum(run.commands.values()) - run.idle_commands_per_s * run.seconds) / run.jobs:.1f}" for run in runs) + " |")
+    print("| Redis CPU ms per job, less the idle rate | " + " | ".join(
+        f"{(run.redis_cpu - run.idle_redis_cpu_per_s * run.seconds) / run.jobs * 1000:.2f}" for run in runs) + " |")
     names = sorted({n for run in runs for n in run.processes})
     for name in names:
         print(f"| CPU ms per job: {name} | "
