@@ -349,7 +349,9 @@ class JobRunner:
         image = Image.fromarray(rgb)  # the mask cache and the extended output stage take PIL images
         timings["decode"] = time.perf_counter() - t
         background = self._background(spec)
-        if self._cancelled(spec, token):
+        cancel, alone = self.store.run_flags(rid)  # one round trip for both
+        if cancel:
+            self._end(spec, token, RequestCancelled())
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
@@ -363,7 +365,6 @@ class JobRunner:
         if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        alone = self.store.runs_alone(rid)
         on_device: list[DeviceMask] = []
         self.store.log_many(rid, lines)
         lines.clear()

@@ -367,8 +367,10 @@ class JobStore:
                                                                   ["last_error", "last_error_type"]))  # decoding client
         return last, last_type
 
-    def runs_alone(self, request_id: str) -> bool:
-        return self.redis.hget(keys.job(request_id), "run_alone") == "1"
+    def run_flags(self, request_id: str) -> tuple[bool, bool]:
+        """(a cancel was requested, the next run takes a forward by itself), in one round trip."""
+        cancel, alone = cast(list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"]))
+        return cancel == "1", alone == "1"
 
     def dead_letter(self, request_id: str) -> None:
         """List a job whose attempts ran out (ops lists and requeues them)."""
