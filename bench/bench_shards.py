@@ -72,7 +72,7 @@ def total_commands(client: redis.Redis) -> int:
 def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
     groups = [VARIANTS[i::count] for i in range(count)]  # shard i serves groups[i]
     with ExitStack() as stack:
-        servers = [stack.enter_context(RedisServer(data_dir=str(logs / f"redis-{count}-{i}"))) for i in range(count)]
+        servers = [stack.enter_context(RedisServer()) for _ in range(count)]
         for server in servers:
             redis.Redis.from_url(server.url).config_set("appendfsync", args.appendfsync)
         shards_setting = [{"url": server.url, "variants": group} for server, group in zip(servers[1:], groups[1:], strict=True)]

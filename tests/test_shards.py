@@ -42,3 +42,17 @@ def test_a_worker_serves_one_shard_and_gets_its_redis():
 def test_a_variant_in_two_shards_is_refused():
     with pytest.raises(ValueError, match="two Redis shards"):
         ShardMap.from_settings(Settings(redis_shards=[*TWO, {"url": "redis://127.0.0.1:7003/0", "variants": ["matting"]}]))
+
+
+def test_ops_commands_go_to_the_shard_of_their_variant_or_request():
+    from ops.cli import _on_shard, _parser
+
+    settings = Settings(redis_url="redis://127.0.0.1:7000/0", redis_shards=TWO)
+    shards = ShardMap.from_settings(settings)
+    assert _on_shard(settings, _parser().parse_args(["pause", "matting"])).redis_url.endswith(":7002/0")
+    rid = shards.new_request_id("portrait")
+    assert _on_shard(settings, _parser().parse_args(["requeue", rid])).redis_url.endswith(":7001/0")
+    assert _on_shard(settings, _parser().parse_args(["status"])).redis_url.endswith(":7000/0")
+    assert _on_shard(settings, _parser().parse_args(["status", "--shard", "2"])).redis_url.endswith(":7002/0")
+    with pytest.raises(SystemExit):
+        _on_shard(settings, _parser().parse_args(["requeue", rid, shards.new_request_id("matting")]))
