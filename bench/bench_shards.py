@@ -47,6 +47,7 @@ from devstack.services import (  # noqa: E402
     stack_environment,
     stop_processes,
 )
+from tests.helpers.chaos_tools import chaos_environment  # noqa: E402
 
 VARIANTS = ["general-light", "general-heavy", "portrait"]
 
@@ -76,10 +77,11 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
         for server in servers:
             redis.Redis.from_url(server.url).config_set("appendfsync", args.appendfsync)
         shards_setting = [{"url": server.url, "variants": group} for server, group in zip(servers[1:], groups[1:], strict=True)]
-        env = stack_environment(os.environ, servers[0].url, moto_url, {
-            "BIREFNET_REDIS_SHARDS": json.dumps(shards_setting),
-            "BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
-            "BIREFNET_WORKER_CONCURRENCY": "2", "BIREFNET_WORKER_METRICS_PORT": "0"})
+        env = stack_environment(os.environ, servers[0].url, moto_url, chaos_environment(**{
+            "BIREFNET_REDIS_SHARDS": json.dumps(shards_setting), "BIREFNET_BENCHMARK_NULL_MODEL": "true",
+            "BIREFNET_VARIANT_OVERRIDES": json.dumps({v: {"backbone": "swin_v1_nano", "weights": "recipe"}
+                                                      for v in VARIANTS}),  # no downloads
+            "BIREFNET_WORKER_CONCURRENCY": "2"}))
         settings = settings_from(env)
         provision_aws(settings, env)
         shard_map = ShardMap.from_settings(settings)
