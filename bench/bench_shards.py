@@ -5,7 +5,8 @@ variants are split over S redis-servers (BIREFNET_REDIS_SHARDS; the workers pick
 deployed workers do). `--jobs` jobs are submitted the way the gateway does (job record, then Celery
 message) on the shard of their variant, round-robin over the variants, with request ids naming their shard
 (common.state.shards). Reported per shard: jobs, Redis CPU ms per job (INFO cpu), Redis commands per job,
-the Redis core's busy share, and the ceiling it implies (1000 / Redis CPU ms per job) summed over shards.
+the Redis core's busy share, and the ceiling they imply: the rate of jobs (this mix of variants) at which
+the busiest shard's Redis core is full.
 On a small machine the workers' own CPU caps the measured jobs/s long before Redis does; the ceiling is
 what Redis alone would allow.
 
@@ -150,7 +151,8 @@ def main() -> None:
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in results:
         total_jobs = sum(r["jobs"] for r in rows)
-        ceiling = sum(1000 / r["redis_ms_per_job"] for r in rows)
+        # The fleet's rate at which the busiest Redis core is full, with this mix of variants.
+        ceiling = min(1000 / r["redis_ms_per_job"] / (r["jobs"] / total_jobs) for r in rows)
         for r in rows:
             print(f"| {r['shards']} | {r['shard']} | {r['variants']} | {r['jobs']} | {r['redis_ms_per_job']:.2f} | "
                   f"{r['commands_per_job']:.1f} | {r['busy'] * 100:.0f}% | {total_jobs / r['seconds']:.1f} | "
