@@ -8,6 +8,7 @@ import signal
 import threading
 
 from common.settings import Settings
+from common.state.shards import refuse_shards
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    refuse_shards(settings, "the S3-event producer")  # it does not route jobs between shards yet
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client

@@ -56,3 +56,10 @@ def test_ops_commands_go_to_the_shard_of_their_variant_or_request():
     assert _on_shard(settings, _parser().parse_args(["status", "--shard", "2"])).redis_url.endswith(":7002/0")
     with pytest.raises(SystemExit):
         _on_shard(settings, _parser().parse_args(["requeue", rid, shards.new_request_id("matting")]))
+
+
+def test_the_gateway_refuses_shards_rather_than_queue_jobs_where_no_worker_looks():
+    from producer.gateway.state import Gateway
+
+    with pytest.raises(RuntimeError, match="does not route jobs between Redis shards"):
+        Gateway.build(Settings(redis_shards=TWO))

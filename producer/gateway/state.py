@@ -21,6 +21,7 @@ from common.domain.signing import WebhookSigner
 from common.settings import Settings
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
+from common.state.shards import refuse_shards
 from producer.gateway.events import JobEvents
 
 
@@ -37,6 +38,7 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
+        refuse_shards(settings, "the gateway")
         store = JobStore.from_settings(settings)
         return cls(
             settings=settings,
