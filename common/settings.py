@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.domain.auth import ApiKeyConfig
@@ -28,6 +28,14 @@ def parse_list(value: object) -> object:
     return value
 
 
+class RedisShard(BaseModel):
+    """One extra Redis deployment (common.state.shards): the variants whose queues and records it holds."""
+
+    url: str
+    variants: list[str]
+    sentinel_master: str = ""  # with redis_sentinels: this shard's master name (empty: redis_sentinel_master)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BIREFNET_", env_file=".env", extra="ignore")
 
@@ -39,6 +47,10 @@ class Settings(BaseSettings):
     unacked_restore_interval: float = Field(
         2.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
     )
+    celery_task_events: bool = Field(
+        False, description="Send Celery task events (task-sent, -received, -started, -succeeded: one Redis "
+        "PUBLISH each) for an events consumer such as Flower. Off: nothing reads them otherwise, and they are "
+        "most of the pub/sub traffic a job makes.")
     job_lease_seconds: int = Field(30, description="Lease a worker holds on a running job, renewed while it runs.")
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
     max_job_attempts: int = Field(3, description="Deliveries of one job before it is ended as failed (poison job).")
@@ -68,6 +80,10 @@ class Settings(BaseSettings):
         "of redis_sentinel_master is discovered through them and followed across failovers; redis_url then "
         "only gives the scheme (rediss:// = TLS to master and sentinels), database and credentials.")
     redis_sentinel_master: str = Field("mymaster", description="Name of the Sentinel-monitored master.")
+    redis_shards: list[RedisShard] = Field(
+        default_factory=list, description="JSON [{\"url\": ..., \"variants\": [...]}]: further Redis deployments "
+        "(shards 1, 2, ...), each holding the queues and job records of its variants; every other variant stays on "
+        "redis_url (shard 0). Request ids name their shard. Append only: a shard's place is stored in its ids.")
     redis_sentinel_username: str = Field("", description="ACL user name for the sentinels themselves (if they require auth).")
     redis_sentinel_password: str = Field("", description="Password for the sentinels themselves (if they require auth).")
     redis_wait_replicas: int = Field(

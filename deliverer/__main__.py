@@ -11,6 +11,8 @@ from common.settings import Settings, check_secrets
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deliverer")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--shard", type=int, default=0, help="the Redis shard whose webhooks it delivers "
+                        "(redis_shards; 0: redis_url); one deliverer deployment per shard")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from common.observability.redact import install_log_redaction
@@ -18,6 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     install_log_redaction()  # no credential in any log line
     settings = Settings()
     check_secrets(settings)  # refuses development secrets outside development
+    if args.shard:
+        from common.state.shards import ShardMap, settings_for
+
+        settings = settings_for(settings, ShardMap.from_settings(settings).shards[args.shard])
 
     from common.adapters.queue import WEBHOOK_QUEUE
     from common.observability.metrics import (

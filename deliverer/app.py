@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -34,10 +35,11 @@ def create_celery_app(settings: Settings, store: JobStore) -> Celery:
         return WebhookSender(settings, store, WebhookSigner.from_settings(settings.webhook_signing_keys, store.redis))
 
     @app.task(name=DELIVER_WEBHOOK, acks_late=True)
-    def deliver_webhook(request_id: str, attempt: int = 0) -> None:
+    def deliver_webhook(request_id: str, attempt: int = 0) -> dict | None:
         result = sender().deliver(request_id, attempt)
         if result is not None and not result.ok:
             log.warning("webhook for %s failed (attempt %d): %s", request_id, attempt, result.error)
+        return asdict(result) if result is not None else None  # for the delivery metrics (not stored)
 
     def start_pump(**_) -> None:
         interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))

@@ -15,6 +15,7 @@ from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
 from common.observability.redact import install_log_redaction, redact_text, redact_url
 from common.settings import Settings
+from common.state.shards import ShardMap, settings_for
 from ops import control, render
 from ops.status import deadletters, gather_status
 
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the data as JSON (for scripts)")
     shared.add_argument("--redis-url", default=argparse.SUPPRESS,
                         help="Redis of the deployment (default: BIREFNET_REDIS_URL)")
+    shared.add_argument("--shard", type=int, default=argparse.SUPPRESS,
+                        help="Redis shard to look at (BIREFNET_REDIS_SHARDS; default: the shard of the variant "
+                        "or request ids given, else 0)")
     parser = argparse.ArgumentParser(prog="python -m ops", parents=[shared],
                                      description="Queues, workers and dead letters of birefnet-serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,12 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_shard(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings of the Redis shard the command is about (common.state.shards routes)."""
+    if not settings.redis_shards:
+        return settings
+    shards = ShardMap.from_settings(settings)
+    if getattr(args, "shard", None) is not None:
+        shard = shards.shards[args.shard]
+    elif getattr(args, "variant", None):
+        shard = shards.for_variant(args.variant)
+    elif getattr(args, "request_ids", None):
+        found = {shards.for_request(rid).index for rid in args.request_ids}
+        if len(found) > 1:
+            raise SystemExit(f"the request ids are on different Redis shards {sorted(found)}: one shard at a time")
+        shard = shards.shards[found.pop()]
+    else:
+        shard = shards.shards[0]
+    return settings_for(settings, shard)
+
+
 def main(argv: list[str] | None = None) -> int:
     install_log_redaction()  # redis-py and Celery log connection errors with their URLs
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
     overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
-    settings = Settings(**overrides)
+    settings = _on_shard(Settings(**overrides), args)
     r = redis_client(settings, socket_connect_timeout=5)
     console = Console()
     exit_code = 0

@@ -121,7 +121,7 @@ class Admission:
             if record is None or record.status == "COMPLETED":
                 return Submitted(spec.request_id, spec.variant, rejected=False)
         elif schedule:
-            pipe = self.store.redis.pipeline()
+            pipe = self.store.redis.pipeline(transaction=False)  # independent entries: no MULTI/EXEC
             for key, (member, due) in schedule.items():
                 pipe.zadd(key, {member: due})
             pipe.execute()

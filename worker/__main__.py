@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
     settings = Settings(worker_variants=args.variants) if args.variants else Settings()
     check_secrets(settings)  # refuses development secrets outside development
+    if settings.redis_shards:  # the worker's variants live on one Redis shard: it talks to that one only
+        from common.state.shards import ShardMap, settings_for
+
+        settings = settings_for(settings, ShardMap.from_settings(settings).for_variants(list(settings.worker_variants)))
     if settings.benchmark_null_model:
         from worker.null_model import mark_process_logs
 

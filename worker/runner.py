@@ -29,7 +29,7 @@ from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import Settings
 from common.state.job_progress import job_finished, job_started
-from common.state.jobs import JobStore
+from common.state.jobs import JobStore, log_entry
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.compose import check_output_format, render_job_outputs
@@ -184,12 +184,18 @@ class JobRunner:
             count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:
-        self.store.ensure(spec)
         token = uuid.uuid4().hex
         max_attempts = min(spec.max_attempts or self.settings.max_job_attempts, self.settings.max_job_attempts)
-        claim = self.store.claim(spec.request_id, spec.variant, token,
-                                 lease_seconds=self.settings.job_lease_seconds,
-                                 max_attempts=max_attempts, worker=self.worker_name)
+
+        def claim_it():
+            return self.store.claim(spec.request_id, spec.variant, token,
+                                    lease_seconds=self.settings.job_lease_seconds,
+                                    max_attempts=max_attempts, worker=self.worker_name)
+
+        claim = claim_it()
+        if claim == "missing":  # the record was lost with Redis data: the message carries the whole spec
+            self.store.ensure(spec)
+            claim = claim_it()
         if claim == "completed":
             return Outcome("skipped", "already completed")
         if claim == "leased":
@@ -311,10 +317,25 @@ class JobRunner:
         params = spec.params
         check_output_format(params.output_format, self.hooks.unsupported_output_formats)  # a 422 before any work
         timings: dict[str, float] = {}
-        log_ = self.store.log
-        if predictor.null_model:
-            def log_(request_id: str, message: str, level: str = "INFO") -> None:
-                self.store.log(request_id, f"[{NULL_MODEL_BANNER}] {message}", level)
+        # Log lines are written per stage, not per line: those up to the forward just before it runs (what a
+        # caller watching sees while it waits), the rest with the completion, in its round trip.
+        lines: list[str] = []
+        banner = f"[{NULL_MODEL_BANNER}] " if predictor.null_model else ""
+
+        def log_(request_id: str, message: str, level: str = "INFO") -> None:
+            lines.append(log_entry(banner + message, level))
+
+        try:
+            return self._run_stages(spec, token, deadline, predictor, timings, lines, log_)
+        finally:
+            try:
+                self.store.log_many(spec.request_id, lines)  # what a failed stage had not written yet
+            except redis.RedisError:
+                log.warning("could not write the log lines of %s", spec.request_id)
+
+    def _run_stages(self, spec: JobSpec, token: str, deadline: float, predictor: Predictor,
+                    timings: dict[str, float], lines: list[str], log_) -> Outcome:
+        params = spec.params
         rid = spec.request_id
 
         started = time.perf_counter()
@@ -328,7 +349,9 @@ class JobRunner:
         image = Image.fromarray(rgb)  # the mask cache and the extended output stage take PIL images
         timings["decode"] = time.perf_counter() - t
         background = self._background(spec)
-        if self._cancelled(spec, token):
+        cancel, alone = self.store.run_flags(rid)  # one round trip for both
+        if cancel:
+            self._end(spec, token, RequestCancelled())
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
@@ -342,8 +365,9 @@ class JobRunner:
         if predictor.untrained and not predictor.null_model:
             log_(rid, UNTRAINED_WARNING, "WARN")
         t = time.perf_counter()
-        alone = self.store.runs_alone(rid)
         on_device: list[DeviceMask] = []
+        self.store.log_many(rid, lines)
+        lines.clear()
 
         def compute():
             mask, batch, prepared = self.batchers[spec.variant].predict_prepared(
@@ -382,11 +406,12 @@ class JobRunner:
             body["warning"] = UNTRAINED_WARNING
         timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
+        log_(rid, f"done in {timings['total']:.2f}s")
         # fal's inference_time: the network's seconds, or reading a reused mask's (no network run).
         self._finish(spec, token, body=body, inference_time=timings.get("inference", timings.get("mask_reuse")),
                      extra={"timings": timings, "weights": predictor.weights_description,
-                            "mask_source": obtained.source})
-        log_(rid, f"done in {timings['total']:.2f}s")
+                            "mask_source": obtained.source}, logs=list(lines))
+        lines.clear()
         return Outcome("done", timings=timings)
 
     def _background(self, spec: JobSpec):

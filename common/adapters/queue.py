@@ -44,8 +44,9 @@ def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
             **broker.transport_options,
         },
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Events cost a PUBLISH per task state; only an events consumer (Flower) reads them.
+        worker_send_task_events=settings.celery_task_events,
+        task_send_sent_event=settings.celery_task_events,
     )
     return app
 

@@ -5,7 +5,6 @@ them reports the same values: aggregate them with max(), not sum().
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -328,17 +327,13 @@ def instrument_webhook_deliverer(store: JobStore, max_retries: int) -> None:
     from common.adapters.queue import DELIVER_WEBHOOK
 
     @task_postrun.connect(weak=False)
-    def _count(sender=None, args=None, **_) -> None:
-        if getattr(sender, "name", None) != DELIVER_WEBHOOK or not args:
+    def _count(sender=None, args=None, retval=None, **_) -> None:
+        # The task returns the attempt it made (a dict), so counting it costs no Redis read.
+        if getattr(sender, "name", None) != DELIVER_WEBHOOK or not isinstance(retval, dict):
             return
-        request_id, attempt = args[0], int(args[1]) if len(args) > 1 else 0
         try:
-            for raw in reversed(store.redis.lrange(keys.webhook_attempts(request_id), -5, -1)):
-                entry = json.loads(raw)
-                if entry.get("attempt") == attempt:
-                    outcome = "delivered" if entry.get("ok") else ("gave_up" if attempt >= max_retries
-                                                                    else "failed")
-                    WEBHOOK_DELIVERIES.labels(outcome).inc()
-                    return
+            attempt = int(retval["attempt"])
+            outcome = "delivered" if retval.get("ok") else ("gave_up" if attempt >= max_retries else "failed")
+            WEBHOOK_DELIVERIES.labels(outcome).inc()
         except Exception:
-            log.warning("could not count the webhook delivery of %s", request_id, exc_info=True)
+            log.warning("could not count a webhook delivery", exc_info=True)

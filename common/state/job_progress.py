@@ -39,11 +39,14 @@ def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str
     try:
         if outcome == "defer":
             return None
-        ops_state.unmark_running(store.redis, spec.variant, spec.request_id)
+        pipe = store.redis.pipeline(transaction=False)
+        if outcome in COMPLETED:
+            pipe.hmget(keys.job(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
+        ops_state.unmark_running(store.redis, spec.variant, spec.request_id, pipe)  # same round trip
+        replies = pipe.execute()
         if outcome not in COMPLETED:
             return None
-        created, started, completed, error_type = store.redis.hmget(
-            keys.job(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
+        created, started, completed, error_type = replies[0]
         queue_wait = float(started) - float(created) if started and created else None
         ops_state.record_completion(store.redis, {
             "request_id": spec.request_id, "variant": spec.variant, "outcome": outcome,

@@ -33,6 +33,8 @@ if status == 'COMPLETED' then return 'completed' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'leased' end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('PUBLISH', KEYS[4], '1')
+redis.call('PUBLISH', KEYS[5], '1')
 if attempts > tonumber(ARGV[4]) then return 'exhausted' end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6])
@@ -44,14 +46,28 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, log entries
+# count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, logs
+# list, webhook schedule, job channel, queue channel. One round trip ends a job: outcome, TTL, the
+# stage's log lines, the first webhook booking (with the completion, so it exists iff the job completed)
+# and the change notices.
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'COMPLETED' then return 0 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
-redis.call('DEL', KEYS[2])
+local n = tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if lease then redis.call('DEL', KEYS[2]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
+if n > 0 then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4]) end
+redis.call('PUBLISH', KEYS[6], '1')
+redis.call('PUBLISH', KEYS[7], '1')
 return 1
 """
 
@@ -76,6 +92,23 @@ end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
 return 'cancelled'
+"""
+
+# A new IN_QUEUE record and its queue entry, in one round trip. A normal-priority job queued ahead of
+# waiting low-priority ones moves their positions: only then are the queue's watchers told.
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], 'spec', ARGV[1]) == 0 then return 0 end
+local offset = tonumber(ARGV[6])
+local score = redis.call('INCR', KEYS[2]) + offset
+redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3], 'owner', ARGV[4],
+           'attempts', 0)
+redis.call('ZADD', KEYS[3], score, ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if offset == 0 and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[8], '+inf') > 0 then
+  redis.call('PUBLISH', KEYS[4], '1')
+  redis.call('PUBLISH', KEYS[5], '1')
+end
+return 1
 """
 
 _POP_DUE = """
@@ -115,6 +148,11 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def log_entry(message: str, level: str = "INFO") -> str:
+    """One stored log line (fal's log shape), stamped now."""
+    return json.dumps({"message": message, "level": level, "source": "USER", "timestamp": utc_timestamp()})
+
+
 @dataclass
 class JobRecord:
     request_id: str
@@ -132,6 +170,7 @@ class JobRecord:
     cancel_requested: bool = False
     worker: str | None = None
     extra: dict = field(default_factory=dict)
+    webhook_delivered: bool = False  # a webhook attempt got a 2xx (common.state.webhooks)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +195,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._pop_due = client.register_script(_POP_DUE)
         self._requeue = client.register_script(_REQUEUE)
+        self._create = client.register_script(_CREATE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> JobStore:
@@ -181,22 +221,13 @@ class JobStore:
     # --- creation and lookup ---
     def create(self, spec: JobSpec) -> bool:
         """Record a new IN_QUEUE job; False if a record with this id exists already."""
-        key = keys.job(spec.request_id)
-        created = self.redis.hsetnx(key, "spec", spec.model_dump_json())
-        if not created:
-            return False
-        score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"status": "IN_QUEUE", "created_at": repr(spec.created_at),
-                                "variant": spec.variant, "owner": spec.owner or "", "attempts": 0})
-        pipe.zadd(keys.pending(spec.variant), {spec.request_id: score})
-        pipe.expire(key, self.record_ttl)
-        if spec.priority != "low":  # it is queued ahead of any low-priority job: their positions move
-            pipe.zcount(keys.pending(spec.variant), f"({keys.LOW_PRIORITY_OFFSET}", "+inf")
-        replies = pipe.execute()
-        if spec.priority != "low" and replies[-1]:
-            self.notify(spec.request_id, spec.variant)
-        return True
+        return bool(self._create(
+            keys=[keys.job(spec.request_id), keys.SEQUENCE, keys.pending(spec.variant),
+                  keys.job_channel(spec.request_id), keys.queue_channel(spec.variant)],
+            args=[spec.model_dump_json(), repr(spec.created_at), spec.variant, spec.owner or "", self.record_ttl,
+                  keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0, spec.request_id,
+                  keys.LOW_PRIORITY_OFFSET],
+        ))
 
     def ensure(self, spec: JobSpec) -> None:
         """Recreate a record lost with Redis data (the message carries the full spec)."""
@@ -227,6 +258,7 @@ class JobStore:
             cancel_requested=raw.get("cancel_requested") == "1",
             worker=raw.get("worker") or None,
             extra=json.loads(raw["extra"]) if raw.get("extra") else {},
+            webhook_delivered=raw.get("webhook_delivered") == "1",
         )
 
     def status(self, request_id: str) -> Status | None:
@@ -242,9 +274,14 @@ class JobStore:
 
     # --- logs ---
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
-        entry = {"message": message, "level": level, "source": "USER", "timestamp": utc_timestamp()}
-        pipe = self.redis.pipeline()
-        pipe.rpush(keys.logs(request_id), json.dumps(entry))
+        self.log_many(request_id, [log_entry(message, level)])
+
+    def log_many(self, request_id: str, entries: list[str]) -> None:
+        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one."""
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(keys.logs(request_id), *entries)
         pipe.expire(keys.logs(request_id), self.record_ttl)
         self.notify(request_id, pipe=pipe)
         pipe.execute()
@@ -256,11 +293,10 @@ class JobStore:
     def claim(self, request_id: str, variant: str, token: str, *, lease_seconds: float, max_attempts: int,
               worker: str) -> ClaimOutcome:
         outcome = self._claim(
-            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
+            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant),
+                  keys.job_channel(request_id), keys.queue_channel(variant)],
             args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
         )
-        if outcome in ("claimed", "exhausted"):
-            self.notify(request_id, variant)
         return outcome
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
@@ -279,24 +315,25 @@ class JobStore:
 
     def complete(self, request_id: str, *, token: str = "", result: dict, result_code: int = 200,
                  error: str | None = None, error_type: str | None = None,
-                 inference_time: float | None = None, extra: dict | None = None) -> bool:
-        """Record the outcome; True only for the one call that completed the job."""
-        variant = cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""  # a decoding client: str replies
+                 inference_time: float | None = None, extra: dict | None = None, variant: str | None = None,
+                 logs: list[str] | None = None, webhook_due: float | None = None) -> bool:
+        """Record the outcome; True only for the one call that completed the job. `variant` (else read
+        from the record), `logs` (`log_entry` lines appended with it) and `webhook_due` (book the first
+        webhook attempt at this time) ride along in the same round trip."""
+        if variant is None:
+            variant = cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""  # a decoding client
         fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
                   "error": error or "", "error_type": error_type or "",
                   "inference_time": "" if inference_time is None else repr(inference_time),
                   "extra": json.dumps(extra or {})}
         flat = [item for pair in fields.items() for item in pair]
-        done = bool(self._complete(
-            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
-            args=[token, request_id, *flat],
+        lines = logs or []
+        booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
+        return bool(self._complete(
+            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant), keys.logs(request_id),
+                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant)],
+            args=[token, request_id, self.record_ttl, booking, webhook_due or 0, len(lines), *lines, *flat],
         ))
-        if done:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.expire(keys.job(request_id), self.record_ttl)
-            self.notify(request_id, variant, pipe)
-            pipe.execute()
-        return done
 
     def cancel(self, request_id: str) -> CancelOutcome:
         record = self.get(request_id)
@@ -330,8 +367,10 @@ class JobStore:
                                                                   ["last_error", "last_error_type"]))  # decoding client
         return last, last_type
 
-    def runs_alone(self, request_id: str) -> bool:
-        return self.redis.hget(keys.job(request_id), "run_alone") == "1"
+    def run_flags(self, request_id: str) -> tuple[bool, bool]:
+        """(a cancel was requested, the next run takes a forward by itself), in one round trip."""
+        cancel, alone = cast(list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"]))
+        return cancel == "1", alone == "1"
 
     def dead_letter(self, request_id: str) -> None:
         """List a job whose attempts ran out (ops lists and requeues them)."""

@@ -63,11 +63,21 @@ def mark_running(r: redis.Redis, variant: str, request_id: str) -> None:
     r.zadd(keys.running(variant), {request_id: time.time()})
 
 
-def unmark_running(r: redis.Redis, variant: str, request_id: str) -> None:
-    pipe = r.pipeline()
-    pipe.zrem(keys.running(variant), request_id)
-    pipe.zremrangebyscore(keys.running(variant), "-inf", time.time() - 86400)  # left by killed workers
-    pipe.execute()
+_PRUNE_EVERY = 60.0  # seconds between sweeps of a running set for entries left by killed workers
+_pruned: dict[str, float] = {}
+
+
+def unmark_running(r: redis.Redis, variant: str, request_id: str, pipe=None) -> None:
+    """Take a job out of its running set (on the caller's pipeline, if given). Entries killed workers left
+    behind are swept once a minute per process, not with every job."""
+    target = pipe if pipe is not None else r.pipeline(transaction=False)
+    target.zrem(keys.running(variant), request_id)
+    now = time.time()
+    if now - _pruned.get(variant, 0.0) > _PRUNE_EVERY:
+        _pruned[variant] = now
+        target.zremrangebyscore(keys.running(variant), "-inf", now - 86400)
+    if pipe is None:
+        target.execute()
 
 
 def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from common.domain.errors import JobError
 from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state.jobs import JobStore
-from common.state.webhooks import book_first_attempt
+from common.state.webhooks import first_attempt_due
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,20 @@ log = logging.getLogger(__name__)
 def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | None, celery: Celery,
                spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
                error_type: str | None = None, token: str = "", inference_time: float | None = None,
-               extra: dict | None = None) -> bool:
-    """Store the outcome once; returns True for the call that completed the job."""
+               extra: dict | None = None, logs: list[str] | None = None) -> bool:
+    """Store the outcome once; returns True for the call that completed the job. `logs`: the last stage's
+    log lines (`jobs.log_entry`), stored with the outcome."""
     if objects is not None and not spec.params.sync_mode:
         objects.write_json(
             settings.output_bucket, spec.output_prefix + RESULT_DOCUMENT, body,
             metadata={"request-id": spec.request_id, "status": "OK" if error is None else "ERROR",
                       "status-code": str(code)},
         )
-    if spec.webhook_url:
-        book_first_attempt(store, settings, spec.request_id)  # delivered even if the task below is lost
+    # The first webhook attempt is booked with the completion: delivered even if the task below is lost.
     done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
-                          error_type=error_type, inference_time=inference_time, extra=extra)
+                          error_type=error_type, inference_time=inference_time, extra=extra,
+                          variant=spec.variant, logs=logs,
+                          webhook_due=first_attempt_due(settings) if spec.webhook_url else None)
     if done:
         wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
     if done and spec.webhook_url:

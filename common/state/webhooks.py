@@ -62,14 +62,16 @@ class Attempt:
     final: bool = False  # no retry follows: the URL is refused by the network policy, or retries ran out
 
 
-def record_attempt(store: JobStore, request_id: str, attempt: Attempt) -> None:
+def record_attempt(store: JobStore, request_id: str, attempt: Attempt, pipe=None) -> None:
+    """Append the attempt (on the caller's pipeline, if given: sent with its other writes)."""
     key = keys.webhook_attempts(request_id)
-    pipe = store.redis.pipeline()
-    pipe.rpush(key, json.dumps(asdict(attempt)))
-    pipe.expire(key, store.record_ttl)
+    target = pipe if pipe is not None else store.redis.pipeline(transaction=False)
+    target.rpush(key, json.dumps(asdict(attempt)))
+    target.expire(key, store.record_ttl)
     if attempt.ok:
-        pipe.hset(keys.job(request_id), "webhook_delivered", "1")
-    pipe.execute()
+        target.hset(keys.job(request_id), "webhook_delivered", "1")
+    if pipe is None:
+        target.execute()
 
 
 def list_attempts(store: JobStore, request_id: str) -> list[dict]:
@@ -105,12 +107,11 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     return response.status, f"HTTP {response.status}"
 
 
-def book_first_attempt(store: JobStore, settings: Settings, request_id: str) -> None:
-    """Book attempt 0 as a retry would be booked, before the job completes. The delivery task sent at
-    completion can be lost (Redis gone at that instant); the pump then sends it when the booking falls due.
-    Whichever copy runs first delivers; the attempt removes the booking."""
-    due = time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
-    store.redis.zadd(keys.WEBHOOK_DUE, {keys.webhook_booking(request_id, 0): due}, nx=True)
+def first_attempt_due(settings: Settings) -> float:
+    """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
+    after the task sent at completion had its chance. The completion's task and the pump then race; whichever
+    copy runs first delivers, and the attempt removes the booking."""
+    return time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
 
 
 def retry_delay(settings: Settings, attempt: int, jitter: bool = True) -> float:
@@ -144,7 +145,7 @@ class WebhookSender:
         own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
         record = self.store.get(request_id)
         if (record is None or not record.status.is_terminal or not record.spec.webhook_url
-                or redis.hget(keys.job(request_id), "webhook_delivered") == "1"):
+                or record.webhook_delivered):
             redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
         last = attempt >= self.settings.webhook_max_retries
@@ -164,16 +165,18 @@ class WebhookSender:
         refused = error is not None and error.startswith(REFUSED_PREFIX)
         result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error,
                          final=error is not None and (last or refused))
-        record_attempt(self.store, request_id, result)
+        pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
+        record_attempt(self.store, request_id, result, pipe)
         if result.ok:
-            redis.zrem(keys.WEBHOOK_DUE, successor)
-            redis.zrem(keys.WEBHOOK_FAILED, request_id)
+            pipe.zrem(keys.WEBHOOK_DUE, successor)
+            pipe.zrem(keys.WEBHOOK_FAILED, request_id)
         elif result.final:
-            redis.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
-            redis.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
+            pipe.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
+            pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
         else:
             retry_at = result.at + retry_delay(self.settings, attempt)
-            redis.zadd(keys.WEBHOOK_DUE, {successor: retry_at}, xx=True)
+            pipe.zadd(keys.WEBHOOK_DUE, {successor: retry_at}, xx=True)
+        pipe.execute()
         return result
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:

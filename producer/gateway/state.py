@@ -21,6 +21,7 @@ from common.domain.signing import WebhookSigner
 from common.settings import Settings, check_secrets
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
+from common.state.shards import refuse_shards
 from producer.gateway.events import JobEvents
 
 
@@ -38,6 +39,7 @@ class Gateway:
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
         check_secrets(settings)  # a deployment never signs with keys anyone reaching Redis can read
+        refuse_shards(settings, "the gateway")
         store = JobStore.from_settings(settings)
         return cls(
             settings=settings,

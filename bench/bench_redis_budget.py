@@ -1,0 +1,192 @@
+"""Redis budget per job: commands by command, Redis CPU, and our processes' CPU, this checkout beside a baseline.
+
+For each checkout (`--baseline-root` first, when given, then this one) a loopback stack (tests/helpers/
+chaos_tools.ChaosStack: AOF Redis, moto S3, gateway, webhook deliverer, `--workers` null-model workers)
+runs `--jobs` ~128x128 PNG requests with a webhook each from `--concurrency` threads. The measurement
+window opens after a warm-up and closes once the last webhook arrived; the harness itself sends Redis
+nothing inside it (completion is seen at the webhook receiver); `--appendfsync` sets Redis's AOF fsync
+policy. Commands run inside Lua scripts count, as INFO commandstats counts them. Reported per job:
+Redis commands by command (INFO commandstats deltas), Redis CPU (INFO cpu used_cpu_sys + used_cpu_user),
+and CPU of each of our processes with children (/proc).
+
+    python bench/bench_redis_budget.py --jobs 300 --baseline-root /tmp/redis-baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_plumbing import cpu_seconds, our_processes  # noqa: E402
+from benchstack import cpu_model  # noqa: E402
+
+from devstack import services  # noqa: E402
+from devstack.receiver import WebhookReceiver  # noqa: E402
+from devstack.services import MotoServer  # noqa: E402
+from tests.helpers.chaos_tools import ChaosStack, GatewaySubmitter, data_uri  # noqa: E402
+
+
+@dataclass
+class Run:
+    label: str
+    jobs: int
+    seconds: float
+    commands: dict[str, int]  # per-command call deltas over the window
+    redis_cpu: float  # seconds
+    processes: dict[str, float]  # seconds of CPU by process
+    idle_commands_per_s: float
+    idle_redis_cpu_per_s: float  # seconds of Redis CPU per second with no jobs (sweeps, polls, serverCron)
+    objects: dict[str, float]  # S3 objects written per job, by bucket role
+
+
+def png_128(seed: int) -> bytes:
+    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
+    image = Image.new("RGB", (128, 128), color)
+    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (24 + seed % 16, 20, 96, 100))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def delivered(receiver: WebhookReceiver) -> set[str]:
+    return {item.json()["request_id"] for item in list(receiver.received)}
+
+
+def load(stack: ChaosStack, receiver: WebhookReceiver, jobs: int, concurrency: int, first: int) -> list[str]:
+    """Submit `jobs` requests and wait (at the receiver, not in Redis) for every webhook."""
+    submitter = GatewaySubmitter(stack.gateway_url, receiver.url)
+    with ThreadPoolExecutor(concurrency) as pool:
+        ids = list(pool.map(lambda n: submitter.submit({"image_url": data_uri(png_128(n))}),
+                            range(first, first + jobs)))
+    submitter.close()
+    deadline = time.time() + 60 + jobs
+    while not set(ids) <= delivered(receiver):
+        if time.time() > deadline:
+            raise TimeoutError(f"{len(set(ids) - delivered(receiver))} webhooks missing")
+        time.sleep(0.05)
+    return ids
+
+
+def measure(label: str, root: Path, fsync: str, args) -> Run:
+    services.ROOT = root  # the stack's processes run from this checkout
+    receiver = WebhookReceiver().start()
+    overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
+                 "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
+    with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-budget-") as logs:
+        stack = ChaosStack(Path(logs), moto.url, overrides=overrides, s3_proxy=False)
+        try:
+            stack.start(workers=args.workers, producer=False)
+            client = redis.Redis.from_url(stack.settings.redis_url)
+            client.config_set("appendfsync", fsync)  # the stack's Redis starts with AOF, fsync always
+            load(stack, receiver, args.warmup, args.concurrency, 0)
+            time.sleep(1.0)
+            idle_from, idle_cpu = command_counts(client), redis_cpu(client)
+            time.sleep(args.idle_seconds)
+            idle = (sum(command_counts(client).values()) - sum(idle_from.values()) - 2) / args.idle_seconds
+            idle_cpu = (redis_cpu(client) - idle_cpu) / args.idle_seconds
+            pids = our_processes(stack)
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            counts, cpu, started = command_counts(client), redis_cpu(client), time.time()
+            ids = load(stack, receiver, args.jobs, args.concurrency, 10_000)
+            seconds = time.time() - started
+            after_counts, after_cpu = command_counts(client), redis_cpu(client)  # two commands of ours
+            after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            s3 = stack.s3_direct()
+            objects = {}
+            for role, bucket in (("input", stack.settings.input_bucket), ("output", stack.settings.output_bucket)):
+                keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                        for o in page.get("Contents", [])]
+                objects[role] = len(keys) / (args.jobs + args.warmup)
+            store = stack.store()
+            failed = [rid for rid in ids if not (record := store.get(rid)) or not record.ok]
+            store.redis.close()
+            client.close()
+            assert not failed, f"{len(failed)} jobs did not succeed"
+        finally:
+            stack.close()
+            receiver.stop()
+    deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
+    deltas["info"] -= 2  # this benchmark's own INFO calls
+    return Run(label, args.jobs, seconds, {k: v for k, v in deltas.items() if v > 0}, after_cpu - cpu,
+               {name: after[name] - before[name] for name in pids}, idle, idle_cpu, objects)
+
+
+def report(runs: list[Run]) -> None:
+    print(f"### Redis budget per job: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print("| | " + " | ".join(run.label for run in runs) + " |")
+    print("| --- |" + " ---: |" * len(runs))
+    print("| jobs/s | " + " | ".join(f"{run.jobs / run.seconds:.1f}" for run in runs) + " |")
+    print("| idle stack, Redis commands/s | " + " | ".join(f"{run.idle_commands_per_s:.1f}" for run in runs) + " |")
+    print("| **Redis commands per job** | "
+          + " | ".join(f"**{sum(run.commands.values()) / run.jobs:.1f}**" for run in runs) + " |")
+    print("| **Redis CPU ms per job** | " + " | ".join(f"**{run.redis_cpu / run.jobs * 1000:.2f}**" for run in runs) + " |")
+    print("| idle stack, Redis CPU ms/s | " + " | ".join(f"{run.idle_redis_cpu_per_s * 1000:.1f}" for run in runs) + " |")
+    # What a job adds: the window's totals less what the stack does per second anyway (at a fleet's rate
+    # of jobs the per-second costs spread thin).
+    print("| Redis commands per job, less the idle rate | " + " | ".join(
+        f"{(sum(run.commands.values()) - run.idle_commands_per_s * run.seconds) / run.jobs:.1f}" for run in runs) + " |")
+    print("| Redis CPU ms per job, less the idle rate | " + " | ".join(
+        f"{(run.redis_cpu - run.idle_redis_cpu_per_s * run.seconds) / run.jobs * 1000:.2f}" for run in runs) + " |")
+    names = sorted({n for run in runs for n in run.processes})
+    for name in names:
+        print(f"| CPU ms per job: {name} | "
+              + " | ".join(f"{run.processes.get(name, 0) / run.jobs * 1000:.2f}" for run in runs) + " |")
+    print("| **CPU ms per job, our processes** | "
+          + " | ".join(f"**{sum(run.processes.values()) / run.jobs * 1000:.2f}**" for run in runs) + " |")
+    for role in ("input", "output"):
+        print(f"| S3 objects per job, {role} bucket | "
+              + " | ".join(f"{run.objects.get(role, 0):.2f}" for run in runs) + " |")
+    print("\nCommands per job, by command:\n")
+    print("| command | " + " | ".join(run.label for run in runs) + " |")
+    print("| --- |" + " ---: |" * len(runs))
+    commands = sorted({c for run in runs for c in run.commands}, key=lambda c: -max(r.commands.get(c, 0) for r in runs))
+    for command in commands:
+        print(f"| {command} | " + " | ".join(f"{run.commands.get(command, 0) / run.jobs:.2f}" for run in runs) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker-threads", type=int, default=4, help="BIREFNET_WORKER_CONCURRENCY")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads submitting")
+    parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument("--baseline-root", type=Path, help="checkout measured first, as the baseline column")
+    parser.add_argument("--appendfsync", nargs="+", default=["always"], choices=["always", "everysec", "no"],
+                        help="Redis AOF fsync policies to measure each checkout under")
+    args = parser.parse_args()
+    runs = []
+    for fsync in args.appendfsync:
+        if args.baseline_root:
+            runs.append(measure(f"baseline, fsync {fsync}", args.baseline_root.resolve(), fsync, args))
+        runs.append(measure(f"this checkout, fsync {fsync}", ROOT, fsync, args))
+    with contextlib.suppress(BrokenPipeError):
+        report(runs)
+
+
+if __name__ == "__main__":
+    main()

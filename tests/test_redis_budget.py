@@ -1,0 +1,90 @@
+"""What a job costs Redis: the state transitions' commands, counted by a real redis-server (INFO
+commandstats, which counts the commands scripts run too), and Celery task events off unless asked for."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import redis
+
+from common.adapters.queue import make_celery
+from common.domain.schemas import JobParams, JobSpec
+from common.settings import Settings
+from common.state import keys
+from common.state.jobs import JobStore, log_entry
+
+
+def commands(client: redis.Redis) -> int:
+    return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+
+
+def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
+    rid = str(uuid.uuid4())
+    return JobSpec(request_id=rid, variant="general-light", image_url="data:,x", params=JobParams(),
+                   output_prefix=f"results/requests/{rid}/", webhook_url=webhook, owner="alice")
+
+
+def run_one(store: JobStore, job: JobSpec) -> None:
+    assert store.create(job)
+    assert store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w") == "claimed"
+    store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
+    assert store.complete(job.request_id, token="t", result={"image": None}, variant=job.variant,
+                          logs=[log_entry("uploading"), log_entry("done in 0.10s")], webhook_due=123.0)
+
+
+def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_server):
+    store = JobStore.from_url(redis_server.url)
+    probe = redis.Redis.from_url(redis_server.url)
+    run_one(store, spec())  # scripts loaded, connections open
+    job = spec()
+    before = commands(probe)
+    run_one(store, job)
+    used = commands(probe) - before - 1  # less the first INFO
+    # Counted with what the scripts run: create 7, claim 9, a stage's logs 3, completion 12.
+    assert used <= 31, used
+    record = store.get(job.request_id)
+    assert record is not None and record.status == "COMPLETED"
+    assert [entry["message"] for entry in store.logs(job.request_id)] == [
+        "loading image", "inference 1024x1024", "uploading", "done in 0.10s"]
+    # The first webhook attempt is booked with the completion, and the record keeps its TTL.
+    assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") == 123.0
+    assert 0 < store.redis.ttl(keys.job(job.request_id)) <= store.record_ttl
+    assert 0 < store.redis.ttl(keys.logs(job.request_id)) <= store.record_ttl
+
+
+def test_a_second_completion_changes_nothing_and_books_nothing(redis_server):
+    store = JobStore.from_url(redis_server.url)
+    job = spec()
+    store.create(job)
+    store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    assert store.complete(job.request_id, token="t", result={"n": 1}, variant=job.variant, webhook_due=1.0)
+    store.redis.zrem(keys.WEBHOOK_DUE, f"{job.request_id}|0")  # delivered
+    assert not store.complete(job.request_id, token="t", result={"n": 2}, logs=[log_entry("late")], webhook_due=2.0)
+    assert store.get(job.request_id).result == {"n": 1}
+    assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") is None
+    assert store.logs(job.request_id) == []
+
+
+def test_watchers_hear_each_transition(redis_server):
+    store = JobStore.from_url(redis_server.url)
+    job = spec(webhook=None)
+    listener = redis.Redis.from_url(redis_server.url).pubsub()
+    listener.psubscribe(keys.EVENTS_PATTERN)
+    listener.get_message(timeout=1)
+    store.create(job)
+    store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    store.complete(job.request_id, token="t", result={}, variant=job.variant)
+    heard = []
+    while (message := listener.get_message(timeout=0.5)) is not None:
+        heard.append(message["channel"].decode())
+    job_channel, queue_channel = keys.job_channel(job.request_id), keys.queue_channel(job.variant)
+    assert heard == [job_channel, queue_channel, job_channel, queue_channel]  # claimed, completed
+
+
+def test_celery_task_events_are_off_unless_asked_for():
+    assert make_celery(Settings()).conf.worker_send_task_events is False
+    assert make_celery(Settings()).conf.task_send_sent_event is False
+    on = make_celery(Settings(celery_task_events=True)).conf
+    assert on.worker_send_task_events is True and on.task_send_sent_event is True
+    assert json.dumps(on.broker_transport_options)  # the rest of the configuration is intact
