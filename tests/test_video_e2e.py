@@ -1,0 +1,165 @@
+"""`fal-ai/birefnet/v2/video` end to end: real Redis, moto, gateway, worker and webhook processes, on tiny
+generated clips (a moving square over a gradient, with a sine audio track)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import pytest
+
+from tests.forward_hook import Rule, hook_setting
+from tests.helpers.fal_client import run_client
+from tests.helpers.gateway import GatewayStack, start_gateway_stack
+from tests.helpers.video import make_audio_only, make_clip, read_video
+
+VIDEO_APP = "fal-ai/birefnet/v2/video"
+SLOW_WIDTH = 122  # frames of this width take 0.4 s a forward (tests/forward_hook.py)
+
+
+def data_uri(path, content_type: str = "video/mp4") -> str:
+    with open(path, "rb") as fh:
+        return f"data:{content_type};base64,{base64.b64encode(fh.read()).decode()}"
+
+
+@pytest.fixture(scope="module")
+def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
+    tmp = tmp_path_factory.mktemp("video")
+    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, tls=True, extra={
+        "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
+        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.4)),
+    })
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return make_clip(str(tmp_path_factory.mktemp("clips") / "clip.mp4"), width=96, height=64, seconds=1.0, fps=12)
+
+
+def fetch_to(path, url: str) -> dict:
+    data = base64.b64decode(url.split(",", 1)[1]) if url.startswith("data:") else httpx.get(url).content
+    path.write_bytes(data)
+    return read_video(str(path))
+
+
+@pytest.mark.timeout(240)
+def test_python_client_subscribe_webm_with_alpha_and_mask(gs, clip, tmp_path):
+    got = run_client(gs, f"""
+        logs = []
+        def on_update(status):
+            logs.extend(e["message"] for e in (getattr(status, "logs", None) or []))
+        result = fal_client.subscribe({VIDEO_APP!r}, arguments={{"video_url": {data_uri(clip)!r},
+            "output_mask": True, "video_output_type": "VP9 (.webm)"}}, with_logs=True, on_queue_update=on_update)
+        out({{"result": result, "logs": logs}})
+    """)
+    video, mask = got["result"]["video"], got["result"]["mask_video"]
+    assert video["content_type"] == "video/webm" and video["file_name"] == "video.webm"
+    assert (video["width"], video["height"], video["num_frames"]) == (96, 64, 12)
+    out = fetch_to(tmp_path / "out.webm", video["url"])
+    source = read_video(clip)
+    assert out["frames"] == 12 and out["times"] == source["times"] and out["audio"]
+    assert out["alpha"] is not None and out["alpha"].min() < 128 < out["alpha"].max()  # a cutout, not opaque
+    grey = fetch_to(tmp_path / "mask.webm", mask["url"])
+    assert grey["frames"] == 12 and not grey["audio"]
+    assert any("frames 12/12" in line for line in got["logs"])
+
+
+@pytest.mark.timeout(240)
+def test_http_queue_mp4_prores_gif_and_vfr(gs, tmp_path):
+    vfr = make_clip(str(tmp_path / "vfr.mp4"), frame_pts=[0, 40, 120, 130, 300, 310, 500], audio=False)
+    with gs.client() as client:
+        ids = {}
+        for kind, source in (("X264 (.mp4)", vfr), ("PRORES4444 (.mov)", vfr), ("GIF (.gif)", vfr)):
+            r = client.post(f"/queue/{VIDEO_APP}", json={"video_url": data_uri(source), "video_output_type": kind,
+                                                  "background_color": "#00ff00"})
+            assert r.status_code == 200, r.text
+            ids[kind] = r.json()["request_id"]
+        results = {}
+        for kind, rid in ids.items():
+            gs.wait_status(rid, timeout=120)
+            results[kind] = client.get(f"/queue/fal-ai/birefnet/requests/{rid}").json()
+    source = read_video(vfr)
+    mp4 = fetch_to(tmp_path / "o.mp4", results["X264 (.mp4)"]["video"]["url"])
+    assert mp4["codec"] == "h264" and mp4["times"] == source["times"]  # variable frame rate kept
+    mov = fetch_to(tmp_path / "o.mov", results["PRORES4444 (.mov)"]["video"]["url"])
+    assert mov["codec"] == "prores" and mov["alpha"] is not None and mov["times"] == source["times"]
+    gif = results["GIF (.gif)"]["video"]
+    assert gif["content_type"] == "image/gif" and fetch_to(tmp_path / "o.gif", gif["url"])["frames"] == 7
+    assert results["X264 (.mp4)"]["mask_video"] is None
+
+
+@pytest.mark.timeout(240)
+def test_sync_run_returns_data_uris(gs, clip, tmp_path):
+    with gs.client() as client:
+        r = client.post(f"/run/{VIDEO_APP}", json={"video_url": data_uri(clip), "sync_mode": True},
+                        timeout=120)
+    assert r.status_code == 200, r.text
+    video = r.json()["video"]
+    assert video["url"].startswith("data:video/mp4;base64,")
+    assert fetch_to(tmp_path / "s.mp4", video["url"])["audio"]
+
+
+def submit_and_result(gs, body: dict) -> tuple[int, dict]:
+    with gs.client() as client:
+        rid = client.post(f"/queue/{VIDEO_APP}", json=body).json()["request_id"]
+        gs.wait_status(rid, timeout=120)
+        r = client.get(f"/queue/fal-ai/birefnet/requests/{rid}")
+    return r.status_code, r.json()
+
+
+@pytest.mark.timeout(240)
+def test_bad_inputs_get_clear_errors(gs, tmp_path):
+    good = make_clip(str(tmp_path / "good.mp4"), seconds=1.0)
+    data = (tmp_path / "good.mp4").read_bytes()
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(data[: len(data) // 3] + bytes(len(data) // 3) + data[2 * len(data) // 3:])
+    text = tmp_path / "page.html"
+    text.write_bytes(b"<html>not a video</html>")
+    cases = {
+        "not a video": (data_uri(text, "text/html"), "video_load_error", "cannot read the file as a video"),
+        "audio only": (data_uri(make_audio_only(str(tmp_path / "a.mp4"))), "video_load_error", "no video stream"),
+        "too long": (data_uri(make_clip(str(tmp_path / "long.mp4"), seconds=3.0, fps=4, audio=False)),
+                     "video_too_large", "the limit is 2s"),
+        "corrupt": (data_uri(corrupt), "video_load_error", ""),
+    }
+    for name, (url, error_type, words) in cases.items():
+        code, body = submit_and_result(gs, {"video_url": url})
+        assert code == 422, (name, body)
+        entry = body["detail"][0]
+        assert entry["type"] == error_type and entry["loc"] == ["body", "video_url"], (name, body)
+        assert words in entry["msg"], (name, entry)
+    code, body = submit_and_result(gs, {"video_url": data_uri(good), "video_output_type": "AVI"})
+    assert code == 422 and body["detail"][0]["loc"] == ["body", "video_output_type"]
+    assert "'X264 (.mp4)'" in body["detail"][0]["msg"]
+    # The good clip still works afterwards: nothing else was lost.
+    code, body = submit_and_result(gs, {"video_url": data_uri(good)})
+    assert code == 200 and body["video"]["num_frames"] == 12
+
+
+@pytest.mark.timeout(240)
+def test_cancel_mid_video_stops_within_the_video(gs, tmp_path):
+    slow = make_clip(str(tmp_path / "slow.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12, audio=False)
+    with gs.client() as client:
+        rid = client.post(f"/queue/{VIDEO_APP}", json={"video_url": data_uri(slow)}).json()["request_id"]
+
+        def frames_logged() -> bool:
+            logs = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status", params={"logs": 1}).json()["logs"]
+            return any(entry["message"].startswith("frames ") for entry in logs or [])
+
+        deadline = time.monotonic() + 60
+        while not frames_logged():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        cancelled_at = time.monotonic()
+        assert client.put(f"/queue/fal-ai/birefnet/requests/{rid}/cancel").status_code == 202
+        gs.wait_status(rid, timeout=60)
+        ended = time.monotonic() - cancelled_at
+        r = client.get(f"/queue/fal-ai/birefnet/requests/{rid}")
+        logs = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status", params={"logs": 1}).json()["logs"]
+    assert r.status_code == 499
+    # 24 frames at 0.4 s a forward would take ~10 s; the cancel took effect after a few frames.
+    assert ended < 5, ended
+    assert any(entry["message"].startswith("cancelled after") for entry in logs)
