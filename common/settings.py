@@ -336,6 +336,10 @@ class Settings(BaseSettings):
     video_time_limit_per_second: float = Field(
         30.0, ge=0, description="Seconds added to a video job's run-time limit (job_time_limit or the variant's) "
         "per second of video, so that the limit scales with duration.")
+    video_segment_seconds: float = Field(
+        10.0, ge=0, description="Videos longer than this are split into segments of about this length, queued "
+        "as jobs of their own on the variant's queue so that several workers share one video; a worker lost "
+        "mid-video costs only its segment. 0: never split.")
 
     def time_limit(self, variant_id: str) -> float:
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""

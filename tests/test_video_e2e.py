@@ -28,6 +28,7 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     tmp = tmp_path_factory.mktemp("video")
     stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, tls=True, extra={
         "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
+        "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",  # a 1 s clip: 3 segments
         "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.4)),
     })
     yield stack
@@ -64,7 +65,9 @@ def test_python_client_subscribe_webm_with_alpha_and_mask(gs, clip, tmp_path):
     assert out["alpha"] is not None and out["alpha"].min() < 128 < out["alpha"].max()  # a cutout, not opaque
     grey = fetch_to(tmp_path / "mask.webm", mask["url"])
     assert grey["frames"] == 12 and not grey["audio"]
-    assert any("frames 12/12" in line for line in got["logs"])
+    # Split into segments (0.4 s each), joined in order: progress says so.
+    assert any("split into 3 segments" in line for line in got["logs"])
+    assert any("(3/3 segments)" in line for line in got["logs"]) and "joined 3 segments" in got["logs"]
 
 
 @pytest.mark.timeout(240)
@@ -161,5 +164,5 @@ def test_cancel_mid_video_stops_within_the_video(gs, tmp_path):
         logs = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status", params={"logs": 1}).json()["logs"]
     assert r.status_code == 499
     # 24 frames at 0.4 s a forward would take ~10 s; the cancel took effect after a few frames.
-    assert ended < 5, ended
-    assert any(entry["message"].startswith("cancelled after") for entry in logs)
+    assert ended < 5, (ended, "\n".join(f"{e['timestamp']} {e['message']}" for e in logs))
+    assert any(entry["message"].startswith("cancelled ") for entry in logs)

@@ -148,7 +148,7 @@ class VideoWriter:
 
     def __init__(self, path: str, kind: OutputKind, *, width: int, height: int, rate: float,
                  time_base: Fraction | None, quality: str, write_mode: str, grey: bool = False,
-                 rotate: int = 0, audio_from: str | None = None, audio_window: tuple[float, float | None] = (0.0, None)):
+                 rotate: int = 0, segment: bool = False, audio_from: str | None = None, audio_window: tuple[float, float | None] = (0.0, None)):
         self.kind, self.grey = kind, grey
         self.container = av.open(path, mode="w", format=kind.container)
         self.width, self.height = width - width % 2, height - height % 2  # 4:2:0 wants even sizes
@@ -168,6 +168,8 @@ class VideoWriter:
         preset, cpu_used, deadline = _SPEED.get(write_mode, _SPEED["balanced"])
         if kind.codec == "libx264":
             stream.options = {"crf": str(x264_crf), "preset": preset}
+            if segment:  # no B-frames: decode order = display order, so segments join by remuxing
+                stream.options["bframes"] = "0"
         elif kind.codec == "libvpx-vp9":
             stream.options = {"crf": str(vp9_crf), "b": "0", "cpu-used": cpu_used, "deadline": deadline,
                               "row-mt": "1"}
@@ -271,3 +273,25 @@ class AudioCopy:
                     self.out.mux(encoded)
         finally:
             self.src.close()
+
+
+def join_segments(parts: list[str], out_path: str, kind: OutputKind, audio_from: str | None) -> None:
+    """Segment files (each holding its frames with the source's own timestamps) remuxed in order into one
+    file, without re-encoding, and the source's audio track added."""
+    with av.open(parts[0]) as first:
+        out = av.open(out_path, mode="w", format=kind.container)
+        v_out = out.add_stream_from_template(first.streams.video[0])
+    audio = AudioCopy(audio_from, out, AUDIO_COPY[kind.container]) if audio_from and kind.container in AUDIO_COPY \
+        else None
+    try:
+        for part in parts:
+            with av.open(part) as src:
+                for packet in src.demux(src.streams.video[0]):
+                    if packet.dts is None:
+                        continue
+                    packet.stream = v_out
+                    out.mux(packet)
+        if audio is not None:
+            audio.write()
+    finally:
+        out.close()
