@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 
 import httpx
 import pytest
 
+from common.state.jobs import JobStore
 from tests.forward_hook import Rule, hook_setting
 from tests.helpers.fal_client import run_client
 from tests.helpers.gateway import GatewayStack, start_gateway_stack
 from tests.helpers.video import make_audio_only, make_clip, read_video
 
 VIDEO_APP = "fal-ai/birefnet/v2/video"
-SLOW_WIDTH = 122  # frames of this width take 0.4 s a forward (tests/forward_hook.py)
+SLOW_WIDTH = 122  # frames of this width take 0.3 s a forward (tests/forward_hook.py)
 
 
 def data_uri(path, content_type: str = "video/mp4") -> str:
@@ -29,7 +31,7 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, tls=True, extra={
         "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
         "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",  # a 1 s clip: 3 segments
-        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.4)),
+        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
     })
     yield stack
     stack.close()
@@ -166,3 +168,51 @@ def test_cancel_mid_video_stops_within_the_video(gs, tmp_path):
     # 24 frames at 0.4 s a forward would take ~10 s; the cancel took effect after a few frames.
     assert ended < 5, (ended, "\n".join(f"{e['timestamp']} {e['message']}" for e in logs))
     assert any(entry["message"].startswith("cancelled ") for entry in logs)
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_video_costs_only_its_segment(gs, tmp_path, webhook_receiver):
+    """Two workers share one video; the one holding a segment (not the video's own job) is killed: that
+    segment alone runs again, and the request gets one result and one webhook."""
+    gs.stack.start_worker("general-light", name="worker-video-second")
+    store = JobStore.from_url(gs.settings.redis_url)
+    slow = make_clip(str(tmp_path / "kill.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12)
+    with gs.client() as client:
+        rid = client.post(f"/queue/{VIDEO_APP}", params={"fal_webhook": webhook_receiver.url},
+                          json={"video_url": data_uri(slow)}).json()["request_id"]
+    children = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rid}/segment/{i}")) for i in range(5)]
+
+    def victim() -> tuple[str, int] | None:
+        parent = store.get(rid)
+        if parent is None or not parent.worker:
+            return None
+        for child in children:
+            record = store.get(child)
+            if record is not None and record.status == "IN_PROGRESS" and record.worker \
+                    and record.worker != parent.worker:
+                return child, int(record.worker.rsplit(":", 1)[1])
+        return None
+
+    deadline = time.monotonic() + 60
+    while (found := victim()) is None:
+        assert time.monotonic() < deadline, "no segment ran on the second worker"
+        time.sleep(0.05)
+    killed_segment, pid = found
+    proc = next(p for p in gs.stack.processes if p.pid == pid)
+    proc.kill()
+    proc.wait()
+    gs.wait_status(rid, timeout=120)
+    with gs.client() as client:
+        r = client.get(f"/queue/fal-ai/birefnet/requests/{rid}")
+    assert r.status_code == 200, r.text
+    out = fetch_to(tmp_path / "joined.mp4", r.json()["video"]["url"])
+    assert out["frames"] == 24 and out["audio"]
+    # Source timestamps kept (the MP4 muxer's timescale rounds some by at most a millisecond)
+    assert max(abs(a - b) for a, b in zip(out["times"], read_video(slow)["times"], strict=True)) <= 0.0015
+    attempts = {child: store.get(child).attempts for child in children}  # type: ignore[union-attr]
+    assert attempts[killed_segment] == 2, attempts
+    assert all(n == 1 for child, n in attempts.items() if child != killed_segment), attempts
+    webhook_receiver.wait(1)
+    time.sleep(1.0)
+    hooks = [h for h in webhook_receiver.received if h.json().get("request_id") == rid]
+    assert len(hooks) == 1 and hooks[0].json()["status"] == "OK"
