@@ -216,3 +216,33 @@ def test_worker_killed_mid_video_costs_only_its_segment(gs, tmp_path, webhook_re
     time.sleep(1.0)
     hooks = [h for h in webhook_receiver.received if h.json().get("request_id") == rid]
     assert len(hooks) == 1 and hooks[0].json()["status"] == "OK"
+
+
+@pytest.mark.timeout(300)
+def test_video_upload_to_the_bucket_becomes_a_video_job(stack, webhook_receiver, tmp_path):
+    """A video landing in the input bucket (moto's S3 -> SQS events, the real producer) is cut as a video;
+    its result lands in the output bucket and comes by webhook."""
+    import boto3
+
+    from common.adapters.storage import boto_config
+
+    settings = stack.settings
+    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
+                      config=boto_config())
+    stack.start(["-m", "producer", "sqs"], "producer")
+    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
+    stack.start_worker("general-light", name="worker", extra_env={"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"})
+    source = make_clip(str(tmp_path / "up.mp4"), width=64, height=48, seconds=1.0, fps=8)
+    with open(source, "rb") as fh:
+        s3.put_object(Bucket=settings.input_bucket, Key="clips/holiday.mp4", Body=fh.read(),
+                      Metadata={"webhook_url": webhook_receiver.url, "video_output_type": "VP9 (.webm)",
+                                "output-mask": "true"})
+    (delivery,) = webhook_receiver.wait(1, timeout=240)
+    body = delivery.json()
+    assert body["status"] == "OK", body
+    video, mask = body["payload"]["video"], body["payload"]["mask_video"]
+    assert video["content_type"] == "video/webm" and mask["file_name"] == "mask.webm"
+    out = fetch_to(tmp_path / "up.webm", video["url"])
+    assert out["frames"] == 8 and out["audio"] and out["alpha"] is not None
+    listed = s3.list_objects_v2(Bucket=settings.output_bucket)["Contents"]
+    assert any(item["Key"].endswith("video.webm") for item in listed)

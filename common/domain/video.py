@@ -14,6 +14,9 @@ from pydantic_core import PydanticCustomError
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import ModelV2, ResolutionV2
 
+# Bucket upload keys treated as videos (GIFs stay images: the image endpoints take them).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
+
 
 class VideoOutputType(enum.StrEnum):
     X264 = "X264 (.mp4)"  # no alpha: the cutout is laid on background_color
