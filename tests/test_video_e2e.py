@@ -246,3 +246,40 @@ def test_video_upload_to_the_bucket_becomes_a_video_job(stack, webhook_receiver,
     assert out["frames"] == 8 and out["audio"] and out["alpha"] is not None
     listed = s3.list_objects_v2(Bucket=settings.output_bucket)["Contents"]
     assert any(item["Key"].endswith("video.webm") for item in listed)
+
+
+@pytest.mark.timeout(240)
+def test_js_client_subscribe(gs, clip, tmp_path):
+    """fal's JS client (@fal-ai/client from tests/js), unchanged but for its proxy URL, against the video endpoint."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from tests.helpers.gateway import ALICE
+    from tests.helpers.stack import ROOT
+
+    node, modules = shutil.which("node"), ROOT / "tests" / "js" / "node_modules"
+    if not node or not (modules / "@fal-ai" / "client").is_dir():
+        pytest.skip("node or tests/js/node_modules missing (make test installs @fal-ai/client with npm)")
+    (tmp_path / "node_modules").symlink_to(modules)
+    script = tmp_path / "video.mjs"
+    script.write_text(f"""
+import {{ fal }} from "@fal-ai/client";
+fal.config({{ proxyUrl: {{ url: `${{process.env.GATEWAY_URL}}/api/fal/proxy`, when: "always" }} }});
+const statuses = [];
+const {{ data, requestId }} = await fal.subscribe("{VIDEO_APP}", {{
+  input: {{ video_url: {json.dumps(data_uri(clip))}, video_output_type: "PRORES4444 (.mov)", output_mask: true }},
+  logs: true, onQueueUpdate: (update) => statuses.push(update.status) }});
+console.log("RESULT " + JSON.stringify({{ data, requestId, statuses }}));
+""")
+    env = {**os.environ, "FAL_KEY": ALICE, "NODE_EXTRA_CA_CERTS": str(gs.gateway.tls.ca), "GATEWAY_URL": gs.url}
+    done = subprocess.run([node, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout + done.stderr
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["statuses"][-1] == "COMPLETED" and got["requestId"]
+    video, mask = got["data"]["video"], got["data"]["mask_video"]
+    assert video["content_type"] == "video/quicktime" and mask["file_name"] == "mask.mov"
+    out = fetch_to(tmp_path / "js.mov", video["url"])
+    assert out["frames"] == 12 and out["codec"] == "prores" and out["alpha"] is not None
