@@ -125,7 +125,7 @@ def main() -> None:
     half = seconds
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, __file__, "--row", "--clip", path, "--threads", "1", "--start",
-                               str(a), "--end", str(b)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                               str(a), "--end", str(b)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
              for a, b in ((0.0, half), (half, 2 * seconds + 1))]
     for proc in procs:
         proc.communicate()

@@ -283,3 +283,17 @@ console.log("RESULT " + JSON.stringify({{ data, requestId, statuses }}));
     assert video["content_type"] == "video/quicktime" and mask["file_name"] == "mask.mov"
     out = fetch_to(tmp_path / "js.mov", video["url"])
     assert out["frames"] == 12 and out["codec"] == "prores" and out["alpha"] is not None
+
+
+def test_playground_offers_the_video_endpoint(gs):
+    """The playground's data: the video endpoint with its own fields; its page may play videos from anywhere."""
+    with gs.client(None) as anonymous:
+        options = anonymous.get("/playground/options.json").json()
+        page = anonymous.get("/playground")
+        script = anonymous.get("/playground/playground.js").text
+    video = options["endpoints"]["v2/video"]
+    assert video["app_id"] == VIDEO_APP and video["url_field"] == "video_url"
+    assert video["fields"]["video_output_type"]["default"] == "X264 (.mp4)"
+    assert video["variants"]["General Use (Light)"] == "general-light"
+    assert "media-src *" in page.headers["content-security-policy"] and 'value="v2/video"' in page.text
+    assert 'showVideo("cutout-video"' in script and 'showVideo("mask-video"' in script
