@@ -37,7 +37,8 @@ def write(source: str, out: str, kind: codec.OutputKind, start: float = 0.0, end
         if writer is None:
             writer = codec.VideoWriter(out, kind, width=info.width, height=info.height, rate=info.fps,
                                        time_base=frame.time_base, quality="medium", write_mode="fast",
-                                       segment=segment, audio_from=source if audio else None)
+                                       segment=segment, audio_from=source if audio else None,
+                                       rotate=frame.rotation)
         mask = np.zeros(frame.rgb.shape[:2], np.float32)
         mask[:, : frame.rgb.shape[1] // 2] = 1.0
         cut, _ = render_frame(frame.rgb, mask, refine=True, alpha=kind.alpha, background=(0, 255, 0))
@@ -63,7 +64,7 @@ def test_each_output_type_keeps_frames_timestamps_audio_and_alpha(tmp_path, outp
 
 def test_segments_join_in_order_with_the_source_timestamps(tmp_path):
     pts = [0, 50, 90, 200, 260, 400, 410, 600, 700, 950]  # variable frame rate, ms
-    source = make_clip(str(tmp_path / "vfr.mp4"), frame_pts=pts)
+    source = make_clip(str(tmp_path / "vfr.mp4"), frame_pts=pts, rotate=270)
     kind = codec.OUTPUT_KINDS["X264 (.mp4)"]
     parts = []
     for i, (start, end) in enumerate(((0.0, 0.3), (0.3, 0.65), (0.65, 2.0))):
@@ -71,10 +72,19 @@ def test_segments_join_in_order_with_the_source_timestamps(tmp_path):
         write(source, parts[-1], kind, start, end, audio=False, segment=True)
     codec.join_segments(parts, str(tmp_path / "joined.mp4"), kind, source)
     joined = read_video(str(tmp_path / "joined.mp4"))
-    assert joined["times"] == [p / 1000 for p in pts] and joined["audio"]
+    assert joined["times"] == [p / 1000 for p in pts] and joined["audio"] and joined["rotation"] == 270
 
 
 def test_only_long_non_gif_videos_are_split():
     mp4, gif = codec.OUTPUT_KINDS["X264 (.mp4)"], codec.OUTPUT_KINDS["GIF (.gif)"]
     assert segment_count(12.0, 10.0, mp4) == 1 and segment_count(16.0, 10.0, mp4) == 2
     assert segment_count(60.0, 10.0, gif) == 1 and segment_count(60.0, 0, mp4) == 1
+
+
+@pytest.mark.parametrize("output_type", ["X264 (.mp4)", "PRORES4444 (.mov)"])
+def test_rotation_metadata_is_kept(tmp_path, output_type):
+    kind = codec.OUTPUT_KINDS[output_type]
+    source = make_clip(str(tmp_path / "phone.mp4"), seconds=0.5, fps=8, rotate=90)
+    assert read_video(source)["rotation"] == 90
+    write(source, str(tmp_path / f"out{kind.extension}"), kind)
+    assert read_video(str(tmp_path / f"out{kind.extension}"))["rotation"] == 90

@@ -19,7 +19,7 @@ def make_clip(path: str, *, width: int = 96, height: int = 64, seconds: float = 
         if frame_pts is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         if rotate:
-            stream.metadata["rotate"] = str(rotate)
+            stream.set_display_rotation(rotate)
         a_stream = out.add_stream("aac", rate=16000) if audio else None
         ys, xs = np.mgrid[0:height, 0:width]
         for i in range(frames):
@@ -76,13 +76,16 @@ def read_video(path: str) -> dict:
         else:
             decoder = None
         info = {"audio": bool(container.streams.audio), "codec": v.codec_context.name,
-                "width": v.codec_context.width, "height": v.codec_context.height, "times": [], "alpha": None}
+                "width": v.codec_context.width, "height": v.codec_context.height, "times": [], "alpha": None,
+                "rotation": None}
         decoded = container.decode(v) if decoder is None else (
             f for p in container.demux(v) for f in decoder.decode(p))
         for frame in decoded:
             if frame.pts is None:
                 continue
             info["times"].append(round(float(frame.pts * (frame.time_base or v.time_base)), 3))
+            if info["rotation"] is None:
+                info["rotation"] = int(frame.rotation or 0) % 360
             if info["alpha"] is None and frame.format.name.startswith(("yuva", "rgba", "argb", "bgra")):
                 info["alpha"] = frame.to_ndarray(format="rgba")[..., 3]
         info["frames"] = len(info["times"])

@@ -104,22 +104,12 @@ def _duration(container, stream) -> float:
     return 0.0
 
 
-def rotation(stream) -> int:
-    """Degrees of the stream's display matrix (0 when none)."""
-    for data in getattr(stream, "side_data", {}) or ():
-        if "DISPLAYMATRIX" in str(getattr(data, "type", data)).upper():
-            return int(round(getattr(data, "rotation", 0) or 0))
-    try:
-        return int(stream.metadata.get("rotate", 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 @dataclass
 class SourceFrame:
-    rgb: np.ndarray  # (H, W, 3) uint8
+    rgb: np.ndarray  # (H, W, 3) uint8, as stored (not rotated: the output carries the rotation instead)
     pts: int | None
     time_base: Fraction | None
+    rotation: int = 0  # degrees counter-clockwise, from the stream's display matrix
 
 
 def frames(path: str, start: float = 0.0, end: float | None = None) -> Iterator[SourceFrame]:
@@ -138,7 +128,7 @@ def frames(path: str, start: float = 0.0, end: float | None = None) -> Iterator[
                     continue
                 if end is not None and t is not None and t >= end - 1e-6:
                     break
-                yield SourceFrame(frame.to_ndarray(format="rgb24"), frame.pts, tb)
+                yield SourceFrame(frame.to_ndarray(format="rgb24"), frame.pts, tb, int(frame.rotation or 0))
     except av.FFmpegError as exc:
         raise VideoLoadError(f"the video stream is corrupt: {exc}") from None
 
@@ -176,7 +166,7 @@ class VideoWriter:
         elif kind.codec == "prores_ks":
             stream.options = {"profile": "4444", "qscale": str(prores_q), "vendor": "apl0"}
         if rotate:
-            stream.metadata["rotate"] = str(rotate)
+            stream.set_display_rotation(rotate)  # the source's display matrix: players rotate as they did
         self.stream = stream
         self.frames = 0
         self._last_pts: int | None = None

@@ -118,6 +118,7 @@ class VideoRun:
                         path, self.kind, width=frame.rgb.shape[1], height=frame.rgb.shape[0], rate=info.fps,
                         time_base=frame.time_base, quality=self.options.quality,
                         write_mode=self.options.write_mode, grey=name == "mask_video", segment=segment,
+                        rotate=frame.rotation,
                         audio_from=self.source if audio and name == "video" and info.has_audio else None)
             writers["video"].write(cut, frame.pts)
             if "mask_video" in writers:
