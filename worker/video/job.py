@@ -183,6 +183,10 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
     run = VideoRun(runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type])
     segment = spec.extra.get("segment")
     started = time.perf_counter()
+    if segment and (run.cancelled() or runner.store.status(segment["parent"]) == "COMPLETED"):
+        # The video ended (cancelled, failed or done) before this segment ran: no download, no frames.
+        runner.store.complete(spec.request_id, token=token, result={"cancelled": True})
+        return Outcome("skipped", "its video has ended")
     if not segment:
         run.log("loading video")
     try:
