@@ -297,3 +297,41 @@ def test_playground_offers_the_video_endpoint(gs):
     assert video["variants"]["General Use (Light)"] == "general-light"
     assert "media-src *" in page.headers["content-security-policy"] and 'value="v2/video"' in page.text
     assert 'showVideo("cutout-video"' in script and 'showVideo("mask-video"' in script
+
+
+@pytest.mark.timeout(300)
+def test_video_worker_killed_mid_video_reuses_finished_segments(gs, tmp_path, webhook_receiver):
+    """The worker holding the video's own job is killed after some segments are stored: the job is
+    redelivered, and its new run keeps every finished segment (each ran once)."""
+    store = JobStore.from_url(gs.settings.redis_url)
+    for _ in range(2):  # two live workers, whatever earlier tests killed
+        gs.stack.start_worker("general-light", name=f"worker-video-{uuid.uuid4().hex[:6]}")
+    slow = make_clip(str(tmp_path / "parent.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12)
+    with gs.client() as client:
+        rid = client.post(f"/queue/{VIDEO_APP}", params={"fal_webhook": webhook_receiver.url},
+                          json={"video_url": data_uri(slow)}).json()["request_id"]
+    children = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rid}/segment/{i}")) for i in range(5)]
+
+    def finished() -> list[str]:
+        return [c for c in children if (r := store.get(c)) is not None and r.status == "COMPLETED"]
+
+    deadline = time.monotonic() + 90
+    while len(finished()) < 2:
+        assert time.monotonic() < deadline, "segments did not finish"
+        time.sleep(0.05)
+    done_before = finished()
+    parent = store.get(rid)
+    assert parent is not None and parent.worker and parent.status == "IN_PROGRESS"
+    proc = next(p for p in gs.stack.processes if p.pid == int(parent.worker.rsplit(":", 1)[1]))
+    proc.kill()
+    proc.wait()
+    gs.wait_status(rid, timeout=180)
+    with gs.client() as client:
+        r = client.get(f"/queue/fal-ai/birefnet/requests/{rid}")
+    assert r.status_code == 200, r.text
+    assert fetch_to(tmp_path / "p.mp4", r.json()["video"]["url"])["frames"] == 24
+    assert store.get(rid).attempts == 2  # type: ignore[union-attr]
+    assert all(store.get(c).attempts == 1 for c in done_before)  # type: ignore[union-attr]
+    webhook_receiver.wait(1)
+    time.sleep(1.0)
+    assert len([h for h in webhook_receiver.received if h.json().get("request_id") == rid]) == 1
