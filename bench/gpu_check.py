@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=64, help="images per part-3 row")
     parser.add_argument("--budget", type=float, default=290.0, help="seconds; later parts are skipped past it")
     parser.add_argument("--quick", action="store_true", help="Swin-T only, 1024² only")
+    parser.add_argument("--video", action="store_true", help="also the video part (video_part)")
     args = parser.parse_args()
     import torch
 
@@ -152,8 +153,27 @@ def main() -> int:
                   f"{sorted(set(batcher.batch_sizes))} |")
         del model
         torch.cuda.empty_cache()
+    if args.video and not over_budget():
+        video_part()
     print(f"\nall parts in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def video_part(seconds: float = 2.0) -> None:
+    """Video frames/s on the device: the whole video pipeline (bench/bench_video.py's per-worker row: decode ->
+    batcher -> mask -> refine -> H.264 encode) for a 1080p clip, null model and Swin-T recipe weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tempfile
+
+    import bench_video
+
+    path = bench_video.clip(str(Path(tempfile.gettempdir()) / f"gpu-1080p-{seconds}.mp4"), "1080p", seconds)
+    print("\n### Video: frames/s per worker, 1080p clip, batch 8, MP4 out, refine on\n")
+    print("| model | operating res. | frames | wall s | frames/s | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model in ("null", "swin_v1_t"):
+        got = bench_video.spawn("--clip", path, "--model", model, "--batch", "8", "--threads", "1")
+        print(f"| {model} | 1024 | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} | {got['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

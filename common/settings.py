@@ -369,6 +369,21 @@ class Settings(BaseSettings):
     jpeg_quality: int = Field(90, ge=1, le=95, description="Quality of JPEG outputs (opaque backgrounds only).")
     avif_quality: int = Field(80, ge=1, le=100, description="Quality of AVIF outputs (colour and alpha).")
 
+    # --- Video (fal-ai/birefnet/v2/video) ---
+    video_max_seconds: float = Field(
+        600.0, gt=0, description="Longest input video accepted, in seconds (longer: a 422 video_too_large).")
+    video_max_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0, description="Largest input video file accepted, in bytes.")
+    video_max_pixels: int = Field(
+        4096 * 2304, gt=0, description="Largest video frame accepted, in pixels (width x height).")
+    video_time_limit_per_second: float = Field(
+        30.0, ge=0, description="Seconds added to a video job's run-time limit (job_time_limit or the variant's) "
+        "per second of video, so that the limit scales with duration.")
+    video_segment_seconds: float = Field(
+        10.0, ge=0, description="Videos longer than this are split into segments of about this length, queued "
+        "as jobs of their own on the variant's queue so that several workers share one video; a worker lost "
+        "mid-video costs only its segment. 0: never split.")
+
     def time_limit(self, variant_id: str) -> float:
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""
         return self.variants.get(variant_id).time_limit or self.job_time_limit

@@ -30,6 +30,7 @@ from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
 from producer.admission import Admission, parse_bool, validate_input
 from producer.events import ObjectCreated
+from producer.video_intake import enqueue_video, is_video_upload
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class Intake:
         prefixes = s.input_prefixes.get(event.bucket)
         if prefixes and not event.key.startswith(tuple(prefixes)):
             return f"the key is outside bucket {event.bucket!r}'s input prefixes {prefixes} (BIREFNET_INPUT_PREFIXES)"
-        if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)):
+        if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)) \
+                and not is_video_upload(event.key):
             return "not an image key (its suffix is not in BIREFNET_IMAGE_SUFFIXES)"
         return None
 
@@ -224,6 +226,8 @@ class Intake:
         return self.admission.enqueue(spec, rejection=error).request_id
 
     def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
+        if is_video_upload(event.key, info.content_type):
+            return enqueue_video(self, event, info, version_id)
         params = job_parameters(self.settings, event.key, info.metadata)
         webhook_url = params.pop("webhook_url", None)
         endpoint = str(params.pop("endpoint", self.settings.default_endpoint))

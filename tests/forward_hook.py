@@ -64,8 +64,9 @@ class ForwardHook:
 
     def __call__(self, images: Sequence[Image.Image]) -> None:
         for image in images:
+            width = image.width if isinstance(image, Image.Image) else image.shape[1]  # video frames: arrays
             for rule in self.rules:
-                if image.width == rule.width and self._take(rule):
+                if width == rule.width and self._take(rule):
                     if rule.seconds is None:
                         threading.Event().wait()  # never returns: a forward that hangs
                     time.sleep(rule.seconds)

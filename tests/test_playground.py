@@ -291,6 +291,10 @@ def test_page_data_endpoints(gs):
     assert v2["variants"]["General Use (Light)"] == "general-light" and v1["variants"]["Portrait"] == "v1-portrait"
     assert "mask_only" in v2["fields"] and "mask_only" not in v1["fields"]
     assert v2["fields"]["refine_foreground"]["default"] is True and v2["fields"]["output_format"]["default"] == "png"
+    video = options["endpoints"]["v2/video"]  # the page takes a video for this one and plays both outputs
+    assert video["app_id"] == "fal-ai/birefnet/v2/video" and video["url_field"] == "video_url"
+    assert video["fields"]["video_output_type"]["choices"][:2] == ["X264 (.mp4)", "VP9 (.webm)"]
+    assert video["format_field"] == "video_output_type" and "media-src *" in page.headers["content-security-policy"]
     with gs.client(ALICE) as client:
         assert client.get("/admin/ops/status").status_code == 403
     with gs.client(OPS) as client:

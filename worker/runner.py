@@ -164,6 +164,12 @@ class JobRunner:
         for batcher in self.batchers.values():
             batcher.declare_stuck(reason)
 
+    def extend_deadline(self, request_id: str, deadline: float) -> None:
+        """A job whose run-time limit grows once its size is known (videos: with their duration)."""
+        with self._running_lock:
+            if request_id in self.running:
+                self.running[request_id] = deadline
+
     def running_jobs(self) -> dict[str, float]:
         with self._running_lock:
             return dict(self.running)
@@ -337,6 +343,9 @@ class JobRunner:
                     timings: dict[str, float], lines: list[str], log_) -> Outcome:
         params = spec.params
         rid = spec.request_id
+        if spec.extra.get("video") is not None:
+            from worker.video.job import run_video_job  # PyAV loads only where video jobs run
+            return run_video_job(self, spec, token, deadline, limit, predictor, log_)
 
         started = time.perf_counter()
         log_(rid, "loading image")

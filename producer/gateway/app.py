@@ -23,7 +23,7 @@ from starlette.routing import Match
 
 from common.observability.metrics import RequestMetrics, register_queue_collector, start_metrics_server
 from common.settings import Settings
-from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api
+from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api, video_api
 from producer.gateway.openapi import install_openapi
 from producer.gateway.parsing import json_safe
 from producer.gateway.responses import (
@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         "slashes are ignored, `/fal-ai/birefnet/v2/requests/...` equals `/fal-ai/birefnet/requests/...`, and "
         "`/api/fal/proxy` serves fal's JS proxy protocol (x-fal-target-url).",
     )
-    for router in (queue_api.router, run_api.router, files_api.router, misc_api.router, compose_api.router):
+    for router in (video_api.queue_router, video_api.run_router, queue_api.router, run_api.router, files_api.router, misc_api.router, compose_api.router):
         app.include_router(router)
     app.include_router(playground_api.router)  # browser pages: /playground, /playground/ops
     register_queue_collector(settings)  # Prometheus: queue gauges, as the other processes export them

@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 
 from common.domain.extensions import OutputExtensions
 from common.domain.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
+from common.domain.video import BiRefNetVideoInput
 from producer.gateway.parsing import MAX_LIFETIME
 
 REF = "#/components/schemas/{model}"
@@ -37,6 +38,10 @@ def input_schemas() -> dict[str, Any]:
         if schema.get("required") == ["image_url"]:
             schema.setdefault("examples", [{"image_url": EXAMPLE_IMAGE}])
         schemas[model.__name__] = schema
+    video = BiRefNetVideoInput.model_json_schema(ref_template=REF)  # fal-ai/birefnet/v2/video
+    schemas.update(video.pop("$defs", {}))
+    video["properties"]["video_url"].setdefault("pattern", IMAGE_URL_PATTERN)
+    schemas[BiRefNetVideoInput.__name__] = video
     return schemas
 
 

@@ -8,9 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 from starlette.responses import FileResponse, Response
 
 from common.domain.schemas import INPUT_MODELS
+from common.domain.video import BiRefNetVideoInput
 from ops.status import gather_status
 from producer.gateway.models import ERRORS, ErrorBody
 from producer.gateway.responses import FalError, fal_json
@@ -21,12 +23,12 @@ router = APIRouter(tags=["playground"])
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PAGES = {"": "playground.html", "ops": "ops.html"}
 ASSETS = {"playground.js", "ops.js", "common.js", "style.css"}  # what /playground/<name> may serve
-APP_IDS = {"v1": "fal-ai/birefnet", "v2": "fal-ai/birefnet/v2"}
+APP_IDS = {"v1": "fal-ai/birefnet", "v2": "fal-ai/birefnet/v2", "v2/video": "fal-ai/birefnet/v2/video"}
 # Security headers for the pages: scripts only from this origin, images from anywhere (outputs may be
 # presigned S3 URLs on another host), no framing.
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src * data: blob:; connect-src 'self'; "
-                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+                               "media-src * data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "cache-control": "no-cache",
 }
@@ -46,10 +48,11 @@ async def playground_options(request: Request) -> Response:
     """Input fields per endpoint (choices and defaults) and the variant serving each model."""
     registry = gateway(request).settings.variants
     endpoints = {}
-    for endpoint, schema in INPUT_MODELS.items():
+    schemas: dict[str, type[BaseModel]] = {**INPUT_MODELS, "v2/video": BiRefNetVideoInput}
+    for endpoint, schema in schemas.items():
         fields = {}
         for name, field in schema.model_fields.items():
-            if name == "image_url":
+            if name in ("image_url", "video_url"):
                 continue
             annotation = field.annotation
             choices = [member.value for member in annotation] if isinstance(annotation, type) and hasattr(
@@ -59,10 +62,14 @@ async def playground_options(request: Request) -> Response:
         variants: dict[str, str | None] = {}
         for model in fields["model"]["choices"]:
             try:
-                variants[model] = registry.by_model_name(endpoint, model).id  # type: ignore[arg-type]
+                variants[model] = registry.by_model_name(endpoint.split("/")[0], model).id  # type: ignore[arg-type]
             except KeyError:
                 variants[model] = None
+        video = endpoint == "v2/video"
+        # The page's one format select and input URL field map onto each endpoint's own names.
         endpoints[endpoint] = {"app_id": APP_IDS[endpoint], "fields": fields, "variants": variants,
+                               "url_field": "video_url" if video else "image_url",
+                               "format_field": "video_output_type" if video else "output_format",
                                "resolution_limits": {"2304x2304": ["General Use (Dynamic)"]}}
     return fal_json({"endpoints": endpoints, "auth": gateway(request).settings.gateway_auth})
 

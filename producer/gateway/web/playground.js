@@ -25,7 +25,8 @@ function syncForm() {
   const spec = endpointSpec();
   const fields = spec.fields;
   fillSelect($("model"), fields.model.choices, fields.model.default);
-  fillSelect($("output_format"), fields.output_format.choices, fields.output_format.default);
+  const format = fields[spec.format_field];  // output_format, or video_output_type for videos
+  fillSelect($("output_format"), format.choices, format.default);
   syncResolutions();
   const maskOnly = $("mask_only");
   maskOnly.disabled = !("mask_only" in fields);
@@ -57,10 +58,12 @@ function defaultsIntoForm() {
 
 // The request body: only fields that differ from the endpoint's defaults, like a hand-written call.
 function buildInput(imageUrl) {
-  const fields = endpointSpec().fields;
-  const input = { image_url: imageUrl };
+  const spec = endpointSpec();
+  const fields = spec.fields;
+  const input = { [spec.url_field]: imageUrl };
   for (const name of ["model", "operating_resolution", "output_format"]) {
-    if ($(name).value !== fields[name].default) input[name] = $(name).value;
+    const key = name === "output_format" ? spec.format_field : name;
+    if ($(name).value !== fields[key].default) input[key] = $(name).value;
   }
   for (const flag of FLAGS) {
     if (fields[flag] && !$(flag).disabled && $(flag).checked !== Boolean(fields[flag].default)) {
@@ -106,7 +109,7 @@ function resetOutput() {
   $("logs").replaceChildren();
   $("result-json").textContent = "";
   $("request-id").textContent = "";
-  for (const id of ["cutout-img", "mask-img", "cutout-download", "mask-download"]) {
+  for (const id of ["cutout-img", "mask-img", "cutout-video", "mask-video", "cutout-download", "mask-download"]) {
     $(id).hidden = true;
     $(id).removeAttribute("src");
     $(id).removeAttribute("href");
@@ -189,7 +192,8 @@ async function run(event) {
       imageUrl = await upload(chosenFile);
       addLog(`uploaded ${chosenFile.name} (${formatBytes(chosenFile.size)})`, "INFO", "status");
     }
-    if (chosenFile) showImage("original-img", URL.createObjectURL(chosenFile), chosenFile.name);
+    if (chosenFile && chosenFile.type.startsWith("video/")) addLog("video chosen: no still preview", "INFO", "status");
+    else if (chosenFile) showImage("original-img", URL.createObjectURL(chosenFile), chosenFile.name);
     else showImage("original-img", imageUrl);
     const input = buildInput(imageUrl);
     lastInput = input;
@@ -234,6 +238,12 @@ async function run(event) {
   }
 }
 
+function showVideo(id, url) {
+  const video = $(id);
+  video.src = url;
+  video.hidden = false;
+}
+
 async function showResult(id, final) {
   const response = await api(`${REQUESTS}${id}`);
   const body = await readJson(response);
@@ -247,6 +257,16 @@ async function showResult(id, final) {
   if (body.warning) {
     $("result-warning").textContent = body.warning;
     $("result-warning").hidden = false;
+  }
+  if (body.video) {  // the video endpoint: play both outputs
+    showVideo("cutout-video", body.video.url);
+    showDownload("cutout-download", body.video, "cut-out video");
+    if (body.mask_video) {
+      showVideo("mask-video", body.mask_video.url);
+      showDownload("mask-download", body.mask_video, "mask video");
+    }
+    $("result-heading").focus();
+    return;
   }
   const maskOnly = lastInput.mask_only === true;
   $("cutout-caption").textContent = maskOnly ? "Output (mask only)" : "Cut-out";
