@@ -27,6 +27,15 @@ def main(argv: list[str] | None = None) -> None:
         from common.state.shards import ShardMap, settings_for
 
         settings = settings_for(settings, ShardMap.from_settings(settings).for_variants(list(settings.worker_variants)))
+    # Before any model loads: a driver too old for this torch build's CUDA is a clear exit, not a
+    # crash loop on "CUDA is not available".
+    from worker.cuda_driver import DriverTooOld, require_driver
+
+    try:
+        require_driver(settings.device)
+    except DriverTooOld as error:
+        logging.getLogger("worker").critical("%s", error)
+        parser.exit(3, f"python -m worker: {error}\n")
     if settings.benchmark_null_model:
         from worker.null_model import mark_process_logs
 
