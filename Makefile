@@ -14,7 +14,7 @@ EXPORT_dev    := --no-dev --extra worker --extra dev
 LOCK_SETS := app worker dev
 
 .PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool \
-	lock lock-check scan-venv
+	lock lock-check scan-venv images images-smoke
 
 $(STAMP): pyproject.toml requirements/build.txt requirements/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
@@ -123,6 +123,17 @@ FUZZ_CASES ?= 100
 fuzz: $(STAMP)
 	FUZZ_CASES=$(FUZZ_CASES) FUZZ_EXAMPLES=$(FUZZ_CASES) FUZZ_REPORT_DIR=out/fuzz $(BIN)/python -m pytest -q -ra -s \
 		tests/test_fuzz_schemathesis.py tests/test_fuzz_api.py tests/test_hostile_input.py
+
+# The app and worker images from infra/docker/Dockerfile.{app,worker} with podman, on a Debian bookworm
+# base bootstrapped here with mmdebstrap (cached under IMAGES_DIR, default /var/tmp/birefnet-images): no
+# image registry needed. Installs Debian's podman/mmdebstrap/runc when missing (as root with apt).
+images:
+	infra/docker/images.sh
+
+# Starts both images (gateway, producer, deliverer, a CPU worker) against Redis and moto on 127.0.0.1 and
+# sends one S3 upload and one API request through them (tests/test_images_smoke.py).
+images-smoke: $(STAMP) images
+	BIREFNET_IMAGES_SMOKE=1 $(BIN)/python -m pytest -q -ra -s -p no:cacheprovider tests/test_images_smoke.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -426,10 +426,20 @@ def test_dockerfile_conventions(dockerfile: Path):
 
 def test_worker_dockerfile():
     text = (DOCKER_DIR / "Dockerfile.worker").read_text()
-    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu22\.04", base), base
-    assert "python3.11" in text
-    assert 'pip install --no-cache-dir "./[worker]"' in text
+    # One CUDA stack: the one torch's wheels bring, on a slim Python base (overridable as a whole only).
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\S*$", text, re.M)
+    assert all(line.split()[1] == "${BASE_IMAGE}" for line in re.findall(r"^FROM .*", text, re.M))
+    assert "nvidia/cuda" not in text
+    assert "pip install --require-hashes --no-deps -r requirements/worker.txt" in text
+    assert "pip install --no-deps ." in text
+    # The labelled CUDA and driver floor are checked against the installed torch during the build.
+    floor = re.search(r"^ARG MIN_DRIVER=(\S+)", text, re.M).group(1)
+    cuda = re.search(r"^ARG TORCH_CUDA=(\S+)", text, re.M).group(1)
+    from worker.cuda_driver import format_version, required_driver
+
+    assert format_version(required_driver(cuda)) == floor
+    assert "python -m worker.cuda_driver --expect-cuda" in text
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
     assert f"EXPOSE {WORKER_METRICS_PORT}" in text
     assert READY_FILE in text
     assert "BIREFNET_WEIGHTS_CACHE_DIR=/models" in text
@@ -437,8 +447,10 @@ def test_worker_dockerfile():
 
 def test_app_dockerfile():
     text = (DOCKER_DIR / "Dockerfile.app").read_text()
-    assert all(line.split()[1].startswith("python:3.11-slim") for line in re.findall(r"^FROM .*", text, re.M))
-    assert "pip install --no-cache-dir ." in text
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\S*$", text, re.M)
+    assert all(line.split()[1] == "${BASE_IMAGE}" for line in re.findall(r"^FROM .*", text, re.M))
+    assert "pip install --require-hashes --no-deps -r requirements/app.txt" in text
+    assert "pip install --no-deps ." in text
     assert re.search(rf"^EXPOSE .*\b{GATEWAY_PORT}\b.*\b{PRODUCER_HTTP_PORT}\b", text, re.M)
 
 
@@ -489,6 +501,8 @@ def test_dockerignore():
         "deliverer/__main__.py",
         "worker/__main__.py",
         "ops/__main__.py",
+        "requirements/app.txt",
+        "requirements/worker.txt",
     ]
     for path in needed:
         assert not _dockerignore_excludes(path, patterns), f"{path} must reach the build context"

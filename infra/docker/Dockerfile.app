@@ -1,15 +1,21 @@
 # syntax=docker/dockerfile:1
 # Slim image for everything but the GPU worker: gateway, producer (sqs|http), webhook deliverer, ops.
+# The locked dependencies (requirements/app.txt, with hashes), no torch.
 #   docker build -f infra/docker/Dockerfile.app -t birefnet-app:0.1.0 .
 # The command picks the role, e.g. `python -m producer.gateway` (default), `python -m producer http`,
 # `python -m deliverer`.
 
-FROM python:3.11-slim-bookworm AS build
+# Only the base is meant to change (e.g. a locally bootstrapped Debian bookworm with python3).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+COPY requirements/app.txt requirements/
+RUN pip install --require-hashes --no-deps -r requirements/app.txt
 # README.md is read by the build backend (pyproject's `readme`).
 COPY pyproject.toml README.md ./
 COPY common ./common
@@ -17,9 +23,12 @@ COPY producer ./producer
 COPY deliverer ./deliverer
 COPY worker ./worker
 COPY ops ./ops
-RUN pip install --no-cache-dir .
+# The slim set must not pull torch in: the build fails if anything installed it.
+RUN pip install --no-deps . \
+    && pip check \
+    && if python -c "import torch" 2>/dev/null; then echo "torch in the app image" >&2; exit 1; fi
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="birefnet-app" \
       org.opencontainers.image.description="fal-compatible BiRefNet service: gateway, producer, webhook deliverer, ops"
 RUN groupadd --system --gid 10001 birefnet \
