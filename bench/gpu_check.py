@@ -1,5 +1,8 @@
 """One prepared GPU check (<= 5 minutes on one GPU); exits cleanly with a message without CUDA.
 
+First the worker's own start-up driver check (worker/cuda_driver.py: the NVIDIA driver found against the
+floor of torch's CUDA build), as the worker image runs it; then the figures:
+
 For Swin-T and Swin-L (recipe weights): float16/bfloat16 vs float32 logit and 8-bit mask differences;
 forward ms and peak GPU memory at batch 1/2/4/8 at 1024² and 2048²; engine images/s end to end (1 MP JPEG
 bytes -> cut-out + mask PNG on the device path) with N job threads around the batcher.
@@ -30,6 +33,16 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    # 0. The driver floor, with the product's function (the worker calls it before loading any model).
+    from worker.cuda_driver import DriverTooOld, read_driver_version, require_driver, torch_cuda_version
+
+    print(f"### 0. Driver check: torch {torch.__version__} built for CUDA {torch_cuda_version()}, "
+          f"NVIDIA driver found: {read_driver_version() or 'none'}\n")
+    try:
+        result = require_driver("auto")
+        print(f"driver check: OK: {result.message}\n" if result else "driver check: no NVIDIA driver (auto: CPU)\n")
+    except DriverTooOld as error:
+        print(f"driver check: FAIL: {error}\n")
     if not torch.cuda.is_available():
         print("gpu_check: CUDA is not available on this machine; nothing to measure. Run it on a GPU host:\n"
               "    python bench/gpu_check.py")
