@@ -9,6 +9,7 @@
 # IMAGE_TAG (default 0.1.0), BASE_IMAGE (skip the bootstrap and build on this image instead),
 # WHEELS_DIR (optional: a directory of wheel files bind-mounted read-only and given to pip as
 # --find-links, e.g. a host's wheel cache; the lock's hashes still decide what is installed).
+# TMPDIR: where podman stages layer copies (the worker layer is ~6 GB, twice); default /var/tmp.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -77,7 +78,8 @@ build_image() {  # $1: app | worker
         printf '[global]\nfind-links = /wheels\n' > "$IMAGES_DIR/pip-wheels.conf"
         extra+=(--volume "$WHEELS_DIR:/wheels:ro" --volume "$IMAGES_DIR/pip-wheels.conf:/etc/pip.conf:ro")
     fi
-    podman build --layers --file "$ROOT/infra/docker/Dockerfile.$name" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    # docker format: OCI image configs have no HEALTHCHECK, which the worker image uses.
+    podman build --layers --format docker --file "$ROOT/infra/docker/Dockerfile.$name" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
         "${extra[@]}" --tag "localhost/birefnet-$name:$IMAGE_TAG" "$ROOT"
     echo "images: birefnet-$name built in $((SECONDS - start)) s"
