@@ -431,7 +431,8 @@ def test_worker_dockerfile():
     assert all(line.split()[1] == "${BASE_IMAGE}" for line in re.findall(r"^FROM .*", text, re.M))
     assert "nvidia/cuda" not in text
     assert "pip install --require-hashes --no-deps -r requirements/worker.txt" in text
-    assert "pip install --no-deps ." in text
+    assert "pip install --require-hashes --no-deps -r requirements/build.txt" in text
+    assert "pip install --no-deps --no-build-isolation ." in text
     # The labelled CUDA and driver floor are checked against the installed torch during the build.
     floor = re.search(r"^ARG MIN_DRIVER=(\S+)", text, re.M).group(1)
     cuda = re.search(r"^ARG TORCH_CUDA=(\S+)", text, re.M).group(1)
@@ -450,7 +451,8 @@ def test_app_dockerfile():
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\S*$", text, re.M)
     assert all(line.split()[1] == "${BASE_IMAGE}" for line in re.findall(r"^FROM .*", text, re.M))
     assert "pip install --require-hashes --no-deps -r requirements/app.txt" in text
-    assert "pip install --no-deps ." in text
+    assert "pip install --require-hashes --no-deps -r requirements/build.txt" in text
+    assert "pip install --no-deps --no-build-isolation ." in text
     assert re.search(rf"^EXPOSE .*\b{GATEWAY_PORT}\b.*\b{PRODUCER_HTTP_PORT}\b", text, re.M)
 
 

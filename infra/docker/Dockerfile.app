@@ -14,8 +14,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY requirements/app.txt requirements/
-RUN pip install --require-hashes --no-deps -r requirements/app.txt
+COPY requirements/build.txt requirements/app.txt requirements/
+# pip and setuptools from the lock first: the project is then built without an unpinned build environment.
+RUN pip install --require-hashes --no-deps -r requirements/build.txt \
+    && pip install --require-hashes --no-deps -r requirements/app.txt
 # README.md is read by the build backend (pyproject's `readme`).
 COPY pyproject.toml README.md ./
 COPY common ./common
@@ -24,7 +26,7 @@ COPY deliverer ./deliverer
 COPY worker ./worker
 COPY ops ./ops
 # The slim set must not pull torch in: the build fails if anything installed it.
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
     && pip check \
     && if python -c "import torch" 2>/dev/null; then echo "torch in the app image" >&2; exit 1; fi
 
