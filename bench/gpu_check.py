@@ -96,7 +96,12 @@ def main() -> int:
                                          strict=False)
             if hasattr(half.network, "fuse_for_inference"):
                 half.network.fuse_for_inference()
-            logits = torch.stack(half.forward(prepared)).float()
+            try:
+                logits = torch.stack(half.forward(prepared)).float()
+            except (RuntimeError, NotImplementedError) as error:  # a dtype the network cannot run: say so
+                print(f"| {backbone} | {dtype} | failed: {str(error).splitlines()[0][:80]} | | | |")
+                del half
+                continue
             diff = (logits - logits32).abs()
             mask_diff = ((logits.sigmoid() * 255).round() - (logits32.sigmoid() * 255).round()).abs()
             print(f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "

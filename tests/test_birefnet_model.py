@@ -261,3 +261,20 @@ def test_config_presets() -> None:
         BiRefNetConfig(backbone="swin_v1_t", patch_order="rowmajor")  # type: ignore[arg-type]
     with pytest.raises(AttributeError):  # frozen
         cfg.backbone = "swin_v1_t"  # type: ignore[misc]
+
+
+def test_deformable_conv_runs_in_bfloat16():
+    """inference_dtype=bfloat16 must not crash: torchvision's deform_conv2d has no bfloat16 kernel, so the
+    block runs that op in float32 and returns bfloat16 close to the float32 block's output."""
+    import torch
+
+    from worker.birefnet.blocks import DeformableConv2d
+
+    torch.manual_seed(0)
+    block = DeformableConv2d(8, 8, 3, 1)
+    x = torch.randn(1, 8, 16, 16)
+    expected = block(x)
+    half = block.to(torch.bfloat16)
+    got = half(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() < 0.1

@@ -226,3 +226,21 @@ def test_patch_order_check_reports_both_orders(tmp_path, photos, capsys):
     einops, legacy = (float(cell) for cell in overall.strip("| ").split("|")[1:])
     assert 0 < einops < 0.5 and 0 < legacy < 0.5
     assert "most likely patch order" in out or "inconclusive" in out
+
+
+def test_forward_splits_batches_past_the_32_bit_index_limit(predictor, monkeypatch):
+    """CUDA's channels-last bilinear upsampling fails past 2**31 elements (batch 8 at 2048² does): such a
+    batch runs as smaller forwards with the same logits. Here the limit is reached at a small size."""
+    import torch
+
+    from worker import engine
+
+    batch = torch.randn(4, 3, 64, 64)
+    whole = predictor._forward(batch)
+    calls = []
+    network = predictor._network
+    monkeypatch.setattr(predictor, "_network", lambda x: calls.append(x.shape[0]) or network(x))
+    monkeypatch.setattr(engine, "FULL_RES_CHANNELS", (2**31 - 1) // (64 * 64 * 2))  # two images per forward
+    split = predictor._forward(batch)
+    assert calls == [2, 2]
+    assert torch.allclose(split, whole, atol=1e-5)

@@ -43,6 +43,9 @@ from worker.patch_order_check import PatchOrderReport, log_patch_order, self_che
 from worker.rendering import RenderedOutputs, render_outputs
 from worker.timings import StageTimings
 
+# The widest decoder feature map at the input's resolution (Swin-T: 96 channels, Swin-L: 192; margin).
+FULL_RES_CHANNELS = 256
+
 log = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 32  # Swin patch embedding (4) x three 2x patch merges
@@ -254,6 +257,13 @@ class Predictor:
                      time.perf_counter() - started)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        # CUDA's channels-last bilinear upsampling indexes with 32-bit ints: the decoder's full-resolution
+        # feature maps (up to FULL_RES_CHANNELS channels) must stay under 2**31 elements per forward, so a
+        # big batch at 2048² runs as several smaller forwards.
+        per_image = FULL_RES_CHANNELS * batch.shape[-2] * batch.shape[-1]
+        most = max(1, (2**31 - 1) // per_image)
+        if batch.shape[0] > most:
+            return torch.cat([self._forward(part) for part in batch.split(most)])
         half = self._half_dtype
         if half is not None:
             batch = batch.to(half)

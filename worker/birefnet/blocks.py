@@ -70,6 +70,10 @@ class DeformableConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         offset = self.offset_conv(x)
         modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
+        if x.dtype == torch.bfloat16:
+            # torchvision's deform_conv2d has no bfloat16 kernel (CUDA or CPU): this one op runs in float32.
+            return deform_conv2d(x.float(), offset.float(), self.regular_conv.weight.float(), None,
+                                 padding=self.padding, mask=modulator.float()).to(torch.bfloat16)
         return deform_conv2d(x, offset, self.regular_conv.weight, None, padding=self.padding, mask=modulator)
 
 
