@@ -322,11 +322,18 @@ class JobRunner:
                            error_type="runner_scheduling_failure", status_code=503)
         params = spec.params
         check_output_format(params.output_format, self.hooks.unsupported_output_formats)  # a 422 before any work
+        banner = f"[{NULL_MODEL_BANNER}] " if predictor.null_model else ""
+        if spec.extra.get("video") is not None:
+            # A video reports progress while it runs (frames, segments): its lines go out as they come.
+            def log_now(request_id: str, message: str, level: str = "INFO") -> None:
+                self.store.log(request_id, banner + message, level)
+
+            from worker.video.job import run_video_job  # PyAV loads only where video jobs run
+            return run_video_job(self, spec, token, deadline, limit, predictor, log_now)
         timings: dict[str, float] = {}
         # Log lines are written per stage, not per line: those up to the forward just before it runs (what a
         # caller watching sees while it waits), the rest with the completion, in its round trip.
         lines: list[str] = []
-        banner = f"[{NULL_MODEL_BANNER}] " if predictor.null_model else ""
 
         def log_(request_id: str, message: str, level: str = "INFO") -> None:
             lines.append(log_entry(banner + message, level))
@@ -343,9 +350,6 @@ class JobRunner:
                     timings: dict[str, float], lines: list[str], log_) -> Outcome:
         params = spec.params
         rid = spec.request_id
-        if spec.extra.get("video") is not None:
-            from worker.video.job import run_video_job  # PyAV loads only where video jobs run
-            return run_video_job(self, spec, token, deadline, limit, predictor, log_)
 
         started = time.perf_counter()
         log_(rid, "loading image")

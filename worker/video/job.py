@@ -96,7 +96,7 @@ class VideoRun:
         size = tuple(int(v) for v in resolution.split("x"))
         background = parse_hex_color(self.options.background_color)[:3]
         batcher = runner.batchers[self.spec.variant]
-        alone = runner.store.runs_alone(self.spec.request_id)
+        _, alone = runner.store.run_flags(self.spec.request_id)
         writers: dict[str, codec.VideoWriter] = {}
         total = info.frames if end is None else max(1, round((min(end, info.duration) - start) * info.fps))
         done = 0
