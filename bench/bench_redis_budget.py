@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import sys
 import tempfile
@@ -26,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_plumbing import cpu_seconds, our_processes  # noqa: E402
+from bench_plumbing import cpu_seconds, our_processes, png_128  # noqa: E402
 from benchstack import cpu_model  # noqa: E402
 
 from devstack import services  # noqa: E402
@@ -51,15 +49,6 @@ class Run:
     idle_commands_per_s: float
     idle_redis_cpu_per_s: float  # seconds of Redis CPU per second with no jobs (sweeps, polls, serverCron)
     objects: dict[str, float]  # S3 objects written per job, by bucket role
-
-
-def png_128(seed: int) -> bytes:
-    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
-    image = Image.new("RGB", (128, 128), color)
-    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (24 + seed % 16, 20, 96, 100))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def command_counts(client: redis.Redis) -> dict[str, int]:

@@ -63,12 +63,17 @@ def validate_input(endpoint: str, data: dict, settings: Settings,
         raise InputErrors(validation_details(exc)) from exc
     except KeyError as exc:
         raise InputErrors([detail(["body", "model"], str(exc.args[0]), "value_error")]) from None
-    resolution = parsed.operating_resolution.value
+    check_resolution_allowed(parsed.operating_resolution.value, variant,
+                             variant.fal_names.get(endpoint, variant.id))  # type: ignore[call-overload]
+    return parsed, variant
+
+
+def check_resolution_allowed(resolution: str, variant: VariantSpec, model_name: str) -> None:
+    """InputErrors unless the variant runs at this operating_resolution."""
     if resolution not in variant.allowed_resolutions:
         raise InputErrors([detail(["body", "operating_resolution"], f"Value error, {resolution} is not supported by "
-                                  f"'{variant.fal_names.get(endpoint, variant.id)}' (allowed: "  # type: ignore[call-overload]
-                                  f"{', '.join(variant.allowed_resolutions)})", "value_error", input=resolution)])
-    return parsed, variant
+                                  f"'{model_name}' (allowed: {', '.join(variant.allowed_resolutions)})",
+                                  "value_error", input=resolution)])
 
 
 @dataclass(frozen=True)

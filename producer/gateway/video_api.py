@@ -14,7 +14,7 @@ from common.domain.errors import InputErrors
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.domain.video import BiRefNetVideoInput, BiRefNetVideoOutput, VideoOptions
-from producer.admission import Submitted, detail, validation_details
+from producer.admission import Submitted, check_resolution_allowed, detail, validation_details
 from producer.gateway.inputs import resolve_image_url
 from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from producer.gateway.parsing import json_object_body
@@ -63,11 +63,7 @@ def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
         raise InputErrors(validation_details(exc)) from exc
     except KeyError as exc:
         raise InputErrors([detail(["body", "model"], str(exc.args[0]), "value_error")]) from None
-    resolution = parsed.operating_resolution.value
-    if resolution not in variant.allowed_resolutions:
-        raise InputErrors([detail(["body", "operating_resolution"], f"Value error, {resolution} is not supported "
-                                  f"by '{parsed.model.value}' (allowed: {', '.join(variant.allowed_resolutions)})",
-                                  "value_error", input=resolution)])
+    check_resolution_allowed(parsed.operating_resolution.value, variant, parsed.model.value)
     return parsed, variant.id
 
 
