@@ -37,7 +37,7 @@ REPORT_DIR = Path(os.environ.get("FUZZ_REPORT_DIR") or Path(__file__).resolve().
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 WORKERS = os.environ.get("FUZZ_WORKERS", "1")  # 2+ threads crash hypothesis on CPython 3.11 (AST recursion)
 PHASES = "examples,coverage,fuzzing,stateful"
-SUBMIT_AND_RUN = r"^/(queue|run)/fal-ai/birefnet(/v2|/requests/[{]request_id[}]/compose)?$"
+SUBMIT_AND_RUN = r"^/(queue|run)/fal-ai/birefnet(/v2|/v2/video|/requests/[{]request_id[}]/compose)?$"
 
 CONFIG = """
 max-stream-events = 1  # a queued request's status stream stays open (no worker): read its first event

@@ -346,7 +346,7 @@ def test_host_and_path_conventions(gs, alice):
                  f"/queue/fal-ai/birefnet/v2/requests/{rid}/status", f"/fal-ai/birefnet/v2/requests/{rid}/status"):
         response = alice.get(path, headers=queue_host if not path.startswith("/queue") else {})
         assert response.status_code == 202, path
-    unknown = alice.post("/queue/fal-ai/birefnet/v2/video", json={})
+    unknown = alice.post("/queue/fal-ai/birefnet/v3", json={})
     assert unknown.status_code == 404 and unknown.json() == {"detail": "Application not found"}
     assert alice.post("/fal-ai/flux/dev", json={}).status_code == 404
     wrong_method = alice.get("/run/fal-ai/birefnet/v2")
