@@ -2,7 +2,7 @@
 gateway's resident memory (VmHWM, the process's peak, minus its resident size just before), and what four
 39 MB submits sent at once add (the large-body budget's case).
 
-`python bench/bench_body_memory.py [--old-ref REF]`: each row starts a fresh `python -m producer.gateway`
+`python bench/bench_body_memory.py [--old-ref REF]`: each row starts a fresh `python -m gateway`
 (auth off, no worker: the job only queues) on loopback Redis and moto S3. With --old-ref, the same rows run
 first with the gateway of that git revision (checked out in a temporary worktree): the baseline, in the same
 run on the same machine.
@@ -60,7 +60,7 @@ def body_of(size: int) -> bytes:
 def gateway(tree: Path, env: dict[str, str], logs: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     handle = (logs / f"gateway-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "producer.gateway"], cwd=tree, stdout=handle,
+    proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=tree, stdout=handle,
                             stderr=subprocess.STDOUT, env={**env, "BIREFNET_GATEWAY_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
     try:

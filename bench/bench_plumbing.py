@@ -79,7 +79,7 @@ def our_processes(stack: ChaosStack) -> dict[str, int]:
     pids = {}
     for proc in stack.stack.processes:
         args = " ".join(proc.args) if isinstance(proc.args, list) else str(proc.args)
-        if "producer.gateway" in args:
+        if "gateway" in args:
             pids["gateway"] = proc.pid
         elif "-m deliverer" in args:
             pids["webhook deliverer"] = proc.pid
@@ -250,7 +250,7 @@ def waiting(args) -> None:
             if args.baseline_root:
                 port = free_port()
                 env = {**stack.stack.env, "BIREFNET_GATEWAY_PORT": str(port)}
-                baseline = subprocess.Popen([sys.executable, "-m", "producer.gateway"], cwd=args.baseline_root,
+                baseline = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=args.baseline_root,
                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     url = f"http://127.0.0.1:{port}"

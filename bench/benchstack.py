@@ -1,5 +1,5 @@
 """What the stack benchmarks share: the CPU's name, health probes, and a loopback stack of Redis, moto S3,
-one `python -m worker` and `python -m producer.gateway` with one API key (`KEY`)."""
+one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_
         settings = settings_from(env)
         provision_aws(settings, env)
         processes = [spawn_python(["-m", "worker", "--variants", "general-light"], env, logs / "worker.log"),
-                     spawn_python(["-m", "producer.gateway"], env, logs / "gateway.log")]
+                     spawn_python(["-m", "gateway"], env, logs / "gateway.log")]
         try:
             wait(lambda: (logs / "worker.ready").exists(), worker_timeout, "the worker")
             url = f"http://127.0.0.1:{port}"

@@ -212,7 +212,7 @@ class Settings(BaseSettings):
         90, ge=1, le=100, description="Quality of lossy WebP cut-outs (alpha and masks are always lossless).")
 
     # --- Gateway ---
-    gateway_host: str = Field("0.0.0.0", description="Address the fal-compatible HTTP gateway (`python -m producer.gateway`) binds.")
+    gateway_host: str = Field("0.0.0.0", description="Address the fal-compatible HTTP gateway (`python -m gateway`) binds.")
     gateway_port: int = Field(8080, description="Port of the gateway.")
     gateway_workers: int = Field(1, ge=1, description="uvicorn worker processes of the gateway.")
     gateway_tls_cert: str = Field(

@@ -186,7 +186,7 @@ class LocalStack:
         self._spawn("producer", ["-m", "producer", "sqs"])
         self._spawn("webhooks", ["-m", "deliverer", "--concurrency", "2"])
         self.tls = make_tls(self.log_dir)
-        self._spawn("gateway", ["-m", "producer.gateway"], {
+        self._spawn("gateway", ["-m", "gateway"], {
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.dev.gateway_port),
             "BIREFNET_GATEWAY_TLS_CERT": str(self.tls.cert), "BIREFNET_GATEWAY_TLS_KEY": str(self.tls.key),
             "BIREFNET_GATEWAY_AUTH": "off",  # development mode: any FAL_KEY works

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,
                     wait_seconds=settings.sqs_wait_seconds, has_room=built.limiter.queue_has_room).run(stop)
     elif args.command == "http":
-        from producer.http_events import serve
+        from producer.http_receiver import serve
 
         serve(settings, args.host, args.port)
 

@@ -29,7 +29,7 @@ from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
 from producer.admission import Admission, parse_bool, validate_input
-from producer.events import ObjectCreated
+from producer.notifications import ObjectCreated
 from producer.video_intake import enqueue_video, is_video_upload
 
 log = logging.getLogger(__name__)

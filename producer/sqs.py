@@ -12,8 +12,8 @@ import threading
 from collections.abc import Callable
 
 from common.state.limits import QueueFull
-from producer.events import MalformedEvent, parse_notification
 from producer.intake import CountingIntake, Intake
+from producer.notifications import MalformedEvent, parse_notification
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from common.domain.schemas import JobParams, JobSpec
 from common.domain.video import VIDEO_SUFFIXES, BiRefNetVideoInput, VideoOptions
 
 if TYPE_CHECKING:
-    from producer.events import ObjectCreated
     from producer.intake import Intake
+    from producer.notifications import ObjectCreated
 
 VIDEO_PARAM_KEYS = ("video_output_type", "video_quality", "video_write_mode", "background_color", "output_mask",
                     "refine_foreground", "model", "operating_resolution", "webhook_url")

@@ -3,7 +3,7 @@ crashes and comes back, and S3 goes away for a while. Afterwards every accepted 
 document and exactly one webhook, none ran to completion twice, nothing is stuck.
 
 Everything is real: redis-server (AOF, fsync always), moto over HTTP behind a TCP proxy that the test cuts,
-`python -m producer.gateway`, `python -m producer sqs|webhooks`, `python -m worker` processes killed with
+`python -m gateway`, `python -m producer sqs|webhooks`, `python -m worker` processes killed with
 SIGKILL. Size: CHAOS_JOBS (default 100, CI) and CHAOS_KILLS; `make chaos` runs several hundred jobs.
 """
 

@@ -82,7 +82,7 @@ def start_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("load")
         raise RuntimeError("stop after load")
 
-    monkeypatch.setattr("worker.app.WorkerState.load", load)
+    monkeypatch.setattr("worker.app.WorkerProcess.load", load)
     return calls
 
 

@@ -267,7 +267,7 @@ def _healthcheck_port(service: dict) -> int:
 
 def test_compose_app_services():
     svc = services()
-    assert svc["gateway"]["command"] == ["python", "-m", "producer.gateway"]
+    assert svc["gateway"]["command"] == ["python", "-m", "gateway"]
     assert f"{GATEWAY_PORT}:{GATEWAY_PORT}" in svc["gateway"]["ports"]
     assert _healthcheck_port(svc["gateway"]) == GATEWAY_PORT
     assert "/livez" in " ".join(svc["gateway"]["healthcheck"]["test"]), "health must not restart with Redis"
@@ -862,7 +862,7 @@ def test_k8s_ports_match(overlay: str):
             if "prometheus.io/port" in annotations and container is pod_spec(doc)["containers"][0]:
                 assert int(annotations["prometheus.io/port"]) in declared.values()
     gateway = pod_spec(find(overlay, "Deployment", "birefnet-gateway"))["containers"][0]
-    assert gateway["command"] == ["python", "-m", "producer.gateway"]
+    assert gateway["command"] == ["python", "-m", "gateway"]
     assert {"name": "http", "containerPort": GATEWAY_PORT} in gateway["ports"]
     # Readiness reflects Redis; liveness is the process alone (a Redis restart restarts no gateway).
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}

@@ -1,6 +1,6 @@
 """Nobody hogs: one key floods the gateway, another keeps its latency.
 
-Real processes (`python -m producer.gateway`, two `python -m worker` on the nano model at 128², redis-server,
+Real processes (`python -m gateway`, two `python -m worker` on the nano model at 128², redis-server,
 moto). The flooding key has `max_concurrent: 1`; its client submits from several threads as fast as the
 gateway answers. The other key sends one request at a time and measures submit -> COMPLETED, first without
 the flood, then with it (same run, same machine). Its p95 must stay within 1.5x, and every accepted request

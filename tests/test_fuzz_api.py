@@ -2,7 +2,7 @@
 generated requests (default 15, valid and invalid data mixed, no shrinking so the run stays bounded), each
 answered without a 5xx and conforming to the schema (documented status code, content type, headers, body).
 
-The gateway is `python -m producer.gateway` over real Redis and moto S3, called with an API key; no worker
+The gateway is `python -m gateway` over real Redis and moto S3, called with an API key; no worker
 runs, so submitted jobs stay queued. Operations are driven one by one through schemathesis' strategies
 (its pytest plugin does not run under pytest 9), and every failure is reported, not just the first.
 """
@@ -76,7 +76,7 @@ def fuzz_operation(operation, base_url: str, failures: dict[str, str]) -> None:
 
 
 # fal's queue takes any JSON object and the model validates it after queueing: an invalid body becomes a
-# request COMPLETED at once with the model's 422 (producer/gateway/submit.py), not a 4xx at submit.
+# request COMPLETED at once with the model's 422 (gateway/submit.py), not a 4xx at submit.
 BY_DESIGN = {
     ("POST /queue/fal-ai/birefnet", "Schema-violating request accepted"),
     ("POST /queue/fal-ai/birefnet/v2", "Schema-violating request accepted"),

@@ -18,12 +18,12 @@ from common.domain.auth import (
 from common.domain.errors import InputErrors
 from common.domain.signed_urls import make_token, object_url, object_url_valid, read_token
 from common.settings import Settings
+from gateway.inputs import check_url, own_bucket_key, priority
+from gateway.parsing import json_object_body as parse_body
+from gateway.parsing import lifecycle_seconds, start_timeout
+from gateway.responses import FalError
+from gateway.routing import canonical_path, proxy_target
 from producer.admission import validate_input
-from producer.gateway.inputs import check_url, own_bucket_key, priority
-from producer.gateway.parsing import json_object_body as parse_body
-from producer.gateway.parsing import lifecycle_seconds, start_timeout
-from producer.gateway.responses import FalError
-from producer.gateway.routing import canonical_path, proxy_target
 
 
 @pytest.mark.parametrize(("path", "host", "expected"), [
@@ -141,8 +141,8 @@ def test_output_urls_per_style(monkeypatch):
 
 
 def test_one_boolean_parser_for_headers_queries_and_metadata():
+    from gateway.queue_api import options
     from producer.admission import flag, parse_bool
-    from producer.gateway.queue_api import options
 
     for word in ("1", "true", "Yes", " on "):
         assert parse_bool(word) is True and flag(word)

@@ -65,7 +65,7 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
 @pytest.fixture(scope="module")
 def gateway_log():
     records = Records()
-    logger = logging.getLogger("producer.gateway")
+    logger = logging.getLogger("gateway")
     level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.INFO)

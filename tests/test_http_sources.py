@@ -16,7 +16,7 @@ from skimage import data as samples
 
 from common.adapters.storage import boto_config
 from common.state.jobs import JobStore
-from producer.http_events import create_app, default_sns_verifier
+from producer.http_receiver import create_app, default_sns_verifier
 from producer.intake import build_intake
 from producer.sns import SNS_HOST, SnsRefused
 from tests.helpers import event_payloads as docs

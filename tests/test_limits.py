@@ -229,7 +229,7 @@ def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
 
 
 def test_minio_events_get_503_queue_full_until_there_is_room(stack: Stack):
-    from producer.http_events import create_app
+    from producer.http_receiver import create_app
     from tests.helpers.pipeline import minio_body, put
     from tests.helpers.servers import serve
 

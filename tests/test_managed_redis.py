@@ -3,7 +3,7 @@ deliverer, ops) against (1) a TLS-only redis-server that wants a client certific
 (2) a Sentinel group whose master is killed while jobs flow: nothing accepted is lost, nothing completes
 twice, each job gets one webhook.
 
-The services are subprocesses (`python -m producer.gateway`, `python -m producer sqs|webhooks`,
+The services are subprocesses (`python -m gateway`, `python -m producer sqs|webhooks`,
 `python -m worker`) configured only through BIREFNET_REDIS_* settings.
 """
 
@@ -70,7 +70,7 @@ class ManagedStack:
         return f"http://127.0.0.1:{self.gateway_port}"
 
     def start(self, workers: int = 1) -> ManagedStack:
-        self.stack.start(["-m", "producer.gateway"], "gateway")
+        self.stack.start(["-m", "gateway"], "gateway")
         self.stack.start(["-m", "producer", "sqs"], "producer")
         self.stack.start(["-m", "deliverer", "--concurrency", "4"], "webhooks")
         for n in range(workers):

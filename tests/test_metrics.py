@@ -11,7 +11,7 @@ from common.state import ops_state
 from common.state.jobs import JobStore
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port
-from producer.http_events import create_app
+from producer.http_receiver import create_app
 from tests.helpers.images import array_png
 from tests.helpers.metrics import sample
 from tests.helpers.pipeline import minio_body, put

@@ -20,8 +20,8 @@ from common.state import keys, ops_state
 from common.state.jobs import JobStore
 from ops import cli, control, render
 from ops.status import gather_status, percentile
-from producer.events import ObjectCreated
 from producer.intake import build_intake
+from producer.notifications import ObjectCreated
 from tests.helpers.images import array_png
 from tests.helpers.pipeline import put
 from tests.helpers.stack import Stack, wait_for

@@ -7,7 +7,7 @@ and encoding need about a gigabyte more than a small job (9 megapixels were enou
 path got lean). The worker runs under a memory limit that the test enforces the way the
 kernel's OOM killer (or a container runtime) does: SIGKILL when its resident memory passes the limit, then a
 fresh worker, as a restart policy would start. Everything else is the real stack: redis-server, moto,
-`python -m producer.gateway`, the webhook deliverer and `python -m worker` processes.
+`python -m gateway`, the webhook deliverer and `python -m worker` processes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ gateway's origin, lock-out and enumeration through failed-auth throttling, files
 unbounded memory for large bodies, reserved key ids, malformed signed-URL parameters, credentials in
 diagnostics, open metrics ports, development secrets in production, and the SSRF guard, SNS host and webhook
 retry details. Real parts: redis-server, moto S3, the gateway on uvicorn (in this process, or as
-`python -m producer.gateway`), `python -m deliverer`, `python -m ops`.
+`python -m gateway`), `python -m deliverer`, `python -m ops`.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def test_reserved_owner_names_are_refused_as_key_ids_at_start(stack: Stack):
     for reserved in ("anonymous", "", "s3"):
         keys = json.dumps([{"id": reserved, "hash": hash_secret("x", "sha256")}])
         name = f"gateway-{reserved or 'empty'}"
-        proc = stack.start(["-m", "producer.gateway"], name, {
+        proc = stack.start(["-m", "gateway"], name, {
             "BIREFNET_GATEWAY_API_KEYS": keys, "BIREFNET_GATEWAY_HOST": "127.0.0.1",
             "BIREFNET_GATEWAY_PORT": str(free_port())})
         text = exits_with(proc, f"{name}.log", stack)
@@ -228,7 +228,7 @@ def test_reserved_owner_names_are_refused_as_key_ids_at_start(stack: Stack):
 def test_production_settings_refuse_generated_keys_and_placeholder_secrets(stack: Stack):
     production = {"BIREFNET_ALLOW_DEV_SECRETS": "false", "BIREFNET_GATEWAY_HOST": "127.0.0.1",
                   "BIREFNET_GATEWAY_PORT": str(free_port())}
-    proc = stack.start(["-m", "producer.gateway"], "gateway-prod", production)
+    proc = stack.start(["-m", "gateway"], "gateway-prod", production)
     text = exits_with(proc, "gateway-prod.log", stack)
     assert "BIREFNET_GATEWAY_SIGNING_SECRET is empty" in text and "BIREFNET_WEBHOOK_SIGNING_KEYS is empty" in text
 
@@ -261,7 +261,7 @@ def test_malformed_object_parameters_and_upload_tokens_are_a_4xx(gs):
             log_lines.append(f"{record.levelname} {record.getMessage()}")
 
     capture = Capture()
-    logging.getLogger("producer.gateway").addHandler(capture)
+    logging.getLogger("gateway").addHandler(capture)
     try:
         key = quote(f"{gs.settings.output_prefix}files/x/y.png")
         for query in ("exp=%C2%B2&sig=abc", f"exp={'9' * 5000}&sig=abc", "exp=99999999999&sig=%C3%A9%C3%A9",
@@ -273,7 +273,7 @@ def test_malformed_object_parameters_and_upload_tokens_are_a_4xx(gs):
             answer = httpx.post(f"{server.url}{FILES}", content=b"x", headers={"authorization": b"Bearer " + token})
             assert answer.status_code == 401, (token, answer.status_code, answer.text)
     finally:
-        logging.getLogger("producer.gateway").removeHandler(capture)
+        logging.getLogger("gateway").removeHandler(capture)
         server.stop()
     assert not [line for line in log_lines if "unhandled" in line or line.startswith("ERROR")], log_lines
 

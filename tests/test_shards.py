@@ -59,7 +59,7 @@ def test_ops_commands_go_to_the_shard_of_their_variant_or_request():
 
 
 def test_the_gateway_refuses_shards_rather_than_queue_jobs_where_no_worker_looks():
-    from producer.gateway.state import Gateway
+    from gateway.context import Gateway
 
     with pytest.raises(RuntimeError, match="does not route jobs between Redis shards"):
         Gateway.build(Settings(redis_shards=TWO))

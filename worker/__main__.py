@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     install_log_redaction()  # no credential in any log line
 
     from common.settings import Settings, check_secrets
-    from worker.app import WorkerState, create_celery_app
+    from worker.app import WorkerProcess, create_celery_app
     from worker.test_hooks import HooksForTests
 
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
         mark_process_logs()
 
-    state = WorkerState(settings, HooksForTests())
+    state = WorkerProcess(settings, HooksForTests())
     app = create_celery_app(settings, state)
     state.load(app)
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)

@@ -44,7 +44,7 @@ from worker.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
-class WorkerState:
+class WorkerProcess:
     """What this process holds: warm predictors and the runner that uses them."""
 
     def __init__(self, settings: Settings, hooks: HooksForTests) -> None:
@@ -146,7 +146,7 @@ def retry_later(task: Task, countdown: float, visibility_timeout: float) -> NoRe
         raise Reject(exc.reason, requeue=True) from None
 
 
-def create_celery_app(settings: Settings, state: WorkerState) -> Celery:
+def create_celery_app(settings: Settings, state: WorkerProcess) -> Celery:
     """The worker's Celery app: `run_job` over `state`'s runner, and the pause check at start-up."""
     app = make_celery(settings, name="birefnet-worker")
     worker_ready.connect(lambda sender, **_: state.honour_pauses(sender), weak=False)

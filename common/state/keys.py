@@ -52,7 +52,7 @@ def upload(digest: str) -> str:  # the job that ended an upload overwritten befo
     return f"{PREFIX}upload:{digest}"
 
 
-# --- change events (pub/sub; producer.gateway.events listens) ---
+# --- change events (pub/sub; gateway.push listens) ---
 EVENTS_PREFIX = f"{PREFIX}events:"
 EVENTS_PATTERN = f"{EVENTS_PREFIX}*"
 
@@ -86,7 +86,7 @@ def orphan_scan(variant: str) -> str:  # lock: one worker at a time looks for lo
     return f"{PREFIX}orphans:{variant}"
 
 
-# --- admission limits (common.state.limits) and failed-auth throttle (producer.gateway.throttle) ---
+# --- admission limits (common.state.limits) and failed-auth throttle (gateway.throttle) ---
 def rate_limit(key_id: str) -> str:
     return f"{PREFIX}limits:rate:{key_id}"
 
@@ -102,7 +102,7 @@ def auth_fail_address(address: str) -> str:
     return f"{AUTH_FAIL_PREFIX}ip:{address}"
 
 
-# --- gateway schedules (producer.gateway.sweeper), zsets scored by due time ---
+# --- gateway schedules (gateway.sweeper), zsets scored by due time ---
 DEADLINES = f"{PREFIX}gateway:deadlines"  # request id -> start deadline (queued requests to expire)
 OUTPUTS = f"{PREFIX}gateway:outputs"  # "req:<id>" / "obj:<key>" -> when its files are deleted
 

@@ -2,7 +2,7 @@
 # Slim image for everything but the GPU worker: gateway, producer (sqs|http), webhook deliverer, ops.
 # The locked dependencies (requirements/app.txt, with hashes), no torch.
 #   docker build -f infra/docker/Dockerfile.app -t birefnet-app:0.1.0 .
-# The command picks the role, e.g. `python -m producer.gateway` (default), `python -m producer http`,
+# The command picks the role, e.g. `python -m gateway` (default), `python -m producer http`,
 # `python -m deliverer`.
 
 # Only the base is meant to change (e.g. a locally bootstrapped Debian bookworm with python3).
@@ -21,6 +21,7 @@ RUN pip install --require-hashes --no-deps -r requirements/build.txt \
 # README.md is read by the build backend (pyproject's `readme`).
 COPY pyproject.toml README.md ./
 COPY common ./common
+COPY gateway ./gateway
 COPY producer ./producer
 COPY deliverer ./deliverer
 COPY worker ./worker
@@ -44,4 +45,4 @@ WORKDIR /home/birefnet
 USER 10001:10001
 # 8080: gateway; 8081: producer in http mode (MinIO webhook target).
 EXPOSE 8080 8081
-CMD ["python", "-m", "producer.gateway"]
+CMD ["python", "-m", "gateway"]

@@ -5,7 +5,7 @@
   without losing moto's in-memory data.
 - `ChaosStack`: its own redis-server (AOF, `appendfsync always`) that can be crashed and restarted on the
   same port and data directory, S3 behind a `TcpProxy`, and the services as subprocesses: the gateway
-  (`python -m producer.gateway`), the SQS producer, the webhook deliverer and workers that can be killed.
+  (`python -m gateway`), the SQS producer, the webhook deliverer and workers that can be killed.
 - Submitters through the gateway (HTTP, with an API key) and through S3 uploads (events via SQS).
 - `audit()`: what became of every accepted job (results, webhooks, runs, stuck records).
 
@@ -204,7 +204,7 @@ class ChaosStack:
         self.settings = self.stack.settings
         self._versioned_output_and_quick_queue(self.settings.sqs_queue_url)
         if gateway:
-            self.stack.start(["-m", "producer.gateway"], "gateway")
+            self.stack.start(["-m", "gateway"], "gateway")
         if producer:
             self.stack.start(["-m", "producer", "sqs"], "producer")
         if webhooks:

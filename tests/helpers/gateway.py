@@ -22,7 +22,7 @@ from common.domain.auth import hash_secret
 from common.settings import Settings
 from devstack.services import free_port
 from devstack.stack import TlsFiles, make_tls
-from producer.gateway.app import create_app
+from gateway.app import create_app
 from tests.helpers.stack import Stack, build_stack, isolated_settings, wait_for
 
 # --- keys ---
@@ -62,7 +62,7 @@ class GatewayServer:
         self.port = port or free_port()
         self.tls = tls
         ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
-        # proxy_headers=False as `python -m producer.gateway` runs it: the gateway alone decides which
+        # proxy_headers=False as `python -m gateway` runs it: the gateway alone decides which
         # X-Forwarded-* to believe (uvicorn's default would take them from any loopback peer).
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, proxy_headers=False, **ssl)

@@ -13,9 +13,10 @@ from common.domain.schemas import BiRefNetOutput
 from common.domain.status import Status
 from common.domain.variants import Endpoint
 from common.state import keys
-from producer.gateway import records
-from producer.gateway.models import ERRORS, ErrorBody, ValidationErrorBody
-from producer.gateway.queue_api import (
+from gateway import records
+from gateway.context import Gateway, gateway
+from gateway.models import ERRORS, ErrorBody, ValidationErrorBody
+from gateway.queue_api import (
     BAD_REQUEST,
     ENDPOINTS,
     LIMITED,
@@ -28,11 +29,10 @@ from producer.gateway.queue_api import (
     cancel_job,
     options,
 )
-from producer.gateway.responses import stored_result
-from producer.gateway.security import Caller
-from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import submit_job
-from producer.gateway.urls import APP_PATH
+from gateway.responses import stored_result
+from gateway.security import Caller
+from gateway.submit import submit_job
+from gateway.urls import APP_PATH
 
 router = APIRouter(prefix="/run", tags=["run"])
 
@@ -45,7 +45,7 @@ async def _disconnected(request: Request) -> None:
 
 async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool:
     """Until the job completes (True) or the caller goes away first (False). Woken by the job's pub/sub
-    events (producer/gateway/events.py): no Redis command while nothing changes."""
+    events (gateway/push.py): no Redis command while nothing changes."""
     key = keys.job(request_id)
     hangup = asyncio.ensure_future(_disconnected(request))
     try:

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from producer.gateway.responses import FalError
+from gateway.responses import FalError
 
 MAX_JSON_DEPTH = 32  # fal's inputs are flat; the deepest legitimate document here has depth 2
 MAX_HEADER_JSON = 4096  # bytes of a JSON-valued header (x-fal-object-lifecycle-preference)

@@ -14,11 +14,11 @@ from common.domain.errors import InputErrors
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.domain.video import BiRefNetVideoInput, BiRefNetVideoOutput, VideoOptions
-from producer.admission import Submitted, check_resolution_allowed, detail, validation_details
-from producer.gateway.inputs import resolve_image_url
-from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
-from producer.gateway.parsing import json_object_body
-from producer.gateway.queue_api import (
+from gateway.context import Gateway, gateway
+from gateway.inputs import resolve_image_url
+from gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
+from gateway.parsing import json_object_body
+from gateway.queue_api import (
     BAD_REQUEST,
     LIMITED,
     LifecycleHeader,
@@ -30,11 +30,11 @@ from producer.gateway.queue_api import (
     options,
     submitted_answer,
 )
-from producer.gateway.run_api import run_answer
-from producer.gateway.security import Caller
-from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import SubmitOptions, enqueue, request_fields
-from producer.gateway.urls import APP_PATH
+from gateway.run_api import run_answer
+from gateway.security import Caller
+from gateway.submit import SubmitOptions, enqueue, request_fields
+from gateway.urls import APP_PATH
+from producer.admission import Submitted, check_resolution_allowed, detail, validation_details
 
 VIDEO_PATH = f"/{APP_PATH}/v2/video"
 queue_router = APIRouter(prefix="/queue", tags=["queue"])

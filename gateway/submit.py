@@ -14,11 +14,11 @@ from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
 from common.settings import Settings
 from common.state import keys
+from gateway.context import Gateway
+from gateway.inputs import InputWrites, resolve_image_url
+from gateway.parsing import json_object_body
+from gateway.responses import FalError
 from producer.admission import Admission, Submitted, validate_input
-from producer.gateway.inputs import InputWrites, resolve_image_url
-from producer.gateway.parsing import json_object_body
-from producer.gateway.responses import FalError
-from producer.gateway.state import Gateway
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from common.adapters.netguard import NetPolicy
 from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
 from common.settings import Settings
 from common.state.limits import QueueFull
-from producer.events import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
 from producer.intake import CountingIntake, Intake, build_intake
+from producer.notifications import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
 from producer.sns import SnsRefused, SnsUnavailable, SnsVerifier
 
 log = logging.getLogger(__name__)

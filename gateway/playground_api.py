@@ -13,11 +13,11 @@ from starlette.responses import FileResponse, Response
 
 from common.domain.schemas import INPUT_MODELS
 from common.domain.video import BiRefNetVideoInput
+from gateway.context import gateway
+from gateway.models import ERRORS, ErrorBody
+from gateway.responses import FalError, fal_json
+from gateway.security import Admin
 from ops.status import gather_status
-from producer.gateway.models import ERRORS, ErrorBody
-from producer.gateway.responses import FalError, fal_json
-from producer.gateway.security import Admin
-from producer.gateway.state import gateway
 
 router = APIRouter(tags=["playground"])
 WEB_DIR = Path(__file__).resolve().parent / "web"

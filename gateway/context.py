@@ -22,7 +22,7 @@ from common.settings import Settings, check_secrets
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
 from common.state.shards import refuse_shards
-from producer.gateway.events import JobEvents
+from gateway.push import JobEvents
 
 
 @dataclass

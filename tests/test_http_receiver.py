@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from common.state.jobs import JobStore
-from producer.http_events import create_app
+from producer.http_receiver import create_app
 from producer.intake import build_intake
 from tests.helpers.metrics import sample
 from tests.helpers.pipeline import minio_body, put, queued_specs

@@ -21,8 +21,8 @@ from common.adapters.storage import uploads_prefix
 from common.domain.auth import Principal, credential_from_header
 from common.domain.signed_urls import make_token, object_url_valid, read_token
 from common.state import keys
-from producer.admission import validation_details
-from producer.gateway.models import (
+from gateway.context import Gateway, gateway
+from gateway.models import (
     ERRORS,
     UPLOAD_TYPES,
     ErrorBody,
@@ -33,11 +33,11 @@ from producer.gateway.models import (
     ValidationErrorBody,
     upload_type,
 )
-from producer.gateway.parsing import json_object_body, lifecycle_seconds, valid_content_type
-from producer.gateway.responses import FalError, fal_json
-from producer.gateway.security import Caller, principal
-from producer.gateway.state import Gateway, gateway
-from producer.gateway.urls import public_base
+from gateway.parsing import json_object_body, lifecycle_seconds, valid_content_type
+from gateway.responses import FalError, fal_json
+from gateway.security import Caller, principal
+from gateway.urls import public_base
+from producer.admission import validation_details
 
 router = APIRouter(tags=["files"])
 UPLOAD_URL_TTL = 3600

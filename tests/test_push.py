@@ -1,4 +1,4 @@
-"""Pushed job changes (producer/gateway/events.py): waiters wake on every state change that goes through
+"""Pushed job changes (gateway/push.py): waiters wake on every state change that goes through
 JobStore, not otherwise, and cost Redis no command while they wait. Real redis-server."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from common.domain.schemas import JobParams, JobSpec
 from common.state.jobs import JobStore
 from devstack.services import RedisServer
-from producer.gateway.events import JobEvents
+from gateway.push import JobEvents
 
 
 def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:

@@ -18,11 +18,11 @@ from common.adapters.storage import KEPT_MANIFEST, parse_s3_url, request_output_
 from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import BiRefNetOutput, ComposeInput, JobParams, JobSpec
-from producer.admission import validation_details
-from producer.gateway.inputs import InputWrites
-from producer.gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
-from producer.gateway.parsing import json_object_body
-from producer.gateway.queue_api import (
+from gateway.context import Gateway, gateway
+from gateway.inputs import InputWrites
+from gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
+from gateway.parsing import json_object_body
+from gateway.queue_api import (
     LifecycleHeader,
     NoRetryHeader,
     PriorityHeader,
@@ -32,12 +32,12 @@ from producer.gateway.queue_api import (
     options,
     submitted_answer,
 )
-from producer.gateway.responses import FalError
-from producer.gateway.run_api import run_answer
-from producer.gateway.security import Caller
-from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import SubmitOptions, Submitted, enqueue, request_fields, resolve_background
-from producer.gateway.urls import APP_PATH
+from gateway.responses import FalError
+from gateway.run_api import run_answer
+from gateway.security import Caller
+from gateway.submit import SubmitOptions, Submitted, enqueue, request_fields, resolve_background
+from gateway.urls import APP_PATH
+from producer.admission import validation_details
 
 router = APIRouter(tags=["compose"])
 PATH = f"/{APP_PATH}/requests/{{request_id}}/compose"

@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from common.domain.extensions import OutputExtensions
 from common.domain.schemas import BiRefNetInput, BiRefNetV2Input, ComposeInput
 from common.domain.video import BiRefNetVideoInput
-from producer.gateway.parsing import MAX_LIFETIME
+from gateway.parsing import MAX_LIFETIME
 
 REF = "#/components/schemas/{model}"
 

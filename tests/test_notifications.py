@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from producer.events import MalformedEvent, parse_notification
+from producer.notifications import MalformedEvent, parse_notification
 from tests.helpers import event_payloads as docs
 
 # Keys that break naive decoding: spaces, '+', '%', unicode, an encoded slash, a '?' that is not a query.

@@ -14,8 +14,8 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors, JobError
 from common.domain.signed_urls import object_url_valid
 from common.settings import Settings
+from gateway.context import Gateway
 from producer.admission import detail
-from producer.gateway.state import Gateway
 
 INLINE_DATA_LIMIT = 256 * 1024  # data URIs above this travel through S3, not Redis
 

@@ -18,10 +18,10 @@ from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
 from common.domain.variants import Endpoint
 from common.state import keys
-from producer.admission import flag
-from producer.gateway import records
-from producer.gateway.inputs import priority
-from producer.gateway.models import (
+from gateway import records
+from gateway.context import Gateway, gateway
+from gateway.inputs import priority
+from gateway.models import (
     ERRORS,
     CancelStatus,
     ErrorBody,
@@ -29,12 +29,12 @@ from producer.gateway.models import (
     QueueSubmitted,
     ValidationErrorBody,
 )
-from producer.gateway.parsing import TIMEOUT_MAX_LENGTH, TIMEOUT_PATTERN, lifecycle_seconds, start_timeout
-from producer.gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
-from producer.gateway.security import Caller
-from producer.gateway.state import Gateway, gateway
-from producer.gateway.submit import SubmitOptions, Submitted, submit_job
-from producer.gateway.urls import APP_PATH, public_base, request_urls
+from gateway.parsing import TIMEOUT_MAX_LENGTH, TIMEOUT_PATTERN, lifecycle_seconds, start_timeout
+from gateway.responses import REQUEST_ID, FalError, fal_json, stored_result
+from gateway.security import Caller
+from gateway.submit import SubmitOptions, Submitted, submit_job
+from gateway.urls import APP_PATH, public_base, request_urls
+from producer.admission import flag
 
 router = APIRouter(prefix="/queue", tags=["queue"])
 ENDPOINTS: dict[Endpoint, str] = {"v1": "", "v2": "/v2"}  # endpoint -> path after fal-ai/birefnet

@@ -12,7 +12,7 @@ from common.domain.auth import ANONYMOUS, Principal
 from common.domain.status import Status
 from common.state import keys
 from common.state.jobs import STATUS_FIELDS, STATUS_READ, status_read_call
-from producer.gateway.state import Gateway
+from gateway.context import Gateway
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from common.domain.status import Status
 from common.state import keys
 from common.state.results import fail_job
 from common.state.unserved import note_unserved_jobs
-from producer.gateway.state import Gateway
+from gateway.context import Gateway
 
 log = logging.getLogger(__name__)
 

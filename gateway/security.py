@@ -9,9 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from common.domain.auth import ANONYMOUS_PRINCIPAL, Principal, credential_from_header
-from producer.gateway.responses import FalError
-from producer.gateway.state import gateway
-from producer.gateway.throttle import AuthThrottle, client_address
+from gateway.context import gateway
+from gateway.responses import FalError
+from gateway.throttle import AuthThrottle, client_address
 
 # Declared for the OpenAPI document: fal's `Authorization: Key <id:secret>` (Bearer accepted too).
 authorization_header = APIKeyHeader(name="Authorization", auto_error=False,

@@ -10,11 +10,11 @@ from starlette.responses import Response
 
 from common.observability.metrics import metrics_response
 from common.state.webhooks import WebhookSender
-from producer.gateway.models import ERRORS, ErrorBody, FailedWebhooks
-from producer.gateway.responses import FalError, fal_json
-from producer.gateway.routing import PROXY_PATH
-from producer.gateway.security import Admin
-from producer.gateway.state import gateway
+from gateway.context import gateway
+from gateway.models import ERRORS, ErrorBody, FailedWebhooks
+from gateway.responses import FalError, fal_json
+from gateway.routing import PROXY_PATH
+from gateway.security import Admin
 
 router = APIRouter()
 

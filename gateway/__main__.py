@@ -1,4 +1,4 @@
-"""`python -m producer.gateway`: the fal-compatible HTTP gateway on uvicorn (host, port, TLS from settings)."""
+"""`python -m gateway`: the fal-compatible HTTP gateway on uvicorn (host, port, TLS from settings)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main() -> None:
     install_log_redaction()  # no credential in any log line
     settings = Settings()
     tls = bool(settings.gateway_tls_cert)  # None is uvicorn's default: plain HTTP
-    uvicorn.run("producer.gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
+    uvicorn.run("gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
                 port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,
                 timeout_keep_alive=75, log_level="info", access_log=False,
                 ssl_certfile=settings.gateway_tls_cert if tls else None,

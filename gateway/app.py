@@ -23,10 +23,11 @@ from starlette.routing import Match
 
 from common.observability.metrics import RequestMetrics, register_queue_collector, start_metrics_server
 from common.settings import Settings
-from producer.gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api, video_api
-from producer.gateway.openapi import install_openapi
-from producer.gateway.parsing import json_safe
-from producer.gateway.responses import (
+from gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api, video_api
+from gateway.context import Gateway
+from gateway.openapi import install_openapi
+from gateway.parsing import json_safe
+from gateway.responses import (
     ERROR_TYPE,
     REQUEST_ID,
     TIMEOUT_TYPE,
@@ -35,10 +36,9 @@ from producer.gateway.responses import (
     RequestIdHeader,
     fal_json,
 )
-from producer.gateway.routing import FalRouting
-from producer.gateway.state import Gateway
-from producer.gateway.sweeper import sweep_forever
-from producer.gateway.urls import forwarded_trusted
+from gateway.routing import FalRouting
+from gateway.sweeper import sweep_forever
+from gateway.urls import forwarded_trusted
 
 log = logging.getLogger(__name__)
 EXPOSED = [REQUEST_ID, ERROR_TYPE, TIMEOUT_TYPE, "x-fal-billable-units"]
@@ -86,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_from_environment() -> FastAPI:
-    """uvicorn's factory (`python -m producer.gateway`): each uvicorn worker process reads its own settings."""
+    """uvicorn's factory (`python -m gateway`): each uvicorn worker process reads its own settings."""
     return create_app(Settings())
 
 

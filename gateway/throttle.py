@@ -16,8 +16,8 @@ from fastapi import Request
 
 from common.settings import Settings
 from common.state import keys
-from producer.gateway.responses import FalError
-from producer.gateway.urls import forwarded_trusted, trusted_proxy
+from gateway.responses import FalError
+from gateway.urls import forwarded_trusted, trusted_proxy
 
 
 def client_address(request: Request, settings: Settings) -> str:
