@@ -239,7 +239,7 @@ class Settings(BaseSettings):
     gateway_api_keys: list[ApiKeyConfig] = Field(
         default_factory=list, description='JSON list of API keys, secrets hashed: [{"id": "team-a", "hash": '
         '"scrypt$...", "user_id": "u1", "admin": false, "s3_read": ["bucket/prefix/"]}]. `python -m '
-        "common.domain.auth new --id team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// "
+        "ops new-key --id team-a` makes a FAL_KEY and its entry. s3_read lists what an s3:// "
         "image_url of that key may name.")
     gateway_result_retention: int = Field(
         3600, description="Seconds a completed request's status and result stay readable; then 404.")

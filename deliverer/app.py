@@ -17,8 +17,8 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from common.adapters.queue import DELIVER_WEBHOOK, make_celery, send_webhook
-from common.domain.signing import WebhookSigner
 from common.settings import Settings
+from common.state.dev_secrets import webhook_signer
 from common.state.jobs import JobStore
 from common.state.webhooks import WebhookSender
 
@@ -32,7 +32,7 @@ def create_celery_app(settings: Settings, store: JobStore) -> Celery:
     @functools.cache
     def sender() -> WebhookSender:
         """Built on first use: without configured keys the signer reads (or makes) its key in Redis."""
-        return WebhookSender(settings, store, WebhookSigner.from_settings(settings.webhook_signing_keys, store.redis))
+        return WebhookSender(settings, store, webhook_signer(settings.webhook_signing_keys, store.redis))
 
     @app.task(name=DELIVER_WEBHOOK, acks_late=True)
     def deliver_webhook(request_id: str, attempt: int = 0) -> dict | None:

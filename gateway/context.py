@@ -16,9 +16,9 @@ from common.adapters.queue import make_celery
 from common.adapters.redis_conn import async_redis_client
 from common.adapters.storage import ObjectStore
 from common.domain.auth import KeyRing
-from common.domain.signed_urls import shared_secret
 from common.domain.signing import WebhookSigner
 from common.settings import Settings, check_secrets
+from common.state.dev_secrets import gateway_signing_secret, webhook_signer
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
 from common.state.shards import refuse_shards
@@ -48,7 +48,7 @@ class Gateway:
             celery=make_celery(settings, name="birefnet-gateway"),
             objects=ObjectStore(settings),
             keys=KeyRing(settings.gateway_api_keys),
-            signer=WebhookSigner.from_settings(settings.webhook_signing_keys, store.redis),
+            signer=webhook_signer(settings.webhook_signing_keys, store.redis),
         )
 
     @property
@@ -74,7 +74,7 @@ class Gateway:
     @cached_property
     def secret(self) -> str:
         """HMAC secret for gateway-served URLs and upload tokens."""
-        return shared_secret(self.settings.gateway_signing_secret, self.store.redis)
+        return gateway_signing_secret(self.settings.gateway_signing_secret, self.store.redis)
 
     async def close(self) -> None:
         if "events" in self.__dict__:

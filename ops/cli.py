@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
+from common.domain.auth import new_key
 from common.observability.redact import install_log_redaction, redact_text, redact_url
 from common.settings import Settings
 from common.state.shards import ShardMap, settings_for
@@ -49,7 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=50)
     requeue = sub.add_parser("requeue", parents=[shared], help="run failed / dead-lettered jobs again")
     requeue.add_argument("request_ids", nargs="+", metavar="request-id")
+    make_key = sub.add_parser("new-key", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry "
+                              "(needs no Redis)")
+    make_key.add_argument("--id", required=True)
+    make_key.add_argument("--user-id")
+    make_key.add_argument("--admin", action="store_true")
+    make_key.add_argument("--scheme", choices=["scrypt", "sha256"], default="scrypt")
     return parser
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    fal_key, entry = new_key(args.id, user_id=args.user_id, admin=args.admin, scheme=args.scheme)
+    print(f"FAL_KEY={fal_key}")
+    print(json.dumps(entry))
+    return 0
 
 
 def _on_shard(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -74,6 +88,8 @@ def _on_shard(settings: Settings, args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     install_log_redaction()  # redis-py and Celery log connection errors with their URLs
     args = _parser().parse_args(argv)
+    if args.command == "new-key":
+        return _new_key(args)
     as_json = getattr(args, "json", False)
     overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
     settings = _on_shard(Settings(**overrides), args)

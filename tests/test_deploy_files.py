@@ -255,7 +255,7 @@ def test_compose_preflight_refuses_placeholders_and_init_secrets_writes_real_one
              webhook_signing_keys=values["WEBHOOK_SIGNING_KEY"])
     from common.domain.signing import WebhookSigner
 
-    assert WebhookSigner.from_settings((values["WEBHOOK_SIGNING_KEY"],), None).jwks()["keys"]  # type: ignore[arg-type]
+    assert WebhookSigner.from_keys((values["WEBHOOK_SIGNING_KEY"],)).jwks()["keys"]
 
 
 def _healthcheck_port(service: dict) -> int:

@@ -1,15 +1,13 @@
 """API keys for the gateway: `Authorization: Key <id:secret | token>` (or `Bearer`), hashed at rest as
 `sha256$<hex>` (fast; also finds a bare token by its hash) or `scrypt$n$r$p$<salt>$<hash>` (slow on purpose;
 verified credentials are cached by SHA-256, so fal's 10 status polls a second stay cheap).
-`python -m common.domain.auth new --id team-a` prints a fresh FAL_KEY and the entry to configure.
+`python -m ops new-key --id team-a` prints a fresh FAL_KEY and the entry to configure (new_key).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
-import json
 import secrets
 import threading
 from collections import OrderedDict
@@ -173,20 +171,3 @@ def new_key(key_id: str, *, user_id: str | None = None, admin: bool = False, sch
     entry = ApiKeyConfig(id=key_id, hash=hash_secret(secret, scheme), user_id=user_id, admin=admin)
     return f"{key_id}:{secret}", entry.model_dump(exclude_defaults=True)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.domain.auth", description="make an API key")
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("new", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry")
-    make.add_argument("--id", required=True)
-    make.add_argument("--user-id")
-    make.add_argument("--admin", action="store_true")
-    make.add_argument("--scheme", choices=["scrypt", "sha256"], default="scrypt")
-    args = parser.parse_args(argv)
-    fal_key, entry = new_key(args.id, user_id=args.user_id, admin=args.admin, scheme=args.scheme)
-    print(f"FAL_KEY={fal_key}")
-    print(json.dumps(entry))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,13 +10,8 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 import time
 from urllib.parse import quote
-
-from common.state import keys
-
-GENERATED_SECRET = keys.GATEWAY_SIGNING_SECRET
 
 
 def _sign(secret: str, text: str) -> str:
@@ -70,11 +65,3 @@ def read_token(secret: str, token: str) -> str | None:
         return None
     return owner if expires >= time.time() else None
 
-
-def shared_secret(configured: str, client) -> str:
-    """The configured secret, else one generated once and shared through Redis (development)."""
-    if configured:
-        return configured
-    client.set(GENERATED_SECRET, secrets.token_urlsafe(32), nx=True)
-    value = client.get(GENERATED_SECRET)
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,7 +1,7 @@
 """Ed25519 webhook signatures as fal makes them (docs/api.md#webhooks), and the JWKS that verifies them.
 
 The first configured key signs; every configured key is published, so keys can be rotated. Without
-configured keys one is generated and kept in Redis (development only).
+configured keys, common.state.dev_secrets supplies one generated and kept in Redis (development only).
 """
 
 from __future__ import annotations
@@ -9,19 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import redis
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from common.state import keys
-
-log = logging.getLogger(__name__)
 
 HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
 HEADER_USER_ID = "X-Fal-Webhook-User-Id"
@@ -81,10 +75,11 @@ class WebhookSigner:
     keys: list[Ed25519PrivateKey]
 
     @classmethod
-    def from_settings(cls, keys: Iterable[str], client: redis.Redis) -> WebhookSigner:
+    def from_keys(cls, keys: Iterable[str]) -> WebhookSigner:
+        """A signer of the configured keys (PEM or seeds; blank entries skipped); at least one is needed."""
         loaded = [load_private_key(text) for text in keys if text.strip()]
         if not loaded:
-            loaded = [load_private_key(generated_seed(client))]
+            raise ValueError("no webhook signing key")
         return cls(loaded)
 
     def headers(self, request_id: str, user_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
@@ -97,14 +92,10 @@ class WebhookSigner:
         return {"keys": [jwk(key.public_key()) for key in self.keys]}
 
 
-def generated_seed(client: redis.Redis) -> str:
-    """The development key: created once, then shared through Redis by every process."""
-    seed = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    if client.set(keys.WEBHOOK_SIGNING_KEY, seed.hex(), nx=True):
-        log.warning("no webhook_signing_keys configured: generated one and stored it in Redis (dev only)")
-    stored = client.get(keys.WEBHOOK_SIGNING_KEY)
-    return stored.decode() if isinstance(stored, bytes) else str(stored)
+def new_seed() -> str:
+    """A fresh private key as its 32-byte seed in hex (what load_private_key reads)."""
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
 
 
 def verify(headers: Mapping[str, str], body: bytes, jwks: dict, now: float | None = None) -> bool:

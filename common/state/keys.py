@@ -132,6 +132,6 @@ def webhook_try(request_id: str, attempt: int) -> str:  # taken by the one copy 
 
 
 # --- generated secrets and the replication marker ---
-GATEWAY_SIGNING_SECRET = f"{PREFIX}gateway-signing-secret"  # common.domain.signed_urls
-WEBHOOK_SIGNING_KEY = f"{PREFIX}webhook-signing-key"  # common.domain.signing
+GATEWAY_SIGNING_SECRET = f"{PREFIX}gateway-signing-secret"  # common.state.dev_secrets
+WEBHOOK_SIGNING_KEY = f"{PREFIX}webhook-signing-key"  # common.state.dev_secrets
 REPLICATED_MARKER = f"{PREFIX}replicated"  # common.adapters.redis_conn.wait_for_replicas
