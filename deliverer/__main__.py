@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from common.settings import Settings, check_secrets
+from common.settings import DelivererSettings, check_secrets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.observability.redact import install_log_redaction
 
     install_log_redaction()  # no credential in any log line
-    settings = Settings()
+    settings = DelivererSettings()
     check_secrets(settings)  # refuses development secrets outside development
     if args.shard:
         from common.state.shards import ShardMap, settings_for

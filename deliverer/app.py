@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from common.adapters.queue import DELIVER_WEBHOOK, make_celery, send_webhook
-from common.settings import Settings
+from common.settings import DelivererSettings
 from common.state.dev_secrets import webhook_signer
 from common.state.jobs import JobStore
 from common.state.webhooks import WebhookSender
@@ -25,7 +25,7 @@ from common.state.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 
-def create_celery_app(settings: Settings, store: JobStore) -> Celery:
+def create_celery_app(settings: DelivererSettings, store: JobStore) -> Celery:
     """The deliverer's Celery app: the `deliver_webhook` task, and the retry pump started with the worker."""
     app = make_celery(settings, name="birefnet-webhooks")
 

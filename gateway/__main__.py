@@ -6,7 +6,7 @@ import logging
 
 import uvicorn
 
-from common.settings import Settings
+from common.settings import GatewaySettings
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     from common.observability.redact import install_log_redaction
 
     install_log_redaction()  # no credential in any log line
-    settings = Settings()
+    settings = GatewaySettings()
     tls = bool(settings.gateway_tls_cert)  # None is uvicorn's default: plain HTTP
     uvicorn.run("gateway.app:app_from_environment", factory=True, host=settings.gateway_host,
                 port=settings.gateway_port, workers=settings.gateway_workers, proxy_headers=False,

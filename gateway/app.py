@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from common.observability.metrics import RequestMetrics, register_queue_collector, start_metrics_server
-from common.settings import Settings
+from common.settings import GatewaySettings
 from gateway import compose_api, files_api, misc_api, playground_api, queue_api, run_api, video_api
 from gateway.context import Gateway
 from gateway.openapi import install_openapi
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 EXPOSED = [REQUEST_ID, ERROR_TYPE, TIMEOUT_TYPE, "x-fal-billable-units"]
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: GatewaySettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_environment() -> FastAPI:
     """uvicorn's factory (`python -m gateway`): each uvicorn worker process reads its own settings."""
-    return create_app(Settings())
+    return create_app(GatewaySettings())
 
 
 def install_exception_handlers(app: FastAPI) -> None:

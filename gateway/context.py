@@ -17,7 +17,7 @@ from common.adapters.redis_conn import async_redis_client
 from common.adapters.storage import ObjectStore
 from common.domain.auth import KeyRing
 from common.domain.signing import WebhookSigner
-from common.settings import Settings, check_secrets
+from common.settings import GatewaySettings, check_secrets
 from common.state.dev_secrets import gateway_signing_secret, webhook_signer
 from common.state.jobs import JobStore
 from common.state.limits import Limiter
@@ -27,7 +27,7 @@ from gateway.push import JobEvents
 
 @dataclass
 class Gateway:
-    settings: Settings
+    settings: GatewaySettings
     store: JobStore  # sync: Lua state changes, run in the thread pool
     aredis: aioredis.Redis  # async: the hot read paths (status, result, streams)
     celery: Celery
@@ -37,7 +37,7 @@ class Gateway:
     status_script: AsyncScript | None = None  # registered on first use (records.py)
 
     @classmethod
-    def build(cls, settings: Settings) -> Gateway:
+    def build(cls, settings: GatewaySettings) -> Gateway:
         check_secrets(settings)  # a deployment never signs with keys anyone reaching Redis can read
         refuse_shards(settings, "the gateway")
         store = JobStore.from_settings(settings)

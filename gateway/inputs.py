@@ -13,7 +13,7 @@ from common.adapters.storage import parse_s3_url, request_output_prefix, uploads
 from common.domain.auth import ANONYMOUS, Principal
 from common.domain.errors import InputErrors, JobError
 from common.domain.signed_urls import object_url_valid
-from common.settings import Settings
+from common.settings import GatewaySettings
 from gateway.context import Gateway
 from producer.admission import detail
 
@@ -57,7 +57,7 @@ def has_dot_segments(key: str) -> bool:
     return any(unquote(segment) in (".", "..") for segment in key.replace("\\", "/").split("/"))
 
 
-def may_read_s3(principal: Principal, settings: Settings, bucket: str, key: str) -> bool:
+def may_read_s3(principal: Principal, settings: GatewaySettings, bucket: str, key: str) -> bool:
     if has_dot_segments(key):
         return False
     if principal.key_id == ANONYMOUS:
@@ -78,7 +78,7 @@ def own_object_key(url: str, secret: str) -> str | None:
     return key if object_url_valid(secret, key, expires, signature) else None
 
 
-def own_bucket_key(url: str, settings: Settings) -> str | None:
+def own_bucket_key(url: str, settings: GatewaySettings) -> str | None:
     """The key behind a (presigned) path-style URL of our output bucket on a custom S3 endpoint, which is
     often private (MinIO, moto) and so out of reach of the SSRF guard: such inputs are read through S3."""
     if not settings.s3_endpoint_url:

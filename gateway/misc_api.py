@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from common.observability.metrics import metrics_response
-from common.state.webhooks import WebhookSender
+from common.state import webhooks
 from gateway.context import gateway
 from gateway.models import ERRORS, ErrorBody, FailedWebhooks
 from gateway.responses import FalError, fal_json
@@ -58,8 +58,7 @@ async def failed_webhooks(request: Request, caller: Admin,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """Requests whose webhook never got a 2xx after every retry, newest first, with each attempt."""
     gw = gateway(request)
-    sender = WebhookSender(gw.settings, gw.store, gw.signer)
-    return fal_json({"failed": await run_in_threadpool(sender.failed, limit)})
+    return fal_json({"failed": await run_in_threadpool(webhooks.failed_webhooks, gw.store, limit)})
 
 
 async def proxy(request: Request) -> Response:

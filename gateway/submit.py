@@ -12,7 +12,7 @@ from common.domain.auth import Principal
 from common.domain.errors import InputErrors, JobError, LimitRefused, QueueUnreachable
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME, Endpoint
-from common.settings import Settings
+from common.settings import GatewaySettings
 from common.state import keys
 from gateway.context import Gateway
 from gateway.inputs import InputWrites, resolve_image_url
@@ -46,7 +46,7 @@ def resolve_background(gw: Gateway, principal: Principal, parsed, request_id: st
     return parsed.model_copy(update={"background_image_url": url})
 
 
-def request_fields(settings: Settings, principal: Principal, options: SubmitOptions, request_id: str,
+def request_fields(settings: GatewaySettings, principal: Principal, options: SubmitOptions, request_id: str,
                    **extra: object) -> dict:
     """The JobSpec fields every API request's job has (`extra`: more of its `extra`)."""
     now = time.time()

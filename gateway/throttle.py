@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from fastapi import Request
 
-from common.settings import Settings
+from common.settings import GatewaySettings
 from common.state import keys
 from gateway.responses import FalError
 from gateway.urls import forwarded_trusted, trusted_proxy
 
 
-def client_address(request: Request, settings: Settings) -> str:
+def client_address(request: Request, settings: GatewaySettings) -> str:
     """The caller's address: the socket's peer, or, when that peer is a trusted proxy, the nearest
     X-Forwarded-For hop that is not one (what the outermost trusted proxy saw)."""
     peer = request.client.host if request.client else "unknown"

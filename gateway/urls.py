@@ -6,12 +6,12 @@ import ipaddress
 
 from fastapi import Request
 
-from common.settings import Settings
+from common.settings import GatewaySettings
 
 APP_PATH = "fal-ai/birefnet"  # request-scoped URLs drop the `/v2` subpath (docs/api.md#routes)
 
 
-def trusted_proxy(settings: Settings, address: str) -> bool:
+def trusted_proxy(settings: GatewaySettings, address: str) -> bool:
     """Whether `address` is one of `gateway_trusted_proxies`."""
     try:
         parsed = ipaddress.ip_address(address.strip().split("%", 1)[0])
@@ -20,13 +20,13 @@ def trusted_proxy(settings: Settings, address: str) -> bool:
     return any(parsed in net for net in settings.trusted_proxy_networks)
 
 
-def forwarded_trusted(settings: Settings, peer: str | None) -> bool:
+def forwarded_trusted(settings: GatewaySettings, peer: str | None) -> bool:
     """Whether this connection's X-Forwarded-* headers are believed: forwarded headers are trusted, and the
     peer is a configured proxy (anyone else could send them)."""
     return settings.gateway_trust_forwarded and peer is not None and trusted_proxy(settings, peer)
 
 
-def public_base(request: Request, settings: Settings) -> str:
+def public_base(request: Request, settings: GatewaySettings) -> str:
     """`gateway_public_url`, else scheme://host of this request (X-Forwarded-* when trusted)."""
     if settings.gateway_public_url:
         return settings.gateway_public_url.rstrip("/")

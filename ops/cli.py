@@ -15,7 +15,7 @@ from common.adapters.queue import make_celery
 from common.adapters.redis_conn import redis_client
 from common.domain.auth import new_key
 from common.observability.redact import install_log_redaction, redact_text, redact_url
-from common.settings import Settings
+from common.settings import OpsSettings
 from common.state.shards import ShardMap, settings_for
 from ops import control, render
 from ops.status import deadletters, gather_status
@@ -66,7 +66,7 @@ def _new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_shard(settings: Settings, args: argparse.Namespace) -> Settings:
+def _on_shard(settings: OpsSettings, args: argparse.Namespace) -> OpsSettings:
     """The settings of the Redis shard the command is about (common.state.shards routes)."""
     if not settings.redis_shards:
         return settings
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return _new_key(args)
     as_json = getattr(args, "json", False)
     overrides = {"redis_url": args.redis_url} if getattr(args, "redis_url", None) else {}
-    settings = _on_shard(Settings(**overrides), args)
+    settings = _on_shard(OpsSettings(**overrides), args)
     r = redis_client(settings, socket_connect_timeout=5)
     console = Console()
     exit_code = 0

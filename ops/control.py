@@ -16,7 +16,7 @@ from celery import Celery
 
 from common.adapters import broker
 from common.adapters.queue import send_job
-from common.settings import Settings
+from common.settings import OpsSettings
 from common.state import ops_state
 from common.state.jobs import JobStore
 
@@ -25,7 +25,7 @@ class OpsError(Exception):
     """A command that cannot be carried out (unknown variant, job not in a requeueable state)."""
 
 
-def _queue(settings: Settings, variant: str) -> str:
+def _queue(settings: OpsSettings, variant: str) -> str:
     try:
         return settings.variants.get(variant).queue
     except KeyError:
@@ -42,7 +42,7 @@ def serving_nodes(r: redis.Redis, variant: str) -> list[str]:
                   if variant in w.get("variants", []))
 
 
-def pause(r: redis.Redis, celery: Celery, settings: Settings, variant: str, reason: str = "") -> dict:
+def pause(r: redis.Redis, celery: Celery, settings: OpsSettings, variant: str, reason: str = "") -> dict:
     queue = _queue(settings, variant)
     ops_state.set_paused(r, variant, reason)
     # To every worker, also those whose heartbeat is late: cancelling a queue it does not consume is a no-op.
@@ -52,7 +52,7 @@ def pause(r: redis.Redis, celery: Celery, settings: Settings, variant: str, reas
             "acknowledged_by": [node for node in _nodes(replies) if node in serving]}
 
 
-def resume(r: redis.Redis, celery: Celery, settings: Settings, variant: str) -> dict:
+def resume(r: redis.Redis, celery: Celery, settings: OpsSettings, variant: str) -> dict:
     queue = _queue(settings, variant)
     was_paused = ops_state.clear_paused(r, variant)
     serving = serving_nodes(r, variant)
@@ -64,7 +64,7 @@ def resume(r: redis.Redis, celery: Celery, settings: Settings, variant: str) -> 
             "workers_serving": len(serving), "acknowledged_by": _nodes(replies)}
 
 
-def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, timeout: float = 600,
+def drain(r: redis.Redis, celery: Celery, settings: OpsSettings, variant: str, *, timeout: float = 600,
           poll: float = 1.0, progress: Callable[[dict], None] | None = None) -> dict:
     """Pause the variant and wait until its workers stopped consuming and run no job of it."""
     queue = _queue(settings, variant)
@@ -94,7 +94,7 @@ def drain(r: redis.Redis, celery: Celery, settings: Settings, variant: str, *, t
             "acknowledged_by": paused["acknowledged_by"]}
 
 
-def requeue(r: redis.Redis, celery: Celery, settings: Settings, request_id: str) -> dict:
+def requeue(r: redis.Redis, celery: Celery, settings: OpsSettings, request_id: str) -> dict:
     """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, sent again."""
     store = JobStore(r, record_ttl=settings.job_record_ttl)
     # Attempt numbers a webhook of the old outcome may have booked (the first plus every retry).

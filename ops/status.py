@@ -10,7 +10,7 @@ from typing import cast
 
 import redis
 
-from common.settings import Settings
+from common.settings import JobSettings, OpsOptions
 from common.state import keys, ops_state
 from common.state.unserved import model_label
 
@@ -99,7 +99,7 @@ def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     return {"count": r.zcard(keys.DEADLETTER), "entries": entries}
 
 
-def unserved(snapshot: dict[str, dict], settings: Settings) -> list[dict]:
+def unserved(snapshot: dict[str, dict], settings: JobSettings) -> list[dict]:
     """Variants with jobs waiting and no live worker: nobody will take those jobs until one starts."""
     out = []
     for variant, figures in snapshot.items():
@@ -115,7 +115,7 @@ def unserved(snapshot: dict[str, dict], settings: Settings) -> list[dict]:
     return out
 
 
-def gather_status(r: redis.Redis, settings: Settings, *, window: float | None = None, show_all: bool = False,
+def gather_status(r: redis.Redis, settings: OpsOptions, *, window: float | None = None, show_all: bool = False,
                   now: float | None = None) -> dict:
     now = time.time() if now is None else now
     window = float(window or settings.ops_window_seconds)

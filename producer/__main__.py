@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from common.settings import Settings, check_secrets
+from common.settings import ProducerSettings, check_secrets
 from common.state.shards import refuse_shards
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.observability.redact import install_log_redaction
 
     install_log_redaction()  # no credential in any log line
-    settings = Settings()
+    settings = ProducerSettings()
     check_secrets(settings)  # refuses development secrets outside development
     refuse_shards(settings, "the S3-event producer")  # it does not route jobs between shards yet
 

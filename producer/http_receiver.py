@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from common.adapters.netguard import NetPolicy
 from common.observability.metrics import PRODUCER_EVENTS, add_metrics_route
-from common.settings import Settings
+from common.settings import ProducerSettings
 from common.state.limits import QueueFull
 from producer.intake import CountingIntake, Intake, build_intake
 from producer.notifications import SNS_TYPES, MalformedEvent, Notification, ObjectCreated, parse_notification
@@ -36,7 +36,7 @@ def _authorized(header: str | None, token: str) -> bool:
     return header is not None and hmac.compare_digest(header.strip().encode(), expected.encode())
 
 
-def default_sns_verifier(settings: Settings) -> SnsVerifier:
+def default_sns_verifier(settings: ProducerSettings) -> SnsVerifier:
     """Production SNS checks: SNS hosts only, fetched under the settings' network rules."""
     return SnsVerifier(settings.sns_topic_arns, NetPolicy.from_settings(settings), timeout=settings.http_timeout)
 
@@ -56,7 +56,7 @@ def _rejections(note: Notification) -> list[dict]:
     return [{"record": r.index, "reason": r.reason} for r in note.rejected]
 
 
-def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
+def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
     intake = intake or build_intake(settings)
     sns = sns or default_sns_verifier(settings)
     counted = CountingIntake(intake, "http")
@@ -146,7 +146,7 @@ def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifie
     return app
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+def serve(settings: ProducerSettings, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     uvicorn.run(create_app(settings), host=host or settings.producer_http_host,

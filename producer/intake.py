@@ -24,7 +24,7 @@ from common.domain.errors import FileDownloadError, InputErrors, InvalidInputErr
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import is_endpoint
 from common.observability.metrics import PRODUCER_EVENTS
-from common.settings import Settings
+from common.settings import ProducerSettings
 from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
@@ -50,7 +50,7 @@ def _coerce(value: object) -> object:
     return value
 
 
-def job_parameters(settings: Settings, key: str, metadata: dict[str, str]) -> dict[str, object]:
+def job_parameters(settings: ProducerSettings, key: str, metadata: dict[str, str]) -> dict[str, object]:
     """Per-prefix defaults (longest matching prefix wins), overridden by the object's metadata."""
     params: dict[str, object] = {}
     for prefix in sorted(settings.prefix_defaults, key=len):
@@ -99,7 +99,7 @@ def check_upload_background(url: str | None, bucket: str) -> None:
 
 
 class Intake:
-    def __init__(self, settings: Settings, store: JobStore, celery: Celery, objects: ObjectStore):
+    def __init__(self, settings: ProducerSettings, store: JobStore, celery: Celery, objects: ObjectStore):
         self.settings, self.store, self.objects = settings, store, objects
         self.limiter = Limiter(store.redis, settings)
         self.admission = Admission(settings, store, celery, self.limiter, objects)
@@ -276,7 +276,7 @@ class Intake:
         return self.admission.enqueue(spec, rejection=error).request_id
 
 
-def build_intake(settings: Settings) -> Intake:
+def build_intake(settings: ProducerSettings) -> Intake:
     return Intake(settings, JobStore.from_settings(settings), make_celery(settings), ObjectStore(settings))
 
 

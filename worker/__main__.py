@@ -16,12 +16,12 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_redaction()  # no credential in any log line
 
-    from common.settings import Settings, check_secrets
+    from common.settings import WorkerSettings, check_secrets
     from worker.app import WorkerProcess, create_celery_app
     from worker.test_hooks import HooksForTests
 
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
-    settings = Settings(worker_variants=args.variants) if args.variants else Settings()
+    settings = WorkerSettings(worker_variants=args.variants) if args.variants else WorkerSettings()
     check_secrets(settings)  # refuses development secrets outside development
     if settings.redis_shards:  # the worker's variants live on one Redis shard: it talks to that one only
         from common.state.shards import ShardMap, settings_for

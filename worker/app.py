@@ -31,7 +31,7 @@ from common.observability.metrics import (
     register_gpu_collector,
     start_metrics_server,
 )
-from common.settings import Settings
+from common.settings import WorkerSettings
 from common.state.jobs import JobStore
 from common.state.ops_state import paused_variants, publish_heartbeat
 from common.state.orphans import resend_orphans
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class WorkerProcess:
     """What this process holds: warm predictors and the runner that uses them."""
 
-    def __init__(self, settings: Settings, hooks: HooksForTests) -> None:
+    def __init__(self, settings: WorkerSettings, hooks: HooksForTests) -> None:
         self.settings = settings
         self.hooks = hooks
         self.runner: JobRunner | None = None
@@ -146,7 +146,7 @@ def retry_later(task: Task, countdown: float, visibility_timeout: float) -> NoRe
         raise Reject(exc.reason, requeue=True) from None
 
 
-def create_celery_app(settings: Settings, state: WorkerProcess) -> Celery:
+def create_celery_app(settings: WorkerSettings, state: WorkerProcess) -> Celery:
     """The worker's Celery app: `run_job` over `state`'s runner, and the pause check at start-up."""
     app = make_celery(settings, name="birefnet-worker")
     worker_ready.connect(lambda sender, **_: state.honour_pauses(sender), weak=False)

@@ -25,7 +25,7 @@ from common.domain.extensions import (
     parse_margin,
 )
 from common.domain.schemas import JobParams
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker import pixels
 from worker.imaging import EncodedImage, encode_image, mask_to_image
 from worker.rendering import DeviceMask, RenderedOutputs
@@ -127,7 +127,7 @@ def crop_padded(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray
     return out
 
 
-def _check_output_size(width: int, height: int, settings: Settings) -> None:
+def _check_output_size(width: int, height: int, settings: WorkerSettings) -> None:
     if max(width, height) > settings.max_input_side or width * height > settings.max_input_pixels:
         raise InvalidInputError(
             f"the cropped output would be {width}x{height}; the limits are {settings.max_input_side} pixels a side "
@@ -157,7 +157,7 @@ def background_layer(size: tuple[int, int], *, color: str | None, image: Image.I
 # --- Encoding ---
 
 
-def encode(image: Image.Image, fmt: str, settings: Settings, *, mask: bool = False) -> EncodedImage:
+def encode(image: Image.Image, fmt: str, settings: WorkerSettings, *, mask: bool = False) -> EncodedImage:
     """fal's formats through worker.imaging; JPEG and AVIF here. Masks in a lossy format are PNG."""
     if fmt in LOSSY_FORMATS and mask:
         fmt = "png"
@@ -178,7 +178,7 @@ def encode(image: Image.Image, fmt: str, settings: Settings, *, mask: bool = Fal
 
 
 def render_extended(image: Image.Image, mask: np.ndarray, params: JobParams, *, background: Image.Image | None,
-                    device, settings: Settings, timings: StageTimings | None = None) -> RenderedOutputs:
+                    device, settings: WorkerSettings, timings: StageTimings | None = None) -> RenderedOutputs:
     """Outputs with the extension fields applied (see the module docstring)."""
     timings = timings if timings is not None else StageTimings()
     fmt = params.output_format

@@ -34,7 +34,7 @@ from torch import nn
 
 from common.domain.errors import InvalidInputError
 from common.domain.variants import VariantSpec
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker import pixels
 from worker.allocator import retain_freed_memory
 from worker.loading import LoadedNetwork, load_network
@@ -132,7 +132,7 @@ class Predictor:
     """One variant's network on one device: `load()` once, then `predict_masks` per batch (or the
     split `prepare` / `forward` / `mask_for` that the worker's batcher uses)."""
 
-    def __init__(self, spec: VariantSpec, settings: Settings):
+    def __init__(self, spec: VariantSpec, settings: WorkerSettings):
         self.spec = spec
         self.settings = settings
         self._device = resolve_device(settings.device)

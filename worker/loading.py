@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from common.domain.variants import VariantSpec
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
 from worker.remote_code import has_remote_code, load_remote_code_network
 from worker.weights import WeightsError, fetch, load_into, parse_source, read_state_dict
@@ -37,13 +37,13 @@ def build_native(spec: VariantSpec) -> BiRefNet:
     return BiRefNet(BiRefNetConfig(backbone=spec.backbone, patch_order=spec.patch_order))
 
 
-def load_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
+def load_network(spec: VariantSpec, settings: WorkerSettings) -> LoadedNetwork:
     """Build the variant's network with its weights, on the CPU, in eval mode."""
     loaded = real_network_or_reason(spec, settings)
     return loaded if isinstance(loaded, LoadedNetwork) else recipe_network(spec, reason=loaded)
 
 
-def real_network_or_reason(spec: VariantSpec, settings: Settings) -> LoadedNetwork | str:
+def real_network_or_reason(spec: VariantSpec, settings: WorkerSettings) -> LoadedNetwork | str:
     """The variant's real network, or why it runs recipe weights instead (raises if no fallback applies)."""
     if parse_source(spec.weights).kind == "recipe":
         return "the variant's weights are set to 'recipe'"
@@ -56,7 +56,7 @@ def real_network_or_reason(spec: VariantSpec, settings: Settings) -> LoadedNetwo
         return f"fallback, the real checkpoint failed: {exc}"
 
 
-def _real_network(spec: VariantSpec, settings: Settings) -> LoadedNetwork:
+def _real_network(spec: VariantSpec, settings: WorkerSettings) -> LoadedNetwork:
     source = parse_source(spec.weights)
     path = fetch(source, settings)
     model = build_native(spec)

@@ -33,7 +33,7 @@ from common.adapters.storage import KEPT_INPUT, KEPT_MANIFEST, KEPT_MASK, Object
 from common.domain.errors import FileDownloadError
 from common.domain.schemas import JobSpec
 from common.observability.metrics import MASKS
-from common.settings import Settings
+from common.settings import WorkerSettings
 from common.state import keys
 from common.state.jobs import JobStore
 from worker.compose import mask_from_png, mask_png, quantise_mask
@@ -56,7 +56,7 @@ def cache_key(scope: str, data: bytes, variant: str, resolution: str, weights: s
 
 
 class MaskSource:
-    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore):
+    def __init__(self, settings: WorkerSettings, store: JobStore, objects: ObjectStore):
         self.settings = settings
         self.store = store
         self.objects = objects

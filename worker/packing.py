@@ -12,14 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker.engine import Predictor
 from worker.loading import LoadedNetwork, real_network_or_reason, recipe_banner, recipe_network
 
 log = logging.getLogger(__name__)
 
 
-def load_predictors(settings: Settings,
+def load_predictors(settings: WorkerSettings,
                     on_ready: Callable[[str, Predictor, float], None] | None = None) -> dict[str, Predictor]:
     """{variant id: loaded predictor} for `settings.worker_variants`, sharing networks where allowed.
 
@@ -48,7 +48,7 @@ def load_predictors(settings: Settings,
     return predictors
 
 
-def _load_one(spec, settings: Settings, recipes: dict[tuple[str, str], Predictor] | None) -> Predictor:
+def _load_one(spec, settings: WorkerSettings, recipes: dict[tuple[str, str], Predictor] | None) -> Predictor:
     loaded = real_network_or_reason(spec, settings)
     shared = recipes.get((spec.backbone, spec.patch_order)) if recipes is not None else None
     if isinstance(loaded, str) and shared is not None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common.domain.variants import VariantSpec
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker.imaging import decode_image
 
 if TYPE_CHECKING:
@@ -47,13 +47,13 @@ def mask_confidence(mask: np.ndarray) -> float:
     return float(np.abs(mask.astype(np.float64) - 0.5).mean())
 
 
-def _decode(photos: list[Path], settings: Settings) -> list:
+def _decode(photos: list[Path], settings: WorkerSettings) -> list:
     return [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels, max_side=settings.max_input_side,
                          min_side=1) for path in photos]
 
 
 def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[int, int],
-            settings: Settings) -> dict[str, list[float]]:
+            settings: WorkerSettings) -> dict[str, list[float]]:
     from worker.engine import Predictor
 
     images = _decode(photos, settings)
@@ -106,7 +106,7 @@ class PatchOrderReport:
         return asdict(self)
 
 
-def sample_photos(settings: Settings) -> list[Path]:
+def sample_photos(settings: WorkerSettings) -> list[Path]:
     if settings.patch_order_check_photos:
         return [Path(p).expanduser() for p in settings.patch_order_check_photos]
     return sorted(SAMPLES_DIR.glob("*.jpg"))
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.engine import parse_resolution
 
-    settings = Settings(device=args.device, torch_threads=args.threads, weights_fallback="none", patch_order_check="off",
+    settings = WorkerSettings(device=args.device, torch_threads=args.threads, weights_fallback="none", patch_order_check="off",
                         warmup_forward=False)
     if args.threads:
         torch.set_num_threads(args.threads)

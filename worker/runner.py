@@ -27,7 +27,7 @@ from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError, RequestCancelled, RequestTimeout, RunnerDisconnected
 from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
-from common.settings import Settings
+from common.settings import WorkerSettings
 from common.state.job_progress import job_finished, job_started
 from common.state.jobs import JobStore, log_entry
 from common.state.results import fail_job, finish_job
@@ -131,7 +131,7 @@ class LeaseKeeper:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, celery: Celery,
+    def __init__(self, settings: WorkerSettings, store: JobStore, objects: ObjectStore, celery: Celery,
                  predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None,
                  hooks: HooksForTests | None = None):
         self.settings = settings

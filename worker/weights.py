@@ -36,7 +36,7 @@ import huggingface_hub.constants
 import torch
 from torch import nn
 
-from common.settings import Settings
+from common.settings import WorkerSettings
 from worker.birefnet.recipe import COMPUTED_LEAVES  # computed buffers: a checkpoint may lack them
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,13 @@ def parse_source(source: str) -> WeightSource:
 # --- Fetching: source -> local file or folder ---
 
 
-def cache_root(settings: Settings) -> Path:
+def cache_root(settings: WorkerSettings) -> Path:
     root = Path(settings.weights_cache_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def fetch(source: WeightSource, settings: Settings) -> Path:
+def fetch(source: WeightSource, settings: WorkerSettings) -> Path:
     """Make the checkpoint available locally (download if needed); return the file or folder."""
     if source.kind == "recipe":
         raise WeightsError("'recipe' has no file to fetch")
@@ -145,7 +145,7 @@ def fetch(source: WeightSource, settings: Settings) -> Path:
     return fetched
 
 
-def _fetch_hf(source: WeightSource, settings: Settings) -> Path:
+def _fetch_hf(source: WeightSource, settings: WorkerSettings) -> Path:
     """One file (kind "hf") or the whole repo in Hugging Face layout (kind "hf-repo")."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
@@ -163,7 +163,7 @@ def _fetch_hf(source: WeightSource, settings: Settings) -> Path:
         raise WeightsError(f"cannot download {source.description}: {exc}") from exc
 
 
-def _fetch_url(url: str, settings: Settings) -> Path:
+def _fetch_url(url: str, settings: WorkerSettings) -> Path:
     import httpx
 
     name = Path(urlparse(url).path).name or "checkpoint"
@@ -185,7 +185,7 @@ def _fetch_url(url: str, settings: Settings) -> Path:
     return target
 
 
-def _fetch_s3(location: str, settings: Settings) -> Path:
+def _fetch_s3(location: str, settings: WorkerSettings) -> Path:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 

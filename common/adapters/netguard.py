@@ -32,7 +32,7 @@ import httpx
 from common.domain.errors import FileDownloadError
 
 if TYPE_CHECKING:
-    from common.settings import Settings
+    from common.settings import FetchSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -299,7 +299,7 @@ class NetPolicy:
     purpose: str = "image URLs"  # what the refusals speak of ("webhook URLs" for webhook deliveries)
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> NetPolicy:
+    def from_settings(cls, settings: FetchSettings, **overrides: Any) -> NetPolicy:
         ports = frozenset(settings.fetch_allowed_ports)
         values: dict[str, Any] = {
             "allow_networks": tuple(ipaddress.ip_network(n, strict=False) for n in settings.fetch_allow_networks),

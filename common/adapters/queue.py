@@ -9,7 +9,7 @@ from celery import Celery
 
 from common.adapters.redis_conn import celery_broker
 from common.domain.schemas import JobSpec
-from common.settings import Settings
+from common.settings import BrokerSettings
 
 RUN_JOB = "birefnet.run_job"
 DELIVER_WEBHOOK = "birefnet.deliver_webhook"
@@ -17,7 +17,7 @@ WEBHOOK_QUEUE = "webhooks"
 UNACKED_MUTEX_SECONDS = 10  # one restore sweep takes milliseconds; a dead holder blocks redelivery this long
 
 
-def make_celery(settings: Settings, name: str = "birefnet") -> Celery:
+def make_celery(settings: BrokerSettings, name: str = "birefnet") -> Celery:
     broker = celery_broker(settings)  # TLS, ACL and Sentinel options: common.adapters.redis_conn
     app = Celery(name, broker=broker.url)
     app.conf.update(

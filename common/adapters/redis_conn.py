@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
-from common.settings import Settings
+from common.settings import RedisSettings
 from common.state import keys
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class RedisTarget:
     sentinel_password: str | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RedisTarget:
+    def from_settings(cls, settings: RedisSettings) -> RedisTarget:
         url = urlsplit(settings.redis_url)
         if url.scheme not in ("redis", "rediss"):
             raise ValueError(f"redis_url must be redis:// or rediss://, not {url.scheme}://")
@@ -78,7 +78,7 @@ def _host_port(item: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _client(settings: Settings, client_class: type, sentinel_class: type, decode_responses: bool, options: dict):
+def _client(settings: RedisSettings, client_class: type, sentinel_class: type, decode_responses: bool, options: dict):
     target = RedisTarget.from_settings(settings)
     kwargs = {"db": target.db, "decode_responses": decode_responses, **target.auth_kwargs(),
               **target.tls_kwargs(), **options}
@@ -89,12 +89,12 @@ def _client(settings: Settings, client_class: type, sentinel_class: type, decode
     return client_class(host=target.host, port=target.port, **kwargs)
 
 
-def redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> redis.Redis:
+def redis_client(settings: RedisSettings, *, decode_responses: bool = True, **options) -> redis.Redis:
     """A redis-py client for the configured Redis (the current master, with Sentinel)."""
     return _client(settings, redis.Redis, Sentinel, decode_responses, options)
 
 
-def async_redis_client(settings: Settings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
+def async_redis_client(settings: RedisSettings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
     """The asyncio twin of `redis_client` (the gateway's hot read paths)."""
     return _client(settings, aioredis.Redis, AsyncSentinel, decode_responses, options)
 
@@ -132,7 +132,7 @@ class BrokerOptions:
     transport: str | None = None
 
 
-def celery_broker(settings: Settings) -> BrokerOptions:
+def celery_broker(settings: RedisSettings) -> BrokerOptions:
     target = RedisTarget.from_settings(settings)
     userinfo = ""
     if target.username or target.password:
@@ -152,7 +152,7 @@ def celery_broker(settings: Settings) -> BrokerOptions:
     return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
-def wait_for_replicas(client: redis.Redis, settings: Settings) -> None:
+def wait_for_replicas(client: redis.Redis, settings: RedisSettings) -> None:
     """Block until `redis_wait_replicas` replicas have every write made so far, by any connection (Redis
     WAIT), so a Sentinel failover right after does not forget it.
 

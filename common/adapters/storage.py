@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from common.domain.errors import FileDownloadError, ImageTooLargeError
 from common.domain.signed_urls import object_url
-from common.settings import Settings
+from common.settings import OutputUrlSettings, ProducerSettings, StorageSettings
 
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 
@@ -34,12 +34,12 @@ def boto_config() -> Config:
                   response_checksum_validation="when_required")
 
 
-def make_s3_client(settings: Settings):
+def make_s3_client(settings: StorageSettings):
     return boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
                         config=boto_config())
 
 
-def make_sqs_client(settings: Settings):
+def make_sqs_client(settings: ProducerSettings):
     return boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url,
                         config=boto_config())
 
@@ -69,15 +69,15 @@ def fingerprint(bucket: str, key: str, version: str, params: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
-def upload_output_prefix(settings: Settings, key: str, fp: str) -> str:
+def upload_output_prefix(settings: StorageSettings, key: str, fp: str) -> str:
     return f"{settings.output_prefix}uploads/{key}/{fp}/"
 
 
-def request_output_prefix(settings: Settings, request_id: str) -> str:
+def request_output_prefix(settings: StorageSettings, request_id: str) -> str:
     return f"{settings.output_prefix}requests/{request_id}/"
 
 
-def uploads_prefix(settings: Settings, owner: str) -> str:
+def uploads_prefix(settings: StorageSettings, owner: str) -> str:
     """Where one API key's uploads live (hashed: key ids stay out of URLs)."""
     return f"{settings.output_prefix}files/{hashlib.sha256(owner.encode()).hexdigest()[:16]}/"
 
@@ -104,7 +104,7 @@ def _version_args(version_id: str | None, if_match: str | None) -> dict[str, str
 class ObjectStore:
     """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
 
-    def __init__(self, settings: Settings, client=None):
+    def __init__(self, settings: OutputUrlSettings, client=None):
         self.settings = settings
         self.client = client or make_s3_client(settings)
 

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.adapters.redis_conn import redis_client
-from common.settings import Settings
+from common.settings import JobSettings, RedisSettings
 from common.state import keys, ops_state
 from common.state.job_progress import Completion
 from common.state.jobs import JobStore
@@ -158,10 +158,10 @@ class RequestMetrics:
 class QueueCollector(Collector):
     """Queue depth, oldest waiting job, in progress, workers, pause flags, dead letters; read per scrape."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: JobSettings):
         self.configure(settings)
 
-    def configure(self, settings: Settings) -> None:
+    def configure(self, settings: JobSettings) -> None:
         self.queues = {v.id: v.queue for v in settings.variants}
         self.redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=2)
 
@@ -209,7 +209,7 @@ _queue_collector: QueueCollector | None = None
 _gpu_collector: GpuMemoryCollector | None = None
 
 
-def register_queue_collector(settings: Settings) -> QueueCollector:
+def register_queue_collector(settings: JobSettings) -> QueueCollector:
     """Export the queue gauges from this process (idempotent; the latest settings win)."""
     global _queue_collector
     if _queue_collector is None:
@@ -252,7 +252,7 @@ def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck]
     return True
 
 
-def process_probes(settings: Settings) -> dict[str, HealthCheck]:
+def process_probes(settings: RedisSettings) -> dict[str, HealthCheck]:
     """/healthz and /readyz for a process whose work loop runs in its main thread (SQS producer, webhook
     deliverer). Liveness never touches Redis (a Redis restart must not restart every pod); readiness is a
     Redis PING."""
@@ -312,7 +312,7 @@ def metrics_response():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def add_metrics_route(app, settings: Settings | None = None, path: str = "/metrics") -> None:
+def add_metrics_route(app, settings: JobSettings | None = None, path: str = "/metrics") -> None:
     """Add `GET /metrics` to a FastAPI/Starlette app; with settings, the queue gauges are included."""
     if settings is not None:
         register_queue_collector(settings)

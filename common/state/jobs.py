@@ -21,6 +21,7 @@ from redis.typing import EncodableT, FieldT
 from common.domain.errors import RequestCancelled
 from common.domain.schemas import JobSpec
 from common.domain.status import Status
+from common.settings import JobSettings
 from common.state import keys
 
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
@@ -202,7 +203,7 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), **kwargs)
 
     @classmethod
-    def from_settings(cls, settings) -> JobStore:
+    def from_settings(cls, settings: JobSettings) -> JobStore:
         """The store on the configured Redis (TLS, ACL, Sentinel: common.adapters.redis_conn)."""
         from common.adapters.redis_conn import redis_client
 

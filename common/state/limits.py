@@ -13,7 +13,7 @@ from typing import Literal
 import redis
 
 from common.domain.errors import LimitRefused
-from common.settings import Settings
+from common.settings import AdmissionSettings
 from common.state import keys
 
 Reason = Literal["queue_full", "rate_limited", "concurrency_limit"]
@@ -60,7 +60,7 @@ MESSAGES: dict[Reason, str] = {
 }
 
 
-def queue_cap(settings: Settings, variant: str, requested: int | None = None) -> int:
+def queue_cap(settings: AdmissionSettings, variant: str, requested: int | None = None) -> int:
     """The most IN_QUEUE requests `variant` may hold for this submit (NO_CAP: unlimited)."""
     configured = settings.max_queue_depth_per_variant.get(variant, settings.max_queue_depth)
     caps = [c for c in (configured or None, requested) if c is not None]
@@ -76,7 +76,7 @@ class QueueFull(Exception):
 
 
 class Limiter:
-    def __init__(self, client: redis.Redis, settings: Settings):
+    def __init__(self, client: redis.Redis, settings: AdmissionSettings):
         self.redis = client
         self.settings = settings
         self._admit = client.register_script(_ADMIT)

@@ -14,14 +14,14 @@ from common.adapters.redis_conn import wait_for_replicas
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError
 from common.domain.schemas import JobSpec
-from common.settings import Settings
+from common.settings import GatewaySettings, ProducerSettings, WorkerSettings
 from common.state.jobs import JobStore
 from common.state.webhooks import first_attempt_due
 
 log = logging.getLogger(__name__)
 
 
-def finish_job(*, settings: Settings, store: JobStore, objects: ObjectStore | None, celery: Celery,
+def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings, store: JobStore, objects: ObjectStore | None, celery: Celery,
                spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
                error_type: str | None = None, token: str = "", inference_time: float | None = None,
                extra: dict | None = None, logs: list[str] | None = None) -> bool:

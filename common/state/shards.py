@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TypeVar
 
-from common.settings import Settings
+from common.settings import RedisSettings
+
+S = TypeVar("S", bound=RedisSettings)
 
 MAX_SHARDS = 255  # the first byte of an id
 
@@ -55,7 +58,7 @@ class ShardMap:
                 self._by_variant[variant] = shard
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ShardMap:
+    def from_settings(cls, settings: RedisSettings) -> ShardMap:
         if len(settings.redis_shards) > MAX_SHARDS:
             raise ValueError(f"at most {MAX_SHARDS} Redis shards")
         shards = [Shard(0, settings.redis_url, frozenset(), settings.redis_sentinel_master)]
@@ -106,7 +109,7 @@ def shard_index(request_id: str) -> int:
     return parsed.bytes[0] if parsed.version == 8 else 0
 
 
-def refuse_shards(settings: Settings, component: str) -> None:
+def refuse_shards(settings: RedisSettings, component: str) -> None:
     """For the processes that do not route between shards yet (the gateway, the S3-event producer): with
     `redis_shards` set they would queue every job on shard 0, where no worker of a sharded variant looks."""
     if settings.redis_shards:
@@ -114,7 +117,7 @@ def refuse_shards(settings: Settings, component: str) -> None:
                            "(BIREFNET_REDIS_SHARDS) for it, or run one deployment per shard")
 
 
-def settings_for(settings: Settings, shard: Shard) -> Settings:
+def settings_for(settings: S, shard: Shard) -> S:
     """`settings` for a process that talks to `shard` only: its Redis as redis_url (credentials, TLS and
     the other Redis options are shared by all shards)."""
     return settings.model_copy(update={"redis_url": shard.url, "redis_sentinel_master": shard.sentinel_master,

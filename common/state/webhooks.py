@@ -20,7 +20,7 @@ import httpcore
 from common.adapters.netguard import NetPolicy, guarded_pool, parse_http_url
 from common.domain.errors import JobError
 from common.domain.signing import WebhookSigner
-from common.settings import Settings
+from common.settings import DelivererSettings, FetchSettings, WebhookTimingSettings
 from common.state import keys
 from common.state.jobs import JobRecord, JobStore
 
@@ -78,7 +78,7 @@ def list_attempts(store: JobStore, request_id: str) -> list[dict]:
     return [json.loads(item) for item in store.redis.lrange(keys.webhook_attempts(request_id), 0, -1)]
 
 
-def webhook_policy(settings: Settings) -> NetPolicy:
+def webhook_policy(settings: FetchSettings) -> NetPolicy:
     """Receivers may listen on any port; which addresses they may have follows the image-URL rules."""
     return NetPolicy.from_settings(settings, allowed_ports=None, purpose="webhook URLs")
 
@@ -107,14 +107,14 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     return response.status, f"HTTP {response.status}"
 
 
-def first_attempt_due(settings: Settings) -> float:
+def first_attempt_due(settings: WebhookTimingSettings) -> float:
     """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
     after the task sent at completion had its chance. The completion's task and the pump then race; whichever
     copy runs first delivers, and the attempt removes the booking."""
     return time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
 
 
-def retry_delay(settings: Settings, attempt: int, jitter: bool = True) -> float:
+def retry_delay(settings: WebhookTimingSettings, attempt: int, jitter: bool = True) -> float:
     """Seconds between attempt `attempt` (0 = the first) failing and the next one: the doubling delay, with
     equal jitter (half fixed, half random) so that the many webhooks of one receiver's outage do not all
     retry at the same instant. `jitter=False`: the upper bound (safety bookings)."""
@@ -132,7 +132,7 @@ return items
 class WebhookSender:
     """Signs and delivers one attempt at a time; books retries; lists what finally failed."""
 
-    def __init__(self, settings: Settings, store: JobStore, signer: WebhookSigner):
+    def __init__(self, settings: DelivererSettings, store: JobStore, signer: WebhookSigner):
         self.settings = settings
         self.store = store
         self.signer = signer
@@ -194,12 +194,17 @@ class WebhookSender:
 
     def failed(self, limit: int = 100) -> list[dict]:
         """Requests whose webhook never got a 2xx, newest first, with every attempt."""
-        entries = cast(list[tuple[str, float]], self.store.redis.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True))  # a decoding client: str replies
-        out = []
-        for request_id, failed_at in entries:
-            record = self.store.get(request_id)
-            out.append({"request_id": request_id, "failed_at": failed_at,
-                        "webhook_url": record.spec.webhook_url if record else None,
-                        "owner": record.spec.owner if record else None,
-                        "attempts": list_attempts(self.store, request_id)})
-        return out
+        return failed_webhooks(self.store, limit)
+
+
+def failed_webhooks(store: JobStore, limit: int = 100) -> list[dict]:
+    """Requests whose webhook never got a 2xx, newest first, with every attempt."""
+    entries = cast(list[tuple[str, float]], store.redis.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True))  # a decoding client: str replies
+    out = []
+    for request_id, failed_at in entries:
+        record = store.get(request_id)
+        out.append({"request_id": request_id, "failed_at": failed_at,
+                    "webhook_url": record.spec.webhook_url if record else None,
+                    "owner": record.spec.owner if record else None,
+                    "attempts": list_attempts(store, request_id)})
+    return out
