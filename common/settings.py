@@ -1,5 +1,9 @@
-"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The settings table of
-docs/configuration.md is generated from the fields' descriptions (tests/test_settings_doc.py checks it)."""
+"""All configuration, from environment variables prefixed BIREFNET_ (or a .env file).
+
+Options are grouped by concern (RedisSettings, StorageSettings, GatewayOptions, ...); each process has one class
+made of the groups it reads (GatewaySettings, ProducerSettings, DelivererSettings, WorkerSettings, OpsSettings),
+built once by its entry point. The reference in docs/configuration.md is generated from the groups and the
+fields' descriptions (tests/test_settings_doc.py checks it)."""
 
 from __future__ import annotations
 
@@ -590,7 +594,6 @@ def own_fields(group: type[_Env]) -> list[str]:
 def readers(group: type[_Env]) -> list[str]:
     """The processes whose settings include this group."""
     return [process for process, settings_class in PROCESSES.items() if issubclass(settings_class, group)]
-
 
 
 class InsecureSettings(RuntimeError):
