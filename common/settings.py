@@ -116,9 +116,14 @@ class BrokerSettings(RedisSettings):
 
 
 class JobSettings(RedisSettings):
-    """Job records in Redis and the model variants they name."""
+    """Job records in Redis."""
 
     job_record_ttl: int = Field(7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept.")
+
+
+class VariantSettings(_Env):
+    """The model variants: fal's model names, weights, resolutions, queues."""
+
     variant_overrides: dict[str, dict] = Field(
         default_factory=dict, description="JSON {variant_id: {field: value}} adding or changing variants, "
         'e.g. {"general-light": {"weights": "/models/BiRefNet.safetensors"}}.')
@@ -389,14 +394,14 @@ class DelivererOptions(_Env):
     webhooks_metrics_port: int = Field(9102, description="Port of the webhook deliverer's Prometheus /metrics (0: off).")
 
 
-class OpsOptions(JobSettings):
+class OpsOptions(VariantSettings):
     """What ops status shows: `python -m ops status` and the gateway's /admin/ops/status (the playground's ops page)."""
 
     ops_window_seconds: int = Field(
         900, description="Default window (s) of the ops command's throughput and latency figures.")
 
 
-class WorkerOptions(JobSettings):
+class WorkerOptions(VariantSettings):
     """The GPU worker (`python -m worker`): jobs, leases, attempts, time limits."""
 
     worker_concurrency: int = Field(
@@ -536,14 +541,14 @@ class VideoSettings(_Env):
 
 
 class GatewaySettings(GatewayOptions, OpsOptions, OutputUrlSettings, StorageSettings, SecretSettings,
-                      AdmissionSettings, JobSettings, BrokerSettings, RedisSettings, FetchSettings, InputLimitSettings,
-                      WebhookTimingSettings, MetricsSettings):
+                      AdmissionSettings, JobSettings, VariantSettings, BrokerSettings, RedisSettings, FetchSettings,
+                      InputLimitSettings, WebhookTimingSettings, MetricsSettings):
     """`python -m gateway`."""
 
 
 class ProducerSettings(ProducerOptions, ServedVariantSettings, OutputUrlSettings, StorageSettings, SecretSettings,
-                       AdmissionSettings, JobSettings, BrokerSettings, RedisSettings, FetchSettings,
-                       WebhookTimingSettings, MetricsSettings):
+                       AdmissionSettings, JobSettings, VariantSettings, BrokerSettings, RedisSettings,
+                       FetchSettings, WebhookTimingSettings, MetricsSettings):
     """`python -m producer sqs|http`."""
 
 
@@ -554,12 +559,12 @@ class DelivererSettings(DelivererOptions, SecretSettings, JobSettings, BrokerSet
 
 class WorkerSettings(WorkerOptions, ModelSettings, OutputEncodingSettings, MaskCacheSettings, VideoSettings,
                      ServedVariantSettings, OutputUrlSettings, StorageSettings, SecretSettings, JobSettings,
-                     BrokerSettings, RedisSettings, FetchSettings, InputLimitSettings, WebhookTimingSettings,
-                     MetricsSettings):
+                     VariantSettings, BrokerSettings, RedisSettings, FetchSettings, InputLimitSettings,
+                     WebhookTimingSettings, MetricsSettings):
     """`python -m worker`."""
 
 
-class OpsSettings(OpsOptions, JobSettings, BrokerSettings, RedisSettings, WebhookRetrySettings):
+class OpsSettings(OpsOptions, JobSettings, VariantSettings, BrokerSettings, RedisSettings, WebhookRetrySettings):
     """`python -m ops`."""
 
 
@@ -575,7 +580,8 @@ PROCESSES: dict[str, type[_Env]] = {"gateway": GatewaySettings, "producer": Prod
 
 # The reference's sections (docs/configuration.md), in this order: shared groups first, then each process's own.
 REFERENCE_GROUPS: dict[str, type[_Env]] = {
-    "Redis": RedisSettings, "Celery broker": BrokerSettings, "Job records and variants": JobSettings,
+    "Redis": RedisSettings, "Celery broker": BrokerSettings, "Job records": JobSettings,
+    "Model variants": VariantSettings,
     "Secrets": SecretSettings, "Outbound HTTP and the SSRF guard": FetchSettings, "Metrics": MetricsSettings,
     "S3": StorageSettings, "Output URLs": OutputUrlSettings, "Queue caps": AdmissionSettings,
     "Input limits": InputLimitSettings, "Webhook timing": WebhookTimingSettings,

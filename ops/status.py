@@ -10,7 +10,7 @@ from typing import cast
 
 import redis
 
-from common.settings import JobSettings, OpsOptions
+from common.settings import OpsOptions, VariantSettings
 from common.state import keys, ops_state
 from common.state.unserved import model_label
 
@@ -99,7 +99,7 @@ def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     return {"count": r.zcard(keys.DEADLETTER), "entries": entries}
 
 
-def unserved(snapshot: dict[str, dict], settings: JobSettings) -> list[dict]:
+def unserved(snapshot: dict[str, dict], settings: VariantSettings) -> list[dict]:
     """Variants with jobs waiting and no live worker: nobody will take those jobs until one starts."""
     out = []
     for variant, figures in snapshot.items():

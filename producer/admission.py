@@ -20,7 +20,7 @@ from common.domain.auth import Principal
 from common.domain.errors import InputErrors, JobError, QueueUnreachable
 from common.domain.schemas import INPUT_MODELS, BiRefNetInput, JobSpec
 from common.domain.variants import VariantSpec
-from common.settings import GatewaySettings, JobSettings, ProducerSettings
+from common.settings import GatewaySettings, ProducerSettings, VariantSettings
 from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
@@ -53,7 +53,7 @@ def validation_details(exc: ValidationError) -> list[dict]:
     return jsonable_encoder([{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)])
 
 
-def validate_input(endpoint: str, data: dict, settings: JobSettings,
+def validate_input(endpoint: str, data: dict, settings: VariantSettings,
                    variant: VariantSpec | None = None) -> tuple[BiRefNetInput, VariantSpec]:
     """The input and its variant (`variant`: chosen by id, not by `model`), or InputErrors (FastAPI's list)."""
     try:

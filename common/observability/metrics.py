@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.adapters.redis_conn import redis_client
-from common.settings import JobSettings, RedisSettings
+from common.settings import GatewaySettings, ProducerSettings, RedisSettings
 from common.state import keys, ops_state
 from common.state.job_progress import Completion
 from common.state.jobs import JobStore
@@ -158,10 +158,10 @@ class RequestMetrics:
 class QueueCollector(Collector):
     """Queue depth, oldest waiting job, in progress, workers, pause flags, dead letters; read per scrape."""
 
-    def __init__(self, settings: JobSettings):
+    def __init__(self, settings: GatewaySettings | ProducerSettings):
         self.configure(settings)
 
-    def configure(self, settings: JobSettings) -> None:
+    def configure(self, settings: GatewaySettings | ProducerSettings) -> None:
         self.queues = {v.id: v.queue for v in settings.variants}
         self.redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=2)
 
@@ -209,7 +209,7 @@ _queue_collector: QueueCollector | None = None
 _gpu_collector: GpuMemoryCollector | None = None
 
 
-def register_queue_collector(settings: JobSettings) -> QueueCollector:
+def register_queue_collector(settings: GatewaySettings | ProducerSettings) -> QueueCollector:
     """Export the queue gauges from this process (idempotent; the latest settings win)."""
     global _queue_collector
     if _queue_collector is None:
@@ -312,7 +312,7 @@ def metrics_response():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def add_metrics_route(app, settings: JobSettings | None = None, path: str = "/metrics") -> None:
+def add_metrics_route(app, settings: GatewaySettings | ProducerSettings | None = None, path: str = "/metrics") -> None:
     """Add `GET /metrics` to a FastAPI/Starlette app; with settings, the queue gauges are included."""
     if settings is not None:
         register_queue_collector(settings)
