@@ -172,7 +172,11 @@ def test_compose_store_notifies_the_producer_webhook():
     assert env["RUSTFS_ACCESS_KEY"] == app_env["AWS_ACCESS_KEY_ID"]
     assert env["RUSTFS_SECRET_KEY"] == app_env["AWS_SECRET_ACCESS_KEY"]
 
+    # RustFS answers /health on its S3 port (its image ships curl); the buckets are made once it does.
+    assert store["healthcheck"]["test"][:2] == ["CMD", "curl"]
+    assert urlparse(store["healthcheck"]["test"][-1]).path == "/health"
     init = services()["s3-init"]
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
     assert init["restart"] == "no"
     assert init["command"] == ["python", "/init/init_storage.py"]
     assert "./infra/compose/init_storage.py:/init/init_storage.py:ro" in init["volumes"]
@@ -367,9 +371,8 @@ def test_compose_images_volumes_and_healthchecks():
             source = volume.split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} not declared"
-        # One-shot services finish; the RustFS image has no HTTP client to probe itself with (s3-init
-        # waits for its S3 API instead, and every app service waits for s3-init).
-        if name not in ONE_SHOT | {"s3"}:
+        # One-shot services finish; everything else says when it is healthy.
+        if name not in ONE_SHOT:
             assert "healthcheck" in svc, f"{name} has no healthcheck"
         if name in ONE_SHOT:
             continue
