@@ -66,7 +66,7 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
         "BIREFNET_SQS_WAIT_SECONDS": "1",
         "BIREFNET_TORCH_THREADS": "1",
         # Tests send the same few images again and again: without this, most would reuse a cached mask and not
-        # exercise the network path they are about (tests/test_beyond_fal.py turns the cache on).
+        # exercise the network path they are about (tests/e2e/test_beyond_fal.py turns the cache on).
         "BIREFNET_MASK_CACHE_SECONDS": "0",
         # Test servers (webhook receivers, image servers) listen on loopback; production refuses it.
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
