@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.video.stream import VideoStream
 
 
 def make_clip(path: str, *, width: int = 96, height: int = 64, seconds: float = 1.0, fps: int = 12,
@@ -16,12 +18,14 @@ def make_clip(path: str, *, width: int = 96, height: int = 64, seconds: float = 
     frames = int(seconds * fps) if frame_pts is None else len(frame_pts)
     with av.open(path, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if frame_pts is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         if rotate:
             stream.set_display_rotation(rotate)
         a_stream = out.add_stream("aac", rate=16000) if audio else None
+        assert a_stream is None or isinstance(a_stream, AudioStream)
         ys, xs = np.mgrid[0:height, 0:width]
         for i in range(frames):
             rgb = np.zeros((height, width, 3), np.uint8)
@@ -43,9 +47,9 @@ def make_clip(path: str, *, width: int = 96, height: int = 64, seconds: float = 
             tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
             for start in range(0, n, 1024):
                 chunk = tone[start:start + 1024].reshape(1, -1)
-                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = rate, start
-                for packet in a_stream.encode(frame):
+                sound = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                sound.sample_rate, sound.pts = rate, start
+                for packet in a_stream.encode(sound):
                     out.mux(packet)
             for packet in a_stream.encode():
                 out.mux(packet)
