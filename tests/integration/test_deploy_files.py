@@ -41,13 +41,13 @@ import yaml
 from common.domain.variants import VariantRegistry
 from common.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKER_DIR = ROOT / "infra" / "docker"
 K8S_DIR = ROOT / "infra" / "k8s"
 TF_DIR = ROOT / "infra" / "terraform"
-KEDA_SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "keda"
+KEDA_SCHEMA_DIR = Path(__file__).resolve().parents[1] / "data" / "keda"
 
 K8S_VERSION = "1.33.0"  # Kubernetes API version the manifests are validated against
 K8S_OVERLAYS = ["default", "aws"]
@@ -514,7 +514,7 @@ def test_dockerignore():
     for path in [
         ".git/config",
         ".venv/bin/python",
-        "tests/test_deploy_files.py",
+        "tests/integration/test_deploy_files.py",
         "infra/k8s/base/secret.yaml",
         "common/__pycache__/settings.cpython-311.pyc",
         ".env",
@@ -695,7 +695,7 @@ def test_keda_resources_match_schema(overlay: str):
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
 def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
     """One pool per servable variant, scaled on its own Celery lists (and its own queue gauges, see
-    tests/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
+    tests/integration/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
     deployments = worker_deployments(overlay)
     scaled = by_kind(overlay, "ScaledObject")
     assert len(deployments) >= 2 and len(scaled) == len(deployments)
