@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from common.domain.auth import Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
@@ -54,6 +55,13 @@ def video_spec_fields(data: BiRefNetVideoInput) -> dict:
     return {"params": params, "video": VideoOptions.from_input(data).model_dump()}
 
 
+def key_budgets(principal: Principal) -> dict:
+    """The key's budgets, carried by the job: the worker charges the video's duration against them once it
+    has opened the video (common/state/limits.py)."""
+    budgets = {"max_concurrent": principal.max_concurrent, "requests_per_minute": principal.requests_per_minute}
+    return {"limits": budgets} if any(budgets.values()) else {}
+
+
 def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     """The input and its variant id, or InputErrors (FastAPI's list)."""
     try:
@@ -67,7 +75,7 @@ def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     return parsed, variant.id
 
 
-def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -> Submitted:
+def submit_video_job(gw: Gateway, principal: Principal, body: bytes, opts: SubmitOptions) -> Submitted:
     data = json_object_body(body)
     request_id = str(uuid.uuid4())
     try:
@@ -80,7 +88,8 @@ def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -
                        image_url=given[:2048] if isinstance(given, str) else "", params=JobParams())
         return enqueue(gw, principal, opts, spec, rejection=exc)
     job = video_spec_fields(parsed)
-    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"])
+    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"],
+                            **key_budgets(principal))
     spec = JobSpec(**fields, variant=variant, image_url=url, params=job["params"])
     return enqueue(gw, principal, opts, spec)
 

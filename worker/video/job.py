@@ -30,6 +30,7 @@ from common.domain.errors import JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
+from common.state.limits import Limiter, video_units
 from worker import pixels
 from worker.video import codec
 
@@ -202,6 +203,8 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         del data
         info = run.info = codec.probe(run.source, max_seconds=settings.video_max_seconds,
                                       max_pixels=settings.video_max_pixels)
+        if not segment:
+            charge_duration(runner, spec, info.duration)
         # The run-time limit grows with the length this run encodes (the watchdog reads the new deadline).
         seconds = (segment["end"] - segment["start"]) if segment else info.duration
         run.deadline = time.monotonic() + limit + seconds * settings.video_time_limit_per_second \
@@ -246,6 +249,21 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
                    extra={"timings": run.timings, "weights": predictor.weights_description, "frames": frames})
     run.log(f"done in {run.timings['total']:.2f}s")
     return Outcome("done", timings=run.timings)
+
+
+def charge_duration(runner: JobRunner, spec: JobSpec, duration: float) -> None:
+    """Charge the video's duration against its API key's budgets before any frame runs (the gateway knew
+    only that it was one request); LimitRefused ends it with fal's 429 body. Its segments ride on this."""
+    budgets = spec.extra.get("limits")
+    if not budgets or not spec.owner:
+        return
+    units = video_units(duration, runner.settings.video_limit_unit_seconds)
+    refusal = Limiter(runner.store.redis, runner.settings).charge(
+        key_id=spec.owner, request_id=spec.request_id, units=units,
+        max_concurrent=budgets.get("max_concurrent"), requests_per_minute=budgets.get("requests_per_minute"))
+    if refusal is not None:
+        raise refusal
+    runner.store.log(spec.request_id, f"counted as {units} units against the key's limits")
 
 
 def _fetch(run: VideoRun) -> bytes:
