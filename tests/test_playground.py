@@ -217,6 +217,54 @@ def test_bad_image_shows_the_models_error(gs, browser):
     screenshot(browser, "playground-bad-image")
 
 
+def video_state(driver, element_id: str) -> dict:
+    return driver.execute_script("""
+        const v = document.getElementById(arguments[0]);
+        return {hidden: v.hidden, ready: v.readyState, duration: v.duration, width: v.videoWidth,
+                height: v.videoHeight, error: v.error && v.error.code, src: v.currentSrc};
+    """, element_id)
+
+
+@pytest.mark.parametrize("output_type", ["VP9 (.webm)", "X264 (.mp4)"])
+def test_video_upload_plays_the_cutout_and_mask(gs, browser, tmp_path, output_type):
+    from tests.helpers.video import make_clip
+
+    clip = Path(make_clip(str(tmp_path / "clip.mp4"), width=96, height=64, seconds=1.0, fps=12))
+    open_page(browser, f"{gs.url}/playground")
+    type_key(browser, ALICE)
+    Select(browser.find_element(By.ID, "endpoint")).select_by_value("v2/video")
+    Select(browser.find_element(By.ID, "output_format")).select_by_visible_text(output_type)
+    if not browser.find_element(By.ID, "output_mask").is_selected():
+        browser.find_element(By.ID, "output_mask").click()
+    browser.find_element(By.ID, "image-file").send_keys(str(clip))
+    assert "clip.mp4" in browser.find_element(By.ID, "file-chosen").text
+    browser.find_element(By.ID, "run").click()
+    wait_until(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Completed"), "Completed")
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    logs = browser.find_element(By.ID, "logs").text
+    assert "uploaded clip.mp4" in logs and "In progress" in logs, logs
+    assert "loading video" in logs and "frames 12/12" in logs, "the worker's progress reaches the page"
+
+    result = json.loads(browser.find_element(By.ID, "result-json").text)
+    assert result["video"]["num_frames"] == 12 and result["mask_video"] is not None
+    # Both outputs play: the browser decodes their metadata, with the clip's duration and size.
+    for element in ("cutout-video", "mask-video"):
+        wait_until(browser, lambda d, e=element: video_state(d, e)["ready"] >= 1 or video_state(d, e)["error"],
+                   f"{element} to load its metadata", 30)
+        state = video_state(browser, element)
+        assert not state["hidden"] and state["error"] is None, (element, state)
+        assert (state["width"], state["height"]) == (96, 64), (element, state)
+        assert abs(state["duration"] - 1.0) < 0.1, (element, state)
+    assert browser.find_element(By.ID, "cutout-video").get_attribute("src") == result["video"]["url"]
+    download = browser.find_element(By.ID, "cutout-download")
+    assert download.get_attribute("download") == result["video"]["file_name"]
+    assert result["video"]["file_name"] in download.text
+    assert not image_loaded(browser, "cutout-img")
+    snippet = browser.find_element(By.ID, "snippet").text
+    assert '/queue/fal-ai/birefnet/v2/video"' in snippet and '"video_url":"' in snippet
+    screenshot(browser, f"playground-video-{output_type.split()[0].lower()}")
+
+
 def test_ops_page_lists_the_running_worker(gs, browser):
     open_page(browser, f"{gs.url}/playground/ops")
     type_key(browser, ALICE)  # not an admin key
