@@ -261,10 +261,9 @@ function showVideo(id, url, name) {
   video.hidden = false;
 }
 
-// A video output: played in a <video>, or shown in an <img> when it is a GIF.
-function showMedia(kind, file) {
-  if ((file.content_type || "").startsWith("image/")) showImage(`${kind}-img`, file.url, file.file_name);
-  else showVideo(`${kind}-video`, file.url, file.file_name);
+// A GIF output is an image: shown in an <img>, not played.
+function isStill(file) {
+  return (file.content_type || "").startsWith("image/");
 }
 
 async function showResult(id, final) {
@@ -282,11 +281,14 @@ async function showResult(id, final) {
     $("result-warning").hidden = false;
   }
   if (body.video) {  // the video endpoint: play both outputs
-    showMedia("cutout", body.video);
-    showDownload("cutout-download", body.video, "cut-out video");
-    if (body.mask_video) {
-      showMedia("mask", body.mask_video);
-      showDownload("mask-download", body.mask_video, "mask video");
+    const { video, mask_video: mask } = body;
+    if (isStill(video)) showImage("cutout-img", video.url, video.file_name);
+    else showVideo("cutout-video", video.url, video.file_name);
+    showDownload("cutout-download", video, "cut-out video");
+    if (mask) {
+      if (isStill(mask)) showImage("mask-img", mask.url, mask.file_name);
+      else showVideo("mask-video", mask.url, mask.file_name);
+      showDownload("mask-download", mask, "mask video");
     }
     $("result-heading").focus();
     return;
