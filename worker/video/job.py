@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.adapters.queue import send_job
-from common.domain.errors import JobError, RequestCancelled
+from common.domain.errors import ImageTooLargeError, JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
@@ -192,6 +192,8 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         run.log("loading video")
     try:
         data = _fetch(run)
+    except ImageTooLargeError as exc:  # the fetcher's own words are about images: a video is too large
+        raise codec.VideoTooLargeError(f"the video file is too large: {exc.message}") from None
     except JobError as exc:
         exc.field = "video_url"
         raise
