@@ -385,8 +385,8 @@ class Settings(BaseSettings):
         "mid-video costs only its segment. 0: never split.")
     video_limit_unit_seconds: float = Field(
         10.0, gt=0, description="A video counts ceil(duration / this) units against an API key's "
-        "requests_per_minute and max_concurrent (an image counts one). Charged when a worker opens the video "
-        "and reads its duration; its segments are covered by that charge.")
+        "requests_per_minute and max_concurrent (an image counts one): at submit for an inline (data URI) video, "
+        "else when a worker opens it; its segments are covered by that charge.")
 
     def time_limit(self, variant_id: str) -> float:
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""

@@ -30,7 +30,7 @@ from common.domain.errors import ImageTooLargeError, JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
-from common.state.limits import Limiter, video_units
+from common.state.limits import Limiter, admitted_units, video_units
 from worker import pixels
 from worker.video import codec
 
@@ -254,14 +254,15 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
 
 
 def charge_duration(runner: JobRunner, spec: JobSpec, duration: float) -> None:
-    """Charge the video's duration against its API key's budgets before any frame runs (the gateway knew
-    only that it was one request); LimitRefused ends it with fal's 429 body. Its segments ride on this."""
+    """Charge the video's duration against its API key's budgets before any frame runs, beyond the units it
+    was admitted with (one, unless the gateway read the duration of an inline video); LimitRefused ends it
+    with fal's 429 body. Its segments ride on this."""
     budgets = spec.extra.get("limits")
     if not budgets or not spec.owner:
         return
-    units = video_units(duration, runner.settings.video_limit_unit_seconds)
+    units = max(video_units(duration, runner.settings.video_limit_unit_seconds), admitted_units(spec.extra))
     refusal = Limiter(runner.store.redis, runner.settings).charge(
-        key_id=spec.owner, request_id=spec.request_id, units=units,
+        key_id=spec.owner, request_id=spec.request_id, units=units, held=admitted_units(spec.extra),
         max_concurrent=budgets.get("max_concurrent"), requests_per_minute=budgets.get("requests_per_minute"))
     if refusal is not None:
         raise refusal
