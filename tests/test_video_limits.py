@@ -180,3 +180,36 @@ def test_waiting_segments_fill_the_queue_cap_for_other_requests(gs, tmp_path):
     assert code == 200 and body["video"]["num_frames"] == 12 and "joined 3 segments" in logs
     time.sleep(0.1)
     assert submit(gs, "free", IMAGE, image())
+
+
+def test_units_in_the_limiter_itself(redis_server):
+    """The Lua scripts on their own: units admitted at once, the retry-after of the units that must leave
+    the window, a charge made once however often a rerun asks, and a refused charge taking back its unit."""
+    from common.settings import Settings
+    from common.state.limits import Limiter
+
+    client = redis.Redis(port=redis_server.port, db=13, decode_responses=True)
+    client.flushdb()
+    limiter = Limiter(client, Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/13"))
+    rate = {"key_id": "k", "variant": "general-light", "requests_per_minute": 5}
+    assert limiter.admit(request_id="a", units=3, **rate) is None
+    refused = limiter.admit(request_id="b", units=3, **rate)
+    assert refused is not None and refused.reason == "rate_limited" and 1 <= refused.retry_after <= 60
+    assert "costs 3 units" in refused.message and "retry later" in refused.message
+    never = limiter.admit(request_id="c", units=6, **rate)
+    assert never is not None and "never fit" in never.message
+    assert limiter.admit(request_id="d", units=2, **rate) is None
+    assert sorted(client.zrange(keys.rate_limit("k"), 0, -1)) == ["a", "a#2", "a#3", "d", "d#2"]
+
+    client.delete(keys.rate_limit("k"))
+    charge = {"key_id": "k", "requests_per_minute": 5}
+    assert limiter.admit(request_id="v", **rate) is None  # a video by URL: one unit at submit
+    client.hset(keys.job("v"), "status", "IN_PROGRESS")
+    assert limiter.charge(request_id="v", units=4, **charge) is None
+    assert limiter.charge(request_id="v", units=4, **charge) is None  # a rerun: not charged again
+    assert client.zcard(keys.rate_limit("k")) == 4
+    assert limiter.admit(request_id="w", **rate) is None  # 5 of 5
+    client.hset(keys.job("w"), "status", "IN_PROGRESS")
+    refused = limiter.charge(request_id="w", units=2, **charge)
+    assert refused is not None and refused.reason == "rate_limited"
+    assert sorted(client.zrange(keys.rate_limit("k"), 0, -1)) == ["v", "v#2", "v#3", "v#4"]  # w's unit: back
