@@ -383,6 +383,10 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Videos longer than this are split into segments of about this length, queued "
         "as jobs of their own on the variant's queue so that several workers share one video; a worker lost "
         "mid-video costs only its segment. 0: never split.")
+    video_limit_unit_seconds: float = Field(
+        10.0, gt=0, description="A video counts ceil(duration / this) units against an API key's "
+        "requests_per_minute and max_concurrent (an image counts one): at submit for an inline (data URI) video, "
+        "else when a worker opens it; its segments are covered by that charge.")
 
     def time_limit(self, variant_id: str) -> float:
         """The run-time limit of one run of a job of this variant (job_time_limit unless the variant sets one)."""

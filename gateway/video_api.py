@@ -10,12 +10,16 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from common.domain.errors import InputErrors
+from common.adapters.fetch import decode_data_uri
+from common.adapters.video_probe import container_duration
+from common.domain.auth import Principal
+from common.domain.errors import InputErrors, JobError
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.domain.video import BiRefNetVideoInput, BiRefNetVideoOutput, VideoOptions
+from common.state.limits import video_units
 from gateway.context import Gateway, gateway
-from gateway.inputs import resolve_image_url
+from gateway.inputs import InputWrites, resolve_image_url
 from gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from gateway.parsing import json_object_body
 from gateway.queue_api import (
@@ -54,6 +58,26 @@ def video_spec_fields(data: BiRefNetVideoInput) -> dict:
     return {"params": params, "video": VideoOptions.from_input(data).model_dump()}
 
 
+def key_budgets(gw: Gateway, principal: Principal, video_url: str) -> dict:
+    """The key's budgets, carried by the job, and the units it is admitted with: a video the request carries
+    inline (a data URI) is counted by its container's duration now; any other is admitted as one unit and
+    charged the rest by the worker that opens it (common/state/limits.py)."""
+    budgets: dict[str, int | None] = {"max_concurrent": principal.max_concurrent,
+                                      "requests_per_minute": principal.requests_per_minute}
+    if not any(budgets.values()):
+        return {}
+    duration = None
+    if video_url.startswith("data:"):
+        try:
+            duration = container_duration(decode_data_uri(video_url, max_bytes=gw.settings.video_max_bytes))
+        except JobError:
+            duration = None  # not decodable here: the worker says why
+    units = 1
+    if duration is not None and 0 < duration <= gw.settings.video_max_seconds:  # too long: the worker's 422
+        units = video_units(duration, gw.settings.video_limit_unit_seconds)
+    return {"limits": {**budgets, "units": units}}
+
+
 def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     """The input and its variant id, or InputErrors (FastAPI's list)."""
     try:
@@ -67,12 +91,13 @@ def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     return parsed, variant.id
 
 
-def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -> Submitted:
+def submit_video_job(gw: Gateway, principal: Principal, body: bytes, opts: SubmitOptions) -> Submitted:
     data = json_object_body(body)
     request_id = str(uuid.uuid4())
+    writes = InputWrites(gw)  # a large inline video: stored only once the request is admitted
     try:
         parsed, variant = validate_video(data, gw)
-        url = resolve_image_url(gw, principal, parsed.video_url, request_id, "video_url")
+        url = resolve_image_url(gw, principal, parsed.video_url, request_id, "video_url", writes)
     except InputErrors as exc:
         given = data.get("video_url")
         fields = request_fields(gw.settings, principal, opts, request_id, video=VideoOptions().model_dump())
@@ -80,9 +105,10 @@ def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -
                        image_url=given[:2048] if isinstance(given, str) else "", params=JobParams())
         return enqueue(gw, principal, opts, spec, rejection=exc)
     job = video_spec_fields(parsed)
-    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"])
+    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"],
+                            **key_budgets(gw, principal, parsed.video_url))
     spec = JobSpec(**fields, variant=variant, image_url=url, params=job["params"])
-    return enqueue(gw, principal, opts, spec)
+    return enqueue(gw, principal, opts, spec, writes=writes)
 
 
 @queue_router.post(VIDEO_PATH, response_model=QueueSubmitted, summary="Submit a fal-ai/birefnet/v2/video request",

@@ -50,3 +50,21 @@ def read_video(path: str) -> dict:
                 info["alpha"] = frame.to_ndarray(format="rgba")[..., 3]
         info["frames"] = len(info["times"])
     return info
+
+
+def make_frameless(path: str) -> str:
+    """An MP4 whose index lists a 1 s H.264 stream but whose sample data is gone: it opens and probes as a
+    video, and decodes to no frames."""
+    source = make_clip(path + ".src.mp4", audio=False)
+    with av.open(source) as src, av.open(path + ".fs.mp4", "w", format="mp4",
+                                         options={"movflags": "faststart"}) as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    with open(path + ".fs.mp4", "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:  # the index (moov, first with faststart), then an empty mdat header
+        fh.write(data[: data.index(b"mdat") + 4])
+    return path
