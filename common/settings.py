@@ -1,5 +1,5 @@
 """All configuration, from environment variables prefixed BIREFNET_ (or a .env file). The settings table of
-docs/configuration.md is generated from the fields' descriptions (tests/test_settings_doc.py checks it)."""
+docs/configuration.md is generated from the fields' descriptions (tests/unit/test_settings_doc.py checks it)."""
 
 from __future__ import annotations
 

@@ -10,14 +10,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from common.adapters.fetch import decode_data_uri
-from common.adapters.video_probe import container_duration
 from common.domain.auth import Principal
-from common.domain.errors import InputErrors, JobError
+from common.domain.errors import InputErrors
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.domain.video import BiRefNetVideoInput, BiRefNetVideoOutput, VideoOptions
-from common.state.limits import video_units
 from gateway.context import Gateway, gateway
 from gateway.inputs import InputWrites, resolve_image_url
 from gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
@@ -58,24 +55,14 @@ def video_spec_fields(data: BiRefNetVideoInput) -> dict:
     return {"params": params, "video": VideoOptions.from_input(data).model_dump()}
 
 
-def key_budgets(gw: Gateway, principal: Principal, video_url: str) -> dict:
-    """The key's budgets, carried by the job, and the units it is admitted with: a video the request carries
-    inline (a data URI) is counted by its container's duration now; any other is admitted as one unit and
-    charged the rest by the worker that opens it (common/state/limits.py)."""
+def key_budgets(principal: Principal) -> dict:
+    """The key's budgets, carried by the job. A video is admitted as one unit and charged the rest by the
+    worker that opens it (common/state/limits.py): the gateway never parses a video, inline or not."""
     budgets: dict[str, int | None] = {"max_concurrent": principal.max_concurrent,
                                       "requests_per_minute": principal.requests_per_minute}
     if not any(budgets.values()):
         return {}
-    duration = None
-    if video_url.startswith("data:"):
-        try:
-            duration = container_duration(decode_data_uri(video_url, max_bytes=gw.settings.video_max_bytes))
-        except JobError:
-            duration = None  # not decodable here: the worker says why
-    units = 1
-    if duration is not None and 0 < duration <= gw.settings.video_max_seconds:  # too long: the worker's 422
-        units = video_units(duration, gw.settings.video_limit_unit_seconds)
-    return {"limits": {**budgets, "units": units}}
+    return {"limits": {**budgets, "units": 1}}
 
 
 def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
@@ -106,7 +93,7 @@ def submit_video_job(gw: Gateway, principal: Principal, body: bytes, opts: Submi
         return enqueue(gw, principal, opts, spec, rejection=exc)
     job = video_spec_fields(parsed)
     fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"],
-                            **key_budgets(gw, principal, parsed.video_url))
+                            **key_budgets(principal))
     spec = JobSpec(**fields, variant=variant, image_url=url, params=job["params"])
     return enqueue(gw, principal, opts, spec, writes=writes)
 

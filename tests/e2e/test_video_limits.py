@@ -117,17 +117,19 @@ def test_a_key_budget_counts_images_once_and_videos_by_duration(gs, tmp_path):
         assert code == 200 and body["video"]["num_frames"] == 12, body
         assert "counted as 2 units against the key's limits" in logs
         assert "joined 3 segments" in logs and any("(3/3 segments)" in line for line in logs)
-    # Inline, its length is known at submit: the third is refused there, as a sixth image would be.
-    refused = refused_at_submit(gs, "rate", VIDEO, {"video_url": one_second})
-    assert refused["error_type"] == "rate_limited", refused
-    assert "costs 2 units" in refused["detail"] and "requests_per_minute is 5" in refused["detail"]
+    # The gateway never parses a video: the third is admitted as one unit (5 of 5) and refused when a worker
+    # opens it, with fal's 429 body as its result, no frame run.
+    code, body, logs = result(gs, "rate", submit(gs, "rate", VIDEO, {"video_url": one_second}))
+    assert code == 429 and body["error_type"] == "rate_limited", body
+    assert "costs 2 units" in body["detail"] and "requests_per_minute is 5" in body["detail"]
+    assert not any(line.startswith(("frames", "split")) for line in logs), logs
     # Nothing else was lost: the key still has its fifth unit (one image), then none.
     assert result(gs, "rate", submit(gs, "rate", IMAGE, image()))[0] == 200
     assert refused_at_submit(gs, "rate", IMAGE, image())["error_type"] == "rate_limited"
     assert r.zcard(keys.rate_limit("rate")) == 5  # 2 + 2 + 1: the refused video left nothing behind
     age_rate_log(gs, "rate")
 
-    # By URL, its length is known once a worker opens it: admitted as one unit, charged the rest then.
+    # By URL (an upload) the same: admitted as one unit, charged the rest when opened.
     url = upload(gs, "rate", tmp_path / "one.mp4")
     for _ in range(2):
         code, body, logs = result(gs, "rate", submit(gs, "rate", VIDEO, {"video_url": url}))
@@ -147,9 +149,9 @@ def test_a_key_budget_counts_images_once_and_videos_by_duration(gs, tmp_path):
 @pytest.mark.timeout(300)
 def test_max_concurrent_counts_video_units_and_a_video_that_can_never_fit_says_so(gs, tmp_path):
     two_seconds = clip_uri(tmp_path / "two.mp4", seconds=2.0, fps=6)  # 4 units; the key has 3
-    refused = refused_at_submit(gs, "concurrent", VIDEO, {"video_url": two_seconds})
-    assert refused["error_type"] == "concurrency_limit", refused
-    assert "costs 4 units" in refused["detail"] and "never fit" in refused["detail"]
+    code, body, logs = result(gs, "concurrent", submit(gs, "concurrent", VIDEO, {"video_url": two_seconds}))
+    assert code == 429 and body["error_type"] == "concurrency_limit", body
+    assert "costs 4 units" in body["detail"] and "never fit" in body["detail"]
     code, body, logs = result(gs, "concurrent", submit(gs, "concurrent", VIDEO, {
         "video_url": upload(gs, "concurrent", tmp_path / "two.mp4")}))
     assert code == 429 and body["error_type"] == "concurrency_limit", body
