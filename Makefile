@@ -13,7 +13,7 @@ EXPORT_worker := --no-dev --extra worker
 EXPORT_dev    := --no-dev --extra worker --extra dev
 LOCK_SETS := app worker dev
 
-.PHONY: install test demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool \
+.PHONY: install test test-fast test-integration test-e2e demo up lint typecheck docs bench chaos fuzz clean browser redis-tls scan promtool \
 	lock lock-check scan-venv images images-smoke
 
 $(STAMP): pyproject.toml requirements/build.txt requirements/dev.txt
@@ -76,7 +76,19 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 test: $(STAMP) lock-check typecheck scan promtool browser $(JS_DEPS) redis-tls
 	$(BIN)/python -m pytest -q -ra
 
-# Headless Chromium for the playground's browser tests (tests/test_playground.py): Debian's packages,
+# The layers on their own (docs/development.md says which test goes where). test-fast: pure functions and
+# in-process objects, no processes or sockets, about a minute; test-integration: redis-server, moto and
+# single processes on loopback; test-e2e: whole stacks, workers, browser, chaos, fuzz.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+test-integration: $(STAMP) promtool
+	$(BIN)/python -m pytest -q -ra tests/integration
+
+test-e2e: $(STAMP) browser $(JS_DEPS) redis-tls
+	$(BIN)/python -m pytest -q -ra tests/e2e
+
+# Headless Chromium for the playground's browser tests (tests/e2e/test_playground.py): Debian's packages,
 # installed when missing and apt-get is there (CI runs as root); otherwise those tests skip locally.
 browser:
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
@@ -114,15 +126,15 @@ bench: $(STAMP)
 # The full-size chaos and load runs (CI runs shorter versions of both inside `make test`).
 chaos: $(STAMP) redis-tls
 	CHAOS_JOBS=400 CHAOS_KILLS=8 LOAD_JOBS=300 FAIRNESS_JOBS=40 $(BIN)/python -m pytest -q -ra -s -m slow \
-	  tests/test_chaos.py tests/test_load.py tests/test_fairness.py
-	FAILOVER_JOBS=200 $(BIN)/python -m pytest -q -ra -s tests/test_managed_redis.py
+	  tests/e2e/test_chaos.py tests/e2e/test_load.py tests/e2e/test_fairness.py
+	FAILOVER_JOBS=200 $(BIN)/python -m pytest -q -ra -s tests/e2e/test_managed_redis.py
 	$(BIN)/python bench/bench_load.py --jobs 1000
 
 # The long fuzzing run (CI runs FUZZ_CASES=5 inside `make test`); case counts land in out/fuzz/.
 FUZZ_CASES ?= 100
 fuzz: $(STAMP)
 	FUZZ_CASES=$(FUZZ_CASES) FUZZ_EXAMPLES=$(FUZZ_CASES) FUZZ_REPORT_DIR=out/fuzz $(BIN)/python -m pytest -q -ra -s \
-		tests/test_fuzz_schemathesis.py tests/test_fuzz_api.py tests/test_hostile_input.py
+		tests/e2e/test_fuzz_schemathesis.py tests/e2e/test_fuzz_api.py tests/e2e/test_hostile_input.py
 
 # The app and worker images from infra/docker/Dockerfile.{app,worker} with podman, on a Debian bookworm
 # base bootstrapped here with mmdebstrap (cached under IMAGES_DIR, default /var/tmp/birefnet-images): no
@@ -131,9 +143,9 @@ images:
 	infra/docker/images.sh
 
 # Starts both images (gateway, producer, deliverer, a CPU worker) against Redis and moto on 127.0.0.1 and
-# sends one S3 upload and one API request through them (tests/test_images_smoke.py).
+# sends one S3 upload and one API request through them (tests/e2e/test_images_smoke.py).
 images-smoke: $(STAMP) images
-	BIREFNET_IMAGES_SMOKE=1 $(BIN)/python -m pytest -q -ra -s -p no:cacheprovider tests/test_images_smoke.py
+	BIREFNET_IMAGES_SMOKE=1 $(BIN)/python -m pytest -q -ra -s -p no:cacheprovider tests/e2e/test_images_smoke.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
@@ -155,10 +167,10 @@ scan:
 	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -d infra --framework secrets
 	BC_SKIP_MAPPING=TRUE .venv-scan/bin/checkov --config-file .checkov.yaml -f docker-compose.yml --framework secrets
 
-# promtool (Debian's prometheus package) for tests/test_observability.py's alert-rule checks; no-op when
+# promtool (Debian's prometheus package) for tests/integration/test_observability.py's alert-rule checks; no-op when
 # present, skipped with a warning without root apt-get.
 promtool:
 	@command -v promtool >/dev/null || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } || \
-	  echo "warning: no promtool; the promtool checks in tests/test_observability.py will be skipped"
+	  echo "warning: no promtool; the promtool checks in tests/integration/test_observability.py will be skipped"

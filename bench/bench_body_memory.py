@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,15 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.benchstack import cpu_model, healthy, wait  # noqa: E402
-from devstack.services import (  # noqa: E402
-    MotoServer,
-    RedisServer,
-    free_port,
-    provision_aws,
-    settings_from,
-    stack_environment,
-    stop_processes,
-)
+from devstack.builder import Stack, build_stack  # noqa: E402
+from devstack.services import MotoServer, RedisServer, free_port  # noqa: E402
 
 MB = 1_000_000
 SIZES_MB = (1, 10, 39)
@@ -57,23 +51,22 @@ def body_of(size: int) -> bytes:
 
 
 @contextlib.contextmanager
-def gateway(tree: Path, env: dict[str, str], logs: Path) -> Iterator[tuple[str, int]]:
+def gateway(tree: Path, stack: Stack) -> Iterator[tuple[str, int]]:
+    """`python -m gateway` of checkout `tree` with the stack's environment, on a free port."""
     port = free_port()
-    handle = (logs / f"gateway-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=tree, stdout=handle,
-                            stderr=subprocess.STDOUT, env={**env, "BIREFNET_GATEWAY_PORT": str(port)})
+    services = dataclasses.replace(stack, root=tree, processes=[], named={}, logs=[])
+    proc = services.start_gateway(port, name=f"gateway-{port}")
     url = f"http://127.0.0.1:{port}"
     try:
         wait(lambda: healthy(url), 60, "the gateway")
         yield url, proc.pid
     finally:
-        stop_processes([proc])
-        handle.close()
+        services.stop_all()
 
 
-def measure(tree: Path, env: dict[str, str], logs: Path, bodies: list[bytes]) -> tuple[float, list[int]]:
+def measure(tree: Path, stack: Stack, bodies: list[bytes]) -> tuple[float, list[int]]:
     """MB the gateway's peak grows by while answering `bodies` (sent at once), and their status codes."""
-    with gateway(tree, env, logs) as (url, pid), httpx.Client(base_url=url, timeout=120) as client:
+    with gateway(tree, stack) as (url, pid), httpx.Client(base_url=url, timeout=120) as client:
         client.post(PATH, json={"image_url": "https://example.com/warm-up.png"}).raise_for_status()
         time.sleep(0.5)
         before = status_kb(pid, "VmRSS")
@@ -108,15 +101,15 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     try:
         with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-            env = stack_environment(os.environ, redis_server.url, moto.url, {
+            stack = build_stack(redis_server.url, moto.url, {
                 "BIREFNET_GATEWAY_AUTH": "off", "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-                "BIREFNET_ALLOW_DEV_SECRETS": "true", "BIREFNET_WORKER_METRICS_PORT": "0"})
-            provision_aws(settings_from(env), env)
+                "BIREFNET_ALLOW_DEV_SECRETS": "true", "BIREFNET_WORKER_METRICS_PORT": "0"},
+                log_dir=logs, environ=os.environ)
             for label, tree in trees:
                 for size in SIZES_MB:
-                    growth, codes = measure(tree, env, logs, [body_of(size * MB)])
+                    growth, codes = measure(tree, stack, [body_of(size * MB)])
                     print(f"| {label} | one {size} MB submit | {growth:.0f} | {codes} |", flush=True)
-                growth, codes = measure(tree, env, logs, [body_of(39 * MB) for _ in range(4)])
+                growth, codes = measure(tree, stack, [body_of(39 * MB) for _ in range(4)])
                 print(f"| {label} | four 39 MB submits at once | {growth:.0f} | {sorted(codes)} |", flush=True)
     finally:
         if old_tree is not None:

@@ -1,6 +1,6 @@
 """Load on this machine: N requests through the fal-compatible gateway, two workers, all must complete.
 
-A ChaosStack without chaos (tests/helpers/chaos_tools.py; nano workers, forward passes at 128x128): a burst
+A loopback stack (devstack/loopback.py; nano workers, forward passes at 128x128): a burst
 of `--jobs` requests (small PNG data URIs with webhooks) from `--concurrency` threads (throughput = jobs /
 (last completion − first submit)), then `--paced-jobs` at 70 % of that throughput, so latency is the
 system's, not the backlog's. Checks every job completed OK with exactly one webhook; prints markdown tables.
@@ -18,11 +18,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
+sys.path.insert(0, str(ROOT))
 
+from devstack.load import run_load  # noqa: E402
+from devstack.loopback import LoopbackStack  # noqa: E402
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer  # noqa: E402
-from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
 
 
 def check(figures: dict) -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     receiver = WebhookReceiver().start()
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-load-") as logs:
-        stack = ChaosStack(Path(logs), moto.url, s3_proxy=False)
+        stack = LoopbackStack(Path(logs), moto.url)
         try:
             stack.start(workers=args.workers, producer=False)
             burst = run_load(stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600)

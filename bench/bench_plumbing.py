@@ -1,6 +1,6 @@
 """What the system costs without the network: the null model through the whole pipeline.
 
-Part 1, plumbing: a ChaosStack (tests/helpers/chaos_tools.py) whose `--workers` run
+Part 1, plumbing: a loopback stack (devstack/loopback.py) whose `--workers` run
 BIREFNET_BENCHMARK_NULL_MODEL=true; `--jobs` ~128x128 PNG requests with a webhook each from
 `--concurrency` threads. Reports jobs/s and CPU ms per job of each of our processes (with children) and of
 Redis, from /proc/<pid>/stat (moto and this process excluded).
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
+import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,33 +27,21 @@ from pathlib import Path
 
 import httpx
 import redis
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchstack import cpu_model, healthy, wait  # noqa: E402
+from benchstack import KEY, auth, cpu_model, healthy, png_128, wait  # noqa: E402
 
+from devstack.load import data_uri, run_load  # noqa: E402
+from devstack.loopback import LoopbackStack  # noqa: E402
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer, RedisServer, free_port  # noqa: E402
-from tests.helpers import chaos_tools  # noqa: E402
-from tests.helpers.chaos_tools import ChaosStack, run_load  # noqa: E402
-from tests.helpers.gateway import ALICE, auth  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 V2 = "/fal-ai/birefnet/v2"
 QUEUE_V2 = f"/queue{V2}"
 NEVER_RUNS = {"model": "General Use (Heavy)"}  # the stack's workers serve general-light only
-
-
-def png_128(seed: int) -> bytes:
-    """A distinct ~128x128 picture per job."""
-    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
-    image = Image.new("RGB", (128, 128), color)
-    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (24 + seed % 16, 20, 96, 100))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -75,7 +62,7 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def our_processes(stack: ChaosStack) -> dict[str, int]:
+def our_processes(stack: LoopbackStack) -> dict[str, int]:
     pids = {}
     for proc in stack.stack.processes:
         args = " ".join(proc.args) if isinstance(proc.args, list) else str(proc.args)
@@ -91,20 +78,19 @@ def our_processes(stack: ChaosStack) -> dict[str, int]:
 
 
 def plumbing(args) -> None:
-    chaos_tools.small_png = png_128  # run_load's images
     receiver = WebhookReceiver().start()
     overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
                  "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-plumbing-") as logs:
-        stack = ChaosStack(Path(logs), moto.url, overrides=overrides, s3_proxy=False)
+        stack = LoopbackStack(Path(logs), moto.url, overrides=overrides, credential=KEY)
         try:
             stack.start(workers=args.workers, producer=True)
-            run_load(stack, receiver, 20, concurrency=args.concurrency, timeout=600)  # warm-up
+            run_load(stack, receiver, 20, concurrency=args.concurrency, timeout=600, image=png_128)  # warm-up
             pids = our_processes(stack)
             pids_redis = stack.redis.process.pid
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             redis_before = cpu_seconds(pids_redis)
-            figures = run_load(stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600)
+            figures = run_load(stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600, image=png_128)
             time.sleep(1.0)  # webhooks of the last jobs
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             redis_after = cpu_seconds(pids_redis)
@@ -202,25 +188,25 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
                     settle: float = 8.0) -> tuple[float, float]:
     """(idle commands/s of the stack, extra commands per waiting client per second)."""
     client = redis.Redis.from_url(store_url)
-    http = httpx.Client(base_url=url, headers=auth(ALICE), timeout=None)
+    http = httpx.Client(base_url=url, headers=auth(), timeout=None)
     start = total_commands(client)
     time.sleep(seconds)
     idle_rate = (total_commands(client) - start - 1) / seconds
-    ids = [http.post(QUEUE_V2, json={"image_url": chaos_tools.data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
+    ids = [http.post(QUEUE_V2, json={"image_url": data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
            for n in range(waiters)]
     stop = threading.Event()
 
     def stream(rid: str) -> None:
-        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(ALICE), timeout=None) as c, \
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(), timeout=None) as c, \
                 c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
             for _ in response.iter_lines():
                 if stop.is_set():
                     return
 
     def run(n: int) -> None:
-        with httpx.Client(base_url=url, headers=auth(ALICE), timeout=httpx.Timeout(None)) as c, \
+        with httpx.Client(base_url=url, headers=auth(), timeout=httpx.Timeout(None)) as c, \
                 contextlib.suppress(httpx.HTTPError):
-            c.post(V2, json={"image_url": chaos_tools.data_uri(png_128(1000 + n)), **NEVER_RUNS},
+            c.post(V2, json={"image_url": data_uri(png_128(1000 + n)), **NEVER_RUNS},
                    timeout=seconds + 15)
 
     threads = [threading.Thread(target=stream, args=(rid,), daemon=True) for rid in ids]
@@ -242,16 +228,16 @@ def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
 def waiting(args) -> None:
     rows = []
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-waiting-") as logs:
-        stack = ChaosStack(Path(logs), moto.url, s3_proxy=False)
+        stack = LoopbackStack(Path(logs), moto.url, credential=KEY)
         try:
             stack.start(workers=0, producer=False, webhooks=False)
             idle, per_client = measure_waiters(stack.gateway_url, stack.settings.redis_url, args.waiters, args.seconds)
             rows.append(("this checkout (pub/sub)", idle, per_client))
             if args.baseline_root:
                 port = free_port()
-                env = {**stack.stack.env, "BIREFNET_GATEWAY_PORT": str(port)}
-                baseline = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=args.baseline_root,
-                                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                services = dataclasses.replace(stack.stack, root=Path(args.baseline_root), processes=[], named={},
+                                               logs=[])
+                baseline = services.start_gateway(port, name="gateway-baseline")
                 try:
                     url = f"http://127.0.0.1:{port}"
                     wait(lambda: healthy(url), 60, "the baseline gateway")

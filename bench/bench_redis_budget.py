@@ -1,7 +1,7 @@
 """Redis budget per job: commands by command, Redis CPU, and our processes' CPU, this checkout beside a baseline.
 
-For each checkout (`--baseline-root` first, when given, then this one) a loopback stack (tests/helpers/
-chaos_tools.ChaosStack: AOF Redis, moto S3, gateway, webhook deliverer, `--workers` null-model workers)
+For each checkout (`--baseline-root` first, when given, then this one) a loopback stack (devstack/
+loopback.py: AOF Redis, moto S3, gateway, webhook deliverer, `--workers` null-model workers)
 runs `--jobs` ~128x128 PNG requests with a webhook each from `--concurrency` threads. The measurement
 window opens after a warm-up and closes once the last webhook arrived; the harness itself sends Redis
 nothing inside it (completion is seen at the webhook receiver); `--appendfsync` sets Redis's AOF fsync
@@ -29,13 +29,13 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_plumbing import cpu_seconds, our_processes, png_128  # noqa: E402
-from benchstack import cpu_model  # noqa: E402
+from bench_plumbing import cpu_seconds, our_processes  # noqa: E402
+from benchstack import KEY, cpu_model, png_128  # noqa: E402
 
-from devstack import services  # noqa: E402
+from devstack.load import GatewaySubmitter, data_uri  # noqa: E402
+from devstack.loopback import LoopbackStack  # noqa: E402
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import MotoServer  # noqa: E402
-from tests.helpers.chaos_tools import ChaosStack, GatewaySubmitter, data_uri  # noqa: E402
 
 
 @dataclass
@@ -64,9 +64,9 @@ def delivered(receiver: WebhookReceiver) -> set[str]:
     return {item.json()["request_id"] for item in list(receiver.received)}
 
 
-def load(stack: ChaosStack, receiver: WebhookReceiver, jobs: int, concurrency: int, first: int) -> list[str]:
+def load(stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, concurrency: int, first: int) -> list[str]:
     """Submit `jobs` requests and wait (at the receiver, not in Redis) for every webhook."""
-    submitter = GatewaySubmitter(stack.gateway_url, receiver.url)
+    submitter = GatewaySubmitter(stack.gateway_url, receiver.url, stack.credential)
     with ThreadPoolExecutor(concurrency) as pool:
         ids = list(pool.map(lambda n: submitter.submit({"image_url": data_uri(png_128(n))}),
                             range(first, first + jobs)))
@@ -80,12 +80,11 @@ def load(stack: ChaosStack, receiver: WebhookReceiver, jobs: int, concurrency: i
 
 
 def measure(label: str, root: Path, fsync: str, args) -> Run:
-    services.ROOT = root  # the stack's processes run from this checkout
     receiver = WebhookReceiver().start()
     overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
                  "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-budget-") as logs:
-        stack = ChaosStack(Path(logs), moto.url, overrides=overrides, s3_proxy=False)
+        stack = LoopbackStack(Path(logs), moto.url, overrides=overrides, credential=KEY, root=root)
         try:
             stack.start(workers=args.workers, producer=False)
             client = redis.Redis.from_url(stack.settings.redis_url)

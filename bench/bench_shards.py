@@ -32,23 +32,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchstack import cpu_model, wait  # noqa: E402
+from benchstack import cpu_model  # noqa: E402
 
 from common.adapters.queue import make_celery, send_job  # noqa: E402
 from common.domain.schemas import JobParams, JobSpec  # noqa: E402
 from common.state import keys  # noqa: E402
 from common.state.jobs import JobStore  # noqa: E402
 from common.state.shards import ShardMap, settings_for  # noqa: E402
-from devstack.services import (  # noqa: E402
-    MotoServer,
-    RedisServer,
-    provision_aws,
-    settings_from,
-    spawn_python,
-    stack_environment,
-    stop_processes,
-)
-from tests.helpers.chaos_tools import chaos_environment  # noqa: E402
+from devstack.builder import build_stack  # noqa: E402
+from devstack.loopback import loopback_values  # noqa: E402
+from devstack.services import MotoServer, RedisServer  # noqa: E402
 
 VARIANTS = ["general-light", "general-heavy", "portrait"]
 
@@ -78,22 +71,18 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
         for server in servers:
             redis.Redis.from_url(server.url).config_set("appendfsync", args.appendfsync)
         shards_setting = [{"url": server.url, "variants": group} for server, group in zip(servers[1:], groups[1:], strict=True)]
-        env = stack_environment(os.environ, servers[0].url, moto_url, chaos_environment(**{
+        services = build_stack(servers[0].url, moto_url, loopback_values(**{
             "BIREFNET_REDIS_SHARDS": json.dumps(shards_setting), "BIREFNET_BENCHMARK_NULL_MODEL": "true",
             "BIREFNET_VARIANT_OVERRIDES": json.dumps({v: {"backbone": "swin_v1_nano", "weights": "recipe"}
                                                       for v in VARIANTS}),  # no downloads
-            "BIREFNET_WORKER_CONCURRENCY": "2"}))
-        settings = settings_from(env)
-        provision_aws(settings, env)
+            "BIREFNET_WORKER_CONCURRENCY": "2"}), log_dir=logs, environ=os.environ)
+        settings = services.settings
         shard_map = ShardMap.from_settings(settings)
-        processes = []
+        stack.callback(services.stop_all)
         for variant in VARIANTS:
-            ready = logs / f"ready-{count}-{variant}"
-            processes.append(spawn_python(["-m", "worker", "--variants", variant],
-                                          {**env, "BIREFNET_READY_FILE": str(ready)}, logs / f"worker-{count}-{variant}.log"))
-        stack.callback(stop_processes, processes)
+            services.start_worker(variant, name=f"worker-{count}-{variant}", wait=False)
         for variant in VARIANTS:
-            wait(lambda v=variant: (logs / f"ready-{count}-{v}").exists(), 180, f"the {variant} worker")
+            services.wait_ready(f"worker-{count}-{variant}", 180)
         per_shard = [settings_for(settings, shard) for shard in shard_map.shards]
         stores = [JobStore.from_url(s.redis_url) for s in per_shard]
         celeries = [make_celery(s) for s in per_shard]

@@ -27,7 +27,7 @@ SIZES = {"480p": (854, 480), "1080p": (1920, 1080)}
 
 
 def clip(path: str, size: str, seconds: float, fps: int = 24) -> str:
-    from tests.helpers.video import make_clip
+    from devstack.clips import make_clip
 
     width, height = SIZES[size]
     if not os.path.exists(path):

@@ -1,9 +1,10 @@
-"""What the stack benchmarks share: the CPU's name, health probes, and a loopback stack of Redis, moto S3,
-one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
+"""What the stack benchmarks share: the CPU's name, health probes, and a loopback stack (devstack's builder) of
+Redis, moto S3, one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import platform
@@ -14,19 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 from common.domain.auth import hash_secret
 from common.state.jobs import JobRecord, JobStore
-from devstack.services import (
-    MotoServer,
-    RedisServer,
-    free_port,
-    provision_aws,
-    settings_from,
-    spawn_python,
-    stack_environment,
-    stop_processes,
-)
+from devstack.builder import build_stack, wait_for
+from devstack.services import MotoServer, RedisServer, free_port
 
 KEY = "bench:bench-secret"
 
@@ -50,11 +44,21 @@ def healthy(url: str) -> bool:
 
 
 def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    wait_for(predicate, timeout, what)
+
+
+def auth(credential: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Key {credential}"}
+
+
+def png_128(seed: int) -> bytes:
+    """A distinct ~128x128 picture per job."""
+    color = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
+    image = Image.new("RGB", (128, 128), color)
+    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (24 + seed % 16, 20, 96, 100))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def completed(client: httpx.Client, store: JobStore, path: str, body: dict,
@@ -87,25 +91,22 @@ def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_
     logs = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     port = free_port()
     with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-        env = stack_environment(os.environ, redis_server.url, moto.url, {
+        stack = build_stack(redis_server.url, moto.url, {
             "BIREFNET_VARIANT_OVERRIDES": json.dumps({"general-light": {"backbone": backbone, "weights": "recipe"}}),
             "BIREFNET_WEIGHTS_FALLBACK": "none",
-            "BIREFNET_READY_FILE": str(logs / "worker.ready"),
             "BIREFNET_GATEWAY_HOST": "127.0.0.1",
             "BIREFNET_GATEWAY_PORT": str(port),
             "BIREFNET_GATEWAY_API_KEYS": json.dumps([{"id": "bench", "hash": hash_secret("bench-secret")}]),
             "BIREFNET_WORKER_METRICS_PORT": "0",
             "BIREFNET_ALLOW_DEV_SECRETS": "true",  # a throwaway stack: keys generated into its Redis
             **values,
-        })
-        settings = settings_from(env)
-        provision_aws(settings, env)
-        processes = [spawn_python(["-m", "worker", "--variants", "general-light"], env, logs / "worker.log"),
-                     spawn_python(["-m", "gateway"], env, logs / "gateway.log")]
+        }, log_dir=logs, environ=os.environ)
         try:
-            wait(lambda: (logs / "worker.ready").exists(), worker_timeout, "the worker")
+            stack.start_worker("general-light", name="worker", wait=False)
+            stack.start_gateway()
+            stack.wait_ready("worker", worker_timeout)
             url = f"http://127.0.0.1:{port}"
             wait(lambda: healthy(url), 60, "the gateway")
-            yield BenchStack(url, port, JobStore.from_url(settings.redis_url))
+            yield BenchStack(url, port, JobStore.from_url(stack.settings.redis_url))
         finally:
-            stop_processes(processes)
+            stack.stop_all()

@@ -3,7 +3,7 @@
 Options are grouped by concern (RedisSettings, StorageSettings, GatewayOptions, ...); each process has one class
 made of the groups it reads (GatewaySettings, ProducerSettings, DelivererSettings, WorkerSettings, OpsSettings),
 built once by its entry point. The reference in docs/configuration.md is generated from the groups and the
-fields' descriptions (tests/test_settings_doc.py checks it)."""
+fields' descriptions (tests/unit/test_settings_doc.py checks it)."""
 
 from __future__ import annotations
 
@@ -196,7 +196,8 @@ class OutputUrlSettings(StorageSettings, SecretSettings):
 
 
 class AdmissionSettings(JobSettings):
-    """Queue caps: what may still enter a variant's queue."""
+    """Queue caps and per-key limits (common.state.limits): what may still enter a variant's queue, and what a
+    video costs in a key's budgets (the worker charges a video when it opens it)."""
 
     max_queue_depth: int = Field(
         0, ge=0, description="Most requests waiting (IN_QUEUE) per variant: submits and sync runs beyond it "
@@ -208,6 +209,10 @@ class AdmissionSettings(JobSettings):
     queue_full_retry_after: int = Field(
         5, ge=1, description="Retry-After (s) of a queue_full 429, and how long a deferred S3 event stays "
         "invisible in SQS before it is tried again.")
+    video_limit_unit_seconds: float = Field(
+        10.0, gt=0, description="A video counts ceil(duration / this) units against an API key's "
+        "requests_per_minute and max_concurrent (an image counts one): at submit for an inline (data URI) video, "
+        "else when a worker opens it; its segments are covered by that charge.")
 
 
 class FetchSettings(_Env):
@@ -558,8 +563,8 @@ class DelivererSettings(DelivererOptions, SecretSettings, JobSettings, BrokerSet
 
 
 class WorkerSettings(WorkerOptions, ModelSettings, OutputEncodingSettings, MaskCacheSettings, VideoSettings,
-                     ServedVariantSettings, OutputUrlSettings, StorageSettings, SecretSettings, JobSettings,
-                     VariantSettings, BrokerSettings, RedisSettings, FetchSettings, InputLimitSettings,
+                     ServedVariantSettings, OutputUrlSettings, StorageSettings, SecretSettings, AdmissionSettings,
+                     JobSettings, VariantSettings, BrokerSettings, RedisSettings, FetchSettings, InputLimitSettings,
                      WebhookTimingSettings, MetricsSettings):
     """`python -m worker`."""
 
@@ -583,7 +588,7 @@ REFERENCE_GROUPS: dict[str, type[_Env]] = {
     "Redis": RedisSettings, "Celery broker": BrokerSettings, "Job records": JobSettings,
     "Model variants": VariantSettings,
     "Secrets": SecretSettings, "Outbound HTTP and the SSRF guard": FetchSettings, "Metrics": MetricsSettings,
-    "S3": StorageSettings, "Output URLs": OutputUrlSettings, "Queue caps": AdmissionSettings,
+    "S3": StorageSettings, "Output URLs": OutputUrlSettings, "Queue caps and per-key limits": AdmissionSettings,
     "Input limits": InputLimitSettings, "Webhook timing": WebhookTimingSettings,
     "Webhook retries": WebhookRetrySettings, "Served variants": ServedVariantSettings,
     "Gateway": GatewayOptions, "Producer": ProducerOptions, "Webhook deliverer": DelivererOptions,

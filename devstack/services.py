@@ -38,10 +38,11 @@ def free_port() -> int:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn_python(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """`python <args>` from the repository root with exactly `env`, stdout and stderr into `log_path`."""
+def spawn_python(args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """`python <args>` from `cwd` (a checkout; default this one) with exactly `env`, stdout and stderr into
+    `log_path`."""
     handle = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], timeout: float = 20) -> None:

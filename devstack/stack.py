@@ -7,8 +7,6 @@ stack's own ports, BIREFNET_* for the rest) and the environment the stack is giv
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import subprocess
@@ -16,28 +14,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import Settings
-from devstack.services import (
-    MotoServer,
-    RedisServer,
-    free_port,
-    provision_aws,
-    settings_from,
-    spawn_python,
-    stack_environment,
-    stop_processes,
-)
+from devstack.builder import Stack, build_stack
+from devstack.services import MotoServer, RedisServer, free_port
+from devstack.tls import TlsFiles, make_tls
+
+__all__ = ["DevStackSettings", "LocalStack", "TlsFiles", "hub_offline_reason", "make_tls", "worker_groups"]
 
 
 class DevStackSettings(BaseSettings):
@@ -58,54 +46,6 @@ class DevStackSettings(BaseSettings):
     hub_probe_timeout: float = Field(
         3.0, description="Seconds to wait for Hugging Face (HF_ENDPOINT) before starting the workers offline "
         "(HF_HUB_OFFLINE=1: cached checkpoints, else the fallback) instead of retrying every download; 0: no probe.")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
-    """A private CA and a server certificate for `hosts` signed by it (clients trust ca.pem)."""
-    now = datetime.datetime.now(datetime.UTC)
-    not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def alt(host: str) -> x509.GeneralName:
-        try:
-            return x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            return x509.DNSName(host)
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder(subject_name=name("birefnet local CA"), issuer_name=name("birefnet local CA"),
-                                  public_key=ca_key.public_key(), serial_number=x509.random_serial_number(),
-                                  not_valid_before=not_before, not_valid_after=not_after)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder(subject_name=name(hosts[0]), issuer_name=ca.subject, public_key=key.public_key(),
-                                    serial_number=x509.random_serial_number(),
-                                    not_valid_before=not_before, not_valid_after=not_after)
-            .add_extension(x509.SubjectAlternativeName([alt(h) for h in hosts]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    files = TlsFiles(directory / "ca.pem", directory / "gateway.pem", directory / "gateway.key")
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    files.key.chmod(0o600)
-    return files
 
 
 def worker_groups(spec: str, settings: Settings) -> list[list[str]]:
@@ -158,9 +98,7 @@ class LocalStack:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="birefnet-stack-"))
         self.redis = RedisServer(port=self.dev.redis_port, data_dir=str(self.log_dir / "redis"))
         self.aws = MotoServer(port=self.dev.aws_port)
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.env: dict[str, str] = {}
-        self.settings: Settings | None = None
+        self.services: Stack | None = None
         self.tls: TlsFiles | None = None
         self.workers: dict[str, list[str]] = {}  # process name -> the variant ids it serves
         self.hub_offline_reason: str | None = None
@@ -168,6 +106,19 @@ class LocalStack:
     @property
     def gateway_url(self) -> str:
         return f"https://127.0.0.1:{self.dev.gateway_port}"
+
+    @property
+    def settings(self) -> Settings | None:
+        return self.services.settings if self.services else None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.services.env if self.services else {}
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """Process name -> process."""
+        return self.services.named if self.services else {}
 
     def start(self, *, with_worker: bool = True, variants: str | None = None) -> LocalStack:
         """Everything, workers last. `variants` overrides `BIREFNET_DEV_WORKER_VARIANTS` (same syntax)."""
@@ -179,35 +130,25 @@ class LocalStack:
         if self.dev.allow_loopback_urls:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
             extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}
-        self.env = stack_environment(self.environ, self.redis.url, self.aws.url, extra)
-        settings = settings_from(self.env, dotenv=True)
-        self.env["BIREFNET_SQS_QUEUE_URL"] = provision_aws(settings, self.env).queue_url
-        self.settings = settings.model_copy(update={"sqs_queue_url": self.env["BIREFNET_SQS_QUEUE_URL"]})
-        self._spawn("producer", ["-m", "producer", "sqs"])
-        self._spawn("webhooks", ["-m", "deliverer", "--concurrency", "2"])
+        services = self.services = build_stack(self.redis.url, self.aws.url, extra, log_dir=self.log_dir,
+                                               environ=self.environ, dotenv=True)
+        services.start_producer()
+        services.start_deliverer(concurrency=2)
         self.tls = make_tls(self.log_dir)
-        self._spawn("gateway", ["-m", "gateway"], {
-            "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.dev.gateway_port),
-            "BIREFNET_GATEWAY_TLS_CERT": str(self.tls.cert), "BIREFNET_GATEWAY_TLS_KEY": str(self.tls.key),
-            "BIREFNET_GATEWAY_AUTH": "off",  # development mode: any FAL_KEY works
-        })
+        services.start_gateway(self.dev.gateway_port, self.tls,
+                               extra_env={"BIREFNET_GATEWAY_AUTH": "off"})  # development mode: any FAL_KEY works
         if with_worker:
-            self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout, self.env)
+            self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout, services.env)
             worker_env = {"HF_HUB_OFFLINE": "1"} if self.hub_offline_reason else {}
-            for index, group in enumerate(worker_groups(variants or self.dev.worker_variants, self.settings)):
+            for index, group in enumerate(worker_groups(variants or self.dev.worker_variants, services.settings)):
                 name = "worker" if index == 0 else f"worker{index + 1}"
                 self.workers[name] = group
-                self._spawn(name, ["-m", "worker", "--variants", ",".join(group)], {
-                    **worker_env, "BIREFNET_READY_FILE": str(self.ready_file(name)),
-                    "BIREFNET_WORKER_METRICS_PORT": str(free_port()),
-                })
+                services.start_worker(",".join(group), name, wait=False, extra_env={
+                    **worker_env, "BIREFNET_WORKER_METRICS_PORT": str(free_port())})
         return self
 
     def ready_file(self, worker: str) -> Path:
         return self.log_dir / f"{worker}.ready"
-
-    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
-        self.processes[name] = spawn_python(args, {**self.env, **(extra_env or {})}, self.log_dir / f"{name}.log")
 
     def wait_worker_ready(self, timeout: float = 300) -> None:
         """Until every worker has written its ready file (raises if one exits first)."""
@@ -221,10 +162,10 @@ class LocalStack:
             time.sleep(0.2)
 
     def tail(self, name: str, lines: int = 30) -> str:
-        path = self.log_dir / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return self.services.tail(name, lines) if self.services else ""
 
     def stop(self) -> None:
-        stop_processes(self.processes.values())
+        if self.services is not None:
+            self.services.stop_all()
         self.aws.stop()
         self.redis.stop()

@@ -108,11 +108,11 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
 
 @router.post("/files/upload", response_model=FileUploaded, responses={
     **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"},
-    415: {"model": ErrorBody, "description": "A Content-Type that is not an input image type"}},
+    415: {"model": ErrorBody, "description": "A Content-Type that is not an input image or video type"}},
     openapi_extra={
     "requestBody": {"required": True, "content": {"application/octet-stream": {
         "schema": {"type": "string", "format": "binary", "minLength": 1}}},
-        # Image types (and unlabelled bytes) are taken. Not declared as */*: fuzzers then serialise the bytes
+        # Image and video types (and unlabelled bytes) are taken. Not declared as */*: fuzzers then serialise the bytes
         # as a form, i.e. send an empty body.
         "description": "The file's bytes, with its own Content-Type: one of "
                        f"{', '.join(sorted(UPLOAD_TYPES))}."}})
@@ -125,15 +125,16 @@ async def files_upload(
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
     lifecycle_preference: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
 ) -> Response:
-    """The raw bytes of one input image; answers the URL to use as image_url. Image types the workers decode
-    are taken (and unlabelled bytes, stored as application/octet-stream); any other MIME type is a 415. A
-    Content-Type that is not a MIME type only labels the bytes: they are stored as application/octet-stream."""
+    """The raw bytes of one input image or video; answers the URL to use as image_url or video_url. Image
+    and video types the workers decode are taken (and unlabelled bytes, stored as application/octet-stream);
+    any other MIME type is a 415. A Content-Type that is not a MIME type only labels the bytes: they are
+    stored as application/octet-stream."""
     gw = gateway(request)
     owner = await uploader(request, authorization)
     given = content_type.strip() if content_type and valid_content_type(content_type.strip()) else ""
     stored_type = upload_type(given) if given else "application/octet-stream"
     if stored_type is None:  # checked before the body is read: a refused upload costs no memory
-        raise FalError.flat(415, f"Content-Type {given[:100]!r} is not an input image type (one of "
+        raise FalError.flat(415, f"Content-Type {given[:100]!r} is not an input image or video type (one of "
                             f"{', '.join(sorted(UPLOAD_TYPES))})", "unsupported_media_type")
     ttl = (lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle") if lifecycle is not None
            else lifecycle_seconds(lifecycle_preference))

@@ -50,11 +50,15 @@ class ValidationErrorBody(BaseModel):
     detail: list[dict[str, Any]] = Field(description="FastAPI-style items: loc, msg, type (input, ctx).")
 
 
-# Uploads are inputs: the image types the workers decode (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF), or
-# unlabelled bytes. Anything a browser would run (HTML, SVG, XML, JavaScript) is refused.
+# Uploads are inputs: the image types the workers decode (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF), the
+# video containers the video endpoint reads (what browsers and fal's clients label .mp4, .m4v, .mov, .webm,
+# .mkv and .avi files), or unlabelled bytes. Anything a browser would run (HTML, SVG, XML, JavaScript) is
+# refused.
 UPLOAD_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
-    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream"})
+    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream",
+    "video/mp4", "video/x-m4v", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo",
+    "video/avi"})
 
 
 def upload_type(content_type: str) -> str | None:
@@ -70,7 +74,7 @@ UPLOAD_TYPE_PATTERN = "^(" + "|".join(sorted(t.replace(".", "[.]").replace("+", 
 
 class UploadInitiate(BaseModel):
     content_type: str = Field("application/octet-stream", pattern=UPLOAD_TYPE_PATTERN,
-                              description="MIME type the upload will be sent with: an input image type "
+                              description="MIME type the upload will be sent with: an input image or video type "
                               f"({', '.join(sorted(UPLOAD_TYPES))}).")
     file_name: str = Field("upload.bin", max_length=1024)
 

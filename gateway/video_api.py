@@ -10,12 +10,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from common.domain.auth import Principal
 from common.domain.errors import InputErrors
 from common.domain.schemas import JobParams, JobSpec
 from common.domain.variants import DEFAULT_MODEL_NAME
 from common.domain.video import BiRefNetVideoInput, BiRefNetVideoOutput, VideoOptions
 from gateway.context import Gateway, gateway
-from gateway.inputs import resolve_image_url
+from gateway.inputs import InputWrites, resolve_image_url
 from gateway.models import ERRORS, ErrorBody, QueueSubmitted, ValidationErrorBody
 from gateway.parsing import json_object_body
 from gateway.queue_api import (
@@ -54,6 +55,16 @@ def video_spec_fields(data: BiRefNetVideoInput) -> dict:
     return {"params": params, "video": VideoOptions.from_input(data).model_dump()}
 
 
+def key_budgets(principal: Principal) -> dict:
+    """The key's budgets, carried by the job. A video is admitted as one unit and charged the rest by the
+    worker that opens it (common/state/limits.py): the gateway never parses a video, inline or not."""
+    budgets: dict[str, int | None] = {"max_concurrent": principal.max_concurrent,
+                                      "requests_per_minute": principal.requests_per_minute}
+    if not any(budgets.values()):
+        return {}
+    return {"limits": {**budgets, "units": 1}}
+
+
 def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     """The input and its variant id, or InputErrors (FastAPI's list)."""
     try:
@@ -67,12 +78,13 @@ def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
     return parsed, variant.id
 
 
-def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -> Submitted:
+def submit_video_job(gw: Gateway, principal: Principal, body: bytes, opts: SubmitOptions) -> Submitted:
     data = json_object_body(body)
     request_id = str(uuid.uuid4())
+    writes = InputWrites(gw)  # a large inline video: stored only once the request is admitted
     try:
         parsed, variant = validate_video(data, gw)
-        url = resolve_image_url(gw, principal, parsed.video_url, request_id, "video_url")
+        url = resolve_image_url(gw, principal, parsed.video_url, request_id, "video_url", writes)
     except InputErrors as exc:
         given = data.get("video_url")
         fields = request_fields(gw.settings, principal, opts, request_id, video=VideoOptions().model_dump())
@@ -80,9 +92,10 @@ def submit_video_job(gw: Gateway, principal, body: bytes, opts: SubmitOptions) -
                        image_url=given[:2048] if isinstance(given, str) else "", params=JobParams())
         return enqueue(gw, principal, opts, spec, rejection=exc)
     job = video_spec_fields(parsed)
-    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"])
+    fields = request_fields(gw.settings, principal, opts, request_id, video=job["video"],
+                            **key_budgets(principal))
     spec = JobSpec(**fields, variant=variant, image_url=url, params=job["params"])
-    return enqueue(gw, principal, opts, spec)
+    return enqueue(gw, principal, opts, spec, writes=writes)
 
 
 @queue_router.post(VIDEO_PATH, response_model=QueueSubmitted, summary="Submit a fal-ai/birefnet/v2/video request",

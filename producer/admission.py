@@ -23,7 +23,7 @@ from common.domain.variants import VariantSpec
 from common.settings import GatewaySettings, ProducerSettings, VariantSettings
 from common.state import keys
 from common.state.jobs import JobStore
-from common.state.limits import Limiter, QueueFull
+from common.state.limits import Limiter, QueueFull, admitted_units
 from common.state.results import fail_job
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Admission:
                                          variant=None if rejection else spec.variant,
                                          max_concurrent=principal.max_concurrent,
                                          requests_per_minute=principal.requests_per_minute,
-                                         max_queue_length=max_queue_length)
+                                         max_queue_length=max_queue_length, units=admitted_units(spec.extra))
             if refusal is not None:
                 raise refusal
         elif rejection is None and not self.limiter.queue_has_room(spec.variant) \

@@ -51,11 +51,7 @@ class VariantSpec(BaseModel):
 # re-upload cannot silently change what a variant serves. The hashes are the repos' commits as of
 # Aug 2026, as recorded (and agreeing) in several public projects that pin them; bump them
 # deliberately, after checking the new weights (e.g. with `python -m worker.patch_order_check`).
-# One exception: no public record of a commit of BiRefNet-DIS5K (v1 General Use (Light)) was found, so it
-# still follows the repo's main branch; pin it with BIREFNET_VARIANT_OVERRIDES once you have checked one
-# (tests/test_variant_pins.py lists the unpinned sources).
 _HF = "hf://ZhengPeng7"
-UNPINNED_SOURCES = frozenset({"v1-general-light"})
 
 BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
     # fal names old GitHub-release .pth files for v1 (BiRefNet-DIS_ep580.pth, BiRefNet-massive-epoch_240.pth,
@@ -65,7 +61,8 @@ BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
     VariantSpec(
         id="v1-general-light",
         fal_names={"v1": "General Use (Light)"},
-        weights=f"{_HF}/BiRefNet-DIS5K@main/model.safetensors",
+        # BiRefNet-DIS5K: the commit a public project pins (its only public record); same file layout.
+        weights=f"{_HF}/BiRefNet-DIS5K@8d0803f8dee999ceb31c20092bb53b6021aeec13/model.safetensors",
         note="v1 endpoint: DIS5K-trained BiRefNet (fal names BiRefNet-DIS_ep580.pth).",
     ),
     VariantSpec(

@@ -1,7 +1,8 @@
 """`fal-ai/birefnet/v2/video`: input and output schemas, and the video options a job carries.
 
-fal's fields and defaults (model, operating_resolution, output_mask, refine_foreground, sync_mode,
-video_output_type, video_quality, video_write_mode), plus one extension: `background_color`, the colour
+fal's fields, enum values and defaults (model, operating_resolution, output_mask, refine_foreground,
+sync_mode, video_output_type, video_quality, video_write_mode; checked against fal's published schema of
+the endpoint), plus one extension: `background_color`, the colour
 a cutout is laid on in outputs without alpha (MP4, GIF). Pure Python (the gateway imports it)."""
 
 from __future__ import annotations
@@ -41,15 +42,17 @@ class VideoWriteMode(enum.StrEnum):
 class BiRefNetVideoInput(BaseModel):
     """`fal-ai/birefnet/v2/video` input."""
 
-    video_url: str = Field(description="URL (http, https, s3) or data URI of the video.")
-    model: ModelV2 = ModelV2.GENERAL_LIGHT
-    operating_resolution: ResolutionV2 = ResolutionV2.R1024
-    output_mask: bool = Field(False, description="Also return the mask as a grey video.")
-    refine_foreground: bool = True
-    sync_mode: bool = False
-    video_output_type: VideoOutputType = VideoOutputType.X264
-    video_quality: VideoQuality = VideoQuality.HIGH
-    video_write_mode: VideoWriteMode = VideoWriteMode.BALANCED
+    video_url: str = Field(description="The video whose background is removed: http(s) URL, s3:// or data URI.")
+    model: ModelV2 = Field(ModelV2.GENERAL_LIGHT, description="The BiRefNet model (as fal-ai/birefnet/v2).")
+    operating_resolution: ResolutionV2 = Field(
+        ResolutionV2.R1024, description="The size the network runs at; 2304x2304 only with 'General Use (Dynamic)'.")
+    output_mask: bool = Field(False, description="Also return the mask as a grey video (mask_video).")
+    refine_foreground: bool = Field(True, description="Refine the foreground's colours along the mask's edge.")
+    sync_mode: bool = Field(False, description="Return the videos as data URIs; nothing is stored.")
+    video_output_type: VideoOutputType = Field(VideoOutputType.X264, description="Container and codec of the outputs.")
+    video_quality: VideoQuality = Field(VideoQuality.HIGH, description="Encoding quality of the outputs.")
+    video_write_mode: VideoWriteMode = Field(
+        VideoWriteMode.BALANCED, description="Encoder speed against file size: fast, balanced or small.")
     background_color: str = Field(
         "#000000", description="Extension: the colour under the cutout in outputs without alpha (X264, and GIF "
         "where the mask is half-opaque or more is kept), #rrggbb.")

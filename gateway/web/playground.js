@@ -4,6 +4,7 @@
 
 const REQUESTS = "/queue/fal-ai/birefnet/requests/";
 const FLAGS = ["refine_foreground", "output_mask", "mask_only"];
+const VIDEO_SELECTS = ["video_quality", "video_write_mode"]; // shown only where the endpoint has them
 let options = null; // /playground/options.json
 let chosenFile = null;
 let current = null; // {id, abort: AbortController}
@@ -28,6 +29,16 @@ function syncForm() {
   const format = fields[spec.format_field];  // output_format, or video_output_type for videos
   fillSelect($("output_format"), format.choices, format.default);
   syncResolutions();
+  for (const name of VIDEO_SELECTS) {
+    $(`${name}-field`).hidden = !(name in fields);
+    if (name in fields) fillSelect($(name), fields[name].choices, fields[name].default);
+  }
+  const video = spec.url_field === "video_url";
+  $("input-legend").textContent = video ? "Video" : "Image";
+  $("file-label").textContent = video ? "Choose a video file" : "Choose an image file";
+  $("url-label").textContent = video ? "…or a video URL" : "…or an image URL";
+  $("url-field-name").textContent = spec.url_field;
+  $("image-url").placeholder = video ? "https://example.com/clip.mp4" : "https://example.com/cat.jpg";
   const maskOnly = $("mask_only");
   maskOnly.disabled = !("mask_only" in fields);
   if (maskOnly.disabled) maskOnly.checked = false;
@@ -61,9 +72,9 @@ function buildInput(imageUrl) {
   const spec = endpointSpec();
   const fields = spec.fields;
   const input = { [spec.url_field]: imageUrl };
-  for (const name of ["model", "operating_resolution", "output_format"]) {
+  for (const name of ["model", "operating_resolution", "output_format", ...VIDEO_SELECTS]) {
     const key = name === "output_format" ? spec.format_field : name;
-    if ($(name).value !== fields[key].default) input[key] = $(name).value;
+    if (fields[key] && $(name).value !== fields[key].default) input[key] = $(name).value;
   }
   for (const flag of FLAGS) {
     if (fields[flag] && !$(flag).disabled && $(flag).checked !== Boolean(fields[flag].default)) {
@@ -109,7 +120,8 @@ function resetOutput() {
   $("logs").replaceChildren();
   $("result-json").textContent = "";
   $("request-id").textContent = "";
-  for (const id of ["cutout-img", "mask-img", "cutout-video", "mask-video", "cutout-download", "mask-download"]) {
+  for (const id of ["original-img", "original-video", "cutout-img", "mask-img", "cutout-video", "mask-video",
+    "cutout-download", "mask-download"]) {
     $(id).hidden = true;
     $(id).removeAttribute("src");
     $(id).removeAttribute("href");
@@ -178,7 +190,7 @@ async function run(event) {
     return;
   }
   if (!chosenFile && !urlText) {
-    showError("Choose an image file, drop one on the drop zone, or enter an image URL.");
+    showError("Choose a file, drop one on the drop zone, or enter a URL.");
     $("image-file").focus();
     return;
   }
@@ -192,9 +204,10 @@ async function run(event) {
       imageUrl = await upload(chosenFile);
       addLog(`uploaded ${chosenFile.name} (${formatBytes(chosenFile.size)})`, "INFO", "status");
     }
-    if (chosenFile && chosenFile.type.startsWith("video/")) addLog("video chosen: no still preview", "INFO", "status");
-    else if (chosenFile) showImage("original-img", URL.createObjectURL(chosenFile), chosenFile.name);
-    else showImage("original-img", imageUrl);
+    const videoInput = endpointSpec().url_field === "video_url";
+    const preview = chosenFile ? URL.createObjectURL(chosenFile) : imageUrl;
+    if (videoInput) showVideo("original-video", preview);
+    else showImage("original-img", preview, chosenFile && chosenFile.name);
     const input = buildInput(imageUrl);
     lastInput = input;
     lastImageUrl = imageUrl;
@@ -238,10 +251,19 @@ async function run(event) {
   }
 }
 
-function showVideo(id, url) {
+function showVideo(id, url, name) {
   const video = $(id);
+  video.onerror = () => {
+    addLog(`this browser cannot play ${name || url.slice(0, 80)} (ProRes, for one): download it instead`, "WARN",
+      "status");
+  };
   video.src = url;
   video.hidden = false;
+}
+
+// A GIF output is an image: shown in an <img>, not played.
+function isStill(file) {
+  return (file.content_type || "").startsWith("image/");
 }
 
 async function showResult(id, final) {
@@ -259,11 +281,14 @@ async function showResult(id, final) {
     $("result-warning").hidden = false;
   }
   if (body.video) {  // the video endpoint: play both outputs
-    showVideo("cutout-video", body.video.url);
-    showDownload("cutout-download", body.video, "cut-out video");
-    if (body.mask_video) {
-      showVideo("mask-video", body.mask_video.url);
-      showDownload("mask-download", body.mask_video, "mask video");
+    const { video, mask_video: mask } = body;
+    if (isStill(video)) showImage("cutout-img", video.url, video.file_name);
+    else showVideo("cutout-video", video.url, video.file_name);
+    showDownload("cutout-download", video, "cut-out video");
+    if (mask) {
+      if (isStill(mask)) showImage("mask-img", mask.url, mask.file_name);
+      else showVideo("mask-video", mask.url, mask.file_name);
+      showDownload("mask-download", mask, "mask video");
     }
     $("result-heading").focus();
     return;
@@ -334,6 +359,11 @@ function jsLiteral(value, indent = "") {
   return JSON.stringify(value);
 }
 
+// The output's main file: `video` for the video endpoint, `image` for the others.
+function outputField(appId) {
+  return appId.endsWith("/video") ? "video" : "image";
+}
+
 function snippet(lang, appId, input) {
   const origin = window.location.origin;
   const host = window.location.host;
@@ -377,7 +407,7 @@ function snippet(lang, appId, input) {
       "    with_logs=True,",
       "    on_queue_update=print,",
       ")",
-      'print(result["image"]["url"])',
+      `print(result[${JSON.stringify(outputField(appId))}]["url"])`,
     ].join("\n");
   }
   return [
@@ -403,13 +433,13 @@ function snippet(lang, appId, input) {
     "  logs: true,",
     "  onQueueUpdate: (update) => console.log(update.status, update.logs ?? []),",
     "});",
-    "console.log(result.data.image.url);",
+    `console.log(result.data.${outputField(appId)}.url);`,
   ].join("\n");
 }
 
 function renderSnippet() {
   const lang = document.querySelector('input[name="lang"]:checked').value;
-  const input = buildInput(lastImageUrl || $("image-url").value.trim() || "https://example.com/cat.jpg");
+  const input = buildInput(lastImageUrl || $("image-url").value.trim() || $("image-url").placeholder);
   $("snippet").textContent = snippet(lang, endpointSpec().app_id, input);
 }
 

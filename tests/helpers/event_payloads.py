@@ -167,6 +167,45 @@ def minio_webhook(bucket: str, key: str, *, etag: str, size: int = 6474, version
     }
 
 
+def rustfs_webhook(bucket: str, key: str, *, etag: str, size: int = 6474, version_id: str | None = None,
+                   sequencer: str = "1890A4C3B1E2D5F7") -> dict:
+    """A RustFS webhook target's POST body: MinIO's envelope (`EventName`, `Key`, `Records`), the record's
+    `eventSource` "rustfs:s3", its key form-encoded (space as "+", "+" as "%2B", only alphanumerics and
+    `*-._` left as they are), and no `versionId` at all for an unversioned object.
+
+    Source: RustFS's own code, rustfs/rustfs on GitHub (tag 1.0.0-rc.3): `crates/targets/src/lib.rs`
+    (`TargetLog`, PascalCase envelope), `crates/notify/src/event.rs` (`Event`, `Event::new`: camelCase
+    record fields, `form_urlencoded::byte_serialize` of the key, `versionId` skipped when absent).
+    """
+    obj: dict = {"key": quote_plus(key, safe="*").replace("~", "%7E"), "size": size, "eTag": etag,
+                 "contentType": "image/png", "userMetadata": {"content-type": "image/png"},
+                 "sequencer": sequencer}
+    if version_id is not None:
+        obj["versionId"] = version_id
+    return {
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": f"{bucket}/{key}",
+        "Records": [{
+            "eventVersion": "2.0",
+            "eventSource": "rustfs:s3",
+            "awsRegion": "us-east-1",
+            "eventTime": "2026-08-21T02:11:13.000Z",
+            "eventName": "s3:ObjectCreated:Put",
+            "userIdentity": {"principalId": "rustfsadmin"},
+            "requestParameters": {"region": "us-east-1", "sourceIPAddress": "172.18.0.5"},
+            "responseElements": {"x-amz-request-id": "1890A4C3B1E2D5F7"},
+            "s3": {
+                "s3SchemaVersion": "1.0",
+                "configurationId": "Config",
+                "bucket": {"name": bucket, "ownerIdentity": {"principalId": "rustfsadmin"},
+                           "arn": f"arn:aws:s3:::{bucket}"},
+                "object": obj,
+            },
+            "source": {"host": "172.18.0.5", "port": "", "userAgent": "aws-sdk-python/1.40"},
+        }],
+    }
+
+
 def ceph_notification(bucket: str, key: str, *, etag: str, size: int = 1024, version_id: str = "",
                       sequencer: str = "F7E6D75DC742D108") -> dict:
     """Ceph RGW bucket notification (HTTP push endpoint); keys are sent as they are, not URL-encoded.

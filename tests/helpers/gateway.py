@@ -1,5 +1,5 @@
-"""Shared parts for the gateway tests: a private stack with real Redis, moto, worker and webhook-deliverer
-subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA), and API keys.
+"""Shared parts for the gateway tests: a private stack (devstack's builder) with real Redis, moto, worker and
+webhook-deliverer subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA), and API keys.
 
 The stack is built once per test module (`GatewayStack`), because starting worker processes dominates
 the run time; tests keep apart by using their own keys and request ids.
@@ -15,13 +15,12 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.domain.auth import hash_secret
 from common.settings import Settings
+from devstack.builder import signing_seed
 from devstack.services import free_port
-from devstack.stack import TlsFiles, make_tls
+from devstack.tls import TlsFiles, make_tls
 from gateway.app import create_app
 from tests.helpers.stack import Stack, build_stack, isolated_settings, wait_for
 
@@ -47,11 +46,6 @@ def api_keys_setting(s3_read_bucket: str) -> str:
 
 def auth(credential: str) -> dict[str, str]:
     return {"Authorization": f"Key {credential}"}
-
-
-def signing_seed() -> str:
-    return Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
 
 
 # --- the gateway in a thread ---
@@ -140,7 +134,7 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
     result = GatewayStack(stack=stack, settings=settings, gateway=gateway)
     try:
         if webhooks:
-            stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
+            stack.start_deliverer(concurrency=2)
         for variants in workers:
             stack.start_worker(variants)
     except BaseException:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from common.adapters.netguard import NetPolicy
-from devstack.stack import make_tls
+from devstack.tls import make_tls
 from producer.sns import SnsVerifier, string_to_sign
 
 

@@ -1,51 +1,29 @@
-"""The one stack builder of the tests: settings for a private set of service processes, and those processes.
+"""The tests' settings for a private stack, over devstack's one stack builder (devstack/builder.py).
 
-A stack's environment lives in `Stack.env` and reaches its subprocesses only through it (devstack's
-launcher); the test process's `os.environ` gets nothing of it (only moto's dummy AWS credentials, from
-conftest). The test process gets the same values as `Stack.settings`. Feature stacks (the gateway stack in
-tests/helpers/gateway.py, the chaos stack in tests/helpers/chaos_tools.py) are built with `build_stack`
-and add their own parts around it.
+A stack's environment lives in `Stack.env` and reaches its subprocesses only through it; the test process's
+`os.environ` gets nothing of it (only moto's dummy AWS credentials, from conftest). The test process gets the
+same values as `Stack.settings`. Feature stacks (the gateway stack in tests/helpers/gateway.py, the chaos stack
+in tests/helpers/faults.py) are built with `build_stack` and add their own parts around it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from common.settings import Settings
-from devstack.services import (
-    ROOT,
-    provision_aws,
-    settings_from,
-    spawn_python,
-    stack_environment,
-    stop_processes,
-)
+from devstack import builder
+from devstack.builder import Stack, wait_for
+from devstack.loopback import NANO_VARIANTS
+from devstack.services import ROOT, settings_from
 
 __all__ = ["ROOT", "TEST_VARIANTS", "Stack", "build_stack", "isolated_settings", "settings_from", "wait_for"]
 
 # Tests run the nano architecture with recipe weights: fast on CPU, same code path as real checkpoints.
-TEST_VARIANTS = {
-    "general-light": {"backbone": "swin_v1_nano", "weights": "recipe"},
-    "general-heavy": {"backbone": "swin_v1_nano", "weights": "recipe"},
-}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+TEST_VARIANTS = NANO_VARIANTS
 
 
 def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[str, str]]:
@@ -66,7 +44,7 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
         "BIREFNET_SQS_WAIT_SECONDS": "1",
         "BIREFNET_TORCH_THREADS": "1",
         # Tests send the same few images again and again: without this, most would reuse a cached mask and not
-        # exercise the network path they are about (tests/test_beyond_fal.py turns the cache on).
+        # exercise the network path they are about (tests/e2e/test_beyond_fal.py turns the cache on).
         "BIREFNET_MASK_CACHE_SECONDS": "0",
         # Test servers (webhook receivers, image servers) listen on loopback; production refuses it.
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
@@ -81,52 +59,9 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
     }
 
 
-@dataclass
-class Stack:
-    """Settings and environment of one private stack, and the service processes started with them."""
-
-    settings: Settings
-    env: dict[str, str]
-    processes: list[subprocess.Popen] = field(default_factory=list)
-    logs: list[Path] = field(default_factory=list)
-
-    @property
-    def log_dir(self) -> Path:
-        return Path(self.env["BIREFNET_TEST_LOG_DIR"])
-
-    def start(self, args: list[str], name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log_path = self.log_dir / f"{name}.log"
-        proc = spawn_python(args, {**self.env, **(extra_env or {})}, log_path)
-        self.processes.append(proc)
-        self.logs.append(log_path)
-        return proc
-
-    def start_worker(self, variants: str = "general-light", name: str | None = None,
-                     extra_env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen:
-        name = name or f"worker-{variants}-{len(self.processes)}"
-        ready = self.log_dir / f"{name}.ready"
-        proc = self.start(["-m", "worker", "--variants", variants], name,
-                          {"BIREFNET_READY_FILE": str(ready), **(extra_env or {})})
-        if wait:
-            wait_for(lambda: ready.exists() or proc.poll() is not None, 120, f"worker {name} ready")
-            assert proc.poll() is None, self.tail(name)
-        return proc
-
-    def tail(self, name: str, lines: int = 60) -> str:
-        path = self.log_dir / f"{name}.log"
-        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
-
-    def stop_all(self) -> None:
-        stop_processes(self.processes)
-
-
 def build_stack(redis_url: str, s3_url: str, values: dict[str, str], *, queue_name: str,
                 sqs_url: str | None = None) -> Stack:
-    """Environment (`values` over the test process's own), settings, buckets and event queue of one stack.
-    `values` must hold BIREFNET_TEST_LOG_DIR; `sqs_url` (default: `s3_url`) lets S3 go through a proxy."""
-    env = stack_environment(os.environ, redis_url, s3_url, values)
-    env["BIREFNET_SQS_ENDPOINT_URL"] = sqs_url or s3_url
-    settings = settings_from(env)
-    queue = provision_aws(settings, env, queue_name=queue_name)
-    env["BIREFNET_SQS_QUEUE_URL"] = queue.queue_url
-    return Stack(settings=settings.model_copy(update={"sqs_queue_url": queue.queue_url}), env=env)
+    """devstack's `build_stack` over the test process's environment; logs go to `values`'
+    BIREFNET_TEST_LOG_DIR. `sqs_url` (default: `s3_url`) lets S3 go through a proxy."""
+    return builder.build_stack(redis_url, s3_url, values, log_dir=Path(values["BIREFNET_TEST_LOG_DIR"]),
+                               environ=os.environ, queue_name=queue_name, sqs_url=sqs_url)

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.adapters.queue import send_job
-from common.domain.errors import JobError, RequestCancelled
+from common.domain.errors import ImageTooLargeError, JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
+from common.state.limits import Limiter, admitted_units, video_units
 from worker import pixels
 from worker.video import codec
 
@@ -191,6 +192,8 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         run.log("loading video")
     try:
         data = _fetch(run)
+    except ImageTooLargeError as exc:  # the fetcher's own words are about images: a video is too large
+        raise codec.VideoTooLargeError(f"the video file is too large: {exc.message}") from None
     except JobError as exc:
         exc.field = "video_url"
         raise
@@ -202,6 +205,8 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         del data
         info = run.info = codec.probe(run.source, max_seconds=settings.video_max_seconds,
                                       max_pixels=settings.video_max_pixels)
+        if not segment:
+            charge_duration(runner, spec, info.duration)
         # The run-time limit grows with the length this run encodes (the watchdog reads the new deadline).
         seconds = (segment["end"] - segment["start"]) if segment else info.duration
         run.deadline = time.monotonic() + limit + seconds * settings.video_time_limit_per_second \
@@ -246,6 +251,22 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
                    extra={"timings": run.timings, "weights": predictor.weights_description, "frames": frames})
     run.log(f"done in {run.timings['total']:.2f}s")
     return Outcome("done", timings=run.timings)
+
+
+def charge_duration(runner: JobRunner, spec: JobSpec, duration: float) -> None:
+    """Charge the video's duration against its API key's budgets before any frame runs, beyond the units it
+    was admitted with (one, unless the gateway read the duration of an inline video); LimitRefused ends it
+    with fal's 429 body. Its segments ride on this."""
+    budgets = spec.extra.get("limits")
+    if not budgets or not spec.owner:
+        return
+    units = max(video_units(duration, runner.settings.video_limit_unit_seconds), admitted_units(spec.extra))
+    refusal = Limiter(runner.store.redis, runner.settings).charge(
+        key_id=spec.owner, request_id=spec.request_id, units=units, held=admitted_units(spec.extra),
+        max_concurrent=budgets.get("max_concurrent"), requests_per_minute=budgets.get("requests_per_minute"))
+    if refusal is not None:
+        raise refusal
+    runner.store.log(spec.request_id, f"counted as {units} units against the key's limits")
 
 
 def _fetch(run: VideoRun) -> bytes:

@@ -25,9 +25,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from common.observability import metrics
 from common.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "infra" / "k8s" / "monitoring"
-ALERT_TESTS = Path(__file__).resolve().parent / "data" / "alerts" / "promtool-tests.yaml"
+ALERT_TESTS = Path(__file__).resolve().parents[1] / "data" / "alerts" / "promtool-tests.yaml"
 # Labels Prometheus adds to every scraped series (target and PodMonitor relabelling), not the code.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint", "component", "le"}
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",

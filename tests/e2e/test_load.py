@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.load import run_load
 from devstack.receiver import WebhookReceiver
-from tests.helpers.chaos_tools import ChaosStack, run_load
+from tests.helpers.faults import ChaosStack
 
 LOAD_JOBS = int(os.environ.get("LOAD_JOBS", "100"))
 

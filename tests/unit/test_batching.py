@@ -65,7 +65,7 @@ def test_one_bad_input_fails_only_its_own_job(predictor: Predictor):
 
 
 def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(predictor: Predictor):
-    """The batcher's side of the run-time limit (the real-process behaviour is in tests/test_hang.py)."""
+    """The batcher's side of the run-time limit (the real-process behaviour is in tests/e2e/test_hang.py)."""
     import threading
 
     from worker.batcher import ForwardTimeout, WorkerUnavailable

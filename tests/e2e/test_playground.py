@@ -217,6 +217,83 @@ def test_bad_image_shows_the_models_error(gs, browser):
     screenshot(browser, "playground-bad-image")
 
 
+def video_state(driver, element_id: str) -> dict:
+    return driver.execute_script("""
+        const v = document.getElementById(arguments[0]);
+        return {hidden: v.hidden, ready: v.readyState, duration: v.duration, width: v.videoWidth,
+                height: v.videoHeight, error: v.error && v.error.code, src: v.currentSrc};
+    """, element_id)
+
+
+@pytest.mark.parametrize("output_type", ["VP9 (.webm)", "X264 (.mp4)", "GIF (.gif)"])
+def test_video_upload_plays_the_cutout_and_mask(gs, browser, tmp_path, output_type):
+    from tests.helpers.video import make_clip
+
+    clip = Path(make_clip(str(tmp_path / "clip.mp4"), width=96, height=64, seconds=1.0, fps=12))
+    open_page(browser, f"{gs.url}/playground")
+    type_key(browser, ALICE)
+    assert not browser.find_element(By.ID, "video_quality").is_displayed()  # image endpoints: no video fields
+    Select(browser.find_element(By.ID, "endpoint")).select_by_value("v2/video")
+    # The form speaks of videos now, and offers fal's video fields with fal's defaults.
+    assert browser.find_element(By.ID, "input-legend").text == "Video"
+    assert browser.find_element(By.ID, "url-field-name").text == "video_url"
+    assert Select(browser.find_element(By.ID, "video_quality")).first_selected_option.text == "high"
+    assert Select(browser.find_element(By.ID, "video_write_mode")).first_selected_option.text == "balanced"
+    Select(browser.find_element(By.ID, "output_format")).select_by_visible_text(output_type)
+    Select(browser.find_element(By.ID, "video_write_mode")).select_by_visible_text("fast")
+    if not browser.find_element(By.ID, "output_mask").is_selected():
+        browser.find_element(By.ID, "output_mask").click()
+    browser.find_element(By.ID, "image-file").send_keys(str(clip))
+    assert "clip.mp4" in browser.find_element(By.ID, "file-chosen").text
+    browser.find_element(By.ID, "run").click()
+    wait_until(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Completed"), "Completed")
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    logs = browser.find_element(By.ID, "logs").text
+    assert "uploaded clip.mp4" in logs and "In progress" in logs, logs
+    assert "loading video" in logs and "frames 12/12" in logs, "the worker's progress reaches the page"
+    assert "cannot" not in logs, logs
+
+    result = json.loads(browser.find_element(By.ID, "result-json").text)
+    assert result["video"]["num_frames"] == 12 and result["mask_video"] is not None
+    gif = output_type.startswith("GIF")
+    # Every video plays: the browser decodes its metadata, with the clip's duration and size (a GIF output
+    # is an image, shown as one).
+    players = ["original-video"] + ([] if gif else ["cutout-video", "mask-video"])
+    for element in players:
+        wait_until(browser, lambda d, e=element: video_state(d, e)["ready"] >= 1 or video_state(d, e)["error"],
+                   f"{element} to load its metadata", 30)
+        state = video_state(browser, element)
+        assert not state["hidden"] and state["error"] is None, (element, state)
+        assert (state["width"], state["height"]) == (96, 64), (element, state)
+        assert abs(state["duration"] - 1.0) < 0.1, (element, state)
+    if gif:
+        wait_until(browser, lambda d: image_loaded(d, "cutout-img") and image_loaded(d, "mask-img"), "the GIFs")
+        assert not browser.find_element(By.ID, "cutout-video").is_displayed()
+        assert browser.find_element(By.ID, "cutout-img").get_attribute("src") == result["video"]["url"]
+    else:
+        assert browser.find_element(By.ID, "cutout-video").get_attribute("src") == result["video"]["url"]
+        assert not image_loaded(browser, "cutout-img")
+    download = browser.find_element(By.ID, "cutout-download")
+    assert download.get_attribute("download") == result["video"]["file_name"]
+    assert result["video"]["file_name"] in download.text
+
+    curl = browser.find_element(By.ID, "snippet").text
+    assert '/queue/fal-ai/birefnet/v2/video"' in curl and '"video_url":"' in curl
+    assert '"video_write_mode":"fast"' in curl and "video_quality" not in curl  # only what differs
+    if output_type.startswith("VP9"):  # copied as is, the Python snippet runs the same request with fal's client
+        browser.find_element(By.CSS_SELECTOR, "label[for=lang-python]").click()
+        python = browser.find_element(By.ID, "snippet").text
+        assert 'print(result["video"]["url"])' in python
+        ran = subprocess.run([sys.executable, "-c", python], env={**os.environ, "FAL_KEY": ALICE},
+                             capture_output=True, text=True, timeout=180, cwd=ROOT)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip().splitlines()[-1].startswith("http://127.0.0.1:"), ran.stdout
+        browser.find_element(By.CSS_SELECTOR, "label[for=lang-js]").click()
+        assert "console.log(result.data.video.url);" in browser.find_element(By.ID, "snippet").text
+        browser.find_element(By.CSS_SELECTOR, "label[for=lang-curl]").click()
+    screenshot(browser, f"playground-video-{output_type.split()[0].lower()}")
+
+
 def test_ops_page_lists_the_running_worker(gs, browser):
     open_page(browser, f"{gs.url}/playground/ops")
     type_key(browser, ALICE)  # not an admin key

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from common.settings import Settings, settings_table, update_docs
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 DOC = PAGE.read_text()
 
 

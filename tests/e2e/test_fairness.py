@@ -26,7 +26,8 @@ import httpx
 import pytest
 
 from common.domain.auth import hash_secret
-from tests.helpers.chaos_tools import V2, ChaosStack, percentile
+from devstack.load import V2, percentile
+from tests.helpers.faults import ChaosStack
 from tests.helpers.images import small_png
 from tests.helpers.servers import FileServer
 from tests.helpers.stack import wait_for

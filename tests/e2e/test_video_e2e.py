@@ -14,7 +14,7 @@ from common.state.jobs import JobStore
 from tests.forward_hook import Rule, hook_setting
 from tests.helpers.fal_client import run_client
 from tests.helpers.gateway import GatewayStack, start_gateway_stack
-from tests.helpers.video import make_audio_only, make_clip, read_video
+from tests.helpers.video import make_audio_only, make_clip, make_frameless, read_video
 
 VIDEO_APP = "fal-ai/birefnet/v2/video"
 SLOW_WIDTH = 122  # frames of this width take 0.3 s a forward (tests/forward_hook.py)
@@ -30,6 +30,8 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     tmp = tmp_path_factory.mktemp("video")
     stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, tls=True, extra={
         "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
+        "BIREFNET_VIDEO_MAX_PIXELS": str(128 * 80),  # the clips here are 96x64 and 122x64
+        "BIREFNET_VIDEO_MAX_BYTES": str(200_000),  # and under 100 kB
         "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",  # a 1 s clip: 3 segments
         "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
     })
@@ -123,12 +125,18 @@ def test_bad_inputs_get_clear_errors(gs, tmp_path):
     corrupt.write_bytes(data[: len(data) // 3] + bytes(len(data) // 3) + data[2 * len(data) // 3:])
     text = tmp_path / "page.html"
     text.write_bytes(b"<html>not a video</html>")
+    (tmp_path / "noise.mp4").write_bytes(bytes(range(256)) * 1200)  # 300 kB: over the 200 kB limit
     cases = {
         "not a video": (data_uri(text, "text/html"), "video_load_error", "cannot read the file as a video"),
         "audio only": (data_uri(make_audio_only(str(tmp_path / "a.mp4"))), "video_load_error", "no video stream"),
         "too long": (data_uri(make_clip(str(tmp_path / "long.mp4"), seconds=3.0, fps=4, audio=False)),
                      "video_too_large", "the limit is 2s"),
         "corrupt": (data_uri(corrupt), "video_load_error", ""),
+        "zero frames": (data_uri(make_frameless(str(tmp_path / "empty.mp4"))), "video_load_error",
+                        "the video has no frames"),
+        "too large (frame)": (data_uri(make_clip(str(tmp_path / "big.mp4"), width=160, height=96, seconds=0.5,
+                                                 audio=False)), "video_too_large", "160x96"),
+        "too large (file)": (data_uri(tmp_path / "noise.mp4"), "video_too_large", "the limit is 200000 bytes"),
     }
     for name, (url, error_type, words) in cases.items():
         code, body = submit_and_result(gs, {"video_url": url})

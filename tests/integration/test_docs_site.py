@@ -12,7 +12,7 @@ from pathlib import Path
 
 from markdown.extensions.toc import slugify
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PRODUCT_CODE = ["common", "producer", "deliverer", "worker", "ops", "devstack", "bench"]
 

@@ -23,9 +23,11 @@ from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys
+from devstack.loopback import VARIANT
 from devstack.services import free_port
 from tests.forward_hook import Rule, hook_setting
-from tests.helpers.chaos_tools import VARIANT, ChaosStack, log_lines
+from tests.helpers.audit import log_lines
+from tests.helpers.faults import ChaosStack
 from tests.helpers.images import data_uri, marker_png, small_png
 from tests.helpers.stack import TEST_VARIANTS, wait_for
 from worker.watchdog import EXIT_STUCK

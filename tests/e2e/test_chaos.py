@@ -22,23 +22,12 @@ from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys
+from devstack.load import Submitted, wait_all_done
+from devstack.loopback import VARIANT, loopback_values
 from devstack.receiver import WebhookReceiver
 from tests.forward_hook import Rule, hook_setting
-from tests.helpers.chaos_tools import (
-    VARIANT,
-    ChaosStack,
-    Submitted,
-    audit,
-    chaos_environment,
-    deliveries_of_task,
-    log_lines,
-    messages_of,
-    running_in_background,
-    submit_mixed,
-    task_ids_of,
-    upload,
-    wait_all_done,
-)
+from tests.helpers.audit import audit, deliveries_of_task, log_lines, messages_of, task_ids_of
+from tests.helpers.faults import ChaosStack, running_in_background, submit_mixed, upload
 from tests.helpers.images import data_uri, marker_png, small_png
 from tests.helpers.stack import wait_for
 
@@ -52,7 +41,7 @@ SLOW_WIDTH, SLOW_VISIBILITY_TIMEOUTS = 63, 3
 
 @pytest.fixture
 def chaos(moto_endpoint: str, tmp_path: Path):
-    visibility = int(chaos_environment()["BIREFNET_VISIBILITY_TIMEOUT"])
+    visibility = int(loopback_values()["BIREFNET_VISIBILITY_TIMEOUT"])
     slow = Rule(SLOW_WIDTH, seconds=SLOW_VISIBILITY_TIMEOUTS * visibility + 1)
     stack = ChaosStack(tmp_path, moto_endpoint,
                        overrides={"BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp_path / "hook", slow)})

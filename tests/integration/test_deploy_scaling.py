@@ -19,7 +19,7 @@ import yaml
 
 from common.domain.variants import BUILTIN_VARIANTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["default", "aws"]
 
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_]\w*)|(&&|\|\||==|!=|<=|>=|[-+*/()<>?:!]))")

@@ -33,7 +33,7 @@ import pytest
 from tests.helpers.gateway import ALICE, BOB, GatewayStack, auth, start_gateway_stack
 
 CASES = int(os.environ.get("FUZZ_CASES", "5"))
-REPORT_DIR = Path(os.environ.get("FUZZ_REPORT_DIR") or Path(__file__).resolve().parent.parent / "out" / "fuzz")
+REPORT_DIR = Path(os.environ.get("FUZZ_REPORT_DIR") or Path(__file__).resolve().parents[2] / "out" / "fuzz")
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 WORKERS = os.environ.get("FUZZ_WORKERS", "1")  # 2+ threads crash hypothesis on CPython 3.11 (AST recursion)
 PHASES = "examples,coverage,fuzzing,stateful"

@@ -27,18 +27,12 @@ from redis.retry import Retry
 
 from common.adapters.redis_conn import redis_client
 from common.settings import Settings
+from devstack.load import Submitted, job_records, wait_for_completions
+from devstack.loopback import loopback_values
 from devstack.receiver import WebhookReceiver
 from devstack.services import free_port, redis_server_binary
-from tests.helpers.chaos_tools import (
-    DONE_LINE,
-    GatewaySubmitter,
-    Submitted,
-    chaos_environment,
-    job_records,
-    log_lines,
-    upload,
-    wait_for_completions,
-)
+from tests.helpers.audit import DONE_LINE, log_lines
+from tests.helpers.faults import GatewaySubmitter, upload
 from tests.helpers.gateway import api_keys_setting
 from tests.helpers.images import data_uri, small_png
 from tests.helpers.redis_topologies import SentinelGroup, TlsRedis, tls_redis_binary
@@ -56,7 +50,7 @@ class ManagedStack:
     def __init__(self, log_dir: Path, moto_url: str, redis_env: dict[str, str]):
         suffix = uuid.uuid4().hex[:8]
         self.gateway_port = free_port()
-        values = chaos_environment(**{
+        values = loopback_values(**{
             "BIREFNET_INPUT_BUCKET": f"in-{suffix}", "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
             "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
             "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"), "BIREFNET_TEST_LOG_DIR": str(log_dir),
@@ -70,9 +64,9 @@ class ManagedStack:
         return f"http://127.0.0.1:{self.gateway_port}"
 
     def start(self, workers: int = 1) -> ManagedStack:
-        self.stack.start(["-m", "gateway"], "gateway")
-        self.stack.start(["-m", "producer", "sqs"], "producer")
-        self.stack.start(["-m", "deliverer", "--concurrency", "4"], "webhooks")
+        self.stack.start_gateway()
+        self.stack.start_producer()
+        self.stack.start_deliverer(concurrency=4)
         for n in range(workers):
             self.stack.start_worker("general-light", name=f"worker-{n + 1}", wait=False)
         for n in range(workers):

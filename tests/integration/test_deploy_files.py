@@ -41,13 +41,13 @@ import yaml
 from common.domain.variants import VariantRegistry
 from common.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKER_DIR = ROOT / "infra" / "docker"
 K8S_DIR = ROOT / "infra" / "k8s"
 TF_DIR = ROOT / "infra" / "terraform"
-KEDA_SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "keda"
+KEDA_SCHEMA_DIR = Path(__file__).resolve().parents[1] / "data" / "keda"
 
 K8S_VERSION = "1.33.0"  # Kubernetes API version the manifests are validated against
 K8S_OVERLAYS = ["default", "aws"]
@@ -172,7 +172,11 @@ def test_compose_store_notifies_the_producer_webhook():
     assert env["RUSTFS_ACCESS_KEY"] == app_env["AWS_ACCESS_KEY_ID"]
     assert env["RUSTFS_SECRET_KEY"] == app_env["AWS_SECRET_ACCESS_KEY"]
 
+    # RustFS answers /health on its S3 port (its image ships curl); the buckets are made once it does.
+    assert store["healthcheck"]["test"][:2] == ["CMD", "curl"]
+    assert urlparse(store["healthcheck"]["test"][-1]).path == "/health"
     init = services()["s3-init"]
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
     assert init["restart"] == "no"
     assert init["command"] == ["python", "/init/init_storage.py"]
     assert "./infra/compose/init_storage.py:/init/init_storage.py:ro" in init["volumes"]
@@ -367,9 +371,8 @@ def test_compose_images_volumes_and_healthchecks():
             source = volume.split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} not declared"
-        # One-shot services finish; the RustFS image has no HTTP client to probe itself with (s3-init
-        # waits for its S3 API instead, and every app service waits for s3-init).
-        if name not in ONE_SHOT | {"s3"}:
+        # One-shot services finish; everything else says when it is healthy.
+        if name not in ONE_SHOT:
             assert "healthcheck" in svc, f"{name} has no healthcheck"
         if name in ONE_SHOT:
             continue
@@ -511,7 +514,7 @@ def test_dockerignore():
     for path in [
         ".git/config",
         ".venv/bin/python",
-        "tests/test_deploy_files.py",
+        "tests/integration/test_deploy_files.py",
         "infra/k8s/base/secret.yaml",
         "common/__pycache__/settings.cpython-311.pyc",
         ".env",
@@ -692,7 +695,7 @@ def test_keda_resources_match_schema(overlay: str):
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
 def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
     """One pool per servable variant, scaled on its own Celery lists (and its own queue gauges, see
-    tests/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
+    tests/integration/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
     deployments = worker_deployments(overlay)
     scaled = by_kind(overlay, "ScaledObject")
     assert len(deployments) >= 2 and len(scaled) == len(deployments)

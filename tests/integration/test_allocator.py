@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A nano predictor at 1536x1536 (its largest activations, 75 MiB and more, are past the 32 MiB
 # ceiling of glibc's adaptive mmap threshold); prints the minor page faults of each of five predictions.

@@ -16,7 +16,7 @@ import torch
 
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
 
-REF = Path(__file__).parent / "data" / "reference"
+REF = Path(__file__).resolve().parents[1] / "data" / "reference"
 TOL = 1e-4  # ~50x the official model's own run-to-run/thread-count noise
 
 

@@ -27,6 +27,7 @@ def test_every_source_delivers_keys_intact(key):
         "sns envelope": docs.sns_envelope(docs.aws_notification(docs.aws_record("in", key, etag="e1"))),
         "eventbridge": docs.eventbridge_object_created("in", key, etag="e1"),
         "minio": docs.minio_webhook("in", key, etag="e1"),
+        "rustfs": docs.rustfs_webhook("in", key, etag="e1"),
         "ceph": docs.ceph_notification("in", key, etag="e1"),
     }
     for source, body in bodies.items():
@@ -39,6 +40,13 @@ def test_ceph_keys_are_not_decoded_twice():
     event = only(parse_notification(docs.ceph_notification("in", "c++ notes 1.png", etag="x", size=3)))
     assert event.key == "c++ notes 1.png" and event.source == "ceph:s3" and event.size == 3
     assert event.version_id is None  # Ceph sends "" when unversioned
+
+
+def test_rustfs_records_carry_their_version_or_none():
+    versioned = only(parse_notification(docs.rustfs_webhook("in", "a b+c.png", etag="e", version_id="V7")))
+    assert (versioned.key, versioned.version_id, versioned.source) == ("a b+c.png", "V7", "rustfs:s3")
+    # RustFS leaves versionId out for an unversioned object (no "" and no "null")
+    assert only(parse_notification(docs.rustfs_webhook("in", "a.png", etag="e"))).version_id is None
 
 
 def test_versions_etags_and_sequencers_are_carried():

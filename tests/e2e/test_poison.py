@@ -21,7 +21,8 @@ import pytest
 
 from common.state import keys
 from devstack.receiver import WebhookReceiver
-from tests.helpers.chaos_tools import ChaosStack, GatewaySubmitter, OomKiller, log_lines, resident_mb
+from tests.helpers.audit import log_lines
+from tests.helpers.faults import ChaosStack, GatewaySubmitter, OomKiller, resident_mb
 from tests.helpers.images import data_uri, flat_png, small_png
 from tests.helpers.stack import ROOT, wait_for
 

@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
-from tests.helpers.chaos_tools import ChaosStack
+from tests.helpers.faults import ChaosStack
 from tests.helpers.gateway import ALICE, auth
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
