@@ -291,11 +291,8 @@ class JobRunner:
         if not spec.input_fingerprint or spec.params.sync_mode:
             return False
         key = spec.output_prefix + RESULT_DOCUMENT
-        try:
-            head = self.objects.client.head_object(Bucket=self.settings.output_bucket, Key=key)
-        except ClientError:
-            return False
-        if head.get("Metadata", {}).get("status") != "OK":
+        stored = self.objects.find(self.settings.output_bucket, key)
+        if stored is None or stored.metadata.get("status") != "OK":
             return False
         body = self.objects.read_json(self.settings.output_bucket, key)
         if body is None:

@@ -361,7 +361,7 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
             key = segment_keys(child, child.extra["segment"]["index"], run.kind)[name]
             part = os.path.join(run.tmp, os.path.basename(key))
             data = runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes) \
-                if _exists(runner, key) else None
+                if runner.objects.exists(settings.output_bucket, key) else None
             if data:
                 with open(part, "wb") as fh:
                     fh.write(data)
@@ -372,16 +372,6 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
     run.timings["join"] = time.perf_counter() - t
     run.log(f"joined {count} segments")
     return frames
-
-
-def _exists(runner: JobRunner, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        runner.objects.client.head_object(Bucket=runner.settings.output_bucket, Key=key)
-        return True
-    except ClientError:
-        return False
 
 
 def publish(runner: JobRunner, spec: JobSpec, path: str, kind: codec.OutputKind, info: codec.VideoInfo,
