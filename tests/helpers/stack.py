@@ -105,7 +105,8 @@ class Stack:
                      extra_env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen:
         name = name or f"worker-{variants}-{len(self.processes)}"
         ready = self.log_dir / f"{name}.ready"
-        proc = self.start(["-m", "worker", "--variants", variants], name,
+        # the worker's own entry point, with the testing-only hooks installed (tests/helpers/hooked_worker.py)
+        proc = self.start(["-m", "tests.helpers.hooked_worker", "--variants", variants], name,
                           {"BIREFNET_READY_FILE": str(ready), **(extra_env or {})})
         if wait:
             wait_for(lambda: ready.exists() or proc.poll() is not None, 120, f"worker {name} ready")

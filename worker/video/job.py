@@ -30,7 +30,9 @@ from common.domain.errors import JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
-from worker import pixels
+from worker.pipeline.postprocess import postprocess, to_mask
+from worker.pipeline.render import cutout
+from worker.pipeline.types import Mask
 from worker.video import codec
 
 if TYPE_CHECKING:
@@ -42,16 +44,17 @@ CANCEL_EVERY = 0.5  # seconds between cancellation checks
 WAIT_POLL = 0.2  # seconds between looks at segments other workers hold
 
 
-def render_frame(rgb: np.ndarray, mask: np.ndarray, *, refine: bool, alpha: bool,
+def render_frame(rgb: np.ndarray, mask: Mask | np.ndarray, *, refine: bool, alpha: bool,
                  background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(cutout pixels, grey mask): RGBA where the output keeps alpha, else laid on `background`."""
-    alpha8 = pixels.mask_to_uint8(mask)
-    fg = pixels.refine_colours(rgb, mask, alpha8) if refine else rgb
+    """(cutout pixels, grey mask) of one frame (a float mask is made 8-bit first): the image stage's
+    cut-out, RGBA where the output keeps alpha, else laid on `background`."""
+    mask = mask if isinstance(mask, Mask) else to_mask(mask)
+    rgba = cutout(rgb, mask, refine=refine)
     if alpha:
-        return pixels.rgba_array(fg, alpha8), alpha8
-    a = alpha8[..., None].astype(np.float32) / 255.0
-    out = fg.astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8), alpha8
+        return rgba, mask.alpha8
+    a = mask.alpha8[..., None].astype(np.float32) / 255.0
+    out = rgba[..., :3].astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask.alpha8
 
 
 class Cancelled(Exception):
@@ -92,8 +95,8 @@ class VideoRun:
 
         runner, params, info = self.runner, self.spec.params, self.info
         assert info is not None
-        resolution = runner.hooks.operating_resolution or params.operating_resolution
-        size = tuple(int(v) for v in resolution.split("x"))
+        resolution = runner.overrides.resolution(params.operating_resolution)
+        width, height = (int(v) for v in resolution.split("x"))
         background = parse_hex_color(self.options.background_color)[:3]
         batcher = runner.batchers[self.spec.variant]
         _, alone = runner.store.run_flags(self.spec.request_id)
@@ -104,8 +107,10 @@ class VideoRun:
         deadline = self.deadline
 
         def work(frame: codec.SourceFrame) -> tuple[codec.SourceFrame, np.ndarray, np.ndarray]:
-            mask, _ = batcher.predict(frame.rgb, size, timeout=max(0.0, deadline - time.monotonic()),  # type: ignore[arg-type]
-                                      alone=alone)
+            """One frame through the image stages: prepare, the shared batched forward, postprocess, cut-out."""
+            prepared = self.predictor.prepare(frame.rgb, (width, height))
+            logits, _ = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
+            mask = postprocess(logits, prepared)
             cut, grey = render_frame(frame.rgb, mask, refine=params.refine_foreground, alpha=self.kind.alpha,
                                      background=background)
             return frame, cut, grey
@@ -215,7 +220,7 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
                 return Outcome("done", timings=run.timings)
             run.log(f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
                     f"{info.fps:.3g} fps{', with audio' if info.has_audio else ''}")
-            resolution = runner.hooks.operating_resolution or spec.params.operating_resolution
+            resolution = runner.overrides.resolution(spec.params.operating_resolution)
             run.log(f"inference {resolution} on {predictor.device}, {options.output_type}")
             outputs = {"video": os.path.join(tmp, "video" + run.kind.extension)}
             if spec.params.output_mask:
