@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -120,7 +121,7 @@ def settle_patch_order(network: nn.Module, spec: VariantSpec, settings: Settings
     the sample photos (`masks` runs the loaded network on its device), and switch to the other order when the
     configured one is clearly worse and the setting allows it. The only code that sets a patch order."""
     configured = spec.patch_order
-    decoder = getattr(network, "decoder", None)
+    decoder: Any = getattr(network, "decoder", None)  # the native decoder (worker.birefnet.decoder) or none
     if settings.patch_order_check == "off":
         report = PatchOrderReport(configured, configured, "skipped", "patch-order check off (BIREFNET_PATCH_ORDER_CHECK)")
     elif untrained:
@@ -135,7 +136,7 @@ def settle_patch_order(network: nn.Module, spec: VariantSpec, settings: Settings
     return report
 
 
-def _compare_patch_orders(decoder: nn.Module, configured: str, settings: Settings,
+def _compare_patch_orders(decoder: Any, configured: str, settings: Settings,
                           masks: MaskFunction) -> PatchOrderReport:
     images = decode_photos(sample_photos(settings), settings)
     if not images:

@@ -12,8 +12,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import redis
@@ -33,7 +31,9 @@ from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
 from worker.job_context import JobContext
+from worker.leases import LeaseKeeper, WorkerHealth
 from worker.masks import MaskSource, ObtainedMask
+from worker.outcome import TIMEOUT_ERROR_TYPE, JobTimedOut, Outcome
 from worker.pipeline.decode import decode_rgb
 from worker.pipeline.encode import check_output_format, supported_formats
 from worker.pipeline.postprocess import postprocess
@@ -43,52 +43,6 @@ from worker.run_overrides import RunOverrides
 
 log = logging.getLogger(__name__)
 
-OutcomeKind = Literal["done", "failed", "cancelled", "skipped", "defer", "retry", "handback"]
-
-
-@dataclass
-class Outcome:
-    kind: OutcomeKind
-    detail: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-class JobTimedOut(Exception):
-    """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
-
-
-TIMEOUT_ERROR_TYPE = RequestTimeout.error_type  # fal: "exceeded the allowed processing time"
-
-
-class WorkerHealth:
-    """Whether this worker still takes jobs. Tripped once (by the watchdog, or by a job whose forward ran
-    past its limit); from then on jobs are handed back, leases are no longer renewed, and the worker exits."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._tripped = threading.Event()
-        self._listeners: list = []
-
-    @property
-    def tripped(self) -> bool:
-        return self._tripped.is_set()
-
-    def on_trip(self, listener) -> None:
-        self._listeners.append(listener)
-
-    def trip(self, reason: str) -> None:
-        if self._tripped.is_set():
-            return
-        self.reason = reason
-        self._tripped.set()
-        log.critical("worker is stuck and stops taking jobs: %s", reason)
-        for listener in self._listeners:
-            try:
-                listener(reason)
-            except Exception:
-                log.exception("a watchdog listener failed")
-
-
 _TRANSIENT = (BotoCoreError, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -97,34 +51,6 @@ def _is_transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or status == 0
     return isinstance(exc, _TRANSIENT)
-
-
-class LeaseKeeper:
-    """Renews the job's lease in the background while it runs, so no other worker takes it."""
-
-    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float,
-                 health: WorkerHealth | None = None):
-        self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
-        self.health = health
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            if self.health is not None and self.health.tripped:
-                return  # a stuck worker lets its leases run out, so other workers can take the jobs
-            try:
-                self.store.renew(self.request_id, self.token, self.lease_seconds)
-            except redis.RedisError:
-                log.warning("could not renew the lease of %s", self.request_id)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
 
 
 class JobRunner:

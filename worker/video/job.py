@@ -30,6 +30,8 @@ from common.domain.errors import JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
+from worker.leases import LeaseKeeper
+from worker.outcome import JobTimedOut, Outcome
 from worker.pipeline.postprocess import postprocess, to_mask
 from worker.pipeline.render import cutout
 from worker.pipeline.types import Mask
@@ -37,7 +39,7 @@ from worker.video import codec
 
 if TYPE_CHECKING:
     from worker.engine import Predictor
-    from worker.runner import JobRunner, Outcome
+    from worker.runner import JobRunner
 
 PROGRESS_EVERY = 2.0  # seconds between progress log lines
 CANCEL_EVERY = 0.5  # seconds between cancellation checks
@@ -91,8 +93,6 @@ class VideoRun:
     def encode_range(self, start: float, end: float | None, outputs: dict[str, str], *, audio: bool,
                      segment: bool, label: str = "") -> int:
         """Frames in [start, end) through the network into `outputs` (name -> path); the frame count."""
-        from worker.runner import JobTimedOut
-
         runner, params, info = self.runner, self.spec.params, self.info
         assert info is not None
         resolution = runner.overrides.resolution(params.operating_resolution)
@@ -181,8 +181,6 @@ class VideoRun:
 
 def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float, limit: float,
                   predictor: Predictor, log_) -> Outcome:
-    from worker.runner import Outcome  # the runner imports this module lazily
-
     settings = runner.settings
     options = VideoOptions.model_validate(spec.extra["video"])
     run = VideoRun(runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type])
@@ -309,8 +307,6 @@ def _run_segment(run: VideoRun) -> int:
 
 def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
     """The video's own job: queue the segments, take those nobody holds, wait for the rest, join."""
-    from worker.runner import LeaseKeeper
-
     runner, spec, settings = run.runner, run.spec, run.runner.settings
     assert run.info is not None
     children = segment_specs(spec, count, run.info.duration)
@@ -354,7 +350,6 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                 break  # look again from the first: the earliest free segment first
         if remaining and not progressed:
             if time.monotonic() > run.deadline:
-                from worker.runner import JobTimedOut
                 raise JobTimedOut("the limit passed while waiting for segments")
             time.sleep(WAIT_POLL)
     if frames == 0:
