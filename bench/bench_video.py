@@ -55,7 +55,7 @@ def row(args: argparse.Namespace) -> dict:
     predictor = Predictor(spec, settings)
     predictor.load()
     res = args.resolution
-    store = SimpleNamespace(runs_alone=lambda _rid: False, cancel_requested=lambda _rid: False)
+    store = SimpleNamespace(run_flags=lambda _rid: (False, False), cancel_requested=lambda _rid: False)
     batcher = MaskBatcher(predictor, max_size=args.batch, wait_seconds=0.005)
     runner = SimpleNamespace(settings=settings, store=store, batchers={"bench": batcher},
                              overrides=RunOverrides.model_construct(operating_resolution=f"{res}x{res}"))
