@@ -2,7 +2,7 @@
 
 Part 1, per stage (decode, preprocess, postprocess, refine, compose, encode), one image at a time, CPU and
 wall ms, best of --repeats, with the null model's constant mask: the baseline (the earlier code:
-Pillow, torch resize and blur fusion, PNG level 3) beside worker.pixels, plus output bytes. Part 2: the
+Pillow, torch resize and blur fusion, PNG level 3) beside worker.pipeline, plus output bytes. Part 2: the
 engine with the null model and N job threads around one batcher at 1 MP: images/s and CPU ms per image.
 Part 3: how freely another Python thread runs during each stage (the GIL).
 
@@ -31,16 +31,24 @@ from skimage import data
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchstack import cpu_model  # noqa: E402
+from reference_paths import encode_image, mask_to_image, refined_colours, rgba_from  # noqa: E402
 
+from common.domain.schemas import JobParams  # noqa: E402
 from common.domain.variants import VariantSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from worker import pixels  # noqa: E402
 from worker.batcher import MaskBatcher  # noqa: E402
-from worker.engine import Predictor, parse_resolution  # noqa: E402
-from worker.imaging import decode_image, encode_image, mask_to_image, refined_colours, rgba_from  # noqa: E402
+from worker.engine import Predictor  # noqa: E402
 from worker.null_model import NullNetwork  # noqa: E402
-from worker.rendering import render_outputs  # noqa: E402
+from worker.pipeline.decode import decode_image, decode_rgb  # noqa: E402
+from worker.pipeline.encode import encode_png  # noqa: E402
+from worker.pipeline.postprocess import mask_at_size, postprocess, to_alpha8, to_mask  # noqa: E402
+from worker.pipeline.prepare import input_array  # noqa: E402
+from worker.pipeline.refine import refine_colours  # noqa: E402
+from worker.pipeline.render import render, rgba_array  # noqa: E402
+from worker.pipeline.types import EncodeOptions, parse_resolution  # noqa: E402
 from worker.timings import StageTimings  # noqa: E402
+
+FULL_OUTPUTS = JobParams(output_format="png", output_mask=True, refine_foreground=True)
 
 STAGES = ("decode", "preprocess", "postprocess", "refine", "compose", "encode")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -114,15 +122,15 @@ def baseline_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: S
 
 
 def current_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: Settings, clock: Clock):
-    rgb = clock.time("decode", pixels.decode_rgb, jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
-    clock.time("preprocess", pixels.input_array, rgb, resolution)
+    rgb = clock.time("decode", decode_rgb, jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    clock.time("preprocess", input_array, rgb, resolution)
     size = (rgb.shape[1], rgb.shape[0])
-    mask = clock.time("postprocess", pixels.mask_at_size, probabilities.copy(), size)
+    mask = clock.time("postprocess", mask_at_size, probabilities.copy(), size)
     timings = StageTimings()
     cpu, wall = time.process_time(), time.perf_counter()
-    rendered = render_outputs(rgb, mask, output_format="png", output_mask=True, refine_foreground=True,
-                              mask_only=False, timings=timings, png_compress_level=settings.png_compress_level)
-    # render_outputs times its own stages (wall); CPU time is apportioned by their wall shares.
+    rendered = render(rgb, to_mask(mask), FULL_OUTPUTS, encoding=EncodeOptions.from_settings(settings),
+                      timings=timings)
+    # render times its own stages (wall); CPU time is apportioned by their wall shares.
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     for stage, seconds in timings.seconds.items():
         clock.wall[stage] = clock.wall.get(stage, 0.0) + seconds
@@ -195,10 +203,11 @@ def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
         batcher = MaskBatcher(predictor, max_size=settings.max_batch_size, wait_seconds=settings.batch_wait_ms / 1000)
 
         def job(_: int, batcher: MaskBatcher = batcher) -> int:
-            rgb = pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
-            mask, _, prepared = batcher.predict_prepared(rgb, resolution)
-            rendered = predictor.render_outputs(rgb, mask, output_format="png", output_mask=True,
-                                                refine_foreground=True, mask_only=False, prepared=prepared)
+            rgb = decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+            prepared = predictor.prepare(rgb, resolution)
+            logits, _ = batcher.infer(prepared)
+            rendered = render(rgb, postprocess(logits, prepared), FULL_OUTPUTS,
+                              encoding=EncodeOptions.from_settings(settings))
             return rendered.image.file_size
 
         with ThreadPoolExecutor(threads) as pool:
@@ -215,10 +224,10 @@ def gil_check(jpeg: bytes, settings: Settings) -> None:
     """How freely another Python thread runs during each stage: a thread that only counts, holding the
     GIL between bytecodes. Near its rate beside a sleep = the stage releases the GIL; near its rate
     beside pure Python = it holds it."""
-    rgb = pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
-    mask = pixels.mask_at_size(null_probabilities((256, 256)), (rgb.shape[1], rgb.shape[0]))
-    alpha8 = pixels.mask_to_uint8(mask)
-    rgba = pixels.rgba_array(rgb, alpha8)
+    rgb = decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
+    mask = mask_at_size(null_probabilities((256, 256)), (rgb.shape[1], rgb.shape[0]))
+    alpha8 = to_alpha8(mask)
+    rgba = rgba_array(rgb, alpha8)
     count, stop = [0], threading.Event()
 
     def spin() -> None:
@@ -236,10 +245,10 @@ def gil_check(jpeg: bytes, settings: Settings) -> None:
 
     rows = [("sleep (releases the GIL)", lambda: time.sleep(0.1)),
             ("pure Python (holds the GIL)", lambda: sum(range(1_000_000))),
-            ("decode", lambda: pixels.decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
-            ("preprocess", lambda: pixels.input_array(rgb, (1024, 1024))),
-            ("refine", lambda: pixels.refine_colours(rgb, mask, alpha8)),
-            ("encode", lambda: pixels.encode_png(rgba, settings.png_compress_level))]
+            ("decode", lambda: decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
+            ("preprocess", lambda: input_array(rgb, (1024, 1024))),
+            ("refine", lambda: refine_colours(rgb, mask, alpha8)),
+            ("encode", lambda: encode_png(rgba, settings.png_compress_level))]
     print("\n### GIL: iterations/ms of a counting Python thread while a stage runs (1 MP)\n")
     print("| stage | counter iterations per ms |")
     print("| --- | ---: |")

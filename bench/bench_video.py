@@ -45,6 +45,7 @@ def row(args: argparse.Namespace) -> dict:
     from common.settings import Settings
     from worker.batcher import MaskBatcher
     from worker.engine import Predictor
+    from worker.run_overrides import RunOverrides
     from worker.video import codec
     from worker.video.job import VideoRun
 
@@ -54,10 +55,10 @@ def row(args: argparse.Namespace) -> dict:
     predictor = Predictor(spec, settings)
     predictor.load()
     res = args.resolution
-    store = SimpleNamespace(runs_alone=lambda _rid: False, cancel_requested=lambda _rid: False)
+    store = SimpleNamespace(run_flags=lambda _rid: (False, False), cancel_requested=lambda _rid: False)
     batcher = MaskBatcher(predictor, max_size=args.batch, wait_seconds=0.005)
     runner = SimpleNamespace(settings=settings, store=store, batchers={"bench": batcher},
-                             hooks=SimpleNamespace(operating_resolution=f"{res}x{res}"))
+                             overrides=RunOverrides.model_construct(operating_resolution=f"{res}x{res}"))
     job = SimpleNamespace(request_id="bench", variant="bench", extra={},
                           params=JobParams(operating_resolution="1024x1024", refine_foreground=True))
     kind = codec.OUTPUT_KINDS[args.output]

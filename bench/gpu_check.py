@@ -56,9 +56,15 @@ def main() -> int:
     from PIL import Image
     from skimage import data
 
+    from common.domain.schemas import JobParams
     from common.domain.variants import VariantSpec
     from common.settings import Settings
-    from worker import pixels
+    from worker.pipeline.decode import decode_rgb
+    from worker.pipeline.postprocess import postprocess
+    from worker.pipeline.render import render
+    from worker.pipeline.types import EncodeOptions
+
+    full_outputs = JobParams(output_format="png", output_mask=True, refine_foreground=True)
     from worker.batcher import MaskBatcher
     from worker.engine import Predictor
 
@@ -157,10 +163,11 @@ def main() -> int:
             batcher = MaskBatcher(model, max_size=8, wait_seconds=0.005)
 
             def job(_: int, batcher: MaskBatcher = batcher, model: Predictor = model) -> int:
-                rgb = pixels.decode_rgb(jpeg, max_pixels=64_000_000, max_side=8192)
-                mask, _, prepared = batcher.predict_prepared(rgb, (1024, 1024))
-                return model.render_outputs(rgb, mask, output_format="png", output_mask=True, refine_foreground=True,
-                                            mask_only=False, prepared=prepared).image.file_size
+                rgb = decode_rgb(jpeg, max_pixels=64_000_000, max_side=8192)
+                prepared = model.prepare(rgb, (1024, 1024))
+                logits, _ = batcher.infer(prepared)
+                return render(rgb, postprocess(logits, prepared), full_outputs,
+                              encoding=EncodeOptions.from_settings(model.settings)).image.file_size
 
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(job, range(threads)))

@@ -68,6 +68,7 @@ class LoopbackStack:
     overrides: dict[str, str] = field(default_factory=dict)
     credential: str = "dev:dev-secret"
     root: Path = ROOT  # the checkout the services run from
+    worker_module: str = "worker"  # what `python -m` runs for a worker
     redis: RedisServer = field(init=False)
     stack: Stack = field(init=False)
     settings: Settings = field(init=False)
@@ -97,6 +98,7 @@ class LoopbackStack:
             "BIREFNET_TEST_LOG_DIR": str(self.log_dir), **self.overrides})
         self.stack = build_stack(self.redis.url, s3_url, values, log_dir=self.log_dir, environ=os.environ,
                                  queue_name=f"events-{suffix}", sqs_url=self.moto_url, root=self.root)
+        self.stack.worker_module = self.worker_module
         self.settings = self.stack.settings
         self._versioned_output_and_quick_queue(self.stack.env["BIREFNET_SQS_QUEUE_URL"])
         if gateway:

@@ -79,10 +79,12 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
                              "its mask was computed, or its output retention ended"}, request_id=source_id)
     bucket, key = parse_s3_url(manifest["mask"])
     try:
-        gw.objects.client.head_object(Bucket=bucket, Key=key)
-    except Exception:  # noqa: BLE001 - missing (retention ended) or unreadable: either way nothing to compose from
+        stored = gw.objects.exists(bucket, key)
+    except Exception:  # noqa: BLE001 - unreadable: as missing (retention ended), nothing to compose from
+        stored = False
+    if not stored:
         raise FalError(404, {"detail": f"The kept mask of request {source_id} is no longer stored (its output "
-                             "retention ended)"}, request_id=source_id) from None
+                             "retention ended)"}, request_id=source_id)
     return manifest
 
 

@@ -167,15 +167,15 @@ async def get_object(request: Request, key: str,
     if not object_url_valid(secret, key, exp, sig):
         raise FalError(404, {"detail": "File not found or link expired"})
     try:
-        obj = await run_in_threadpool(gw.objects.client.get_object, Bucket=gw.settings.output_bucket, Key=key)
+        obj = await run_in_threadpool(gw.objects.open, gw.settings.output_bucket, key)
     except ClientError as exc:
         raise FalError(404, {"detail": "File not found or link expired"}) from exc
     # The stored Content-Type as is (a media_type would get "; charset=utf-8" added to text types).
-    stored_type = obj.get("ContentType") or "application/octet-stream"
-    headers = {"content-length": str(obj["ContentLength"]), "cache-control": "private, max-age=3600",
+    stored_type = obj.content_type or "application/octet-stream"
+    headers = {"content-length": str(obj.size), "cache-control": "private, max-age=3600",
                "content-type": stored_type, **SERVED_FILE_HEADERS}
     if key.startswith(f"{gw.settings.output_prefix}files/") or upload_type(stored_type) in (None, "application/octet-stream"):
         # Callers' own files (and anything not an image we made) download instead of opening in a tab.
         name = _UNSAFE.sub("_", key.rsplit("/", 1)[-1])[:120] or "file"
         headers["content-disposition"] = f'attachment; filename="{name}"'
-    return StreamingResponse(iterate_in_threadpool(obj["Body"].iter_chunks(1 << 16)), headers=headers)
+    return StreamingResponse(iterate_in_threadpool(obj.body.iter_chunks(1 << 16)), headers=headers)

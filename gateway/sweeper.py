@@ -44,7 +44,7 @@ def delete_expired_files(gw: Gateway) -> int:
     for member in gw.store.pop_due(keys.OUTPUTS):
         kind, _, name = member.partition(":")
         if kind == "obj":
-            gw.objects.client.delete_object(Bucket=bucket, Key=name)
+            gw.objects.delete(bucket, name)
             deleted += 1
             continue
         record = gw.store.get(name)

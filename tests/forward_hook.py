@@ -1,4 +1,4 @@
-"""Test-only: a forward that hangs or takes a set time, whatever the CPU (loaded by worker/test_hooks.py).
+"""Test-only: a forward that hangs or takes a set time, whatever the CPU (installed by tests/helpers/hooked_worker.py).
 
 Tests used to make jobs slow with big random images, a premise that a faster machine breaks. This hook
 makes the forward of a chosen image take exactly as long as the test needs instead. Images are chosen by
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from worker.pipeline.types import PreparedImage
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class ForwardHook:
                 continue
         return False
 
-    def __call__(self, images: Sequence[Image.Image]) -> None:
+    def __call__(self, images: Sequence[PreparedImage]) -> None:
         for image in images:
-            width = image.width if isinstance(image, Image.Image) else image.shape[1]  # video frames: arrays
+            width = image.size[0]  # of the decoded image (a video's frame)
             for rule in self.rules:
                 if width == rule.width and self._take(rule):
                     if rule.seconds is None:

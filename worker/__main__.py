@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.runner import JobRunner
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, on_loaded: Callable[[JobRunner], None] | None = None) -> None:
+    """`on_loaded(runner)`: called once the models are loaded, before any job is taken."""
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--variants", help="comma-separated variant ids (default: BIREFNET_WORKER_VARIANTS)")
     parser.add_argument("--loglevel", default="INFO")
@@ -18,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from common.settings import WorkerSettings, check_secrets
     from worker.app import WorkerProcess, create_celery_app
-    from worker.test_hooks import HooksForTests
+    from worker.run_overrides import RunOverrides
 
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
     settings = WorkerSettings(worker_variants=args.variants) if args.variants else WorkerSettings()
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
         mark_process_logs()
 
-    state = WorkerProcess(settings, HooksForTests())
+    state = WorkerProcess(settings, RunOverrides(), on_loaded=on_loaded)
     app = create_celery_app(settings, state)
     state.load(app)
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from celery import Celery, Task
@@ -37,8 +38,8 @@ from common.state.ops_state import paused_variants, publish_heartbeat
 from common.state.orphans import resend_orphans
 from worker.engine import Predictor
 from worker.packing import load_predictors
+from worker.run_overrides import RunOverrides
 from worker.runner import JobRunner
-from worker.test_hooks import HooksForTests, load_forward_hook
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,13 @@ log = logging.getLogger(__name__)
 class WorkerProcess:
     """What this process holds: warm predictors and the runner that uses them."""
 
-    def __init__(self, settings: WorkerSettings, hooks: HooksForTests) -> None:
+    def __init__(self, settings: WorkerSettings, overrides: RunOverrides,
+                 on_loaded: Callable[[JobRunner], None] | None = None) -> None:
+        """`on_loaded(runner)` runs once the models are loaded, before any job is taken (a wrapper's
+        instrumentation: tests/helpers/hooked_worker.py)."""
         self.settings = settings
-        self.hooks = hooks
+        self.overrides = overrides
+        self.on_loaded = on_loaded
         self.runner: JobRunner | None = None
         self.watchdog: Watchdog | None = None
         self.name = f"{'+'.join(settings.worker_variants)}@{socket.gethostname()}:{os.getpid()}"
@@ -78,9 +83,10 @@ class WorkerProcess:
 
         predictors = load_predictors(settings, on_ready=ready)
         store = JobStore.from_settings(settings)
-        hook = load_forward_hook(self.hooks, {v: p.untrained for v, p in predictors.items()})
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
-                                forward_hook=hook, hooks=self.hooks)
+                                overrides=self.overrides)
+        if self.on_loaded is not None:
+            self.on_loaded(self.runner)
         self.runner.health.on_trip(lambda _reason: self._not_ready())
         limits = {variant: settings.time_limit(variant) for variant in predictors}
         self.watchdog = Watchdog(self.runner, limits, grace=settings.job_lease_seconds,

@@ -14,17 +14,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from worker.engine import ImageLike, Predictor, PreparedImage
+from worker.engine import Predictor
+from worker.pipeline.postprocess import mask_probabilities
+from worker.pipeline.types import ImageLike, PreparedImage
 
 log = logging.getLogger(__name__)
-
-ForwardHook = Callable[[Sequence[ImageLike]], None]  # test-only: runs in the forward (worker.test_hooks)
 
 
 class ForwardTimeout(Exception):
@@ -43,7 +43,6 @@ class WorkerUnavailable(Exception):
 
 @dataclass(eq=False)  # compared by identity: the fields hold arrays
 class _Pending:
-    image: ImageLike  # for the test-only forward hook
     resolution: tuple[int, int]
     prepared: PreparedImage
     future: Future = field(default_factory=Future)
@@ -54,12 +53,10 @@ class _Pending:
 
 
 class MaskBatcher:
-    def __init__(self, predictor: Predictor, *, max_size: int, wait_seconds: float,
-                 forward_hook: ForwardHook | None = None):
+    def __init__(self, predictor: Predictor, *, max_size: int, wait_seconds: float):
         self.predictor = predictor
         self.max_size = max(1, max_size)
         self.wait_seconds = max(0.0, wait_seconds)
-        self.forward_hook = forward_hook
         self._waiting: queue.Queue[_Pending] = queue.Queue()
         self.batch_sizes: list[int] = []  # recent batch sizes, for logs and benchmarks
         # Progress of the inference thread, for the watchdog: when the forward now running began
@@ -74,26 +71,25 @@ class MaskBatcher:
 
     def predict(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
                 alone: bool = False) -> tuple[np.ndarray, int]:
-        """The mask (float32 numpy) for one image, and the size of the batch it ran in (blocks until done,
-        or `timeout` seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not).
-        `alone`: never batched with other images."""
-        mask, batch_size, _ = self.predict_prepared(image, resolution, timeout, alone=alone)
-        if not isinstance(mask, np.ndarray):
-            mask = mask.cpu().numpy()
-        return mask, batch_size
+        """The probabilities (float32 numpy at the image's size) for one image, and the size of the batch it
+        ran in: prepare, `infer`, resize back (benchmarks and tests; jobs run the stages themselves)."""
+        prepared = self.predictor.prepare(image, resolution)
+        logits, batch_size = self.infer(prepared, timeout, alone=alone)
+        mask = mask_probabilities(logits, prepared)
+        return (mask if isinstance(mask, np.ndarray) else mask.cpu().numpy()), batch_size
 
-    def predict_prepared(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
-                         alone: bool = False):
-        """(mask, batch size, PreparedImage): the mask is a device tensor on CUDA (for render_outputs with
-        `prepared`), float32 numpy otherwise. Preparation and the mask's resize run in the calling thread;
-        the batcher's thread runs only the forward."""
+    def infer(self, prepared: PreparedImage, timeout: float | None = None, *,
+              alone: bool = False) -> tuple[torch.Tensor, int]:
+        """The logits of one prepared image and the size of the batch it ran in. Blocks until its forward is
+        done, or `timeout` seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not.
+        `alone`: never batched with other images. Only the forward runs on the batcher's thread."""
         if self.stuck_reason:
             raise WorkerUnavailable(self.stuck_reason)
-        prepared = self.predictor.prepare(image, resolution)
-        pending = _Pending(image, resolution, prepared=prepared, alone=alone)
+        resolution = (int(prepared.network_input.shape[-1]), int(prepared.network_input.shape[-2]))
+        pending = _Pending(resolution, prepared=prepared, alone=alone)
         self._waiting.put(pending)
         try:
-            logits, batch_size = pending.future.result(timeout=timeout)
+            return pending.future.result(timeout=timeout)
         except TimeoutError:
             with self._lock:
                 pending.abandoned = True
@@ -103,7 +99,6 @@ class MaskBatcher:
                                      shared=pending.batch_size > 1) from None
             raise WorkerUnavailable("the inference thread was still busy with other forwards when this job's "
                                     "run-time limit passed") from None
-        return self.predictor.mask_for(logits, prepared), batch_size, prepared
 
     def busy_for(self) -> float:
         """Seconds the forward now running has taken (0 while idle)."""
@@ -170,8 +165,6 @@ class MaskBatcher:
         self.batch_sizes = (self.batch_sizes + [len(items)])[-100:]
         self.forward_started = time.monotonic()
         try:
-            if self.forward_hook is not None:
-                self.forward_hook([item.image for item in items])
             logits = self.predictor.forward([item.prepared for item in items])
         except Exception as exc:
             if len(items) == 1:

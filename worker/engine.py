@@ -1,46 +1,38 @@
-"""A small cog-like predictor around the BiRefNet network (the output stage is worker.rendering).
+"""The predictor: one variant's network on one device, loaded once and kept warm.
 
-The worker's per-job path, split so that only the forward runs on the batcher's thread:
+The worker's per-job path (worker.pipeline's stages), split so that only the forward runs on the batcher's
+thread:
 
-    image = decode_rgb(data, max_pixels=..., max_side=...)           # worker.pixels: (H, W, 3) uint8
-    prepared = predictor.prepare(image, (width, height))              # job thread: resize + normalise
+    rgb = decode_rgb(data, max_pixels=..., max_side=...)              # worker.pipeline.decode
+    prepared = predictor.prepare(rgb, (width, height))                # job thread: resize + normalise
     (logits,) = predictor.forward([prepared])                         # batcher thread: the network only
-    mask = predictor.mask_for(logits, prepared)                       # job thread: sigmoid + resize back
-    rendered = predictor.render_outputs(image, mask, output_format="png", output_mask=False,
-                                        refine_foreground=True, mask_only=False)
+    mask = postprocess(logits, prepared)                              # job thread: sigmoid, resize, 8-bit
+    rendered = render(rgb, mask, params, encoding=...)                # worker.pipeline.render
 
-`predict_masks` does the first three for a list of images (tests, benchmarks, tools). On CUDA the
-decoded image goes to the device once (pinned, non-blocking) and the mask stays there through the
-resize back, refinement and composition; only the final 8-bit RGBA and mask come back.
-
-Pass one `StageTimings` as `timings=` to both calls (and wrap the decode in
-`timings.stage("decode")`) to get per-stage seconds for the job's log.
+`predict_masks` does the first three for a list of images (tests, benchmarks, the patch-order check) and
+returns float probabilities.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from common.domain.errors import InvalidInputError
 from common.domain.variants import VariantSpec
 from common.settings import WorkerSettings
-from worker import pixels
 from worker.allocator import retain_freed_memory
-from worker.loading import LoadedNetwork, load_network
+from worker.loading import LoadedNetwork, load_network, settle_patch_order
 from worker.null_model import NULL_MODEL_BANNER, NullNetwork
-from worker.patch_order_check import PatchOrderReport, log_patch_order, self_check
-from worker.rendering import RenderedOutputs, render_outputs
+from worker.patch_order import PatchOrderReport
+from worker.pipeline.postprocess import mask_probabilities
+from worker.pipeline.prepare import prepare
+from worker.pipeline.types import ImageLike, PreparedImage, check_resolution, parse_resolution
 from worker.timings import StageTimings
 
 # The widest decoder feature map at the input's resolution (Swin-T: 96 channels, Swin-L: 192; margin).
@@ -48,33 +40,10 @@ FULL_RES_CHANNELS = 256
 
 log = logging.getLogger(__name__)
 
-SIZE_MULTIPLE = 32  # Swin patch embedding (4) x three 2x patch merges
-MAX_SIDE = 4096
 CPU_WARMUP_RESOLUTION = (64, 64)
+UNTRAINED_WARNING = ("UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
+                     "trained BiRefNet checkpoint; the mask is meaningless.")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-# --- Small value types ---
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'1024x1024' -> (width, height); both multiples of 32, at most 4096."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not match:
-        raise InvalidInputError(f"operating_resolution {text!r} is not WIDTHxHEIGHT", field="operating_resolution")
-    return check_resolution((int(match.group(1)), int(match.group(2))))
-
-
-def check_resolution(resolution: tuple[int, int]) -> tuple[int, int]:
-    width, height = resolution
-    for side in (width, height):
-        if side <= 0 or side % SIZE_MULTIPLE or side > MAX_SIDE:
-            raise InvalidInputError(
-                f"operating resolution {width}x{height}: each side must be a multiple of {SIZE_MULTIPLE} "
-                f"between {SIZE_MULTIPLE} and {MAX_SIDE}",
-                field="operating_resolution",
-            )
-    return width, height
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,51 +55,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# --- Pre- and post-processing ---
-
-ImageLike = Image.Image | np.ndarray  # a decoded RGB image: PIL, or (H, W, 3) uint8
-
-
-@dataclass
-class PreparedImage:
-    """One image ready for the network: its input at the operating resolution, on the device.
-
-    `device_rgb` (CUDA only) is the decoded image uploaded once, as (3, H, W) uint8, for the
-    device-side refinement and composition."""
-
-    network_input: torch.Tensor  # (3, h, w) float32, ImageNet-normalised
-    size: tuple[int, int]  # (W, H) of the decoded image
-    device_rgb: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def device_input(rgb: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) uint8 on any device -> (3, h, w) float32 at `resolution`, normalised, on that device
-    (antialiased bilinear when shrinking, as the area filter on the CPU path)."""
-    width, height = resolution
-    x = rgb.unsqueeze(0).float()
-    if tuple(x.shape[-2:]) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.as_tensor(pixels.IMAGENET_MEAN * 255.0, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(pixels.IMAGENET_STD * 255.0, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)[0]
-
-
-def device_mask_at_size(probabilities: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, h, w) probabilities -> float32 (H, W) mask at `size`, on the probabilities' device."""
-    width, height = size
-    x = probabilities.float().reshape(1, 1, *probabilities.shape[-2:])
-    if tuple(x.shape[-2:]) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return x[0, 0].clamp_(0.0, 1.0)
-
-
 # --- Predictor ---
 
 
 class Predictor:
-    """One variant's network on one device: `load()` once, then `predict_masks` per batch (or the
-    split `prepare` / `forward` / `mask_for` that the worker's batcher uses)."""
+    """One variant's network on one device: `load()` once, then `predict_masks` per batch (or `prepare` and
+    `forward`, which the worker's jobs and batcher use)."""
 
     def __init__(self, spec: VariantSpec, settings: WorkerSettings):
         self.spec = spec
@@ -154,6 +84,18 @@ class Predictor:
     def null_model(self) -> bool:
         """True for the benchmark-only null model (`benchmark_null_model`): a constant mask, no network."""
         return bool(self.settings.benchmark_null_model)
+
+    @property
+    def result_warning(self) -> str | None:
+        """What every result and job log of this predictor must say: not a trained model's mask."""
+        if self.null_model:
+            return NULL_MODEL_BANNER
+        return UNTRAINED_WARNING if self.untrained else None
+
+    @property
+    def log_prefix(self) -> str:
+        """Put before every job log line: the null model says so on each."""
+        return f"[{NULL_MODEL_BANNER}] " if self.null_model else ""
 
     @property
     def weights_description(self) -> str:
@@ -216,8 +158,9 @@ class Predictor:
             fuse_for_inference()
         self._loaded = loaded
         self._network = module
-        self.patch_order_report = self_check(self)  # eager, before compile: it switches the decoder's order
-        log_patch_order(self.spec.id, self.patch_order_report)
+        # eager, before compile: loading decides the decoder's patch order and sets it
+        self.patch_order_report = settle_patch_order(module, self.spec, self.settings, untrained=loaded.untrained,
+                                                     masks=self.predict_masks)
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
             # torch.compile of a Module returns an OptimizedModule; its stub says only "callable".
@@ -276,19 +219,8 @@ class Predictor:
         return logits
 
     def prepare(self, image: ImageLike, resolution: tuple[int, int]) -> PreparedImage:
-        """The network input for one image (job thread). CUDA: one pinned, non-blocking upload of the
-        uint8 image, resized and normalised on the device, which keeps the upload for `render_outputs`."""
-        width, height = check_resolution(resolution)
-        rgb = pixels.as_rgb_array(image)
-        size = (rgb.shape[1], rgb.shape[0])
-        if not self._on_cuda:
-            return PreparedImage(network_input=torch.from_numpy(pixels.input_array(rgb, (width, height))), size=size)
-        with torch.inference_mode():
-            host = torch.from_numpy(np.ascontiguousarray(rgb)).pin_memory()
-            device_rgb = host.to(self._device, non_blocking=True).permute(2, 0, 1)
-            network_input = device_input(device_rgb, (width, height))
-        return PreparedImage(network_input=network_input, size=size, device_rgb=device_rgb,
-                             extra={"pinned": host})  # keep the pinned buffer alive until the copy is done
+        """The network input for one image (job thread): worker.pipeline.prepare on this device."""
+        return prepare(image, resolution, self._device)
 
     def forward(self, prepared: Sequence[PreparedImage]) -> list[torch.Tensor]:
         """Logits (1, h, w) per image, for images prepared at one resolution (the batcher's only work);
@@ -301,17 +233,6 @@ class Predictor:
             batch = inputs[0].unsqueeze(0) if len(inputs) == 1 else torch.stack(inputs)  # no copy for one
             out.extend(self._forward(batch).unbind(0))
         return out
-
-    def mask_for(self, logits: torch.Tensor, prepared: PreparedImage) -> np.ndarray | torch.Tensor:
-        """Probabilities at the image's own size (job thread): float32 numpy on the CPU; on CUDA a device
-        tensor, for `render_outputs` to compose there."""
-        with torch.inference_mode():
-            probabilities = logits.float().sigmoid()
-            if self._on_cuda:
-                return device_mask_at_size(probabilities, prepared.size)
-            # OpenCV resize (area when shrinking, bilinear otherwise), off the GIL
-            host = probabilities.to("cpu", torch.float32).numpy()
-            return pixels.mask_at_size(host.reshape(host.shape[-2:]), prepared.size)
 
     def predict_masks(self, images: Sequence[ImageLike], resolution: tuple[int, int], *,
                       timings: StageTimings | None = None) -> list[np.ndarray]:
@@ -328,17 +249,5 @@ class Predictor:
         with timings.stage("forward"):
             logits = self.forward(prepared)
         with timings.stage("postprocess"):
-            masks = [self.mask_for(item, prep) for item, prep in zip(logits, prepared, strict=True)]
+            masks = [mask_probabilities(item, prep) for item, prep in zip(logits, prepared, strict=True)]
         return [mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask for mask in masks]
-
-    def render_outputs(self, image: ImageLike, mask: np.ndarray | torch.Tensor, *, output_format: str,
-                       output_mask: bool, refine_foreground: bool, mask_only: bool,
-                       timings: StageTimings | None = None,
-                       prepared: PreparedImage | None = None) -> RenderedOutputs:
-        """`render_outputs` with the configured encoder settings (and, on CUDA, the device-side image)."""
-        return render_outputs(
-            image, mask, output_format=output_format, output_mask=output_mask,
-            refine_foreground=refine_foreground, mask_only=mask_only, device=self._device, timings=timings,
-            png_compress_level=self.settings.png_compress_level, webp_quality=self.settings.webp_quality,
-            device_rgb=prepared.device_rgb if prepared is not None else None,
-        )

@@ -8,14 +8,26 @@ banner and the result says `untrained=True`, so nobody mistakes the output for a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from torch import nn
 
 from common.domain.variants import VariantSpec
 from common.settings import WorkerSettings
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
+from worker.patch_order import (
+    PATCH_ORDERS,
+    PatchOrderReport,
+    decide,
+    decode_photos,
+    mask_confidence,
+    sample_photos,
+)
+from worker.pipeline.types import ImageLike, parse_resolution
 from worker.remote_code import has_remote_code, load_remote_code_network
 from worker.weights import WeightsError, fetch, load_into, parse_source, read_state_dict
 
@@ -96,3 +108,60 @@ def log_banner(*lines: str) -> None:
     rule = "!" * _BANNER_WIDTH
     body = "\n".join(f"!!! {line}" for line in lines)
     log.warning("\n%s\n%s\n%s", rule, body, rule)
+
+
+# --- The decoder's patch order ---
+
+MaskFunction = Callable[[Sequence[ImageLike], tuple[int, int]], list[np.ndarray]]
+
+
+def settle_patch_order(network: nn.Module, spec: VariantSpec, settings: WorkerSettings, *, untrained: bool,
+                       masks: MaskFunction) -> PatchOrderReport:
+    """Decide which patch order `network`'s decoder runs and set it: compare both orders' mask confidence on
+    the sample photos (`masks` runs the loaded network on its device), and switch to the other order when the
+    configured one is clearly worse and the setting allows it. The only code that sets a patch order."""
+    configured = spec.patch_order
+    decoder: Any = getattr(network, "decoder", None)  # the native decoder (worker.birefnet.decoder) or none
+    if settings.patch_order_check == "off":
+        report = PatchOrderReport(configured, configured, "skipped", "patch-order check off (BIREFNET_PATCH_ORDER_CHECK)")
+    elif untrained:
+        report = PatchOrderReport(configured, configured, "skipped", "not run: untrained recipe weights learned "
+                                  "nothing, so neither order makes them more confident (the answer would be noise)")
+    elif decoder is None or getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
+        report = PatchOrderReport(configured, configured, "skipped", "not run: the network is not the native "
+                                  "BiRefNet (remote code), whose patch order cannot be switched")
+    else:
+        report = _compare_patch_orders(decoder, configured, settings, masks)
+    _log_patch_order(spec.id, report)
+    return report
+
+
+def _compare_patch_orders(decoder: Any, configured: str, settings: WorkerSettings,
+                          masks: MaskFunction) -> PatchOrderReport:
+    images = decode_photos(sample_photos(settings), settings)
+    if not images:
+        return PatchOrderReport(configured, configured, "skipped", "not run: no sample photos")
+    resolution = parse_resolution(settings.patch_order_check_resolution)
+    scores: dict[str, list[float]] = {}
+    try:
+        for order in PATCH_ORDERS:
+            decoder.patch_order = order
+            scores[order] = [mask_confidence(m) for m in masks(images, resolution)]
+    finally:
+        decoder.patch_order = configured
+    in_use, verdict, message = decide(scores, configured, margin=settings.patch_order_check_margin,
+                                      pin=settings.patch_order_check == "pin")
+    decoder.patch_order = in_use
+    overall = {order: round(float(np.mean(values)), 5) for order, values in scores.items()}
+    return PatchOrderReport(configured, in_use, verdict, message, overall, len(images))
+
+
+def _log_patch_order(variant: str, report: PatchOrderReport) -> None:
+    """Loud for a wrong-looking order (adopted or pinned), a warning when too close, info otherwise."""
+    text = f"variant {variant}: patch-order check: {report.message}"
+    if report.verdict in ("adopted", "pinned"):
+        log_banner(f"VARIANT {variant!r}: PATCH ORDER {report.verdict.upper()}", report.message)
+    elif report.verdict == "inconclusive":
+        log.warning("%s", text)
+    else:
+        log.info("%s", text)

@@ -10,8 +10,8 @@
   `<output_prefix>cache/`, whose deletion is scheduled on the gateway's file sweep. A job that finds an
   identical job running the network waits for its mask instead of computing it again.
 
-The network's mask is quantised to 8 bits before rendering, so a mask read back from its PNG renders exactly
-the pixels of the first run.
+Masks are 8-bit (worker.pipeline.types.Mask) from the network on, so a mask read back from its PNG renders
+exactly the pixels of the first run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import cast
 import numpy as np
 import redis
 from botocore.exceptions import ClientError
-from PIL import Image
 
 from common.adapters.storage import KEPT_INPUT, KEPT_MANIFEST, KEPT_MASK, ObjectStore, parse_s3_url
 from common.domain.errors import FileDownloadError
@@ -36,17 +35,26 @@ from common.observability.metrics import MASKS
 from common.settings import WorkerSettings
 from common.state import keys
 from common.state.jobs import JobStore
-from worker.compose import mask_from_png, mask_png, quantise_mask
+from worker.pipeline.decode import read_mask_png
+from worker.pipeline.encode import encode_png
+from worker.pipeline.types import Mask
 
 log = logging.getLogger(__name__)
+
+MASK_PNG_LEVEL = 3
 
 
 @dataclass(frozen=True)
 class ObtainedMask:
-    mask: np.ndarray  # float32 (H, W) in [0, 1], at 8-bit levels
+    mask: Mask
     source: str  # "network" | "cache" | "compose"
     batch_size: int = 1
     detail: str = ""
+
+
+def mask_png(alpha8: np.ndarray) -> bytes:
+    """A mask as kept and cached: an 8-bit grey PNG."""
+    return encode_png(alpha8, MASK_PNG_LEVEL)
 
 
 def cache_key(scope: str, data: bytes, variant: str, resolution: str, weights: str) -> str:
@@ -65,45 +73,46 @@ class MaskSource:
     def redis(self) -> redis.Redis:
         return self.store.redis
 
-    def obtain(self, spec: JobSpec, data: bytes, image: Image.Image, *, resolution: str, weights: str,
-               compute: Callable[[], tuple[np.ndarray, int]]) -> ObtainedMask:
-        """The job's mask; `compute` runs the network (returns the mask and its batch size)."""
+    def obtain(self, spec: JobSpec, data: bytes, size: tuple[int, int], *, resolution: str, weights: str,
+               compute: Callable[[], tuple[Mask, int]]) -> ObtainedMask:
+        """The job's mask for its input of `size` (W, H); `compute` runs the network (returns the mask and its
+        batch size)."""
         if spec.reuse_from:
-            obtained = ObtainedMask(self._kept_mask(spec, image), "compose",
+            obtained = ObtainedMask(self._kept_mask(spec, size), "compose",
                                     detail=f"mask of request {spec.reuse_from}; the network did not run")
         else:
-            obtained = self._cached_or_computed(spec, data, image, resolution, weights, compute)
+            obtained = self._cached_or_computed(spec, data, size, resolution, weights, compute)
         MASKS.labels(spec.variant, obtained.source).inc()
-        self._keep(spec, data, obtained.mask, resolution)
+        self._keep(spec, data, obtained.mask.alpha8, resolution)
         return obtained
 
-    def _kept_mask(self, spec: JobSpec, image: Image.Image) -> np.ndarray:
+    def _kept_mask(self, spec: JobSpec, size: tuple[int, int]) -> Mask:
         url = spec.extra.get("kept_mask", "")
         try:
             bucket, key = parse_s3_url(url)
-            mask = mask_from_png(self.objects.read(bucket, key, max_bytes=self.settings.max_input_bytes * 4))
+            mask = Mask(read_mask_png(self.objects.read(bucket, key, max_bytes=self.settings.max_input_bytes * 4)))
         except (ValueError, FileDownloadError) as exc:
             raise FileDownloadError(f"the kept mask of request {spec.reuse_from} is no longer available "
                                     f"(its output retention ended?): {exc}", field="request_id") from None
-        if mask.shape != (image.height, image.width):
+        if mask.size != size:
             raise FileDownloadError(f"the kept mask of request {spec.reuse_from} does not match its input",
                                     field="request_id")
         return mask
 
-    def _cached_or_computed(self, spec: JobSpec, data: bytes, image: Image.Image, resolution: str, weights: str,
-                            compute: Callable[[], tuple[np.ndarray, int]]) -> ObtainedMask:
+    def _cached_or_computed(self, spec: JobSpec, data: bytes, size: tuple[int, int], resolution: str, weights: str,
+                            compute: Callable[[], tuple[Mask, int]]) -> ObtainedMask:
         scope = spec.mask_cache_scope if self.settings.mask_cache_seconds > 0 else None
         if not scope:
             mask, batch = compute()
-            return ObtainedMask(quantise_mask(mask), "network", batch)
+            return ObtainedMask(mask, "network", batch)
         key = cache_key(scope, data, spec.variant, resolution, weights)
         lock = key + ":computing"
-        hit = self._lookup(key, image)
+        hit = self._lookup(key, size)
         if hit is None and not self.redis.set(lock, spec.request_id, nx=True,
                                               ex=max(1, int(self.settings.mask_cache_wait_seconds))):
             holder = cast(str | None, self.redis.get(lock)) or "another job"  # a decoding client: str replies
             self.store.log(spec.request_id, f"request {holder} is computing the mask of this image; waiting for it")
-            hit = self._wait(key, lock, image)
+            hit = self._wait(key, lock, size)
             if hit is None:
                 self.redis.set(lock, spec.request_id, ex=max(1, int(self.settings.mask_cache_wait_seconds)))
         if hit is not None:
@@ -112,50 +121,49 @@ class MaskSource:
                                 "the network did not run")
         try:
             mask, batch = compute()
-            mask = quantise_mask(mask)
-            self._store(key, spec, mask)
+            self._store(key, spec, mask.alpha8)
         finally:
             self.redis.delete(lock)
         return ObtainedMask(mask, "network", batch)
 
-    def _lookup(self, key: str, image: Image.Image) -> tuple[np.ndarray, str] | None:
+    def _lookup(self, key: str, size: tuple[int, int]) -> tuple[Mask, str] | None:
         raw = self.redis.get(key)
         if not raw:
             return None
         entry = json.loads(raw)
         try:
-            mask = mask_from_png(self.objects.read(self.settings.output_bucket, entry["key"],
-                                                   max_bytes=self.settings.max_input_bytes * 4))
+            mask = Mask(read_mask_png(self.objects.read(self.settings.output_bucket, entry["key"],
+                                                        max_bytes=self.settings.max_input_bytes * 4)))
         except (FileDownloadError, ClientError, OSError, KeyError):
             log.warning("mask cache entry %s points at a missing object; recomputing", key)
             self.redis.delete(key)
             return None
-        if mask.shape != (image.height, image.width):
+        if mask.size != size:
             return None
         return mask, entry.get("request_id", "?")
 
-    def _wait(self, key: str, lock: str, image: Image.Image) -> tuple[np.ndarray, str] | None:
+    def _wait(self, key: str, lock: str, size: tuple[int, int]) -> tuple[Mask, str] | None:
         deadline = time.monotonic() + self.settings.mask_cache_wait_seconds
         while time.monotonic() < deadline:
-            hit = self._lookup(key, image)
+            hit = self._lookup(key, size)
             if hit is not None:
                 return hit
             if not self.redis.exists(lock):  # the other job finished without a mask (failed)
-                return self._lookup(key, image)
+                return self._lookup(key, size)
             time.sleep(0.1)
         return None
 
-    def _store(self, key: str, spec: JobSpec, mask: np.ndarray) -> None:
+    def _store(self, key: str, spec: JobSpec, alpha8: np.ndarray) -> None:
         lifetime = self.settings.mask_cache_seconds
         object_key = f"{self.settings.output_prefix}cache/{key[len(keys.MASK_CACHE_PREFIX):]}.png"
-        self.objects.write(self.settings.output_bucket, object_key, mask_png(mask), "image/png",
+        self.objects.write(self.settings.output_bucket, object_key, mask_png(alpha8), "image/png",
                            metadata={"request-id": spec.request_id})
         pipe = self.redis.pipeline()
         pipe.zadd(keys.OUTPUTS, {f"obj:{object_key}": time.time() + lifetime})
         pipe.set(key, json.dumps({"key": object_key, "request_id": spec.request_id, "at": time.time()}), ex=lifetime)
         pipe.execute()
 
-    def _keep(self, spec: JobSpec, data: bytes, mask: np.ndarray, resolution: str) -> None:
+    def _keep(self, spec: JobSpec, data: bytes, alpha8: np.ndarray, resolution: str) -> None:
         """Keep the mask (and for API requests the input and a manifest) with the request's outputs."""
         if spec.params.sync_mode:
             return  # sync_mode stores nothing
@@ -164,7 +172,7 @@ class MaskSource:
             mask_url, input_url = spec.extra["kept_mask"], spec.image_url  # the source's files
         else:
             mask_url = f"s3://{bucket}/{spec.output_prefix}{KEPT_MASK}"
-            self.objects.write(bucket, spec.output_prefix + KEPT_MASK, mask_png(mask), "image/png",
+            self.objects.write(bucket, spec.output_prefix + KEPT_MASK, mask_png(alpha8), "image/png",
                                metadata={"request-id": spec.request_id})
             input_url = spec.image_url
             stored_by_gateway = f"s3://{bucket}/{spec.output_prefix}"
@@ -176,7 +184,7 @@ class MaskSource:
             return  # compose is an API route: bucket uploads keep their mask only (for the cache and people)
         manifest = {"request_id": spec.request_id, "owner": spec.owner, "variant": spec.variant,
                     "endpoint": spec.endpoint, "operating_resolution": resolution, "input": input_url,
-                    "mask": mask_url, "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                    "mask": mask_url, "width": int(alpha8.shape[1]), "height": int(alpha8.shape[0]),
                     "created_at": time.time()}
         self.objects.write_json(bucket, spec.output_prefix + KEPT_MANIFEST, manifest,
                                 metadata={"request-id": spec.request_id})

@@ -12,14 +12,11 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
-from PIL import Image
 
 from common.adapters.fetch import fetch_input
 from common.adapters.netguard import NetPolicy
@@ -29,68 +26,22 @@ from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import WorkerSettings
 from common.state.job_progress import job_finished, job_started
-from common.state.jobs import JobStore, log_entry
+from common.state.jobs import JobStore
 from common.state.results import fail_job, finish_job
-from worker.batcher import ForwardHook, ForwardTimeout, MaskBatcher, WorkerUnavailable
-from worker.compose import check_output_format, render_job_outputs
+from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
-from worker.imaging import EncodedImage, decode_image
-from worker.masks import MaskSource
-from worker.null_model import NULL_MODEL_BANNER
-from worker.pixels import decode_rgb
-from worker.rendering import DeviceMask, quantise_device_mask
-from worker.test_hooks import HooksForTests
+from worker.job_context import JobContext
+from worker.leases import LeaseKeeper, WorkerHealth
+from worker.masks import MaskSource, ObtainedMask
+from worker.outcome import TIMEOUT_ERROR_TYPE, JobTimedOut, Outcome
+from worker.pipeline.decode import decode_rgb
+from worker.pipeline.encode import check_output_format, supported_formats
+from worker.pipeline.postprocess import postprocess
+from worker.pipeline.render import render
+from worker.pipeline.types import EncodedImage, EncodeOptions, Mask
+from worker.run_overrides import RunOverrides
 
 log = logging.getLogger(__name__)
-
-OutcomeKind = Literal["done", "failed", "cancelled", "skipped", "defer", "retry", "handback"]
-
-UNTRAINED_WARNING = ("UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
-                     "trained BiRefNet checkpoint; the mask is meaningless.")
-
-
-@dataclass
-class Outcome:
-    kind: OutcomeKind
-    detail: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-class JobTimedOut(Exception):
-    """This run of the job passed its run-time limit; the attempt counts (see JobRunner._timed_out)."""
-
-
-TIMEOUT_ERROR_TYPE = RequestTimeout.error_type  # fal: "exceeded the allowed processing time"
-
-
-class WorkerHealth:
-    """Whether this worker still takes jobs. Tripped once (by the watchdog, or by a job whose forward ran
-    past its limit); from then on jobs are handed back, leases are no longer renewed, and the worker exits."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._tripped = threading.Event()
-        self._listeners: list = []
-
-    @property
-    def tripped(self) -> bool:
-        return self._tripped.is_set()
-
-    def on_trip(self, listener) -> None:
-        self._listeners.append(listener)
-
-    def trip(self, reason: str) -> None:
-        if self._tripped.is_set():
-            return
-        self.reason = reason
-        self._tripped.set()
-        log.critical("worker is stuck and stops taking jobs: %s", reason)
-        for listener in self._listeners:
-            try:
-                listener(reason)
-            except Exception:
-                log.exception("a watchdog listener failed")
-
 
 _TRANSIENT = (BotoCoreError, redis.ConnectionError, redis.TimeoutError)
 
@@ -102,42 +53,15 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT)
 
 
-class LeaseKeeper:
-    """Renews the job's lease in the background while it runs, so no other worker takes it."""
-
-    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float,
-                 health: WorkerHealth | None = None):
-        self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
-        self.health = health
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            if self.health is not None and self.health.tripped:
-                return  # a stuck worker lets its leases run out, so other workers can take the jobs
-            try:
-                self.store.renew(self.request_id, self.token, self.lease_seconds)
-            except redis.RedisError:
-                log.warning("could not renew the lease of %s", self.request_id)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-
-
 class JobRunner:
     def __init__(self, settings: WorkerSettings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str, forward_hook: ForwardHook | None = None,
-                 hooks: HooksForTests | None = None):
+                 predictors: dict[str, Predictor], worker_name: str, overrides: RunOverrides | None = None):
         self.settings = settings
-        self.hooks = hooks or HooksForTests.off()
+        self.overrides = overrides or RunOverrides.off()
+        self.output_formats = supported_formats()  # what this worker's encoders can write
+        self.encoding = EncodeOptions.from_settings(settings)
         self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
-                                              wait_seconds=settings.batch_wait_ms / 1000, forward_hook=forward_hook)
+                                              wait_seconds=settings.batch_wait_ms / 1000)
                          for variant, predictor in predictors.items()}
         self.health = WorkerHealth()
         self.health.on_trip(self._stop_inference)
@@ -291,11 +215,8 @@ class JobRunner:
         if not spec.input_fingerprint or spec.params.sync_mode:
             return False
         key = spec.output_prefix + RESULT_DOCUMENT
-        try:
-            head = self.objects.client.head_object(Bucket=self.settings.output_bucket, Key=key)
-        except ClientError:
-            return False
-        if head.get("Metadata", {}).get("status") != "OK":
+        stored = self.objects.find(self.settings.output_bucket, key)
+        if stored is None or stored.metadata.get("status") != "OK":
             return False
         body = self.objects.read_json(self.settings.output_bucket, key)
         if body is None:
@@ -320,115 +241,79 @@ class JobRunner:
         if predictor is None:
             raise JobError(f"this worker does not serve variant {spec.variant!r}",
                            error_type="runner_scheduling_failure", status_code=503)
-        params = spec.params
-        check_output_format(params.output_format, self.hooks.unsupported_output_formats)  # a 422 before any work
-        banner = f"[{NULL_MODEL_BANNER}] " if predictor.null_model else ""
+        check_output_format(spec.params.output_format, self.output_formats)  # a 422 before any work
+        ctx = JobContext.open(spec, self.store, predictor, self.overrides)
         if spec.extra.get("video") is not None:
-            # A video reports progress while it runs (frames, segments): its lines go out as they come.
-            def log_now(request_id: str, message: str, level: str = "INFO") -> None:
-                self.store.log(request_id, banner + message, level)
-
             from worker.video.job import run_video_job  # PyAV loads only where video jobs run
-            return run_video_job(self, spec, token, deadline, limit, predictor, log_now)
-        timings: dict[str, float] = {}
-        # Log lines are written per stage, not per line: those up to the forward just before it runs (what a
-        # caller watching sees while it waits), the rest with the completion, in its round trip.
-        lines: list[str] = []
-
-        def log_(request_id: str, message: str, level: str = "INFO") -> None:
-            lines.append(log_entry(banner + message, level))
-
+            return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now)
         try:
-            return self._run_stages(spec, token, deadline, predictor, timings, lines, log_)
+            return self._run_image(spec, token, deadline, ctx)
         finally:
-            try:
-                self.store.log_many(spec.request_id, lines)  # what a failed stage had not written yet
-            except redis.RedisError:
-                log.warning("could not write the log lines of %s", spec.request_id)
+            ctx.flush_quietly()
 
-    def _run_stages(self, spec: JobSpec, token: str, deadline: float, predictor: Predictor,
-                    timings: dict[str, float], lines: list[str], log_) -> Outcome:
-        params = spec.params
-        rid = spec.request_id
-
-        started = time.perf_counter()
-        log_(rid, "loading image")
-        data = fetch_input(spec.image_url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
-                           policy=self.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
-                           timeout=self.settings.http_timeout)
-        timings["fetch"] = time.perf_counter() - started
-        t = time.perf_counter()
-        rgb = decode_rgb(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
-        image = Image.fromarray(rgb)  # the mask cache and the extended output stage take PIL images
-        timings["decode"] = time.perf_counter() - t
+    def _run_image(self, spec: JobSpec, token: str, deadline: float, ctx: JobContext) -> Outcome:
+        """The image job's stages: fetch, decode, mask (network, cache or kept), render, upload."""
+        params, predictor, settings = spec.params, ctx.predictor, self.settings
+        ctx.log("loading image")
+        with ctx.stage("fetch"):
+            data = fetch_input(spec.image_url, objects=self.objects, max_bytes=settings.max_input_bytes,
+                               policy=self.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
+                               timeout=settings.http_timeout)
+        with ctx.stage("decode"):
+            rgb = decode_rgb(data, max_pixels=settings.max_input_pixels, max_side=settings.max_input_side)
         background = self._background(spec)
-        cancel, alone = self.store.run_flags(rid)  # one round trip for both
+        cancel, alone = self.store.run_flags(spec.request_id)  # one round trip for both
         if cancel:
             self._end(spec, token, RequestCancelled())
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
-        resolution = self.hooks.operating_resolution or params.operating_resolution
-        width, height = (int(v) for v in resolution.split("x"))
-        if not spec.reuse_from:
-            log_(rid, f"inference {resolution} on {predictor.device} ({image.width}x{image.height} input)")
-        if resolution != params.operating_resolution:
-            log_(rid, f"TEST MODE: ran at {resolution}, not {params.operating_resolution} "
-                      "(BIREFNET_TEST_OPERATING_RESOLUTION)", "WARN")
-        if predictor.untrained and not predictor.null_model:
-            log_(rid, UNTRAINED_WARNING, "WARN")
-        t = time.perf_counter()
-        on_device: list[DeviceMask] = []
-        self.store.log_many(rid, lines)
-        lines.clear()
-
-        def compute():
-            mask, batch, prepared = self.batchers[spec.variant].predict_prepared(
-                image, (width, height), alone=alone, timeout=max(0.0, deadline - time.monotonic()))
-            if isinstance(mask, np.ndarray):
-                return mask, batch
-            device_mask, host = quantise_device_mask(mask, prepared)  # CUDA: the mask stays on the device
-            on_device.append(device_mask)
-            return host, batch
-
-        obtained = self.masks.obtain(spec, data, image, resolution=resolution,
-                                     weights=predictor.weights_description, compute=compute)
-        mask, batch_size = obtained.mask, obtained.batch_size
-        timings["inference" if obtained.source == "network" else "mask_reuse"] = time.perf_counter() - t
-        if obtained.source != "network":
-            log_(rid, obtained.detail)
-            log.info("job %s: %s", rid, obtained.detail)
-        if batch_size > 1:
-            log_(rid, f"ran in a batch of {batch_size}")
+        size = (rgb.shape[1], rgb.shape[0])
+        ctx.announce_inference(size)
+        ctx.flush()
+        obtained: list[ObtainedMask] = []
+        with ctx.timed(lambda: "mask_reuse" if obtained and obtained[0].source != "network" else "inference"):
+            obtained.append(self.masks.obtain(
+                spec, data, size, resolution=ctx.resolution, weights=predictor.weights_description,
+                compute=lambda: self._infer(spec, rgb, ctx.size, alone, deadline)))
+        mask = obtained[0]
+        if mask.source != "network":
+            ctx.log(mask.detail)
+            log.info("job %s: %s", spec.request_id, mask.detail)
+        if mask.batch_size > 1:
+            ctx.log(f"ran in a batch of {mask.batch_size}")
         if self._cancelled(spec, token):
             return Outcome("cancelled")
 
-        t = time.perf_counter()
-        rendered = render_job_outputs(predictor, image, mask, params, background=background,
-                                      device_mask=on_device[0] if on_device else None)
-        timings["render"] = time.perf_counter() - t
+        with ctx.stage("render"):
+            rendered = render(rgb, mask.mask, params, encoding=self.encoding, background=background,
+                              max_side=settings.max_input_side, max_pixels=settings.max_input_pixels)
         _check_deadline(deadline, "rendering the outputs")
 
-        log_(rid, "uploading" if not params.sync_mode else "encoding data URIs")
-        t = time.perf_counter()
-        body: dict[str, object] = {"image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
-                      "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
-        if predictor.null_model:
-            body["warning"] = NULL_MODEL_BANNER
-        elif predictor.untrained:
-            body["warning"] = UNTRAINED_WARNING
-        timings["upload"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - started
-        log_(rid, f"done in {timings['total']:.2f}s")
+        ctx.log("uploading" if not params.sync_mode else "encoding data URIs")
+        with ctx.stage("upload"):
+            body: dict[str, object] = {
+                "image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
+                "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
+        if predictor.result_warning:
+            body["warning"] = predictor.result_warning
+        timings = ctx.finish()
         # fal's inference_time: the network's seconds, or reading a reused mask's (no network run).
         self._finish(spec, token, body=body, inference_time=timings.get("inference", timings.get("mask_reuse")),
                      extra={"timings": timings, "weights": predictor.weights_description,
-                            "mask_source": obtained.source}, logs=list(lines))
-        lines.clear()
+                            "mask_source": mask.source}, logs=ctx.take_lines())
         return Outcome("done", timings=timings)
 
-    def _background(self, spec: JobSpec):
-        """The decoded background_image_url (same fetcher, guards and limits as image_url), or None."""
+    def _infer(self, spec: JobSpec, rgb: np.ndarray, resolution: tuple[int, int], alone: bool,
+               deadline: float) -> tuple[Mask, int]:
+        """The network's mask: prepare (this thread), the batched forward (the batcher's), postprocess."""
+        batcher = self.batchers[spec.variant]
+        prepared = batcher.predictor.prepare(rgb, resolution)
+        logits, batch_size = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
+        return postprocess(logits, prepared), batch_size
+
+    def _background(self, spec: JobSpec) -> np.ndarray | None:
+        """The decoded background_image_url (same fetcher, decoder, guards and limits as image_url), or None."""
         url = spec.params.background_image_url
         if not url:
             return None
@@ -436,7 +321,7 @@ class JobRunner:
         try:
             data = fetch_input(url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
                                policy=self.net_policy, timeout=self.settings.http_timeout)
-            return decode_image(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+            return decode_rgb(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
         except JobError as exc:
             exc.field = "background_image_url"
             exc.message = f"background_image_url: {exc.message}"

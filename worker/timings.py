@@ -19,7 +19,10 @@ class StageTimings:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.record(name, time.perf_counter() - started)
+
+    def record(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def as_dict(self, digits: int = 4) -> dict[str, float]:
         return {name: round(value, digits) for name, value in self.seconds.items()}

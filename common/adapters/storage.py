@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import boto3
@@ -101,6 +102,15 @@ def _version_args(version_id: str | None, if_match: str | None) -> dict[str, str
     return extra
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """An object opened for streaming: its stored Content-Type (empty if none), size and body."""
+
+    content_type: str
+    size: int
+    body: Any  # botocore's StreamingBody: read(), iter_chunks(), close()
+
+
 class ObjectStore:
     """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
 
@@ -119,6 +129,24 @@ class ObjectStore:
                           meta.get("ContentType", ""), {k.lower(): v for k, v in meta.get("Metadata", {}).items()},
                           etag=meta.get("ETag", "").strip('"'),
                           version_id=meta.get("VersionId") if meta.get("VersionId") not in (None, "null") else None)
+
+    def find(self, bucket: str, key: str) -> ObjectInfo | None:
+        """An object's metadata, or None when there is no such object (or it cannot be read)."""
+        try:
+            return self.head(bucket, key)
+        except ClientError:
+            return None
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.find(bucket, key) is not None
+
+    def open(self, bucket: str, key: str) -> StoredObject:
+        """An object as a stream, for serving it; ClientError when it cannot be read."""
+        obj = self.client.get_object(Bucket=bucket, Key=key)
+        return StoredObject(obj.get("ContentType") or "", int(obj.get("ContentLength", 0)), obj["Body"])
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.client.delete_object(Bucket=bucket, Key=key)
 
     def read(self, bucket: str, key: str, *, max_bytes: int, version_id: str | None = None,
              if_match: str | None = None) -> bytes:

@@ -37,7 +37,7 @@ from common.settings import Settings
 from common.state.jobs import JobRecord, JobStore
 from tests.helpers.servers import LocalServer
 from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, wait_for
-from worker.imaging import decode_image
+from worker.pipeline.decode import decode_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's, for the case below
 

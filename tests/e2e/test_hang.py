@@ -173,7 +173,7 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
 
 
 def test_the_forward_hook_cannot_be_enabled_with_trained_weights(tmp_path: Path):
-    from worker.test_hooks import HooksForTests, load_forward_hook
+    from tests.helpers.hooked_worker import HooksForTests, load_forward_hook
 
     setting = hook_setting(tmp_path, Rule(HANG_ONCE, 0.1, times=1))
     assert load_forward_hook(HooksForTests(), {VARIANT: False}) is None, "off unless set"

@@ -1,4 +1,4 @@
-"""The worker checks the decoder patch order of the trained weights it loads (worker/patch_order_check.py).
+"""The worker checks the decoder patch order of the trained weights it loads (worker/loading.py, worker/patch_order.py).
 
 The network under test is a nano BiRefNet whose weights are CONSTRUCTED so that exactly one patch order is
 right: its only path to the logits reads the 4x4 patch stack of the image (decoder.ipt_blk2) and computes
@@ -27,7 +27,7 @@ from devstack.services import free_port
 from tests.helpers.stack import ROOT, Stack, wait_for
 from worker.birefnet import BiRefNet, BiRefNetConfig, recipe_state_dict
 from worker.engine import Predictor
-from worker.patch_order_check import SAMPLES_DIR, decide
+from worker.patch_order import SAMPLES_DIR, decide
 
 GRID = 4  # ipt_blk2 reads the image as 4x4 tiles
 PHOTOS = ",".join(str(SAMPLES_DIR / name) for name in ("chelsea.jpg", "rocket.jpg"))

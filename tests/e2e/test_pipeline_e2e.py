@@ -26,8 +26,8 @@ def start_pipeline(stack: Stack) -> None:
 
 def expected_mask(settings: Settings, image: Image.Image) -> np.ndarray:
     """The model's mask for this input, computed here with the same variant and weights as the worker."""
+    from bench.reference_paths import mask_to_image
     from worker.engine import Predictor
-    from worker.imaging import mask_to_image
 
     predictor = Predictor(settings.variants.get("general-light"), settings)
     predictor.load()

@@ -24,7 +24,7 @@ from devstack.loopback import VARIANT, LoopbackStack
 from tests.helpers.gateway import ALICE, api_keys_setting
 from tests.helpers.images import small_png
 from tests.helpers.proxies import TcpProxy
-from tests.helpers.stack import wait_for
+from tests.helpers.stack import HOOKED_WORKER, wait_for
 
 V2 = load.V2
 
@@ -43,6 +43,7 @@ class ChaosStack(LoopbackStack):
 
     s3_proxy: bool = True
     credential: str = ALICE
+    worker_module: str = HOOKED_WORKER
     proxy: TcpProxy = field(init=False)
     redis_restarts: int = 0
 

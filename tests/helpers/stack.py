@@ -59,9 +59,15 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
     }
 
 
+# Workers of test stacks run the worker's own entry point with the testing-only hooks installed.
+HOOKED_WORKER = "tests.helpers.hooked_worker"
+
+
 def build_stack(redis_url: str, s3_url: str, values: dict[str, str], *, queue_name: str,
                 sqs_url: str | None = None) -> Stack:
     """devstack's `build_stack` over the test process's environment; logs go to `values`'
     BIREFNET_TEST_LOG_DIR. `sqs_url` (default: `s3_url`) lets S3 go through a proxy."""
-    return builder.build_stack(redis_url, s3_url, values, log_dir=Path(values["BIREFNET_TEST_LOG_DIR"]),
-                               environ=os.environ, queue_name=queue_name, sqs_url=sqs_url)
+    stack = builder.build_stack(redis_url, s3_url, values, log_dir=Path(values["BIREFNET_TEST_LOG_DIR"]),
+                                environ=os.environ, queue_name=queue_name, sqs_url=sqs_url)
+    stack.worker_module = HOOKED_WORKER
+    return stack

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from PIL import Image
 
 from common.adapters.queue import make_celery
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
@@ -18,13 +17,14 @@ from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
 from common.state import keys
 from common.state.jobs import JobRecord, JobStore
+from tests.helpers.hooked_worker import HooksForTests, install, install_forward_hook
 from tests.helpers.images import data_uri, png_bytes
 from tests.helpers.pipeline import put, s3_client
 from tests.helpers.stack import Stack
 from worker.engine import Predictor
 from worker.null_model import NULL_MODEL_BANNER
+from worker.pipeline.types import PreparedImage
 from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner
-from worker.test_hooks import HooksForTests
 
 VARIANT = "general-light"
 IMAGE = data_uri(png_bytes((40, 30)))
@@ -67,12 +67,15 @@ def make_harness(stack: Stack, hooks: HooksForTests | None = None, **overrides) 
     store = JobStore.from_url(settings.redis_url)
     in_forward: list[Callable[[], None]] = []
 
-    def forward_hook(images: Sequence[Image.Image]) -> None:
+    def forward_hook(images: Sequence[PreparedImage]) -> None:
         for hook in in_forward:
             hook()
 
+    install_forward_hook(predictor, forward_hook)
     runner = JobRunner(settings, store, ObjectStore(settings), make_celery(settings), {VARIANT: predictor},
-                       "test-runner:1", forward_hook=forward_hook, hooks=hooks)
+                       "test-runner:1")
+    if hooks is not None:
+        install(runner, hooks)
     return Harness(settings, store, stack, runner, in_forward)
 
 

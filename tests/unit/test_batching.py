@@ -64,7 +64,7 @@ def test_one_bad_input_fails_only_its_own_job(predictor: Predictor):
         futures[1].result()
 
 
-def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(predictor: Predictor):
+def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(predictor: Predictor, monkeypatch):
     """The batcher's side of the run-time limit (the real-process behaviour is in tests/e2e/test_hang.py)."""
     import threading
 
@@ -72,8 +72,15 @@ def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(pred
 
     release = threading.Event()
     stuck = Image.new("RGB", (61, 40))
-    batcher = MaskBatcher(predictor, max_size=1, wait_seconds=0.0,
-                          forward_hook=lambda images: release.wait() if images[0].width == 61 else None)
+    forward = predictor.forward
+
+    def hanging_forward(prepared):
+        if prepared[0].size[0] == 61:
+            release.wait()
+        return forward(prepared)
+
+    monkeypatch.setattr(predictor, "forward", hanging_forward)
+    batcher = MaskBatcher(predictor, max_size=1, wait_seconds=0.0)
     with ThreadPoolExecutor(2) as pool:
         hung = pool.submit(batcher.predict, stuck, (64, 64), 0.5)
         threading.Event().wait(0.1)  # the hung one is in its forward before the next arrives

@@ -1,4 +1,4 @@
-"""The pure parts of the extension output stage (worker/compose.py, common/domain/extensions.py), without processes."""
+"""The pure parts of the extension output stage (worker/pipeline/render.py, worker/pipeline/encode.py, common/domain/extensions.py), without processes."""
 
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ from common.domain.errors import InvalidInputError
 from common.domain.extensions import parse_aspect_ratio, parse_hex_color, parse_margin
 from common.domain.schemas import JobParams
 from common.settings import Settings
-from worker.compose import (
-    check_output_format,
-    crop_padded,
-    mask_from_png,
-    mask_png,
-    output_format_supported,
-    quantise_mask,
-    render_extended,
-    subject_box,
-)
-from worker.test_hooks import HooksForTests
+from tests.helpers.hooked_worker import HooksForTests
+from worker.masks import mask_png
+from worker.pipeline.decode import read_mask_png
+from worker.pipeline.encode import check_output_format, supported_formats
+from worker.pipeline.postprocess import to_alpha8, to_mask
+from worker.pipeline.render import crop_padded, render, subject_box
+from worker.pipeline.types import EncodeOptions
 
 
 def test_parsers():
@@ -58,16 +54,17 @@ def test_subject_box_margin_aspect_and_padding_beyond_the_input():
 
 def test_quantised_mask_survives_its_png_exactly():
     mask = np.random.default_rng(1).random((33, 47), dtype=np.float32)
-    kept = quantise_mask(mask)
-    assert np.abs(kept - mask).max() <= 0.5 / 255 + 1e-7
-    assert np.array_equal(mask_from_png(mask_png(kept)), kept)
+    kept = to_alpha8(mask)
+    assert np.abs(kept / np.float32(255) - mask).max() <= 0.5 / 255 + 1e-7
+    assert np.array_equal(read_mask_png(mask_png(kept)), kept)
 
 
 def test_capability_override_and_contain_with_an_opaque_colour():
     simulated = HooksForTests(unsupported_output_formats="avif").unsupported_output_formats
-    assert not output_format_supported("avif", simulated) and output_format_supported("png", simulated)
+    supported = supported_formats() - set(simulated)
+    assert "avif" not in supported and "png" in supported
     with pytest.raises(InvalidInputError) as raised:
-        check_output_format("avif", simulated)
+        check_output_format("avif", supported)
     assert raised.value.error_type == "unsupported_output_format" and "simulated" in raised.value.message
 
     image = Image.new("RGB", (40, 30), (200, 10, 10))
@@ -75,6 +72,8 @@ def test_capability_override_and_contain_with_an_opaque_colour():
     params = JobParams(background_image_url="https://x.example/b.png", background_fit="contain",
                        background_color="#0000ff", refine_foreground=False)
     backdrop = Image.new("RGB", (40, 10), (0, 255, 0))
-    rendered = render_extended(image, mask, params, background=backdrop, device="cpu", settings=Settings())
+    settings = Settings()
+    rendered = render(image, to_mask(mask), params, background=backdrop, encoding=EncodeOptions.from_settings(settings),
+                      max_side=settings.max_input_side, max_pixels=settings.max_input_pixels)
     out = Image.open(BytesIO(rendered.image.data))
     assert out.mode == "RGB" and out.getpixel((20, 0)) == (0, 0, 255) and out.getpixel((20, 15)) == (0, 255, 0)

@@ -11,13 +11,16 @@ from safetensors.torch import save_file
 from skimage import data
 
 from common.domain.errors import InvalidInputError
+from common.domain.schemas import JobParams
 from common.domain.variants import VariantSpec
 from common.settings import Settings
 from worker import patch_order_check
 from worker.birefnet import recipe_state_dict
-from worker.engine import Predictor, parse_resolution
+from worker.engine import Predictor
 from worker.loading import build_native
-from worker.rendering import render_outputs
+from worker.pipeline.postprocess import to_mask
+from worker.pipeline.render import render
+from worker.pipeline.types import EncodeOptions, parse_resolution
 from worker.timings import StageTimings
 from worker.weights import WeightsError
 
@@ -151,6 +154,13 @@ def test_non_square_resolution_and_timings(predictor, photos):
 # --------------------------------------------------------------------------------------------
 
 
+def render_outputs(image, mask, *, timings=None, **fields):
+    """The output stage for a float mask and fal's four output fields (as the worker renders with its
+    default encoder settings)."""
+    return render(image, to_mask(mask), JobParams.model_construct(**fields), encoding=EncodeOptions(),
+                  timings=timings)
+
+
 def open_encoded(encoded) -> Image.Image:
     image = Image.open(io.BytesIO(encoded.data))
     assert (image.width, image.height) == (encoded.width, encoded.height)
@@ -162,8 +172,8 @@ def open_encoded(encoded) -> Image.Image:
 def test_render_cutout_and_mask(predictor, photos, masks, fmt):
     photo, mask = photos[1], masks[1]
     timings = StageTimings()
-    rendered = predictor.render_outputs(photo, mask, output_format=fmt, output_mask=True, refine_foreground=True,
-                                        mask_only=False, timings=timings)
+    rendered = render_outputs(photo, mask, output_format=fmt, output_mask=True, refine_foreground=True,
+                              mask_only=False, timings=timings)
     assert rendered.image.content_type == f"image/{fmt}" and rendered.image.extension == f".{fmt}"
     cutout = open_encoded(rendered.image)
     assert cutout.size == photo.size
@@ -181,7 +191,7 @@ def test_render_cutout_and_mask(predictor, photos, masks, fmt):
 
 def test_render_without_refinement_keeps_the_decoded_colours(photos, masks):
     rendered = render_outputs(photos[0], masks[0], output_format="png", output_mask=False, refine_foreground=False,
-                              mask_only=False, device="cpu")
+                              mask_only=False)
     assert rendered.mask is None
     cutout = np.asarray(open_encoded(rendered.image))
     assert cutout.shape == (512, 512, 4)
@@ -190,8 +200,8 @@ def test_render_without_refinement_keeps_the_decoded_colours(photos, masks):
 
 def test_mask_only_returns_the_mask_as_the_image(predictor, photos, masks):
     timings = StageTimings()
-    rendered = predictor.render_outputs(photos[2], masks[2], output_format="webp", output_mask=True,
-                                        refine_foreground=True, mask_only=True, timings=timings)
+    rendered = render_outputs(photos[2], masks[2], output_format="webp", output_mask=True,
+                              refine_foreground=True, mask_only=True, timings=timings)
     assert rendered.mask is None
     image = open_encoded(rendered.image)
     assert image.size == photos[2].size and rendered.image.content_type == "image/webp"

@@ -1,4 +1,5 @@
-"""worker.imaging: decoding guards and modes, blur-fusion refinement, composition, encoding."""
+"""worker.pipeline's decoding guards and modes, blur-fusion refinement (torch), and the reference composition
+and encoders (bench/reference_paths.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ import torch
 from PIL import Image, ImageCms
 from skimage import data
 
+from bench.reference_paths import compose_cutout, encode_image, mask_to_image
 from common.domain.errors import ImageLoadError, ImageTooLargeError, ImageTooSmallError
-from worker.imaging import (
-    box_blur,
-    compose_cutout,
-    decode_image,
-    encode_image,
-    mask_to_image,
-    refine_foreground,
-)
+from worker.pipeline.decode import decode_image
+from worker.pipeline.refine import box_blur, refine_foreground
 
 MAX_PIXELS = 10_000_000
 MAX_SIDE = 16383  # the max_input_side default

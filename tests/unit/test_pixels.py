@@ -1,4 +1,4 @@
-"""worker.pixels (the CPU pixel path), the null model and the device-side path run on CPU tensors."""
+"""worker.pipeline's CPU paths, the null model and the device-side paths run on CPU tensors."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ import torch
 from PIL import Image
 from skimage import data
 
+from bench.reference_paths import refined_colours
 from common.domain.errors import ImageTooLargeError
+from common.domain.schemas import JobParams
 from common.domain.variants import VariantSpec
 from common.settings import Settings
-from worker import pixels
-from worker.engine import Predictor, device_input
-from worker.imaging import decode_image, refined_colours
-from worker.rendering import device_cutout, render_outputs
+from worker.engine import Predictor
+from worker.pipeline import decode, encode, prepare, refine
+from worker.pipeline.decode import decode_image
+from worker.pipeline.postprocess import to_alpha8, to_mask
+from worker.pipeline.prepare import device_input
+from worker.pipeline.render import device_cutout, render
+from worker.pipeline.types import EncodeOptions
 
 MAX_PIXELS = 64_000_000
 
@@ -45,8 +50,8 @@ def test_refine_keeps_the_visual_result_of_the_reference_implementation(photo):
     rgb = real_photos()[photo]
     for name, mask in soft_masks(rgb).items():
         reference = refined_colours(Image.fromarray(rgb), mask).astype(np.int16)
-        alpha8 = pixels.mask_to_uint8(mask)
-        fast = pixels.refine_colours(rgb, mask, alpha8).astype(np.int16)
+        alpha8 = to_alpha8(mask)
+        fast = refine.refine_colours(rgb, mask, alpha8).astype(np.int16)
         visible, soft = alpha8 > 0, (alpha8 > 0) & (alpha8 < 255)
         difference = np.abs(fast - reference)
         assert difference[visible].mean() <= 1.0, f"{photo}/{name}: mean |diff| over alpha > 0"
@@ -57,7 +62,7 @@ def test_refine_keeps_the_visual_result_of_the_reference_implementation(photo):
 
 def test_refine_of_an_opaque_mask_is_the_image():
     rgb = data.coffee()
-    assert np.array_equal(pixels.refine_colours(rgb, np.ones(rgb.shape[:2], np.float32)), rgb)
+    assert np.array_equal(refine.refine_colours(rgb, np.ones(rgb.shape[:2], np.float32)), rgb)
 
 
 def jpeg(array: np.ndarray, **options) -> bytes:
@@ -71,8 +76,8 @@ def test_fast_jpeg_decode_matches_the_general_decoder(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     payload = jpeg(data.chelsea(), exif=exif.tobytes())
-    assert pixels._fast_jpeg(payload, max_pixels=MAX_PIXELS, max_side=8192, min_side=8) is not None
-    fast = pixels.decode_rgb(payload, max_pixels=MAX_PIXELS, max_side=8192).astype(np.int16)
+    assert decode._fast_jpeg(payload, max_pixels=MAX_PIXELS, max_side=8192, min_side=8) is not None
+    fast = decode.decode_rgb(payload, max_pixels=MAX_PIXELS, max_side=8192).astype(np.int16)
     general = np.asarray(decode_image(payload, max_pixels=MAX_PIXELS, max_side=8192)).astype(np.int16)
     assert fast.shape == general.shape
     assert np.abs(fast - general).max() <= 2  # two builds of libjpeg-turbo; both upsample the same way
@@ -80,13 +85,13 @@ def test_fast_jpeg_decode_matches_the_general_decoder(orientation):
 
 def test_decode_falls_back_for_grey_png_and_reports_the_same_errors():
     grey = jpeg(data.camera())
-    assert pixels.decode_rgb(grey, max_pixels=MAX_PIXELS, max_side=8192).shape == (512, 512, 3)
+    assert decode.decode_rgb(grey, max_pixels=MAX_PIXELS, max_side=8192).shape == (512, 512, 3)
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="PNG")
     png = buffer.getvalue()
-    assert np.array_equal(pixels.decode_rgb(png, max_pixels=MAX_PIXELS, max_side=8192), data.astronaut())
+    assert np.array_equal(decode.decode_rgb(png, max_pixels=MAX_PIXELS, max_side=8192), data.astronaut())
     with pytest.raises(ImageTooLargeError) as fast:
-        pixels.decode_rgb(jpeg(data.astronaut()), max_pixels=100_000, max_side=8192)
+        decode.decode_rgb(jpeg(data.astronaut()), max_pixels=100_000, max_side=8192)
     with pytest.raises(ImageTooLargeError) as general:
         decode_image(jpeg(data.astronaut()), max_pixels=100_000, max_side=8192)
     assert str(fast.value) == str(general.value)
@@ -97,7 +102,7 @@ def test_png_encoder_round_trips_and_stays_below_raw_size(channels):
     rgb = data.astronaut()
     pixels_ = rgb[..., 0] if channels == 1 else rgb if channels == 3 else np.dstack([rgb, rgb[..., 1]])
     for level in (1, 6):
-        encoded = pixels.encode_png(np.ascontiguousarray(pixels_), level)
+        encoded = encode.encode_png(np.ascontiguousarray(pixels_), level)
         decoded = Image.open(io.BytesIO(encoded))
         decoded.load()
         assert decoded.mode == {1: "L", 3: "RGB", 4: "RGBA"}[channels]
@@ -107,10 +112,10 @@ def test_png_encoder_round_trips_and_stays_below_raw_size(channels):
 
 def test_network_input_is_normalised_like_the_reference():
     rgb = data.astronaut()
-    got = pixels.input_array(rgb, (512, 512))
-    reference = ((rgb.astype(np.float32) / 255 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD).transpose(2, 0, 1)
+    got = prepare.input_array(rgb, (512, 512))
+    reference = ((rgb.astype(np.float32) / 255 - prepare.IMAGENET_MEAN) / prepare.IMAGENET_STD).transpose(2, 0, 1)
     np.testing.assert_allclose(got, reference, atol=1e-5)
-    shrunk = pixels.input_array(rgb, (256, 128))
+    shrunk = prepare.input_array(rgb, (256, 128))
     assert shrunk.shape == (3, 128, 256) and shrunk.dtype == np.float32
 
 
@@ -121,12 +126,12 @@ def test_device_path_on_cpu_tensors_matches_the_cpu_path():
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)
     rgba, alpha8 = device_cutout(tensor, torch.from_numpy(mask), refine=True)
     assert rgba.shape == (*rgb.shape[:2], 4) and rgba.dtype == np.uint8
-    assert np.array_equal(alpha8, pixels.mask_to_uint8(mask)) and np.array_equal(rgba[..., 3], alpha8)
-    cpu = pixels.refine_colours(rgb, mask, alpha8).astype(np.int16)
+    assert np.array_equal(alpha8, to_alpha8(mask)) and np.array_equal(rgba[..., 3], alpha8)
+    cpu = refine.refine_colours(rgb, mask, alpha8).astype(np.int16)
     visible = alpha8 > 0
     assert np.abs(rgba[..., :3].astype(np.int16) - cpu)[visible].mean() <= 1.0
     on_device = device_input(tensor, (480, 320)).numpy()
-    assert np.abs(on_device - pixels.input_array(rgb, (480, 320))).mean() < 0.02
+    assert np.abs(on_device - prepare.input_array(rgb, (480, 320))).mean() < 0.02
 
 
 def test_null_model_is_explicit_constant_and_says_so():
@@ -146,11 +151,11 @@ def test_null_model_is_explicit_constant_and_says_so():
 def test_render_outputs_png_is_the_composed_cutout(tmp_path):
     rgb = data.astronaut()
     mask = soft_masks(rgb)["content"]
-    rendered = render_outputs(rgb, mask, output_format="png", output_mask=True, refine_foreground=False,
-                              mask_only=False)
+    rendered = render(rgb, to_mask(mask), JobParams(output_format="png", output_mask=True, refine_foreground=False),
+                      encoding=EncodeOptions())
     cutout = np.asarray(Image.open(io.BytesIO(rendered.image.data)))
     assert np.array_equal(cutout[..., :3], rgb)
-    assert np.array_equal(cutout[..., 3], pixels.mask_to_uint8(mask))
+    assert np.array_equal(cutout[..., 3], to_alpha8(mask))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(rendered.mask.data))), cutout[..., 3])
 
 
@@ -169,27 +174,19 @@ def test_cuda_warm_up_covers_every_allowed_resolution_and_batch_size():
 def test_job_output_stage_keeps_a_device_mask_on_the_device():
     """What a CUDA job does after its forward, on CPU tensors: the mask is quantised where it is, one 8-bit
     copy comes back (kept and cached), and the output stage composes with the uploaded image there."""
-    from common.domain.schemas import JobParams
-    from worker.compose import render_job_outputs
-    from worker.engine import PreparedImage
-    from worker.rendering import quantise_device_mask
-
     rgb = data.coffee()
     soft = soft_masks(rgb)["content"]
     device_rgb = torch.from_numpy(rgb).permute(2, 0, 1)
-    prepared = PreparedImage(network_input=torch.zeros(3, 32, 32), size=(rgb.shape[1], rgb.shape[0]),
-                             device_rgb=device_rgb)
-    device_mask, host = quantise_device_mask(torch.from_numpy(soft), prepared)
-    assert isinstance(device_mask.levels, torch.Tensor) and host.dtype == np.float32
-    assert np.array_equal(pixels.mask_to_uint8(host), pixels.mask_to_uint8(soft)), "the host copy is the 8-bit mask"
+    device_mask = to_mask(torch.from_numpy(soft), device_rgb)
+    host = device_mask.levels
+    assert isinstance(device_mask.device_levels, torch.Tensor) and host.dtype == np.float32
+    assert np.array_equal(to_alpha8(host), to_alpha8(soft)), "the host copy is the 8-bit mask"
 
-    spec = VariantSpec(id="nano-test", weights="recipe", backbone="swin_v1_nano")
-    predictor = Predictor(spec, Settings(device="cpu"))
     params = JobParams(output_format="png", output_mask=True, refine_foreground=True)
     # a blank host image: the device path must take its colours from the uploaded one
     blank = Image.new("RGB", (rgb.shape[1], rgb.shape[0]))
-    on_device = render_job_outputs(predictor, blank, host, params, device_mask=device_mask)
-    on_host = render_job_outputs(predictor, Image.fromarray(rgb), host, params)
+    on_device = render(blank, device_mask, params, encoding=EncodeOptions())
+    on_host = render(Image.fromarray(rgb), to_mask(host), params, encoding=EncodeOptions())
     device_cut = np.asarray(Image.open(io.BytesIO(on_device.image.data)))
     host_cut = np.asarray(Image.open(io.BytesIO(on_host.image.data)))
     assert np.array_equal(device_cut[..., 3], host_cut[..., 3])

@@ -21,11 +21,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from common.domain.schemas import JobParams
 from common.domain.variants import VariantSpec
 from common.settings import Settings
 from worker.birefnet import recipe_state_dict
 from worker.engine import Predictor
 from worker.loading import build_native
+from worker.pipeline.postprocess import to_mask
+from worker.pipeline.render import render
+from worker.pipeline.types import EncodeOptions
 from worker.remote_code import RemoteCodeNetwork
 from worker.weights import WeightsError
 
@@ -138,8 +142,8 @@ def test_remote_code_repo_serves_like_the_native_predictor(remote_code_repo, tmp
         torch.testing.assert_close(predictor.network(x), fine)
         assert not torch.allclose(fine, coarse)
 
-    rendered = predictor.render_outputs(photo, mask, output_format="png", output_mask=True,
-                                        refine_foreground=False, mask_only=False)
+    rendered = render(photo, to_mask(mask), JobParams(output_format="png", output_mask=True, refine_foreground=False),
+                      encoding=EncodeOptions())
     assert (rendered.image.width, rendered.image.height) == photo.size
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,21 +104,24 @@ class Decoder(nn.Module):
         g = F.conv2d(p, w, b, padding=1).relu_()
         return p * torch.sigmoid(conv1x1(g, attn_1x1))
 
+    def _stages(self, image: Tensor, x4: Tensor, laterals: list[Callable[[], Tensor]]) -> Tensor:
+        """Decoder blocks 4, 3 and 2 (each gated), up to decoder block 1's input. `laterals` make the
+        lateral terms added before blocks 3, 2 and 1, when they are needed."""
+        p = torch.cat([x4, self._patches(image, self.ipt_blk5, x4.shape[-2:])], dim=1)
+        p = self._gate(self.decoder_block4(p), 4)
+        patch_blocks = (self.ipt_blk4, self.ipt_blk3, self.ipt_blk2)
+        for i, (lateral, ipt) in enumerate(zip(laterals, patch_blocks, strict=True)):
+            term = lateral()
+            p = resize(p, term.shape[-2:]) + term
+            p = torch.cat([p, self._patches(image, ipt, p.shape[-2:])], dim=1)
+            if i < 2:
+                p = self._gate(self.dec_blocks[i + 1](p), 3 - i)
+        return p
+
     # ------------------------------------------------------------------ reference path
     def forward(self, image: Tensor, x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> Tensor:
-        x4 = torch.cat([x4, self._patches(image, self.ipt_blk5, x4.shape[-2:])], dim=1)
-        p4 = self._gate(self.decoder_block4(x4), 4)
-
-        p3 = resize(p4, x3.shape[-2:]) + self.lateral_block4(x3)
-        p3 = torch.cat([p3, self._patches(image, self.ipt_blk4, p3.shape[-2:])], dim=1)
-        p3 = self._gate(self.decoder_block3(p3), 3)
-
-        p2 = resize(p3, x2.shape[-2:]) + self.lateral_block3(x2)
-        p2 = torch.cat([p2, self._patches(image, self.ipt_blk3, p2.shape[-2:])], dim=1)
-        p2 = self._gate(self.decoder_block2(p2), 2)
-
-        p1 = resize(p2, x1.shape[-2:]) + self.lateral_block2(x1)
-        p1 = torch.cat([p1, self._patches(image, self.ipt_blk2, p1.shape[-2:])], dim=1)
+        p1 = self._stages(image, x4, [lambda: self.lateral_block4(x3), lambda: self.lateral_block3(x2),
+                                      lambda: self.lateral_block2(x1)])
         p1 = resize(self.decoder_block1(p1), image.shape[-2:])
         p1 = torch.cat([p1, self._patches(image, self.ipt_blk1, p1.shape[-2:])], dim=1)
         return self.conv_out1(p1)
@@ -171,21 +176,9 @@ class Decoder(nn.Module):
 
         lateral(cat(f, resize(h))) = W_f f + resize(W_h h) + b: the half-size part of each lateral
         1x1 conv runs at half size and the concatenated x1..x3 are never built."""
-        f1, f2, f3 = full[:3]
-        h1, h2, h3 = half[:3]
-        x4 = torch.cat([x4, self._patches(image, self.ipt_blk5, x4.shape[-2:])], dim=1)
-        p4 = self._gate(self.decoder_block4(x4), 4)
-
-        p3 = resize(p4, f3.shape[-2:]) + self._lateral("lateral_block4", f3, h3)
-        p3 = torch.cat([p3, self._patches(image, self.ipt_blk4, p3.shape[-2:])], dim=1)
-        p3 = self._gate(self.decoder_block3(p3), 3)
-
-        p2 = resize(p3, f2.shape[-2:]) + self._lateral("lateral_block3", f2, h2)
-        p2 = torch.cat([p2, self._patches(image, self.ipt_blk3, p2.shape[-2:])], dim=1)
-        p2 = self._gate(self.decoder_block2(p2), 2)
-
-        p1 = resize(p2, f1.shape[-2:]) + self._lateral("lateral_block2", f1, h1)
-        p1 = torch.cat([p1, self._patches(image, self.ipt_blk2, p1.shape[-2:])], dim=1)
+        p1 = self._stages(image, x4, [lambda: self._lateral("lateral_block4", full[2], half[2]),
+                                      lambda: self._lateral("lateral_block3", full[1], half[1]),
+                                      lambda: self._lateral("lateral_block2", full[0], half[0])])
         body = self.decoder_block1.forward_body(p1)
         w_a, b_a = fused_state(self._fused)["final_a"]
         logits = resize(F.conv2d(body, w_a, b_a, padding=1), image.shape[-2:])

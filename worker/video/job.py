@@ -31,28 +31,33 @@ from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
 from common.state.limits import Limiter, admitted_units, video_units
-from worker import pixels
+from worker.leases import LeaseKeeper
+from worker.outcome import JobTimedOut, Outcome
+from worker.pipeline.postprocess import postprocess, to_mask
+from worker.pipeline.render import cutout
+from worker.pipeline.types import Mask
 from worker.video import codec
 
 if TYPE_CHECKING:
     from worker.engine import Predictor
-    from worker.runner import JobRunner, Outcome
+    from worker.runner import JobRunner
 
 PROGRESS_EVERY = 2.0  # seconds between progress log lines
 CANCEL_EVERY = 0.5  # seconds between cancellation checks
 WAIT_POLL = 0.2  # seconds between looks at segments other workers hold
 
 
-def render_frame(rgb: np.ndarray, mask: np.ndarray, *, refine: bool, alpha: bool,
+def render_frame(rgb: np.ndarray, mask: Mask | np.ndarray, *, refine: bool, alpha: bool,
                  background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(cutout pixels, grey mask): RGBA where the output keeps alpha, else laid on `background`."""
-    alpha8 = pixels.mask_to_uint8(mask)
-    fg = pixels.refine_colours(rgb, mask, alpha8) if refine else rgb
+    """(cutout pixels, grey mask) of one frame (a float mask is made 8-bit first): the image stage's
+    cut-out, RGBA where the output keeps alpha, else laid on `background`."""
+    mask = mask if isinstance(mask, Mask) else to_mask(mask)
+    rgba = cutout(rgb, mask, refine=refine)
     if alpha:
-        return pixels.rgba_array(fg, alpha8), alpha8
-    a = alpha8[..., None].astype(np.float32) / 255.0
-    out = fg.astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8), alpha8
+        return rgba, mask.alpha8
+    a = mask.alpha8[..., None].astype(np.float32) / 255.0
+    out = rgba[..., :3].astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask.alpha8
 
 
 class Cancelled(Exception):
@@ -89,12 +94,10 @@ class VideoRun:
     def encode_range(self, start: float, end: float | None, outputs: dict[str, str], *, audio: bool,
                      segment: bool, label: str = "") -> int:
         """Frames in [start, end) through the network into `outputs` (name -> path); the frame count."""
-        from worker.runner import JobTimedOut
-
         runner, params, info = self.runner, self.spec.params, self.info
         assert info is not None
-        resolution = runner.hooks.operating_resolution or params.operating_resolution
-        size = tuple(int(v) for v in resolution.split("x"))
+        resolution = runner.overrides.resolution(params.operating_resolution)
+        width, height = (int(v) for v in resolution.split("x"))
         background = parse_hex_color(self.options.background_color)[:3]
         batcher = runner.batchers[self.spec.variant]
         _, alone = runner.store.run_flags(self.spec.request_id)
@@ -105,8 +108,10 @@ class VideoRun:
         deadline = self.deadline
 
         def work(frame: codec.SourceFrame) -> tuple[codec.SourceFrame, np.ndarray, np.ndarray]:
-            mask, _ = batcher.predict(frame.rgb, size, timeout=max(0.0, deadline - time.monotonic()),  # type: ignore[arg-type]
-                                      alone=alone)
+            """One frame through the image stages: prepare, the shared batched forward, postprocess, cut-out."""
+            prepared = self.predictor.prepare(frame.rgb, (width, height))
+            logits, _ = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
+            mask = postprocess(logits, prepared)
             cut, grey = render_frame(frame.rgb, mask, refine=params.refine_foreground, alpha=self.kind.alpha,
                                      background=background)
             return frame, cut, grey
@@ -177,8 +182,6 @@ class VideoRun:
 
 def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float, limit: float,
                   predictor: Predictor, log_) -> Outcome:
-    from worker.runner import Outcome  # the runner imports this module lazily
-
     settings = runner.settings
     options = VideoOptions.model_validate(spec.extra["video"])
     run = VideoRun(runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type])
@@ -220,7 +223,7 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
                 return Outcome("done", timings=run.timings)
             run.log(f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
                     f"{info.fps:.3g} fps{', with audio' if info.has_audio else ''}")
-            resolution = runner.hooks.operating_resolution or spec.params.operating_resolution
+            resolution = runner.overrides.resolution(spec.params.operating_resolution)
             run.log(f"inference {resolution} on {predictor.device}, {options.output_type}")
             outputs = {"video": os.path.join(tmp, "video" + run.kind.extension)}
             if spec.params.output_mask:
@@ -325,8 +328,6 @@ def _run_segment(run: VideoRun) -> int:
 
 def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
     """The video's own job: queue the segments, take those nobody holds, wait for the rest, join."""
-    from worker.runner import LeaseKeeper
-
     runner, spec, settings = run.runner, run.spec, run.runner.settings
     assert run.info is not None
     children = segment_specs(spec, count, run.info.duration)
@@ -370,7 +371,6 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                 break  # look again from the first: the earliest free segment first
         if remaining and not progressed:
             if time.monotonic() > run.deadline:
-                from worker.runner import JobTimedOut
                 raise JobTimedOut("the limit passed while waiting for segments")
             time.sleep(WAIT_POLL)
     if frames == 0:
@@ -382,7 +382,7 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
             key = segment_keys(child, child.extra["segment"]["index"], run.kind)[name]
             part = os.path.join(run.tmp, os.path.basename(key))
             data = runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes) \
-                if _exists(runner, key) else None
+                if runner.objects.exists(settings.output_bucket, key) else None
             if data:
                 with open(part, "wb") as fh:
                     fh.write(data)
@@ -393,16 +393,6 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
     run.timings["join"] = time.perf_counter() - t
     run.log(f"joined {count} segments")
     return frames
-
-
-def _exists(runner: JobRunner, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        runner.objects.client.head_object(Bucket=runner.settings.output_bucket, Key=key)
-        return True
-    except ClientError:
-        return False
 
 
 def publish(runner: JobRunner, spec: JobSpec, path: str, kind: codec.OutputKind, info: codec.VideoInfo,

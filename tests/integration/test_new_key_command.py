@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.domain.auth import ApiKeyConfig, KeyRing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_new_key_prints_a_key_its_entry_accepts():

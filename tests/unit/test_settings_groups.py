@@ -22,7 +22,7 @@ from common.settings import (
     readers,
 )
 
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
 
 
 def test_every_option_belongs_to_exactly_one_group():

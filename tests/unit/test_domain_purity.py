@@ -4,7 +4,7 @@ Celery, or reaches the layers that do (common.state, common.adapters)."""
 import ast
 from pathlib import Path
 
-DOMAIN = Path(__file__).resolve().parent.parent / "common" / "domain"
+DOMAIN = Path(__file__).resolve().parents[2] / "common" / "domain"
 FORBIDDEN = ("redis", "boto3", "botocore", "celery", "kombu", "common.state", "common.adapters")
 
 
