@@ -29,7 +29,8 @@ async def jwks(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """200 when this gateway can reach Redis (a readiness check; same as /readyz)."""
     try:
-        await gateway(request).aredis.ping()
+        for shard in gateway(request).shards:
+            await shard.aredis.ping()
     except Exception as exc:
         raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
     return fal_json({"status": "ok"})
@@ -58,8 +59,11 @@ async def failed_webhooks(request: Request, caller: Admin,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """Requests whose webhook never got a 2xx after every retry, newest first, with each attempt."""
     gw = gateway(request)
-    sender = WebhookSender(gw.settings, gw.store, gw.signer)
-    return fal_json({"failed": await run_in_threadpool(sender.failed, limit)})
+    failed: list[dict] = []
+    for shard in gw.shards:  # each shard's deliverer keeps its own
+        failed += await run_in_threadpool(WebhookSender(gw.settings, shard.store, gw.signer).failed, limit)
+    failed.sort(key=lambda entry: entry["failed_at"], reverse=True)
+    return fal_json({"failed": failed[:limit]})
 
 
 async def proxy(request: Request) -> Response:

@@ -138,7 +138,8 @@ def create_app(settings: Settings, intake: Intake | None = None, sns: SnsVerifie
     @app.get("/readyz")
     def readyz() -> Response:
         try:
-            intake.store.redis.ping()
+            for shard in intake.shards:
+                shard.store.redis.ping()
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
