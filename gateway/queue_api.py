@@ -14,10 +14,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
-from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
 from common.domain.variants import Endpoint
 from common.state import keys
+from common.state.webhooks import first_attempt_due
 from gateway import records
 from gateway.context import Gateway, gateway
 from gateway.inputs import priority
@@ -224,7 +224,7 @@ def cancel_job(gw: Gateway, request_id: str) -> str:
         shard.redis.zrem(keys.DEADLINES, request_id)
         record = shard.store.get(request_id)
         if record is not None and record.spec.webhook_url:
-            send_webhook(shard.celery, request_id)
+            shard.store.send_webhook(request_id, first_attempt_due(gw.settings))
     return outcome
 
 

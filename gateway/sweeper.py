@@ -31,7 +31,7 @@ def expire_deadlines(gw: Gateway, shard: ShardClients) -> int:
         record = shard.store.get(request_id)
         if record is None or record.status != Status.IN_QUEUE:
             continue
-        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=shard.store, objects=None, celery=shard.celery,
+        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=shard.store, objects=None,
                     spec=record.spec):
             expired += 1
     return expired

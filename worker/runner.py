@@ -153,12 +153,12 @@ class JobRunner:
         self.masks = MaskSource(settings, store, objects)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
-        return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
-                          spec=spec, token=token, **kwargs)
+        return finish_job(settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token,
+                          **kwargs)
 
     def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
-        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
-                        celery=self.celery, spec=spec, token=token)
+        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec,
+                        token=token)
 
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():

@@ -48,9 +48,9 @@ return 0
 
 # ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, log entries
 # count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, logs
-# list, webhook schedule, job channel, queue channel. One round trip ends a job: outcome, TTL, the
-# stage's log lines, the first webhook booking (with the completion, so it exists iff the job completed)
-# and the change notices.
+# list, webhook schedule, job channel, queue channel, webhook ready list. One round trip ends a job:
+# outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so it exists iff the
+# job completed) and its hand-off to the deliverers, and the change notices.
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'COMPLETED' then return 0 end
@@ -65,7 +65,10 @@ if n > 0 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4]) end
+if ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
+  redis.call('LPUSH', KEYS[8], ARGV[4])
+end
 redis.call('PUBLISH', KEYS[6], '1')
 redis.call('PUBLISH', KEYS[7], '1')
 return 1
@@ -331,9 +334,19 @@ class JobStore:
         booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
         return bool(self._complete(
             keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant), keys.logs(request_id),
-                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant)],
+                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant),
+                  keys.WEBHOOK_READY],
             args=[token, request_id, self.record_ttl, booking, webhook_due or 0, len(lines), *lines, *flat],
         ))
+
+    def send_webhook(self, request_id: str, safety_due: float) -> None:
+        """Hand attempt 0 of a completed job's webhook to the deliverers now, booked for `safety_due` in case
+        the deliverer taking it dies (the completion script does the same for the jobs it ends)."""
+        booking = keys.webhook_booking(request_id, 0)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WEBHOOK_DUE, {booking: safety_due}, nx=True)
+        pipe.lpush(keys.WEBHOOK_READY, booking)
+        pipe.execute()
 
     def cancel(self, request_id: str) -> CancelOutcome:
         record = self.get(request_id)

@@ -117,6 +117,7 @@ def mask_cache(digest: str) -> str:
 # --- webhooks (common.state.webhooks) ---
 WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due time
 WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
+WEBHOOK_READY = f"{PREFIX}webhook:ready"  # list of bookings to attempt now (the deliverers block on it)
 
 
 def webhook_attempts(request_id: str) -> str:  # list of the delivery attempts made

@@ -1,10 +1,10 @@
 """fal-style webhook payloads, signed delivery through the SSRF guard, and retries (docs/api.md#webhooks).
 
-Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on HTTP. Retries do
-not use Celery countdowns (with the Redis broker one longer than the visibility timeout is redelivered
-early and runs twice): each attempt first books its successor in the due zset and the deliverer's pump
-re-queues bookings as they fall due, so a deliverer dying mid-attempt still leaves the retry behind. The
-first attempt is booked too, before the job completes, in case the task sent at completion is lost.
+Deliveries run in the deliverer (deliverer/), so GPU workers never wait on HTTP; no Celery task carries
+them. Every attempt is booked in the due zset: the first by the completion itself (which also hands it to
+the deliverers on the ready list), each retry by the attempt before it, booked before that attempt posts.
+The deliverer's pump hands out bookings as they fall due, so a deliverer dying after taking an attempt, or
+mid-attempt, still leaves the attempt (or its retry) behind.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
 
 def first_attempt_due(settings: Settings) -> float:
     """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
-    after the task sent at completion had its chance. The completion's task and the pump then race; whichever
-    copy runs first delivers, and the attempt removes the booking."""
+    after the hand-off made at completion had its chance. The hand-off and the pump then race; whichever copy
+    runs first delivers, and the attempt removes the booking."""
     return time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
 
 
