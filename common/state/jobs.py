@@ -60,7 +60,7 @@ local n = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[2])
+if status ~= 'IN_PROGRESS' then redis.call('ZREM', KEYS[3], ARGV[2]) end  -- a claim already took it off
 if n > 0 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
   redis.call('EXPIRE', KEYS[4], ARGV[3])

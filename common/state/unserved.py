@@ -54,8 +54,8 @@ def note_unserved_jobs(store: JobStore, registry: Iterable[VariantSpec], now: fl
         return 0
     served = served_variants(r)
     unserved = [spec for spec in variants if spec.id not in served]
-    if not unserved:
-        return 0
+    if not unserved or not r.exists(*[keys.pending(spec.id) for spec in unserved]):
+        return 0  # jobs wait only for served variants
     # Two commands per unserved variant and sweep, however many jobs wait: the jobs already noted are
     # kept in a set (trimmed to those still waiting), and only the others are looked at.
     pipe = r.pipeline(transaction=False)  # each pair reads what its own first command wrote: no MULTI needed

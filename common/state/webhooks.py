@@ -167,9 +167,8 @@ class WebhookSender:
                          final=error is not None and (last or refused))
         pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
         record_attempt(self.store, request_id, result, pipe)
-        if result.ok:
+        if result.ok:  # (never listed as failed: no attempt follows a final one; a restart clears the list)
             pipe.zrem(keys.WEBHOOK_DUE, successor)
-            pipe.zrem(keys.WEBHOOK_FAILED, request_id)
         elif result.final:
             pipe.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
             pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
