@@ -144,7 +144,7 @@ def status_read_call(request_id: str, logs_from: int | None) -> dict:
 
 # Fields a restart clears: what the previous run left (ops requeue of a failed job).
 _RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
-                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered")
+                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered", "webhook_next")
 
 
 def utc_timestamp() -> str:
@@ -174,6 +174,7 @@ class JobRecord:
     worker: str | None = None
     extra: dict = field(default_factory=dict)
     webhook_delivered: bool = False  # a webhook attempt got a 2xx (common.state.webhooks)
+    webhook_next: int = 0  # the webhook attempts before this one failed (common.state.webhooks)
 
     @property
     def ok(self) -> bool:
@@ -262,6 +263,7 @@ class JobStore:
             worker=raw.get("worker") or None,
             extra=json.loads(raw["extra"]) if raw.get("extra") else {},
             webhook_delivered=raw.get("webhook_delivered") == "1",
+            webhook_next=int(raw.get("webhook_next") or 0),
         )
 
     def status(self, request_id: str) -> Status | None:
