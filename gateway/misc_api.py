@@ -29,8 +29,9 @@ async def jwks(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """200 when this gateway can reach Redis (a readiness check; same as /readyz)."""
     try:
-        for shard in gateway(request).shards:
-            await shard.aredis.ping()
+        # Shard 0: what every request may need (per-key limits, the auth throttle). Another shard being
+        # down fails only its variants' requests (503), not this gateway's readiness.
+        await gateway(request).aredis.ping()
     except Exception as exc:
         raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
     return fal_json({"status": "ok"})
