@@ -1,9 +1,11 @@
-"""`python -m deliverer [--concurrency N]`: the webhook delivery worker (Celery queue 'webhooks')."""
+"""`python -m deliverer [--concurrency N] [--shard N]`: the webhook deliverer (deliverer/app.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 
 from common.settings import DelivererSettings, check_secrets
 
@@ -25,22 +27,21 @@ def main(argv: list[str] | None = None) -> None:
 
         settings = settings_for(settings, ShardMap.from_settings(settings).shards[args.shard])
 
-    from common.adapters.queue import WEBHOOK_QUEUE
-    from common.observability.metrics import (
-        instrument_webhook_deliverer,
-        process_probes,
-        start_metrics_server,
-    )
+    from common.observability.metrics import process_probes, start_metrics_server
+    from common.state.dev_secrets import webhook_signer
     from common.state.jobs import JobStore
-    from deliverer.app import create_celery_app
+    from common.state.webhooks import WebhookSender
+    from deliverer.app import Deliverer
 
     store = JobStore.from_settings(settings)
-    app = create_celery_app(settings, store)
-    instrument_webhook_deliverer(store, settings.webhook_max_retries)
+    sender = WebhookSender(settings, store, webhook_signer(settings.webhook_signing_keys, store.redis))
     start_metrics_server(settings.webhooks_metrics_port, "webhooks", process_probes(settings),
                          host=settings.metrics_host)
-    app.worker_main(["worker", "-Q", WEBHOOK_QUEUE, "--pool=threads", f"--concurrency={args.concurrency}",
-                     "-n", "webhooks@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"])
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger(__name__).info("delivering webhooks (shard %d, %d threads)", args.shard, args.concurrency)
+    Deliverer(settings, store, sender, args.concurrency).run(stop)
 
 
 if __name__ == "__main__":

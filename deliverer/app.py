@@ -1,60 +1,86 @@
-"""The slim Celery app that delivers webhooks (queue `webhooks`); no torch, no model.
+"""The webhook deliverer: takes attempts straight from Redis, no Celery and no torch.
 
-Besides the task, every deliverer runs a small pump thread that re-queues retries as they fall due
-(see common/state/webhooks.py for why retries are not Celery countdowns).
+A job's completion books its first attempt in the due schedule and pushes it on the ready list in the same
+script (common/state/jobs.py). A deliverer blocks on the ready list (one BRPOP per webhook), popping only
+while one of its `concurrency` delivery threads is free, and attempts what it pops; a pump thread moves bookings that fall due (retries, and first attempts whose deliverer died
+after popping them) back onto the ready list. An attempt removes its own booking only once it has started,
+so every webhook is attempted at least once whatever process dies when; the attempt's lock
+(`webhook_try`) keeps a second copy from posting again (common/state/webhooks.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
 
-from celery import Celery
-from celery.signals import worker_ready
+import redis
 
-from common.adapters.queue import DELIVER_WEBHOOK, make_celery, send_webhook
+from common.observability.metrics import count_webhook_delivery
 from common.settings import DelivererSettings
-from common.state.dev_secrets import webhook_signer
+from common.state import keys
 from common.state.jobs import JobStore
 from common.state.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
-
-def create_celery_app(settings: DelivererSettings, store: JobStore) -> Celery:
-    """The deliverer's Celery app: the `deliver_webhook` task, and the retry pump started with the worker."""
-    app = make_celery(settings, name="birefnet-webhooks")
-
-    @functools.cache
-    def sender() -> WebhookSender:
-        """Built on first use: without configured keys the signer reads (or makes) its key in Redis."""
-        return WebhookSender(settings, store, webhook_signer(settings.webhook_signing_keys, store.redis))
-
-    @app.task(name=DELIVER_WEBHOOK, acks_late=True)
-    def deliver_webhook(request_id: str, attempt: int = 0) -> dict | None:
-        result = sender().deliver(request_id, attempt)
-        if result is not None and not result.ok:
-            log.warning("webhook for %s failed (attempt %d): %s", request_id, attempt, result.error)
-        return asdict(result) if result is not None else None  # for the delivery metrics (not stored)
-
-    def start_pump(**_) -> None:
-        interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))
-        threading.Thread(target=pump_retries, args=(app, sender, interval), name="webhook-retries",
-                         daemon=True).start()
-
-    worker_ready.connect(start_pump, weak=False)
-    return app
+READY_WAIT = 2.0  # s a BRPOP blocks (under the clients' 5 s socket timeout): an idle deliverer's one command
 
 
-def pump_retries(app: Celery, sender: Callable[[], WebhookSender], interval: float) -> None:
-    while True:
-        time.sleep(interval)
+class Deliverer:
+    def __init__(self, settings: DelivererSettings, store: JobStore, sender: WebhookSender, concurrency: int = 4):
+        self.settings, self.store, self.sender = settings, store, sender
+        self.concurrency = max(1, concurrency)
+        self.pump_interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver until `stop` is set (attempts under way finish first)."""
+        pump = threading.Thread(target=self._pump, args=(stop,), name="webhook-pump", daemon=True)
+        pump.start()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook") as pool:
+            self._pop_ready(stop, pool)
+        pump.join(timeout=self.pump_interval + 1)
+
+    def _pop_ready(self, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
+        free = threading.Semaphore(self.concurrency)  # pop only what a thread can attempt at once
+        delay = 0.1
+        while not stop.is_set():
+            if not free.acquire(timeout=READY_WAIT):
+                continue
+            try:
+                popped = self.store.redis.brpop([keys.WEBHOOK_READY], timeout=READY_WAIT)
+                delay = 0.1
+            except (redis.RedisError, OSError):
+                free.release()
+                log.warning("webhook ready list unreachable; retrying in %.1fs", delay, exc_info=True)
+                stop.wait(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            if popped is None:
+                free.release()
+                continue
+            request_id, _, attempt = str(popped[1]).rpartition("|")
+            pool.submit(self.attempt, request_id, int(attempt)).add_done_callback(lambda _: free.release())
+
+    def attempt(self, request_id: str, attempt: int) -> None:
         try:
-            for request_id, attempt in sender().claim_due():
-                send_webhook(app, request_id, attempt)
-        except Exception:  # Redis hiccups must not end the pump; the schedule is still in Redis
-            log.warning("webhook retry pump failed; trying again", exc_info=True)
+            result = self.sender.deliver(request_id, attempt)
+        except Exception:  # the booking stays behind: the pump hands it out again when it falls due
+            log.warning("webhook for %s (attempt %d) failed to run", request_id, attempt, exc_info=True)
+            return
+        if result is None:
+            return
+        if not result.ok:
+            log.warning("webhook for %s failed (attempt %d): %s", request_id, attempt, result.error)
+        count_webhook_delivery(result.ok, attempt, self.settings.webhook_max_retries)
+
+    def _pump(self, stop: threading.Event) -> None:
+        while not stop.wait(self.pump_interval):
+            try:
+                due = self.sender.claim_due()
+                if due:
+                    self.store.redis.lpush(keys.WEBHOOK_READY, *[keys.webhook_booking(rid, n) for rid, n in due])
+            except Exception:  # Redis hiccups must not end the pump; the schedule is still in Redis
+                log.warning("webhook retry pump failed; trying again", exc_info=True)
+                time.sleep(self.pump_interval)

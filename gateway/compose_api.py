@@ -65,7 +65,7 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
         uuid.UUID(source_id)  # request ids are UUIDs; anything else names no request (and no S3 key)
     except ValueError:
         raise not_found(source_id) from None
-    record = gw.store.get(source_id)
+    record = gw.on_request(source_id).store.get(source_id)
     if record is not None and principal.key_id != ANONYMOUS and record.spec.owner != principal.key_id:
         raise not_found(source_id)
     if record is not None and not record.status.is_terminal:
@@ -92,7 +92,7 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
                    opts: SubmitOptions) -> Submitted:
     data = json_object_body(body)
     manifest = source_manifest(gw, principal, source_id)
-    request_id = str(uuid.uuid4())
+    request_id = gw.new_request_id(manifest["variant"])
     writes = InputWrites(gw)  # a large inline background: stored only once the request is admitted
     fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,
                                kept_mask=manifest["mask"]),

@@ -29,6 +29,8 @@ async def jwks(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """200 when this gateway can reach Redis (a readiness check; same as /readyz)."""
     try:
+        # Shard 0: what every request may need (per-key limits, the auth throttle). Another shard being
+        # down fails only its variants' requests (503), not this gateway's readiness.
         await gateway(request).aredis.ping()
     except Exception as exc:
         raise FalError.flat(503, f"Redis unreachable: {exc}", "runner_connection_error") from exc
@@ -58,7 +60,11 @@ async def failed_webhooks(request: Request, caller: Admin,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """Requests whose webhook never got a 2xx after every retry, newest first, with each attempt."""
     gw = gateway(request)
-    return fal_json({"failed": await run_in_threadpool(webhooks.failed_webhooks, gw.store, limit)})
+    failed: list[dict] = []
+    for shard in gw.shards:  # each shard's deliverer keeps its own
+        failed += await run_in_threadpool(webhooks.failed_webhooks, shard.store, limit)
+    failed.sort(key=lambda entry: entry["failed_at"], reverse=True)
+    return fal_json({"failed": failed[:limit]})
 
 
 async def proxy(request: Request) -> Response:

@@ -14,10 +14,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
-from common.adapters.queue import send_webhook
 from common.domain.schemas import BiRefNetOutput
 from common.domain.variants import Endpoint
 from common.state import keys
+from common.state.webhooks import first_attempt_due
 from gateway import records
 from gateway.context import Gateway, gateway
 from gateway.inputs import priority
@@ -120,7 +120,7 @@ async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) 
     """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
     rid = submitted.request_id
     try:
-        position = await gw.aredis.zrank(keys.pending(submitted.variant), rid)
+        position = await gw.on_request(rid).aredis.zrank(keys.pending(submitted.variant), rid)
     except redis.RedisError:
         # The job is queued: answering 503 now would make the client submit it a second time.
         position = None
@@ -175,7 +175,7 @@ async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_l
     """One `data:` event per change, read when the job's (or its queue's) pub/sub event says something
     changed; `: ping` keep-alives in between cost no Redis command."""
     sent_logs, last_state, last_sent = 0, None, 0.0
-    async with gw.events.watch(request_id, variant) as watch:
+    async with gw.on_request(request_id).events.watch(request_id, variant) as watch:
         while True:
             read = await records.read_status(gw, request_id, caller, sent_logs if with_logs else None)
             if read is None:
@@ -218,12 +218,13 @@ async def result(request: Request, request_id: str, caller: Caller) -> Response:
 
 
 def cancel_job(gw: Gateway, request_id: str) -> str:
-    outcome = gw.store.cancel(request_id)
+    shard = gw.on_request(request_id)
+    outcome = shard.store.cancel(request_id)
     if outcome == "cancelled":
-        gw.redis.zrem(keys.DEADLINES, request_id)
-        record = gw.store.get(request_id)
+        shard.redis.zrem(keys.DEADLINES, request_id)
+        record = shard.store.get(request_id)
         if record is not None and record.spec.webhook_url:
-            send_webhook(gw.celery, request_id)
+            shard.store.send_webhook(request_id, first_attempt_due(gw.settings))
     return outcome
 
 

@@ -50,9 +50,10 @@ class StatusRead:
 async def read_status(gw: Gateway, request_id: str, principal: Principal,
                       logs_from: int | None = None) -> StatusRead | None:
     """The request as `principal` may see it (None: unknown, another key's, or past retention)."""
-    if gw.status_script is None:
-        gw.status_script = gw.aredis.register_script(STATUS_READ)
-    reply = await gw.status_script(**status_read_call(request_id, logs_from))
+    shard = gw.on_request(request_id)
+    if shard.status_script is None:
+        shard.status_script = shard.aredis.register_script(STATUS_READ)
+    reply = await shard.status_script(**status_read_call(request_id, logs_from))
     if not reply:
         return None
     values, rank, entries = reply
@@ -72,7 +73,7 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
 
 
 async def result(gw: Gateway, request_id: str) -> tuple[str, int, str | None]:
-    reply = await gw.aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
+    reply = await gw.on_request(request_id).aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
     raw, code, error_type = cast(list[str | None], reply)  # a decoding client: str replies
     return raw or "null", int(code or 200), error_type or None
 

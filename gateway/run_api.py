@@ -48,9 +48,10 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
     events (gateway/push.py): no Redis command while nothing changes."""
     key = keys.job(request_id)
     hangup = asyncio.ensure_future(_disconnected(request))
+    shard = gw.on_request(request_id)
     try:
-        async with gw.events.watch(request_id) as watch:
-            while await gw.aredis.hget(key, "status") != Status.COMPLETED:
+        async with shard.events.watch(request_id) as watch:
+            while await shard.aredis.hget(key, "status") != Status.COMPLETED:
                 waiter = asyncio.ensure_future(watch.wait())
                 await asyncio.wait({waiter, hangup}, return_when=asyncio.FIRST_COMPLETED)
                 if hangup.done():

@@ -4,7 +4,6 @@ queued, and invalid input becomes a request COMPLETED at once with the model's 4
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 
 from common.adapters.storage import request_output_prefix
@@ -64,28 +63,40 @@ def request_fields(settings: GatewaySettings, principal: Principal, options: Sub
 def submit_job(gw: Gateway, principal: Principal, body: bytes, options: SubmitOptions) -> Submitted:
     data = json_object_body(body)
     settings = gw.settings
-    request_id = str(uuid.uuid4())
-    fields = request_fields(settings, principal, options, request_id)
+    default_variant = settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id
     writes = InputWrites(gw)  # large inline inputs: stored only once the request is admitted
     try:
         parsed, variant = validate_input(options.endpoint, data, settings)
+    except InputErrors as exc:
+        return reject(gw, principal, options, data, default_variant, exc)
+    request_id = gw.new_request_id(variant.id)  # the id names the shard of its variant
+    fields = request_fields(settings, principal, options, request_id)
+    try:
         image_url = resolve_image_url(gw, principal, parsed.image_url, request_id, writes=writes)
         parsed = resolve_background(gw, principal, parsed, request_id, writes)
     except InputErrors as exc:
-        given_url = data.get("image_url")
-        spec = JobSpec(**fields, variant=settings.variants.by_model_name(options.endpoint, DEFAULT_MODEL_NAME).id,
-                       image_url=given_url[:2048] if isinstance(given_url, str) else "", params=JobParams())
-        return enqueue(gw, principal, options, spec, rejection=exc)
+        return reject(gw, principal, options, data, default_variant, exc)  # nothing was stored under request_id
     spec = JobSpec(**fields, variant=variant.id, image_url=image_url, params=JobParams.from_input(parsed),
                    mask_cache_scope=mask_cache_scope(principal))
     return enqueue(gw, principal, options, spec, writes=writes)
+
+
+def reject(gw: Gateway, principal: Principal, options: SubmitOptions, data: dict, variant: str,
+           exc: InputErrors) -> Submitted:
+    """A request COMPLETED at once with the model's 422 body (invalid input), recorded under `variant`."""
+    fields = request_fields(gw.settings, principal, options, gw.new_request_id(variant))
+    given_url = data.get("image_url")
+    spec = JobSpec(**fields, variant=variant, image_url=given_url[:2048] if isinstance(given_url, str) else "",
+                   params=JobParams())
+    return enqueue(gw, principal, options, spec, rejection=exc)
 
 
 def enqueue(gw: Gateway, principal: Principal, options: SubmitOptions, spec: JobSpec,
             rejection: JobError | None = None, writes: InputWrites | None = None) -> Submitted:
     """Every API job's way into the queue (producer/admission.py), under the key's limits and the queue caps;
     a refusal is fal's flat error (429 with Retry-After, or 503 when the queue cannot be reached)."""
-    admission = Admission(gw.settings, gw.store, gw.celery, gw.limiter)
+    shard = gw.on_variant(spec.variant)  # the job's record and message; the key's limits on shard 0
+    admission = Admission(gw.settings, shard.store, shard.celery, gw.limiter)
     # Outputs (and a large inline input) are deleted after their retention; a queued request expires.
     schedule = {keys.OUTPUTS: (f"req:{spec.request_id}", spec.created_at + spec.extra["output_ttl"])}
     if spec.start_deadline:

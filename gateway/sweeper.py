@@ -15,47 +15,47 @@ from common.domain.status import Status
 from common.state import keys
 from common.state.results import fail_job
 from common.state.unserved import note_unserved_jobs
-from gateway.context import Gateway
+from gateway.context import Gateway, ShardClients
 
 log = logging.getLogger(__name__)
 
 
-def expire_deadlines(gw: Gateway) -> int:
+def expire_deadlines(gw: Gateway, shard: ShardClients) -> int:
     """Complete requests still queued past their X-Fal-Request-Timeout with fal's 504 request_timeout.
 
     The worker checks the same deadline when it claims a job; this covers jobs no worker reaches in time.
     A worker claiming at the same moment wins or loses atomically (the completion needs no live lease).
     """
     expired = 0
-    for request_id in gw.store.pop_due(keys.DEADLINES):
-        record = gw.store.get(request_id)
+    for request_id in shard.store.pop_due(keys.DEADLINES):
+        record = shard.store.get(request_id)
         if record is None or record.status != Status.IN_QUEUE:
             continue
-        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=gw.store, objects=None, celery=gw.celery,
+        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=shard.store, objects=None,
                     spec=record.spec):
             expired += 1
     return expired
 
 
-def delete_expired_files(gw: Gateway) -> int:
+def delete_expired_files(gw: Gateway, shard: ShardClients) -> int:
     """Delete output files (per request) and uploads whose retention has ended."""
     deleted = 0
     bucket = gw.settings.output_bucket
-    for member in gw.store.pop_due(keys.OUTPUTS):
+    for member in shard.store.pop_due(keys.OUTPUTS):
         kind, _, name = member.partition(":")
         if kind == "obj":
             gw.objects.delete(bucket, name)
             deleted += 1
             continue
-        record = gw.store.get(name)
+        record = shard.store.get(name)
         if record is not None and not record.status.is_terminal:
             # Retention counts from completion: look again later.
-            gw.redis.zadd(keys.OUTPUTS, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
+            shard.redis.zadd(keys.OUTPUTS, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
             continue
         if record is not None and record.completed_at:
             due = record.completed_at + float(record.spec.extra.get("output_ttl", 0))
             if due > time.time():
-                gw.redis.zadd(keys.OUTPUTS, {member: due})
+                shard.redis.zadd(keys.OUTPUTS, {member: due})
                 continue
         deleted += gw.objects.delete_prefix(bucket, request_output_prefix(gw.settings, name))
     return deleted
@@ -64,9 +64,11 @@ def delete_expired_files(gw: Gateway) -> int:
 async def sweep_forever(gw: Gateway) -> None:
     while True:
         await asyncio.sleep(gw.settings.gateway_sweep_interval)
-        try:
-            await run_in_threadpool(expire_deadlines, gw)
-            await run_in_threadpool(delete_expired_files, gw)
-            await run_in_threadpool(note_unserved_jobs, gw.store, gw.settings.variants, time.time())
-        except Exception:  # keep sweeping through Redis or S3 hiccups; the schedules persist
-            log.warning("gateway sweep failed; retrying", exc_info=True)
+        for shard in gw.shards:  # each shard's schedules hold its own requests (uploads: shard 0)
+            try:
+                await run_in_threadpool(expire_deadlines, gw, shard)
+                await run_in_threadpool(delete_expired_files, gw, shard)
+                variants = [v for v in gw.settings.variants if gw.shard_map.for_variant(v.id) == shard.shard]
+                await run_in_threadpool(note_unserved_jobs, shard.store, variants, time.time())
+            except Exception:  # keep sweeping through Redis or S3 hiccups; the schedules persist
+                log.warning("gateway sweep of %s failed; retrying", shard.shard.name, exc_info=True)

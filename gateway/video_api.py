@@ -3,8 +3,6 @@ shared request routes (`/fal-ai/birefnet/requests/{id}`, the subpath dropped as 
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
@@ -80,15 +78,18 @@ def validate_video(data: dict, gw: Gateway) -> tuple[BiRefNetVideoInput, str]:
 
 def submit_video_job(gw: Gateway, principal: Principal, body: bytes, opts: SubmitOptions) -> Submitted:
     data = json_object_body(body)
-    request_id = str(uuid.uuid4())
+    default_variant = gw.settings.variants.by_model_name("v2", DEFAULT_MODEL_NAME).id
+    request_id = gw.new_request_id(default_variant)
     writes = InputWrites(gw)  # a large inline video: stored only once the request is admitted
     try:
         parsed, variant = validate_video(data, gw)
+        request_id = gw.new_request_id(variant)  # the id names the shard of its variant
         url = resolve_image_url(gw, principal, parsed.video_url, request_id, "video_url", writes)
     except InputErrors as exc:
         given = data.get("video_url")
+        request_id = gw.new_request_id(default_variant)  # nothing was stored under the other one
         fields = request_fields(gw.settings, principal, opts, request_id, video=VideoOptions().model_dump())
-        spec = JobSpec(**fields, variant=gw.settings.variants.by_model_name("v2", DEFAULT_MODEL_NAME).id,
+        spec = JobSpec(**fields, variant=default_variant,
                        image_url=given[:2048] if isinstance(given, str) else "", params=JobParams())
         return enqueue(gw, principal, opts, spec, rejection=exc)
     job = video_spec_fields(parsed)

@@ -8,7 +8,6 @@ import signal
 import threading
 
 from common.settings import ProducerSettings, check_secrets
-from common.state.shards import refuse_shards
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +24,6 @@ def main(argv: list[str] | None = None) -> None:
     install_log_redaction()  # no credential in any log line
     settings = ProducerSettings()
     check_secrets(settings)  # refuses development secrets outside development
-    refuse_shards(settings, "the S3-event producer")  # it does not route jobs between shards yet
 
     if args.command == "sqs":
         from common.adapters.storage import make_sqs_client

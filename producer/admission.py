@@ -142,5 +142,4 @@ class Admission:
         return Submitted(spec.request_id, spec.variant, rejected=False)
 
     def _end(self, spec: JobSpec, error: JobError) -> None:
-        fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
-                 spec=spec)
+        fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects, spec=spec)

@@ -138,7 +138,7 @@ def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: Sn
     @app.get("/readyz")
     def readyz() -> Response:
         try:
-            intake.store.redis.ping()
+            intake.store.redis.ping()  # shard 0; another shard down fails (and keeps) only its variants' events
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -4,15 +4,18 @@ Each job is pinned to the content its event names: its version id (HEAD and GET 
 version id the HEAD answers), or its ETag (HEAD and the worker's GET with If-Match: an object overwritten
 first ends that job as superseded, and the newer upload's event makes its own job). The `sequencer` orders
 the events of an unversioned key: an older one naming other content is superseded without a runnable job.
-Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's."""
+Results live under the fingerprint (uploads/<key>/<fingerprint>/), so no job ever replaces another's.
+
+With Redis shards a job is recorded and queued on its variant's shard, under a request id naming that
+shard; what belongs to an object rather than to a job (the sequencer of its key, the job of each upload)
+stays on shard 0."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import cast
 
 from botocore.exceptions import ClientError
@@ -28,6 +31,7 @@ from common.settings import ProducerSettings
 from common.state import keys
 from common.state.jobs import JobStore
 from common.state.limits import Limiter, QueueFull
+from common.state.shards import ShardMap, settings_for
 from producer.admission import Admission, parse_bool, validate_input
 from producer.notifications import ObjectCreated
 from producer.video_intake import enqueue_video, is_video_upload
@@ -98,12 +102,39 @@ def check_upload_background(url: str | None, bucket: str) -> None:
                                 field="background_image_url")
 
 
+@dataclass(frozen=True)
+class IntakeShard:
+    """Where the jobs of one shard's variants are recorded and queued."""
+    store: JobStore
+    admission: Admission
+
+
 class Intake:
-    def __init__(self, settings: ProducerSettings, store: JobStore, celery: Celery, objects: ObjectStore):
-        self.settings, self.store, self.objects = settings, store, objects
-        self.limiter = Limiter(store.redis, settings)
-        self.admission = Admission(settings, store, celery, self.limiter, objects)
-        self._sequence = store.redis.register_script(_SEQUENCE)
+    def __init__(self, settings: ProducerSettings, shards: list[tuple[JobStore, Celery]], objects: ObjectStore,
+                 shard_map: ShardMap | None = None):
+        """`shards`: each shard's job store and Celery sender, by shard index (one: unsharded)."""
+        self.settings, self.objects = settings, objects
+        self.shard_map = shard_map or ShardMap.from_settings(settings.model_copy(update={"redis_shards": []}))
+        self.store = shards[0][0]  # shard 0: per-object state (sequencers, an upload's job)
+        routed = len(shards) > 1
+        self.limiter = Limiter(self.store.redis, settings, queues=self._queue_redis if routed else None)
+        self.shards = [IntakeShard(store, Admission(settings, store, celery, self.limiter, objects))
+                       for store, celery in shards]
+        self._sequence = self.store.redis.register_script(_SEQUENCE)
+
+    def _queue_redis(self, variant: str):
+        return self.on_variant(variant).store.redis
+
+    def on_variant(self, variant: str) -> IntakeShard:
+        return self.shards[self.shard_map.for_variant(variant).index]
+
+    def job_id(self, variant: str, object_fingerprint: str) -> str:
+        """The request id of the job for this fingerprint, on `variant`'s shard (a fresh one the first time)."""
+        store = self.on_variant(variant).store
+        return store.job_for_object(object_fingerprint, self.shard_map.new_request_id(variant))
+
+    def enqueue(self, spec: JobSpec, rejection: JobError | None = None) -> str:
+        return self.on_variant(spec.variant).admission.enqueue(spec, rejection=rejection).request_id
 
     def ignore_reason(self, event: ObjectCreated) -> str | None:
         """Why an event makes no job, or None when it should."""
@@ -214,16 +245,17 @@ class Intake:
         if existing:
             return existing  # this upload already has its job (a redelivered event)
         fp = fingerprint(event.bucket, event.key, pin, {"superseded": True})
-        request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
+        variant = self.settings.worker_variants[0]
+        request_id = self.job_id(variant, fp)
         named = s3_url(event.bucket, event.key)
         spec = JobSpec(request_id=request_id, endpoint=self.settings.default_endpoint,
-                       variant=self.settings.worker_variants[0], image_url=named, params=JobParams(),
+                       variant=variant, image_url=named, params=JobParams(),
                        source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
                        input_fingerprint=fp, input_etag=event.etag, owner="s3",
                        extra={"sequencer": event.sequencer, "event_source": event.source})
         error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
                                   f"before its job could read it; {why}. The newer upload has a job of its own")
-        return self.admission.enqueue(spec, rejection=error).request_id
+        return self.enqueue(spec, rejection=error)
 
     def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
         if is_video_upload(event.key, info.content_type):
@@ -262,7 +294,7 @@ class Intake:
         variant_id = variant_id or self.settings.worker_variants[0]
         fp = fingerprint(event.bucket, event.key, pin,
                          {"p": job_params.model_dump(), "v": variant_id, "e": str(error or "")})
-        request_id = self.store.job_for_object(fp, str(uuid.uuid4()))
+        request_id = self.job_id(variant_id, fp)
         self.store.redis.set(self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl)
         spec = JobSpec(
             request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,
@@ -273,11 +305,14 @@ class Intake:
             mask_cache_scope=self.settings.mask_cache_uploads_scope,
         )
         # A full queue raises QueueFull: the event stays with its sender (SQS, MinIO) until there is room.
-        return self.admission.enqueue(spec, rejection=error).request_id
+        return self.enqueue(spec, rejection=error)
 
 
 def build_intake(settings: ProducerSettings) -> Intake:
-    return Intake(settings, JobStore.from_settings(settings), make_celery(settings), ObjectStore(settings))
+    shard_map = ShardMap.from_settings(settings)
+    own = [settings_for(settings, shard) if shard_map.sharded else settings for shard in shard_map.shards]
+    return Intake(settings, [(JobStore.from_settings(s), make_celery(s)) for s in own], ObjectStore(settings),
+                  shard_map)
 
 
 class CountingIntake:

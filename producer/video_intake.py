@@ -4,7 +4,6 @@ video_quality, video_write_mode, output_mask, model, ...); results go to the out
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -56,7 +55,7 @@ def enqueue_video(intake: Intake, event: ObjectCreated, info: ObjectInfo, versio
     pin = version_id or info.etag or info.version
     fp = fingerprint(event.bucket, event.key, pin, {"p": job_params.model_dump(), "v": variant_id,
                                                     "video": options.model_dump(), "e": str(error or "")})
-    request_id = intake.store.job_for_object(fp, str(uuid.uuid4()))
+    request_id = intake.job_id(variant_id, fp)
     spec = JobSpec(
         request_id=request_id, endpoint="v2", variant=variant_id, image_url=video_url, params=job_params,
         source="s3_event", output_prefix=upload_output_prefix(settings, event.key, fp), input_fingerprint=fp,
@@ -64,4 +63,4 @@ def enqueue_video(intake: Intake, event: ObjectCreated, info: ObjectInfo, versio
         webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
         extra={"sequencer": event.sequencer, "event_source": event.source, "video": options.model_dump()},
     )
-    return intake.admission.enqueue(spec, rejection=error).request_id
+    return intake.enqueue(spec, rejection=error)

@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None, on_loaded: Callable[[JobRunner], None] |
     # --variants overrides BIREFNET_WORKER_VARIANTS; every other setting comes from the environment.
     settings = WorkerSettings(worker_variants=args.variants) if args.variants else WorkerSettings()
     check_secrets(settings)  # refuses development secrets outside development
-    if settings.redis_shards:  # the worker's variants live on one Redis shard: it talks to that one only
+    limits_redis = None
+    if settings.redis_shards:  # the worker's variants live on one Redis shard: its jobs are all there
         from common.state.shards import ShardMap, settings_for
 
+        limits_redis = settings  # per-key limits (a video's charge) stay on shard 0, redis_url
         settings = settings_for(settings, ShardMap.from_settings(settings).for_variants(list(settings.worker_variants)))
     # Before any model loads: a driver too old for this torch build's CUDA is a clear exit, not a
     # crash loop on "CUDA is not available".
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None, on_loaded: Callable[[JobRunner], None] |
 
         mark_process_logs()
 
-    state = WorkerProcess(settings, RunOverrides(), on_loaded=on_loaded)
+    state = WorkerProcess(settings, RunOverrides(), on_loaded=on_loaded, limits_redis=limits_redis)
     app = create_celery_app(settings, state)
     state.load(app)
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)

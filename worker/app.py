@@ -24,6 +24,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from common.adapters.queue import RUN_JOB, make_celery
+from common.adapters.redis_conn import redis_client
 from common.adapters.storage import ObjectStore
 from common.domain.schemas import JobSpec
 from common.observability.metrics import (
@@ -32,7 +33,7 @@ from common.observability.metrics import (
     register_gpu_collector,
     start_metrics_server,
 )
-from common.settings import WorkerSettings
+from common.settings import RedisSettings, WorkerSettings
 from common.state.jobs import JobStore
 from common.state.ops_state import paused_variants, publish_heartbeat
 from common.state.orphans import resend_orphans
@@ -49,10 +50,13 @@ class WorkerProcess:
     """What this process holds: warm predictors and the runner that uses them."""
 
     def __init__(self, settings: WorkerSettings, overrides: RunOverrides,
-                 on_loaded: Callable[[JobRunner], None] | None = None) -> None:
+                 on_loaded: Callable[[JobRunner], None] | None = None,
+                 limits_redis: RedisSettings | None = None) -> None:
         """`on_loaded(runner)` runs once the models are loaded, before any job is taken (a wrapper's
-        instrumentation: tests/helpers/hooked_worker.py)."""
+        instrumentation: tests/helpers/hooked_worker.py). `limits_redis`: where per-key limits live when
+        that is not this worker's Redis (shard 0, with shards)."""
         self.settings = settings
+        self.limits_redis = limits_redis
         self.overrides = overrides
         self.on_loaded = on_loaded
         self.runner: JobRunner | None = None
@@ -83,8 +87,9 @@ class WorkerProcess:
 
         predictors = load_predictors(settings, on_ready=ready)
         store = JobStore.from_settings(settings)
+        limits_client = redis_client(self.limits_redis) if self.limits_redis is not None else store.redis
         self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
-                                overrides=self.overrides)
+                                overrides=self.overrides, limits=limits_client)
         if self.on_loaded is not None:
             self.on_loaded(self.runner)
         self.runner.health.on_trip(lambda _reason: self._not_ready())

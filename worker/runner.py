@@ -55,8 +55,10 @@ def _is_transient(exc: BaseException) -> bool:
 
 class JobRunner:
     def __init__(self, settings: WorkerSettings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str, overrides: RunOverrides | None = None):
+                 predictors: dict[str, Predictor], worker_name: str, overrides: RunOverrides | None = None,
+                 limits: redis.Redis | None = None):
         self.settings = settings
+        self.limits = limits if limits is not None else store.redis  # where per-key limits live
         self.overrides = overrides or RunOverrides.off()
         self.output_formats = supported_formats()  # what this worker's encoders can write
         self.encoding = EncodeOptions.from_settings(settings)
@@ -77,12 +79,12 @@ class JobRunner:
         self.masks = MaskSource(settings, store, objects)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
-        return finish_job(settings=self.settings, store=self.store, objects=self.objects, celery=self.celery,
-                          spec=spec, token=token, **kwargs)
+        return finish_job(settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token,
+                          **kwargs)
 
     def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
-        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects,
-                        celery=self.celery, spec=spec, token=token)
+        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec,
+                        token=token)
 
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():

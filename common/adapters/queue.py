@@ -1,4 +1,4 @@
-"""Celery on Redis: one queue per model variant, plus `webhooks` for deliveries.
+"""Celery on Redis: one queue per model variant (webhooks do not go through Celery: deliverer/app.py).
 
 The gateway and producer only *send* tasks by name; they never import worker code (or torch).
 """
@@ -12,8 +12,7 @@ from common.domain.schemas import JobSpec
 from common.settings import BrokerSettings
 
 RUN_JOB = "birefnet.run_job"
-DELIVER_WEBHOOK = "birefnet.deliver_webhook"
-WEBHOOK_QUEUE = "webhooks"
+DEFAULT_QUEUE = "webhooks"  # where a task sent without a queue would go (none is; the name is historic)
 UNACKED_MUTEX_SECONDS = 10  # one restore sweep takes milliseconds; a dead holder blocks redelivery this long
 
 
@@ -30,7 +29,7 @@ def make_celery(settings: BrokerSettings, name: str = "birefnet") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=WEBHOOK_QUEUE,
+        task_default_queue=DEFAULT_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Redelivery of a killed worker's job after visibility_timeout; the restore sweep runs every
@@ -61,6 +60,3 @@ def send_job(app: Celery, spec: JobSpec) -> None:
     priority = LOW_PRIORITY if spec.priority == "low" else None
     app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue, priority=priority)
 
-
-def send_webhook(app: Celery, request_id: str, attempt: int = 0, countdown: float | None = None) -> None:
-    app.send_task(DELIVER_WEBHOOK, args=[request_id, attempt], queue=WEBHOOK_QUEUE, countdown=countdown)

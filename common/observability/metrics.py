@@ -18,7 +18,6 @@ from common.adapters.redis_conn import redis_client
 from common.settings import GatewaySettings, ProducerSettings, RedisSettings
 from common.state import keys, ops_state
 from common.state.job_progress import Completion
-from common.state.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +319,7 @@ def add_metrics_route(app, settings: GatewaySettings | ProducerSettings | None =
 
 
 # --- webhook deliverer ---
-def instrument_webhook_deliverer(store: JobStore, max_retries: int) -> None:
-    """Count deliveries by outcome from the attempt each `deliver_webhook` task recorded."""
-    from celery.signals import task_postrun
-
-    from common.adapters.queue import DELIVER_WEBHOOK
-
-    @task_postrun.connect(weak=False)
-    def _count(sender=None, args=None, retval=None, **_) -> None:
-        # The task returns the attempt it made (a dict), so counting it costs no Redis read.
-        if getattr(sender, "name", None) != DELIVER_WEBHOOK or not isinstance(retval, dict):
-            return
-        try:
-            attempt = int(retval["attempt"])
-            outcome = "delivered" if retval.get("ok") else ("gave_up" if attempt >= max_retries else "failed")
-            WEBHOOK_DELIVERIES.labels(outcome).inc()
-        except Exception:
-            log.warning("could not count a webhook delivery", exc_info=True)
+def count_webhook_delivery(ok: bool, attempt: int, max_retries: int) -> None:
+    """Count one delivery attempt by outcome (the deliverer calls it with each attempt it made)."""
+    outcome = "delivered" if ok else ("gave_up" if attempt >= max_retries else "failed")
+    WEBHOOK_DELIVERIES.labels(outcome).inc()

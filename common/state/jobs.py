@@ -49,9 +49,9 @@ return 0
 
 # ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, log entries
 # count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, logs
-# list, webhook schedule, job channel, queue channel. One round trip ends a job: outcome, TTL, the
-# stage's log lines, the first webhook booking (with the completion, so it exists iff the job completed)
-# and the change notices.
+# list, webhook schedule, job channel, queue channel, webhook ready list. One round trip ends a job:
+# outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so it exists iff the
+# job completed) and its hand-off to the deliverers, and the change notices.
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'COMPLETED' then return 0 end
@@ -61,12 +61,15 @@ local n = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[2])
+if status ~= 'IN_PROGRESS' then redis.call('ZREM', KEYS[3], ARGV[2]) end  -- a claim already took it off
 if n > 0 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4]) end
+if ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
+  redis.call('LPUSH', KEYS[8], ARGV[4])
+end
 redis.call('PUBLISH', KEYS[6], '1')
 redis.call('PUBLISH', KEYS[7], '1')
 return 1
@@ -142,7 +145,7 @@ def status_read_call(request_id: str, logs_from: int | None) -> dict:
 
 # Fields a restart clears: what the previous run left (ops requeue of a failed job).
 _RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
-                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered")
+                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered", "webhook_next")
 
 
 def utc_timestamp() -> str:
@@ -172,6 +175,7 @@ class JobRecord:
     worker: str | None = None
     extra: dict = field(default_factory=dict)
     webhook_delivered: bool = False  # a webhook attempt got a 2xx (common.state.webhooks)
+    webhook_next: int = 0  # the webhook attempts before this one failed (common.state.webhooks)
 
     @property
     def ok(self) -> bool:
@@ -260,6 +264,7 @@ class JobStore:
             worker=raw.get("worker") or None,
             extra=json.loads(raw["extra"]) if raw.get("extra") else {},
             webhook_delivered=raw.get("webhook_delivered") == "1",
+            webhook_next=int(raw.get("webhook_next") or 0),
         )
 
     def status(self, request_id: str) -> Status | None:
@@ -332,9 +337,19 @@ class JobStore:
         booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
         return bool(self._complete(
             keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant), keys.logs(request_id),
-                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant)],
+                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant),
+                  keys.WEBHOOK_READY],
             args=[token, request_id, self.record_ttl, booking, webhook_due or 0, len(lines), *lines, *flat],
         ))
+
+    def send_webhook(self, request_id: str, safety_due: float) -> None:
+        """Hand attempt 0 of a completed job's webhook to the deliverers now, booked for `safety_due` in case
+        the deliverer taking it dies (the completion script does the same for the jobs it ends)."""
+        booking = keys.webhook_booking(request_id, 0)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WEBHOOK_DUE, {booking: safety_due}, nx=True)
+        pipe.lpush(keys.WEBHOOK_READY, booking)
+        pipe.execute()
 
     def cancel(self, request_id: str) -> CancelOutcome:
         record = self.get(request_id)

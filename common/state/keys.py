@@ -95,6 +95,11 @@ def active_limit(key_id: str) -> str:
     return f"{PREFIX}limits:active:{key_id}"
 
 
+def limit_charge(request_id: str) -> str:
+    """Set once a video's full units are charged (beside its key's limits, so on shard 0 with shards)."""
+    return f"{PREFIX}limits:charged:{request_id}"
+
+
 AUTH_FAIL_PREFIX = f"{PREFIX}gateway:authfail:"
 
 
@@ -117,6 +122,7 @@ def mask_cache(digest: str) -> str:
 # --- webhooks (common.state.webhooks) ---
 WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due time
 WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
+WEBHOOK_READY = f"{PREFIX}webhook:ready"  # list of bookings to attempt now (the deliverers block on it)
 
 
 def webhook_attempts(request_id: str) -> str:  # list of the delivery attempts made

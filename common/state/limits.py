@@ -10,16 +10,25 @@ all of them when the gateway knows its duration (an inline video), else with one
 worker that opens it (`charge`). n units are n members, `<request id>`, `<request id>#2` ... `#n`, which age
 out of the rate log and are freed with the request's COMPLETED record like any other. Its segments are paid
 for by the video's units: they never pass admission, so none is refused half-way.
+
+With Redis shards a key's state stays on shard 0 (one rate log and one concurrency set per key, whichever
+variants its requests use), while a queue and its job records live on their variant's shard: the cap of a
+queue elsewhere is read there before the script (not atomic with it, so concurrent submits may pass a cap
+by a few), and the concurrency set's members of other shards (version-8 request ids, which shard 0 never
+issues) are pruned against their own shard's records by the caller, not by the script.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+import time
+from collections.abc import Callable
+from typing import Literal, cast
 
 import redis
 
 from common.domain.errors import LimitRefused
+from common.domain.status import Status
 from common.settings import AdmissionSettings
 from common.state import keys
 
@@ -44,9 +53,11 @@ end
 local function prune_active(key, job_prefix, grace)
   local members = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
   for i = 1, #members, 2 do
-    local status = redis.call('HGET', job_prefix .. string.match(members[i], '^[^#]+'), 'status')
-    if status == 'COMPLETED' or ((not status) and now - tonumber(members[i + 1]) > grace) then
-      redis.call('ZREM', key, members[i])
+    if string.sub(members[i], 15, 15) ~= '8' then  -- version-8 ids live on other shards: pruned by the caller
+      local status = redis.call('HGET', job_prefix .. string.match(members[i], '^[^#]+'), 'status')
+      if status == 'COMPLETED' or ((not status) and now - tonumber(members[i + 1]) > grace) then
+        redis.call('ZREM', key, members[i])
+      end
     end
   end
 end
@@ -85,12 +96,12 @@ return {'ok', '0'}
 """
 
 # A video's units beyond those it was admitted with (ARGV[8] held, ARGV[4] in all), charged when a worker
-# has opened it; once only (the job record remembers it, so a rerun after a lost worker is not charged
-# again). Over a budget: nothing is added and the units it held are taken back (a refused request is not
+# has opened it; once only (KEYS[3] remembers it for the job record's lifetime, so a rerun after a lost
+# worker is not charged again). Over a budget: nothing is added and the units it held are taken back (a refused request is not
 # counted).
 _CHARGE = _COMMON + """
 local rpm, maxc, rid, units, held = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[8])
-if redis.call('HGET', KEYS[3], 'limit_units') then return {'ok', '0'} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'ok', '0'} end
 local extra = units - held
 local function refuse(reason, retry)
   drop_units(KEYS[1], rid, held)
@@ -107,7 +118,7 @@ if maxc > 0 then
   add_units(KEYS[2], rid, held + 1, units, ARGV[7])
 end
 if rpm > 0 then add_units(KEYS[1], rid, held + 1, units, 61) end
-redis.call('HSET', KEYS[3], 'limit_units', units)
+redis.call('SET', KEYS[3], units, 'EX', ARGV[7])
 return {'ok', '0'}
 """
 
@@ -145,10 +156,19 @@ class QueueFull(Exception):
         self.variant, self.retry_after = variant, retry_after
 
 
+Route = Callable[[str], redis.Redis]
+
+
 class Limiter:
-    def __init__(self, client: redis.Redis, settings: AdmissionSettings):
+    def __init__(self, client: redis.Redis, settings: AdmissionSettings, *, queues: Route | None = None,
+                 records: Route | None = None):
+        """`client`: where keys' limits live. With shards, `queues` gives a variant's Redis and `records` a
+        request id's (default: `client` for both)."""
         self.redis = client
         self.settings = settings
+        self.queues: Route = queues or (lambda _variant: client)
+        self.records: Route = records or (lambda _request_id: client)
+        self._sharded = records is not None
         self._admit = client.register_script(_ADMIT)
         self._charge = client.register_script(_CHARGE)
 
@@ -160,6 +180,12 @@ class Limiter:
         cap = NO_CAP if variant is None else queue_cap(self.settings, variant, max_queue_length)
         if cap == NO_CAP and not max_concurrent and not requests_per_minute:
             return None  # nothing to check: no round trip
+        if variant is not None and cap != NO_CAP and self.queues(variant) is not self.redis:
+            if self.queues(variant).zcard(keys.pending(variant)) >= cap:
+                return LimitRefused(MESSAGES["queue_full"], "queue_full", self.settings.queue_full_retry_after)
+            cap = NO_CAP  # checked on its own shard
+        if max_concurrent and self._sharded:
+            self._prune_elsewhere(key_id)
         reason, retry_after = self._admit(
             keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.pending(variant or "")],
             args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, keys.JOB_PREFIX,
@@ -176,8 +202,10 @@ class Limiter:
         before, or nothing more to charge), else why not; a refused request no longer counts against the key."""
         if units <= held or not (max_concurrent or requests_per_minute):
             return None
+        if max_concurrent and self._sharded:
+            self._prune_elsewhere(key_id)
         reason, retry_after = self._charge(
-            keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.job(request_id)],
+            keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.limit_charge(request_id)],
             args=[requests_per_minute or 0, max_concurrent or 0, request_id, units, keys.JOB_PREFIX,
                   UNADMITTED_GRACE, self.settings.job_record_ttl, held])
         if reason == "ok":
@@ -195,7 +223,24 @@ class Limiter:
                                                           if retry_after < 0 else "; retry later"))
         return LimitRefused(message, reason, retry_after if retry_after > 0 else 60)
 
+    def _prune_elsewhere(self, key_id: str) -> None:
+        """Free the concurrency slots of `key_id`'s requests on other shards that completed (or never got a
+        record), as the script does for shard 0's own. A video's extra units (`<id>#k`) go with its id."""
+        active = keys.active_limit(key_id)
+        members = cast(list[tuple[str, float]], self.redis.zrange(active, 0, -1, withscores=True))
+        now, done = time.time(), []
+        for member, since in members:
+            request_id = member.split("#", 1)[0]
+            client = self.records(request_id)
+            if client is self.redis:
+                continue
+            status = client.hget(keys.job(request_id), "status")
+            if status == Status.COMPLETED or (status is None and now - since > UNADMITTED_GRACE):
+                done.append(member)
+        if done:
+            self.redis.zrem(active, *done)
+
     def queue_has_room(self, variant: str) -> bool:
         """Whether `variant`'s queue is under its configured cap (S3 events wait in SQS while it is not)."""
         cap = queue_cap(self.settings, variant)
-        return cap == NO_CAP or self.redis.zcard(keys.pending(variant)) < cap
+        return cap == NO_CAP or self.queues(variant).zcard(keys.pending(variant)) < cap

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery
-
-from common.adapters.queue import send_webhook
 from common.adapters.redis_conn import wait_for_replicas
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError
@@ -21,8 +18,7 @@ from common.state.webhooks import first_attempt_due
 log = logging.getLogger(__name__)
 
 
-def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings, store: JobStore, objects: ObjectStore | None, celery: Celery,
-               spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
+def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings, store: JobStore, objects: ObjectStore | None, spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
                error_type: str | None = None, token: str = "", inference_time: float | None = None,
                extra: dict | None = None, logs: list[str] | None = None) -> bool:
     """Store the outcome once; returns True for the call that completed the job. `logs`: the last stage's
@@ -33,15 +29,13 @@ def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings,
             metadata={"request-id": spec.request_id, "status": "OK" if error is None else "ERROR",
                       "status-code": str(code)},
         )
-    # The first webhook attempt is booked with the completion: delivered even if the task below is lost.
+    # The first webhook attempt is booked and handed to the deliverers with the completion, in its script.
     done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
                           error_type=error_type, inference_time=inference_time, extra=extra,
                           variant=spec.variant, logs=logs,
                           webhook_due=first_attempt_due(settings) if spec.webhook_url else None)
     if done:
         wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
-    if done and spec.webhook_url:
-        send_webhook(celery, spec.request_id)
     if not done:
         log.info("job %s was already completed elsewhere; outcome discarded", spec.request_id)
     return done

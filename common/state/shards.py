@@ -14,10 +14,10 @@ opaque strings): shard 0 ids are random UUIDs (version 4, as always), shard n > 
 whose first byte is n. Ids issued before sharding stay on shard 0. Shards are numbered by their place in
 `redis_shards`, so the list may only grow at its end.
 
-Routing lives here and only here: `ShardMap.for_variant` (submitting), `ShardMap.for_request` (status,
-result, cancel), `settings_for` (a process serving one shard: a worker, a deliverer, an ops view). The
-gateway and the S3-event producer do not route yet: they refuse to start with shards configured
-(`refuse_shards`) rather than queue jobs where no worker looks.
+Routing lives here and only here: `ShardMap.for_variant` (submitting: the gateway and the S3-event
+producer), `ShardMap.for_request` (status, result, cancel, logs), `settings_for` (a process serving one
+shard: a worker, a deliverer, an ops view). What belongs to no variant (per-key limits, secrets, the
+sequencer of an S3 key) stays on shard 0.
 """
 
 from __future__ import annotations
@@ -107,14 +107,6 @@ def shard_index(request_id: str) -> int:
     except ValueError:
         return 0
     return parsed.bytes[0] if parsed.version == 8 else 0
-
-
-def refuse_shards(settings: RedisSettings, component: str) -> None:
-    """For the processes that do not route between shards yet (the gateway, the S3-event producer): with
-    `redis_shards` set they would queue every job on shard 0, where no worker of a sharded variant looks."""
-    if settings.redis_shards:
-        raise RuntimeError(f"{component} does not route jobs between Redis shards yet: unset redis_shards "
-                           "(BIREFNET_REDIS_SHARDS) for it, or run one deployment per shard")
 
 
 def settings_for(settings: S, shard: Shard) -> S:

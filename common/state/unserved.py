@@ -4,10 +4,11 @@ wait (the gateway's sweeper calls `note_unserved_jobs`); without a word the call
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import redis
 
-from common.domain.variants import VariantRegistry, VariantSpec
+from common.domain.variants import VariantSpec
 from common.state import keys, ops_state
 from common.state.jobs import JobStore, utc_timestamp
 
@@ -43,16 +44,21 @@ def served_variants(r: redis.Redis) -> set[str]:
     return {v for beat in ops_state.live_workers(r) for v in beat.get("variants", [])}
 
 
-def note_unserved_jobs(store: JobStore, registry: VariantRegistry, now: float) -> int:
+def note_unserved_jobs(store: JobStore, registry: Iterable[VariantSpec], now: float) -> int:
     """Log the 'no worker serves ...' line on every waiting job of an unserved variant (once per job)."""
     r = store.redis
-    served = served_variants(r)
-    unserved = [spec for spec in registry if spec.id not in served]
-    if not unserved:
+    variants = list(registry)
+    # One command while no queue holds a job (an empty sorted set does not exist): the usual case of a
+    # served fleet, and of an idle one.
+    if not variants or not r.exists(*[keys.pending(spec.id) for spec in variants]):
         return 0
+    served = served_variants(r)
+    unserved = [spec for spec in variants if spec.id not in served]
+    if not unserved or not r.exists(*[keys.pending(spec.id) for spec in unserved]):
+        return 0  # jobs wait only for served variants
     # Two commands per unserved variant and sweep, however many jobs wait: the jobs already noted are
     # kept in a set (trimmed to those still waiting), and only the others are looked at.
-    pipe = r.pipeline()
+    pipe = r.pipeline(transaction=False)  # each pair reads what its own first command wrote: no MULTI needed
     for spec in unserved:
         pending, seen = keys.pending(spec.id), keys.unserved_noted(spec.id)
         pipe.zinterstore(seen, {seen: 1, pending: 0})

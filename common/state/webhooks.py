@@ -1,10 +1,10 @@
 """fal-style webhook payloads, signed delivery through the SSRF guard, and retries (docs/api.md#webhooks).
 
-Deliveries run on the `webhooks` Celery queue (deliverer/), so GPU workers never wait on HTTP. Retries do
-not use Celery countdowns (with the Redis broker one longer than the visibility timeout is redelivered
-early and runs twice): each attempt first books its successor in the due zset and the deliverer's pump
-re-queues bookings as they fall due, so a deliverer dying mid-attempt still leaves the retry behind. The
-first attempt is booked too, before the job completes, in case the task sent at completion is lost.
+Deliveries run in the deliverer (deliverer/), so GPU workers never wait on HTTP; no Celery task carries
+them. Every attempt is booked in the due zset: the first by the completion itself (which also hands it to
+the deliverers on the ready list), each retry by the failed attempt before it. A booking stays until its
+attempt's outcome is recorded, and the deliverer's pump hands out bookings as they fall due, so a
+deliverer dying after taking an attempt, or mid-attempt, leaves the attempt behind (its lock expires).
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
 
 def first_attempt_due(settings: WebhookTimingSettings) -> float:
     """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
-    after the task sent at completion had its chance. The completion's task and the pump then race; whichever
-    copy runs first delivers, and the attempt removes the booking."""
+    after the hand-off made at completion had its chance. The hand-off and the pump then race; whichever copy
+    runs first delivers, and the attempt removes the booking."""
     return time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
 
 
@@ -145,17 +145,14 @@ class WebhookSender:
         own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
         record = self.store.get(request_id)
         if (record is None or not record.status.is_terminal or not record.spec.webhook_url
-                or record.webhook_delivered):
+                or record.webhook_delivered or record.webhook_next > attempt):
             redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
         last = attempt >= self.settings.webhook_max_retries
-        if not last:
-            # Booked before this attempt is taken, so Redis or the deliverer dying in between leaves it behind.
-            safety = time.time() + self.settings.webhook_timeout + retry_delay(self.settings, attempt, jitter=False)
-            redis.zadd(keys.WEBHOOK_DUE, {successor: safety}, nx=True)
-        # One run per attempt number, even if the broker hands the task out twice.
-        taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.store.record_ttl)
-        redis.zrem(keys.WEBHOOK_DUE, own)  # this attempt is happening (here or in another copy): no booking left for it
+        # One run per attempt number at a time, however often it is handed out. The attempt's own booking
+        # stays until its outcome is recorded: if this process dies first, the lock expires and the pump
+        # hands the booking out again (at least once).
+        taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.attempt_lock_seconds)
         if not taken:
             return None
 
@@ -166,23 +163,27 @@ class WebhookSender:
         result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error,
                          final=error is not None and (last or refused))
         pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
-        record_attempt(self.store, request_id, result, pipe)
-        if result.ok:
-            pipe.zrem(keys.WEBHOOK_DUE, successor)
-            pipe.zrem(keys.WEBHOOK_FAILED, request_id)
-        elif result.final:
-            pipe.zrem(keys.WEBHOOK_DUE, successor)  # a refused URL stays refused: no retry
+        record_attempt(self.store, request_id, result, pipe)  # (a success also marks the record delivered)
+        pipe.zrem(keys.WEBHOOK_DUE, own)
+        if not result.ok:
+            pipe.hset(keys.job(request_id), "webhook_next", attempt + 1)  # a late copy of this one is stale
+        if result.final:  # a refused URL stays refused: no retry
             pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
-        else:
-            retry_at = result.at + retry_delay(self.settings, attempt)
-            pipe.zadd(keys.WEBHOOK_DUE, {successor: retry_at}, xx=True)
+        elif not result.ok:
+            pipe.zadd(keys.WEBHOOK_DUE, {successor: result.at + retry_delay(self.settings, attempt)})
         pipe.execute()
         return result
 
+    @property
+    def attempt_lock_seconds(self) -> int:
+        """How long an attempt's lock outlives a deliverer that died holding it: past the longest post
+        (connect, write and read, each up to webhook_timeout) and the pump's grace."""
+        return int(5 * self.settings.webhook_timeout) + 5
+
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
-        """Attempts whose time has come, for this pump to send. Each stays booked, due again after a grace
-        period, until its attempt starts and removes the booking: a task lost on its way to the broker is
-        sent again, and a second copy finds the attempt taken. Atomic, so one pump sends each."""
+        """Attempts whose time has come, for this pump to hand out. Each stays booked, due again after a
+        grace period, until its attempt's outcome removes the booking: an attempt whose deliverer died is
+        handed out again, and a copy of one under way finds it locked. Atomic, so one pump sends each."""
         grace = 4 * self.settings.webhook_timeout
         items = self._claim_due(keys=[keys.WEBHOOK_DUE], args=[time.time(), limit, time.time() + grace])
         return [(rid, int(attempt)) for rid, _, attempt in (item.rpartition("|") for item in items)]

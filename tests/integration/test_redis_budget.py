@@ -30,7 +30,8 @@ def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w") == "claimed"
     store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
     assert store.complete(job.request_id, token="t", result={"image": None}, variant=job.variant,
-                          logs=[log_entry("uploading"), log_entry("done in 0.10s")], webhook_due=123.0)
+                          logs=[log_entry("uploading"), log_entry("done in 0.10s")],
+                          webhook_due=123.0 if job.webhook_url else None)
 
 
 def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_server):
@@ -41,7 +42,8 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     before = commands(probe)
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
-    # Counted with what the scripts run: create 7, claim 9, a stage's logs 3, completion 12.
+    # Counted with what the scripts run: create 7, claim 9, a stage's logs 3, completion 12 (with the
+    # webhook's hand-off to the deliverers; the queue entry already went with the claim).
     assert used <= 31, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
@@ -88,3 +90,38 @@ def test_celery_task_events_are_off_unless_asked_for():
     on = make_celery(Settings(celery_task_events=True)).conf
     assert on.worker_send_task_events is True and on.task_send_sent_event is True
     assert json.dumps(on.broker_transport_options)  # the rest of the configuration is intact
+
+
+def test_the_completion_hands_its_webhook_to_the_deliverers(redis_server):
+    store = JobStore.from_url(redis_server.url)
+    job = spec()
+    run_one(store, job)
+    assert f"{job.request_id}|0" in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
+    quiet = spec(webhook=None)
+    run_one(store, quiet)
+    assert f"{quiet.request_id}|0" not in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
+
+
+def test_a_delivered_task_waits_unacked_until_its_ack_without_transactions(redis_server):
+    import kombu
+
+    from common.adapters.redis_conn import celery_broker
+
+    settings = Settings(redis_url=redis_server.url.replace("/0", "/9"))
+    probe = redis.Redis.from_url(settings.redis_url)
+    probe.flushdb()
+    broker = celery_broker(settings)
+    with kombu.Connection(broker.url, transport=broker.transport) as conn:
+        queue = kombu.Queue("lean-qos", routing_key="lean-qos")
+        with conn.Producer() as producer:
+            producer.publish({"n": 1}, routing_key="lean-qos", declare=[queue])
+        taken: list = []
+        with kombu.Consumer(conn.channel(), [queue], callbacks=[lambda body, message: taken.append(message)]):
+            before = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
+            conn.drain_events(timeout=10)
+            assert taken and probe.hlen("unacked") == 1 and probe.zcard("unacked_index") == 1  # kept until acked
+            taken[0].ack()
+            after = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
+    assert probe.hlen("unacked") == 0 and probe.zcard("unacked_index") == 0
+    assert after.get("cmdstat_multi", 0) == before.get("cmdstat_multi", 0)
+    assert after.get("cmdstat_exec", 0) == before.get("cmdstat_exec", 0)

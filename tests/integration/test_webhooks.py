@@ -156,3 +156,15 @@ def test_a_receiver_refused_by_the_network_policy_fails_finally_on_the_first_att
     assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), "no retry is booked: it cannot succeed"
     (failed,) = hooks.failed()
     assert failed["request_id"] == rid and [a["final"] for a in failed["attempts"]] == [True]
+
+
+def test_an_attempt_whose_deliverer_died_is_made_once_its_lock_expires(store, receiver):
+    hooks = sender(store)
+    rid = completed_job(store, receiver.url)
+    store.redis.zadd(keys.WEBHOOK_DUE, {f"{rid}|0": time.time()})  # booked, as the completion books it
+    store.redis.set(keys.webhook_try(rid, 0), "1", ex=1)  # taken by a deliverer that then died
+    assert hooks.deliver(rid, 0) is None, "locked: another copy may be under way"
+    assert store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|0") is not None, "the booking stays for the pump"
+    time.sleep(1.1)
+    assert hooks.deliver(rid, 0).ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|0") is None
+    assert [a["ok"] for a in list_attempts(store, rid)] == [True]

@@ -58,8 +58,18 @@ def test_ops_commands_go_to_the_shard_of_their_variant_or_request():
         _on_shard(settings, _parser().parse_args(["requeue", rid, shards.new_request_id("matting")]))
 
 
-def test_the_gateway_refuses_shards_rather_than_queue_jobs_where_no_worker_looks():
+def test_the_gateway_and_the_producer_route_to_every_shard():
     from gateway.context import Gateway
+    from producer.intake import build_intake
 
-    with pytest.raises(RuntimeError, match="does not route jobs between Redis shards"):
-        Gateway.build(Settings(redis_shards=TWO))
+    seed = "11" * 32  # configured signing keys: building reads nothing from Redis
+    settings = Settings(redis_url="redis://127.0.0.1:7000/0", redis_shards=TWO, webhook_signing_keys=seed)
+    gw = Gateway.build(settings)
+    assert [s.settings.redis_url for s in gw.shards] == ["redis://127.0.0.1:7000/0", "redis://127.0.0.1:7001/0",
+                                                         "redis://127.0.0.1:7002/0"]
+    rid = gw.new_request_id("matting")
+    assert gw.on_request(rid) is gw.on_variant("matting") is gw.shards[2]
+    assert gw.on_request(str(uuid.uuid4())) is gw.shards[0]  # ids from before sharding
+    intake = build_intake(settings)
+    assert intake.on_variant("portrait").store.redis.connection_pool.connection_kwargs["port"] == 7001
+    assert intake.store.redis.connection_pool.connection_kwargs["port"] == 7000  # per-object state: shard 0

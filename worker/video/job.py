@@ -264,7 +264,7 @@ def charge_duration(runner: JobRunner, spec: JobSpec, duration: float) -> None:
     if not budgets or not spec.owner:
         return
     units = max(video_units(duration, runner.settings.video_limit_unit_seconds), admitted_units(spec.extra))
-    refusal = Limiter(runner.store.redis, runner.settings).charge(
+    refusal = Limiter(runner.limits, runner.settings).charge(
         key_id=spec.owner, request_id=spec.request_id, units=units, held=admitted_units(spec.extra),
         max_concurrent=budgets.get("max_concurrent"), requests_per_minute=budgets.get("requests_per_minute"))
     if refusal is not None:
