@@ -73,7 +73,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the JS client test will be skipped"; fi
 
-test: $(STAMP) lock-check typecheck scan promtool browser $(JS_DEPS) redis-tls
+test: $(STAMP) lock-check lint scan promtool browser $(JS_DEPS) redis-tls
 	$(BIN)/python -m pytest -q -ra
 
 # The layers on their own (docs/development.md says which test goes where). test-fast: pure functions and
@@ -105,8 +105,10 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/python -m devstack up
 
+# ruff's rules (line length included) and its formatting, then mypy.
 lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # mypy over the packages listed under [tool.mypy] in pyproject.toml (about 2 minutes: torch is big).
 typecheck: $(STAMP)

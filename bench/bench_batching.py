@@ -40,14 +40,17 @@ def main() -> None:
     res = (args.resolution, args.resolution)
     predictor.predict_masks(images[:2], res)  # warm-up
 
-    print(f"nano BiRefNet, {args.resolution}x{args.resolution}, {args.images} images, "
-          f"{args.threads} torch threads, {platform.processor() or platform.machine()}, torch {torch.__version__}\n")
+    print(
+        f"nano BiRefNet, {args.resolution}x{args.resolution}, {args.images} images, "
+        f"{args.threads} torch threads, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}\n"
+    )
     print("| batch | engine images/s | batcher (N job threads) images/s | mean batch seen |")
     print("| --- | --- | --- | --- |")
     for size in sizes:
         started = time.perf_counter()
         for start in range(0, len(images), size):
-            predictor.predict_masks(images[start:start + size], res)
+            predictor.predict_masks(images[start : start + size], res)
         engine_rate = len(images) / (time.perf_counter() - started)
 
         batcher = MaskBatcher(predictor, max_size=size, wait_seconds=0.01)

@@ -73,8 +73,9 @@ def measure(tree: Path, stack: Stack, bodies: list[bytes]) -> tuple[float, list[
         codes: list[int] = [0] * len(bodies)
 
         def send(index: int) -> None:
-            codes[index] = client.post(PATH, content=bodies[index],
-                                       headers={"content-type": "application/json"}).status_code
+            codes[index] = client.post(
+                PATH, content=bodies[index], headers={"content-type": "application/json"}
+            ).status_code
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
         for thread in threads:
@@ -93,27 +94,41 @@ def main() -> None:
     old_tree = None
     if args.old_ref:
         old_tree = logs / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old_tree), args.old_ref],
-                       check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old_tree), args.old_ref],
+            check=True,
+        )
         trees.insert(0, (f"old ({args.old_ref[:12]})", old_tree))
     print(f"# bench_body_memory: {cpu_model()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
     print("| gateway | request | peak growth (MB) | answers |")
     print("| --- | --- | --- | --- |")
     try:
         with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-            stack = build_stack(redis_server.url, moto.url, {
-                "BIREFNET_GATEWAY_AUTH": "off", "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-                "BIREFNET_ALLOW_DEV_SECRETS": "true", "BIREFNET_WORKER_METRICS_PORT": "0"},
-                log_dir=logs, environ=os.environ)
+            stack = build_stack(
+                redis_server.url,
+                moto.url,
+                {
+                    "BIREFNET_GATEWAY_AUTH": "off",
+                    "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+                    "BIREFNET_ALLOW_DEV_SECRETS": "true",
+                    "BIREFNET_WORKER_METRICS_PORT": "0",
+                },
+                log_dir=logs,
+                environ=os.environ,
+            )
             for label, tree in trees:
                 for size in SIZES_MB:
                     growth, codes = measure(tree, stack, [body_of(size * MB)])
                     print(f"| {label} | one {size} MB submit | {growth:.0f} | {codes} |", flush=True)
                 growth, codes = measure(tree, stack, [body_of(39 * MB) for _ in range(4)])
-                print(f"| {label} | four 39 MB submits at once | {growth:.0f} | {sorted(codes)} |", flush=True)
+                print(
+                    f"| {label} | four 39 MB submits at once | {growth:.0f} | {sorted(codes)} |", flush=True
+                )
     finally:
         if old_tree is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False
+            )
     if not args.old_ref:
         print("| old (before the body budget; figure from the security review) | one 39 MB submit | ~184 | |")
 

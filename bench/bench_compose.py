@@ -47,7 +47,9 @@ def timed(client: httpx.Client, store: JobStore, path: str, body: dict) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", default="swin_v1_t", help="swin_v1_t (BiRefNet_lite), swin_v1_l, swin_v1_nano")
+    parser.add_argument(
+        "--backbone", default="swin_v1_t", help="swin_v1_t (BiRefNet_lite), swin_v1_l, swin_v1_nano"
+    )
     parser.add_argument("--resolution", default="1024x1024", help="operating resolution of the full jobs")
     parser.add_argument("--size", default="1024x768", help="input image WxH")
     parser.add_argument("--repeats", type=int, default=3)
@@ -55,8 +57,12 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.split("x"))
     resolution = "" if args.resolution == "1024x1024" else args.resolution
     rows: dict[str, list[tuple[float, float]]] = {"full": [], "cache": [], "compose": [], "run": []}
-    with worker_and_gateway("compose", args.backbone, {"BIREFNET_TEST_OPERATING_RESOLUTION": resolution}, 600) as bs, \
-            httpx.Client(base_url=bs.url, headers={"Authorization": f"Key {KEY}"}, timeout=600) as client:
+    with (
+        worker_and_gateway(
+            "compose", args.backbone, {"BIREFNET_TEST_OPERATING_RESOLUTION": resolution}, 600
+        ) as bs,
+        httpx.Client(base_url=bs.url, headers={"Authorization": f"Key {KEY}"}, timeout=600) as client,
+    ):
         v2 = "/queue/fal-ai/birefnet/v2"
         source, _, _ = timed(client, bs.store, v2, {"image_url": photo(size, 1), **OPTIONS})  # warm-up
         timed(client, bs.store, f"{REQ}/{source}/compose", OPTIONS)
@@ -70,14 +76,20 @@ def main() -> None:
             response.raise_for_status()
             rows["run"].append((time.perf_counter() - started, float("nan")))
 
-    print(f"compose benchmark: {cpu_model()}, {os.cpu_count()} CPUs, {args.backbone} (recipe weights) at "
-          f"{args.resolution} on CPU, {args.size} PNG input, background colour + PNG output, "
-          f"median of {args.repeats}\n")
+    print(
+        f"compose benchmark: {cpu_model()}, {os.cpu_count()} CPUs, {args.backbone} (recipe weights) at "
+        f"{args.resolution} on CPU, {args.size} PNG input, background colour + PNG output, "
+        f"median of {args.repeats}\n"
+    )
     print("| request | submit → COMPLETED | worker | vs full job |")
     print("| --- | ---: | ---: | ---: |")
     full = statistics.median(total for total, _ in rows["full"])
-    labels = {"full": "full job (network runs)", "cache": "same bytes again (content cache)",
-              "compose": "compose, queue", "run": "compose, /run (sync)"}
+    labels = {
+        "full": "full job (network runs)",
+        "cache": "same bytes again (content cache)",
+        "compose": "compose, queue",
+        "run": "compose, /run (sync)",
+    }
     for name, label in labels.items():
         total = statistics.median(t for t, _ in rows[name])
         workers = [w for _, w in rows[name] if w == w]

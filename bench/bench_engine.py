@@ -57,7 +57,9 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 def make_photos() -> dict[str, bytes]:
     photos = {
-        "1024x1024 (1.0 MP)": Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC),
+        "1024x1024 (1.0 MP)": Image.fromarray(data.astronaut()).resize(
+            (1024, 1024), Image.Resampling.BICUBIC
+        ),
         "4000x3000 (12 MP)": Image.fromarray(data.chelsea()).resize((4000, 3000), Image.Resampling.BICUBIC),
     }
     encoded = {}
@@ -92,6 +94,7 @@ class Clock:
 
 # ---- the earlier implementation, kept here as the baseline ----------------------------------------
 
+
 def baseline_input(image: Image.Image, resolution: tuple[int, int]) -> torch.Tensor:
     resized = image if image.size == resolution else image.resize(resolution, Image.Resampling.BILINEAR)
     array = (np.asarray(resized, dtype=np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
@@ -102,7 +105,9 @@ def baseline_mask(probabilities: np.ndarray, size: tuple[int, int]) -> np.ndarra
     width, height = size
     p = torch.from_numpy(probabilities)[None]
     if p.shape[-2:] != (height, width):
-        p = F.interpolate(p[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
+        p = F.interpolate(
+            p[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )[0]
     return p[0].clamp_(0.0, 1.0).numpy()
 
 
@@ -115,8 +120,10 @@ def baseline_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: S
     mask_image = clock.time("compose", mask_to_image, mask)
 
     def encode():
-        return (encode_image(cutout, "png", png_compress_level=3).data,
-                encode_image(mask_image, "png", png_compress_level=3).data)
+        return (
+            encode_image(cutout, "png", png_compress_level=3).data,
+            encode_image(mask_image, "png", png_compress_level=3).data,
+        )
 
     return clock.time("encode", encode), cutout
 
@@ -128,8 +135,9 @@ def current_job(jpeg: bytes, probabilities: np.ndarray, resolution, settings: Se
     mask = clock.time("postprocess", mask_at_size, probabilities.copy(), size)
     timings = StageTimings()
     cpu, wall = time.process_time(), time.perf_counter()
-    rendered = render(rgb, to_mask(mask), FULL_OUTPUTS, encoding=EncodeOptions.from_settings(settings),
-                      timings=timings)
+    rendered = render(
+        rgb, to_mask(mask), FULL_OUTPUTS, encoding=EncodeOptions.from_settings(settings), timings=timings
+    )
     # render times its own stages (wall); CPU time is apportioned by their wall shares.
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     for stage, seconds in timings.seconds.items():
@@ -157,8 +165,12 @@ def stage_table(photos: dict[str, bytes], args, settings: Settings) -> None:
                 clocks.append(clock)
             # Best of N: the run least disturbed by other load on a shared machine.
             rows[f"{name} {label}"] = {
-                stage: (min(c.cpu.get(stage, 0.0) for c in clocks),
-                        min(c.wall.get(stage, 0.0) for c in clocks)) for stage in STAGES}
+                stage: (
+                    min(c.cpu.get(stage, 0.0) for c in clocks),
+                    min(c.wall.get(stage, 0.0) for c in clocks),
+                )
+                for stage in STAGES
+            }
             sizes.setdefault(name, {})[f"{label} cut-out"] = len(outputs[0])
             sizes[name][f"{label} mask"] = len(outputs[1])
             for level in (1, 6):  # the same pixels through Pillow's encoder
@@ -171,11 +183,19 @@ def stage_table(photos: dict[str, bytes], args, settings: Settings) -> None:
     print("| stage | " + " | ".join(rows) + " |")
     print("| --- |" + " ---: |" * len(rows))
     for stage in STAGES:
-        print(f"| {stage} | " + " | ".join(f"{r[stage][0] * 1000:.1f} / {r[stage][1] * 1000:.1f}"
-                                           for r in rows.values()) + " |")
-    print("| **total** | " + " | ".join(
-        f"**{sum(v[0] for v in r.values()) * 1000:.0f} / {sum(v[1] for v in r.values()) * 1000:.0f}**"
-        for r in rows.values()) + " |")
+        print(
+            f"| {stage} | "
+            + " | ".join(f"{r[stage][0] * 1000:.1f} / {r[stage][1] * 1000:.1f}" for r in rows.values())
+            + " |"
+        )
+    print(
+        "| **total** | "
+        + " | ".join(
+            f"**{sum(v[0] for v in r.values()) * 1000:.0f} / {sum(v[1] for v in r.values()) * 1000:.0f}**"
+            for r in rows.values()
+        )
+        + " |"
+    )
     names = list(photos)
     for name in names:
         base = sum(v[0] for v in rows[f"{name} baseline"].values())
@@ -192,22 +212,34 @@ def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
     resolution = parse_resolution(args.resolution)
     spec = VariantSpec(id="bench-null", weights="recipe", backbone="swin_v1_nano")
     # torch_threads 0: the worker's own choice for the null model (one torch thread, see Predictor.load)
-    predictor = Predictor(spec, settings.model_copy(update={"benchmark_null_model": True, "torch_threads": 0}))
+    predictor = Predictor(
+        spec, settings.model_copy(update={"benchmark_null_model": True, "torch_threads": 0})
+    )
     predictor.load()
-    print(f"\n### Engine, one process, null model ({predictor.weights_description}); "
-          f"{torch.get_num_threads()} torch thread(s)\n")
-    print("1 MP JPEG bytes -> decode -> batcher (null forward) -> mask -> refine -> cut-out + mask PNG, no S3\n")
+    print(
+        f"\n### Engine, one process, null model ({predictor.weights_description}); "
+        f"{torch.get_num_threads()} torch thread(s)\n"
+    )
+    print(
+        "1 MP JPEG bytes -> decode -> batcher (null forward) -> mask -> refine -> cut-out + mask PNG, no S3\n"
+    )
     print("| job threads | images | seconds | images/s | CPU ms per image | batch sizes seen |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for threads in args.threads:
-        batcher = MaskBatcher(predictor, max_size=settings.max_batch_size, wait_seconds=settings.batch_wait_ms / 1000)
+        batcher = MaskBatcher(
+            predictor, max_size=settings.max_batch_size, wait_seconds=settings.batch_wait_ms / 1000
+        )
 
         def job(_: int, batcher: MaskBatcher = batcher) -> int:
             rgb = decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)
             prepared = predictor.prepare(rgb, resolution)
             logits, _ = batcher.infer(prepared)
-            rendered = render(rgb, postprocess(logits, prepared), FULL_OUTPUTS,
-                              encoding=EncodeOptions.from_settings(settings))
+            rendered = render(
+                rgb,
+                postprocess(logits, prepared),
+                FULL_OUTPUTS,
+                encoding=EncodeOptions.from_settings(settings),
+            )
             return rendered.image.file_size
 
         with ThreadPoolExecutor(threads) as pool:
@@ -216,8 +248,10 @@ def engine_throughput(jpeg: bytes, args, settings: Settings) -> None:
             list(pool.map(job, range(args.images)))
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         seen = sorted(set(batcher.batch_sizes))
-        print(f"| {threads} | {args.images} | {wall:.2f} | {args.images / wall:.1f} | "
-              f"{cpu / args.images * 1000:.1f} | {seen} |")
+        print(
+            f"| {threads} | {args.images} | {wall:.2f} | {args.images / wall:.1f} | "
+            f"{cpu / args.images * 1000:.1f} | {seen} |"
+        )
 
 
 def gil_check(jpeg: bytes, settings: Settings) -> None:
@@ -243,12 +277,14 @@ def gil_check(jpeg: bytes, settings: Settings) -> None:
             fn()
         return (count[0] - start) / (time.perf_counter() - began) / 1000
 
-    rows = [("sleep (releases the GIL)", lambda: time.sleep(0.1)),
-            ("pure Python (holds the GIL)", lambda: sum(range(1_000_000))),
-            ("decode", lambda: decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
-            ("preprocess", lambda: input_array(rgb, (1024, 1024))),
-            ("refine", lambda: refine_colours(rgb, mask, alpha8)),
-            ("encode", lambda: encode_png(rgba, settings.png_compress_level))]
+    rows = [
+        ("sleep (releases the GIL)", lambda: time.sleep(0.1)),
+        ("pure Python (holds the GIL)", lambda: sum(range(1_000_000))),
+        ("decode", lambda: decode_rgb(jpeg, max_pixels=settings.max_input_pixels, max_side=8192)),
+        ("preprocess", lambda: input_array(rgb, (1024, 1024))),
+        ("refine", lambda: refine_colours(rgb, mask, alpha8)),
+        ("encode", lambda: encode_png(rgba, settings.png_compress_level)),
+    ]
     print("\n### GIL: iterations/ms of a counting Python thread while a stage runs (1 MP)\n")
     print("| stage | counter iterations per ms |")
     print("| --- | ---: |")
@@ -266,12 +302,16 @@ def forward_row(args, settings: Settings) -> None:
     predictor.forward(prepared)
     cpu, wall = time.process_time(), time.perf_counter()
     predictor.forward(prepared)
-    print(f"\nforward {args.backbone} {args.resolution} (recipe weights, for scale): CPU "
-          f"{(time.process_time() - cpu) * 1000:.0f} ms, wall {(time.perf_counter() - wall) * 1000:.0f} ms")
+    print(
+        f"\nforward {args.backbone} {args.resolution} (recipe weights, for scale): CPU "
+        f"{(time.process_time() - cpu) * 1000:.0f} ms, wall {(time.perf_counter() - wall) * 1000:.0f} ms"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--resolution", default="1024x1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2, 4], help="job threads (part 2)")
@@ -283,11 +323,15 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(args.torch_threads)
-    settings = Settings(device="cpu", torch_threads=args.torch_threads, warmup_forward=False, max_input_side=8192)
+    settings = Settings(
+        device="cpu", torch_threads=args.torch_threads, warmup_forward=False, max_input_side=8192
+    )
     load = os.getloadavg()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average at start {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}; torch {torch.__version__}, {args.torch_threads} torch threads; "
-          f"operating resolution {args.resolution}; stage figures: best of {args.repeats}\n")
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average at start {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}; torch {torch.__version__}, {args.torch_threads} torch threads; "
+        f"operating resolution {args.resolution}; stage figures: best of {args.repeats}\n"
+    )
     photos = make_photos()
     if not args.skip_stages:
         stage_table(photos, args, settings)

@@ -34,9 +34,11 @@ def check(figures: dict) -> None:
 
 def row(name: str, figures: dict) -> str:
     lat, hook, run = figures["latency"], figures["webhook_latency"], figures["run"]
-    return (f"| {name} | {figures['jobs']} | {figures['seconds']:.1f} | {figures['throughput']:.2f} | "
-            f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['max']:.2f} | {hook['p50']:.2f} / {hook['p95']:.2f} | "
-            f"{run['p50']:.2f} / {run['p95']:.2f} |")
+    return (
+        f"| {name} | {figures['jobs']} | {figures['seconds']:.1f} | {figures['throughput']:.2f} | "
+        f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['max']:.2f} | {hook['p50']:.2f} / {hook['p95']:.2f} | "
+        f"{run['p50']:.2f} / {run['p95']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -56,17 +58,22 @@ def main() -> None:
             paced = None
             if args.paced_jobs:
                 rate = round(0.7 * burst["throughput"], 2)
-                paced = run_load(stack, receiver, args.paced_jobs, concurrency=args.concurrency, rate=rate,
-                                 timeout=3600)
+                paced = run_load(
+                    stack, receiver, args.paced_jobs, concurrency=args.concurrency, rate=rate, timeout=3600
+                )
                 check(paced)
         finally:
             stack.close()
             receiver.stop()
-    print(f"load benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{args.workers} workers (nano BiRefNet, recipe weights, forward pass at 128x128 on CPU, 1 torch "
-          f"thread each), gateway + webhook deliverer, Redis AOF fsync always, moto S3\n")
-    print("| run | jobs | seconds | jobs/s | submit → COMPLETED p50 / p95 / max (s) | submit → webhook "
-          "p50 / p95 (s) | worker run p50 / p95 (s) |")
+    print(
+        f"load benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.workers} workers (nano BiRefNet, recipe weights, forward pass at 128x128 on CPU, 1 torch "
+        f"thread each), gateway + webhook deliverer, Redis AOF fsync always, moto S3\n"
+    )
+    print(
+        "| run | jobs | seconds | jobs/s | submit → COMPLETED p50 / p95 / max (s) | submit → webhook "
+        "p50 / p95 (s) | worker run p50 / p95 (s) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(row(f"burst ({args.concurrency} clients)", burst))
     if paced:

@@ -7,7 +7,8 @@ process CPU time per forward. Prints a markdown table.
     .venv/bin/python bench/bench_model.py                       # Swin-T/L at 512 and 1024, fused, 2 threads
     .venv/bin/python bench/bench_model.py --modes reference fused --sizes 1024 --backbones swin_v1_t
     .venv/bin/python bench/bench_model.py --threads 1 2         # 1 thread: robust to a busy machine
-    .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory or not
+    .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory
+    or not
     .venv/bin/python bench/bench_model.py --official ~/src/BiRefNet --backbones swin_v1_t --sizes 512
 
 ``--official PATH``: a checkout of https://github.com/ZhengPeng7/BiRefNet you fetched yourself (with its own
@@ -56,8 +57,10 @@ def cpu_description() -> str:
     family, model = fields.get("cpu family", "?"), fields.get("model", "?")
     arch = microarchitecture(fields.get("vendor_id", ""), family, model)
     avx512 = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "no AVX-512"
-    return (f"{fields.get('model name', '?')} ({fields.get('vendor_id', '?')}, family {family} model {model} "
-            f"stepping {fields.get('stepping', '?')}{', ' + arch if arch else ''}, {avx512})")
+    return (
+        f"{fields.get('model name', '?')} ({fields.get('vendor_id', '?')}, family {family} model {model} "
+        f"stepping {fields.get('stepping', '?')}{', ' + arch if arch else ''}, {avx512})"
+    )
 
 
 def microarchitecture(vendor: str, family: str, model: str) -> str:
@@ -99,21 +102,34 @@ def official_model(checkout: Path, backbone: str):
     start, end = found.span(2)
     config = types.ModuleType("config")
     config.__file__ = str(checkout / "config.py")
-    exec(compile(source[:start] + str(names.index(backbone)) + source[end:], config.__file__, "exec"),
-         config.__dict__)
+    exec(
+        compile(source[:start] + str(names.index(backbone)) + source[end:], config.__file__, "exec"),
+        config.__dict__,
+    )
     sys.modules["config"] = config
     sys.path.insert(0, str(checkout))
     os.chdir(checkout)  # config.py reads train.sh from the working directory
     try:
         from models.birefnet import BiRefNet as Official
     except ImportError as exc:
-        raise SystemExit(f"the official code needs its requirements ({exc}); e.g. pip install einops kornia "
-                         "timm opencv-python-headless tqdm") from exc
+        raise SystemExit(
+            f"the official code needs its requirements ({exc}); e.g. pip install einops kornia "
+            "timm opencv-python-headless tqdm"
+        ) from exc
     return Official(bb_pretrained=False).eval()
 
 
-def run_one(backbone: str, size: int, mode: str, threads: int, repeats: int, warmup: int, retain: bool,
-            official: Path | None = None, save_output: str | None = None) -> dict:
+def run_one(
+    backbone: str,
+    size: int,
+    mode: str,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    retain: bool,
+    official: Path | None = None,
+    save_output: str | None = None,
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -149,10 +165,18 @@ def run_one(backbone: str, size: int, mode: str, threads: int, repeats: int, war
         import numpy as np
 
         np.save(save_output, y.float().numpy())
-    return {"backbone": backbone, "size": size, "mode": mode, "threads": threads, "retain": retain,
-            "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu_times),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rss_after_load_gib": rss_loaded}
+    return {
+        "backbone": backbone,
+        "size": size,
+        "mode": mode,
+        "threads": threads,
+        "retain": retain,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_s": statistics.median(cpu_times),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_load_gib": rss_loaded,
+    }
 
 
 def main() -> None:
@@ -163,24 +187,50 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
-                    help="OMP_WAIT_POLICY of the child processes (PASSIVE: idle OpenMP threads sleep instead of "
-                    "spinning, which on a shared machine is 3x faster; 'default': leave the environment alone)")
-    ap.add_argument("--malloc", nargs="+", default=["retain"], choices=["retain", "default"],
-                    help="retain: glibc keeps freed memory, as workers do (worker/allocator.py); default: glibc as is")
-    ap.add_argument("--official", type=Path, metavar="PATH",
-                    help="a checkout of github.com/ZhengPeng7/BiRefNet: run the official model side by side with ours")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="with --official: ours and official alternate this many times per configuration "
-                    "(default 2); each side reports the median over its rounds")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        help="OMP_WAIT_POLICY of the child processes (PASSIVE: idle OpenMP threads sleep instead of "
+        "spinning, which on a shared machine is 3x faster; 'default': leave the environment alone)",
+    )
+    ap.add_argument(
+        "--malloc",
+        nargs="+",
+        default=["retain"],
+        choices=["retain", "default"],
+        help="retain: glibc keeps freed memory, as workers do (worker/allocator.py); default: glibc as is",
+    )
+    ap.add_argument(
+        "--official",
+        type=Path,
+        metavar="PATH",
+        help="a checkout of github.com/ZhengPeng7/BiRefNet: run the official model side by side with ours",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="with --official: ours and official alternate this many times per configuration "
+        "(default 2); each side reports the median over its rounds",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-official", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save-output", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:  # child process: one configuration, JSON on stdout
-        res = run_one(args.backbones[0], args.sizes[0], args.modes[0], args.threads[0], args.repeats, args.warmup,
-                      args.malloc[0] == "retain", args.official if args.run_official else None, args.save_output)
+        res = run_one(
+            args.backbones[0],
+            args.sizes[0],
+            args.modes[0],
+            args.threads[0],
+            args.repeats,
+            args.warmup,
+            args.malloc[0] == "retain",
+            args.official if args.run_official else None,
+            args.save_output,
+        )
         print(json.dumps(res))
         return
     if args.official is not None:
@@ -200,10 +250,11 @@ def main() -> None:
                     runs: dict[str, list[dict]] = {side: [] for side in sides}
                     for round_no, side in itertools.product(range(rounds), sides):
                         cmd = [
-                            sys.executable, __file__, "--worker", "--backbones", backbone, "--sizes", str(size),
+                            sys.executable, __file__, "--worker",
+                            "--backbones", backbone, "--sizes", str(size),
                             "--modes", mode if side == "ours" else "reference", "--threads", str(threads),
-                            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--malloc", malloc,
-                            "--save-output", str(outputs / f"{side}.npy"),
+                            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                            "--malloc", malloc, "--save-output", str(outputs / f"{side}.npy"),
                         ]  # fmt: skip
                         if side == "official":
                             cmd += ["--official", str(args.official), "--run-official"]
@@ -215,9 +266,13 @@ def main() -> None:
                             raise SystemExit(f"{side} run failed:\n{done.stdout}\n{done.stderr}")
                         res = json.loads(done.stdout.strip().splitlines()[-1])
                         runs[side].append(res)
-                        print(f"# {side} {backbone} {size} {mode if side == 'ours' else 'reference'} {threads}t "
-                              f"malloc={malloc} round {round_no + 1}: "
-                              f"{res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+                        print(
+                            f"# {side} {backbone} {size} {mode if side == 'ours' else 'reference'} "
+                            f"{threads}t "
+                            f"malloc={malloc} round {round_no + 1}: "
+                            f"{res['median_s']:.2f} s, {res['peak_rss_gib']:.2f} GiB",
+                            file=sys.stderr,
+                        )
                     row = summarise(runs["ours"])
                     if args.official:
                         row["official"] = summarise(runs["official"])
@@ -225,45 +280,98 @@ def main() -> None:
                     rows.append(row)
     load_after = os.getloadavg()
 
-    policy = args.omp_wait_policy if args.omp_wait_policy != "default" else os.environ.get("OMP_WAIT_POLICY", "unset")
+    policy = (
+        args.omp_wait_policy
+        if args.omp_wait_policy != "default"
+        else os.environ.get("OMP_WAIT_POLICY", "unset")
+    )
     import torch
 
     print(f"\nCPU: {cpu_description()}; {os.cpu_count()} CPUs visible; torch {torch.__version__}")
     print(f"CPU forward, batch 1, fp32, inference_mode, recipe weights, OMP_WAIT_POLICY={policy}")
-    print(f"(median of {args.repeats} after {args.warmup} warm-up, fresh process per run, {rounds} round(s): "
-          "each figure is the median over the rounds;")
-    print(f" 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: other processes share the CPU)")
+    print(
+        f"(median of {args.repeats} after {args.warmup} warm-up, fresh process per run, {rounds} round(s): "
+        "each figure is the median over the rounds;"
+    )
+    print(
+        f" 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: other processes share "
+        f"the CPU)"
+    )
     if args.official:
-        commit = subprocess.run(["git", "-C", str(args.official), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip() or "unknown commit"
-        print(f"official: {args.official} ({commit}), reference path, same input, weights, threads, malloc "
-              "and OMP policy, alternating with ours")
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(args.official), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            or "unknown commit"
+        )
+        print(
+            f"official: {args.official} ({commit}), reference path, same input, weights, threads, malloc "
+            "and OMP policy, alternating with ours"
+        )
     print()
-    head = ["backbone", "size", "path", "threads", "malloc", "median s", "min s", "CPU s", "peak RSS GiB",
-            "RSS after load GiB"]
+    head = [
+        "backbone",
+        "size",
+        "path",
+        "threads",
+        "malloc",
+        "median s",
+        "min s",
+        "CPU s",
+        "peak RSS GiB",
+        "RSS after load GiB",
+    ]
     if args.official:
-        head += ["official median s", "official CPU s", "official peak RSS GiB", "time ours/official",
-                 "CPU time ours/official", "memory ours/official", "max abs logit diff"]
+        head += [
+            "official median s",
+            "official CPU s",
+            "official peak RSS GiB",
+            "time ours/official",
+            "CPU time ours/official",
+            "memory ours/official",
+            "max abs logit diff",
+        ]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for r in rows:
-        cells = [r["backbone"], r["size"], r["mode"], r["threads"], "retain" if r["retain"] else "default",
-                 f"{r['median_s']:.2f}", f"{r['min_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['peak_rss_gib']:.2f}",
-                 f"{r['rss_after_load_gib']:.2f}"]
+        cells = [
+            r["backbone"],
+            r["size"],
+            r["mode"],
+            r["threads"],
+            "retain" if r["retain"] else "default",
+            f"{r['median_s']:.2f}",
+            f"{r['min_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{r['rss_after_load_gib']:.2f}",
+        ]
         if args.official:
             off = r["official"]
-            cells += [f"{off['median_s']:.2f}", f"{off['cpu_s']:.2f}", f"{off['peak_rss_gib']:.2f}",
-                      f"{r['median_s'] / off['median_s']:.2f}x", f"{r['cpu_s'] / off['cpu_s']:.2f}x",
-                      f"{r['peak_rss_gib'] / off['peak_rss_gib']:.2f}x", f"{r['max_abs_diff']:.1e}"]
+            cells += [
+                f"{off['median_s']:.2f}",
+                f"{off['cpu_s']:.2f}",
+                f"{off['peak_rss_gib']:.2f}",
+                f"{r['median_s'] / off['median_s']:.2f}x",
+                f"{r['cpu_s'] / off['cpu_s']:.2f}x",
+                f"{r['peak_rss_gib'] / off['peak_rss_gib']:.2f}x",
+                f"{r['max_abs_diff']:.1e}",
+            ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 def summarise(runs: list[dict]) -> dict:
     """One row from a side's rounds: medians of the rounds' medians, best min, largest peak RSS."""
-    return {**runs[0], "median_s": statistics.median(r["median_s"] for r in runs),
-            "cpu_s": statistics.median(r["cpu_s"] for r in runs), "min_s": min(r["min_s"] for r in runs),
-            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
-            "rss_after_load_gib": max(r["rss_after_load_gib"] for r in runs)}
+    return {
+        **runs[0],
+        "median_s": statistics.median(r["median_s"] for r in runs),
+        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+        "min_s": min(r["min_s"] for r in runs),
+        "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+        "rss_after_load_gib": max(r["rss_after_load_gib"] for r in runs),
+    }
 
 
 def max_abs_diff(a: Path, b: Path) -> float:

@@ -31,15 +31,23 @@ def rss_mib() -> float:
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        return next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--share", action="store_true", help="share networks as the worker does by default "
-                        "(recipe weights then collapse to one network per backbone and patch order)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="share networks as the worker does by default "
+        "(recipe weights then collapse to one network per backbone and patch order)",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -47,14 +55,21 @@ def main() -> None:
     from common.settings import Settings
 
     fal_models = [v for v in BUILTIN_VARIANTS if v.fal_names]
-    settings = Settings(device=args.device, worker_variants=tuple(v.id for v in fal_models),
-                        variant_overrides={v.id: {"weights": "recipe"} for v in fal_models},
-                        worker_share_networks=args.share, patch_order_check="off", weights_fallback="none")
+    settings = Settings(
+        device=args.device,
+        worker_variants=tuple(v.id for v in fal_models),
+        variant_overrides={v.id: {"weights": "recipe"} for v in fal_models},
+        worker_share_networks=args.share,
+        patch_order_check="off",
+        weights_fallback="none",
+    )
     import torch
 
     from worker.packing import load_predictors
 
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; device {args.device}; share networks: {args.share}")
+    print(
+        f"CPU: {cpu_model()}; torch {torch.__version__}; device {args.device}; share networks: {args.share}"
+    )
     print(f"before loading: RSS {rss_mib():.0f} MiB")
     print("| variant | backbone | load s | RSS MiB after |")
     print("| --- | --- | --- | --- |")
@@ -66,13 +81,21 @@ def main() -> None:
     started = time.perf_counter()
     predictors = load_predictors(settings, on_ready=ready)
     networks = len({id(p) for p in predictors.values()})
-    params = sum(sum(t.numel() for t in p.network.parameters()) for p in {id(p): p for p in predictors.values()}.values())
+    params = sum(
+        sum(t.numel() for t in p.network.parameters())
+        for p in {id(p): p for p in predictors.values()}.values()
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n{len(predictors)} variants, {networks} distinct networks ({params / 1e6:.0f} M parameters) loaded in "
-          f"{time.perf_counter() - started:.0f} s: RSS {rss_mib():.0f} MiB (peak {peak:.0f} MiB)")
+    print(
+        f"\n{len(predictors)} variants, {networks} distinct networks ({params / 1e6:.0f} M parameters) "
+        f"loaded in "
+        f"{time.perf_counter() - started:.0f} s: RSS {rss_mib():.0f} MiB (peak {peak:.0f} MiB)"
+    )
     if torch.cuda.is_available() and args.device.startswith("cuda"):
-        print(f"CUDA allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
-              f"reserved {torch.cuda.memory_reserved() / 2**20:.0f} MiB")
+        print(
+            f"CUDA allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
+            f"reserved {torch.cuda.memory_reserved() / 2**20:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,11 @@ def our_processes(stack: LoopbackStack) -> dict[str, int]:
 
 def plumbing(args) -> None:
     receiver = WebhookReceiver().start()
-    overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
-                 "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
+    overrides = {
+        "BIREFNET_BENCHMARK_NULL_MODEL": "true",
+        "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
+        "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
+    }
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-plumbing-") as logs:
         stack = LoopbackStack(Path(logs), moto.url, overrides=overrides, credential=KEY)
         try:
@@ -90,23 +93,35 @@ def plumbing(args) -> None:
             pids_redis = stack.redis.process.pid
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             redis_before = cpu_seconds(pids_redis)
-            figures = run_load(stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600, image=png_128)
+            figures = run_load(
+                stack, receiver, args.jobs, concurrency=args.concurrency, timeout=3600, image=png_128
+            )
             time.sleep(1.0)  # webhooks of the last jobs
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             redis_after = cpu_seconds(pids_redis)
-            banner = [line for line in stack.stack.tail("worker-1", 400).splitlines() if "NULL MODEL" in line][:1]
+            banner = [
+                line for line in stack.stack.tail("worker-1", 400).splitlines() if "NULL MODEL" in line
+            ][:1]
         finally:
             stack.close()
             receiver.stop()
     jobs = figures["jobs"]
     assert figures["ok"] == jobs, f"{jobs - figures['ok']} jobs did not succeed"
-    print(f"### Plumbing with the null model: {cpu_model()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
-    print(f"{jobs} jobs, ~128x128 PNG data URIs, webhook each, {args.concurrency} client threads, "
-          f"{args.workers} worker process(es) x {args.worker_threads} job threads; worker log says: "
-          f"{banner[0][-120:] if banner else '(no banner found)'}\n")
-    print(f"throughput {figures['throughput']:.1f} jobs/s; submit -> COMPLETED p50 {figures['latency']['p50']:.2f} s, "
-          f"webhook p50 {figures['webhook_latency']['p50']:.2f} s; webhooks per job {figures['webhooks_per_job']}\n")
+    print(
+        f"### Plumbing with the null model: {cpu_model()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        f"{jobs} jobs, ~128x128 PNG data URIs, webhook each, {args.concurrency} client threads, "
+        f"{args.workers} worker process(es) x {args.worker_threads} job threads; worker log says: "
+        f"{banner[0][-120:] if banner else '(no banner found)'}\n"
+    )
+    print(
+        f"throughput {figures['throughput']:.1f} jobs/s; submit -> COMPLETED p50 "
+        f"{figures['latency']['p50']:.2f} s, "
+        f"webhook p50 {figures['webhook_latency']['p50']:.2f} s; webhooks per job "
+        f"{figures['webhooks_per_job']}\n"
+    )
     print("| process | CPU ms per job |")
     print("| --- | ---: |")
     ours = 0.0
@@ -119,6 +134,7 @@ def plumbing(args) -> None:
 
 
 # ---- building blocks ------------------------------------------------------------------------------
+
 
 def per_call_ms(fn, calls: int) -> float:
     """Client CPU ms per call of `fn` (this thread only: the S3 server runs in a thread of this process),
@@ -147,27 +163,53 @@ def building_blocks(args) -> None:
         env = stack_environment(os.environ, server.url, moto.url)  # the AWS credentials
         s3 = aws_client("s3", moto.url, settings, env)
         s3.create_bucket(Bucket="blocks")
-        lean = boto3.client("s3", region_name="us-east-1", endpoint_url=moto.url, config=Config(
-            signature_version="s3v4", request_checksum_calculation="when_required",
-            response_checksum_validation="when_required"), aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        lean = boto3.client(
+            "s3",
+            region_name="us-east-1",
+            endpoint_url=moto.url,
+            config=Config(
+                signature_version="s3v4",
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
         client = redis.Redis.from_url(server.url)
         celery = make_celery(settings)
         rows = [
-            ("S3 put_object, 20 KB (boto3, our client)",
-             lambda: s3.put_object(Bucket="blocks", Key="k", Body=body)),
-            ("S3 get_object + read, 20 KB (boto3, our client)",
-             lambda: s3.get_object(Bucket="blocks", Key="k")["Body"].read()),
-            ("S3 put_object, 20 KB (boto3, checksums only when required)",
-             lambda: lean.put_object(Bucket="blocks", Key="k", Body=body)),
+            (
+                "S3 put_object, 20 KB (boto3, our client)",
+                lambda: s3.put_object(Bucket="blocks", Key="k", Body=body),
+            ),
+            (
+                "S3 get_object + read, 20 KB (boto3, our client)",
+                lambda: s3.get_object(Bucket="blocks", Key="k")["Body"].read(),
+            ),
+            (
+                "S3 put_object, 20 KB (boto3, checksums only when required)",
+                lambda: lean.put_object(Bucket="blocks", Key="k", Body=body),
+            ),
             ("S3 head_object (boto3, our client)", lambda: s3.head_object(Bucket="blocks", Key="k")),
             ("Redis round trip (PING)", client.ping),
-            ("Redis pipeline HSET + EXPIRE + PUBLISH", lambda: client.pipeline().hset("h", mapping={"a": 1, "b": 2})
-             .expire("h", 60).publish("c", "x").execute()),
-            ("Celery send_task (Redis broker)",
-             lambda: celery.send_task("bench.noop", args=[{"x": 1}], queue="bench-blocks")),
+            (
+                "Redis pipeline HSET + EXPIRE + PUBLISH",
+                lambda: (
+                    client.pipeline()
+                    .hset("h", mapping={"a": 1, "b": 2})
+                    .expire("h", 60)
+                    .publish("c", "x")
+                    .execute()
+                ),
+            ),
+            (
+                "Celery send_task (Redis broker)",
+                lambda: celery.send_task("bench.noop", args=[{"x": 1}], queue="bench-blocks"),
+            ),
         ]
-        print(f"\n### Building blocks: client CPU ms per call ({args.block_calls} calls each, calling thread)\n")
+        print(
+            f"\n### Building blocks: client CPU ms per call ({args.block_calls} calls each, calling thread)\n"
+        )
         print("| call | CPU ms |")
         print("| --- | ---: |")
         for name, fn in rows:
@@ -175,6 +217,7 @@ def building_blocks(args) -> None:
 
 
 # ---- waiting callers -----------------------------------------------------------------------------
+
 
 def command_counts(client: redis.Redis) -> dict[str, int]:
     return {name: int(stats["calls"]) for name, stats in client.info("commandstats").items()}
@@ -184,30 +227,37 @@ def total_commands(client: redis.Redis) -> int:
     return sum(command_counts(client).values())
 
 
-def measure_waiters(url: str, store_url: str, waiters: int, seconds: float,
-                    settle: float = 8.0) -> tuple[float, float]:
+def measure_waiters(
+    url: str, store_url: str, waiters: int, seconds: float, settle: float = 8.0
+) -> tuple[float, float]:
     """(idle commands/s of the stack, extra commands per waiting client per second)."""
     client = redis.Redis.from_url(store_url)
     http = httpx.Client(base_url=url, headers=auth(), timeout=None)
     start = total_commands(client)
     time.sleep(seconds)
     idle_rate = (total_commands(client) - start - 1) / seconds
-    ids = [http.post(QUEUE_V2, json={"image_url": data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
-           for n in range(waiters)]
+    ids = [
+        http.post(QUEUE_V2, json={"image_url": data_uri(png_128(n)), **NEVER_RUNS}).json()["request_id"]
+        for n in range(waiters)
+    ]
     stop = threading.Event()
 
     def stream(rid: str) -> None:
-        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, headers=auth(), timeout=None) as c, \
-                c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.Client(base_url=url, headers=auth(), timeout=None) as c,
+            c.stream("GET", f"/queue/fal-ai/birefnet/requests/{rid}/status/stream") as response,
+        ):
             for _ in response.iter_lines():
                 if stop.is_set():
                     return
 
     def run(n: int) -> None:
-        with httpx.Client(base_url=url, headers=auth(), timeout=httpx.Timeout(None)) as c, \
-                contextlib.suppress(httpx.HTTPError):
-            c.post(V2, json={"image_url": data_uri(png_128(1000 + n)), **NEVER_RUNS},
-                   timeout=seconds + 15)
+        with (
+            httpx.Client(base_url=url, headers=auth(), timeout=httpx.Timeout(None)) as c,
+            contextlib.suppress(httpx.HTTPError),
+        ):
+            c.post(V2, json={"image_url": data_uri(png_128(1000 + n)), **NEVER_RUNS}, timeout=seconds + 15)
 
     threads = [threading.Thread(target=stream, args=(rid,), daemon=True) for rid in ids]
     threads += [threading.Thread(target=run, args=(n,), daemon=True) for n in range(waiters)]
@@ -231,12 +281,15 @@ def waiting(args) -> None:
         stack = LoopbackStack(Path(logs), moto.url, credential=KEY)
         try:
             stack.start(workers=0, producer=False, webhooks=False)
-            idle, per_client = measure_waiters(stack.gateway_url, stack.settings.redis_url, args.waiters, args.seconds)
+            idle, per_client = measure_waiters(
+                stack.gateway_url, stack.settings.redis_url, args.waiters, args.seconds
+            )
             rows.append(("this checkout (pub/sub)", idle, per_client))
             if args.baseline_root:
                 port = free_port()
-                services = dataclasses.replace(stack.stack, root=Path(args.baseline_root), processes=[], named={},
-                                               logs=[])
+                services = dataclasses.replace(
+                    stack.stack, root=Path(args.baseline_root), processes=[], named={}, logs=[]
+                )
                 baseline = services.start_gateway(port, name="gateway-baseline")
                 try:
                     url = f"http://127.0.0.1:{port}"
@@ -245,15 +298,19 @@ def waiting(args) -> None:
                     for proc in stack.stack.processes:
                         proc.kill()
                     time.sleep(1.0)
-                    idle, per_client = measure_waiters(url, stack.settings.redis_url, args.waiters, args.seconds)
+                    idle, per_client = measure_waiters(
+                        url, stack.settings.redis_url, args.waiters, args.seconds
+                    )
                     rows.append((f"baseline {args.baseline_root} (polling)", idle, per_client))
                 finally:
                     baseline.kill()  # open streams would hold a graceful shutdown
                     baseline.wait(timeout=10)
         finally:
             stack.close()
-    print(f"\n### Waiting callers: {args.waiters} status streams + {args.waiters} sync runs on requests that "
-          f"never start, {args.seconds:.0f} s\n")
+    print(
+        f"\n### Waiting callers: {args.waiters} status streams + {args.waiters} sync runs on requests that "
+        f"never start, {args.seconds:.0f} s\n"
+    )
     print("| gateway | stack idle (commands/s) | Redis commands per waiting client per second |")
     print("| --- | ---: | ---: |")
     for name, idle, per_client in rows:
@@ -261,7 +318,9 @@ def waiting(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--worker-threads", type=int, default=4, help="BIREFNET_WORKER_CONCURRENCY")

@@ -1,4 +1,5 @@
-"""Redis budget per job: commands by command, Redis CPU, and our processes' CPU, this checkout beside a baseline.
+"""Redis budget per job: commands by command, Redis CPU, and our processes' CPU, this checkout beside a
+baseline.
 
 For each checkout (`--baseline-root` first, when given, then this one) a loopback stack (devstack/
 loopback.py: AOF Redis, moto S3, gateway, webhook deliverer, `--workers` null-model workers)
@@ -52,7 +53,10 @@ class Run:
 
 
 def command_counts(client: redis.Redis) -> dict[str, int]:
-    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+    return {
+        name.removeprefix("cmdstat_"): int(stats["calls"])
+        for name, stats in client.info("commandstats").items()
+    }
 
 
 def redis_cpu(client: redis.Redis) -> float:
@@ -64,12 +68,17 @@ def delivered(receiver: WebhookReceiver) -> set[str]:
     return {item.json()["request_id"] for item in list(receiver.received)}
 
 
-def load(stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, concurrency: int, first: int) -> list[str]:
+def load(
+    stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, concurrency: int, first: int
+) -> list[str]:
     """Submit `jobs` requests and wait (at the receiver, not in Redis) for every webhook."""
     submitter = GatewaySubmitter(stack.gateway_url, receiver.url, stack.credential)
     with ThreadPoolExecutor(concurrency) as pool:
-        ids = list(pool.map(lambda n: submitter.submit({"image_url": data_uri(png_128(n))}),
-                            range(first, first + jobs)))
+        ids = list(
+            pool.map(
+                lambda n: submitter.submit({"image_url": data_uri(png_128(n))}), range(first, first + jobs)
+            )
+        )
     submitter.close()
     deadline = time.time() + 60 + jobs
     while not set(ids) <= delivered(receiver):
@@ -81,8 +90,11 @@ def load(stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, concurrency
 
 def measure(label: str, root: Path, fsync: str, args) -> Run:
     receiver = WebhookReceiver().start()
-    overrides = {"BIREFNET_BENCHMARK_NULL_MODEL": "true", "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
-                 "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
+    overrides = {
+        "BIREFNET_BENCHMARK_NULL_MODEL": "true",
+        "BIREFNET_WORKER_CONCURRENCY": str(args.worker_threads),
+        "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
+    }
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-budget-") as logs:
         stack = LoopbackStack(Path(logs), moto.url, overrides=overrides, credential=KEY, root=root)
         try:
@@ -104,9 +116,15 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             s3 = stack.s3_direct()
             objects = {}
-            for role, bucket in (("input", stack.settings.input_bucket), ("output", stack.settings.output_bucket)):
-                keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                        for o in page.get("Contents", [])]
+            for role, bucket in (
+                ("input", stack.settings.input_bucket),
+                ("output", stack.settings.output_bucket),
+            ):
+                keys = [
+                    o["Key"]
+                    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                    for o in page.get("Contents", [])
+                ]
                 objects[role] = len(keys) / (args.jobs + args.warmup)
             store = stack.store()
             failed = [rid for rid in ids if not (record := store.get(rid)) or not record.ok]
@@ -118,45 +136,101 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
             receiver.stop()
     deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
     deltas["info"] -= 2  # this benchmark's own INFO calls
-    return Run(label, args.jobs, seconds, {k: v for k, v in deltas.items() if v > 0}, after_cpu - cpu,
-               {name: after[name] - before[name] for name in pids}, idle, idle_cpu, objects)
+    return Run(
+        label,
+        args.jobs,
+        seconds,
+        {k: v for k, v in deltas.items() if v > 0},
+        after_cpu - cpu,
+        {name: after[name] - before[name] for name in pids},
+        idle,
+        idle_cpu,
+        objects,
+    )
 
 
 def report(runs: list[Run]) -> None:
-    print(f"### Redis budget per job: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"### Redis budget per job: {cpu_model()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}\n"
+    )
     print("| | " + " | ".join(run.label for run in runs) + " |")
     print("| --- |" + " ---: |" * len(runs))
     print("| jobs/s | " + " | ".join(f"{run.jobs / run.seconds:.1f}" for run in runs) + " |")
-    print("| idle stack, Redis commands/s | " + " | ".join(f"{run.idle_commands_per_s:.1f}" for run in runs) + " |")
-    print("| **Redis commands per job** | "
-          + " | ".join(f"**{sum(run.commands.values()) / run.jobs:.1f}**" for run in runs) + " |")
-    print("| **Redis CPU ms per job** | " + " | ".join(f"**{run.redis_cpu / run.jobs * 1000:.2f}**" for run in runs) + " |")
-    print("| idle stack, Redis CPU ms/s | " + " | ".join(f"{run.idle_redis_cpu_per_s * 1000:.1f}" for run in runs) + " |")
+    print(
+        "| idle stack, Redis commands/s | "
+        + " | ".join(f"{run.idle_commands_per_s:.1f}" for run in runs)
+        + " |"
+    )
+    print(
+        "| **Redis commands per job** | "
+        + " | ".join(f"**{sum(run.commands.values()) / run.jobs:.1f}**" for run in runs)
+        + " |"
+    )
+    print(
+        "| **Redis CPU ms per job** | "
+        + " | ".join(f"**{run.redis_cpu / run.jobs * 1000:.2f}**" for run in runs)
+        + " |"
+    )
+    print(
+        "| idle stack, Redis CPU ms/s | "
+        + " | ".join(f"{run.idle_redis_cpu_per_s * 1000:.1f}" for run in runs)
+        + " |"
+    )
     # What a job adds: the window's totals less what the stack does per second anyway (at a fleet's rate
     # of jobs the per-second costs spread thin).
-    print("| Redis commands per job, less the idle rate | " + " | ".join(
-        f"{(sum(run.commands.values()) - run.idle_commands_per_s * run.seconds) / run.jobs:.1f}" for run in runs) + " |")
-    print("| Redis CPU ms per job, less the idle rate | " + " | ".join(
-        f"{(run.redis_cpu - run.idle_redis_cpu_per_s * run.seconds) / run.jobs * 1000:.2f}" for run in runs) + " |")
+    print(
+        "| Redis commands per job, less the idle rate | "
+        + " | ".join(
+            f"{(sum(run.commands.values()) - run.idle_commands_per_s * run.seconds) / run.jobs:.1f}"
+            for run in runs
+        )
+        + " |"
+    )
+    print(
+        "| Redis CPU ms per job, less the idle rate | "
+        + " | ".join(
+            f"{(run.redis_cpu - run.idle_redis_cpu_per_s * run.seconds) / run.jobs * 1000:.2f}"
+            for run in runs
+        )
+        + " |"
+    )
     names = sorted({n for run in runs for n in run.processes})
     for name in names:
-        print(f"| CPU ms per job: {name} | "
-              + " | ".join(f"{run.processes.get(name, 0) / run.jobs * 1000:.2f}" for run in runs) + " |")
-    print("| **CPU ms per job, our processes** | "
-          + " | ".join(f"**{sum(run.processes.values()) / run.jobs * 1000:.2f}**" for run in runs) + " |")
+        print(
+            f"| CPU ms per job: {name} | "
+            + " | ".join(f"{run.processes.get(name, 0) / run.jobs * 1000:.2f}" for run in runs)
+            + " |"
+        )
+    print(
+        "| **CPU ms per job, our processes** | "
+        + " | ".join(f"**{sum(run.processes.values()) / run.jobs * 1000:.2f}**" for run in runs)
+        + " |"
+    )
     for role in ("input", "output"):
-        print(f"| S3 objects per job, {role} bucket | "
-              + " | ".join(f"{run.objects.get(role, 0):.2f}" for run in runs) + " |")
+        print(
+            f"| S3 objects per job, {role} bucket | "
+            + " | ".join(f"{run.objects.get(role, 0):.2f}" for run in runs)
+            + " |"
+        )
     print("\nCommands per job, by command:\n")
     print("| command | " + " | ".join(run.label for run in runs) + " |")
     print("| --- |" + " ---: |" * len(runs))
-    commands = sorted({c for run in runs for c in run.commands}, key=lambda c: -max(r.commands.get(c, 0) for r in runs))
+    commands = sorted(
+        {c for run in runs for c in run.commands}, key=lambda c: -max(r.commands.get(c, 0) for r in runs)
+    )
     for command in commands:
-        print(f"| {command} | " + " | ".join(f"{run.commands.get(command, 0) / run.jobs:.2f}" for run in runs) + " |")
+        print(
+            f"| {command} | "
+            + " | ".join(f"{run.commands.get(command, 0) / run.jobs:.2f}" for run in runs)
+            + " |"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1)
@@ -164,8 +238,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads submitting")
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument("--baseline-root", type=Path, help="checkout measured first, as the baseline column")
-    parser.add_argument("--appendfsync", nargs="+", default=["always"], choices=["always", "everysec", "no"],
-                        help="Redis AOF fsync policies to measure each checkout under")
+    parser.add_argument(
+        "--appendfsync",
+        nargs="+",
+        default=["always"],
+        choices=["always", "everysec", "no"],
+        help="Redis AOF fsync policies to measure each checkout under",
+    )
     args = parser.parse_args()
     runs = []
     for fsync in args.appendfsync:

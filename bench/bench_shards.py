@@ -70,12 +70,26 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
         servers = [stack.enter_context(RedisServer()) for _ in range(count)]
         for server in servers:
             redis.Redis.from_url(server.url).config_set("appendfsync", args.appendfsync)
-        shards_setting = [{"url": server.url, "variants": group} for server, group in zip(servers[1:], groups[1:], strict=True)]
-        services = build_stack(servers[0].url, moto_url, loopback_values(**{
-            "BIREFNET_REDIS_SHARDS": json.dumps(shards_setting), "BIREFNET_BENCHMARK_NULL_MODEL": "true",
-            "BIREFNET_VARIANT_OVERRIDES": json.dumps({v: {"backbone": "swin_v1_nano", "weights": "recipe"}
-                                                      for v in VARIANTS}),  # no downloads
-            "BIREFNET_WORKER_CONCURRENCY": "2"}), log_dir=logs, environ=os.environ)
+        shards_setting = [
+            {"url": server.url, "variants": group}
+            for server, group in zip(servers[1:], groups[1:], strict=True)
+        ]
+        services = build_stack(
+            servers[0].url,
+            moto_url,
+            loopback_values(
+                **{
+                    "BIREFNET_REDIS_SHARDS": json.dumps(shards_setting),
+                    "BIREFNET_BENCHMARK_NULL_MODEL": "true",
+                    "BIREFNET_VARIANT_OVERRIDES": json.dumps(
+                        {v: {"backbone": "swin_v1_nano", "weights": "recipe"} for v in VARIANTS}
+                    ),  # no downloads
+                    "BIREFNET_WORKER_CONCURRENCY": "2",
+                }
+            ),
+            log_dir=logs,
+            environ=os.environ,
+        )
         settings = services.settings
         shard_map = ShardMap.from_settings(settings)
         stack.callback(services.stop_all)
@@ -93,13 +107,21 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
             variant = VARIANTS[n % len(VARIANTS)]
             shard = shard_map.for_variant(variant)
             rid = shard_map.new_request_id(variant)
-            spec = JobSpec(request_id=rid, variant=variant, image_url=images[n % 16], params=JobParams(),
-                           output_prefix=f"bench-shards/{rid}/", owner="bench")
+            spec = JobSpec(
+                request_id=rid,
+                variant=variant,
+                image_url=images[n % 16],
+                params=JobParams(),
+                output_prefix=f"bench-shards/{rid}/",
+                owner="bench",
+            )
             stores[shard.index].create(spec)
             send_job(celeries[shard.index], spec)
 
-        expected = [sum(1 for n in range(args.jobs) if shard_map.for_variant(VARIANTS[n % 3]).index == i)
-                    for i in range(count)]
+        expected = [
+            sum(1 for n in range(args.jobs) if shard_map.for_variant(VARIANTS[n % 3]).index == i)
+            for i in range(count)
+        ]
         cpu = [redis_cpu(c) for c in clients]
         commands = [total_commands(c) for c in clients]
         done = [c.xlen(keys.COMPLETIONS) for c in clients]
@@ -115,16 +137,27 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
         for i, client in enumerate(clients):
             used = redis_cpu(client) - cpu[i]
             calls = total_commands(client) - commands[i]
-            rows.append({"shards": count, "shard": i, "variants": ",".join(groups[i]), "jobs": expected[i],
-                         "seconds": seconds, "redis_ms_per_job": used / expected[i] * 1000,
-                         "commands_per_job": calls / expected[i], "busy": used / seconds})
+            rows.append(
+                {
+                    "shards": count,
+                    "shard": i,
+                    "variants": ",".join(groups[i]),
+                    "jobs": expected[i],
+                    "seconds": seconds,
+                    "redis_ms_per_job": used / expected[i] * 1000,
+                    "commands_per_job": calls / expected[i],
+                    "busy": used / seconds,
+                }
+            )
         for client in clients:
             client.close()
         return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
@@ -133,19 +166,27 @@ def main() -> None:
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-shards-") as logs:
         for count in args.shards:
             results.append(simulate(count, args, moto.url, Path(logs)))
-    print(f"### Redis shards: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.jobs} jobs, 3 null-model workers x 2 job threads, appendfsync {args.appendfsync}\n")
-    print("| shards | shard | variants | jobs | Redis CPU ms per job | Redis commands per job | Redis core busy "
-          "| measured jobs/s (all shards) | Redis ceiling, jobs/s (all shards) |")
+    print(
+        f"### Redis shards: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"{args.jobs} jobs, 3 null-model workers x 2 job threads, appendfsync {args.appendfsync}\n"
+    )
+    print(
+        "| shards | shard | variants | jobs | Redis CPU ms per job | Redis commands per job | Redis core "
+        "busy "
+        "| measured jobs/s (all shards) | Redis ceiling, jobs/s (all shards) |"
+    )
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in results:
         total_jobs = sum(r["jobs"] for r in rows)
         # The fleet's rate at which the busiest Redis core is full, with this mix of variants.
         ceiling = min(1000 / r["redis_ms_per_job"] / (r["jobs"] / total_jobs) for r in rows)
         for r in rows:
-            print(f"| {r['shards']} | {r['shard']} | {r['variants']} | {r['jobs']} | {r['redis_ms_per_job']:.2f} | "
-                  f"{r['commands_per_job']:.1f} | {r['busy'] * 100:.0f}% | {total_jobs / r['seconds']:.1f} | "
-                  f"{ceiling:.0f} |")
+            print(
+                f"| {r['shards']} | {r['shard']} | {r['variants']} | {r['jobs']} | "
+                f"{r['redis_ms_per_job']:.2f} | "
+                f"{r['commands_per_job']:.1f} | {r['busy'] * 100:.0f}% | {total_jobs / r['seconds']:.1f} | "
+                f"{ceiling:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -57,27 +57,54 @@ def row(args: argparse.Namespace) -> dict:
     res = args.resolution
     store = SimpleNamespace(run_flags=lambda _rid: (False, False), cancel_requested=lambda _rid: False)
     batcher = MaskBatcher(predictor, max_size=args.batch, wait_seconds=0.005)
-    runner = SimpleNamespace(settings=settings, store=store, batchers={"bench": batcher},
-                             overrides=RunOverrides.model_construct(operating_resolution=f"{res}x{res}"))
-    job = SimpleNamespace(request_id="bench", variant="bench", extra={},
-                          params=JobParams(operating_resolution="1024x1024", refine_foreground=True))
+    runner = SimpleNamespace(
+        settings=settings,
+        store=store,
+        batchers={"bench": batcher},
+        overrides=RunOverrides.model_construct(operating_resolution=f"{res}x{res}"),
+    )
+    job = SimpleNamespace(
+        request_id="bench",
+        variant="bench",
+        extra={},
+        params=JobParams(operating_resolution="1024x1024", refine_foreground=True),
+    )
     kind = codec.OUTPUT_KINDS[args.output]
-    run = VideoRun(runner, job, "", predictor, lambda *_: None, time.monotonic() + 3600,  # type: ignore[arg-type]
-                   VideoOptions(output_type=args.output), kind)
+    run = VideoRun(
+        runner,
+        job,
+        "",
+        predictor,
+        lambda *_: None,
+        time.monotonic() + 3600,  # type: ignore[arg-type]
+        VideoOptions(output_type=args.output),
+        kind,
+    )
     run.source = args.clip
     run.info = codec.probe(args.clip, max_seconds=1e9, max_pixels=10**9)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        frames = run.encode_range(args.start, args.end, {"video": f"{tmp}/out{kind.extension}"},
-                                  audio=args.end is None, segment=args.end is not None)
+        frames = run.encode_range(
+            args.start,
+            args.end,
+            {"video": f"{tmp}/out{kind.extension}"},
+            audio=args.end is None,
+            segment=args.end is not None,
+        )
         wall = time.perf_counter() - started
-    return {"frames": frames, "seconds": wall, "fps": frames / wall, "torch": torch.__version__,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "frames": frames,
+        "seconds": wall,
+        "fps": frames / wall,
+        "torch": torch.__version__,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def spawn(*extra: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--row", *extra], capture_output=True, text=True, cwd=ROOT,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, "--row", *extra], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
     if not lines:
         raise RuntimeError(done.stderr[-3000:])
@@ -104,8 +131,10 @@ def main() -> None:
     tmp = Path(tempfile.gettempdir()) / "birefnet-bench-video"
     tmp.mkdir(exist_ok=True)
     seconds = 1.0 if args.quick else 2.0
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; clips: moving square "
-          f"over a gradient with audio, 24 fps, H.264 in\n")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; clips: moving square "
+        f"over a gradient with audio, 24 fps, H.264 in\n"
+    )
     print("### Frames/s per worker (one process, batch 4, 2 torch threads; MP4 out, refine on)\n")
     print("| model | operating res. | clip | frames | wall s | frames/s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -115,8 +144,11 @@ def main() -> None:
     for model, res, size, secs in cases:
         path = clip(str(tmp / f"{size}-{secs}.mp4"), size, secs)
         got = spawn("--clip", path, "--model", model, "--resolution", str(res))
-        print(f"| {model} | {res} | {size} {secs}s | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} | "
-              f"{got['peak_mb']:.0f} |")
+        print(
+            f"| {model} | {res} | {size} {secs}s | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} "
+            f"| "
+            f"{got['peak_mb']:.0f} |"
+        )
 
     print("\n### One video on 2 worker processes (two halves, as two segments) vs 1 (null model, 480p)\n")
     path = clip(str(tmp / f"480p-{2 * seconds}.mp4"), "480p", 2 * seconds)
@@ -125,9 +157,28 @@ def main() -> None:
     one_wall = time.perf_counter() - started
     half = seconds
     started = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--row", "--clip", path, "--threads", "1", "--start",
-                               str(a), "--end", str(b)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-             for a, b in ((0.0, half), (half, 2 * seconds + 1))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--row",
+                "--clip",
+                path,
+                "--threads",
+                "1",
+                "--start",
+                str(a),
+                "--end",
+                str(b),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        for a, b in ((0.0, half), (half, 2 * seconds + 1))
+    ]
     for proc in procs:
         proc.communicate()
     two_wall = time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""What the stack benchmarks share: the CPU's name, health probes, and a loopback stack (devstack's builder) of
+"""What the stack benchmarks share: the CPU's name, health probes, and a loopback stack (devstack's builder)
+of
 Redis, moto S3, one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def png_128(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def completed(client: httpx.Client, store: JobStore, path: str, body: dict,
-              poll: float = 0.01) -> tuple[JobRecord, float, float]:
+def completed(
+    client: httpx.Client, store: JobStore, path: str, body: dict, poll: float = 0.01
+) -> tuple[JobRecord, float, float]:
     """Submit and poll the status every `poll` s until COMPLETED: (record, seconds of the submit call,
     seconds submit → COMPLETED seen); the job must have succeeded."""
     started = time.perf_counter()
@@ -86,21 +88,34 @@ class BenchStack:
 
 
 @contextlib.contextmanager
-def worker_and_gateway(name: str, backbone: str, values: dict[str, str], worker_timeout: float) -> Iterator[BenchStack]:
-    """The stack with one general-light worker on `backbone` (recipe weights); `values` go over its settings."""
+def worker_and_gateway(
+    name: str, backbone: str, values: dict[str, str], worker_timeout: float
+) -> Iterator[BenchStack]:
+    """The stack with one general-light worker on `backbone` (recipe weights); `values` go over its
+    settings."""
     logs = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     port = free_port()
     with RedisServer(appendonly=False) as redis_server, MotoServer() as moto:
-        stack = build_stack(redis_server.url, moto.url, {
-            "BIREFNET_VARIANT_OVERRIDES": json.dumps({"general-light": {"backbone": backbone, "weights": "recipe"}}),
-            "BIREFNET_WEIGHTS_FALLBACK": "none",
-            "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-            "BIREFNET_GATEWAY_PORT": str(port),
-            "BIREFNET_GATEWAY_API_KEYS": json.dumps([{"id": "bench", "hash": hash_secret("bench-secret")}]),
-            "BIREFNET_WORKER_METRICS_PORT": "0",
-            "BIREFNET_ALLOW_DEV_SECRETS": "true",  # a throwaway stack: keys generated into its Redis
-            **values,
-        }, log_dir=logs, environ=os.environ)
+        stack = build_stack(
+            redis_server.url,
+            moto.url,
+            {
+                "BIREFNET_VARIANT_OVERRIDES": json.dumps(
+                    {"general-light": {"backbone": backbone, "weights": "recipe"}}
+                ),
+                "BIREFNET_WEIGHTS_FALLBACK": "none",
+                "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+                "BIREFNET_GATEWAY_PORT": str(port),
+                "BIREFNET_GATEWAY_API_KEYS": json.dumps(
+                    [{"id": "bench", "hash": hash_secret("bench-secret")}]
+                ),
+                "BIREFNET_WORKER_METRICS_PORT": "0",
+                "BIREFNET_ALLOW_DEV_SECRETS": "true",  # a throwaway stack: keys generated into its Redis
+                **values,
+            },
+            log_dir=logs,
+            environ=os.environ,
+        )
         try:
             stack.start_worker("general-light", name="worker", wait=False)
             stack.start_gateway()

@@ -24,10 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, nargs="*", default=[4, 8], help="job threads for part 3")
     parser.add_argument("--images", type=int, default=64, help="images per part-3 row")
-    parser.add_argument("--budget", type=float, default=290.0, help="seconds; later parts are skipped past it")
+    parser.add_argument(
+        "--budget", type=float, default=290.0, help="seconds; later parts are skipped past it"
+    )
     parser.add_argument("--quick", action="store_true", help="Swin-T only, 1024² only")
     parser.add_argument("--video", action="store_true", help="also the video part (video_part)")
     args = parser.parse_args()
@@ -36,16 +40,24 @@ def main() -> int:
     # 0. The driver floor, with the product's function (the worker calls it before loading any model).
     from worker.cuda_driver import DriverTooOld, read_driver_version, require_driver, torch_cuda_version
 
-    print(f"### 0. Driver check: torch {torch.__version__} built for CUDA {torch_cuda_version()}, "
-          f"NVIDIA driver found: {read_driver_version() or 'none'}\n")
+    print(
+        f"### 0. Driver check: torch {torch.__version__} built for CUDA {torch_cuda_version()}, "
+        f"NVIDIA driver found: {read_driver_version() or 'none'}\n"
+    )
     try:
         result = require_driver("auto")
-        print(f"driver check: OK: {result.message}\n" if result else "driver check: no NVIDIA driver (auto: CPU)\n")
+        print(
+            f"driver check: OK: {result.message}\n"
+            if result
+            else "driver check: no NVIDIA driver (auto: CPU)\n"
+        )
     except DriverTooOld as error:
         print(f"driver check: FAIL: {error}\n")
     if not torch.cuda.is_available():
-        print("gpu_check: CUDA is not available on this machine; nothing to measure. Run it on a GPU host:\n"
-              "    python bench/gpu_check.py")
+        print(
+            "gpu_check: CUDA is not available on this machine; nothing to measure. Run it on a GPU host:\n"
+            "    python bench/gpu_check.py"
+        )
         return 0
     logging.basicConfig(level=logging.WARNING)
     started = time.monotonic()
@@ -72,10 +84,20 @@ def main() -> int:
     backbones = ["swin_v1_t"] if args.quick else ["swin_v1_t", "swin_v1_l"]
 
     def predictor(backbone: str, dtype: str, **fields) -> Predictor:
-        settings = Settings(device="cuda", inference_dtype=dtype, warmup_forward=False, max_batch_size=8,
-                            max_input_side=8192, **fields)
-        spec = VariantSpec(id=f"check-{backbone}", weights="recipe", backbone=backbone,
-                           allowed_resolutions=("1024x1024", "2048x2048"))
+        settings = Settings(
+            device="cuda",
+            inference_dtype=dtype,
+            warmup_forward=False,
+            max_batch_size=8,
+            max_input_side=8192,
+            **fields,
+        )
+        spec = VariantSpec(
+            id=f"check-{backbone}",
+            weights="recipe",
+            backbone=backbone,
+            allowed_resolutions=("1024x1024", "2048x2048"),
+        )
         loaded = Predictor(spec, settings)
         loaded.load()
         return loaded
@@ -84,7 +106,10 @@ def main() -> int:
 
     # 1. precision ---------------------------------------------------------------------------------
     print("### 1. Half precision vs float32 (weights stored in the dtype), 1024², 4 photos\n")
-    print("| backbone | dtype | max abs logit diff | mean abs logit diff | mask pixels differing | max mask diff |")
+    print(
+        "| backbone | dtype | max abs logit diff | mean abs logit diff | mask pixels differing | max mask "
+        "diff |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for backbone in backbones:
         torch.manual_seed(0)
@@ -94,12 +119,20 @@ def main() -> int:
         logits32 = torch.stack(reference.forward(prepared)).float()
         del reference
         for dtype in ("float16", "bfloat16"):
-            half = Predictor(VariantSpec(id=f"check-{backbone}", weights="recipe", backbone=backbone),
-                             Settings(device="cuda", inference_dtype=dtype, warmup_forward=False, max_batch_size=8,
-                                      fused_inference=False))
+            half = Predictor(
+                VariantSpec(id=f"check-{backbone}", weights="recipe", backbone=backbone),
+                Settings(
+                    device="cuda",
+                    inference_dtype=dtype,
+                    warmup_forward=False,
+                    max_batch_size=8,
+                    fused_inference=False,
+                ),
+            )
             half.load()
-            half.network.load_state_dict({k: v.to(half.network.state_dict()[k].dtype) for k, v in state.items()},
-                                         strict=False)
+            half.network.load_state_dict(
+                {k: v.to(half.network.state_dict()[k].dtype) for k, v in state.items()}, strict=False
+            )
             if hasattr(half.network, "fuse_for_inference"):
                 half.network.fuse_for_inference()
             try:
@@ -110,8 +143,10 @@ def main() -> int:
                 continue
             diff = (logits - logits32).abs()
             mask_diff = ((logits.sigmoid() * 255).round() - (logits32.sigmoid() * 255).round()).abs()
-            print(f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "
-                  f"{(mask_diff > 0).float().mean() * 100:.3f} % | {mask_diff.max():.0f} |")
+            print(
+                f"| {backbone} | {dtype} | {diff.max():.4f} | {diff.mean():.5f} | "
+                f"{(mask_diff > 0).float().mean() * 100:.3f} % | {mask_diff.max():.0f} |"
+            )
             del half
             torch.cuda.empty_cache()
 
@@ -138,7 +173,10 @@ def main() -> int:
                         times.append(time.perf_counter() - t)
                     ms = sorted(times)[2] * 1000
                     peak = torch.cuda.max_memory_allocated() / 2**30
-                    print(f"| {backbone} | {width}x{height} | {batch} | {ms:.1f} | {ms / batch:.1f} | {peak:.2f} GiB |")
+                    print(
+                        f"| {backbone} | {width}x{height} | {batch} | {ms:.1f} | {ms / batch:.1f} | "
+                        f"{peak:.2f} GiB |"
+                    )
                 except torch.cuda.OutOfMemoryError:
                     print(f"| {backbone} | {width}x{height} | {batch} | out of memory | | |")
                     torch.cuda.empty_cache()
@@ -151,7 +189,9 @@ def main() -> int:
     print("| backbone | job threads | images | images/s | batch sizes seen |")
     print("| --- | ---: | ---: | ---: | --- |")
     buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC).save(
+        buffer, "JPEG", quality=90
+    )
     jpeg = buffer.getvalue()
     for backbone in backbones:
         if over_budget():
@@ -166,16 +206,22 @@ def main() -> int:
                 rgb = decode_rgb(jpeg, max_pixels=64_000_000, max_side=8192)
                 prepared = model.prepare(rgb, (1024, 1024))
                 logits, _ = batcher.infer(prepared)
-                return render(rgb, postprocess(logits, prepared), full_outputs,
-                              encoding=EncodeOptions.from_settings(model.settings)).image.file_size
+                return render(
+                    rgb,
+                    postprocess(logits, prepared),
+                    full_outputs,
+                    encoding=EncodeOptions.from_settings(model.settings),
+                ).image.file_size
 
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(job, range(threads)))
                 t = time.perf_counter()
                 list(pool.map(job, range(args.images)))
                 seconds = time.perf_counter() - t
-            print(f"| {backbone} | {threads} | {args.images} | {args.images / seconds:.1f} | "
-                  f"{sorted(set(batcher.batch_sizes))} |")
+            print(
+                f"| {backbone} | {threads} | {args.images} | {args.images / seconds:.1f} | "
+                f"{sorted(set(batcher.batch_sizes))} |"
+            )
         del model
         torch.cuda.empty_cache()
     if args.video and not over_budget():
@@ -185,7 +231,8 @@ def main() -> int:
 
 
 def video_part(seconds: float = 2.0) -> None:
-    """Video frames/s on the device: the whole video pipeline (bench/bench_video.py's per-worker row: decode ->
+    """Video frames/s on the device: the whole video pipeline (bench/bench_video.py's per-worker row: decode
+    ->
     batcher -> mask -> refine -> H.264 encode) for a 1080p clip, null model and Swin-T recipe weights."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import tempfile
@@ -198,7 +245,10 @@ def video_part(seconds: float = 2.0) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for model in ("null", "swin_v1_t"):
         got = bench_video.spawn("--clip", path, "--model", model, "--batch", "8", "--threads", "1")
-        print(f"| {model} | 1024 | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} | {got['peak_mb']:.0f} |")
+        print(
+            f"| {model} | 1024 | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} | "
+            f"{got['peak_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

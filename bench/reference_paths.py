@@ -46,8 +46,9 @@ def rgba_from(rgb: np.ndarray, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-def compose_cutout(image: Image.Image, mask: np.ndarray, *, refine: bool = True,
-                   device: torch.device | str = "cpu") -> Image.Image:
+def compose_cutout(
+    image: Image.Image, mask: np.ndarray, *, refine: bool = True, device: torch.device | str = "cpu"
+) -> Image.Image:
     """RGBA cut-out at the input's size: colours (refined or as decoded) plus the mask as alpha."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
@@ -57,8 +58,14 @@ def compose_cutout(image: Image.Image, mask: np.ndarray, *, refine: bool = True,
     return rgba_from(rgb, mask)
 
 
-def encode_image(image: Image.Image, fmt: str, *, png_compress_level: int = 6, webp_quality: int = 90,
-                 lossless: bool = False) -> EncodedImage:
+def encode_image(
+    image: Image.Image,
+    fmt: str,
+    *,
+    png_compress_level: int = 6,
+    webp_quality: int = 90,
+    lossless: bool = False,
+) -> EncodedImage:
     """An RGBA cut-out or an L mask as png (Pillow's libpng), webp or gif (the worker's encoder)."""
     fmt = fmt.lower()
     if fmt not in ("png", "webp", "gif"):
@@ -67,5 +74,10 @@ def encode_image(image: Image.Image, fmt: str, *, png_compress_level: int = 6, w
         return encode(np.asarray(image), fmt, EncodeOptions(webp_quality=webp_quality), mask=lossless)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=png_compress_level)
-    return EncodedImage(data=buffer.getvalue(), content_type="image/png", extension=".png",
-                        width=image.width, height=image.height)
+    return EncodedImage(
+        data=buffer.getvalue(),
+        content_type="image/png",
+        extension=".png",
+        width=image.width,
+        height=image.height,
+    )

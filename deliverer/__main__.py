@@ -13,8 +13,13 @@ from common.settings import DelivererSettings, check_secrets
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deliverer")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--shard", type=int, default=0, help="the Redis shard whose webhooks it delivers "
-                        "(redis_shards; 0: redis_url); one deliverer deployment per shard")
+    parser.add_argument(
+        "--shard",
+        type=int,
+        default=0,
+        help="the Redis shard whose webhooks it delivers "
+        "(redis_shards; 0: redis_url); one deliverer deployment per shard",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from common.observability.redact import install_log_redaction
@@ -35,12 +40,15 @@ def main(argv: list[str] | None = None) -> None:
 
     store = JobStore.from_settings(settings)
     sender = WebhookSender(settings, store, webhook_signer(settings.webhook_signing_keys, store.redis))
-    start_metrics_server(settings.webhooks_metrics_port, "webhooks", process_probes(settings),
-                         host=settings.metrics_host)
+    start_metrics_server(
+        settings.webhooks_metrics_port, "webhooks", process_probes(settings), host=settings.metrics_host
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger(__name__).info("delivering webhooks (shard %d, %d threads)", args.shard, args.concurrency)
+    logging.getLogger(__name__).info(
+        "delivering webhooks (shard %d, %d threads)", args.shard, args.concurrency
+    )
     Deliverer(settings, store, sender, args.concurrency).run(stop)
 
 

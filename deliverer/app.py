@@ -2,7 +2,8 @@
 
 A job's completion books its first attempt in the due schedule and pushes it on the ready list in the same
 script (common/state/jobs.py). A deliverer blocks on the ready list (one BRPOP per webhook), popping only
-while one of its `concurrency` delivery threads is free, and attempts what it pops; a pump thread moves bookings that fall due (retries, and first attempts whose deliverer died
+while one of its `concurrency` delivery threads is free, and attempts what it pops; a pump thread moves
+bookings that fall due (retries, and first attempts whose deliverer died
 after popping them) back onto the ready list. An attempt removes its own booking only once it has started,
 so every webhook is attempted at least once whatever process dies when; the attempt's lock
 (`webhook_try`) keeps a second copy from posting again (common/state/webhooks.py).
@@ -29,7 +30,9 @@ READY_WAIT = 2.0  # s a BRPOP blocks (under the clients' 5 s socket timeout): an
 
 
 class Deliverer:
-    def __init__(self, settings: DelivererSettings, store: JobStore, sender: WebhookSender, concurrency: int = 4):
+    def __init__(
+        self, settings: DelivererSettings, store: JobStore, sender: WebhookSender, concurrency: int = 4
+    ):
         self.settings, self.store, self.sender = settings, store, sender
         self.concurrency = max(1, concurrency)
         self.pump_interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))
@@ -80,7 +83,9 @@ class Deliverer:
             try:
                 due = self.sender.claim_due()
                 if due:
-                    self.store.redis.lpush(keys.WEBHOOK_READY, *[keys.webhook_booking(rid, n) for rid, n in due])
+                    self.store.redis.lpush(
+                        keys.WEBHOOK_READY, *[keys.webhook_booking(rid, n) for rid, n in due]
+                    )
             except Exception:  # Redis hiccups must not end the pump; the schedule is still in Redis
                 log.warning("webhook retry pump failed; trying again", exc_info=True)
                 time.sleep(self.pump_interval)

@@ -18,7 +18,10 @@ def print_endpoints(stack) -> None:
     ca = stack.tls.ca
     print("local stack starting (Ctrl-C stops it)")
     print(f"  redis            {settings.redis_url}")
-    print(f"  S3 + SQS         {settings.s3_endpoint_url}  (AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing)")
+    print(
+        f"  S3 + SQS         {settings.s3_endpoint_url}  (AWS_ACCESS_KEY_ID=testing "
+        f"AWS_SECRET_ACCESS_KEY=testing)"
+    )
     print(f"  input bucket     s3://{settings.input_bucket}/   (uploads here become jobs)")
     print(f"  output bucket    s3://{settings.output_bucket}/{settings.output_prefix}")
     print(f"  event queue      {settings.sqs_queue_url}")
@@ -27,16 +30,24 @@ def print_endpoints(stack) -> None:
     print(f"  gateway          {stack.gateway_url}  (fal-compatible; auth off, any FAL_KEY works; CA {ca})")
     print(f"  logs             {stack.log_dir}")
     if stack.dev.allow_loopback_urls:
-        print("  image URLs       may point at 127.0.0.1, any port (BIREFNET_DEV_ALLOW_LOOPBACK_URLS=false: "
-              "production rules)")
+        print(
+            "  image URLs       may point at 127.0.0.1, any port (BIREFNET_DEV_ALLOW_LOOPBACK_URLS=false: "
+            "production rules)"
+        )
     else:
         print("  image URLs       production rules: public addresses, ports 80/443 only")
     if stack.hub_offline_reason:
-        print(f"  Hugging Face     offline: {stack.hub_offline_reason}; workers use cached checkpoints, "
-              f"else {stack.dev.weights_fallback} weights")
+        print(
+            f"  Hugging Face     offline: {stack.hub_offline_reason}; workers use cached checkpoints, "
+            f"else {stack.dev.weights_fallback} weights"
+        )
     print("env for other shells:")
-    for key in ("BIREFNET_REDIS_URL", "BIREFNET_S3_ENDPOINT_URL", "BIREFNET_SQS_ENDPOINT_URL",
-                "BIREFNET_SQS_QUEUE_URL"):
+    for key in (
+        "BIREFNET_REDIS_URL",
+        "BIREFNET_S3_ENDPOINT_URL",
+        "BIREFNET_SQS_ENDPOINT_URL",
+        "BIREFNET_SQS_QUEUE_URL",
+    ):
         print(f"  export {key}={stack.env[key]}")
     host = stack.gateway_url.removeprefix("https://")
     print("Python (fal_client) against the gateway:")
@@ -46,7 +57,7 @@ def print_endpoints(stack) -> None:
     print('  fal.config({ proxyUrl: { url: `${process.env.GATEWAY_URL}/api/fal/proxy`, when: "always" } });')
     print("curl:")
     print(f"  curl --cacert {ca} -H 'Authorization: Key dev' -H 'Content-Type: application/json' \\")
-    print(f"       -d '{{\"image_url\": \"https://...\"}}' {stack.gateway_url}/queue/fal-ai/birefnet/v2")
+    print(f'       -d \'{{"image_url": "https://..."}}\' {stack.gateway_url}/queue/fal-ai/birefnet/v2')
 
 
 class ReadinessReporter:
@@ -68,16 +79,21 @@ class ReadinessReporter:
                 if (name, variant) not in self.seen_variants:
                     self.seen_variants.add((name, variant))
                     note = "UNTRAINED recipe weights" if what.startswith("UNTRAINED") else what
-                    print(f"[{self.elapsed():6.1f}s] {name}: variant {variant} loaded in {float(seconds):.1f}s ({note})",
-                          flush=True)
+                    print(
+                        f"[{self.elapsed():6.1f}s] {name}: variant {variant} loaded in {float(seconds):.1f}s "
+                        f"({note})",
+                        flush=True,
+                    )
             if name not in self.ready_workers and self.stack.ready_file(name).exists():
                 self.ready_workers.add(name)
                 print(f"[{self.elapsed():6.1f}s] {name} READY: serves {', '.join(variants)}", flush=True)
         if not self.announced_all and self.ready_workers == set(self.stack.workers):
             self.announced_all = True
             models = sum(len(v) for v in self.stack.workers.values())
-            print(f"[{self.elapsed():6.1f}s] all workers ready: {models} variant(s) served; send requests now",
-                  flush=True)
+            print(
+                f"[{self.elapsed():6.1f}s] all workers ready: {models} variant(s) served; send requests now",
+                flush=True,
+            )
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -97,7 +113,10 @@ def up() -> None:
             reporter.poll()
             time.sleep(0.5)
         exited = [name for name, p in stack.processes.items() if p.poll() is not None]
-        print(f"{', '.join(exited)} exited; stopping. Last lines of its log:\n{stack.tail(exited[0])}", file=sys.stderr)
+        print(
+            f"{', '.join(exited)} exited; stopping. Last lines of its log:\n{stack.tail(exited[0])}",
+            file=sys.stderr,
+        )
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,4 +1,5 @@
-"""The one way to start a loopback stack's service processes, shared by `make up`, the tests and the benchmarks.
+"""The one way to start a loopback stack's service processes, shared by `make up`, the tests and the
+benchmarks.
 
 `build_stack` makes a stack's environment (the caller's, the stack's endpoints, then the given values), its
 settings as the child processes read them, and its buckets and event queue; `Stack` starts the services
@@ -45,8 +46,13 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, inter
 
 def signing_seed() -> str:
     """A fresh Ed25519 seed for BIREFNET_WEBHOOK_SIGNING_KEYS (hex)."""
-    return Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        .hex()
+    )
 
 
 def worker_command(variants: str, module: str = "worker") -> list[str]:
@@ -67,8 +73,11 @@ class Stack:
     worker_module: str = "worker"  # what `python -m` runs for a worker
     root: Path = ROOT  # the checkout the processes run from
 
-    def start(self, args: list[str], name: str, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """`python <args>` with the stack's environment (plus `extra_env`), logging to `<log_dir>/<name>.log`."""
+    def start(
+        self, args: list[str], name: str, extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
+        """`python <args>` with the stack's environment (plus `extra_env`), logging to
+        `<log_dir>/<name>.log`."""
         log_path = self.log_dir / f"{name}.log"
         proc = spawn_python(args, {**self.env, **(extra_env or {})}, log_path, self.root)
         self.processes.append(proc)
@@ -76,8 +85,13 @@ class Stack:
         self.logs.append(log_path)
         return proc
 
-    def start_gateway(self, port: int | None = None, tls: TlsFiles | None = None, name: str = "gateway",
-                      extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def start_gateway(
+        self,
+        port: int | None = None,
+        tls: TlsFiles | None = None,
+        name: str = "gateway",
+        extra_env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen:
         """The gateway on 127.0.0.1 (`port`: else the stack's BIREFNET_GATEWAY_PORT), HTTPS with `tls`."""
         env = {"BIREFNET_GATEWAY_HOST": "127.0.0.1", **({"BIREFNET_GATEWAY_PORT": str(port)} if port else {})}
         if tls is not None:
@@ -96,14 +110,22 @@ class Stack:
         """Where worker `name` says it is ready (BIREFNET_READY_FILE)."""
         return self.log_dir / f"{name}.ready"
 
-    def start_worker(self, variants: str = "general-light", name: str | None = None,
-                     extra_env: Mapping[str, str] | None = None, wait: bool = True,
-                     timeout: float = 120) -> subprocess.Popen:
+    def start_worker(
+        self,
+        variants: str = "general-light",
+        name: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        timeout: float = 120,
+    ) -> subprocess.Popen:
         """A worker serving `variants`; with `wait`, returns once it is ready (AssertionError if it exits)."""
         name = name or f"worker-{variants}-{len(self.processes)}"
         ready = self.ready_file(name)
-        proc = self.start(worker_command(variants, self.worker_module), name,
-                          {"BIREFNET_READY_FILE": str(ready), **(extra_env or {})})
+        proc = self.start(
+            worker_command(variants, self.worker_module),
+            name,
+            {"BIREFNET_READY_FILE": str(ready), **(extra_env or {})},
+        )
         if wait:
             self.wait_ready(name, timeout)
         return proc
@@ -122,9 +144,18 @@ class Stack:
         stop_processes(self.processes)
 
 
-def build_stack(redis_url: str, s3_url: str, values: Mapping[str, str], *, log_dir: Path,
-                environ: Mapping[str, str], queue_name: str = "birefnet-input-events", sqs_url: str | None = None,
-                dotenv: bool = False, root: Path = ROOT) -> Stack:
+def build_stack(
+    redis_url: str,
+    s3_url: str,
+    values: Mapping[str, str],
+    *,
+    log_dir: Path,
+    environ: Mapping[str, str],
+    queue_name: str = "birefnet-input-events",
+    sqs_url: str | None = None,
+    dotenv: bool = False,
+    root: Path = ROOT,
+) -> Stack:
     """Environment (`values` over `environ`), settings, buckets and event queue of one stack. `sqs_url`
     (default: `s3_url`) lets S3 go through a proxy; `dotenv`: the settings also read .env, as `make up` does;
     `root`: the checkout the processes run from."""
@@ -134,5 +165,9 @@ def build_stack(redis_url: str, s3_url: str, values: Mapping[str, str], *, log_d
     queue = provision_aws(settings, env, queue_name=queue_name)
     env["BIREFNET_SQS_QUEUE_URL"] = queue.queue_url
     log_dir.mkdir(parents=True, exist_ok=True)
-    return Stack(settings=settings.model_copy(update={"sqs_queue_url": queue.queue_url}), env=env, log_dir=log_dir,
-                 root=root)
+    return Stack(
+        settings=settings.model_copy(update={"sqs_queue_url": queue.queue_url}),
+        env=env,
+        log_dir=log_dir,
+        root=root,
+    )

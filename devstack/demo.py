@@ -28,12 +28,18 @@ def _weights_banner(store: JobStore) -> None:
     workers = [json.loads(store.redis.get(k) or "{}") for k in store.redis.keys(keys.HEARTBEAT_PATTERN)]
     untrained = sorted({v for w in workers for v in w.get("untrained", [])})
     if untrained:
-        console.print(Panel(
-            "[bold]The trained checkpoint could not be loaded here, so the worker runs with UNTRAINED recipe "
-            "weights (random numbers made from the state-dict keys). The pipeline is real; the masks are not. "
-            "Put a checkpoint in the weights cache or set BIREFNET_VARIANT_OVERRIDES to serve a trained "
-            f"model.[/bold]\n\nvariants on untrained weights: {', '.join(untrained)}",
-            title="[blink]UNTRAINED WEIGHTS[/blink]", border_style="bold red"))
+        console.print(
+            Panel(
+                "[bold]The trained checkpoint could not be loaded here, so the worker runs with UNTRAINED "
+                "recipe "
+                "weights (random numbers made from the state-dict keys). The pipeline is real; the masks are "
+                "not. "
+                "Put a checkpoint in the weights cache or set BIREFNET_VARIANT_OVERRIDES to serve a trained "
+                f"model.[/bold]\n\nvariants on untrained weights: {', '.join(untrained)}",
+                title="[blink]UNTRAINED WEIGHTS[/blink]",
+                border_style="bold red",
+            )
+        )
 
 
 def run_demo(out_dir: Path = Path("out")) -> None:
@@ -58,13 +64,22 @@ def run_demo(out_dir: Path = Path("out")) -> None:
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
             uploaded_at[name] = time.time()
-            s3.put_object(Bucket=settings.input_bucket, Key=f"demo/{name}.jpg", Body=buffer.getvalue(),
-                          ContentType="image/jpeg",
-                          Metadata={"model": variant, "output_mask": "true", "webhook_url": receiver.url})
+            s3.put_object(
+                Bucket=settings.input_bucket,
+                Key=f"demo/{name}.jpg",
+                Body=buffer.getvalue(),
+                ContentType="image/jpeg",
+                Metadata={"model": variant, "output_mask": "true", "webhook_url": receiver.url},
+            )
         console.print(f"uploaded {len(photos)} photos to s3://{settings.input_bucket}/demo/")
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             task = progress.add_task("waiting for results", total=len(photos))
             deadline = time.time() + 150
             while len(receiver.received) < len(photos):
@@ -78,10 +93,21 @@ def run_demo(out_dir: Path = Path("out")) -> None:
 
         out_dir.mkdir(exist_ok=True)
         table = Table(title=f"cut-outs in ./{out_dir}/")
-        for column in ("image", "size", "variant", "waited", "fetch", "decode", "inference", "render",
-                       "upload", "total"):
-            table.add_column(column, justify="left" if column in ("image", "variant") else "right",
-                             no_wrap=True)
+        for column in (
+            "image",
+            "size",
+            "variant",
+            "waited",
+            "fetch",
+            "decode",
+            "inference",
+            "render",
+            "upload",
+            "total",
+        ):
+            table.add_column(
+                column, justify="left" if column in ("image", "variant") else "right", no_wrap=True
+            )
         for delivery in receiver.received:
             body = delivery.json()
             record = store.get(body["request_id"])
@@ -97,10 +123,17 @@ def run_demo(out_dir: Path = Path("out")) -> None:
             assert cutout.size == photos[name].shape[1::-1] and cutout.mode == "RGBA"
             timings = record.extra.get("timings", {})
             queued = (record.started_at or 0) - record.created_at
-            cells = [f"{timings.get(k, 0):.2f}s" for k in ("fetch", "decode", "inference", "render", "upload",
-                                                            "total")]
-            table.add_row(f"{name}.png", f"{cutout.width}x{cutout.height}", record.spec.variant, f"{queued:.2f}s",
-                          *cells)
+            cells = [
+                f"{timings.get(k, 0):.2f}s"
+                for k in ("fetch", "decode", "inference", "render", "upload", "total")
+            ]
+            table.add_row(
+                f"{name}.png",
+                f"{cutout.width}x{cutout.height}",
+                record.spec.variant,
+                f"{queued:.2f}s",
+                *cells,
+            )
         console.print(table)
         _weights_banner(store)
         console.print(f"demo finished in {time.perf_counter() - started:.1f}s")

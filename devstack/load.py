@@ -43,7 +43,9 @@ class GatewaySubmitter:
     """fal-style submits with a webhook; a 503 or a refused connection means 'not accepted, try again'."""
 
     def __init__(self, base_url: str, webhook_url: str | None, credential: str):
-        self.client = httpx.Client(base_url=base_url, headers={"Authorization": f"Key {credential}"}, timeout=30)
+        self.client = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Key {credential}"}, timeout=30
+        )
         self.webhook_url = webhook_url
         self.refused = 0  # answers that were not an acceptance (retried)
 
@@ -105,9 +107,11 @@ def delivered_ids(receiver: WebhookReceiver) -> set[str]:
     return {item.json()["request_id"] for item in list(receiver.received)}
 
 
-def wait_for_completions(store: JobStore, bucket: str, submitted: Submitted, receiver: WebhookReceiver | None,
-                         timeout: float) -> list[str]:
+def wait_for_completions(
+    store: JobStore, bucket: str, submitted: Submitted, receiver: WebhookReceiver | None, timeout: float
+) -> list[str]:
     """The ids of every accepted job once all are COMPLETED (and, with a receiver, have their webhook)."""
+
     def done() -> list[str] | None:
         try:
             records = job_records(store)
@@ -123,8 +127,9 @@ def wait_for_completions(store: JobStore, bucket: str, submitted: Submitted, rec
     return wait_for(done, timeout, "every accepted job to complete with its webhook", interval=0.5)
 
 
-def wait_all_done(stack: LoopbackStack, submitted: Submitted, receiver: WebhookReceiver | None,
-                  timeout: float) -> list[str]:
+def wait_all_done(
+    stack: LoopbackStack, submitted: Submitted, receiver: WebhookReceiver | None, timeout: float
+) -> list[str]:
     """Wait until every accepted job is COMPLETED (and, with a receiver, has its webhook)."""
     store = stack.store()
     try:
@@ -154,21 +159,35 @@ def stamp_arrivals(receiver: WebhookReceiver) -> None:
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    return {"p50": round(percentile(values, 50), 3), "p95": round(percentile(values, 95), 3),
-            "max": round(max(values), 3) if values else float("nan")}
+    return {
+        "p50": round(percentile(values, 50), 3),
+        "p95": round(percentile(values, 95), 3),
+        "max": round(max(values), 3) if values else float("nan"),
+    }
 
 
-def run_load(stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, *, concurrency: int = 8,
-             rate: float | None = None, timeout: float = 900,
-             image: Callable[[int], bytes] = small_png) -> dict:
+def run_load(
+    stack: LoopbackStack,
+    receiver: WebhookReceiver,
+    jobs: int,
+    *,
+    concurrency: int = 8,
+    rate: float | None = None,
+    timeout: float = 900,
+    image: Callable[[int], bytes] = small_png,
+) -> dict:
     """Submit `jobs` requests (`image(n)` as a data URI) through the gateway (all at once, or `rate` per
     second), wait for every result and webhook, and measure: throughput, and per job submit → COMPLETED and
     submit → webhook."""
     stamp_arrivals(receiver)
     sent_at: dict[str, float] = {}
     submitter = GatewaySubmitter(stack.gateway_url, receiver.url, stack.credential)
-    submitter.client = httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Key {stack.credential}"},
-                                    timeout=60, limits=httpx.Limits(max_connections=concurrency))
+    submitter.client = httpx.Client(
+        base_url=stack.gateway_url,
+        headers={"Authorization": f"Key {stack.credential}"},
+        timeout=60,
+        limits=httpx.Limits(max_connections=concurrency),
+    )
 
     def one(n: int) -> None:
         began = time.time()
@@ -195,8 +214,12 @@ def run_load(stack: LoopbackStack, receiver: WebhookReceiver, jobs: int, *, conc
         arrivals.setdefault(item.json()["request_id"], []).append(item.at)  # type: ignore[attr-defined]  # set by stamp_arrivals
     finished = max(r.completed_at or 0.0 for r in records.values())
     return {
-        "jobs": jobs, "ok": sum(r.ok for r in records.values()), "concurrency": concurrency, "rate": rate,
-        "seconds": round(finished - started, 2), "throughput": round(jobs / (finished - started), 2),
+        "jobs": jobs,
+        "ok": sum(r.ok for r in records.values()),
+        "concurrency": concurrency,
+        "rate": rate,
+        "seconds": round(finished - started, 2),
+        "throughput": round(jobs / (finished - started), 2),
         "latency": spread([(r.completed_at or 0.0) - sent_at[rid] for rid, r in records.items()]),
         "webhook_latency": spread([min(arrivals[rid]) - sent_at[rid] for rid in records]),
         "run": spread([(r.completed_at or 0.0) - (r.started_at or 0.0) for r in records.values()]),

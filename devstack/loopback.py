@@ -85,19 +85,34 @@ class LoopbackStack:
         """Where the services reach S3 (moto itself here)."""
         return self.moto_url
 
-    def start(self, *, workers: int = 2, gateway: bool = True, producer: bool = True,
-              webhooks: bool = True) -> LoopbackStack:
+    def start(
+        self, *, workers: int = 2, gateway: bool = True, producer: bool = True, webhooks: bool = True
+    ) -> LoopbackStack:
         (self.log_dir / "redis").mkdir(exist_ok=True)
         self.redis = RedisServer(data_dir=str(self.log_dir / "redis")).start()
         s3_url = self.s3_url()
         suffix = uuid.uuid4().hex[:8]
-        values = loopback_values(**{
-            "BIREFNET_INPUT_BUCKET": f"in-{suffix}", "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
-            "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
-            "BIREFNET_GATEWAY_API_KEYS": self.api_keys(f"in-{suffix}"),
-            "BIREFNET_TEST_LOG_DIR": str(self.log_dir), **self.overrides})
-        self.stack = build_stack(self.redis.url, s3_url, values, log_dir=self.log_dir, environ=os.environ,
-                                 queue_name=f"events-{suffix}", sqs_url=self.moto_url, root=self.root)
+        values = loopback_values(
+            **{
+                "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
+                "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
+                "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+                "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
+                "BIREFNET_GATEWAY_API_KEYS": self.api_keys(f"in-{suffix}"),
+                "BIREFNET_TEST_LOG_DIR": str(self.log_dir),
+                **self.overrides,
+            }
+        )
+        self.stack = build_stack(
+            self.redis.url,
+            s3_url,
+            values,
+            log_dir=self.log_dir,
+            environ=os.environ,
+            queue_name=f"events-{suffix}",
+            sqs_url=self.moto_url,
+            root=self.root,
+        )
         self.stack.worker_module = self.worker_module
         self.settings = self.stack.settings
         self._versioned_output_and_quick_queue(self.stack.env["BIREFNET_SQS_QUEUE_URL"])
@@ -117,8 +132,9 @@ class LoopbackStack:
     def _versioned_output_and_quick_queue(self, queue_url: str) -> None:
         """Output bucket versioning counts every write of a result document (a job done twice would
         leave two versions); a short SQS visibility timeout brings back events that failed quickly."""
-        self.s3_direct().put_bucket_versioning(Bucket=self.settings.output_bucket,
-                                               VersioningConfiguration={"Status": "Enabled"})
+        self.s3_direct().put_bucket_versioning(
+            Bucket=self.settings.output_bucket, VersioningConfiguration={"Status": "Enabled"}
+        )
         sqs = aws_client("sqs", self.moto_url, self.settings, self.stack.env)
         sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": "5"})
 
@@ -134,8 +150,11 @@ class LoopbackStack:
             return False
 
     def store(self) -> JobStore:
-        return JobStore(redis.Redis.from_url(self.settings.redis_url, decode_responses=True,
-                                             socket_timeout=10, retry_on_timeout=True))
+        return JobStore(
+            redis.Redis.from_url(
+                self.settings.redis_url, decode_responses=True, socket_timeout=10, retry_on_timeout=True
+            )
+        )
 
     def s3_direct(self):
         """S3 as a user sees it (straight to moto)."""
@@ -163,4 +182,3 @@ class LoopbackStack:
             self.stack.stop_all()
         if hasattr(self, "redis"):
             self.redis.stop()
-

@@ -61,7 +61,9 @@ class WebhookReceiver:
         deadline = time.time() + timeout
         while len(self.received) < count:
             if time.time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {count} webhook deliveries "
-                                     f"(got {len(self.received)})")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {count} webhook deliveries "
+                    f"(got {len(self.received)})"
+                )
             time.sleep(0.05)
         return list(self.received)

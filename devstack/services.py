@@ -42,7 +42,9 @@ def spawn_python(args: list[str], env: dict[str, str], log_path: Path, cwd: Path
     """`python <args>` from `cwd` (a checkout; default this one) with exactly `env`, stdout and stderr into
     `log_path`."""
     handle = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT
+    )
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], timeout: float = 20) -> None:
@@ -87,8 +89,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.data_dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.time() + 15
@@ -151,14 +166,24 @@ class Provisioned:
 
 
 def aws_client(service: str, endpoint: str | None, settings: Settings, env: Mapping[str, str] | None = None):
-    """A boto3 client of a local endpoint with the credentials in `env` (a stack's; None: boto3's own chain)."""
-    keys = {} if env is None else {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-                                   "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
-    return boto3.client(service, endpoint_url=endpoint, region_name=settings.aws_region, config=boto_config(), **keys)
+    """A boto3 client of a local endpoint with the credentials in `env` (a stack's; None: boto3's own
+    chain)."""
+    keys = (
+        {}
+        if env is None
+        else {
+            "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        }
+    )
+    return boto3.client(
+        service, endpoint_url=endpoint, region_name=settings.aws_region, config=boto_config(), **keys
+    )
 
 
-def provision_aws(settings: Settings, env: Mapping[str, str] | None = None,
-                  queue_name: str = "birefnet-input-events") -> Provisioned:
+def provision_aws(
+    settings: Settings, env: Mapping[str, str] | None = None, queue_name: str = "birefnet-input-events"
+) -> Provisioned:
     """Buckets, the event queue and the input bucket's notification, as infra/terraform does on AWS."""
     s3 = aws_client("s3", settings.s3_endpoint_url, settings, env)
     sqs = aws_client("sqs", settings.sqs_endpoint_url, settings, env)
@@ -166,22 +191,29 @@ def provision_aws(settings: Settings, env: Mapping[str, str] | None = None,
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=bucket)
     queue_url = sqs.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     s3.put_bucket_notification_configuration(
         Bucket=settings.input_bucket,
-        NotificationConfiguration={"QueueConfigurations": [
-            {"Id": "birefnet-jobs", "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
-        ]},
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"Id": "birefnet-jobs", "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
+            ]
+        },
     )
     return Provisioned(queue_url=queue_url, queue_arn=queue_arn)
 
 
-def stack_environment(environ: Mapping[str, str], redis_url: str, aws_url: str,
-                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def stack_environment(
+    environ: Mapping[str, str], redis_url: str, aws_url: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment for the child processes of a local stack: `environ` (the caller's), the stack's endpoints,
     moto's dummy credentials unless `environ` has some, then `extra`."""
     return {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", **environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        **environ,
         "BIREFNET_REDIS_URL": redis_url,
         "BIREFNET_S3_ENDPOINT_URL": aws_url,
         "BIREFNET_SQS_ENDPOINT_URL": aws_url,
@@ -199,20 +231,27 @@ class _MappingEnvSource(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {key.lower(): value for key, value in self._environ.items()
-                if not (self.env_ignore_empty and value == "")}
+        return {
+            key.lower(): value
+            for key, value in self._environ.items()
+            if not (self.env_ignore_empty and value == "")
+        }
 
 
 def settings_from(env: Mapping[str, str], dotenv: bool = False) -> Settings:
-    """Settings as a child process started with `env` reads them (.env only with `dotenv`; os.environ unread)."""
+    """Settings as a child process started with `env` reads them (.env only with `dotenv`; os.environ
+    unread)."""
 
     class FromEnv(Settings):
         @classmethod
-        def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                       env_settings: PydanticBaseSettingsSource,
-                                       dotenv_settings: PydanticBaseSettingsSource,
-                                       file_secret_settings: PydanticBaseSettingsSource,
-                                       ) -> tuple[PydanticBaseSettingsSource, ...]:
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
             mapping = _MappingEnvSource(settings_cls, env)
             return (init_settings, mapping, dotenv_settings) if dotenv else (init_settings, mapping)
 

@@ -2,7 +2,8 @@
 fal-compatible gateway over HTTPS (certificate from a CA made for the stack, auth off).
 
 Used by `make up` (foreground) and `make demo`. Ports and names come from settings (BIREFNET_DEV_* for the
-stack's own ports, BIREFNET_* for the rest) and the environment the stack is given; it never writes os.environ.
+stack's own ports, BIREFNET_* for the rest) and the environment the stack is given; it never writes
+os.environ.
 """
 
 from __future__ import annotations
@@ -33,19 +34,32 @@ class DevStackSettings(BaseSettings):
 
     redis_port: int = Field(6390, description="Port of the local stack's redis-server.")
     aws_port: int = Field(5390, description="Port of the local stack's S3+SQS endpoint (moto).")
-    gateway_port: int = Field(8390, description="Port of the local stack's fal-compatible gateway (HTTPS, auth off).")
+    gateway_port: int = Field(
+        8390, description="Port of the local stack's fal-compatible gateway (HTTPS, auth off)."
+    )
     worker_variants: str = Field(
-        "all", description="Variants the local stack's workers serve: comma-separated ids in one worker, `;` "
-        "between workers (e.g. `general-light;matting,portrait`); `all`: every model of fal's v1 and v2 endpoints, "
-        "packed into one worker.")
+        "all",
+        description="Variants the local stack's workers serve: comma-separated ids in one worker, `;` "
+        "between workers (e.g. `general-light;matting,portrait`); `all`: every model of fal's v1 and v2 "
+        "endpoints, "
+        "packed into one worker.",
+    )
     demo_variant: str = Field("general-heavy", description="Variant `make demo` runs (Swin-T: quick on CPU).")
-    weights_fallback: str = Field("recipe", description="The local stack falls back to recipe weights, loudly.")
+    weights_fallback: str = Field(
+        "recipe", description="The local stack falls back to recipe weights, loudly."
+    )
     allow_loopback_urls: bool = Field(
-        True, description="Let image URLs (and webhooks) reach 127.0.0.1 on any port, as the demo's own servers "
-        "need; false: the production SSRF rules (public addresses, ports 80/443) apply to the local stack too.")
+        True,
+        description="Let image URLs (and webhooks) reach 127.0.0.1 on any port, as the demo's own servers "
+        "need; false: the production SSRF rules (public addresses, ports 80/443) apply to the local stack "
+        "too.",
+    )
     hub_probe_timeout: float = Field(
-        3.0, description="Seconds to wait for Hugging Face (HF_ENDPOINT) before starting the workers offline "
-        "(HF_HUB_OFFLINE=1: cached checkpoints, else the fallback) instead of retrying every download; 0: no probe.")
+        3.0,
+        description="Seconds to wait for Hugging Face (HF_ENDPOINT) before starting the workers offline "
+        "(HF_HUB_OFFLINE=1: cached checkpoints, else the fallback) instead of retrying every download; 0: no "
+        "probe.",
+    )
 
 
 def worker_groups(spec: str, settings: Settings) -> list[list[str]]:
@@ -66,7 +80,8 @@ def worker_groups(spec: str, settings: Settings) -> list[list[str]]:
 def hub_offline_reason(timeout: float, environ: Mapping[str, str]) -> str | None:
     """Why the workers (environment `environ`) should not try Hugging Face (None: reachable, or probing is off
     / already offline). Without this, each variant spends ~23 s in huggingface_hub's retries before its
-    fallback when there is no network. A TCP connect to the hub's host within `timeout` counts as reachable."""
+    fallback when there is no network. A TCP connect to the hub's host within `timeout` counts as
+    reachable."""
     if environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     if timeout <= 0:
@@ -91,8 +106,12 @@ def hub_offline_reason(timeout: float, environ: Mapping[str, str]) -> str | None
 class LocalStack:
     """`environ` (default: this process's, read once here) is what the stack's processes start from."""
 
-    def __init__(self, dev: DevStackSettings | None = None, log_dir: Path | None = None,
-                 environ: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        dev: DevStackSettings | None = None,
+        log_dir: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
         self.dev = dev or DevStackSettings()
         self.environ = dict(os.environ if environ is None else environ)
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="birefnet-stack-"))
@@ -125,26 +144,35 @@ class LocalStack:
         (self.log_dir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis.start()
         self.aws.start()
-        # A development stack: signing keys generated into its own Redis are fine here (production refuses them).
+        # A development stack: signing keys generated into its own Redis are fine here (production refuses
+        # them).
         extra = {"BIREFNET_WEIGHTS_FALLBACK": self.dev.weights_fallback, "BIREFNET_ALLOW_DEV_SECRETS": "true"}
         if self.dev.allow_loopback_urls:
             # The demo's webhook receiver and local image servers live on loopback, which production refuses.
             extra |= {"BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"}
-        services = self.services = build_stack(self.redis.url, self.aws.url, extra, log_dir=self.log_dir,
-                                               environ=self.environ, dotenv=True)
+        services = self.services = build_stack(
+            self.redis.url, self.aws.url, extra, log_dir=self.log_dir, environ=self.environ, dotenv=True
+        )
         services.start_producer()
         services.start_deliverer(concurrency=2)
         self.tls = make_tls(self.log_dir)
-        services.start_gateway(self.dev.gateway_port, self.tls,
-                               extra_env={"BIREFNET_GATEWAY_AUTH": "off"})  # development mode: any FAL_KEY works
+        services.start_gateway(
+            self.dev.gateway_port, self.tls, extra_env={"BIREFNET_GATEWAY_AUTH": "off"}
+        )  # development mode: any FAL_KEY works
         if with_worker:
             self.hub_offline_reason = hub_offline_reason(self.dev.hub_probe_timeout, services.env)
             worker_env = {"HF_HUB_OFFLINE": "1"} if self.hub_offline_reason else {}
-            for index, group in enumerate(worker_groups(variants or self.dev.worker_variants, services.settings)):
+            for index, group in enumerate(
+                worker_groups(variants or self.dev.worker_variants, services.settings)
+            ):
                 name = "worker" if index == 0 else f"worker{index + 1}"
                 self.workers[name] = group
-                services.start_worker(",".join(group), name, wait=False, extra_env={
-                    **worker_env, "BIREFNET_WORKER_METRICS_PORT": str(free_port())})
+                services.start_worker(
+                    ",".join(group),
+                    name,
+                    wait=False,
+                    extra_env={**worker_env, "BIREFNET_WORKER_METRICS_PORT": str(free_port())},
+                )
         return self
 
     def ready_file(self, worker: str) -> Path:
@@ -156,7 +184,9 @@ class LocalStack:
         while not all(self.ready_file(name).exists() for name in self.workers):
             for name in self.workers:
                 if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
+                    raise RuntimeError(
+                        f"{name} exited; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}"
+                    )
             if time.time() > deadline:
                 raise TimeoutError("the workers did not become ready")
             time.sleep(0.2)

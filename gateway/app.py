@@ -61,14 +61,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await gw.close()
 
     app = FastAPI(
-        title="birefnet-serve gateway", version="0.1.0", lifespan=lifespan,
+        title="birefnet-serve gateway",
+        version="0.1.0",
+        lifespan=lifespan,
         description="fal.ai-compatible API for fal-ai/birefnet and fal-ai/birefnet/v2. Canonical routes are "
         "under /queue (queue API) and /run (synchronous run). The same routes answer at the root: on a host "
         "starting with `queue.` (and for request-scoped paths) as the queue API, otherwise as run. Trailing "
         "slashes are ignored, `/fal-ai/birefnet/v2/requests/...` equals `/fal-ai/birefnet/requests/...`, and "
         "`/api/fal/proxy` serves fal's JS proxy protocol (x-fal-target-url).",
     )
-    for router in (video_api.queue_router, video_api.run_router, queue_api.router, run_api.router, files_api.router, misc_api.router, compose_api.router):
+    for router in (
+        video_api.queue_router,
+        video_api.run_router,
+        queue_api.router,
+        run_api.router,
+        files_api.router,
+        misc_api.router,
+        compose_api.router,
+    ):
         app.include_router(router)
     app.include_router(playground_api.router)  # browser pages: /playground, /playground/ops
     register_queue_collector(settings)  # Prometheus: queue gauges, as the other processes export them
@@ -76,12 +86,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_openapi(app, auth=settings.gateway_auth != "off")
     app.add_middleware(RequestMetrics)  # innermost: sees the route template the router matched
     app.add_middleware(FalRouting, trust_forwarded=lambda peer: forwarded_trusted(settings, peer))
-    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes,
-                       budget_bytes=settings.gateway_body_budget_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.gateway_max_body_bytes, budget_bytes=settings.gateway_body_budget_bytes
+    )
     app.add_middleware(RequestIdHeader)
-    app.add_middleware(CORSMiddleware, allow_origins=list(settings.gateway_cors_origins),
-                       allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],
-                       expose_headers=EXPOSED, max_age=600)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.gateway_cors_origins),
+        allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=EXPOSED,
+        max_age=600,
+    )
     return app
 
 
@@ -116,27 +132,37 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def disconnected(request: Request, _: ClientDisconnect) -> Response:
         # The caller hung up while sending its body: nothing was accepted and nobody reads this answer.
-        log.info("client disconnected before its request body was complete: %s %s", request.method,
-                 request.url.path)
+        log.info(
+            "client disconnected before its request body was complete: %s %s",
+            request.method,
+            request.url.path,
+        )
         return fal_json({"detail": "Client disconnected", "error_type": "client_disconnected"}, 499)
 
     @app.exception_handler(redis.ConnectionError)
     async def redis_down(_: Request, exc: redis.ConnectionError) -> Response:
         log.warning("Redis unreachable: %s", exc)
-        return FalError.flat(503, "Job store unreachable; retry shortly", "runner_connection_error").response()
+        return FalError.flat(
+            503, "Job store unreachable; retry shortly", "runner_connection_error"
+        ).response()
 
     @app.exception_handler(RecursionError)
     async def too_deep(request: Request, exc: RecursionError) -> Response:
         # Defence in depth: parsing.py bounds every document's depth, so this is a parser that was missed.
-        log.error("input nested too deeply for %s %s (a parser outside parsing.py?)", request.method,
-                  request.url.path)
+        log.error(
+            "input nested too deeply for %s %s (a parser outside parsing.py?)",
+            request.method,
+            request.url.path,
+        )
         return FalError.flat(400, "Input nested too deeply", "bad_request").response()
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> Response:
         log.exception("unhandled gateway error")
         # Served outside the request-id middleware: give it an id here (fal's clients rely on one).
-        return FalError.flat(500, "Internal gateway error", "internal_error", request_id=str(uuid.uuid4())).response()
+        return FalError.flat(
+            500, "Internal gateway error", "internal_error", request_id=str(uuid.uuid4())
+        ).response()
 
 
 def allowed_methods(request: Request) -> list[str]:

@@ -43,20 +43,44 @@ router = APIRouter(tags=["compose"])
 PATH = f"/{APP_PATH}/requests/{{request_id}}/compose"
 
 EXAMPLES = {
-    "white_background_jpeg": {"summary": "Opaque white background, JPEG", "value": {
-        "background_color": "#ffffff", "output_format": "jpeg"}},
-    "product_shot": {"summary": "Square product shot: trimmed to the subject, 10 % margin, on a backdrop", "value": {
-        "crop_to_subject": True, "crop_margin": "10%", "crop_aspect_ratio": "1:1",
-        "background_image_url": "https://example.com/backdrop.jpg", "background_fit": "cover"}},
-    "avif_cutout": {"summary": "Transparent AVIF cut-out and the mask", "value": {
-        "output_format": "avif", "output_mask": True}},
+    "white_background_jpeg": {
+        "summary": "Opaque white background, JPEG",
+        "value": {"background_color": "#ffffff", "output_format": "jpeg"},
+    },
+    "product_shot": {
+        "summary": "Square product shot: trimmed to the subject, 10 % margin, on a backdrop",
+        "value": {
+            "crop_to_subject": True,
+            "crop_margin": "10%",
+            "crop_aspect_ratio": "1:1",
+            "background_image_url": "https://example.com/backdrop.jpg",
+            "background_fit": "cover",
+        },
+    },
+    "avif_cutout": {
+        "summary": "Transparent AVIF cut-out and the mask",
+        "value": {"output_format": "avif", "output_mask": True},
+    },
 }
-BODY_DOC = {"requestBody": {"required": False, "content": {"application/json": {
-    "schema": {"$ref": "#/components/schemas/ComposeInput"}, "examples": EXAMPLES}}}}
+BODY_DOC = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ComposeInput"},
+                "examples": EXAMPLES,
+            }
+        },
+    }
+}
 NOT_READY: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The source request is still running"},
-    404: {"model": ErrorBody, "description": "Unknown source request, another key's, or no mask kept "
-          "(sync_mode, failed before its mask, output retention ended)"}}
+    404: {
+        "model": ErrorBody,
+        "description": "Unknown source request, another key's, or no mask kept "
+        "(sync_mode, failed before its mask, output retention ended)",
+    },
+}
 
 
 def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
@@ -70,33 +94,56 @@ def source_manifest(gw: Gateway, principal: Principal, source_id: str) -> dict:
         raise not_found(source_id)
     if record is not None and not record.status.is_terminal:
         raise FalError.flat(400, "Request is still in progress", "bad_request", request_id=source_id)
-    manifest = gw.objects.read_json(gw.settings.output_bucket,
-                                    request_output_prefix(gw.settings, source_id) + KEPT_MANIFEST)
+    manifest = gw.objects.read_json(
+        gw.settings.output_bucket, request_output_prefix(gw.settings, source_id) + KEPT_MANIFEST
+    )
     if manifest is None or (principal.key_id != ANONYMOUS and manifest.get("owner") != principal.key_id):
         if record is None:
             raise not_found(source_id)
-        raise FalError(404, {"detail": f"Request {source_id} has no kept mask: it used sync_mode, failed before "
-                             "its mask was computed, or its output retention ended"}, request_id=source_id)
+        raise FalError(
+            404,
+            {
+                "detail": f"Request {source_id} has no kept mask: it used sync_mode, failed before "
+                "its mask was computed, or its output retention ended"
+            },
+            request_id=source_id,
+        )
     bucket, key = parse_s3_url(manifest["mask"])
     try:
         stored = gw.objects.exists(bucket, key)
     except Exception:  # noqa: BLE001 - unreadable: as missing (retention ended), nothing to compose from
         stored = False
     if not stored:
-        raise FalError(404, {"detail": f"The kept mask of request {source_id} is no longer stored (its output "
-                             "retention ended)"}, request_id=source_id)
+        raise FalError(
+            404,
+            {
+                "detail": f"The kept mask of request {source_id} is no longer stored (its output "
+                "retention ended)"
+            },
+            request_id=source_id,
+        )
     return manifest
 
 
-def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: bytes,
-                   opts: SubmitOptions) -> Submitted:
+def submit_compose(
+    gw: Gateway, principal: Principal, source_id: str, body: bytes, opts: SubmitOptions
+) -> Submitted:
     data = json_object_body(body)
     manifest = source_manifest(gw, principal, source_id)
     request_id = gw.new_request_id(manifest["variant"])
     writes = InputWrites(gw)  # a large inline background: stored only once the request is admitted
-    fields = {**request_fields(gw.settings, principal, replace(opts, endpoint=manifest["endpoint"]), request_id,
-                               kept_mask=manifest["mask"]),
-              "variant": manifest["variant"], "image_url": manifest["input"], "reuse_from": source_id}
+    fields = {
+        **request_fields(
+            gw.settings,
+            principal,
+            replace(opts, endpoint=manifest["endpoint"]),
+            request_id,
+            kept_mask=manifest["mask"],
+        ),
+        "variant": manifest["variant"],
+        "image_url": manifest["input"],
+        "reuse_from": source_id,
+    }
     try:
         try:
             parsed = ComposeInput.model_validate(data)
@@ -109,31 +156,68 @@ def submit_compose(gw: Gateway, principal: Principal, source_id: str, body: byte
     return enqueue(gw, principal, opts, spec, writes=writes)
 
 
-@router.post("/queue" + PATH, response_model=QueueSubmitted, openapi_extra=BODY_DOC,
-             summary="Compose new outputs from a request's kept mask (queued; no network run)",
-             responses={**ERRORS, **NOT_READY,
-                        422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"}})
-async def compose_queued(request: Request, request_id: str, caller: Caller, timeout: TimeoutHeader = None,
-                         queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
-                         no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None) -> Response:
+@router.post(
+    "/queue" + PATH,
+    response_model=QueueSubmitted,
+    openapi_extra=BODY_DOC,
+    summary="Compose new outputs from a request's kept mask (queued; no network run)",
+    responses={
+        **ERRORS,
+        **NOT_READY,
+        422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"},
+    },
+)
+async def compose_queued(
+    request: Request,
+    request_id: str,
+    caller: Caller,
+    timeout: TimeoutHeader = None,
+    queue_priority: PriorityHeader = None,
+    lifecycle: LifecycleHeader = None,
+    no_retry: NoRetryHeader = None,
+    fal_webhook: WebhookQuery = None,
+) -> Response:
     """Answers like a submit: a new request id with its status/response/cancel URLs. Invalid options
     complete that request with a 422 result, as on submit."""
     gw = gateway(request)
     submitted = await run_in_threadpool(
-        submit_compose, gw, caller, request_id, await request.body(),
-        options("v2", timeout, queue_priority, lifecycle, no_retry, fal_webhook))
+        submit_compose,
+        gw,
+        caller,
+        request_id,
+        await request.body(),
+        options("v2", timeout, queue_priority, lifecycle, no_retry, fal_webhook),
+    )
     return await submitted_answer(gw, request, submitted)
 
 
-@router.post("/run" + PATH, openapi_extra=BODY_DOC,
-             summary="Compose new outputs from a request's kept mask and wait for them (no network run)",
-             responses={**ERRORS, **NOT_READY, 200: {"model": BiRefNetOutput, "description": "The output"},
-                        422: {"model": ValidationErrorBody, "description": "Invalid options"}})
-async def compose_run(request: Request, request_id: str, caller: Caller, timeout: TimeoutHeader = None,
-                      queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
-                      no_retry: NoRetryHeader = None) -> Response:
+@router.post(
+    "/run" + PATH,
+    openapi_extra=BODY_DOC,
+    summary="Compose new outputs from a request's kept mask and wait for them (no network run)",
+    responses={
+        **ERRORS,
+        **NOT_READY,
+        200: {"model": BiRefNetOutput, "description": "The output"},
+        422: {"model": ValidationErrorBody, "description": "Invalid options"},
+    },
+)
+async def compose_run(
+    request: Request,
+    request_id: str,
+    caller: Caller,
+    timeout: TimeoutHeader = None,
+    queue_priority: PriorityHeader = None,
+    lifecycle: LifecycleHeader = None,
+    no_retry: NoRetryHeader = None,
+) -> Response:
     gw = gateway(request)
     submitted = await run_in_threadpool(
-        submit_compose, gw, caller, request_id, await request.body(),
-        options("v2", timeout, queue_priority, lifecycle, no_retry))
+        submit_compose,
+        gw,
+        caller,
+        request_id,
+        await request.body(),
+        options("v2", timeout, queue_priority, lifecycle, no_retry),
+    )
     return await run_answer(gw, request, submitted.request_id)

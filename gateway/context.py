@@ -35,6 +35,7 @@ from gateway.push import JobEvents
 @dataclass
 class ShardClients:
     """The gateway's clients of one Redis shard: its job records, queues and job events."""
+
     shard: Shard
     settings: GatewaySettings  # the gateway's, with this shard's Redis as redis_url
     store: JobStore  # sync: Lua state changes, run in the thread pool
@@ -45,8 +46,13 @@ class ShardClients:
     @classmethod
     def build(cls, settings: GatewaySettings, shard: Shard, sharded: bool) -> ShardClients:
         own = settings_for(settings, shard) if sharded else settings
-        return cls(shard=shard, settings=own, store=JobStore.from_settings(own), aredis=async_redis_client(own),
-                   celery=make_celery(own, name="birefnet-gateway"))
+        return cls(
+            shard=shard,
+            settings=own,
+            store=JobStore.from_settings(own),
+            aredis=async_redis_client(own),
+            celery=make_celery(own, name="birefnet-gateway"),
+        )
 
     @property
     def redis(self) -> redis.Redis:
@@ -55,8 +61,11 @@ class ShardClients:
     @cached_property
     def events(self) -> JobEvents:
         """Pushed job changes for status streams and sync runs (one subscription per process and shard)."""
-        return JobEvents(self.aredis, recheck=self.settings.gateway_push_recheck,
-                         fallback_poll=self.settings.gateway_push_fallback_poll)
+        return JobEvents(
+            self.aredis,
+            recheck=self.settings.gateway_push_recheck,
+            fallback_poll=self.settings.gateway_push_fallback_poll,
+        )
 
     async def close(self) -> None:
         if "events" in self.__dict__:
@@ -118,8 +127,12 @@ class Gateway:
         shard 0, each queue's cap read on its own shard."""
         if not self.shard_map.sharded:
             return Limiter(self.redis, self.settings)
-        return Limiter(self.redis, self.settings, queues=lambda variant: self.on_variant(variant).redis,
-                       records=lambda request_id: self.on_request(request_id).redis)
+        return Limiter(
+            self.redis,
+            self.settings,
+            queues=lambda variant: self.on_variant(variant).redis,
+            records=lambda request_id: self.on_request(request_id).redis,
+        )
 
     @cached_property
     def fetch_policy(self) -> NetPolicy:

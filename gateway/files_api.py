@@ -45,8 +45,10 @@ TOKEN_TTL = 3600
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # What served files may do in a browser: nothing. A file opened from its URL runs no script, loads nothing
 # and is not sniffed into HTML, whatever it holds (the gateway's origin also serves the playground).
-SERVED_FILE_HEADERS = {"x-content-type-options": "nosniff",
-                       "content-security-policy": "default-src 'none'; sandbox"}
+SERVED_FILE_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'none'; sandbox",
+}
 
 
 def upload_key(gw: Gateway, owner: str, file_name: str) -> str:
@@ -58,16 +60,30 @@ def schedule_deletion(gw: Gateway, key: str, ttl: int | None) -> None:
     gw.redis.zadd(keys.OUTPUTS, {f"obj:{key}": time.time() + (ttl or gw.settings.gateway_output_retention)})
 
 
-_INITIATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {
-    "schema": UploadInitiate.model_json_schema()}}}}
+_INITIATE_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": UploadInitiate.model_json_schema()}},
+    }
+}
 
 
-@router.post("/rest/storage/upload/initiate", response_model=UploadInitiated, openapi_extra=_INITIATE_BODY,
-             responses={**ERRORS, 400: {"model": ErrorBody, "description": "Malformed lifecycle header"},
-                        422: {"model": ValidationErrorBody, "description": "Body is not a valid JSON object"}})
-async def upload_initiate(request: Request, caller: Caller, storage_type: Annotated[str, Query()] = None,
-                          lifecycle: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
-                          ) -> Response:
+@router.post(
+    "/rest/storage/upload/initiate",
+    response_model=UploadInitiated,
+    openapi_extra=_INITIATE_BODY,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "Malformed lifecycle header"},
+        422: {"model": ValidationErrorBody, "description": "Body is not a valid JSON object"},
+    },
+)
+async def upload_initiate(
+    request: Request,
+    caller: Caller,
+    storage_type: Annotated[str, Query()] = None,
+    lifecycle: Annotated[str, Header(alias="x-fal-object-lifecycle-preference")] = None,
+) -> Response:
     """Any `storage_type` (fal-cdn-v3, gcs) is served the same way: S3 in our deployment."""
     gw = gateway(request)
     data = json_object_body(await request.body())  # a missing body means the defaults
@@ -81,19 +97,28 @@ async def upload_initiate(request: Request, caller: Caller, storage_type: Annota
     def initiate() -> dict:
         bucket = gw.settings.output_bucket
         schedule_deletion(gw, key, ttl)
-        return {"upload_url": gw.objects.presigned_put(bucket, key, spec.content_type, UPLOAD_URL_TTL),
-                "file_url": gw.objects.url_for(bucket, key, ttl=ttl, api=True)}
+        return {
+            "upload_url": gw.objects.presigned_put(bucket, key, spec.content_type, UPLOAD_URL_TTL),
+            "file_url": gw.objects.url_for(bucket, key, ttl=ttl, api=True),
+        }
 
     return fal_json(await run_in_threadpool(initiate))
 
 
 @router.post("/rest/storage/auth/token", response_model=UploadToken, responses=ERRORS)
-async def upload_token(request: Request, caller: Caller,
-                       storage_type: Annotated[str, Query()] = None) -> Response:
+async def upload_token(
+    request: Request, caller: Caller, storage_type: Annotated[str, Query()] = None
+) -> Response:
     gw = gateway(request)
     token, expires = make_token(await run_in_threadpool(lambda: gw.secret), caller.key_id, TOKEN_TTL)
-    return fal_json({"token": token, "token_type": "Bearer", "base_url": public_base(request, gw.settings),
-                     "expires_at": datetime.fromtimestamp(expires, UTC).isoformat()})
+    return fal_json(
+        {
+            "token": token,
+            "token_type": "Bearer",
+            "base_url": public_base(request, gw.settings),
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+        }
+    )
 
 
 async def uploader(request: Request, authorization: str | None) -> Principal:
@@ -106,20 +131,37 @@ async def uploader(request: Request, authorization: str | None) -> Principal:
     return await principal(request, authorization)
 
 
-@router.post("/files/upload", response_model=FileUploaded, responses={
-    **ERRORS, 400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"},
-    415: {"model": ErrorBody, "description": "A Content-Type that is not an input image or video type"}},
+@router.post(
+    "/files/upload",
+    response_model=FileUploaded,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "No body, or a malformed lifecycle header"},
+        415: {"model": ErrorBody, "description": "A Content-Type that is not an input image or video type"},
+    },
     openapi_extra={
-    "requestBody": {"required": True, "content": {"application/octet-stream": {
-        "schema": {"type": "string", "format": "binary", "minLength": 1}}},
-        # Image and video types (and unlabelled bytes) are taken. Not declared as */*: fuzzers then serialise the bytes
-        # as a form, i.e. send an empty body.
-        "description": "The file's bytes, with its own Content-Type: one of "
-                       f"{', '.join(sorted(UPLOAD_TYPES))}."}})
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+            },
+            # Image and video types (and unlabelled bytes) are taken. Not declared as */*: fuzzers then
+            # serialise the bytes
+            # as a form, i.e. send an empty body.
+            "description": "The file's bytes, with its own Content-Type: one of "
+            f"{', '.join(sorted(UPLOAD_TYPES))}.",
+        }
+    },
+)
 async def files_upload(
     request: Request,
-    authorization: Annotated[str, Header(description="`Bearer <upload token>` from /rest/storage/auth/token, "
-                                         "or an API key as on every route")] = None,
+    authorization: Annotated[
+        str,
+        Header(
+            description="`Bearer <upload token>` from /rest/storage/auth/token, "
+            "or an API key as on every route"
+        ),
+    ] = None,
     content_type: Annotated[str, Header()] = None,
     file_name: Annotated[str, Header(alias="X-Fal-File-Name")] = None,
     lifecycle: Annotated[str, Header(alias="X-Fal-Object-Lifecycle")] = None,
@@ -134,10 +176,17 @@ async def files_upload(
     given = content_type.strip() if content_type and valid_content_type(content_type.strip()) else ""
     stored_type = upload_type(given) if given else "application/octet-stream"
     if stored_type is None:  # checked before the body is read: a refused upload costs no memory
-        raise FalError.flat(415, f"Content-Type {given[:100]!r} is not an input image or video type (one of "
-                            f"{', '.join(sorted(UPLOAD_TYPES))})", "unsupported_media_type")
-    ttl = (lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle") if lifecycle is not None
-           else lifecycle_seconds(lifecycle_preference))
+        raise FalError.flat(
+            415,
+            f"Content-Type {given[:100]!r} is not an input image or video type (one of "
+            f"{', '.join(sorted(UPLOAD_TYPES))})",
+            "unsupported_media_type",
+        )
+    ttl = (
+        lifecycle_seconds(lifecycle, "X-Fal-Object-Lifecycle")
+        if lifecycle is not None
+        else lifecycle_seconds(lifecycle_preference)
+    )
     data = await request.body()
     if not data:
         raise FalError.flat(400, "Request body is empty: send the file's bytes", "bad_request")
@@ -152,15 +201,36 @@ async def files_upload(
     return fal_json({"access_url": await run_in_threadpool(store)})
 
 
-@router.get("/objects/{key:path}", responses={
-    200: {"content": {"*/*": {}}, "description": "The file (opened as a download, in a sandbox: no script runs)"},
-    404: {"model": ErrorBody, "description": "Unknown, expired or badly signed URL, or a malformed exp or sig"}})
-async def get_object(request: Request, key: str,
-                     exp: Annotated[str, Query(description="Expiry, Unix seconds (ASCII digits)",
-                                               json_schema_extra={"pattern": "^[0-9]{0,15}$"})] = "",
-                     sig: Annotated[str, Query(description="The URL's signature (base64url)",
-                                               json_schema_extra={"pattern": "^[A-Za-z0-9_-]{0,64}$"})] = "",
-                     ) -> Response:
+@router.get(
+    "/objects/{key:path}",
+    responses={
+        200: {
+            "content": {"*/*": {}},
+            "description": "The file (opened as a download, in a sandbox: no script runs)",
+        },
+        404: {
+            "model": ErrorBody,
+            "description": "Unknown, expired or badly signed URL, or a malformed exp or sig",
+        },
+    },
+)
+async def get_object(
+    request: Request,
+    key: str,
+    exp: Annotated[
+        str,
+        Query(
+            description="Expiry, Unix seconds (ASCII digits)", json_schema_extra={"pattern": "^[0-9]{0,15}$"}
+        ),
+    ] = "",
+    sig: Annotated[
+        str,
+        Query(
+            description="The URL's signature (base64url)",
+            json_schema_extra={"pattern": "^[A-Za-z0-9_-]{0,64}$"},
+        ),
+    ] = "",
+) -> Response:
     """A stored file behind a signed, expiring URL (no API key: the signature is the permission)."""
     gw = gateway(request)
     secret = await run_in_threadpool(lambda: gw.secret)
@@ -172,9 +242,16 @@ async def get_object(request: Request, key: str,
         raise FalError(404, {"detail": "File not found or link expired"}) from exc
     # The stored Content-Type as is (a media_type would get "; charset=utf-8" added to text types).
     stored_type = obj.content_type or "application/octet-stream"
-    headers = {"content-length": str(obj.size), "cache-control": "private, max-age=3600",
-               "content-type": stored_type, **SERVED_FILE_HEADERS}
-    if key.startswith(f"{gw.settings.output_prefix}files/") or upload_type(stored_type) in (None, "application/octet-stream"):
+    headers = {
+        "content-length": str(obj.size),
+        "cache-control": "private, max-age=3600",
+        "content-type": stored_type,
+        **SERVED_FILE_HEADERS,
+    }
+    if key.startswith(f"{gw.settings.output_prefix}files/") or upload_type(stored_type) in (
+        None,
+        "application/octet-stream",
+    ):
         # Callers' own files (and anything not an image we made) download instead of opening in a tab.
         name = _UNSAFE.sub("_", key.rsplit("/", 1)[-1])[:120] or "file"
         headers["content-disposition"] = f'attachment; filename="{name}"'

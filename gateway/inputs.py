@@ -53,7 +53,8 @@ def check_url(url: str, policy: NetPolicy, loc: list[Any]) -> None:
 
 def has_dot_segments(key: str) -> bool:
     """`.`/`..` segments (also percent-encoded): literal on AWS, but some S3-compatible stores normalise
-    them, so `files/<own prefix>/../../requests/<other id>/...` could leave the prefix it was checked against."""
+    them, so `files/<own prefix>/../../requests/<other id>/...` could leave the prefix it was checked
+    against."""
     return any(unquote(segment) in (".", "..") for segment in key.replace("\\", "/").split("/"))
 
 
@@ -73,7 +74,7 @@ def own_object_key(url: str, secret: str) -> str | None:
     if not parts.path.startswith("/objects/"):
         return None
     query = parse_qs(parts.query)
-    key = unquote(parts.path[len("/objects/"):])
+    key = unquote(parts.path[len("/objects/") :])
     expires, signature = query.get("exp", [""])[0], query.get("sig", [""])[0]
     return key if object_url_valid(secret, key, expires, signature) else None
 
@@ -84,11 +85,17 @@ def own_bucket_key(url: str, settings: GatewaySettings) -> str | None:
     if not settings.s3_endpoint_url:
         return None
     base = f"{settings.s3_endpoint_url.rstrip('/')}/{settings.output_bucket}/"
-    return unquote(urlsplit(url).path[len(urlsplit(base).path):]) if url.startswith(base) else None
+    return unquote(urlsplit(url).path[len(urlsplit(base).path) :]) if url.startswith(base) else None
 
 
-def resolve_image_url(gw: Gateway, principal: Principal, url: str, request_id: str,
-                      field: str = "image_url", writes: InputWrites | None = None) -> str:
+def resolve_image_url(
+    gw: Gateway,
+    principal: Principal,
+    url: str,
+    request_id: str,
+    field: str = "image_url",
+    writes: InputWrites | None = None,
+) -> str:
     """What the worker should fetch for `image_url` (or another image `field`, e.g. background_image_url);
     raises InputErrors for what it may not. A large data URI becomes an S3 object, stored when `writes` is
     flushed (at once without `writes`)."""
@@ -100,11 +107,11 @@ def resolve_image_url(gw: Gateway, principal: Principal, url: str, request_id: s
         except ValueError as exc:
             raise InputErrors([detail(loc, str(exc), "file_download_error")]) from exc
         if has_dot_segments(key):
-            raise InputErrors([detail(loc, "'.' and '..' segments are not allowed in an S3 key",
-                                      "file_download_error")])
+            raise InputErrors(
+                [detail(loc, "'.' and '..' segments are not allowed in an S3 key", "file_download_error")]
+            )
         if not may_read_s3(principal, settings, bucket, key):
-            raise InputErrors([detail(loc, f"this API key may not read {url}",
-                                      "file_download_error")])
+            raise InputErrors([detail(loc, f"this API key may not read {url}", "file_download_error")])
         return url
     if scheme == "data":
         if len(url) <= INLINE_DATA_LIMIT:

@@ -37,8 +37,15 @@ async def healthz(request: Request) -> Response:
     return fal_json({"status": "ok"})
 
 
-router.add_api_route("/readyz", healthz, methods=["GET"], tags=["ops"], operation_id="readyz",
-                     summary="Readyz", description="200 when this gateway can reach Redis (readiness probe).")
+router.add_api_route(
+    "/readyz",
+    healthz,
+    methods=["GET"],
+    tags=["ops"],
+    operation_id="readyz",
+    summary="Readyz",
+    description="200 when this gateway can reach Redis (readiness probe).",
+)
 
 
 @router.get("/livez", tags=["ops"])
@@ -54,10 +61,15 @@ async def metrics(_: Admin) -> Response:
     return metrics_response()
 
 
-@router.get("/admin/webhooks/failed", tags=["ops"], response_model=FailedWebhooks,
-            responses={**ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}})
-async def failed_webhooks(request: Request, caller: Admin,
-                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+@router.get(
+    "/admin/webhooks/failed",
+    tags=["ops"],
+    response_model=FailedWebhooks,
+    responses={**ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}},
+)
+async def failed_webhooks(
+    request: Request, caller: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> Response:
     """Requests whose webhook never got a 2xx after every retry, newest first, with each attempt."""
     gw = gateway(request)
     failed: list[dict] = []
@@ -71,17 +83,33 @@ async def proxy(request: Request) -> Response:
     """fal's JS `proxyUrl` target. Requests whose `x-fal-target-url` names https://queue.fal.run/...,
     https://fal.run/... or https://rest.fal.ai/... are served as that route (same method, body and
     Authorization); anything else ends here."""
-    raise FalError(400, {"detail": "Invalid request: x-fal-target-url must be a queue.fal.run, fal.run or "
-                                   "rest.fal.ai URL", "error_type": "bad_request"})
+    raise FalError(
+        400,
+        {
+            "detail": "Invalid request: x-fal-target-url must be a queue.fal.run, fal.run or rest.fal.ai URL",
+            "error_type": "bad_request",
+        },
+    )
 
 
 # Documented, not enforced by FastAPI: a missing or foreign target is fal's 400, not a 422.
-_TARGET = {"name": "x-fal-target-url", "in": "header", "required": True,
-           "description": "The fal URL this request stands for (fal's JS client sets it).",
-           "schema": {"type": "string", "pattern": r"^https://(queue\.fal\.run|fal\.run|rest\.fal\.ai)/"}}
+_TARGET = {
+    "name": "x-fal-target-url",
+    "in": "header",
+    "required": True,
+    "description": "The fal URL this request stands for (fal's JS client sets it).",
+    "schema": {"type": "string", "pattern": r"^https://(queue\.fal\.run|fal\.run|rest\.fal\.ai)/"},
+}
 for _method in ("GET", "POST", "PUT"):
     router.add_api_route(
-        PROXY_PATH, proxy, methods=[_method], tags=["proxy"], operation_id=f"proxy_{_method.lower()}",
+        PROXY_PATH,
+        proxy,
+        methods=[_method],
+        tags=["proxy"],
+        operation_id=f"proxy_{_method.lower()}",
         openapi_extra={"parameters": [_TARGET]},
-        responses={400: {"model": ErrorBody, "description": "Missing or foreign x-fal-target-url"},
-                   "default": {"description": "Whatever the target route answers"}})
+        responses={
+            400: {"model": ErrorBody, "description": "Missing or foreign x-fal-target-url"},
+            "default": {"description": "Whatever the target route answers"},
+        },
+    )

@@ -54,11 +54,28 @@ class ValidationErrorBody(BaseModel):
 # video containers the video endpoint reads (what browsers and fal's clients label .mp4, .m4v, .mov, .webm,
 # .mkv and .avi files), or unlabelled bytes. Anything a browser would run (HTML, SVG, XML, JavaScript) is
 # refused.
-UPLOAD_TYPES = frozenset({
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
-    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream",
-    "video/mp4", "video/x-m4v", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo",
-    "video/avi"})
+UPLOAD_TYPES = frozenset(
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/png",
+        "image/webp",
+        "image/gif",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+        "image/avif",
+        "application/octet-stream",
+        "video/mp4",
+        "video/x-m4v",
+        "video/quicktime",
+        "video/webm",
+        "video/x-matroska",
+        "video/x-msvideo",
+        "video/avi",
+    }
+)
 
 
 def upload_type(content_type: str) -> str | None:
@@ -69,13 +86,18 @@ def upload_type(content_type: str) -> str | None:
 
 # The same list as a JSON-schema pattern (exact, lower case): what the initiate body's schema promises is
 # exactly what it takes.
-UPLOAD_TYPE_PATTERN = "^(" + "|".join(sorted(t.replace(".", "[.]").replace("+", "[+]") for t in UPLOAD_TYPES)) + ")$"
+UPLOAD_TYPE_PATTERN = (
+    "^(" + "|".join(sorted(t.replace(".", "[.]").replace("+", "[+]") for t in UPLOAD_TYPES)) + ")$"
+)
 
 
 class UploadInitiate(BaseModel):
-    content_type: str = Field("application/octet-stream", pattern=UPLOAD_TYPE_PATTERN,
-                              description="MIME type the upload will be sent with: an input image or video type "
-                              f"({', '.join(sorted(UPLOAD_TYPES))}).")
+    content_type: str = Field(
+        "application/octet-stream",
+        pattern=UPLOAD_TYPE_PATTERN,
+        description="MIME type the upload will be sent with: an input image or video type "
+        f"({', '.join(sorted(UPLOAD_TYPES))}).",
+    )
     file_name: str = Field("upload.bin", max_length=1024)
 
 

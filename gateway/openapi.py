@@ -21,8 +21,10 @@ IMAGE_URL_PATTERN = r"^([Hh][Tt][Tt][Pp][Ss]?|[Dd][Aa][Tt][Aa]|[Ss]3):"
 
 
 # A 1x1 PNG: an example that needs no network.
-EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
-                 "hKmMIQAAAABJRU5ErkJggg==")
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+    "hKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 def input_schemas() -> dict[str, Any]:
@@ -32,8 +34,10 @@ def input_schemas() -> dict[str, Any]:
         schemas.update(schema.pop("$defs", {}))
         # fal's own fields first, then the extension fields the model inherits.
         properties = schema.get("properties", {})
-        schema["properties"] = {**{k: v for k, v in properties.items() if k not in OutputExtensions.model_fields},
-                                **{k: v for k, v in properties.items() if k in OutputExtensions.model_fields}}
+        schema["properties"] = {
+            **{k: v for k, v in properties.items() if k not in OutputExtensions.model_fields},
+            **{k: v for k, v in properties.items() if k in OutputExtensions.model_fields},
+        }
         schema["properties"].get("image_url", {}).setdefault("pattern", IMAGE_URL_PATTERN)
         if schema.get("required") == ["image_url"]:
             schema.setdefault("examples", [{"image_url": EXAMPLE_IMAGE}])
@@ -63,8 +67,11 @@ def lifecycle_content() -> dict[str, Any]:
     """What parsing.lifecycle_seconds accepts: a JSON object whose expiration_duration_seconds, when
     present, is a number of seconds in range (other members, e.g. initial_acl, are ignored)."""
     seconds = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_LIFETIME}
-    return {"application/json": {"schema": {"type": "object", "properties": {
-        "expiration_duration_seconds": seconds}}}}
+    return {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"expiration_duration_seconds": seconds}}
+        }
+    }
 
 
 def describe_lifecycle_headers(schema: dict[str, Any]) -> None:
@@ -77,12 +84,17 @@ def describe_lifecycle_headers(schema: dict[str, Any]) -> None:
                     parameter["content"] = lifecycle_content()
 
 
-REQUEST_SCOPED = {"status": ("get", "/status"), "status_stream": ("get", "/status/stream"), "result": ("get", ""),
-                  "cancel": ("put", "/cancel")}
+REQUEST_SCOPED = {
+    "status": ("get", "/status"),
+    "status_stream": ("get", "/status/stream"),
+    "result": ("get", ""),
+    "cancel": ("put", "/cancel"),
+}
 
 
 def add_links(schema: dict[str, Any]) -> None:
-    """OpenAPI links from a submit's `request_id` to the request-scoped routes (stateful testing follows them)."""
+    """OpenAPI links from a submit's `request_id` to the request-scoped routes (stateful testing follows
+    them)."""
     paths = schema.get("paths", {})
     base = next((path for path in paths if path.endswith("/requests/{request_id}")), None)
     if base is None:
@@ -91,7 +103,10 @@ def add_links(schema: dict[str, Any]) -> None:
     for name, (method, suffix) in REQUEST_SCOPED.items():
         operation_id = paths.get(base + suffix, {}).get(method, {}).get("operationId")
         if operation_id:
-            links[name] = {"operationId": operation_id, "parameters": {"request_id": "$response.body#/request_id"}}
+            links[name] = {
+                "operationId": operation_id,
+                "parameters": {"request_id": "$response.body#/request_id"},
+            }
     for path, methods in paths.items():
         if path.startswith("/queue/") and "/requests/" not in path and "post" in methods:
             methods["post"].get("responses", {}).get("200", {})["links"] = links
@@ -117,8 +132,9 @@ def add_common_errors(schema: dict[str, Any], auth: bool) -> None:
 def install_openapi(app: FastAPI, auth: bool = True) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(input_schemas())
             add_common_errors(schema, auth)
             describe_lifecycle_headers(schema)

@@ -19,7 +19,9 @@ MAX_LIFETIME = 10 * 365 * 86400  # seconds: retention beyond ten years is a typo
 TIMEOUT_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,9})?$"  # what fal's clients send: str(float), e.g. "30.0"
 TIMEOUT_MAX_LENGTH = 22
 # `type/subtype` with optional `; parameters`, printable ASCII (what S3 stores as Content-Type).
-CONTENT_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(;[ -~]{0,200})?$"
+CONTENT_TYPE_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(;[ -~]{0,200})?$"
+)
 _CONTENT_TYPE = re.compile(CONTENT_TYPE_PATTERN)
 
 
@@ -61,8 +63,9 @@ def strict_loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     else:
         text = raw
     try:
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
-                          object_pairs_hook=_unique_keys)
+        data = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+        )
     except InvalidJson:
         raise
     except json.JSONDecodeError as exc:
@@ -98,8 +101,9 @@ def check_text(value: str, loc: list[Any]) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidJson(loc, f"string contains a lone surrogate (U+{ord(value[exc.start]):04X}): not valid "
-                               "Unicode") from None
+        raise InvalidJson(
+            loc, f"string contains a lone surrogate (U+{ord(value[exc.start]):04X}): not valid Unicode"
+        ) from None
 
 
 def json_safe(value: Any) -> Any:
@@ -116,8 +120,20 @@ def json_safe(value: Any) -> Any:
 # --- bodies ---
 def body_error(exc: InvalidJson) -> FalError:
     """A 422 in FastAPI's `json_invalid` shape, the location inside the body included."""
-    return FalError(422, {"detail": [{"type": "json_invalid", "loc": ["body", *exc.loc], "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": exc.message}}]})
+    return FalError(
+        422,
+        {
+            "detail": [
+                {
+                    "type": "json_invalid",
+                    "loc": ["body", *exc.loc],
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": exc.message},
+                }
+            ]
+        },
+    )
 
 
 def json_object_body(raw: bytes) -> dict:
@@ -129,9 +145,19 @@ def json_object_body(raw: bytes) -> dict:
     except InvalidJson as exc:
         raise body_error(exc) from None
     if not isinstance(data, dict):
-        raise FalError(422, {"detail": [{
-            "type": "model_attributes_type", "loc": ["body"],
-            "msg": "Input should be a valid dictionary or object to extract fields from", "input": data}]})
+        raise FalError(
+            422,
+            {
+                "detail": [
+                    {
+                        "type": "model_attributes_type",
+                        "loc": ["body"],
+                        "msg": "Input should be a valid dictionary or object to extract fields from",
+                        "input": data,
+                    }
+                ]
+            },
+        )
     return data
 
 
@@ -141,7 +167,8 @@ def bad_header(name: str, why: str) -> FalError:
 
 
 def start_timeout(value: str | None, name: str = "X-Fal-Request-Timeout") -> float | None:
-    """Seconds a request may wait before it starts (0: no limit). Sent but not a plain number: 400, as on fal."""
+    """Seconds a request may wait before it starts (0: no limit). Sent but not a plain number: 400, as on
+    fal."""
     if value is None:
         return None
     if len(value) > TIMEOUT_MAX_LENGTH or not re.match(TIMEOUT_PATTERN, value):
@@ -166,7 +193,9 @@ def lifecycle_seconds(value: str | None, name: str = "x-fal-object-lifecycle-pre
         return None
     seconds = data["expiration_duration_seconds"]
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_LIFETIME:
-        raise bad_header(name, f"expiration_duration_seconds must be a number of seconds in 1..{MAX_LIFETIME}")
+        raise bad_header(
+            name, f"expiration_duration_seconds must be a number of seconds in 1..{MAX_LIFETIME}"
+        )
     return max(1, int(seconds))
 
 

@@ -28,7 +28,7 @@ APP_IDS = {"v1": "fal-ai/birefnet", "v2": "fal-ai/birefnet/v2", "v2/video": "fal
 # presigned S3 URLs on another host), no framing.
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src * data: blob:; connect-src 'self'; "
-                               "media-src * data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+    "media-src * data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "cache-control": "no-cache",
 }
@@ -55,8 +55,11 @@ async def playground_options(request: Request) -> Response:
             if name in ("image_url", "video_url"):
                 continue
             annotation = field.annotation
-            choices = [member.value for member in annotation] if isinstance(annotation, type) and hasattr(
-                annotation, "__members__") else None
+            choices = (
+                [member.value for member in annotation]
+                if isinstance(annotation, type) and hasattr(annotation, "__members__")
+                else None
+            )
             default = getattr(field.default, "value", field.default)
             fields[name] = {"default": default, "choices": choices, "description": field.description or ""}
         variants: dict[str, str | None] = {}
@@ -67,10 +70,14 @@ async def playground_options(request: Request) -> Response:
                 variants[model] = None
         video = endpoint == "v2/video"
         # The page's one format select and input URL field map onto each endpoint's own names.
-        endpoints[endpoint] = {"app_id": APP_IDS[endpoint], "fields": fields, "variants": variants,
-                               "url_field": "video_url" if video else "image_url",
-                               "format_field": "video_output_type" if video else "output_format",
-                               "resolution_limits": {"2304x2304": ["General Use (Dynamic)"]}}
+        endpoints[endpoint] = {
+            "app_id": APP_IDS[endpoint],
+            "fields": fields,
+            "variants": variants,
+            "url_field": "video_url" if video else "image_url",
+            "format_field": "video_output_type" if video else "output_format",
+            "resolution_limits": {"2304x2304": ["General Use (Dynamic)"]},
+        }
     return fal_json({"endpoints": endpoints, "auth": gateway(request).settings.gateway_auth})
 
 
@@ -83,11 +90,17 @@ async def playground_asset(name: str) -> Response:
     raise FalError(404, {"detail": "Not found"})
 
 
-@router.get("/admin/ops/status", tags=["ops"], responses={
-    **ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}})
-async def ops_status(request: Request, caller: Admin,
-                     minutes: Annotated[float, Query(gt=0, le=7 * 24 * 60)] = None,
-                     all_variants: Annotated[bool, Query(alias="all")] = False) -> Response:
+@router.get(
+    "/admin/ops/status",
+    tags=["ops"],
+    responses={**ERRORS, 403: {"model": ErrorBody, "description": "Not an admin key"}},
+)
+async def ops_status(
+    request: Request,
+    caller: Admin,
+    minutes: Annotated[float, Query(gt=0, le=7 * 24 * 60)] = None,
+    all_variants: Annotated[bool, Query(alias="all")] = False,
+) -> Response:
     """Queues per variant, workers and their variants, throughput and latency over the window, webhook
     failures and dead letters: the data of `python -m ops status --json`."""
     gw = gateway(request)

@@ -90,7 +90,7 @@ class JobEvents:
                 watch.changed.set()
 
     def _dispatch(self, channel: str) -> None:
-        kind, _, name = channel[len(keys.EVENTS_PREFIX):].partition(":")
+        kind, _, name = channel[len(keys.EVENTS_PREFIX) :].partition(":")
         index = self._by_job if kind == "job" else self._by_queue if kind == "queue" else {}
         for watch in index.get(name, ()):
             watch.changed.set()
@@ -115,8 +115,11 @@ class JobEvents:
                 raise
             except (redis.RedisError, OSError) as exc:
                 if self.subscribed:
-                    log.warning("job event subscription lost (%s); waiters re-read every %.1fs until it is back",
-                                exc, self.fallback_poll)
+                    log.warning(
+                        "job event subscription lost (%s); waiters re-read every %.1fs until it is back",
+                        exc,
+                        self.fallback_poll,
+                    )
                 self.subscribed = False
                 self._ready.set()  # waiters run on the fallback poll meanwhile
                 self._wake_all()
@@ -131,4 +134,3 @@ class JobEvents:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-

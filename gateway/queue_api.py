@@ -42,58 +42,131 @@ INPUT_SCHEMAS = {"v1": "BiRefNetInput", "v2": "BiRefNetV2Input"}
 REQUEST = f"/{APP_PATH}/requests/{{request_id}}"
 
 # Typed `str` with a None default (not `str | None`): optional without documenting a null value.
-TimeoutHeader = Annotated[str, Header(
-    alias="X-Fal-Request-Timeout", description="Seconds the request may wait before it starts; then it "
-    "completes with a 504 request_timeout error. Not a number: 400.",
-    json_schema_extra={"pattern": TIMEOUT_PATTERN, "maxLength": TIMEOUT_MAX_LENGTH})]
+TimeoutHeader = Annotated[
+    str,
+    Header(
+        alias="X-Fal-Request-Timeout",
+        description="Seconds the request may wait before it starts; then it "
+        "completes with a 504 request_timeout error. Not a number: 400.",
+        json_schema_extra={"pattern": TIMEOUT_PATTERN, "maxLength": TIMEOUT_MAX_LENGTH},
+    ),
+]
 # No whitespace or control characters, spelled out: `\s` differs between Python, Rust (pydantic) and
 # ECMAScript (the OpenAPI document's regex dialect), e.g. on U+0085.
-WEBHOOK_PATTERN = (r"^https?://[^\u0000-\u0020\u007f-\u009f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
-                   r"\u205f\u3000\ufeff]+$")
-WebhookQuery = Annotated[str, Query(
-    description="URL to POST the result to when done (fal's webhook payload, signed).", pattern=WEBHOOK_PATTERN,
-    max_length=4096)]
-MaxQueueQuery = Annotated[int, Query(
-    alias="fal_max_queue_length", ge=0, description="Refuse (429 queue_full) instead of queueing when this many "
-    "requests already wait for the model.")]
-LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "description": "A limit of the API key (requests_per_minute: rate_limited; "
-                 "max_concurrent: concurrency_limit) or the queue cap (queue_full); see Retry-After"}}
-BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}}
-PriorityHeader = Annotated[str, Header(
-    alias="X-Fal-Queue-Priority", description="`normal` (default) or `low` (runs after every normal request).")]
-LifecycleHeader = Annotated[str, Header(
-    alias="x-fal-object-lifecycle-preference", description='JSON {"expiration_duration_seconds": N}: '
-    "retention of this request's output files.")]
-NoRetryHeader = Annotated[str, Header(
-    alias="x-fal-no-retry", description="`1`, `true`, `yes` or `on`: if the worker running this request dies, the "
-    "request fails (503 runner_disconnected) instead of running again.")]
+WEBHOOK_PATTERN = (
+    r"^https?://[^\u0000-\u0020\u007f-\u009f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
+    r"\u205f\u3000\ufeff]+$"
+)
+WebhookQuery = Annotated[
+    str,
+    Query(
+        description="URL to POST the result to when done (fal's webhook payload, signed).",
+        pattern=WEBHOOK_PATTERN,
+        max_length=4096,
+    ),
+]
+MaxQueueQuery = Annotated[
+    int,
+    Query(
+        alias="fal_max_queue_length",
+        ge=0,
+        description="Refuse (429 queue_full) instead of queueing when this many "
+        "requests already wait for the model.",
+    ),
+]
+LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "A limit of the API key (requests_per_minute: rate_limited; "
+        "max_concurrent: concurrency_limit) or the queue cap (queue_full); see Retry-After",
+    }
+}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed X-Fal-Request-Timeout or lifecycle header"}
+}
+PriorityHeader = Annotated[
+    str,
+    Header(
+        alias="X-Fal-Queue-Priority",
+        description="`normal` (default) or `low` (runs after every normal request).",
+    ),
+]
+LifecycleHeader = Annotated[
+    str,
+    Header(
+        alias="x-fal-object-lifecycle-preference",
+        description='JSON {"expiration_duration_seconds": N}: retention of this request\'s output files.',
+    ),
+]
+NoRetryHeader = Annotated[
+    str,
+    Header(
+        alias="x-fal-no-retry",
+        description="`1`, `true`, `yes` or `on`: if the worker running this request dies, the "
+        "request fails (503 runner_disconnected) instead of running again.",
+    ),
+]
 
 
 INPUT_EXAMPLES = {  # fal's input, then the extension fields (common.domain.extensions)
-    "fal": {"summary": "fal's input", "value": {"image_url": "https://example.com/cat.jpg", "output_mask": True}},
-    "background_jpeg": {"summary": "Extension: on white, as JPEG", "value": {
-        "image_url": "https://example.com/shoe.jpg", "background_color": "#ffffff", "output_format": "jpeg"}},
-    "product_shot": {"summary": "Extension: trimmed square on a backdrop", "value": {
-        "image_url": "https://example.com/shoe.jpg", "crop_to_subject": True, "crop_margin": "10%",
-        "crop_aspect_ratio": "1:1", "background_image_url": "https://example.com/backdrop.jpg",
-        "background_fit": "cover"}},
-    "avif": {"summary": "Extension: AVIF with alpha", "value": {
-        "image_url": "https://example.com/cat.jpg", "output_format": "avif"}},
+    "fal": {
+        "summary": "fal's input",
+        "value": {"image_url": "https://example.com/cat.jpg", "output_mask": True},
+    },
+    "background_jpeg": {
+        "summary": "Extension: on white, as JPEG",
+        "value": {
+            "image_url": "https://example.com/shoe.jpg",
+            "background_color": "#ffffff",
+            "output_format": "jpeg",
+        },
+    },
+    "product_shot": {
+        "summary": "Extension: trimmed square on a backdrop",
+        "value": {
+            "image_url": "https://example.com/shoe.jpg",
+            "crop_to_subject": True,
+            "crop_margin": "10%",
+            "crop_aspect_ratio": "1:1",
+            "background_image_url": "https://example.com/backdrop.jpg",
+            "background_fit": "cover",
+        },
+    },
+    "avif": {
+        "summary": "Extension: AVIF with alpha",
+        "value": {"image_url": "https://example.com/cat.jpg", "output_format": "avif"},
+    },
 }
 
 
 def body_doc(endpoint: str) -> dict:
     schema = {"$ref": f"#/components/schemas/{INPUT_SCHEMAS[endpoint]}"}
-    return {"requestBody": {"required": False, "content": {"application/json": {
-        "schema": schema, "examples": INPUT_EXAMPLES}}}}
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": schema, "examples": INPUT_EXAMPLES}},
+        }
+    }
 
 
-def options(endpoint: Endpoint, timeout: str | None, queue_priority: str | None, lifecycle: str | None,
-            no_retry: str | None, webhook_url: str | None = None, max_queue_length: int | None = None) -> SubmitOptions:
-    return SubmitOptions(endpoint=endpoint, webhook_url=webhook_url, start_timeout=start_timeout(timeout),
-                         priority=priority(queue_priority), output_ttl=lifecycle_seconds(lifecycle),
-                         no_retry=flag(no_retry),
-                         max_queue_length=max_queue_length)
+def options(
+    endpoint: Endpoint,
+    timeout: str | None,
+    queue_priority: str | None,
+    lifecycle: str | None,
+    no_retry: str | None,
+    webhook_url: str | None = None,
+    max_queue_length: int | None = None,
+) -> SubmitOptions:
+    return SubmitOptions(
+        endpoint=endpoint,
+        webhook_url=webhook_url,
+        start_timeout=start_timeout(timeout),
+        priority=priority(queue_priority),
+        output_ttl=lifecycle_seconds(lifecycle),
+        no_retry=flag(no_retry),
+        max_queue_length=max_queue_length,
+    )
 
 
 def not_found(request_id: str) -> FalError:
@@ -102,14 +175,23 @@ def not_found(request_id: str) -> FalError:
 
 def make_submit(endpoint: Endpoint):
     async def submit(
-        request: Request, caller: Caller, timeout: TimeoutHeader = None, queue_priority: PriorityHeader = None,
-        lifecycle: LifecycleHeader = None, no_retry: NoRetryHeader = None, fal_webhook: WebhookQuery = None,
+        request: Request,
+        caller: Caller,
+        timeout: TimeoutHeader = None,
+        queue_priority: PriorityHeader = None,
+        lifecycle: LifecycleHeader = None,
+        no_retry: NoRetryHeader = None,
+        fal_webhook: WebhookQuery = None,
         max_queue_length: MaxQueueQuery = None,
     ) -> Response:
         gw = gateway(request)
         submitted = await run_in_threadpool(
-            submit_job, gw, caller, await request.body(),
-            options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook, max_queue_length))
+            submit_job,
+            gw,
+            caller,
+            await request.body(),
+            options(endpoint, timeout, queue_priority, lifecycle, no_retry, fal_webhook, max_queue_length),
+        )
         return await submitted_answer(gw, request, submitted)
 
     submit.__name__ = f"submit_{endpoint}"
@@ -124,17 +206,30 @@ async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) 
     except redis.RedisError:
         # The job is queued: answering 503 now would make the client submit it a second time.
         position = None
-    body = {"status": "IN_QUEUE", "request_id": rid, "gateway_request_id": rid,
-            **request_urls(public_base(request, gw.settings), rid), "queue_position": position or 0}
+    body = {
+        "status": "IN_QUEUE",
+        "request_id": rid,
+        "gateway_request_id": rid,
+        **request_urls(public_base(request, gw.settings), rid),
+        "queue_position": position or 0,
+    }
     return fal_json(body, request_id=rid)
 
 
 for _endpoint, _suffix in ENDPOINTS.items():
     router.add_api_route(
-        f"/{APP_PATH}{_suffix}", make_submit(_endpoint), methods=["POST"], response_model=QueueSubmitted,
-        summary=f"Submit a fal-ai/birefnet{_suffix} request", openapi_extra=body_doc(_endpoint),
-        responses={**ERRORS, **BAD_REQUEST, **LIMITED,
-                   422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"}},
+        f"/{APP_PATH}{_suffix}",
+        make_submit(_endpoint),
+        methods=["POST"],
+        response_model=QueueSubmitted,
+        summary=f"Submit a fal-ai/birefnet{_suffix} request",
+        openapi_extra=body_doc(_endpoint),
+        responses={
+            **ERRORS,
+            **BAD_REQUEST,
+            **LIMITED,
+            422: {"model": ValidationErrorBody, "description": "Body is not a JSON object"},
+        },
     )
 
 
@@ -145,10 +240,17 @@ async def visible(gw: Gateway, request_id: str, caller, logs_from: int | None = 
     return read
 
 
-@router.get(REQUEST + "/status", response_model=QueueStatus, responses={
-    **ERRORS, 202: {"model": QueueStatus, "description": "IN_QUEUE or IN_PROGRESS"}})
-async def status(request: Request, request_id: str, caller: Caller,
-                 logs: Annotated[str, Query(description="1/true: include all logs so far")] = None) -> Response:
+@router.get(
+    REQUEST + "/status",
+    response_model=QueueStatus,
+    responses={**ERRORS, 202: {"model": QueueStatus, "description": "IN_QUEUE or IN_PROGRESS"}},
+)
+async def status(
+    request: Request,
+    request_id: str,
+    caller: Caller,
+    logs: Annotated[str, Query(description="1/true: include all logs so far")] = None,
+) -> Response:
     """202 while IN_QUEUE / IN_PROGRESS, 200 once COMPLETED (failed and cancelled requests too)."""
     gw = gateway(request)
     read = await visible(gw, request_id, caller, 0 if flag(logs) else None)
@@ -157,21 +259,36 @@ async def status(request: Request, request_id: str, caller: Caller,
     return fal_json(body, 200 if read.snap.completed else 202, request_id=request_id)
 
 
-@router.get(REQUEST + "/status/stream", responses={
-    **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "`data: <status JSON>` per change "
-                    "(logs: new entries only), `: ping` keep-alives; closes after COMPLETED."}})
-async def status_stream(request: Request, request_id: str, caller: Caller,
-                        logs: Annotated[str, Query(description="1/true: include new log entries")] = None) -> Response:
+@router.get(
+    REQUEST + "/status/stream",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`data: <status JSON>` per change "
+            "(logs: new entries only), `: ping` keep-alives; closes after COMPLETED.",
+        },
+    },
+)
+async def status_stream(
+    request: Request,
+    request_id: str,
+    caller: Caller,
+    logs: Annotated[str, Query(description="1/true: include new log entries")] = None,
+) -> Response:
     gw = gateway(request)
     variant = (await visible(gw, request_id, caller)).snap.variant
     urls = request_urls(public_base(request, gw.settings), request_id)
     return StreamingResponse(
-        status_events(gw, request_id, caller, urls, flag(logs), variant), media_type="text/event-stream",
-        headers={REQUEST_ID: request_id, "cache-control": "no-cache", "x-accel-buffering": "no"})
+        status_events(gw, request_id, caller, urls, flag(logs), variant),
+        media_type="text/event-stream",
+        headers={REQUEST_ID: request_id, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
 
 
-async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_logs: bool,
-                        variant: str = "") -> AsyncIterator[str]:
+async def status_events(
+    gw: Gateway, request_id: str, caller, urls: dict, with_logs: bool, variant: str = ""
+) -> AsyncIterator[str]:
     """One `data:` event per change, read when the job's (or its queue's) pub/sub event says something
     changed; `: ping` keep-alives in between cost no Redis command."""
     sent_logs, last_state, last_sent = 0, None, 0.0
@@ -203,12 +320,17 @@ async def status_events(gw: Gateway, request_id: str, caller, urls: dict, with_l
                     break
 
 
-@router.get(REQUEST, responses={
-    **ERRORS, 200: {"model": BiRefNetOutput, "description": "The model output"},
-    400: {"model": ErrorBody, "description": "Not completed yet"},
-    422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
-    499: {"model": ErrorBody, "description": "Cancelled"},
-    504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"}})
+@router.get(
+    REQUEST,
+    responses={
+        **ERRORS,
+        200: {"model": BiRefNetOutput, "description": "The model output"},
+        400: {"model": ErrorBody, "description": "Not completed yet"},
+        422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
+        499: {"model": ErrorBody, "description": "Cancelled"},
+        504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"},
+    },
+)
 async def result(request: Request, request_id: str, caller: Caller) -> Response:
     """The output (200), or the error with the code the model answered."""
     gw = gateway(request)
@@ -228,12 +350,23 @@ def cancel_job(gw: Gateway, request_id: str) -> str:
     return outcome
 
 
-_CANCEL = {"cancelled": (202, "CANCELLATION_REQUESTED"), "requested": (202, "CANCELLATION_REQUESTED"),
-           "already_completed": (400, "ALREADY_COMPLETED"), "not_found": (404, "NOT_FOUND")}
+_CANCEL = {
+    "cancelled": (202, "CANCELLATION_REQUESTED"),
+    "requested": (202, "CANCELLATION_REQUESTED"),
+    "already_completed": (400, "ALREADY_COMPLETED"),
+    "not_found": (404, "NOT_FOUND"),
+}
 
 
-@router.put(REQUEST + "/cancel", responses={
-    **ERRORS, 202: {"model": CancelStatus}, 400: {"model": CancelStatus}, 404: {"model": CancelStatus}})
+@router.put(
+    REQUEST + "/cancel",
+    responses={
+        **ERRORS,
+        202: {"model": CancelStatus},
+        400: {"model": CancelStatus},
+        404: {"model": CancelStatus},
+    },
+)
 async def cancel(request: Request, request_id: str, caller: Caller) -> Response:
     """A queued request never runs; a running one stops at its next checkpoint if it can."""
     gw = gateway(request)

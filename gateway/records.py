@@ -47,8 +47,9 @@ class StatusRead:
     logs: list[dict] | None  # when asked for: entries from the requested index on
 
 
-async def read_status(gw: Gateway, request_id: str, principal: Principal,
-                      logs_from: int | None = None) -> StatusRead | None:
+async def read_status(
+    gw: Gateway, request_id: str, principal: Principal, logs_from: int | None = None
+) -> StatusRead | None:
     """The request as `principal` may see it (None: unknown, another key's, or past retention)."""
     shard = gw.on_request(request_id)
     if shard.status_script is None:
@@ -64,21 +65,29 @@ async def read_status(gw: Gateway, request_id: str, principal: Principal,
     if completed_at is not None and completed_at + gw.settings.gateway_result_retention < time.time():
         return None
     snap = Snapshot(
-        request_id=request_id, status=raw["status"], variant=raw["variant"] or "",
+        request_id=request_id,
+        status=raw["status"],
+        variant=raw["variant"] or "",
         result_code=int(raw["result_code"]) if raw["result_code"] else None,
-        error=raw["error"] or None, error_type=raw["error_type"] or None,
-        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None)
+        error=raw["error"] or None,
+        error_type=raw["error_type"] or None,
+        inference_time=float(raw["inference_time"]) if raw["inference_time"] else None,
+    )
     position = (rank or 0) if snap.status == Status.IN_QUEUE else None
     return StatusRead(snap, position, [json.loads(e) for e in entries] if logs_from is not None else None)
 
 
 async def result(gw: Gateway, request_id: str) -> tuple[str, int, str | None]:
-    reply = await gw.on_request(request_id).aredis.hmget(keys.job(request_id), ["result", "result_code", "error_type"])
+    reply = await gw.on_request(request_id).aredis.hmget(
+        keys.job(request_id), ["result", "result_code", "error_type"]
+    )
     raw, code, error_type = cast(list[str | None], reply)  # a decoding client: str replies
     return raw or "null", int(code or 200), error_type or None
 
 
-def status_body(snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None) -> dict:
+def status_body(
+    snap: Snapshot, urls: dict[str, str], entries: list[dict] | None, position: int | None
+) -> dict:
     """fal's status shape: `logs` always present (null unless asked for), `queue_position` only queued."""
     body: dict = {"status": snap.status, "request_id": snap.request_id, **urls}
     if snap.status == Status.IN_QUEUE:

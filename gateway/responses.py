@@ -19,10 +19,21 @@ _HEADER_SAFE_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 class FalError(Exception):
     """Ends a request with a JSON body (flat `{detail, error_type}` or fal's `{"status": ...}`)."""
 
-    def __init__(self, status_code: int, body: dict, *, request_id: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        body: dict,
+        *,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(str(body))
-        self.status_code, self.body, self.request_id, self.headers = status_code, body, request_id, headers or {}
+        self.status_code, self.body, self.request_id, self.headers = (
+            status_code,
+            body,
+            request_id,
+            headers or {},
+        )
 
     @classmethod
     def flat(cls, status_code: int, detail: str, error_type: str, **kwargs) -> FalError:
@@ -33,8 +44,13 @@ class FalError(Exception):
         return fal_json(self.body, self.status_code, request_id=self.request_id, headers=self.headers)
 
 
-def fal_json(body: object, status_code: int = 200, *, request_id: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+def fal_json(
+    body: object,
+    status_code: int = 200,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     merged = {**(headers or {})}
     if request_id and _HEADER_SAFE_ID.fullmatch(request_id):
         # Only ids that fit in a header: a 404 for a garbage path id must not become a 500.
@@ -141,14 +157,20 @@ class BodyLimit:
             self.in_use -= reserved
 
     async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await FalError.flat(429, "Too many large request bodies in progress; retry shortly", "server_busy",
-                            headers={"Retry-After": str(self.retry_after)}).response()(scope, receive, send)
+        await FalError.flat(
+            429,
+            "Too many large request bodies in progress; retry shortly",
+            "server_busy",
+            headers={"Retry-After": str(self.retry_after)},
+        ).response()(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = json.dumps({"detail": f"Request body exceeds {self.max_bytes} bytes",
-                           "error_type": "request_too_large"}).encode()
-        await Response(body, status_code=413, media_type="application/json",
-                       headers={ERROR_TYPE: "request_too_large"})(scope, receive, send)
+        body = json.dumps(
+            {"detail": f"Request body exceeds {self.max_bytes} bytes", "error_type": "request_too_large"}
+        ).encode()
+        await Response(
+            body, status_code=413, media_type="application/json", headers={ERROR_TYPE: "request_too_large"}
+        )(scope, receive, send)
 
 
 class _Busy(Exception):

@@ -14,8 +14,25 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROXY_PATH = "/api/fal/proxy"
 PROXY_TARGETS = {"queue.fal.run": "/queue", "fal.run": "/run", "rest.fal.ai": "/rest"}
 # First path segments that are the gateway's own, never an app id.
-RESERVED = {"queue", "run", "rest", "api", ".well-known", "openapi.json", "docs", "redoc", "admin", "files",
-            "objects", "healthz", "livez", "readyz", "metrics", "favicon.ico", "playground"}
+RESERVED = {
+    "queue",
+    "run",
+    "rest",
+    "api",
+    ".well-known",
+    "openapi.json",
+    "docs",
+    "redoc",
+    "admin",
+    "files",
+    "objects",
+    "healthz",
+    "livez",
+    "readyz",
+    "metrics",
+    "favicon.ico",
+    "playground",
+}
 _SUBPATH_BEFORE_REQUESTS = re.compile(r"^/queue/([^/]+)/([^/]+)/(?:[^/]+/)+requests/")
 
 
@@ -63,7 +80,9 @@ class FalRouting:
                 path, scope["query_string"] = routed
             else:
                 peer = (scope.get("client") or (None,))[0]
-                host = (self.trust_forwarded(peer) and _header(scope, b"x-forwarded-host")) or _header(scope, b"host")
+                host = (self.trust_forwarded(peer) and _header(scope, b"x-forwarded-host")) or _header(
+                    scope, b"host"
+                )
                 path = canonical_path(path, host.split(",")[0].strip())
             scope["path"] = path
             scope["raw_path"] = path.encode()

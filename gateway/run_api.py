@@ -63,13 +63,25 @@ async def wait_completed(gw: Gateway, request: Request, request_id: str) -> bool
 
 
 def make_run(endpoint: Endpoint):
-    async def run(request: Request, caller: Caller, timeout: TimeoutHeader = None,
-                  queue_priority: PriorityHeader = None, lifecycle: LifecycleHeader = None,
-                  no_retry: NoRetryHeader = None, max_queue_length: MaxQueueQuery = None) -> Response:
+    async def run(
+        request: Request,
+        caller: Caller,
+        timeout: TimeoutHeader = None,
+        queue_priority: PriorityHeader = None,
+        lifecycle: LifecycleHeader = None,
+        no_retry: NoRetryHeader = None,
+        max_queue_length: MaxQueueQuery = None,
+    ) -> Response:
         gw = gateway(request)
-        submitted = await run_in_threadpool(submit_job, gw, caller, await request.body(),
-                                            options(endpoint, timeout, queue_priority, lifecycle, no_retry,
-                                                    max_queue_length=max_queue_length))
+        submitted = await run_in_threadpool(
+            submit_job,
+            gw,
+            caller,
+            await request.body(),
+            options(
+                endpoint, timeout, queue_priority, lifecycle, no_retry, max_queue_length=max_queue_length
+            ),
+        )
         return await run_answer(gw, request, submitted.request_id)
 
     run.__name__ = f"run_{endpoint}"
@@ -86,9 +98,17 @@ async def run_answer(gw: Gateway, request: Request, rid: str) -> Response:
 
 for _endpoint, _suffix in ENDPOINTS.items():
     router.add_api_route(
-        f"/{APP_PATH}{_suffix}", make_run(_endpoint), methods=["POST"], summary=f"Run fal-ai/birefnet{_suffix} "
-        "and wait for the output", openapi_extra=body_doc(_endpoint),
-        responses={**ERRORS, **BAD_REQUEST, **LIMITED, 200: {"model": BiRefNetOutput, "description": "The model output"},
-                   422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
-                   504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"}},
+        f"/{APP_PATH}{_suffix}",
+        make_run(_endpoint),
+        methods=["POST"],
+        summary=f"Run fal-ai/birefnet{_suffix} and wait for the output",
+        openapi_extra=body_doc(_endpoint),
+        responses={
+            **ERRORS,
+            **BAD_REQUEST,
+            **LIMITED,
+            200: {"model": BiRefNetOutput, "description": "The model output"},
+            422: {"model": ValidationErrorBody, "description": "The model rejected the input"},
+            504: {"model": ErrorBody, "description": "X-Fal-Request-Timeout passed before it started"},
+        },
     )

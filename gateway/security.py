@@ -14,11 +14,16 @@ from gateway.responses import FalError
 from gateway.throttle import AuthThrottle, client_address
 
 # Declared for the OpenAPI document: fal's `Authorization: Key <id:secret>` (Bearer accepted too).
-authorization_header = APIKeyHeader(name="Authorization", auto_error=False,
-                                    description="`Key <key id>:<secret>` (fal's FAL_KEY), or `Bearer <same>`.")
+authorization_header = APIKeyHeader(
+    name="Authorization",
+    auto_error=False,
+    description="`Key <key id>:<secret>` (fal's FAL_KEY), or `Bearer <same>`.",
+)
 
 
-async def principal(request: Request, header: Annotated[str | None, Depends(authorization_header)]) -> Principal:
+async def principal(
+    request: Request, header: Annotated[str | None, Depends(authorization_header)]
+) -> Principal:
     gw = gateway(request)
     if gw.settings.gateway_auth == "off":
         return ANONYMOUS_PRINCIPAL

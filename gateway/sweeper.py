@@ -31,8 +31,9 @@ def expire_deadlines(gw: Gateway, shard: ShardClients) -> int:
         record = shard.store.get(request_id)
         if record is None or record.status != Status.IN_QUEUE:
             continue
-        if fail_job(exc=RequestTimeout(), settings=gw.settings, store=shard.store, objects=None,
-                    spec=record.spec):
+        if fail_job(
+            exc=RequestTimeout(), settings=gw.settings, store=shard.store, objects=None, spec=record.spec
+        ):
             expired += 1
     return expired
 
@@ -50,7 +51,9 @@ def delete_expired_files(gw: Gateway, shard: ShardClients) -> int:
         record = shard.store.get(name)
         if record is not None and not record.status.is_terminal:
             # Retention counts from completion: look again later.
-            shard.redis.zadd(keys.OUTPUTS, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))})
+            shard.redis.zadd(
+                keys.OUTPUTS, {member: time.time() + float(record.spec.extra.get("output_ttl", 3600))}
+            )
             continue
         if record is not None and record.completed_at:
             due = record.completed_at + float(record.spec.extra.get("output_ttl", 0))

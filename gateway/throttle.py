@@ -60,11 +60,17 @@ class AuthThrottle:
         if not self.limit:
             return
         counts = await self.redis.mget(scopes)
-        over = [scope for scope, count in zip(scopes, counts, strict=True) if count and int(count) >= self.limit]
+        over = [
+            scope for scope, count in zip(scopes, counts, strict=True) if count and int(count) >= self.limit
+        ]
         if over:
             retry = max([await self.redis.ttl(scope) for scope in over] + [1])
-            raise FalError.flat(429, f"Too many failed authentication attempts; retry in {retry} s",
-                                "rate_limited", headers={"Retry-After": str(retry)})
+            raise FalError.flat(
+                429,
+                f"Too many failed authentication attempts; retry in {retry} s",
+                "rate_limited",
+                headers={"Retry-After": str(retry)},
+            )
 
     async def failed(self, scopes: list[str]) -> None:
         if not self.limit:

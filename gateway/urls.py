@@ -40,5 +40,8 @@ def public_base(request: Request, settings: GatewaySettings) -> str:
 
 def request_urls(base: str, request_id: str) -> dict[str, str]:
     response_url = f"{base}/queue/{APP_PATH}/requests/{request_id}"
-    return {"response_url": response_url, "status_url": f"{response_url}/status",
-            "cancel_url": f"{response_url}/cancel"}
+    return {
+        "response_url": response_url,
+        "status_url": f"{response_url}/status",
+        "cancel_url": f"{response_url}/cancel",
+    }

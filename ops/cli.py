@@ -24,19 +24,31 @@ from ops.status import deadletters, gather_status
 def _parser() -> argparse.ArgumentParser:
     # --json / --redis-url work before or after the subcommand.
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print the data as JSON (for scripts)")
-    shared.add_argument("--redis-url", default=argparse.SUPPRESS,
-                        help="Redis of the deployment (default: BIREFNET_REDIS_URL)")
-    shared.add_argument("--shard", type=int, default=argparse.SUPPRESS,
-                        help="Redis shard to look at (BIREFNET_REDIS_SHARDS; default: the shard of the variant "
-                        "or request ids given, else 0)")
-    parser = argparse.ArgumentParser(prog="python -m ops", parents=[shared],
-                                     description="Queues, workers and dead letters of birefnet-serve.")
+    shared.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the data as JSON (for scripts)"
+    )
+    shared.add_argument(
+        "--redis-url", default=argparse.SUPPRESS, help="Redis of the deployment (default: BIREFNET_REDIS_URL)"
+    )
+    shared.add_argument(
+        "--shard",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="Redis shard to look at (BIREFNET_REDIS_SHARDS; default: the shard of the variant "
+        "or request ids given, else 0)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m ops",
+        parents=[shared],
+        description="Queues, workers and dead letters of birefnet-serve.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", parents=[shared], help="per-variant queues, workers, throughput, latency")
-    status.add_argument("--minutes", type=float, help="window of throughput/latency (default: "
-                        "BIREFNET_OPS_WINDOW_SECONDS)")
+    status = sub.add_parser(
+        "status", parents=[shared], help="per-variant queues, workers, throughput, latency"
+    )
+    status.add_argument(
+        "--minutes", type=float, help="window of throughput/latency (default: BIREFNET_OPS_WINDOW_SECONDS)"
+    )
     status.add_argument("--all", action="store_true", help="list every variant, idle ones included")
     pause = sub.add_parser("pause", parents=[shared], help="stop the workers of a variant taking new jobs")
     pause.add_argument("variant")
@@ -50,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=50)
     requeue = sub.add_parser("requeue", parents=[shared], help="run failed / dead-lettered jobs again")
     requeue.add_argument("request_ids", nargs="+", metavar="request-id")
-    make_key = sub.add_parser("new-key", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry "
-                              "(needs no Redis)")
+    make_key = sub.add_parser(
+        "new-key", help="print a new FAL_KEY and its BIREFNET_GATEWAY_API_KEYS entry (needs no Redis)"
+    )
     make_key.add_argument("--id", required=True)
     make_key.add_argument("--user-id")
     make_key.add_argument("--admin", action="store_true")
@@ -78,7 +91,9 @@ def _on_shard(settings: OpsSettings, args: argparse.Namespace) -> OpsSettings:
     elif getattr(args, "request_ids", None):
         found = {shards.for_request(rid).index for rid in args.request_ids}
         if len(found) > 1:
-            raise SystemExit(f"the request ids are on different Redis shards {sorted(found)}: one shard at a time")
+            raise SystemExit(
+                f"the request ids are on different Redis shards {sorted(found)}: one shard at a time"
+            )
         shard = shards.shards[found.pop()]
     else:
         shard = shards.shards[0]
@@ -119,10 +134,18 @@ def main(argv: list[str] | None = None) -> int:
                 data = control.resume(r, celery, settings, args.variant)
             elif args.command == "drain":
                 with console.status(f"draining {args.variant} ...") as spinner:
-                    data = control.drain(r, celery, settings, args.variant, timeout=args.timeout, progress=lambda s: (
-                        spinner.update(f"draining {args.variant}: {len(s['running'])} job(s) running, "
-                                       f"{s['workers_stopped']}/{s['workers_serving']} worker(s) stopped, "
-                                       f"{s['waited_seconds']:.0f}s")))
+                    data = control.drain(
+                        r,
+                        celery,
+                        settings,
+                        args.variant,
+                        timeout=args.timeout,
+                        progress=lambda s: spinner.update(
+                            f"draining {args.variant}: {len(s['running'])} job(s) running, "
+                            f"{s['workers_stopped']}/{s['workers_serving']} worker(s) stopped, "
+                            f"{s['waited_seconds']:.0f}s"
+                        ),
+                    )
                 exit_code = 0 if data["drained"] else 1
             else:
                 results = [control.requeue(r, celery, settings, rid) for rid in args.request_ids]

@@ -33,7 +33,9 @@ def completion_stats(entries: list[dict], window: float) -> dict:
     outcomes = Counter(e.get("outcome", "") for e in entries)
     done = [e for e in entries if e.get("outcome") == "done"]
     stats: dict[str, object] = {
-        "completed": len(entries), "done": outcomes["done"], "failed": outcomes["failed"],
+        "completed": len(entries),
+        "done": outcomes["done"],
+        "failed": outcomes["failed"],
         "cancelled": outcomes["cancelled"],
         "jobs_per_minute": round(len(entries) / (window / 60), 3) if window else None,
         "errors": dict(Counter(e["error_type"] for e in entries if e.get("error_type"))),
@@ -46,12 +48,19 @@ def completion_stats(entries: list[dict], window: float) -> dict:
 
 
 def workers(r: redis.Redis, now: float) -> list[dict]:
-    out = [{"name": beat.get("name"), "node": ops_state.celery_node(beat.get("name", "")),
-            "variants": beat.get("variants", []), "untrained": beat.get("untrained", []),
-            "device": beat.get("device", ""), "seen_seconds_ago": round(now - beat.get("seen_at", now), 1),
+    out = [
+        {
+            "name": beat.get("name"),
+            "node": ops_state.celery_node(beat.get("name", "")),
+            "variants": beat.get("variants", []),
+            "untrained": beat.get("untrained", []),
+            "device": beat.get("device", ""),
+            "seen_seconds_ago": round(now - beat.get("seen_at", now), 1),
             "patch_order": beat.get("patch_order") or {},
-            "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None}
-           for beat in ops_state.live_workers(r)]
+            "up_seconds": round(now - beat["started_at"], 1) if beat.get("started_at") else None,
+        }
+        for beat in ops_state.live_workers(r)
+    ]
     return sorted(out, key=lambda w: w["name"] or "")
 
 
@@ -69,9 +78,15 @@ def webhook_failures(r: redis.Redis, limit: int = 5) -> dict:
     for request_id, failed_at in _newest_scored(r, keys.WEBHOOK_FAILED, limit):
         last = r.lindex(keys.webhook_attempts(request_id), -1)
         attempt = json.loads(last) if last else {}
-        recent.append({"request_id": request_id, "failed_at": failed_at,
-                       "webhook_url": _spec_field(r, request_id, "webhook_url"),
-                       "attempts": r.llen(keys.webhook_attempts(request_id)), "last_error": attempt.get("error")})
+        recent.append(
+            {
+                "request_id": request_id,
+                "failed_at": failed_at,
+                "webhook_url": _spec_field(r, request_id, "webhook_url"),
+                "attempts": r.llen(keys.webhook_attempts(request_id)),
+                "last_error": attempt.get("error"),
+            }
+        )
     booked = {member.rpartition("|")[0] for member in cast(list[str], r.zrange(keys.WEBHOOK_DUE, 0, 9999))}
     pipe = r.pipeline()
     for request_id in booked:
@@ -90,12 +105,19 @@ def deadletters(r: redis.Redis, limit: int = 20) -> dict:
     for request_id, dead_at in _newest_scored(r, keys.DEADLETTER, limit):
         raw = r.hgetall(keys.job(request_id))
         spec = json.loads(raw["spec"]) if raw.get("spec") else {}
-        entries.append({
-            "request_id": request_id, "dead_at": dead_at, "variant": spec.get("variant"),
-            "image_url": spec.get("image_url"), "status": raw.get("status"), "attempts": int(raw.get("attempts") or 0),
-            "last_error": raw.get("last_error") or None, "error": raw.get("error") or None,
-            "created_at": float(raw["created_at"]) if raw.get("created_at") else None,
-        })
+        entries.append(
+            {
+                "request_id": request_id,
+                "dead_at": dead_at,
+                "variant": spec.get("variant"),
+                "image_url": spec.get("image_url"),
+                "status": raw.get("status"),
+                "attempts": int(raw.get("attempts") or 0),
+                "last_error": raw.get("last_error") or None,
+                "error": raw.get("error") or None,
+                "created_at": float(raw["created_at"]) if raw.get("created_at") else None,
+            }
+        )
     return {"count": r.zcard(keys.DEADLETTER), "entries": entries}
 
 
@@ -109,14 +131,26 @@ def unserved(snapshot: dict[str, dict], settings: VariantSettings) -> list[dict]
             label = model_label(settings.variants.get(variant))
         except KeyError:
             label = variant
-        out.append({"variant": variant, "model": label, "waiting_jobs": figures["waiting_jobs"],
-                    "queued_messages": figures["queued_messages"],
-                    "oldest_waiting_seconds": figures["oldest_waiting_seconds"]})
+        out.append(
+            {
+                "variant": variant,
+                "model": label,
+                "waiting_jobs": figures["waiting_jobs"],
+                "queued_messages": figures["queued_messages"],
+                "oldest_waiting_seconds": figures["oldest_waiting_seconds"],
+            }
+        )
     return out
 
 
-def gather_status(r: redis.Redis, settings: OpsOptions, *, window: float | None = None, show_all: bool = False,
-                  now: float | None = None) -> dict:
+def gather_status(
+    r: redis.Redis,
+    settings: OpsOptions,
+    *,
+    window: float | None = None,
+    show_all: bool = False,
+    now: float | None = None,
+) -> dict:
     now = time.time() if now is None else now
     window = float(window or settings.ops_window_seconds)
     queues = {v.id: v.queue for v in settings.variants}
@@ -129,12 +163,25 @@ def gather_status(r: redis.Redis, settings: OpsOptions, *, window: float | None 
     variants = {}
     for variant, figures in snapshot.items():
         figures.update(completion_stats(completions.get(variant, []), window))
-        active = (figures["queued_messages"] or figures["waiting_jobs"] or figures["in_progress"]
-                  or figures["reserved"] or figures["workers"] or figures["paused"] or figures["completed"])
+        active = (
+            figures["queued_messages"]
+            or figures["waiting_jobs"]
+            or figures["in_progress"]
+            or figures["reserved"]
+            or figures["workers"]
+            or figures["paused"]
+            or figures["completed"]
+        )
         if show_all or active:
             variants[variant] = figures
     live = workers(r, now)
-    return {"unserved_variants": unserved(snapshot, settings), "at": now, "window_seconds": window,
-            "variants": variants, "workers": live,
-            "untrained_variants": sorted({v for w in live for v in w["untrained"]}),
-            "webhooks": webhook_failures(r), "deadletters": deadletters(r, limit=5)}
+    return {
+        "unserved_variants": unserved(snapshot, settings),
+        "at": now,
+        "window_seconds": window,
+        "variants": variants,
+        "workers": live,
+        "untrained_variants": sorted({v for w in live for v in w["untrained"]}),
+        "webhooks": webhook_failures(r),
+        "deadletters": deadletters(r, limit=5),
+    }

@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m producer")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("sqs", help="consume S3 event notifications from SQS")
-    http = sub.add_parser("http", help="take S3 event notifications over HTTP (MinIO webhooks): POST /s3-events")
+    http = sub.add_parser(
+        "http", help="take S3 event notifications over HTTP (MinIO webhooks): POST /s3-events"
+    )
     http.add_argument("--host", help="bind address (default: BIREFNET_PRODUCER_HTTP_HOST)")
     http.add_argument("--port", type=int, help="port (default: BIREFNET_PRODUCER_HTTP_PORT)")
     args = parser.parse_args(argv)
@@ -41,12 +43,18 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         register_queue_collector(settings)
-        start_metrics_server(settings.producer_metrics_port, "producer", process_probes(settings),
-                             host=settings.metrics_host)
+        start_metrics_server(
+            settings.producer_metrics_port, "producer", process_probes(settings), host=settings.metrics_host
+        )
         built = build_intake(settings)
         intake = CountingIntake(built, "sqs")
-        SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake,
-                    wait_seconds=settings.sqs_wait_seconds, has_room=built.limiter.queue_has_room).run(stop)
+        SqsConsumer(
+            make_sqs_client(settings),
+            settings.sqs_queue_url,
+            intake,
+            wait_seconds=settings.sqs_wait_seconds,
+            has_room=built.limiter.queue_has_room,
+        ).run(stop)
     elif args.command == "http":
         from producer.http_receiver import serve
 

@@ -50,12 +50,16 @@ def detail(loc: list, msg: str, type_: str, **extra: object) -> dict:
 
 def validation_details(exc: ValidationError) -> list[dict]:
     """A model's validation errors as FastAPI reports a request body's."""
-    return jsonable_encoder([{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)])
+    return jsonable_encoder(
+        [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+    )
 
 
-def validate_input(endpoint: str, data: dict, settings: VariantSettings,
-                   variant: VariantSpec | None = None) -> tuple[BiRefNetInput, VariantSpec]:
-    """The input and its variant (`variant`: chosen by id, not by `model`), or InputErrors (FastAPI's list)."""
+def validate_input(
+    endpoint: str, data: dict, settings: VariantSettings, variant: VariantSpec | None = None
+) -> tuple[BiRefNetInput, VariantSpec]:
+    """The input and its variant (`variant`: chosen by id, not by `model`), or InputErrors (FastAPI's
+    list)."""
     try:
         parsed = INPUT_MODELS[endpoint].model_validate(data)
         variant = variant or settings.variants.by_model_name(endpoint, parsed.model.value)  # type: ignore[arg-type]
@@ -63,17 +67,25 @@ def validate_input(endpoint: str, data: dict, settings: VariantSettings,
         raise InputErrors(validation_details(exc)) from exc
     except KeyError as exc:
         raise InputErrors([detail(["body", "model"], str(exc.args[0]), "value_error")]) from None
-    check_resolution_allowed(parsed.operating_resolution.value, variant,
-                             variant.fal_names.get(endpoint, variant.id))  # type: ignore[call-overload]
+    model_name = variant.fal_names.get(endpoint, variant.id)  # type: ignore[call-overload]
+    check_resolution_allowed(parsed.operating_resolution.value, variant, model_name)
     return parsed, variant
 
 
 def check_resolution_allowed(resolution: str, variant: VariantSpec, model_name: str) -> None:
     """InputErrors unless the variant runs at this operating_resolution."""
     if resolution not in variant.allowed_resolutions:
-        raise InputErrors([detail(["body", "operating_resolution"], f"Value error, {resolution} is not supported by "
-                                  f"'{model_name}' (allowed: {', '.join(variant.allowed_resolutions)})",
-                                  "value_error", input=resolution)])
+        raise InputErrors(
+            [
+                detail(
+                    ["body", "operating_resolution"],
+                    f"Value error, {resolution} is not supported by "
+                    f"'{model_name}' (allowed: {', '.join(variant.allowed_resolutions)})",
+                    "value_error",
+                    input=resolution,
+                )
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -91,34 +103,53 @@ class Admission:
     limiter: Limiter
     objects: ObjectStore | None = None  # where result documents go (None: the job record only)
 
-    def enqueue(self, spec: JobSpec, *, rejection: JobError | None = None, principal: Principal | None = None,
-                max_queue_length: int | None = None, schedule: Mapping[str, tuple[str, float]] | None = None,
-                prepare: Callable[[], None] | None = None) -> Submitted:
-        """Queue `spec`'s job (adding `schedule`: sorted set -> (member, due)), or complete it with `rejection`.
+    def enqueue(
+        self,
+        spec: JobSpec,
+        *,
+        rejection: JobError | None = None,
+        principal: Principal | None = None,
+        max_queue_length: int | None = None,
+        schedule: Mapping[str, tuple[str, float]] | None = None,
+        prepare: Callable[[], None] | None = None,
+    ) -> Submitted:
+        """Queue `spec`'s job (adding `schedule`: sorted set -> (member, due)), or complete it with
+        `rejection`.
 
-        API requests (`principal`): the key's limits and queue caps (LimitRefused, no job); an unreachable queue
-        ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the event);
+        API requests (`principal`): the key's limits and queue caps (LimitRefused, no job); an unreachable
+        queue
+        ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the
+        event);
         a redelivered event's unfinished job is sent again (a worker runs a job at most once). `prepare` (e.g.
         storing a large inline input) runs once the job is admitted, before it is recorded: a refused request
         stores nothing.
         """
         if principal is not None:  # rejected input never waits in a queue: no queue cap applies to it
-            refusal = self.limiter.admit(key_id=principal.key_id, request_id=spec.request_id,
-                                         variant=None if rejection else spec.variant,
-                                         max_concurrent=principal.max_concurrent,
-                                         requests_per_minute=principal.requests_per_minute,
-                                         max_queue_length=max_queue_length, units=admitted_units(spec.extra))
+            refusal = self.limiter.admit(
+                key_id=principal.key_id,
+                request_id=spec.request_id,
+                variant=None if rejection else spec.variant,
+                max_concurrent=principal.max_concurrent,
+                requests_per_minute=principal.requests_per_minute,
+                max_queue_length=max_queue_length,
+                units=admitted_units(spec.extra),
+            )
             if refusal is not None:
                 raise refusal
-        elif rejection is None and not self.limiter.queue_has_room(spec.variant) \
-                and not self.store.redis.exists(keys.job(spec.request_id)):
+        elif (
+            rejection is None
+            and not self.limiter.queue_has_room(spec.variant)
+            and not self.store.redis.exists(keys.job(spec.request_id))
+        ):
             raise QueueFull(spec.variant, self.settings.queue_full_retry_after)
         if prepare is not None and rejection is None:
             prepare()
         created = self.store.create(spec)
         if rejection is not None:
             if created:
-                log.warning("job %s for %s rejected: %s", spec.request_id, spec.image_url[:200], rejection.message)
+                log.warning(
+                    "job %s for %s rejected: %s", spec.request_id, spec.image_url[:200], rejection.message
+                )
                 self._end(spec, rejection)
             return Submitted(spec.request_id, spec.variant, rejected=True)
         if not created:

@@ -38,7 +38,9 @@ def _authorized(header: str | None, token: str) -> bool:
 
 def default_sns_verifier(settings: ProducerSettings) -> SnsVerifier:
     """Production SNS checks: SNS hosts only, fetched under the settings' network rules."""
-    return SnsVerifier(settings.sns_topic_arns, NetPolicy.from_settings(settings), timeout=settings.http_timeout)
+    return SnsVerifier(
+        settings.sns_topic_arns, NetPolicy.from_settings(settings), timeout=settings.http_timeout
+    )
 
 
 def _sns_message(headers, body: bytes) -> dict | None:
@@ -56,12 +58,15 @@ def _rejections(note: Notification) -> list[dict]:
     return [{"record": r.index, "reason": r.reason} for r in note.rejected]
 
 
-def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: SnsVerifier | None = None) -> FastAPI:
+def create_app(
+    settings: ProducerSettings, intake: Intake | None = None, sns: SnsVerifier | None = None
+) -> FastAPI:
     intake = intake or build_intake(settings)
     sns = sns or default_sns_verifier(settings)
     counted = CountingIntake(intake, "http")
-    app = FastAPI(title="birefnet producer (S3 event notifications)", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="birefnet producer (S3 event notifications)", docs_url=None, redoc_url=None, openapi_url=None
+    )
     add_metrics_route(app, settings)
 
     def handle(events: list[ObjectCreated]) -> list[str]:
@@ -106,14 +111,21 @@ def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: Sn
             request_ids = await run_in_threadpool(handle, note.events)
         except QueueFull as full:
             # Backpressure: MinIO keeps the event in its queue dir and sends it again.
-            return JSONResponse({"detail": str(full), "error_type": "queue_full"}, status_code=503,
-                                headers={"Retry-After": str(full.retry_after)})
+            return JSONResponse(
+                {"detail": str(full), "error_type": "queue_full"},
+                status_code=503,
+                headers={"Retry-After": str(full.retry_after)},
+            )
         except Exception as exc:
             log.exception("could not enqueue jobs for a notification; asking the sender to retry")
-            return JSONResponse({"detail": f"temporarily unable to enqueue: {type(exc).__name__}"},
-                                status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({"request_ids": request_ids, "records": len(note.events),
-                             "rejected": _rejections(note)})
+            return JSONResponse(
+                {"detail": f"temporarily unable to enqueue: {type(exc).__name__}"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        return JSONResponse(
+            {"request_ids": request_ids, "records": len(note.events), "rejected": _rejections(note)}
+        )
 
     @app.post("/s3-events")
     async def s3_events(request: Request) -> Response:
@@ -138,7 +150,8 @@ def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: Sn
     @app.get("/readyz")
     def readyz() -> Response:
         try:
-            intake.store.redis.ping()  # shard 0; another shard down fails (and keeps) only its variants' events
+            # shard 0; another shard down fails (and keeps) only its variants' events
+            intake.store.redis.ping()
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -149,5 +162,10 @@ def create_app(settings: ProducerSettings, intake: Intake | None = None, sns: Sn
 def serve(settings: ProducerSettings, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host or settings.producer_http_host,
-                port=port or settings.producer_http_port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.producer_http_host,
+        port=port or settings.producer_http_port,
+        log_level="info",
+        access_log=False,
+    )

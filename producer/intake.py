@@ -39,11 +39,24 @@ from producer.video_intake import enqueue_video, is_video_upload
 log = logging.getLogger(__name__)
 
 # User metadata (x-amz-meta-<name>) that sets job parameters.
-PARAM_KEYS = ("model", "operating_resolution", "output_format", "output_mask", "refine_foreground",
-              "mask_only", "webhook_url", "endpoint",
-              # extension fields (common.domain.extensions)
-              "background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
-              "crop_aspect_ratio", "crop_threshold")
+PARAM_KEYS = (
+    "model",
+    "operating_resolution",
+    "output_format",
+    "output_mask",
+    "refine_foreground",
+    "mask_only",
+    "webhook_url",
+    "endpoint",
+    # extension fields (common.domain.extensions)
+    "background_color",
+    "background_image_url",
+    "background_fit",
+    "crop_to_subject",
+    "crop_margin",
+    "crop_aspect_ratio",
+    "crop_threshold",
+)
 
 
 def _coerce(value: object) -> object:
@@ -98,28 +111,38 @@ def check_upload_background(url: str | None, bucket: str) -> None:
     """An upload's metadata may name an s3:// background only in its own bucket: whoever can upload must not
     be able to have the worker read (and publish) other buckets' objects. http(s) URLs meet the SSRF guard."""
     if url and url.lower().startswith("s3://") and not url.startswith(f"s3://{bucket}/"):
-        raise InvalidInputError(f"background_image_url may only name objects in s3://{bucket}/ (the upload's bucket)",
-                                field="background_image_url")
+        raise InvalidInputError(
+            f"background_image_url may only name objects in s3://{bucket}/ (the upload's bucket)",
+            field="background_image_url",
+        )
 
 
 @dataclass(frozen=True)
 class IntakeShard:
     """Where the jobs of one shard's variants are recorded and queued."""
+
     store: JobStore
     admission: Admission
 
 
 class Intake:
-    def __init__(self, settings: ProducerSettings, shards: list[tuple[JobStore, Celery]], objects: ObjectStore,
-                 shard_map: ShardMap | None = None):
+    def __init__(
+        self,
+        settings: ProducerSettings,
+        shards: list[tuple[JobStore, Celery]],
+        objects: ObjectStore,
+        shard_map: ShardMap | None = None,
+    ):
         """`shards`: each shard's job store and Celery sender, by shard index (one: unsharded)."""
         self.settings, self.objects = settings, objects
         self.shard_map = shard_map or ShardMap.from_settings(settings.model_copy(update={"redis_shards": []}))
         self.store = shards[0][0]  # shard 0: per-object state (sequencers, an upload's job)
         routed = len(shards) > 1
         self.limiter = Limiter(self.store.redis, settings, queues=self._queue_redis if routed else None)
-        self.shards = [IntakeShard(store, Admission(settings, store, celery, self.limiter, objects))
-                       for store, celery in shards]
+        self.shards = [
+            IntakeShard(store, Admission(settings, store, celery, self.limiter, objects))
+            for store, celery in shards
+        ]
         self._sequence = self.store.redis.register_script(_SEQUENCE)
 
     def _queue_redis(self, variant: str):
@@ -129,7 +152,8 @@ class Intake:
         return self.shards[self.shard_map.for_variant(variant).index]
 
     def job_id(self, variant: str, object_fingerprint: str) -> str:
-        """The request id of the job for this fingerprint, on `variant`'s shard (a fresh one the first time)."""
+        """The request id of the job for this fingerprint, on `variant`'s shard (a fresh one the first
+        time)."""
         store = self.on_variant(variant).store
         return store.job_for_object(object_fingerprint, self.shard_map.new_request_id(variant))
 
@@ -140,16 +164,26 @@ class Intake:
         """Why an event makes no job, or None when it should."""
         s = self.settings
         buckets = s.accepted_input_buckets
-        if event.bucket == s.output_bucket and (event.bucket not in buckets or event.key.startswith(s.output_prefix)):
-            return f"it is in the output bucket {s.output_bucket!r} (our own results are never processed again)"
+        if event.bucket == s.output_bucket and (
+            event.bucket not in buckets or event.key.startswith(s.output_prefix)
+        ):
+            return (
+                f"it is in the output bucket {s.output_bucket!r} (our own results are never processed again)"
+            )
         if event.bucket not in buckets:
-            return (f"bucket {event.bucket!r} is not an input bucket (accepted: {', '.join(buckets)}; "
-                    "set BIREFNET_INPUT_BUCKETS)")
+            return (
+                f"bucket {event.bucket!r} is not an input bucket (accepted: {', '.join(buckets)}; "
+                "set BIREFNET_INPUT_BUCKETS)"
+            )
         prefixes = s.input_prefixes.get(event.bucket)
         if prefixes and not event.key.startswith(tuple(prefixes)):
-            return f"the key is outside bucket {event.bucket!r}'s input prefixes {prefixes} (BIREFNET_INPUT_PREFIXES)"
-        if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)) \
-                and not is_video_upload(event.key):
+            return (
+                f"the key is outside bucket {event.bucket!r}'s input prefixes {prefixes} "
+                "(BIREFNET_INPUT_PREFIXES)"
+            )
+        if not event.key.lower().endswith(tuple(x.lower() for x in s.image_suffixes)) and not is_video_upload(
+            event.key
+        ):
             return "not an image key (its suffix is not in BIREFNET_IMAGE_SUFFIXES)"
         return None
 
@@ -197,14 +231,18 @@ class Intake:
         if located.key != event.key:  # found under the key's other reading: apply the rules to that one
             reason = self.ignore_reason(located)
             if reason:
-                log.info("ignoring %s (%s): %s", s3_url(located.bucket, located.key), event.event_name, reason)
+                log.info(
+                    "ignoring %s (%s): %s", s3_url(located.bucket, located.key), event.event_name, reason
+                )
                 return None
         event = located
         if problem == "gone":
             log.warning("%s is gone (deleted before its event was handled); event dropped", named)
             return None
         if problem == "superseded":
-            return self._superseded(event, "its content was replaced by a newer upload before the event was handled")
+            return self._superseded(
+                event, "its content was replaced by a newer upload before the event was handled"
+            )
         if info is None:
             log.warning("%s: %s; event dropped", named, problem)
             return None
@@ -223,16 +261,22 @@ class Intake:
         seq = _sequence_value(event.sequencer)
         if seq is None or not event.etag:
             return None
-        newest, newest_etag = cast(list[str | None], self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"]))  # a decoding client: str replies
+        newest, newest_etag = cast(
+            list[str | None], self.store.redis.hmget(self._sequence_key(event), ["seq", "etag"])
+        )  # a decoding client: str replies
         if newest and newest > seq and newest_etag != event.etag:
-            return (f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
-                    f"(sequencer {event.sequencer}) is stale")
+            return (
+                f"an upload with a later sequencer (ETag {newest_etag}) was handled first; this event "
+                f"(sequencer {event.sequencer}) is stale"
+            )
         return None
 
     def _record_sequence(self, event: ObjectCreated, info: ObjectInfo) -> None:
         seq = _sequence_value(event.sequencer)
         if seq is not None:
-            self._sequence(keys=[self._sequence_key(event)], args=[seq, info.etag, self.settings.job_record_ttl])
+            self._sequence(
+                keys=[self._sequence_key(event)], args=[seq, info.etag, self.settings.job_record_ttl]
+            )
 
     def _upload_key(self, event: ObjectCreated, pin: str) -> str:
         digest = hashlib.sha256(f"{event.bucket}\0{event.key}\0{pin}".encode()).hexdigest()[:32]
@@ -241,20 +285,32 @@ class Intake:
     def _superseded(self, event: ObjectCreated, why: str) -> str:
         """End the job of an upload that was overwritten before anything could read it (one per upload)."""
         pin = event.etag or f"seq:{event.sequencer}"
-        existing = cast(str | None, self.store.redis.get(self._upload_key(event, pin)))  # a decoding client: str replies
+        existing = cast(
+            str | None, self.store.redis.get(self._upload_key(event, pin))
+        )  # a decoding client: str replies
         if existing:
             return existing  # this upload already has its job (a redelivered event)
         fp = fingerprint(event.bucket, event.key, pin, {"superseded": True})
         variant = self.settings.worker_variants[0]
         request_id = self.job_id(variant, fp)
         named = s3_url(event.bucket, event.key)
-        spec = JobSpec(request_id=request_id, endpoint=self.settings.default_endpoint,
-                       variant=variant, image_url=named, params=JobParams(),
-                       source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
-                       input_fingerprint=fp, input_etag=event.etag, owner="s3",
-                       extra={"sequencer": event.sequencer, "event_source": event.source})
-        error = FileDownloadError(f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
-                                  f"before its job could read it; {why}. The newer upload has a job of its own")
+        spec = JobSpec(
+            request_id=request_id,
+            endpoint=self.settings.default_endpoint,
+            variant=variant,
+            image_url=named,
+            params=JobParams(),
+            source="s3_event",
+            output_prefix=upload_output_prefix(self.settings, event.key, fp),
+            input_fingerprint=fp,
+            input_etag=event.etag,
+            owner="s3",
+            extra={"sequencer": event.sequencer, "event_source": event.source},
+        )
+        error = FileDownloadError(
+            f"superseded by a newer upload: {named} (ETag {event.etag}) was overwritten "
+            f"before its job could read it; {why}. The newer upload has a job of its own"
+        )
         return self.enqueue(spec, rejection=error)
 
     def _enqueue(self, event: ObjectCreated, info: ObjectInfo, version_id: str | None) -> str:
@@ -279,8 +335,12 @@ class Intake:
         error: JobError | None = None
         job_params = JobParams()
         try:
-            data, variant = validate_input(endpoint, {**params, "image_url": image_url}, self.settings,
-                                           variants.get(variant_id) if variant_id else None)
+            data, variant = validate_input(
+                endpoint,
+                {**params, "image_url": image_url},
+                self.settings,
+                variants.get(variant_id) if variant_id else None,
+            )
             job_params = JobParams.from_input(data)
             variant_id = variant.id
             check_upload_background(job_params.background_image_url, event.bucket)
@@ -292,15 +352,29 @@ class Intake:
             error = exc
 
         variant_id = variant_id or self.settings.worker_variants[0]
-        fp = fingerprint(event.bucket, event.key, pin,
-                         {"p": job_params.model_dump(), "v": variant_id, "e": str(error or "")})
+        fp = fingerprint(
+            event.bucket,
+            event.key,
+            pin,
+            {"p": job_params.model_dump(), "v": variant_id, "e": str(error or "")},
+        )
         request_id = self.job_id(variant_id, fp)
-        self.store.redis.set(self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl)
+        self.store.redis.set(
+            self._upload_key(event, pin), request_id, nx=True, ex=self.settings.job_record_ttl
+        )
         spec = JobSpec(
-            request_id=request_id, endpoint=endpoint, variant=variant_id, image_url=image_url,
-            params=job_params, source="s3_event", output_prefix=upload_output_prefix(self.settings, event.key, fp),
-            input_fingerprint=fp, input_version=version_id, input_etag=None if version_id else (info.etag or None),
-            webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
+            request_id=request_id,
+            endpoint=endpoint,
+            variant=variant_id,
+            image_url=image_url,
+            params=job_params,
+            source="s3_event",
+            output_prefix=upload_output_prefix(self.settings, event.key, fp),
+            input_fingerprint=fp,
+            input_version=version_id,
+            input_etag=None if version_id else (info.etag or None),
+            webhook_url=str(webhook_url) if webhook_url else None,
+            owner="s3",
             extra={"sequencer": event.sequencer, "event_source": event.source},
             mask_cache_scope=self.settings.mask_cache_uploads_scope,
         )
@@ -311,8 +385,9 @@ class Intake:
 def build_intake(settings: ProducerSettings) -> Intake:
     shard_map = ShardMap.from_settings(settings)
     own = [settings_for(settings, shard) if shard_map.sharded else settings for shard in shard_map.shards]
-    return Intake(settings, [(JobStore.from_settings(s), make_celery(s)) for s in own], ObjectStore(settings),
-                  shard_map)
+    return Intake(
+        settings, [(JobStore.from_settings(s), make_celery(s)) for s in own], ObjectStore(settings), shard_map
+    )
 
 
 class CountingIntake:

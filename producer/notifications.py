@@ -65,7 +65,9 @@ def _text(value: object, what: str, *, required: bool = True) -> str | None:
 
 def _object(value: object, what: str) -> dict:
     if not isinstance(value, dict):
-        raise BadRecord(f"{what} is {'missing' if value is None else 'a ' + type(value).__name__}, not an object")
+        raise BadRecord(
+            f"{what} is {'missing' if value is None else 'a ' + type(value).__name__}, not an object"
+        )
     return value
 
 
@@ -120,9 +122,14 @@ def parse_record(record: object) -> ObjectCreated | None:
     if not key:
         raise BadRecord("s3.object.key is empty once decoded")
     return ObjectCreated(
-        bucket=bucket_name, key=key, size=_size(obj.get("size")), etag=_etag(obj.get("eTag") or obj.get("etag")),
-        version_id=_version(obj.get("versionId")), event_name=name,
-        sequencer=_text(obj.get("sequencer"), "s3.object.sequencer", required=False), source=source,
+        bucket=bucket_name,
+        key=key,
+        size=_size(obj.get("size")),
+        etag=_etag(obj.get("eTag") or obj.get("etag")),
+        version_id=_version(obj.get("versionId")),
+        event_name=name,
+        sequencer=_text(obj.get("sequencer"), "s3.object.sequencer", required=False),
+        source=source,
     )
 
 
@@ -142,13 +149,19 @@ def parse_eventbridge(event: dict) -> Notification:
         assert bucket is not None and raw_key is not None
         key = _decode_key(raw_key, "aws:s3")
         reason = detail.get("reason")
-        note.events.append(ObjectCreated(
-            bucket=bucket, key=key or raw_key, size=_size(obj.get("size")),
-            etag=_etag(obj.get("etag") or obj.get("eTag")), version_id=_version(obj.get("version-id")),
-            event_name=f"ObjectCreated:{reason if isinstance(reason, str) else 'Put'}",
-            sequencer=_text(obj.get("sequencer"), "detail.object.sequencer", required=False),
-            source="aws.s3", alt_key=raw_key if key != raw_key else None,
-        ))
+        note.events.append(
+            ObjectCreated(
+                bucket=bucket,
+                key=key or raw_key,
+                size=_size(obj.get("size")),
+                etag=_etag(obj.get("etag") or obj.get("eTag")),
+                version_id=_version(obj.get("version-id")),
+                event_name=f"ObjectCreated:{reason if isinstance(reason, str) else 'Put'}",
+                sequencer=_text(obj.get("sequencer"), "detail.object.sequencer", required=False),
+                source="aws.s3",
+                alt_key=raw_key if key != raw_key else None,
+            )
+        )
     except BadRecord as exc:
         note.rejected.append(RejectedRecord(0, str(exc)))
     return note

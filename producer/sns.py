@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # SNS's own endpoint per region and partition, exactly: `sns.<region>.amazonaws.com` (commercial and GovCloud
 # regions), `.amazonaws.com.cn` (China regions only) and the isolated partitions' domains. A region looks like
-# `us-west-2`/`us-gov-east-1`: a looser label would also take `sns.s3.amazonaws.com`, i.e. the S3 bucket "sns".
+# `us-west-2`/`us-gov-east-1`: a looser label would also take `sns.s3.amazonaws.com`, i.e. the S3 bucket
+# "sns".
 _REGION = r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}"
 SNS_HOST = re.compile(
     r"\Asns\.(?:"
@@ -37,7 +38,8 @@ SNS_HOST = re.compile(
     r"|cn-[a-z]+-[0-9]{1,2}\.amazonaws\.com\.cn"
     r"|us-iso-[a-z]+-[0-9]{1,2}\.c2s\.ic\.gov"
     r"|us-isob-[a-z]+-[0-9]{1,2}\.sc2s\.sgov\.gov"
-    r")\Z")
+    r")\Z"
+)
 MAX_CERT_BYTES = 64 * 1024
 _NOTIFICATION_FIELDS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 _CONFIRMATION_FIELDS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
@@ -78,7 +80,9 @@ class SnsVerifier:
         self._certs: dict[str, rsa.RSAPublicKey] = {}
         self._lock = threading.Lock()
         if self.host_pattern is not SNS_HOST:
-            log.warning("SNS verifier trusts hosts matching %r, not only SNS's: tests only", self.host_pattern.pattern)
+            log.warning(
+                "SNS verifier trusts hosts matching %r, not only SNS's: tests only", self.host_pattern.pattern
+            )
 
     def _check_sns_url(self, url: object, what: str) -> str:
         if not isinstance(url, str):
@@ -123,7 +127,9 @@ class SnsVerifier:
         """Raises SnsRefused unless the message is signed by SNS for an accepted topic."""
         topic = message.get("TopicArn")
         if not self.topic_arns:
-            raise SnsRefused("SNS over HTTP is not enabled (set BIREFNET_SNS_TOPIC_ARNS to the topics to accept)")
+            raise SnsRefused(
+                "SNS over HTTP is not enabled (set BIREFNET_SNS_TOPIC_ARNS to the topics to accept)"
+            )
         if topic not in self.topic_arns:
             raise SnsRefused(f"topic {str(topic)[:200]!r} is not in BIREFNET_SNS_TOPIC_ARNS")
         version = message.get("SignatureVersion")

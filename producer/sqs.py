@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class SqsConsumer:
-    def __init__(self, sqs_client, queue_url: str, intake: Intake | CountingIntake, *, wait_seconds: int = 10,
-                 has_room: Callable[[str], bool] | None = None):
+    def __init__(
+        self,
+        sqs_client,
+        queue_url: str,
+        intake: Intake | CountingIntake,
+        *,
+        wait_seconds: int = 10,
+        has_room: Callable[[str], bool] | None = None,
+    ):
         self.sqs = sqs_client
         self.queue_url = queue_url
         self.intake = intake
@@ -39,19 +46,25 @@ class SqsConsumer:
 
     def poll_once(self) -> int:
         """Receive one batch and handle it; returns the number of messages deleted."""
-        response = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                            WaitTimeSeconds=self.wait_seconds)
+        response = self.sqs.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_seconds
+        )
         deleted = 0
         for message in response.get("Messages", []):
             try:
                 done = self.handle_message(message.get("Body") or "", message.get("MessageId", "?"))
             except QueueFull as full:
                 self.full[full.variant] = full.retry_after
-                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"],
-                                                   VisibilityTimeout=full.retry_after)
+                self.sqs.change_message_visibility(
+                    QueueUrl=self.queue_url,
+                    ReceiptHandle=message["ReceiptHandle"],
+                    VisibilityTimeout=full.retry_after,
+                )
                 continue
             except Exception:  # never let one message take the batch down
-                log.exception("message %s: unexpected failure; it will be redelivered", message.get("MessageId"))
+                log.exception(
+                    "message %s: unexpected failure; it will be redelivered", message.get("MessageId")
+                )
                 done = False
             if done:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
@@ -76,8 +89,12 @@ class SqsConsumer:
                 log.info("%s: %s; the message waits in SQS", where, full)
                 raise
             except Exception:
-                log.exception("%s: could not enqueue s3://%s/%s; the message will be redelivered", where,
-                              event.bucket, event.key)
+                log.exception(
+                    "%s: could not enqueue s3://%s/%s; the message will be redelivered",
+                    where,
+                    event.bucket,
+                    event.key,
+                )
                 complete = False
         return complete
 

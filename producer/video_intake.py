@@ -17,8 +17,17 @@ if TYPE_CHECKING:
     from producer.intake import Intake
     from producer.notifications import ObjectCreated
 
-VIDEO_PARAM_KEYS = ("video_output_type", "video_quality", "video_write_mode", "background_color", "output_mask",
-                    "refine_foreground", "model", "operating_resolution", "webhook_url")
+VIDEO_PARAM_KEYS = (
+    "video_output_type",
+    "video_quality",
+    "video_write_mode",
+    "background_color",
+    "output_mask",
+    "refine_foreground",
+    "model",
+    "operating_resolution",
+    "webhook_url",
+)
 
 
 def is_video_upload(key: str, content_type: str | None = None) -> bool:
@@ -43,8 +52,11 @@ def enqueue_video(intake: Intake, event: ObjectCreated, info: ObjectInfo, versio
     try:
         data = BiRefNetVideoInput.model_validate({**params, "video_url": video_url})
         variant_id = settings.variants.by_model_name("v2", data.model.value).id
-        job_params = JobParams(operating_resolution=data.operating_resolution.value, output_mask=data.output_mask,
-                               refine_foreground=data.refine_foreground)
+        job_params = JobParams(
+            operating_resolution=data.operating_resolution.value,
+            output_mask=data.output_mask,
+            refine_foreground=data.refine_foreground,
+        )
         options = VideoOptions.from_input(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
@@ -53,14 +65,26 @@ def enqueue_video(intake: Intake, event: ObjectCreated, info: ObjectInfo, versio
     except KeyError as exc:
         error = InvalidInputError(f"invalid x-amz-meta-model: {exc.args[0]}", field="model")
     pin = version_id or info.etag or info.version
-    fp = fingerprint(event.bucket, event.key, pin, {"p": job_params.model_dump(), "v": variant_id,
-                                                    "video": options.model_dump(), "e": str(error or "")})
+    fp = fingerprint(
+        event.bucket,
+        event.key,
+        pin,
+        {"p": job_params.model_dump(), "v": variant_id, "video": options.model_dump(), "e": str(error or "")},
+    )
     request_id = intake.job_id(variant_id, fp)
     spec = JobSpec(
-        request_id=request_id, endpoint="v2", variant=variant_id, image_url=video_url, params=job_params,
-        source="s3_event", output_prefix=upload_output_prefix(settings, event.key, fp), input_fingerprint=fp,
-        input_version=version_id, input_etag=None if version_id else (info.etag or None),
-        webhook_url=str(webhook_url) if webhook_url else None, owner="s3",
+        request_id=request_id,
+        endpoint="v2",
+        variant=variant_id,
+        image_url=video_url,
+        params=job_params,
+        source="s3_event",
+        output_prefix=upload_output_prefix(settings, event.key, fp),
+        input_fingerprint=fp,
+        input_version=version_id,
+        input_etag=None if version_id else (info.etag or None),
+        webhook_url=str(webhook_url) if webhook_url else None,
+        owner="s3",
         extra={"sequencer": event.sequencer, "event_source": event.source, "video": options.model_dump()},
     )
     return intake.enqueue(spec, rejection=error)

@@ -1,4 +1,5 @@
-"""Test-only: a forward that hangs or takes a set time, whatever the CPU (installed by tests/helpers/hooked_worker.py).
+"""Test-only: a forward that hangs or takes a set time, whatever the CPU (installed by
+tests/helpers/hooked_worker.py).
 
 Tests used to make jobs slow with big random images, a premise that a faster machine breaks. This hook
 makes the forward of a chosen image take exactly as long as the test needs instead. Images are chosen by
@@ -46,8 +47,11 @@ class ForwardHook:
         return cls(Path(data["dir"]), [Rule(**rule) for rule in data["rules"]])
 
     def describe(self) -> str:
-        return "; ".join(f"width {r.width}: {'hang' if r.seconds is None else f'{r.seconds}s'}"
-                         f"{'' if r.times is None else f' x{r.times}'}" for r in self.rules)
+        return "; ".join(
+            f"width {r.width}: {'hang' if r.seconds is None else f'{r.seconds}s'}"
+            f"{'' if r.times is None else f' x{r.times}'}"
+            for r in self.rules
+        )
 
     def _take(self, rule: Rule) -> bool:
         """Whether this forward is one of the rule's `times` (an O_EXCL file per use, shared by processes)."""

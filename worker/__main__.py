@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None, on_loaded: Callable[[JobRunner], None] |
         from common.state.shards import ShardMap, settings_for
 
         limits_redis = settings  # per-key limits (a video's charge) stay on shard 0, redis_url
-        settings = settings_for(settings, ShardMap.from_settings(settings).for_variants(list(settings.worker_variants)))
+        settings = settings_for(
+            settings, ShardMap.from_settings(settings).for_variants(list(settings.worker_variants))
+        )
     # Before any model loads: a driver too old for this torch build's CUDA is a clear exit, not a
     # crash loop on "CUDA is not available".
     from worker.cuda_driver import DriverTooOld, require_driver
@@ -54,12 +56,24 @@ def main(argv: list[str] | None = None, on_loaded: Callable[[JobRunner], None] |
     state.load(app)
     queues = ",".join(settings.variants.get(v).queue for v in settings.worker_variants)
     # One job at a time runs in the main thread (solo); more run in threads that share the warm model.
-    pool = ["--pool=solo"] if settings.worker_concurrency == 1 else [
-        "--pool=threads", f"--concurrency={settings.worker_concurrency}"]
-    app.worker_main([
-        "worker", *pool, "-Q", queues, "-n", f"{'+'.join(settings.worker_variants)}@%h",
-        f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle",
-    ])
+    pool = (
+        ["--pool=solo"]
+        if settings.worker_concurrency == 1
+        else ["--pool=threads", f"--concurrency={settings.worker_concurrency}"]
+    )
+    app.worker_main(
+        [
+            "worker",
+            *pool,
+            "-Q",
+            queues,
+            "-n",
+            f"{'+'.join(settings.worker_variants)}@%h",
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,13 @@ log = logging.getLogger(__name__)
 class WorkerProcess:
     """What this process holds: warm predictors and the runner that uses them."""
 
-    def __init__(self, settings: WorkerSettings, overrides: RunOverrides,
-                 on_loaded: Callable[[JobRunner], None] | None = None,
-                 limits_redis: RedisSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        overrides: RunOverrides,
+        on_loaded: Callable[[JobRunner], None] | None = None,
+        limits_redis: RedisSettings | None = None,
+    ) -> None:
         """`on_loaded(runner)` runs once the models are loaded, before any job is taken (a wrapper's
         instrumentation: tests/helpers/hooked_worker.py). `limits_redis`: where per-key limits live when
         that is not this worker's Redis (shard 0, with shards)."""
@@ -73,12 +77,18 @@ class WorkerProcess:
         return self.watchdog.healthy()
 
     def load(self, app: Celery) -> None:
-        """Load the models and start the probes, the watchdog and the heartbeat; `app` sends follow-up tasks."""
+        """Load the models and start the probes, the watchdog and the heartbeat; `app` sends follow-up
+        tasks."""
         settings = self.settings
         # Early: the liveness probe uses it while the models load.
-        start_metrics_server(settings.worker_metrics_port, "worker", {"/healthz": self.live, "/readyz": self.ready},
-                             host=settings.metrics_host)
+        start_metrics_server(
+            settings.worker_metrics_port,
+            "worker",
+            {"/healthz": self.live, "/readyz": self.ready},
+            host=settings.metrics_host,
+        )
         register_gpu_collector()
+
         def ready(variant_id: str, predictor: Predictor, seconds: float) -> None:
             log.info("variant %s ready in %.1fs: %s", variant_id, seconds, predictor.weights_description)
             model_loaded(variant_id, seconds, predictor.untrained)
@@ -88,15 +98,27 @@ class WorkerProcess:
         predictors = load_predictors(settings, on_ready=ready)
         store = JobStore.from_settings(settings)
         limits_client = redis_client(self.limits_redis) if self.limits_redis is not None else store.redis
-        self.runner = JobRunner(settings, store, ObjectStore(settings), app, predictors, self.name,
-                                overrides=self.overrides, limits=limits_client)
+        self.runner = JobRunner(
+            settings,
+            store,
+            ObjectStore(settings),
+            app,
+            predictors,
+            self.name,
+            overrides=self.overrides,
+            limits=limits_client,
+        )
         if self.on_loaded is not None:
             self.on_loaded(self.runner)
         self.runner.health.on_trip(lambda _reason: self._not_ready())
         limits = {variant: settings.time_limit(variant) for variant in predictors}
-        self.watchdog = Watchdog(self.runner, limits, grace=settings.job_lease_seconds,
-                                 drain_seconds=min(10.0, settings.job_lease_seconds / 2),
-                                 interval=min(1.0, min(limits.values()) / 10)).start()
+        self.watchdog = Watchdog(
+            self.runner,
+            limits,
+            grace=settings.job_lease_seconds,
+            drain_seconds=min(10.0, settings.job_lease_seconds / 2),
+            interval=min(1.0, min(limits.values()) / 10),
+        ).start()
         with open(settings.ready_file, "w") as handle:
             handle.write(json.dumps({"variants": list(predictors), "pid": os.getpid()}))
         threading.Thread(target=self._heartbeat, args=(app,), name="heartbeat", daemon=True).start()
@@ -108,17 +130,26 @@ class WorkerProcess:
             "name": self.name,
             "variants": list(self.runner.predictors),
             "untrained": [v for v, p in self.runner.predictors.items() if p.untrained],
-            "device": str(next(iter(self.runner.predictors.values())).device) if self.runner.predictors else "",
-            "patch_order": {v: p.patch_order_report.as_dict() if p.patch_order_report else None
-                            for v, p in self.runner.predictors.items()},
+            "device": str(next(iter(self.runner.predictors.values())).device)
+            if self.runner.predictors
+            else "",
+            "patch_order": {
+                v: p.patch_order_report.as_dict() if p.patch_order_report else None
+                for v, p in self.runner.predictors.items()
+            },
             "started_at": time.time(),
         }
         while True:
             try:
                 publish_heartbeat(self.runner.store.redis, self.name, info)
                 for variant in self.runner.predictors:
-                    resend_orphans(self.runner.store, app, variant, settings.variants.get(variant).queue,
-                                   min_age=3 * settings.visibility_timeout)
+                    resend_orphans(
+                        self.runner.store,
+                        app,
+                        variant,
+                        settings.variants.get(variant).queue,
+                        min_age=3 * settings.visibility_timeout,
+                    )
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(10)
@@ -136,7 +167,9 @@ class WorkerProcess:
             return
         for variant in self.settings.worker_variants:
             if variant in paused:
-                log.warning("variant %s is paused (python -m ops resume %s); not consuming it", variant, variant)
+                log.warning(
+                    "variant %s is paused (python -m ops resume %s); not consuming it", variant, variant
+                )
                 consumer.cancel_task_queue(self.settings.variants.get(variant).queue)
 
 

@@ -69,8 +69,14 @@ class MaskBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{predictor.spec.id}", daemon=True)
         self._thread.start()
 
-    def predict(self, image: ImageLike, resolution: tuple[int, int], timeout: float | None = None, *,
-                alone: bool = False) -> tuple[np.ndarray, int]:
+    def predict(
+        self,
+        image: ImageLike,
+        resolution: tuple[int, int],
+        timeout: float | None = None,
+        *,
+        alone: bool = False,
+    ) -> tuple[np.ndarray, int]:
         """The probabilities (float32 numpy at the image's size) for one image, and the size of the batch it
         ran in: prepare, `infer`, resize back (benchmarks and tests; jobs run the stages themselves)."""
         prepared = self.predictor.prepare(image, resolution)
@@ -78,8 +84,9 @@ class MaskBatcher:
         mask = mask_probabilities(logits, prepared)
         return (mask if isinstance(mask, np.ndarray) else mask.cpu().numpy()), batch_size
 
-    def infer(self, prepared: PreparedImage, timeout: float | None = None, *,
-              alone: bool = False) -> tuple[torch.Tensor, int]:
+    def infer(
+        self, prepared: PreparedImage, timeout: float | None = None, *, alone: bool = False
+    ) -> tuple[torch.Tensor, int]:
         """The logits of one prepared image and the size of the batch it ran in. Blocks until its forward is
         done, or `timeout` seconds: then ForwardTimeout if its forward had begun, WorkerUnavailable if not.
         `alone`: never batched with other images. Only the forward runs on the batcher's thread."""
@@ -95,10 +102,14 @@ class MaskBatcher:
                 pending.abandoned = True
                 started = pending.started
             if started:
-                raise ForwardTimeout("its forward pass did not finish within the job's run-time limit",
-                                     shared=pending.batch_size > 1) from None
-            raise WorkerUnavailable("the inference thread was still busy with other forwards when this job's "
-                                    "run-time limit passed") from None
+                raise ForwardTimeout(
+                    "its forward pass did not finish within the job's run-time limit",
+                    shared=pending.batch_size > 1,
+                ) from None
+            raise WorkerUnavailable(
+                "the inference thread was still busy with other forwards when this job's "
+                "run-time limit passed"
+            ) from None
 
     def busy_for(self) -> float:
         """Seconds the forward now running has taken (0 while idle)."""
@@ -129,7 +140,9 @@ class MaskBatcher:
         while len(batch) < self.max_size:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
+                batch.append(
+                    self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait()
+                )
             except queue.Empty:
                 break
         return batch

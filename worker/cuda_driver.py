@@ -70,7 +70,9 @@ def required_driver(cuda: str) -> Version:
     if not known:
         raise ValueError(f"CUDA {cuda} is older than any this worker knows (11.8)")
     # A release newer than the table: at least the newest floor below it (the real one may be higher).
-    log.warning("CUDA %s is not in the driver table; assuming at least the floor of CUDA %d.%d", cuda, *max(known))
+    log.warning(
+        "CUDA %s is not in the driver table; assuming at least the floor of CUDA %d.%d", cuda, *max(known)
+    )
     return MIN_DRIVER[max(known)]
 
 
@@ -85,13 +87,17 @@ class DriverCheck:
     def message(self) -> str:
         need = f"NVIDIA driver >= {format_version(self.needed)} (torch built for CUDA {self.cuda})"
         if self.found is None:
-            return (f"no NVIDIA driver found (no NVML, no {PROC_VERSION}); this worker needs {need}. "
-                    "On a GPU host, run the container with the NVIDIA container toolkit (--gpus all).")
+            return (
+                f"no NVIDIA driver found (no NVML, no {PROC_VERSION}); this worker needs {need}. "
+                "On a GPU host, run the container with the NVIDIA container toolkit (--gpus all)."
+            )
         if self.ok:
             return f"NVIDIA driver {format_version(self.found)} satisfies {need}"
-        return (f"NVIDIA driver {format_version(self.found)} is too old: this worker needs {need}. "
-                "Upgrade the driver, or use an image built for an older CUDA (build argument TORCH_INDEX_URL, "
-                "e.g. https://download.pytorch.org/whl/cu126 for drivers >= 560).")
+        return (
+            f"NVIDIA driver {format_version(self.found)} is too old: this worker needs {need}. "
+            "Upgrade the driver, or use an image built for an older CUDA (build argument TORCH_INDEX_URL, "
+            "e.g. https://download.pytorch.org/whl/cu126 for drivers >= 560)."
+        )
 
 
 def check_driver(cuda: str, driver: str | None) -> DriverCheck:
@@ -139,8 +145,12 @@ def torch_cuda_version() -> str | None:
     return torch.version.cuda
 
 
-def require_driver(device: str, *, cuda: Callable[[], str | None] | None = None,
-                   driver: Callable[[], str | None] | None = None) -> DriverCheck | None:
+def require_driver(
+    device: str,
+    *,
+    cuda: Callable[[], str | None] | None = None,
+    driver: Callable[[], str | None] | None = None,
+) -> DriverCheck | None:
     """Called at worker start, before any model loads.
 
     `device` 'cpu' skips the check. 'auto' checks only when a driver is there (none: the worker runs on

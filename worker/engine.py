@@ -41,8 +41,10 @@ FULL_RES_CHANNELS = 256
 log = logging.getLogger(__name__)
 
 CPU_WARMUP_RESOLUTION = (64, 64)
-UNTRAINED_WARNING = ("UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
-                     "trained BiRefNet checkpoint; the mask is meaningless.")
+UNTRAINED_WARNING = (
+    "UNTRAINED WEIGHTS: this result was computed with recipe (random) weights, not a "
+    "trained BiRefNet checkpoint; the mask is meaningless."
+)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -102,7 +104,9 @@ class Predictor:
         description = self._require_loaded().description
         report = self.patch_order_report
         if report is not None and report.in_use != report.configured:
-            description += f"; patch order {report.in_use} ADOPTED by the self-check (configured {report.configured})"
+            description += (
+                f"; patch order {report.in_use} ADOPTED by the self-check (configured {report.configured})"
+            )
         return description
 
     @property
@@ -159,17 +163,22 @@ class Predictor:
         self._loaded = loaded
         self._network = module
         # eager, before compile: loading decides the decoder's patch order and sets it
-        self.patch_order_report = settle_patch_order(module, self.spec, self.settings, untrained=loaded.untrained,
-                                                     masks=self.predict_masks)
+        self.patch_order_report = settle_patch_order(
+            module, self.spec, self.settings, untrained=loaded.untrained, masks=self.predict_masks
+        )
         if self.settings.compile_model:
             mode = self.settings.compile_mode if self.settings.compile_mode != "default" else None
             # torch.compile of a Module returns an OptimizedModule; its stub says only "callable".
             self._network = cast(nn.Module, torch.compile(module, mode=mode))
         if self.settings.warmup_forward:
             self._warm_up(eager=module)
-        log.info("variant %s loaded on %s%s: %s", self.spec.id, self._device,
-                 f" ({self.settings.inference_dtype} weights)" if self._half_dtype else "",
-                 loaded.description)
+        log.info(
+            "variant %s loaded on %s%s: %s",
+            self.spec.id,
+            self._device,
+            f" ({self.settings.inference_dtype} weights)" if self._half_dtype else "",
+            loaded.description,
+        )
 
     def warmup_shapes(self) -> list[tuple[tuple[int, int], int]]:
         """(resolution, batch size) pairs the warm-up runs: on CUDA every allowed resolution x every
@@ -177,12 +186,17 @@ class Predictor:
         specialise on shapes); on the CPU one small forward that proves the model runs."""
         if not self._on_cuda:
             return [(CPU_WARMUP_RESOLUTION, 1)]
-        resolutions = [parse_resolution(text) for text in (self.spec.allowed_resolutions or
-                                                              (self.spec.default_resolution,))]
+        resolutions = [
+            parse_resolution(text)
+            for text in (self.spec.allowed_resolutions or (self.spec.default_resolution,))
+        ]
         if not self.settings.warmup_all_shapes:
             return [(parse_resolution(self.spec.default_resolution), 1)]
-        return [(resolution, batch) for resolution in resolutions
-                for batch in range(1, self.settings.max_batch_size + 1)]
+        return [
+            (resolution, batch)
+            for resolution in resolutions
+            for batch in range(1, self.settings.max_batch_size + 1)
+        ]
 
     def _warm_up(self, eager: nn.Module) -> None:
         for (width, height), batch in self.warmup_shapes():
@@ -196,8 +210,14 @@ class Predictor:
                 log.warning("torch.compile failed at the warm-up forward; running eagerly", exc_info=True)
                 self._network = eager
                 self._forward(dummy)
-            log.info("variant %s warm-up forward %dx%d batch %d took %.2fs", self.spec.id, width, height, batch,
-                     time.perf_counter() - started)
+            log.info(
+                "variant %s warm-up forward %dx%d batch %d took %.2fs",
+                self.spec.id,
+                width,
+                height,
+                batch,
+                time.perf_counter() - started,
+            )
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         # CUDA's channels-last bilinear upsampling indexes with 32-bit ints: the decoder's full-resolution
@@ -228,14 +248,15 @@ class Predictor:
         out: list[torch.Tensor] = []
         step = self.settings.max_batch_size
         for start in range(0, len(prepared), step):
-            chunk = prepared[start:start + step]
+            chunk = prepared[start : start + step]
             inputs = [item.network_input.to(self._device, non_blocking=True) for item in chunk]
             batch = inputs[0].unsqueeze(0) if len(inputs) == 1 else torch.stack(inputs)  # no copy for one
             out.extend(self._forward(batch).unbind(0))
         return out
 
-    def predict_masks(self, images: Sequence[ImageLike], resolution: tuple[int, int], *,
-                      timings: StageTimings | None = None) -> list[np.ndarray]:
+    def predict_masks(
+        self, images: Sequence[ImageLike], resolution: tuple[int, int], *, timings: StageTimings | None = None
+    ) -> list[np.ndarray]:
         """Masks (float32 HxW numpy in [0, 1], each at its image's original size) for RGB images.
 
         Every image is resized to the operating `resolution` = (width, height), so images go

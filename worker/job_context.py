@@ -35,7 +35,9 @@ class JobContext:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def open(cls, spec: JobSpec, store: JobStore, predictor: Predictor, overrides: RunOverrides) -> JobContext:
+    def open(
+        cls, spec: JobSpec, store: JobStore, predictor: Predictor, overrides: RunOverrides
+    ) -> JobContext:
         return cls(spec, store, predictor, overrides.resolution(spec.params.operating_resolution))
 
     @property
@@ -79,10 +81,15 @@ class JobContext:
         """The lines before a forward: where it runs, and what about its result is not a real model's."""
         requested = self.spec.params.operating_resolution
         if not self.spec.reuse_from:
-            self.log(f"inference {self.resolution} on {self.predictor.device} ({image_size[0]}x{image_size[1]} input)")
+            self.log(
+                f"inference {self.resolution} on {self.predictor.device} ({image_size[0]}x{image_size[1]} "
+                f"input)"
+            )
         if self.resolution != requested:
-            self.log(f"TEST MODE: ran at {self.resolution}, not {requested} (BIREFNET_TEST_OPERATING_RESOLUTION)",
-                     "WARN")
+            self.log(
+                f"TEST MODE: ran at {self.resolution}, not {requested} (BIREFNET_TEST_OPERATING_RESOLUTION)",
+                "WARN",
+            )
         if self.predictor.untrained and not self.predictor.null_model:
             self.log(self.predictor.result_warning or "", "WARN")
 

@@ -45,8 +45,14 @@ class WorkerHealth:
 class LeaseKeeper:
     """Renews the job's lease in the background while it runs, so no other worker takes it."""
 
-    def __init__(self, store: JobStore, request_id: str, token: str, lease_seconds: float,
-                 health: WorkerHealth | None = None):
+    def __init__(
+        self,
+        store: JobStore,
+        request_id: str,
+        token: str,
+        lease_seconds: float,
+        health: WorkerHealth | None = None,
+    ):
         self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
         self.health = health
         self._stop = threading.Event()

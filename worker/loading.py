@@ -83,10 +83,15 @@ def _real_network(spec: VariantSpec, settings: WorkerSettings) -> LoadedNetwork:
                 f"{native_error}. The repo ships its own modelling code; set BIREFNET_TRUST_REMOTE_CODE=true "
                 "to run it through transformers (executes Python from the repo)."
             ) from native_error
-        log.warning("variant %s: checkpoint does not fit the native model (%s); using the repo's code",
-                    spec.id, native_error)
+        log.warning(
+            "variant %s: checkpoint does not fit the native model (%s); using the repo's code",
+            spec.id,
+            native_error,
+        )
         network = load_remote_code_network(Path(path)).eval()
-        return LoadedNetwork(network, untrained=False, description=f"{source.description} (transformers remote code)")
+        return LoadedNetwork(
+            network, untrained=False, description=f"{source.description} (transformers remote code)"
+        )
     return LoadedNetwork(model.eval(), untrained=False, description=description)
 
 
@@ -99,9 +104,12 @@ def recipe_network(spec: VariantSpec, *, reason: str) -> LoadedNetwork:
 
 
 def recipe_banner(spec: VariantSpec, reason: str, *more: str) -> None:
-    log_banner(f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
-               "Masks are meaningless: this is not a trained model. For demos and tests only.",
-               f"Reason: {reason}", *more)
+    log_banner(
+        f"VARIANT {spec.id!r} RUNS UNTRAINED RECIPE WEIGHTS",
+        "Masks are meaningless: this is not a trained model. For demos and tests only.",
+        f"Reason: {reason}",
+        *more,
+    )
 
 
 def log_banner(*lines: str) -> None:
@@ -115,29 +123,43 @@ def log_banner(*lines: str) -> None:
 MaskFunction = Callable[[Sequence[ImageLike], tuple[int, int]], list[np.ndarray]]
 
 
-def settle_patch_order(network: nn.Module, spec: VariantSpec, settings: WorkerSettings, *, untrained: bool,
-                       masks: MaskFunction) -> PatchOrderReport:
+def settle_patch_order(
+    network: nn.Module, spec: VariantSpec, settings: WorkerSettings, *, untrained: bool, masks: MaskFunction
+) -> PatchOrderReport:
     """Decide which patch order `network`'s decoder runs and set it: compare both orders' mask confidence on
     the sample photos (`masks` runs the loaded network on its device), and switch to the other order when the
     configured one is clearly worse and the setting allows it. The only code that sets a patch order."""
     configured = spec.patch_order
     decoder: Any = getattr(network, "decoder", None)  # the native decoder (worker.birefnet.decoder) or none
     if settings.patch_order_check == "off":
-        report = PatchOrderReport(configured, configured, "skipped", "patch-order check off (BIREFNET_PATCH_ORDER_CHECK)")
+        report = PatchOrderReport(
+            configured, configured, "skipped", "patch-order check off (BIREFNET_PATCH_ORDER_CHECK)"
+        )
     elif untrained:
-        report = PatchOrderReport(configured, configured, "skipped", "not run: untrained recipe weights learned "
-                                  "nothing, so neither order makes them more confident (the answer would be noise)")
+        report = PatchOrderReport(
+            configured,
+            configured,
+            "skipped",
+            "not run: untrained recipe weights learned "
+            "nothing, so neither order makes them more confident (the answer would be noise)",
+        )
     elif decoder is None or getattr(decoder, "patch_order", None) not in PATCH_ORDERS:
-        report = PatchOrderReport(configured, configured, "skipped", "not run: the network is not the native "
-                                  "BiRefNet (remote code), whose patch order cannot be switched")
+        report = PatchOrderReport(
+            configured,
+            configured,
+            "skipped",
+            "not run: the network is not the native "
+            "BiRefNet (remote code), whose patch order cannot be switched",
+        )
     else:
         report = _compare_patch_orders(decoder, configured, settings, masks)
     _log_patch_order(spec.id, report)
     return report
 
 
-def _compare_patch_orders(decoder: Any, configured: str, settings: WorkerSettings,
-                          masks: MaskFunction) -> PatchOrderReport:
+def _compare_patch_orders(
+    decoder: Any, configured: str, settings: WorkerSettings, masks: MaskFunction
+) -> PatchOrderReport:
     images = decode_photos(sample_photos(settings), settings)
     if not images:
         return PatchOrderReport(configured, configured, "skipped", "not run: no sample photos")
@@ -149,8 +171,9 @@ def _compare_patch_orders(decoder: Any, configured: str, settings: WorkerSetting
             scores[order] = [mask_confidence(m) for m in masks(images, resolution)]
     finally:
         decoder.patch_order = configured
-    in_use, verdict, message = decide(scores, configured, margin=settings.patch_order_check_margin,
-                                      pin=settings.patch_order_check == "pin")
+    in_use, verdict, message = decide(
+        scores, configured, margin=settings.patch_order_check_margin, pin=settings.patch_order_check == "pin"
+    )
     decoder.patch_order = in_use
     overall = {order: round(float(np.mean(values)), 5) for order, values in scores.items()}
     return PatchOrderReport(configured, in_use, verdict, message, overall, len(images))

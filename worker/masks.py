@@ -58,8 +58,10 @@ def mask_png(alpha8: np.ndarray) -> bytes:
 
 
 def cache_key(scope: str, data: bytes, variant: str, resolution: str, weights: str) -> str:
-    identity = json.dumps({"s": scope, "i": hashlib.sha256(data).hexdigest(), "v": variant, "r": resolution,
-                           "w": weights}, sort_keys=True)
+    identity = json.dumps(
+        {"s": scope, "i": hashlib.sha256(data).hexdigest(), "v": variant, "r": resolution, "w": weights},
+        sort_keys=True,
+    )
     return keys.mask_cache(hashlib.sha256(identity.encode()).hexdigest()[:40])
 
 
@@ -73,13 +75,24 @@ class MaskSource:
     def redis(self) -> redis.Redis:
         return self.store.redis
 
-    def obtain(self, spec: JobSpec, data: bytes, size: tuple[int, int], *, resolution: str, weights: str,
-               compute: Callable[[], tuple[Mask, int]]) -> ObtainedMask:
+    def obtain(
+        self,
+        spec: JobSpec,
+        data: bytes,
+        size: tuple[int, int],
+        *,
+        resolution: str,
+        weights: str,
+        compute: Callable[[], tuple[Mask, int]],
+    ) -> ObtainedMask:
         """The job's mask for its input of `size` (W, H); `compute` runs the network (returns the mask and its
         batch size)."""
         if spec.reuse_from:
-            obtained = ObtainedMask(self._kept_mask(spec, size), "compose",
-                                    detail=f"mask of request {spec.reuse_from}; the network did not run")
+            obtained = ObtainedMask(
+                self._kept_mask(spec, size),
+                "compose",
+                detail=f"mask of request {spec.reuse_from}; the network did not run",
+            )
         else:
             obtained = self._cached_or_computed(spec, data, size, resolution, weights, compute)
         MASKS.labels(spec.variant, obtained.source).inc()
@@ -90,17 +103,30 @@ class MaskSource:
         url = spec.extra.get("kept_mask", "")
         try:
             bucket, key = parse_s3_url(url)
-            mask = Mask(read_mask_png(self.objects.read(bucket, key, max_bytes=self.settings.max_input_bytes * 4)))
+            mask = Mask(
+                read_mask_png(self.objects.read(bucket, key, max_bytes=self.settings.max_input_bytes * 4))
+            )
         except (ValueError, FileDownloadError) as exc:
-            raise FileDownloadError(f"the kept mask of request {spec.reuse_from} is no longer available "
-                                    f"(its output retention ended?): {exc}", field="request_id") from None
+            raise FileDownloadError(
+                f"the kept mask of request {spec.reuse_from} is no longer available "
+                f"(its output retention ended?): {exc}",
+                field="request_id",
+            ) from None
         if mask.size != size:
-            raise FileDownloadError(f"the kept mask of request {spec.reuse_from} does not match its input",
-                                    field="request_id")
+            raise FileDownloadError(
+                f"the kept mask of request {spec.reuse_from} does not match its input", field="request_id"
+            )
         return mask
 
-    def _cached_or_computed(self, spec: JobSpec, data: bytes, size: tuple[int, int], resolution: str, weights: str,
-                            compute: Callable[[], tuple[Mask, int]]) -> ObtainedMask:
+    def _cached_or_computed(
+        self,
+        spec: JobSpec,
+        data: bytes,
+        size: tuple[int, int],
+        resolution: str,
+        weights: str,
+        compute: Callable[[], tuple[Mask, int]],
+    ) -> ObtainedMask:
         scope = spec.mask_cache_scope if self.settings.mask_cache_seconds > 0 else None
         if not scope:
             mask, batch = compute()
@@ -108,17 +134,23 @@ class MaskSource:
         key = cache_key(scope, data, spec.variant, resolution, weights)
         lock = key + ":computing"
         hit = self._lookup(key, size)
-        if hit is None and not self.redis.set(lock, spec.request_id, nx=True,
-                                              ex=max(1, int(self.settings.mask_cache_wait_seconds))):
+        if hit is None and not self.redis.set(
+            lock, spec.request_id, nx=True, ex=max(1, int(self.settings.mask_cache_wait_seconds))
+        ):
             holder = cast(str | None, self.redis.get(lock)) or "another job"  # a decoding client: str replies
-            self.store.log(spec.request_id, f"request {holder} is computing the mask of this image; waiting for it")
+            self.store.log(
+                spec.request_id, f"request {holder} is computing the mask of this image; waiting for it"
+            )
             hit = self._wait(key, lock, size)
             if hit is None:
                 self.redis.set(lock, spec.request_id, ex=max(1, int(self.settings.mask_cache_wait_seconds)))
         if hit is not None:
             mask, origin = hit
-            return ObtainedMask(mask, "cache", detail=f"mask from the content cache (computed by request {origin}); "
-                                "the network did not run")
+            return ObtainedMask(
+                mask,
+                "cache",
+                detail=f"mask from the content cache (computed by request {origin}); the network did not run",
+            )
         try:
             mask, batch = compute()
             self._store(key, spec, mask.alpha8)
@@ -132,8 +164,13 @@ class MaskSource:
             return None
         entry = json.loads(raw)
         try:
-            mask = Mask(read_mask_png(self.objects.read(self.settings.output_bucket, entry["key"],
-                                                        max_bytes=self.settings.max_input_bytes * 4)))
+            mask = Mask(
+                read_mask_png(
+                    self.objects.read(
+                        self.settings.output_bucket, entry["key"], max_bytes=self.settings.max_input_bytes * 4
+                    )
+                )
+            )
         except (FileDownloadError, ClientError, OSError, KeyError):
             log.warning("mask cache entry %s points at a missing object; recomputing", key)
             self.redis.delete(key)
@@ -155,12 +192,21 @@ class MaskSource:
 
     def _store(self, key: str, spec: JobSpec, alpha8: np.ndarray) -> None:
         lifetime = self.settings.mask_cache_seconds
-        object_key = f"{self.settings.output_prefix}cache/{key[len(keys.MASK_CACHE_PREFIX):]}.png"
-        self.objects.write(self.settings.output_bucket, object_key, mask_png(alpha8), "image/png",
-                           metadata={"request-id": spec.request_id})
+        object_key = f"{self.settings.output_prefix}cache/{key[len(keys.MASK_CACHE_PREFIX) :]}.png"
+        self.objects.write(
+            self.settings.output_bucket,
+            object_key,
+            mask_png(alpha8),
+            "image/png",
+            metadata={"request-id": spec.request_id},
+        )
         pipe = self.redis.pipeline()
         pipe.zadd(keys.OUTPUTS, {f"obj:{object_key}": time.time() + lifetime})
-        pipe.set(key, json.dumps({"key": object_key, "request_id": spec.request_id, "at": time.time()}), ex=lifetime)
+        pipe.set(
+            key,
+            json.dumps({"key": object_key, "request_id": spec.request_id, "at": time.time()}),
+            ex=lifetime,
+        )
         pipe.execute()
 
     def _keep(self, spec: JobSpec, data: bytes, alpha8: np.ndarray, resolution: str) -> None:
@@ -172,19 +218,38 @@ class MaskSource:
             mask_url, input_url = spec.extra["kept_mask"], spec.image_url  # the source's files
         else:
             mask_url = f"s3://{bucket}/{spec.output_prefix}{KEPT_MASK}"
-            self.objects.write(bucket, spec.output_prefix + KEPT_MASK, mask_png(alpha8), "image/png",
-                               metadata={"request-id": spec.request_id})
+            self.objects.write(
+                bucket,
+                spec.output_prefix + KEPT_MASK,
+                mask_png(alpha8),
+                "image/png",
+                metadata={"request-id": spec.request_id},
+            )
             input_url = spec.image_url
             stored_by_gateway = f"s3://{bucket}/{spec.output_prefix}"
             if spec.source == "api" and not input_url.startswith(stored_by_gateway):
                 input_url = f"s3://{bucket}/{spec.output_prefix}{KEPT_INPUT}"
-                self.objects.write(bucket, spec.output_prefix + KEPT_INPUT, data, "application/octet-stream",
-                                   metadata={"request-id": spec.request_id})
+                self.objects.write(
+                    bucket,
+                    spec.output_prefix + KEPT_INPUT,
+                    data,
+                    "application/octet-stream",
+                    metadata={"request-id": spec.request_id},
+                )
         if spec.source != "api":
             return  # compose is an API route: bucket uploads keep their mask only (for the cache and people)
-        manifest = {"request_id": spec.request_id, "owner": spec.owner, "variant": spec.variant,
-                    "endpoint": spec.endpoint, "operating_resolution": resolution, "input": input_url,
-                    "mask": mask_url, "width": int(alpha8.shape[1]), "height": int(alpha8.shape[0]),
-                    "created_at": time.time()}
-        self.objects.write_json(bucket, spec.output_prefix + KEPT_MANIFEST, manifest,
-                                metadata={"request-id": spec.request_id})
+        manifest = {
+            "request_id": spec.request_id,
+            "owner": spec.owner,
+            "variant": spec.variant,
+            "endpoint": spec.endpoint,
+            "operating_resolution": resolution,
+            "input": input_url,
+            "mask": mask_url,
+            "width": int(alpha8.shape[1]),
+            "height": int(alpha8.shape[0]),
+            "created_at": time.time(),
+        }
+        self.objects.write_json(
+            bucket, spec.output_prefix + KEPT_MANIFEST, manifest, metadata={"request-id": spec.request_id}
+        )

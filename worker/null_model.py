@@ -13,8 +13,10 @@ import logging
 import torch
 from torch import nn
 
-NULL_MODEL_BANNER = ("NULL MODEL (benchmark only): no network ran; every mask is the same constant ellipse "
-                     "(BIREFNET_BENCHMARK_NULL_MODEL)")
+NULL_MODEL_BANNER = (
+    "NULL MODEL (benchmark only): no network ran; every mask is the same constant ellipse "
+    "(BIREFNET_BENCHMARK_NULL_MODEL)"
+)
 
 
 class NullNetwork(nn.Module):

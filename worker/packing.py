@@ -19,8 +19,9 @@ from worker.loading import LoadedNetwork, real_network_or_reason, recipe_banner,
 log = logging.getLogger(__name__)
 
 
-def load_predictors(settings: WorkerSettings,
-                    on_ready: Callable[[str, Predictor, float], None] | None = None) -> dict[str, Predictor]:
+def load_predictors(
+    settings: WorkerSettings, on_ready: Callable[[str, Predictor, float], None] | None = None
+) -> dict[str, Predictor]:
     """{variant id: loaded predictor} for `settings.worker_variants`, sharing networks where allowed.
 
     `on_ready(variant, predictor, seconds)` is called as each variant becomes servable."""
@@ -35,8 +36,12 @@ def load_predictors(settings: WorkerSettings,
         recipe_key = (spec.backbone, spec.patch_order)
         predictor = by_source.get(source_key) if share else None
         if predictor is not None:
-            log.info("variant %s shares the network already loaded for %s (same checkpoint %s)",
-                     variant_id, predictor.spec.id, spec.weights)
+            log.info(
+                "variant %s shares the network already loaded for %s (same checkpoint %s)",
+                variant_id,
+                predictor.spec.id,
+                spec.weights,
+            )
         else:
             predictor = _load_one(spec, settings, by_recipe if share else None)
             by_source[source_key] = predictor
@@ -52,8 +57,12 @@ def _load_one(spec, settings: WorkerSettings, recipes: dict[tuple[str, str], Pre
     loaded = real_network_or_reason(spec, settings)
     shared = recipes.get((spec.backbone, spec.patch_order)) if recipes is not None else None
     if isinstance(loaded, str) and shared is not None:
-        recipe_banner(spec, loaded, f"Shares the recipe network of {shared.spec.id} "
-                                    f"({spec.backbone}, {spec.patch_order} patch order).")
+        recipe_banner(
+            spec,
+            loaded,
+            f"Shares the recipe network of {shared.spec.id} "
+            f"({spec.backbone}, {spec.patch_order} patch order).",
+        )
         return shared
     predictor = Predictor(spec, settings)
     predictor.load(loaded if isinstance(loaded, LoadedNetwork) else recipe_network(spec, reason=loaded))

@@ -1,4 +1,5 @@
-"""Which patch order a loaded BiRefNet decoder uses: the load-time check's verdict (worker.loading applies it).
+"""Which patch order a loaded BiRefNet decoder uses: the load-time check's verdict (worker.loading applies
+it).
 
 A trained BiRefNet is confident on real photos: most pixels are clearly foreground or clearly background.
 Run with the wrong patch channel order it gets scrambled image-patch features and its masks turn hesitant.
@@ -45,8 +46,15 @@ class PatchOrderReport:
 
 
 def decode_photos(photos: list[Path], settings: WorkerSettings) -> list[Image.Image]:
-    return [decode_image(path.read_bytes(), max_pixels=settings.max_input_pixels, max_side=settings.max_input_side,
-                         min_side=1) for path in photos]
+    return [
+        decode_image(
+            path.read_bytes(),
+            max_pixels=settings.max_input_pixels,
+            max_side=settings.max_input_side,
+            min_side=1,
+        )
+        for path in photos
+    ]
 
 
 def sample_photos(settings: WorkerSettings) -> list[Path]:
@@ -55,22 +63,41 @@ def sample_photos(settings: WorkerSettings) -> list[Path]:
     return sorted(SAMPLES_DIR.glob("*.jpg"))
 
 
-def decide(scores: dict[str, list[float]], configured: str, *, margin: float, pin: bool) -> tuple[str, str, str]:
+def decide(
+    scores: dict[str, list[float]], configured: str, *, margin: float, pin: bool
+) -> tuple[str, str, str]:
     """(order to use, verdict, message) from per-photo confidences under both orders."""
     other = next(o for o in PATCH_ORDERS if o != configured)
     overall = {order: float(np.mean(values)) for order, values in scores.items()}
     photos = len(scores[configured])
     other_wins = sum(b > a for a, b in zip(scores[configured], scores[other], strict=True))
-    figures = (f"mask confidence {configured} {overall[configured]:.4f} vs {other} {overall[other]:.4f} "
-               f"on {photos} sample photo(s)")
+    figures = (
+        f"mask confidence {configured} {overall[configured]:.4f} vs {other} {overall[other]:.4f} "
+        f"on {photos} sample photo(s)"
+    )
     if overall[other] - overall[configured] >= margin and other_wins * 2 > photos:
         if pin:
-            return configured, "pinned", (f"the configured patch order {configured} looks WRONG ({figures}; {other} "
-                                          f"higher on {other_wins}); kept because BIREFNET_PATCH_ORDER_CHECK=pin")
-        return other, "adopted", (f"the configured patch order {configured} looks WRONG ({figures}; {other} higher "
-                                  f"on {other_wins}); using {other} instead (BIREFNET_PATCH_ORDER_CHECK=pin keeps "
-                                  f"{configured}; set the variant's patch_order to {other} to silence this)")
+            return (
+                configured,
+                "pinned",
+                (
+                    f"the configured patch order {configured} looks WRONG ({figures}; {other} "
+                    f"higher on {other_wins}); kept because BIREFNET_PATCH_ORDER_CHECK=pin"
+                ),
+            )
+        return (
+            other,
+            "adopted",
+            (
+                f"the configured patch order {configured} looks WRONG ({figures}; {other} higher "
+                f"on {other_wins}); using {other} instead (BIREFNET_PATCH_ORDER_CHECK=pin keeps "
+                f"{configured}; set the variant's patch_order to {other} to silence this)"
+            ),
+        )
     if overall[configured] - overall[other] >= margin and (photos - other_wins) * 2 > photos:
         return configured, "confirmed", f"the configured patch order {configured} is confirmed ({figures})"
-    return configured, "inconclusive", (f"too close to call ({figures}; margin {margin}); keeping the configured "
-                                        f"patch order {configured}")
+    return (
+        configured,
+        "inconclusive",
+        (f"too close to call ({figures}; margin {margin}); keeping the configured patch order {configured}"),
+    )

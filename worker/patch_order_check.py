@@ -32,16 +32,18 @@ from worker.pipeline.types import parse_resolution
 DECISIVE_MARGIN = 0.02
 
 
-def measure(weights: str, backbone: str, photos: list[Path], resolution: tuple[int, int],
-            settings: WorkerSettings) -> dict[str, list[float]]:
+def measure(
+    weights: str, backbone: str, photos: list[Path], resolution: tuple[int, int], settings: WorkerSettings
+) -> dict[str, list[float]]:
     images = decode_photos(photos, settings)
     scores: dict[str, list[float]] = {}
     for order in PATCH_ORDERS:
         spec = VariantSpec(id=f"patch-order-{order}", weights=weights, backbone=backbone, patch_order=order)
         predictor = Predictor(spec, settings)
         predictor.load()
-        scores[order] = [mask_confidence(m) for m in
-                         (predictor.predict_masks([image], resolution)[0] for image in images)]
+        scores[order] = [
+            mask_confidence(m) for m in (predictor.predict_masks([image], resolution)[0] for image in images)
+        ]
         del predictor  # one model in memory at a time (Swin-L is ~0.9 GB in float32)
     return scores
 
@@ -52,10 +54,14 @@ def verdict(scores: dict[str, list[float]]) -> str:
     margin = overall[best] - overall[other]
     wins = sum(a > b for a, b in zip(scores[best], scores[other], strict=True))
     if margin < DECISIVE_MARGIN:
-        return (f"inconclusive: overall confidence differs by only {margin:.4f} (< {DECISIVE_MARGIN}); "
-                "try more photos with a clear subject, or the checkpoint is untrained")
-    return (f"most likely patch order: {best} (overall confidence {overall[best]:.4f} vs {overall[other]:.4f}, "
-            f"higher on {wins} of {len(scores[best])} photos)")
+        return (
+            f"inconclusive: overall confidence differs by only {margin:.4f} (< {DECISIVE_MARGIN}); "
+            "try more photos with a clear subject, or the checkpoint is untrained"
+        )
+    return (
+        f"most likely patch order: {best} (overall confidence {overall[best]:.4f} vs {overall[other]:.4f}, "
+        f"higher on {wins} of {len(scores[best])} photos)"
+    )
 
 
 def report(photos: list[Path], scores: dict[str, list[float]]) -> str:
@@ -67,18 +73,28 @@ def report(photos: list[Path], scores: dict[str, list[float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.patch_order_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.patch_order_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--weights", required=True, help="checkpoint source (as in a variant's `weights`)")
     parser.add_argument("--backbone", default="swin_v1_l")
-    parser.add_argument("--resolution", default="1024x1024", help="operating resolution WxH (default 1024x1024)")
+    parser.add_argument(
+        "--resolution", default="1024x1024", help="operating resolution WxH (default 1024x1024)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     parser.add_argument("photos", nargs="+", type=Path)
     args = parser.parse_args(argv)
 
-    settings = WorkerSettings(device=args.device, torch_threads=args.threads, weights_fallback="none", patch_order_check="off",
-                        warmup_forward=False)
+    settings = WorkerSettings(
+        device=args.device,
+        torch_threads=args.threads,
+        weights_fallback="none",
+        patch_order_check="off",
+        warmup_forward=False,
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     scores = measure(args.weights, args.backbone, args.photos, parse_resolution(args.resolution), settings)

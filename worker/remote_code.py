@@ -59,7 +59,9 @@ def load_remote_code_network(folder: Path) -> RemoteCodeNetwork:
     """Load a local repo folder (already downloaded and pinned) with its own code, in float32."""
     from transformers import AutoModelForImageSegmentation
 
-    log.warning("loading %s with trust_remote_code=True: running Python code shipped with the checkpoint", folder)
+    log.warning(
+        "loading %s with trust_remote_code=True: running Python code shipped with the checkpoint", folder
+    )
     model = AutoModelForImageSegmentation.from_pretrained(
         str(folder), trust_remote_code=True, dtype=torch.float32, local_files_only=True
     )

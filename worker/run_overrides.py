@@ -12,9 +12,11 @@ class RunOverrides(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BIREFNET_TEST_", env_file=".env", extra="ignore")
 
     operating_resolution: str = Field(
-        "", pattern=r"^(\d+x\d+)?$", description="Workers run every job's forward pass at this WIDTHxHEIGHT "
+        "",
+        pattern=r"^(\d+x\d+)?$",
+        description="Workers run every job's forward pass at this WIDTHxHEIGHT "
         "(e.g. 128x128) instead of its operating_resolution, so CPU chaos and load tests finish in minutes; "
-        "every job's logs say so."
+        "every job's logs say so.",
     )
 
     @classmethod

@@ -54,17 +54,28 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class JobRunner:
-    def __init__(self, settings: WorkerSettings, store: JobStore, objects: ObjectStore, celery: Celery,
-                 predictors: dict[str, Predictor], worker_name: str, overrides: RunOverrides | None = None,
-                 limits: redis.Redis | None = None):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        store: JobStore,
+        objects: ObjectStore,
+        celery: Celery,
+        predictors: dict[str, Predictor],
+        worker_name: str,
+        overrides: RunOverrides | None = None,
+        limits: redis.Redis | None = None,
+    ):
         self.settings = settings
         self.limits = limits if limits is not None else store.redis  # where per-key limits live
         self.overrides = overrides or RunOverrides.off()
         self.output_formats = supported_formats()  # what this worker's encoders can write
         self.encoding = EncodeOptions.from_settings(settings)
-        self.batchers = {variant: MaskBatcher(predictor, max_size=settings.max_batch_size,
-                                              wait_seconds=settings.batch_wait_ms / 1000)
-                         for variant, predictor in predictors.items()}
+        self.batchers = {
+            variant: MaskBatcher(
+                predictor, max_size=settings.max_batch_size, wait_seconds=settings.batch_wait_ms / 1000
+            )
+            for variant, predictor in predictors.items()
+        }
         self.health = WorkerHealth()
         self.health.on_trip(self._stop_inference)
         # Jobs running now: request id -> deadline of this run (time.monotonic()), for the watchdog.
@@ -79,12 +90,14 @@ class JobRunner:
         self.masks = MaskSource(settings, store, objects)
 
     def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
-        return finish_job(settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token,
-                          **kwargs)
+        return finish_job(
+            settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token, **kwargs
+        )
 
     def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
-        return fail_job(exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec,
-                        token=token)
+        return fail_job(
+            exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token
+        )
 
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():
@@ -111,18 +124,31 @@ class JobRunner:
             outcome = self._run_job(spec)
             return outcome
         finally:
-            completion = job_finished(self.store, spec, outcome.kind, outcome.timings, worker=self.worker_name,
-                                      keep=self.settings.ops_completions_kept)
+            completion = job_finished(
+                self.store,
+                spec,
+                outcome.kind,
+                outcome.timings,
+                worker=self.worker_name,
+                keep=self.settings.ops_completions_kept,
+            )
             count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         token = uuid.uuid4().hex
-        max_attempts = min(spec.max_attempts or self.settings.max_job_attempts, self.settings.max_job_attempts)
+        max_attempts = min(
+            spec.max_attempts or self.settings.max_job_attempts, self.settings.max_job_attempts
+        )
 
         def claim_it():
-            return self.store.claim(spec.request_id, spec.variant, token,
-                                    lease_seconds=self.settings.job_lease_seconds,
-                                    max_attempts=max_attempts, worker=self.worker_name)
+            return self.store.claim(
+                spec.request_id,
+                spec.variant,
+                token,
+                lease_seconds=self.settings.job_lease_seconds,
+                max_attempts=max_attempts,
+                worker=self.worker_name,
+            )
 
         claim = claim_it()
         if claim == "missing":  # the record was lost with Redis data: the message carries the whole spec
@@ -137,16 +163,22 @@ class JobRunner:
             last, last_type = self.store.last_error(spec.request_id)
             last = last or "worker stopped"
             if last_type == TIMEOUT_ERROR_TYPE:
-                message = (f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
-                           "attempts were allowed, so it was moved to the dead-letter list")
+                message = (
+                    f"the job's last attempt ended at its run-time limit ({last}); {max_attempts} "
+                    "attempts were allowed, so it was moved to the dead-letter list"
+                )
                 self._end(spec, "", RequestTimeout(message))
                 return Outcome("failed", "attempts exhausted (run-time limit)")
             if spec.max_attempts == 1:
-                message = (f"the job's first run ended without a result (last: {last}) and the request asked "
-                           "for no retries (x-fal-no-retry); it was moved to the dead-letter list")
+                message = (
+                    f"the job's first run ended without a result (last: {last}) and the request asked "
+                    "for no retries (x-fal-no-retry); it was moved to the dead-letter list"
+                )
             else:
-                message = (f"the job failed {max_attempts} times (last: {last}); "
-                           "it was moved to the dead-letter list")
+                message = (
+                    f"the job failed {max_attempts} times (last: {last}); "
+                    "it was moved to the dead-letter list"
+                )
             self._end(spec, "", RunnerDisconnected(message))
             return Outcome("failed", "attempts exhausted")
         if claim == "missing":
@@ -157,7 +189,9 @@ class JobRunner:
         with self._running_lock:
             self.running[spec.request_id] = deadline
         try:
-            with LeaseKeeper(self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health):
+            with LeaseKeeper(
+                self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health
+            ):
                 return self._run_leased(spec, token, deadline, limit)
         finally:
             with self._running_lock:
@@ -202,8 +236,10 @@ class JobRunner:
         self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=shared)
         if isinstance(exc, ForwardTimeout):
             # The inference thread has not come back within a whole job's limit: it is stuck.
-            self.health.trip(f"a forward of {spec.variant} ran past the {limit:.0f}s run-time limit "
-                             f"(job {spec.request_id})")
+            self.health.trip(
+                f"a forward of {spec.variant} ran past the {limit:.0f}s run-time limit "
+                f"(job {spec.request_id})"
+            )
         return Outcome("retry", message)
 
     def _fail(self, spec: JobSpec, token: str, exc: JobError) -> Outcome:
@@ -241,12 +277,16 @@ class JobRunner:
             return Outcome("done", "reused")
         predictor = self.predictors.get(spec.variant)
         if predictor is None:
-            raise JobError(f"this worker does not serve variant {spec.variant!r}",
-                           error_type="runner_scheduling_failure", status_code=503)
+            raise JobError(
+                f"this worker does not serve variant {spec.variant!r}",
+                error_type="runner_scheduling_failure",
+                status_code=503,
+            )
         check_output_format(spec.params.output_format, self.output_formats)  # a 422 before any work
         ctx = JobContext.open(spec, self.store, predictor, self.overrides)
         if spec.extra.get("video") is not None:
             from worker.video.job import run_video_job  # PyAV loads only where video jobs run
+
             return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now)
         try:
             return self._run_image(spec, token, deadline, ctx)
@@ -258,9 +298,15 @@ class JobRunner:
         params, predictor, settings = spec.params, ctx.predictor, self.settings
         ctx.log("loading image")
         with ctx.stage("fetch"):
-            data = fetch_input(spec.image_url, objects=self.objects, max_bytes=settings.max_input_bytes,
-                               policy=self.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
-                               timeout=settings.http_timeout)
+            data = fetch_input(
+                spec.image_url,
+                objects=self.objects,
+                max_bytes=settings.max_input_bytes,
+                policy=self.net_policy,
+                version_id=spec.input_version,
+                if_match=spec.input_etag,
+                timeout=settings.http_timeout,
+            )
         with ctx.stage("decode"):
             rgb = decode_rgb(data, max_pixels=settings.max_input_pixels, max_side=settings.max_input_side)
         background = self._background(spec)
@@ -275,9 +321,16 @@ class JobRunner:
         ctx.flush()
         obtained: list[ObtainedMask] = []
         with ctx.timed(lambda: "mask_reuse" if obtained and obtained[0].source != "network" else "inference"):
-            obtained.append(self.masks.obtain(
-                spec, data, size, resolution=ctx.resolution, weights=predictor.weights_description,
-                compute=lambda: self._infer(spec, rgb, ctx.size, alone, deadline)))
+            obtained.append(
+                self.masks.obtain(
+                    spec,
+                    data,
+                    size,
+                    resolution=ctx.resolution,
+                    weights=predictor.weights_description,
+                    compute=lambda: self._infer(spec, rgb, ctx.size, alone, deadline),
+                )
+            )
         mask = obtained[0]
         if mask.source != "network":
             ctx.log(mask.detail)
@@ -288,42 +341,66 @@ class JobRunner:
             return Outcome("cancelled")
 
         with ctx.stage("render"):
-            rendered = render(rgb, mask.mask, params, encoding=self.encoding, background=background,
-                              max_side=settings.max_input_side, max_pixels=settings.max_input_pixels)
+            rendered = render(
+                rgb,
+                mask.mask,
+                params,
+                encoding=self.encoding,
+                background=background,
+                max_side=settings.max_input_side,
+                max_pixels=settings.max_input_pixels,
+            )
         _check_deadline(deadline, "rendering the outputs")
 
         ctx.log("uploading" if not params.sync_mode else "encoding data URIs")
         with ctx.stage("upload"):
             body: dict[str, object] = {
                 "image": self._publish(spec, rendered.image, "mask" if params.mask_only else "cutout"),
-                "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None}
+                "mask_image": self._publish(spec, rendered.mask, "mask") if rendered.mask else None,
+            }
         if predictor.result_warning:
             body["warning"] = predictor.result_warning
         timings = ctx.finish()
         # fal's inference_time: the network's seconds, or reading a reused mask's (no network run).
-        self._finish(spec, token, body=body, inference_time=timings.get("inference", timings.get("mask_reuse")),
-                     extra={"timings": timings, "weights": predictor.weights_description,
-                            "mask_source": mask.source}, logs=ctx.take_lines())
+        self._finish(
+            spec,
+            token,
+            body=body,
+            inference_time=timings.get("inference", timings.get("mask_reuse")),
+            extra={"timings": timings, "weights": predictor.weights_description, "mask_source": mask.source},
+            logs=ctx.take_lines(),
+        )
         return Outcome("done", timings=timings)
 
-    def _infer(self, spec: JobSpec, rgb: np.ndarray, resolution: tuple[int, int], alone: bool,
-               deadline: float) -> tuple[Mask, int]:
+    def _infer(
+        self, spec: JobSpec, rgb: np.ndarray, resolution: tuple[int, int], alone: bool, deadline: float
+    ) -> tuple[Mask, int]:
         """The network's mask: prepare (this thread), the batched forward (the batcher's), postprocess."""
         batcher = self.batchers[spec.variant]
         prepared = batcher.predictor.prepare(rgb, resolution)
-        logits, batch_size = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
+        logits, batch_size = batcher.infer(
+            prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone
+        )
         return postprocess(logits, prepared), batch_size
 
     def _background(self, spec: JobSpec) -> np.ndarray | None:
-        """The decoded background_image_url (same fetcher, decoder, guards and limits as image_url), or None."""
+        """The decoded background_image_url (same fetcher, decoder, guards and limits as image_url), or
+        None."""
         url = spec.params.background_image_url
         if not url:
             return None
         self.store.log(spec.request_id, "loading background image")
         try:
-            data = fetch_input(url, objects=self.objects, max_bytes=self.settings.max_input_bytes,
-                               policy=self.net_policy, timeout=self.settings.http_timeout)
-            return decode_rgb(data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side)
+            data = fetch_input(
+                url,
+                objects=self.objects,
+                max_bytes=self.settings.max_input_bytes,
+                policy=self.net_policy,
+                timeout=self.settings.http_timeout,
+            )
+            return decode_rgb(
+                data, max_pixels=self.settings.max_input_pixels, max_side=self.settings.max_input_side
+            )
         except JobError as exc:
             exc.field = "background_image_url"
             exc.message = f"background_image_url: {exc.message}"
@@ -335,12 +412,24 @@ class JobRunner:
             url = f"data:{encoded.content_type};base64,{base64.b64encode(encoded.data).decode()}"
         else:
             key = spec.output_prefix + file_name
-            self.objects.write(self.settings.output_bucket, key, encoded.data, encoded.content_type,
-                               metadata={"request-id": spec.request_id})
-            url = self.objects.url_for(self.settings.output_bucket, key, ttl=spec.extra.get("output_ttl"),
-                                       api=spec.source == "api")
-        return ImageFile(url=url, content_type=encoded.content_type, file_name=file_name,
-                         file_size=encoded.file_size, width=encoded.width, height=encoded.height).model_dump()
+            self.objects.write(
+                self.settings.output_bucket,
+                key,
+                encoded.data,
+                encoded.content_type,
+                metadata={"request-id": spec.request_id},
+            )
+            url = self.objects.url_for(
+                self.settings.output_bucket, key, ttl=spec.extra.get("output_ttl"), api=spec.source == "api"
+            )
+        return ImageFile(
+            url=url,
+            content_type=encoded.content_type,
+            file_name=file_name,
+            file_size=encoded.file_size,
+            width=encoded.width,
+            height=encoded.height,
+        ).model_dump()
 
 
 def _check_deadline(deadline: float, stage: str) -> None:

@@ -32,9 +32,17 @@ EXIT_STUCK = 70  # EX_SOFTWARE: "internal software error"; supervisors restart o
 
 
 class Watchdog:
-    def __init__(self, runner: JobRunner, limits: dict[str, float], *, grace: float, drain_seconds: float,
-                 interval: float = 1.0, exit_process: Callable[[int], None] = os._exit,
-                 before_exit: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        runner: JobRunner,
+        limits: dict[str, float],
+        *,
+        grace: float,
+        drain_seconds: float,
+        interval: float = 1.0,
+        exit_process: Callable[[int], None] = os._exit,
+        before_exit: Callable[[], None] | None = None,
+    ):
         self.runner = runner
         self.limits = limits  # variant -> run-time limit (s)
         self.grace = grace
@@ -54,8 +62,10 @@ class Watchdog:
             limit = self.limits[variant]
             busy = batcher.busy_for()
             if busy > limit:
-                return (f"the {variant} inference thread has been in one forward for {busy:.0f}s, past the "
-                        f"{limit:.0f}s run-time limit")
+                return (
+                    f"the {variant} inference thread has been in one forward for {busy:.0f}s, past the "
+                    f"{limit:.0f}s run-time limit"
+                )
             if not batcher.alive():
                 return f"the {variant} inference thread has died"
         now = time.monotonic()
@@ -89,9 +99,12 @@ class Watchdog:
             time.sleep(0.1)
         left = list(self.runner.running_jobs())
         time.sleep(min(1.0, self.drain_seconds))  # the Celery side puts the messages back
-        log.critical("exiting (code %d) so the supervisor starts a fresh worker: %s%s", EXIT_STUCK,
-                     self.runner.health.reason,
-                     f"; leases of {left} are no longer renewed and run out" if left else "")
+        log.critical(
+            "exiting (code %d) so the supervisor starts a fresh worker: %s%s",
+            EXIT_STUCK,
+            self.runner.health.reason,
+            f"; leases of {left} are no longer renewed and run out" if left else "",
+        )
         if self._before_exit is not None:
             self._before_exit()
         for handler in logging.getLogger().handlers:

@@ -46,8 +46,12 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Written by DataParallel / DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Weight files looked for in a folder (Hugging Face layout), in order of preference.
-FOLDER_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                       "pytorch_model.bin.index.json")
+FOLDER_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHOWN_KEYS = 8
 
@@ -87,7 +91,7 @@ def parse_source(source: str) -> WeightSource:
     if text == RECIPE:
         return WeightSource("recipe", RECIPE)
     if text.startswith("hf://"):
-        body = text[len("hf://"):]
+        body = text[len("hf://") :]
         repo, _, rest = body.partition("@")
         if not rest:  # no revision given: "main", but say so, since it moves
             parts = body.split("/", 2)
@@ -95,7 +99,9 @@ def parse_source(source: str) -> WeightSource:
             log.warning("weights %s has no @revision; using the moving branch 'main'", source)
         revision, _, filename = rest.partition("/")
         if not _REPO_ID.match(repo) or not revision:
-            raise WeightsError(f"bad Hugging Face source {source!r}; expected hf://<owner>/<repo>@<revision>[/<file>]")
+            raise WeightsError(
+                f"bad Hugging Face source {source!r}; expected hf://<owner>/<repo>@<revision>[/<file>]"
+            )
         if filename:
             return WeightSource("hf", repo, revision, filename, sha256)
         return WeightSource("hf-repo", repo, revision, None, sha256)
@@ -108,8 +114,11 @@ def parse_source(source: str) -> WeightSource:
         return WeightSource("s3", f"{parsed.netloc}/{parsed.path.lstrip('/')}", sha256=sha256)
     path = Path(text).expanduser()
     if not path.exists() and _REPO_ID.match(text) and not text.endswith(CHECKPOINT_SUFFIXES):
-        log.warning("weights %s is a bare repo id; using the moving branch 'main' (pin it: hf://%s@<commit>)",
-                    text, text)
+        log.warning(
+            "weights %s is a bare repo id; using the moving branch 'main' (pin it: hf://%s@<commit>)",
+            text,
+            text,
+        )
         return WeightSource("hf-repo", text, "main", None, sha256)
     return WeightSource("local", str(path), sha256=sha256)
 
@@ -153,12 +162,16 @@ def _fetch_hf(source: WeightSource, settings: WorkerSettings) -> Path:
     patterns = ["*.json", "*.safetensors", "*.py", "pytorch_model*.bin"]
     try:
         if source.kind == "hf-repo":
-            return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns,
-                                          cache_dir=cache_dir))
+            return Path(
+                snapshot_download(
+                    source.location, revision=source.revision, allow_patterns=patterns, cache_dir=cache_dir
+                )
+            )
         if source.filename is None:  # reported like any other failed download
             raise ValueError("a Hugging Face file source needs a filename")
-        return Path(hf_hub_download(source.location, source.filename, revision=source.revision,
-                                    cache_dir=cache_dir))
+        return Path(
+            hf_hub_download(source.location, source.filename, revision=source.revision, cache_dir=cache_dir)
+        )
     except Exception as exc:  # offline misses, 404s, auth, network: all end the same way
         raise WeightsError(f"cannot download {source.description}: {exc}") from exc
 
@@ -174,9 +187,12 @@ def _fetch_url(url: str, settings: WorkerSettings) -> Path:
         raise WeightsError(f"{url} is not in the cache ({target}) and HF_HUB_OFFLINE forbids downloading")
     log.info("downloading %s -> %s", url, target)
     try:
-        with _atomic_file(target) as handle, httpx.stream(
-            "GET", url, follow_redirects=True, timeout=httpx.Timeout(settings.http_timeout, connect=10.0)
-        ) as response:
+        with (
+            _atomic_file(target) as handle,
+            httpx.stream(
+                "GET", url, follow_redirects=True, timeout=httpx.Timeout(settings.http_timeout, connect=10.0)
+            ) as response,
+        ):
             response.raise_for_status()
             for chunk in response.iter_bytes(1 << 20):
                 handle.write(chunk)
@@ -196,7 +212,10 @@ def _fetch_s3(location: str, settings: WorkerSettings) -> Path:
     try:
         etag = client.head_object(Bucket=bucket, Key=key)["ETag"]
     except (BotoCoreError, ClientError) as exc:
-        gone = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey")
+        gone = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+            "404",
+            "NoSuchKey",
+        )
         if target.exists() and not gone:  # S3 unreachable: serve the copy fetched earlier
             log.warning("cannot reach s3://%s (%s); using the cached copy %s", location, exc, target)
             return target
@@ -257,7 +276,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     elif name.endswith(CHECKPOINT_SUFFIXES):
         state = _read_pickle(path)
     else:
-        raise WeightsError(f"{path}: unknown checkpoint type (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+        raise WeightsError(
+            f"{path}: unknown checkpoint type (expected one of {', '.join(CHECKPOINT_SUFFIXES)})"
+        )
     return strip_wrapper_prefixes(state)
 
 
@@ -321,8 +342,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str =
     problem = describe_mismatch(expected, completed)
     if problem:
         hint = backbone_hint(state, getattr(getattr(model, "config", None), "backbone", None))
-        raise WeightsError(f"weights from {source} do not fit {_model_name(model)}: {problem}"
-                           + (f". {hint}" if hint else ""))
+        raise WeightsError(
+            f"weights from {source} do not fit {_model_name(model)}: {problem}"
+            + (f". {hint}" if hint else "")
+        )
     model.load_state_dict(completed, strict=True)
 
 
@@ -330,8 +353,11 @@ def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
     """'' when keys and shapes agree, else counts and the first few missing / unexpected / misshapen keys."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    misshapen = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                       for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    misshapen = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected.keys() & state.keys()
+        if state[k].shape != expected[k].shape
+    )
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
         if keys:
@@ -357,16 +383,26 @@ def guess_backbone(state: dict[str, torch.Tensor]) -> str | None:
     if embed is None or embed.dim() != 4:
         return None
     stage3_depth = len({k.split(".")[4] for k in state if k.startswith("bb.layers.2.blocks.")})
-    return {(96, 6): "swin_v1_t", (96, 18): "swin_v1_s", (128, 18): "swin_v1_b",
-            (192, 18): "swin_v1_l", (32, 1): "swin_v1_nano"}.get((embed.shape[0], stage3_depth))
+    return {
+        (96, 6): "swin_v1_t",
+        (96, 18): "swin_v1_s",
+        (128, 18): "swin_v1_b",
+        (192, 18): "swin_v1_l",
+        (32, 1): "swin_v1_nano",
+    }.get((embed.shape[0], stage3_depth))
 
 
 def backbone_hint(state: dict[str, torch.Tensor], model_backbone: str | None = None) -> str:
     """A likely cause of a mismatch, read from the checkpoint's own keys and shapes ('' if none)."""
     if not any(k.startswith("bb.") for k in state):
-        return ("The checkpoint has no 'bb.' (backbone) keys, so it is probably not a BiRefNet checkpoint "
-                "in the official layout.")
+        return (
+            "The checkpoint has no 'bb.' (backbone) keys, so it is probably not a BiRefNet checkpoint "
+            "in the official layout."
+        )
     guess = guess_backbone(state)
     if guess and guess != model_backbone:
-        return f"The checkpoint looks like backbone {guess}, the model is {model_backbone}: check the variant's `backbone`."
+        return (
+            f"The checkpoint looks like backbone {guess}, the model is {model_backbone}: "
+            "check the variant's `backbone`."
+        )
     return ""

@@ -92,7 +92,7 @@ def depths(r: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
             pipe.llen(key)
     lengths = pipe.execute()
     steps = len(PRIORITY_STEPS)
-    return {q: sum(lengths[i * steps:(i + 1) * steps]) for i, q in enumerate(queues)}
+    return {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(queues)}
 
 
 def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
@@ -105,8 +105,12 @@ def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
         if message is None or message.routing_key is None:
             continue  # not a Celery task message we understand
         held.setdefault(message.routing_key, []).append(
-            {"request_id": message.request_id if message.task else None, "task": message.task,
-             "since": index.get(as_text(tag))})
+            {
+                "request_id": message.request_id if message.task else None,
+                "task": message.task,
+                "since": index.get(as_text(tag)),
+            }
+        )
     return held
 
 

@@ -21,8 +21,9 @@ from common.adapters.netguard import (
 from common.adapters.storage import ObjectStore, parse_s3_url
 from common.domain.errors import FileDownloadError, ImageTooLargeError
 
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
+_DATA_URI = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.IGNORECASE
+)
 _WHITESPACE = re.compile(rb"[\t\n\f\r ]+")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _HEADERS = [
@@ -31,8 +32,14 @@ _HEADERS = [
     # Images are compressed already; asking for identity keeps compression bombs out of the download.
     (b"Accept-Encoding", b"identity"),
 ]
-_NETWORK_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
-                   httpcore.UnsupportedProtocol, httpcore.ProxyError, OSError)
+_NETWORK_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+    httpcore.ProxyError,
+    OSError,
+)
 
 
 def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:
@@ -96,7 +103,9 @@ def _read_body(response: httpcore.Response, max_bytes: int) -> bytes:
         if inflater is not None:
             chunk = inflater.decompress(chunk, max_bytes - total + 1)
             if inflater.unconsumed_tail:
-                raise ImageTooLargeError(f"input exceeds the limit of {max_bytes} bytes (after decompression)")
+                raise ImageTooLargeError(
+                    f"input exceeds the limit of {max_bytes} bytes (after decompression)"
+                )
         total += len(chunk)
         if total > max_bytes:
             raise ImageTooLargeError(f"input exceeds the limit of {max_bytes} bytes")
@@ -114,17 +123,26 @@ def download_http(url: str, *, max_bytes: int, timeout: float, policy: NetPolicy
         with guarded_pool(policy, timeout) as (pool, _backend):
             for _hop in range(policy.max_redirects + 1):
                 target = parse_http_url(current, policy)  # every hop: scheme, credentials, port
-                with pool.stream("GET", target.core_url(), headers=[(b"Host", target.host_header), *_HEADERS],
-                                 extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout,
-                                                         "pool": timeout}}) as response:
+                with pool.stream(
+                    "GET",
+                    target.core_url(),
+                    headers=[(b"Host", target.host_header), *_HEADERS],
+                    extensions={
+                        "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+                    },
+                ) as response:
                     if response.status in _REDIRECTS:
                         location = _header(response, b"location")
                         if not location:
-                            raise FileDownloadError(f"HTTP {response.status} redirect without a Location header")
+                            raise FileDownloadError(
+                                f"HTTP {response.status} redirect without a Location header"
+                            )
                         try:
                             current = str(httpx.URL(current).join(location))
                         except (httpx.InvalidURL, ValueError) as exc:
-                            raise FileDownloadError(f"malformed redirect Location {location!r}: {exc}") from None
+                            raise FileDownloadError(
+                                f"malformed redirect Location {location!r}: {exc}"
+                            ) from None
                         continue
                     if response.status != 200:
                         raise FileDownloadError(f"downloading the image failed: HTTP {response.status}")
@@ -148,8 +166,16 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def fetch_input(url: str, *, objects: ObjectStore, max_bytes: int, timeout: float,
-                policy: NetPolicy, version_id: str | None = None, if_match: str | None = None) -> bytes:
+def fetch_input(
+    url: str,
+    *,
+    objects: ObjectStore,
+    max_bytes: int,
+    timeout: float,
+    policy: NetPolicy,
+    version_id: str | None = None,
+    if_match: str | None = None,
+) -> bytes:
     """The input's bytes; http(s) URLs are fetched under `policy` (the worker's: NetPolicy.from_settings).
 
     For s3:// URLs of bucket uploads: `version_id` reads that version (the URL then ends in
@@ -165,9 +191,10 @@ def fetch_input(url: str, *, objects: ObjectStore, max_bytes: int, timeout: floa
             raise FileDownloadError(str(exc)) from exc
         suffix = f"?versionId={version_id}"
         if version_id and key.endswith(suffix):
-            key = key[:-len(suffix)]
-        data = objects.read(bucket, key, max_bytes=max_bytes, version_id=version_id,
-                            if_match=None if version_id else if_match)
+            key = key[: -len(suffix)]
+        data = objects.read(
+            bucket, key, max_bytes=max_bytes, version_id=version_id, if_match=None if version_id else if_match
+        )
         if not data:
             raise FileDownloadError(f"{url} is empty (0 bytes)")
         return data

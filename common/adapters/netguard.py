@@ -50,15 +50,18 @@ class UrlNotAllowedError(FileDownloadError):
 # --- addresses -----------------------------------------------------------------------------------
 
 # Instance metadata services (credentials live there). Refused even inside an allow-listed network.
-METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle
-    "169.254.170.2",  # AWS ECS task metadata and credentials
-    "169.254.170.23",  # AWS EKS pod identity agent
-    "100.100.100.200",  # Alibaba Cloud
-    "192.0.0.192",  # Oracle Cloud (legacy)
-    "fd00:ec2::254",  # AWS IMDS over IPv6
-    "fd00:ec2::23",  # AWS EKS pod identity agent over IPv6
-))
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle
+        "169.254.170.2",  # AWS ECS task metadata and credentials
+        "169.254.170.23",  # AWS EKS pod identity agent
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud (legacy)
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "fd00:ec2::23",  # AWS EKS pod identity agent over IPv6
+    )
+)
 
 
 def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
@@ -223,8 +226,9 @@ class HttpTarget:
         return host.encode("ascii")
 
     def core_url(self) -> httpcore.URL:
-        return httpcore.URL(scheme=self.scheme.encode(), host=self.host.encode("ascii"), port=self.port,
-                            target=self.target)
+        return httpcore.URL(
+            scheme=self.scheme.encode(), host=self.host.encode("ascii"), port=self.port, target=self.target
+        )
 
 
 def scheme_of(url: str) -> str:
@@ -235,7 +239,9 @@ def parse_http_url(url: str, policy: NetPolicy) -> HttpTarget:
     """Syntax, scheme, credentials and port of an http(s) URL (no DNS)."""
     scheme = scheme_of(url)
     if scheme not in ("http", "https"):
-        raise UrlNotAllowedError(f"unsupported URL scheme {scheme!r} here; only http and https can be downloaded")
+        raise UrlNotAllowedError(
+            f"unsupported URL scheme {scheme!r} here; only http and https can be downloaded"
+        )
     try:
         parsed = httpx.URL(url)
         raw_host = parsed.raw_host.decode("ascii")  # IDNA-encoded
@@ -302,7 +308,9 @@ class NetPolicy:
     def from_settings(cls, settings: FetchSettings, **overrides: Any) -> NetPolicy:
         ports = frozenset(settings.fetch_allowed_ports)
         values: dict[str, Any] = {
-            "allow_networks": tuple(ipaddress.ip_network(n, strict=False) for n in settings.fetch_allow_networks),
+            "allow_networks": tuple(
+                ipaddress.ip_network(n, strict=False) for n in settings.fetch_allow_networks
+            ),
             "allowed_ports": None if 0 in ports else ports,
             "max_redirects": settings.fetch_max_redirects,
             "connect_timeout": settings.fetch_connect_timeout,
@@ -396,11 +404,14 @@ class _DeadlineStream(httpcore.NetworkStream):
     def close(self) -> None:
         self._stream.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         # server_hostname is the URL's host (httpcore passes it), so SNI and certificate checks
         # use the real name although we connected to an address.
-        stream = self._stream.start_tls(ssl_context, server_hostname, self._timeout(timeout, httpcore.ConnectTimeout))
+        stream = self._stream.start_tls(
+            ssl_context, server_hostname, self._timeout(timeout, httpcore.ConnectTimeout)
+        )
         return _DeadlineStream(stream, self._deadline)
 
     def get_extra_info(self, info: str) -> Any:
@@ -415,8 +426,14 @@ class GuardedBackend(httpcore.NetworkBackend):
         self.connections: list[tuple[str, IPAddress, int]] = []  # (host, address, port) actually dialled
         self._sync = httpcore.SyncBackend()
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise httpcore.ConnectTimeout("the download took longer than its total time limit")
@@ -429,8 +446,13 @@ class GuardedBackend(httpcore.NetworkBackend):
             if left <= 0:
                 break
             try:
-                stream = self._sync.connect_tcp(str(address), port, timeout=left, local_address=local_address,
-                                                socket_options=socket_options)
+                stream = self._sync.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=left,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc
                 continue
@@ -438,8 +460,9 @@ class GuardedBackend(httpcore.NetworkBackend):
             return _DeadlineStream(stream, self.deadline)
         raise last_error or httpcore.ConnectTimeout(f"connecting to {host!r} timed out")
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
         raise UrlNotAllowedError(f"unix sockets are not reachable from {self.policy.purpose}")
 
 
@@ -450,10 +473,18 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 
 @contextmanager
-def guarded_pool(policy: NetPolicy, timeout: float) -> Iterator[tuple[httpcore.ConnectionPool, GuardedBackend]]:
+def guarded_pool(
+    policy: NetPolicy, timeout: float
+) -> Iterator[tuple[httpcore.ConnectionPool, GuardedBackend]]:
     """An httpcore pool whose every connection passes `policy`, all done within `timeout` seconds.
     No proxies (environment proxies would resolve names for us) and no automatic redirects."""
     backend = GuardedBackend(policy, time.monotonic() + timeout)
-    with httpcore.ConnectionPool(ssl_context=policy.ssl_context or _default_ssl_context(), network_backend=backend, retries=0, max_connections=4,
-                                 http1=True, http2=False) as pool:
+    with httpcore.ConnectionPool(
+        ssl_context=policy.ssl_context or _default_ssl_context(),
+        network_backend=backend,
+        retries=0,
+        max_connections=4,
+        http1=True,
+        http2=False,
+    ) as pool:
         yield pool, backend

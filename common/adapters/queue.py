@@ -59,4 +59,3 @@ def send_job(app: Celery, spec: JobSpec) -> None:
     """Put a job on its variant's queue (the spec travels whole, so a lost record can be rebuilt)."""
     priority = LOW_PRIORITY if spec.priority == "low" else None
     app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue, priority=priority)
-

@@ -47,11 +47,15 @@ class RedisTarget:
             raise ValueError(f"redis_url must be redis:// or rediss://, not {url.scheme}://")
         path = url.path.strip("/")
         return cls(
-            host=url.hostname or "127.0.0.1", port=url.port or 6379, db=int(path) if path else 0,
+            host=url.hostname or "127.0.0.1",
+            port=url.port or 6379,
+            db=int(path) if path else 0,
             username=settings.redis_username or (unquote(url.username) if url.username else None),
             password=settings.redis_password or (unquote(url.password) if url.password else None),
-            tls=url.scheme == "rediss", ca_file=settings.redis_tls_ca_file or None,
-            cert_file=settings.redis_tls_cert_file or None, key_file=settings.redis_tls_key_file or None,
+            tls=url.scheme == "rediss",
+            ca_file=settings.redis_tls_ca_file or None,
+            cert_file=settings.redis_tls_cert_file or None,
+            key_file=settings.redis_tls_key_file or None,
             sentinels=tuple(_host_port(item) for item in settings.redis_sentinels),
             master=settings.redis_sentinel_master,
             sentinel_username=settings.redis_sentinel_username or None,
@@ -62,8 +66,13 @@ class RedisTarget:
         """redis-py's TLS arguments (sync and asyncio clients take the same)."""
         if not self.tls:
             return {}
-        return {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": self.ca_file,
-                "ssl_certfile": self.cert_file, "ssl_keyfile": self.key_file}
+        return {
+            "ssl": True,
+            "ssl_cert_reqs": "required",
+            "ssl_ca_certs": self.ca_file,
+            "ssl_certfile": self.cert_file,
+            "ssl_keyfile": self.key_file,
+        }
 
     def auth_kwargs(self) -> dict:
         return {"username": self.username, "password": self.password}
@@ -80,13 +89,23 @@ def _host_port(item: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _client(settings: RedisSettings, client_class: type, sentinel_class: type, decode_responses: bool, options: dict):
+def _client(
+    settings: RedisSettings, client_class: type, sentinel_class: type, decode_responses: bool, options: dict
+):
     target = RedisTarget.from_settings(settings)
-    kwargs = {"db": target.db, "decode_responses": decode_responses, **target.auth_kwargs(),
-              **target.tls_kwargs(), **options}
+    kwargs = {
+        "db": target.db,
+        "decode_responses": decode_responses,
+        **target.auth_kwargs(),
+        **target.tls_kwargs(),
+        **options,
+    }
     if target.sentinels:
-        sentinel = sentinel_class(list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs(),
-                                  socket_timeout=options.get("socket_timeout", 5))
+        sentinel = sentinel_class(
+            list(target.sentinels),
+            sentinel_kwargs=target.sentinel_kwargs(),
+            socket_timeout=options.get("socket_timeout", 5),
+        )
         return sentinel.master_for(target.master, redis_class=client_class, **kwargs)
     return client_class(host=target.host, port=target.port, **kwargs)
 
@@ -96,7 +115,9 @@ def redis_client(settings: RedisSettings, *, decode_responses: bool = True, **op
     return _client(settings, redis.Redis, Sentinel, decode_responses, options)
 
 
-def async_redis_client(settings: RedisSettings, *, decode_responses: bool = True, **options) -> aioredis.Redis:
+def async_redis_client(
+    settings: RedisSettings, *, decode_responses: bool = True, **options
+) -> aioredis.Redis:
     """The asyncio twin of `redis_client` (the gateway's hot read paths)."""
     return _client(settings, aioredis.Redis, AsyncSentinel, decode_responses, options)
 
@@ -172,17 +193,27 @@ def celery_broker(settings: RedisSettings) -> BrokerOptions:
         userinfo = f"{quote(target.username or '', safe='')}:{quote(target.password or '', safe='')}@"
     use_ssl = None
     if target.tls:
-        use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": target.ca_file,
-                   "ssl_certfile": target.cert_file, "ssl_keyfile": target.key_file}
+        use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": target.ca_file,
+            "ssl_certfile": target.cert_file,
+            "ssl_keyfile": target.key_file,
+        }
     if target.sentinels:
         # kombu: `sentinel://[user:password@]host:port/db;sentinel://...`; the credentials are the master's.
         url = ";".join(f"sentinel://{userinfo}{host}:{port}/{target.db}" for host, port in target.sentinels)
         sentinel_kwargs = {k: v for k, v in target.sentinel_kwargs().items() if v is not None}
-        return BrokerOptions(url, {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs}, use_ssl,
-                             SENTINEL_TRANSPORT)
+        return BrokerOptions(
+            url,
+            {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs},
+            use_ssl,
+            SENTINEL_TRANSPORT,
+        )
     scheme = "rediss" if target.tls else "redis"
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl, REDIS_TRANSPORT)
+    return BrokerOptions(
+        f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl, REDIS_TRANSPORT
+    )
 
 
 def wait_for_replicas(client: redis.Redis, settings: RedisSettings) -> None:
@@ -205,5 +236,9 @@ def wait_for_replicas(client: redis.Redis, settings: RedisSettings) -> None:
         log.warning("WAIT for %d replica(s) failed: %s", wanted, exc)
         return
     if acked < wanted:
-        log.warning("only %d of %d replica(s) acknowledged within %d ms", acked, wanted,
-                    settings.redis_wait_timeout_ms)
+        log.warning(
+            "only %d of %d replica(s) acknowledged within %d ms",
+            acked,
+            wanted,
+            settings.redis_wait_timeout_ms,
+        )

@@ -30,19 +30,26 @@ KEPT_MANIFEST = "kept/manifest.json"  # owner, variant, input and mask locations
 def boto_config() -> Config:
     # Checksums only where S3 requires them: botocore's default CRC32 of every body costs client CPU on each
     # request (HTTPS and SigV4 already protect the bytes in transit).
-    return Config(signature_version="s3v4", retries={"max_attempts": 4, "mode": "standard"},
-                  connect_timeout=5, read_timeout=30, request_checksum_calculation="when_required",
-                  response_checksum_validation="when_required")
+    return Config(
+        signature_version="s3v4",
+        retries={"max_attempts": 4, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
 
 
 def make_s3_client(settings: StorageSettings):
-    return boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                        config=boto_config())
+    return boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
 
 
 def make_sqs_client(settings: ProducerSettings):
-    return boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url,
-                        config=boto_config())
+    return boto3.client(
+        "sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url, config=boto_config()
+    )
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -112,23 +119,32 @@ class StoredObject:
 
 
 class ObjectStore:
-    """The few S3 operations the system needs, with errors turned into job errors where they are the caller's."""
+    """The few S3 operations the system needs, with errors turned into job errors where they are the
+    caller's."""
 
     def __init__(self, settings: OutputUrlSettings, client=None):
         self.settings = settings
         self.client = client or make_s3_client(settings)
 
-    def head(self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None) -> ObjectInfo:
+    def head(
+        self, bucket: str, key: str, *, version_id: str | None = None, if_match: str | None = None
+    ) -> ObjectInfo:
         """An object's metadata; `version_id` names one version, `if_match` (an ETag) fails with HTTP 412
         (ClientError) unless the current object still has it."""
         meta = self.client.head_object(Bucket=bucket, Key=key, **_version_args(version_id, if_match))
         version = meta.get("VersionId") or meta.get("ETag", "").strip('"')
         if version == "null":  # the null version of a suspended bucket is replaced by the next write
             version = meta.get("ETag", "").strip('"')
-        return ObjectInfo(bucket, key, meta.get("ContentLength", 0), version,
-                          meta.get("ContentType", ""), {k.lower(): v for k, v in meta.get("Metadata", {}).items()},
-                          etag=meta.get("ETag", "").strip('"'),
-                          version_id=meta.get("VersionId") if meta.get("VersionId") not in (None, "null") else None)
+        return ObjectInfo(
+            bucket,
+            key,
+            meta.get("ContentLength", 0),
+            version,
+            meta.get("ContentType", ""),
+            {k.lower(): v for k, v in meta.get("Metadata", {}).items()},
+            etag=meta.get("ETag", "").strip('"'),
+            version_id=meta.get("VersionId") if meta.get("VersionId") not in (None, "null") else None,
+        )
 
     def find(self, bucket: str, key: str) -> ObjectInfo | None:
         """An object's metadata, or None when there is no such object (or it cannot be read)."""
@@ -148,8 +164,15 @@ class ObjectStore:
     def delete(self, bucket: str, key: str) -> None:
         self.client.delete_object(Bucket=bucket, Key=key)
 
-    def read(self, bucket: str, key: str, *, max_bytes: int, version_id: str | None = None,
-             if_match: str | None = None) -> bytes:
+    def read(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        max_bytes: int,
+        version_id: str | None = None,
+        if_match: str | None = None,
+    ) -> bytes:
         """An input object (one version of it with `version_id`; only while its ETag is `if_match`, else
         SupersededError), refused when larger than max_bytes."""
         named = s3_url(bucket, key, version_id)
@@ -161,9 +184,12 @@ class ObjectStore:
             if code in ("PreconditionFailed", "412") or status == 412:
                 raise SupersededError(
                     f"superseded by a newer upload: {named} was overwritten before this job read it (the "
-                    f"upload it was made for had ETag {if_match}); the newer upload has a job of its own") from exc
+                    f"upload it was made for had ETag {if_match}); the newer upload has a job of its own"
+                ) from exc
             if code in ("NoSuchVersion", "InvalidArgument") and version_id:
-                raise FileDownloadError(f"cannot read {named}: that version no longer exists ({code})") from exc
+                raise FileDownloadError(
+                    f"cannot read {named}: that version no longer exists ({code})"
+                ) from exc
             if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
                 raise FileDownloadError(f"cannot read {named}: {code}") from exc
             raise
@@ -173,14 +199,19 @@ class ObjectStore:
             raise ImageTooLargeError(f"input is {size} bytes; the limit is {max_bytes} bytes")
         return obj["Body"].read()
 
-    def write(self, bucket: str, key: str, data: bytes, content_type: str,
-              metadata: dict[str, str] | None = None) -> None:
-        self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
-                               Metadata=metadata or {})
+    def write(
+        self, bucket: str, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        self.client.put_object(
+            Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata or {}
+        )
 
-    def write_json(self, bucket: str, key: str, document: dict, metadata: dict[str, str] | None = None) -> None:
-        self.write(bucket, key, json.dumps(document, separators=(",", ":")).encode(), "application/json",
-                   metadata)
+    def write_json(
+        self, bucket: str, key: str, document: dict, metadata: dict[str, str] | None = None
+    ) -> None:
+        self.write(
+            bucket, key, json.dumps(document, separators=(",", ":")).encode(), "application/json", metadata
+        )
 
     def read_json(self, bucket: str, key: str) -> dict | None:
         """A JSON document, or None when it does not exist."""
@@ -202,14 +233,17 @@ class ObjectStore:
         if style == "public":
             return f"{self.settings.public_base_url.rstrip('/')}/{quote(key)}"
         if style == "gateway":
-            return object_url(self.settings.gateway_public_url, self.settings.gateway_signing_secret, key, ttl)
+            return object_url(
+                self.settings.gateway_public_url, self.settings.gateway_signing_secret, key, ttl
+            )
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(min(ttl, MAX_PRESIGN_SECONDS))
         )
 
     def presigned_put(self, bucket: str, key: str, content_type: str, ttl: int = 3600) -> str:
         return self.client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key, "ContentType": content_type}, ExpiresIn=ttl)
+            "put_object", Params={"Bucket": bucket, "Key": key, "ContentType": content_type}, ExpiresIn=ttl
+        )
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         """Delete every object under a prefix; returns how many."""

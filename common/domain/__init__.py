@@ -1,1 +1,2 @@
-"""Pure rules and data, no I/O: fal's schemas, model variants, error bodies, extensions, API keys, signatures."""
+"""Pure rules and data, no I/O: fal's schemas, model variants, error bodies, extensions, API keys,
+signatures."""

@@ -31,16 +31,22 @@ class ApiKeyConfig(BaseModel):
     user_id: str | None = Field(None, description="Sent as X-Fal-Webhook-User-Id; defaults to the key id.")
     admin: bool = Field(False, description="May call the /admin endpoints.")
     s3_read: list[str] = Field(
-        default_factory=list, description="'bucket/prefix' entries an s3:// image_url may name ('bucket/' = all)."
+        default_factory=list,
+        description="'bucket/prefix' entries an s3:// image_url may name ('bucket/' = all).",
     )
     max_concurrent: int | None = Field(
-        None, ge=1, description="Most requests of this key IN_QUEUE or IN_PROGRESS at once; more: 429. None: no limit."
+        None,
+        ge=1,
+        description="Most requests of this key IN_QUEUE or IN_PROGRESS at once; more: 429. None: no limit.",
     )
     requests_per_minute: int | None = Field(
-        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit.")
+        None, ge=1, description="Most submits and sync runs accepted in any 60 s; more: 429. None: no limit."
+    )
     mask_cache: Literal["key", "shared"] = Field(
-        "key", description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
-        "'shared' (with every key and bucket upload that shares).")
+        "key",
+        description="Content cache scope: 'key' (masks are reused among this key's requests only) or "
+        "'shared' (with every key and bucket upload that shares).",
+    )
 
     @field_validator("id")
     @classmethod
@@ -48,10 +54,14 @@ class ApiKeyConfig(BaseModel):
         if not value.strip():
             raise ValueError("a key id may not be empty (jobs without an owner would match it)")
         if value.strip().lower() in RESERVED_KEY_IDS:
-            raise ValueError(f"key id {value!r} is reserved for the service's own use "
-                             f"({', '.join(sorted(RESERVED_KEY_IDS))}); choose another id")
+            raise ValueError(
+                f"key id {value!r} is reserved for the service's own use "
+                f"({', '.join(sorted(RESERVED_KEY_IDS))}); choose another id"
+            )
         if ":" in value or value != value.strip():
-            raise ValueError(f"key id {value!r} may not contain ':' or surrounding blanks (FAL_KEY is id:secret)")
+            raise ValueError(
+                f"key id {value!r} may not contain ':' or surrounding blanks (FAL_KEY is id:secret)"
+            )
         return value
 
     @field_validator("hash")
@@ -98,8 +108,9 @@ def verify_secret(secret: str, stored: str) -> bool:
         return hmac.compare_digest(sha256_hex(secret), rest)
     if scheme == "scrypt":
         n, r, p, salt, digest = rest.split("$")
-        got = hashlib.scrypt(secret.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(digest) // 2)
+        got = hashlib.scrypt(
+            secret.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=len(digest) // 2
+        )
         return hmac.compare_digest(got.hex(), digest)
     return False
 
@@ -119,16 +130,24 @@ class KeyRing:
 
     def __init__(self, keys: list[ApiKeyConfig], cache_size: int = 4096):
         self._by_id = {key.id: key for key in keys}
-        self._by_token_hash = {key.hash.split("$", 1)[1]: key for key in keys if key.hash.startswith("sha256$")}
+        self._by_token_hash = {
+            key.hash.split("$", 1)[1]: key for key in keys if key.hash.startswith("sha256$")
+        }
         self._verified: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the gateway verifies on the event loop and in its thread pool
 
     @staticmethod
     def _principal(key: ApiKeyConfig) -> Principal:
-        return Principal(key_id=key.id, user_id=key.user_id or key.id, admin=key.admin, s3_read=tuple(key.s3_read),
-                         max_concurrent=key.max_concurrent, requests_per_minute=key.requests_per_minute,
-                         mask_cache=key.mask_cache)
+        return Principal(
+            key_id=key.id,
+            user_id=key.user_id or key.id,
+            admin=key.admin,
+            s3_read=tuple(key.s3_read),
+            max_concurrent=key.max_concurrent,
+            requests_per_minute=key.requests_per_minute,
+            mask_cache=key.mask_cache,
+        )
 
     def cached(self, credential: str | None) -> Principal | None:
         """A credential verified before (no hashing cost beyond one SHA-256)."""
@@ -165,9 +184,10 @@ class KeyRing:
         return self._principal(key) if key is not None else None
 
 
-def new_key(key_id: str, *, user_id: str | None = None, admin: bool = False, scheme: str = "scrypt") -> tuple[str, dict]:
+def new_key(
+    key_id: str, *, user_id: str | None = None, admin: bool = False, scheme: str = "scrypt"
+) -> tuple[str, dict]:
     """A fresh FAL_KEY and the configuration entry that accepts it."""
     secret = secrets.token_urlsafe(32)
     entry = ApiKeyConfig(id=key_id, hash=hash_secret(secret, scheme), user_id=user_id, admin=admin)
     return f"{key_id}:{secret}", entry.model_dump(exclude_defaults=True)
-

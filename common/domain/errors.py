@@ -11,8 +11,14 @@ class JobError(Exception):
     status_code = 422
     field = "image_url"  # the input field the error is about (FastAPI `loc`)
 
-    def __init__(self, message: str, *, error_type: str | None = None, status_code: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: str | None = None,
+        status_code: int | None = None,
+        field: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         if error_type:
@@ -74,7 +80,9 @@ class RequestError(JobError):
         return {"detail": self.message, "error_type": self.error_type}
 
 
-class RequestTimeout(RequestError):  # X-Fal-Request-Timeout passed, or the last attempt hit the run-time limit
+class RequestTimeout(
+    RequestError
+):  # X-Fal-Request-Timeout passed, or the last attempt hit the run-time limit
     error_type, status_code, default_message = "request_timeout", 504, "Request timed out before it started"
 
 

@@ -23,7 +23,9 @@ LOSSY_FORMATS = ("jpeg", "avif")  # masks stay PNG with these: a mask must be ex
 
 class BackgroundFit(enum.StrEnum):
     COVER = "cover"  # scaled to fill the output, centred, the overflow cut off
-    CONTAIN = "contain"  # scaled to fit inside, centred; the rest shows background_color (or stays transparent)
+    CONTAIN = (
+        "contain"  # scaled to fit inside, centred; the rest shows background_color (or stays transparent)
+    )
     STRETCH = "stretch"  # resized to the output's size, aspect ratio ignored
 
 
@@ -57,7 +59,9 @@ def parse_margin(value: str | int | float) -> Margin:
         raise ValueError("crop_margin must be a number of pixels or a percentage such as '10%'")
     match = _MARGIN.match(repr(value) if isinstance(value, int | float) else value)
     if not match:
-        raise ValueError(f"crop_margin must be pixels (e.g. 24 or '24px') or a percentage (e.g. '10%'), got {value!r}")
+        raise ValueError(
+            f"crop_margin must be pixels (e.g. 24 or '24px') or a percentage (e.g. '10%'), got {value!r}"
+        )
     number, percent = float(match.group("value")), match.group("unit") == "%"
     if percent and number > MAX_MARGIN_PERCENT:
         raise ValueError(f"crop_margin may be at most {MAX_MARGIN_PERCENT:g}%")
@@ -79,8 +83,10 @@ def parse_aspect_ratio(value: str | int | float) -> float:
         except (ValueError, ZeroDivisionError):
             ratio = 0.0
     if not (1 / MAX_ASPECT <= ratio <= MAX_ASPECT):
-        raise ValueError(f"crop_aspect_ratio must be 'W:H' (e.g. '1:1', '16:9') or a number, between "
-                         f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1; got {value!r}")
+        raise ValueError(
+            f"crop_aspect_ratio must be 'W:H' (e.g. '1:1', '16:9') or a number, between "
+            f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1; got {value!r}"
+        )
     return ratio
 
 
@@ -93,27 +99,42 @@ class OutputExtensions(BaseModel):
     compose body."""
 
     background_color: str | None = Field(
-        None, description="Composite the cut-out onto this colour: CSS hex `#rrggbb` (opaque: the output has no "
+        None,
+        description="Composite the cut-out onto this colour: CSS hex `#rrggbb` (opaque: the output has no "
         "alpha) or `#rrggbbaa`. With background_image_url and fit `contain`: the colour around the image.",
-        examples=["#ffffff", "#00000080"])
+        examples=["#ffffff", "#00000080"],
+    )
     background_image_url: str | None = Field(
-        None, description="Composite the cut-out onto this image (http(s), data URI, s3://; fetched with the "
+        None,
+        description="Composite the cut-out onto this image (http(s), data URI, s3://; fetched with the "
         "same guards and limits as image_url; its own transparency is ignored).",
-        examples=["https://example.com/studio-backdrop.jpg"])
+        examples=["https://example.com/studio-backdrop.jpg"],
+    )
     background_fit: BackgroundFit = Field(
-        BackgroundFit.COVER, description="How background_image_url fills the output: `cover` (fill, centred, "
-        "overflow cut), `contain` (fit inside; background_color or transparency around it), `stretch`.")
+        BackgroundFit.COVER,
+        description="How background_image_url fills the output: `cover` (fill, centred, "
+        "overflow cut), `contain` (fit inside; background_color or transparency around it), `stretch`.",
+    )
     crop_to_subject: bool = Field(
-        False, description="Trim the output to the subject: the bounding box of the mask at crop_threshold, plus "
-        "crop_margin, grown to crop_aspect_ratio (centred). Width/height in the result are the output's.")
+        False,
+        description="Trim the output to the subject: the bounding box of the mask at crop_threshold, plus "
+        "crop_margin, grown to crop_aspect_ratio (centred). Width/height in the result are the output's.",
+    )
     crop_margin: str | int | float = Field(
-        0, description="Margin around the subject: pixels (`24`, `\"24px\"`) or percent of the subject's size "
-        "(`\"10%\"`). Areas beyond the input show the background (or are transparent).", examples=["10%", 24])
+        0,
+        description='Margin around the subject: pixels (`24`, `"24px"`) or percent of the subject\'s size '
+        '(`"10%"`). Areas beyond the input show the background (or are transparent).',
+        examples=["10%", 24],
+    )
     crop_aspect_ratio: str | float | None = Field(
-        None, description="Output aspect ratio after cropping, `W:H` (e.g. `\"1:1\"`, `\"4:5\"`) or width/height; "
-        "the box grows (never cuts the subject) around its centre.", examples=["1:1", "16:9"])
+        None,
+        description='Output aspect ratio after cropping, `W:H` (e.g. `"1:1"`, `"4:5"`) or width/height; '
+        "the box grows (never cuts the subject) around its centre.",
+        examples=["1:1", "16:9"],
+    )
     crop_threshold: float = Field(
-        0.5, gt=0.0, le=1.0, description="Mask level (0-1] that counts as subject for crop_to_subject.")
+        0.5, gt=0.0, le=1.0, description="Mask level (0-1] that counts as subject for crop_to_subject."
+    )
 
     @field_validator("background_color")
     @classmethod
@@ -122,7 +143,8 @@ class OutputExtensions(BaseModel):
             return None
         if not HEX_COLOR.match(value.strip()):
             raise PydanticCustomError(
-                "color_format", "Value should be a CSS hex colour '#rrggbb' or '#rrggbbaa'", {"input": value})
+                "color_format", "Value should be a CSS hex colour '#rrggbb' or '#rrggbbaa'", {"input": value}
+            )
         return value.strip().lower()
 
     @field_validator("background_image_url")
@@ -133,7 +155,8 @@ class OutputExtensions(BaseModel):
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme not in ("http", "https", "data", "s3"):
             raise PydanticCustomError(
-                "url_scheme", "URL scheme should be 'http', 'https', 'data' or 's3'", {"scheme": scheme})
+                "url_scheme", "URL scheme should be 'http', 'https', 'data' or 's3'", {"scheme": scheme}
+            )
         return value
 
     @field_validator("crop_margin")
@@ -162,16 +185,20 @@ class OutputExtensions(BaseModel):
     @classmethod
     def _jpeg_needs_opaque_background(cls, value, info: ValidationInfo):
         if str(value) == "jpeg" and not opaque_background(info.data):
-            raise _value_error("output_format 'jpeg' has no alpha channel: it needs an opaque background "
-                               "(background_color '#rrggbb', or background_image_url with fit 'cover' or 'stretch')")
+            raise _value_error(
+                "output_format 'jpeg' has no alpha channel: it needs an opaque background "
+                "(background_color '#rrggbb', or background_image_url with fit 'cover' or 'stretch')"
+            )
         return value
 
     @field_validator("mask_only", check_fields=False)
     @classmethod
     def _mask_only_alone(cls, value: bool, info: ValidationInfo) -> bool:
         if value and (info.data.get("background_color") or info.data.get("background_image_url")):
-            raise _value_error("mask_only returns the mask alone: it cannot be combined with background_color "
-                               "or background_image_url")
+            raise _value_error(
+                "mask_only returns the mask alone: it cannot be combined with background_color "
+                "or background_image_url"
+            )
         return value
 
     # -- derived -------------------------------------------------------------------------------

@@ -132,7 +132,9 @@ class JobParams(OutputExtensions):
     sync_mode: bool = False
 
     @classmethod
-    def from_input(cls, data: BiRefNetInput | ComposeInput, operating_resolution: str | None = None) -> JobParams:
+    def from_input(
+        cls, data: BiRefNetInput | ComposeInput, operating_resolution: str | None = None
+    ) -> JobParams:
         return cls(
             operating_resolution=operating_resolution or data.operating_resolution.value,  # type: ignore[union-attr]
             output_format=data.output_format.value,
@@ -155,27 +157,38 @@ class JobSpec(BaseModel):
     source: Literal["s3_event", "api"] = "api"
     output_prefix: str = Field(description="Key prefix in the output bucket for this job's files.")
     input_fingerprint: str | None = Field(
-        None, description="Hash of the input object version and params; equal fingerprints share results.")
+        None, description="Hash of the input object version and params; equal fingerprints share results."
+    )
     input_version: str | None = Field(
-        None, description="Bucket uploads on versioned buckets: the object version the job reads (image_url "
-        "ends in ?versionId=<it>).")
+        None,
+        description="Bucket uploads on versioned buckets: the object version the job reads (image_url "
+        "ends in ?versionId=<it>).",
+    )
     input_etag: str | None = Field(
-        None, description="Bucket uploads on unversioned buckets: the ETag the upload event named; the "
-        "worker reads the object only while it still has it (an overwrite supersedes the job).")
+        None,
+        description="Bucket uploads on unversioned buckets: the ETag the upload event named; the "
+        "worker reads the object only while it still has it (an overwrite supersedes the job).",
+    )
     webhook_url: str | None = None
     owner: str | None = Field(None, description="API key id (gateway) or 's3' for bucket uploads.")
     priority: Literal["normal", "low"] = "normal"
     created_at: float = Field(default_factory=time.time)
     start_deadline: float | None = Field(None, description="Unix time after which the job must not start.")
     max_attempts: int | None = Field(
-        None, ge=1, description="Deliveries this job may take, at most BIREFNET_MAX_JOB_ATTEMPTS (None: that "
-        "setting); 1 when the caller sent x-fal-no-retry.")
+        None,
+        ge=1,
+        description="Deliveries this job may take, at most BIREFNET_MAX_JOB_ATTEMPTS (None: that "
+        "setting); 1 when the caller sent x-fal-no-retry.",
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
     reuse_from: str | None = Field(
-        None, description="Compose: render from the kept mask of this request instead of running the network.")
+        None, description="Compose: render from the kept mask of this request instead of running the network."
+    )
     mask_cache_scope: str | None = Field(
-        None, description="Who may share masks with this job through the content cache ('shared', 'key:<id>', "
-        "'uploads'); None: no cache.")
+        None,
+        description="Who may share masks with this job through the content cache ('shared', 'key:<id>', "
+        "'uploads'); None: no cache.",
+    )
 
     @property
     def queue(self) -> str:

@@ -64,4 +64,3 @@ def read_token(secret: str, token: str) -> str | None:
     if not isinstance(owner, str) or not isinstance(expires, int | float):
         return None
     return owner if expires >= time.time() else None
-

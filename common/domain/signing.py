@@ -66,8 +66,14 @@ def message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes
 
 
 def jwk(key: Ed25519PublicKey) -> dict:
-    return {"kty": "OKP", "crv": "Ed25519", "x": b64url_padded(raw_public(key)), "kid": key_id(key),
-            "alg": "EdDSA", "use": "sig"}
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url_padded(raw_public(key)),
+        "kid": key_id(key),
+        "alg": "EdDSA",
+        "use": "sig",
+    }
 
 
 @dataclass
@@ -85,8 +91,12 @@ class WebhookSigner:
     def headers(self, request_id: str, user_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
         timestamp = str(int(now if now is not None else time.time()))
         signature = self.keys[0].sign(message(request_id, user_id, timestamp, body))
-        return {HEADER_REQUEST_ID: request_id, HEADER_USER_ID: user_id, HEADER_TIMESTAMP: timestamp,
-                HEADER_SIGNATURE: signature.hex()}
+        return {
+            HEADER_REQUEST_ID: request_id,
+            HEADER_USER_ID: user_id,
+            HEADER_TIMESTAMP: timestamp,
+            HEADER_SIGNATURE: signature.hex(),
+        }
 
     def jwks(self) -> dict:
         return {"keys": [jwk(key.public_key()) for key in self.keys]}
@@ -94,8 +104,13 @@ class WebhookSigner:
 
 def new_seed() -> str:
     """A fresh private key as its 32-byte seed in hex (what load_private_key reads)."""
-    return Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        .hex()
+    )
 
 
 def verify(headers: Mapping[str, str], body: bytes, jwks: dict, now: float | None = None) -> bool:
@@ -103,7 +118,9 @@ def verify(headers: Mapping[str, str], body: bytes, jwks: dict, now: float | Non
     lowered = {k.lower(): v for k, v in headers.items()}
     try:
         request_id, user_id, timestamp, signature = (
-            lowered[h.lower()] for h in (HEADER_REQUEST_ID, HEADER_USER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE))
+            lowered[h.lower()]
+            for h in (HEADER_REQUEST_ID, HEADER_USER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE)
+        )
         if abs((now if now is not None else time.time()) - int(timestamp)) > MAX_SKEW_SECONDS:
             return False
         signed, sig = message(request_id, user_id, timestamp, body), bytes.fromhex(signature)

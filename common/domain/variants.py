@@ -28,10 +28,12 @@ class VariantSpec(BaseModel):
 
     id: str = Field(description="Stable slug; also names the Celery queue (birefnet.<id>).")
     fal_names: dict[Endpoint, str] = Field(
-        default_factory=dict, description="fal `model` enum value per endpoint version.")
+        default_factory=dict, description="fal `model` enum value per endpoint version."
+    )
     weights: str = Field(
         description="Checkpoint source: hf://<repo>@<revision>/<file>, a https URL, s3://bucket/key, a local "
-        "path, or 'recipe' (untrained weights made from the recipe, never a trained model).")
+        "path, or 'recipe' (untrained weights made from the recipe, never a trained model)."
+    )
     backbone: str = "swin_v1_l"
     patch_order: PatchOrder = "legacy"
     default_resolution: str = RES_1024
@@ -72,13 +74,15 @@ BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
         # repo BiRefNet-DIS5K-TR_TEs; commit as a public project pinning it records (alongside the same
         # BiRefNet commit as general-light's).
         weights=f"{_HF}/BiRefNet-DIS5K-TR_TEs@487f440314ea7ab8ea7d184861953a4010b55587/model.safetensors",
-        note="v1 endpoint: BiRefNet trained on the massive mixed set (fal names BiRefNet-massive-epoch_240.pth).",
+        note="v1 endpoint: BiRefNet trained on the massive mixed set (fal names "
+        "BiRefNet-massive-epoch_240.pth).",
     ),
     VariantSpec(
         id="v1-portrait",
         fal_names={"v1": "Portrait"},
         weights=f"{_HF}/BiRefNet-portrait@ecdeb6240ef23557dbd48ff27c59c1a88cbcb755/model.safetensors",
-        note="v1 endpoint: the portrait model trained on P3M-10k (fal names BiRefNet-portrait-TR_P3M_10k-epoch_120.pth).",
+        note="v1 endpoint: the portrait model trained on P3M-10k (fal names "
+        "BiRefNet-portrait-TR_P3M_10k-epoch_120.pth).",
     ),
     VariantSpec(
         id="general-light",
@@ -97,7 +101,8 @@ BUILTIN_VARIANTS: tuple[VariantSpec, ...] = (
         # fal documents BiRefNet_lite (the Swin-T model) for "Heavy"; we follow fal verbatim.
         weights=f"{_HF}/BiRefNet_lite@7838f1c3472f827cd8ce13ab5ccc2ce48077360f/model.safetensors",
         backbone="swin_v1_t",
-        note="Mapped as fal documents it (BiRefNet_lite, Swin-T), although the name suggests the larger model.",
+        note="Mapped as fal documents it (BiRefNet_lite, Swin-T), although the name suggests the larger "
+        "model.",
     ),
     VariantSpec(
         id="matting",

@@ -42,20 +42,31 @@ class VideoWriteMode(enum.StrEnum):
 class BiRefNetVideoInput(BaseModel):
     """`fal-ai/birefnet/v2/video` input."""
 
-    video_url: str = Field(description="The video whose background is removed: http(s) URL, s3:// or data URI.")
+    video_url: str = Field(
+        description="The video whose background is removed: http(s) URL, s3:// or data URI."
+    )
     model: ModelV2 = Field(ModelV2.GENERAL_LIGHT, description="The BiRefNet model (as fal-ai/birefnet/v2).")
     operating_resolution: ResolutionV2 = Field(
-        ResolutionV2.R1024, description="The size the network runs at; 2304x2304 only with 'General Use (Dynamic)'.")
+        ResolutionV2.R1024,
+        description="The size the network runs at; 2304x2304 only with 'General Use (Dynamic)'.",
+    )
     output_mask: bool = Field(False, description="Also return the mask as a grey video (mask_video).")
-    refine_foreground: bool = Field(True, description="Refine the foreground's colours along the mask's edge.")
+    refine_foreground: bool = Field(
+        True, description="Refine the foreground's colours along the mask's edge."
+    )
     sync_mode: bool = Field(False, description="Return the videos as data URIs; nothing is stored.")
-    video_output_type: VideoOutputType = Field(VideoOutputType.X264, description="Container and codec of the outputs.")
+    video_output_type: VideoOutputType = Field(
+        VideoOutputType.X264, description="Container and codec of the outputs."
+    )
     video_quality: VideoQuality = Field(VideoQuality.HIGH, description="Encoding quality of the outputs.")
     video_write_mode: VideoWriteMode = Field(
-        VideoWriteMode.BALANCED, description="Encoder speed against file size: fast, balanced or small.")
+        VideoWriteMode.BALANCED, description="Encoder speed against file size: fast, balanced or small."
+    )
     background_color: str = Field(
-        "#000000", description="Extension: the colour under the cutout in outputs without alpha (X264, and GIF "
-        "where the mask is half-opaque or more is kept), #rrggbb.")
+        "#000000",
+        description="Extension: the colour under the cutout in outputs without alpha (X264, and GIF "
+        "where the mask is half-opaque or more is kept), #rrggbb.",
+    )
 
     @field_validator("video_url")
     @classmethod
@@ -63,7 +74,8 @@ class BiRefNetVideoInput(BaseModel):
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme not in ("http", "https", "data", "s3"):
             raise PydanticCustomError(
-                "url_scheme", "URL scheme should be 'http', 'https', 'data' or 's3'", {"scheme": scheme})
+                "url_scheme", "URL scheme should be 'http', 'https', 'data' or 's3'", {"scheme": scheme}
+            )
         return value
 
     @field_validator("background_color")
@@ -88,8 +100,12 @@ class VideoOptions(BaseModel):
 
     @classmethod
     def from_input(cls, data: BiRefNetVideoInput) -> VideoOptions:
-        return cls(output_type=data.video_output_type.value, quality=data.video_quality.value,
-                   write_mode=data.video_write_mode.value, background_color=data.background_color)
+        return cls(
+            output_type=data.video_output_type.value,
+            quality=data.video_quality.value,
+            write_mode=data.video_write_mode.value,
+            background_color=data.background_color,
+        )
 
 
 class VideoFile(BaseModel):

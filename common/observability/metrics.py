@@ -26,45 +26,88 @@ STAGES = ("queue_wait", "fetch", "decode", "inference", "render", "upload", "tot
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 JOB_STAGE_SECONDS = Histogram(
-    "birefnet_job_stage_seconds", "Seconds a job spent in each stage (queue_wait: created -> started; "
-    "total: fetch through upload).", ["variant", "stage"], buckets=_BUCKETS)
+    "birefnet_job_stage_seconds",
+    "Seconds a job spent in each stage (queue_wait: created -> started; total: fetch through upload).",
+    ["variant", "stage"],
+    buckets=_BUCKETS,
+)
 JOBS_COMPLETED = Counter(
-    "birefnet_jobs_completed_total", "Jobs a worker completed, by outcome (done, failed, cancelled).",
-    ["variant", "outcome"])
-JOB_ERRORS = Counter("birefnet_job_errors_total", "Jobs that ended with an error, by fal error_type.",
-                     ["variant", "error_type"])
-JOB_RETRIES = Counter("birefnet_job_retries_total", "Job runs given back to the queue (transient trouble "
-                      "or an unexpected exception).", ["variant"])
-MODEL_LOAD_SECONDS = Gauge("birefnet_model_load_seconds", "Seconds this worker took to load (and warm) "
-                           "the variant's model.", ["variant"])
-MODEL_UNTRAINED = Gauge("birefnet_model_untrained", "1 when the variant runs on untrained recipe weights "
-                        "(results are meaningless).", ["variant"])
-PATCH_ORDER_CONFIDENCE = Gauge("birefnet_patch_order_confidence", "Mean mask confidence (|mask - 0.5|, 0..0.5) "
-                               "on the sample photos under each decoder patch order, from the worker's check at "
-                               "load (absent when the check did not run).", ["variant", "order"])
-PATCH_ORDER_IN_USE = Gauge("birefnet_patch_order_in_use", "1 for the decoder patch order the variant runs with, "
-                           "0 for the other; verdict: confirmed, adopted, pinned, inconclusive or skipped.",
-                           ["variant", "order", "configured", "verdict"])
-MASKS = Counter("birefnet_masks_total", "Masks a worker used for a job, by where they came from: network (a "
-                "forward pass ran), cache (content cache: same image bytes, variant, weights, resolution) or "
-                "compose (the kept mask of an earlier request).", ["variant", "source"])
-WEBHOOK_DELIVERIES = Counter("birefnet_webhook_deliveries_total", "Webhook delivery attempts by outcome "
-                             "(delivered, failed: will retry, gave_up: last retry failed).", ["outcome"])
-PRODUCER_EVENTS = Counter("birefnet_producer_events_total", "S3 object-created events handled by the "
-                          "producer, by source (sqs, http) and outcome (enqueued, ignored, error, malformed).",
-                          ["source", "outcome"])
+    "birefnet_jobs_completed_total",
+    "Jobs a worker completed, by outcome (done, failed, cancelled).",
+    ["variant", "outcome"],
+)
+JOB_ERRORS = Counter(
+    "birefnet_job_errors_total",
+    "Jobs that ended with an error, by fal error_type.",
+    ["variant", "error_type"],
+)
+JOB_RETRIES = Counter(
+    "birefnet_job_retries_total",
+    "Job runs given back to the queue (transient trouble or an unexpected exception).",
+    ["variant"],
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "birefnet_model_load_seconds",
+    "Seconds this worker took to load (and warm) the variant's model.",
+    ["variant"],
+)
+MODEL_UNTRAINED = Gauge(
+    "birefnet_model_untrained",
+    "1 when the variant runs on untrained recipe weights (results are meaningless).",
+    ["variant"],
+)
+PATCH_ORDER_CONFIDENCE = Gauge(
+    "birefnet_patch_order_confidence",
+    "Mean mask confidence (|mask - 0.5|, 0..0.5) "
+    "on the sample photos under each decoder patch order, from the worker's check at "
+    "load (absent when the check did not run).",
+    ["variant", "order"],
+)
+PATCH_ORDER_IN_USE = Gauge(
+    "birefnet_patch_order_in_use",
+    "1 for the decoder patch order the variant runs with, "
+    "0 for the other; verdict: confirmed, adopted, pinned, inconclusive or skipped.",
+    ["variant", "order", "configured", "verdict"],
+)
+MASKS = Counter(
+    "birefnet_masks_total",
+    "Masks a worker used for a job, by where they came from: network (a "
+    "forward pass ran), cache (content cache: same image bytes, variant, weights, resolution) or "
+    "compose (the kept mask of an earlier request).",
+    ["variant", "source"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "birefnet_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered, failed: will retry, gave_up: last retry failed).",
+    ["outcome"],
+)
+PRODUCER_EVENTS = Counter(
+    "birefnet_producer_events_total",
+    "S3 object-created events handled by the "
+    "producer, by source (sqs, http) and outcome (enqueued, ignored, error, malformed).",
+    ["source", "outcome"],
+)
 
 # Gateway RED metrics: labelled by route template (never the raw path: request ids would make a series each).
-HTTP_REQUESTS = Counter("birefnet_http_requests_total", "HTTP requests the gateway answered, by route template, "
-                        "method and status code.", ["route", "method", "status"])
-HTTP_REQUEST_SECONDS = Histogram("birefnet_http_request_duration_seconds", "Seconds from a request's arrival at "
-                                 "the gateway's router to the end of its response (streams: until they close), by "
-                                 "route template and method.", ["route", "method"], buckets=_BUCKETS)
+HTTP_REQUESTS = Counter(
+    "birefnet_http_requests_total",
+    "HTTP requests the gateway answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "birefnet_http_request_duration_seconds",
+    "Seconds from a request's arrival at "
+    "the gateway's router to the end of its response (streams: until they close), by "
+    "route template and method.",
+    ["route", "method"],
+    buckets=_BUCKETS,
+)
 
 
 # --- worker side ---
-def count_job_run(variant: str, outcome: str, completion: Completion | None,
-                  timings: dict[str, float] | None = None) -> None:
+def count_job_run(
+    variant: str, outcome: str, completion: Completion | None, timings: dict[str, float] | None = None
+) -> None:
     """Count a run the worker is done with: a retry, or (with its Completion) the job's end and its
     stage times. Never raises: metrics must not fail jobs."""
     try:
@@ -96,7 +139,8 @@ def patch_order_checked(variant: str, report: dict) -> None:
         PATCH_ORDER_CONFIDENCE.labels(variant, order).set(value)
     for order in ("einops", "legacy"):
         PATCH_ORDER_IN_USE.labels(variant, order, report["configured"], report["verdict"]).set(
-            1 if order == report["in_use"] else 0)
+            1 if order == report["in_use"] else 0
+        )
 
 
 class GpuMemoryCollector(Collector):
@@ -106,8 +150,11 @@ class GpuMemoryCollector(Collector):
         torch = sys.modules.get("torch")  # never import it here: slim processes must stay slim
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return
-        family = GaugeMetricFamily("birefnet_gpu_memory_bytes", "CUDA memory by device and kind "
-                                   "(allocated, reserved, max_allocated, free, total).", labels=["device", "kind"])
+        family = GaugeMetricFamily(
+            "birefnet_gpu_memory_bytes",
+            "CUDA memory by device and kind (allocated, reserved, max_allocated, free, total).",
+            labels=["device", "kind"],
+        )
         for index in range(torch.cuda.device_count()):
             device = f"cuda:{index}"
             family.add_metric([device, "allocated"], torch.cuda.memory_allocated(index))
@@ -188,20 +235,28 @@ class QueueCollector(Collector):
             for variant, figures in snapshot.items():
                 family.add_metric([variant], figures[field])
             yield family
-        oldest = GaugeMetricFamily("birefnet_queue_oldest_job_age_seconds",
-                                   "Age of the oldest waiting job (0 when none).", labels=["variant"])
-        workers = GaugeMetricFamily("birefnet_workers_online", "Workers with a fresh heartbeat serving the "
-                                    "variant.", labels=["variant"])
-        paused = GaugeMetricFamily("birefnet_variant_paused", "1 while `ops pause` holds the variant.",
-                                   labels=["variant"])
+        oldest = GaugeMetricFamily(
+            "birefnet_queue_oldest_job_age_seconds",
+            "Age of the oldest waiting job (0 when none).",
+            labels=["variant"],
+        )
+        workers = GaugeMetricFamily(
+            "birefnet_workers_online",
+            "Workers with a fresh heartbeat serving the variant.",
+            labels=["variant"],
+        )
+        paused = GaugeMetricFamily(
+            "birefnet_variant_paused", "1 while `ops pause` holds the variant.", labels=["variant"]
+        )
         for variant, figures in snapshot.items():
             oldest.add_metric([variant], figures["oldest_waiting_seconds"] or 0)
             workers.add_metric([variant], len(figures["workers"]))
             paused.add_metric([variant], 1 if figures["paused"] else 0)
         yield from (oldest, workers, paused)
         yield GaugeMetricFamily("birefnet_deadletters", "Jobs in the dead-letter list.", value=deadletters)
-        yield GaugeMetricFamily("birefnet_webhooks_failed", "Requests whose webhook failed every retry.",
-                                value=webhooks_failed)
+        yield GaugeMetricFamily(
+            "birefnet_webhooks_failed", "Requests whose webhook failed every retry.", value=webhooks_failed
+        )
 
 
 _queue_collector: QueueCollector | None = None
@@ -230,8 +285,9 @@ def register_gpu_collector() -> None:
 HealthCheck = Callable[[], tuple[bool, str]]  # (healthy, why) for one probe path
 
 
-def start_metrics_server(port: int, what: str, probes: Mapping[str, HealthCheck] | None = None,
-                         host: str = "127.0.0.1") -> bool:
+def start_metrics_server(
+    port: int, what: str, probes: Mapping[str, HealthCheck] | None = None, host: str = "127.0.0.1"
+) -> bool:
     """Serve /metrics on `host`:`port` in a daemon thread; a busy port is logged, not fatal (0: off). `probes`
     adds paths (e.g. /healthz) answering 200 or 503 with the check's text. Loopback unless told otherwise
     (`metrics_host`): the page has no authentication."""
@@ -311,7 +367,9 @@ def metrics_response():
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def add_metrics_route(app, settings: GatewaySettings | ProducerSettings | None = None, path: str = "/metrics") -> None:
+def add_metrics_route(
+    app, settings: GatewaySettings | ProducerSettings | None = None, path: str = "/metrics"
+) -> None:
     """Add `GET /metrics` to a FastAPI/Starlette app; with settings, the queue gauges are included."""
     if settings is not None:
         register_queue_collector(settings)

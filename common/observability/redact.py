@@ -19,7 +19,9 @@ _AUTH_VALUE = re.compile(r"(?P<head>\b(?:Key|Bearer|Basic|Token)\s+)(?P<cred>[^\
 _SECRET_PARAM = re.compile(
     r"(?P<head>(?:[?&;\s,{(]|^)[\"']?(?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
     r"token|auth_token|access_token|password|passwd|secret|api_key|apikey)[\"']?\s*[=:]\s*[\"']?)"
-    r"(?P<value>[^&\s'\",;}]+)", re.IGNORECASE)
+    r"(?P<value>[^&\s'\",;}]+)",
+    re.IGNORECASE,
+)
 # Settings whose value is a secret whatever it looks like.
 _SECRET_FIELD = re.compile(r"password|secret|token|signing_keys|api_keys|tls_key", re.IGNORECASE)
 
@@ -37,7 +39,8 @@ def _credential(match: re.Match[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """`text` with every credential it shows masked (URLs' user info, Authorization values, secret parameters)."""
+    """`text` with every credential it shows masked (URLs' user info, Authorization values, secret
+    parameters)."""
     if not text:
         return text
     text = _URL_USERINFO.sub(_userinfo, text)
@@ -50,20 +53,32 @@ def redact_url(url: str) -> str:
     return redact_text(url)
 
 
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-amz-security-token",
-                             "x-fal-webhook-signature"})
+_SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-amz-security-token",
+        "x-fal-webhook-signature",
+    }
+)
 
 
 def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Headers safe to log: credential headers masked (a `Key <id>:…` keeps its key id), others redacted as text."""
+    """Headers safe to log: credential headers masked (a `Key <id>:…` keeps its key id), others redacted as
+    text."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     shown = {}
     for name, value in items:
         if name.lower() in _SECRET_HEADERS:
             scheme, _, credential = value.partition(" ")
             key_id, colon, _ = credential.partition(":")
-            shown[name] = f"{scheme} {key_id}:{MASK}" if credential and colon else (
-                f"{scheme} {MASK}" if credential else MASK)
+            shown[name] = (
+                f"{scheme} {key_id}:{MASK}"
+                if credential and colon
+                else (f"{scheme} {MASK}" if credential else MASK)
+            )
         else:
             shown[name] = redact_text(value)
     return shown
@@ -71,6 +86,7 @@ def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> di
 
 def redact_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     """A settings dump safe to show: secret fields masked when set, every text value redacted as text."""
+
     def shown(name: str, value: Any) -> Any:
         if _SECRET_FIELD.search(name) and value not in ("", None, (), [], {}):
             return MASK

@@ -34,7 +34,8 @@ def webhook_signer(configured: Iterable[str], client: redis.Redis) -> WebhookSig
 
 
 def gateway_signing_secret(configured: str, client: redis.Redis) -> str:
-    """The HMAC secret of gateway-served URLs and upload tokens: the configured one, else the generated one."""
+    """The HMAC secret of gateway-served URLs and upload tokens: the configured one, else the generated
+    one."""
     if configured:
         return configured
     return _shared(client, keys.GATEWAY_SIGNING_SECRET, secrets.token_urlsafe(32))[0]

@@ -32,8 +32,15 @@ def job_started(store: JobStore, spec: JobSpec) -> None:
         log.warning("could not mark job %s as running", spec.request_id, exc_info=True)
 
 
-def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str, float] | None = None,
-                 *, worker: str = "", keep: int = 100_000) -> Completion | None:
+def job_finished(
+    store: JobStore,
+    spec: JobSpec,
+    outcome: str,
+    timings: dict[str, float] | None = None,
+    *,
+    worker: str = "",
+    keep: int = 100_000,
+) -> Completion | None:
     """Record a run the worker is done with (`outcome`: the runner's Outcome.kind; `defer`: another
     worker holds the job); its Completion if it ended the job. Never raises: bookkeeping mustn't fail jobs."""
     try:
@@ -48,12 +55,20 @@ def job_finished(store: JobStore, spec: JobSpec, outcome: str, timings: dict[str
             return None
         created, started, completed, error_type = replies[0]
         queue_wait = float(started) - float(created) if started and created else None
-        ops_state.record_completion(store.redis, {
-            "request_id": spec.request_id, "variant": spec.variant, "outcome": outcome,
-            "error_type": error_type or "", "worker": worker,
-            "queue_wait": _rounded(queue_wait), "run": _rounded((timings or {}).get("total")),
-            "latency": _rounded(float(completed) - float(created)) if completed and created else "",
-        }, keep=keep)
+        ops_state.record_completion(
+            store.redis,
+            {
+                "request_id": spec.request_id,
+                "variant": spec.variant,
+                "outcome": outcome,
+                "error_type": error_type or "",
+                "worker": worker,
+                "queue_wait": _rounded(queue_wait),
+                "run": _rounded((timings or {}).get("total")),
+                "latency": _rounded(float(completed) - float(created)) if completed and created else "",
+            },
+            keep=keep,
+        )
         return Completion(outcome, str(error_type or ""), queue_wait)
     except Exception:
         log.warning("could not record the end of job %s", spec.request_id, exc_info=True)

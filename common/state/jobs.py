@@ -124,8 +124,16 @@ return items
 # The gateway's status read (run on its async client): the record's small fields (never the spec, which
 # may carry a data URI), the queue rank while queued, and logs from an index when asked for, in one round
 # trip. (The pending key is derived inside: fine on one Redis, not on a cluster.)
-STATUS_FIELDS = ("status", "owner", "variant", "result_code", "error", "error_type", "inference_time",
-                 "completed_at")
+STATUS_FIELDS = (
+    "status",
+    "owner",
+    "variant",
+    "result_code",
+    "error",
+    "error_type",
+    "inference_time",
+    "completed_at",
+)
 STATUS_READ = f"""
 local fields = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in STATUS_FIELDS)})
 if not fields[1] then return false end
@@ -139,13 +147,28 @@ return {{fields, rank, logs}}
 
 def status_read_call(request_id: str, logs_from: int | None) -> dict:
     """`keys` and `args` for STATUS_READ."""
-    return {"keys": [keys.job(request_id), keys.logs(request_id)],
-            "args": [keys.PENDING_PREFIX, request_id, "" if logs_from is None else logs_from]}
+    return {
+        "keys": [keys.job(request_id), keys.logs(request_id)],
+        "args": [keys.PENDING_PREFIX, request_id, "" if logs_from is None else logs_from],
+    }
 
 
 # Fields a restart clears: what the previous run left (ops requeue of a failed job).
-_RESET_FIELDS = ("started_at", "completed_at", "result", "result_code", "error", "error_type", "inference_time",
-                 "extra", "last_error", "worker", "cancel_requested", "webhook_delivered", "webhook_next")
+_RESET_FIELDS = (
+    "started_at",
+    "completed_at",
+    "result",
+    "result_code",
+    "error",
+    "error_type",
+    "inference_time",
+    "extra",
+    "last_error",
+    "worker",
+    "cancel_requested",
+    "webhook_delivered",
+    "webhook_next",
+)
 
 
 def utc_timestamp() -> str:
@@ -185,6 +208,7 @@ class JobRecord:
 @dataclass(frozen=True)
 class Restart:
     """What `JobStore.restart_failed` found and did."""
+
     previous: JobRecord | None  # None: no such record
     was_dead_letter: bool = False
     spec: JobSpec | None = None  # the spec sent again; None: not restarted (not a failed job)
@@ -226,13 +250,27 @@ class JobStore:
     # --- creation and lookup ---
     def create(self, spec: JobSpec) -> bool:
         """Record a new IN_QUEUE job; False if a record with this id exists already."""
-        return bool(self._create(
-            keys=[keys.job(spec.request_id), keys.SEQUENCE, keys.pending(spec.variant),
-                  keys.job_channel(spec.request_id), keys.queue_channel(spec.variant)],
-            args=[spec.model_dump_json(), repr(spec.created_at), spec.variant, spec.owner or "", self.record_ttl,
-                  keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0, spec.request_id,
-                  keys.LOW_PRIORITY_OFFSET],
-        ))
+        return bool(
+            self._create(
+                keys=[
+                    keys.job(spec.request_id),
+                    keys.SEQUENCE,
+                    keys.pending(spec.variant),
+                    keys.job_channel(spec.request_id),
+                    keys.queue_channel(spec.variant),
+                ],
+                args=[
+                    spec.model_dump_json(),
+                    repr(spec.created_at),
+                    spec.variant,
+                    spec.owner or "",
+                    self.record_ttl,
+                    keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0,
+                    spec.request_id,
+                    keys.LOW_PRIORITY_OFFSET,
+                ],
+            )
+        )
 
     def ensure(self, spec: JobSpec) -> None:
         """Recreate a record lost with Redis data (the message carries the full spec)."""
@@ -296,11 +334,24 @@ class JobStore:
         return [json.loads(item) for item in self.redis.lrange(keys.logs(request_id), start, -1)]
 
     # --- worker side ---
-    def claim(self, request_id: str, variant: str, token: str, *, lease_seconds: float, max_attempts: int,
-              worker: str) -> ClaimOutcome:
+    def claim(
+        self,
+        request_id: str,
+        variant: str,
+        token: str,
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        worker: str,
+    ) -> ClaimOutcome:
         outcome = self._claim(
-            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant),
-                  keys.job_channel(request_id), keys.queue_channel(variant)],
+            keys=[
+                keys.job(request_id),
+                keys.lease(request_id),
+                keys.pending(variant),
+                keys.job_channel(request_id),
+                keys.queue_channel(variant),
+            ],
             args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
         )
         return outcome
@@ -311,36 +362,74 @@ class JobStore:
     def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
         """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
         was not the job's doing (an outage), so it does not count towards `max_attempts`."""
-        requeued = bool(self._requeue(
-            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
-            args=[token, request_id, "1" if refund_attempt else "0", 0],
-        ))
+        requeued = bool(
+            self._requeue(
+                keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
+                args=[token, request_id, "1" if refund_attempt else "0", 0],
+            )
+        )
         if requeued:
             self.notify(request_id, variant)
         return requeued
 
-    def complete(self, request_id: str, *, token: str = "", result: dict, result_code: int = 200,
-                 error: str | None = None, error_type: str | None = None,
-                 inference_time: float | None = None, extra: dict | None = None, variant: str | None = None,
-                 logs: list[str] | None = None, webhook_due: float | None = None) -> bool:
+    def complete(
+        self,
+        request_id: str,
+        *,
+        token: str = "",
+        result: dict,
+        result_code: int = 200,
+        error: str | None = None,
+        error_type: str | None = None,
+        inference_time: float | None = None,
+        extra: dict | None = None,
+        variant: str | None = None,
+        logs: list[str] | None = None,
+        webhook_due: float | None = None,
+    ) -> bool:
         """Record the outcome; True only for the one call that completed the job. `variant` (else read
         from the record), `logs` (`log_entry` lines appended with it) and `webhook_due` (book the first
         webhook attempt at this time) ride along in the same round trip."""
         if variant is None:
-            variant = cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""  # a decoding client
-        fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(result), "result_code": result_code,
-                  "error": error or "", "error_type": error_type or "",
-                  "inference_time": "" if inference_time is None else repr(inference_time),
-                  "extra": json.dumps(extra or {})}
+            variant = (
+                cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""
+            )  # a decoding client
+        fields: dict[str, str | int] = {
+            "completed_at": repr(time.time()),
+            "result": json.dumps(result),
+            "result_code": result_code,
+            "error": error or "",
+            "error_type": error_type or "",
+            "inference_time": "" if inference_time is None else repr(inference_time),
+            "extra": json.dumps(extra or {}),
+        }
         flat = [item for pair in fields.items() for item in pair]
         lines = logs or []
         booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
-        return bool(self._complete(
-            keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant), keys.logs(request_id),
-                  keys.WEBHOOK_DUE, keys.job_channel(request_id), keys.queue_channel(variant),
-                  keys.WEBHOOK_READY],
-            args=[token, request_id, self.record_ttl, booking, webhook_due or 0, len(lines), *lines, *flat],
-        ))
+        return bool(
+            self._complete(
+                keys=[
+                    keys.job(request_id),
+                    keys.lease(request_id),
+                    keys.pending(variant),
+                    keys.logs(request_id),
+                    keys.WEBHOOK_DUE,
+                    keys.job_channel(request_id),
+                    keys.queue_channel(variant),
+                    keys.WEBHOOK_READY,
+                ],
+                args=[
+                    token,
+                    request_id,
+                    self.record_ttl,
+                    booking,
+                    webhook_due or 0,
+                    len(lines),
+                    *lines,
+                    *flat,
+                ],
+            )
+        )
 
     def send_webhook(self, request_id: str, safety_due: float) -> None:
         """Hand attempt 0 of a completed job's webhook to the deliverers now, booked for `safety_due` in case
@@ -356,11 +445,17 @@ class JobStore:
         if record is None:
             return "not_found"
         cancelled = RequestCancelled()
-        fields: dict[str, str | int] = {"completed_at": repr(time.time()), "result": json.dumps(cancelled.body()),
-                  "result_code": cancelled.status_code, "error": cancelled.message, "error_type": cancelled.error_type}
+        fields: dict[str, str | int] = {
+            "completed_at": repr(time.time()),
+            "result": json.dumps(cancelled.body()),
+            "result_code": cancelled.status_code,
+            "error": cancelled.message,
+            "error_type": cancelled.error_type,
+        }
         flat = [item for pair in fields.items() for item in pair]
-        outcome = self._cancel(keys=[keys.job(request_id), keys.pending(record.spec.variant)],
-                               args=[request_id, *flat])
+        outcome = self._cancel(
+            keys=[keys.job(request_id), keys.pending(record.spec.variant)], args=[request_id, *flat]
+        )
         if outcome in ("cancelled", "requested"):
             self.notify(request_id, record.spec.variant if outcome == "cancelled" else None)
         return outcome
@@ -369,7 +464,9 @@ class JobStore:
         return self.redis.hget(keys.job(request_id), "cancel_requested") == "1"
 
     # --- failed runs: the last error, dead letters, and a fresh start by ops ---
-    def note_error(self, request_id: str, message: str, error_type: str = "", *, run_alone: bool = False) -> None:
+    def note_error(
+        self, request_id: str, message: str, error_type: str = "", *, run_alone: bool = False
+    ) -> None:
         """Keep a failed run's error on the record (the message of the final failure once attempts run
         out); `run_alone`: the next run takes a forward by itself."""
         fields: dict[FieldT, EncodableT] = {"last_error": message[:500], "last_error_type": error_type}
@@ -379,13 +476,16 @@ class JobStore:
 
     def last_error(self, request_id: str) -> tuple[str | None, str | None]:
         """(message, error type) noted by the last failed run."""
-        last, last_type = cast(list[str | None], self.redis.hmget(keys.job(request_id),
-                                                                  ["last_error", "last_error_type"]))  # decoding client
+        last, last_type = cast(
+            list[str | None], self.redis.hmget(keys.job(request_id), ["last_error", "last_error_type"])
+        )  # decoding client
         return last, last_type
 
     def run_flags(self, request_id: str) -> tuple[bool, bool]:
         """(a cancel was requested, the next run takes a forward by itself), in one round trip."""
-        cancel, alone = cast(list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"]))
+        cancel, alone = cast(
+            list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"])
+        )
         return cancel == "1", alone == "1"
 
     def dead_letter(self, request_id: str) -> None:
@@ -412,7 +512,10 @@ class JobStore:
                     score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
                     pipe.multi()
                     pipe.hdel(key, *_RESET_FIELDS)
-                    pipe.hset(key, mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()})
+                    pipe.hset(
+                        key,
+                        mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()},
+                    )
                     pipe.expire(key, self.record_ttl)
                     pipe.zadd(keys.pending(spec.variant), {request_id: score})
                     self.notify(request_id, spec.variant, pipe)

@@ -78,7 +78,9 @@ end
 """
 
 # Admission: `units` (ARGV[9]) for this request, its length known (1 for an image, or a video not probed).
-_ADMIT = _COMMON + """
+_ADMIT = (
+    _COMMON
+    + """
 local rpm, maxc, cap, units = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[9])
 local rid = ARGV[4]
 if cap >= 0 and redis.call('ZCARD', KEYS[3]) >= cap then return {'queue_full', ARGV[8]} end
@@ -94,13 +96,18 @@ end
 if rpm > 0 then add_units(KEYS[1], rid, 1, units, 61) end
 return {'ok', '0'}
 """
+)
 
 # A video's units beyond those it was admitted with (ARGV[8] held, ARGV[4] in all), charged when a worker
 # has opened it; once only (KEYS[3] remembers it for the job record's lifetime, so a rerun after a lost
-# worker is not charged again). Over a budget: nothing is added and the units it held are taken back (a refused request is not
+# worker is not charged again). Over a budget: nothing is added and the units it held are taken back (a
+# refused request is not
 # counted).
-_CHARGE = _COMMON + """
-local rpm, maxc, rid, units, held = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[8])
+_CHARGE = (
+    _COMMON
+    + """
+local rpm, maxc, rid, units, held = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
+tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'ok', '0'} end
 local extra = units - held
 local function refuse(reason, retry)
@@ -121,12 +128,13 @@ if rpm > 0 then add_units(KEYS[1], rid, held + 1, units, 61) end
 redis.call('SET', KEYS[3], units, 'EX', ARGV[7])
 return {'ok', '0'}
 """
+)
 
 MESSAGES: dict[Reason, str] = {
     "queue_full": "The queue for this model is full; retry later",
     "rate_limited": "Too many requests for this API key (requests_per_minute); retry later",
     "concurrency_limit": "Too many requests of this API key are queued or running (max_concurrent); retry "
-                         "when one completes",
+    "when one completes",
 }
 
 
@@ -160,8 +168,14 @@ Route = Callable[[str], redis.Redis]
 
 
 class Limiter:
-    def __init__(self, client: redis.Redis, settings: AdmissionSettings, *, queues: Route | None = None,
-                 records: Route | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: AdmissionSettings,
+        *,
+        queues: Route | None = None,
+        records: Route | None = None,
+    ):
         """`client`: where keys' limits live. With shards, `queues` gives a variant's Redis and `records` a
         request id's (default: `client` for both)."""
         self.redis = client
@@ -172,9 +186,17 @@ class Limiter:
         self._admit = client.register_script(_ADMIT)
         self._charge = client.register_script(_CHARGE)
 
-    def admit(self, *, key_id: str, request_id: str, variant: str | None, max_concurrent: int | None = None,
-              requests_per_minute: int | None = None, max_queue_length: int | None = None,
-              units: int = 1) -> LimitRefused | None:
+    def admit(
+        self,
+        *,
+        key_id: str,
+        request_id: str,
+        variant: str | None,
+        max_concurrent: int | None = None,
+        requests_per_minute: int | None = None,
+        max_queue_length: int | None = None,
+        units: int = 1,
+    ) -> LimitRefused | None:
         """None when the request may be enqueued (and is now counted, `units` units); else why not. `variant`
         None: the request will not wait in a queue (rejected input), so no queue cap applies."""
         cap = NO_CAP if variant is None else queue_cap(self.settings, variant, max_queue_length)
@@ -182,45 +204,86 @@ class Limiter:
             return None  # nothing to check: no round trip
         if variant is not None and cap != NO_CAP and self.queues(variant) is not self.redis:
             if self.queues(variant).zcard(keys.pending(variant)) >= cap:
-                return LimitRefused(MESSAGES["queue_full"], "queue_full", self.settings.queue_full_retry_after)
+                return LimitRefused(
+                    MESSAGES["queue_full"], "queue_full", self.settings.queue_full_retry_after
+                )
             cap = NO_CAP  # checked on its own shard
         if max_concurrent and self._sharded:
             self._prune_elsewhere(key_id)
         reason, retry_after = self._admit(
             keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.pending(variant or "")],
-            args=[requests_per_minute or 0, max_concurrent or 0, cap, request_id, keys.JOB_PREFIX,
-                  UNADMITTED_GRACE, self.settings.job_record_ttl, self.settings.queue_full_retry_after, units])
+            args=[
+                requests_per_minute or 0,
+                max_concurrent or 0,
+                cap,
+                request_id,
+                keys.JOB_PREFIX,
+                UNADMITTED_GRACE,
+                self.settings.job_record_ttl,
+                self.settings.queue_full_retry_after,
+                units,
+            ],
+        )
         if reason == "ok":
             return None
         if units > 1 and reason != "queue_full":
             return self._video_refusal(reason, int(retry_after), units, max_concurrent, requests_per_minute)
         return LimitRefused(MESSAGES[reason], reason, int(retry_after))
 
-    def charge(self, *, key_id: str, request_id: str, units: int, held: int = 1, max_concurrent: int | None = None,
-               requests_per_minute: int | None = None) -> LimitRefused | None:
+    def charge(
+        self,
+        *,
+        key_id: str,
+        request_id: str,
+        units: int,
+        held: int = 1,
+        max_concurrent: int | None = None,
+        requests_per_minute: int | None = None,
+    ) -> LimitRefused | None:
         """Charge an admitted request holding `held` units `units` in all: None when charged (or charged
-        before, or nothing more to charge), else why not; a refused request no longer counts against the key."""
+        before, or nothing more to charge), else why not; a refused request no longer counts against the
+        key."""
         if units <= held or not (max_concurrent or requests_per_minute):
             return None
         if max_concurrent and self._sharded:
             self._prune_elsewhere(key_id)
         reason, retry_after = self._charge(
             keys=[keys.rate_limit(key_id), keys.active_limit(key_id), keys.limit_charge(request_id)],
-            args=[requests_per_minute or 0, max_concurrent or 0, request_id, units, keys.JOB_PREFIX,
-                  UNADMITTED_GRACE, self.settings.job_record_ttl, held])
+            args=[
+                requests_per_minute or 0,
+                max_concurrent or 0,
+                request_id,
+                units,
+                keys.JOB_PREFIX,
+                UNADMITTED_GRACE,
+                self.settings.job_record_ttl,
+                held,
+            ],
+        )
         if reason == "ok":
             return None
         return self._video_refusal(reason, int(retry_after), units, max_concurrent, requests_per_minute)
 
-    def _video_refusal(self, reason: Reason, retry_after: int, units: int, max_concurrent: int | None,
-                       requests_per_minute: int | None) -> LimitRefused:
+    def _video_refusal(
+        self,
+        reason: Reason,
+        retry_after: int,
+        units: int,
+        max_concurrent: int | None,
+        requests_per_minute: int | None,
+    ) -> LimitRefused:
         """fal's 429 for a video over a budget: what it costs, the budget, and whether it can ever fit
         (retry_after -1: longer than the whole budget)."""
-        name, budget = (("requests_per_minute", requests_per_minute) if reason == "rate_limited"
-                        else ("max_concurrent", max_concurrent))
-        message = (f"This video costs {units} units (one per {self.settings.video_limit_unit_seconds:g} s) and "
-                   f"this API key's {name} is {budget}" + ("; it can never fit: send a shorter video"
-                                                          if retry_after < 0 else "; retry later"))
+        name, budget = (
+            ("requests_per_minute", requests_per_minute)
+            if reason == "rate_limited"
+            else ("max_concurrent", max_concurrent)
+        )
+        message = (
+            f"This video costs {units} units (one per {self.settings.video_limit_unit_seconds:g} s) and "
+            f"this API key's {name} is {budget}"
+            + ("; it can never fit: send a shorter video" if retry_after < 0 else "; retry later")
+        )
         return LimitRefused(message, reason, retry_after if retry_after > 0 else 60)
 
     def _prune_elsewhere(self, key_id: str) -> None:

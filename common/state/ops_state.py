@@ -59,6 +59,7 @@ def celery_node(worker_name: str) -> str:
 
 # --- running jobs ---
 
+
 def mark_running(r: redis.Redis, variant: str, request_id: str) -> None:
     r.zadd(keys.running(variant), {request_id: time.time()})
 
@@ -94,7 +95,9 @@ def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]
         for rid in ids:
             pipe.exists(keys.lease(_text(rid)))
     alive = iter(pipe.execute())
-    return {v: sorted(_text(rid) for rid in ids if next(alive)) for v, ids in zip(variants, members, strict=True)}
+    return {
+        v: sorted(_text(rid) for rid in ids if next(alive)) for v, ids in zip(variants, members, strict=True)
+    }
 
 
 # --- completions stream ---
@@ -106,8 +109,10 @@ def record_completion(r: redis.Redis, entry: dict[str, object], *, keep: int) ->
 def read_completions(r: redis.Redis, since: float, limit: int | None = None) -> list[dict]:
     """Completion entries newer than `since` (unix time), oldest first, with `at` (unix time) added."""
     # redis-py types a range reply as possibly None; XRANGE always returns a list.
-    entries = cast(list[tuple[bytes | str, dict[bytes | str, bytes | str]]],
-                   r.xrange(keys.COMPLETIONS, min=f"{int(since * 1000)}-0", max="+", count=limit))
+    entries = cast(
+        list[tuple[bytes | str, dict[bytes | str, bytes | str]]],
+        r.xrange(keys.COMPLETIONS, min=f"{int(since * 1000)}-0", max="+", count=limit),
+    )
     out = []
     for entry_id, fields in entries:
         item: dict[str, str | float] = {_text(k): _text(v) for k, v in fields.items()}
@@ -148,7 +153,9 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
 
     out: dict[str, dict] = {}
     for i, variant in enumerate(variants):
-        oldest = [float(created[_text(rid)]) for rid in raw[3 * i + 1] + raw[3 * i + 2] if created[_text(rid)]]
+        oldest = [
+            float(created[_text(rid)]) for rid in raw[3 * i + 1] + raw[3 * i + 2] if created[_text(rid)]
+        ]
         others = [m for m in held.get(queues[variant], []) if m["request_id"] not in running[variant]]
         serving = [w for w in workers if variant in w.get("variants", [])]
         out[variant] = {

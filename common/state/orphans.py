@@ -40,7 +40,9 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
         return []  # another worker just looked
     cutoff = time.time() - min_age
     candidates = []
-    for request_id in cast(list[str], store.redis.zrange(keys.pending(variant), 0, 199)):  # a decoding client: str replies
+    for request_id in cast(
+        list[str], store.redis.zrange(keys.pending(variant), 0, 199)
+    ):  # a decoding client: str replies
         record = store.get(request_id)
         if record and record.status == Status.IN_QUEUE and record.created_at < cutoff:
             candidates.append(record)
@@ -55,5 +57,7 @@ def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *,
             send_job(celery, record.spec)
             resent.append(record.request_id)
     if resent:
-        log.warning("re-sent %d job(s) of %s whose broker message was lost: %s", len(resent), variant, resent[:5])
+        log.warning(
+            "re-sent %d job(s) of %s whose broker message was lost: %s", len(resent), variant, resent[:5]
+        )
     return resent

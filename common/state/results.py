@@ -18,22 +18,48 @@ from common.state.webhooks import first_attempt_due
 log = logging.getLogger(__name__)
 
 
-def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings, store: JobStore, objects: ObjectStore | None, spec: JobSpec, body: dict, code: int = 200, error: str | None = None,
-               error_type: str | None = None, token: str = "", inference_time: float | None = None,
-               extra: dict | None = None, logs: list[str] | None = None) -> bool:
+def finish_job(
+    *,
+    settings: GatewaySettings | ProducerSettings | WorkerSettings,
+    store: JobStore,
+    objects: ObjectStore | None,
+    spec: JobSpec,
+    body: dict,
+    code: int = 200,
+    error: str | None = None,
+    error_type: str | None = None,
+    token: str = "",
+    inference_time: float | None = None,
+    extra: dict | None = None,
+    logs: list[str] | None = None,
+) -> bool:
     """Store the outcome once; returns True for the call that completed the job. `logs`: the last stage's
     log lines (`jobs.log_entry`), stored with the outcome."""
     if objects is not None and not spec.params.sync_mode:
         objects.write_json(
-            settings.output_bucket, spec.output_prefix + RESULT_DOCUMENT, body,
-            metadata={"request-id": spec.request_id, "status": "OK" if error is None else "ERROR",
-                      "status-code": str(code)},
+            settings.output_bucket,
+            spec.output_prefix + RESULT_DOCUMENT,
+            body,
+            metadata={
+                "request-id": spec.request_id,
+                "status": "OK" if error is None else "ERROR",
+                "status-code": str(code),
+            },
         )
     # The first webhook attempt is booked and handed to the deliverers with the completion, in its script.
-    done = store.complete(spec.request_id, token=token, result=body, result_code=code, error=error,
-                          error_type=error_type, inference_time=inference_time, extra=extra,
-                          variant=spec.variant, logs=logs,
-                          webhook_due=first_attempt_due(settings) if spec.webhook_url else None)
+    done = store.complete(
+        spec.request_id,
+        token=token,
+        result=body,
+        result_code=code,
+        error=error,
+        error_type=error_type,
+        inference_time=inference_time,
+        extra=extra,
+        variant=spec.variant,
+        logs=logs,
+        webhook_due=first_attempt_due(settings) if spec.webhook_url else None,
+    )
     if done:
         wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
     if not done:
@@ -43,5 +69,6 @@ def finish_job(*, settings: GatewaySettings | ProducerSettings | WorkerSettings,
 
 def fail_job(*, exc: JobError, **kwargs) -> bool:
     """End the job with the error's own body and status."""
-    return finish_job(body=exc.body(), code=exc.status_code, error=exc.message,
-                      error_type=exc.error_type, **kwargs)
+    return finish_job(
+        body=exc.body(), code=exc.status_code, error=exc.message, error_type=exc.error_type, **kwargs
+    )

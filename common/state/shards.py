@@ -62,8 +62,12 @@ class ShardMap:
         if len(settings.redis_shards) > MAX_SHARDS:
             raise ValueError(f"at most {MAX_SHARDS} Redis shards")
         shards = [Shard(0, settings.redis_url, frozenset(), settings.redis_sentinel_master)]
-        shards += [Shard(n, spec.url, frozenset(spec.variants), spec.sentinel_master or settings.redis_sentinel_master)
-                   for n, spec in enumerate(settings.redis_shards, start=1)]
+        shards += [
+            Shard(
+                n, spec.url, frozenset(spec.variants), spec.sentinel_master or settings.redis_sentinel_master
+            )
+            for n, spec in enumerate(settings.redis_shards, start=1)
+        ]
         return cls(shards)
 
     @property
@@ -82,8 +86,10 @@ class ShardMap:
         """The one shard serving all of `variants` (a worker's): a worker consumes from one Redis."""
         found = {self.for_variant(v).index for v in variants}
         if len(found) > 1:
-            raise ValueError(f"variants {sorted(variants)} live on different Redis shards {sorted(found)}; "
-                             "run one worker per shard")
+            raise ValueError(
+                f"variants {sorted(variants)} live on different Redis shards {sorted(found)}; "
+                "run one worker per shard"
+            )
         return self.shards[found.pop() if found else 0]
 
     def new_request_id(self, variant: str) -> str:
@@ -112,5 +118,6 @@ def shard_index(request_id: str) -> int:
 def settings_for(settings: S, shard: Shard) -> S:
     """`settings` for a process that talks to `shard` only: its Redis as redis_url (credentials, TLS and
     the other Redis options are shared by all shards)."""
-    return settings.model_copy(update={"redis_url": shard.url, "redis_sentinel_master": shard.sentinel_master,
-                                       "redis_shards": []})
+    return settings.model_copy(
+        update={"redis_url": shard.url, "redis_sentinel_master": shard.sentinel_master, "redis_shards": []}
+    )

@@ -35,8 +35,11 @@ def model_label(spec: VariantSpec) -> str:
 def unserved_message(spec: VariantSpec) -> str:
     endpoints = "/".join(sorted(spec.fal_names))
     model = f"{endpoints} model, " if endpoints else ""
-    return (f"no worker serves {model_label(spec)} right now; waiting ({model}variant {spec.id}, queue {spec.queue}; "
-            f"a worker started with `python -m worker --variants {spec.id}` takes it)")
+    return (
+        f"no worker serves {model_label(spec)} right now; waiting ({model}variant {spec.id}, queue "
+        f"{spec.queue}; "
+        f"a worker started with `python -m worker --variants {spec.id}` takes it)"
+    )
 
 
 def served_variants(r: redis.Redis) -> set[str]:
@@ -69,11 +72,21 @@ def note_unserved_jobs(store: JobStore, registry: Iterable[VariantSpec], now: fl
     for spec, ids in zip(unserved, replies[1::2], strict=True):
         if not ids:
             continue
-        entry = json.dumps({"message": unserved_message(spec), "level": "WARN", "source": "USER",
-                            "timestamp": utc_timestamp()})
+        entry = json.dumps(
+            {
+                "message": unserved_message(spec),
+                "level": "WARN",
+                "source": "USER",
+                "timestamp": utc_timestamp(),
+            }
+        )
         looked_at = [raw.decode() if isinstance(raw, bytes) else raw for raw in ids[:BATCH]]
         for request_id in looked_at:
-            noted += int(script(keys=[keys.job(request_id), keys.logs(request_id)],
-                                args=[NOTED_FIELD, str(now), entry, store.record_ttl]))
+            noted += int(
+                script(
+                    keys=[keys.job(request_id), keys.logs(request_id)],
+                    args=[NOTED_FIELD, str(now), entry, store.record_ttl],
+                )
+            )
         r.zadd(keys.unserved_noted(spec.id), dict.fromkeys(looked_at, now))
     return noted

@@ -86,18 +86,30 @@ def webhook_policy(settings: FetchSettings) -> NetPolicy:
 REFUSED_PREFIX = "webhook URL refused: "
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
-         policy: NetPolicy) -> tuple[int | None, str | None]:
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, policy: NetPolicy
+) -> tuple[int | None, str | None]:
     """One delivery attempt through the SSRF guard, no redirects: (HTTP status or None, error text or None).
     Any 2xx counts as delivered; an error starting with REFUSED_PREFIX means the policy refused the URL."""
     try:
         target = parse_http_url(url, policy)
-        sent = [(b"Host", target.host_header), (b"Content-Type", b"application/json"),
-                (b"Content-Length", str(len(body)).encode()), (b"User-Agent", b"birefnet-serve webhooks"),
-                *((name.encode(), value.encode()) for name, value in headers.items())]
+        sent = [
+            (b"Host", target.host_header),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"User-Agent", b"birefnet-serve webhooks"),
+            *((name.encode(), value.encode()) for name, value in headers.items()),
+        ]
         with guarded_pool(policy, timeout) as (pool, _backend):
-            response = pool.request("POST", target.core_url(), headers=sent, content=body, extensions={
-                "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}})
+            response = pool.request(
+                "POST",
+                target.core_url(),
+                headers=sent,
+                content=body,
+                extensions={
+                    "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+                },
+            )
     except JobError as exc:  # the URL or its address is not allowed
         return None, REFUSED_PREFIX + exc.message
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
@@ -142,10 +154,18 @@ class WebhookSender:
     def deliver(self, request_id: str, attempt: int = 0) -> Attempt | None:
         """Deliver attempt `attempt`; None when there is nothing (more) to deliver."""
         redis = self.store.redis
-        own, successor = keys.webhook_booking(request_id, attempt), keys.webhook_booking(request_id, attempt + 1)
+        own, successor = (
+            keys.webhook_booking(request_id, attempt),
+            keys.webhook_booking(request_id, attempt + 1),
+        )
         record = self.store.get(request_id)
-        if (record is None or not record.status.is_terminal or not record.spec.webhook_url
-                or record.webhook_delivered or record.webhook_next > attempt):
+        if (
+            record is None
+            or not record.status.is_terminal
+            or not record.spec.webhook_url
+            or record.webhook_delivered
+            or record.webhook_next > attempt
+        ):
             redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
         last = attempt >= self.settings.webhook_max_retries
@@ -158,10 +178,18 @@ class WebhookSender:
 
         body = encode_payload(build_payload(record))
         headers = self.signer.headers(request_id, webhook_user_id(record), body)
-        status_code, error = post(record.spec.webhook_url, body, headers, self.settings.webhook_timeout, self.policy)
+        status_code, error = post(
+            record.spec.webhook_url, body, headers, self.settings.webhook_timeout, self.policy
+        )
         refused = error is not None and error.startswith(REFUSED_PREFIX)
-        result = Attempt(attempt=attempt, at=time.time(), status_code=status_code, ok=error is None, error=error,
-                         final=error is not None and (last or refused))
+        result = Attempt(
+            attempt=attempt,
+            at=time.time(),
+            status_code=status_code,
+            ok=error is None,
+            error=error,
+            final=error is not None and (last or refused),
+        )
         pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
         record_attempt(self.store, request_id, result, pipe)  # (a success also marks the record delivered)
         pipe.zrem(keys.WEBHOOK_DUE, own)
@@ -200,12 +228,19 @@ class WebhookSender:
 
 def failed_webhooks(store: JobStore, limit: int = 100) -> list[dict]:
     """Requests whose webhook never got a 2xx, newest first, with every attempt."""
-    entries = cast(list[tuple[str, float]], store.redis.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True))  # a decoding client: str replies
+    entries = cast(
+        list[tuple[str, float]], store.redis.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True)
+    )  # a decoding client: str replies
     out = []
     for request_id, failed_at in entries:
         record = store.get(request_id)
-        out.append({"request_id": request_id, "failed_at": failed_at,
-                    "webhook_url": record.spec.webhook_url if record else None,
-                    "owner": record.spec.owner if record else None,
-                    "attempts": list_attempts(store, request_id)})
+        out.append(
+            {
+                "request_id": request_id,
+                "failed_at": failed_at,
+                "webhook_url": record.spec.webhook_url if record else None,
+                "owner": record.spec.owner if record else None,
+                "attempts": list_attempts(store, request_id),
+            }
+        )
     return out

@@ -50,8 +50,10 @@ def main(argv: list[str]) -> int:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.chmod(path, 0o600)
-    print(f"{path}: {len(added)} credential(s) generated ({', '.join(added) or 'none'}), "
-          f"{len(GENERATED) - len(added)} kept")
+    print(
+        f"{path}: {len(added)} credential(s) generated ({', '.join(added) or 'none'}), "
+        f"{len(GENERATED) - len(added)} kept"
+    )
     return 0
 
 

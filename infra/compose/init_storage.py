@@ -15,9 +15,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 def client():
     return boto3.client(
-        "s3", endpoint_url=os.environ["S3_ENDPOINT_URL"], region_name=os.environ.get("AWS_REGION", "us-east-1"),
-        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"], aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-        config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}))
+        "s3",
+        endpoint_url=os.environ["S3_ENDPOINT_URL"],
+        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        config=Config(
+            retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}
+        ),
+    )
 
 
 def wait_for_store(s3, timeout: float) -> None:
@@ -48,8 +54,14 @@ def main() -> int:
     for bucket in (input_bucket, output_bucket):
         ensure_bucket(s3, bucket)
     arn = os.environ["S3_EVENTS_ARN"]
-    s3.put_bucket_notification_configuration(Bucket=input_bucket, NotificationConfiguration={
-        "QueueConfigurations": [{"Id": "birefnet-producer", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+    s3.put_bucket_notification_configuration(
+        Bucket=input_bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"Id": "birefnet-producer", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}
+            ]
+        },
+    )
     current = s3.get_bucket_notification_configuration(Bucket=input_bucket).get("QueueConfigurations", [])
     if not any(c.get("QueueArn") == arn for c in current):
         print(f"the store did not keep the notification to {arn}: {current}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Writes the aws overlay's values (infra/k8s/overlays/aws/terraform-outputs.yaml) from `terraform output -json`,
+"""Writes the aws overlay's values (infra/k8s/overlays/aws/terraform-outputs.yaml) from `terraform output
+-json`,
 so the overlay never holds hand-copied account ids, queue URLs or role ARNs.
 
     terraform -chdir=infra/terraform output -json | python3 infra/terraform/overlay_values.py
@@ -46,8 +47,16 @@ def values(outputs: dict) -> dict[str, str]:
 
 
 def render(outputs: dict) -> str:
-    lines = [HEADER, "apiVersion: v1", "kind: ConfigMap", "metadata:", "  name: birefnet-terraform-outputs",
-             "  annotations:", '    config.kubernetes.io/local-config: "true"', "data:"]
+    lines = [
+        HEADER,
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        "  name: birefnet-terraform-outputs",
+        "  annotations:",
+        '    config.kubernetes.io/local-config: "true"',
+        "data:",
+    ]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in values(outputs).items()]
     return "\n".join(lines) + "\n"
 

@@ -39,7 +39,9 @@ from tests.helpers.servers import LocalServer
 from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, wait_for
 from worker.pipeline.decode import decode_image
 
-pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's, for the case below
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Corrupt EXIF data:UserWarning"
+)  # Pillow's, for the case below
 
 MAX_PIXELS = 4_000_000  # the limits the module's worker runs with, too
 MAX_SIDE = 4096
@@ -70,8 +72,12 @@ def png_chunk(tag: bytes, data: bytes) -> bytes:
 def raw_png(width: int, height: int, bit_depth: int, colour_type: int, pixels: bytes) -> bytes:
     """A PNG from raw scanlines (filter byte included), for what Pillow will not write."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(pixels, 9))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(pixels, 9))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(side: int = 20_000) -> bytes:
@@ -129,7 +135,9 @@ def exif_rotated_jpeg(orientation: int = 6) -> bytes:
 
 def corrupt_exif_jpeg() -> bytes:
     data = encode(photo(), "JPEG")
-    junk = b"Exif\0\0" + b"MM\0\x2a\0\0\0\x08" + b"\xff\xff" + b"\x01" * 40  # 65535 entries promised, none there
+    junk = (
+        b"Exif\0\0" + b"MM\0\x2a\0\0\0\x08" + b"\xff\xff" + b"\x01" * 40
+    )  # 65535 entries promised, none there
     app1 = b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk
     return data[:2] + app1 + data[2:]
 
@@ -145,8 +153,12 @@ def palette_with_transparency() -> bytes:
 
 
 def multipage_tiff() -> bytes:
-    return encode(Image.new("RGB", (32, 24), (255, 0, 0)), "TIFF", save_all=True,
-                  append_images=[Image.new("RGB", (32, 24), (0, 0, 255))])
+    return encode(
+        Image.new("RGB", (32, 24), (255, 0, 0)),
+        "TIFF",
+        save_all=True,
+        append_images=[Image.new("RGB", (32, 24), (0, 0, 255))],
+    )
 
 
 def solid_png(width: int, height: int) -> bytes:
@@ -191,13 +203,28 @@ DECODE_CASES = [
     Case("svg", lambda: SVG, "image_load_error", "not a supported image"),
     Case("pdf", lambda: PDF, "image_load_error", "not a supported image"),
     Case("eps-no-ghostscript", lambda: EPS, "image_load_error", "not a supported image"),
-    Case("ico-unsupported-format", lambda: encode(photo(32, 32), "ICO"), "image_load_error", "not a supported image"),
-    Case("random-bytes", lambda: random.Random(1).randbytes(4096), "image_load_error", "not a supported image"),
+    Case(
+        "ico-unsupported-format",
+        lambda: encode(photo(32, 32), "ICO"),
+        "image_load_error",
+        "not a supported image",
+    ),
+    Case(
+        "random-bytes", lambda: random.Random(1).randbytes(4096), "image_load_error", "not a supported image"
+    ),
     Case("png-bomb-20000x20000", png_bomb, "image_too_large", "declares 400,000,000 pixels"),
-    Case("png-header-claims-10000x10000", lambda: png_header_claiming(10_000, 10_000), "image_too_large",
-         "10000x10000 (100,000,000 pixels); the limit is 4,000,000 pixels"),
-    Case("png-header-claims-100000x100000", lambda: png_header_claiming(100_000, 100_000), "image_too_large",
-         "too large"),
+    Case(
+        "png-header-claims-10000x10000",
+        lambda: png_header_claiming(10_000, 10_000),
+        "image_too_large",
+        "10000x10000 (100,000,000 pixels); the limit is 4,000,000 pixels",
+    ),
+    Case(
+        "png-header-claims-100000x100000",
+        lambda: png_header_claiming(100_000, 100_000),
+        "image_too_large",
+        "too large",
+    ),
     Case("jpeg-bomb-65000x65000", lambda: jpeg_claiming(65_000, 65_000), "image_too_large", "too large"),
     Case("gif-bomb-65535x65535", lambda: gif_claiming(65_535, 65_535), "image_too_large", "too large"),
     Case("bmp-bomb-30000x30000", lambda: bmp_claiming(30_000, 30_000), "image_too_large", "too large"),
@@ -206,14 +233,30 @@ DECODE_CASES = [
     Case("pixels-over-limit", lambda: solid_png(2100, 2100), "image_too_large", "4,410,000 pixels"),
     Case("one-pixel", lambda: solid_png(1, 1), "image_too_small", "1x1"),
     Case("too-thin", lambda: solid_png(7, 300), "image_too_small", "at least 8"),
-    Case("16-bit-grey", lambda: encode(Image.fromarray(np.asarray(photo().convert("L")).astype(np.uint16) * 257),
-                                       "PNG"), "ok", size=(64, 48), check=is_grey),
+    Case(
+        "16-bit-grey",
+        lambda: encode(Image.fromarray(np.asarray(photo().convert("L")).astype(np.uint16) * 257), "PNG"),
+        "ok",
+        size=(64, 48),
+        check=is_grey,
+    ),
     Case("16-bit-rgb", sixteen_bit_rgb_png, "ok", size=(64, 48)),
     Case("cmyk-jpeg", lambda: encode(photo().convert("CMYK"), "JPEG"), "ok", size=(64, 48)),
     Case("palette-with-transparency", palette_with_transparency, "ok", size=(64, 48)),
-    Case("animated-gif-first-frame", lambda: animated("GIF"), "ok", size=(32, 24), check=first_pixel_is((255, 0, 0))),
-    Case("animated-webp-first-frame", lambda: animated("WEBP"), "ok", size=(32, 24),
-         check=first_pixel_is((255, 0, 0))),
+    Case(
+        "animated-gif-first-frame",
+        lambda: animated("GIF"),
+        "ok",
+        size=(32, 24),
+        check=first_pixel_is((255, 0, 0)),
+    ),
+    Case(
+        "animated-webp-first-frame",
+        lambda: animated("WEBP"),
+        "ok",
+        size=(32, 24),
+        check=first_pixel_is((255, 0, 0)),
+    ),
     Case("multipage-tiff-first-page", multipage_tiff, "ok", size=(32, 24), check=first_pixel_is((255, 0, 0))),
     Case("exif-rotated", exif_rotated_jpeg, "ok", size=(48, 64)),
     Case("corrupt-exif-ignored", corrupt_exif_jpeg, "ok", size=(64, 48)),
@@ -250,7 +293,7 @@ def mutations() -> Iterator[tuple[str, bytes]]:
                 for _ in range(6):  # flipped bytes past the signature
                     data[rng.randrange(12, len(data))] ^= 1 << rng.randrange(8)
             else:
-                del data[rng.randrange(8, len(data)):]  # cut anywhere
+                del data[rng.randrange(8, len(data)) :]  # cut anywhere
             yield f"{fmt.lower()}-{index}", bytes(data)
 
 
@@ -281,12 +324,30 @@ DATA_CASES = [
     ("data-invalid-base64", "data:image/png;base64,****" + B64, "file_download_error", "invalid base64"),
     ("data-non-ascii-base64", "data:image/png;base64,ü" + B64, "file_download_error", "invalid base64"),
     ("data-empty", "data:image/png;base64,", "file_download_error", "empty"),
-    ("data-oversized-base64", "data:image/png;base64," + "A" * (MAX_BYTES * 4 // 3 + 100), "image_too_large",
-     f"limit of {MAX_BYTES} bytes"),
-    ("data-oversized-plain", "data:image/png," + "A" * (MAX_BYTES + 10), "image_too_large", f"{MAX_BYTES} bytes"),
-    ("data-html-payload", "data:text/html,<script>alert(1)</script>", "image_load_error", "not a supported image"),
-    ("data-line-wrapped-base64", "data:image/png;base64," + "\n".join(B64[i:i + 76] for i in range(0, len(B64), 76)),
-     "ok", ""),
+    (
+        "data-oversized-base64",
+        "data:image/png;base64," + "A" * (MAX_BYTES * 4 // 3 + 100),
+        "image_too_large",
+        f"limit of {MAX_BYTES} bytes",
+    ),
+    (
+        "data-oversized-plain",
+        "data:image/png," + "A" * (MAX_BYTES + 10),
+        "image_too_large",
+        f"{MAX_BYTES} bytes",
+    ),
+    (
+        "data-html-payload",
+        "data:text/html,<script>alert(1)</script>",
+        "image_load_error",
+        "not a supported image",
+    ),
+    (
+        "data-line-wrapped-base64",
+        "data:image/png;base64," + "\n".join(B64[i : i + 76] for i in range(0, len(B64), 76)),
+        "ok",
+        "",
+    ),
     ("data-unpadded-base64", "data:image/png;base64," + B64.rstrip("="), "ok", ""),
     ("data-percent-encoded", "data:image/png," + quote(PNG_BYTES), "ok", ""),
     ("data-wrong-mime", "data:text/plain;base64," + B64, "ok", ""),
@@ -297,8 +358,13 @@ DATA_CASES = [
 @pytest.mark.parametrize(("name", "url", "outcome", "fragment"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_data_uri(name, url, outcome, fragment):
     def run() -> Image.Image:
-        data = fetch_input(url, objects=None, max_bytes=MAX_BYTES, timeout=5,  # type: ignore[arg-type]
-                           policy=NetPolicy.from_settings(Settings()))
+        data = fetch_input(
+            url,
+            objects=None,
+            max_bytes=MAX_BYTES,
+            timeout=5,  # type: ignore[arg-type]
+            policy=NetPolicy.from_settings(Settings()),
+        )
         return decode_image(data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
 
     if outcome == "ok":
@@ -312,28 +378,40 @@ def test_data_uri(name, url, outcome, fragment):
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[LocalServer]:
     server = LocalServer("127.0.0.1").start()
-    server.files.update({
-        "/photo.jpg": (HTML, "image/jpeg"),  # an error page served as an image
-        "/zero.png": (b"", "image/png"),
-        "/photo.png": (encode(photo(), "JPEG"), "image/png"),  # JPEG named and typed as PNG
-        "/bomb.png": (png_bomb(), "image/png"),
-    })
+    server.files.update(
+        {
+            "/photo.jpg": (HTML, "image/jpeg"),  # an error page served as an image
+            "/zero.png": (b"", "image/png"),
+            "/photo.png": (encode(photo(), "JPEG"), "image/png"),  # JPEG named and typed as PNG
+            "/bomb.png": (png_bomb(), "image/png"),
+        }
+    )
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize(("path", "outcome", "fragment"), [
-    ("/photo.jpg", "image_load_error", "not a supported image"),
-    ("/zero.png", "file_download_error", "empty (0 bytes)"),
-    ("/photo.png", "ok", ""),
-    ("/bomb.png", "image_too_large", "400,000,000 pixels"),
-    ("/truncated", "file_download_error", "incomplete"),
-])
+@pytest.mark.parametrize(
+    ("path", "outcome", "fragment"),
+    [
+        ("/photo.jpg", "image_load_error", "not a supported image"),
+        ("/zero.png", "file_download_error", "empty (0 bytes)"),
+        ("/photo.png", "ok", ""),
+        ("/bomb.png", "image_too_large", "400,000,000 pixels"),
+        ("/truncated", "file_download_error", "incomplete"),
+    ],
+)
 def test_http_served(image_server, path, outcome, fragment):
-    policy = NetPolicy.from_settings(Settings(fetch_allow_networks=("127.0.0.1/32",), fetch_allowed_ports="*"))
+    policy = NetPolicy.from_settings(
+        Settings(fetch_allow_networks=("127.0.0.1/32",), fetch_allowed_ports="*")
+    )
     try:
-        data = fetch_input(image_server.url(path), objects=None, max_bytes=MAX_BYTES, timeout=5,  # type: ignore[arg-type]
-                           policy=policy)
+        data = fetch_input(
+            image_server.url(path),
+            objects=None,
+            max_bytes=MAX_BYTES,
+            timeout=5,  # type: ignore[arg-type]
+            policy=policy,
+        )
         image = decode_image(data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
     except JobError as exc:
         assert exc.error_type == outcome and fragment in exc.message, exc.message
@@ -358,9 +436,15 @@ class WorkerHarness:
 
     def submit(self, image_url: str) -> str:
         request_id = uuid.uuid4().hex
-        spec = JobSpec(request_id=request_id, variant="general-light", image_url=image_url,
-                       params=JobParams(output_format="png"), source="api", owner="bad-images",
-                       output_prefix=f"{self.settings.output_prefix}requests/{request_id}/")
+        spec = JobSpec(
+            request_id=request_id,
+            variant="general-light",
+            image_url=image_url,
+            params=JobParams(output_format="png"),
+            source="api",
+            owner="bad-images",
+            output_prefix=f"{self.settings.output_prefix}requests/{request_id}/",
+        )
         assert self.store.create(spec)
         send_job(make_celery(self.settings), spec)
         return request_id
@@ -369,7 +453,9 @@ class WorkerHarness:
         def done() -> bool:
             return all(self.store.status(r) == "COMPLETED" for r in request_ids)
 
-        wait_for(done, timeout, f"{len(request_ids)} jobs to complete\n{self.stack.tail('worker')}", interval=0.2)
+        wait_for(
+            done, timeout, f"{len(request_ids)} jobs to complete\n{self.stack.tail('worker')}", interval=0.2
+        )
         return {r: self.store.get(r) for r in request_ids}  # type: ignore[misc]
 
     def memory_kb(self) -> dict[str, int]:
@@ -392,21 +478,27 @@ def worker(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[WorkerHarn
     redis_url = f"redis://127.0.0.1:{redis_server.port}/{int(suffix, 16) % 15 + 1}"
     redis.Redis.from_url(redis_url).flushdb()
     log_dir = tmp_path_factory.mktemp("bad-images")
-    stack = build_stack(redis_url, moto_endpoint, {
-        "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
-        "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
-        "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
-        "BIREFNET_WEIGHTS_FALLBACK": "none",
-        "BIREFNET_TORCH_THREADS": "1",
-        "BIREFNET_MAX_INPUT_PIXELS": str(MAX_PIXELS),
-        "BIREFNET_MAX_INPUT_SIDE": str(MAX_SIDE),
-        "BIREFNET_MAX_INPUT_BYTES": str(MAX_BYTES),
-        "BIREFNET_HTTP_TIMEOUT": "5",
-        "BIREFNET_TEST_LOG_DIR": str(log_dir),
-    }, queue_name=f"events-{suffix}")
+    stack = build_stack(
+        redis_url,
+        moto_endpoint,
+        {
+            "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
+            "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
+            "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
+            "BIREFNET_WEIGHTS_FALLBACK": "none",
+            "BIREFNET_TORCH_THREADS": "1",
+            "BIREFNET_MAX_INPUT_PIXELS": str(MAX_PIXELS),
+            "BIREFNET_MAX_INPUT_SIDE": str(MAX_SIDE),
+            "BIREFNET_MAX_INPUT_BYTES": str(MAX_BYTES),
+            "BIREFNET_HTTP_TIMEOUT": "5",
+            "BIREFNET_TEST_LOG_DIR": str(log_dir),
+        },
+        queue_name=f"events-{suffix}",
+    )
     settings = stack.settings
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                      config=boto_config())
+    s3 = boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
     proc = stack.start_worker("general-light", name="worker")
     try:
         yield WorkerHarness(stack, settings, JobStore.from_url(redis_url), s3, proc.pid)
@@ -418,27 +510,81 @@ def worker(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[WorkerHarn
 WORKER_BAD_CASES: list[tuple[str, Callable[[WorkerHarness], str], str, str]] = [
     ("html-named-jpg", lambda w: w.put("bad/page.jpg", HTML), "image_load_error", "not a supported image"),
     ("zero-byte-object", lambda w: w.put("bad/empty.png", b""), "file_download_error", "empty (0 bytes)"),
-    ("truncated-jpeg", lambda w: w.put("bad/half.jpg", truncated(encode(photo(640, 480), "JPEG"))),
-     "image_load_error", "truncated"),
+    (
+        "truncated-jpeg",
+        lambda w: w.put("bad/half.jpg", truncated(encode(photo(640, 480), "JPEG"))),
+        "image_load_error",
+        "truncated",
+    ),
     ("png-bomb", lambda w: w.put("bad/bomb.png", png_bomb()), "image_too_large", "400,000,000 pixels"),
-    ("jpeg-bomb", lambda w: w.put("bad/bomb.jpg", jpeg_claiming(65_000, 65_000)), "image_too_large", "too large"),
-    ("gif-bomb", lambda w: w.put("bad/bomb.gif", gif_claiming(65_535, 65_535)), "image_too_large", "too large"),
-    ("bmp-bomb", lambda w: w.put("bad/bomb.bmp", bmp_claiming(30_000, 30_000)), "image_too_large", "too large"),
-    ("width-over-limit", lambda w: w.put("bad/wide.png", solid_png(5000, 8)), "image_too_large",
-     "neither side may exceed 4096"),
+    (
+        "jpeg-bomb",
+        lambda w: w.put("bad/bomb.jpg", jpeg_claiming(65_000, 65_000)),
+        "image_too_large",
+        "too large",
+    ),
+    (
+        "gif-bomb",
+        lambda w: w.put("bad/bomb.gif", gif_claiming(65_535, 65_535)),
+        "image_too_large",
+        "too large",
+    ),
+    (
+        "bmp-bomb",
+        lambda w: w.put("bad/bomb.bmp", bmp_claiming(30_000, 30_000)),
+        "image_too_large",
+        "too large",
+    ),
+    (
+        "width-over-limit",
+        lambda w: w.put("bad/wide.png", solid_png(5000, 8)),
+        "image_too_large",
+        "neither side may exceed 4096",
+    ),
     ("pixels-over-limit", lambda w: w.put("bad/big.png", solid_png(2100, 2100)), "image_too_large", "pixels"),
-    ("object-over-byte-limit", lambda w: w.put("bad/huge.bin", b"\0" * (MAX_BYTES + 1)), "image_too_large",
-     f"the limit is {MAX_BYTES} bytes"),
-    ("one-pixel-data-uri", lambda w: "data:image/png;base64," + base64.b64encode(solid_png(1, 1)).decode(),
-     "image_too_small", "1x1"),
-    ("malformed-data-uri", lambda w: "data:image/png;base64;" + B64, "file_download_error", "malformed data URI"),
-    ("oversized-base64", lambda w: "data:image/png;base64," + "A" * (MAX_BYTES * 4 // 3 + 100), "image_too_large",
-     "exceeds the limit"),
-    ("missing-object", lambda w: f"s3://{w.settings.input_bucket}/bad/nothing-here.png", "file_download_error",
-     "NoSuchKey"),
-    ("ssrf-metadata", lambda w: "http://169.254.169.254/latest/meta-data/", "file_download_error", "cloud metadata"),
+    (
+        "object-over-byte-limit",
+        lambda w: w.put("bad/huge.bin", b"\0" * (MAX_BYTES + 1)),
+        "image_too_large",
+        f"the limit is {MAX_BYTES} bytes",
+    ),
+    (
+        "one-pixel-data-uri",
+        lambda w: "data:image/png;base64," + base64.b64encode(solid_png(1, 1)).decode(),
+        "image_too_small",
+        "1x1",
+    ),
+    (
+        "malformed-data-uri",
+        lambda w: "data:image/png;base64;" + B64,
+        "file_download_error",
+        "malformed data URI",
+    ),
+    (
+        "oversized-base64",
+        lambda w: "data:image/png;base64," + "A" * (MAX_BYTES * 4 // 3 + 100),
+        "image_too_large",
+        "exceeds the limit",
+    ),
+    (
+        "missing-object",
+        lambda w: f"s3://{w.settings.input_bucket}/bad/nothing-here.png",
+        "file_download_error",
+        "NoSuchKey",
+    ),
+    (
+        "ssrf-metadata",
+        lambda w: "http://169.254.169.254/latest/meta-data/",
+        "file_download_error",
+        "cloud metadata",
+    ),
     ("ssrf-localhost", lambda w: "http://localhost/admin", "file_download_error", "loopback"),
-    ("ssrf-odd-port", lambda w: "http://93.184.216.34:6379/", "file_download_error", "port 6379 is not allowed"),
+    (
+        "ssrf-odd-port",
+        lambda w: "http://93.184.216.34:6379/",
+        "file_download_error",
+        "port 6379 is not allowed",
+    ),
 ]
 
 # Good inputs after the bad ones: the worker keeps serving, with the promised conversions.
@@ -473,21 +619,30 @@ def test_worker_fails_bad_inputs_cleanly_with_bounded_memory(worker: WorkerHarne
     for name, _, error_type, fragment in WORKER_BAD_CASES:
         record = records[request_ids[name]]
         (detail,) = record.result["detail"]  # type: ignore[index]
-        if not (record.error_type == error_type == detail["type"] and fragment in detail["msg"]
-                and record.result_code == 422 and detail["loc"] == ["body", "image_url"]):
+        if not (
+            record.error_type == error_type == detail["type"]
+            and fragment in detail["msg"]
+            and record.result_code == 422
+            and detail["loc"] == ["body", "image_url"]
+        ):
             problems.append(f"{name}: {record.error_type} {detail}")
         if record.attempts != 1:
             problems.append(f"{name}: ran {record.attempts} times (a bad input must not be retried)")
     assert not problems, "\n".join(problems)
     # The error document is where the result would have been.
     rid = request_ids["png-bomb"]
-    body = worker.s3.get_object(Bucket=worker.settings.output_bucket,  # type: ignore[attr-defined]
-                                Key=f"{worker.settings.output_prefix}requests/{rid}/result.json")["Body"].read()
+    body = worker.s3.get_object(
+        Bucket=worker.settings.output_bucket,  # type: ignore[attr-defined]
+        Key=f"{worker.settings.output_prefix}requests/{rid}/result.json",
+    )["Body"].read()
     assert json.loads(body)["detail"][0]["type"] == "image_too_large"
 
     growth = after["VmHWM"] - before["VmRSS"]
-    print(f"worker RSS {before['VmRSS'] // 1024} MB before, peak {after['VmHWM'] // 1024} MB during "
-          f"{len(WORKER_BAD_CASES)} bad jobs (growth {growth // 1024} MB, bound {PEAK_GROWTH_BOUND_KB // 1024} MB)")
+    print(
+        f"worker RSS {before['VmRSS'] // 1024} MB before, peak {after['VmHWM'] // 1024} MB during "
+        f"{len(WORKER_BAD_CASES)} bad jobs (growth {growth // 1024} MB, bound {PEAK_GROWTH_BOUND_KB // 1024} "
+        f"MB)"
+    )
     assert growth < PEAK_GROWTH_BOUND_KB
     assert worker.stack.processes[0].poll() is None, "the worker died"
 

@@ -43,8 +43,12 @@ PRODUCTS = {"products/": {"background_color": "#ffffff", "output_format": "jpeg"
 
 def keys_setting() -> str:
     entries = [("alice", "key"), ("bob", "key"), ("carol", "shared"), ("dave", "shared")]
-    return json.dumps([{"id": name, "hash": hash_secret(f"{name}-secret", "sha256"), "mask_cache": scope}
-                       for name, scope in entries])
+    return json.dumps(
+        [
+            {"id": name, "hash": hash_secret(f"{name}-secret", "sha256"), "mask_cache": scope}
+            for name, scope in entries
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +58,39 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory, metrics_port) -> GatewayStack:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("beyond"), tls=True,
-                                workers=(), webhooks=False, extra={
-                                    "BIREFNET_GATEWAY_API_KEYS": keys_setting(),
-                                    "BIREFNET_MAX_INPUT_BYTES": str(MAX_INPUT),
-                                    "BIREFNET_MASK_CACHE_SECONDS": "3600",
-                                    "BIREFNET_MASK_CACHE_UPLOADS_SCOPE": "shared",
-                                    "BIREFNET_PREFIX_DEFAULTS": json.dumps(PRODUCTS)})
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("beyond"),
+        tls=True,
+        workers=(),
+        webhooks=False,
+        extra={
+            "BIREFNET_GATEWAY_API_KEYS": keys_setting(),
+            "BIREFNET_MAX_INPUT_BYTES": str(MAX_INPUT),
+            "BIREFNET_MASK_CACHE_SECONDS": "3600",
+            "BIREFNET_MASK_CACHE_UPLOADS_SCOPE": "shared",
+            "BIREFNET_PREFIX_DEFAULTS": json.dumps(PRODUCTS),
+        },
+    )
     try:
         # Both load at once (a worker's start dominates this module's time).
-        heavy = stack.stack.start_worker("general-heavy", name="worker-heavy", wait=False,
-                                         extra_env={"BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS": "avif"})
-        stack.stack.start_worker("general-light", extra_env={"BIREFNET_WORKER_METRICS_PORT": str(metrics_port)})
+        heavy = stack.stack.start_worker(
+            "general-heavy",
+            name="worker-heavy",
+            wait=False,
+            extra_env={"BIREFNET_TEST_UNSUPPORTED_OUTPUT_FORMATS": "avif"},
+        )
+        stack.stack.start_worker(
+            "general-light", extra_env={"BIREFNET_WORKER_METRICS_PORT": str(metrics_port)}
+        )
         ready = Path(stack.stack.env["BIREFNET_TEST_LOG_DIR"]) / "worker-heavy.ready"
         wait_for(lambda: ready.exists() or heavy.poll() is not None, 120, "the general-heavy worker")
         assert heavy.poll() is None, stack.stack.tail("worker-heavy")
         # start_gateway_stack made the event queue; name it for the producer (create_queue is idempotent).
-        events = provision_aws(stack.settings, queue_name=f"events-{stack.settings.input_bucket.removeprefix('in-')}")
+        events = provision_aws(
+            stack.settings, queue_name=f"events-{stack.settings.input_bucket.removeprefix('in-')}"
+        )
         stack.stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_SQS_QUEUE_URL": events.queue_url})
     except BaseException:
         stack.close()
@@ -84,16 +104,24 @@ def files() -> FileServer:
     backdrop = Image.linear_gradient("L").resize((120, 40)).convert("RGB")
     buffer = io.BytesIO()
     backdrop.save(buffer, format="PNG")
-    server = FileServer({"/backdrop.png": (buffer.getvalue(), "image/png"),
-                         "/page.html": (b"<html>no image</html>", "text/html"),
-                         "/huge.png": (b"\x89PNG" + bytes(MAX_INPUT + 10), "image/png")})
+    server = FileServer(
+        {
+            "/backdrop.png": (buffer.getvalue(), "image/png"),
+            "/page.html": (b"<html>no image</html>", "text/html"),
+            "/huge.png": (b"\x89PNG" + bytes(MAX_INPUT + 10), "image/png"),
+        }
+    )
     yield server
     server.stop()
 
 
 def client(gs: GatewayStack, credential: str) -> httpx.Client:
-    return httpx.Client(base_url=gs.url, headers={"Authorization": f"Key {credential}"}, timeout=60,
-                        verify=ssl.create_default_context(cafile=str(gs.gateway.tls.ca)))
+    return httpx.Client(
+        base_url=gs.url,
+        headers={"Authorization": f"Key {credential}"},
+        timeout=60,
+        verify=ssl.create_default_context(cafile=str(gs.gateway.tls.ca)),
+    )
 
 
 def photo(seed: int) -> str:
@@ -137,7 +165,10 @@ def logs(gs: GatewayStack, credential: str, request_id: str) -> list[str]:
 
 def masks_total(port: int, source: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    pattern = rf'^birefnet_masks_total\{{(?=[^}}]*variant="general-light")(?=[^}}]*source="{source}")[^}}]*\}} (\S+)$'
+    pattern = (
+        rf'^birefnet_masks_total\{{(?=[^}}]*variant="general-light")'
+        rf'(?=[^}}]*source="{source}")[^}}]*\}} (\S+)$'
+    )
     match = re.search(pattern, text, re.M)
     return float(match.group(1)) if match else 0.0
 
@@ -163,7 +194,11 @@ def test_every_extension_field_is_validated_with_fal_style_422s(gs):
         ({"background_color": "#1122334455"}, "background_color", "color_format"),
         ({"background_color": 255}, "background_color", "string_type"),
         ({"background_image_url": "ftp://x.example/b.png"}, "background_image_url", "url_scheme"),
-        ({"background_image_url": "https://x.example/b.png", "background_fit": "tile"}, "background_fit", "enum"),
+        (
+            {"background_image_url": "https://x.example/b.png", "background_fit": "tile"},
+            "background_fit",
+            "enum",
+        ),
         ({"crop_to_subject": True, "crop_margin": "ten"}, "crop_margin", "value_error"),
         ({"crop_to_subject": True, "crop_margin": "500%"}, "crop_margin", "value_error"),
         ({"crop_to_subject": True, "crop_margin": -3}, "crop_margin", "value_error"),
@@ -172,8 +207,15 @@ def test_every_extension_field_is_validated_with_fal_style_422s(gs):
         ({"crop_to_subject": True, "crop_threshold": 0}, "crop_threshold", "greater_than"),
         ({"output_format": "jpeg"}, "output_format", "value_error"),
         ({"output_format": "jpeg", "background_color": "#ffffff80"}, "output_format", "value_error"),
-        ({"output_format": "jpeg", "background_image_url": "https://x.example/b.png", "background_fit": "contain"},
-         "output_format", "value_error"),
+        (
+            {
+                "output_format": "jpeg",
+                "background_image_url": "https://x.example/b.png",
+                "background_fit": "contain",
+            },
+            "output_format",
+            "value_error",
+        ),
         ({"output_format": "bmp"}, "output_format", "enum"),
         ({"mask_only": True, "background_color": "#ffffff"}, "mask_only", "value_error"),
     ]
@@ -196,7 +238,9 @@ def test_background_colour_composites_the_refined_cut_out(gs):
     image = photo(2)
     plain = output(gs, ALICE, {"image_url": image})
     cutout = fetch(plain["image"])
-    assert cutout.mode == "RGBA" and 0 < np.asarray(cutout)[..., 3].min() < 255, "a soft mask: compositing shows"
+    assert cutout.mode == "RGBA" and 0 < np.asarray(cutout)[..., 3].min() < 255, (
+        "a soft mask: compositing shows"
+    )
 
     green = output(gs, ALICE, {"image_url": image, "background_color": "#00FF00"})
     composed = fetch(green["image"])
@@ -209,8 +253,11 @@ def test_background_colour_composites_the_refined_cut_out(gs):
     want = Image.alpha_composite(Image.new("RGBA", cutout.size, (0, 255, 0, 128)), cutout)
     assert np.abs(np.asarray(half, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
 
-    jpeg = output(gs, ALICE, {"image_url": image, "background_color": "#00ff00", "output_format": "jpeg",
-                              "output_mask": True})
+    jpeg = output(
+        gs,
+        ALICE,
+        {"image_url": image, "background_color": "#00ff00", "output_format": "jpeg", "output_mask": True},
+    )
     assert jpeg["image"]["content_type"] == "image/jpeg" and jpeg["image"]["file_name"].endswith(".jpg")
     decoded = fetch(jpeg["image"])
     assert decoded.format == "JPEG" and decoded.mode == "RGB"
@@ -222,24 +269,53 @@ def test_background_image_fits_and_its_failures(gs, files):
     image = photo(3)
     cutout = fetch(output(gs, ALICE, {"image_url": image})["image"])
     backdrop = Image.open(io.BytesIO(httpx.get(files.url("/backdrop.png")).content)).convert("RGB")
-    for fit, fitted in (("cover", ImageOps.fit(backdrop, cutout.size, Image.Resampling.LANCZOS)),
-                        ("stretch", backdrop.resize(cutout.size, Image.Resampling.LANCZOS))):
-        got = fetch(output(gs, ALICE, {"image_url": image, "background_image_url": files.url("/backdrop.png"),
-                                       "background_fit": fit})["image"])
+    for fit, fitted in (
+        ("cover", ImageOps.fit(backdrop, cutout.size, Image.Resampling.LANCZOS)),
+        ("stretch", backdrop.resize(cutout.size, Image.Resampling.LANCZOS)),
+    ):
+        got = fetch(
+            output(
+                gs,
+                ALICE,
+                {
+                    "image_url": image,
+                    "background_image_url": files.url("/backdrop.png"),
+                    "background_fit": fit,
+                },
+            )["image"]
+        )
         assert got.mode == "RGB", fit
         want = Image.alpha_composite(fitted.convert("RGBA"), cutout).convert("RGB")
         assert np.array_equal(np.asarray(got), np.asarray(want)), fit
-    contained = fetch(output(gs, ALICE, {"image_url": image, "background_image_url": files.url("/backdrop.png"),
-                                         "background_fit": "contain"})["image"])
+    contained = fetch(
+        output(
+            gs,
+            ALICE,
+            {
+                "image_url": image,
+                "background_image_url": files.url("/backdrop.png"),
+                "background_fit": "contain",
+            },
+        )["image"]
+    )
     assert contained.mode == "RGBA", "contain without a colour leaves transparent bands"
     alpha = np.asarray(contained)[..., 3]  # 120x40 fits 96x64 as a 96x32 band across the middle
-    assert alpha[32, :].min() == 255 and alpha[0, :].max() < 255, "backdrop in the band, only the cut-out above"
+    assert alpha[32, :].min() == 255 and alpha[0, :].max() < 255, (
+        "backdrop in the band, only the cut-out above"
+    )
 
     closed = f"http://127.0.0.1:{free_port()}/nothing.png"
-    failures = {files.url("/missing.png"): "file_download_error", closed: "file_download_error",
-                files.url("/huge.png"): "image_too_large", files.url("/page.html"): "image_load_error",
-                data_uri(b"<html>", "text/html"): "image_load_error"}
-    ids = {submit(gs, ALICE, {"image_url": image, "background_image_url": url}): kind for url, kind in failures.items()}
+    failures = {
+        files.url("/missing.png"): "file_download_error",
+        closed: "file_download_error",
+        files.url("/huge.png"): "image_too_large",
+        files.url("/page.html"): "image_load_error",
+        data_uri(b"<html>", "text/html"): "image_load_error",
+    }
+    ids = {
+        submit(gs, ALICE, {"image_url": image, "background_image_url": url}): kind
+        for url, kind in failures.items()
+    }
     for rid, kind in ids.items():
         status, result = outcome(gs, ALICE, rid)
         assert result.status_code == 422, result.text
@@ -247,10 +323,14 @@ def test_background_image_fits_and_its_failures(gs, files):
         assert (item["loc"], item["type"]) == (["body", "background_image_url"], kind), item
         assert item["msg"].startswith("background_image_url: ")
     # The SSRF guard refuses cloud metadata addresses at submit, as it does for image_url.
-    item = rejection(gs, ALICE, {"image_url": image, "background_image_url": "http://169.254.169.254/latest/x.png"})
+    item = rejection(
+        gs, ALICE, {"image_url": image, "background_image_url": "http://169.254.169.254/latest/x.png"}
+    )
     assert item["loc"] == ["body", "background_image_url"] and item["type"] == "file_download_error"
     # Another key's private bucket is as off limits for a background as for an input.
-    item = rejection(gs, BOB, {"image_url": image, "background_image_url": f"s3://{gs.settings.input_bucket}/a.png"})
+    item = rejection(
+        gs, BOB, {"image_url": image, "background_image_url": f"s3://{gs.settings.input_bucket}/a.png"}
+    )
     assert item["loc"] == ["body", "background_image_url"] and "may not read" in item["msg"]
 
 
@@ -272,21 +352,36 @@ def test_crop_to_subject_and_crop_on_an_empty_mask(gs):
     image = photo(4)
     plain = output(gs, ALICE, {"image_url": image, "output_mask": True})
     mask = np.asarray(fetch(plain["mask_image"]))
-    cropped = output(gs, ALICE, {"image_url": image, "crop_to_subject": True, "crop_margin": "10%",
-                                 "crop_aspect_ratio": "1:1", "output_mask": True, "output_format": "webp"})
+    cropped = output(
+        gs,
+        ALICE,
+        {
+            "image_url": image,
+            "crop_to_subject": True,
+            "crop_margin": "10%",
+            "crop_aspect_ratio": "1:1",
+            "output_mask": True,
+            "output_format": "webp",
+        },
+    )
     size = expected_box(mask, 10, 1.0)
     assert (cropped["image"]["width"], cropped["image"]["height"]) == size
     assert (cropped["mask_image"]["width"], cropped["mask_image"]["height"]) == size
     assert fetch(cropped["image"]).size == size and cropped["image"]["content_type"] == "image/webp"
     pixels = output(gs, ALICE, {"image_url": image, "crop_to_subject": True, "crop_margin": 7})
     ys, xs = np.nonzero(mask >= 128)
-    assert (pixels["image"]["width"], pixels["image"]["height"]) == (xs.max() + 1 - xs.min() + 14,
-                                                                     ys.max() + 1 - ys.min() + 14)
+    assert (pixels["image"]["width"], pixels["image"]["height"]) == (
+        xs.max() + 1 - xs.min() + 14,
+        ys.max() + 1 - ys.min() + 14,
+    )
 
     # No pixel reaches the threshold: a clear 422, not an empty or uncropped image.
     assert mask.max() < 255, "recipe weights give soft masks; the threshold below must exceed the mask"
-    item = rejection(gs, ALICE, {"image_url": image, "crop_to_subject": True,
-                                 "crop_threshold": (int(mask.max()) + 1) / 255})
+    item = rejection(
+        gs,
+        ALICE,
+        {"image_url": image, "crop_to_subject": True, "crop_threshold": (int(mask.max()) + 1) / 255},
+    )
     assert (item["loc"], item["type"]) == (["body", "crop_to_subject"], "subject_not_found")
     assert "no subject" in item["msg"]
 
@@ -306,8 +401,13 @@ def test_avif_with_alpha_and_a_clear_422_where_unsupported(gs):
 
 
 # --- mask reuse: compose and the content cache --------------------------------------------------------
-OPTIONS = {"background_color": "#203040", "crop_to_subject": True, "crop_margin": "5%", "crop_aspect_ratio": "4:3",
-           "output_mask": True}
+OPTIONS = {
+    "background_color": "#203040",
+    "crop_to_subject": True,
+    "crop_margin": "5%",
+    "crop_aspect_ratio": "4:3",
+    "output_mask": True,
+}
 
 
 @pytest.mark.timeout(300)
@@ -375,23 +475,36 @@ def test_content_cache_is_per_key_unless_shared_and_spans_bucket_uploads(gs, met
     network0, cache0 = masks_total(metrics_port, "network"), masks_total(metrics_port, "cache")
     output(gs, CAROL, {"image_url": data_uri(image)})
     output(gs, DAVE, {"image_url": data_uri(image), "background_color": "#ffffff"})  # shared with carol
-    assert (masks_total(metrics_port, "network"), masks_total(metrics_port, "cache")) == (network0 + 1, cache0 + 1)
+    assert (masks_total(metrics_port, "network"), masks_total(metrics_port, "cache")) == (
+        network0 + 1,
+        cache0 + 1,
+    )
     output(gs, ALICE, {"image_url": data_uri(image)})  # alice's own scope: computed again
     assert masks_total(metrics_port, "network") == network0 + 2
 
     # A bucket upload of the same bytes (uploads scope 'shared' here) reuses the mask too, with the
     # extension fields from x-amz-meta-* and the products/ prefix defaults (white, jpeg, crop).
     settings = gs.settings
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                      config=boto_config())
-    s3.put_object(Bucket=settings.input_bucket, Key="products/shoe.png", Body=image, ContentType="image/png",
-                  Metadata={"crop_margin": "12", "crop_aspect_ratio": "1:1"})
+    s3 = boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
+    s3.put_object(
+        Bucket=settings.input_bucket,
+        Key="products/shoe.png",
+        Body=image,
+        ContentType="image/png",
+        Metadata={"crop_margin": "12", "crop_aspect_ratio": "1:1"},
+    )
     prefix = f"{settings.output_prefix}uploads/products/shoe.png/"
 
     def result_document() -> dict | None:
         listing = s3.list_objects_v2(Bucket=settings.output_bucket, Prefix=prefix).get("Contents", [])
         keys = [o["Key"] for o in listing if o["Key"].endswith("/result.json")]
-        return json.loads(s3.get_object(Bucket=settings.output_bucket, Key=keys[0])["Body"].read()) if keys else None
+        return (
+            json.loads(s3.get_object(Bucket=settings.output_bucket, Key=keys[0])["Body"].read())
+            if keys
+            else None
+        )
 
     document = wait_for(result_document, 120, "the upload's result document")
     assert "image" in document and document["image"]["content_type"] == "image/jpeg", document
@@ -399,11 +512,19 @@ def test_content_cache_is_per_key_unless_shared_and_spans_bucket_uploads(gs, met
     assert masks_total(metrics_port, "network") == network0 + 2, "the upload reused the shared mask"
     assert masks_total(metrics_port, "cache") == cache0 + 2
 
-    s3.put_object(Bucket=settings.input_bucket, Key="products/bad.png", Body=image,
-                  Metadata={"background_color": "white"})
-    bad = wait_for(lambda: s3.list_objects_v2(Bucket=settings.output_bucket,
-                                              Prefix=f"{settings.output_prefix}uploads/products/bad.png/")
-                   .get("Contents"), 120, "the bad upload's error document")
+    s3.put_object(
+        Bucket=settings.input_bucket,
+        Key="products/bad.png",
+        Body=image,
+        Metadata={"background_color": "white"},
+    )
+    bad = wait_for(
+        lambda: s3.list_objects_v2(
+            Bucket=settings.output_bucket, Prefix=f"{settings.output_prefix}uploads/products/bad.png/"
+        ).get("Contents"),
+        120,
+        "the bad upload's error document",
+    )
     error = json.loads(s3.get_object(Bucket=settings.output_bucket, Key=bad[0]["Key"])["Body"].read())
     assert error["detail"][0]["loc"] == ["body", "background_color"]
 
@@ -411,7 +532,9 @@ def test_content_cache_is_per_key_unless_shared_and_spans_bucket_uploads(gs, met
 # --- fal's Python client passes the extension fields through ------------------------------------------
 @pytest.mark.timeout(300)
 def test_python_client_with_extension_arguments_and_compose(gs):
-    got = run_client(gs, f"""
+    got = run_client(
+        gs,
+        f"""
         image = {photo(8)!r}
         first = fal_client.subscribe(APP, arguments={{"image_url": image, "background_color": "#ffffff",
                                                       "output_format": "jpeg", "crop_to_subject": True}})
@@ -427,13 +550,16 @@ def test_python_client_with_extension_arguments_and_compose(gs):
         except FalClientHTTPError as exc:
             error = {{"status": exc.status_code, "message": exc.message}}
         out({{"first": first, "composed": composed, "queued": queued, "error": error}})
-    """)
+    """,
+    )
     assert got["first"]["image"]["content_type"] == "image/jpeg"
     assert got["composed"]["image"]["content_type"] == "image/avif"
     first, queued = got["first"]["image"], got["queued"]["image"]  # one mask: margin 0, then 10 % each side
     assert queued["content_type"] == "image/png"
-    assert (queued["width"], queued["height"]) == (first["width"] + 2 * round(first["width"] / 10),
-                                                   first["height"] + 2 * round(first["height"] / 10))
+    assert (queued["width"], queued["height"]) == (
+        first["width"] + 2 * round(first["width"] / 10),
+        first["height"] + 2 * round(first["height"] / 10),
+    )
     assert got["error"]["status"] == 422 and "background_color" in json.dumps(got["error"]["message"])
 
 
@@ -442,13 +568,23 @@ def test_openapi_documents_the_extension_fields_and_compose(gs):
         document = c.get("/openapi.json").json()
     schemas = document["components"]["schemas"]
     for name in ("BiRefNetInput", "BiRefNetV2Input", "ComposeInput"):
-        assert {"background_color", "background_image_url", "background_fit", "crop_to_subject", "crop_margin",
-                "crop_aspect_ratio", "crop_threshold"} <= set(schemas[name]["properties"]), name
+        assert {
+            "background_color",
+            "background_image_url",
+            "background_fit",
+            "crop_to_subject",
+            "crop_margin",
+            "crop_aspect_ratio",
+            "crop_threshold",
+        } <= set(schemas[name]["properties"]), name
     assert list(schemas["BiRefNetV2Input"]["properties"])[0] == "image_url", "fal's fields first"
-    for path in ("/queue/fal-ai/birefnet/requests/{request_id}/compose",
-                 "/run/fal-ai/birefnet/requests/{request_id}/compose"):
+    for path in (
+        "/queue/fal-ai/birefnet/requests/{request_id}/compose",
+        "/run/fal-ai/birefnet/requests/{request_id}/compose",
+    ):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         assert body["schema"] == {"$ref": "#/components/schemas/ComposeInput"} and body["examples"], path
     submit_examples = document["paths"]["/queue/fal-ai/birefnet/v2"]["post"]["requestBody"]["content"][
-        "application/json"]["examples"]
+        "application/json"
+    ]["examples"]
     assert any("background_color" in example["value"] for example in submit_examples.values())

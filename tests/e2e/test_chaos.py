@@ -43,8 +43,11 @@ SLOW_WIDTH, SLOW_VISIBILITY_TIMEOUTS = 63, 3
 def chaos(moto_endpoint: str, tmp_path: Path):
     visibility = int(loopback_values()["BIREFNET_VISIBILITY_TIMEOUT"])
     slow = Rule(SLOW_WIDTH, seconds=SLOW_VISIBILITY_TIMEOUTS * visibility + 1)
-    stack = ChaosStack(tmp_path, moto_endpoint,
-                       overrides={"BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp_path / "hook", slow)})
+    stack = ChaosStack(
+        tmp_path,
+        moto_endpoint,
+        overrides={"BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp_path / "hook", slow)},
+    )
     try:
         yield stack
     finally:
@@ -78,8 +81,11 @@ def chaos_events(stack: ChaosStack, submitted: Submitted, avoid: set[str], figur
     """KILLS kills spread over the submissions (the n-th once n/(KILLS+2) of the jobs are in), the Redis
     crash and the S3 outage after the first two; each while a worker is in the middle of a job."""
     for n in range(KILLS):
-        wait_for(lambda n=n: len(submitted.api) + len(submitted.s3_keys) >= (n + 1) * JOBS / (KILLS + 2),
-                 JOBS / RATE * 3, "the submissions to move on")
+        wait_for(
+            lambda n=n: len(submitted.api) + len(submitted.s3_keys) >= (n + 1) * JOBS / (KILLS + 2),
+            JOBS / RATE * 3,
+            "the submissions to move on",
+        )
         # Generous waits: a worker started just before may still be importing torch on a loaded machine.
         killed = stack.kill_busy_worker(avoid, timeout=240)
         avoid.add(killed)  # never the same job twice: three deaths would dead-letter it by design
@@ -99,15 +105,24 @@ def chaos_events(stack: ChaosStack, submitted: Submitted, avoid: set[str], figur
 def test_chaos_nothing_lost_nothing_twice(chaos: ChaosStack, receiver: WebhookReceiver):
     started = time.time()
     chaos.start(workers=2)
-    figures = {"jobs_submitted": JOBS + 1, "kills": 0, "s3_outage_seconds": 0,
-               "startup_seconds": round(time.time() - started, 1)}
+    figures = {
+        "jobs_submitted": JOBS + 1,
+        "kills": 0,
+        "s3_outage_seconds": 0,
+        "startup_seconds": round(time.time() - started, 1),
+    }
     submitted = Submitted()
     stop = threading.Event()
 
     # A job slower than the visibility timeout: its message comes back to the other worker while it runs.
     slow_key = "slow/marker.png"
-    upload(chaos.s3_direct(), chaos.settings.input_bucket, slow_key, marker_png(SLOW_WIDTH),
-           {"webhook_url": receiver.url})
+    upload(
+        chaos.s3_direct(),
+        chaos.settings.input_bucket,
+        slow_key,
+        marker_png(SLOW_WIDTH),
+        {"webhook_url": receiver.url},
+    )
     submitted.s3_keys.append(slow_key)
     slow_id, slow_tasks = watch_slow_job(chaos, slow_key)
 
@@ -123,14 +138,22 @@ def test_chaos_nothing_lost_nothing_twice(chaos: ChaosStack, receiver: WebhookRe
     ids = wait_all_done(chaos, submitted, receiver, timeout=max(300, JOBS * 1.5))
     time.sleep(4)  # room for anything that would arrive twice
     result = audit(chaos, submitted, receiver)
-    figures.update(result.summary(), worker_starts=chaos.worker_starts, redis_restarts=chaos.redis_restarts,
-                   submits_refused_and_retried=submitted.refused, elapsed_seconds=round(time.time() - started, 1))
+    figures.update(
+        result.summary(),
+        worker_starts=chaos.worker_starts,
+        redis_restarts=chaos.redis_restarts,
+        submits_refused_and_retried=submitted.refused,
+        elapsed_seconds=round(time.time() - started, 1),
+    )
 
     store = chaos.store()
     slow = store.get(slow_id)
     slow_deliveries = max(deliveries_of_task(chaos.log_dir, task) for task in slow_tasks)
-    figures.update(slow_job_seconds=round(slow.completed_at - slow.started_at, 1),
-                   slow_job_deliveries=slow_deliveries, slow_job_claims=slow.attempts)
+    figures.update(
+        slow_job_seconds=round(slow.completed_at - slow.started_at, 1),
+        slow_job_deliveries=slow_deliveries,
+        slow_job_claims=slow.attempts,
+    )
     print("chaos figures:", json.dumps(figures))
     (chaos.log_dir / "figures.json").write_text(json.dumps(figures, indent=2))
 
@@ -151,15 +174,23 @@ def test_chaos_nothing_lost_nothing_twice(chaos: ChaosStack, receiver: WebhookRe
 def test_deferred_copies_of_a_running_job_do_not_multiply(moto_endpoint: str, tmp_path: Path):
     """While a job's lease is held elsewhere, its redelivered message is deferred, and stays one message:
     a deferral longer than the visibility timeout would be restored while it waits and double each time."""
-    stack = ChaosStack(tmp_path, moto_endpoint, overrides={
-        "BIREFNET_VISIBILITY_TIMEOUT": "2", "BIREFNET_JOB_LEASE_SECONDS": "8"})
+    stack = ChaosStack(
+        tmp_path,
+        moto_endpoint,
+        overrides={"BIREFNET_VISIBILITY_TIMEOUT": "2", "BIREFNET_JOB_LEASE_SECONDS": "8"},
+    )
     try:
         stack.start(workers=1, gateway=False, producer=False, webhooks=False)
         store = stack.store()
         settings = stack.settings
         rid = str(uuid.uuid4())
-        spec = JobSpec(request_id=rid, variant=VARIANT, params=JobParams(), image_url=data_uri(small_png(1)),
-                       output_prefix=request_output_prefix(settings, rid))
+        spec = JobSpec(
+            request_id=rid,
+            variant=VARIANT,
+            params=JobParams(),
+            image_url=data_uri(small_png(1)),
+            output_prefix=request_output_prefix(settings, rid),
+        )
         store.create(spec)
         # Another worker runs it and keeps its lease alive (held here for the whole observation).
         store.redis.hset(keys.job(rid), mapping={"status": "IN_PROGRESS", "attempts": 1})
@@ -181,7 +212,8 @@ def test_deferred_copies_of_a_running_job_do_not_multiply(moto_endpoint: str, tm
 
 # --- the fixes the chaos runs called for, pinned down one by one ------------------------------------------
 class _Task:
-    """Stands in for a bound Celery task: records the countdown, or fails to publish like a broker that is down."""
+    """Stands in for a bound Celery task: records the countdown, or fails to publish like a broker that is
+    down."""
 
     def __init__(self, publish_fails: bool = False):
         self.publish_fails, self.countdowns = publish_fails, []
@@ -221,11 +253,21 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
 
     store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
     store.redis.flushdb()
-    settings = Settings(webhook_timeout=0.2, webhook_retry_base=0.1, fetch_allow_networks=("127.0.0.0/8",),
-                        fetch_allowed_ports=(0,))
+    settings = Settings(
+        webhook_timeout=0.2,
+        webhook_retry_base=0.1,
+        fetch_allow_networks=("127.0.0.0/8",),
+        fetch_allowed_ports=(0,),
+    )
     rid = str(uuid.uuid4())
-    spec = JobSpec(request_id=rid, variant=VARIANT, params=JobParams(), image_url="data:,x",
-                   output_prefix=f"results/requests/{rid}/", webhook_url=receiver.url)
+    spec = JobSpec(
+        request_id=rid,
+        variant=VARIANT,
+        params=JobParams(),
+        image_url="data:,x",
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=receiver.url,
+    )
     store.create(spec)
     # Completed, then the deliverer that took the hand-off dies before attempting it.
     finish_job(settings=settings, store=store, objects=None, spec=spec, body={"image": None}, token="")

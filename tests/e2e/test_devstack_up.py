@@ -1,4 +1,5 @@
-"""`python -m devstack up` as a newcomer runs it (`make up`), and the README's examples against it, as written.
+"""`python -m devstack up` as a newcomer runs it (`make up`), and the README's examples against it, as
+written.
 
 Real processes throughout: the stack (Redis, moto, producer, webhooks, gateway, one worker packing every
 fal model), fal's Python client in a subprocess, fal's JS client under Node (installed by the Makefile into
@@ -44,8 +45,15 @@ class Up:
 
     def __init__(self, env: dict[str, str]):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "devstack", "up"], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "up"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -77,17 +85,28 @@ class Up:
 def stack_env(**extra: str) -> dict[str, str]:
     overrides = {v.id: {"backbone": "swin_v1_nano", "weights": "recipe"} for v in FAL_MODELS}
     env = {key: value for key, value in os.environ.items() if not key.startswith("BIREFNET_")}
-    return {**env, "BIREFNET_DEV_REDIS_PORT": str(free_port()), "BIREFNET_DEV_AWS_PORT": str(free_port()),
-            "BIREFNET_DEV_GATEWAY_PORT": str(free_port()), "BIREFNET_VARIANT_OVERRIDES": json.dumps(overrides),
-            "BIREFNET_TEST_OPERATING_RESOLUTION": "64x64", "BIREFNET_TORCH_THREADS": "1", **extra}
+    return {
+        **env,
+        "BIREFNET_DEV_REDIS_PORT": str(free_port()),
+        "BIREFNET_DEV_AWS_PORT": str(free_port()),
+        "BIREFNET_DEV_GATEWAY_PORT": str(free_port()),
+        "BIREFNET_VARIANT_OVERRIDES": json.dumps(overrides),
+        "BIREFNET_TEST_OPERATING_RESOLUTION": "64x64",
+        "BIREFNET_TORCH_THREADS": "1",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
 def up() -> Up:
     running = Up(stack_env())
     try:
-        wait_for(lambda: "all workers ready" in running.text or running.proc.poll() is not None, 300,
-                 "make up to report every worker ready", interval=0.5)
+        wait_for(
+            lambda: "all workers ready" in running.text or running.proc.poll() is not None,
+            300,
+            "make up to report every worker ready",
+            interval=0.5,
+        )
         assert running.proc.poll() is None, running.text
         yield running
     finally:
@@ -104,7 +123,9 @@ def test_up_prints_each_variant_and_worker_ready_and_the_client_lines(up: Up):
     assert python["FAL_KEY"] == "dev" and python["FAL_QUEUE_RUN_HOST"].endswith("/queue")
     assert Path(python["SSL_CERT_FILE"]).is_file()
     js = up.export_line("JavaScript (@fal-ai/client")
-    assert js["NODE_EXTRA_CA_CERTS"] == python["SSL_CERT_FILE"] and js["GATEWAY_URL"].startswith("https://127.0.0.1:")
+    assert js["NODE_EXTRA_CA_CERTS"] == python["SSL_CERT_FILE"] and js["GATEWAY_URL"].startswith(
+        "https://127.0.0.1:"
+    )
     assert "image URLs       may point at 127.0.0.1" in up.text
 
 
@@ -113,13 +134,17 @@ def test_readme_python_example_runs_as_written_for_every_model(up: Up, tmp_path)
     script = tmp_path / "first.py"
     script.write_text(readme_example("python"))
     env = {**os.environ, **up.export_line("Python (fal_client)")}
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=360)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=360
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [line.split() for line in done.stdout.splitlines() if line.startswith("fal-ai/birefnet")]
     pairs = {(fields[0], " ".join(fields[1:-2])) for fields in results}
-    assert pairs == {("fal-ai/birefnet" if endpoint == "v1" else "fal-ai/birefnet/v2", name)
-                     for v in FAL_MODELS for endpoint, name in v.fal_names.items()}
+    assert pairs == {
+        ("fal-ai/birefnet" if endpoint == "v1" else "fal-ai/birefnet/v2", name)
+        for v in FAL_MODELS
+        for endpoint, name in v.fal_names.items()
+    }
     assert len(pairs) == len(results) == 9
     trust = ssl.create_default_context(cafile=env["SSL_CERT_FILE"])
     for fields in results:
@@ -146,9 +171,12 @@ def test_readme_js_example_runs_as_written(up: Up, tmp_path):
 def submit_and_wait(gateway: str, ca: str, image_url: str) -> tuple[dict, dict]:
     """(final status, result body) of one v2 request through the stack's gateway."""
     verify = ssl.create_default_context(cafile=ca)
-    with httpx.Client(base_url=gateway, headers={"Authorization": "Key dev"}, verify=verify, timeout=30) as client:
-        rid = client.post("/queue/fal-ai/birefnet/v2", json={"image_url": image_url,
-                                                              "model": "General Use (Heavy)"}).json()["request_id"]
+    with httpx.Client(
+        base_url=gateway, headers={"Authorization": "Key dev"}, verify=verify, timeout=30
+    ) as client:
+        rid = client.post(
+            "/queue/fal-ai/birefnet/v2", json={"image_url": image_url, "model": "General Use (Heavy)"}
+        ).json()["request_id"]
 
         def completed() -> dict | None:
             body = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status").json()
@@ -162,8 +190,11 @@ def test_loopback_image_urls_work_by_default(up: Up):
     server = FileServer({"/cat.png": (png_bytes((40, 24)), "image/png")})
     try:
         python = up.export_line("Python (fal_client)")
-        status, result = submit_and_wait(f"https://{python['FAL_QUEUE_RUN_HOST'].removesuffix('/queue')}",
-                                         python["SSL_CERT_FILE"], server.url("/cat.png"))
+        status, result = submit_and_wait(
+            f"https://{python['FAL_QUEUE_RUN_HOST'].removesuffix('/queue')}",
+            python["SSL_CERT_FILE"],
+            server.url("/cat.png"),
+        )
         assert "error" not in status, status
         assert (result["image"]["width"], result["image"]["height"]) == (40, 24)
     finally:
@@ -172,7 +203,8 @@ def test_loopback_image_urls_work_by_default(up: Up):
 
 @pytest.mark.timeout(400)
 def test_loopback_image_urls_can_be_switched_off(tmp_path):
-    """BIREFNET_DEV_ALLOW_LOOPBACK_URLS=false: a job whose image URL is on 127.0.0.1:<port> fails, as in production."""
+    """BIREFNET_DEV_ALLOW_LOOPBACK_URLS=false: a job whose image URL is on 127.0.0.1:<port> fails, as in
+    production."""
     from devstack.stack import DevStackSettings, LocalStack
 
     server = FileServer({"/cat.png": (png_bytes((40, 24)), "image/png")})

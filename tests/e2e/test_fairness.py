@@ -39,14 +39,18 @@ KEYS = {"flood": "flood-secret", "steady": "steady-secret"}
 
 
 def keys_setting() -> str:
-    return json.dumps([
-        {"id": "flood", "hash": hash_secret(KEYS["flood"], "sha256"), "max_concurrent": 1},
-        {"id": "steady", "hash": hash_secret(KEYS["steady"], "sha256")},
-    ])
+    return json.dumps(
+        [
+            {"id": "flood", "hash": hash_secret(KEYS["flood"], "sha256"), "max_concurrent": 1},
+            {"id": "steady", "hash": hash_secret(KEYS["steady"], "sha256")},
+        ]
+    )
 
 
 def client(stack: ChaosStack, key: str) -> httpx.Client:
-    return httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Key {key}:{KEYS[key]}"}, timeout=30)
+    return httpx.Client(
+        base_url=stack.gateway_url, headers={"Authorization": f"Key {key}:{KEYS[key]}"}, timeout=30
+    )
 
 
 def one_at_a_time(stack: ChaosStack, image_url: str, count: int) -> tuple[list[float], list[float]]:
@@ -61,8 +65,12 @@ def one_at_a_time(stack: ChaosStack, image_url: str, count: int) -> tuple[list[f
             response = http.post(V2, json={"image_url": image_url})
             assert response.status_code == 200, response.text
             rid = response.json()["request_id"]
-            record = wait_for(lambda rid=rid: (r := store.get(rid)) and r.status == "COMPLETED" and r, 120,
-                              f"{rid} to complete", interval=0.01)
+            record = wait_for(
+                lambda rid=rid: (r := store.get(rid)) and r.status == "COMPLETED" and r,
+                120,
+                f"{rid} to complete",
+                interval=0.01,
+            )
             assert record.ok, record.error
             latencies.append(record.completed_at - sent)
             waits.append(record.started_at - sent)
@@ -70,7 +78,9 @@ def one_at_a_time(stack: ChaosStack, image_url: str, count: int) -> tuple[list[f
     return latencies, waits
 
 
-def flood(stack: ChaosStack, image_url: str, stop: threading.Event, accepted: list[str], refused: list[int]) -> None:
+def flood(
+    stack: ChaosStack, image_url: str, stop: threading.Event, accepted: list[str], refused: list[int]
+) -> None:
     """Submit without pause; on 429 retry as fal's Python client does (0.1 s doubling, jittered), but give up
     backing off at 0.5 s (fal's client: 30 s) and never stop."""
     rng = random.Random(threading.get_ident())
@@ -91,17 +101,23 @@ def flood(stack: ChaosStack, image_url: str, stop: threading.Event, accepted: li
 @pytest.mark.slow  # `make chaos` runs more requests per phase
 @pytest.mark.timeout(600)
 def test_a_flooding_key_does_not_slow_another_key_down(moto_endpoint: str, tmp_path: Path):
-    stack = ChaosStack(tmp_path, moto_endpoint, s3_proxy=False, overrides={"BIREFNET_GATEWAY_API_KEYS": keys_setting()})
-    files = FileServer({"/steady.png": (small_png(1), "image/png"), "/flood.png": (small_png(2), "image/png")},
-                       delays={"/steady.png": HOLD, "/flood.png": HOLD})
+    stack = ChaosStack(
+        tmp_path, moto_endpoint, s3_proxy=False, overrides={"BIREFNET_GATEWAY_API_KEYS": keys_setting()}
+    )
+    files = FileServer(
+        {"/steady.png": (small_png(1), "image/png"), "/flood.png": (small_png(2), "image/png")},
+        delays={"/steady.png": HOLD, "/flood.png": HOLD},
+    )
     steady_url, flood_url = files.url("/steady.png"), files.url("/flood.png")
     try:
         stack.start(workers=2, producer=False, webhooks=False)
         one_at_a_time(stack, steady_url, 2)  # both workers' first forward out of the measurement
         baseline, baseline_waits = one_at_a_time(stack, steady_url, JOBS)
         stop, accepted, refused = threading.Event(), [], []
-        threads = [threading.Thread(target=flood, args=(stack, flood_url, stop, accepted, refused), daemon=True)
-                   for _ in range(FLOOD_THREADS)]
+        threads = [
+            threading.Thread(target=flood, args=(stack, flood_url, stop, accepted, refused), daemon=True)
+            for _ in range(FLOOD_THREADS)
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -118,13 +134,25 @@ def test_a_flooding_key_does_not_slow_another_key_down(moto_endpoint: str, tmp_p
     finally:
         stack.close()
         files.stop()
-    figures = {"jobs_per_phase": JOBS, "baseline_p95": round(percentile(baseline, 95), 3),
-               "baseline_p50": round(percentile(baseline, 50), 3), "flooded_p95": round(percentile(flooded, 95), 3),
-               "flooded_p50": round(percentile(flooded, 50), 3), "flood_accepted": len(accepted),
-               "flood_refused_429": len(refused), "baseline_wait_p95": round(percentile(baseline_waits, 95), 3),
-               "flooded_wait_p95": round(percentile(flooded_waits, 95), 3)}
+    figures = {
+        "jobs_per_phase": JOBS,
+        "baseline_p95": round(percentile(baseline, 95), 3),
+        "baseline_p50": round(percentile(baseline, 50), 3),
+        "flooded_p95": round(percentile(flooded, 95), 3),
+        "flooded_p50": round(percentile(flooded, 50), 3),
+        "flood_accepted": len(accepted),
+        "flood_refused_429": len(refused),
+        "baseline_wait_p95": round(percentile(baseline_waits, 95), 3),
+        "flooded_wait_p95": round(percentile(flooded_waits, 95), 3),
+    }
     figures["p95_ratio"] = round(figures["flooded_p95"] / figures["baseline_p95"], 2)
-    print("fairness figures:", json.dumps(figures), "baseline", [round(x, 2) for x in baseline],
-          "flooded", [round(x, 2) for x in flooded])
+    print(
+        "fairness figures:",
+        json.dumps(figures),
+        "baseline",
+        [round(x, 2) for x in baseline],
+        "flooded",
+        [round(x, 2) for x in flooded],
+    )
     assert flood_ok == len(accepted) > 0, "every accepted request of the flooding key completes"
     assert figures["flooded_p95"] <= 1.5 * figures["baseline_p95"], figures

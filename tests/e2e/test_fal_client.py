@@ -3,7 +3,8 @@
 Each scenario runs the client in a fresh subprocess, because fal_client reads FAL_RUN_HOST and
 FAL_QUEUE_RUN_HOST once, at import. The environment is what a team moving from fal sets:
 
-    FAL_KEY=<id:secret>  FAL_RUN_HOST=<gateway>/run  FAL_QUEUE_RUN_HOST=<gateway>/queue  SSL_CERT_FILE=<our CA>
+    FAL_KEY=<id:secret>  FAL_RUN_HOST=<gateway>/run  FAL_QUEUE_RUN_HOST=<gateway>/queue  SSL_CERT_FILE=<our
+    CA>
 
 The TLS certificate comes from a CA the test generates. Real Redis, moto, worker and webhook processes.
 """
@@ -26,14 +27,18 @@ from tests.helpers.servers import FileServer
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("fal-client"), tls=True)
+    stack = start_gateway_stack(
+        redis_server.port, moto_endpoint, tmp_path_factory.mktemp("fal-client"), tls=True
+    )
     yield stack
     stack.close()
 
 
 @pytest.mark.timeout(240)
 def test_submit_status_result(gs):
-    got = run_client(gs, """
+    got = run_client(
+        gs,
+        """
         handle = fal_client.submit(APP, arguments={"image_url": IMAGE, "output_mask": True},
                                    start_timeout=120, hint="lane-1", priority="normal")
         seen = []
@@ -49,8 +54,11 @@ def test_submit_status_result(gs):
              "logs": [entry["message"] for entry in status.logs], "metrics": status.metrics,
              "again": type(again).__name__, "result": result,
              "by_id": fal_client.result(APP, handle.request_id) == result})
-    """)
-    assert got["status_url"].startswith(f"https://127.0.0.1:{gs.gateway.port}/queue/fal-ai/birefnet/requests/")
+    """,
+    )
+    assert got["status_url"].startswith(
+        f"https://127.0.0.1:{gs.gateway.port}/queue/fal-ai/birefnet/requests/"
+    )
     assert got["seen"][-1] == "Completed" and set(got["seen"]) <= {"Queued", "InProgress", "Completed"}
     assert "loading image" in got["logs"] and got["metrics"]["inference_time"] > 0
     assert got["again"] == "Completed" and got["by_id"]
@@ -63,16 +71,20 @@ def test_submit_status_result(gs):
 def test_subscribe_streams_worker_logs(gs):
     slow = FileServer({"/photo.png": (png_bytes((72, 40)), "image/png")}, delays={"/photo.png": 1.0})
     try:
-        got = run_client(gs, f"""
+        got = run_client(
+            gs,
+            f"""
             updates = []
             def on_update(status):
                 updates.append({{"kind": type(status).__name__,
                                  "logs": [e["message"] for e in (getattr(status, "logs", None) or [])]}})
             enqueued = []
-            result = fal_client.subscribe(APP, arguments={{"image_url": {slow.url("/photo.png")!r}}}, with_logs=True,
+            result = fal_client.subscribe(APP, arguments={{"image_url": {slow.url("/photo.png")!r}}},
+            with_logs=True,
                                           on_enqueue=enqueued.append, on_queue_update=on_update)
             out({{"updates": updates, "enqueued": enqueued, "result": result}})
-        """)
+        """,
+        )
     finally:
         slow.stop()
     kinds = [u["kind"] for u in got["updates"]]
@@ -85,7 +97,9 @@ def test_subscribe_streams_worker_logs(gs):
 
 @pytest.mark.timeout(240)
 def test_run_returns_output_and_422_raises(gs):
-    got = run_client(gs, """
+    got = run_client(
+        gs,
+        """
         result = fal_client.run(APP, arguments={"image_url": IMAGE, "sync_mode": True})
         try:
             fal_client.run("fal-ai/birefnet", arguments={"image_url": IMAGE, "model": "Fancy"})
@@ -100,7 +114,8 @@ def test_run_returns_output_and_422_raises(gs):
         except FalClientHTTPError as exc:
             failed = {"status": exc.status_code, "message": exc.message}
         out({"result": result, "error": error, "failed": failed})
-    """)
+    """,
+    )
     assert got["result"]["image"]["url"].startswith("data:image/png;base64,")
     assert got["error"]["status"] == 422 and got["error"]["request_id"]
     assert "model" in json.dumps(got["error"]["message"])
@@ -108,7 +123,9 @@ def test_run_returns_output_and_422_raises(gs):
 
 
 def test_cancel_queued_request(gs):
-    got = run_client(gs, """
+    got = run_client(
+        gs,
+        """
         handle = fal_client.submit(APP, arguments={"image_url": IMAGE, "model": "General Use (Heavy)"})
         before = handle.status()
         fal_client.cancel(APP, handle.request_id)
@@ -125,7 +142,8 @@ def test_cancel_queued_request(gs):
             result = {"status": exc.status_code, "type": exc.error_type}
         out({"before": type(before).__name__, "position": getattr(before, "position", None),
              "after": type(after).__name__, "again": again, "result": result})
-    """)
+    """,
+    )
     assert got["before"] == "Queued" and got["position"] == 0
     assert got["after"] == "Completed" and got["again"] == 400
     assert got["result"] == {"status": 499, "type": "client_cancelled"}
@@ -135,10 +153,13 @@ def test_cancel_queued_request(gs):
 def test_webhook_signature_verifies_with_jwks(gs):
     receiver = WebhookReceiver().start()
     try:
-        got = run_client(gs, f"""
+        got = run_client(
+            gs,
+            f"""
             handle = fal_client.submit(APP, arguments={{"image_url": IMAGE}}, webhook_url={receiver.url!r})
             out({{"id": handle.request_id, "result": handle.get()}})
-        """)
+        """,
+        )
         (delivery,) = receiver.wait(1, timeout=60)
     finally:
         receiver.stop()
@@ -152,10 +173,13 @@ def test_webhook_signature_verifies_with_jwks(gs):
 
 
 def test_uploads_through_both_python_repositories(gs):
-    got = run_client(gs, f"""
+    got = run_client(
+        gs,
+        f"""
         fal_client.client.REST_URL = "https://127.0.0.1:{gs.gateway.port}/rest"
         fal_client.client.CDN_URL = "https://127.0.0.1:{gs.gateway.port}"
-        # Labelled as images: uploads of text/html (a page that would run on the gateway's origin) are refused.
+        # Labelled as images: uploads of text/html (a page that would run on the gateway's origin) are
+        # refused.
         v3 = fal_client.upload(b"<html>v3</html>", "image/png", file_name="page.html")
         legacy = fal_client.upload(b"<html>gcs</html>", "image/png", repository="fal")
         errors = []
@@ -165,7 +189,8 @@ def test_uploads_through_both_python_repositories(gs):
             except FalClientHTTPError as exc:
                 errors.append(exc.message[0]["type"])
         out({{"v3": v3, "legacy": legacy, "errors": errors}})
-    """)
+    """,
+    )
     assert httpx.get(got["v3"]).content == b"<html>v3</html>"
     assert httpx.get(got["legacy"]).content == b"<html>gcs</html>"
     assert got["errors"] == ["image_load_error", "image_load_error"], "the worker read both uploads"

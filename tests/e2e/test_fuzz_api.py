@@ -30,10 +30,16 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 @pytest.fixture(scope="module")
 def gateway_stack(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
     # A quick sweeper: /run cases carry a short X-Fal-Request-Timeout (no worker would ever answer them).
-    stack = ChaosStack(Path(tmp_path_factory.mktemp("fuzz")), moto_endpoint, s3_proxy=False,
-                       overrides={"BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.05",
-                                  # Invalid keys are sent on purpose; throttling has its own test.
-                                  "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": "0"})
+    stack = ChaosStack(
+        Path(tmp_path_factory.mktemp("fuzz")),
+        moto_endpoint,
+        s3_proxy=False,
+        overrides={
+            "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.05",
+            # Invalid keys are sent on purpose; throttling has its own test.
+            "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": "0",
+        },
+    )
     stack.start(workers=0, producer=False, webhooks=False)
     yield stack
     stack.close()
@@ -42,18 +48,28 @@ def gateway_stack(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
 def describe(label: str, error: BaseException) -> set[str]:
     """One line per distinct problem: operation, check title, the first line of its message."""
     found = error.exceptions if isinstance(error, FailureGroup) else [error]
-    return {f"{label}: {getattr(f, 'title', type(f).__name__)}: "
-            f"{(getattr(f, 'message', '') or str(f)).strip().splitlines()[0][:300] if str(f).strip() else ''}"
-            for f in found}
+    return {
+        f"{label}: {getattr(f, 'title', type(f).__name__)}: "
+        f"{(getattr(f, 'message', '') or str(f)).strip().splitlines()[0][:300] if str(f).strip() else ''}"
+        for f in found
+    }
 
 
 def fuzz_operation(operation, base_url: str, failures: dict[str, str]) -> None:
     """Run the generated cases of one operation; collect distinct failures (line -> full report)."""
-    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+    )
 
     @given(case=cases)
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case) -> None:
         # A generated Authorization becomes a valid key, so requests get past auth; a negative case that
         # leaves the header out stays without it (and must get its 401).
@@ -90,7 +106,8 @@ KNOWN_OPEN = {
     # and completes the request with that 422, as fal does.) Fix: a `pattern` on image_url's schema.
     ("POST /run/fal-ai/birefnet", "Schema-valid request rejected"),
     ("POST /run/fal-ai/birefnet/v2", "Schema-valid request rejected"),
-    # The same for `video_url`, and a schema-valid URL can be unreachable (the model's 422 file_download_error).
+    # The same for `video_url`, and a schema-valid URL can be unreachable (the model's 422
+    # file_download_error).
     ("POST /run/fal-ai/birefnet/v2/video", "Schema-valid request rejected"),
 }
 SERVER_SIDE = ("Server error", "ConnectionError", "Undocumented status code: Received: 5")
@@ -106,8 +123,10 @@ def fuzz_failures(gateway_stack: ChaosStack, tmp_path_factory: pytest.TempPathFa
         fuzz_operation(operation, gateway_stack.gateway_url, failures)
     report = tmp_path_factory.mktemp("fuzz-report") / "fuzz-failures.txt"
     report.write_text("\n\n=====\n\n".join(f"{line}\n{full}" for line, full in sorted(failures.items())))
-    print(f"fuzzing: {len(operations)} operations x {EXAMPLES} examples; {len(failures)} distinct findings, "
-          f"reports in {report}")
+    print(
+        f"fuzzing: {len(operations)} operations x {EXAMPLES} examples; {len(failures)} distinct findings, "
+        f"reports in {report}"
+    )
     return failures
 
 

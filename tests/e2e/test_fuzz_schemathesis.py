@@ -67,9 +67,15 @@ peers = ["alice", "bob"]
 def group(label: str) -> str:
     """Route group of an operation label such as `POST /queue/fal-ai/birefnet/v2`."""
     path = label.split(" ", 1)[-1]
-    for prefix, name in (("/queue/fal-ai/birefnet/requests", "queue requests"), ("/queue/", "queue submit"),
-                         ("/run/", "run"), ("/rest/", "files"), ("/files/", "files"), ("/objects/", "files"),
-                         ("/api/fal/proxy", "proxy")):
+    for prefix, name in (
+        ("/queue/fal-ai/birefnet/requests", "queue requests"),
+        ("/queue/", "queue submit"),
+        ("/run/", "run"),
+        ("/rest/", "files"),
+        ("/files/", "files"),
+        ("/objects/", "files"),
+        ("/api/fal/proxy", "proxy"),
+    ):
         if path.startswith(prefix):
             return name
     return "misc"
@@ -79,13 +85,20 @@ def group(label: str) -> str:
 def target(request, redis_server, moto_endpoint, tmp_path_factory) -> tuple[str, GatewayStack, Path]:
     mode = request.param
     workdir = tmp_path_factory.mktemp(f"schemathesis-{mode}")
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, workdir, workers=(), webhooks=False, extra={
-        "BIREFNET_GATEWAY_AUTH": mode,
-        # The fuzzer sends wrong keys on purpose (ignored_auth); throttling has its own test.
-        "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": "0",
-        "BIREFNET_GATEWAY_MAX_BODY_BYTES": str(4 * 1024 * 1024),
-        "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.05",  # expires those /run requests quickly
-    })
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        workdir,
+        workers=(),
+        webhooks=False,
+        extra={
+            "BIREFNET_GATEWAY_AUTH": mode,
+            # The fuzzer sends wrong keys on purpose (ignored_auth); throttling has its own test.
+            "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": "0",
+            "BIREFNET_GATEWAY_MAX_BODY_BYTES": str(4 * 1024 * 1024),
+            "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.05",  # expires those /run requests quickly
+        },
+    )
     yield mode, stack, workdir
     stack.close()
 
@@ -94,20 +107,58 @@ def run_schemathesis(mode: str, stack: GatewayStack, workdir: Path) -> tuple[int
     auth_section = ""
     if mode == "keys":
         wfc = workdir / "auth.json"
-        wfc.write_text(json.dumps({"auth": [
-            {"name": name, "fixedHeaders": [{"name": "Authorization", "value": auth(key)["Authorization"]}]}
-            for name, key in (("alice", ALICE), ("bob", BOB))]}))
+        wfc.write_text(
+            json.dumps(
+                {
+                    "auth": [
+                        {
+                            "name": name,
+                            "fixedHeaders": [{"name": "Authorization", "value": auth(key)["Authorization"]}],
+                        }
+                        for name, key in (("alice", ALICE), ("bob", BOB))
+                    ]
+                }
+            )
+        )
         auth_section = AUTH.format(path=wfc)
     config = workdir / "schemathesis.toml"
     config.write_text(CONFIG.format(submit_and_run=SUBMIT_AND_RUN, auth=auth_section))
     events = workdir / "events.ndjson"
-    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
-               f"{stack.url}/openapi.json", "--phases", PHASES, "--max-examples", str(CASES),
-               "--seed", str(SEED), "--no-shrink", "--workers", WORKERS, "--request-timeout", "30",
-               "--suppress-health-check", "all", "--report", "ndjson", "--report-ndjson-path", str(events),
-               "--continue-on-failure", "--warnings", "off"]
-    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "160"})
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file",
+        str(config),
+        "run",
+        f"{stack.url}/openapi.json",
+        "--phases",
+        PHASES,
+        "--max-examples",
+        str(CASES),
+        "--seed",
+        str(SEED),
+        "--no-shrink",
+        "--workers",
+        WORKERS,
+        "--request-timeout",
+        "30",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "ndjson",
+        "--report-ndjson-path",
+        str(events),
+        "--continue-on-failure",
+        "--warnings",
+        "off",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "160"},
+    )
     lines = events.read_text().splitlines() if events.exists() else []
     return done.returncode, done.stdout + done.stderr, [json.loads(line) for line in lines if line.strip()]
 
@@ -133,10 +184,14 @@ def test_schemathesis_all_phases_find_no_server_error_or_schema_violation(target
     mode, stack, workdir = target
     code, output, events = run_schemathesis(mode, stack, workdir)
     counts = cases_by_group(events)
-    summary = f"schemathesis auth={mode}, {CASES} examples/operation/phase: {sum(counts.values())} requests {counts}"
+    summary = (
+        f"schemathesis auth={mode}, {CASES} examples/operation/phase: "
+        f"{sum(counts.values())} requests {counts}"
+    )
     print(summary)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    (REPORT_DIR / f"fuzz-cases-{mode}.json").write_text(json.dumps({"mode": mode, "cases": CASES,
-                                                                    "requests": counts}, indent=1))
+    (REPORT_DIR / f"fuzz-cases-{mode}.json").write_text(
+        json.dumps({"mode": mode, "cases": CASES, "requests": counts}, indent=1)
+    )
     assert sum(counts.values()) > 0, output[-5000:]
     assert code == 0, f"{summary}\n{output[-20000:]}"

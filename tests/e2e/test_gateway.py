@@ -42,18 +42,27 @@ MAX_INPUT = 200_000
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("gateway"), extra={
-        "BIREFNET_MAX_INPUT_BYTES": str(MAX_INPUT), "BIREFNET_GATEWAY_SSE_PING_INTERVAL": "0.3"})
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("gateway"),
+        extra={"BIREFNET_MAX_INPUT_BYTES": str(MAX_INPUT), "BIREFNET_GATEWAY_SSE_PING_INTERVAL": "0.3"},
+    )
     yield stack
     stack.close()
 
 
 @pytest.fixture(scope="module")
 def files() -> FileServer:
-    server = FileServer({"/cat.png": (png_bytes((80, 60)), "image/png"),
-                         "/slow.png": (png_bytes((80, 60)), "image/png"),
-                         "/page.html": (b"<html>hello</html>", "text/html"),
-                         "/big.png": (os.urandom(MAX_INPUT + 5000), "image/png")}, delays={"/slow.png": 2.0})
+    server = FileServer(
+        {
+            "/cat.png": (png_bytes((80, 60)), "image/png"),
+            "/slow.png": (png_bytes((80, 60)), "image/png"),
+            "/page.html": (b"<html>hello</html>", "text/html"),
+            "/big.png": (os.urandom(MAX_INPUT + 5000), "image/png"),
+        },
+        delays={"/slow.png": 2.0},
+    )
     yield server
     server.stop()
 
@@ -113,7 +122,11 @@ def test_submit_answers_fal_shape_with_absolute_urls(gs, alice):
     assert body["status"] == "IN_QUEUE" and body["gateway_request_id"] == rid
     assert isinstance(body["queue_position"], int)
     base = f"{gs.url}/queue/fal-ai/birefnet/requests/{rid}"  # v2 is dropped: one namespace
-    assert (body["response_url"], body["status_url"], body["cancel_url"]) == (base, base + "/status", base + "/cancel")
+    assert (body["response_url"], body["status_url"], body["cancel_url"]) == (
+        base,
+        base + "/status",
+        base + "/cancel",
+    )
     # A missing body counts as {} (JS sends none): accepted, then the model's 422.
     empty = alice.post(V2)
     assert empty.status_code == 200
@@ -121,15 +134,26 @@ def test_submit_answers_fal_shape_with_absolute_urls(gs, alice):
 
 
 def test_public_urls_follow_forwarded_headers_and_config(gs, alice):
-    body = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY},
-                  headers={"x-forwarded-proto": "https", "x-forwarded-host": "api.example:8443"})
-    assert body["status_url"] == f"https://api.example:8443/queue/fal-ai/birefnet/requests/{body['request_id']}/status"
+    body = submit(
+        alice,
+        {"image_url": NOT_AN_IMAGE, **HEAVY},
+        headers={"x-forwarded-proto": "https", "x-forwarded-host": "api.example:8443"},
+    )
+    assert (
+        body["status_url"]
+        == f"https://api.example:8443/queue/fal-ai/birefnet/requests/{body['request_id']}/status"
+    )
     alice.put(f"{REQ}/{body['request_id']}/cancel")
-    configured = GatewayServer(gs.settings.model_copy(update={"gateway_public_url": "https://gw.example/"})).start()
+    configured = GatewayServer(
+        gs.settings.model_copy(update={"gateway_public_url": "https://gw.example/"})
+    ).start()
     try:
         with httpx.Client(base_url=configured.url, headers=auth(ALICE)) as client:
             body = submit(client, {"image_url": NOT_AN_IMAGE, **HEAVY})
-            assert body["response_url"] == f"https://gw.example/queue/fal-ai/birefnet/requests/{body['request_id']}"
+            assert (
+                body["response_url"]
+                == f"https://gw.example/queue/fal-ai/birefnet/requests/{body['request_id']}"
+            )
             client.put(f"{REQ}/{body['request_id']}/cancel")
     finally:
         configured.stop()
@@ -144,7 +168,10 @@ def test_job_lifecycle_status_logs_stream_and_result(gs, alice, files):
     events: list[str] = []
 
     def stream() -> None:
-        with gs.client(ALICE) as client, client.stream("GET", f"{REQ}/{rid}/status/stream?logs=1") as response:
+        with (
+            gs.client(ALICE) as client,
+            client.stream("GET", f"{REQ}/{rid}/status/stream?logs=1") as response,
+        ):
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             assert response.headers["x-fal-request-id"] == rid
@@ -171,7 +198,14 @@ def test_job_lifecycle_status_logs_stream_and_result(gs, alice, files):
     messages = [entry["message"] for entry in final.json()["logs"]]
     assert messages[0] == "loading image" and any(m.startswith("inference ") for m in messages)
     assert "uploading" in messages
-    assert {e["level"] for e in final.json()["logs"]} <= {"INFO", "WARN", "ERROR", "DEBUG", "STDOUT", "STDERR"}
+    assert {e["level"] for e in final.json()["logs"]} <= {
+        "INFO",
+        "WARN",
+        "ERROR",
+        "DEBUG",
+        "STDOUT",
+        "STDERR",
+    }
     assert alice.get(f"{REQ}/{rid}/status?logs=1").json()["logs"] == final.json()["logs"]
 
     result = alice.get(f"{REQ}/{rid}")
@@ -187,12 +221,13 @@ def test_job_lifecycle_status_logs_stream_and_result(gs, alice, files):
 
     streamer.join(timeout=30)
     assert not streamer.is_alive(), "the stream closes after COMPLETED"
-    data = [json.loads(block[len("data: "):]) for block in events if block.startswith("data: ")]
+    data = [json.loads(block[len("data: ") :]) for block in events if block.startswith("data: ")]
     assert data[-1]["status"] == "COMPLETED" and data[-1]["metrics"]["inference_time"] > 0
-    assert [d["status"] for d in data] == sorted((d["status"] for d in data),
-                                                 key=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].index)
+    assert [d["status"] for d in data] == sorted(
+        (d["status"] for d in data), key=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].index
+    )
     streamed_logs = [entry for d in data for entry in d["logs"]]
-    assert streamed_logs == final.json()["logs"][:len(streamed_logs)], "deltas add up, no repeats"
+    assert streamed_logs == final.json()["logs"][: len(streamed_logs)], "deltas add up, no repeats"
     assert "loading image" in [e["message"] for e in streamed_logs]
 
 
@@ -217,7 +252,9 @@ def test_stream_pings_while_queued_and_closes_when_cancelled(gs, alice):
 
 
 # --- 8, 14: validation and model-side errors --------------------------------------------------------
-def result_of(gs: GatewayStack, client: httpx.Client, body: dict | None, path: str = V2) -> tuple[dict, httpx.Response]:
+def result_of(
+    gs: GatewayStack, client: httpx.Client, body: dict | None, path: str = V2
+) -> tuple[dict, httpx.Response]:
     rid = submit(client, body, path)["request_id"]
     status = completed(gs, rid)
     return status, client.get(f"{REQ}/{rid}")
@@ -227,14 +264,26 @@ def test_invalid_input_completes_with_fastapi_422(gs, alice):
     status, result = result_of(gs, alice, {"image_url": "https://x.example/a.png", "model": "Fancy"}, V1)
     expected = "'General Use (Light)', 'General Use (Heavy)' or 'Portrait'"
     assert result.status_code == 422 and result.headers["content-type"] == "application/json"
-    assert result.json() == {"detail": [{"type": "enum", "loc": ["body", "model"], "msg": f"Input should be {expected}",
-                                         "input": "Fancy", "ctx": {"expected": expected}}]}
+    assert result.json() == {
+        "detail": [
+            {
+                "type": "enum",
+                "loc": ["body", "model"],
+                "msg": f"Input should be {expected}",
+                "input": "Fancy",
+                "ctx": {"expected": expected},
+            }
+        ]
+    }
     assert status["error"] == "Invalid status code: 422" and status["error_type"] == "enum"
 
     _, missing = result_of(gs, alice, {})
-    assert missing.json()["detail"] == [{"type": "missing", "loc": ["body", "image_url"], "msg": "Field required",
-                                         "input": {}}]
-    _, too_big = result_of(gs, alice, {"image_url": "https://x.example/a.png", "operating_resolution": "2304x2304"})
+    assert missing.json()["detail"] == [
+        {"type": "missing", "loc": ["body", "image_url"], "msg": "Field required", "input": {}}
+    ]
+    _, too_big = result_of(
+        gs, alice, {"image_url": "https://x.example/a.png", "operating_resolution": "2304x2304"}
+    )
     (item,) = too_big.json()["detail"]
     assert item["loc"] == ["body", "operating_resolution"] and "General Use (Dynamic)" in item["msg"]
     _, scheme = result_of(gs, alice, {"image_url": "ftp://x/a.png"})
@@ -283,8 +332,11 @@ def test_auth_is_required_and_keys_are_isolated(gs, alice, bob):
 
     rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY})["request_id"]
     assert alice.get(f"{REQ}/{rid}/status").status_code == 202
-    for response in (bob.get(f"{REQ}/{rid}/status"), bob.get(f"{REQ}/{rid}"),
-                     bob.get(f"{REQ}/{rid}/status/stream")):
+    for response in (
+        bob.get(f"{REQ}/{rid}/status"),
+        bob.get(f"{REQ}/{rid}"),
+        bob.get(f"{REQ}/{rid}/status/stream"),
+    ):
         assert response.status_code == 404 and response.json() == {"detail": "Request not found"}
     assert bob.put(f"{REQ}/{rid}/cancel").json() == {"status": "NOT_FOUND"}
     assert alice.get(f"{REQ}/{uuid.uuid4()}/status").status_code == 404
@@ -293,7 +345,9 @@ def test_auth_is_required_and_keys_are_isolated(gs, alice, bob):
 
 # --- 9: cancel ---------------------------------------------------------------------------------------
 def test_cancel_queued_request_never_runs_and_fires_error_webhook(gs, alice, receiver):
-    rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, params={"fal_webhook": receiver.url})["request_id"]
+    rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, params={"fal_webhook": receiver.url})[
+        "request_id"
+    ]
     cancelled = alice.put(f"{REQ}/{rid}/cancel")
     assert cancelled.status_code == 202 and cancelled.json() == {"status": "CANCELLATION_REQUESTED"}
     status = alice.get(f"{REQ}/{rid}/status").json()
@@ -324,16 +378,20 @@ def test_cancel_running_request_completes_as_cancelled(gs, alice, files):
 # --- 10, 13: sync run and URL conventions ----------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_sync_run_on_root_path_returns_data_uris(gs, alice):
-    response = alice.post("/fal-ai/birefnet/v2/", json={"image_url": data_uri(png_bytes()), "sync_mode": True,
-                                                         "output_format": "webp"}, timeout=150)
+    response = alice.post(
+        "/fal-ai/birefnet/v2/",
+        json={"image_url": data_uri(png_bytes()), "sync_mode": True, "output_format": "webp"},
+        timeout=150,
+    )
     assert response.status_code == 200, response.text
     rid = response.headers["x-fal-request-id"]
     image = response.json()["image"]
     assert image["url"].startswith("data:image/webp;base64,") and image["content_type"] == "image/webp"
     assert response.json()["mask_image"] is None
     assert alice.get(f"{REQ}/{rid}").json() == response.json(), "the run is a request like any other"
-    listing = s3(gs).list_objects_v2(Bucket=gs.settings.output_bucket,
-                                     Prefix=f"{gs.settings.output_prefix}requests/{rid}/")
+    listing = s3(gs).list_objects_v2(
+        Bucket=gs.settings.output_bucket, Prefix=f"{gs.settings.output_prefix}requests/{rid}/"
+    )
     assert listing.get("KeyCount", 0) == 0, "sync_mode outputs are not stored"
 
 
@@ -342,8 +400,12 @@ def test_host_and_path_conventions(gs, alice):
     body = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, path="/fal-ai/birefnet/v2", headers=queue_host)
     rid = body["request_id"]
     assert body["status"] == "IN_QUEUE" and body["status_url"].startswith("http://queue.api.example/queue/")
-    for path in (f"/fal-ai/birefnet/requests/{rid}/status/", f"{REQ}/{rid}/status/",
-                 f"/queue/fal-ai/birefnet/v2/requests/{rid}/status", f"/fal-ai/birefnet/v2/requests/{rid}/status"):
+    for path in (
+        f"/fal-ai/birefnet/requests/{rid}/status/",
+        f"{REQ}/{rid}/status/",
+        f"/queue/fal-ai/birefnet/v2/requests/{rid}/status",
+        f"/fal-ai/birefnet/v2/requests/{rid}/status",
+    ):
         response = alice.get(path, headers=queue_host if not path.startswith("/queue") else {})
         assert response.status_code == 202, path
     unknown = alice.post("/queue/fal-ai/birefnet/v3", json={})
@@ -360,36 +422,52 @@ def test_js_proxy_route(gs, alice, receiver):
     target = f"https://queue.fal.run/fal-ai/birefnet/v2?fal_webhook={receiver.url}"
     body = submit(alice, {"model": "Fancy"}, path="/api/fal/proxy", headers={"x-fal-target-url": target})
     rid = body["request_id"]
-    status = alice.get("/api/fal/proxy", headers={
-        "x-fal-target-url": f"https://queue.fal.run/fal-ai/birefnet/requests/{rid}/status?logs=1"})
+    status = alice.get(
+        "/api/fal/proxy",
+        headers={"x-fal-target-url": f"https://queue.fal.run/fal-ai/birefnet/requests/{rid}/status?logs=1"},
+    )
     assert status.status_code in (200, 202) and status.json()["request_id"] == rid
     assert status.headers["x-fal-request-id"] == rid
     (hook,) = receiver.wait(1, timeout=30)
     assert hook.json()["request_id"] == rid and hook.json()["status"] == "ERROR"
-    for headers in ({}, {"x-fal-target-url": "https://evil.example/fal-ai/birefnet"},
-                    {"x-fal-target-url": "not a url"}):
+    for headers in (
+        {},
+        {"x-fal-target-url": "https://evil.example/fal-ai/birefnet"},
+        {"x-fal-target-url": "not a url"},
+    ):
         refused = alice.post("/api/fal/proxy", json={}, headers=headers)
         assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
 
 
 def test_cors_preflight_and_exposed_headers(gs):
     with gs.client(None) as client:
-        preflight = client.options("/api/fal/proxy", headers={
-            "origin": "https://app.example", "access-control-request-method": "PUT",
-            "access-control-request-headers": "authorization, content-type, x-fal-target-url, x-fal-queue-priority"})
+        preflight = client.options(
+            "/api/fal/proxy",
+            headers={
+                "origin": "https://app.example",
+                "access-control-request-method": "PUT",
+                "access-control-request-headers": (
+                    "authorization, content-type, x-fal-target-url, x-fal-queue-priority"
+                ),
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] in ("*", "https://app.example")
         assert "PUT" in preflight.headers["access-control-allow-methods"]
         allowed = preflight.headers["access-control-allow-headers"].lower()
         assert "x-fal-target-url" in allowed and "authorization" in allowed
-        simple = client.get(f"{REQ}/{uuid.uuid4()}/status", headers={"origin": "https://app.example", **auth(ALICE)})
+        simple = client.get(
+            f"{REQ}/{uuid.uuid4()}/status", headers={"origin": "https://app.example", **auth(ALICE)}
+        )
         assert simple.status_code == 404
         assert "x-fal-request-id" in simple.headers["access-control-expose-headers"].lower()
 
 
 # --- 20: timeout, priority, lifecycle ---------------------------------------------------------------
 def test_request_timeout_expires_queued_request(gs, alice):
-    rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Request-Timeout": "1.5"})["request_id"]
+    rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Request-Timeout": "1.5"})[
+        "request_id"
+    ]
     status = completed(gs, rid, timeout=15)
     assert status["error_type"] == "request_timeout"
     result = alice.get(f"{REQ}/{rid}")
@@ -403,8 +481,10 @@ def test_request_timeout_expires_queued_request(gs, alice):
 @pytest.mark.timeout(240)
 def test_low_priority_runs_after_normal_and_queue_positions(gs, alice):
     order = ["low", "normal", "low", "normal", "normal"]
-    ids = [submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Queue-Priority": p})["request_id"]
-           for p in order]
+    ids = [
+        submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Queue-Priority": p})["request_id"]
+        for p in order
+    ]
     positions = {rid: alice.get(f"{REQ}/{rid}/status").json()["queue_position"] for rid in ids}
     normal = [rid for rid, p in zip(ids, order, strict=True) if p == "normal"]
     low = [rid for rid, p in zip(ids, order, strict=True) if p == "low"]
@@ -426,12 +506,19 @@ def test_low_priority_runs_after_normal_and_queue_positions(gs, alice):
 
 @pytest.mark.timeout(240)
 def test_no_retry_request_fails_instead_of_running_again(gs, alice):
-    no_retry = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "1"})["request_id"]
-    retried = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "0"})["request_id"]
+    no_retry = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "1"})[
+        "request_id"
+    ]
+    retried = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"x-fal-no-retry": "0"})[
+        "request_id"
+    ]
     # A worker takes both and dies: the leases it leaves run out with no result (what kill -9 leaves).
     store = JobStore.from_url(gs.settings.redis_url)
     for rid in (no_retry, retried):
-        assert store.claim(rid, "general-heavy", "ghost", lease_seconds=0.5, max_attempts=3, worker="ghost") == "claimed"
+        assert (
+            store.claim(rid, "general-heavy", "ghost", lease_seconds=0.5, max_attempts=3, worker="ghost")
+            == "claimed"
+        )
     time.sleep(0.6)
 
     worker = gs.stack.start_worker("general-heavy", name="worker-heavy-no-retry")
@@ -444,7 +531,9 @@ def test_no_retry_request_fails_instead_of_running_again(gs, alice):
     failed = alice.get(f"{REQ}/{no_retry}")
     assert failed.status_code == 503 and failed.json()["error_type"] == "runner_disconnected"
     assert "x-fal-no-retry" in failed.json()["detail"]
-    assert record(gs, no_retry).started_at is not None and record(gs, no_retry).attempts == 2  # the 2nd refused
+    assert (
+        record(gs, no_retry).started_at is not None and record(gs, no_retry).attempts == 2
+    )  # the 2nd refused
     # Without the header the same job runs again, to its own outcome (this input is not an image: 422).
     again = alice.get(f"{REQ}/{retried}")
     assert again.status_code == 422, again.text
@@ -453,8 +542,9 @@ def test_no_retry_request_fails_instead_of_running_again(gs, alice):
 
 # --- 21: retention, limits -----------------------------------------------------------------------------
 def test_results_expire_after_retention_and_body_limit(gs):
-    short = GatewayServer(gs.settings.model_copy(update={
-        "gateway_result_retention": 1, "gateway_max_body_bytes": 4096})).start()
+    short = GatewayServer(
+        gs.settings.model_copy(update={"gateway_result_retention": 1, "gateway_max_body_bytes": 4096})
+    ).start()
     try:
         with httpx.Client(base_url=short.url, headers=auth(ALICE)) as client:
             rid = submit(client, {"model": "Fancy"})["request_id"]
@@ -490,12 +580,16 @@ def test_s3_inputs_follow_each_keys_permissions(gs, alice, bob):
 
 
 def test_upload_initiate_put_and_use_as_input(gs, alice, bob):
-    initiated = alice.post("/rest/storage/upload/initiate?storage_type=fal-cdn-v3",
-                           json={"content_type": "image/png", "file_name": "my page.html"})
+    initiated = alice.post(
+        "/rest/storage/upload/initiate?storage_type=fal-cdn-v3",
+        json={"content_type": "image/png", "file_name": "my page.html"},
+    )
     assert initiated.status_code == 200
     urls = initiated.json()
     # (Uploads take input image types only: text/html here once let a page run on the gateway's origin.)
-    put = httpx.put(urls["upload_url"], content=b"<html>uploaded</html>", headers={"content-type": "image/png"})
+    put = httpx.put(
+        urls["upload_url"], content=b"<html>uploaded</html>", headers={"content-type": "image/png"}
+    )
     assert put.status_code == 200
     assert httpx.get(urls["file_url"]).content == b"<html>uploaded</html>"
     rid = submit(alice, {"image_url": urls["file_url"]})["request_id"]
@@ -504,7 +598,9 @@ def test_upload_initiate_put_and_use_as_input(gs, alice, bob):
     key = urlsplit(urls["upload_url"]).path.split("/", 2)[2]
     assert key.startswith(uploads_prefix(gs.settings, "alice"))
     as_s3 = f"s3://{gs.settings.output_bucket}/{key}"
-    assert completed(gs, submit(alice, {"image_url": as_s3})["request_id"])["error_type"] == "image_load_error"
+    assert (
+        completed(gs, submit(alice, {"image_url": as_s3})["request_id"])["error_type"] == "image_load_error"
+    )
     theirs = submit(bob, {"image_url": as_s3})["request_id"]
     assert completed(gs, theirs, BOB)["error_type"] == "file_download_error", "uploads are per key"
     assert alice.post("/rest/storage/upload/initiate", json={}).status_code == 200
@@ -514,17 +610,30 @@ def test_upload_initiate_put_and_use_as_input(gs, alice, bob):
 
 def test_gateway_served_files_and_retention(gs):
     port = free_port()
-    server = GatewayServer(gs.settings.model_copy(update={
-        "gateway_output_urls": "gateway", "gateway_signing_secret": "s3cret",
-        "gateway_public_url": f"http://127.0.0.1:{port}"}), port=port).start()
+    server = GatewayServer(
+        gs.settings.model_copy(
+            update={
+                "gateway_output_urls": "gateway",
+                "gateway_signing_secret": "s3cret",
+                "gateway_public_url": f"http://127.0.0.1:{port}",
+            }
+        ),
+        port=port,
+    ).start()
     try:
         with httpx.Client(base_url=server.url, headers=auth(ALICE)) as client:
             token = client.post("/rest/storage/auth/token?storage_type=fal-cdn-v3", json={}).json()
             assert token["token_type"] == "Bearer" and token["expires_at"]
-            uploaded = httpx.post(f"{server.url}/files/upload", content=b"<html>v3</html>", headers={
-                "authorization": f"Bearer {token['token']}", "content-type": "image/png",  # text/html: 415 now
-                "x-fal-file-name": "v3.html",
-                "x-fal-object-lifecycle": json.dumps({"expiration_duration_seconds": 2})})
+            uploaded = httpx.post(
+                f"{server.url}/files/upload",
+                content=b"<html>v3</html>",
+                headers={
+                    "authorization": f"Bearer {token['token']}",
+                    "content-type": "image/png",  # text/html: 415 now
+                    "x-fal-file-name": "v3.html",
+                    "x-fal-object-lifecycle": json.dumps({"expiration_duration_seconds": 2}),
+                },
+            )
             assert uploaded.status_code == 200, uploaded.text
             url = uploaded.json()["access_url"]
             assert url.startswith(f"{server.url}/objects/")
@@ -534,11 +643,22 @@ def test_gateway_served_files_and_retention(gs):
             # Our own signed URL becomes an s3:// input the worker reads directly.
             rid = submit(client, {"image_url": url})["request_id"]
             assert record(gs, rid).spec.image_url.startswith(f"s3://{gs.settings.output_bucket}/")
-            assert httpx.post(f"{server.url}/files/upload", content=b"x",
-                              headers={"authorization": "Bearer forged.token"}).status_code == 401
-            key = urlsplit(url).path[len("/objects/"):]
-            wait_for(lambda: not s3(gs).list_objects_v2(Bucket=gs.settings.output_bucket, Prefix=key).get("KeyCount"),
-                     15, "the upload to be deleted after its retention")
+            assert (
+                httpx.post(
+                    f"{server.url}/files/upload",
+                    content=b"x",
+                    headers={"authorization": "Bearer forged.token"},
+                ).status_code
+                == 401
+            )
+            key = urlsplit(url).path[len("/objects/") :]
+            wait_for(
+                lambda: (
+                    not s3(gs).list_objects_v2(Bucket=gs.settings.output_bucket, Prefix=key).get("KeyCount")
+                ),
+                15,
+                "the upload to be deleted after its retention",
+            )
     finally:
         server.stop()
 
@@ -555,8 +675,13 @@ def test_webhook_is_signed_retried_and_failures_listed(gs, alice, receiver):
     assert verify(last.headers, last.body, jwks)
     assert fal_documented_verify(last.headers, last.body, jwks), "fal's documented verifier, against our JWKS"
     assert last.headers["X-Fal-Webhook-User-Id"] == "user-alice"
-    assert last.json() == {"request_id": rid, "gateway_request_id": rid, "status": "ERROR",
-                           "error": "Invalid status code: 422", "payload": last.json()["payload"]}
+    assert last.json() == {
+        "request_id": rid,
+        "gateway_request_id": rid,
+        "status": "ERROR",
+        "error": "Invalid status code: 422",
+        "payload": last.json()["payload"],
+    }
     assert ["body", "model"] in [item["loc"] for item in last.json()["payload"]["detail"]]
     assert {d.json()["request_id"] for d in deliveries} == {rid}
     store = JobStore.from_url(gs.settings.redis_url)
@@ -567,11 +692,18 @@ def test_webhook_is_signed_retried_and_failures_listed(gs, alice, receiver):
     failing = submit(alice, {"model": "Fancy"}, params={"fal_webhook": receiver.url})["request_id"]
     receiver.wait(3 + 4, timeout=30)
     with gs.client(OPS) as ops:
-        listed = wait_for(lambda: [f for f in ops.get("/admin/webhooks/failed").json()["failed"]
-                                   if f["request_id"] == failing], 15, "the failure to be listed")
+        listed = wait_for(
+            lambda: [
+                f for f in ops.get("/admin/webhooks/failed").json()["failed"] if f["request_id"] == failing
+            ],
+            15,
+            "the failure to be listed",
+        )
     assert len(listed[0]["attempts"]) == 4 and listed[0]["webhook_url"] == receiver.url
     assert alice.get("/admin/webhooks/failed").status_code == 403
-    assert not verify({**last.headers, "X-Fal-Webhook-Timestamp": str(int(time.time()) - 600)}, last.body, jwks)
+    assert not verify(
+        {**last.headers, "X-Fal-Webhook-Timestamp": str(int(time.time()) - 600)}, last.body, jwks
+    )
 
 
 def test_webhook_url_must_be_http(alice):
@@ -590,7 +722,9 @@ def test_openapi_matches_the_routes_served(gs, alice):
     v2_models = schemas[schemas["BiRefNetV2Input"]["properties"]["model"]["$ref"].rsplit("/", 1)[1]]["enum"]
     assert v2_models == gs.settings.variants.model_names("v2")
     submit_op = spec["paths"]["/queue/fal-ai/birefnet/v2"]["post"]
-    assert submit_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/BiRefNetV2Input")
+    assert submit_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/BiRefNetV2Input"
+    )
     assert "202" in spec["paths"]["/queue/fal-ai/birefnet/requests/{request_id}/status"]["get"]["responses"]
     rid = str(uuid.uuid4())
     for path, methods in spec["paths"].items():

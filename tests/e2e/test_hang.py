@@ -46,8 +46,10 @@ class Supervisor:
         self.exits: dict[str, int] = {}
         self.probes: dict[str, set[int]] = {}  # worker -> HTTP statuses its /healthz answered
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._restart, daemon=True),
-                         threading.Thread(target=self._probe, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._restart, daemon=True),
+            threading.Thread(target=self._probe, daemon=True),
+        ]
 
     def start_worker(self) -> str:
         port = free_port()
@@ -87,28 +89,43 @@ class Supervisor:
 
 def submit(stack: ChaosStack, image: bytes) -> str:
     rid = str(uuid.uuid4())
-    spec = JobSpec(request_id=rid, variant=VARIANT, params=JobParams(), image_url=data_uri(image),
-                   output_prefix=request_output_prefix(stack.settings, rid))
+    spec = JobSpec(
+        request_id=rid,
+        variant=VARIANT,
+        params=JobParams(),
+        image_url=data_uri(image),
+        output_prefix=request_output_prefix(stack.settings, rid),
+    )
     stack.store().create(spec)
     send_job(make_celery(stack.settings), spec)
     return rid
 
 
 def stuck_workers(stack: ChaosStack) -> list[str]:
-    return [name for name in stack.workers
-            if "worker is stuck and stops taking jobs" in (stack.log_dir / f"{name}.log").read_text(errors="replace")]
+    return [
+        name
+        for name in stack.workers
+        if "worker is stuck and stops taking jobs"
+        in (stack.log_dir / f"{name}.log").read_text(errors="replace")
+    ]
 
 
 @pytest.mark.timeout(400)
 def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_endpoint: str, tmp_path: Path):
     variants = {**TEST_VARIANTS, VARIANT: {**TEST_VARIANTS[VARIANT], "time_limit": LIMIT}}
-    stack = ChaosStack(tmp_path, moto_endpoint, overrides={
-        "BIREFNET_VARIANT_OVERRIDES": json.dumps(variants),
-        "BIREFNET_MAX_JOB_ATTEMPTS": "2",
-        "BIREFNET_WORKER_CONCURRENCY": "2",  # a stuck worker also holds jobs waiting behind the hung forward
-        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp_path / "hook", Rule(HANG_ONCE, None, times=1),
-                                                   Rule(HANG_ALWAYS, None)),
-    })
+    stack = ChaosStack(
+        tmp_path,
+        moto_endpoint,
+        overrides={
+            "BIREFNET_VARIANT_OVERRIDES": json.dumps(variants),
+            "BIREFNET_MAX_JOB_ATTEMPTS": "2",
+            # a stuck worker also holds jobs waiting behind the hung forward
+            "BIREFNET_WORKER_CONCURRENCY": "2",
+            "BIREFNET_TEST_FORWARD_HOOK": hook_setting(
+                tmp_path / "hook", Rule(HANG_ONCE, None, times=1), Rule(HANG_ALWAYS, None)
+            ),
+        },
+    )
     try:
         stack.start(workers=0, gateway=False, producer=False, webhooks=False)
         assert stack.settings.job_time_limit == 300 and stack.settings.time_limit(VARIANT) == LIMIT
@@ -121,7 +138,9 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
             # A forward that hangs once, one that hangs on every attempt, and normal jobs beside them.
             hung = submit(stack, marker_png(HANG_ONCE))
             always = submit(stack, marker_png(HANG_ALWAYS))
-            wait_for(lambda: store.status(hung) == store.status(always) == "IN_PROGRESS", 30, "the hangs to start")
+            wait_for(
+                lambda: store.status(hung) == store.status(always) == "IN_PROGRESS", 30, "the hangs to start"
+            )
             normal = [submit(stack, small_png(n)) for n in range(6)]
 
             # The hung-once job ran past its limit and finished on another worker. (If it shared its forward
@@ -151,8 +170,10 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
                 job = store.get(rid)
                 assert job.ok and job.attempts == 1 and job.completed_at - job.started_at < LIMIT, job
                 assert sum(line.startswith("done in ") for line in log_lines(store, rid)) == 1
-            handed_back = sum(any(line.startswith("handed to another worker") for line in log_lines(store, rid))
-                              for rid in normal)
+            handed_back = sum(
+                any(line.startswith("handed to another worker") for line in log_lines(store, rid))
+                for rid in normal
+            )
 
             # Every stuck worker said so on /healthz (after answering 200 while healthy), withdrew its
             # readiness and exited with EXIT_STUCK; the supervisor replaced it; no other worker exited.
@@ -166,8 +187,17 @@ def test_hung_forwards_end_at_the_limit_and_the_stuck_worker_is_replaced(moto_en
             after = submit(stack, small_png(99))
             wait_for(lambda: store.status(after) == "COMPLETED", 120, "a job on the replacement workers")
             assert store.get(after).ok
-        print("hang figures:", json.dumps({"exits": supervisor.exits, "limit": LIMIT, "handed_back": handed_back,
-                                           "elapsed": round(time.time() - record.created_at, 1)}))
+        print(
+            "hang figures:",
+            json.dumps(
+                {
+                    "exits": supervisor.exits,
+                    "limit": LIMIT,
+                    "handed_back": handed_back,
+                    "elapsed": round(time.time() - record.created_at, 1),
+                }
+            ),
+        )
     finally:
         stack.close()
 

@@ -39,8 +39,10 @@ GOOD = {"image_url": "https://example.com/cat.png", "model": "General Use (Heavy
 
 def strict_json(text: str):
     """json.loads refusing NaN/Infinity: what every fal client's parser (JS JSON.parse) accepts."""
+
     def refuse(name: str):
         raise ValueError(f"{name} in a response body")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -55,9 +57,17 @@ class Records(logging.Handler):
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("hostile"), workers=(),
-                                webhooks=False, extra={"BIREFNET_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
-                                                       "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": str(FAIL_LIMIT)})
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("hostile"),
+        workers=(),
+        webhooks=False,
+        extra={
+            "BIREFNET_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
+            "BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": str(FAIL_LIMIT),
+        },
+    )
     yield stack
     stack.close()
 
@@ -98,17 +108,22 @@ def test_deeply_nested_bodies_are_a_422_on_every_json_route(alice, body):
     for path in SUBMITS:
         item = body_error(alice.post(path, content=body, headers={"content-type": "application/json"}))
         assert item["type"] == "json_invalid" and "nested deeper" in item["ctx"]["error"], item
-    proxied = alice.post(PROXY, content=body, headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/birefnet"})
+    proxied = alice.post(
+        PROXY, content=body, headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/birefnet"}
+    )
     assert body_error(proxied)["type"] == "json_invalid"
     assert body_error(alice.post(INITIATE, content=body))["type"] == "json_invalid"
 
 
-@pytest.mark.parametrize(("raw", "loc"), [
-    (b'{"image_url": "\\ud800"}', ["body", "image_url"]),
-    (b'{"image_url": "https://example.com/a\\udfff.png"}', ["body", "image_url"]),
-    (b'{"image_url": "s3://bucket/files/\\udc00/x.png"}', ["body", "image_url"]),
-    (b'{"image_url": "https://example.com/a.png", "\\ud83d": 1}', ["body"]),
-])
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        (b'{"image_url": "\\ud800"}', ["body", "image_url"]),
+        (b'{"image_url": "https://example.com/a\\udfff.png"}', ["body", "image_url"]),
+        (b'{"image_url": "s3://bucket/files/\\udc00/x.png"}', ["body", "image_url"]),
+        (b'{"image_url": "https://example.com/a.png", "\\ud83d": 1}', ["body"]),
+    ],
+)
 def test_lone_surrogates_are_a_422_naming_the_field(alice, raw, loc):
     for path in SUBMITS:
         item = body_error(alice.post(path, content=raw))
@@ -122,28 +137,44 @@ def test_lone_surrogate_in_upload_content_type(alice):
     assert item["loc"] == ["body", "content_type"] and item["type"] == "string_pattern_mismatch", item
 
 
-LIFECYCLES = ['{"expiration_duration_seconds": Infinity}', '{"expiration_duration_seconds": 1e400}',
-              '{"expiration_duration_seconds": NaN}', '{"a":' * 200 + "1" + "}" * 200, "[" * 1000,
-              '{"expiration_duration_seconds": "soon"}', "not json"]
+LIFECYCLES = [
+    '{"expiration_duration_seconds": Infinity}',
+    '{"expiration_duration_seconds": 1e400}',
+    '{"expiration_duration_seconds": NaN}',
+    '{"a":' * 200 + "1" + "}" * 200,
+    "[" * 1000,
+    '{"expiration_duration_seconds": "soon"}',
+    "not json",
+]
 
 
-@pytest.mark.parametrize("value", LIFECYCLES, ids=["inf", "1e400", "nan", "deep", "deep-array", "string", "text"])
+@pytest.mark.parametrize(
+    "value", LIFECYCLES, ids=["inf", "1e400", "nan", "deep", "deep-array", "string", "text"]
+)
 def test_lifecycle_headers_are_a_400_naming_the_header(alice, value):
     header = {"x-fal-object-lifecycle-preference": value}
     for path in SUBMITS:
         body = error_body(alice.post(path, json=GOOD, headers=header), 400)
         assert "x-fal-object-lifecycle-preference" in body["detail"] and body["error_type"] == "bad_request"
-    assert "x-fal-object-lifecycle-preference" in error_body(alice.post(INITIATE, json={}, headers=header), 400)[
-        "detail"]
+    assert (
+        "x-fal-object-lifecycle-preference"
+        in error_body(alice.post(INITIATE, json={}, headers=header), 400)["detail"]
+    )
     upload = alice.post(FILES, content=b"bytes", headers={"X-Fal-Object-Lifecycle": value})
     assert "X-Fal-Object-Lifecycle" in error_body(upload, 400)["detail"]
     upload = alice.post(FILES, content=b"bytes", headers=header)
     assert "x-fal-object-lifecycle-preference" in error_body(upload, 400)["detail"]
 
 
-@pytest.mark.parametrize("raw", [b'{"image_url": NaN}', b'{"image_url": "https://e.x/a.png", "output_mask": Infinity}',
-                                 b'{"image_url": "https://e.x/a.png", "output_mask": -Infinity}',
-                                 b'{"image_url": "https://e.x/a.png", "output_mask": 1e999}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"image_url": NaN}',
+        b'{"image_url": "https://e.x/a.png", "output_mask": Infinity}',
+        b'{"image_url": "https://e.x/a.png", "output_mask": -Infinity}',
+        b'{"image_url": "https://e.x/a.png", "output_mask": 1e999}',
+    ],
+)
 def test_nan_and_infinity_are_refused_and_never_echoed(gs, alice, raw):
     jobs = redis.Redis.from_url(gs.settings.redis_url)
     before = len(jobs.keys("birefnet:job:*"))
@@ -160,10 +191,15 @@ def test_client_disconnecting_mid_body_is_not_an_unhandled_error(gs, gateway_log
     before = len(gateway_log.messages)
     for path in (V2, INITIATE, FILES):
         with socket.create_connection(("127.0.0.1", gs.gateway.port), timeout=10) as sock:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {ALICE}\r\n"
-                         "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode() + b'{"image_url"')
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {ALICE}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode()
+                + b'{"image_url"'
+            )
         # The gateway sees the hang-up; it answers the next caller as before.
-    wait_for(lambda: any("disconnected" in m for m in gateway_log.messages[before:]), 30, "the disconnect logged")
+    wait_for(
+        lambda: any("disconnected" in m for m in gateway_log.messages[before:]), 30, "the disconnect logged"
+    )
     assert not [m for m in gateway_log.messages[before:] if "unhandled" in m], gateway_log.messages[before:]
     assert httpx.get(f"{gs.url}/healthz").status_code == 200
 
@@ -190,12 +226,22 @@ def spec(gs: GatewayStack) -> dict:
 def test_webhook_pattern_is_the_servers(alice, spec):
     (param,) = [p for p in spec["paths"][V2]["post"]["parameters"] if p["name"] == "fal_webhook"]
     pattern = re.compile(param["schema"]["pattern"])
-    for url in ("https://hooks.example/a\u0085b", "https://hooks.example/a b", "https://h.example/\u2028",
-                "https://h.example/\ufeff"):
+    for url in (
+        "https://hooks.example/a\u0085b",
+        "https://hooks.example/a b",
+        "https://h.example/\u2028",
+        "https://h.example/\ufeff",
+    ):
         assert not pattern.search(url)
-        assert body_error(alice.post(V2, json=GOOD, params={"fal_webhook": url}))["loc"] == ["query", "fal_webhook"]
+        assert body_error(alice.post(V2, json=GOOD, params={"fal_webhook": url}))["loc"] == [
+            "query",
+            "fal_webhook",
+        ]
     assert pattern.search("https://hooks.example/caf\u00e9?x=1")
-    assert alice.post(V2, json=GOOD, params={"fal_webhook": "https://hooks.example/caf\u00e9"}).status_code == 200
+    assert (
+        alice.post(V2, json=GOOD, params={"fal_webhook": "https://hooks.example/caf\u00e9"}).status_code
+        == 200
+    )
 
 
 def test_timeout_header_empty_or_unbounded_is_a_400(alice, spec):
@@ -212,8 +258,11 @@ def test_file_upload_needs_a_body_and_stores_only_real_content_types(alice, spec
     assert spec["paths"][FILES]["post"]["requestBody"]["required"] is True
     assert "400" in spec["paths"][FILES]["post"]["responses"]
     assert "empty" in error_body(alice.post(FILES), 400)["detail"]
-    for sent, stored in (("imag\u00e9/png".encode("latin-1"), "application/octet-stream"),
-                         (b"*/*", "application/octet-stream"), (b"image/png", "image/png")):
+    for sent, stored in (
+        ("imag\u00e9/png".encode("latin-1"), "application/octet-stream"),
+        (b"*/*", "application/octet-stream"),
+        (b"image/png", "image/png"),
+    ):
         uploaded = alice.post(FILES, content=b"x", headers={"content-type": sent})
         assert uploaded.status_code == 200, uploaded.text
         assert httpx.get(uploaded.json()["access_url"]).headers["content-type"] == stored
@@ -253,6 +302,7 @@ def test_too_large_body_is_a_documented_413(alice):
     def chunks():
         for _ in range(MAX_BODY // 65536 + 2):
             yield b"a" * 65536
+
     assert error_body(alice.post(FILES, content=chunks()), 413)["error_type"] == "request_too_large"
 
 
@@ -262,22 +312,32 @@ def test_failed_auth_is_throttled_per_address_across_processes_and_never_locks_o
     try:
         # Per address: wrong secrets for key ids that do not even exist.
         here = {"x-forwarded-for": "203.0.113.7"}
-        codes = [httpx.get(f"{gs.url}{REQ}/x/status", headers={**here, **auth(f"nobody:guess-{n}")}).status_code
-                 for n in range(30)]
+        codes = [
+            httpx.get(f"{gs.url}{REQ}/x/status", headers={**here, **auth(f"nobody:guess-{n}")}).status_code
+            for n in range(30)
+        ]
         assert codes[:FAIL_LIMIT] == [401] * FAIL_LIMIT and set(codes[FAIL_LIMIT:]) == {429}, codes
         throttled = httpx.get(f"{other.url}{REQ}/x/status", headers={**here, **auth(BOB)})
         body = error_body(throttled, 429)
         assert body["error_type"] == "rate_limited" and 1 <= int(throttled.headers["retry-after"]) <= 60
         # Another address is not affected.
-        assert httpx.get(f"{gs.url}{REQ}/x/status", headers={"x-forwarded-for": "198.51.100.1",
-                                                              **auth(OPS)}).status_code == 404
+        assert (
+            httpx.get(
+                f"{gs.url}{REQ}/x/status", headers={"x-forwarded-for": "198.51.100.1", **auth(OPS)}
+            ).status_code
+            == 404
+        )
         # Guesses at alice's secret from many addresses count against those addresses only: they never
         # lock alice out (throttling per key id let anyone do that, and told which key ids exist).
         with gs.client(ALICE) as client:
             assert client.get(f"{REQ}/x/status").status_code == 404  # verified (and cached) before the attack
-        codes = [httpx.get(f"{other.url}{REQ}/x/status", headers={"x-forwarded-for": f"192.0.2.{n}",
-                                                                   **auth(f"alice:guess-{n}")}).status_code
-                 for n in range(FAIL_LIMIT + 3)]
+        codes = [
+            httpx.get(
+                f"{other.url}{REQ}/x/status",
+                headers={"x-forwarded-for": f"192.0.2.{n}", **auth(f"alice:guess-{n}")},
+            ).status_code
+            for n in range(FAIL_LIMIT + 3)
+        ]
         assert set(codes) == {401}, codes
         with gs.client(ALICE) as client:
             assert client.get(f"{REQ}/x/status").status_code == 404, "a verified credential still passes"
@@ -321,7 +381,13 @@ HOSTILE = [  # (name, method, path, headers, body) -> never a 5xx, always JSON
     ("object-traversal", "GET", "/objects/../../etc/passwd?exp=1&sig=x", {}, None),
     ("object-bad-exp", "GET", "/objects/a?exp=99999999999999999999999&sig=" + "0" * 64, {}, None),
     ("proxy-foreign", "POST", PROXY, {"x-fal-target-url": "https://evil.example/x"}, b"{}"),
-    ("proxy-traversal", "GET", PROXY, {"x-fal-target-url": "https://rest.fal.ai/../admin/webhooks/failed"}, None),
+    (
+        "proxy-traversal",
+        "GET",
+        PROXY,
+        {"x-fal-target-url": "https://rest.fal.ai/../admin/webhooks/failed"},
+        None,
+    ),
     ("proxy-bad-url", "GET", PROXY, {"x-fal-target-url": "https://[::1"}, None),
     ("timeout-long", "POST", V2, {"X-Fal-Request-Timeout": "1" * 10_000}, json.dumps(GOOD).encode()),
     ("priority-odd", "POST", V2, {"X-Fal-Queue-Priority": b"\xff" * 100}, json.dumps(GOOD).encode()),
@@ -334,15 +400,22 @@ HOSTILE = [  # (name, method, path, headers, body) -> never a 5xx, always JSON
     ("ops-minutes-inf", "GET", "/admin/ops/status?minutes=-inf", {}, None),
     ("ops-all-odd", "GET", "/admin/ops/status?all=%ff", {}, None),
     ("playground-traversal", "GET", "/playground/..%2F..%2Fapp.py", {}, None),
-    ("webhook-huge", "POST", V2 + "?fal_webhook=https://h.example/" + "a" * 5000, {}, json.dumps(GOOD).encode()),
+    (
+        "webhook-huge",
+        "POST",
+        V2 + "?fal_webhook=https://h.example/" + "a" * 5000,
+        {},
+        json.dumps(GOOD).encode(),
+    ),
     ("file-name-odd", "POST", FILES, {"X-Fal-File-Name": b"../../\xe9" * 50}, b"x"),
     ("storage-type-odd", "POST", INITIATE + "?storage_type=%00%ff", {}, b"{}"),
     ("logs-odd", "GET", f"{REQ}/x/status?logs=%ff", {}, None),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "headers", "body"), [case[1:] for case in HOSTILE],
-                         ids=[case[0] for case in HOSTILE])
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
+)
 def test_hostile_request_gets_a_clear_4xx(gs, gateway_log, method, path, headers, body):
     before = len(gateway_log.messages)
     with httpx.Client(base_url=gs.url, headers=auth(OPS), timeout=30) as client:
@@ -365,7 +438,9 @@ def test_every_method_on_every_route(gs, spec):
         for path in paths:
             concrete = path.replace("{request_id}", str(uuid.uuid4())).replace("{key}", "nothing")
             for method in METHODS:
-                response = client.request(method, concrete, content=b"{}" if method in ("POST", "PUT") else None)
+                response = client.request(
+                    method, concrete, content=b"{}" if method in ("POST", "PUT") else None
+                )
                 assert response.status_code < 500, (method, path, response.status_code, response.text[:300])
                 if response.status_code >= 400 and method != "HEAD":
                     assert response.headers["content-type"].startswith("application/json"), (method, path)

@@ -29,8 +29,10 @@ from tests.helpers.images import array_png, data_uri
 from tests.helpers.pipeline import s3_client
 from tests.helpers.stack import build_stack, isolated_settings, wait_for
 
-pytestmark = pytest.mark.skipif(os.environ.get("BIREFNET_IMAGES_SMOKE") != "1",
-                                reason="builds on `make images`; run with `make images-smoke`")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("BIREFNET_IMAGES_SMOKE") != "1",
+    reason="builds on `make images`; run with `make images-smoke`",
+)
 
 IMAGES_DIR = Path(os.environ.get("IMAGES_DIR", "/var/tmp/birefnet-images"))
 TAG = os.environ.get("IMAGE_TAG", "0.1.0")
@@ -44,16 +46,22 @@ class Containers:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.names: list[str] = []
-        self.podman_env = {**os.environ, "CONTAINERS_CONF": str(IMAGES_DIR / "containers.conf"),
-                           "CONTAINERS_STORAGE_CONF": str(IMAGES_DIR / "storage.conf")}
+        self.podman_env = {
+            **os.environ,
+            "CONTAINERS_CONF": str(IMAGES_DIR / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(IMAGES_DIR / "storage.conf"),
+        }
 
     def podman(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman", *args], env=self.podman_env, capture_output=True, text=True,
-                              check=check, timeout=120)
+        return subprocess.run(
+            ["podman", *args], env=self.podman_env, capture_output=True, text=True, check=check, timeout=120
+        )
 
     def start(self, name: str, image: str, *command: str, extra: dict[str, str] | None = None) -> str:
         full = f"smoke-{name}-{os.getpid()}"
-        env_args = [arg for key, value in {**self.env, **(extra or {})}.items() for arg in ("--env", f"{key}={value}")]
+        env_args = [
+            arg for key, value in {**self.env, **(extra or {})}.items() for arg in ("--env", f"{key}={value}")
+        ]
         self.podman("run", "--detach", "--name", full, "--network=host", *env_args, image, *command)
         self.names.append(full)
         return full
@@ -63,7 +71,10 @@ class Containers:
         return result.stdout + result.stderr
 
     def running(self, name: str) -> bool:
-        return self.podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true"
+        return (
+            self.podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip()
+            == "true"
+        )
 
     def remove_all(self) -> None:
         for name in self.names:
@@ -86,8 +97,11 @@ def containers(redis_server, moto_endpoint, tmp_path) -> Iterator[tuple[Containe
     }
     stack = build_stack(redis_url, moto_endpoint, values, queue_name=f"events-{suffix}")
     # Only the service's own settings and the AWS credentials enter the containers (no host paths).
-    env = {key: value for key, value in stack.env.items()
-           if (key.startswith(("BIREFNET_", "AWS_")) and key != "BIREFNET_TEST_LOG_DIR")}
+    env = {
+        key: value
+        for key, value in stack.env.items()
+        if (key.startswith(("BIREFNET_", "AWS_")) and key != "BIREFNET_TEST_LOG_DIR")
+    }
     pods = Containers(env)
     try:
         yield pods, stack.settings, gateway_port
@@ -101,8 +115,9 @@ def containers(redis_server, moto_endpoint, tmp_path) -> Iterator[tuple[Containe
 def test_images_serve_an_upload_and_an_api_request(containers, webhook_receiver: WebhookReceiver):
     pods, settings, gateway_port = containers
     started = time.monotonic()
-    assert pods.podman("run", "--rm", APP, "python", "-c", "import torch", check=False).returncode != 0, \
+    assert pods.podman("run", "--rm", APP, "python", "-c", "import torch", check=False).returncode != 0, (
         "the app image must not carry torch"
+    )
     gateway = pods.start("gateway", APP)
     producer = pods.start("producer", APP, "python", "-m", "producer", "sqs")
     deliverer = pods.start("deliverer", APP, "python", "-m", "deliverer")
@@ -110,8 +125,14 @@ def test_images_serve_an_upload_and_an_api_request(containers, webhook_receiver:
     for name in (gateway, producer, deliverer, worker):
         assert pods.podman("exec", name, "id", "-u").stdout.strip() == UID, f"{name} runs as non-root"
 
-    wait_for(lambda: pods.podman("exec", worker, "test", "-f", settings.ready_file, check=False).returncode == 0
-             or not pods.running(worker), 300, "the worker container to load its model")
+    wait_for(
+        lambda: (
+            pods.podman("exec", worker, "test", "-f", settings.ready_file, check=False).returncode == 0
+            or not pods.running(worker)
+        ),
+        300,
+        "the worker container to load its model",
+    )
     assert pods.running(worker), pods.logs(worker)
     worker_log = pods.logs(worker)
     assert "untrained" in worker_log.lower(), "the worker must say it serves no trained model"
@@ -119,8 +140,12 @@ def test_images_serve_an_upload_and_an_api_request(containers, webhook_receiver:
     # 1. An upload to the input bucket, through S3 events, SQS, the producer, the worker and a webhook.
     photo = samples.astronaut()  # 512x512 RGB
     s3_client(settings).put_object(
-        Bucket=settings.input_bucket, Key="photos/astronaut.png", Body=array_png(photo), ContentType="image/png",
-        Metadata={"output_mask": "true", "webhook_url": webhook_receiver.url, "output_format": "png"})
+        Bucket=settings.input_bucket,
+        Key="photos/astronaut.png",
+        Body=array_png(photo),
+        ContentType="image/png",
+        Metadata={"output_mask": "true", "webhook_url": webhook_receiver.url, "output_format": "png"},
+    )
     (delivery,) = webhook_receiver.wait(1, timeout=240)
     body = delivery.json()
     assert body["status"] == "OK", (body, pods.logs(worker)[-3000:])
@@ -131,8 +156,11 @@ def test_images_serve_an_upload_and_an_api_request(containers, webhook_receiver:
     wait_for(lambda: _up(base), 60, "the gateway container")
     coffee = Image.fromarray(samples.coffee())  # 600x400
     with httpx.Client(base_url=base, headers=auth(ALICE), timeout=30) as client:
-        submitted = client.post("/queue/fal-ai/birefnet/v2", params={"fal_webhook": webhook_receiver.url},
-                                json={"image_url": data_uri(_png(coffee)), "output_mask": True})
+        submitted = client.post(
+            "/queue/fal-ai/birefnet/v2",
+            params={"fal_webhook": webhook_receiver.url},
+            json={"image_url": data_uri(_png(coffee)), "output_mask": True},
+        )
         assert submitted.status_code == 200, submitted.text
         request_id = submitted.json()["request_id"]
         deliveries = webhook_receiver.wait(2, timeout=240)
@@ -142,7 +170,10 @@ def test_images_serve_an_upload_and_an_api_request(containers, webhook_receiver:
         assert status["status"] == "COMPLETED", status
         result = client.get(f"/queue/fal-ai/birefnet/requests/{request_id}").json()
     check_outputs(result, coffee.size)
-    print(f"\nimages smoke: both paths served in {time.monotonic() - started:.1f} s (containers started to webhooks)")
+    print(
+        f"\nimages smoke: both paths served in {time.monotonic() - started:.1f} s (containers started to "
+        f"webhooks)"
+    )
 
 
 def _png(image: Image.Image) -> bytes:

@@ -30,7 +30,9 @@ FAST = {"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}  # CPU: small forward p
 
 def client(stack: Stack, service: str):
     url = stack.settings.s3_endpoint_url
-    return boto3.client(service, region_name=stack.settings.aws_region, endpoint_url=url, config=boto_config())
+    return boto3.client(
+        service, region_name=stack.settings.aws_region, endpoint_url=url, config=boto_config()
+    )
 
 
 def picture(source: np.ndarray, width: int, height: int) -> bytes:
@@ -50,8 +52,9 @@ def job_records(stack: Stack) -> dict[str, object]:
 
 
 def queue_counts(sqs, url: str) -> int:
-    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
@@ -64,23 +67,38 @@ def routes(stack: Stack) -> dict[str, str]:
     S3 -> SNS -> SQS (envelope) and S3 -> SNS -> SQS (raw delivery); plus one no route reaches."""
     settings = stack.settings
     s3, sqs, sns, events = (client(stack, s) for s in ("s3", "sqs", "sns", "events"))
-    queue_arn = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url,
-                                         AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=settings.sqs_queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
     suffix = settings.input_bucket.removeprefix("in-")
     buckets = {p: f"{p}-{suffix}" for p in ("eventbridge", "sns", "raw", "stray")}
     for bucket in buckets.values():
         s3.create_bucket(Bucket=bucket)
     eb = buckets["eventbridge"]
-    s3.put_bucket_notification_configuration(Bucket=eb, NotificationConfiguration={"EventBridgeConfiguration": {}})
-    events.put_rule(Name=f"uploads-{suffix}", EventPattern=json.dumps(
-        {"source": ["aws.s3"], "detail-type": ["Object Created"], "detail": {"bucket": {"name": [eb]}}}))
+    s3.put_bucket_notification_configuration(
+        Bucket=eb, NotificationConfiguration={"EventBridgeConfiguration": {}}
+    )
+    events.put_rule(
+        Name=f"uploads-{suffix}",
+        EventPattern=json.dumps(
+            {"source": ["aws.s3"], "detail-type": ["Object Created"], "detail": {"bucket": {"name": [eb]}}}
+        ),
+    )
     events.put_targets(Rule=f"uploads-{suffix}", Targets=[{"Id": "queue", "Arn": queue_arn}])
     for bucket, raw_delivery in ((buckets["sns"], "false"), (buckets["raw"], "true")):
         topic = sns.create_topic(Name=f"t-{bucket}")["TopicArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn,
-                      Attributes={"RawMessageDelivery": raw_delivery})
-        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [
-            {"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}]})
+        sns.subscribe(
+            TopicArn=topic,
+            Protocol="sqs",
+            Endpoint=queue_arn,
+            Attributes={"RawMessageDelivery": raw_delivery},
+        )
+        s3.put_bucket_notification_configuration(
+            Bucket=bucket,
+            NotificationConfiguration={
+                "TopicConfigurations": [{"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}]
+            },
+        )
     return buckets
 
 
@@ -97,12 +115,20 @@ def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_re
     s3, sqs = client(stack, "s3"), client(stack, "sqs")
     bucket, key = settings.input_bucket, "shots/c++ notes 1 ünï%2F.png"
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={})  # we send the events
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={}
+    )  # we send the events
     dlq_url = sqs.create_queue(QueueName=f"dlq-{bucket}")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sqs.set_queue_attributes(QueueUrl=settings.sqs_queue_url, Attributes={
-        "VisibilityTimeout": "10",
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sqs.set_queue_attributes(
+        QueueUrl=settings.sqs_queue_url,
+        Attributes={
+            "VisibilityTimeout": "10",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
+        },
+    )
     buckets = routes(stack)
 
     meta = {"webhook_url": webhook_receiver.url, "refine_foreground": "false"}
@@ -110,8 +136,13 @@ def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_re
     sources = {"v1": samples.astronaut(), "v2": samples.chelsea()}
     uploads = {}
     for name in ("v1", "v2"):
-        put = s3.put_object(Bucket=bucket, Key=key, Body=picture(sources[name], *sizes[name]), Metadata=meta,
-                            ContentType="image/png")
+        put = s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=picture(sources[name], *sizes[name]),
+            Metadata=meta,
+            ContentType="image/png",
+        )
         uploads[name] = (put["VersionId"], put["ETag"].strip('"'))
     other_key = "other/plus+and space.png"
     other = s3.put_object(Bucket=bucket, Key=other_key, Body=picture(samples.coffee(), 80, 60), Metadata=meta)
@@ -120,31 +151,64 @@ def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_re
         version_id, etag = uploads[name]
         return docs.aws_record(bucket, key, etag=etag, version_id=version_id, sequencer=sequencer)
 
-    other_record = docs.aws_record(bucket, other_key, etag=other["ETag"].strip('"'), version_id=other["VersionId"])
+    other_record = docs.aws_record(
+        bucket, other_key, etag=other["ETag"].strip('"'), version_id=other["VersionId"]
+    )
     bad_key = docs.aws_record(bucket, "x.png", etag="e")
     bad_key["s3"]["object"]["key"] = 12
-    batch = {"Records": [None, record("v1", "0A"), {"eventName": "ObjectCreated:Put", "s3": "nope"},
-                         other_record, bad_key, 7]}
-    for body in (docs.aws_notification(record("v2", "0B")), batch,  # v2's event first
-                 docs.aws_notification(record("v1", "0A")),  # v1 delivered a second time
-                 "this is not an event notification"):
-        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body))
+    batch = {
+        "Records": [
+            None,
+            record("v1", "0A"),
+            {"eventName": "ObjectCreated:Put", "s3": "nope"},
+            other_record,
+            bad_key,
+            7,
+        ]
+    }
+    for body in (
+        docs.aws_notification(record("v2", "0B")),
+        batch,  # v2's event first
+        docs.aws_notification(record("v1", "0A")),  # v1 delivered a second time
+        "this is not an event notification",
+    ):
+        sqs.send_message(
+            QueueUrl=settings.sqs_queue_url, MessageBody=body if isinstance(body, str) else json.dumps(body)
+        )
 
-    route_keys = {buckets["eventbridge"]: "bridge/c++ notes 1.png", buckets["sns"]: "sns/100% ünï 猫.png",
-                  buckets["raw"]: "raw/a%2Fb plus+.png"}
+    route_keys = {
+        buckets["eventbridge"]: "bridge/c++ notes 1.png",
+        buckets["sns"]: "sns/100% ünï 猫.png",
+        buckets["raw"]: "raw/a%2Fb plus+.png",
+    }
     route_sizes = dict(zip(route_keys, ((64, 48), (40, 72), (56, 56)), strict=True))
     for route_bucket, route_key in route_keys.items():
-        s3.put_object(Bucket=route_bucket, Key=route_key, Body=picture(samples.astronaut(), *route_sizes[route_bucket]),
-                      Metadata=meta)
+        s3.put_object(
+            Bucket=route_bucket,
+            Key=route_key,
+            Body=picture(samples.astronaut(), *route_sizes[route_bucket]),
+            Metadata=meta,
+        )
     documented_key = "documented/Object Created.png"
-    documented = s3.put_object(Bucket=bucket, Key=documented_key, Body=picture(samples.coffee(), 50, 30),
-                               Metadata=meta)
-    sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.eventbridge_object_created(
-        bucket, documented_key, etag=documented["ETag"].strip('"'), version_id=documented["VersionId"])))
+    documented = s3.put_object(
+        Bucket=bucket, Key=documented_key, Body=picture(samples.coffee(), 50, 30), Metadata=meta
+    )
+    sqs.send_message(
+        QueueUrl=settings.sqs_queue_url,
+        MessageBody=json.dumps(
+            docs.eventbridge_object_created(
+                bucket, documented_key, etag=documented["ETag"].strip('"'), version_id=documented["VersionId"]
+            )
+        ),
+    )
     s3.put_object(Bucket=buckets["stray"], Key="misrouted.png", Body=b"x")  # no route: its event sent by hand
     for ignored in (buckets["stray"], settings.output_bucket):
-        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=json.dumps(docs.aws_notification(
-            docs.aws_record(ignored, "misrouted.png", etag="e"))))
+        sqs.send_message(
+            QueueUrl=settings.sqs_queue_url,
+            MessageBody=json.dumps(
+                docs.aws_notification(docs.aws_record(ignored, "misrouted.png", etag="e"))
+            ),
+        )
 
     allowed = ",".join((bucket, buckets["eventbridge"], buckets["sns"], buckets["raw"]))
     stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_INPUT_BUCKETS": allowed})
@@ -155,7 +219,9 @@ def test_sqs_routes_versions_duplicates_and_bad_records(stack: Stack, webhook_re
     wait_for(lambda: queue_counts(sqs, settings.sqs_queue_url) == 0, 90, "every message deleted")
     records = job_records(stack)
     assert len(records) == 7, sorted(r.spec.image_url for r in records.values())
-    assert all(r.status == "COMPLETED" and r.ok for r in records.values()), [r.error for r in records.values()]
+    assert all(r.status == "COMPLETED" and r.ok for r in records.values()), [
+        r.error for r in records.values()
+    ]
     assert set(deliveries) == set(records) and len(webhook_receiver.received) == 7, "one webhook per upload"
     assert all(body["status"] == "OK" for body in deliveries.values())
     found = {r.spec.image_url: (r, deliveries[rid]["payload"]["image"]) for rid, r in records.items()}
@@ -194,13 +260,19 @@ def test_overwrite_while_paused_supersedes_the_first_job(stack: Stack, webhook_r
     stack.start(["-m", "producer", "sqs"], "producer")
     stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
     stack.start_worker("general-light", name="worker", extra_env=FAST)
-    wait_for(lambda: "is paused" in stack.tail("worker", 200), 60, "the worker to leave its paused queue alone")
+    wait_for(
+        lambda: "is paused" in stack.tail("worker", 200), 60, "the worker to leave its paused queue alone"
+    )
 
     meta = {"webhook_url": webhook_receiver.url}
     key = "portraits/me + you.png"
-    s3.put_object(Bucket=settings.input_bucket, Key=key, Body=picture(samples.astronaut(), 90, 90), Metadata=meta)
+    s3.put_object(
+        Bucket=settings.input_bucket, Key=key, Body=picture(samples.astronaut(), 90, 90), Metadata=meta
+    )
     wait_for(lambda: len(job_records(stack)) == 1, 60, "the first upload's job")
-    s3.put_object(Bucket=settings.input_bucket, Key=key, Body=picture(samples.chelsea(), 70, 50), Metadata=meta)
+    s3.put_object(
+        Bucket=settings.input_bucket, Key=key, Body=picture(samples.chelsea(), 70, 50), Metadata=meta
+    )
     wait_for(lambda: len(job_records(stack)) == 2, 60, "the second upload's job")
     assert all(rec.status == "IN_QUEUE" for rec in job_records(stack).values())
     control.resume(r, make_celery(settings), settings, "general-light")

@@ -1,4 +1,5 @@
-"""Managed Redis with real servers: every Redis user (gateway, Celery broker and workers, SQS producer, webhook
+"""Managed Redis with real servers: every Redis user (gateway, Celery broker and workers, SQS producer,
+webhook
 deliverer, ops) against (1) a TLS-only redis-server that wants a client certificate and an ACL user, and
 (2) a Sentinel group whose master is killed while jobs flow: nothing accepted is lost, nothing completes
 twice, each job gets one webhook.
@@ -40,8 +41,9 @@ from tests.helpers.stack import ROOT, build_stack, wait_for
 
 TLS_BINARY = tls_redis_binary()
 FAILOVER_JOBS = int(os.environ.get("FAILOVER_JOBS", "24"))  # `make chaos`: 200
-needs_tls = pytest.mark.skipif(TLS_BINARY is None, reason="no redis-server built with TLS (`make test` installs "
-                               "Debian's redis-server)")
+needs_tls = pytest.mark.skipif(
+    TLS_BINARY is None, reason="no redis-server built with TLS (`make test` installs Debian's redis-server)"
+)
 
 
 class ManagedStack:
@@ -50,12 +52,20 @@ class ManagedStack:
     def __init__(self, log_dir: Path, moto_url: str, redis_env: dict[str, str]):
         suffix = uuid.uuid4().hex[:8]
         self.gateway_port = free_port()
-        values = loopback_values(**{
-            "BIREFNET_INPUT_BUCKET": f"in-{suffix}", "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
-            "BIREFNET_GATEWAY_HOST": "127.0.0.1", "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
-            "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"), "BIREFNET_TEST_LOG_DIR": str(log_dir),
-            **redis_env})
-        self.stack = build_stack(redis_env["BIREFNET_REDIS_URL"], moto_url, values, queue_name=f"events-{suffix}")
+        values = loopback_values(
+            **{
+                "BIREFNET_INPUT_BUCKET": f"in-{suffix}",
+                "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
+                "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+                "BIREFNET_GATEWAY_PORT": str(self.gateway_port),
+                "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"),
+                "BIREFNET_TEST_LOG_DIR": str(log_dir),
+                **redis_env,
+            }
+        )
+        self.stack = build_stack(
+            redis_env["BIREFNET_REDIS_URL"], moto_url, values, queue_name=f"events-{suffix}"
+        )
         self.settings, self.env = self.stack.settings, self.stack.env
         self.moto_url = moto_url
 
@@ -87,8 +97,9 @@ class ManagedStack:
 
         from common.adapters.storage import boto_config
 
-        return boto3.client("s3", region_name=self.settings.aws_region, endpoint_url=self.moto_url,
-                            config=boto_config())
+        return boto3.client(
+            "s3", region_name=self.settings.aws_region, endpoint_url=self.moto_url, config=boto_config()
+        )
 
     def outcome(self, submitted: Submitted, receiver: WebhookReceiver, timeout: float) -> dict:
         """Wait until every accepted job is COMPLETED with a webhook; then what became of each."""
@@ -102,16 +113,26 @@ class ManagedStack:
         webhooks = Counter(item.json()["request_id"] for item in list(receiver.received))
         runs = {rid: sum(bool(DONE_LINE.match(line)) for line in log_lines(store, rid)) for rid in ids}
         client.close()
-        return {"ids": ids, "failed": {rid: records[rid].error for rid in ids if not records[rid].ok},
-                "webhooks": {rid: webhooks[rid] for rid in ids}, "runs": runs,
-                "uploads_with_jobs": len(submitted.s3_keys)}
+        return {
+            "ids": ids,
+            "failed": {rid: records[rid].error for rid in ids if not records[rid].ok},
+            "webhooks": {rid: webhooks[rid] for rid in ids},
+            "runs": runs,
+            "uploads_with_jobs": len(submitted.s3_keys),
+        }
 
     def close(self) -> None:
         self.stack.stop_all()
 
 
-def submit_some(stack: ManagedStack, receiver: WebhookReceiver, out: Submitted, count: int, rate: float,
-                stop: threading.Event | None = None) -> None:
+def submit_some(
+    stack: ManagedStack,
+    receiver: WebhookReceiver,
+    out: Submitted,
+    count: int,
+    rate: float,
+    stop: threading.Event | None = None,
+) -> None:
     """Half through the gateway, half as uploads with a webhook in their metadata."""
     submitter = GatewaySubmitter(stack.gateway_url, receiver.url)
     s3 = stack.s3()
@@ -149,16 +170,25 @@ def test_tls_acl_and_client_certificate_for_every_redis_user(moto_endpoint: str,
     # The server really insists: no client certificate, or a wrong password, is refused.
     once = {"retry": Retry(NoBackoff(), 0), "socket_timeout": 3}
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(host="127.0.0.1", port=server.port, ssl=True, ssl_ca_certs=str(c.ca), username=server.username,
-                    password=server.password, **once).ping()
+        redis.Redis(
+            host="127.0.0.1",
+            port=server.port,
+            ssl=True,
+            ssl_ca_certs=str(c.ca),
+            username=server.username,
+            password=server.password,
+            **once,
+        ).ping()
     with pytest.raises(redis.AuthenticationError):
         server.client(password="wrong", **once).ping()
     with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
         redis.Redis(port=server.port, **once).ping()  # plain TCP on the TLS port
     redis_env = {
         "BIREFNET_REDIS_URL": f"rediss://127.0.0.1:{server.port}/0",
-        "BIREFNET_REDIS_USERNAME": server.username, "BIREFNET_REDIS_PASSWORD": server.password,
-        "BIREFNET_REDIS_TLS_CA_FILE": str(c.ca), "BIREFNET_REDIS_TLS_CERT_FILE": str(c.client_cert),
+        "BIREFNET_REDIS_USERNAME": server.username,
+        "BIREFNET_REDIS_PASSWORD": server.password,
+        "BIREFNET_REDIS_TLS_CA_FILE": str(c.ca),
+        "BIREFNET_REDIS_TLS_CERT_FILE": str(c.client_cert),
         "BIREFNET_REDIS_TLS_KEY_FILE": str(c.client_key),
     }
     stack = ManagedStack(tmp_path, moto_endpoint, redis_env)
@@ -170,8 +200,14 @@ def test_tls_acl_and_client_certificate_for_every_redis_user(moto_endpoint: str,
         result = stack.outcome(submitted, receiver, timeout=180)
         assert_every_job_once(result, submitted)
         # ops reads the same Redis with the same settings.
-        ops = subprocess.run([sys.executable, "-m", "ops", "status", "--json"], cwd=ROOT, env=stack.env,
-                             capture_output=True, text=True, timeout=60)
+        ops = subprocess.run(
+            [sys.executable, "-m", "ops", "status", "--json"],
+            cwd=ROOT,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert ops.returncode == 0, ops.stderr
         assert json.loads(ops.stdout)["variants"]
         clients = server.client().client_list()
@@ -201,17 +237,30 @@ def test_sentinel_failover_during_a_run_loses_nothing_and_repeats_nothing(moto_e
     try:
         stack.start(workers=2)
         submitted = Submitted()
-        thread = threading.Thread(target=submit_some, args=(stack, receiver, submitted, FAILOVER_JOBS, 4), daemon=True)
+        thread = threading.Thread(
+            target=submit_some, args=(stack, receiver, submitted, FAILOVER_JOBS, 4), daemon=True
+        )
         thread.start()
-        wait_for(lambda: len(submitted.api) + len(submitted.s3_keys) >= FAILOVER_JOBS // 3, 120, "jobs flowing")
+        wait_for(
+            lambda: len(submitted.api) + len(submitted.s3_keys) >= FAILOVER_JOBS // 3, 120, "jobs flowing"
+        )
         old = group.kill_master()
         wait_for(lambda: group.master_port() not in (None, old), 60, "the sentinels to promote a replica")
         thread.join(timeout=300)
         assert not thread.is_alive()
         result = stack.outcome(submitted, receiver, timeout=300)
-        print("sentinel failover:", json.dumps({
-            "jobs": len(result["ids"]), "refused_and_retried": submitted.refused, "old_master": old,
-            "new_master": group.master_port(), "last_log_line_lost": sum(n == 0 for n in result["runs"].values())}))
+        print(
+            "sentinel failover:",
+            json.dumps(
+                {
+                    "jobs": len(result["ids"]),
+                    "refused_and_retried": submitted.refused,
+                    "old_master": old,
+                    "new_master": group.master_port(),
+                    "last_log_line_lost": sum(n == 0 for n in result["runs"].values()),
+                }
+            ),
+        )
         assert_every_job_once(result, submitted)
         crashed = [proc.args for proc in stack.stack.processes if proc.poll() is not None]
         assert not crashed, f"services exited during the failover: {crashed}"
@@ -227,15 +276,24 @@ def test_settings_build_one_consistent_client_and_broker():
 
     plain = Settings(redis_url="redis://u:p%40ss@cache.internal:6380/4")
     assert celery_broker(plain).url == "redis://u:p%40ss@cache.internal:6380/4"
-    tls = Settings(redis_url="rediss://cache.internal:6390/2", redis_username="svc", redis_password="a:b/c",
-                   redis_tls_ca_file="/ca.pem")
+    tls = Settings(
+        redis_url="rediss://cache.internal:6390/2",
+        redis_username="svc",
+        redis_password="a:b/c",
+        redis_tls_ca_file="/ca.pem",
+    )
     broker = celery_broker(tls)
     assert broker.url == "rediss://svc:a%3Ab%2Fc@cache.internal:6390/2"
     assert broker.use_ssl["ssl_ca_certs"] == "/ca.pem"
     target = RedisTarget.from_settings(tls)
     assert target.tls_kwargs()["ssl"] is True and target.password == "a:b/c"
-    sentinel = Settings(redis_url="rediss://x/5", redis_sentinels="10.0.0.1:26379, 10.0.0.2:26379",
-                        redis_sentinel_master="jobs", redis_password="pw", redis_sentinel_password="spw")
+    sentinel = Settings(
+        redis_url="rediss://x/5",
+        redis_sentinels="10.0.0.1:26379, 10.0.0.2:26379",
+        redis_sentinel_master="jobs",
+        redis_password="pw",
+        redis_sentinel_password="spw",
+    )
     broker = celery_broker(sentinel)
     assert broker.url == "sentinel://:pw@10.0.0.1:26379/5;sentinel://:pw@10.0.0.2:26379/5"
     assert broker.transport_options["master_name"] == "jobs"
@@ -256,20 +314,27 @@ def test_sentinel_broker_channel_closes_after_a_lost_connection_and_restores_its
 
     group = SentinelGroup(TLS_BINARY or redis_server_binary(), tmp_path, replicas=1).start()
     try:
-        settings = Settings(redis_url="redis://x/2", redis_password=group.password,
-                            redis_sentinels=",".join(f"127.0.0.1:{p}" for p in group.sentinel_ports),
-                            redis_sentinel_master=group.master_name)
+        settings = Settings(
+            redis_url="redis://x/2",
+            redis_password=group.password,
+            redis_sentinels=",".join(f"127.0.0.1:{p}" for p in group.sentinel_ports),
+            redis_sentinel_master=group.master_name,
+        )
         broker = celery_broker(settings)
         master = redis.Redis(port=group.master_port(), password=group.password, db=2)
         outcomes = {}
         for transport in (None, broker.transport):
-            conn = kombu.Connection(broker.url, transport=transport, transport_options=broker.transport_options)
+            conn = kombu.Connection(
+                broker.url, transport=transport, transport_options=broker.transport_options
+            )
             queue = kombu.Queue("lost-connection", routing_key="lost-connection")
             with conn.Producer() as producer:
                 producer.publish({"n": 1}, routing_key="lost-connection", declare=[queue])
             channel = conn.channel()
             taken = []
-            kombu.Consumer(channel, [queue], callbacks=[lambda body, message, taken=taken: taken.append(message)]).consume()
+            kombu.Consumer(
+                channel, [queue], callbacks=[lambda body, message, taken=taken: taken.append(message)]
+            ).consume()
             conn.drain_events(timeout=10)
             assert taken and master.llen("lost-connection") == 0, "the message is held, unacknowledged"
             conn.transport.client = None
@@ -280,6 +345,7 @@ def test_sentinel_broker_channel_closes_after_a_lost_connection_and_restores_its
                 outcomes[type(conn.transport)] = "AttributeError"
             master.delete("lost-connection")
         assert outcomes == {kombu_redis.SentinelTransport: "AttributeError", SentinelTransport: 1}, (
-            "kombu fixed it? then drop common.adapters.redis_conn.SentinelChannel")
+            "kombu fixed it? then drop common.adapters.redis_conn.SentinelChannel"
+        )
     finally:
         group.stop()

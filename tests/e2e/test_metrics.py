@@ -28,17 +28,28 @@ def test_worker_producer_and_webhook_metrics_move_after_jobs(stack: Stack, webho
     settings = stack.settings
     worker_port, hooks_port = free_port(), free_port()
     stack.start_worker("general-light", extra_env={"BIREFNET_WORKER_METRICS_PORT": str(worker_port)})
-    stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks",
-                {"BIREFNET_WEBHOOKS_METRICS_PORT": str(hooks_port),
-                 # the receiver listens on loopback, which the SSRF guard refuses by default
-                 "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BIREFNET_FETCH_ALLOWED_PORTS": "*"})
-    worker_url, hooks_url = f"http://127.0.0.1:{worker_port}/metrics", f"http://127.0.0.1:{hooks_port}/metrics"
+    stack.start(
+        ["-m", "deliverer", "--concurrency", "2"],
+        "webhooks",
+        {
+            "BIREFNET_WEBHOOKS_METRICS_PORT": str(hooks_port),
+            # the receiver listens on loopback, which the SSRF guard refuses by default
+            "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+            "BIREFNET_FETCH_ALLOWED_PORTS": "*",
+        },
+    )
+    worker_url, hooks_url = (
+        f"http://127.0.0.1:{worker_port}/metrics",
+        f"http://127.0.0.1:{hooks_port}/metrics",
+    )
     before = scrape(worker_url)
     for probe in ("healthz", "readyz"):  # the probes share the port: 200 while the inference thread is fine
         answer = httpx.get(f"http://127.0.0.1:{worker_port}/{probe}", timeout=5)
         assert answer.status_code == 200 and answer.text.strip() == "ok", (probe, answer.text)
     assert sample(before, "birefnet_model_load_seconds", variant="general-light") > 0
-    assert sample(before, "birefnet_model_untrained", variant="general-light") == 1  # tests run recipe weights
+    assert (
+        sample(before, "birefnet_model_untrained", variant="general-light") == 1
+    )  # tests run recipe weights
     assert sample(before, "birefnet_jobs_completed_total", variant="general-light", outcome="done") is None
 
     hook = {"webhook_url": webhook_receiver.url}
@@ -63,10 +74,16 @@ def test_worker_producer_and_webhook_metrics_move_after_jobs(stack: Stack, webho
     assert sample(worker, "birefnet_job_stage_seconds_sum", variant="general-light", stage="inference") > 0
     assert sample(worker, "birefnet_jobs_completed_total", variant="general-light", outcome="done") == 1
     assert sample(worker, "birefnet_jobs_completed_total", variant="general-light", outcome="failed") == 1
-    assert sample(worker, "birefnet_job_errors_total", variant="general-light", error_type="image_load_error") == 1
+    assert (
+        sample(worker, "birefnet_job_errors_total", variant="general-light", error_type="image_load_error")
+        == 1
+    )
 
-    wait_for(lambda: sample(scrape(hooks_url), "birefnet_webhook_deliveries_total", outcome="delivered") == 2, 10,
-             "the deliverer to count both webhooks")
+    wait_for(
+        lambda: sample(scrape(hooks_url), "birefnet_webhook_deliveries_total", outcome="delivered") == 2,
+        10,
+        "the deliverer to count both webhooks",
+    )
 
     r = JobStore.from_url(settings.redis_url).redis
     completions = ops_state.read_completions(r, 0)

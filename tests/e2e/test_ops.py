@@ -30,8 +30,9 @@ from tests.helpers.stack import Stack, wait_for
 def submit(stack: Stack, key: str, body: bytes = b"img", metadata: dict | None = None) -> str:
     """Upload an object and hand its event to the producer's intake (the SQS/HTTP path minus transport)."""
     put(stack, key, metadata or {}, body=body)
-    return build_intake(stack.settings).handle(ObjectCreated(stack.settings.input_bucket, key, None, None, None,
-                                                             "ObjectCreated:Put"))
+    return build_intake(stack.settings).handle(
+        ObjectCreated(stack.settings.input_bucket, key, None, None, None, "ObjectCreated:Put")
+    )
 
 
 def client(stack: Stack) -> redis.Redis:
@@ -48,30 +49,61 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     settings, r = stack.settings, client(stack)
     now = time.time()
     # A completion from before the window must not count.
-    r.xadd(keys.COMPLETIONS, {"variant": "general-light", "outcome": "done", "latency": "99"},
-           id=f"{int((now - 7200) * 1000)}-0")
+    r.xadd(
+        keys.COMPLETIONS,
+        {"variant": "general-light", "outcome": "done", "latency": "99"},
+        id=f"{int((now - 7200) * 1000)}-0",
+    )
 
     ids = [submit(stack, f"q/{n}.png") for n in range(3)]
     store = JobStore(r)
     store.redis.hset(keys.job(ids[0]), "created_at", repr(now - 120))  # the oldest has waited 2 min
-    low = JobSpec(request_id=str(uuid.uuid4()), variant="general-light", image_url="s3://x/y.png",
-                  params=JobParams(), output_prefix="results/requests/x/", priority="low")
+    low = JobSpec(
+        request_id=str(uuid.uuid4()),
+        variant="general-light",
+        image_url="s3://x/y.png",
+        params=JobParams(),
+        output_prefix="results/requests/x/",
+        priority="low",
+    )
     store.create(low)
     send_job(make_celery(settings), low)  # kombu keeps low priority in its own list
 
-    ops_state.publish_heartbeat(r, "general-light@gpu-a:11", {
-        "name": "general-light@gpu-a:11", "variants": ["general-light"], "untrained": ["general-light"],
-        "device": "cuda:0", "started_at": now - 600})
+    ops_state.publish_heartbeat(
+        r,
+        "general-light@gpu-a:11",
+        {
+            "name": "general-light@gpu-a:11",
+            "variants": ["general-light"],
+            "untrained": ["general-light"],
+            "device": "cuda:0",
+            "started_at": now - 600,
+        },
+    )
     ops_state.set_paused(r, "general-heavy", "maintenance")
     for n in range(10):
-        ops_state.record_completion(r, {"variant": "general-light", "outcome": "done", "latency": n + 1,
-                                        "run": 0.5, "queue_wait": n / 10}, keep=1000)
-    ops_state.record_completion(r, {"variant": "general-light", "outcome": "failed",
-                                    "error_type": "image_load_error", "latency": 0.01}, keep=1000)
+        ops_state.record_completion(
+            r,
+            {
+                "variant": "general-light",
+                "outcome": "done",
+                "latency": n + 1,
+                "run": 0.5,
+                "queue_wait": n / 10,
+            },
+            keep=1000,
+        )
+    ops_state.record_completion(
+        r,
+        {"variant": "general-light", "outcome": "failed", "error_type": "image_load_error", "latency": 0.01},
+        keep=1000,
+    )
     # Webhooks: one gave up after every retry, one is retrying after a failed attempt.
     for rid, member in (("hook-gone", None), ("hook-retry", "hook-retry|1")):
-        r.rpush(keys.webhook_attempts(rid), json.dumps({"attempt": 0, "at": now, "status_code": 500, "ok": False,
-                                               "error": "HTTP 500"}))
+        r.rpush(
+            keys.webhook_attempts(rid),
+            json.dumps({"attempt": 0, "at": now, "status_code": 500, "ok": False, "error": "HTTP 500"}),
+        )
         if member:
             r.zadd(keys.WEBHOOK_DUE, {member: now + 30})
         else:
@@ -113,7 +145,12 @@ def test_a_message_held_but_not_running_counts_as_reserved(stack: Stack):
         message = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
         assert broker.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
         view = gather_status(r, settings)["variants"]["general-light"]
-        assert (view["queued_messages"], view["waiting_jobs"], view["reserved"], view["in_progress"]) == (0, 1, 1, 0)
+        assert (view["queued_messages"], view["waiting_jobs"], view["reserved"], view["in_progress"]) == (
+            0,
+            1,
+            1,
+            0,
+        )
         message.ack()
         queue.close()
     assert gather_status(r, settings)["variants"]["general-light"]["reserved"] == 0
@@ -135,7 +172,9 @@ def test_pause_resume_and_drain_steer_a_running_worker(stack: Stack):
     wait_for(lambda: celery.control.ping(timeout=0.5), 60, "the worker to answer control commands")
 
     paused = control.pause(r, celery, settings, "general-light")
-    assert paused["workers_serving"] == 1 and all(n.startswith("general-light@") for n in paused["acknowledged_by"])
+    assert paused["workers_serving"] == 1 and all(
+        n.startswith("general-light@") for n in paused["acknowledged_by"]
+    )
     job = submit(stack, "ops/a.png", array_png(samples.astronaut()))
     time.sleep(3)
     assert status_of(stack, job) == "IN_QUEUE", "a paused variant's jobs stay queued"
@@ -144,8 +183,12 @@ def test_pause_resume_and_drain_steer_a_running_worker(stack: Stack):
 
     resumed = control.resume(r, celery, settings, "general-light")
     assert resumed["was_paused"] and resumed["workers_serving"] == 1
-    wait_for(lambda: gather_status(r, settings)["variants"]["general-light"]["in_progress_ids"] == [job], 60,
-             "the job to run once resumed", interval=0.05)
+    wait_for(
+        lambda: gather_status(r, settings)["variants"]["general-light"]["in_progress_ids"] == [job],
+        60,
+        "the job to run once resumed",
+        interval=0.05,
+    )
 
     # Drain while it runs: the job finishes, the worker stops consuming, later jobs wait.
     drained = control.drain(r, celery, settings, "general-light", timeout=120, poll=0.5)
@@ -162,26 +205,35 @@ def test_pause_resume_and_drain_steer_a_running_worker(stack: Stack):
 
 
 @pytest.mark.timeout(300)
-def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revives_a_dead_letter(stack: Stack,
-                                                                                               capsys):
+def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revives_a_dead_letter(
+    stack: Stack, capsys
+):
     settings, r = stack.settings, client(stack)
     celery = make_celery(settings)
     store = JobStore(r)
     # A job that already used up its attempts: the worker's claim dead-letters it.
     put(stack, "dead/astronaut.png", {}, body=array_png(samples.astronaut()))
     rid = str(uuid.uuid4())
-    spec = JobSpec(request_id=rid, variant="general-light", params=JobParams(),
-                   image_url=f"s3://{settings.input_bucket}/dead/astronaut.png",
-                   output_prefix=request_output_prefix(settings, rid))
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        params=JobParams(),
+        image_url=f"s3://{settings.input_bucket}/dead/astronaut.png",
+        output_prefix=request_output_prefix(settings, rid),
+    )
     store.create(spec)
-    store.redis.hset(keys.job(rid), mapping={"attempts": settings.max_job_attempts,
-                                                  "last_error": "RuntimeError: CUDA error"})
+    store.redis.hset(
+        keys.job(rid),
+        mapping={"attempts": settings.max_job_attempts, "last_error": "RuntimeError: CUDA error"},
+    )
     send_job(celery, spec)
 
     control.pause(r, celery, settings, "general-light", reason="test")
     stack.start_worker("general-light")
     time.sleep(4)
-    assert store.status(rid) == "IN_QUEUE", "a worker that starts while its variant is paused does not consume"
+    assert store.status(rid) == "IN_QUEUE", (
+        "a worker that starts while its variant is paused does not consume"
+    )
     control.resume(r, celery, settings, "general-light")
     completed(stack, rid)
     record = store.get(rid)
@@ -193,9 +245,14 @@ def test_a_worker_started_while_paused_leaves_the_queue_alone_and_requeue_revive
 
     assert cli.main(["--redis-url", settings.redis_url, "requeue", rid]) == 0
     assert "requeued" in capsys.readouterr().out
-    wait_for(lambda: (rec := store.get(rid)) is not None and rec.status == "COMPLETED" and rec.ok, 120,
-             "the requeued job to succeed")
+    wait_for(
+        lambda: (rec := store.get(rid)) is not None and rec.status == "COMPLETED" and rec.ok,
+        120,
+        "the requeued job to succeed",
+    )
     record = store.get(rid)
     assert record.attempts == 1 and record.result["image"]["width"] == 512
     assert r.zcard(keys.DEADLETTER) == 0
-    assert cli.main(["--redis-url", settings.redis_url, "requeue", rid]) == 2, "a succeeded job is not requeued"
+    assert cli.main(["--redis-url", settings.redis_url, "requeue", rid]) == 2, (
+        "a succeeded job is not requeued"
+    )

@@ -1,4 +1,5 @@
-"""The worker checks the decoder patch order of the trained weights it loads (worker/loading.py, worker/patch_order.py).
+"""The worker checks the decoder patch order of the trained weights it loads (worker/loading.py,
+worker/patch_order.py).
 
 The network under test is a nano BiRefNet whose weights are CONSTRUCTED so that exactly one patch order is
 right: its only path to the logits reads the 4x4 patch stack of the image (decoder.ipt_blk2) and computes
@@ -31,8 +32,14 @@ from worker.patch_order import SAMPLES_DIR, decide
 
 GRID = 4  # ipt_blk2 reads the image as 4x4 tiles
 PHOTOS = ",".join(str(SAMPLES_DIR / name) for name in ("chelsea.jpg", "rocket.jpg"))
-FAST = {"device": "cpu", "torch_threads": 1, "warmup_forward": False, "patch_order_check_resolution": "64x64",
-        "patch_order_check_photos": PHOTOS, "weights_fallback": "none"}
+FAST = {
+    "device": "cpu",
+    "torch_threads": 1,
+    "warmup_forward": False,
+    "patch_order_check_resolution": "64x64",
+    "patch_order_check_photos": PHOTOS,
+    "weights_fallback": "none",
+}
 
 
 def stack_channel(order: str, colour: int, row: int, col: int) -> int:
@@ -99,16 +106,23 @@ def loaded(weights: str, configured: str, **settings) -> Predictor:
 
 def test_decide_adopts_only_a_clear_and_consistent_winner():
     assert decide({"einops": [0.1, 0.1], "legacy": [0.3, 0.3]}, "einops", margin=0.02, pin=False)[:2] == (
-        "legacy", "adopted")
+        "legacy",
+        "adopted",
+    )
     assert decide({"einops": [0.1, 0.1], "legacy": [0.3, 0.3]}, "einops", margin=0.02, pin=True)[:2] == (
-        "einops", "pinned")
+        "einops",
+        "pinned",
+    )
     assert decide({"einops": [0.3, 0.3], "legacy": [0.1, 0.1]}, "einops", margin=0.02, pin=False)[:2] == (
-        "einops", "confirmed")
+        "einops",
+        "confirmed",
+    )
     close = decide({"einops": [0.20, 0.21], "legacy": [0.21, 0.21]}, "einops", margin=0.02, pin=False)
     assert close[:2] == ("einops", "inconclusive") and "too close to call" in close[2]
     # A big average won on one photo out of three is not "most photos": keep the configured order.
-    assert decide({"einops": [0.1, 0.3, 0.3], "legacy": [0.45, 0.29, 0.29]}, "einops", margin=0.02,
-                  pin=False)[:2] == ("einops", "inconclusive")
+    assert decide(
+        {"einops": [0.1, 0.3, 0.3], "legacy": [0.45, 0.29, 0.29]}, "einops", margin=0.02, pin=False
+    )[:2] == ("einops", "inconclusive")
 
 
 @pytest.mark.parametrize("right", ["legacy", "einops"])
@@ -126,8 +140,10 @@ def test_wrongly_configured_order_is_replaced_by_the_right_one(checkpoints, righ
     reference = loaded(checkpoints[right], right)
     assert reference.patch_order_report.verdict == "confirmed"
     image = predictor_photo()
-    assert torch.allclose(torch.from_numpy(predictor.predict_masks([image], (64, 64))[0]),
-                          torch.from_numpy(reference.predict_masks([image], (64, 64))[0]))
+    assert torch.allclose(
+        torch.from_numpy(predictor.predict_masks([image], (64, 64))[0]),
+        torch.from_numpy(reference.predict_masks([image], (64, 64))[0]),
+    )
 
 
 def predictor_photo():
@@ -165,25 +181,48 @@ def test_recipe_weights_are_not_checked_and_the_log_says_why(caplog):
 def test_worker_exports_the_check_as_metrics_and_in_ops_status(stack: Stack, checkpoints):
     """A real worker process: the adopted order shows on /metrics and in `python -m ops status --json`."""
     port = free_port()
-    overrides = {"general-light": {"backbone": "swin_v1_nano", "weights": checkpoints["legacy"],
-                                   "patch_order": "einops"}}
-    stack.start_worker("general-light", extra_env={
-        "BIREFNET_VARIANT_OVERRIDES": json.dumps(overrides), "BIREFNET_WORKER_METRICS_PORT": str(port),
-        "BIREFNET_PATCH_ORDER_CHECK_RESOLUTION": "64x64", "BIREFNET_PATCH_ORDER_CHECK_PHOTOS": PHOTOS})
+    overrides = {
+        "general-light": {
+            "backbone": "swin_v1_nano",
+            "weights": checkpoints["legacy"],
+            "patch_order": "einops",
+        }
+    }
+    stack.start_worker(
+        "general-light",
+        extra_env={
+            "BIREFNET_VARIANT_OVERRIDES": json.dumps(overrides),
+            "BIREFNET_WORKER_METRICS_PORT": str(port),
+            "BIREFNET_PATCH_ORDER_CHECK_RESOLUTION": "64x64",
+            "BIREFNET_PATCH_ORDER_CHECK_PHOTOS": PHOTOS,
+        },
+    )
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    in_use = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("birefnet_patch_order_in_use{")}
+    in_use = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("birefnet_patch_order_in_use{")
+    }
     assert in_use == {
         'configured="einops",order="einops",variant="general-light",verdict="adopted"': 0.0,
         'configured="einops",order="legacy",variant="general-light",verdict="adopted"': 1.0,
     }
-    confidence = {line.split('order="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("birefnet_patch_order_confidence{")}
+    confidence = {
+        line.split('order="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("birefnet_patch_order_confidence{")
+    }
     assert confidence["legacy"] > confidence["einops"] + 0.05
 
     def status() -> dict | None:
-        done = subprocess.run([sys.executable, "-m", "ops", "status", "--json"], cwd=ROOT, env=stack.env,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "ops", "status", "--json"],
+            cwd=ROOT,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         data = json.loads(done.stdout)
         return data if data["workers"] else None
@@ -191,6 +230,12 @@ def test_worker_exports_the_check_as_metrics_and_in_ops_status(stack: Stack, che
     data = wait_for(status, 60, "the worker's heartbeat")
     report = data["workers"][0]["patch_order"]["general-light"]
     assert (report["configured"], report["in_use"], report["verdict"]) == ("einops", "legacy", "adopted")
-    rendered = subprocess.run([sys.executable, "-m", "ops", "status"], cwd=ROOT, env={**stack.env, "COLUMNS": "200"},
-                              capture_output=True, text=True, timeout=60).stdout
+    rendered = subprocess.run(
+        [sys.executable, "-m", "ops", "status"],
+        cwd=ROOT,
+        env={**stack.env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "patch order" in rendered and "adopted" in rendered

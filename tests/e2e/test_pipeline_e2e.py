@@ -1,4 +1,5 @@
-"""End to end, with real parts: upload -> S3 event in SQS -> producer -> Redis -> worker process -> S3 -> webhook."""
+"""End to end, with real parts: upload -> S3 event in SQS -> producer -> Redis -> worker process -> S3 ->
+webhook."""
 
 from __future__ import annotations
 
@@ -41,9 +42,13 @@ def test_upload_comes_back_cut_out_with_webhook(stack: Stack, webhook_receiver: 
     start_pipeline(stack)
     s3 = s3_client(settings)
     photo = samples.astronaut()  # 512x512 RGB
-    s3.put_object(Bucket=settings.input_bucket, Key="photos/astronaut one.png", Body=array_png(photo),
-                  ContentType="image/png",
-                  Metadata={"output_mask": "true", "webhook_url": webhook_receiver.url, "output_format": "png"})
+    s3.put_object(
+        Bucket=settings.input_bucket,
+        Key="photos/astronaut one.png",
+        Body=array_png(photo),
+        ContentType="image/png",
+        Metadata={"output_mask": "true", "webhook_url": webhook_receiver.url, "output_format": "png"},
+    )
 
     (delivery,) = webhook_receiver.wait(1, timeout=180)
     body = delivery.json()
@@ -85,8 +90,9 @@ def test_bad_image_gets_error_and_next_image_still_works(stack: Stack, webhook_r
     start_pipeline(stack)
     s3 = s3_client(settings)
     hook = {"webhook_url": webhook_receiver.url}
-    s3.put_object(Bucket=settings.input_bucket, Key="bad/not-an-image.jpg", Body=b"<html>nope</html>",
-                  Metadata=hook)
+    s3.put_object(
+        Bucket=settings.input_bucket, Key="bad/not-an-image.jpg", Body=b"<html>nope</html>", Metadata=hook
+    )
     (delivery,) = webhook_receiver.wait(1, timeout=180)
     body = delivery.json()
     assert body["status"] == "ERROR"
@@ -95,15 +101,18 @@ def test_bad_image_gets_error_and_next_image_still_works(stack: Stack, webhook_r
     assert detail["type"] == "image_load_error" and detail["loc"] == ["body", "image_url"]
     assert "image" in detail["msg"].lower()
 
-    s3.put_object(Bucket=settings.input_bucket, Key="good/chelsea.png", Body=array_png(samples.chelsea()),
-                  Metadata=hook)
+    s3.put_object(
+        Bucket=settings.input_bucket, Key="good/chelsea.png", Body=array_png(samples.chelsea()), Metadata=hook
+    )
     deliveries = webhook_receiver.wait(2, timeout=180)
     good = deliveries[1].json()
     assert good["status"] == "OK", good
     assert (good["payload"]["image"]["width"], good["payload"]["image"]["height"]) == (451, 300)
 
     # The bad upload's error document sits where its result would have been.
-    listing = s3.list_objects_v2(Bucket=settings.output_bucket, Prefix=f"{settings.output_prefix}uploads/bad/")
+    listing = s3.list_objects_v2(
+        Bucket=settings.output_bucket, Prefix=f"{settings.output_prefix}uploads/bad/"
+    )
     (error_doc,) = [o["Key"] for o in listing["Contents"] if o["Key"].endswith("result.json")]
     document = json.loads(s3.get_object(Bucket=settings.output_bucket, Key=error_doc)["Body"].read())
     assert document["detail"][0]["type"] == "image_load_error"
@@ -114,8 +123,12 @@ def test_invalid_metadata_is_an_error_result_not_a_crash(stack: Stack, webhook_r
     settings = stack.settings
     start_pipeline(stack)
     s3 = s3_client(settings)
-    s3.put_object(Bucket=settings.input_bucket, Key="x/astronaut.png", Body=array_png(samples.astronaut()),
-                  Metadata={"webhook_url": webhook_receiver.url, "model": "Fancy"})
+    s3.put_object(
+        Bucket=settings.input_bucket,
+        Key="x/astronaut.png",
+        Body=array_png(samples.astronaut()),
+        Metadata={"webhook_url": webhook_receiver.url, "model": "Fancy"},
+    )
     (delivery,) = webhook_receiver.wait(1, timeout=120)
     body = delivery.json()
     assert body["status"] == "ERROR"
@@ -125,5 +138,3 @@ def test_invalid_metadata_is_an_error_result_not_a_crash(stack: Stack, webhook_r
     # The producer is still alive and consuming.
     assert stack.processes[0].poll() is None
     wait_for(lambda: queue_is_empty(settings), 30, "the SQS message to be deleted")
-
-

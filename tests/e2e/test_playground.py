@@ -34,8 +34,10 @@ WAIT = 90  # seconds: a loaded 2-core machine runs the worker slowly
 if not (CHROMIUM and CHROMEDRIVER):
     if os.environ.get("CI"):
         pytest.fail("CI needs chromium and chromedriver (make browser installs them)", pytrace=False)
-    pytest.skip("no chromium/chromedriver on PATH: run `make browser` (apt-get install chromium "
-                "chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        "no chromium/chromedriver on PATH: run `make browser` (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 
 from selenium import webdriver  # noqa: E402 - after the skip: selenium is a dev dependency
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -48,8 +50,13 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[GatewayStack]:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("playground"),
-                                workers=("general-light",), webhooks=False)
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("playground"),
+        workers=("general-light",),
+        webhooks=False,
+    )
     yield stack
     stack.close()
 
@@ -58,8 +65,15 @@ def gs(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[GatewayStack]:
 def browser() -> Iterator[webdriver.Chrome]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,2000", "--force-prefers-reduced-motion", "--force-color-profile=srgb"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,2000",
+        "--force-prefers-reduced-motion",
+        "--force-color-profile=srgb",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -93,12 +107,16 @@ def wait_until(driver, condition, what: str, timeout: float = WAIT):
     except TimeoutException:
         console = "\n".join(str(e) for e in driver.get_log("browser"))
         status = driver.find_element(By.ID, "status").text if driver.find_elements(By.ID, "status") else ""
-        raise AssertionError(f"timed out waiting for {what}; status {status!r}; console:\n{console}") from None
+        raise AssertionError(
+            f"timed out waiting for {what}; status {status!r}; console:\n{console}"
+        ) from None
 
 
 def open_page(driver, url: str) -> None:
     driver.get(url)
-    wait_until(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"), "page ready", 30)
+    wait_until(
+        driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"), "page ready", 30
+    )
 
 
 def type_key(driver, key: str) -> None:
@@ -109,8 +127,10 @@ def type_key(driver, key: str) -> None:
 
 def image_loaded(driver, element_id: str) -> bool:
     return driver.execute_script(
-        "const i = document.getElementById(arguments[0]); return !i.hidden && i.complete && i.naturalWidth > 0;",
-        element_id)
+        "const i = document.getElementById(arguments[0]); return !i.hidden && i.complete && i.naturalWidth > "
+        "0;",
+        element_id,
+    )
 
 
 def test_upload_shows_cutout_mask_json_and_snippets(gs, browser, tmp_path):
@@ -127,13 +147,22 @@ def test_upload_shows_cutout_mask_json_and_snippets(gs, browser, tmp_path):
     try:
         with gs.client(ALICE) as client:
             for _ in range(2):
-                client.post("/queue/fal-ai/birefnet/v2", json={"image_url": slow.url("/slow.png")}).raise_for_status()
+                client.post(
+                    "/queue/fal-ai/birefnet/v2", json={"image_url": slow.url("/slow.png")}
+                ).raise_for_status()
         browser.find_element(By.ID, "run").click()
-        wait_until(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Completed"), "Completed")
+        wait_until(
+            browser, lambda d: d.find_element(By.ID, "status").text.startswith("Completed"), "Completed"
+        )
     finally:
         slow.stop()
-    wait_until(browser, lambda d: image_loaded(d, "cutout-img") and image_loaded(d, "mask-img")
-               and image_loaded(d, "original-img"), "the three images to load")
+    wait_until(
+        browser,
+        lambda d: (
+            image_loaded(d, "cutout-img") and image_loaded(d, "mask-img") and image_loaded(d, "original-img")
+        ),
+        "the three images to load",
+    )
     assert not browser.find_element(By.ID, "error").is_displayed()
     warning = browser.find_element(By.ID, "result-warning")  # the result's own warning, shown as such
     assert warning.is_displayed() and "UNTRAINED WEIGHTS" in warning.text
@@ -166,8 +195,14 @@ def test_upload_shows_cutout_mask_json_and_snippets(gs, browser, tmp_path):
     assert 'fal_client.subscribe(\n    "fal-ai/birefnet/v2"' in python and '"output_mask": True' in python
     assert f'QUEUE_URL_FORMAT = "{gs.url}/queue/"' in python  # plain http: the client's https formats patched
     # Copied as is, the Python snippet runs the same request with fal's own client.
-    ran = subprocess.run([sys.executable, "-c", python], env={**os.environ, "FAL_KEY": ALICE}, capture_output=True,
-                         text=True, timeout=180, cwd=ROOT)
+    ran = subprocess.run(
+        [sys.executable, "-c", python],
+        env={**os.environ, "FAL_KEY": ALICE},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip().splitlines()[-1].startswith("http://127.0.0.1:"), ran.stdout
     browser.find_element(By.CSS_SELECTOR, "label[for=lang-js]").click()
@@ -177,8 +212,13 @@ def test_upload_shows_cutout_mask_json_and_snippets(gs, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "label[for=lang-curl]").click()
     if shutil.which("curl"):  # the curl snippet's submit, copied as is, queues the same request
         submit = curl.split("# Then")[0]
-        ran = subprocess.run(["bash", "-c", submit], env={**os.environ, "FAL_KEY": ALICE}, capture_output=True,
-                             text=True, timeout=60)
+        ran = subprocess.run(
+            ["bash", "-c", submit],
+            env={**os.environ, "FAL_KEY": ALICE},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert json.loads(ran.stdout)["status"] == "IN_QUEUE", ran.stdout + ran.stderr
     screenshot(browser, "playground-result")
 
@@ -188,7 +228,9 @@ def test_bad_image_shows_the_models_error(gs, browser):
     type_key(browser, ALICE)
     Select(browser.find_element(By.ID, "endpoint")).select_by_value("v1")
     assert browser.find_element(By.ID, "mask_only").get_attribute("disabled") is not None  # v2 only
-    Select(browser.find_element(By.ID, "endpoint")).select_by_value("v2")  # this stack's worker serves v2 Light
+    Select(browser.find_element(By.ID, "endpoint")).select_by_value(
+        "v2"
+    )  # this stack's worker serves v2 Light
     assert browser.find_element(By.ID, "mask_only").get_attribute("disabled") is None
     # Dropped on the drop zone (a synthetic drop event carrying a File, as a drag from the desktop does).
     browser.execute_script("""
@@ -196,7 +238,8 @@ def test_bad_image_shows_the_models_error(gs, browser):
         const transfer = new DataTransfer();
         transfer.items.add(file);
         const zone = document.getElementById("drop-zone");
-        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable:
+        true}));
         zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
     """)
     assert "broken.png" in browser.find_element(By.ID, "file-chosen").text
@@ -212,17 +255,20 @@ def test_bad_image_shows_the_models_error(gs, browser):
     assert not image_loaded(browser, "cutout-img")
     assert not browser.find_element(By.ID, "cutout-img").is_displayed()
     assert not browser.find_element(By.ID, "cutout-download").is_displayed()
-    assert 'fal_client.subscribe' not in browser.find_element(By.ID, "snippet").text  # curl tab still chosen
+    assert "fal_client.subscribe" not in browser.find_element(By.ID, "snippet").text  # curl tab still chosen
     assert '/queue/fal-ai/birefnet/v2"' in browser.find_element(By.ID, "snippet").text
     screenshot(browser, "playground-bad-image")
 
 
 def video_state(driver, element_id: str) -> dict:
-    return driver.execute_script("""
+    return driver.execute_script(
+        """
         const v = document.getElementById(arguments[0]);
         return {hidden: v.hidden, ready: v.readyState, duration: v.duration, width: v.videoWidth,
                 height: v.videoHeight, error: v.error && v.error.code, src: v.currentSrc};
-    """, element_id)
+    """,
+        element_id,
+    )
 
 
 @pytest.mark.parametrize("output_type", ["VP9 (.webm)", "X264 (.mp4)", "GIF (.gif)"])
@@ -260,14 +306,20 @@ def test_video_upload_plays_the_cutout_and_mask(gs, browser, tmp_path, output_ty
     # is an image, shown as one).
     players = ["original-video"] + ([] if gif else ["cutout-video", "mask-video"])
     for element in players:
-        wait_until(browser, lambda d, e=element: video_state(d, e)["ready"] >= 1 or video_state(d, e)["error"],
-                   f"{element} to load its metadata", 30)
+        wait_until(
+            browser,
+            lambda d, e=element: video_state(d, e)["ready"] >= 1 or video_state(d, e)["error"],
+            f"{element} to load its metadata",
+            30,
+        )
         state = video_state(browser, element)
         assert not state["hidden"] and state["error"] is None, (element, state)
         assert (state["width"], state["height"]) == (96, 64), (element, state)
         assert abs(state["duration"] - 1.0) < 0.1, (element, state)
     if gif:
-        wait_until(browser, lambda d: image_loaded(d, "cutout-img") and image_loaded(d, "mask-img"), "the GIFs")
+        wait_until(
+            browser, lambda d: image_loaded(d, "cutout-img") and image_loaded(d, "mask-img"), "the GIFs"
+        )
         assert not browser.find_element(By.ID, "cutout-video").is_displayed()
         assert browser.find_element(By.ID, "cutout-img").get_attribute("src") == result["video"]["url"]
     else:
@@ -280,12 +332,20 @@ def test_video_upload_plays_the_cutout_and_mask(gs, browser, tmp_path, output_ty
     curl = browser.find_element(By.ID, "snippet").text
     assert '/queue/fal-ai/birefnet/v2/video"' in curl and '"video_url":"' in curl
     assert '"video_write_mode":"fast"' in curl and "video_quality" not in curl  # only what differs
-    if output_type.startswith("VP9"):  # copied as is, the Python snippet runs the same request with fal's client
+    if output_type.startswith(
+        "VP9"
+    ):  # copied as is, the Python snippet runs the same request with fal's client
         browser.find_element(By.CSS_SELECTOR, "label[for=lang-python]").click()
         python = browser.find_element(By.ID, "snippet").text
         assert 'print(result["video"]["url"])' in python
-        ran = subprocess.run([sys.executable, "-c", python], env={**os.environ, "FAL_KEY": ALICE},
-                             capture_output=True, text=True, timeout=180, cwd=ROOT)
+        ran = subprocess.run(
+            [sys.executable, "-c", python],
+            env={**os.environ, "FAL_KEY": ALICE},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+        )
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.strip().splitlines()[-1].startswith("http://127.0.0.1:"), ran.stdout
         browser.find_element(By.CSS_SELECTOR, "label[for=lang-js]").click()
@@ -304,8 +364,15 @@ def test_ops_page_lists_the_running_worker(gs, browser):
 
     type_key(browser, OPS)
     browser.find_element(By.ID, "refresh").click()
-    wait_until(browser, lambda d: not error.is_displayed() and "worker" in d.find_element(By.ID, "ops-status").text
-               and "general-light" in d.find_element(By.ID, "workers").text, "the workers table")
+    wait_until(
+        browser,
+        lambda d: (
+            not error.is_displayed()
+            and "worker" in d.find_element(By.ID, "ops-status").text
+            and "general-light" in d.find_element(By.ID, "workers").text
+        ),
+        "the workers table",
+    )
     workers = browser.find_element(By.ID, "workers").text
     assert "general-light@" in workers and "cpu" in workers and "UNTRAINED: general-light" in workers
     queues = browser.find_element(By.ID, "queues")
@@ -318,7 +385,9 @@ def test_ops_page_lists_the_running_worker(gs, browser):
     assert browser.find_element(By.ID, "dead-summary").text == "0 dead letters."
     # Auto-refresh keeps it current: the "updated" time moves on.
     first = browser.execute_script("return document.body.dataset.loaded")
-    wait_until(browser, lambda d: d.execute_script("return document.body.dataset.loaded") != first, "a refresh", 30)
+    wait_until(
+        browser, lambda d: d.execute_script("return document.body.dataset.loaded") != first, "a refresh", 30
+    )
     screenshot(browser, "ops")
 
 
@@ -338,13 +407,40 @@ def test_forms_are_labelled_and_keyboard_ordered(gs, browser):
     order = []
     for _ in range(18):
         ActionChains(browser).send_keys(Keys.TAB).perform()  # to whatever has focus (file inputs too)
-        order.append(browser.switch_to.active_element.get_attribute("id") or
-                     browser.switch_to.active_element.text)
-    form_order = [i for i in order if i in ("api-key", "image-file", "image-url", "endpoint", "model",
-                                            "operating_resolution", "output_format", "refine_foreground",
-                                            "output_mask", "mask_only", "run")]
-    assert form_order == ["api-key", "image-file", "image-url", "endpoint", "model", "operating_resolution",
-                          "output_format", "refine_foreground", "output_mask", "mask_only", "run"], order
+        order.append(
+            browser.switch_to.active_element.get_attribute("id") or browser.switch_to.active_element.text
+        )
+    form_order = [
+        i
+        for i in order
+        if i
+        in (
+            "api-key",
+            "image-file",
+            "image-url",
+            "endpoint",
+            "model",
+            "operating_resolution",
+            "output_format",
+            "refine_foreground",
+            "output_mask",
+            "mask_only",
+            "run",
+        )
+    ]
+    assert form_order == [
+        "api-key",
+        "image-file",
+        "image-url",
+        "endpoint",
+        "model",
+        "operating_resolution",
+        "output_format",
+        "refine_foreground",
+        "output_mask",
+        "mask_only",
+        "run",
+    ], order
     # 2304x2304 is offered with General Use (Dynamic) only, as the gateway validates.
     resolutions = Select(browser.find_element(By.ID, "operating_resolution"))
     assert "2304x2304" not in [o.text for o in resolutions.options]
@@ -365,13 +461,22 @@ def test_page_data_endpoints(gs):
     v1, v2 = options["endpoints"]["v1"], options["endpoints"]["v2"]
     assert v2["app_id"] == "fal-ai/birefnet/v2" and len(v2["fields"]["model"]["choices"]) == 6
     assert v1["fields"]["model"]["choices"] == ["General Use (Light)", "General Use (Heavy)", "Portrait"]
-    assert v2["variants"]["General Use (Light)"] == "general-light" and v1["variants"]["Portrait"] == "v1-portrait"
+    assert (
+        v2["variants"]["General Use (Light)"] == "general-light"
+        and v1["variants"]["Portrait"] == "v1-portrait"
+    )
     assert "mask_only" in v2["fields"] and "mask_only" not in v1["fields"]
-    assert v2["fields"]["refine_foreground"]["default"] is True and v2["fields"]["output_format"]["default"] == "png"
+    assert (
+        v2["fields"]["refine_foreground"]["default"] is True
+        and v2["fields"]["output_format"]["default"] == "png"
+    )
     video = options["endpoints"]["v2/video"]  # the page takes a video for this one and plays both outputs
     assert video["app_id"] == "fal-ai/birefnet/v2/video" and video["url_field"] == "video_url"
     assert video["fields"]["video_output_type"]["choices"][:2] == ["X264 (.mp4)", "VP9 (.webm)"]
-    assert video["format_field"] == "video_output_type" and "media-src *" in page.headers["content-security-policy"]
+    assert (
+        video["format_field"] == "video_output_type"
+        and "media-src *" in page.headers["content-security-policy"]
+    )
     with gs.client(ALICE) as client:
         assert client.get("/admin/ops/status").status_code == 403
     with gs.client(OPS) as client:

@@ -39,17 +39,26 @@ def receiver():
 
 def ops(stack: ChaosStack, *args: str) -> subprocess.CompletedProcess:
     """`python -m ops --redis-url ... <args>` as an operator would run it."""
-    return subprocess.run([sys.executable, "-m", "ops", "--redis-url", stack.settings.redis_url, *args],
-                          cwd=ROOT, env=stack.stack.env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ops", "--redis-url", stack.settings.redis_url, *args],
+        cwd=ROOT,
+        env=stack.stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def webhooks_for(receiver: WebhookReceiver, request_id: str) -> list[dict]:
-    return [body for body in (item.json() for item in list(receiver.received)) if body["request_id"] == request_id]
+    return [
+        body for body in (item.json() for item in list(receiver.received)) if body["request_id"] == request_id
+    ]
 
 
 @pytest.mark.timeout(420)
-def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_endpoint: str, tmp_path: Path,
-                                                                          receiver: WebhookReceiver):
+def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(
+    moto_endpoint: str, tmp_path: Path, receiver: WebhookReceiver
+):
     stack = ChaosStack(tmp_path, moto_endpoint, overrides={"BIREFNET_MAX_JOB_ATTEMPTS": str(MAX_ATTEMPTS)})
     try:
         stack.start(workers=1, producer=False)
@@ -68,19 +77,27 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
 
         # Killed once per allowed attempt, then ended by the next claim instead of killing a third worker.
         record = store.get(poison)
-        print(f"poison figures: limit {limit:.0f} MB, killed at {killer.kills} MB, attempts {record.attempts}")
+        print(
+            f"poison figures: limit {limit:.0f} MB, killed at {killer.kills} MB, attempts {record.attempts}"
+        )
         assert len(killer.kills) == MAX_ATTEMPTS and all(mb > limit for mb in killer.kills)
         assert record.error_type == "runner_disconnected" and record.result_code == 503
-        assert record.attempts == MAX_ATTEMPTS + 1 and log_lines(store, poison).count("loading image") == MAX_ATTEMPTS
+        assert (
+            record.attempts == MAX_ATTEMPTS + 1
+            and log_lines(store, poison).count("loading image") == MAX_ATTEMPTS
+        )
         assert store.redis.zscore(keys.DEADLETTER, poison) is not None
         (hook,) = webhooks_for(receiver, poison)
         assert hook["status"] == "ERROR" and "dead-letter" in hook["error"]
-        document = stack.s3_direct().head_object(Bucket=stack.settings.output_bucket,
-                                                 Key=record.spec.output_prefix + "result.json")
+        document = stack.s3_direct().head_object(
+            Bucket=stack.settings.output_bucket, Key=record.spec.output_prefix + "result.json"
+        )
         assert document["Metadata"]["status"] == "ERROR"
         # Other work went on between the deaths.
         wait_for(lambda: store.status(healthy) == "COMPLETED", 60, "the healthy job")
-        wait_for(lambda: webhooks_for(receiver, healthy), 30, "the healthy job's webhook")  # sent after COMPLETED
+        wait_for(
+            lambda: webhooks_for(receiver, healthy), 30, "the healthy job's webhook"
+        )  # sent after COMPLETED
         assert store.get(healthy).ok and len(webhooks_for(receiver, healthy)) == 1
 
         listed = ops(stack, "--json", "deadletters")
@@ -92,12 +109,18 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_listed_and_requeued(moto_e
         # The operator gives the workers more memory (the OOM killer is gone) and requeues the job.
         requeued = ops(stack, "requeue", poison)
         assert requeued.returncode == 0 and "requeued" in requeued.stdout, requeued.stdout + requeued.stderr
-        wait_for(lambda: (r := store.get(poison)) is not None and r.status == "COMPLETED" and r.ok, 180,
-                 "the requeued job to succeed")
+        wait_for(
+            lambda: (r := store.get(poison)) is not None and r.status == "COMPLETED" and r.ok,
+            180,
+            "the requeued job to succeed",
+        )
         assert store.get(poison).attempts == 1
         assert store.redis.zcard(keys.DEADLETTER) == 0
-        hooks = wait_for(lambda: (h := webhooks_for(receiver, poison)) and len(h) == 2 and h, 30,
-                         "the webhook of the new outcome")
+        hooks = wait_for(
+            lambda: (h := webhooks_for(receiver, poison)) and len(h) == 2 and h,
+            30,
+            "the webhook of the new outcome",
+        )
         assert [h["status"] for h in hooks] == ["ERROR", "OK"]
         assert hooks[1]["payload"]["image"]["width"] == 6000
         client.close()

@@ -22,18 +22,25 @@ SLOW_WIDTH = 64  # the hook's marker (no other test image is 64 pixels wide)
 
 
 @pytest.mark.timeout(300)
-def test_killed_worker_job_is_redelivered_and_done_once(stack: Stack, webhook_receiver: WebhookReceiver,
-                                                        tmp_path: Path):
+def test_killed_worker_job_is_redelivered_and_done_once(
+    stack: Stack, webhook_receiver: WebhookReceiver, tmp_path: Path
+):
     settings = stack.settings
     stack.start(["-m", "producer", "sqs"], "producer")
     stack.start(["-m", "deliverer"], "webhooks")
     # The first worker's forward of this image takes a minute (the test-only hook), whatever the CPU, so it
     # is surely killed mid-job; the rescuer runs it normally.
     slow = hook_setting(tmp_path / "hook", Rule(SLOW_WIDTH, seconds=60))
-    doomed = stack.start_worker("general-light", name="doomed", extra_env={"BIREFNET_TEST_FORWARD_HOOK": slow})
+    doomed = stack.start_worker(
+        "general-light", name="doomed", extra_env={"BIREFNET_TEST_FORWARD_HOOK": slow}
+    )
     store = JobStore.from_url(settings.redis_url)
-    s3_client(settings).put_object(Bucket=settings.input_bucket, Key="slow.png", Body=marker_png(SLOW_WIDTH),
-                                   Metadata={"webhook_url": webhook_receiver.url})
+    s3_client(settings).put_object(
+        Bucket=settings.input_bucket,
+        Key="slow.png",
+        Body=marker_png(SLOW_WIDTH),
+        Metadata={"webhook_url": webhook_receiver.url},
+    )
 
     def running_job() -> str | None:
         for key in store.redis.scan_iter("birefnet:job:*"):

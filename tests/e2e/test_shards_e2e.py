@@ -34,8 +34,14 @@ def shard1():
 @pytest.fixture(scope="module")
 def gs(redis_server, shard1, moto_endpoint, tmp_path_factory) -> Iterator[GatewayStack]:
     shards = [{"url": f"redis://127.0.0.1:{shard1.port}/3", "variants": SHARD_1_VARIANTS}]
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("shards"), tls=True,
-                                webhooks=False, extra={"BIREFNET_REDIS_SHARDS": json.dumps(shards)})
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("shards"),
+        tls=True,
+        webhooks=False,
+        extra={"BIREFNET_REDIS_SHARDS": json.dumps(shards)},
+    )
     yield stack
     stack.close()
 
@@ -47,14 +53,17 @@ def on_shard(gs: GatewayStack, index: int) -> redis.Redis:
 
 @pytest.mark.timeout(240)
 def test_a_fal_client_request_to_a_shard_1_variant(gs):
-    got = run_client(gs, """
+    got = run_client(
+        gs,
+        """
         handle = fal_client.submit(APP, arguments={"image_url": IMAGE})
         while not isinstance(handle.status(), Completed):
             time.sleep(0.1)
         status = handle.status(with_logs=True)
         out({"id": handle.request_id, "result": handle.get(), "logs": [e["message"] for e in status.logs],
              "by_id": fal_client.result(APP, handle.request_id) == handle.get()})
-    """)
+    """,
+    )
     rid = got["id"]
     assert shard_index(rid) == 1 and got["by_id"] and "loading image" in got["logs"]
     assert got["result"]["image"]["width"] == 72
@@ -67,8 +76,9 @@ def test_a_fal_client_request_to_a_shard_1_variant(gs):
 
 def test_cancel_and_status_of_a_queued_shard_1_request(gs):
     with gs.client() as client:
-        submitted = client.post("/queue/fal-ai/birefnet/v2", json={"image_url": data_uri(png_bytes((8, 8))),
-                                                                   "model": "Portrait"}).json()
+        submitted = client.post(
+            "/queue/fal-ai/birefnet/v2", json={"image_url": data_uri(png_bytes((8, 8))), "model": "Portrait"}
+        ).json()
         rid = submitted["request_id"]
         assert shard_index(rid) == 1 and submitted["queue_position"] == 0
         assert on_shard(gs, 1).zscore(keys.pending("portrait"), rid) is not None
@@ -83,13 +93,19 @@ def test_cancel_and_status_of_a_queued_shard_1_request(gs):
 
 def test_an_s3_upload_for_a_shard_1_variant_lands_on_shard_1(gs):
     settings = gs.settings
-    put(gs.stack, "cats/one.png", {"model": "General Use (Light)", "endpoint": "v2"}, body=png_bytes((40, 30)))
-    rid = build_intake(settings).handle(ObjectCreated(settings.input_bucket, "cats/one.png", None, None, None,
-                                                      "ObjectCreated:Put"))
+    put(
+        gs.stack, "cats/one.png", {"model": "General Use (Light)", "endpoint": "v2"}, body=png_bytes((40, 30))
+    )
+    rid = build_intake(settings).handle(
+        ObjectCreated(settings.input_bucket, "cats/one.png", None, None, None, "ObjectCreated:Put")
+    )
     assert rid is not None and shard_index(rid) == 1
     store = JobStore(on_shard(gs, 1))
-    record = wait_for(lambda: (r := store.get(rid)) is not None and r.status == "COMPLETED" and r, 60,
-                      f"{rid} to complete on shard 1")
+    record = wait_for(
+        lambda: (r := store.get(rid)) is not None and r.status == "COMPLETED" and r,
+        60,
+        f"{rid} to complete on shard 1",
+    )
     assert record.ok and record.spec.source == "s3_event"
     assert not on_shard(gs, 0).exists(keys.job(rid))
 
@@ -103,8 +119,12 @@ def test_per_key_limits_stay_on_shard_0_and_count_requests_of_every_shard(redis_
     one = redis.Redis.from_url(f"redis://127.0.0.1:{shard1.port}/14", decode_responses=True)
     zero.flushdb(), one.flushdb()
     settings = Settings(max_queue_depth_per_variant={"portrait": 1})
-    limiter = Limiter(zero, settings, queues=lambda v: one if v == "portrait" else zero,
-                      records=lambda rid: one if shard_index(rid) == 1 else zero)
+    limiter = Limiter(
+        zero,
+        settings,
+        queues=lambda v: one if v == "portrait" else zero,
+        records=lambda rid: one if shard_index(rid) == 1 else zero,
+    )
     first, second = request_id_on(1), request_id_on(1)
     assert limiter.admit(key_id="k", request_id=first, variant="portrait", max_concurrent=1) is None
     one.hset(keys.job(first), "status", "IN_PROGRESS")  # running on shard 1: the key's one slot is taken

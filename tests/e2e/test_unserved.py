@@ -27,8 +27,14 @@ def gs(redis_server, moto_endpoint, tmp_path) -> GatewayStack:
 
 
 def ops_status(gs: GatewayStack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops", "status", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**gs.stack.env, "COLUMNS": "200"}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ops", "status", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**gs.stack.env, "COLUMNS": "200"},
+        timeout=60,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -51,7 +57,8 @@ def test_waiting_request_for_an_unserved_model_says_so_until_a_worker_takes_it(g
         assert status.returncode == 0, status.stderr
         unserved = json.loads(status.stdout)["unserved_variants"]
         assert [(u["variant"], u["model"], u["waiting_jobs"]) for u in unserved] == [
-            ("general-light", "General Use (Light)", 1)]
+            ("general-light", "General Use (Light)", 1)
+        ]
         table = ops_status(gs).stdout
         assert "NO WORKER" in table and "no worker serves General Use (Light) (general-light)" in table
 
@@ -66,6 +73,8 @@ def test_waiting_request_for_an_unserved_model_says_so_until_a_worker_takes_it(g
         # With the worker up, a new request gets no such line, and ops shows nothing unserved.
         second = client.post("/queue/fal-ai/birefnet/v2", json={"image_url": IMAGE}).json()["request_id"]
         gs.wait_status(second, timeout=120)
-        logs = client.get(f"/queue/fal-ai/birefnet/requests/{second}/status", params={"logs": 1}).json()["logs"]
+        logs = client.get(f"/queue/fal-ai/birefnet/requests/{second}/status", params={"logs": 1}).json()[
+            "logs"
+        ]
         assert not any(e["message"].startswith("no worker serves") for e in logs)
         assert json.loads(ops_status(gs, "--json").stdout)["unserved_variants"] == []

@@ -28,20 +28,28 @@ def data_uri(path, content_type: str = "video/mp4") -> str:
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     tmp = tmp_path_factory.mktemp("video")
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, tls=True, extra={
-        "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
-        "BIREFNET_VIDEO_MAX_PIXELS": str(128 * 80),  # the clips here are 96x64 and 122x64
-        "BIREFNET_VIDEO_MAX_BYTES": str(200_000),  # and under 100 kB
-        "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",  # a 1 s clip: 3 segments
-        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
-    })
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp,
+        tls=True,
+        extra={
+            "BIREFNET_VIDEO_MAX_SECONDS": "2.5",
+            "BIREFNET_VIDEO_MAX_PIXELS": str(128 * 80),  # the clips here are 96x64 and 122x64
+            "BIREFNET_VIDEO_MAX_BYTES": str(200_000),  # and under 100 kB
+            "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",  # a 1 s clip: 3 segments
+            "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
+        },
+    )
     yield stack
     stack.close()
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> str:
-    return make_clip(str(tmp_path_factory.mktemp("clips") / "clip.mp4"), width=96, height=64, seconds=1.0, fps=12)
+    return make_clip(
+        str(tmp_path_factory.mktemp("clips") / "clip.mp4"), width=96, height=64, seconds=1.0, fps=12
+    )
 
 
 def fetch_to(path, url: str) -> dict:
@@ -52,14 +60,18 @@ def fetch_to(path, url: str) -> dict:
 
 @pytest.mark.timeout(240)
 def test_python_client_subscribe_webm_with_alpha_and_mask(gs, clip, tmp_path):
-    got = run_client(gs, f"""
+    got = run_client(
+        gs,
+        f"""
         logs = []
         def on_update(status):
             logs.extend(e["message"] for e in (getattr(status, "logs", None) or []))
         result = fal_client.subscribe({VIDEO_APP!r}, arguments={{"video_url": {data_uri(clip)!r},
-            "output_mask": True, "video_output_type": "VP9 (.webm)"}}, with_logs=True, on_queue_update=on_update)
+            "output_mask": True, "video_output_type": "VP9 (.webm)"}}, with_logs=True,
+            on_queue_update=on_update)
         out({{"result": result, "logs": logs}})
-    """)
+    """,
+    )
     video, mask = got["result"]["video"], got["result"]["mask_video"]
     assert video["content_type"] == "video/webm" and video["file_name"] == "video.webm"
     assert (video["width"], video["height"], video["num_frames"]) == (96, 64, 12)
@@ -80,8 +92,14 @@ def test_http_queue_mp4_prores_gif_and_vfr(gs, tmp_path):
     with gs.client() as client:
         ids = {}
         for kind, source in (("X264 (.mp4)", vfr), ("PRORES4444 (.mov)", vfr), ("GIF (.gif)", vfr)):
-            r = client.post(f"/queue/{VIDEO_APP}", json={"video_url": data_uri(source), "video_output_type": kind,
-                                                  "background_color": "#00ff00"})
+            r = client.post(
+                f"/queue/{VIDEO_APP}",
+                json={
+                    "video_url": data_uri(source),
+                    "video_output_type": kind,
+                    "background_color": "#00ff00",
+                },
+            )
             assert r.status_code == 200, r.text
             ids[kind] = r.json()["request_id"]
         results = {}
@@ -101,8 +119,9 @@ def test_http_queue_mp4_prores_gif_and_vfr(gs, tmp_path):
 @pytest.mark.timeout(240)
 def test_sync_run_returns_data_uris(gs, clip, tmp_path):
     with gs.client() as client:
-        r = client.post(f"/run/{VIDEO_APP}", json={"video_url": data_uri(clip), "sync_mode": True},
-                        timeout=120)
+        r = client.post(
+            f"/run/{VIDEO_APP}", json={"video_url": data_uri(clip), "sync_mode": True}, timeout=120
+        )
     assert r.status_code == 200, r.text
     video = r.json()["video"]
     assert video["url"].startswith("data:video/mp4;base64,")
@@ -122,21 +141,38 @@ def test_bad_inputs_get_clear_errors(gs, tmp_path):
     good = make_clip(str(tmp_path / "good.mp4"), seconds=1.0)
     data = (tmp_path / "good.mp4").read_bytes()
     corrupt = tmp_path / "corrupt.mp4"
-    corrupt.write_bytes(data[: len(data) // 3] + bytes(len(data) // 3) + data[2 * len(data) // 3:])
+    corrupt.write_bytes(data[: len(data) // 3] + bytes(len(data) // 3) + data[2 * len(data) // 3 :])
     text = tmp_path / "page.html"
     text.write_bytes(b"<html>not a video</html>")
     (tmp_path / "noise.mp4").write_bytes(bytes(range(256)) * 1200)  # 300 kB: over the 200 kB limit
     cases = {
         "not a video": (data_uri(text, "text/html"), "video_load_error", "cannot read the file as a video"),
-        "audio only": (data_uri(make_audio_only(str(tmp_path / "a.mp4"))), "video_load_error", "no video stream"),
-        "too long": (data_uri(make_clip(str(tmp_path / "long.mp4"), seconds=3.0, fps=4, audio=False)),
-                     "video_too_large", "the limit is 2s"),
+        "audio only": (
+            data_uri(make_audio_only(str(tmp_path / "a.mp4"))),
+            "video_load_error",
+            "no video stream",
+        ),
+        "too long": (
+            data_uri(make_clip(str(tmp_path / "long.mp4"), seconds=3.0, fps=4, audio=False)),
+            "video_too_large",
+            "the limit is 2s",
+        ),
         "corrupt": (data_uri(corrupt), "video_load_error", ""),
-        "zero frames": (data_uri(make_frameless(str(tmp_path / "empty.mp4"))), "video_load_error",
-                        "the video has no frames"),
-        "too large (frame)": (data_uri(make_clip(str(tmp_path / "big.mp4"), width=160, height=96, seconds=0.5,
-                                                 audio=False)), "video_too_large", "160x96"),
-        "too large (file)": (data_uri(tmp_path / "noise.mp4"), "video_too_large", "the limit is 200000 bytes"),
+        "zero frames": (
+            data_uri(make_frameless(str(tmp_path / "empty.mp4"))),
+            "video_load_error",
+            "the video has no frames",
+        ),
+        "too large (frame)": (
+            data_uri(make_clip(str(tmp_path / "big.mp4"), width=160, height=96, seconds=0.5, audio=False)),
+            "video_too_large",
+            "160x96",
+        ),
+        "too large (file)": (
+            data_uri(tmp_path / "noise.mp4"),
+            "video_too_large",
+            "the limit is 200000 bytes",
+        ),
     }
     for name, (url, error_type, words) in cases.items():
         code, body = submit_and_result(gs, {"video_url": url})
@@ -154,12 +190,16 @@ def test_bad_inputs_get_clear_errors(gs, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_cancel_mid_video_stops_within_the_video(gs, tmp_path):
-    slow = make_clip(str(tmp_path / "slow.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12, audio=False)
+    slow = make_clip(
+        str(tmp_path / "slow.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12, audio=False
+    )
     with gs.client() as client:
         rid = client.post(f"/queue/{VIDEO_APP}", json={"video_url": data_uri(slow)}).json()["request_id"]
 
         def frames_logged() -> bool:
-            logs = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status", params={"logs": 1}).json()["logs"]
+            logs = client.get(f"/queue/fal-ai/birefnet/requests/{rid}/status", params={"logs": 1}).json()[
+                "logs"
+            ]
             return any(entry["message"].startswith("frames ") for entry in logs or [])
 
         deadline = time.monotonic() + 60
@@ -186,8 +226,11 @@ def test_worker_killed_mid_video_costs_only_its_segment(gs, tmp_path, webhook_re
     store = JobStore.from_url(gs.settings.redis_url)
     slow = make_clip(str(tmp_path / "kill.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12)
     with gs.client() as client:
-        rid = client.post(f"/queue/{VIDEO_APP}", params={"fal_webhook": webhook_receiver.url},
-                          json={"video_url": data_uri(slow)}).json()["request_id"]
+        rid = client.post(
+            f"/queue/{VIDEO_APP}",
+            params={"fal_webhook": webhook_receiver.url},
+            json={"video_url": data_uri(slow)},
+        ).json()["request_id"]
     children = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rid}/segment/{i}")) for i in range(5)]
 
     def victim() -> tuple[str, int] | None:
@@ -196,8 +239,12 @@ def test_worker_killed_mid_video_costs_only_its_segment(gs, tmp_path, webhook_re
             return None
         for child in children:
             record = store.get(child)
-            if record is not None and record.status == "IN_PROGRESS" and record.worker \
-                    and record.worker != parent.worker:
+            if (
+                record is not None
+                and record.status == "IN_PROGRESS"
+                and record.worker
+                and record.worker != parent.worker
+            ):
                 return child, int(record.worker.rsplit(":", 1)[1])
         return None
 
@@ -235,16 +282,26 @@ def test_video_upload_to_the_bucket_becomes_a_video_job(stack, webhook_receiver,
     from common.adapters.storage import boto_config
 
     settings = stack.settings
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                      config=boto_config())
+    s3 = boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
     stack.start(["-m", "producer", "sqs"], "producer")
     stack.start(["-m", "deliverer", "--concurrency", "2"], "webhooks")
-    stack.start_worker("general-light", name="worker", extra_env={"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"})
+    stack.start_worker(
+        "general-light", name="worker", extra_env={"BIREFNET_TEST_OPERATING_RESOLUTION": "128x128"}
+    )
     source = make_clip(str(tmp_path / "up.mp4"), width=64, height=48, seconds=1.0, fps=8)
     with open(source, "rb") as fh:
-        s3.put_object(Bucket=settings.input_bucket, Key="clips/holiday.mp4", Body=fh.read(),
-                      Metadata={"webhook_url": webhook_receiver.url, "video_output_type": "VP9 (.webm)",
-                                "output-mask": "true"})
+        s3.put_object(
+            Bucket=settings.input_bucket,
+            Key="clips/holiday.mp4",
+            Body=fh.read(),
+            Metadata={
+                "webhook_url": webhook_receiver.url,
+                "video_output_type": "VP9 (.webm)",
+                "output-mask": "true",
+            },
+        )
     (delivery,) = webhook_receiver.wait(1, timeout=240)
     body = delivery.json()
     assert body["status"] == "OK", body
@@ -258,7 +315,8 @@ def test_video_upload_to_the_bucket_becomes_a_video_job(stack, webhook_receiver,
 
 @pytest.mark.timeout(240)
 def test_js_client_subscribe(gs, clip, tmp_path):
-    """fal's JS client (@fal-ai/client from tests/js), unchanged but for its proxy URL, against the video endpoint."""
+    """fal's JS client (@fal-ai/client from tests/js), unchanged but for its proxy URL, against the video
+    endpoint."""
     import json
     import os
     import shutil
@@ -277,15 +335,23 @@ import {{ fal }} from "@fal-ai/client";
 fal.config({{ proxyUrl: {{ url: `${{process.env.GATEWAY_URL}}/api/fal/proxy`, when: "always" }} }});
 const statuses = [];
 const {{ data, requestId }} = await fal.subscribe("{VIDEO_APP}", {{
-  input: {{ video_url: {json.dumps(data_uri(clip))}, video_output_type: "PRORES4444 (.mov)", output_mask: true }},
+  input: {{ video_url: {json.dumps(data_uri(clip))}, video_output_type: "PRORES4444 (.mov)", output_mask:
+  true }},
   logs: true, onQueueUpdate: (update) => statuses.push(update.status) }});
 console.log("RESULT " + JSON.stringify({{ data, requestId, statuses }}));
 """)
-    env = {**os.environ, "FAL_KEY": ALICE, "NODE_EXTRA_CA_CERTS": str(gs.gateway.tls.ca), "GATEWAY_URL": gs.url}
-    done = subprocess.run([node, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    env = {
+        **os.environ,
+        "FAL_KEY": ALICE,
+        "NODE_EXTRA_CA_CERTS": str(gs.gateway.tls.ca),
+        "GATEWAY_URL": gs.url,
+    }
+    done = subprocess.run(
+        [node, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout + done.stderr
-    got = json.loads(lines[-1][len("RESULT "):])
+    got = json.loads(lines[-1][len("RESULT ") :])
     assert got["statuses"][-1] == "COMPLETED" and got["requestId"]
     video, mask = got["data"]["video"], got["data"]["mask_video"]
     assert video["content_type"] == "video/quicktime" and mask["file_name"] == "mask.mov"
@@ -294,7 +360,8 @@ console.log("RESULT " + JSON.stringify({{ data, requestId, statuses }}));
 
 
 def test_playground_offers_the_video_endpoint(gs):
-    """The playground's data: the video endpoint with its own fields; its page may play videos from anywhere."""
+    """The playground's data: the video endpoint with its own fields; its page may play videos from
+    anywhere."""
     with gs.client(None) as anonymous:
         options = anonymous.get("/playground/options.json").json()
         page = anonymous.get("/playground")
@@ -316,8 +383,11 @@ def test_video_worker_killed_mid_video_reuses_finished_segments(gs, tmp_path, we
         gs.stack.start_worker("general-light", name=f"worker-video-{uuid.uuid4().hex[:6]}")
     slow = make_clip(str(tmp_path / "parent.mp4"), width=SLOW_WIDTH, height=64, seconds=2.0, fps=12)
     with gs.client() as client:
-        rid = client.post(f"/queue/{VIDEO_APP}", params={"fal_webhook": webhook_receiver.url},
-                          json={"video_url": data_uri(slow)}).json()["request_id"]
+        rid = client.post(
+            f"/queue/{VIDEO_APP}",
+            params={"fal_webhook": webhook_receiver.url},
+            json={"video_url": data_uri(slow)},
+        ).json()["request_id"]
     children = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rid}/segment/{i}")) for i in range(5)]
 
     def finished() -> list[str]:

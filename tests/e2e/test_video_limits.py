@@ -34,18 +34,30 @@ def cred(key_id: str) -> str:
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
     tmp = tmp_path_factory.mktemp("video-limits")
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp, webhooks=False, extra={
-        "BIREFNET_GATEWAY_API_KEYS": json.dumps([
-            {"id": "rate", "hash": hash_secret(SECRETS["rate"], "sha256"), "requests_per_minute": 5},
-            {"id": "concurrent", "hash": hash_secret(SECRETS["concurrent"], "sha256"), "max_concurrent": 3},
-            {"id": "free", "hash": hash_secret(SECRETS["free"], "sha256")},
-        ]),
-        "BIREFNET_VIDEO_LIMIT_UNIT_SECONDS": "0.5",
-        "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",
-        "BIREFNET_VIDEO_MAX_SECONDS": "5",
-        "BIREFNET_MAX_QUEUE_DEPTH_PER_VARIANT": json.dumps({"general-light": 1}),
-        "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
-    })
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp,
+        webhooks=False,
+        extra={
+            "BIREFNET_GATEWAY_API_KEYS": json.dumps(
+                [
+                    {"id": "rate", "hash": hash_secret(SECRETS["rate"], "sha256"), "requests_per_minute": 5},
+                    {
+                        "id": "concurrent",
+                        "hash": hash_secret(SECRETS["concurrent"], "sha256"),
+                        "max_concurrent": 3,
+                    },
+                    {"id": "free", "hash": hash_secret(SECRETS["free"], "sha256")},
+                ]
+            ),
+            "BIREFNET_VIDEO_LIMIT_UNIT_SECONDS": "0.5",
+            "BIREFNET_VIDEO_SEGMENT_SECONDS": "0.4",
+            "BIREFNET_VIDEO_MAX_SECONDS": "5",
+            "BIREFNET_MAX_QUEUE_DEPTH_PER_VARIANT": json.dumps({"general-light": 1}),
+            "BIREFNET_TEST_FORWARD_HOOK": hook_setting(tmp / "hook", Rule(width=SLOW_WIDTH, seconds=0.3)),
+        },
+    )
     yield stack
     stack.close()
 
@@ -152,14 +164,19 @@ def test_max_concurrent_counts_video_units_and_a_video_that_can_never_fit_says_s
     code, body, logs = result(gs, "concurrent", submit(gs, "concurrent", VIDEO, {"video_url": two_seconds}))
     assert code == 429 and body["error_type"] == "concurrency_limit", body
     assert "costs 4 units" in body["detail"] and "never fit" in body["detail"]
-    code, body, logs = result(gs, "concurrent", submit(gs, "concurrent", VIDEO, {
-        "video_url": upload(gs, "concurrent", tmp_path / "two.mp4")}))
+    code, body, logs = result(
+        gs,
+        "concurrent",
+        submit(gs, "concurrent", VIDEO, {"video_url": upload(gs, "concurrent", tmp_path / "two.mp4")}),
+    )
     assert code == 429 and body["error_type"] == "concurrency_limit", body
     assert "costs 4 units" in body["detail"] and "never fit" in body["detail"]
     # A 1 s video (2 of 3 units) runs; its slots are free again once it completes.
     one_second = clip_uri(tmp_path / "one.mp4", seconds=1.0, fps=12)
     for _ in range(2):
-        code, body, logs = result(gs, "concurrent", submit(gs, "concurrent", VIDEO, {"video_url": one_second}))
+        code, body, logs = result(
+            gs, "concurrent", submit(gs, "concurrent", VIDEO, {"video_url": one_second})
+        )
         assert code == 200 and body["video"]["num_frames"] == 12, body
     r = redis.Redis.from_url(gs.settings.redis_url, decode_responses=True)
     with gs.client(cred("concurrent")) as client:
@@ -173,8 +190,12 @@ def test_waiting_segments_fill_the_queue_cap_for_other_requests(gs, tmp_path):
     slow = clip_uri(tmp_path / "slow.mp4", width=SLOW_WIDTH, height=64, seconds=1.0, fps=12)
     rid = submit(gs, "free", VIDEO, {"video_url": slow})
     r = redis.Redis.from_url(gs.settings.redis_url, decode_responses=True)
-    wait_for(lambda: r.zcard(keys.pending("general-light")) >= 2, 60, "segments waiting in the queue",
-             interval=0.02)
+    wait_for(
+        lambda: r.zcard(keys.pending("general-light")) >= 2,
+        60,
+        "segments waiting in the queue",
+        interval=0.02,
+    )
     with gs.client(cred("free")) as client:
         refused = client.post(IMAGE, json=image())
     assert refused.status_code == 429 and refused.json()["error_type"] == "queue_full", refused.text

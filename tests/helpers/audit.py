@@ -30,7 +30,9 @@ def result_versions(stack: ChaosStack) -> Counter:
     versions: Counter = Counter()
     paginator = stack.s3_direct().get_paginator("list_object_versions")
     for page in paginator.paginate(Bucket=stack.settings.output_bucket, Prefix=stack.settings.output_prefix):
-        versions.update(v["Key"] for v in page.get("Versions", []) if v["Key"].endswith("/" + RESULT_DOCUMENT))
+        versions.update(
+            v["Key"] for v in page.get("Versions", []) if v["Key"].endswith("/" + RESULT_DOCUMENT)
+        )
     return versions
 
 
@@ -67,17 +69,26 @@ class Audit:
         return out
 
     def summary(self) -> dict:
-        return {"jobs": self.jobs, "ok": self.ok, "failed": len(self.failed), "runs_started": self.runs_started,
-                "reruns": self.runs_started - self.jobs, "result_doc_rewrites":
-                sum(self.result_writes.values()) - self.jobs, "duplicates": len(self.duplicates),
-                "stuck": len(self.stuck), "unexpected_webhooks": len(self.unexpected_webhooks)}
+        return {
+            "jobs": self.jobs,
+            "ok": self.ok,
+            "failed": len(self.failed),
+            "runs_started": self.runs_started,
+            "reruns": self.runs_started - self.jobs,
+            "result_doc_rewrites": sum(self.result_writes.values()) - self.jobs,
+            "duplicates": len(self.duplicates),
+            "stuck": len(self.stuck),
+            "unexpected_webhooks": len(self.unexpected_webhooks),
+        }
 
 
 def audit(stack: ChaosStack, submitted: Submitted, receiver: WebhookReceiver | None) -> Audit:
     store = stack.store()
     records = job_records(store)
     ids = expected_ids(submitted, records, stack.settings.input_bucket) or []
-    webhooks = Counter(item.json()["request_id"] for item in list(receiver.received)) if receiver else Counter()
+    webhooks = (
+        Counter(item.json()["request_id"] for item in list(receiver.received)) if receiver else Counter()
+    )
     result_docs: Counter = Counter()
     result_writes: Counter = Counter()
     runs_finished: Counter = Counter()
@@ -92,10 +103,14 @@ def audit(stack: ChaosStack, submitted: Submitted, receiver: WebhookReceiver | N
         runs_started += sum(line == "loading image" for line in lines)
     by_key = jobs_by_key(records, stack.settings.input_bucket)
     result = Audit(
-        jobs=len(ids), ok=sum(records[rid].ok for rid in ids),
+        jobs=len(ids),
+        ok=sum(records[rid].ok for rid in ids),
         failed={rid: records[rid].error_type or "" for rid in ids if not records[rid].ok},
-        runs_started=runs_started, runs_finished=runs_finished, result_docs=result_docs,
-        result_writes=result_writes, webhooks=Counter({rid: webhooks.get(rid, 0) for rid in ids}),
+        runs_started=runs_started,
+        runs_finished=runs_finished,
+        result_docs=result_docs,
+        result_writes=result_writes,
+        webhooks=Counter({rid: webhooks.get(rid, 0) for rid in ids}),
         jobs_per_key={key: len(by_key.get(key, [])) for key in submitted.s3_keys},
         stuck=sorted(rid for rid, r in records.items() if r.status != "COMPLETED"),
         unexpected_webhooks=sorted(set(webhooks) - set(ids)),

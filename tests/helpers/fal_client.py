@@ -31,11 +31,18 @@ def out(value):
 def run_client(gs: GatewayStack, body: str, timeout: float = 180) -> dict:
     """Run a fal_client script in a subprocess; returns what it passed to out()."""
     host = f"127.0.0.1:{gs.gateway.port}"
-    env = {**os.environ, "FAL_KEY": ALICE, "FAL_RUN_HOST": f"{host}/run", "FAL_QUEUE_RUN_HOST": f"{host}/queue",
-           "SSL_CERT_FILE": str(gs.gateway.tls.ca), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "FAL_KEY": ALICE,
+        "FAL_RUN_HOST": f"{host}/run",
+        "FAL_QUEUE_RUN_HOST": f"{host}/queue",
+        "SSL_CERT_FILE": str(gs.gateway.tls.ca),
+        "PYTHONPATH": str(ROOT),
+    }
     script = PRELUDE + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"client failed:\n{done.stdout}\n{done.stderr}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])

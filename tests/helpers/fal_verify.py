@@ -9,7 +9,8 @@ import time
 
 def fal_documented_verify(headers: dict[str, str], body: bytes, jwks: dict) -> bool:
     """The receiver procedure of fal's documentation ("Verifying Your Webhook",
-    https://docs.fal.ai/model-apis/model-endpoints/webhooks), written out independently of common.domain.signing
+    https://docs.fal.ai/model-apis/model-endpoints/webhooks), written out independently of
+    common.domain.signing
     and with the same libraries: each JWKS key's `x` decoded with a plain base64.urlsafe_b64decode (which
     raises on missing padding: fal's keys are padded), PyNaCl's VerifyKey, a 300 s timestamp window, and
     the message request_id \\n user_id \\n timestamp \\n sha256hex(body)."""

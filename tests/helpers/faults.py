@@ -1,6 +1,7 @@
 """Fault injection for the chaos, poison and hang tests (no tests here).
 
-`ChaosStack`: devstack's loopback stack (tests' API keys) whose redis-server can be crashed and restarted on the
+`ChaosStack`: devstack's loopback stack (tests' API keys) whose redis-server can be crashed and restarted on
+the
 same port and data directory, whose S3 sits behind a cuttable `TcpProxy`, and whose busy workers can be
 killed; `OomKiller` plays the kernel's OOM killer; `submit_mixed` sends gateway requests and S3 uploads while
 faults happen. Every wait is bounded in time; nothing binds anything but 127.0.0.1.
@@ -155,8 +156,16 @@ def upload(s3, bucket: str, key: str, body: bytes, metadata: dict[str, str], att
             time.sleep(0.2)
 
 
-def submit_mixed(stack: ChaosStack, count: int, rate: float, webhook_url: str | None, out: Submitted,
-                 stop: threading.Event, api_share: float = 0.5, prefix: str = "chaos") -> None:
+def submit_mixed(
+    stack: ChaosStack,
+    count: int,
+    rate: float,
+    webhook_url: str | None,
+    out: Submitted,
+    stop: threading.Event,
+    api_share: float = 0.5,
+    prefix: str = "chaos",
+) -> None:
     """Submit `count` jobs at about `rate` per second, alternating gateway requests and S3 uploads."""
     submitter = GatewaySubmitter(stack.gateway_url, webhook_url)
     s3 = stack.s3_direct()

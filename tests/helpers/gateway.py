@@ -1,5 +1,6 @@
 """Shared parts for the gateway tests: a private stack (devstack's builder) with real Redis, moto, worker and
-webhook-deliverer subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA), and API keys.
+webhook-deliverer subprocesses, the gateway on uvicorn in a thread (HTTP or HTTPS with a generated CA), and
+API keys.
 
 The stack is built once per test module (`GatewayStack`), because starting worker processes dominates
 the run time; tests keep apart by using their own keys and request ids.
@@ -36,12 +37,18 @@ OPS = "ops:ops-secret"
 
 
 def api_keys_setting(s3_read_bucket: str) -> str:
-    return json.dumps([
-        {"id": "alice", "hash": hash_secret(KEYS["alice"], "scrypt"), "user_id": "user-alice",
-         "s3_read": [f"{s3_read_bucket}/alice/"]},
-        {"id": "bob", "hash": hash_secret(KEYS["bob"], "sha256")},
-        {"id": "ops", "hash": hash_secret(KEYS["ops"], "sha256"), "admin": True},
-    ])
+    return json.dumps(
+        [
+            {
+                "id": "alice",
+                "hash": hash_secret(KEYS["alice"], "scrypt"),
+                "user_id": "user-alice",
+                "s3_read": [f"{s3_read_bucket}/alice/"],
+            },
+            {"id": "bob", "hash": hash_secret(KEYS["bob"], "sha256")},
+            {"id": "ops", "hash": hash_secret(KEYS["ops"], "sha256"), "admin": True},
+        ]
+    )
 
 
 def auth(credential: str) -> dict[str, str]:
@@ -58,8 +65,15 @@ class GatewayServer:
         ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
         # proxy_headers=False as `python -m gateway` runs it: the gateway alone decides which
         # X-Forwarded-* to believe (uvicorn's default would take them from any loopback peer).
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, proxy_headers=False, **ssl)
+        config = uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+            **ssl,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -93,9 +107,11 @@ class GatewayStack:
         verify = ssl.create_default_context(cafile=str(self.gateway.tls.ca)) if self.gateway.tls else True
         return httpx.Client(base_url=self.url, headers=merged, timeout=30, verify=verify)
 
-    def wait_status(self, request_id: str, status: str = "COMPLETED", credential: str = ALICE,
-                    timeout: float = 60) -> dict:
+    def wait_status(
+        self, request_id: str, status: str = "COMPLETED", credential: str = ALICE, timeout: float = 60
+    ) -> dict:
         with self.client(credential) as client:
+
             def current() -> dict | None:
                 body = client.get(f"/queue/fal-ai/birefnet/requests/{request_id}/status").json()
                 return body if body.get("status") == status else None
@@ -107,13 +123,21 @@ class GatewayStack:
         self.stack.stop_all()
 
 
-def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, tls: bool = False,
-                        workers: tuple[str, ...] = ("general-light",), extra: dict[str, str] | None = None,
-                        webhooks: bool = True) -> GatewayStack:
+def start_gateway_stack(
+    redis_port: int,
+    moto_endpoint: str,
+    log_dir: Path,
+    *,
+    tls: bool = False,
+    workers: tuple[str, ...] = ("general-light",),
+    extra: dict[str, str] | None = None,
+    webhooks: bool = True,
+) -> GatewayStack:
     suffix, redis_url, values = isolated_settings(redis_port, log_dir)
     values |= {
         "BIREFNET_GATEWAY_API_KEYS": api_keys_setting(f"in-{suffix}"),
-        # Image servers, S3 and webhook receivers live on 127.0.0.1 here (the SSRF guard refuses it otherwise).
+        # Image servers, S3 and webhook receivers live on 127.0.0.1 here (the SSRF guard refuses it
+        # otherwise).
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
         "BIREFNET_FETCH_ALLOWED_PORTS": "*",
         "BIREFNET_GATEWAY_SWEEP_INTERVAL": "0.2",
@@ -123,7 +147,8 @@ def start_gateway_stack(redis_port: int, moto_endpoint: str, log_dir: Path, *, t
         "BIREFNET_WEBHOOK_RETRY_BASE": "0.2",
         "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "0.5",
         "BIREFNET_WEBHOOK_MAX_RETRIES": "3",
-        # Workers run the network at 256x256 whatever the request says (logged): jobs take a fraction of a second.
+        # Workers run the network at 256x256 whatever the request says (logged): jobs take a fraction of a
+        # second.
         "BIREFNET_TEST_OPERATING_RESOLUTION": "256x256",
         **(extra or {}),
     }

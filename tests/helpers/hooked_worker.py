@@ -1,4 +1,5 @@
-"""`python -m tests.helpers.hooked_worker --variants ...`: the worker's normal entry point (`python -m worker`)
+"""`python -m tests.helpers.hooked_worker --variants ...`: the worker's normal entry point (`python -m
+worker`)
 with the testing-only hooks installed once its models are loaded. Product code never imports this.
 
 Switches (environment, prefix BIREFNET_TEST_; every one off unless set):
@@ -50,11 +51,15 @@ def load_forward_hook(hooks: HooksForTests, untrained: dict[str, bool]) -> Forwa
         return None
     trained = sorted(variant for variant, is_untrained in untrained.items() if not is_untrained)
     if trained or not untrained:
-        raise RuntimeError(f"BIREFNET_TEST_FORWARD_HOOK is a testing aid and needs untrained recipe weights; "
-                           f"this worker serves trained weights for {trained}: unset it")
+        raise RuntimeError(
+            f"BIREFNET_TEST_FORWARD_HOOK is a testing aid and needs untrained recipe weights; "
+            f"this worker serves trained weights for {trained}: unset it"
+        )
     hook = ForwardHook.from_setting(hooks.forward_hook)
-    log.warning("TEST HOOK ACTIVE (BIREFNET_TEST_FORWARD_HOOK): some forwards hang or sleep on purpose: %s",
-                hook.describe())
+    log.warning(
+        "TEST HOOK ACTIVE (BIREFNET_TEST_FORWARD_HOOK): some forwards hang or sleep on purpose: %s",
+        hook.describe(),
+    )
     return hook
 
 

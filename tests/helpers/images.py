@@ -18,7 +18,9 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def boxed_png(size: tuple[int, int], color: Color, box: Box | None = None, box_color: Color | None = None) -> bytes:
+def boxed_png(
+    size: tuple[int, int], color: Color, box: Box | None = None, box_color: Color | None = None
+) -> bytes:
     """An RGB picture of one colour, with an optional rectangle of another: every factory below is one."""
     image = Image.new("RGB", size, color)
     if box is not None and box_color is not None:
@@ -46,7 +48,9 @@ def small_png(seed: int) -> bytes:
 
 def flat_png(side: int) -> bytes:
     """A big, almost uniform picture: a few tens of KB to upload, `side`² pixels to hold in memory."""
-    return boxed_png((side, side), (20, 160, 40), (side // 4, side // 4, side * 3 // 4, side * 3 // 4), (230, 230, 230))
+    return boxed_png(
+        (side, side), (20, 160, 40), (side // 4, side // 4, side * 3 // 4, side * 3 // 4), (230, 230, 230)
+    )
 
 
 def marker_png(width: int, height: int = 40) -> bytes:

@@ -31,8 +31,12 @@ def tls_redis_binary() -> str | None:
     candidates = [shutil.which("redis-server"), "/usr/bin/redis-server", redis_server_binary()]
     for binary in dict.fromkeys(c for c in candidates if c and os.path.exists(c)):
         # An unknown directive stops the config parser: which one it names tells whether tls-port is known.
-        out = subprocess.run([binary, "--tls-port", "0", "--no-such-directive", "x"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            [binary, "--tls-port", "0", "--no-such-directive", "x"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if "no-such-directive" in (out.stdout + out.stderr):
             return binary
     return None
@@ -49,44 +53,87 @@ class Certs:
 
 
 def make_certs(directory: Path) -> Certs:
-    """A private CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by it."""
+    """A private CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by
+    it."""
     now = datetime.datetime.now(datetime.UTC)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=2)}
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=2),
+    }
 
     def name(common: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder(subject_name=name("test redis CA"), issuer_name=name("test redis CA"),
-                                  public_key=ca_key.public_key(), serial_number=x509.random_serial_number(), **valid)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder(
+            subject_name=name("test redis CA"),
+            issuer_name=name("test redis CA"),
+            public_key=ca_key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(common: str, usage, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder(subject_name=name(common), issuer_name=ca.subject,
-                                           public_key=key.public_key(), serial_number=x509.random_serial_number(),
-                                           **valid)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder(
+                subject_name=name(common),
+                issuer_name=ca.subject,
+                public_key=key.public_key(),
+                serial_number=x509.random_serial_number(),
+                **valid,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        return (cert.public_bytes(serialization.Encoding.PEM),
-                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        return (
+            cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
 
-    server = leaf("127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH,
-                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    server = leaf(
+        "127.0.0.1",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+    )
     client = leaf("birefnet-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    certs = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-                  directory / "client.pem", directory / "client.key")
+    certs = Certs(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
     certs.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for path, data in ((certs.server_cert, server[0]), (certs.server_key, server[1]),
-                       (certs.client_cert, client[0]), (certs.client_key, client[1])):
+    for path, data in (
+        (certs.server_cert, server[0]),
+        (certs.server_key, server[1]),
+        (certs.client_cert, client[0]),
+        (certs.client_key, client[1]),
+    ):
         path.write_bytes(data)
     return certs
 
@@ -119,12 +166,39 @@ class TlsRedis:
     def start(self) -> TlsRedis:
         self.certs = make_certs(self.directory)
         c = self.certs
-        args = [self.binary, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-                "--tls-cert-file", str(c.server_cert), "--tls-key-file", str(c.server_key),
-                "--tls-ca-cert-file", str(c.ca), "--tls-auth-clients", "yes",
-                "--user", "default", "off",
-                "--user", self.username, "on", f">{self.password}", "~*", "&*", "+@all"]
+        args = [
+            self.binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--tls-cert-file",
+            str(c.server_cert),
+            "--tls-key-file",
+            str(c.server_key),
+            "--tls-ca-cert-file",
+            str(c.ca),
+            "--tls-auth-clients",
+            "yes",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            self.username,
+            "on",
+            f">{self.password}",
+            "~*",
+            "&*",
+            "+@all",
+        ]
         log = open(self.directory / "redis-tls.log", "w")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -136,9 +210,19 @@ class TlsRedis:
 
     def client(self, **overrides) -> redis.Redis:
         c = self.certs
-        kwargs = {"host": "127.0.0.1", "port": self.port, "ssl": True, "ssl_ca_certs": str(c.ca),
-                  "ssl_certfile": str(c.client_cert), "ssl_keyfile": str(c.client_key), "username": self.username,
-                  "password": self.password, "socket_timeout": 5, "decode_responses": True, **overrides}
+        kwargs = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "ssl": True,
+            "ssl_ca_certs": str(c.ca),
+            "ssl_certfile": str(c.client_cert),
+            "ssl_keyfile": str(c.client_key),
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": 5,
+            "decode_responses": True,
+            **overrides,
+        }
         return redis.Redis(**kwargs)
 
     def stop(self) -> None:
@@ -181,9 +265,24 @@ class SentinelGroup:
         for n, port in enumerate(self.data_ports):
             data = self.directory / f"data-{port}"
             data.mkdir()
-            args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
-                    "--appendonly", "yes", "--requirepass", self.password, "--masterauth", self.password,
-                    "--repl-diskless-sync-delay", "0"]
+            args = [
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--requirepass",
+                self.password,
+                "--masterauth",
+                self.password,
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
             if n:
                 args += ["--replicaof", "127.0.0.1", str(master)]
             proc = self._spawn(port, args, f"redis-{port}")
@@ -191,13 +290,21 @@ class SentinelGroup:
         for _ in range(self.sentinels):
             port = free_port()
             conf = self.directory / f"sentinel-{port}.conf"
-            conf.write_text("\n".join([
-                f"port {port}", "bind 127.0.0.1", f"dir {self.directory}",
-                f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2",
-                f"sentinel auth-pass {self.master_name} {self.password}",
-                f"sentinel down-after-milliseconds {self.master_name} 1000",
-                f"sentinel failover-timeout {self.master_name} 6000",
-                f"sentinel parallel-syncs {self.master_name} 1", ""]))
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"port {port}",
+                        "bind 127.0.0.1",
+                        f"dir {self.directory}",
+                        f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2",
+                        f"sentinel auth-pass {self.master_name} {self.password}",
+                        f"sentinel down-after-milliseconds {self.master_name} 1000",
+                        f"sentinel failover-timeout {self.master_name} 6000",
+                        f"sentinel parallel-syncs {self.master_name} 1",
+                        "",
+                    ]
+                )
+            )
             self.sentinel_ports.append(port)
             proc = self._spawn(port, [str(conf), "--sentinel"], f"sentinel-{port}")
             _wait_ping(redis.Redis(port=port), proc, f"sentinel {port}")
@@ -208,7 +315,9 @@ class SentinelGroup:
         for port in self.sentinel_ports:
             if self.processes[port].poll() is None:
                 try:
-                    addr = redis.Redis(port=port, socket_timeout=2).sentinel_get_master_addr_by_name(self.master_name)
+                    addr = redis.Redis(port=port, socket_timeout=2).sentinel_get_master_addr_by_name(
+                        self.master_name
+                    )
                 except redis.RedisError:
                     continue
                 if addr:
@@ -221,10 +330,15 @@ class SentinelGroup:
         while time.time() < deadline:
             try:
                 info = redis.Redis(port=self.master_port() or 0, password=self.password).info("replication")
-                known = all(len(redis.Redis(port=p).sentinel_slaves(self.master_name)) >= self.replicas
-                            for p in self.sentinel_ports)
-                online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
-                          and v.get("state") == "online"]
+                known = all(
+                    len(redis.Redis(port=p).sentinel_slaves(self.master_name)) >= self.replicas
+                    for p in self.sentinel_ports
+                )
+                online = [
+                    v
+                    for k, v in info.items()
+                    if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+                ]
                 if len(online) >= self.replicas and known:
                     return
             except redis.RedisError:

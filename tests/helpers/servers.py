@@ -25,7 +25,9 @@ PNG = tiny_png()
 def serve(app) -> Iterator[str]:
     """Run an ASGI app with uvicorn in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 15, "uvicorn to start")
@@ -71,7 +73,9 @@ class LocalServer:
         self.httpd = Server((host, 0), Handler)
         self.httpd.owner = self  # type: ignore[attr-defined]
         if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.socket = tls.wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.host, self.port = host, self.httpd.server_address[1]
         self.scheme = "https" if tls else "http"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

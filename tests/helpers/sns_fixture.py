@@ -27,11 +27,14 @@ from producer.sns import SnsVerifier, string_to_sign
 def signing_cert(key: rsa.RSAPrivateKey) -> bytes:
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.test.amazonaws.com")])
-    cert = (x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key(),
-                                    serial_number=x509.random_serial_number(),
-                                    not_valid_before=now - datetime.timedelta(minutes=5),
-                                    not_valid_after=now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = x509.CertificateBuilder(
+        subject_name=name,
+        issuer_name=name,
+        public_key=key.public_key(),
+        serial_number=x509.random_serial_number(),
+        not_valid_before=now - datetime.timedelta(minutes=5),
+        not_valid_after=now + datetime.timedelta(days=1),
+    ).sign(key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -94,6 +97,7 @@ class FakeSns:
     def verifier(self, topic_arns: tuple[str, ...]) -> SnsVerifier:
         """A verifier that takes this loopback server for SNS (only tests can build one)."""
         context = ssl.create_default_context(cafile=str(self.tls.ca))
-        policy = NetPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),),
-                           allowed_ports=None, ssl_context=context)
+        policy = NetPolicy(
+            allow_networks=(ipaddress.ip_network("127.0.0.1/32"),), allowed_ports=None, ssl_context=context
+        )
         return SnsVerifier(topic_arns, policy, timeout=5, host_pattern=re.compile(r"^127\.0\.0\.1$"))

@@ -17,7 +17,9 @@ def make_audio_only(path: str, seconds: float = 1.0) -> str:
         n = int(16000 * seconds)
         tone = np.zeros((1, n), np.float32)
         for start in range(0, n, 1024):
-            frame = av.AudioFrame.from_ndarray(tone[:, start:start + 1024].copy(), format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                tone[:, start : start + 1024].copy(), format="fltp", layout="mono"
+            )
             frame.sample_rate, frame.pts = 16000, start
             for packet in a_stream.encode(frame):
                 out.mux(packet)
@@ -35,11 +37,20 @@ def read_video(path: str) -> dict:
             decoder = av.CodecContext.create("libvpx-vp9", "r")
         else:
             decoder = None
-        info = {"audio": bool(container.streams.audio), "codec": v.codec_context.name,
-                "width": v.codec_context.width, "height": v.codec_context.height, "times": [], "alpha": None,
-                "rotation": None}
-        decoded = container.decode(v) if decoder is None else (
-            f for p in container.demux(v) for f in decoder.decode(p))
+        info = {
+            "audio": bool(container.streams.audio),
+            "codec": v.codec_context.name,
+            "width": v.codec_context.width,
+            "height": v.codec_context.height,
+            "times": [],
+            "alpha": None,
+            "rotation": None,
+        }
+        decoded = (
+            container.decode(v)
+            if decoder is None
+            else (f for p in container.demux(v) for f in decoder.decode(p))
+        )
         for frame in decoded:
             if frame.pts is None:
                 continue
@@ -56,8 +67,10 @@ def make_frameless(path: str) -> str:
     """An MP4 whose index lists a 1 s H.264 stream but whose sample data is gone: it opens and probes as a
     video, and decodes to no frames."""
     source = make_clip(path + ".src.mp4", audio=False)
-    with av.open(source) as src, av.open(path + ".fs.mp4", "w", format="mp4",
-                                         options={"movflags": "faststart"}) as dst:
+    with (
+        av.open(source) as src,
+        av.open(path + ".fs.mp4", "w", format="mp4", options={"movflags": "faststart"}) as dst,
+    ):
         stream = dst.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:

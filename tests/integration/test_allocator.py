@@ -39,7 +39,9 @@ PROBE = textwrap.dedent(
 
 def _faults_per_forward(retain: bool) -> list[int]:
     code = PROBE.format(repo=str(REPO), retain=retain)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

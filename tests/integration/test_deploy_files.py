@@ -1,9 +1,12 @@
 """Offline validation of the deployment files.
 
-docker-compose.yml      -> Compose Specification schema (check-jsonschema) + wiring checks: required credentials,
-                           the preflight check and init scripts (against moto's S3), only the gateway published
+docker-compose.yml      -> Compose Specification schema (check-jsonschema) + wiring checks: required
+credentials,
+                           the preflight check and init scripts (against moto's S3), only the gateway
+                           published
 infra/docker/*          -> hadolint + image conventions, .dockerignore
-infra/k8s (kustomize)   -> rendered with `kubectl kustomize` (skipped without kubectl), core kinds checked with
+infra/k8s (kustomize)   -> rendered with `kubectl kustomize` (skipped without kubectl), core kinds checked
+with
                            kubernetes-validate (strict, pinned version), KEDA kinds with the JSON
                            schemas in tests/data/keda/, then cross-object wiring: no rendered Secret, every
                            referenced Secret key in base/secrets.md, one generated pool per variant,
@@ -72,7 +75,9 @@ METRICS_BIND_ENV = "BIREFNET_METRICS_HOST"
 
 def _secrets_table() -> set[tuple[str, str]]:
     """(Secret, key) pairs infra/k8s/base/secrets.md tells the operator to create."""
-    rows = re.findall(r"^\| `([a-z0-9-]+)` \| `([A-Za-z0-9_-]+)` \|", (K8S_DIR / "base" / "secrets.md").read_text(), re.M)
+    rows = re.findall(
+        r"^\| `([a-z0-9-]+)` \| `([A-Za-z0-9_-]+)` \|", (K8S_DIR / "base" / "secrets.md").read_text(), re.M
+    )
     return set(rows)
 
 
@@ -157,11 +162,18 @@ def test_compose_store_notifies_the_producer_webhook():
     assert store["image"].startswith("rustfs/rustfs:")
     env = store["environment"]
     assert env["RUSTFS_NOTIFY_ENABLE"] == "true"
-    targets = {k.removeprefix("RUSTFS_NOTIFY_WEBHOOK_ENABLE_") for k, v in env.items()
-               if k.startswith("RUSTFS_NOTIFY_WEBHOOK_ENABLE_") and v == "on"}
+    targets = {
+        k.removeprefix("RUSTFS_NOTIFY_WEBHOOK_ENABLE_")
+        for k, v in env.items()
+        if k.startswith("RUSTFS_NOTIFY_WEBHOOK_ENABLE_") and v == "on"
+    }
     assert targets == {"PRIMARY"}
     endpoint = urlparse(env["RUSTFS_NOTIFY_WEBHOOK_ENDPOINT_PRIMARY"])
-    assert endpoint.hostname == "producer" and endpoint.port == PRODUCER_HTTP_PORT and endpoint.path == "/s3-events"
+    assert (
+        endpoint.hostname == "producer"
+        and endpoint.port == PRODUCER_HTTP_PORT
+        and endpoint.path == "/s3-events"
+    )
     assert env["RUSTFS_OUTBOUND_ALLOW_ORIGINS"] == f"http://producer:{PRODUCER_HTTP_PORT}"
     app_env = services()["producer"]["environment"]
     assert env["RUSTFS_NOTIFY_WEBHOOK_AUTH_TOKEN_PRIMARY"] == app_env["BIREFNET_PRODUCER_HTTP_TOKEN"]
@@ -188,8 +200,14 @@ def test_compose_store_notifies_the_producer_webhook():
     assert init["environment"]["S3_ENDPOINT_URL"] == app_env["BIREFNET_S3_ENDPOINT_URL"]
 
 
-CREDENTIALS = ("REDIS_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "EVENTS_TOKEN", "GATEWAY_SIGNING_SECRET",
-               "WEBHOOK_SIGNING_KEY")
+CREDENTIALS = (
+    "REDIS_PASSWORD",
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "EVENTS_TOKEN",
+    "GATEWAY_SIGNING_SECRET",
+    "WEBHOOK_SIGNING_KEY",
+)
 
 
 def test_compose_has_no_default_credentials_and_publishes_only_the_gateway():
@@ -197,7 +215,9 @@ def test_compose_has_no_default_credentials_and_publishes_only_the_gateway():
     for name in CREDENTIALS:
         uses = re.findall(r"\$\{" + name + r"(:?[-?][^}]*)?\}", raw)
         assert uses, name
-        assert all(u.startswith(":?") for u in uses), f"{name} must be required (${{{name}:?...}}), never defaulted"
+        assert all(u.startswith(":?") for u in uses), (
+            f"{name} must be required (${{{name}:?...}}), never defaulted"
+        )
     assert "change-me" not in raw.lower()
     for name, svc in services().items():
         for port in svc.get("ports", []):
@@ -207,7 +227,8 @@ def test_compose_has_no_default_credentials_and_publishes_only_the_gateway():
                 assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host"
     app_env = services()["gateway"]["environment"]
     assert app_env["BIREFNET_REDIS_URL"] == (
-        "redis://:${REDIS_PASSWORD:?run python3 infra/compose/init_secrets.py first}@redis:6379/0")
+        "redis://:${REDIS_PASSWORD:?run python3 infra/compose/init_secrets.py first}@redis:6379/0"
+    )
     assert "--requirepass" in services()["redis"]["command"]
     flower_broker = next(a for a in services()["flower"]["command"] if a.startswith("--broker="))
     assert flower_broker == "--broker=" + app_env["BIREFNET_REDIS_URL"], "Flower uses the password too"
@@ -220,7 +241,9 @@ def test_compose_has_no_default_credentials_and_publishes_only_the_gateway():
 
 def _depends_on_preflight(name: str, seen: frozenset = frozenset()) -> bool:
     depends = services()[name].get("depends_on", {})
-    return "preflight" in depends or any(_depends_on_preflight(d, seen | {name}) for d in depends if d not in seen)
+    return "preflight" in depends or any(
+        _depends_on_preflight(d, seen | {name}) for d in depends if d not in seen
+    )
 
 
 def _preflight_script(tmp_path: Path) -> str:
@@ -240,23 +263,37 @@ def test_compose_preflight_refuses_placeholders_and_init_secrets_writes_real_one
     assert set(CREDENTIALS) <= set(values)
     assert oct(env_file.stat().st_mode & 0o777) == "0o600"
     again = run([sys.executable, str(script), str(env_file)])
-    assert again.returncode == 0 and dict(line.split("=", 1) for line in env_file.read_text().splitlines()) == values
+    assert (
+        again.returncode == 0
+        and dict(line.split("=", 1) for line in env_file.read_text().splitlines()) == values
+    )
     other = tmp_path / "other.env"
     run([sys.executable, str(script), str(other)])
-    assert all(values[n] != v for n, v in dict(line.split("=", 1) for line in other.read_text().splitlines()).items())
+    assert all(
+        values[n] != v for n, v in dict(line.split("=", 1) for line in other.read_text().splitlines()).items()
+    )
 
     check = _preflight_script(tmp_path)
     good = {name: values[name] for name in CREDENTIALS}
-    assert subprocess.run(["/bin/sh", "-ec", check], env=good, capture_output=True, timeout=30).returncode == 0
-    for name, bad in (("REDIS_PASSWORD", "CHANGE-ME"), ("S3_SECRET_KEY", "birefnet-change-me"),
-                      ("EVENTS_TOKEN", "short"), ("WEBHOOK_SIGNING_KEY", "my-secret-" + "x" * 40)):
-        result = subprocess.run(["/bin/sh", "-ec", check], env={**good, name: bad}, capture_output=True, text=True,
-                                timeout=30)
+    assert (
+        subprocess.run(["/bin/sh", "-ec", check], env=good, capture_output=True, timeout=30).returncode == 0
+    )
+    for name, bad in (
+        ("REDIS_PASSWORD", "CHANGE-ME"),
+        ("S3_SECRET_KEY", "birefnet-change-me"),
+        ("EVENTS_TOKEN", "short"),
+        ("WEBHOOK_SIGNING_KEY", "my-secret-" + "x" * 40),
+    ):
+        result = subprocess.run(
+            ["/bin/sh", "-ec", check], env={**good, name: bad}, capture_output=True, text=True, timeout=30
+        )
         assert result.returncode != 0 and name in result.stderr, (name, bad)
     # The generated values are ones the services accept.
-    Settings(redis_url=f"redis://:{values['REDIS_PASSWORD']}@redis:6379/0",
-             gateway_signing_secret=values["GATEWAY_SIGNING_SECRET"],
-             webhook_signing_keys=values["WEBHOOK_SIGNING_KEY"])
+    Settings(
+        redis_url=f"redis://:{values['REDIS_PASSWORD']}@redis:6379/0",
+        gateway_signing_secret=values["GATEWAY_SIGNING_SECRET"],
+        webhook_signing_keys=values["WEBHOOK_SIGNING_KEY"],
+    )
     from common.domain.signing import WebhookSigner
 
     assert WebhookSigner.from_keys((values["WEBHOOK_SIGNING_KEY"],)).jwks()["keys"]
@@ -309,7 +346,9 @@ def test_compose_workers():
         assert svc["build"]["dockerfile"] == "infra/docker/Dockerfile.worker"
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), name
-        assert _healthcheck_port(svc) == WORKER_METRICS_PORT and "/readyz" in " ".join(svc["healthcheck"]["test"])
+        assert _healthcheck_port(svc) == WORKER_METRICS_PORT and "/readyz" in " ".join(
+            svc["healthcheck"]["test"]
+        )
         assert str(WORKER_METRICS_PORT) in svc["expose"]
         assert seconds(svc["healthcheck"]["start_period"]) >= 600, "first start downloads weights"
         assert seconds(svc["stop_grace_period"]) >= 600, "warm shutdown lets the current job finish"
@@ -573,7 +612,8 @@ def _selected(doc: dict, target: dict, prefix: str = "", suffix: str = "") -> bo
 
 
 KUSTOMIZATIONS = sorted(
-    path.parent for path in K8S_DIR.rglob("kustomization.yaml")
+    path.parent
+    for path in K8S_DIR.rglob("kustomization.yaml")
     if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization"
 )
 
@@ -648,8 +688,10 @@ def k8s_worker_variant(deployment: dict) -> str:
 
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
 def test_overlays_render_without_duplicate_resources(overlay: str):
-    keys = [(d["apiVersion"], d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
-            for d in rendered(overlay)]
+    keys = [
+        (d["apiVersion"], d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+        for d in rendered(overlay)
+    ]
     assert keys and len(keys) == len(set(keys)), f"overlays/{overlay}: duplicate resources"
 
 
@@ -695,7 +737,8 @@ def test_keda_resources_match_schema(overlay: str):
 @pytest.mark.parametrize("overlay", K8S_OVERLAYS)
 def test_every_worker_pool_is_scaled_on_its_own_queue(overlay: str):
     """One pool per servable variant, scaled on its own Celery lists (and its own queue gauges, see
-    tests/integration/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis Secret."""
+    tests/integration/test_deploy_scaling.py); Redis address, password and TLS come from the birefnet-redis
+    Secret."""
     deployments = worker_deployments(overlay)
     scaled = by_kind(overlay, "ScaledObject")
     assert len(deployments) >= 2 and len(scaled) == len(deployments)
@@ -850,7 +893,8 @@ def test_k8s_ports_match(overlay: str):
                 declared = [p for c in containers(pod) for p in c.get("ports", [])]
                 target = port.get("targetPort", port["port"])
                 assert any(target in (p.get("name"), p["containerPort"]) for p in declared), (
-                    f"Service {service['metadata']['name']}: targetPort {target} not on {pod['metadata']['name']}"
+                    f"Service {service['metadata']['name']}: targetPort {target} not on "
+                    f"{pod['metadata']['name']}"
                 )
     for doc in workloads:
         annotations = doc["spec"]["template"]["metadata"].get("annotations", {})
@@ -871,13 +915,21 @@ def test_k8s_ports_match(overlay: str):
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     env = container_env(gateway)
-    assert {"name": "metrics", "containerPort": int(env["BIREFNET_GATEWAY_METRICS_PORT"]["value"])} in gateway["ports"]
-    for name, command, setting in (("producer", ["python", "-m", "producer", "sqs"], "producer_metrics_port"),
-                                   ("webhooks", ["python", "-m", "deliverer"], "webhooks_metrics_port")):
+    assert {
+        "name": "metrics",
+        "containerPort": int(env["BIREFNET_GATEWAY_METRICS_PORT"]["value"]),
+    } in gateway["ports"]
+    for name, command, setting in (
+        ("producer", ["python", "-m", "producer", "sqs"], "producer_metrics_port"),
+        ("webhooks", ["python", "-m", "deliverer"], "webhooks_metrics_port"),
+    ):
         container = pod_spec(find(overlay, "Deployment", f"birefnet-{name}"))["containers"][0]
         assert container["command"] == command
-        port = int(container_env(container).get(f"BIREFNET_{setting.upper()}", {}).get(
-            "value", Settings.model_fields[setting].default))
+        port = int(
+            container_env(container)
+            .get(f"BIREFNET_{setting.upper()}", {})
+            .get("value", Settings.model_fields[setting].default)
+        )
         assert {"name": "metrics", "containerPort": port} in container["ports"], name
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
@@ -901,11 +953,16 @@ def test_k8s_manifests_hold_no_secrets():
         for doc in rendered(overlay):
             if doc["kind"] in WORKLOADS:
                 for container in containers(doc):
-                    referenced |= {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-                                   for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+                    referenced |= {
+                        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                        for e in container.get("env", [])
+                        if "secretKeyRef" in e.get("valueFrom", {})
+                    }
                     sources = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
                     if doc["metadata"]["name"] != "redis":
-                        assert "birefnet-app-secrets" in sources, f"{doc['metadata']['name']} lacks the app secrets"
+                        assert "birefnet-app-secrets" in sources, (
+                            f"{doc['metadata']['name']} lacks the app secrets"
+                        )
             if doc["kind"] == "TriggerAuthentication":
                 referenced |= {(r["name"], r["key"]) for r in doc["spec"]["secretTargetRef"]}
     app_keys = {(s, k) for s, k in REQUIRED_SECRET_KEYS if s == "birefnet-app-secrets"}
@@ -915,14 +972,18 @@ def test_k8s_manifests_hold_no_secrets():
     # The signing keys come from the Secret, never generated into Redis.
     assert {k for _, k in app_keys} >= {"BIREFNET_GATEWAY_SIGNING_SECRET", "BIREFNET_WEBHOOK_SIGNING_KEYS"}
     external = kustomize_build(K8S_DIR / "examples" / "external-secrets")
-    provided = {(d["spec"]["target"]["name"], item["secretKey"]) for d in external for item in d["spec"]["data"]}
+    provided = {
+        (d["spec"]["target"]["name"], item["secretKey"]) for d in external for item in d["spec"]["data"]
+    }
     assert provided == REQUIRED_SECRET_KEYS
     component = yaml.safe_load((K8S_DIR / "components" / "local-secrets" / "kustomization.yaml").read_text())
     assert {g["name"] for g in component["secretGenerator"]} == {s for s, _ in REQUIRED_SECRET_KEYS}
     ignored = (K8S_DIR / "components" / "local-secrets" / ".gitignore").read_text().split()
     for generator in component["secretGenerator"]:
         for env_file in generator["envs"]:
-            assert any(Path(env_file).match(pattern) for pattern in ignored), f"{env_file} must be git-ignored"
+            assert any(Path(env_file).match(pattern) for pattern in ignored), (
+                f"{env_file} must be git-ignored"
+            )
 
 
 def test_local_secrets_component_builds_from_operator_files(tmp_path: Path):
@@ -934,17 +995,22 @@ def test_local_secrets_component_builds_from_operator_files(tmp_path: Path):
     shutil.copytree(K8S_DIR, tree, ignore=shutil.ignore_patterns("*.env"))
     (tree / "components" / "local-secrets" / "redis.env").write_text(
         "url=redis://:0123abcd@redis:6379/0\npassword=0123abcd\naddress=redis.birefnet.svc.cluster.local:6379\n"
-        "tls=disable\n")
+        "tls=disable\n"
+    )
     (tree / "components" / "local-secrets" / "app.env").write_text(
         "BIREFNET_GATEWAY_API_KEYS=[]\nBIREFNET_GATEWAY_SIGNING_SECRET=" + "ab" * 32 + "\n"
-        "BIREFNET_WEBHOOK_SIGNING_KEYS=" + "cd" * 32 + "\n")
+        "BIREFNET_WEBHOOK_SIGNING_KEYS=" + "cd" * 32 + "\n"
+    )
     overlay = tree / "overlays" / "mine"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
-        "namespace: birefnet\nresources: [../default]\ncomponents: [../../components/local-secrets]\n")
+        "namespace: birefnet\nresources: [../default]\ncomponents: [../../components/local-secrets]\n"
+    )
     result = run([kubectl, "kustomize", str(overlay)])
     assert result.returncode == 0, result.stderr
-    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Secret"}
+    secrets = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Secret"
+    }
     keys = {(name, key) for name, doc in secrets.items() for key in doc["data"]}
     assert keys == REQUIRED_SECRET_KEYS
     assert all(doc["metadata"]["namespace"] == "birefnet" for doc in secrets.values())
@@ -991,7 +1057,7 @@ def test_variant_workers_agree_across_compose_and_k8s():
         assert {k8s_worker_variant(d) for d in worker_deployments(overlay)} == every, overlay
     assert FAL_MODEL_VARIANTS <= compose_variants <= every
     docs = (ROOT / "docs" / "deployment.md").read_text()
-    section = docs[docs.index("Variants compose does not run"):][:2000]
+    section = docs[docs.index("Variants compose does not run") :][:2000]
     for variant in sorted(every - compose_variants):
         assert f"`{variant}`" in section, f"docs/deployment.md must say compose does not run {variant}"
 
@@ -1020,8 +1086,10 @@ def _policies(overlay: str, component: str) -> list[dict]:
     for policy in by_kind(overlay, "NetworkPolicy"):
         selector = policy["spec"]["podSelector"]
         labels = {"app.kubernetes.io/name": "birefnet", "app.kubernetes.io/component": component}
-        if not selector or selector.get("matchLabels", {}).items() <= labels.items() and all(
-            labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+        if (
+            not selector
+            or selector.get("matchLabels", {}).items() <= labels.items()
+            and all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
         ):
             chosen.append(policy)
     return chosen
@@ -1041,12 +1109,19 @@ def test_network_policies(overlay: str):
             assert not open_rules, f"{component}: ingress from anywhere"
         for rule in ingress:
             for peer in rule.get("from", []):
-                ns = peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                ns = (
+                    peer.get("namespaceSelector", {})
+                    .get("matchLabels", {})
+                    .get("kubernetes.io/metadata.name")
+                )
                 if any(p["port"] == "metrics" for p in rule.get("ports", [])):
-                    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                    assert peer == {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+                    }
                 elif component == "redis":
                     assert ns == "keda" or peer["podSelector"]["matchExpressions"][0]["key"] == (
-                        "app.kubernetes.io/component")
+                        "app.kubernetes.io/component"
+                    )
     # Workers: DNS, Redis, and HTTP(S) outside the private ranges (S3, the model hub, image URLs) only.
     egress = [r for p in _policies(overlay, "worker") for r in p["spec"].get("egress", [])]
     assert egress
@@ -1057,7 +1132,9 @@ def test_network_policies(overlay: str):
                 assert peer["ipBlock"]["cidr"] == "0.0.0.0/0" and set(peer["ipBlock"]["except"]) >= PRIVATE
                 assert ports <= {("TCP", 443), ("TCP", 80)}
             elif "namespaceSelector" in peer:
-                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                assert peer["namespaceSelector"]["matchLabels"] == {
+                    "kubernetes.io/metadata.name": "kube-system"
+                }
                 assert ports <= {("UDP", 53), ("TCP", 53)}
             else:
                 assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "redis"}
@@ -1158,7 +1235,8 @@ def test_terraform_validate(tmp_path: Path):
         pytest.skip(f"the provider mirror in {plugin_dir} has no version matching versions.tf")
     assert init.returncode == 0, init.stdout + init.stderr
     assert (work / ".terraform.lock.hcl").read_text() == (TF_DIR / ".terraform.lock.hcl").read_text(), (
-        "terraform init changed the committed lock file")
+        "terraform init changed the committed lock file"
+    )
     result = run([binary, "validate", "-json", "-no-color"], cwd=work, env=env)
     report = json.loads(result.stdout)
     assert report["valid"] and report["warning_count"] == 0, json.dumps(report["diagnostics"], indent=1)
@@ -1401,8 +1479,18 @@ def test_aws_overlay_values_come_from_terraform_outputs(tmp_path: Path):
     sample = json.loads((TF_DIR / "examples" / "terraform-output.sample.json").read_text())
     committed = K8S_DIR / "overlays" / "aws" / "terraform-outputs.yaml"
     regenerated = tmp_path / "values.yaml"
-    assert run([sys.executable, str(script), str(TF_DIR / "examples" / "terraform-output.sample.json"),
-                "--out", str(regenerated)]).returncode == 0
+    assert (
+        run(
+            [
+                sys.executable,
+                str(script),
+                str(TF_DIR / "examples" / "terraform-output.sample.json"),
+                "--out",
+                str(regenerated),
+            ]
+        ).returncode
+        == 0
+    )
     assert regenerated.read_text() == committed.read_text(), "regenerate terraform-outputs.yaml"
     assert set(sample) >= set(terraform()["output"]), "the sample has every output Terraform defines"
 
@@ -1415,27 +1503,52 @@ def test_aws_overlay_values_come_from_terraform_outputs(tmp_path: Path):
     other["sqs_queue_url"]["value"] = f"https://sqs.{region}.amazonaws.com/{account}/svc-events"
     for component in ("gateway", "producer", "worker"):
         other[f"{component}_role_arn"]["value"] = f"arn:aws:iam::{account}:role/svc-{component}"
-    other["service_env"]["value"] |= {"BIREFNET_INPUT_BUCKET": "in-x", "BIREFNET_OUTPUT_BUCKET": "out-x",
-                                      "BIREFNET_OUTPUT_PREFIX": "p/"}
+    other["service_env"]["value"] |= {
+        "BIREFNET_INPUT_BUCKET": "in-x",
+        "BIREFNET_OUTPUT_BUCKET": "out-x",
+        "BIREFNET_OUTPUT_PREFIX": "p/",
+    }
     tree = tmp_path / "k8s"
     shutil.copytree(K8S_DIR, tree)
     (tmp_path / "outputs.json").write_text(json.dumps(other))
-    assert run([sys.executable, str(script), str(tmp_path / "outputs.json"), "--out",
-                str(tree / "overlays" / "aws" / "terraform-outputs.yaml")]).returncode == 0
+    assert (
+        run(
+            [
+                sys.executable,
+                str(script),
+                str(tmp_path / "outputs.json"),
+                "--out",
+                str(tree / "overlays" / "aws" / "terraform-outputs.yaml"),
+            ]
+        ).returncode
+        == 0
+    )
     result = run([kubectl, "kustomize", str(tree / "overlays" / "aws")])
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "birefnet-config")["data"]
-    assert (config["BIREFNET_AWS_REGION"], config["BIREFNET_INPUT_BUCKET"], config["BIREFNET_OUTPUT_BUCKET"],
-            config["BIREFNET_OUTPUT_PREFIX"], config["BIREFNET_SQS_QUEUE_URL"]) == (
-        region, "in-x", "out-x", "p/", f"https://sqs.{region}.amazonaws.com/{account}/svc-events")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "birefnet-config")[
+        "data"
+    ]
+    assert (
+        config["BIREFNET_AWS_REGION"],
+        config["BIREFNET_INPUT_BUCKET"],
+        config["BIREFNET_OUTPUT_BUCKET"],
+        config["BIREFNET_OUTPUT_PREFIX"],
+        config["BIREFNET_SQS_QUEUE_URL"],
+    ) == (region, "in-x", "out-x", "p/", f"https://sqs.{region}.amazonaws.com/{account}/svc-events")
     for component in ("gateway", "producer", "worker"):
-        account_doc = next(d for d in docs if d["kind"] == "ServiceAccount"
-                           and d["metadata"]["name"] == f"birefnet-{component}")
+        account_doc = next(
+            d
+            for d in docs
+            if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == f"birefnet-{component}"
+        )
         assert account_doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == (
-            f"arn:aws:iam::{account}:role/svc-{component}")
+            f"arn:aws:iam::{account}:role/svc-{component}"
+        )
     images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in pod_spec(d)["containers"]}
-    assert images == {f"{account}.dkr.ecr.{region}.amazonaws.com/birefnet-{n}:0.1.0" for n in ("app", "worker")}
+    assert images == {
+        f"{account}.dkr.ecr.{region}.amazonaws.com/birefnet-{n}:0.1.0" for n in ("app", "worker")
+    }
     assert not [d for d in docs if d["metadata"]["name"] == "birefnet-terraform-outputs"], "local-config only"
     assert "123456789012" not in result.stdout
 
@@ -1473,7 +1586,8 @@ def test_validators_reject_broken_files(tmp_path: Path):
 
 
 def test_compose_storage_init_creates_buckets_and_notifications(moto_endpoint: str):
-    """infra/compose/init_storage.py (the s3-init service) against moto's S3 over HTTP: buckets made, the input
+    """infra/compose/init_storage.py (the s3-init service) against moto's S3 over HTTP: buckets made, the
+    input
     bucket's ObjectCreated events bound to the target, and a second run changes nothing."""
     import uuid
 
@@ -1481,11 +1595,20 @@ def test_compose_storage_init_creates_buckets_and_notifications(moto_endpoint: s
 
     suffix = uuid.uuid4().hex[:8]
     sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    arn = sqs.get_queue_attributes(QueueUrl=sqs.create_queue(QueueName=f"events-{suffix}")["QueueUrl"],
-                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    env = {**os.environ, "S3_ENDPOINT_URL": moto_endpoint, "S3_EVENTS_ARN": arn, "AWS_REGION": "us-east-1",
-           "INPUT_BUCKET": f"in-{suffix}", "OUTPUT_BUCKET": f"out-{suffix}", "S3_WAIT_SECONDS": "10",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    arn = sqs.get_queue_attributes(
+        QueueUrl=sqs.create_queue(QueueName=f"events-{suffix}")["QueueUrl"], AttributeNames=["QueueArn"]
+    )["Attributes"]["QueueArn"]
+    env = {
+        **os.environ,
+        "S3_ENDPOINT_URL": moto_endpoint,
+        "S3_EVENTS_ARN": arn,
+        "AWS_REGION": "us-east-1",
+        "INPUT_BUCKET": f"in-{suffix}",
+        "OUTPUT_BUCKET": f"out-{suffix}",
+        "S3_WAIT_SECONDS": "10",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
     script = ROOT / "infra" / "compose" / "init_storage.py"
     for attempt in range(2):
         result = run([sys.executable, str(script)], env=env)
@@ -1518,7 +1641,9 @@ def test_every_skipped_scanner_check_has_a_reason():
     # Per-resource skips in the files carry their reason too.
     for path in list((ROOT / "infra").rglob("*.yaml")) + list((ROOT / "infra").rglob("*.tf")):
         for match in re.finditer(r"checkov:skip=(\w+)(:?)(.*)", path.read_text()):
-            assert match.group(2) and len(match.group(3).strip()) > 10, f"{path}: {match.group(1)} without a reason"
+            assert match.group(2) and len(match.group(3).strip()) > 10, (
+                f"{path}: {match.group(1)} without a reason"
+            )
 
 
 def test_checkov_scan_passes():

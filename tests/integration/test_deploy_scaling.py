@@ -23,7 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["default", "aws"]
 
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_]\w*)|(&&|\|\||==|!=|<=|>=|[-+*/()<>?:!]))")
-_BINARY = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 4, ">": 4, "<=": 4, ">=": 4, "+": 5, "-": 5, "*": 6, "/": 6}
+_BINARY = {
+    "||": 1,
+    "&&": 2,
+    "==": 3,
+    "!=": 3,
+    "<": 4,
+    ">": 4,
+    "<=": 4,
+    ">=": 4,
+    "+": 5,
+    "-": 5,
+    "*": 6,
+    "/": 6,
+}
 
 
 def evaluate(formula: str, values: dict[str, float]) -> float:
@@ -51,12 +64,20 @@ def evaluate(formula: str, values: dict[str, float]) -> float:
             if prec is None or prec < min_prec:
                 return value, index
             right, index = parse(index + 1, prec + 1)
-            value = {"||": lambda a, b: float(bool(a) or bool(b)), "&&": lambda a, b: float(bool(a) and bool(b)),
-                     "==": lambda a, b: float(a == b), "!=": lambda a, b: float(a != b),
-                     "<": lambda a, b: float(a < b), ">": lambda a, b: float(a > b),
-                     "<=": lambda a, b: float(a <= b), ">=": lambda a, b: float(a >= b),
-                     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-                     "/": lambda a, b: a / b}[op](value, right)
+            value = {
+                "||": lambda a, b: float(bool(a) or bool(b)),
+                "&&": lambda a, b: float(bool(a) and bool(b)),
+                "==": lambda a, b: float(a == b),
+                "!=": lambda a, b: float(a != b),
+                "<": lambda a, b: float(a < b),
+                ">": lambda a, b: float(a > b),
+                "<=": lambda a, b: float(a <= b),
+                ">=": lambda a, b: float(a >= b),
+                "+": lambda a, b: a + b,
+                "-": lambda a, b: a - b,
+                "*": lambda a, b: a * b,
+                "/": lambda a, b: a / b,
+            }[op](value, right)
 
     def atom(index: int) -> tuple[float, int]:
         token = tokens[index]
@@ -95,8 +116,12 @@ def scaled_objects(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl not installed: the Kubernetes manifests are rendered with `kubectl kustomize`")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "infra" / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "infra" / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ScaledObject"]
 
@@ -129,7 +154,9 @@ CASES = [
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize(("state", "expected", "why"), CASES, ids=[c[2] for c in CASES])
-def test_scaling_formula_on_queue_states(overlay: str, state: tuple[int, int, int, int], expected: int, why: str):
+def test_scaling_formula_on_queue_states(
+    overlay: str, state: tuple[int, int, int, int], expected: int, why: str
+):
     objects = scaled_objects(overlay)
     assert objects
     for scaled in objects:
@@ -156,7 +183,10 @@ def test_every_variant_has_a_pool_scaled_on_its_own_work(overlay: str):
             # Address, password and TLS come from the TriggerAuthentication (a Secret), never the manifest.
             assert not {"address", "host", "password", "enableTLS"} & set(trigger["metadata"])
             assert trigger["authenticationRef"] == {"name": "birefnet-redis"}
-        for name, metric in (("waiting", "birefnet_queue_waiting_jobs"), ("running", "birefnet_jobs_in_progress")):
+        for name, metric in (
+            ("waiting", "birefnet_queue_waiting_jobs"),
+            ("running", "birefnet_jobs_in_progress"),
+        ):
             trigger = triggers[name]
             assert trigger["type"] == "prometheus"
             assert trigger["metadata"]["query"] == f'max({metric}{{variant="{variant.id}"}}) or vector(0)'

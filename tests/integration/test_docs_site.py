@@ -18,7 +18,8 @@ PRODUCT_CODE = ["common", "producer", "deliverer", "worker", "ops", "devstack", 
 
 # A repository path as the pages write it: `worker/samples/chelsea.jpg`, bench/bench_model.py, infra/k8s/.
 REPO_PATH = re.compile(
-    r"(?<![\w./<:-])((?:common|producer|deliverer|worker|ops|devstack|bench|tests|infra|docs|\.ci)/[\w./-]*)")
+    r"(?<![\w./<:-])((?:common|producer|deliverer|worker|ops|devstack|bench|tests|infra|docs|\.ci)/[\w./-]*)"
+)
 MAKE_TARGET = re.compile(r"(?:`|^)make ([a-z][\w-]*)", re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
@@ -36,8 +37,13 @@ def anchors(page: Path) -> set[str]:
 
 def test_site_builds_strictly(tmp_path):
     site = tmp_path / "site"
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert (site / "index.html").is_file() and (site / "api" / "index.html").is_file()
 
@@ -47,7 +53,7 @@ def test_named_repository_paths_exist():
     for page in PAGES:
         for match in REPO_PATH.finditer(page.read_text()):
             path = match.group(1).rstrip(".")
-            if page.read_text()[match.end():match.end() + 1] in "<{*":
+            if page.read_text()[match.end() : match.end() + 1] in "<{*":
                 continue  # a pattern such as variants/<variant-id>, not a file
             if not (ROOT / path).exists():
                 missing.append(f"{page.relative_to(ROOT)}: {path}")
@@ -56,8 +62,12 @@ def test_named_repository_paths_exist():
 
 def test_named_make_targets_exist():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
-    unknown = [f"{page.relative_to(ROOT)}: make {name}" for page in PAGES
-               for name in MAKE_TARGET.findall(page.read_text()) if name not in targets]
+    unknown = [
+        f"{page.relative_to(ROOT)}: make {name}"
+        for page in PAGES
+        for name in MAKE_TARGET.findall(page.read_text())
+        if name not in targets
+    ]
     assert not unknown, unknown
 
 
@@ -84,7 +94,12 @@ def test_product_text_states_its_own_contract():
     """No issue numbers, progress notes or pointers to files outside the repository in docs, code or tests."""
     banned = re.compile(r"\bissue #?\d+|#1\d\b|\bnot met\b|\.\./shared|FAL_API\.md|no GPU lent", re.I)
     code = [path for name in [*PRODUCT_CODE, "tests"] for path in (ROOT / name).rglob("*.py")]
-    files = PAGES + [path for path in code if path != Path(__file__).resolve() and "node_modules" not in path.parts]
-    found = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in files
-             for match in banned.finditer(path.read_text())]
+    files = PAGES + [
+        path for path in code if path != Path(__file__).resolve() and "node_modules" not in path.parts
+    ]
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in files
+        for match in banned.finditer(path.read_text())
+    ]
     assert not found, found

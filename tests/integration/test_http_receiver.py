@@ -37,8 +37,10 @@ def test_auth_probes_bad_bodies_and_metrics(stack: Stack):
     with serve(create_app(settings)) as url:
         body = minio_body(settings.input_bucket, "notes/readme.txt", etag)
         assert httpx.post(f"{url}/s3-events", content=body).status_code == 401
-        assert httpx.post(f"{url}/s3-events", content=body,
-                          headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            httpx.post(f"{url}/s3-events", content=body, headers={"Authorization": "Bearer nope"}).status_code
+            == 401
+        )
         auth = {"Authorization": "Bearer s3cret"}
         assert httpx.head(f"{url}/s3-events").status_code == 200  # MinIO's liveness probe
         ignored = httpx.post(f"{url}/s3-events", content=body, headers=auth)

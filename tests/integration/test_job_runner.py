@@ -1,4 +1,5 @@
-"""worker/runner.py's JobRunner in this process, over every outcome it can return: a real redis-server, moto S3,
+"""worker/runner.py's JobRunner in this process, over every outcome it can return: a real redis-server, moto
+S3,
 the null-model predictor (a constant mask, no network), no Celery worker (the Celery app only books webhook
 tasks, and these jobs have none)."""
 
@@ -32,7 +33,8 @@ IMAGE = data_uri(png_bytes((40, 30)))
 
 @dataclass
 class Harness:
-    """A runner with a null-model predictor; `during_forward` runs inside each forward (in the batcher's thread)."""
+    """A runner with a null-model predictor; `during_forward` runs inside each forward (in the batcher's
+    thread)."""
 
     settings: Settings
     store: JobStore
@@ -42,9 +44,14 @@ class Harness:
 
     def job(self, image_url: str = IMAGE, variant: str = VARIANT, create: bool = True, **fields) -> JobSpec:
         rid = uuid.uuid4().hex
-        spec = JobSpec(request_id=rid, variant=variant, image_url=image_url,
-                       params=fields.pop("params", JobParams(output_format="png")),
-                       output_prefix=fields.pop("output_prefix", request_output_prefix(self.settings, rid)), **fields)
+        spec = JobSpec(
+            request_id=rid,
+            variant=variant,
+            image_url=image_url,
+            params=fields.pop("params", JobParams(output_format="png")),
+            output_prefix=fields.pop("output_prefix", request_output_prefix(self.settings, rid)),
+            **fields,
+        )
         if create:
             assert self.store.create(spec)
         return spec
@@ -59,9 +66,16 @@ class Harness:
 
 
 def make_harness(stack: Stack, hooks: HooksForTests | None = None, **overrides) -> Harness:
-    settings = stack.settings.model_copy(update={
-        "device": "cpu", "benchmark_null_model": True, "warmup_forward": False, "max_batch_size": 1,
-        "batch_wait_ms": 0, **overrides})
+    settings = stack.settings.model_copy(
+        update={
+            "device": "cpu",
+            "benchmark_null_model": True,
+            "warmup_forward": False,
+            "max_batch_size": 1,
+            "batch_wait_ms": 0,
+            **overrides,
+        }
+    )
     predictor = Predictor(settings.variants.get(VARIANT), settings)
     predictor.load()
     store = JobStore.from_url(settings.redis_url)
@@ -72,8 +86,9 @@ def make_harness(stack: Stack, hooks: HooksForTests | None = None, **overrides) 
             hook()
 
     install_forward_hook(predictor, forward_hook)
-    runner = JobRunner(settings, store, ObjectStore(settings), make_celery(settings), {VARIANT: predictor},
-                       "test-runner:1")
+    runner = JobRunner(
+        settings, store, ObjectStore(settings), make_celery(settings), {VARIANT: predictor}, "test-runner:1"
+    )
     if hooks is not None:
         install(runner, hooks)
     return Harness(settings, store, stack, runner, in_forward)
@@ -95,15 +110,21 @@ def assert_ended_with(h: Harness, spec: JobSpec, code: int, error_type: str, fra
 def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
     spec = harness.job(params=JobParams(output_format="png", output_mask=True))
     outcome = harness.runner.run(spec)
-    assert outcome.kind == "done" and {"fetch", "decode", "inference", "render", "upload", "total"} <= set(outcome.timings)
+    assert outcome.kind == "done" and {"fetch", "decode", "inference", "render", "upload", "total"} <= set(
+        outcome.timings
+    )
     record = harness.record(spec)
     assert record.ok and record.result_code == 200 and record.inference_time is not None
     assert record.result["warning"] == NULL_MODEL_BANNER
     assert (record.result["image"]["width"], record.result["image"]["height"]) == (40, 30)
     assert record.result["mask_image"]["content_type"] == "image/png"
     s3 = s3_client(harness.settings)
-    stored = {o["Key"] for o in s3.list_objects_v2(Bucket=harness.settings.output_bucket,
-                                                  Prefix=spec.output_prefix)["Contents"]}
+    stored = {
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix)[
+            "Contents"
+        ]
+    }
     assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= stored
     assert not harness.store.redis.exists(keys.lease(spec.request_id)), "the lease is released"
     assert spec.request_id not in harness.runner.running_jobs()
@@ -143,17 +164,23 @@ def test_a_job_without_a_record_is_skipped(harness: Harness, monkeypatch: pytest
     assert (outcome.kind, outcome.detail) == ("skipped", "job record missing")
 
 
-@pytest.mark.parametrize("last_type, max_attempts, code, error_type, fragment", [
-    ("", None, 503, "runner_disconnected", "moved to the dead-letter list"),
-    ("", 1, 503, "runner_disconnected", "asked for no retries (x-fal-no-retry)"),
-    (TIMEOUT_ERROR_TYPE, None, 504, TIMEOUT_ERROR_TYPE, "ended at its run-time limit"),
-])
-def test_exhausted_attempts_end_the_job_and_dead_letter_it(harness: Harness, last_type, max_attempts, code,
-                                                           error_type, fragment):
+@pytest.mark.parametrize(
+    "last_type, max_attempts, code, error_type, fragment",
+    [
+        ("", None, 503, "runner_disconnected", "moved to the dead-letter list"),
+        ("", 1, 503, "runner_disconnected", "asked for no retries (x-fal-no-retry)"),
+        (TIMEOUT_ERROR_TYPE, None, 504, TIMEOUT_ERROR_TYPE, "ended at its run-time limit"),
+    ],
+)
+def test_exhausted_attempts_end_the_job_and_dead_letter_it(
+    harness: Harness, last_type, max_attempts, code, error_type, fragment
+):
     spec = harness.job(max_attempts=max_attempts)
     allowed = max_attempts or harness.settings.max_job_attempts
-    harness.store.redis.hset(keys.job(spec.request_id), mapping={
-        "attempts": allowed, "last_error": "worker stopped", "last_error_type": last_type})
+    harness.store.redis.hset(
+        keys.job(spec.request_id),
+        mapping={"attempts": allowed, "last_error": "worker stopped", "last_error_type": last_type},
+    )
     outcome = harness.runner.run(spec)
     assert outcome.kind == "failed", outcome
     assert_ended_with(harness, spec, code, error_type, fragment)
@@ -207,12 +234,16 @@ def test_an_undecodable_image_fails_the_job(harness: Harness):
     spec = harness.job(data_uri(b"<html>not an image</html>"))
     outcome = harness.runner.run(spec)
     record = harness.record(spec)
-    assert outcome.kind == "failed" and record.result_code == 422 and record.error_type == "image_load_error", record
+    assert (
+        outcome.kind == "failed" and record.result_code == 422 and record.error_type == "image_load_error"
+    ), record
 
 
 def test_an_overwritten_upload_is_superseded(harness: Harness):
     put(harness.stack, "photo.png", body=png_bytes())
-    spec = harness.job(f"s3://{harness.settings.input_bucket}/photo.png", source="s3_event", input_etag="0" * 32)
+    spec = harness.job(
+        f"s3://{harness.settings.input_bucket}/photo.png", source="s3_event", input_etag="0" * 32
+    )
     outcome = harness.runner.run(spec)
     record = harness.record(spec)
     assert outcome.kind == "failed" and record.status == "COMPLETED", record
@@ -237,8 +268,11 @@ def test_cancelled_while_it_runs(harness: Harness):
     assert harness.runner.run(spec).kind == "cancelled"
     assert cancels == ["requested"]
     assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
-    assert not s3_client(harness.settings).list_objects_v2(
-        Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix + "cutout").get("Contents")
+    assert (
+        not s3_client(harness.settings)
+        .list_objects_v2(Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix + "cutout")
+        .get("Contents")
+    )
 
 
 # --- lease lost ---------------------------------------------------------------------------------------
@@ -249,7 +283,9 @@ def test_a_lost_lease_discards_the_outcome(harness: Harness):
     outcome = harness.runner.run(spec)
     assert outcome.kind == "done"
     record = harness.record(spec)
-    assert record.status == "IN_PROGRESS" and record.result is None, "the lease holder's job, not completed by us"
+    assert record.status == "IN_PROGRESS" and record.result is None, (
+        "the lease holder's job, not completed by us"
+    )
 
 
 # --- retried ------------------------------------------------------------------------------------------
@@ -280,7 +316,9 @@ def test_a_stuck_batcher_hands_the_job_to_another_worker(harness: Harness):
     spec = harness.job()
     outcome = harness.runner.run(spec)
     assert outcome.kind == "handback"
-    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 0, "the attempt is refunded"
+    assert harness.record(spec).status == "IN_QUEUE" and harness.attempts(spec) == 0, (
+        "the attempt is refunded"
+    )
     assert "handed to another worker" in " ".join(e["message"] for e in harness.store.logs(spec.request_id))
 
 

@@ -21,12 +21,20 @@ def store(redis_server: RedisServer) -> JobStore:
 
 def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
     rid = str(uuid.uuid4())
-    return JobSpec(request_id=rid, variant=variant, image_url="s3://b/k.png", params=JobParams(),
-                   output_prefix=f"results/requests/{rid}/", priority=priority)  # type: ignore[arg-type]
+    return JobSpec(
+        request_id=rid,
+        variant=variant,
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        priority=priority,
+    )  # type: ignore[arg-type]
 
 
 def claim(store: JobStore, spec: JobSpec, token: str = "t1", attempts: int = 3) -> str:
-    return store.claim(spec.request_id, spec.variant, token, lease_seconds=5, max_attempts=attempts, worker="w")
+    return store.claim(
+        spec.request_id, spec.variant, token, lease_seconds=5, max_attempts=attempts, worker="w"
+    )
 
 
 def test_queue_positions_follow_submission_order_and_priority(store: JobStore):
@@ -34,7 +42,12 @@ def test_queue_positions_follow_submission_order_and_priority(store: JobStore):
     for spec in (first, second, low, third):
         assert store.create(spec)
     assert not store.create(first), "an id is recorded once"
-    assert [store.queue_position(s.request_id, s.variant) for s in (first, second, third, low)] == [0, 1, 2, 3]
+    assert [store.queue_position(s.request_id, s.variant) for s in (first, second, third, low)] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     assert claim(store, first) == "claimed"
     assert store.queue_position(second.request_id, "general-light") == 0
     assert store.queue_position(first.request_id, "general-light") is None
@@ -70,7 +83,9 @@ def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
     claim(store, running)
     assert store.cancel(queued.request_id) == "cancelled"
     record = store.get(queued.request_id)
-    assert record.status == "COMPLETED" and record.error_type == "client_cancelled" and record.result_code == 499
+    assert (
+        record.status == "COMPLETED" and record.error_type == "client_cancelled" and record.result_code == 499
+    )
     assert claim(store, queued) == "completed", "a cancelled job never runs"
     assert store.cancel(running.request_id) == "requested" and store.cancel_requested(running.request_id)
     assert store.cancel(queued.request_id) == "already_completed"

@@ -46,20 +46,29 @@ def cred(key_id: str) -> str:
 
 
 def limited_keys() -> str:
-    return json.dumps([
-        {"id": "concurrent", "hash": hash_secret(LIMITED["concurrent"], "sha256"), "max_concurrent": 2},
-        {"id": "rate", "hash": hash_secret(LIMITED["rate"], "sha256"), "requests_per_minute": 3},
-        {"id": "free", "hash": hash_secret(LIMITED["free"], "sha256")},
-    ])
+    return json.dumps(
+        [
+            {"id": "concurrent", "hash": hash_secret(LIMITED["concurrent"], "sha256"), "max_concurrent": 2},
+            {"id": "rate", "hash": hash_secret(LIMITED["rate"], "sha256"), "requests_per_minute": 3},
+            {"id": "free", "hash": hash_secret(LIMITED["free"], "sha256")},
+        ]
+    )
 
 
 @pytest.fixture
 def gs(redis_server, moto_endpoint, tmp_path: Path) -> Iterator[GatewayStack]:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path, workers=(), webhooks=False, extra={
-        "BIREFNET_GATEWAY_API_KEYS": limited_keys(),
-        "BIREFNET_MAX_QUEUE_DEPTH_PER_VARIANT": json.dumps({"general-heavy": 2}),
-        "BIREFNET_QUEUE_FULL_RETRY_AFTER": "7",
-    })
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path,
+        workers=(),
+        webhooks=False,
+        extra={
+            "BIREFNET_GATEWAY_API_KEYS": limited_keys(),
+            "BIREFNET_MAX_QUEUE_DEPTH_PER_VARIANT": json.dumps({"general-heavy": 2}),
+            "BIREFNET_QUEUE_FULL_RETRY_AFTER": "7",
+        },
+    )
     yield stack
     stack.close()
 
@@ -78,7 +87,9 @@ def assert_429(response, error_type: str) -> int:
 def test_max_concurrent_counts_queued_requests_and_frees_slots_on_completion(gs: GatewayStack):
     second_gateway = GatewayServer(gs.settings).start()  # another gateway process would see the same Redis
     try:
-        with httpx.Client(base_url=second_gateway.url, headers=auth(cred("concurrent")), timeout=30) as elsewhere:
+        with httpx.Client(
+            base_url=second_gateway.url, headers=auth(cred("concurrent")), timeout=30
+        ) as elsewhere:
             first = elsewhere.post(V2, json=body()).json()["request_id"]
             with gs.client(cred("concurrent")) as client:
                 second = client.post(V2, json=body()).json()["request_id"]
@@ -126,13 +137,15 @@ def test_queue_caps_fal_max_queue_length_and_per_variant_depth(gs: GatewayStack)
         assert_429(client.post(V2, json=body(), params={"fal_max_queue_length": 3}), "queue_full")
         assert client.post(V2, json=body(), params={"fal_max_queue_length": 4}).status_code == 200
         assert client.post(V2, json=body(), params={"fal_max_queue_length": "x"}).status_code == 422
-        # general-heavy is capped at 2 by max_queue_depth_per_variant; a larger fal_max_queue_length cannot raise it.
+        # general-heavy is capped at 2 by max_queue_depth_per_variant; a larger fal_max_queue_length cannot
+        # raise it.
         heavy = body("General Use (Heavy)")
         assert client.post(V2, json=heavy).status_code == 200
         assert client.post(V2, json=heavy, params={"fal_max_queue_length": 10}).status_code == 200
         assert assert_429(client.post(V2, json=heavy, params={"fal_max_queue_length": 10}), "queue_full") == 7
         assert_429(client.post(RUN, json=heavy), "queue_full")
-        # Invalid input never waits in a queue: it is answered (COMPLETED with 422) even when the queue is full.
+        # Invalid input never waits in a queue: it is answered (COMPLETED with 422) even when the queue is
+        # full.
         assert client.post(V2, json={"model": "General Use (Heavy)"}).status_code == 200
 
 
@@ -141,14 +154,24 @@ def kept_source(gs: GatewayStack, owner: str) -> str:
     settings = gs.settings
     source_id = str(uuid.uuid4())
     prefix = request_output_prefix(settings, source_id)
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                      config=boto_config())
+    s3 = boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
     bucket = settings.output_bucket
     s3.put_object(Bucket=bucket, Key=prefix + KEPT_MASK, Body=png_bytes())
     s3.put_object(Bucket=bucket, Key=prefix + KEPT_INPUT, Body=png_bytes())
-    manifest = {"request_id": source_id, "owner": owner, "variant": "general-light", "endpoint": "v2",
-                "operating_resolution": "1024x1024", "input": f"s3://{bucket}/{prefix}{KEPT_INPUT}",
-                "mask": f"s3://{bucket}/{prefix}{KEPT_MASK}", "width": 8, "height": 8, "created_at": time.time()}
+    manifest = {
+        "request_id": source_id,
+        "owner": owner,
+        "variant": "general-light",
+        "endpoint": "v2",
+        "operating_resolution": "1024x1024",
+        "input": f"s3://{bucket}/{prefix}{KEPT_INPUT}",
+        "mask": f"s3://{bucket}/{prefix}{KEPT_MASK}",
+        "width": 8,
+        "height": 8,
+        "created_at": time.time(),
+    }
     s3.put_object(Bucket=bucket, Key=prefix + KEPT_MANIFEST, Body=json.dumps(manifest).encode())
     return source_id
 
@@ -161,13 +184,20 @@ def test_compose_requests_meet_the_same_limits(gs: GatewayStack):
         assert client.post(compose, json={"output_mask": True}).status_code == 200
         assert client.post(V2, json=body()).status_code == 200
         assert_429(client.post(compose, json={"output_mask": True}), "concurrency_limit")
-        assert_429(client.post(f"/run/fal-ai/birefnet/requests/{source}/compose", json={}), "concurrency_limit")
+        assert_429(
+            client.post(f"/run/fal-ai/birefnet/requests/{source}/compose", json={}), "concurrency_limit"
+        )
         assert_429(client.post(V2, json=body()), "concurrency_limit")
     rate_source = kept_source(gs, "rate")
     with gs.client(cred("rate")) as client:
         for _ in range(3):
-            assert client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}).status_code == 200
-        assert_429(client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}), "rate_limited")
+            assert (
+                client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}).status_code
+                == 200
+            )
+        assert_429(
+            client.post(f"/queue/fal-ai/birefnet/requests/{rate_source}/compose", json={}), "rate_limited"
+        )
 
 
 def test_a_slot_taken_by_a_gateway_that_died_before_creating_its_job_is_freed(redis_server, tmp_path: Path):
@@ -185,19 +215,29 @@ def test_a_slot_taken_by_a_gateway_that_died_before_creating_its_job_is_freed(re
 
 # --- S3 events: backpressure ------------------------------------------------------------------------
 def sqs_counts(stack: Stack) -> tuple[int, int]:
-    sqs = boto3.client("sqs", region_name=stack.settings.aws_region, endpoint_url=stack.settings.sqs_endpoint_url)
-    attrs = sqs.get_queue_attributes(QueueUrl=stack.settings.sqs_queue_url, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    sqs = boto3.client(
+        "sqs", region_name=stack.settings.aws_region, endpoint_url=stack.settings.sqs_endpoint_url
+    )
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=stack.settings.sqs_queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
 def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
     settings = stack.settings.model_copy(update={"max_queue_depth": 2, "queue_full_retry_after": 1})
     intake = build_intake(settings)
-    consumer = SqsConsumer(make_sqs_client(settings), settings.sqs_queue_url, intake, wait_seconds=1,
-                           has_room=intake.limiter.queue_has_room)
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url,
-                      config=boto_config())
+    consumer = SqsConsumer(
+        make_sqs_client(settings),
+        settings.sqs_queue_url,
+        intake,
+        wait_seconds=1,
+        has_room=intake.limiter.queue_has_room,
+    )
+    s3 = boto3.client(
+        "s3", region_name=settings.aws_region, endpoint_url=settings.s3_endpoint_url, config=boto_config()
+    )
     s3.put_object(Bucket=settings.input_bucket, Key="warmup.txt", Body=b"x")  # not an image: consumed
     for n in range(5):
         s3.put_object(Bucket=settings.input_bucket, Key=f"bp/{n}.png", Body=png_bytes())
@@ -215,8 +255,11 @@ def test_uploads_wait_in_sqs_while_the_queue_is_full(stack: Stack):
             for rid in list(store.redis.zrange(keys.pending("general-light"), 0, -1)):
                 store.cancel(rid)
             time.sleep(0.1)
-            wait_for(lambda: store.queue_depth("general-light") > 0 or sum(sqs_counts(stack)) == 0, 30,
-                     "waiting events to be taken")
+            wait_for(
+                lambda: store.queue_depth("general-light") > 0 or sum(sqs_counts(stack)) == 0,
+                30,
+                "waiting events to be taken",
+            )
         for rid in list(store.redis.zrange(keys.pending("general-light"), 0, -1)):
             store.cancel(rid)
         wait_for(lambda: sum(sqs_counts(stack)) == 0, 30, "every event to be consumed")

@@ -19,8 +19,12 @@ LOCK_FILES = ["pyproject.toml", "uv.lock", "Makefile"]
 
 def _lock_check(workdir: Path) -> subprocess.CompletedProcess[str]:
     # -o: use this venv as it is (do not rebuild it for the copied pyproject.toml).
-    return subprocess.run(["make", "-C", str(workdir), "-o", ".venv/.installed-stamp", "lock-check",
-                           f"BIN={BIN}"], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["make", "-C", str(workdir), "-o", ".venv/.installed-stamp", "lock-check", f"BIN={BIN}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -75,22 +79,36 @@ def test_locked_versions_are_installed() -> None:
 
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     locked = {p["name"]: p["version"] for p in lock["package"]}
-    for package in ("torch", "celery", "kombu", "redis", "fastapi", "starlette", "opencv-python-headless",
-                    "transformers", "mypy", "pytest", "moto"):
+    for package in (
+        "torch",
+        "celery",
+        "kombu",
+        "redis",
+        "fastapi",
+        "starlette",
+        "opencv-python-headless",
+        "transformers",
+        "mypy",
+        "pytest",
+        "moto",
+    ):
         assert version(package) == locked[package], package
+
 
 # In the subprocess below: imports of installed distributions that requirements/app.txt does not list
 # fail, as they would in the app images, which install only that file.
 _APP_ONLY = """
 import importlib, importlib.metadata as md, re, sys
-allowed = {re.sub(r"[-_.]+", "-", m.lower()) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", open(sys.argv[1]).read(), re.M)}
+allowed = {re.sub(r"[-_.]+", "-", m.lower()) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==",
+open(sys.argv[1]).read(), re.M)}
 allowed.add("birefnet-serve")  # the project itself
 owners = md.packages_distributions()
 class AppLockOnly:
     def find_spec(self, name, path=None, target=None):
         dists = owners.get(name.split(".")[0])
         if dists and not any(re.sub(r"[-_.]+", "-", d.lower()) in allowed for d in dists):
-            raise ModuleNotFoundError(f"{name} (from {', '.join(sorted(set(dists)))}) is not in requirements/app.txt")
+            raise ModuleNotFoundError(f"{name} (from {', '.join(sorted(set(dists)))}) is not in
+            requirements/app.txt")
         return None
 sys.meta_path.insert(0, AppLockOnly())
 for module in sys.argv[2:]:
@@ -123,7 +141,9 @@ def test_the_dependabot_configuration_is_valid_and_watches_the_lock() -> None:
     config = ROOT / ".github" / "dependabot.yml"
     result = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.dependabot", str(config)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'package-ecosystem: "uv"' in config.read_text()

@@ -14,8 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_new_key_prints_a_key_its_entry_accepts():
     env = {**os.environ, "BIREFNET_REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing listens there
-    out = subprocess.run([sys.executable, "-m", "ops", "new-key", "--id", "team-a", "--user-id", "u1", "--admin"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ops", "new-key", "--id", "team-a", "--user-id", "u1", "--admin"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     key_line, entry_line = out.strip().splitlines()
     assert key_line.startswith("FAL_KEY=team-a:")
     entry = json.loads(entry_line)

@@ -17,6 +17,9 @@ def test_find_exists_open_and_delete(stack: Stack):
     assert objects.exists(bucket, "t/result.json") and not objects.exists(bucket, "t/missing.json")
     opened = objects.open(bucket, "t/result.json")
     assert (opened.content_type, opened.size, b"".join(opened.body.iter_chunks(4))) == (
-        "application/json", 12, b'{"ok": true}')
+        "application/json",
+        12,
+        b'{"ok": true}',
+    )
     objects.delete(bucket, "t/result.json")
     assert not objects.exists(bucket, "t/result.json")

@@ -30,13 +30,28 @@ MONITORING = ROOT / "infra" / "k8s" / "monitoring"
 ALERT_TESTS = Path(__file__).resolve().parents[1] / "data" / "alerts" / "promtool-tests.yaml"
 # Labels Prometheus adds to every scraped series (target and PodMonitor relabelling), not the code.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint", "component", "le"}
-PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
-                "group_right", "inf", "nan"}
+PROMQL_WORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+}
 
 
 def _family_samples(name: str, kind: str) -> list[str]:
-    return {"counter": [f"{name}_total"], "histogram": [f"{name}_bucket", f"{name}_sum", f"{name}_count"]}.get(
-        kind, [name])
+    return {
+        "counter": [f"{name}_total"],
+        "histogram": [f"{name}_bucket", f"{name}_sum", f"{name}_count"],
+    }.get(kind, [name])
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +72,15 @@ def exported(redis_server) -> dict[str, set[str]]:
     assert found.get("birefnet_queue_waiting_jobs") == {"variant"}, "the queue gauges were not collected"
 
     # torch.cuda stand-in: the collector only reads these functions (no GPU on the test machine).
-    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, device_count=lambda: 1,
-                                 memory_allocated=lambda i: 1, memory_reserved=lambda i: 2,
-                                 max_memory_allocated=lambda i: 3, mem_get_info=lambda i: (4, 5))
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        device_count=lambda: 1,
+        memory_allocated=lambda i: 1,
+        memory_reserved=lambda i: 2,
+        max_memory_allocated=lambda i: 3,
+        mem_get_info=lambda i: (4, 5),
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(__import__("sys").modules, "torch", types.SimpleNamespace(cuda=cuda))
         for family in metrics.GpuMemoryCollector().collect():
@@ -80,7 +101,11 @@ def promql_names(expr: str) -> tuple[set[str], set[str]]:
     bare = re.sub(r"\[[^\]]*\]", " ", bare)
     bare = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", " ", bare)
     bare = re.sub(r"\boffset\s+\w+", " ", bare)
-    names = {m for m in re.findall(r"(?<![\w.$])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()", bare) if m.lower() not in PROMQL_WORDS}
+    names = {
+        m
+        for m in re.findall(r"(?<![\w.$])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()", bare)
+        if m.lower() not in PROMQL_WORDS
+    }
     return names, labels
 
 
@@ -105,21 +130,33 @@ def dashboard() -> dict:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    return [(panel["title"], target["expr"]) for panel in dashboard()["panels"] for target in panel.get("targets", [])]
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard()["panels"]
+        for target in panel.get("targets", [])
+    ]
 
 
 def test_promql_tokenizer_sees_names_and_labels():
-    names, labels = promql_names('histogram_quantile(0.95, sum by (variant, le) (rate(a_bucket{stage="x"}[5m]))) '
-                                 '/ ignoring(kind) b{kind="t"} > 76e9 and on (variant) c offset 15m')
+    names, labels = promql_names(
+        'histogram_quantile(0.95, sum by (variant, le) (rate(a_bucket{stage="x"}[5m]))) '
+        '/ ignoring(kind) b{kind="t"} > 76e9 and on (variant) c offset 15m'
+    )
     assert names == {"a_bucket", "b", "c"}
     assert labels == {"variant", "le", "stage", "kind"}
 
 
 def test_the_alerts_the_pack_promises_exist():
     names = {rule["alert"] for rule in alert_rules()}
-    assert names == {"BirefnetOldestJobWaiting", "BirefnetJobsWaitingWithNoWorker", "BirefnetDeadLettersGrowing",
-                     "BirefnetUntrainedModelServed", "BirefnetWebhookGiveUps", "BirefnetRedisDown",
-                     "BirefnetGpuMemoryNearLimit"}
+    assert names == {
+        "BirefnetOldestJobWaiting",
+        "BirefnetJobsWaitingWithNoWorker",
+        "BirefnetDeadLettersGrowing",
+        "BirefnetUntrainedModelServed",
+        "BirefnetWebhookGiveUps",
+        "BirefnetRedisDown",
+        "BirefnetGpuMemoryNearLimit",
+    }
     for rule in alert_rules():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -137,20 +174,34 @@ def test_dashboard_queries_use_exported_metrics(exported):
     assert not any(problems.values()), {k: v for k, v in problems.items() if v}
     # What the dashboard promises: queues, latency p50/p95 per variant, throughput, errors, workers, GPU, RED.
     joined = "\n".join(expr for _, expr in queries)
-    for needed in ("birefnet_queue_waiting_jobs", "birefnet_jobs_in_progress", "histogram_quantile(0.5",
-                   "histogram_quantile(0.95", "birefnet_jobs_completed_total", "birefnet_job_errors_total",
-                   "birefnet_workers_online", "birefnet_gpu_memory_bytes", "birefnet_http_requests_total",
-                   "birefnet_http_request_duration_seconds_bucket"):
+    for needed in (
+        "birefnet_queue_waiting_jobs",
+        "birefnet_jobs_in_progress",
+        "histogram_quantile(0.5",
+        "histogram_quantile(0.95",
+        "birefnet_jobs_completed_total",
+        "birefnet_job_errors_total",
+        "birefnet_workers_online",
+        "birefnet_gpu_memory_bytes",
+        "birefnet_http_requests_total",
+        "birefnet_http_request_duration_seconds_bucket",
+    ):
         assert needed in joined, needed
     variable = next(v for v in dashboard()["templating"]["list"] if v["name"] == "variant")
-    assert check_expression(re.sub(r"label_values\((\w+), (\w+)\)", r"\1", variable["definition"]), exported) == []
+    assert (
+        check_expression(re.sub(r"label_values\((\w+), (\w+)\)", r"\1", variable["definition"]), exported)
+        == []
+    )
 
 
 def test_untested_metric_names_are_caught(exported):
     """The check is not vacuous: a misspelt metric or label is reported."""
-    assert check_expression("max(birefnet_queue_waiting_job)", exported) == ["birefnet_queue_waiting_job: not exported"]
+    assert check_expression("max(birefnet_queue_waiting_job)", exported) == [
+        "birefnet_queue_waiting_job: not exported"
+    ]
     assert check_expression('max by (model) (birefnet_queue_waiting_jobs{variant="x"})', exported) == [
-        "label model: not on ['birefnet_queue_waiting_jobs']"]
+        "label model: not on ['birefnet_queue_waiting_jobs']"
+    ]
 
 
 def promtool() -> str:
@@ -164,11 +215,13 @@ def test_alert_rules_pass_promtool(tmp_path: Path):
     rules = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rules["groups"]}, sort_keys=False))
     shutil.copy(ALERT_TESTS, tmp_path / "tests.yaml")
-    check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    test = subprocess.run(
+        [promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert test.returncode == 0, test.stdout + test.stderr
     tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text()))
     assert tested == {rule["alert"] for rule in alert_rules()}, "every alert has promtool cases"
@@ -176,11 +229,14 @@ def test_alert_rules_pass_promtool(tmp_path: Path):
 
 def test_dashboard_queries_parse(tmp_path: Path):
     """promtool parses every dashboard query (as recording rules; Grafana's $variant as a regex)."""
-    rules = [{"record": f"dashboard:q{i}", "expr": expr.replace("$variant", ".*")}
-             for i, (_, expr) in enumerate(dashboard_queries())]
+    rules = [
+        {"record": f"dashboard:q{i}", "expr": expr.replace("$variant", ".*")}
+        for i, (_, expr) in enumerate(dashboard_queries())
+    ]
     (tmp_path / "dash.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    check = subprocess.run([promtool(), "check", "rules", "dash.yaml"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [promtool(), "check", "rules", "dash.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -191,8 +247,11 @@ def test_monitoring_kustomization_renders_every_component_monitor():
     out = subprocess.run([kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    monitors = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: d
-                for d in docs if d["kind"] == "PodMonitor"}
+    monitors = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: d
+        for d in docs
+        if d["kind"] == "PodMonitor"
+    }
     assert set(monitors) == {"gateway", "producer", "webhooks", "worker"}
     for monitor in monitors.values():
         assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]

@@ -23,8 +23,14 @@ def test_lost_message_is_resent_once(redis_server: RedisServer):
 
     def job() -> JobSpec:
         rid = str(uuid.uuid4())
-        spec = JobSpec(request_id=rid, variant="general-light", image_url="s3://b/k.png", params=JobParams(),
-                       output_prefix=f"results/requests/{rid}/", created_at=old)
+        spec = JobSpec(
+            request_id=rid,
+            variant="general-light",
+            image_url="s3://b/k.png",
+            params=JobParams(),
+            output_prefix=f"results/requests/{rid}/",
+            created_at=old,
+        )
         store.create(spec)
         return spec
 
@@ -36,8 +42,10 @@ def test_lost_message_is_resent_once(redis_server: RedisServer):
     resent = resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60)
     assert resent == [lost.request_id], "only the old job without a message is sent again"
     assert store.redis.llen("birefnet.general-light") == 2
-    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], \
+    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], (
         "one look per period"
+    )
     store.redis.delete("birefnet:orphans:general-light")
-    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], \
+    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], (
         "its message is in the queue now"
+    )

@@ -29,18 +29,31 @@ def test_liveness_survives_a_redis_outage_and_readiness_follows_it(moto_endpoint
         suffix, redis_url, values = isolated_settings(redis_server.port, tmp_path)
         stack = build_stack(redis_url, moto_endpoint, values, queue_name=f"events-{suffix}")
         producer_port, hooks_port = free_port(), free_port()
-        stack.start(["-m", "producer", "sqs"], "producer", {"BIREFNET_PRODUCER_METRICS_PORT": str(producer_port)})
-        stack.start(["-m", "deliverer", "--concurrency", "1"], "webhooks",
-                    {"BIREFNET_WEBHOOKS_METRICS_PORT": str(hooks_port)})
+        stack.start(
+            ["-m", "producer", "sqs"], "producer", {"BIREFNET_PRODUCER_METRICS_PORT": str(producer_port)}
+        )
+        stack.start(
+            ["-m", "deliverer", "--concurrency", "1"],
+            "webhooks",
+            {"BIREFNET_WEBHOOKS_METRICS_PORT": str(hooks_port)},
+        )
         gateway = GatewayServer(stack.settings).start()
-        live = [f"{gateway.url}/livez", f"http://127.0.0.1:{producer_port}/healthz",
-                f"http://127.0.0.1:{hooks_port}/healthz"]
-        ready = [f"{gateway.url}/readyz", f"http://127.0.0.1:{producer_port}/readyz",
-                 f"http://127.0.0.1:{hooks_port}/readyz"]
+        live = [
+            f"{gateway.url}/livez",
+            f"http://127.0.0.1:{producer_port}/healthz",
+            f"http://127.0.0.1:{hooks_port}/healthz",
+        ]
+        ready = [
+            f"{gateway.url}/readyz",
+            f"http://127.0.0.1:{producer_port}/readyz",
+            f"http://127.0.0.1:{hooks_port}/readyz",
+        ]
         try:
             for url in live + ready:
                 wait_for(lambda url=url: status(url) == 200, 60, f"{url} to answer 200")
-            assert httpx.get(f"http://127.0.0.1:{producer_port}/metrics").text.count("birefnet_producer_events")
+            assert httpx.get(f"http://127.0.0.1:{producer_port}/metrics").text.count(
+                "birefnet_producer_events"
+            )
             assert "birefnet_webhook_deliveries" in httpx.get(f"http://127.0.0.1:{hooks_port}/metrics").text
 
             redis_server.stop()
@@ -60,6 +73,7 @@ def test_gateway_counts_requests_by_route_template(redis_server, moto_endpoint: 
     gateway = GatewayServer(stack.settings).start()
     route = "/queue/fal-ai/birefnet/requests/{request_id}/status"
     try:
+
         def count(**labels: str) -> float:
             return sample(generate_latest(REGISTRY).decode(), "birefnet_http_requests_total", **labels) or 0.0
 
@@ -67,15 +81,21 @@ def test_gateway_counts_requests_by_route_template(redis_server, moto_endpoint: 
         before = {status: count(route=route, method="GET", status=status) for status in ("202", "401", "404")}
         with httpx.Client(base_url=gateway.url, timeout=10) as client:
             # Root-level and trailing-slash forms reach the same route: one template, whatever the raw path.
-            codes = {client.get(path).status_code for path in (
-                "/fal-ai/birefnet/requests/0b3a4c2e-0000-4000-8000-000000000001/status",
-                "/queue/fal-ai/birefnet/requests/0b3a4c2e-0000-4000-8000-000000000002/status/")}
+            codes = {
+                client.get(path).status_code
+                for path in (
+                    "/fal-ai/birefnet/requests/0b3a4c2e-0000-4000-8000-000000000001/status",
+                    "/queue/fal-ai/birefnet/requests/0b3a4c2e-0000-4000-8000-000000000002/status/",
+                )
+            }
             assert client.get("/livez").status_code == 200
             assert client.get("/no/such/route/at/all/x").status_code == 404
         assert len(codes) == 1
         code = str(codes.pop())
         # A request is counted just after its response went out: wait for the last one to land.
-        wait_for(lambda: count(route="unmatched", method="GET", status="404") >= 1, 5, "the 404 to be counted")
+        wait_for(
+            lambda: count(route="unmatched", method="GET", status="404") >= 1, 5, "the 404 to be counted"
+        )
         assert count(route=route, method="GET", status=code) - before.get(code, 0.0) == 2
         text = generate_latest(REGISTRY).decode()
         assert "0b3a4c2e-0000" not in text, "raw paths never become label values"

@@ -17,8 +17,14 @@ from gateway.push import JobEvents
 
 def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
     rid = str(uuid.uuid4())
-    return JobSpec(request_id=rid, variant=variant, image_url="s3://b/k.png", params=JobParams(),
-                   output_prefix=f"results/requests/{rid}/", priority=priority)  # type: ignore[arg-type]
+    return JobSpec(
+        request_id=rid,
+        variant=variant,
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        priority=priority,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -40,8 +46,10 @@ def test_waiters_wake_on_each_change_and_stay_silent_otherwise(store: JobStore, 
         store.create(spec)
         store.create(other)
         try:
-            async with hub.watch(spec.request_id, spec.variant) as watch, \
-                    hub.watch(other.request_id) as bystander:
+            async with (
+                hub.watch(spec.request_id, spec.variant) as watch,
+                hub.watch(other.request_id) as bystander,
+            ):
                 assert hub.subscribed
                 before = commands(store)
                 assert not await watch.wait(1.0), "nothing changed: no wake-up"
@@ -49,8 +57,9 @@ def test_waiters_wake_on_each_change_and_stay_silent_otherwise(store: JobStore, 
 
                 steps = [
                     lambda: store.log(spec.request_id, "loading image"),
-                    lambda: store.claim(spec.request_id, spec.variant, "t", lease_seconds=5, max_attempts=3,
-                                        worker="w"),
+                    lambda: store.claim(
+                        spec.request_id, spec.variant, "t", lease_seconds=5, max_attempts=3, worker="w"
+                    ),
                     lambda: store.complete(spec.request_id, token="t", result={"ok": True}),
                 ]
                 for step in steps:
@@ -72,8 +81,9 @@ def test_waiters_wake_on_each_change_and_stay_silent_otherwise(store: JobStore, 
     asyncio.run(scenario())
 
 
-def test_a_lost_subscription_wakes_waiters_and_they_fall_back_to_polling(store: JobStore,
-                                                                          redis_server: RedisServer):
+def test_a_lost_subscription_wakes_waiters_and_they_fall_back_to_polling(
+    store: JobStore, redis_server: RedisServer
+):
     async def scenario() -> None:
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", decode_responses=True)
         hub = JobEvents(client, recheck=60.0, fallback_poll=0.2)

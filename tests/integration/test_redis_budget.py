@@ -21,17 +21,32 @@ def commands(client: redis.Redis) -> int:
 
 def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
     rid = str(uuid.uuid4())
-    return JobSpec(request_id=rid, variant="general-light", image_url="data:,x", params=JobParams(),
-                   output_prefix=f"results/requests/{rid}/", webhook_url=webhook, owner="alice")
+    return JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url="data:,x",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=webhook,
+        owner="alice",
+    )
 
 
 def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.create(job)
-    assert store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w") == "claimed"
+    assert (
+        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+        == "claimed"
+    )
     store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
-    assert store.complete(job.request_id, token="t", result={"image": None}, variant=job.variant,
-                          logs=[log_entry("uploading"), log_entry("done in 0.10s")],
-                          webhook_due=123.0 if job.webhook_url else None)
+    assert store.complete(
+        job.request_id,
+        token="t",
+        result={"image": None},
+        variant=job.variant,
+        logs=[log_entry("uploading"), log_entry("done in 0.10s")],
+        webhook_due=123.0 if job.webhook_url else None,
+    )
 
 
 def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_server):
@@ -48,7 +63,11 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
-        "loading image", "inference 1024x1024", "uploading", "done in 0.10s"]
+        "loading image",
+        "inference 1024x1024",
+        "uploading",
+        "done in 0.10s",
+    ]
     # The first webhook attempt is booked with the completion, and the record keeps its TTL.
     assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") == 123.0
     assert 0 < store.redis.ttl(keys.job(job.request_id)) <= store.record_ttl
@@ -62,7 +81,9 @@ def test_a_second_completion_changes_nothing_and_books_nothing(redis_server):
     store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
     assert store.complete(job.request_id, token="t", result={"n": 1}, variant=job.variant, webhook_due=1.0)
     store.redis.zrem(keys.WEBHOOK_DUE, f"{job.request_id}|0")  # delivered
-    assert not store.complete(job.request_id, token="t", result={"n": 2}, logs=[log_entry("late")], webhook_due=2.0)
+    assert not store.complete(
+        job.request_id, token="t", result={"n": 2}, logs=[log_entry("late")], webhook_due=2.0
+    )
     assert store.get(job.request_id).result == {"n": 1}
     assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") is None
     assert store.logs(job.request_id) == []
@@ -119,7 +140,9 @@ def test_a_delivered_task_waits_unacked_until_its_ack_without_transactions(redis
         with kombu.Consumer(conn.channel(), [queue], callbacks=[lambda body, message: taken.append(message)]):
             before = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
             conn.drain_events(timeout=10)
-            assert taken and probe.hlen("unacked") == 1 and probe.zcard("unacked_index") == 1  # kept until acked
+            assert (
+                taken and probe.hlen("unacked") == 1 and probe.zcard("unacked_index") == 1
+            )  # kept until acked
             taken[0].ack()
             after = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
     assert probe.hlen("unacked") == 0 and probe.zcard("unacked_index") == 0

@@ -42,8 +42,14 @@ FAIL_LIMIT = 5
 
 @pytest.fixture(scope="module")
 def gs(redis_server, moto_endpoint, tmp_path_factory) -> GatewayStack:
-    stack = start_gateway_stack(redis_server.port, moto_endpoint, tmp_path_factory.mktemp("security"), workers=(),
-                                webhooks=False, extra={"BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": str(FAIL_LIMIT)})
+    stack = start_gateway_stack(
+        redis_server.port,
+        moto_endpoint,
+        tmp_path_factory.mktemp("security"),
+        workers=(),
+        webhooks=False,
+        extra={"BIREFNET_GATEWAY_AUTH_FAIL_LIMIT": str(FAIL_LIMIT)},
+    )
     yield stack
     stack.close()
 
@@ -64,8 +70,11 @@ def gateway_with(gs: GatewayStack, **update) -> GatewayServer:
     """Another gateway process on the same stack, with some settings changed."""
     port = free_port()
     if update.get("gateway_output_urls") == "gateway":
-        update = {"gateway_signing_secret": "a-real-secret-for-tests", "gateway_public_url": f"http://127.0.0.1:{port}",
-                  **update}
+        update = {
+            "gateway_signing_secret": "a-real-secret-for-tests",
+            "gateway_public_url": f"http://127.0.0.1:{port}",
+            **update,
+        }
     return GatewayServer(gs.settings.model_copy(update=update), port=port).start()
 
 
@@ -83,14 +92,23 @@ def test_uploads_take_image_types_only_and_served_files_cannot_run_script(gs):
     try:
         with httpx.Client(base_url=server.url, headers=auth(ALICE), timeout=30) as client:
             page = b"<html><script>alert(sessionStorage.getItem('falKey'))</script></html>"
-            for active in ("text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/javascript"):
+            for active in (
+                "text/html",
+                "image/svg+xml",
+                "application/xhtml+xml",
+                "text/xml",
+                "application/javascript",
+            ):
                 refused = client.post(FILES, content=page, headers={"content-type": active})
                 assert refused.status_code == 415, (active, refused.text)
                 assert refused.json()["error_type"] == "unsupported_media_type"
                 assert client.post(INITIATE, json={"content_type": active}).status_code == 422, active
 
-            uploaded = client.post(FILES, content=png_bytes(), headers={"content-type": "image/png",
-                                                                         "x-fal-file-name": "cat.png"})
+            uploaded = client.post(
+                FILES,
+                content=png_bytes(),
+                headers={"content-type": "image/png", "x-fal-file-name": "cat.png"},
+            )
             assert uploaded.status_code == 200, uploaded.text
             served = httpx.get(uploaded.json()["access_url"])
             assert served.status_code == 200 and served.content == png_bytes()
@@ -112,8 +130,12 @@ def test_uploads_take_image_types_only_and_served_files_cannot_run_script(gs):
 
 # --- failed-auth throttling: per client, no lock-out, no enumeration -------------------------------------
 def statuses(url: str, credentials: list[str], addresses: list[str]) -> list[int]:
-    return [httpx.get(f"{url}{REQ}/x/status", headers={"x-forwarded-for": address, **auth(credential)}).status_code
-            for credential, address in zip(credentials, addresses, strict=True)]
+    return [
+        httpx.get(
+            f"{url}{REQ}/x/status", headers={"x-forwarded-for": address, **auth(credential)}
+        ).status_code
+        for credential, address in zip(credentials, addresses, strict=True)
+    ]
 
 
 def test_guesses_from_other_clients_never_lock_out_a_key_nor_reveal_which_ids_exist(gs):
@@ -123,15 +145,25 @@ def test_guesses_from_other_clients_never_lock_out_a_key_nor_reveal_which_ids_ex
         known = statuses(fresh.url, [f"bob:wrong-{n}" for n in range(len(many))], many)
         unknown = statuses(fresh.url, [f"nobody-{n % 2}:wrong-{n}" for n in range(len(many))], many)
         assert known == unknown == [401] * len(many), (known, unknown)
-        assert httpx.get(f"{fresh.url}{REQ}/x/status", headers=auth(BOB)).status_code == 404, "bob is not locked out"
+        assert httpx.get(f"{fresh.url}{REQ}/x/status", headers=auth(BOB)).status_code == 404, (
+            "bob is not locked out"
+        )
         # From one client, configured and unknown ids are throttled alike.
-        known = statuses(fresh.url, [f"bob:wrong-{n}" for n in range(FAIL_LIMIT + 2)], ["203.0.113.10"] * (FAIL_LIMIT + 2))
-        unknown = statuses(fresh.url, [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
-                           ["203.0.113.11"] * (FAIL_LIMIT + 2))
+        known = statuses(
+            fresh.url, [f"bob:wrong-{n}" for n in range(FAIL_LIMIT + 2)], ["203.0.113.10"] * (FAIL_LIMIT + 2)
+        )
+        unknown = statuses(
+            fresh.url,
+            [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
+            ["203.0.113.11"] * (FAIL_LIMIT + 2),
+        )
         assert known == unknown == [401] * FAIL_LIMIT + [429, 429], (known, unknown)
         # An IPv6 client is its /64: hopping between its addresses does not reset the count.
-        hopping = statuses(fresh.url, [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
-                           [f"2001:db8:1:2::{n + 1:x}" for n in range(FAIL_LIMIT + 2)])
+        hopping = statuses(
+            fresh.url,
+            [f"nobody:wrong-{n}" for n in range(FAIL_LIMIT + 2)],
+            [f"2001:db8:1:2::{n + 1:x}" for n in range(FAIL_LIMIT + 2)],
+        )
         assert hopping == [401] * FAIL_LIMIT + [429, 429], hopping
     finally:
         fresh.stop()
@@ -139,19 +171,28 @@ def test_guesses_from_other_clients_never_lock_out_a_key_nor_reveal_which_ids_ex
 
 def test_forwarded_headers_count_only_from_trusted_proxies(gs):
     assert Settings().gateway_trust_forwarded is False, "forwarded headers are ignored unless switched on"
-    for update in ({"gateway_trust_forwarded": False},
-                   {"gateway_trust_forwarded": True, "gateway_trusted_proxies": ("10.0.0.0/8",)}):
+    for update in (
+        {"gateway_trust_forwarded": False},
+        {"gateway_trust_forwarded": True, "gateway_trusted_proxies": ("10.0.0.0/8",)},
+    ):
         server = GatewayServer(gs.settings.model_copy(update=update)).start()
         try:
             with httpx.Client(base_url=server.url, headers=auth(ALICE)) as client:
-                submitted = client.post(V2, json={"image_url": "https://example.com/a.png"},
-                                        headers={"x-forwarded-host": "evil.example", "x-forwarded-proto": "https"})
+                submitted = client.post(
+                    V2,
+                    json={"image_url": "https://example.com/a.png"},
+                    headers={"x-forwarded-host": "evil.example", "x-forwarded-proto": "https"},
+                )
                 assert submitted.status_code == 200
                 assert urlsplit(submitted.json()["status_url"]).netloc == f"127.0.0.1:{server.port}", update
                 client.put(f"{REQ}/{submitted.json()['request_id']}/cancel")
-            # Every guess claims another address: the peer (127.0.0.1, not a trusted proxy here) is the client.
-            codes = statuses(server.url, [f"nobody-{n}:wrong" for n in range(FAIL_LIMIT + 2)],
-                             [f"192.0.2.{n}" for n in range(FAIL_LIMIT + 2)])
+            # Every guess claims another address: the peer (127.0.0.1, not a trusted proxy here) is the
+            # client.
+            codes = statuses(
+                server.url,
+                [f"nobody-{n}:wrong" for n in range(FAIL_LIMIT + 2)],
+                [f"192.0.2.{n}" for n in range(FAIL_LIMIT + 2)],
+            )
             assert codes == [401] * FAIL_LIMIT + [429, 429], (update, codes)
         finally:
             server.stop()
@@ -182,12 +223,17 @@ def test_a_submit_refused_by_the_keys_limit_leaves_no_input_behind(gs):
 # --- large bodies share a memory budget ----------------------------------------------------------------
 def test_large_bodies_beyond_the_budget_are_a_429_before_they_are_read(gs):
     size = 3 * 1024 * 1024
-    server = GatewayServer(gs.settings.model_copy(update={"gateway_body_budget_bytes": 4 * 1024 * 1024})).start()
+    server = GatewayServer(
+        gs.settings.model_copy(update={"gateway_body_budget_bytes": 4 * 1024 * 1024})
+    ).start()
     try:
         # One large body in progress (its sender is slow): it holds 3 MiB of the 4 MiB budget.
         slow = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        slow.sendall(f"POST {V2} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {ALICE}\r\nContent-Type: application/json"
-                     f"\r\nContent-Length: {size}\r\n\r\n".encode() + b'{"image_url": "')
+        slow.sendall(
+            f"POST {V2} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {ALICE}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {size}\r\n\r\n".encode()
+            + b'{"image_url": "'
+        )
         time.sleep(0.5)
         with httpx.Client(base_url=server.url, headers=auth(ALICE), timeout=30) as client:
             second = client.post(V2, content=b" " * size, headers={"content-type": "application/json"})
@@ -197,8 +243,16 @@ def test_large_bodies_beyond_the_budget_are_a_429_before_they_are_read(gs):
             assert small.status_code == 200, "small bodies never wait for the budget"
             client.put(f"{REQ}/{small.json()['request_id']}/cancel")
             slow.close()  # the first body is abandoned: its share of the budget comes back
-            wait_for(lambda: client.post(V2, content=b" " * size, headers={"content-type": "application/json"}
-                                         ).status_code != 429, 10, "the budget to be released")
+            wait_for(
+                lambda: (
+                    client.post(
+                        V2, content=b" " * size, headers={"content-type": "application/json"}
+                    ).status_code
+                    != 429
+                ),
+                10,
+                "the budget to be released",
+            )
     finally:
         server.stop()
 
@@ -218,33 +272,55 @@ def test_reserved_owner_names_are_refused_as_key_ids_at_start(stack: Stack):
     for reserved in ("anonymous", "", "s3"):
         keys = json.dumps([{"id": reserved, "hash": hash_secret("x", "sha256")}])
         name = f"gateway-{reserved or 'empty'}"
-        proc = stack.start(["-m", "gateway"], name, {
-            "BIREFNET_GATEWAY_API_KEYS": keys, "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-            "BIREFNET_GATEWAY_PORT": str(free_port())})
+        proc = stack.start(
+            ["-m", "gateway"],
+            name,
+            {
+                "BIREFNET_GATEWAY_API_KEYS": keys,
+                "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+                "BIREFNET_GATEWAY_PORT": str(free_port()),
+            },
+        )
         text = exits_with(proc, f"{name}.log", stack)
         assert "key id" in text and ("reserved" in text or "empty" in text), text[-2000:]
 
 
 def test_production_settings_refuse_generated_keys_and_placeholder_secrets(stack: Stack):
-    production = {"BIREFNET_ALLOW_DEV_SECRETS": "false", "BIREFNET_GATEWAY_HOST": "127.0.0.1",
-                  "BIREFNET_GATEWAY_PORT": str(free_port())}
+    production = {
+        "BIREFNET_ALLOW_DEV_SECRETS": "false",
+        "BIREFNET_GATEWAY_HOST": "127.0.0.1",
+        "BIREFNET_GATEWAY_PORT": str(free_port()),
+    }
     proc = stack.start(["-m", "gateway"], "gateway-prod", production)
     text = exits_with(proc, "gateway-prod.log", stack)
-    assert "BIREFNET_GATEWAY_SIGNING_SECRET is empty" in text and "BIREFNET_WEBHOOK_SIGNING_KEYS is empty" in text
+    assert (
+        "BIREFNET_GATEWAY_SIGNING_SECRET is empty" in text
+        and "BIREFNET_WEBHOOK_SIGNING_KEYS is empty" in text
+    )
 
-    placeholders = {**production, "BIREFNET_GATEWAY_SIGNING_SECRET": "CHANGE-ME",
-                    "BIREFNET_WEBHOOK_SIGNING_KEYS": "11" * 32, "AWS_SECRET_ACCESS_KEY": "birefnet-change-me",
-                    "BIREFNET_REDIS_URL": stack.env["BIREFNET_REDIS_URL"].replace("redis://", "redis://:changeme@")}
+    placeholders = {
+        **production,
+        "BIREFNET_GATEWAY_SIGNING_SECRET": "CHANGE-ME",
+        "BIREFNET_WEBHOOK_SIGNING_KEYS": "11" * 32,
+        "AWS_SECRET_ACCESS_KEY": "birefnet-change-me",
+        "BIREFNET_REDIS_URL": stack.env["BIREFNET_REDIS_URL"].replace("redis://", "redis://:changeme@"),
+    }
     proc = stack.start(["-m", "deliverer"], "deliverer-prod", placeholders)
     text = exits_with(proc, "deliverer-prod.log", stack)
-    for name in ("BIREFNET_GATEWAY_SIGNING_SECRET is a placeholder", "AWS_SECRET_ACCESS_KEY is a placeholder",
-                 "the password in BIREFNET_REDIS_URL is a placeholder"):
+    for name in (
+        "BIREFNET_GATEWAY_SIGNING_SECRET is a placeholder",
+        "AWS_SECRET_ACCESS_KEY is a placeholder",
+        "the password in BIREFNET_REDIS_URL is a placeholder",
+    ):
         assert name in text, text[-2000:]
     assert "changeme@" not in text, "the refusal names the setting, not its value"
 
     # Real secrets: the deliverer starts (and stays up).
-    configured = {**production, "BIREFNET_GATEWAY_SIGNING_SECRET": "k3Jd9-real-secret-Zq",
-                  "BIREFNET_WEBHOOK_SIGNING_KEYS": "22" * 32}
+    configured = {
+        **production,
+        "BIREFNET_GATEWAY_SIGNING_SECRET": "k3Jd9-real-secret-Zq",
+        "BIREFNET_WEBHOOK_SIGNING_KEYS": "22" * 32,
+    }
     proc = stack.start(["-m", "deliverer"], "deliverer-ok", configured)
     time.sleep(3)
     assert proc.poll() is None, (stack.log_dir / "deliverer-ok.log").read_text()[-2000:]
@@ -264,13 +340,22 @@ def test_malformed_object_parameters_and_upload_tokens_are_a_4xx(gs):
     logging.getLogger("gateway").addHandler(capture)
     try:
         key = quote(f"{gs.settings.output_prefix}files/x/y.png")
-        for query in ("exp=%C2%B2&sig=abc", f"exp={'9' * 5000}&sig=abc", "exp=99999999999&sig=%C3%A9%C3%A9",
-                      "exp=%EF%BC%91%EF%BC%92&sig=x", "exp=-1&sig=x", "exp=1e9&sig=x", "sig=%00"):
+        for query in (
+            "exp=%C2%B2&sig=abc",
+            f"exp={'9' * 5000}&sig=abc",
+            "exp=99999999999&sig=%C3%A9%C3%A9",
+            "exp=%EF%BC%91%EF%BC%92&sig=x",
+            "exp=-1&sig=x",
+            "exp=1e9&sig=x",
+            "sig=%00",
+        ):
             answer = httpx.get(f"{server.url}/objects/{key}?{query}")
             assert 400 <= answer.status_code < 500, (query, answer.status_code, answer.text)
             assert answer.json()["detail"]
         for token in (b"\xc3\xa9.\xc3\xa9", b"e30.\xff", b"\xe9" * 40 + b"." + b"A" * 32, b"!!!.???", b"."):
-            answer = httpx.post(f"{server.url}{FILES}", content=b"x", headers={"authorization": b"Bearer " + token})
+            answer = httpx.post(
+                f"{server.url}{FILES}", content=b"x", headers={"authorization": b"Bearer " + token}
+            )
             assert answer.status_code == 401, (token, answer.status_code, answer.text)
     finally:
         logging.getLogger("gateway").removeHandler(capture)
@@ -286,15 +371,22 @@ def test_objects_and_upload_routes_are_documented_for_the_fuzzers(gs):
     assert "404" in objects["responses"]
     upload = spec["paths"][FILES]["post"]
     assert "415" in upload["responses"]
-    assert any(p["name"] == "authorization" and "upload token" in p["description"] for p in upload["parameters"])
+    assert any(
+        p["name"] == "authorization" and "upload token" in p["description"] for p in upload["parameters"]
+    )
 
 
 # --- credentials never shown --------------------------------------------------------------------------
 def test_ops_status_never_prints_the_redis_password(stack: Stack):
     url = f"redis://admin:S3cretPassw0rd@127.0.0.1:{free_port()}/0"
     for extra in ([], ["--json"]):
-        done = subprocess.run([sys.executable, "-m", "ops", "status", "--redis-url", url, *extra],
-                              capture_output=True, text=True, timeout=60, env={**stack.env, "COLUMNS": "200"})
+        done = subprocess.run(
+            [sys.executable, "-m", "ops", "status", "--redis-url", url, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**stack.env, "COLUMNS": "200"},
+        )
         assert done.returncode == 3, done.stdout + done.stderr
         shown = done.stdout + done.stderr
         assert "Redis unreachable" in shown and "admin:***@127.0.0.1" in shown, shown
@@ -317,18 +409,36 @@ try:
 except RuntimeError:
     log.exception("broker down")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=stack.env)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=stack.env
+    )
     assert done.returncode == 0, done.stderr
-    for secret in ("Hunter2Pass", "alice-Secret-Value", "deadbeefcafe", "AKIAXX", "SignatureValue123", "GuestPass99"):
+    for secret in (
+        "Hunter2Pass",
+        "alice-Secret-Value",
+        "deadbeefcafe",
+        "AKIAXX",
+        "SignatureValue123",
+        "GuestPass99",
+    ):
         assert secret not in done.stderr, done.stderr
     assert "rediss://user:***@redis.internal" in done.stderr and "Key alice:***" in done.stderr, done.stderr
 
 
 def test_settings_dumps_and_headers_mask_credentials(stack: Stack):
-    env = {**stack.env, "BIREFNET_REDIS_URL": "redis://user:RedisPw77@127.0.0.1:1/0",
-           "BIREFNET_GATEWAY_SIGNING_SECRET": "SigningSecret88", "BIREFNET_PRODUCER_HTTP_TOKEN": "HttpToken99"}
-    done = subprocess.run([sys.executable, "-m", "common.settings", "--current"], capture_output=True, text=True,
-                          timeout=60, env=env)
+    env = {
+        **stack.env,
+        "BIREFNET_REDIS_URL": "redis://user:RedisPw77@127.0.0.1:1/0",
+        "BIREFNET_GATEWAY_SIGNING_SECRET": "SigningSecret88",
+        "BIREFNET_PRODUCER_HTTP_TOKEN": "HttpToken99",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "common.settings", "--current"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert shown["redis_url"] == "redis://user:***@127.0.0.1:1/0" and shown["gateway_signing_secret"] == "***"
@@ -337,7 +447,10 @@ def test_settings_dumps_and_headers_mask_credentials(stack: Stack):
     from common.observability.redact import redact_headers
 
     assert redact_headers({"Authorization": "Key alice:s3cret", "Cookie": "a=b", "Accept": "*/*"}) == {
-        "Authorization": "Key alice:***", "Cookie": "***", "Accept": "*/*"}
+        "Authorization": "Key alice:***",
+        "Cookie": "***",
+        "Accept": "*/*",
+    }
 
 
 # --- metrics ports bind loopback by default --------------------------------------------------------------
@@ -357,7 +470,9 @@ def listening_addresses(port: int) -> set[str]:
 
 def test_metrics_ports_bind_loopback_unless_told_otherwise(stack: Stack):
     port = free_port()
-    proc = stack.start(["-m", "deliverer"], "deliverer-metrics", {"BIREFNET_WEBHOOKS_METRICS_PORT": str(port)})
+    proc = stack.start(
+        ["-m", "deliverer"], "deliverer-metrics", {"BIREFNET_WEBHOOKS_METRICS_PORT": str(port)}
+    )
     wait_for(lambda: listening_addresses(port), 60, "the deliverer's metrics port")
     assert listening_addresses(port) == {"0100007F"}, "127.0.0.1 only (0.0.0.0 would be 00000000)"
     assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
@@ -365,8 +480,9 @@ def test_metrics_ports_bind_loopback_unless_told_otherwise(stack: Stack):
 
 
 # --- SSRF guard, SNS hosts, webhook retry jitter ------------------------------------------------------
-@pytest.mark.parametrize("host", ["[::ffff:0:7f00:1]", "[::ffff:0:a9fe:a9fe]", "[::ffff:0:a00:1]",
-                                  "[64:ff9b:1::7f00:1]"])
+@pytest.mark.parametrize(
+    "host", ["[::ffff:0:7f00:1]", "[::ffff:0:a9fe:a9fe]", "[::ffff:0:a00:1]", "[64:ff9b:1::7f00:1]"]
+)
 def test_ipv4_translated_addresses_are_judged_by_their_ipv4(host):
     policy = NetPolicy.from_settings(Settings(fetch_allow_networks=(), fetch_allowed_ports=(80, 443)))
     with pytest.raises(UrlNotAllowedError):
@@ -374,15 +490,27 @@ def test_ipv4_translated_addresses_are_judged_by_their_ipv4(host):
 
 
 def test_sns_certificates_come_from_sns_hosts_exactly():
-    for host in ("sns.us-east-1.amazonaws.com", "sns.eu-central-2.amazonaws.com", "sns.us-gov-west-1.amazonaws.com",
-                 "sns.cn-northwest-1.amazonaws.com.cn"):
+    for host in (
+        "sns.us-east-1.amazonaws.com",
+        "sns.eu-central-2.amazonaws.com",
+        "sns.us-gov-west-1.amazonaws.com",
+        "sns.cn-northwest-1.amazonaws.com.cn",
+    ):
         assert SNS_HOST.fullmatch(host), host
-    for host in ("sns.s3.amazonaws.com", "sns.s3-us-west-2.amazonaws.com", "sns.execute-api.us-east-1.amazonaws.com",
-                 "sns.us-east-1.amazonaws.com.cn", "sns.cn-north-1.amazonaws.com", "sns.us-east-1.amazonaws.com\n"):
+    for host in (
+        "sns.s3.amazonaws.com",
+        "sns.s3-us-west-2.amazonaws.com",
+        "sns.execute-api.us-east-1.amazonaws.com",
+        "sns.us-east-1.amazonaws.com.cn",
+        "sns.cn-north-1.amazonaws.com",
+        "sns.us-east-1.amazonaws.com\n",
+    ):
         assert not SNS_HOST.fullmatch(host), host
     verifier = SnsVerifier(("arn:aws:sns:us-east-1:1:t",), NetPolicy.from_settings(Settings()))
     with pytest.raises(SnsRefused, match="not an SNS host"):
-        verifier._check_sns_url("https://sns.s3.amazonaws.com/SimpleNotificationService-x.pem", "SigningCertURL")
+        verifier._check_sns_url(
+            "https://sns.s3.amazonaws.com/SimpleNotificationService-x.pem", "SigningCertURL"
+        )
 
 
 def test_webhook_retry_delays_are_jittered_within_bounds():
@@ -399,15 +527,27 @@ def test_webhook_retries_of_jobs_failing_together_are_spread(gs, webhook_receive
     attempt (retry base 20 s, equal jitter), at different times, not all at once. The booked times are read
     from the schedule, so the deliverer's pump and the machine's load do not blur them."""
     webhook_receiver.status_codes = [500] * 1000
-    deliverer = gs.stack.start(["-m", "deliverer", "--concurrency", "4"], "webhooks-jitter", {
-        "BIREFNET_WEBHOOK_RETRY_BASE": "20", "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "20",
-        "BIREFNET_WEBHOOK_MAX_RETRIES": "1"})
+    deliverer = gs.stack.start(
+        ["-m", "deliverer", "--concurrency", "4"],
+        "webhooks-jitter",
+        {
+            "BIREFNET_WEBHOOK_RETRY_BASE": "20",
+            "BIREFNET_WEBHOOK_RETRY_MAX_DELAY": "20",
+            "BIREFNET_WEBHOOK_MAX_RETRIES": "1",
+        },
+    )
     store = JobStore.from_url(gs.settings.redis_url)
     try:
         with gs.client(ALICE) as client:
-            ids = [client.post(V2, json={"model": "no such model"}, params={"fal_webhook": webhook_receiver.url}
-                               ).json()["request_id"] for _ in range(6)]
-        wait_for(lambda: all(len(list_attempts(store, rid)) == 1 for rid in ids), 60, "one failed attempt per job")
+            ids = [
+                client.post(
+                    V2, json={"model": "no such model"}, params={"fal_webhook": webhook_receiver.url}
+                ).json()["request_id"]
+                for _ in range(6)
+            ]
+        wait_for(
+            lambda: all(len(list_attempts(store, rid)) == 1 for rid in ids), 60, "one failed attempt per job"
+        )
         delays = []
         for rid in ids:
             due = store.redis.zscore(keys.WEBHOOK_DUE, keys.webhook_booking(rid, 1))

@@ -14,10 +14,18 @@ def test_slim_processes_do_not_import_torch():
         for path in (ROOT / package).rglob("*.py")
         if path.name != "__main__.py"
     )
-    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + (
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'transformers'))\n"
-        "print(','.join(heavy))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = (
+        "import importlib, sys\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+        + (
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', "
+            "'transformers'))\n"
+            "print(','.join(heavy))\n"
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert len(modules) > 20
     assert result.stdout.strip() == "", f"slim modules import {result.stdout.strip()}"

@@ -40,10 +40,7 @@ from tests.helpers.servers import PNG, LocalServer
 MAX_BYTES = 1_000_000
 
 
-
-
 # --- local servers ---------------------------------------------------------------------------------
-
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +92,9 @@ def resolver() -> Resolver:
 @pytest.fixture
 def policy(resolver: Resolver) -> NetPolicy:
     # What a test deployment sets: BIREFNET_FETCH_ALLOW_NETWORKS=127.0.0.1/32, BIREFNET_FETCH_ALLOWED_PORTS=*.
-    return NetPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),), allowed_ports=None, resolver=resolver)
+    return NetPolicy(
+        allow_networks=(ipaddress.ip_network("127.0.0.1/32"),), allowed_ports=None, resolver=resolver
+    )
 
 
 @pytest.fixture
@@ -143,7 +142,11 @@ ATTACKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("6to4-private", "http://[2002:7f00:2::1]:{f}/secret", ("6to4", "127.0.0.2", "loopback")),
     ("nat64-private", "http://[64:ff9b::10.0.0.1]/", ("NAT64", "10.0.0.1", "private")),
     ("teredo", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", ("Teredo",)),
-    ("aws-metadata", "http://169.254.169.254/latest/meta-data/iam/security-credentials/", ("cloud metadata",)),
+    (
+        "aws-metadata",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        ("cloud metadata",),
+    ),
     ("aws-metadata-ipv6", "http://[fd00:ec2::254]/latest/meta-data/", ("cloud metadata",)),
     ("ecs-credentials", "http://169.254.170.2/v2/credentials", ("cloud metadata",)),
     ("alibaba-metadata", "http://100.100.100.200/latest/meta-data/", ("cloud metadata",)),
@@ -162,11 +165,21 @@ ATTACKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("ipv6-unique-local", "http://[fd12:3456::1]/", ("unique-local",)),
     ("ipv6-link-local", "http://[fe80::1]/", ("link-local",)),
     ("ipv6-multicast", "http://[ff02::1]/", ("multicast",)),
-    ("name-to-loopback", "http://internal.example.test:{f}/secret",
-     ("'internal.example.test' resolves to 127.0.0.2", "loopback")),
-    ("name-to-metadata", "http://metadata.example.test/latest/meta-data/", ("169.254.169.254", "cloud metadata")),
-    ("dns-rebinding-public-and-private", "http://rebind.example.test:{f}/secret",
-     ("'rebind.example.test' resolves to 127.0.0.2",)),
+    (
+        "name-to-loopback",
+        "http://internal.example.test:{f}/secret",
+        ("'internal.example.test' resolves to 127.0.0.2", "loopback"),
+    ),
+    (
+        "name-to-metadata",
+        "http://metadata.example.test/latest/meta-data/",
+        ("169.254.169.254", "cloud metadata"),
+    ),
+    (
+        "dns-rebinding-public-and-private",
+        "http://rebind.example.test:{f}/secret",
+        ("'rebind.example.test' resolves to 127.0.0.2",),
+    ),
     ("unresolvable-name", "http://no-such-host.example.test/", ("cannot resolve",)),
     ("userinfo", "http://user:secret@images.example.test:{ap}/img.png", ("credentials",)),
     ("backslash-confusion", "http://images.example.test\\@127.0.0.2:{f}/secret", ("credentials",)),
@@ -176,15 +189,28 @@ ATTACKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("gopher-to-redis", "gopher://127.0.0.2:{f}/_FLUSHALL", ("unsupported URL scheme 'gopher'",)),
     ("dict-scheme", "dict://127.0.0.2:{f}/stats", ("unsupported URL scheme 'dict'",)),
     ("ftp-scheme", "ftp://127.0.0.2:{f}/secret", ("unsupported URL scheme 'ftp'",)),
-    ("redirect-to-metadata", "{a}/redirect?to=http://169.254.169.254/latest/meta-data/",
-     ("redirected to http://169.254.169.254/latest/meta-data/", "cloud metadata")),
+    (
+        "redirect-to-metadata",
+        "{a}/redirect?to=http://169.254.169.254/latest/meta-data/",
+        ("redirected to http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+    ),
     ("redirect-to-loopback", "{a}/redirect?to=http://127.0.0.2:{f}/secret", ("redirected to", "loopback")),
-    ("redirect-to-decimal-ip", "{a}/redirect?to=http://2130706434:{f}/secret", ("redirected to", "127.0.0.2")),
-    ("redirect-to-private-name", "{a}/redirect?to=http://internal.example.test:{f}/secret",
-     ("redirected to", "resolves to 127.0.0.2")),
+    (
+        "redirect-to-decimal-ip",
+        "{a}/redirect?to=http://2130706434:{f}/secret",
+        ("redirected to", "127.0.0.2"),
+    ),
+    (
+        "redirect-to-private-name",
+        "{a}/redirect?to=http://internal.example.test:{f}/secret",
+        ("redirected to", "resolves to 127.0.0.2"),
+    ),
     ("redirect-to-mapped-ipv6", "{a}/redirect?to=http://[::ffff:127.0.0.2]:{f}/secret", ("IPv4-mapped",)),
-    ("redirect-to-s3", "{a}/redirect?to=s3://birefnet-output/results/other-tenant/result.json",
-     ("redirected to s3://", "unsupported URL scheme 's3'")),
+    (
+        "redirect-to-s3",
+        "{a}/redirect?to=s3://birefnet-output/results/other-tenant/result.json",
+        ("redirected to s3://", "unsupported URL scheme 's3'"),
+    ),
     ("redirect-to-data", "{a}/redirect?to=data:image/png;base64,AAAA", ("unsupported URL scheme 'data'",)),
     ("redirect-to-file", "{a}/redirect?to=file:///etc/passwd", ("unsupported URL scheme 'file'",)),
     ("redirect-loop", "{a}/loop", ("too many redirects",)),
@@ -213,9 +239,16 @@ def test_attack_url_is_refused(name, template, fragments, allowed, forbidden, po
 
 
 def test_metadata_stays_refused_inside_an_allow_listed_network(resolver, dialled):
-    wide = NetPolicy(allow_networks=(ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("::/0")),
-                     allowed_ports=None, resolver=resolver)
-    for url in ("http://169.254.169.254/latest/", "http://[fd00:ec2::254]/", "http://[::ffff:169.254.169.254]/"):
+    wide = NetPolicy(
+        allow_networks=(ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("::/0")),
+        allowed_ports=None,
+        resolver=resolver,
+    )
+    for url in (
+        "http://169.254.169.254/latest/",
+        "http://[fd00:ec2::254]/",
+        "http://[::ffff:169.254.169.254]/",
+    ):
         assert "cloud metadata" in refused(url, wide).message
     assert dialled == []
 
@@ -247,7 +280,9 @@ def test_production_policy_refuses_loopback_while_a_server_listens(allowed, monk
 # --- what is allowed, and how ---------------------------------------------------------------------
 
 
-def test_name_is_resolved_once_and_dialled_by_address_with_its_host_header(allowed, policy, resolver, dialled):
+def test_name_is_resolved_once_and_dialled_by_address_with_its_host_header(
+    allowed, policy, resolver, dialled
+):
     assert fetch(allowed.url("/img.png", host="images.example.test"), policy) == PNG
     assert resolver.lookups == ["images.example.test"]
     assert dialled == [("127.0.0.1", allowed.port)]
@@ -268,25 +303,47 @@ def test_rebinding_between_submit_check_and_download_is_caught(forbidden, resolv
 
 def test_redirects_are_followed_within_the_bound(allowed, policy, dialled):
     assert fetch(allowed.url("/chain/3"), policy) == PNG
-    bounded = NetPolicy(allow_networks=policy.allow_networks, allowed_ports=None, max_redirects=2,
-                        resolver=policy.resolver)
+    bounded = NetPolicy(
+        allow_networks=policy.allow_networks, allowed_ports=None, max_redirects=2, resolver=policy.resolver
+    )
     assert "too many redirects (more than 2)" in refused(allowed.url("/chain/3"), bounded).message
 
 
 def test_check_url_for_the_gateway(policy):
-    for ok in ("http://public.example.test/cat.jpg", "https://public.example.test/cat.jpg",
-               "data:image/png;base64,AAAA", "s3://bucket/key.png"):
+    for ok in (
+        "http://public.example.test/cat.jpg",
+        "https://public.example.test/cat.jpg",
+        "data:image/png;base64,AAAA",
+        "s3://bucket/key.png",
+    ):
         check_url(ok, policy=policy)
-    for bad, fragment in (("http://169.254.169.254/", "cloud metadata"), ("gopher://x/", "scheme"),
-                          ("s3://bucket-only", "bucket and a key"), ("http://internal.example.test/", "loopback"),
-                          ("https://a:b@public.example.test/", "credentials")):
+    for bad, fragment in (
+        ("http://169.254.169.254/", "cloud metadata"),
+        ("gopher://x/", "scheme"),
+        ("s3://bucket-only", "bucket and a key"),
+        ("http://internal.example.test/", "loopback"),
+        ("https://a:b@public.example.test/", "credentials"),
+    ):
         with pytest.raises(JobError) as info:
             check_url(bad, policy=policy)
         assert info.value.error_type == "file_download_error" and fragment in info.value.message
 
 
-@pytest.mark.parametrize("host", ["127.1", "0x7f.1", "0177.0.0.1", "2130706433", "0x7f000001", "10.1.2",
-                                  "0xa.0x1.0x2.0x3", "017700000001", "1.2.3.4", "0"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.1",
+        "0x7f.1",
+        "0177.0.0.1",
+        "2130706433",
+        "0x7f000001",
+        "10.1.2",
+        "0xa.0x1.0x2.0x3",
+        "017700000001",
+        "1.2.3.4",
+        "0",
+    ],
+)
 def test_numeric_hosts_read_like_inet_aton(host):
     assert parse_ipv4_literal(host) == ipaddress.IPv4Address(socket.inet_aton(host))
 
@@ -299,8 +356,10 @@ def test_malformed_numeric_hosts_are_refused_not_guessed(host):
         parse_ipv4_literal(host)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8",
-                                     "64:ff9b::808:808", "2002:808:808::1"])
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"],
+)
 def test_public_addresses_pass(address):
     assert blocked_reason(ipaddress.ip_address(address)) is None
 
@@ -317,16 +376,20 @@ def _tls_material(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     now = datetime.datetime.now(datetime.UTC)
 
     def certificate(subject: str, key, issuer_name, issuer_key, ca: bool, names: list[str]):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(issuer_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(hours=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                                            critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+            )
         return builder.sign(issuer_key, hashes.SHA256())
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -336,8 +399,9 @@ def _tls_material(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     leaf = certificate("images.example.test", leaf_key, ca_name, ca_key, False, ["images.example.test"])
     pem = serialization.Encoding.PEM
     (directory / "leaf.pem").write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
-    (directory / "leaf.key").write_bytes(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                                serialization.NoEncryption()))
+    (directory / "leaf.key").write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(directory / "leaf.pem", directory / "leaf.key")
     client = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())
@@ -356,8 +420,12 @@ def tls_server(tmp_path_factory) -> Iterator[tuple[LocalServer, ssl.SSLContext, 
 
 def test_https_verifies_the_certificate_against_the_hostname(tls_server, policy, dialled):
     server, client_context, seen_sni = tls_server
-    https = NetPolicy(allow_networks=policy.allow_networks, allowed_ports=None, resolver=policy.resolver,
-                      ssl_context=client_context)
+    https = NetPolicy(
+        allow_networks=policy.allow_networks,
+        allowed_ports=None,
+        resolver=policy.resolver,
+        ssl_context=client_context,
+    )
     assert fetch(server.url("/img.png", host="images.example.test"), https) == PNG
     assert seen_sni[-1] == "images.example.test" and dialled == [("127.0.0.1", server.port)]
     # Same address, another name: the certificate does not match, so no bytes are accepted.
@@ -388,11 +456,14 @@ def test_dns_that_hangs_is_cut_by_the_connect_timeout(policy):
     assert time.monotonic() - started < 1.5
 
 
-@pytest.mark.parametrize(("path", "fragment"), [
-    ("/huge-declared", "1000000000 bytes; the limit is 1000000 bytes"),
-    ("/stream", "exceeds the limit of 1000000 bytes"),
-    ("/gzip-bomb", "after decompression"),
-])
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/huge-declared", "1000000000 bytes; the limit is 1000000 bytes"),
+        ("/stream", "exceeds the limit of 1000000 bytes"),
+        ("/gzip-bomb", "after decompression"),
+    ],
+)
 def test_size_cap_while_streaming(allowed, policy, path, fragment):
     started = time.monotonic()
     error = refused(allowed.url(path), policy, error_type="image_too_large")
@@ -400,12 +471,15 @@ def test_size_cap_while_streaming(allowed, policy, path, fragment):
     assert time.monotonic() - started < 3.0  # the declared size is refused before any body is read
 
 
-@pytest.mark.parametrize(("path", "fragment"), [
-    ("/status/404", "HTTP 404"),
-    ("/status/500", "HTTP 500"),
-    ("/empty", "empty (0 bytes)"),
-    ("/truncated", "malformed or incomplete"),
-])
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/status/404", "HTTP 404"),
+        ("/status/500", "HTTP 500"),
+        ("/empty", "empty (0 bytes)"),
+        ("/truncated", "malformed or incomplete"),
+    ],
+)
 def test_http_failures_are_download_errors(allowed, policy, path, fragment):
     assert fragment in refused(allowed.url(path), policy).message
 

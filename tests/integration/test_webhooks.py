@@ -25,9 +25,13 @@ from tests.helpers.fal_verify import fal_documented_verify
 
 
 def seed() -> str:
-    return Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()
-
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        .hex()
+    )
 
 
 def test_signature_is_fals_scheme_and_rotation_publishes_every_key():
@@ -35,15 +39,23 @@ def test_signature_is_fals_scheme_and_rotation_publishes_every_key():
     signer = WebhookSigner([load_private_key(new), load_private_key(old)])
     body = b'{"request_id":"r","status":"OK"}'
     headers = signer.headers("r", "user-1", body)
-    assert set(headers) == {"X-Fal-Webhook-Request-Id", "X-Fal-Webhook-User-Id", "X-Fal-Webhook-Timestamp",
-                            "X-Fal-Webhook-Signature"}
+    assert set(headers) == {
+        "X-Fal-Webhook-Request-Id",
+        "X-Fal-Webhook-User-Id",
+        "X-Fal-Webhook-Timestamp",
+        "X-Fal-Webhook-Signature",
+    }
     assert len(bytes.fromhex(headers["X-Fal-Webhook-Signature"])) == 64
     jwks = signer.jwks()
-    assert [k["kty"] for k in jwks["keys"]] == ["OKP", "OKP"] and all(k["crv"] == "Ed25519" for k in jwks["keys"])
+    assert [k["kty"] for k in jwks["keys"]] == ["OKP", "OKP"] and all(
+        k["crv"] == "Ed25519" for k in jwks["keys"]
+    )
     assert fal_documented_verify(headers, body, jwks) and verify(headers, body, jwks)
     # As fal's own JWKS: x is base64url of the 32-byte key *with* padding (44 characters, one '=').
-    assert all(len(k["x"]) == 44 and k["x"].endswith("=") and "+" not in k["x"] and "/" not in k["x"]
-               for k in jwks["keys"])
+    assert all(
+        len(k["x"]) == 44 and k["x"].endswith("=") and "+" not in k["x"] and "/" not in k["x"]
+        for k in jwks["keys"]
+    )
     unpadded = {"keys": [{**k, "x": k["x"].rstrip("=")} for k in jwks["keys"]]}
     assert not fal_documented_verify(headers, body, unpadded), "the docs' decoder rejects unpadded keys"
     assert verify(headers, body, unpadded), "our own verifier accepts both forms"
@@ -59,11 +71,19 @@ def test_signature_is_fals_scheme_and_rotation_publishes_every_key():
 
 def test_private_keys_load_from_pem_hex_and_base64():
     key = Ed25519PrivateKey.generate()
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    for text in (pem, raw.hex(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("=")):
+    for text in (
+        pem,
+        raw.hex(),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    ):
         loaded = load_private_key(text).public_key()
         assert loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == public
     with pytest.raises(ValueError):
@@ -93,18 +113,31 @@ def receiver():
 
 def completed_job(store: JobStore, url: str) -> str:
     rid = str(uuid.uuid4())
-    spec = JobSpec(request_id=rid, variant="general-light", image_url="s3://b/k.png", params=JobParams(),
-                   output_prefix=f"results/requests/{rid}/", webhook_url=url, owner="alice",
-                   extra={"user_id": "user-alice"})
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=url,
+        owner="alice",
+        extra={"user_id": "user-alice"},
+    )
     store.create(spec)
     store.complete(rid, result={"image": {"url": "https://x/y.png"}, "mask_image": None}, inference_time=0.1)
     return rid
 
 
 def sender(store: JobStore, **settings) -> WebhookSender:
-    values = {"webhook_retry_base": 0.05, "webhook_retry_max_delay": 0.1, "webhook_max_retries": 2,
-              "webhook_timeout": 5, "fetch_allow_networks": ("127.0.0.0/8",), "fetch_allowed_ports": (0,),
-              **settings}
+    values = {
+        "webhook_retry_base": 0.05,
+        "webhook_retry_max_delay": 0.1,
+        "webhook_max_retries": 2,
+        "webhook_timeout": 5,
+        "fetch_allow_networks": ("127.0.0.0/8",),
+        "fetch_allowed_ports": (0,),
+        **settings,
+    }
     return WebhookSender(Settings(**values), store, WebhookSigner([load_private_key(seed())]))
 
 
@@ -119,13 +152,19 @@ def test_attempts_are_recorded_and_retries_booked_until_delivered(store, receive
     time.sleep(0.1)
     assert hooks.claim_due() == [(rid, 1)], "the pump picks the booked retry up when it falls due"
     second = hooks.deliver(rid, 1)
-    assert second.ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|2") is None, "success cancels the next one"
+    assert second.ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|2") is None, (
+        "success cancels the next one"
+    )
     assert [a["ok"] for a in list_attempts(store, rid)] == [False, True]
     assert hooks.deliver(rid, 2) is None, "delivered: nothing more"
     body = receiver.received[-1]
-    assert json.loads(body.body) == {"request_id": rid, "gateway_request_id": rid, "status": "OK",
-                                     "payload": {"image": {"url": "https://x/y.png"}, "mask_image": None},
-                                     "error": None}
+    assert json.loads(body.body) == {
+        "request_id": rid,
+        "gateway_request_id": rid,
+        "status": "OK",
+        "payload": {"image": {"url": "https://x/y.png"}, "mask_image": None},
+        "error": None,
+    }
     assert body.headers["X-Fal-Webhook-User-Id"] == "user-alice"
     assert verify(body.headers, body.body, hooks.signer.jwks())
 
@@ -142,18 +181,23 @@ def test_exhausted_retries_are_listed_as_failed(store):
     assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), "no retry after the last"
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("http://127.0.0.1:9/hook", "loopback"),
-    ("http://10.1.2.3/hook", "private"),
-    ("http://169.254.169.254/latest/meta-data/", "metadata"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://127.0.0.1:9/hook", "loopback"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+    ],
+)
 def test_a_receiver_refused_by_the_network_policy_fails_finally_on_the_first_attempt(store, url, reason):
     hooks = sender(store, fetch_allow_networks=(), webhook_max_retries=10)
     rid = completed_job(store, url)
     result = hooks.deliver(rid, 0)
     assert not result.ok and result.final and reason in result.error
     assert "webhook URL" in result.error and "image URL" not in result.error, result.error
-    assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), "no retry is booked: it cannot succeed"
+    assert not store.redis.zrangebyscore(keys.WEBHOOK_DUE, "-inf", "+inf"), (
+        "no retry is booked: it cannot succeed"
+    )
     (failed,) = hooks.failed()
     assert failed["request_id"] == rid and [a["final"] for a in failed["attempts"]] == [True]
 

@@ -61,22 +61,48 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     ("text", "kind", "location", "revision", "filename"),
     [
-        (f"hf://ZhengPeng7/BiRefNet@{REVISION}/model.safetensors", "hf", "ZhengPeng7/BiRefNet", REVISION,
-         "model.safetensors"),
-        ("hf://ZhengPeng7/BiRefNet_lite@main/sub/dir/model.safetensors", "hf", "ZhengPeng7/BiRefNet_lite", "main",
-         "sub/dir/model.safetensors"),
+        (
+            f"hf://ZhengPeng7/BiRefNet@{REVISION}/model.safetensors",
+            "hf",
+            "ZhengPeng7/BiRefNet",
+            REVISION,
+            "model.safetensors",
+        ),
+        (
+            "hf://ZhengPeng7/BiRefNet_lite@main/sub/dir/model.safetensors",
+            "hf",
+            "ZhengPeng7/BiRefNet_lite",
+            "main",
+            "sub/dir/model.safetensors",
+        ),
         (f"hf://ZhengPeng7/BiRefNet@{REVISION}", "hf-repo", "ZhengPeng7/BiRefNet", REVISION, None),
-        ("hf://ZhengPeng7/BiRefNet/model.safetensors", "hf", "ZhengPeng7/BiRefNet", "main", "model.safetensors"),
+        (
+            "hf://ZhengPeng7/BiRefNet/model.safetensors",
+            "hf",
+            "ZhengPeng7/BiRefNet",
+            "main",
+            "model.safetensors",
+        ),
         ("ZhengPeng7/BiRefNet", "hf-repo", "ZhengPeng7/BiRefNet", "main", None),
-        ("https://example.com/w/BiRefNet-DIS_ep580.pth", "https", "https://example.com/w/BiRefNet-DIS_ep580.pth",
-         None, None),
+        (
+            "https://example.com/w/BiRefNet-DIS_ep580.pth",
+            "https",
+            "https://example.com/w/BiRefNet-DIS_ep580.pth",
+            None,
+            None,
+        ),
         ("s3://models/birefnet/general.safetensors", "s3", "models/birefnet/general.safetensors", None, None),
         ("recipe", "recipe", "recipe", None, None),
     ],
 )
 def test_parse_source(text, kind, location, revision, filename):
     source = parse_source(text)
-    assert (source.kind, source.location, source.revision, source.filename) == (kind, location, revision, filename)
+    assert (source.kind, source.location, source.revision, source.filename) == (
+        kind,
+        location,
+        revision,
+        filename,
+    )
 
 
 def test_parse_source_local_path_and_checksum(tmp_path):
@@ -132,8 +158,16 @@ def test_reads_hf_layout_folders(tmp_path):
     state = small_state()
     save_file({"layer.weight": state["layer.weight"]}, sharded / "model-00001-of-00002.safetensors")
     save_file({"layer.bias": state["layer.bias"]}, sharded / "model-00002-of-00002.safetensors")
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "layer.weight": "model-00001-of-00002.safetensors", "layer.bias": "model-00002-of-00002.safetensors"}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "layer.weight": "model-00001-of-00002.safetensors",
+                    "layer.bias": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     assert_same(read_state_dict(sharded), state)
 
     with pytest.raises(WeightsError, match="model.safetensors"):
@@ -160,7 +194,11 @@ def test_full_checkpoint_loads_strictly(nano, nano_state, tmp_path):
 
 def test_computed_buffers_may_be_missing(nano_state):
     model = BiRefNet(BiRefNetConfig(backbone="swin_v1_nano"))
-    trimmed = {k: v for k, v in nano_state.items() if not k.endswith(("relative_position_index", "num_batches_tracked"))}
+    trimmed = {
+        k: v
+        for k, v in nano_state.items()
+        if not k.endswith(("relative_position_index", "num_batches_tracked"))
+    }
     assert len(trimmed) < len(nano_state)
     load_into(model, trimmed)
 
@@ -227,8 +265,11 @@ def test_sha256_is_verified(settings, tmp_path):
 
 
 def test_s3_download_is_cached_until_the_object_changes(moto_endpoint, tmp_path, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = Settings(weights_cache_dir=str(tmp_path / "cache"), s3_endpoint_url=moto_endpoint)
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
@@ -303,7 +344,13 @@ def test_url_is_downloaded_once_into_the_cache(file_server, settings):
 
 def populate_hub_cache(settings: Settings, repo: str, files: dict[str, bytes]) -> Path:
     """Lay files out as huggingface_hub's cache does for a pinned commit."""
-    snapshot = Path(settings.weights_cache_dir) / "hf" / f"models--{repo.replace('/', '--')}" / "snapshots" / REVISION
+    snapshot = (
+        Path(settings.weights_cache_dir)
+        / "hf"
+        / f"models--{repo.replace('/', '--')}"
+        / "snapshots"
+        / REVISION
+    )
     snapshot.mkdir(parents=True)
     for name, content in files.items():
         (snapshot / name).write_bytes(content)
@@ -313,8 +360,11 @@ def populate_hub_cache(settings: Settings, repo: str, files: dict[str, bytes]) -
 def test_hub_file_and_repo_resolve_offline_from_the_cache(settings, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     save_file(small_state(), tmp_path / "model.safetensors")
-    snapshot = populate_hub_cache(settings, "owner/tiny", {
-        "model.safetensors": (tmp_path / "model.safetensors").read_bytes(), "config.json": b"{}"})
+    snapshot = populate_hub_cache(
+        settings,
+        "owner/tiny",
+        {"model.safetensors": (tmp_path / "model.safetensors").read_bytes(), "config.json": b"{}"},
+    )
 
     path = fetch(parse_source(f"hf://owner/tiny@{REVISION}/model.safetensors"), settings)
     assert path == snapshot / "model.safetensors"

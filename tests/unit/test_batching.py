@@ -25,8 +25,10 @@ def predictor() -> Predictor:
 
 
 def photos() -> list[Image.Image]:
-    return [Image.fromarray(p) for p in (samples.astronaut(), samples.chelsea(), samples.coffee(),
-                                         samples.rocket())]
+    return [
+        Image.fromarray(p)
+        for p in (samples.astronaut(), samples.chelsea(), samples.coffee(), samples.rocket())
+    ]
 
 
 @pytest.mark.parametrize("kind", ["pil", "array"])  # arrays: what the worker's decoder hands the batcher
@@ -64,7 +66,9 @@ def test_one_bad_input_fails_only_its_own_job(predictor: Predictor):
         futures[1].result()
 
 
-def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(predictor: Predictor, monkeypatch):
+def test_a_stuck_forward_times_its_jobs_out_and_hands_the_waiting_ones_back(
+    predictor: Predictor, monkeypatch
+):
     """The batcher's side of the run-time limit (the real-process behaviour is in tests/e2e/test_hang.py)."""
     import threading
 

@@ -1,4 +1,5 @@
-"""The pure parts of the extension output stage (worker/pipeline/render.py, worker/pipeline/encode.py, common/domain/extensions.py), without processes."""
+"""The pure parts of the extension output stage (worker/pipeline/render.py, worker/pipeline/encode.py,
+common/domain/extensions.py), without processes."""
 
 from __future__ import annotations
 
@@ -43,7 +44,12 @@ def test_subject_box_margin_aspect_and_padding_beyond_the_input():
     mask[10:20, 5:25] = 0.9  # 20 wide, 10 high
     assert subject_box(mask, threshold=0.5) == (5, 10, 25, 20)
     assert subject_box(mask, threshold=0.5, margin=8) == (-3, 2, 33, 28)  # past the left edge
-    assert subject_box(mask, threshold=0.5, aspect_ratio="1:1") == (5, 5, 25, 25)  # height grown around the centre
+    assert subject_box(mask, threshold=0.5, aspect_ratio="1:1") == (
+        5,
+        5,
+        25,
+        25,
+    )  # height grown around the centre
     assert subject_box(mask, threshold=0.5, aspect_ratio="4:1") == (-5, 10, 35, 20)  # width grown
     cut = crop_padded(mask, (-3, 2, 33, 28))
     assert cut.shape == (26, 36) and cut[:, :3].max() == 0 and cut[8:18, 8:28].min() == pytest.approx(0.9)
@@ -69,11 +75,24 @@ def test_capability_override_and_contain_with_an_opaque_colour():
 
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     mask = np.zeros((30, 40), np.float32)
-    params = JobParams(background_image_url="https://x.example/b.png", background_fit="contain",
-                       background_color="#0000ff", refine_foreground=False)
+    params = JobParams(
+        background_image_url="https://x.example/b.png",
+        background_fit="contain",
+        background_color="#0000ff",
+        refine_foreground=False,
+    )
     backdrop = Image.new("RGB", (40, 10), (0, 255, 0))
     settings = Settings()
-    rendered = render(image, to_mask(mask), params, background=backdrop, encoding=EncodeOptions.from_settings(settings),
-                      max_side=settings.max_input_side, max_pixels=settings.max_input_pixels)
+    rendered = render(
+        image,
+        to_mask(mask),
+        params,
+        background=backdrop,
+        encoding=EncodeOptions.from_settings(settings),
+        max_side=settings.max_input_side,
+        max_pixels=settings.max_input_pixels,
+    )
     out = Image.open(BytesIO(rendered.image.data))
-    assert out.mode == "RGB" and out.getpixel((20, 0)) == (0, 0, 255) and out.getpixel((20, 15)) == (0, 255, 0)
+    assert (
+        out.mode == "RGB" and out.getpixel((20, 0)) == (0, 0, 255) and out.getpixel((20, 15)) == (0, 255, 0)
+    )

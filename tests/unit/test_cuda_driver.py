@@ -9,9 +9,15 @@ from worker import cuda_driver
 from worker.cuda_driver import DriverTooOld, check_driver, parse_version, require_driver, required_driver
 
 
-@pytest.mark.parametrize(("cuda", "floor"), [
-    ("13.0", (580, 65, 6)), ("12.8", (570, 26)), ("12.6", (560, 28, 3)), ("12.4", (550, 54, 14)),
-])
+@pytest.mark.parametrize(
+    ("cuda", "floor"),
+    [
+        ("13.0", (580, 65, 6)),
+        ("12.8", (570, 26)),
+        ("12.6", (560, 28, 3)),
+        ("12.4", (550, 54, 14)),
+    ],
+)
 def test_floor_per_cuda_release(cuda: str, floor: tuple[int, ...]):
     assert required_driver(cuda) == floor
 
@@ -22,16 +28,19 @@ def test_a_cuda_newer_than_the_table_needs_at_least_the_newest_floor():
         required_driver("10.2")
 
 
-@pytest.mark.parametrize(("cuda", "driver", "ok"), [
-    ("13.0", "580.65.06", True),
-    ("13.0", "590.44.01", True),
-    ("13.0", "570.172.08", False),  # R570: most GPU nodes today
-    ("13.0", "535.104.05", False),
-    ("12.8", "570.26", True),
-    ("12.8", "565.57.01", False),
-    ("12.6", "560.35.03", True),
-    ("12.6", "550.90.07", False),
-])
+@pytest.mark.parametrize(
+    ("cuda", "driver", "ok"),
+    [
+        ("13.0", "580.65.06", True),
+        ("13.0", "590.44.01", True),
+        ("13.0", "570.172.08", False),  # R570: most GPU nodes today
+        ("13.0", "535.104.05", False),
+        ("12.8", "570.26", True),
+        ("12.8", "565.57.01", False),
+        ("12.6", "560.35.03", True),
+        ("12.6", "550.90.07", False),
+    ],
+)
 def test_check_driver(cuda: str, driver: str, ok: bool):
     assert check_driver(cuda, driver).ok is ok
 
@@ -50,8 +59,10 @@ def test_message_names_the_driver_found_and_the_one_needed():
 
 def test_proc_version_parsing(tmp_path, monkeypatch: pytest.MonkeyPatch):
     proc = tmp_path / "version"
-    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.172.08  Tue Jul  8 17:51:05 UTC 2025\n"
-                    "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    proc.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.172.08  Tue Jul  8 17:51:05 UTC 2025\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
     monkeypatch.setattr(cuda_driver, "PROC_VERSION", proc)
     assert cuda_driver._proc_driver() == "570.172.08"
 
@@ -62,7 +73,11 @@ def test_require_driver_by_device_setting():
     assert require_driver("cpu", cuda=cuda13, driver=old) is None
     assert require_driver("auto", cuda=cuda13, driver=no_driver) is None  # no GPU: auto runs on CPU
     assert require_driver("cuda", cuda=cuda13, driver=new).ok
-    for device in ("cuda", "cuda:1", "auto"):  # auto on a GPU host with an old driver must not fall back quietly
+    for device in (
+        "cuda",
+        "cuda:1",
+        "auto",
+    ):  # auto on a GPU host with an old driver must not fall back quietly
         with pytest.raises(DriverTooOld, match=r"550\.54\.15 is too old.*>= 580\.65\.06"):
             require_driver(device, cuda=cuda13, driver=old)
     with pytest.raises(DriverTooOld, match="no NVIDIA driver found"):

@@ -40,5 +40,8 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     """The walk finds imports inside functions and relative ones, so the test above cannot pass vacuously."""
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    import redis.asyncio\n    from ..state import keys\n")
-    assert {name for name in imported_modules(sample) if forbidden(name)} == {"redis.asyncio", "common.state",
-                                                                              "common.state.keys"}
+    assert {name for name in imported_modules(sample) if forbidden(name)} == {
+        "redis.asyncio",
+        "common.state",
+        "common.state.keys",
+    }

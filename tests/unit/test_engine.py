@@ -38,7 +38,11 @@ def engine_settings(tmp_path=None, **fields) -> Settings:
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    return [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
+    return [
+        Image.fromarray(data.astronaut()),
+        Image.fromarray(data.chelsea()),
+        Image.fromarray(data.coffee()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,9 @@ def test_missing_checkpoint_fails_unless_recipe_fallback_is_on(tmp_path):
     fallback = Predictor(spec, engine_settings(tmp_path, warmup_forward=False, weights_fallback="recipe"))
     fallback.load()
     assert fallback.untrained is True
-    assert "fallback" in fallback.weights_description and "missing.safetensors" in fallback.weights_description
+    assert (
+        "fallback" in fallback.weights_description and "missing.safetensors" in fallback.weights_description
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +163,9 @@ def test_non_square_resolution_and_timings(predictor, photos):
 def render_outputs(image, mask, *, timings=None, **fields):
     """The output stage for a float mask and fal's four output fields (as the worker renders with its
     default encoder settings)."""
-    return render(image, to_mask(mask), JobParams.model_construct(**fields), encoding=EncodeOptions(),
-                  timings=timings)
+    return render(
+        image, to_mask(mask), JobParams.model_construct(**fields), encoding=EncodeOptions(), timings=timings
+    )
 
 
 def open_encoded(encoded) -> Image.Image:
@@ -172,8 +179,15 @@ def open_encoded(encoded) -> Image.Image:
 def test_render_cutout_and_mask(predictor, photos, masks, fmt):
     photo, mask = photos[1], masks[1]
     timings = StageTimings()
-    rendered = render_outputs(photo, mask, output_format=fmt, output_mask=True, refine_foreground=True,
-                              mask_only=False, timings=timings)
+    rendered = render_outputs(
+        photo,
+        mask,
+        output_format=fmt,
+        output_mask=True,
+        refine_foreground=True,
+        mask_only=False,
+        timings=timings,
+    )
     assert rendered.image.content_type == f"image/{fmt}" and rendered.image.extension == f".{fmt}"
     cutout = open_encoded(rendered.image)
     assert cutout.size == photo.size
@@ -190,8 +204,9 @@ def test_render_cutout_and_mask(predictor, photos, masks, fmt):
 
 
 def test_render_without_refinement_keeps_the_decoded_colours(photos, masks):
-    rendered = render_outputs(photos[0], masks[0], output_format="png", output_mask=False, refine_foreground=False,
-                              mask_only=False)
+    rendered = render_outputs(
+        photos[0], masks[0], output_format="png", output_mask=False, refine_foreground=False, mask_only=False
+    )
     assert rendered.mask is None
     cutout = np.asarray(open_encoded(rendered.image))
     assert cutout.shape == (512, 512, 4)
@@ -200,8 +215,15 @@ def test_render_without_refinement_keeps_the_decoded_colours(photos, masks):
 
 def test_mask_only_returns_the_mask_as_the_image(predictor, photos, masks):
     timings = StageTimings()
-    rendered = render_outputs(photos[2], masks[2], output_format="webp", output_mask=True,
-                              refine_foreground=True, mask_only=True, timings=timings)
+    rendered = render_outputs(
+        photos[2],
+        masks[2],
+        output_format="webp",
+        output_mask=True,
+        refine_foreground=True,
+        mask_only=True,
+        timings=timings,
+    )
     assert rendered.mask is None
     image = open_encoded(rendered.image)
     assert image.size == photos[2].size and rendered.image.content_type == "image/webp"
@@ -212,8 +234,14 @@ def test_mask_only_returns_the_mask_as_the_image(predictor, photos, masks):
 
 def test_unknown_output_format_is_invalid_input(photos, masks):
     with pytest.raises(InvalidInputError) as error:
-        render_outputs(photos[0], masks[0], output_format="bmp", output_mask=False, refine_foreground=False,
-                       mask_only=False)
+        render_outputs(
+            photos[0],
+            masks[0],
+            output_format="bmp",
+            output_mask=False,
+            refine_foreground=False,
+            mask_only=False,
+        )
     assert error.value.field == "output_format"
 
 
@@ -227,8 +255,19 @@ def test_patch_order_check_reports_both_orders(tmp_path, photos, capsys):
     for index, photo in enumerate(photos[:2]):
         paths.append(tmp_path / f"photo{index}.jpg")
         photo.save(paths[-1])
-    exit_code = patch_order_check.main(["--weights", "recipe", "--backbone", "swin_v1_nano", "--resolution", "64x64",
-                                        "--device", "cpu", *map(str, paths)])
+    exit_code = patch_order_check.main(
+        [
+            "--weights",
+            "recipe",
+            "--backbone",
+            "swin_v1_nano",
+            "--resolution",
+            "64x64",
+            "--device",
+            "cpu",
+            *map(str, paths),
+        ]
+    )
     out = capsys.readouterr().out
     assert exit_code == 0
     assert "| photo | einops | legacy |" in out and "untrained" in out

@@ -107,7 +107,9 @@ def test_animated_gif_and_webp_give_the_first_frame():
 
 def test_icc_profile_is_converted_to_srgb(astronaut):
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    decoded = decode_image(encode(astronaut, "PNG", icc_profile=srgb), max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
+    decoded = decode_image(
+        encode(astronaut, "PNG", icc_profile=srgb), max_pixels=MAX_PIXELS, max_side=MAX_SIDE
+    )
     # sRGB -> sRGB changes (almost) nothing, but the path through LittleCMS ran.
     assert np.abs(np.asarray(decoded).astype(int) - np.asarray(astronaut)).max() <= 2
 
@@ -181,7 +183,7 @@ def box_blur_reference(x: np.ndarray, size: int) -> np.ndarray:
     out = np.empty_like(x)
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
-            out[i, j] = padded[i:i + size, j:j + size].mean()
+            out[i, j] = padded[i : i + size, j : j + size].mean()
     return out
 
 
@@ -283,7 +285,12 @@ def cutout(astronaut) -> Image.Image:
 
 def test_encode_png_is_lossless(cutout):
     encoded = encode_image(cutout, "png")
-    assert (encoded.content_type, encoded.extension, encoded.width, encoded.height) == ("image/png", ".png", 120, 90)
+    assert (encoded.content_type, encoded.extension, encoded.width, encoded.height) == (
+        "image/png",
+        ".png",
+        120,
+        90,
+    )
     assert encoded.file_size == len(encoded.data)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded.data))), np.asarray(cutout))
 

@@ -10,8 +10,13 @@ from producer.notifications import MalformedEvent, parse_notification
 from tests.helpers import event_payloads as docs
 
 # Keys that break naive decoding: spaces, '+', '%', unicode, an encoded slash, a '?' that is not a query.
-HARD_KEYS = ["c++ notes 1.png", "100% real/ünïcødé 猫.png", "a%2Fb/slash%2Fkept.png", "what?versionId=x.png",
-             "plus+and space .png"]
+HARD_KEYS = [
+    "c++ notes 1.png",
+    "100% real/ünïcødé 猫.png",
+    "a%2Fb/slash%2Fkept.png",
+    "what?versionId=x.png",
+    "plus+and space .png",
+]
 
 
 def only(note):
@@ -50,14 +55,28 @@ def test_rustfs_records_carry_their_version_or_none():
 
 
 def test_versions_etags_and_sequencers_are_carried():
-    record = docs.aws_record("in", "a.png", etag='"abc"', version_id="3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY",
-                             sequencer="0A1B2C3D4E5F678901")
+    record = docs.aws_record(
+        "in",
+        "a.png",
+        etag='"abc"',
+        version_id="3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY",
+        sequencer="0A1B2C3D4E5F678901",
+    )
     event = only(parse_notification(docs.aws_notification(record)))
-    assert (event.version_id, event.etag, event.sequencer) == ("3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", "abc",
-                                                                "0A1B2C3D4E5F678901")
-    bridge = only(parse_notification(docs.eventbridge_object_created("in", "k.png", etag="b1", version_id="V1")))
-    assert (bridge.version_id, bridge.etag, bridge.sequencer, bridge.source) == ("V1", "b1", "617f08299329d189",
-                                                                                  "aws.s3")
+    assert (event.version_id, event.etag, event.sequencer) == (
+        "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY",
+        "abc",
+        "0A1B2C3D4E5F678901",
+    )
+    bridge = only(
+        parse_notification(docs.eventbridge_object_created("in", "k.png", etag="b1", version_id="V1"))
+    )
+    assert (bridge.version_id, bridge.etag, bridge.sequencer, bridge.source) == (
+        "V1",
+        "b1",
+        "617f08299329d189",
+        "aws.s3",
+    )
     # "null" is the version id of an unversioned write: it pins nothing
     null = docs.aws_record("in", "a.png", etag="e", version_id="null")
     assert only(parse_notification(docs.aws_notification(null))).version_id is None
@@ -66,7 +85,9 @@ def test_versions_etags_and_sequencers_are_carried():
 def test_test_events_and_other_event_types_yield_nothing():
     assert parse_notification(docs.aws_test_event("in")).kind == "test"
     assert parse_notification(docs.sns_envelope(docs.aws_test_event("in"))).events == []
-    deleted = docs.aws_notification(docs.aws_record("in", "a.png", etag="e", event_name="ObjectRemoved:Delete"))
+    deleted = docs.aws_notification(
+        docs.aws_record("in", "a.png", etag="e", event_name="ObjectRemoved:Delete")
+    )
     assert parse_notification(deleted).events == [] and parse_notification(deleted).other == 1
     bridge = docs.eventbridge_object_created("in", "a.png", etag="e")
     bridge["detail-type"] = "Object Deleted"
@@ -79,8 +100,18 @@ def test_bad_records_are_isolated_with_reasons():
     no_key["s3"]["object"]["key"] = 7
     bad_utf8 = docs.aws_record("in", "x.png", etag="e")
     bad_utf8["s3"]["object"]["key"] = "%FF%FE.png"
-    body = {"Records": [None, good[0], {"eventName": "ObjectCreated:Put", "s3": "nope"}, no_key, 5, bad_utf8,
-                        {"eventName": ["ObjectCreated:Put"]}, good[1]]}
+    body = {
+        "Records": [
+            None,
+            good[0],
+            {"eventName": "ObjectCreated:Put", "s3": "nope"},
+            no_key,
+            5,
+            bad_utf8,
+            {"eventName": ["ObjectCreated:Put"]},
+            good[1],
+        ]
+    }
     note = parse_notification(json.dumps(body))
     assert [e.key for e in note.events] == ["good/0.png", "good/1.png"]
     reasons = {r.index: r.reason for r in note.rejected}
@@ -89,12 +120,26 @@ def test_bad_records_are_isolated_with_reasons():
     assert "UTF-8" in reasons[5] and "eventName" in reasons[6]
 
 
-@pytest.mark.parametrize("body", ["not json", "[1]", "null", json.dumps({"hello": 1}), json.dumps({"Records": 5}),
-                                  json.dumps({"Type": "Notification", "TopicArn": "t", "Message": "{bad"}),
-                                  json.dumps({"Type": "Notification", "TopicArn": "t", "Message": json.dumps(
-                                      {"Type": "Notification", "TopicArn": "t", "Message": "{}"})}),
-                                  json.dumps({"detail-type": "Object Created", "source": "aws.ec2", "detail": {}}),
-                                  b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        "[1]",
+        "null",
+        json.dumps({"hello": 1}),
+        json.dumps({"Records": 5}),
+        json.dumps({"Type": "Notification", "TopicArn": "t", "Message": "{bad"}),
+        json.dumps(
+            {
+                "Type": "Notification",
+                "TopicArn": "t",
+                "Message": json.dumps({"Type": "Notification", "TopicArn": "t", "Message": "{}"}),
+            }
+        ),
+        json.dumps({"detail-type": "Object Created", "source": "aws.ec2", "detail": {}}),
+        b"\xff\xfe",
+    ],
+)
 def test_messages_that_are_not_notifications_are_refused(body):
     with pytest.raises(MalformedEvent):
         parse_notification(body)

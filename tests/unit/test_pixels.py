@@ -27,8 +27,12 @@ MAX_PIXELS = 64_000_000
 
 
 def real_photos() -> dict[str, np.ndarray]:
-    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
-            "rocket": data.rocket()}
+    return {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+    }
 
 
 def soft_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,7 +61,9 @@ def test_refine_keeps_the_visual_result_of_the_reference_implementation(photo):
         assert difference[visible].mean() <= 1.0, f"{photo}/{name}: mean |diff| over alpha > 0"
         assert difference[soft].mean() <= 1.0, f"{photo}/{name}: mean |diff| over soft pixels alone"
         opaque = alpha8 == 255
-        assert np.abs(fast[opaque] - rgb.astype(np.int16)[opaque]).max(initial=0) <= 2, "opaque pixels keep colour"
+        assert np.abs(fast[opaque] - rgb.astype(np.int16)[opaque]).max(initial=0) <= 2, (
+            "opaque pixels keep colour"
+        )
 
 
 def test_refine_of_an_opaque_mask_is_the_image():
@@ -113,7 +119,9 @@ def test_png_encoder_round_trips_and_stays_below_raw_size(channels):
 def test_network_input_is_normalised_like_the_reference():
     rgb = data.astronaut()
     got = prepare.input_array(rgb, (512, 512))
-    reference = ((rgb.astype(np.float32) / 255 - prepare.IMAGENET_MEAN) / prepare.IMAGENET_STD).transpose(2, 0, 1)
+    reference = ((rgb.astype(np.float32) / 255 - prepare.IMAGENET_MEAN) / prepare.IMAGENET_STD).transpose(
+        2, 0, 1
+    )
     np.testing.assert_allclose(got, reference, atol=1e-5)
     shrunk = prepare.input_array(rgb, (256, 128))
     assert shrunk.shape == (3, 128, 256) and shrunk.dtype == np.float32
@@ -151,8 +159,12 @@ def test_null_model_is_explicit_constant_and_says_so():
 def test_render_outputs_png_is_the_composed_cutout(tmp_path):
     rgb = data.astronaut()
     mask = soft_masks(rgb)["content"]
-    rendered = render(rgb, to_mask(mask), JobParams(output_format="png", output_mask=True, refine_foreground=False),
-                      encoding=EncodeOptions())
+    rendered = render(
+        rgb,
+        to_mask(mask),
+        JobParams(output_format="png", output_mask=True, refine_foreground=False),
+        encoding=EncodeOptions(),
+    )
     cutout = np.asarray(Image.open(io.BytesIO(rendered.image.data)))
     assert np.array_equal(cutout[..., :3], rgb)
     assert np.array_equal(cutout[..., 3], to_alpha8(mask))
@@ -160,13 +172,18 @@ def test_render_outputs_png_is_the_composed_cutout(tmp_path):
 
 
 def test_cuda_warm_up_covers_every_allowed_resolution_and_batch_size():
-    spec = VariantSpec(id="nano-test", weights="recipe", backbone="swin_v1_nano",
-                       allowed_resolutions=("1024x1024", "2048x2048"))
+    spec = VariantSpec(
+        id="nano-test",
+        weights="recipe",
+        backbone="swin_v1_nano",
+        allowed_resolutions=("1024x1024", "2048x2048"),
+    )
     predictor = Predictor(spec, Settings(device="cpu", max_batch_size=3))
     assert predictor.warmup_shapes() == [((64, 64), 1)], "CPU: one small proof-of-life forward"
     predictor._device = torch.device("cuda")  # the plan only; nothing runs
-    assert predictor.warmup_shapes() == ([((1024, 1024), b) for b in (1, 2, 3)]
-                                         + [((2048, 2048), b) for b in (1, 2, 3)])
+    assert predictor.warmup_shapes() == (
+        [((1024, 1024), b) for b in (1, 2, 3)] + [((2048, 2048), b) for b in (1, 2, 3)]
+    )
     predictor.settings = Settings(device="cpu", max_batch_size=3, warmup_all_shapes=False)
     assert predictor.warmup_shapes() == [((1024, 1024), 1)]
 
@@ -190,7 +207,9 @@ def test_job_output_stage_keeps_a_device_mask_on_the_device():
     device_cut = np.asarray(Image.open(io.BytesIO(on_device.image.data)))
     host_cut = np.asarray(Image.open(io.BytesIO(on_host.image.data)))
     assert np.array_equal(device_cut[..., 3], host_cut[..., 3])
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(on_device.mask.data))),
-                          np.asarray(Image.open(io.BytesIO(on_host.mask.data))))
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(on_device.mask.data))),
+        np.asarray(Image.open(io.BytesIO(on_host.mask.data))),
+    )
     visible = host_cut[..., 3] > 0
     assert np.abs(device_cut[..., :3].astype(np.int16) - host_cut[..., :3])[visible].mean() <= 1.0

@@ -36,7 +36,7 @@ from worker.weights import WeightsError
 REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 RESOLUTION = (64, 64)
 
-CONFIG_CODE = textwrap.dedent('''
+CONFIG_CODE = textwrap.dedent("""
     from transformers import PretrainedConfig
 
 
@@ -46,7 +46,7 @@ CONFIG_CODE = textwrap.dedent('''
         def __init__(self, hidden=4, **kwargs):
             self.hidden = hidden
             super().__init__(**kwargs)
-''')
+""")
 
 MODEL_CODE = textwrap.dedent('''
     import torch
@@ -142,8 +142,12 @@ def test_remote_code_repo_serves_like_the_native_predictor(remote_code_repo, tmp
         torch.testing.assert_close(predictor.network(x), fine)
         assert not torch.allclose(fine, coarse)
 
-    rendered = render(photo, to_mask(mask), JobParams(output_format="png", output_mask=True, refine_foreground=False),
-                      encoding=EncodeOptions())
+    rendered = render(
+        photo,
+        to_mask(mask),
+        JobParams(output_format="png", output_mask=True, refine_foreground=False),
+        encoding=EncodeOptions(),
+    )
     assert (rendered.image.width, rendered.image.height) == photo.size
 
 
@@ -172,7 +176,9 @@ def test_hf_folder_that_fits_loads_natively_even_with_remote_code_allowed(tmp_pa
 def test_hf_repo_id_loads_natively_from_the_pinned_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     settings = settings_for(tmp_path)
-    snapshot = (Path(settings.weights_cache_dir) / "hf" / "models--owner--tiny-birefnet" / "snapshots" / REVISION)
+    snapshot = (
+        Path(settings.weights_cache_dir) / "hf" / "models--owner--tiny-birefnet" / "snapshots" / REVISION
+    )
     native_hf_folder(snapshot, with_auto_map=False)
     predictor = Predictor(spec_for(f"hf://owner/tiny-birefnet@{REVISION}"), settings)
     predictor.load()

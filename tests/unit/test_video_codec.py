@@ -11,7 +11,9 @@ from worker.video.job import render_frame, segment_count
 
 
 def probe(path: str, **limits):
-    return codec.probe(path, max_seconds=limits.get("max_seconds", 60), max_pixels=limits.get("max_pixels", 10**7))
+    return codec.probe(
+        path, max_seconds=limits.get("max_seconds", 60), max_pixels=limits.get("max_pixels", 10**7)
+    )
 
 
 def test_probe_refuses_what_is_not_a_usable_video(tmp_path):
@@ -29,16 +31,32 @@ def test_probe_refuses_what_is_not_a_usable_video(tmp_path):
     assert (info.width, info.height, info.frames, info.has_audio) == (96, 64, 12, False)
 
 
-def write(source: str, out: str, kind: codec.OutputKind, start: float = 0.0, end: float | None = None,
-          audio: bool = True, segment: bool = False) -> None:
+def write(
+    source: str,
+    out: str,
+    kind: codec.OutputKind,
+    start: float = 0.0,
+    end: float | None = None,
+    audio: bool = True,
+    segment: bool = False,
+) -> None:
     info = probe(source)
     writer = None
     for frame in codec.frames(source, start, end):
         if writer is None:
-            writer = codec.VideoWriter(out, kind, width=info.width, height=info.height, rate=info.fps,
-                                       time_base=frame.time_base, quality="medium", write_mode="fast",
-                                       segment=segment, audio_from=source if audio else None,
-                                       rotate=frame.rotation)
+            writer = codec.VideoWriter(
+                out,
+                kind,
+                width=info.width,
+                height=info.height,
+                rate=info.fps,
+                time_base=frame.time_base,
+                quality="medium",
+                write_mode="fast",
+                segment=segment,
+                audio_from=source if audio else None,
+                rotate=frame.rotation,
+            )
         mask = np.zeros(frame.rgb.shape[:2], np.float32)
         mask[:, : frame.rgb.shape[1] // 2] = 1.0
         cut, _ = render_frame(frame.rgb, mask, refine=True, alpha=kind.alpha, background=(0, 255, 0))

@@ -18,7 +18,8 @@ def module_name(path: Path) -> str:
 
 
 def imported(path: Path) -> set[str]:
-    """Modules `path` imports at run time (a `from a.b import c` counts a.b, and a.b.c when that is a module)."""
+    """Modules `path` imports at run time (a `from a.b import c` counts a.b, and a.b.c when that is a
+    module)."""
     tree = ast.parse(path.read_text())
     skipped = set()
     for node in ast.walk(tree):
@@ -34,7 +35,9 @@ def imported(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
@@ -54,7 +57,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -86,5 +89,6 @@ def test_no_product_module_imports_the_tests():
     for top in PRODUCT:
         for path in (ROOT / top).rglob("*.py"):
             assert not any(m == "tests" or m.startswith("tests.") for m in imported(path)), path
-            assert "tests." not in "".join(line for line in path.read_text().splitlines()
-                                           if "import_module" in line), path
+            assert "tests." not in "".join(
+                line for line in path.read_text().splitlines() if "import_module" in line
+            ), path

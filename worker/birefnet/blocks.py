@@ -72,8 +72,14 @@ class DeformableConv2d(nn.Module):
         modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
         if x.dtype == torch.bfloat16:
             # torchvision's deform_conv2d has no bfloat16 kernel (CUDA or CPU): this one op runs in float32.
-            return deform_conv2d(x.float(), offset.float(), self.regular_conv.weight.float(), None,
-                                 padding=self.padding, mask=modulator.float()).to(torch.bfloat16)
+            return deform_conv2d(
+                x.float(),
+                offset.float(),
+                self.regular_conv.weight.float(),
+                None,
+                padding=self.padding,
+                mask=modulator.float(),
+            ).to(torch.bfloat16)
         return deform_conv2d(x, offset, self.regular_conv.weight, None, padding=self.padding, mask=modulator)
 
 
@@ -170,9 +176,12 @@ class ASPPDeformable(nn.Module):
             modulators.append(torch.sigmoid(om[..., 2 * k * k :]).mul_(2.0))
         out = x.new_empty(b_sz, h * w, p["conv1"].out_features)
         for bi in range(b_sz):
-            samplers = [sample_columns(rows[bi], h, w, off[bi], mod[bi], blk.atrous_conv.kernel_size,
-                                       blk.atrous_conv.padding)
-                        for blk, off, mod in zip(self.branches, offsets, modulators, strict=True)]
+            samplers = [
+                sample_columns(
+                    rows[bi], h, w, off[bi], mod[bi], blk.atrous_conv.kernel_size, blk.atrous_conv.padding
+                )
+                for blk, off, mod in zip(self.branches, offsets, modulators, strict=True)
+            ]
             # Chunk by chunk: every branch's GEMM+BN+ReLU, then conv1+BN+ReLU over their concat.
             for chunks in zip(*samplers, strict=True):
                 r0, r1 = chunks[0][:2]
@@ -184,8 +193,14 @@ class ASPPDeformable(nn.Module):
 class BasicDecBlk(nn.Module):
     """conv3x3 -> BN -> ReLU -> ASPPDeformable -> conv3x3 -> BN."""
 
-    def __init__(self, in_channels: int, out_channels: int, inter_channels: int, aspp_channels: int,
-                 kernel_sizes: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        inter_channels: int,
+        aspp_channels: int,
+        kernel_sizes: tuple[int, ...],
+    ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, inter_channels, 3, padding=1)
         self.relu_in = nn.ReLU(inplace=True)

@@ -16,26 +16,60 @@ def filled(value: _Field | None) -> _Field:
         raise ValueError("BiRefNetConfig field read before the preset filled it in")
     return value
 
+
 # The official decoder widths; every preset but nano uses them.
-_DECODER = {"dec_inter_channels": 64, "aspp_channels": 256, "ipt_inter_channels": 64, "gdt_channels": 16,
-            "aspp_kernel_sizes": (1, 3, 7)}
+_DECODER = {
+    "dec_inter_channels": 64,
+    "aspp_channels": 256,
+    "ipt_inter_channels": 64,
+    "gdt_channels": 16,
+    "aspp_kernel_sizes": (1, 3, 7),
+}
 
 # Per-preset values for the fields left as None.
 _PRESETS: dict[str, dict] = {
-    "swin_v1_t": {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7,
-                  **_DECODER},
-    "swin_v1_s": {"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "window_size": 7,
-                  **_DECODER},
-    "swin_v1_b": {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "window_size": 12,
-                  **_DECODER},
-    "swin_v1_l": {"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "window_size": 12,
-                  **_DECODER},
+    "swin_v1_t": {
+        "embed_dim": 96,
+        "depths": (2, 2, 6, 2),
+        "num_heads": (3, 6, 12, 24),
+        "window_size": 7,
+        **_DECODER,
+    },
+    "swin_v1_s": {
+        "embed_dim": 96,
+        "depths": (2, 2, 18, 2),
+        "num_heads": (3, 6, 12, 24),
+        "window_size": 7,
+        **_DECODER,
+    },
+    "swin_v1_b": {
+        "embed_dim": 128,
+        "depths": (2, 2, 18, 2),
+        "num_heads": (4, 8, 16, 32),
+        "window_size": 12,
+        **_DECODER,
+    },
+    "swin_v1_l": {
+        "embed_dim": 192,
+        "depths": (2, 2, 18, 2),
+        "num_heads": (6, 12, 24, 48),
+        "window_size": 12,
+        **_DECODER,
+    },
     # Tiny, untrained architecture for fast CPU tests and benchmarks: NO published checkpoint
     # exists (use `recipe_state_dict` or random init). Same structure and code paths as the
     # real presets, with narrow widths and 3x3 (not 7x7) largest deformable branch.
-    "swin_v1_nano": {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 7,
-                     "dec_inter_channels": 16, "aspp_channels": 32, "ipt_inter_channels": 16,
-                     "gdt_channels": 8, "aspp_kernel_sizes": (1, 3, 3)},
+    "swin_v1_nano": {
+        "embed_dim": 32,
+        "depths": (1, 1, 1, 1),
+        "num_heads": (1, 2, 4, 8),
+        "window_size": 7,
+        "dec_inter_channels": 16,
+        "aspp_channels": 32,
+        "ipt_inter_channels": 16,
+        "gdt_channels": 8,
+        "aspp_kernel_sizes": (1, 3, 3),
+    },
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)

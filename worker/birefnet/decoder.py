@@ -21,8 +21,9 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def patch_stack(image_BCHW: Tensor, grid_h: int, grid_w: int, order: str,
-                channels_last: bool = False) -> Tensor:
+def patch_stack(
+    image_BCHW: Tensor, grid_h: int, grid_w: int, order: str, channels_last: bool = False
+) -> Tensor:
     """Cut the image into grid_h x grid_w tiles and stack them on the channel axis.
 
     einops: channel = c * GH * GW + row * GW + col   (official code since Nov 2024)
@@ -56,8 +57,13 @@ class Decoder(nn.Module):
         self.ipt_blk1 = SimpleConvs(ipt_in[4], ipt_out[3], ic)
 
         def dec_blk(cin: int, cout: int) -> BasicDecBlk:
-            return BasicDecBlk(cin, cout, filled(cfg.dec_inter_channels), filled(cfg.aspp_channels),
-                               filled(cfg.aspp_kernel_sizes))
+            return BasicDecBlk(
+                cin,
+                cout,
+                filled(cfg.dec_inter_channels),
+                filled(cfg.aspp_channels),
+                filled(cfg.aspp_kernel_sizes),
+            )
 
         self.decoder_block4 = dec_blk(ch[0] + ipt_out[0], ch[1])
         self.decoder_block3 = dec_blk(ch[1] + ipt_out[0], ch[2])
@@ -120,8 +126,15 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------------ reference path
     def forward(self, image: Tensor, x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> Tensor:
-        p1 = self._stages(image, x4, [lambda: self.lateral_block4(x3), lambda: self.lateral_block3(x2),
-                                      lambda: self.lateral_block2(x1)])
+        p1 = self._stages(
+            image,
+            x4,
+            [
+                lambda: self.lateral_block4(x3),
+                lambda: self.lateral_block3(x2),
+                lambda: self.lateral_block2(x1),
+            ],
+        )
         p1 = resize(self.decoder_block1(p1), image.shape[-2:])
         p1 = torch.cat([p1, self._patches(image, self.ipt_blk1, p1.shape[-2:])], dim=1)
         return self.conv_out1(p1)
@@ -154,7 +167,9 @@ class Decoder(nn.Module):
         w5 = w1.new_zeros(1, w1.shape[1], 5, 5)
         for dy in range(3):
             for dx in range(3):
-                w5[0, :, dy : dy + 3, dx : dx + 3] += torch.einsum("o,oikl->ikl", final_b[0][0, :, dy, dx], w1)
+                w5[0, :, dy : dy + 3, dx : dx + 3] += torch.einsum(
+                    "o,oikl->ikl", final_b[0][0, :, dy, dx], w1
+                )
         b5 = final_b[1] + (final_b[0].sum((2, 3)) @ b1)
         lateral = {}
         for name in ("lateral_block4", "lateral_block3", "lateral_block2"):
@@ -163,8 +178,13 @@ class Decoder(nn.Module):
             c = w.shape[1] // 2  # input = cat(full-size part, half-size part)
             w_full, b, w_half = f32(w[:, :c].flatten(1), b, w[:, c:].flatten(1))
             lateral[name] = (PackedLinear(w_full, b), PackedLinear(w_half, None))
-        self._fused = {"gdt": gdt, "lateral": lateral, "final_a": f32(*final_a), "final_b": f32(*final_b),
-                       "final_b5": f32(w5, b5)}
+        self._fused = {
+            "gdt": gdt,
+            "lateral": lateral,
+            "final_a": f32(*final_a),
+            "final_b": f32(*final_b),
+            "final_b5": f32(w5, b5),
+        }
 
     def unfuse(self) -> None:
         self._fused = None
@@ -176,9 +196,15 @@ class Decoder(nn.Module):
 
         lateral(cat(f, resize(h))) = W_f f + resize(W_h h) + b: the half-size part of each lateral
         1x1 conv runs at half size and the concatenated x1..x3 are never built."""
-        p1 = self._stages(image, x4, [lambda: self._lateral("lateral_block4", full[2], half[2]),
-                                      lambda: self._lateral("lateral_block3", full[1], half[1]),
-                                      lambda: self._lateral("lateral_block2", full[0], half[0])])
+        p1 = self._stages(
+            image,
+            x4,
+            [
+                lambda: self._lateral("lateral_block4", full[2], half[2]),
+                lambda: self._lateral("lateral_block3", full[1], half[1]),
+                lambda: self._lateral("lateral_block2", full[0], half[0]),
+            ],
+        )
         body = self.decoder_block1.forward_body(p1)
         w_a, b_a = fused_state(self._fused)["final_a"]
         logits = resize(F.conv2d(body, w_a, b_a, padding=1), image.shape[-2:])

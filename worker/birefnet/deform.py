@@ -33,9 +33,16 @@ def padded_rows(x_BCHW: Tensor) -> Tensor:
     return rows.view(b, (h + 2) * (w + 2), c)
 
 
-def sample_columns(rows_LC: Tensor, height: int, width: int, offset_HWK2: Tensor, modulator_HWK: Tensor,
-                   kernel_size: int, padding: int,
-                   chunk_pixels: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+def sample_columns(
+    rows_LC: Tensor,
+    height: int,
+    width: int,
+    offset_HWK2: Tensor,
+    modulator_HWK: Tensor,
+    kernel_size: int,
+    padding: int,
+    chunk_pixels: int | None = None,
+) -> Iterator[tuple[int, int, Tensor]]:
     """Modulated bilinear samples for one image, in chunks of output rows.
 
     rows_LC: ((H+2)*(W+2), C) from `padded_rows`; offset_HWK2: (Ho, Wo, K, 2) as (dy, dx);
@@ -84,8 +91,9 @@ def deform_weight_matrix(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * c, o).contiguous()
 
 
-def deform_conv2d_fast(x: Tensor, offset: Tensor, modulator: Tensor, weight: Tensor, bias: Tensor | None,
-                       padding: int) -> Tensor:
+def deform_conv2d_fast(
+    x: Tensor, offset: Tensor, modulator: Tensor, weight: Tensor, bias: Tensor | None, padding: int
+) -> Tensor:
     """Drop-in for ``torchvision.ops.deform_conv2d(x, offset, weight, bias, padding=padding, mask=modulator)``
     (stride 1, dilation 1). Returns (B, O, Ho, Wo) in channels-last memory."""
     b_sz, _, h, w = x.shape

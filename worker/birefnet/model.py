@@ -46,13 +46,25 @@ class BiRefNet(nn.Module):
         super().__init__()
         cfg = config or BiRefNetConfig()
         self.config = cfg
-        self.bb = SwinTransformer(embed_dim=filled(cfg.embed_dim), depths=filled(cfg.depths),
-                                  num_heads=filled(cfg.num_heads), window_size=filled(cfg.window_size),
-                                  mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size, in_chans=cfg.in_chans)
+        self.bb = SwinTransformer(
+            embed_dim=filled(cfg.embed_dim),
+            depths=filled(cfg.depths),
+            num_heads=filled(cfg.num_heads),
+            window_size=filled(cfg.window_size),
+            mlp_ratio=cfg.mlp_ratio,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+        )
         ch = cfg.lateral_channels
         self.squeeze_module = nn.Sequential(
-            BasicDecBlk(ch[0] + cfg.context_channels, ch[0], filled(cfg.dec_inter_channels),
-                        filled(cfg.aspp_channels), filled(cfg.aspp_kernel_sizes)))
+            BasicDecBlk(
+                ch[0] + cfg.context_channels,
+                ch[0],
+                filled(cfg.dec_inter_channels),
+                filled(cfg.aspp_channels),
+                filled(cfg.aspp_kernel_sizes),
+            )
+        )
         self.decoder = Decoder(cfg)
         self._fused = False
         # Fused copies of weights go stale when new weights are loaded: rebuild them.
@@ -65,8 +77,9 @@ class BiRefNet(nn.Module):
         # later cats and convs down slow paths).
         full = [f.contiguous() for f in self.bb(x)]
         half = [f.contiguous() for f in self.bb(resize(x, (h // 2, w // 2)))]
-        x1, x2, x3, x4 = (torch.cat([f, resize(g, f.shape[-2:])], dim=1)
-                          for f, g in zip(full, half, strict=True))
+        x1, x2, x3, x4 = (
+            torch.cat([f, resize(g, f.shape[-2:])], dim=1) for f, g in zip(full, half, strict=True)
+        )
         n = self.config.num_context
         if n:
             context = [resize(f, x4.shape[-2:]) for f in (x1, x2, x3)[3 - n :]]

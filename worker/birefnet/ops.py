@@ -40,8 +40,9 @@ _ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}
 class PackedLinear:
     """y = act(x @ weight.T + bias) for x (..., K); weight (N, K) float32, act None | "relu" | "gelu"."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, activation: str | None = None,
-                 rows_hint: int = 4096):
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, activation: str | None = None, rows_hint: int = 4096
+    ):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}")
         weight = weight.detach().float().contiguous()

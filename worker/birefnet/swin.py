@@ -162,8 +162,9 @@ class WindowAttention(nn.Module):
         b, w, h, n, d = q.shape
         # A 4-D mask keeps SDPA on the fused CPU kernel; a 3-D one falls back to the slow math path.
         mask = bias.unsqueeze(0) if bias.dim() == 3 else bias.repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q.reshape(b * w, h, n, d), k.reshape(b * w, h, n, d),
-                                             v.reshape(b * w, h, n, d), attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b * w, h, n, d), k.reshape(b * w, h, n, d), v.reshape(b * w, h, n, d), attn_mask=mask
+        )
         return out.view(b, w, h, n, d)
 
 
@@ -240,8 +241,9 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 downsample: bool) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, downsample: bool
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.blocks = nn.ModuleList(
@@ -286,15 +288,24 @@ class PatchEmbed(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin v1 feature extractor: returns 4 maps (B, C_i, H/2^(i+2), W/2^(i+2)), C_i = embed_dim * 2^i."""
 
-    def __init__(self, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int,
-                 mlp_ratio: float = 4.0, patch_size: int = 4, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        depths: tuple[int, ...],
+        num_heads: tuple[int, ...],
+        window_size: int,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 4,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.num_features = [embed_dim * 2**i for i in range(len(depths))]
         last = len(depths) - 1
         self.layers = nn.ModuleList(
             SwinStage(self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio, i < last)
-            for i in range(len(depths)))
+            for i in range(len(depths))
+        )
         for i, dim in enumerate(self.num_features):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))
 

@@ -52,9 +52,14 @@ def _fast_jpeg(data: bytes, *, max_pixels: int, max_side: int, min_side: int) ->
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:  # header only, no pixels
             width, height = header.size
-            if (header.format != "JPEG" or header.mode not in ("RGB", "L") or header.info.get("icc_profile")
-                    or width * height > max_pixels or max(width, height) > max_side
-                    or min(width, height) < min_side):
+            if (
+                header.format != "JPEG"
+                or header.mode not in ("RGB", "L")
+                or header.info.get("icc_profile")
+                or width * height > max_pixels
+                or max(width, height) > max_side
+                or min(width, height) < min_side
+            ):
                 return None
             orientation = header.getexif().get(0x0112, 1)
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -103,12 +108,15 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int =
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageTooLargeError(f"image is {width}x{height} ({width * height:,} pixels); "
-                                     f"the limit is {max_pixels:,} pixels")
+            raise ImageTooLargeError(
+                f"image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels"
+            )
         if max(width, height) > max_side:
             raise ImageTooLargeError(f"image is {width}x{height}; neither side may exceed {max_side} pixels")
         if min(width, height) < min_side:
-            raise ImageTooSmallError(f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+            raise ImageTooSmallError(
+                f"image is {width}x{height}; both sides must be at least {min_side} pixels"
+            )
         try:
             image.load()  # first frame only: we never seek
             rgb = _to_rgb(_oriented(image))
@@ -118,8 +126,9 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int =
             raise
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces as many exception types
             # Pillow reports truncated data as OSError("image file is truncated ...").
-            raise ImageLoadError(f"cannot decode the image ({image.format or 'unknown format'}): "
-                                 f"{exc or type(exc).__name__}") from None
+            raise ImageLoadError(
+                f"cannot decode the image ({image.format or 'unknown format'}): {exc or type(exc).__name__}"
+            ) from None
     return rgb
 
 

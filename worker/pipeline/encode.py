@@ -30,8 +30,13 @@ from common.domain.extensions import LOSSY_FORMATS
 from worker.pipeline.types import EncodedImage, EncodeOptions
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "webp", "gif", "jpeg", "avif")
-_CONTENT_TYPES = {"png": ("image/png", ".png"), "webp": ("image/webp", ".webp"), "gif": ("image/gif", ".gif"),
-                  "jpeg": ("image/jpeg", ".jpg"), "avif": ("image/avif", ".avif")}
+_CONTENT_TYPES = {
+    "png": ("image/png", ".png"),
+    "webp": ("image/webp", ".webp"),
+    "gif": ("image/gif", ".gif"),
+    "jpeg": ("image/jpeg", ".jpg"),
+    "avif": ("image/avif", ".avif"),
+}
 _PILLOW_FEATURES = {"avif": "avif", "jpeg": "jpg", "webp": "webp"}
 AVIF_SPEED = 8  # libavif 0 (slowest, smallest) .. 10; 8 keeps a 1 MP encode well under a second on CPU
 
@@ -75,8 +80,9 @@ def _pillow(image: Image.Image, fmt: str, options: EncodeOptions, *, lossless: b
 
 def supported_formats() -> frozenset[str]:
     """The output formats this worker can write: the installed Pillow's feature flags decide."""
-    return frozenset(fmt for fmt in OUTPUT_FORMATS
-                     if fmt not in _PILLOW_FEATURES or features.check(_PILLOW_FEATURES[fmt]))
+    return frozenset(
+        fmt for fmt in OUTPUT_FORMATS if fmt not in _PILLOW_FEATURES or features.check(_PILLOW_FEATURES[fmt])
+    )
 
 
 def check_output_format(fmt: str, supported: Collection[str]) -> None:
@@ -88,15 +94,23 @@ def check_output_format(fmt: str, supported: Collection[str]) -> None:
         why = "it is switched off on this worker (simulated as missing)"
     else:
         why = f"its image library (Pillow {PIL.__version__}) was built without {fmt.upper()} support"
-    raise InvalidInputError(f"output_format '{fmt}' is not supported by this server: {why}; use png, webp or gif",
-                            field="output_format", error_type="unsupported_output_format")
+    raise InvalidInputError(
+        f"output_format '{fmt}' is not supported by this server: {why}; use png, webp or gif",
+        field="output_format",
+        error_type="unsupported_output_format",
+    )
 
 
 # --- PNG ---
 
 
 def _chunk(kind: bytes, payload: bytes | bytearray) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    )
 
 
 def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:

@@ -33,8 +33,9 @@ def prepare(image: ImageLike, resolution: tuple[int, int], device: torch.device)
         host = torch.from_numpy(np.ascontiguousarray(rgb)).pin_memory()
         device_rgb = host.to(device, non_blocking=True).permute(2, 0, 1)
         network_input = device_input(device_rgb, (width, height))
-    return PreparedImage(network_input=network_input, size=size, device_rgb=device_rgb,
-                         extra={"pinned": host})  # keep the pinned buffer alive until the copy is done
+    return PreparedImage(
+        network_input=network_input, size=size, device_rgb=device_rgb, extra={"pinned": host}
+    )  # keep the pinned buffer alive until the copy is done
 
 
 def as_rgb_array(image: ImageLike) -> np.ndarray:
@@ -59,8 +60,15 @@ def input_array(rgb: np.ndarray, resolution: tuple[int, int]) -> np.ndarray:
         rgb = cv2.resize(rgb, resolution, interpolation=interpolation((width, height), resolution))
     out = np.empty((3, resolution[1], resolution[0]), dtype=np.float32)
     for channel, plane in enumerate(cv2.split(rgb)):  # x / (255 std) - mean / std, one pass per plane
-        cv2.addWeighted(plane, float(_SCALE[channel]), plane, 0.0, -float(_OFFSET[channel]), dst=out[channel],
-                        dtype=cv2.CV_32F)
+        cv2.addWeighted(
+            plane,
+            float(_SCALE[channel]),
+            plane,
+            0.0,
+            -float(_OFFSET[channel]),
+            dst=out[channel],
+            dtype=cv2.CV_32F,
+        )
     return out
 
 
@@ -74,5 +82,3 @@ def device_input(rgb: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor
     mean = torch.as_tensor(IMAGENET_MEAN * 255.0, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(IMAGENET_STD * 255.0, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)[0]
-
-

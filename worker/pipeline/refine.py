@@ -50,7 +50,12 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
     for y0, y1, x0, x1 in tiles:
         # The tile with a halo, so that box windows of its pixels lie inside; at the image border the
         # region stops there, and OpenCV's REFLECT_101 border matches the full-image filter's.
-        ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
+        ry0, ry1, rx0, rx1 = (
+            max(0, y0 - halo),
+            min(height, y1 + halo),
+            max(0, x0 - halo),
+            min(width, x1 + halo),
+        )
         image = cv2.multiply(rgb[ry0:ry1, rx0:rx1], 1 / 255, dtype=cv2.CV_32F)  # a scalar operand
         alpha = mask[ry0:ry1, rx0:rx1]
         alpha3 = cv2.merge([alpha, alpha, alpha])  # OpenCV's element-wise ops want equal channel counts
@@ -63,7 +68,7 @@ def refine_colours(rgb: np.ndarray, mask: np.ndarray, alpha8: np.ndarray | None 
         bg2 = cv2.divide(bg2, cv2.merge([(1 + _EPS) - blurred_alpha] * 3))
         estimate = _fusion_estimate(image, fg2, bg2, alpha3)
         iy, ix = y0 - ry0, x0 - rx0
-        out[y0:y1, x0:x1] = cv2.convertScaleAbs(estimate[iy:iy + y1 - y0, ix:ix + x1 - x0], alpha=255.0)
+        out[y0:y1, x0:x1] = cv2.convertScaleAbs(estimate[iy : iy + y1 - y0, ix : ix + x1 - x0], alpha=255.0)
     return out
 
 
@@ -89,14 +94,25 @@ def _tiles_with(flags: np.ndarray) -> list[tuple[int, int, int, int]]:
             continue
         runs = np.split(cols_hit, np.flatnonzero(np.diff(cols_hit) > 1) + 1)
         for run in runs:
-            tiles.append((row * _TILE, min(height, (row + 1) * _TILE),
-                          int(run[0]) * _TILE, min(width, (int(run[-1]) + 1) * _TILE)))
+            tiles.append(
+                (
+                    row * _TILE,
+                    min(height, (row + 1) * _TILE),
+                    int(run[0]) * _TILE,
+                    min(width, (int(run[-1]) + 1) * _TILE),
+                )
+            )
     return tiles
 
 
 def _tiles_bounds(tiles: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the rectangle that holds every tile."""
-    return (min(t[0] for t in tiles), max(t[1] for t in tiles), min(t[2] for t in tiles), max(t[3] for t in tiles))
+    return (
+        min(t[0] for t in tiles),
+        max(t[1] for t in tiles),
+        min(t[2] for t in tiles),
+        max(t[3] for t in tiles),
+    )
 
 
 def _field_window(start: int, stop: int, size: int, margin: int, factor: int) -> tuple[int, int]:
@@ -108,8 +124,9 @@ def _field_window(start: int, stop: int, size: int, margin: int, factor: int) ->
     return low, high
 
 
-def _wide_pass_fields(rgb: np.ndarray, alpha8: np.ndarray, box: int, bounds: tuple[int, int, int, int],
-                      halo: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+def _wide_pass_fields(
+    rgb: np.ndarray, alpha8: np.ndarray, box: int, bounds: tuple[int, int, int, int], halo: int
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """The first pass's blurred foreground and background colour fields (Fb, Bb) on a copy shrunk by an
     integer factor so the box is about `_WIDE_PASS_BOX` pixels: float32 (h, w, 3) each, the factor, and
     the full-size (y, x) origin of the fields.
@@ -142,20 +159,24 @@ def _wide_pass_fields(rgb: np.ndarray, alpha8: np.ndarray, box: int, bounds: tup
     return fg_field, bg_field, factor, y0, x0
 
 
-def _sample_fields(fields: tuple[np.ndarray, np.ndarray, int, int, int],
-                   region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _sample_fields(
+    fields: tuple[np.ndarray, np.ndarray, int, int, int], region: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear samples of the small fields at the full-size pixel centres of `region`
     (small pixel j is the mean of full-size pixels origin + j*f .. origin + j*f + f - 1)."""
     fg, bg, factor, origin_y, origin_x = fields
     y0, y1, x0, x1 = region
     scale = 1 / factor
     # dst (x, y) samples src (x / f + ox, y / f + oy): the pixel-centre mapping, as an affine warp
-    inverse = np.array([[scale, 0.0, (x0 - origin_x + 0.5) * scale - 0.5],
-                        [0.0, scale, (y0 - origin_y + 0.5) * scale - 0.5]])
+    inverse = np.array(
+        [[scale, 0.0, (x0 - origin_x + 0.5) * scale - 0.5], [0.0, scale, (y0 - origin_y + 0.5) * scale - 0.5]]
+    )
     size = (x1 - x0, y1 - y0)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    return (cv2.warpAffine(fg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE),
-            cv2.warpAffine(bg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE))
+    return (
+        cv2.warpAffine(fg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE),
+        cv2.warpAffine(bg, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE),
+    )
 
 
 # --- Device ---
@@ -183,7 +204,8 @@ def box_blur(x: torch.Tensor, size: int) -> torch.Tensor:
     if max(before, after) < min(height, width):
         flat = x.reshape(1, -1, height, width)  # F.pad's reflect mode is REFLECT_101, and fast
         padded = F.pad(flat, (before, after, before, after), mode="reflect").reshape(
-            *x.shape[:-2], height + size - 1, width + size - 1)
+            *x.shape[:-2], height + size - 1, width + size - 1
+        )
     else:  # pads wider than the image: mirror repeatedly, by index
         padded = x.index_select(-2, _reflect_indices(height, before, after, x.device))
         padded = padded.index_select(-1, _reflect_indices(width, before, after, x.device))
@@ -200,13 +222,17 @@ def _window_mean(padded: torch.Tensor, dim: int, size: int, length: int) -> torc
     out = sums.new_empty(shape)
     out.narrow(dim, 0, 1).copy_(sums.narrow(dim, size - 1, 1))
     if length > 1:
-        torch.sub(sums.narrow(dim, size, length - 1), sums.narrow(dim, 0, length - 1),
-                  out=out.narrow(dim, 1, length - 1))
+        torch.sub(
+            sums.narrow(dim, size, length - 1),
+            sums.narrow(dim, 0, length - 1),
+            out=out.narrow(dim, 1, length - 1),
+        )
     return out.div_(size)  # per axis, so the next cumsum stays small (float32 precision)
 
 
-def _blur_fusion_step(image: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
-                      alpha: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _blur_fusion_step(
+    image: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor, alpha: torch.Tensor, radius: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     eps = 1e-5
     blurred_alpha = box_blur(alpha, radius)
     blurred_fg = box_blur(foreground * alpha, radius).div_(blurred_alpha + eps)
@@ -218,7 +244,9 @@ def _blur_fusion_step(image: torch.Tensor, foreground: torch.Tensor, background:
     return estimate, blurred_bg
 
 
-def refine_foreground(image: torch.Tensor, mask: torch.Tensor, *, radii: tuple[int, int] = (90, 6)) -> torch.Tensor:
+def refine_foreground(
+    image: torch.Tensor, mask: torch.Tensor, *, radii: tuple[int, int] = (90, 6)
+) -> torch.Tensor:
     """Estimate the foreground colours under a soft mask (blur fusion, two passes).
 
     `image` (3, H, W) float in [0, 1], `mask` (H, W) or (1, H, W) in [0, 1], on the same device

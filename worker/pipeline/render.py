@@ -30,28 +30,44 @@ from worker.timings import StageTimings
 _UNLIMITED = 1 << 62
 
 
-def render(image: ImageLike, mask: Mask, params: JobParams, *, encoding: EncodeOptions,
-           background: ImageLike | None = None, max_side: int = _UNLIMITED, max_pixels: int = _UNLIMITED,
-           timings: StageTimings | None = None) -> RenderedOutputs:
+def render(
+    image: ImageLike,
+    mask: Mask,
+    params: JobParams,
+    *,
+    encoding: EncodeOptions,
+    background: ImageLike | None = None,
+    max_side: int = _UNLIMITED,
+    max_pixels: int = _UNLIMITED,
+    timings: StageTimings | None = None,
+) -> RenderedOutputs:
     """The job's output files. `background`: the decoded background_image_url; `max_side`/`max_pixels`:
     the limits a cropped output (which may reach beyond the input) must keep."""
     timings = timings if timings is not None else StageTimings()
     fmt = params.output_format.lower()
     if fmt not in OUTPUT_FORMATS:
-        raise InvalidInputError(f"output_format must be one of {OUTPUT_FORMATS}, got {params.output_format!r}",
-                                field="output_format")
+        raise InvalidInputError(
+            f"output_format must be one of {OUTPUT_FORMATS}, got {params.output_format!r}",
+            field="output_format",
+        )
     refine = params.refine_foreground and not params.mask_only
     if mask.on_device and not params.extended and not params.mask_only:
         assert mask.device_rgb is not None and mask.device_levels is not None
         with timings.stage("refine" if refine else "compose"):
             output, _ = device_cutout(mask.device_rgb, mask.device_levels, refine=refine)
         with timings.stage("encode"):
-            return RenderedOutputs(image=encode(output, fmt, encoding),
-                                   mask=encode(mask.alpha8, fmt, encoding, mask=True) if params.output_mask else None)
+            return RenderedOutputs(
+                image=encode(output, fmt, encoding),
+                mask=encode(mask.alpha8, fmt, encoding, mask=True) if params.output_mask else None,
+            )
     box = (0, 0, *mask.size)
     if params.crop_to_subject:
-        box = subject_box(mask.levels, threshold=params.crop_threshold, margin=params.crop_margin,
-                          aspect_ratio=params.crop_aspect_ratio)
+        box = subject_box(
+            mask.levels,
+            threshold=params.crop_threshold,
+            margin=params.crop_margin,
+            aspect_ratio=params.crop_aspect_ratio,
+        )
         _check_output_size(box[2] - box[0], box[3] - box[1], max_side, max_pixels)
     alpha = crop_padded(mask.alpha8, box)
     if params.mask_only:
@@ -65,14 +81,19 @@ def render(image: ImageLike, mask: Mask, params: JobParams, *, encoding: EncodeO
     with timings.stage("compose"):
         output = rgba_array(crop_padded(colours, box), alpha)
         if params.has_background:
-            layer = background_layer((output.shape[1], output.shape[0]), color=params.background_color,
-                                     image=None if background is None else Image.fromarray(as_rgb_array(background)),
-                                     fit=params.background_fit)
+            layer = background_layer(
+                (output.shape[1], output.shape[0]),
+                color=params.background_color,
+                image=None if background is None else Image.fromarray(as_rgb_array(background)),
+                fit=params.background_fit,
+            )
             composed = Image.alpha_composite(layer, Image.fromarray(output, "RGBA"))
             output = np.asarray(composed.convert("RGB") if params.opaque_background else composed)
     with timings.stage("encode"):
-        return RenderedOutputs(image=encode(output, fmt, encoding),
-                               mask=encode(alpha, fmt, encoding, mask=True) if params.output_mask else None)
+        return RenderedOutputs(
+            image=encode(output, fmt, encoding),
+            mask=encode(alpha, fmt, encoding, mask=True) if params.output_mask else None,
+        )
 
 
 def cutout(rgb: np.ndarray, mask: Mask, *, refine: bool) -> np.ndarray:
@@ -101,18 +122,26 @@ def device_cutout(rgb: torch.Tensor, levels: torch.Tensor, *, refine: bool) -> t
 # --- Crop to subject and background ---
 
 
-def subject_box(mask: np.ndarray, *, threshold: float, margin: str | int | float = 0,
-                aspect_ratio: str | float | None = None) -> tuple[int, int, int, int]:
+def subject_box(
+    mask: np.ndarray,
+    *,
+    threshold: float,
+    margin: str | int | float = 0,
+    aspect_ratio: str | float | None = None,
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the output in input pixels: the bounding box of `mask >= threshold`,
     plus the margin, grown around its centre to the aspect ratio. It may reach beyond the input."""
     subject = mask >= np.float32(threshold)
     rows = np.flatnonzero(subject.any(axis=1))
     if rows.size == 0:
         raise InvalidInputError(
-            f"crop_to_subject: no pixel of the mask reaches crop_threshold {threshold:g}, so there is no subject "
+            f"crop_to_subject: no pixel of the mask reaches crop_threshold {threshold:g}, so there is no "
+            f"subject "
             "to crop to (lower crop_threshold, or leave crop_to_subject off)",
-            field="crop_to_subject", error_type="subject_not_found")
-    cols = np.flatnonzero(subject[rows[0]:rows[-1] + 1].any(axis=0))
+            field="crop_to_subject",
+            error_type="subject_not_found",
+        )
+    cols = np.flatnonzero(subject[rows[0] : rows[-1] + 1].any(axis=0))
     left, right, top, bottom = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
     dx, dy = parse_margin(margin).pixels(right - left, bottom - top)
     left, right, top, bottom = left - dx, right + dx, top - dy, bottom + dy
@@ -139,7 +168,7 @@ def crop_padded(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray
     out = np.zeros((bottom - top, right - left, *array.shape[2:]), dtype=array.dtype)
     x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
     if x0 < x1 and y0 < y1:
-        out[y0 - top:y1 - top, x0 - left:x1 - left] = array[y0:y1, x0:x1]
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = array[y0:y1, x0:x1]
     return out
 
 
@@ -148,14 +177,16 @@ def _check_output_size(width: int, height: int, max_side: int, max_pixels: int) 
         raise InvalidInputError(
             f"the cropped output would be {width}x{height}; the limits are {max_side} pixels a side "
             f"and {max_pixels:,} pixels: use a smaller crop_margin or crop_aspect_ratio",
-            field="crop_margin")
+            field="crop_margin",
+        )
 
 
 # --- Background ---
 
 
-def background_layer(size: tuple[int, int], *, color: str | None, image: Image.Image | None,
-                     fit: str = BackgroundFit.COVER) -> Image.Image:
+def background_layer(
+    size: tuple[int, int], *, color: str | None, image: Image.Image | None, fit: str = BackgroundFit.COVER
+) -> Image.Image:
     """The RGBA layer behind the cut-out: the colour (or transparent), with the image fitted on top."""
     fill = parse_hex_color(color) if color else (0, 0, 0, 0)
     if image is None:

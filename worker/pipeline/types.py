@@ -21,7 +21,9 @@ def parse_resolution(text: str) -> tuple[int, int]:
     """'1024x1024' -> (width, height); both multiples of 32, at most 4096."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
     if not match:
-        raise InvalidInputError(f"operating_resolution {text!r} is not WIDTHxHEIGHT", field="operating_resolution")
+        raise InvalidInputError(
+            f"operating_resolution {text!r} is not WIDTHxHEIGHT", field="operating_resolution"
+        )
     return check_resolution((int(match.group(1)), int(match.group(2))))
 
 
@@ -110,5 +112,9 @@ class EncodeOptions:
 
     @classmethod
     def from_settings(cls, settings) -> EncodeOptions:
-        return cls(png_compress_level=settings.png_compress_level, webp_quality=settings.webp_quality,
-                   jpeg_quality=settings.jpeg_quality, avif_quality=settings.avif_quality)
+        return cls(
+            png_compress_level=settings.png_compress_level,
+            webp_quality=settings.webp_quality,
+            jpeg_quality=settings.jpeg_quality,
+            avif_quality=settings.avif_quality,
+        )

@@ -62,11 +62,18 @@ OUTPUT_KINDS = {
     "GIF (.gif)": OutputKind(".gif", "gif", "gif", "pal8", False, "image/gif"),
 }
 # Audio codecs each container takes as they are; others are re-encoded to the first listed.
-AUDIO_COPY = {"mp4": ("aac", "mp3", "alac", "opus"), "mov": ("aac", "pcm_s16le", "alac", "mp3"),
-              "webm": ("opus", "vorbis")}
+AUDIO_COPY = {
+    "mp4": ("aac", "mp3", "alac", "opus"),
+    "mov": ("aac", "pcm_s16le", "alac", "mp3"),
+    "webm": ("opus", "vorbis"),
+}
 # video_quality -> CRF (x264, VP9) or ProRes qscale (lower is better); video_write_mode -> encoder speed.
 _CRF = {"low": (28, 40, 11), "medium": (23, 34, 8), "high": (18, 28, 5), "maximum": (12, 15, 2)}
-_SPEED = {"fast": ("veryfast", "8", "realtime"), "balanced": ("medium", "4", "good"), "small": ("slow", "1", "good")}
+_SPEED = {
+    "fast": ("veryfast", "8", "realtime"),
+    "balanced": ("medium", "4", "good"),
+    "small": ("slow", "1", "good"),
+}
 
 
 def probe(path: str, *, max_seconds: float, max_pixels: int) -> VideoInfo:
@@ -85,8 +92,15 @@ def probe(path: str, *, max_seconds: float, max_pixels: int) -> VideoInfo:
             duration = _duration(container, stream)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
             frames = stream.frames or max(1, round(duration * rate))
-            info = VideoInfo(width, height, duration, frames, rate, bool(container.streams.audio),
-                             stream.codec_context.name)
+            info = VideoInfo(
+                width,
+                height,
+                duration,
+                frames,
+                rate,
+                bool(container.streams.audio),
+                stream.codec_context.name,
+            )
     except av.FFmpegError as exc:
         raise VideoLoadError(f"cannot read the file as a video: {exc}") from None
     if duration > max_seconds:
@@ -136,15 +150,31 @@ def frames(path: str, start: float = 0.0, end: float | None = None) -> Iterator[
 class VideoWriter:
     """Writes frames with their source timestamps into one output file (and the source's audio)."""
 
-    def __init__(self, path: str, kind: OutputKind, *, width: int, height: int, rate: float,
-                 time_base: Fraction | None, quality: str, write_mode: str, grey: bool = False,
-                 rotate: int = 0, segment: bool = False, audio_from: str | None = None, audio_window: tuple[float, float | None] = (0.0, None)):
+    def __init__(
+        self,
+        path: str,
+        kind: OutputKind,
+        *,
+        width: int,
+        height: int,
+        rate: float,
+        time_base: Fraction | None,
+        quality: str,
+        write_mode: str,
+        grey: bool = False,
+        rotate: int = 0,
+        segment: bool = False,
+        audio_from: str | None = None,
+        audio_window: tuple[float, float | None] = (0.0, None),
+    ):
         self.kind, self.grey = kind, grey
         self.container = av.open(path, mode="w", format=kind.container)
         self.width, self.height = width - width % 2, height - height % 2  # 4:2:0 wants even sizes
         if kind.codec == "gif":
             self.width, self.height = width, height
-        stream = cast(VideoStream, self.container.add_stream(kind.codec, rate=Fraction(rate).limit_denominator(1001)))
+        stream = cast(
+            VideoStream, self.container.add_stream(kind.codec, rate=Fraction(rate).limit_denominator(1001))
+        )
         stream.width, stream.height = self.width, self.height
         pix_fmt = kind.pix_fmt
         if grey and kind.alpha:
@@ -161,8 +191,13 @@ class VideoWriter:
             if segment:  # no B-frames: decode order = display order, so segments join by remuxing
                 stream.options["bframes"] = "0"
         elif kind.codec == "libvpx-vp9":
-            stream.options = {"crf": str(vp9_crf), "b": "0", "cpu-used": cpu_used, "deadline": deadline,
-                              "row-mt": "1"}
+            stream.options = {
+                "crf": str(vp9_crf),
+                "b": "0",
+                "cpu-used": cpu_used,
+                "deadline": deadline,
+                "row-mt": "1",
+            }
         elif kind.codec == "prores_ks":
             stream.options = {"profile": "4444", "qscale": str(prores_q), "vendor": "apl0"}
         if rotate:
@@ -222,7 +257,9 @@ class AudioCopy:
     """The source's first audio track into `out`, copied when the container takes its codec, else
     re-encoded to the container's first audio codec; only packets in [start, end) seconds."""
 
-    def __init__(self, source: str, out, allowed: tuple[str, ...], start: float = 0.0, end: float | None = None):
+    def __init__(
+        self, source: str, out, allowed: tuple[str, ...], start: float = 0.0, end: float | None = None
+    ):
         self.src = av.open(source, metadata_errors="ignore")
         self.out, self.start, self.end = out, start, end
         self.a_in = self.src.streams.audio[0] if self.src.streams.audio else None
@@ -271,8 +308,11 @@ def join_segments(parts: list[str], out_path: str, kind: OutputKind, audio_from:
     with av.open(parts[0]) as first:
         out = av.open(out_path, mode="w", format=kind.container)
         v_out = out.add_stream_from_template(first.streams.video[0])
-    audio = AudioCopy(audio_from, out, AUDIO_COPY[kind.container]) if audio_from and kind.container in AUDIO_COPY \
+    audio = (
+        AudioCopy(audio_from, out, AUDIO_COPY[kind.container])
+        if audio_from and kind.container in AUDIO_COPY
         else None
+    )
     try:
         for part in parts:
             with av.open(part) as src:

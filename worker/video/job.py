@@ -47,8 +47,9 @@ CANCEL_EVERY = 0.5  # seconds between cancellation checks
 WAIT_POLL = 0.2  # seconds between looks at segments other workers hold
 
 
-def render_frame(rgb: np.ndarray, mask: Mask | np.ndarray, *, refine: bool, alpha: bool,
-                 background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def render_frame(
+    rgb: np.ndarray, mask: Mask | np.ndarray, *, refine: bool, alpha: bool, background: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """(cutout pixels, grey mask) of one frame (a float mask is made 8-bit first): the image stage's
     cut-out, RGBA where the output keeps alpha, else laid on `background`."""
     mask = mask if isinstance(mask, Mask) else to_mask(mask)
@@ -91,8 +92,16 @@ class VideoRun:
     def cancelled(self) -> bool:
         return self.runner.store.cancel_requested(self.request_id)
 
-    def encode_range(self, start: float, end: float | None, outputs: dict[str, str], *, audio: bool,
-                     segment: bool, label: str = "") -> int:
+    def encode_range(
+        self,
+        start: float,
+        end: float | None,
+        outputs: dict[str, str],
+        *,
+        audio: bool,
+        segment: bool,
+        label: str = "",
+    ) -> int:
         """Frames in [start, end) through the network into `outputs` (name -> path); the frame count."""
         runner, params, info = self.runner, self.spec.params, self.info
         assert info is not None
@@ -108,12 +117,14 @@ class VideoRun:
         deadline = self.deadline
 
         def work(frame: codec.SourceFrame) -> tuple[codec.SourceFrame, np.ndarray, np.ndarray]:
-            """One frame through the image stages: prepare, the shared batched forward, postprocess, cut-out."""
+            """One frame through the image stages: prepare, the shared batched forward, postprocess,
+            cut-out."""
             prepared = self.predictor.prepare(frame.rgb, (width, height))
             logits, _ = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
             mask = postprocess(logits, prepared)
-            cut, grey = render_frame(frame.rgb, mask, refine=params.refine_foreground, alpha=self.kind.alpha,
-                                     background=background)
+            cut, grey = render_frame(
+                frame.rgb, mask, refine=params.refine_foreground, alpha=self.kind.alpha, background=background
+            )
             return frame, cut, grey
 
         def write(result: tuple[codec.SourceFrame, np.ndarray, np.ndarray]) -> None:
@@ -121,25 +132,36 @@ class VideoRun:
             if not writers:
                 for name, path in outputs.items():
                     writers[name] = codec.VideoWriter(
-                        path, self.kind, width=frame.rgb.shape[1], height=frame.rgb.shape[0], rate=info.fps,
-                        time_base=frame.time_base, quality=self.options.quality,
-                        write_mode=self.options.write_mode, grey=name == "mask_video", segment=segment,
+                        path,
+                        self.kind,
+                        width=frame.rgb.shape[1],
+                        height=frame.rgb.shape[0],
+                        rate=info.fps,
+                        time_base=frame.time_base,
+                        quality=self.options.quality,
+                        write_mode=self.options.write_mode,
+                        grey=name == "mask_video",
+                        segment=segment,
                         rotate=frame.rotation,
-                        audio_from=self.source if audio and name == "video" and info.has_audio else None)
+                        audio_from=self.source if audio and name == "video" and info.has_audio else None,
+                    )
             writers["video"].write(cut, frame.pts)
             if "mask_video" in writers:
                 writers["mask_video"].write(grey, frame.pts)
 
         t = time.perf_counter()
         try:
-            pool = ThreadPoolExecutor(max_workers=max(1, runner.settings.max_batch_size), thread_name_prefix="frames")
+            pool = ThreadPoolExecutor(
+                max_workers=max(1, runner.settings.max_batch_size), thread_name_prefix="frames"
+            )
             pending: deque[Future] = deque()
             finished = False
             try:
                 for frame in codec.frames(self.source, start, end):
                     pending.append(pool.submit(work, frame))
                     while len(pending) >= 2 * max(1, runner.settings.max_batch_size) or (
-                            pending and pending[0].done()):
+                        pending and pending[0].done()
+                    ):
                         write(pending.popleft().result())
                         done += 1
                     now = time.monotonic()
@@ -180,11 +202,14 @@ class VideoRun:
         return done
 
 
-def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float, limit: float,
-                  predictor: Predictor, log_) -> Outcome:
+def run_video_job(
+    runner: JobRunner, spec: JobSpec, token: str, deadline: float, limit: float, predictor: Predictor, log_
+) -> Outcome:
     settings = runner.settings
     options = VideoOptions.model_validate(spec.extra["video"])
-    run = VideoRun(runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type])
+    run = VideoRun(
+        runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type]
+    )
     segment = spec.extra.get("segment")
     started = time.perf_counter()
     if segment and (run.cancelled() or runner.store.status(segment["parent"]) == "COMPLETED"):
@@ -206,23 +231,31 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         with open(run.source, "wb") as fh:
             fh.write(data)
         del data
-        info = run.info = codec.probe(run.source, max_seconds=settings.video_max_seconds,
-                                      max_pixels=settings.video_max_pixels)
+        info = run.info = codec.probe(
+            run.source, max_seconds=settings.video_max_seconds, max_pixels=settings.video_max_pixels
+        )
         if not segment:
             charge_duration(runner, spec, info.duration)
         # The run-time limit grows with the length this run encodes (the watchdog reads the new deadline).
         seconds = (segment["end"] - segment["start"]) if segment else info.duration
-        run.deadline = time.monotonic() + limit + seconds * settings.video_time_limit_per_second \
+        run.deadline = (
+            time.monotonic()
+            + limit
+            + seconds * settings.video_time_limit_per_second
             - (time.perf_counter() - started)
+        )
         runner.extend_deadline(spec.request_id, run.deadline)
         try:
             if segment:
                 frames = _run_segment(run)
-                runner.store.complete(spec.request_id, token=token, result={"frames": frames},
-                                      extra={"timings": run.timings})
+                runner.store.complete(
+                    spec.request_id, token=token, result={"frames": frames}, extra={"timings": run.timings}
+                )
                 return Outcome("done", timings=run.timings)
-            run.log(f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
-                    f"{info.fps:.3g} fps{', with audio' if info.has_audio else ''}")
+            run.log(
+                f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
+                f"{info.fps:.3g} fps{', with audio' if info.has_audio else ''}"
+            )
             resolution = runner.overrides.resolution(spec.params.operating_resolution)
             run.log(f"inference {resolution} on {predictor.device}, {options.output_type}")
             outputs = {"video": os.path.join(tmp, "video" + run.kind.extension)}
@@ -245,13 +278,21 @@ def run_video_job(runner: JobRunner, spec: JobSpec, token: str, deadline: float,
         run.log("uploading" if not spec.params.sync_mode else "encoding data URIs")
         t = time.perf_counter()
         body: dict[str, object] = {
-            name: publish(runner, spec, path, run.kind, info, frames, stem="video" if name == "video" else "mask")
-            for name, path in outputs.items()}
+            name: publish(
+                runner, spec, path, run.kind, info, frames, stem="video" if name == "video" else "mask"
+            )
+            for name, path in outputs.items()
+        }
         body.setdefault("mask_video", None)
         run.timings["upload"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - started
-    runner._finish(spec, token, body=body, inference_time=run.timings.get("frames"),
-                   extra={"timings": run.timings, "weights": predictor.weights_description, "frames": frames})
+    runner._finish(
+        spec,
+        token,
+        body=body,
+        inference_time=run.timings.get("frames"),
+        extra={"timings": run.timings, "weights": predictor.weights_description, "frames": frames},
+    )
     run.log(f"done in {run.timings['total']:.2f}s")
     return Outcome("done", timings=run.timings)
 
@@ -265,8 +306,13 @@ def charge_duration(runner: JobRunner, spec: JobSpec, duration: float) -> None:
         return
     units = max(video_units(duration, runner.settings.video_limit_unit_seconds), admitted_units(spec.extra))
     refusal = Limiter(runner.limits, runner.settings).charge(
-        key_id=spec.owner, request_id=spec.request_id, units=units, held=admitted_units(spec.extra),
-        max_concurrent=budgets.get("max_concurrent"), requests_per_minute=budgets.get("requests_per_minute"))
+        key_id=spec.owner,
+        request_id=spec.request_id,
+        units=units,
+        held=admitted_units(spec.extra),
+        max_concurrent=budgets.get("max_concurrent"),
+        requests_per_minute=budgets.get("requests_per_minute"),
+    )
     if refusal is not None:
         raise refusal
     runner.store.log(spec.request_id, f"counted as {units} units against the key's limits")
@@ -276,9 +322,15 @@ def _fetch(run: VideoRun) -> bytes:
     from common.adapters.fetch import fetch_input
 
     runner, spec = run.runner, run.spec
-    return fetch_input(spec.image_url, objects=runner.objects, max_bytes=runner.settings.video_max_bytes,
-                       policy=runner.net_policy, version_id=spec.input_version, if_match=spec.input_etag,
-                       timeout=runner.settings.http_timeout)
+    return fetch_input(
+        spec.image_url,
+        objects=runner.objects,
+        max_bytes=runner.settings.video_max_bytes,
+        policy=runner.net_policy,
+        version_id=spec.input_version,
+        if_match=spec.input_etag,
+        timeout=runner.settings.http_timeout,
+    )
 
 
 def segment_count(duration: float, segment_seconds: float, kind: codec.OutputKind) -> int:
@@ -303,10 +355,17 @@ def segment_specs(spec: JobSpec, count: int, duration: float) -> list[JobSpec]:
     for i in range(count):
         start, end = i * step, (duration + 1.0 if i == count - 1 else (i + 1) * step)
         segment = {"parent": spec.request_id, "index": i, "count": count, "start": start, "end": end}
-        specs.append(spec.model_copy(update={
-            "request_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{spec.request_id}/segment/{i}")),
-            "webhook_url": None, "start_deadline": None, "input_fingerprint": None,
-            "extra": {**spec.extra, "segment": segment}}))
+        specs.append(
+            spec.model_copy(
+                update={
+                    "request_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{spec.request_id}/segment/{i}")),
+                    "webhook_url": None,
+                    "start_deadline": None,
+                    "input_fingerprint": None,
+                    "extra": {**spec.extra, "segment": segment},
+                }
+            )
+        )
     return specs
 
 
@@ -314,15 +373,24 @@ def _run_segment(run: VideoRun) -> int:
     """A segment job: encode its frames (no audio) and store the parts."""
     segment = run.spec.extra["segment"]
     label = f" of segment {segment['index'] + 1}/{segment['count']}"
-    outputs = {name: os.path.join(run.tmp, f"part-{name}{run.kind.extension}")
-               for name in segment_keys(run.spec, segment["index"], run.kind)}
-    frames = run.encode_range(segment["start"], segment["end"], outputs, audio=False, segment=True, label=label)
+    outputs = {
+        name: os.path.join(run.tmp, f"part-{name}{run.kind.extension}")
+        for name in segment_keys(run.spec, segment["index"], run.kind)
+    }
+    frames = run.encode_range(
+        segment["start"], segment["end"], outputs, audio=False, segment=True, label=label
+    )
     settings = run.runner.settings
     for name, key in segment_keys(run.spec, segment["index"], run.kind).items():
         if os.path.exists(outputs[name]):
             with open(outputs[name], "rb") as fh:
-                run.runner.objects.write(settings.output_bucket, key, fh.read(), run.kind.content_type,
-                                         metadata={"request-id": segment["parent"]})
+                run.runner.objects.write(
+                    settings.output_bucket,
+                    key,
+                    fh.read(),
+                    run.kind.content_type,
+                    metadata={"request-id": segment["parent"]},
+                )
     return frames
 
 
@@ -344,17 +412,38 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
         progressed = False
         for rid, child in list(remaining.items()):
             token = uuid.uuid4().hex
-            claim = runner.store.claim(rid, child.variant, token, lease_seconds=settings.job_lease_seconds,
-                                       max_attempts=max_attempts, worker=runner.worker_name)
+            claim = runner.store.claim(
+                rid,
+                child.variant,
+                token,
+                lease_seconds=settings.job_lease_seconds,
+                max_attempts=max_attempts,
+                worker=runner.worker_name,
+            )
             if claim == "missing":
                 runner.store.create(child)
                 continue
             if claim == "exhausted":
-                raise JobError(f"segment {child.extra['segment']['index'] + 1}/{count} failed {max_attempts} times",
-                               error_type="runner_disconnected", status_code=503)
+                raise JobError(
+                    f"segment {child.extra['segment']['index'] + 1}/{count} failed {max_attempts} times",
+                    error_type="runner_disconnected",
+                    status_code=503,
+                )
             if claim == "claimed":
-                sub = VideoRun(runner, child, token, run.predictor, run.log_, run.deadline, run.options, run.kind,
-                               info=run.info, source=run.source, tmp=run.tmp, timings=run.timings)
+                sub = VideoRun(
+                    runner,
+                    child,
+                    token,
+                    run.predictor,
+                    run.log_,
+                    run.deadline,
+                    run.options,
+                    run.kind,
+                    info=run.info,
+                    source=run.source,
+                    tmp=run.tmp,
+                    timings=run.timings,
+                )
                 with LeaseKeeper(runner.store, rid, token, settings.job_lease_seconds, runner.health):
                     n = _run_segment(sub)
                 runner.store.complete(rid, token=token, result={"frames": n})
@@ -365,8 +454,10 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                     raise Cancelled("cancelled")
                 frames += int(result.get("frames", 0))
                 del remaining[rid]
-                run.log(f"segment {child.extra['segment']['index'] + 1}/{count} done "
-                        f"({count - len(remaining)}/{count} segments)")
+                run.log(
+                    f"segment {child.extra['segment']['index'] + 1}/{count} done "
+                    f"({count - len(remaining)}/{count} segments)"
+                )
                 progressed = True
                 break  # look again from the first: the earliest free segment first
         if remaining and not progressed:
@@ -381,13 +472,18 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
         for child in children:
             key = segment_keys(child, child.extra["segment"]["index"], run.kind)[name]
             part = os.path.join(run.tmp, os.path.basename(key))
-            data = runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes) \
-                if runner.objects.exists(settings.output_bucket, key) else None
+            data = (
+                runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes)
+                if runner.objects.exists(settings.output_bucket, key)
+                else None
+            )
             if data:
                 with open(part, "wb") as fh:
                     fh.write(data)
                 parts.append(part)
-        codec.join_segments(parts, path, run.kind, run.source if name == "video" and run.info.has_audio else None)
+        codec.join_segments(
+            parts, path, run.kind, run.source if name == "video" and run.info.has_audio else None
+        )
         for part in parts:
             os.remove(part)
     run.timings["join"] = time.perf_counter() - t
@@ -395,8 +491,16 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
     return frames
 
 
-def publish(runner: JobRunner, spec: JobSpec, path: str, kind: codec.OutputKind, info: codec.VideoInfo,
-            frames: int, *, stem: str) -> dict:
+def publish(
+    runner: JobRunner,
+    spec: JobSpec,
+    path: str,
+    kind: codec.OutputKind,
+    info: codec.VideoInfo,
+    frames: int,
+    *,
+    stem: str,
+) -> dict:
     file_name = f"{stem}{kind.extension}"
     with open(path, "rb") as fh:
         data = fh.read()
@@ -404,12 +508,26 @@ def publish(runner: JobRunner, spec: JobSpec, path: str, kind: codec.OutputKind,
         url = f"data:{kind.content_type};base64,{base64.b64encode(data).decode()}"
     else:
         key = spec.output_prefix + file_name
-        runner.objects.write(runner.settings.output_bucket, key, data, kind.content_type,
-                             metadata={"request-id": spec.request_id})
-        url = runner.objects.url_for(runner.settings.output_bucket, key, ttl=spec.extra.get("output_ttl"),
-                                     api=spec.source == "api")
+        runner.objects.write(
+            runner.settings.output_bucket,
+            key,
+            data,
+            kind.content_type,
+            metadata={"request-id": spec.request_id},
+        )
+        url = runner.objects.url_for(
+            runner.settings.output_bucket, key, ttl=spec.extra.get("output_ttl"), api=spec.source == "api"
+        )
     width = info.width if kind.codec == "gif" else info.width - info.width % 2
     height = info.height if kind.codec == "gif" else info.height - info.height % 2
-    return VideoFile(url=url, content_type=kind.content_type, file_name=file_name, file_size=len(data),
-                     width=width, height=height, fps=round(info.fps, 3), duration=round(info.duration, 3),
-                     num_frames=frames).model_dump()
+    return VideoFile(
+        url=url,
+        content_type=kind.content_type,
+        file_name=file_name,
+        file_size=len(data),
+        width=width,
+        height=height,
+        fps=round(info.fps, 3),
+        duration=round(info.duration, 3),
+        num_frames=frames,
+    ).model_dump()
