@@ -7,8 +7,7 @@ process CPU time per forward. Prints a markdown table.
     .venv/bin/python bench/bench_model.py                       # Swin-T/L at 512 and 1024, fused, 2 threads
     .venv/bin/python bench/bench_model.py --modes reference fused --sizes 1024 --backbones swin_v1_t
     .venv/bin/python bench/bench_model.py --threads 1 2         # 1 thread: robust to a busy machine
-    .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeping freed memory
-    or not
+    .venv/bin/python bench/bench_model.py --sizes 1024 --malloc retain default   # glibc keeps freed memory?
     .venv/bin/python bench/bench_model.py --official ~/src/BiRefNet --backbones swin_v1_t --sizes 512
 
 ``--official PATH``: a checkout of https://github.com/ZhengPeng7/BiRefNet you fetched yourself (with its own

@@ -1,6 +1,5 @@
 """What the stack benchmarks share: the CPU's name, health probes, and a loopback stack (devstack's builder)
-of
-Redis, moto S3, one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
+of Redis, moto S3, one `python -m worker` and `python -m gateway` with one API key (`KEY`)."""
 
 from __future__ import annotations
 

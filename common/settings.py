@@ -1,11 +1,9 @@
 """All configuration, from environment variables prefixed BIREFNET_ (or a .env file).
 
 Options are grouped by concern (RedisSettings, StorageSettings, GatewayOptions, ...); each process has one
-class
-made of the groups it reads (GatewaySettings, ProducerSettings, DelivererSettings, WorkerSettings,
-OpsSettings),
-built once by its entry point. The reference in docs/configuration.md is generated from the groups and the
-fields' descriptions (tests/unit/test_settings_doc.py checks it)."""
+class made of the groups it reads (GatewaySettings, ProducerSettings, DelivererSettings, WorkerSettings,
+OpsSettings), built once by its entry point. The reference in docs/configuration.md is generated from the
+groups and the fields' descriptions (tests/unit/test_settings_doc.py checks it)."""
 
 from __future__ import annotations
 
@@ -48,8 +46,7 @@ class RedisShard(BaseModel):
 
 class _Env(BaseSettings):
     """Every group reads the same environment: BIREFNET_<field> (or .env). The parsers below apply to
-    whichever of
-    the named fields a group has."""
+    whichever of the named fields a group has."""
 
     model_config = SettingsConfigDict(env_prefix="BIREFNET_", env_file=".env", extra="ignore")
 
@@ -355,8 +352,7 @@ class InputLimitSettings(_Env):
 
 class WebhookTimingSettings(_Env):
     """When webhook attempts fall due: whichever process ends a job books its first attempt with the
-    completion
-    (common.state.results), the deliverer the retries."""
+    completion (common.state.results), the deliverer the retries."""
 
     webhook_timeout: float = Field(15.0, description="Timeout (s) of one webhook delivery attempt.")
     webhook_retry_base: float = Field(

@@ -117,13 +117,10 @@ class Admission:
         `rejection`.
 
         API requests (`principal`): the key's limits and queue caps (LimitRefused, no job); an unreachable
-        queue
-        ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the
-        event);
-        a redelivered event's unfinished job is sent again (a worker runs a job at most once). `prepare` (e.g.
-        storing a large inline input) runs once the job is admitted, before it is recorded: a refused request
-        stores nothing.
-        """
+        queue ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the
+        event); a redelivered event's unfinished job is sent again (a worker runs a job at most once).
+        `prepare` (e.g. storing a large inline input) runs once the job is admitted, before it is recorded: a
+        refused request stores nothing."""
         if principal is not None:  # rejected input never waits in a queue: no queue cap applies to it
             refusal = self.limiter.admit(
                 key_id=principal.key_id,

@@ -1,8 +1,7 @@
 """Writes infra/k8s/variants/ from the variant list in common/domain/variants.py: one worker pool per
 servable variant (a Deployment, its ScaledObject and PodDisruptionBudget from ../worker) and
 variants/kustomization.yaml listing them all. tests/integration/test_deploy_files.py fails when the files on
-disk
-differ from what this writes, so a new variant cannot lack a pool.
+disk differ from what this writes, so a new variant cannot lack a pool.
 
     .venv/bin/python infra/k8s/generate_variants.py
 

@@ -1,8 +1,8 @@
 """The HTTP event endpoint (`producer http`'s app on a real uvicorn server) for SNS HTTP(S) subscriptions,
 MinIO webhooks and Ceph RGW HTTP push: signatures, confirmations, keys, malformed bodies, allow-lists.
 Payloads are the providers' documented ones (tests/helpers/event_payloads.py); SNS is a loopback stand-in
-with its
-own CA and signing key (tests/helpers/sns_fixture.py), trusted only by the verifier the test builds."""
+with its own CA and signing key (tests/helpers/sns_fixture.py), trusted only by the verifier the test
+builds."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Managed Redis with real servers: every Redis user (gateway, Celery broker and workers, SQS producer,
-webhook
-deliverer, ops) against (1) a TLS-only redis-server that wants a client certificate and an ACL user, and
-(2) a Sentinel group whose master is killed while jobs flow: nothing accepted is lost, nothing completes
+webhook deliverer, ops) against (1) a TLS-only redis-server that wants a client certificate and an ACL user,
+and (2) a Sentinel group whose master is killed while jobs flow: nothing accepted is lost, nothing completes
 twice, each job gets one webhook.
 
 The services are subprocesses (`python -m gateway`, `python -m producer sqs|webhooks`,

@@ -1,11 +1,9 @@
 """Fault injection for the chaos, poison and hang tests (no tests here).
 
 `ChaosStack`: devstack's loopback stack (tests' API keys) whose redis-server can be crashed and restarted on
-the
-same port and data directory, whose S3 sits behind a cuttable `TcpProxy`, and whose busy workers can be
+the same port and data directory, whose S3 sits behind a cuttable `TcpProxy`, and whose busy workers can be
 killed; `OomKiller` plays the kernel's OOM killer; `submit_mixed` sends gateway requests and S3 uploads while
-faults happen. Every wait is bounded in time; nothing binds anything but 127.0.0.1.
-"""
+faults happen. Every wait is bounded in time; nothing binds anything but 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """`python -m tests.helpers.hooked_worker --variants ...`: the worker's normal entry point (`python -m
-worker`)
-with the testing-only hooks installed once its models are loaded. Product code never imports this.
+worker`) with the testing-only hooks installed once its models are loaded. Product code never imports this.
 
 Switches (environment, prefix BIREFNET_TEST_; every one off unless set):
 - BIREFNET_TEST_FORWARD_HOOK: JSON rules for tests/forward_hook.py that make chosen forwards hang or take a

@@ -1,6 +1,5 @@
 """A loopback TCP forwarder that can be cut (new connections refused, open ones reset) and restored on the
-same
-port. It stands between the services and moto's S3, so S3 can go away for a while without losing moto's
+same port. It stands between the services and moto's S3, so S3 can go away for a while without losing moto's
 in-memory data."""
 
 from __future__ import annotations

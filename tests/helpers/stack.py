@@ -3,9 +3,7 @@
 A stack's environment lives in `Stack.env` and reaches its subprocesses only through it; the test process's
 `os.environ` gets nothing of it (only moto's dummy AWS credentials, from conftest). The test process gets the
 same values as `Stack.settings`. Feature stacks (the gateway stack in tests/helpers/gateway.py, the chaos
-stack
-in tests/helpers/faults.py) are built with `build_stack` and add their own parts around it.
-"""
+stack in tests/helpers/faults.py) are built with `build_stack` and add their own parts around it."""
 
 from __future__ import annotations
 

@@ -1587,8 +1587,7 @@ def test_validators_reject_broken_files(tmp_path: Path):
 
 def test_compose_storage_init_creates_buckets_and_notifications(moto_endpoint: str):
     """infra/compose/init_storage.py (the s3-init service) against moto's S3 over HTTP: buckets made, the
-    input
-    bucket's ObjectCreated events bound to the target, and a second run changes nothing."""
+    input bucket's ObjectCreated events bound to the target, and a second run changes nothing."""
     import uuid
 
     import boto3

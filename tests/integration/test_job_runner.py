@@ -1,7 +1,6 @@
 """worker/runner.py's JobRunner in this process, over every outcome it can return: a real redis-server, moto
-S3,
-the null-model predictor (a constant mask, no network), no Celery worker (the Celery app only books webhook
-tasks, and these jobs have none)."""
+S3, the null-model predictor (a constant mask, no network), no Celery worker (the Celery app only books
+webhook tasks, and these jobs have none)."""
 
 from __future__ import annotations
 
