@@ -3,7 +3,7 @@
 Options are grouped by concern (RedisSettings, StorageSettings, GatewayOptions, ...); each process has one
 class made of the groups it reads (GatewaySettings, ProducerSettings, DelivererSettings, WorkerSettings,
 OpsSettings), built once by its entry point. The reference in docs/configuration.md is generated from the
-groups and the fields' descriptions (tests/unit/test_settings_doc.py checks it)."""
+groups and the fields' descriptions (`python -m common.settings --docs`)."""
 
 from __future__ import annotations
 

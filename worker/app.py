@@ -57,7 +57,7 @@ class WorkerProcess:
         limits_redis: RedisSettings | None = None,
     ) -> None:
         """`on_loaded(runner)` runs once the models are loaded, before any job is taken (a wrapper's
-        instrumentation: tests/helpers/hooked_worker.py). `limits_redis`: where per-key limits live when
+        instrumentation, e.g. a test harness's). `limits_redis`: where per-key limits live when
         that is not this worker's Redis (shard 0, with shards)."""
         self.settings = settings
         self.limits_redis = limits_redis
