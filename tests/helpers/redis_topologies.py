@@ -7,8 +7,6 @@ TLS needs a redis-server built with it (Debian's `redis-server` package is; the 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -18,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devstack.services import free_port, redis_server_binary, stop_processes
+from devstack.tls import LOCAL_HOSTS, LocalCA
 
 
 def tls_redis_binary() -> str | None:
@@ -55,87 +50,10 @@ class Certs:
 def make_certs(directory: Path) -> Certs:
     """A private CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by
     it."""
-    now = datetime.datetime.now(datetime.UTC)
-    valid = {
-        "not_valid_before": now - datetime.timedelta(minutes=5),
-        "not_valid_after": now + datetime.timedelta(days=2),
-    }
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder(
-            subject_name=name("test redis CA"),
-            issuer_name=name("test redis CA"),
-            public_key=ca_key.public_key(),
-            serial_number=x509.random_serial_number(),
-            **valid,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(common: str, usage, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder(
-                subject_name=name(common),
-                issuer_name=ca.subject,
-                public_key=key.public_key(),
-                serial_number=x509.random_serial_number(),
-                **valid,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return (
-            cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-
-    server = leaf(
-        "127.0.0.1",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
-    )
-    client = leaf("birefnet-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    certs = Certs(
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server.key",
-        directory / "client.pem",
-        directory / "client.key",
-    )
-    certs.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for path, data in (
-        (certs.server_cert, server[0]),
-        (certs.server_key, server[1]),
-        (certs.client_cert, client[0]),
-        (certs.client_key, client[1]),
-    ):
-        path.write_bytes(data)
-    return certs
+    ca = LocalCA(directory, "test redis CA", days=2)
+    server = ca.issue("server", "127.0.0.1", LOCAL_HOSTS)
+    client = ca.issue("client", "birefnet-client", client=True)
+    return Certs(ca.path, server.cert, server.key, client.cert, client.key)
 
 
 def _wait_ping(client: redis.Redis, proc: subprocess.Popen, what: str, timeout: float = 20) -> None:
