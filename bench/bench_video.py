@@ -95,6 +95,7 @@ def row(args: argparse.Namespace) -> dict:
     return {
         "frames": frames,
         "seconds": wall,
+        "stage_ms": {name: 1000 * value / max(1, frames) for name, value in run.stages.seconds.items()},
         "fps": frames / wall,
         "torch": torch.__version__,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -141,14 +142,25 @@ def main() -> None:
     cases = [("null", 1024, "480p", seconds), ("null", 1024, "1080p", seconds)]
     if not args.skip_swin:
         cases += [("swin_v1_t", 1024, "480p", 0.25), ("swin_v1_t", 1024, "1080p", 0.25)]
+    stage_rows = []
     for model, res, size, secs in cases:
         path = clip(str(tmp / f"{size}-{secs}.mp4"), size, secs)
         got = spawn("--clip", path, "--model", model, "--resolution", str(res))
         print(
             f"| {model} | {res} | {size} {secs}s | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} "
-            f"| "
-            f"{got['peak_mb']:.0f} |"
+            f"| {got['peak_mb']:.0f} |"
         )
+        stage_rows.append((model, size, got["stage_ms"]))
+
+    # The per-frame stages as the image path's are measured: time per frame in each, summed over the
+    # frame threads (which overlap), so a row's sum exceeds wall time per frame when threads run at once.
+    names = ("decode", "prepare", "forward", "postprocess", "render", "encode")
+    print("\n### Per-frame stages (ms per frame, summed over the frame threads; forward includes the wait")
+    print("for its batch)\n")
+    print("| model | clip | " + " | ".join(names) + " |")
+    print("| --- | --- | " + " | ".join("---:" for _ in names) + " |")
+    for model, size, stages in stage_rows:
+        print(f"| {model} | {size} | " + " | ".join(f"{stages.get(n, 0.0):.1f}" for n in names) + " |")
 
     print("\n### One video on 2 worker processes (two halves, as two segments) vs 1 (null model, 480p)\n")
     path = clip(str(tmp / f"480p-{2 * seconds}.mp4"), "480p", 2 * seconds)

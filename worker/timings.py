@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ class StageTimings:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # a video's frames record from several threads
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -22,7 +24,8 @@ class StageTimings:
             self.record(name, time.perf_counter() - started)
 
     def record(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def as_dict(self, digits: int = 4) -> dict[str, float]:
         return {name: round(value, digits) for name, value in self.seconds.items()}

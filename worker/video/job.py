@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from worker.outcome import JobTimedOut, Outcome
 from worker.pipeline.postprocess import postprocess, to_mask
 from worker.pipeline.render import cutout
 from worker.pipeline.types import Mask
+from worker.timings import StageTimings
 from worker.video import codec
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ class VideoRun:
     source: str = ""
     tmp: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    # Per-frame stages, summed over frames and threads: decode, prepare, forward, postprocess, render, encode.
+    stages: StageTimings = field(default_factory=StageTimings)
 
     @property
     def request_id(self) -> str:
@@ -91,6 +95,16 @@ class VideoRun:
 
     def cancelled(self) -> bool:
         return self.runner.store.cancel_requested(self.request_id)
+
+    def _decoded(self, frames: Iterator[codec.SourceFrame]) -> Iterator[codec.SourceFrame]:
+        """`frames`, timing the decoder's share (the time each next frame takes to come)."""
+        while True:
+            started = time.perf_counter()
+            frame = next(frames, None)
+            self.stages.record("decode", time.perf_counter() - started)
+            if frame is None:
+                return
+            yield frame
 
     def encode_range(
         self,
@@ -119,12 +133,23 @@ class VideoRun:
         def work(frame: codec.SourceFrame) -> tuple[codec.SourceFrame, np.ndarray, np.ndarray]:
             """One frame through the image stages: prepare, the shared batched forward, postprocess,
             cut-out."""
-            prepared = self.predictor.prepare(frame.rgb, (width, height))
-            logits, _ = batcher.infer(prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone)
-            mask = postprocess(logits, prepared)
-            cut, grey = render_frame(
-                frame.rgb, mask, refine=params.refine_foreground, alpha=self.kind.alpha, background=background
-            )
+            stages = self.stages
+            with stages.stage("prepare"):
+                prepared = self.predictor.prepare(frame.rgb, (width, height))
+            with stages.stage("forward"):  # includes waiting for the batch to fill
+                logits, _ = batcher.infer(
+                    prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone
+                )
+            with stages.stage("postprocess"):
+                mask = postprocess(logits, prepared)
+            with stages.stage("render"):
+                cut, grey = render_frame(
+                    frame.rgb,
+                    mask,
+                    refine=params.refine_foreground,
+                    alpha=self.kind.alpha,
+                    background=background,
+                )
             return frame, cut, grey
 
         def write(result: tuple[codec.SourceFrame, np.ndarray, np.ndarray]) -> None:
@@ -145,9 +170,10 @@ class VideoRun:
                         rotate=frame.rotation,
                         audio_from=self.source if audio and name == "video" and info.has_audio else None,
                     )
-            writers["video"].write(cut, frame.pts)
-            if "mask_video" in writers:
-                writers["mask_video"].write(grey, frame.pts)
+            with self.stages.stage("encode"):
+                writers["video"].write(cut, frame.pts)
+                if "mask_video" in writers:
+                    writers["mask_video"].write(grey, frame.pts)
 
         t = time.perf_counter()
         try:
@@ -157,7 +183,7 @@ class VideoRun:
             pending: deque[Future] = deque()
             finished = False
             try:
-                for frame in codec.frames(self.source, start, end):
+                for frame in self._decoded(codec.frames(self.source, start, end)):
                     pending.append(pool.submit(work, frame))
                     while len(pending) >= 2 * max(1, runner.settings.max_batch_size) or (
                         pending and pending[0].done()
@@ -198,6 +224,7 @@ class VideoRun:
             raise
         elapsed = time.perf_counter() - t
         self.timings["frames"] = self.timings.get("frames", 0.0) + elapsed
+        self.timings.update({f"frame_{name}": value for name, value in self.stages.seconds.items()})
         self.log(f"frames {done}/{done}{label} ({done / max(elapsed, 1e-9):.1f} frames/s)")
         return done
 
