@@ -824,7 +824,6 @@ class DelivererSettings(
     DelivererOptions,
     SecretSettings,
     JobSettings,
-    BrokerSettings,
     RedisSettings,
     FetchSettings,
     WebhookTimingSettings,
