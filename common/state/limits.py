@@ -106,8 +106,8 @@ return {'ok', '0'}
 _CHARGE = (
     _COMMON
     + """
-local rpm, maxc, rid, units, held = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
-tonumber(ARGV[8])
+local rpm, maxc, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local units, held = tonumber(ARGV[4]), tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'ok', '0'} end
 local extra = units - held
 local function refuse(reason, retry)

@@ -56,5 +56,8 @@ def test_warm_worker_forward_does_not_page_fault():
     # glibc as it ships unmaps big blocks on free: every forward faults its activations in again
     # (~100k faults, 400 MB, here).
     assert _faults_per_forward(retain=False)[-1] > 30_000
-    # The worker default: after two or three forwards the heap holds all a forward needs.
-    assert max(_faults_per_forward(retain=True)[-2:]) < 1_000
+    # The worker default: after two or three forwards the heap holds all a forward needs. The median of
+    # the last three: on a busy machine a forward whose ops land on a thread that has not run one yet
+    # warms that thread's malloc arena once (~14k faults, seen in CI), which says nothing about reuse.
+    last = sorted(_faults_per_forward(retain=True)[-3:])
+    assert last[1] < 1_000, last
