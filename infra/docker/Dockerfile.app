@@ -43,6 +43,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /home/birefnet
 USER 10001:10001
-# 8080: gateway; 8081: producer in http mode (MinIO webhook target).
+# 8080: gateway; 8081: producer in http mode (the S3 store's webhook target).
 EXPOSE 8080 8081
 CMD ["python", "-m", "gateway"]
