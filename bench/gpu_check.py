@@ -7,7 +7,7 @@ For Swin-T and Swin-L (recipe weights): float16/bfloat16 vs float32 logit and 8-
 forward ms and peak GPU memory at batch 1/2/4/8 at 1024² and 2048²; engine images/s end to end (1 MP JPEG
 bytes -> cut-out + mask PNG on the device path) with N job threads around the batcher.
 
-    python bench/gpu_check.py [--quick] [--threads 4 8] [--budget 300]
+    python bench/gpu_check.py [--quick] [--threads 4 8] [--budget 300] [--video | --video-only]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="Swin-T only, 1024² only")
     parser.add_argument("--video", action="store_true", help="also the video part (video_part)")
+    parser.add_argument("--video-only", action="store_true", help="the driver check and the video part only")
     args = parser.parse_args()
     import torch
 
@@ -61,6 +62,11 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     started = time.monotonic()
+    if args.video_only:
+        print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+        video_part()
+        print(f"\nvideo part in {time.monotonic() - started:.0f} s")
+        return 0
 
     def over_budget() -> bool:
         return time.monotonic() - started > args.budget
@@ -241,13 +247,14 @@ def video_part(seconds: float = 2.0) -> None:
 
     path = bench_video.clip(str(Path(tempfile.gettempdir()) / f"gpu-1080p-{seconds}.mp4"), "1080p", seconds)
     print("\n### Video: frames/s per worker, 1080p clip, batch 8, MP4 out, refine on\n")
-    print("| model | operating res. | frames | wall s | frames/s | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | operating res. | frames | wall s | frames/s | peak RSS MB | ms per frame by stage |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in ("null", "swin_v1_t"):
         got = bench_video.spawn("--clip", path, "--model", model, "--batch", "8", "--threads", "1")
+        stages = ", ".join(f"{name} {ms:.1f}" for name, ms in got["stage_ms"].items())
         print(
             f"| {model} | 1024 | {got['frames']} | {got['seconds']:.2f} | {got['fps']:.2f} | "
-            f"{got['peak_mb']:.0f} |"
+            f"{got['peak_mb']:.0f} | {stages} |"
         )
 
 
