@@ -67,7 +67,7 @@ def row(args: argparse.Namespace) -> dict:
         request_id="bench",
         variant="bench",
         extra={},
-        params=JobParams(operating_resolution="1024x1024", refine_foreground=True),
+        params=JobParams(operating_resolution="1024x1024", refine_foreground=not args.no_refine),
     )
     kind = codec.OUTPUT_KINDS[args.output]
     run = VideoRun(
@@ -97,6 +97,7 @@ def row(args: argparse.Namespace) -> dict:
         "seconds": wall,
         "stage_ms": {name: 1000 * value / max(1, frames) for name, value in run.stages.seconds.items()},
         "fps": frames / wall,
+        "mean_batch": sum(batcher.batch_sizes) / max(1, len(batcher.batch_sizes)),
         "torch": torch.__version__,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--end", type=float, default=None)
     parser.add_argument("--quick", action="store_true", help="shorter clips")
     parser.add_argument("--skip-swin", action="store_true")
+    parser.add_argument("--no-refine", action="store_true", help="cut-outs without foreground refinement")
     args = parser.parse_args()
     if args.row:
         print("ROW " + json.dumps(row(args)))
