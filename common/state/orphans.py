@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
 QUEUED_SCAN = 200  # IN_QUEUE jobs looked at per sweep, from the head of the queue (where a lost one ends up)
+_queued_tried: dict[str, float] = {}  # variant -> when this process last asked for the queued-scan lock
 
 
 @dataclass(frozen=True)
@@ -64,37 +65,30 @@ def _ids_with_messages(store: JobStore, queue: str) -> set[str] | None:
     return {rid for message in map(broker.decode, raws) if message and (rid := message.job_request_id)}
 
 
-def _abandoned(store: JobStore, variant: str, timing: SweepTiming, now: float) -> list[str]:
-    """Running-set members started (or last re-sent) over a lease ago whose lease key is gone and whose
-    record is still IN_PROGRESS."""
-    r = store.redis
-    members = cast(list[str], r.zrangebyscore(keys.running(variant), "-inf", now - timing.lease))
-    if not members:
-        return []
-    pipe = r.pipeline(transaction=False)
+def _abandoned(store: JobStore, members: list[str]) -> list[str]:
+    """Of running-set members started (or last re-sent) over a lease ago: those whose lease key is gone and
+    whose record is still IN_PROGRESS."""
+    pipe = store.redis.pipeline(transaction=False)
     for rid in members:
         pipe.exists(keys.lease(rid))
     gone = [rid for rid, alive in zip(members, pipe.execute(), strict=True) if not alive]
     if not gone:
         return []
-    pipe = r.pipeline(transaction=False)
+    pipe = store.redis.pipeline(transaction=False)
     for rid in gone:
         pipe.hget(keys.job(rid), "status")
     return [rid for rid, status in zip(gone, pipe.execute(), strict=True) if status == Status.IN_PROGRESS]
 
 
-def _stale_queued(store: JobStore, variant: str, timing: SweepTiming, now: float) -> list[str]:
-    r = store.redis
-    ids = cast(list[str], r.zrange(keys.pending(variant), 0, QUEUED_SCAN - 1))  # a decoding client: str
-    if not ids:
-        return []
-    pipe = r.pipeline(transaction=False)
-    for rid in ids:
+def _stale_queued(store: JobStore, unlisted: list[str], cutoff: float) -> list[str]:
+    """Of waiting jobs with no message in the queue (most are in a worker's hands, about to be claimed):
+    those still IN_QUEUE and created before `cutoff`."""
+    pipe = store.redis.pipeline(transaction=False)
+    for rid in unlisted:
         pipe.hmget(keys.job(rid), "status", "created_at")
-    cutoff = now - timing.queued_age
     return [
         rid
-        for rid, (status, created) in zip(ids, pipe.execute(), strict=True)
+        for rid, (status, created) in zip(unlisted, pipe.execute(), strict=True)
         if status == Status.IN_QUEUE and created and float(created) < cutoff
     ]
 
@@ -107,26 +101,37 @@ def resend_orphans(
     if not store.redis.set(keys.orphan_scan(variant), "1", nx=True, px=int(timing.interval * 1000)):
         return []  # another worker just looked
     now = time.time()
-    abandoned = _abandoned(store, variant, timing, now)
-    candidates = abandoned + _stale_queued(store, variant, timing, now)
-    if not candidates:
-        return []
+    suspects = cast(list[str], store.redis.zrangebyscore(keys.running(variant), "-inf", now - timing.lease))
+    abandoned = _abandoned(store, suspects) if suspects else []  # long jobs are suspects: leases first
+    waiting: list[str] = []
+    # Reading the queue lists costs Redis a pass over every waiting message: the waiting jobs are looked
+    # at once per queued_age / 2 only (each process asks for that lock no more often), and for the running
+    # ones only when one's lease is gone.
+    if now - _queued_tried.get(variant, 0.0) >= timing.queued_age / 2:
+        _queued_tried[variant] = now
+        if store.redis.set(keys.orphan_queued_scan(variant), "1", nx=True, px=int(timing.queued_age * 500)):
+            waiting = cast(list[str], store.redis.zrange(keys.pending(variant), 0, QUEUED_SCAN - 1))
+    if not abandoned and not waiting:
+        return []  # the usual answer
     present = _ids_with_messages(store, queue)
     if present is None:
         return []
+    found, abandoned = abandoned, [rid for rid in abandoned if rid not in present]
+    unlisted = [rid for rid in waiting if rid not in present]
+    candidates = abandoned + (_stale_queued(store, unlisted, now - timing.queued_age) if unlisted else [])
     resent = []
     for request_id in candidates:
-        record = store.get(request_id) if request_id not in present else None
+        record = store.get(request_id)
         if record is None or record.status not in (Status.IN_PROGRESS, Status.IN_QUEUE):
             continue
         if record.status == Status.IN_PROGRESS and store.redis.exists(keys.lease(request_id)):
             continue  # claimed again meanwhile
         send_job(celery, record.spec)
         resent.append(request_id)
-    if again := [rid for rid in resent if rid in abandoned]:
-        # Restart their clocks in the running set: the copy sent now has a lease's time to be claimed
-        # (it may wait behind a running job in a worker's prefetch) before another is sent.
-        store.redis.zadd(keys.running(variant), dict.fromkeys(again, now), xx=True)
+    if found:
+        # Restart their clocks in the running set: the copy sent now (or waiting) has a lease's time to be
+        # claimed (it may wait behind a running job in a worker's prefetch) before another is sent.
+        store.redis.zadd(keys.running(variant), dict.fromkeys(found, now), xx=True)
     if resent:
         log.warning(
             "re-sent %d job(s) of %s whose broker message was gone: %s", len(resent), variant, resent[:5]

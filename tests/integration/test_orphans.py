@@ -9,7 +9,7 @@ import uuid
 from common.adapters.queue import make_celery, send_job
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
+from common.state import keys, orphans
 from common.state.jobs import JobStore
 from common.state.orphans import SweepTiming, resend_orphans
 from devstack.services import RedisServer
@@ -41,7 +41,8 @@ def _job(store: JobStore, created_at: float) -> JobSpec:
 
 def _sweep(store: JobStore, celery, *, again: bool = True) -> list[str]:
     if again:
-        store.redis.delete(keys.orphan_scan("general-light"))  # the next period
+        store.redis.delete(keys.orphan_scan("general-light"), keys.orphan_queued_scan("general-light"))
+        orphans._queued_tried.clear()  # this process may ask for the queued-scan lock again
     return resend_orphans(store, celery, "general-light", QUEUE, TIMING)
 
 
