@@ -178,9 +178,7 @@ def celery_broker(settings: RedisSettings) -> BrokerOptions:
         )
     scheme = "rediss" if target.tls else "redis"
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return BrokerOptions(
-        f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl
-    )
+    return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
 def wait_for_replicas(client: redis.Redis, settings: RedisSettings) -> None:
