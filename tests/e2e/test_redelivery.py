@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.adapters import broker
-from common.adapters.queue import make_celery, send_job
+from common.adapters.queue import RUN_JOB, make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state.jobs import JobStore
@@ -81,7 +81,7 @@ def test_warm_shutdown_puts_back_what_the_worker_took_and_did_not_finish(stack: 
         "general-light", name="leaving", extra_env={"BIREFNET_TEST_FORWARD_HOOK": slow}
     )
 
-    def job(image: bytes) -> JobSpec:
+    def job(image: bytes, countdown: float | None = None) -> JobSpec:
         rid = str(uuid.uuid4())
         spec = JobSpec(
             request_id=rid,
@@ -91,22 +91,35 @@ def test_warm_shutdown_puts_back_what_the_worker_took_and_did_not_finish(stack: 
             output_prefix=request_output_prefix(settings, rid),
         )
         store.create(spec)
-        send_job(celery, spec)
+        if countdown is None:
+            send_job(celery, spec)
+        else:  # as a retry is sent: a worker takes it at once and holds it until it is due
+            celery.send_task(
+                RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue, countdown=countdown
+            )
         return spec
 
     jobs = [job(marker_png(SLOW_WIDTH))] + [job(small_png(n)) for n in range(6)]
     wait_for(lambda: store.status(jobs[0].request_id) == "IN_PROGRESS", 60, "the slow job to start")
+    held = job(small_png(99), countdown=20)
+    jobs.append(held)
+
+    def in_queue() -> set[str | None]:
+        return {
+            message.job_request_id
+            for raw in store.redis.lrange(held.queue, 0, -1)
+            if (message := broker.decode(raw))
+        }
+
+    wait_for(lambda: held.request_id not in in_queue(), 10, "the worker to take the held job")
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     stopped_at = time.time()
     statuses = {spec.request_id: store.status(spec.request_id) for spec in jobs}
     assert statuses[jobs[0].request_id] == "COMPLETED", "the running job finished before the worker left"
     left = [rid for rid, status in statuses.items() if status != "COMPLETED"]
-    queued = {
-        message.job_request_id
-        for raw in store.redis.lrange(jobs[0].queue, 0, -1)
-        if (message := broker.decode(raw))
-    }
+    queued = in_queue()
+    assert held.request_id in queued, "the message it held (taken, not started) was put back at close"
     assert set(left) <= queued, "every job it took and did not finish is back in the queue"
 
     stack.start_worker("general-light", name="staying")
