@@ -137,16 +137,8 @@ class RedisSettings(_Env):
 
 
 class BrokerSettings(RedisSettings):
-    """Celery on Redis: how messages are sent and redelivered."""
+    """Celery on Redis: how messages are sent."""
 
-    visibility_timeout: int = Field(
-        20,
-        description="Seconds before an unacknowledged job is handed to another worker (a killed worker's "
-        "job comes back after this). A live worker's job is protected by its lease, so this may be short.",
-    )
-    unacked_restore_interval: float = Field(
-        2.0, description="How often (s) workers look for unacknowledged jobs whose visibility timeout passed."
-    )
     celery_task_events: bool = Field(
         False,
         description="Send Celery task events (task-sent, -received, -started, -succeeded: one Redis "
@@ -586,7 +578,10 @@ class WorkerOptions(VariantSettings):
         "/tmp/birefnet-worker-ready", description="Written once models are loaded (readiness probe)."
     )
     job_lease_seconds: int = Field(
-        30, description="Lease a worker holds on a running job, renewed while it runs."
+        30,
+        description="Lease a worker holds on a running job, renewed every third of it while it runs. A "
+        "killed worker's job is sent again once its lease has expired: within this plus a sixth of it "
+        "(workers look for such jobs every job_lease_seconds / 6 s).",
     )
     max_job_attempts: int = Field(
         3, description="Deliveries of one job before it is ended as failed (poison job)."

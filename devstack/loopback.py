@@ -37,8 +37,6 @@ def loopback_values(**overrides: str) -> dict[str, str]:
         "BIREFNET_TEST_OPERATING_RESOLUTION": "128x128",
         "BIREFNET_MASK_CACHE_SECONDS": "0",  # every job runs the network: the load is what it says
         "BIREFNET_TORCH_THREADS": "1",
-        "BIREFNET_VISIBILITY_TIMEOUT": "3",
-        "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",
         "BIREFNET_JOB_LEASE_SECONDS": "6",
         "BIREFNET_SQS_WAIT_SECONDS": "1",
         "BIREFNET_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",

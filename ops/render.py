@@ -100,7 +100,7 @@ def status_view(data: dict) -> Group:
         queued = str(v["queued_messages"])
         if v["waiting_jobs"] != v["queued_messages"]:
             queued += f" ({v['waiting_jobs']} jobs)"
-        running = str(v["in_progress"]) + (f" +{v['reserved']} held" if v["reserved"] else "")
+        running = str(v["in_progress"])
         table.add_row(
             variant,
             state,

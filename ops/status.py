@@ -167,7 +167,6 @@ def gather_status(
             figures["queued_messages"]
             or figures["waiting_jobs"]
             or figures["in_progress"]
-            or figures["reserved"]
             or figures["workers"]
             or figures["paused"]
             or figures["completed"]

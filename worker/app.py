@@ -36,7 +36,7 @@ from common.observability.metrics import (
 from common.settings import RedisSettings, WorkerSettings
 from common.state.jobs import JobStore
 from common.state.ops_state import paused_variants, publish_heartbeat
-from common.state.orphans import resend_orphans
+from common.state.orphans import SweepTiming, resend_orphans
 from worker.engine import Predictor
 from worker.packing import load_predictors
 from worker.run_overrides import RunOverrides
@@ -44,6 +44,8 @@ from worker.runner import JobRunner
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0  # the sweep for lost jobs runs more often, on the same thread
 
 
 class WorkerProcess:
@@ -139,20 +141,20 @@ class WorkerProcess:
             },
             "started_at": time.time(),
         }
+        timing = SweepTiming.from_lease(settings.job_lease_seconds)
+        beat_at = 0.0
         while True:
             try:
-                publish_heartbeat(self.runner.store.redis, self.name, info)
+                if time.monotonic() - beat_at >= HEARTBEAT_SECONDS:
+                    publish_heartbeat(self.runner.store.redis, self.name, info)
+                    beat_at = time.monotonic()
                 for variant in self.runner.predictors:
                     resend_orphans(
-                        self.runner.store,
-                        app,
-                        variant,
-                        settings.variants.get(variant).queue,
-                        min_age=3 * settings.visibility_timeout,
+                        self.runner.store, app, variant, settings.variants.get(variant).queue, timing
                     )
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
-            time.sleep(10)
+            time.sleep(timing.interval)
 
     def _not_ready(self) -> None:
         with contextlib.suppress(OSError):
@@ -173,18 +175,16 @@ class WorkerProcess:
                 consumer.cancel_task_queue(self.settings.variants.get(variant).queue)
 
 
-def retry_later(task: Task, countdown: float, visibility_timeout: float) -> NoReturn:
+def retry_later(task: Task, countdown: float) -> NoReturn:
     """Hand the job back to the broker to run again after `countdown` seconds; always raises.
 
-    Two broker rules shape this. The new message is held unacknowledged by a worker until it is due, and
-    kombu's Redis transport restores held messages older than the visibility timeout: a longer countdown
-    would be handed out again while it waits, doubling the copies of a deferred job at every round. So the
-    countdown stays under half the visibility timeout. And when the new message cannot be published (Redis
-    down), Celery rejects the current one without requeueing, which would lose the job: requeue it
-    instead (or, with Redis still down, leave it unacknowledged to come back after the visibility timeout).
+    The new message waits in a worker's memory until it is due (gone from Redis: should that worker die,
+    the job's record brings it back, common/state/orphans.py). When the new message cannot be published
+    (Redis down), Celery rejects the current one without requeueing: requeue it instead (and should that
+    fail too, the record brings the job back).
     """
     try:
-        raise task.retry(countdown=min(countdown, visibility_timeout / 2), max_retries=None)  # Celery's idiom
+        raise task.retry(countdown=countdown, max_retries=None)  # Celery's idiom
     except Reject as exc:
         log.warning("could not queue the retry (%s); keeping the message", exc.reason)
         raise Reject(exc.reason, requeue=True) from None
@@ -194,9 +194,6 @@ def create_celery_app(settings: WorkerSettings, state: WorkerProcess) -> Celery:
     """The worker's Celery app: `run_job` over `state`'s runner, and the pause check at start-up."""
     app = make_celery(settings, name="birefnet-worker")
     worker_ready.connect(lambda sender, **_: state.honour_pauses(sender), weak=False)
-
-    def later(task: Task, countdown: float) -> NoReturn:
-        retry_later(task, countdown, settings.visibility_timeout)
 
     @app.task(name=RUN_JOB, bind=True, acks_late=True, max_retries=None)
     def run_job(task: Task, spec_data: dict) -> str:
@@ -208,17 +205,16 @@ def create_celery_app(settings: WorkerSettings, state: WorkerProcess) -> Celery:
         except Exception:
             # An exception escaping the task would drop its message (acks_late rejects it); retry instead.
             log.exception("job %s: unexpected failure around the runner; retrying", spec.request_id)
-            later(task, 5.0)
+            retry_later(task, 5.0)
         if outcome.kind == "handback" or (outcome.kind == "retry" and state.runner.health.tripped):
             # This worker is stuck and about to exit: put the message straight back for another worker (a
-            # countdown retry would be held here and come back only after the visibility timeout).
+            # countdown retry would be held here, and lost with this worker).
             time.sleep(0.2)  # while it lasts, do not spin on messages it keeps being handed
             raise Reject(outcome.detail, requeue=True)
-        if outcome.kind == "defer":
-            # Another worker is running it: look again later, in case that worker dies.
-            later(task, settings.job_lease_seconds)
+        # `defer`: another worker holds the lease. This copy is dropped: should that worker die, its lease
+        # expires and the job's record brings the job back (common/state/orphans.py).
         if outcome.kind == "retry":
-            later(task, min(30.0, 2.0 * 2**task.request.retries))
+            retry_later(task, min(30.0, 2.0 * 2**task.request.retries))
         return outcome.kind
 
     return app

@@ -1,10 +1,9 @@
 """The broker's side of Redis: how kombu's Redis transport lays out Celery's queues and messages.
 
 The only module that knows it. A queue is a list per priority step (`<queue>`, `<queue>\\x06\\x163`, ...);
-a message delivered to a worker and not yet acknowledged sits in the `unacked` hash (delivery tag ->
-JSON `[message, exchange, routing key]`), with the delivery time in the `unacked_index` zset. With
-`acks_late` a running job's message sits there until the job ends. A message is a JSON envelope whose
-`headers` name the Celery task and its id and whose body (base64) is `[args, kwargs, embed]`.
+without ack emulation (common/adapters/queue.py) a message leaves Redis when a worker pops it. A message
+is a JSON envelope whose `headers` name the Celery task and its id and whose body (base64) is
+`[args, kwargs, embed]`.
 """
 
 from __future__ import annotations
@@ -13,13 +12,9 @@ import base64
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
-
-UNACKED = Channel.unacked_key
-UNACKED_INDEX = Channel.unacked_index_key
 
 _MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
 
@@ -29,7 +24,6 @@ class TaskMessage:
     task: str | None  # the Celery task name
     task_id: str | None
     args: list
-    routing_key: str | None = None  # for a held message (an `unacked` entry): the queue it came from
 
     @property
     def spec(self) -> dict | None:
@@ -51,20 +45,15 @@ class TaskMessage:
 
 
 def decode(raw: str | bytes) -> TaskMessage | None:
-    """A queue list entry or an `unacked` entry; None when it is no message we understand."""
+    """A queue list entry; None when it is no message we understand."""
     try:
-        data = json.loads(raw)
-        routing_key = None
-        if isinstance(data, list):
-            message, routing_key = data[0], (as_text(data[2]) if len(data) > 2 else None)
-        else:
-            message = data
+        message = json.loads(raw)
         if isinstance(message, str):
             message = json.loads(message)
         headers = message.get("headers") or {}
     except _MALFORMED:
         return None
-    return TaskMessage(headers.get("task"), headers.get("id"), _args(message), routing_key)
+    return TaskMessage(headers.get("task"), headers.get("id"), _args(message))
 
 
 def _args(message: dict) -> list:
@@ -93,25 +82,6 @@ def depths(r: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
     lengths = pipe.execute()
     steps = len(PRIORITY_STEPS)
     return {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(queues)}
-
-
-def held_messages(r: redis.Redis) -> dict[str, list[dict]]:
-    """Messages delivered to workers and not yet acknowledged, by queue: [{request_id, task, since}]."""
-    held: dict[str, list[dict]] = {}
-    scored = cast(list[tuple[bytes | str, float]], r.zrange(UNACKED_INDEX, 0, -1, withscores=True))
-    index = {as_text(k): v for k, v in scored}
-    for tag, raw in r.hgetall(UNACKED).items():
-        message = decode(raw)
-        if message is None or message.routing_key is None:
-            continue  # not a Celery task message we understand
-        held.setdefault(message.routing_key, []).append(
-            {
-                "request_id": message.request_id if message.task else None,
-                "task": message.task,
-                "since": index.get(as_text(tag)),
-            }
-        )
-    return held
 
 
 def as_text(value: object) -> str:  # a Redis reply, from a decoding client or not

@@ -13,7 +13,6 @@ from common.settings import BrokerSettings
 
 RUN_JOB = "birefnet.run_job"
 DEFAULT_QUEUE = "webhooks"  # where a task sent without a queue would go (none is; the name is historic)
-UNACKED_MUTEX_SECONDS = 10  # one restore sweep takes milliseconds; a dead holder blocks redelivery this long
 
 
 def make_celery(settings: BrokerSettings, name: str = "birefnet") -> Celery:
@@ -25,21 +24,17 @@ def make_celery(settings: BrokerSettings, name: str = "birefnet") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # A job is acknowledged only once it is done; a worker that dies leaves it to be redelivered.
+        # A message leaves Redis when a worker pops it (no ack emulation below); acks_late keeps a warm
+        # shutdown's unstarted messages with the worker until it puts them back at close.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            # Redelivery of a killed worker's job after visibility_timeout; the restore sweep runs every
-            # unacked_restore_interval seconds (throttle 1: every sweep scans).
-            "visibility_timeout": settings.visibility_timeout,
-            "unacked_restore_interval": settings.unacked_restore_interval,
-            "unacked_restore_throttle": 1,
-            # kombu locks that sweep for 5 minutes by default, and a worker killed mid-sweep (SIGKILL, the
-            # watchdog's exit) keeps the lock: nothing would be redelivered until it expires.
-            "unacked_mutex_expire": UNACKED_MUTEX_SECONDS,
+            # No `unacked` hash and index per message (four commands per job, each carrying the body): a
+            # killed worker's job comes back from its record instead (common/state/orphans.py).
+            "ack_emulation": False,
             **broker.transport_options,
         },
         worker_hijack_root_logger=False,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
@@ -122,42 +120,11 @@ def async_redis_client(
     return _client(settings, aioredis.Redis, AsyncSentinel, decode_responses, options)
 
 
-class LeanQoS(kombu_redis.QoS):
-    """kombu's ack emulation, its bookkeeping unchanged (a delivered message waits in the unacked hash and
-    its index until acknowledged, and is restored after the visibility timeout), with the two writes of a
-    delivery (ZADD, HSET) and of an ack (ZREM, HDEL) sent as plain pipelines instead of MULTI/EXEC: four
-    commands less per task. Nothing reads the pair between its writes in a way a transaction would change:
-    the restore sweep only takes index entries older than the visibility timeout, and restores in a WATCHed
-    transaction of its own. A client dying with half a pipeline applied is the case kombu already has
-    between BRPOP and the delivery's writes (the message is gone: common/state/orphans.py sends it again)."""
-
-    @contextmanager
-    def pipe_or_acquire(self, pipe=None, client=None) -> Iterator:
-        if pipe is not None:
-            yield pipe
-        else:
-            with self.channel.conn_or_acquire(client) as acquired:
-                yield acquired.pipeline(transaction=False)
-
-
-class RedisChannel(kombu_redis.Channel):
-    QoS = LeanQoS
-
-
-class RedisTransport(kombu_redis.Transport):
-    Channel = RedisChannel
-
-
-REDIS_TRANSPORT = f"{__name__}:RedisTransport"
-
-
 class SentinelChannel(kombu_redis.SentinelChannel):
     """kombu's Sentinel channel, keeping its connection pool for the close after a lost connection: after
-    a failover kombu restores unacknowledged messages through a fresh pool built from connection details
-    that are gone by then (AttributeError, which Celery takes as fatal). The kept Sentinel-managed pool
-    asks the sentinels for the master at every new connection, so it serves the restore on the new master."""
-
-    QoS = LeanQoS
+    a failover kombu puts a worker's unstarted messages back through a fresh pool built from connection
+    details that are gone by then (AttributeError, which Celery takes as fatal). The kept Sentinel-managed
+    pool asks the sentinels for the master at every new connection, so it serves the restore there."""
 
     def _get_pool(self, asynchronous: bool = False):
         kept = self.__dict__.setdefault("_kept_pools", {})
@@ -178,7 +145,7 @@ SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 @dataclass(frozen=True)
 class BrokerOptions:
     """What Celery needs: `broker_url`, extra `broker_transport_options`, `broker_use_ssl`, and the kombu
-    transport (kombu's Redis transport with LeanQoS, plain or Sentinel)."""
+    transport (None: kombu's Redis transport, named by the URL; ours for Sentinel)."""
 
     url: str
     transport_options: dict
@@ -211,9 +178,7 @@ def celery_broker(settings: RedisSettings) -> BrokerOptions:
         )
     scheme = "rediss" if target.tls else "redis"
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return BrokerOptions(
-        f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl, REDIS_TRANSPORT
-    )
+    return BrokerOptions(f"{scheme}://{userinfo}{host}:{target.port}/{target.db}", {}, use_ssl)
 
 
 def wait_for_replicas(client: redis.Redis, settings: RedisSettings) -> None:

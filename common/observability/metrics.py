@@ -228,7 +228,6 @@ class QueueCollector(Collector):
             "queued_messages": ("birefnet_queue_messages", "Messages waiting in the variant's Celery queue."),
             "waiting_jobs": ("birefnet_queue_waiting_jobs", "Jobs IN_QUEUE for the variant."),
             "in_progress": ("birefnet_jobs_in_progress", "Jobs of the variant a worker is running."),
-            "reserved": ("birefnet_jobs_reserved", "Messages a worker holds without running them yet."),
         }
         for field, (name, doc) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=["variant"])

@@ -82,8 +82,12 @@ def running(variant: str) -> str:  # zset request id -> start, jobs workers run 
     return f"{PREFIX}running:{variant}"
 
 
-def orphan_scan(variant: str) -> str:  # lock: one worker at a time looks for lost messages
+def orphan_scan(variant: str) -> str:  # lock: one worker at a time looks for running jobs whose worker died
     return f"{PREFIX}orphans:{variant}"
+
+
+def orphan_queued_scan(variant: str) -> str:  # lock: the (rarer) look for waiting jobs whose message is gone
+    return f"{PREFIX}orphans:queued:{variant}"
 
 
 # --- admission limits (common.state.limits) and failed-auth throttle (gateway.throttle) ---

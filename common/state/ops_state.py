@@ -83,8 +83,7 @@ def unmark_running(r: redis.Redis, variant: str, request_id: str, pipe=None) -> 
 
 def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]]:
     """Jobs a worker is running, by variant: in a worker's running set *and* holding a live lease (a
-    killed worker's entry stays behind, but its lease expires). The broker's unacked messages are no
-    measure of this: a job outlasting the visibility timeout has its message restored while it runs."""
+    killed worker's entry stays behind, but its lease expires)."""
     variants = list(variants)
     pipe = r.pipeline()
     for variant in variants:
@@ -128,8 +127,8 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
     """{variant: queue figures} for the variants in `queues` ({variant: celery queue name}).
 
     `queued_messages` counts broker messages (what KEDA scales on), `waiting_jobs` the IN_QUEUE job
-    records; `in_progress` the jobs workers are running (see running_jobs), `reserved` messages workers
-    hold without running them (e.g. a redelivered copy waiting out a running job's lease).
+    records; `in_progress` the jobs workers are running (see running_jobs). Messages a worker has taken
+    and not started (prefetched) are in neither: they left Redis with the pop.
     """
     now = time.time() if now is None else now
     variants = list(queues)
@@ -147,7 +146,6 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
         pipe.hget(keys.job(rid), "created_at")
     created = dict(zip(heads, pipe.execute(), strict=True))
     running = running_jobs(r, variants)
-    held = broker.held_messages(r)
     paused = paused_variants(r)
     workers = live_workers(r)
 
@@ -156,7 +154,6 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
         oldest = [
             float(created[_text(rid)]) for rid in raw[3 * i + 1] + raw[3 * i + 2] if created[_text(rid)]
         ]
-        others = [m for m in held.get(queues[variant], []) if m["request_id"] not in running[variant]]
         serving = [w for w in workers if variant in w.get("variants", [])]
         out[variant] = {
             "queue": queues[variant],
@@ -165,7 +162,6 @@ def variant_snapshot(r: redis.Redis, queues: dict[str, str], now: float | None =
             "oldest_waiting_seconds": round(now - min(oldest), 3) if oldest else None,
             "in_progress": len(running[variant]),
             "in_progress_ids": running[variant],
-            "reserved": len(others),
             "paused": variant in paused,
             "paused_since": paused[variant]["at"] if variant in paused else None,
             "workers": sorted(w["name"] for w in serving),

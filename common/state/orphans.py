@@ -1,14 +1,24 @@
-"""Re-sending jobs whose broker message was lost.
+"""Sending again the jobs whose broker message is gone: the job records, not kombu, redeliver.
 
-Kombu's Redis transport moves a message from the queue list to its `unacked` hash in two steps; a worker
-killed between them loses the message. Workers therefore look for old IN_QUEUE jobs whose id is in
-neither, and send them again; a duplicate is harmless (a job is claimed once).
+The job queues run without kombu's ack emulation: a message leaves Redis when a worker pops it, so a worker
+killed while holding one (running it, or prefetched behind the job it runs) takes the message with it. A
+warm shutdown puts its unstarted messages back; a SIGKILL, an OOM kill or a lost host does not. Workers
+therefore look, one at a time per variant (a lock whose TTL sets the cadence), for
+
+- IN_PROGRESS jobs in the variant's running set whose lease key is gone (their worker died, or lost Redis
+  for a whole lease) and that have no message waiting: sent again, their claim finds the expired lease and
+  claims again (the attempt counts, so `max_attempts` dead-letters a job that kills its workers);
+- IN_QUEUE jobs older than `queued_age` with no message waiting (taken by a worker that died before
+  claiming them, or held in a dead worker's memory for a countdown retry).
+
+A duplicate is harmless: a job is claimed once, and a copy that finds the lease alive is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import cast
 
 from celery import Celery
@@ -22,42 +32,108 @@ from common.state.jobs import JobStore
 log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
+QUEUED_SCAN = 200  # IN_QUEUE jobs looked at per sweep, from the head of the queue (where a lost one ends up)
+_queued_tried: dict[str, float] = {}  # variant -> when this process last asked for the queued-scan lock
 
 
-def _ids_with_messages(store: JobStore, queues: list[str]) -> set[str] | None:
+@dataclass(frozen=True)
+class SweepTiming:
+    """Cadence and thresholds, all from the lease: a dead worker's job is found within `interval` of its
+    lease expiring (at most `lease` after the worker's last renewal)."""
+
+    lease: float  # job_lease_seconds
+    interval: float  # seconds between two sweeps of a variant
+    queued_age: float  # an IN_QUEUE job younger than this is left alone (its message may be in transit)
+
+    @classmethod
+    def from_lease(cls, lease_seconds: float) -> SweepTiming:
+        return cls(lease=lease_seconds, interval=max(1.0, lease_seconds / 6), queued_age=2.0 * lease_seconds)
+
+
+def _ids_with_messages(store: JobStore, queue: str) -> set[str] | None:
     r = store.redis
-    lists = [key for queue in queues for key in broker.queue_lists(queue)]
-    if sum(r.llen(key) for key in lists) + r.hlen(broker.UNACKED) > SCAN_LIMIT:
+    lists = broker.queue_lists(queue)
+    pipe = r.pipeline(transaction=False)
+    for key in lists:
+        pipe.llen(key)
+    if sum(pipe.execute()) > SCAN_LIMIT:
         return None
-    raws = [raw for key in lists for raw in r.lrange(key, 0, -1)] + r.hvals(broker.UNACKED)
+    pipe = r.pipeline(transaction=False)
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    raws = [raw for entries in pipe.execute() for raw in entries]
     return {rid for message in map(broker.decode, raws) if message and (rid := message.job_request_id)}
 
 
-def resend_orphans(store: JobStore, celery: Celery, variant: str, queue: str, *, min_age: float) -> list[str]:
-    """Send again the IN_QUEUE jobs of `variant` older than `min_age` seconds that have no message."""
-    lock = keys.orphan_scan(variant)
-    if not store.redis.set(lock, "1", nx=True, ex=max(5, int(min_age / 2))):
-        return []  # another worker just looked
-    cutoff = time.time() - min_age
-    candidates = []
-    for request_id in cast(
-        list[str], store.redis.zrange(keys.pending(variant), 0, 199)
-    ):  # a decoding client: str replies
-        record = store.get(request_id)
-        if record and record.status == Status.IN_QUEUE and record.created_at < cutoff:
-            candidates.append(record)
-    if not candidates:
+def _abandoned(store: JobStore, members: list[str]) -> list[str]:
+    """Of running-set members started (or last re-sent) over a lease ago: those whose lease key is gone and
+    whose record is still IN_PROGRESS."""
+    pipe = store.redis.pipeline(transaction=False)
+    for rid in members:
+        pipe.exists(keys.lease(rid))
+    gone = [rid for rid, alive in zip(members, pipe.execute(), strict=True) if not alive]
+    if not gone:
         return []
-    present = _ids_with_messages(store, [queue])
+    pipe = store.redis.pipeline(transaction=False)
+    for rid in gone:
+        pipe.hget(keys.job(rid), "status")
+    return [rid for rid, status in zip(gone, pipe.execute(), strict=True) if status == Status.IN_PROGRESS]
+
+
+def _stale_queued(store: JobStore, unlisted: list[str], cutoff: float) -> list[str]:
+    """Of waiting jobs with no message in the queue (most are in a worker's hands, about to be claimed):
+    those still IN_QUEUE and created before `cutoff`."""
+    pipe = store.redis.pipeline(transaction=False)
+    for rid in unlisted:
+        pipe.hmget(keys.job(rid), "status", "created_at")
+    return [
+        rid
+        for rid, (status, created) in zip(unlisted, pipe.execute(), strict=True)
+        if status == Status.IN_QUEUE and created and float(created) < cutoff
+    ]
+
+
+def resend_orphans(
+    store: JobStore, celery: Celery, variant: str, queue: str, timing: SweepTiming
+) -> list[str]:
+    """Send again the IN_PROGRESS jobs of `variant` whose worker died and the old IN_QUEUE ones, when they
+    have no message waiting; at most once per `timing.interval` for all workers together."""
+    if not store.redis.set(keys.orphan_scan(variant), "1", nx=True, px=int(timing.interval * 1000)):
+        return []  # another worker just looked
+    now = time.time()
+    suspects = cast(list[str], store.redis.zrangebyscore(keys.running(variant), "-inf", now - timing.lease))
+    abandoned = _abandoned(store, suspects) if suspects else []  # long jobs are suspects: leases first
+    waiting: list[str] = []
+    # Reading the queue lists costs Redis a pass over every waiting message: the waiting jobs are looked
+    # at once per queued_age / 2 only (each process asks for that lock no more often), and for the running
+    # ones only when one's lease is gone.
+    if now - _queued_tried.get(variant, 0.0) >= timing.queued_age / 2:
+        _queued_tried[variant] = now
+        if store.redis.set(keys.orphan_queued_scan(variant), "1", nx=True, px=int(timing.queued_age * 500)):
+            waiting = cast(list[str], store.redis.zrange(keys.pending(variant), 0, QUEUED_SCAN - 1))
+    if not abandoned and not waiting:
+        return []  # the usual answer
+    present = _ids_with_messages(store, queue)
     if present is None:
         return []
+    found, abandoned = abandoned, [rid for rid in abandoned if rid not in present]
+    unlisted = [rid for rid in waiting if rid not in present]
+    candidates = abandoned + (_stale_queued(store, unlisted, now - timing.queued_age) if unlisted else [])
     resent = []
-    for record in candidates:
-        if record.request_id not in present and store.status(record.request_id) == Status.IN_QUEUE:
-            send_job(celery, record.spec)
-            resent.append(record.request_id)
+    for request_id in candidates:
+        record = store.get(request_id)
+        if record is None or record.status not in (Status.IN_PROGRESS, Status.IN_QUEUE):
+            continue
+        if record.status == Status.IN_PROGRESS and store.redis.exists(keys.lease(request_id)):
+            continue  # claimed again meanwhile
+        send_job(celery, record.spec)
+        resent.append(request_id)
+    if found:
+        # Restart their clocks in the running set: the copy sent now (or waiting) has a lease's time to be
+        # claimed (it may wait behind a running job in a worker's prefetch) before another is sent.
+        store.redis.zadd(keys.running(variant), dict.fromkeys(found, now), xx=True)
     if resent:
         log.warning(
-            "re-sent %d job(s) of %s whose broker message was lost: %s", len(resent), variant, resent[:5]
+            "re-sent %d job(s) of %s whose broker message was gone: %s", len(resent), variant, resent[:5]
         )
     return resent

@@ -6,13 +6,11 @@ import json
 import time
 import uuid
 
-import kombu
 import pytest
 import redis
 from rich.console import Console
 from skimage import data as samples
 
-from common.adapters import broker
 from common.adapters.queue import make_celery, send_job
 from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
@@ -135,25 +133,6 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     console.print(render.status_view(data))
     text = console.export_text()
     assert "UNTRAINED" in text and "PAUSED" in text and "dead letters: 1" in text
-
-
-def test_a_message_held_but_not_running_counts_as_reserved(stack: Stack):
-    settings, r = stack.settings, client(stack)
-    request_id = submit(stack, "held/one.png")
-    with kombu.Connection(settings.redis_url) as conn:
-        queue = conn.SimpleQueue("birefnet.general-light", no_ack=False)
-        message = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
-        assert broker.held_messages(r)["birefnet.general-light"][0]["request_id"] == request_id
-        view = gather_status(r, settings)["variants"]["general-light"]
-        assert (view["queued_messages"], view["waiting_jobs"], view["reserved"], view["in_progress"]) == (
-            0,
-            1,
-            1,
-            0,
-        )
-        message.ack()
-        queue.close()
-    assert gather_status(r, settings)["variants"]["general-light"]["reserved"] == 0
 
 
 def status_of(stack: Stack, request_id: str) -> str | None:

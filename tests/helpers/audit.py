@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
@@ -120,26 +119,14 @@ def audit(stack: ChaosStack, submitted: Submitted, receiver: WebhookReceiver | N
 
 
 def job_of_message(raw: str | bytes) -> tuple[str | None, str | None]:
-    """(request id, task id) of a raw kombu message (a queue list entry or an unacked entry)."""
+    """(request id, task id) of a raw kombu message (a queue list entry)."""
     message = broker.decode(raw)
     if message is None or message.spec is None:
         return None, None
     return message.job_request_id, message.task_id
 
 
-def task_ids_of(r: redis.Redis, request_id: str) -> set[str]:
-    """Celery task ids of the broker messages for a job that workers hold right now."""
-    return {task for rid, task in map(job_of_message, r.hvals(broker.UNACKED)) if rid == request_id}
-
-
 def messages_of(r: redis.Redis, request_id: str, queue: str) -> int:
-    """Broker messages carrying the job: waiting in the queue's lists plus held by workers."""
+    """Broker messages carrying the job waiting in the queue's lists (a worker's are gone from Redis)."""
     waiting = [raw for name in broker.queue_lists(queue) for raw in r.lrange(name, 0, -1)]
-    held = r.hvals(broker.UNACKED)
-    return sum(job_of_message(raw)[0] == request_id for raw in [*waiting, *held])
-
-
-def deliveries_of_task(log_dir: Path, task_id: str) -> int:
-    """How many times workers received a message of this task (first delivery, redeliveries, retries)."""
-    needle = f"[{task_id}] received"
-    return sum(path.read_text(errors="replace").count(needle) for path in log_dir.glob("worker-*.log"))
+    return sum(job_of_message(raw)[0] == request_id for raw in waiting)

@@ -40,8 +40,6 @@ def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[st
             "BIREFNET_OUTPUT_BUCKET": f"out-{suffix}",
             "BIREFNET_VARIANT_OVERRIDES": json.dumps(TEST_VARIANTS),
             "BIREFNET_WEIGHTS_FALLBACK": "none",
-            "BIREFNET_VISIBILITY_TIMEOUT": "10",
-            "BIREFNET_UNACKED_RESTORE_INTERVAL": "1",
             "BIREFNET_JOB_LEASE_SECONDS": "6",
             "BIREFNET_SQS_WAIT_SECONDS": "1",
             "BIREFNET_TORCH_THREADS": "1",

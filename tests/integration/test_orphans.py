@@ -1,4 +1,5 @@
-"""A job whose broker message was lost is sent again; one that still has its message is not."""
+"""A job whose broker message is gone is sent again; one that still has its message, or whose worker still
+holds its lease, is not."""
 
 from __future__ import annotations
 
@@ -8,44 +9,96 @@ import uuid
 from common.adapters.queue import make_celery, send_job
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
+from common.state import keys, orphans
 from common.state.jobs import JobStore
-from common.state.orphans import resend_orphans
+from common.state.orphans import SweepTiming, resend_orphans
 from devstack.services import RedisServer
 
+QUEUE = "birefnet.general-light"
+TIMING = SweepTiming.from_lease(30)
 
-def test_lost_message_is_resent_once(redis_server: RedisServer):
+
+def _setup(redis_server: RedisServer):
     url = f"redis://127.0.0.1:{redis_server.port}/0"
     store = JobStore.from_url(url)
     store.redis.flushdb()
-    celery = make_celery(Settings(redis_url=url))
+    return store, make_celery(Settings(redis_url=url))
+
+
+def _job(store: JobStore, created_at: float) -> JobSpec:
+    rid = str(uuid.uuid4())
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        created_at=created_at,
+    )
+    store.create(spec)
+    return spec
+
+
+def _sweep(store: JobStore, celery, *, again: bool = True) -> list[str]:
+    if again:
+        store.redis.delete(keys.orphan_scan("general-light"), keys.orphan_queued_scan("general-light"))
+        orphans._queued_tried.clear()  # this process may ask for the queued-scan lock again
+    return resend_orphans(store, celery, "general-light", QUEUE, TIMING)
+
+
+def _queued_ids(store: JobStore) -> list[str]:
+    from common.adapters import broker
+
+    return [broker.decode(raw).job_request_id for raw in store.redis.lrange(QUEUE, 0, -1)]
+
+
+def test_lost_message_of_a_queued_job_is_resent_once(redis_server: RedisServer):
+    store, celery = _setup(redis_server)
     old = time.time() - 600
+    lost, queued = _job(store, old), _job(store, old)
+    _job(store, time.time())  # fresh: its message may be in a worker's hands still
+    send_job(celery, queued)
 
-    def job() -> JobSpec:
-        rid = str(uuid.uuid4())
-        spec = JobSpec(
-            request_id=rid,
-            variant="general-light",
-            image_url="s3://b/k.png",
-            params=JobParams(),
-            output_prefix=f"results/requests/{rid}/",
-            created_at=old,
-        )
-        store.create(spec)
-        return spec
+    assert _sweep(store, celery) == [lost.request_id], "only the old job without a message is sent again"
+    assert store.redis.llen(QUEUE) == 2
+    assert _sweep(store, celery, again=False) == [], "one look per period for all workers"
+    assert _sweep(store, celery) == [], "its message is in the queue now"
 
-    lost, queued, fresh = job(), job(), job()
-    send_job(celery, queued)  # still has its message
-    fresh_spec = fresh.model_copy(update={"created_at": time.time()})
-    store.redis.hset(keys.job(fresh.request_id), "created_at", repr(fresh_spec.created_at))
 
-    resent = resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60)
-    assert resent == [lost.request_id], "only the old job without a message is sent again"
-    assert store.redis.llen("birefnet.general-light") == 2
-    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], (
-        "one look per period"
-    )
-    store.redis.delete("birefnet:orphans:general-light")
-    assert resend_orphans(store, celery, "general-light", "birefnet.general-light", min_age=60) == [], (
-        "its message is in the queue now"
-    )
+def _running(store: JobStore, spec: JobSpec, started: float, *, lease: bool) -> None:
+    store.claim(spec.request_id, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    store.redis.zadd(keys.running(spec.variant), {spec.request_id: started})
+    if not lease:
+        store.redis.delete(keys.lease(spec.request_id))  # its worker died a lease ago
+
+
+def test_a_dead_workers_running_job_is_resent_and_claimed_again(redis_server: RedisServer):
+    store, celery = _setup(redis_server)
+    now = time.time()
+    dead, alive, young = _job(store, now - 100), _job(store, now - 100), _job(store, now - 5)
+    _running(store, dead, now - 60, lease=False)
+    _running(store, alive, now - 60, lease=True)  # a long job whose worker renews its lease
+    _running(store, young, now - 5, lease=False)  # started under a lease ago: not yet suspect
+
+    assert _sweep(store, celery) == [dead.request_id]
+    assert _queued_ids(store) == [dead.request_id]
+    assert _sweep(store, celery) == [], "its copy waits in the queue"
+    store.redis.delete(QUEUE)  # a worker popped the copy and holds it, unstarted, behind another job
+    assert _sweep(store, celery) == [], "the copy gets a lease's time to be claimed before another is sent"
+
+    outcome = store.claim(dead.request_id, dead.variant, "t2", lease_seconds=30, max_attempts=3, worker="w2")
+    assert outcome == "claimed" and store.get(dead.request_id).attempts == 2, "the attempt counts"
+
+
+def test_a_job_that_kills_every_worker_is_dead_lettered(redis_server: RedisServer):
+    store, celery = _setup(redis_server)
+    spec = _job(store, time.time() - 100)
+    for attempt in range(3):
+        token = f"t{attempt}"
+        assert store.claim(spec.request_id, spec.variant, token, lease_seconds=30, max_attempts=3, worker="w")
+        store.redis.delete(keys.lease(spec.request_id))
+        store.redis.zadd(keys.running(spec.variant), {spec.request_id: time.time() - 60})
+        assert _sweep(store, celery) == [spec.request_id]
+        store.redis.delete(QUEUE)
+    outcome = store.claim(spec.request_id, spec.variant, "t3", lease_seconds=30, max_attempts=3, worker="w")
+    assert outcome == "exhausted", "the runner then dead-letters it"

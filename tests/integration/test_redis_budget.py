@@ -3,9 +3,11 @@ commandstats, which counts the commands scripts run too), and Celery task events
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
+import kombu
 import redis
 
 from common.adapters.queue import make_celery
@@ -123,28 +125,33 @@ def test_the_completion_hands_its_webhook_to_the_deliverers(redis_server):
     assert f"{quiet.request_id}|0" not in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
 
 
-def test_a_delivered_task_waits_unacked_until_its_ack_without_transactions(redis_server):
-    import kombu
-
-    from common.adapters.redis_conn import celery_broker
-
+def test_a_delivered_job_message_costs_its_pop_only_and_an_unstarted_one_goes_back_at_close(redis_server):
+    """No ack emulation: the pop is the delivery (no `unacked` hash or index, nothing at the ack), and a
+    consumer closing with a message it has not acknowledged puts it back (a warm shutdown's prefetch)."""
     settings = Settings(redis_url=redis_server.url.replace("/0", "/9"))
     probe = redis.Redis.from_url(settings.redis_url)
     probe.flushdb()
-    broker = celery_broker(settings)
-    with kombu.Connection(broker.url, transport=broker.transport) as conn:
-        queue = kombu.Queue("lean-qos", routing_key="lean-qos")
+    app = make_celery(settings)
+    queue_name = "birefnet.no-ack-emulation"
+    with app.connection_for_write() as conn:
+        queue = kombu.Queue(queue_name, routing_key=queue_name)
         with conn.Producer() as producer:
-            producer.publish({"n": 1}, routing_key="lean-qos", declare=[queue])
+            producer.publish({"n": 1}, routing_key=queue_name, declare=[queue])
+            producer.publish({"n": 2}, routing_key=queue_name, declare=[queue])
         taken: list = []
-        with kombu.Consumer(conn.channel(), [queue], callbacks=[lambda body, message: taken.append(message)]):
+        channel = conn.channel()
+        channel.basic_qos(0, 2, False)
+        with kombu.Consumer(channel, [queue], callbacks=[lambda body, message: taken.append(message)]):
             before = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
             conn.drain_events(timeout=10)
-            assert (
-                taken and probe.hlen("unacked") == 1 and probe.zcard("unacked_index") == 1
-            )  # kept until acked
+            conn.drain_events(timeout=10)
             taken[0].ack()
             after = {k: int(v["calls"]) for k, v in probe.info("commandstats").items()}
-    assert probe.hlen("unacked") == 0 and probe.zcard("unacked_index") == 0
-    assert after.get("cmdstat_multi", 0) == before.get("cmdstat_multi", 0)
-    assert after.get("cmdstat_exec", 0) == before.get("cmdstat_exec", 0)
+            assert len(taken) == 2 and probe.llen(queue_name) == 0
+        channel.close()  # the second message was never acknowledged: it goes back
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    moved.pop("cmdstat_info", None)
+    assert set(moved) <= {"cmdstat_brpop"}, f"a delivery and its ack cost only the pop: {moved}"
+    assert not probe.exists("unacked", "unacked_index")
+    (back,) = [json.loads(raw) for raw in probe.lrange(queue_name, 0, -1)]
+    assert json.loads(base64.b64decode(back["body"])) == {"n": 2}, "the unacknowledged one is back"
