@@ -98,14 +98,15 @@ redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
 return 'cancelled'
 """
 
-# A new IN_QUEUE record and its queue entry, in one round trip. A normal-priority job queued ahead of
+# A new IN_QUEUE record and its queue entry, in one round trip; ARGV[9..]: more field/value pairs of the
+# record (`webhook_fields`). A normal-priority job queued ahead of
 # waiting low-priority ones moves their positions: only then are the queue's watchers told.
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], 'spec', ARGV[1]) == 0 then return 0 end
 local offset = tonumber(ARGV[6])
 local score = redis.call('INCR', KEYS[2]) + offset
 redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3], 'owner', ARGV[4],
-           'attempts', 0)
+           'attempts', 0, unpack(ARGV, 9))
 redis.call('ZADD', KEYS[3], score, ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if offset == 0 and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[8], '+inf') > 0 then
@@ -169,6 +170,16 @@ _RESET_FIELDS = (
     "webhook_delivered",
     "webhook_next",
 )
+
+
+def webhook_fields(spec: JobSpec) -> dict[str, str]:
+    """What the webhook deliverer needs of the spec, as record fields of their own: it reads them without
+    the spec, which may carry a data URI of up to 256 KB (common.state.webhooks.delivery_state)."""
+    if not spec.webhook_url:
+        return {}
+    # X-Fal-Webhook-User-Id: the key owner's user id (set by the gateway), else the job's owner.
+    user = str(spec.extra.get("user_id") or spec.owner or "system")
+    return {"webhook_url": spec.webhook_url, "webhook_user": user}
 
 
 def utc_timestamp() -> str:
@@ -268,6 +279,7 @@ class JobStore:
                     keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0,
                     spec.request_id,
                     keys.LOW_PRIORITY_OFFSET,
+                    *[item for pair in webhook_fields(spec).items() for item in pair],
                 ],
             )
         )
@@ -494,8 +506,9 @@ class JobStore:
 
     def restart_failed(self, request_id: str, *, webhook_attempts: int) -> Restart:
         """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, queued
-        again, its webhook bookings of up to `webhook_attempts` attempts cleared so the new outcome is
-        delivered. Only the record changes: the caller sends the returned spec to the broker."""
+        again, its webhook bookings and recorded attempts (up to `webhook_attempts` of them) cleared so
+        the new outcome is delivered. Only the record changes: the caller sends the returned spec to the
+        broker."""
         key = keys.job(request_id)
         with self.redis.pipeline() as pipe:
             while True:
@@ -511,17 +524,27 @@ class JobStore:
                     spec = record.spec.model_copy(update={"start_deadline": None})
                     score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
                     pipe.multi()
-                    pipe.hdel(key, *_RESET_FIELDS)
-                    pipe.hset(
+                    attempts = range(webhook_attempts)
+                    pipe.hdel(
                         key,
-                        mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()},
+                        *_RESET_FIELDS,
+                        keys.WEBHOOK_ATTEMPT_COUNT_FIELD,
+                        *[keys.webhook_attempt_field(n) for n in attempts],
                     )
+                    # (a record written before the webhook fields existed gets them)
+                    fresh: dict[FieldT, EncodableT] = {
+                        "status": Status.IN_QUEUE,
+                        "attempts": 0,
+                        "spec": spec.model_dump_json(),
+                    }
+                    for name, value in webhook_fields(spec).items():
+                        fresh[name] = value
+                    pipe.hset(key, mapping=fresh)
                     pipe.expire(key, self.record_ttl)
                     pipe.zadd(keys.pending(spec.variant), {request_id: score})
                     self.notify(request_id, spec.variant, pipe)
                     pipe.zrem(keys.DEADLETTER, request_id)
                     pipe.zrem(keys.WEBHOOK_FAILED, request_id)
-                    attempts = range(webhook_attempts)
                     pipe.zrem(keys.WEBHOOK_DUE, *[keys.webhook_booking(request_id, n) for n in attempts])
                     pipe.delete(*[keys.webhook_try(request_id, n) for n in attempts])
                     pipe.execute()
