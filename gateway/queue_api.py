@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import redis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
@@ -201,17 +200,12 @@ def make_submit(endpoint: Endpoint):
 async def submitted_answer(gw: Gateway, request: Request, submitted: Submitted) -> Response:
     """fal's submit answer: IN_QUEUE, the request's URLs and its queue position."""
     rid = submitted.request_id
-    try:
-        position = await gw.on_request(rid).aredis.zrank(keys.pending(submitted.variant), rid)
-    except redis.RedisError:
-        # The job is queued: answering 503 now would make the client submit it a second time.
-        position = None
     body = {
         "status": "IN_QUEUE",
         "request_id": rid,
         "gateway_request_id": rid,
         **request_urls(public_base(request, gw.settings), rid),
-        "queue_position": position or 0,
+        "queue_position": submitted.queue_position or 0,  # read when it was queued
     }
     return fal_json(body, request_id=rid)
 

@@ -76,22 +76,24 @@ def webhook_failures(r: redis.Redis, limit: int = 5) -> dict:
     failed_total = r.zcard(keys.WEBHOOK_FAILED)
     recent = []
     for request_id, failed_at in _newest_scored(r, keys.WEBHOOK_FAILED, limit):
-        last = r.lindex(keys.webhook_attempts(request_id), -1)
+        count = int(r.hget(keys.job(request_id), keys.WEBHOOK_ATTEMPT_COUNT_FIELD) or 0)
+        last = r.hget(keys.job(request_id), keys.webhook_attempt_field(count - 1)) if count else None
         attempt = json.loads(last) if last else {}
         recent.append(
             {
                 "request_id": request_id,
                 "failed_at": failed_at,
                 "webhook_url": _spec_field(r, request_id, "webhook_url"),
-                "attempts": r.llen(keys.webhook_attempts(request_id)),
+                "attempts": count,
                 "last_error": attempt.get("error"),
             }
         )
+    # A booked attempt after a failed one: a retry (a failure sets webhook_next; a 2xx ends the bookings).
     booked = {member.rpartition("|")[0] for member in cast(list[str], r.zrange(keys.WEBHOOK_DUE, 0, 9999))}
     pipe = r.pipeline()
     for request_id in booked:
-        pipe.lindex(keys.webhook_attempts(request_id), -1)
-    retrying = sum(1 for last in pipe.execute() if last and not json.loads(last).get("ok"))
+        pipe.hget(keys.job(request_id), "webhook_next")
+    retrying = sum(1 for next_attempt in pipe.execute() if int(next_attempt or 0) > 0)
     return {"failed": failed_total, "retrying": retrying, "recent_failures": recent}
 
 

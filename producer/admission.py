@@ -93,6 +93,7 @@ class Submitted:
     request_id: str
     variant: str
     rejected: bool  # invalid input: already COMPLETED with its error
+    queue_position: int | None = None  # when it was queued (0 = next); None: not queued by this call
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,14 @@ class Admission:
             raise QueueFull(spec.variant, self.settings.queue_full_retry_after)
         if prepare is not None and rejection is None:
             prepare()
-        created = self.store.create(spec)
+        # The record, its queue entry and the schedules' bookings (a queued job's only) in one round trip,
+        # with the queue position an API submit answers.
+        bookings = schedule if rejection is None else None
+        if principal is not None and rejection is None:
+            position = self.store.create_queued(spec, bookings)
+            created = position is not None
+        else:
+            position, created = None, self.store.create(spec, bookings)
         if rejection is not None:
             if created:
                 log.warning(
@@ -153,11 +161,6 @@ class Admission:
             record = self.store.get(spec.request_id)
             if record is None or record.status == "COMPLETED":
                 return Submitted(spec.request_id, spec.variant, rejected=False)
-        elif schedule:
-            pipe = self.store.redis.pipeline(transaction=False)  # independent entries: no MULTI/EXEC
-            for key, (member, due) in schedule.items():
-                pipe.zadd(key, {member: due})
-            pipe.execute()
         try:
             send_job(self.celery, spec)
         except Exception as exc:
@@ -167,7 +170,7 @@ class Admission:
             raise QueueUnreachable() from exc
         wait_for_replicas(self.store.redis, self.settings)  # with Sentinel: a failover now must not forget it
         log.info("job %s queued on %s", spec.request_id, spec.queue)
-        return Submitted(spec.request_id, spec.variant, rejected=False)
+        return Submitted(spec.request_id, spec.variant, rejected=False, queue_position=position)
 
     def _end(self, spec: JobSpec, error: JobError) -> None:
         fail_job(exc=error, settings=self.settings, store=self.store, objects=self.objects, spec=spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, cast
@@ -98,21 +99,28 @@ redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
 return 'cancelled'
 """
 
-# A new IN_QUEUE record and its queue entry, in one round trip. A normal-priority job queued ahead of
-# waiting low-priority ones moves their positions: only then are the queue's watchers told.
+# A new IN_QUEUE record, its queue entry and its bookings in schedules, in one round trip; answers false when
+# a record with this id exists, else its queue position (0 = next) when asked for, else -1. KEYS: record,
+# sequence, pending zset, queue channel, then the n schedules (sorted sets). ARGV[1..8]: spec, created_at,
+# variant, owner, TTL, priority offset, request id, the low-priority offset; ARGV[9]: '1' to answer the
+# position; ARGV[10]: n, then n (member, due) pairs, then more field/value pairs of the record
+# (`webhook_fields`). A normal-priority job queued ahead of waiting low-priority ones moves their positions:
+# only then are the queue's watchers told (nobody watches the new job's own channel before it is named).
 _CREATE = """
-if redis.call('HSETNX', KEYS[1], 'spec', ARGV[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'spec', ARGV[1]) == 0 then return false end
 local offset = tonumber(ARGV[6])
 local score = redis.call('INCR', KEYS[2]) + offset
+local n = tonumber(ARGV[10])
 redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3], 'owner', ARGV[4],
-           'attempts', 0)
+           'attempts', 0, unpack(ARGV, 11 + 2 * n))
 redis.call('ZADD', KEYS[3], score, ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+for i = 1, n do redis.call('ZADD', KEYS[4 + i], ARGV[10 + 2 * i], ARGV[9 + 2 * i]) end
 if offset == 0 and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[8], '+inf') > 0 then
   redis.call('PUBLISH', KEYS[4], '1')
-  redis.call('PUBLISH', KEYS[5], '1')
 end
-return 1
+if ARGV[9] == '1' then return redis.call('ZRANK', KEYS[3], ARGV[7]) end
+return -1
 """
 
 _POP_DUE = """
@@ -169,6 +177,16 @@ _RESET_FIELDS = (
     "webhook_delivered",
     "webhook_next",
 )
+
+
+def webhook_fields(spec: JobSpec) -> dict[str, str]:
+    """What the webhook deliverer needs of the spec, as record fields of their own: it reads them without
+    the spec, which may carry a data URI of up to 256 KB (common.state.webhooks.delivery_state)."""
+    if not spec.webhook_url:
+        return {}
+    # X-Fal-Webhook-User-Id: the key owner's user id (set by the gateway), else the job's owner.
+    user = str(spec.extra.get("user_id") or spec.owner or "system")
+    return {"webhook_url": spec.webhook_url, "webhook_user": user}
 
 
 def utc_timestamp() -> str:
@@ -248,29 +266,46 @@ class JobStore:
             target.execute()
 
     # --- creation and lookup ---
-    def create(self, spec: JobSpec) -> bool:
-        """Record a new IN_QUEUE job; False if a record with this id exists already."""
-        return bool(
-            self._create(
-                keys=[
-                    keys.job(spec.request_id),
-                    keys.SEQUENCE,
-                    keys.pending(spec.variant),
-                    keys.job_channel(spec.request_id),
-                    keys.queue_channel(spec.variant),
-                ],
-                args=[
-                    spec.model_dump_json(),
-                    repr(spec.created_at),
-                    spec.variant,
-                    spec.owner or "",
-                    self.record_ttl,
-                    keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0,
-                    spec.request_id,
-                    keys.LOW_PRIORITY_OFFSET,
-                ],
-            )
+    def create(self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None) -> bool:
+        """Record a new IN_QUEUE job, and book `schedule` (sorted set -> (member, due)) with it, in one round
+        trip; False (nothing written) if a record with this id exists already."""
+        return self._run_create(spec, schedule, answer_position=False) is not None
+
+    def create_queued(
+        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None
+    ) -> int | None:
+        """`create`, answering the new job's queue position (0 = next) in the same round trip; None if a
+        record with this id exists already."""
+        return self._run_create(spec, schedule, answer_position=True)
+
+    def _run_create(
+        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None, *, answer_position: bool
+    ) -> int | None:
+        bookings = list((schedule or {}).items())
+        reply = self._create(
+            keys=[
+                keys.job(spec.request_id),
+                keys.SEQUENCE,
+                keys.pending(spec.variant),
+                keys.queue_channel(spec.variant),
+                *[key for key, _ in bookings],
+            ],
+            args=[
+                spec.model_dump_json(),
+                repr(spec.created_at),
+                spec.variant,
+                spec.owner or "",
+                self.record_ttl,
+                keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0,
+                spec.request_id,
+                keys.LOW_PRIORITY_OFFSET,
+                "1" if answer_position else "0",
+                len(bookings),
+                *[item for _, (member, due) in bookings for item in (member, repr(due))],
+                *[item for pair in webhook_fields(spec).items() for item in pair],
+            ],
         )
+        return None if reply is None else int(reply)
 
     def ensure(self, spec: JobSpec) -> None:
         """Recreate a record lost with Redis data (the message carries the full spec)."""
@@ -494,8 +529,9 @@ class JobStore:
 
     def restart_failed(self, request_id: str, *, webhook_attempts: int) -> Restart:
         """Give a dead-lettered (or otherwise failed) job a fresh start: IN_QUEUE, attempts 0, queued
-        again, its webhook bookings of up to `webhook_attempts` attempts cleared so the new outcome is
-        delivered. Only the record changes: the caller sends the returned spec to the broker."""
+        again, its webhook bookings and recorded attempts (up to `webhook_attempts` of them) cleared so
+        the new outcome is delivered. Only the record changes: the caller sends the returned spec to the
+        broker."""
         key = keys.job(request_id)
         with self.redis.pipeline() as pipe:
             while True:
@@ -511,17 +547,27 @@ class JobStore:
                     spec = record.spec.model_copy(update={"start_deadline": None})
                     score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
                     pipe.multi()
-                    pipe.hdel(key, *_RESET_FIELDS)
-                    pipe.hset(
+                    attempts = range(webhook_attempts)
+                    pipe.hdel(
                         key,
-                        mapping={"status": Status.IN_QUEUE, "attempts": 0, "spec": spec.model_dump_json()},
+                        *_RESET_FIELDS,
+                        keys.WEBHOOK_ATTEMPT_COUNT_FIELD,
+                        *[keys.webhook_attempt_field(n) for n in attempts],
                     )
+                    # (a record written before the webhook fields existed gets them)
+                    fresh: dict[FieldT, EncodableT] = {
+                        "status": Status.IN_QUEUE,
+                        "attempts": 0,
+                        "spec": spec.model_dump_json(),
+                    }
+                    for name, value in webhook_fields(spec).items():
+                        fresh[name] = value
+                    pipe.hset(key, mapping=fresh)
                     pipe.expire(key, self.record_ttl)
                     pipe.zadd(keys.pending(spec.variant), {request_id: score})
                     self.notify(request_id, spec.variant, pipe)
                     pipe.zrem(keys.DEADLETTER, request_id)
                     pipe.zrem(keys.WEBHOOK_FAILED, request_id)
-                    attempts = range(webhook_attempts)
                     pipe.zrem(keys.WEBHOOK_DUE, *[keys.webhook_booking(request_id, n) for n in attempts])
                     pipe.delete(*[keys.webhook_try(request_id, n) for n in attempts])
                     pipe.execute()

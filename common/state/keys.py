@@ -129,8 +129,14 @@ WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ra
 WEBHOOK_READY = f"{PREFIX}webhook:ready"  # list of bookings to attempt now (the deliverers block on it)
 
 
-def webhook_attempts(request_id: str) -> str:  # list of the delivery attempts made
-    return f"{PREFIX}webhook:{request_id}"
+# The delivery attempts made are fields of the job's record (its TTL covers them): a count, and one JSON
+# entry per attempt number.
+WEBHOOK_ATTEMPT_COUNT_FIELD = "webhook_attempts"
+WEBHOOK_ATTEMPT_FIELD_PREFIX = "webhook_attempt:"
+
+
+def webhook_attempt_field(attempt: int) -> str:  # a record field: attempt `attempt`'s outcome (JSON)
+    return f"{WEBHOOK_ATTEMPT_FIELD_PREFIX}{attempt}"
 
 
 def webhook_booking(request_id: str, attempt: int) -> str:  # a WEBHOOK_DUE member
@@ -138,7 +144,7 @@ def webhook_booking(request_id: str, attempt: int) -> str:  # a WEBHOOK_DUE memb
 
 
 def webhook_try(request_id: str, attempt: int) -> str:  # taken by the one copy making the attempt
-    return f"{webhook_attempts(request_id)}:try:{attempt}"
+    return f"{PREFIX}webhook:{request_id}:try:{attempt}"
 
 
 # --- generated secrets and the replication marker ---

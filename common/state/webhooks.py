@@ -5,6 +5,7 @@ them. Every attempt is booked in the due zset: the first by the completion itsel
 the deliverers on the ready list), each retry by the failed attempt before it. A booking stays until its
 attempt's outcome is recorded, and the deliverer's pump hands out bookings as they fall due, so a
 deliverer dying after taking an attempt, or mid-attempt, leaves the attempt behind (its lock expires).
+Each attempt's outcome is a field of the job's record, written with the delivered (or next attempt) mark.
 """
 
 from __future__ import annotations
@@ -12,20 +13,79 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import cast
 
 import httpcore
+from redis.typing import EncodableT, FieldT
 
 from common.adapters.netguard import NetPolicy, guarded_pool, parse_http_url
 from common.domain.errors import JobError
+from common.domain.schemas import JobSpec
 from common.domain.signing import WebhookSigner
+from common.domain.status import Status
 from common.settings import DelivererSettings, FetchSettings, WebhookTimingSettings
 from common.state import keys
-from common.state.jobs import JobRecord, JobStore
+from common.state.jobs import JobRecord, JobStore, webhook_fields
 
 
-def error_summary(record: JobRecord) -> str | None:
+@dataclass(frozen=True)
+class Delivery:
+    """What an attempt needs of a job's record, read without its spec (`delivery_state`)."""
+
+    request_id: str
+    status: Status
+    result: dict | None
+    result_code: int | None
+    error: str | None
+    webhook_url: str | None
+    user_id: str  # X-Fal-Webhook-User-Id
+    delivered: bool  # an attempt got a 2xx
+    next_attempt: int  # the attempts before this one failed
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.COMPLETED and self.error is None
+
+
+_DELIVERY_FIELDS = (
+    "status",
+    "result",
+    "result_code",
+    "error",
+    "webhook_url",
+    "webhook_user",
+    "webhook_delivered",
+    "webhook_next",
+)
+
+
+def delivery_state(store: JobStore, request_id: str) -> Delivery | None:
+    """The record's fields an attempt needs, in one HMGET (the webhook's URL and user are fields of their
+    own since creation, so the spec stays in Redis); None without a record."""
+    key = keys.job(request_id)
+    values = cast(list[str | None], store.redis.hmget(key, _DELIVERY_FIELDS))  # a decoding client
+    raw = dict(zip(_DELIVERY_FIELDS, values, strict=True))
+    if raw["status"] is None:
+        return None
+    if raw["webhook_url"] is None:  # a record written before those fields existed: its spec has them
+        spec = cast(str | None, store.redis.hget(key, "spec"))
+        raw.update(webhook_fields(JobSpec.model_validate_json(spec)) if spec else {})
+    return Delivery(
+        request_id=request_id,
+        status=Status(raw["status"]),
+        result=json.loads(raw["result"]) if raw["result"] else None,
+        result_code=int(raw["result_code"]) if raw["result_code"] else None,
+        error=raw["error"] or None,
+        webhook_url=raw["webhook_url"] or None,
+        user_id=raw["webhook_user"] or "system",
+        delivered=raw["webhook_delivered"] == "1",
+        next_attempt=int(raw["webhook_next"] or 0),
+    )
+
+
+def error_summary(record: JobRecord | Delivery) -> str | None:
     """fal's `error` string: "Invalid status code: <code>" for 4xx, the message otherwise."""
     if record.ok:
         return None
@@ -33,7 +93,7 @@ def error_summary(record: JobRecord) -> str | None:
     return f"Invalid status code: {code}" if 400 <= code < 500 else (record.error or "Internal error")
 
 
-def build_payload(record: JobRecord) -> dict:
+def build_payload(record: JobRecord | Delivery) -> dict:
     return {
         "request_id": record.request_id,
         "gateway_request_id": record.request_id,
@@ -47,11 +107,6 @@ def encode_payload(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def webhook_user_id(record: JobRecord) -> str:
-    """X-Fal-Webhook-User-Id: the key owner's user id (set by the gateway), else the job's owner."""
-    return str(record.spec.extra.get("user_id") or record.spec.owner or "system")
-
-
 @dataclass
 class Attempt:
     attempt: int
@@ -62,20 +117,33 @@ class Attempt:
     final: bool = False  # no retry follows: the URL is refused by the network policy, or retries ran out
 
 
-def record_attempt(store: JobStore, request_id: str, attempt: Attempt, pipe=None) -> None:
-    """Append the attempt (on the caller's pipeline, if given: sent with its other writes)."""
-    key = keys.webhook_attempts(request_id)
-    target = pipe if pipe is not None else store.redis.pipeline(transaction=False)
-    target.rpush(key, json.dumps(asdict(attempt)))
-    target.expire(key, store.record_ttl)
+def attempt_fields(attempt: Attempt) -> dict[FieldT, EncodableT]:
+    """The record fields an attempt's outcome writes (in one HSET, under the record's TTL): its entry, the
+    count of attempts made, and delivered (a 2xx) or the next attempt's number (a later copy of this one is
+    stale)."""
+    fields: dict[FieldT, EncodableT] = {
+        keys.webhook_attempt_field(attempt.attempt): json.dumps(asdict(attempt)),
+        keys.WEBHOOK_ATTEMPT_COUNT_FIELD: attempt.attempt + 1,
+    }
     if attempt.ok:
-        target.hset(keys.job(request_id), "webhook_delivered", "1")
-    if pipe is None:
-        target.execute()
+        fields["webhook_delivered"] = "1"
+    else:
+        fields["webhook_next"] = attempt.attempt + 1
+    return fields
+
+
+def attempts_in(record_fields: Mapping[str, str]) -> list[dict]:
+    """The attempts recorded in a record's fields (an HGETALL reply), in attempt order."""
+    entries = [
+        (int(name.removeprefix(keys.WEBHOOK_ATTEMPT_FIELD_PREFIX)), value)
+        for name, value in record_fields.items()
+        if name.startswith(keys.WEBHOOK_ATTEMPT_FIELD_PREFIX)
+    ]
+    return [json.loads(value) for _, value in sorted(entries)]
 
 
 def list_attempts(store: JobStore, request_id: str) -> list[dict]:
-    return [json.loads(item) for item in store.redis.lrange(keys.webhook_attempts(request_id), 0, -1)]
+    return attempts_in(cast(dict[str, str], store.redis.hgetall(keys.job(request_id))))  # a decoding client
 
 
 def webhook_policy(settings: FetchSettings) -> NetPolicy:
@@ -158,13 +226,13 @@ class WebhookSender:
             keys.webhook_booking(request_id, attempt),
             keys.webhook_booking(request_id, attempt + 1),
         )
-        record = self.store.get(request_id)
+        record = delivery_state(self.store, request_id)
         if (
             record is None
             or not record.status.is_terminal
-            or not record.spec.webhook_url
-            or record.webhook_delivered
-            or record.webhook_next > attempt
+            or not record.webhook_url
+            or record.delivered
+            or record.next_attempt > attempt
         ):
             redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
@@ -177,9 +245,9 @@ class WebhookSender:
             return None
 
         body = encode_payload(build_payload(record))
-        headers = self.signer.headers(request_id, webhook_user_id(record), body)
+        headers = self.signer.headers(request_id, record.user_id, body)
         status_code, error = post(
-            record.spec.webhook_url, body, headers, self.settings.webhook_timeout, self.policy
+            record.webhook_url, body, headers, self.settings.webhook_timeout, self.policy
         )
         refused = error is not None and error.startswith(REFUSED_PREFIX)
         result = Attempt(
@@ -191,10 +259,8 @@ class WebhookSender:
             final=error is not None and (last or refused),
         )
         pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
-        record_attempt(self.store, request_id, result, pipe)  # (a success also marks the record delivered)
+        pipe.hset(keys.job(request_id), mapping=attempt_fields(result))
         pipe.zrem(keys.WEBHOOK_DUE, own)
-        if not result.ok:
-            pipe.hset(keys.job(request_id), "webhook_next", attempt + 1)  # a late copy of this one is stale
         if result.final:  # a refused URL stays refused: no retry
             pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
         elif not result.ok:
@@ -233,14 +299,15 @@ def failed_webhooks(store: JobStore, limit: int = 100) -> list[dict]:
     )  # a decoding client: str replies
     out = []
     for request_id, failed_at in entries:
-        record = store.get(request_id)
+        raw = cast(dict[str, str], store.redis.hgetall(keys.job(request_id)))  # a decoding client
+        spec = JobSpec.model_validate_json(raw["spec"]) if raw.get("spec") else None
         out.append(
             {
                 "request_id": request_id,
                 "failed_at": failed_at,
-                "webhook_url": record.spec.webhook_url if record else None,
-                "owner": record.spec.owner if record else None,
-                "attempts": list_attempts(store, request_id),
+                "webhook_url": spec.webhook_url if spec else None,
+                "owner": spec.owner if spec else None,
+                "attempts": attempts_in(raw),
             }
         )
     return out

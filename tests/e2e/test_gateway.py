@@ -165,6 +165,8 @@ def test_job_lifecycle_status_logs_stream_and_result(gs, alice, files):
     lifecycle = {"x-fal-object-lifecycle-preference": json.dumps({"expiration_duration_seconds": 900})}
     body = submit(alice, {"image_url": files.url("/slow.png"), "output_mask": True}, headers=lifecycle)
     rid = body["request_id"]
+    booked = redis.Redis.from_url(gs.settings.redis_url).zscore(keys.OUTPUTS, f"req:{rid}")
+    assert booked == pytest.approx(record(gs, rid).created_at + 900), "its files' deletion booked with it"
     events: list[str] = []
 
     def stream() -> None:
@@ -481,10 +483,14 @@ def test_request_timeout_expires_queued_request(gs, alice):
 @pytest.mark.timeout(240)
 def test_low_priority_runs_after_normal_and_queue_positions(gs, alice):
     order = ["low", "normal", "low", "normal", "normal"]
-    ids = [
-        submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Queue-Priority": p})["request_id"]
+    answers = [
+        submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY}, headers={"X-Fal-Queue-Priority": p})
         for p in order
     ]
+    ids = [answer["request_id"] for answer in answers]
+    # Each submit answers its position when queued: a normal job goes ahead of the waiting low ones.
+    at_submit = [answer["queue_position"] - answers[0]["queue_position"] for answer in answers]
+    assert at_submit == [0, 0, 2, 1, 2], at_submit
     positions = {rid: alice.get(f"{REQ}/{rid}/status").json()["queue_position"] for rid in ids}
     normal = [rid for rid, p in zip(ids, order, strict=True) if p == "normal"]
     low = [rid for rid, p in zip(ids, order, strict=True) if p == "low"]

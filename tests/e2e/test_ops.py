@@ -16,6 +16,7 @@ from common.adapters.storage import request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys, ops_state
 from common.state.jobs import JobStore
+from common.state.webhooks import Attempt, attempt_fields
 from ops import cli, control, render
 from ops.status import gather_status, percentile
 from producer.intake import build_intake
@@ -98,10 +99,8 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     )
     # Webhooks: one gave up after every retry, one is retrying after a failed attempt.
     for rid, member in (("hook-gone", None), ("hook-retry", "hook-retry|1")):
-        r.rpush(
-            keys.webhook_attempts(rid),
-            json.dumps({"attempt": 0, "at": now, "status_code": 500, "ok": False, "error": "HTTP 500"}),
-        )
+        failed = Attempt(attempt=0, at=now, status_code=500, ok=False, error="HTTP 500")
+        r.hset(keys.job(rid), mapping=attempt_fields(failed))  # as the deliverer records it
         if member:
             r.zadd(keys.WEBHOOK_DUE, {member: now + 30})
         else:
@@ -123,6 +122,7 @@ def test_status_counts_queues_workers_completions_and_failures(stack: Stack, cap
     assert data["untrained_variants"] == ["general-light"]
     assert data["webhooks"]["failed"] == 1 and data["webhooks"]["retrying"] == 1
     assert data["webhooks"]["recent_failures"][0]["last_error"] == "HTTP 500"
+    assert data["webhooks"]["recent_failures"][0]["attempts"] == 1
     assert data["deadletters"]["count"] == 1 and data["deadletters"]["entries"][0]["request_id"] == ids[2]
 
     # The command line prints the same data as JSON, and the tables flag untrained weights.

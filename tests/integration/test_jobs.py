@@ -54,6 +54,48 @@ def test_queue_positions_follow_submission_order_and_priority(store: JobStore):
     assert store.status(first.request_id) == "IN_PROGRESS"
 
 
+def calls(store: JobStore) -> dict[str, int]:
+    return {
+        name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in store.redis.info("commandstats").items()
+    }
+
+
+def test_a_submission_is_recorded_booked_and_placed_in_one_round_trip(store: JobStore):
+    low, first, second = make_spec(priority="low"), make_spec(), make_spec()
+    assert store.create_queued(low) == 0
+    listener = store.redis.pubsub()
+    listener.psubscribe(keys.EVENTS_PATTERN)
+    listener.get_message(timeout=1)
+    before = calls(store)
+    outputs = {keys.OUTPUTS: (f"req:{first.request_id}", 1234.5), keys.DEADLINES: (first.request_id, 99.0)}
+    assert store.create_queued(first, outputs) == 0, "a normal job goes ahead of a low-priority one"
+    used = {name: n - before.get(name, 0) for name, n in calls(store).items() if n > before.get(name, 0)}
+    # One script call (one round trip): the record, its queue entry and TTL, the two bookings, the notice of
+    # the overtaking and the position; as Redis counts them.
+    assert used == {
+        "evalsha": 1,
+        "hsetnx": 1,
+        "incr": 1,
+        "hset": 1,
+        "zadd": 3,
+        "expire": 1,
+        "zcount": 1,
+        "publish": 1,
+        "zrank": 1,
+        "info": 1,
+    }, used
+    assert store.redis.zscore(keys.OUTPUTS, f"req:{first.request_id}") == 1234.5
+    assert store.redis.zscore(keys.DEADLINES, first.request_id) == 99.0
+    assert store.queue_position(low.request_id, low.variant) == 1
+    heard = []
+    while (message := listener.get_message(timeout=0.5)) is not None:
+        heard.append(message["channel"])
+    assert heard == [keys.queue_channel(first.variant)], "the overtaken job's watchers hear it on the queue"
+    assert store.create_queued(second, {keys.OUTPUTS: (f"req:{second.request_id}", 1.0)}) == 1
+    assert store.create_queued(first, {keys.OUTPUTS: (f"req:{first.request_id}", 5.0)}) is None
+    assert store.redis.zscore(keys.OUTPUTS, f"req:{first.request_id}") == 1234.5, "a known id books nothing"
+
+
 def test_a_leased_job_is_not_run_twice_and_completes_once(store: JobStore):
     spec = make_spec()
     store.create(spec)

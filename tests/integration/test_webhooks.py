@@ -212,3 +212,47 @@ def test_an_attempt_whose_deliverer_died_is_made_once_its_lock_expires(store, re
     time.sleep(1.1)
     assert hooks.deliver(rid, 0).ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|0") is None
     assert [a["ok"] for a in list_attempts(store, rid)] == [True]
+
+
+def test_a_delivered_attempt_is_kept_in_the_record_in_four_commands_without_reading_the_spec(store, receiver):
+    hooks = sender(store)
+    rid = completed_job(store, receiver.url)
+    hooks.deliver(completed_job(store, receiver.url), 0)  # connections open
+    before = {name: int(stats["calls"]) for name, stats in store.redis.info("commandstats").items()}
+    assert hooks.deliver(rid, 0).ok
+    after = {name: int(stats["calls"]) for name, stats in store.redis.info("commandstats").items()}
+    used = {name.removeprefix("cmdstat_"): after[name] - before.get(name, 0) for name in after}
+    used = {name: n for name, n in used.items() if n and name != "info"}
+    # The record's delivery fields (HMGET), the attempt's lock (SET NX), the outcome with the delivered mark
+    # (one HSET) and the booking taken back (ZREM).
+    assert used == {"hmget": 1, "set": 1, "hset": 1, "zrem": 1}, used
+    assert [a["ok"] for a in list_attempts(store, rid)] == [True] and store.get(rid).webhook_delivered
+    assert store.redis.keys(f"birefnet:webhook:{rid}*") == [keys.webhook_try(rid, 0)], (
+        "no key of its own beside the lock"
+    )
+    assert 0 < store.redis.ttl(keys.job(rid)) <= store.record_ttl, "the record's TTL covers the attempts"
+
+
+def test_a_record_written_before_the_webhook_fields_existed_is_still_delivered(store, receiver):
+    hooks = sender(store)
+    rid = completed_job(store, receiver.url)
+    store.redis.hdel(keys.job(rid), "webhook_url", "webhook_user")  # as an older release recorded it
+    assert hooks.deliver(rid, 0).ok
+    assert receiver.received[-1].headers["X-Fal-Webhook-User-Id"] == "user-alice"
+
+
+def test_a_restarted_job_starts_its_webhook_afresh(store, receiver):
+    hooks = sender(store, webhook_max_retries=1)
+    rid = completed_job(store, receiver.url)
+    receiver.status_codes = [500, 500]
+    assert [hooks.deliver(rid, n).ok for n in range(2)] == [False, False]
+    assert len(list_attempts(store, rid)) == 2 and store.redis.zscore(keys.WEBHOOK_FAILED, rid) is not None
+    store.redis.hset(keys.job(rid), "error", "runner died")  # a failed outcome: ops may restart it
+    assert store.restart_failed(rid, webhook_attempts=3).spec is not None
+    assert list_attempts(store, rid) == [] and store.redis.zscore(keys.WEBHOOK_FAILED, rid) is None
+    record = store.get(rid)
+    assert record is not None and not record.webhook_delivered and record.webhook_next == 0
+    assert store.complete(rid, result={"image": {"url": "https://x/z.png"}}, webhook_due=time.time())
+    assert hooks.deliver(rid, 0).ok
+    assert [(a["attempt"], a["ok"]) for a in list_attempts(store, rid)] == [(0, True)]
+    assert json.loads(receiver.received[-1].body)["payload"] == {"image": {"url": "https://x/z.png"}}
