@@ -25,8 +25,8 @@ from common.domain.errors import JobError, RequestCancelled, RequestTimeout, Run
 from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import WorkerSettings
-from common.state.job_progress import job_finished, job_started
-from common.state.jobs import JobStore
+from common.state.job_progress import job_finished
+from common.state.jobs import Claim, JobStore
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
@@ -116,9 +116,8 @@ class JobRunner:
     def run(self, spec: JobSpec) -> Outcome:
         if self.health.tripped:  # stuck: take nothing more (the Celery task puts the message back)
             return Outcome("handback", f"worker is stuck: {self.health.reason}")
-        # For ops and metrics: the running set while it runs, then the completions stream and the stage
-        # histograms (timings come with `done` outcomes).
-        job_started(self.store, spec)
+        # For ops and metrics: the claim puts the job in the running set, the completion takes it out and
+        # appends to the completions stream; then the stage histograms (timings come with `done` outcomes).
         outcome = Outcome("retry", "raised")
         try:
             outcome = self._run_job(spec)
@@ -151,14 +150,16 @@ class JobRunner:
             )
 
         claim = claim_it()
-        if claim == "missing":  # the record was lost with Redis data: the message carries the whole spec
+        if (
+            claim.outcome == "missing"
+        ):  # the record was lost with Redis data: the message carries the whole spec
             self.store.ensure(spec)
             claim = claim_it()
-        if claim == "completed":
+        if claim.outcome == "completed":
             return Outcome("skipped", "already completed")
-        if claim == "leased":
+        if claim.outcome == "leased":
             return Outcome("defer", "another worker holds the lease")
-        if claim == "exhausted":
+        if claim.outcome == "exhausted":
             self.store.dead_letter(spec.request_id)
             last, last_type = self.store.last_error(spec.request_id)
             last = last or "worker stopped"
@@ -181,7 +182,7 @@ class JobRunner:
                 )
             self._end(spec, "", RunnerDisconnected(message))
             return Outcome("failed", "attempts exhausted")
-        if claim == "missing":
+        if claim.outcome == "missing":
             return Outcome("skipped", "job record missing")
 
         limit = self.settings.time_limit(spec.variant)
@@ -192,15 +193,15 @@ class JobRunner:
             with LeaseKeeper(
                 self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health
             ):
-                return self._run_leased(spec, token, deadline, limit)
+                return self._run_leased(spec, token, deadline, limit, claim)
         finally:
             with self._running_lock:
                 self.running.pop(spec.request_id, None)
 
-    def _run_leased(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
+    def _run_leased(self, spec: JobSpec, token: str, deadline: float, limit: float, claim: Claim) -> Outcome:
         try:
             try:
-                return self._run_claimed(spec, token, deadline, limit)
+                return self._run_claimed(spec, token, deadline, limit, claim)
             except JobError as exc:  # storing the error can meet an outage too: handled below
                 return self._fail(spec, token, exc)
             except (JobTimedOut, ForwardTimeout) as exc:
@@ -269,7 +270,7 @@ class JobRunner:
         self._end(spec, token, RequestCancelled())
         return True
 
-    def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
+    def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float, claim: Claim) -> Outcome:
         if spec.start_deadline and time.time() > spec.start_deadline:
             self._end(spec, token, RequestTimeout())
             return Outcome("failed", "start deadline passed")
@@ -287,13 +288,15 @@ class JobRunner:
         if spec.extra.get("video") is not None:
             from worker.video.job import run_video_job  # PyAV loads only where video jobs run
 
-            return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now)
+            return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now, claim)
         try:
-            return self._run_image(spec, token, deadline, ctx)
+            return self._run_image(spec, token, deadline, ctx, claim)
         finally:
             ctx.flush_quietly()
 
-    def _run_image(self, spec: JobSpec, token: str, deadline: float, ctx: JobContext) -> Outcome:
+    def _run_image(
+        self, spec: JobSpec, token: str, deadline: float, ctx: JobContext, claim: Claim
+    ) -> Outcome:
         """The image job's stages: fetch, decode, mask (network, cache or kept), render, upload."""
         params, predictor, settings = spec.params, ctx.predictor, self.settings
         ctx.log("loading image")
@@ -310,8 +313,7 @@ class JobRunner:
         with ctx.stage("decode"):
             rgb = decode_rgb(data, max_pixels=settings.max_input_pixels, max_side=settings.max_input_side)
         background = self._background(spec)
-        cancel, alone = self.store.run_flags(spec.request_id)  # one round trip for both
-        if cancel:
+        if claim.cancel_requested:  # a cancel came while an earlier run held the job
             self._end(spec, token, RequestCancelled())
             return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
@@ -328,7 +330,7 @@ class JobRunner:
                     size,
                     resolution=ctx.resolution,
                     weights=predictor.weights_description,
-                    compute=lambda: self._infer(spec, rgb, ctx.size, alone, deadline),
+                    compute=lambda: self._infer(spec, rgb, ctx.size, claim.run_alone, deadline),
                 )
             )
         mask = obtained[0]

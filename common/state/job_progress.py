@@ -24,14 +24,6 @@ class Completion:
     queue_wait: float | None
 
 
-def job_started(store: JobStore, spec: JobSpec) -> None:
-    """A worker took the job: it shows as running (ops, metrics) until `job_finished`."""
-    try:
-        ops_state.mark_running(store.redis, spec.variant, spec.request_id)
-    except Exception:
-        log.warning("could not mark job %s as running", spec.request_id, exc_info=True)
-
-
 def job_finished(
     store: JobStore,
     spec: JobSpec,

@@ -27,19 +27,28 @@ from common.state import keys
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
+# KEYS: record, lease, pending zset, job channel, queue channel, running set. ARGV: lease token, lease ms,
+# now, max attempts, request id, worker. One read of the record's fields; a claimed job is in its variant's
+# running set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on.
 _CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'COMPLETED' then return 'completed' end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'leased' end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone')
+local status = f[1]
+if not status then return {'missing'} end
+if status == 'COMPLETED' then return {'completed'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'leased'} end
+local attempts = (tonumber(f[2]) or 0) + 1
 redis.call('ZREM', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[4], '1')
 redis.call('PUBLISH', KEYS[5], '1')
-if attempts > tonumber(ARGV[4]) then return 'exhausted' end
+if attempts > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'attempts', attempts)
+  return {'exhausted'}
+end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6])
-return 'claimed'
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
+           'attempts', attempts)
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[5])
+return {'claimed', f[3] or '', f[4] or ''}
 """
 
 _RENEW = """
@@ -206,6 +215,16 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """What `JobStore.claim` found: its outcome and, for a claimed job, the flags its run acts on."""
+
+    outcome: ClaimOutcome
+    started_at: float  # the claim's time, the record's started_at when claimed
+    cancel_requested: bool = False  # a cancel came while an earlier run held the job
+    run_alone: bool = False  # the next run takes a forward by itself (JobStore.note_error)
+
+
+@dataclass(frozen=True)
 class Restart:
     """What `JobStore.restart_failed` found and did."""
 
@@ -343,18 +362,23 @@ class JobStore:
         lease_seconds: float,
         max_attempts: int,
         worker: str,
-    ) -> ClaimOutcome:
-        outcome = self._claim(
+    ) -> Claim:
+        """Take the job for a run (IN_QUEUE -> IN_PROGRESS, a lease, the running set), in one round trip."""
+        now = time.time()
+        reply = self._claim(
             keys=[
                 keys.job(request_id),
                 keys.lease(request_id),
                 keys.pending(variant),
                 keys.job_channel(request_id),
                 keys.queue_channel(variant),
+                keys.running(variant),
             ],
-            args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
+            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker],
         )
-        return outcome
+        outcome = cast(ClaimOutcome, reply[0])
+        flags = reply[1:] if outcome == "claimed" else ["", ""]
+        return Claim(outcome, now, cancel_requested=flags[0] == "1", run_alone=flags[1] == "1")
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[keys.lease(request_id)], args=[token, int(lease_seconds * 1000)]))
@@ -480,13 +504,6 @@ class JobStore:
             list[str | None], self.redis.hmget(keys.job(request_id), ["last_error", "last_error_type"])
         )  # decoding client
         return last, last_type
-
-    def run_flags(self, request_id: str) -> tuple[bool, bool]:
-        """(a cancel was requested, the next run takes a forward by itself), in one round trip."""
-        cancel, alone = cast(
-            list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"])
-        )
-        return cancel == "1", alone == "1"
 
     def dead_letter(self, request_id: str) -> None:
         """List a job whose attempts ran out (ops lists and requeues them)."""

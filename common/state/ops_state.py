@@ -60,10 +60,8 @@ def celery_node(worker_name: str) -> str:
 # --- running jobs ---
 
 
-def mark_running(r: redis.Redis, variant: str, request_id: str) -> None:
-    r.zadd(keys.running(variant), {request_id: time.time()})
-
-
+# A claim adds the job to its variant's running set (common.state.jobs, with the lease); the completion
+# takes it out.
 _PRUNE_EVERY = 60.0  # seconds between sweeps of a running set for entries left by killed workers
 _pruned: dict[str, float] = {}
 

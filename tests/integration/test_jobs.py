@@ -34,7 +34,7 @@ def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSp
 def claim(store: JobStore, spec: JobSpec, token: str = "t1", attempts: int = 3) -> str:
     return store.claim(
         spec.request_id, spec.variant, token, lease_seconds=5, max_attempts=attempts, worker="w"
-    )
+    ).outcome
 
 
 def test_queue_positions_follow_submission_order_and_priority(store: JobStore):

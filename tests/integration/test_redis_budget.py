@@ -35,7 +35,7 @@ def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
 def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.create(job)
     assert (
-        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w").outcome
         == "claimed"
     )
     store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
