@@ -26,7 +26,7 @@ from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import WorkerSettings
 from common.state.job_progress import job_finished
-from common.state.jobs import Claim, JobStore
+from common.state.jobs import Claim, Completed, JobStore, RunReport
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
@@ -81,6 +81,7 @@ class JobRunner:
         # Jobs running now: request id -> deadline of this run (time.monotonic()), for the watchdog.
         self.running: dict[str, float] = {}
         self._running_lock = threading.Lock()
+        self._ended: dict[str, Completed] = {}  # request id -> the completion its running run recorded
         self.store = store
         self.objects = objects
         self.celery = celery
@@ -89,15 +90,43 @@ class JobRunner:
         self.net_policy = NetPolicy.from_settings(settings)
         self.masks = MaskSource(settings, store, objects)
 
-    def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
-        return finish_job(
-            settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token, **kwargs
+    def _finish(self, spec: JobSpec, token: str, **kwargs) -> Completed | None:
+        run = (kwargs.get("extra") or {}).get("timings", {}).get("total")
+        completed = finish_job(
+            settings=self.settings,
+            store=self.store,
+            objects=self.objects,
+            spec=spec,
+            token=token,
+            report=self.report("done", run),
+            **kwargs,
         )
+        self.ended(spec.request_id, completed)
+        return completed
 
-    def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
-        return fail_job(
-            exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token
+    def _end(self, spec: JobSpec, token: str, exc: JobError) -> Completed | None:
+        outcome = "cancelled" if isinstance(exc, RequestCancelled) else "failed"
+        completed = fail_job(
+            exc=exc,
+            settings=self.settings,
+            store=self.store,
+            objects=self.objects,
+            spec=spec,
+            token=token,
+            report=self.report(outcome),
         )
+        self.ended(spec.request_id, completed)
+        return completed
+
+    def report(self, outcome: str, run_seconds: float | None = None) -> RunReport:
+        """The completions-stream entry of a run of this worker that ends its job (`outcome`: its kind)."""
+        return RunReport(outcome, self.worker_name, run_seconds, self.settings.ops_completions_kept)
+
+    def ended(self, request_id: str, completed: Completed | None) -> None:
+        """Note the completion a run recorded: `run` hands it to job_finished (metrics) once it returns."""
+        if completed is not None:
+            with self._running_lock:
+                self._ended[request_id] = completed
 
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():
@@ -123,14 +152,9 @@ class JobRunner:
             outcome = self._run_job(spec)
             return outcome
         finally:
-            completion = job_finished(
-                self.store,
-                spec,
-                outcome.kind,
-                outcome.timings,
-                worker=self.worker_name,
-                keep=self.settings.ops_completions_kept,
-            )
+            with self._running_lock:
+                completed = self._ended.pop(spec.request_id, None)
+            completion = job_finished(self.store, spec, outcome.kind, completed)
             count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
 
     def _run_job(self, spec: JobSpec) -> Outcome:

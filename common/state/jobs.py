@@ -56,23 +56,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, log entries
-# count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, logs
-# list, webhook schedule, job channel, queue channel, webhook ready list. One round trip ends a job:
-# outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so it exists iff the
-# job completed) and its hand-off to the deliverers, and the change notices.
+# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at,
+# the run report (outcome, '' for none; worker; run seconds; entries kept; error type; variant), log
+# entries count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset,
+# logs list, webhook schedule, job channel, queue channel, webhook ready list, running set, completions
+# stream. One round trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with
+# the completion, so it exists iff the job completed) and its hand-off to the deliverers, the change
+# notices, and the ops state (out of the running set, the completions stream entry). Returns the record's
+# created and started times (the worker's metrics), or 0 when the job was not completed by this call.
 _COMPLETE = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at')
+local status, created, started = f[1], f[2], f[3]
 if (not status) or status == 'COMPLETED' then return 0 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7 + n))
+local n = tonumber(ARGV[13])
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
-if status ~= 'IN_PROGRESS' then redis.call('ZREM', KEYS[3], ARGV[2]) end  -- a claim already took it off
+if status == 'IN_PROGRESS' then
+  redis.call('ZREM', KEYS[9], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
+else
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
 if n > 0 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n))
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
 if ARGV[4] ~= '' then
@@ -81,7 +89,15 @@ if ARGV[4] ~= '' then
 end
 redis.call('PUBLISH', KEYS[6], '1')
 redis.call('PUBLISH', KEYS[7], '1')
-return 1
+if ARGV[7] ~= '' then
+  local wait, latency = '', ''
+  if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
+  if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
+  redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
+             'outcome', ARGV[7], 'error_type', ARGV[11], 'worker', ARGV[8], 'queue_wait', wait,
+             'run', ARGV[9], 'latency', latency)
+end
+return {1, created or '', started or ''}
 """
 
 _REQUEUE = """
@@ -222,6 +238,32 @@ class Claim:
     started_at: float  # the claim's time, the record's started_at when claimed
     cancel_requested: bool = False  # a cancel came while an earlier run held the job
     run_alone: bool = False  # the next run takes a forward by itself (JobStore.note_error)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The completions-stream entry (what ops and metrics read) a worker's completion appends."""
+
+    outcome: str  # the runner's Outcome kind: done, failed or cancelled
+    worker: str
+    run_seconds: float | None = None
+    keep: int = 100_000  # entries the stream keeps (approximately)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A completion this call recorded, with the record's times (the worker's queue-wait metric)."""
+
+    created_at: float | None
+    started_at: float | None
+    error_type: str = ""
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from created to started, if both are known."""
+        if self.created_at is None or self.started_at is None:
+            return None
+        return self.started_at - self.created_at
 
 
 @dataclass(frozen=True)
@@ -410,16 +452,19 @@ class JobStore:
         variant: str | None = None,
         logs: list[str] | None = None,
         webhook_due: float | None = None,
-    ) -> bool:
-        """Record the outcome; True only for the one call that completed the job. `variant` (else read
-        from the record), `logs` (`log_entry` lines appended with it) and `webhook_due` (book the first
-        webhook attempt at this time) ride along in the same round trip."""
+        report: RunReport | None = None,
+    ) -> Completed | None:
+        """Record the outcome; a Completed only for the one call that completed the job (None otherwise).
+        `variant` (else read from the record), `logs` (`log_entry` lines appended with it), `webhook_due`
+        (book the first webhook attempt at this time) and `report` (a worker's completions-stream entry)
+        ride along in the same round trip, which also takes the job out of its running set."""
         if variant is None:
             variant = (
                 cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""
             )  # a decoding client
+        completed_at = repr(time.time())
         fields: dict[str, str | int] = {
-            "completed_at": repr(time.time()),
+            "completed_at": completed_at,
             "result": json.dumps(result),
             "result_code": result_code,
             "error": error or "",
@@ -430,29 +475,43 @@ class JobStore:
         flat = [item for pair in fields.items() for item in pair]
         lines = logs or []
         booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
-        return bool(
-            self._complete(
-                keys=[
-                    keys.job(request_id),
-                    keys.lease(request_id),
-                    keys.pending(variant),
-                    keys.logs(request_id),
-                    keys.WEBHOOK_DUE,
-                    keys.job_channel(request_id),
-                    keys.queue_channel(variant),
-                    keys.WEBHOOK_READY,
-                ],
-                args=[
-                    token,
-                    request_id,
-                    self.record_ttl,
-                    booking,
-                    webhook_due or 0,
-                    len(lines),
-                    *lines,
-                    *flat,
-                ],
-            )
+        reported: list[str | int] = ["", "", "", 0]
+        if report is not None:
+            run = "" if report.run_seconds is None else f"{report.run_seconds:.4f}"
+            reported = [report.outcome, report.worker, run, report.keep]
+        reply = self._complete(
+            keys=[
+                keys.job(request_id),
+                keys.lease(request_id),
+                keys.pending(variant),
+                keys.logs(request_id),
+                keys.WEBHOOK_DUE,
+                keys.job_channel(request_id),
+                keys.queue_channel(variant),
+                keys.WEBHOOK_READY,
+                keys.running(variant),
+                keys.COMPLETIONS,
+            ],
+            args=[
+                token,
+                request_id,
+                self.record_ttl,
+                booking,
+                webhook_due or 0,
+                completed_at,
+                *reported,
+                error_type or "",
+                variant,
+                len(lines),
+                *lines,
+                *flat,
+            ],
+        )
+        if not reply:
+            return None
+        _, created, started = reply
+        return Completed(
+            float(created) if created else None, float(started) if started else None, error_type or ""
         )
 
     def send_webhook(self, request_id: str, safety_due: float) -> None:

@@ -12,7 +12,7 @@ from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
 from common.domain.errors import JobError
 from common.domain.schemas import JobSpec
 from common.settings import GatewaySettings, ProducerSettings, WorkerSettings
-from common.state.jobs import JobStore
+from common.state.jobs import Completed, JobStore, RunReport
 from common.state.webhooks import first_attempt_due
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,11 @@ def finish_job(
     inference_time: float | None = None,
     extra: dict | None = None,
     logs: list[str] | None = None,
-) -> bool:
-    """Store the outcome once; returns True for the call that completed the job. `logs`: the last stage's
-    log lines (`jobs.log_entry`), stored with the outcome."""
+    report: RunReport | None = None,
+) -> Completed | None:
+    """Store the outcome once; a Completed for the call that completed the job, else None. `logs`: the last
+    stage's log lines (`jobs.log_entry`), stored with the outcome; `report`: a worker's completions-stream
+    entry."""
     if objects is not None and not spec.params.sync_mode:
         objects.write_json(
             settings.output_bucket,
@@ -59,15 +61,16 @@ def finish_job(
         variant=spec.variant,
         logs=logs,
         webhook_due=first_attempt_due(settings) if spec.webhook_url else None,
+        report=report,
     )
-    if done:
+    if done is not None:
         wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
-    if not done:
+    else:
         log.info("job %s was already completed elsewhere; outcome discarded", spec.request_id)
     return done
 
 
-def fail_job(*, exc: JobError, **kwargs) -> bool:
+def fail_job(*, exc: JobError, **kwargs) -> Completed | None:
     """End the job with the error's own body and status."""
     return finish_job(
         body=exc.body(), code=exc.status_code, error=exc.message, error_type=exc.error_type, **kwargs

@@ -15,7 +15,7 @@ from common.adapters.queue import make_celery
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
+from common.state import keys, ops_state
 from common.state.jobs import JobRecord, JobStore
 from tests.helpers.hooked_worker import HooksForTests, install, install_forward_hook
 from tests.helpers.images import data_uri, png_bytes
@@ -127,6 +127,32 @@ def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
     assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= stored
     assert not harness.store.redis.exists(keys.lease(spec.request_id)), "the lease is released"
     assert spec.request_id not in harness.runner.running_jobs()
+
+
+def completions_of(h: Harness, spec: JobSpec) -> list[dict]:
+    return [e for e in ops_state.read_completions(h.store.redis, 0) if e["request_id"] == spec.request_id]
+
+
+def running_ids(h: Harness) -> list[str]:
+    return ops_state.running_jobs(h.store.redis, [VARIANT])[VARIANT]
+
+
+def test_ops_see_a_job_running_while_it_runs_and_one_completion_after(harness: Harness):
+    spec = harness.job()
+    during: list[list[str]] = []
+    harness.during_forward.append(lambda: during.append(running_ids(harness)))
+    assert harness.runner.run(spec).kind == "done"
+    assert during == [[spec.request_id]], "running (in the running set, with a live lease) during its forward"
+    assert spec.request_id not in running_ids(harness)
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None
+    [entry] = completions_of(harness, spec)
+    assert (entry["outcome"], entry["worker"], entry["variant"], entry["error_type"]) == (
+        "done",
+        "test-runner:1",
+        VARIANT,
+        "",
+    )
+    assert float(entry["run"]) > 0 and float(entry["queue_wait"]) >= 0 and float(entry["latency"]) > 0
 
 
 def test_an_existing_result_for_the_same_input_is_reused(harness: Harness):
@@ -285,6 +311,10 @@ def test_a_lost_lease_discards_the_outcome(harness: Harness):
     assert record.status == "IN_PROGRESS" and record.result is None, (
         "the lease holder's job, not completed by us"
     )
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is not None, (
+        "still running for ops: the lease holder runs it"
+    )
+    assert completions_of(harness, spec) == [], "no completion recorded for an outcome discarded"
 
 
 # --- retried ------------------------------------------------------------------------------------------
@@ -319,6 +349,8 @@ def test_a_stuck_batcher_hands_the_job_to_another_worker(harness: Harness):
         "the attempt is refunded"
     )
     assert "handed to another worker" in " ".join(e["message"] for e in harness.store.logs(spec.request_id))
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None, "no longer running"
+    assert completions_of(harness, spec) == []
 
 
 def test_an_s3_outage_retries_with_the_attempt_refunded(harness: Harness):

@@ -11,8 +11,8 @@ import redis
 from common.adapters.queue import make_celery
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
-from common.state.jobs import JobStore, log_entry
+from common.state import keys, ops_state
+from common.state.jobs import JobStore, RunReport, log_entry
 
 
 def commands(client: redis.Redis) -> int:
@@ -46,6 +46,7 @@ def run_one(store: JobStore, job: JobSpec) -> None:
         variant=job.variant,
         logs=[log_entry("uploading"), log_entry("done in 0.10s")],
         webhook_due=123.0 if job.webhook_url else None,
+        report=RunReport("done", "w", 0.1, keep=1000),
     )
 
 
@@ -57,9 +58,10 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     before = commands(probe)
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
-    # Counted with what the scripts run: create 7, claim 9, a stage's logs 3, completion 12 (with the
-    # webhook's hand-off to the deliverers; the queue entry already went with the claim).
-    assert used <= 31, used
+    # Counted with what the scripts run, the worker's whole path: create 7, claim 9 (with the running set),
+    # a stage's logs 3, completion 14 (with the webhook's hand-off to the deliverers, out of the running
+    # set and the completions-stream entry; the queue entry already went with the claim).
+    assert used <= 33, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
@@ -72,6 +74,11 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") == 123.0
     assert 0 < store.redis.ttl(keys.job(job.request_id)) <= store.record_ttl
     assert 0 < store.redis.ttl(keys.logs(job.request_id)) <= store.record_ttl
+    # The ops state: out of the running set, one completions entry with ops' fields.
+    assert store.redis.zscore(keys.running(job.variant), job.request_id) is None
+    entry = ops_state.read_completions(store.redis, 0)[-1]
+    assert entry["request_id"] == job.request_id and entry["outcome"] == "done" and entry["worker"] == "w"
+    assert entry["run"] == "0.1000" and float(entry["queue_wait"]) >= 0 and float(entry["latency"]) > 0
 
 
 def test_a_second_completion_changes_nothing_and_books_nothing(redis_server):

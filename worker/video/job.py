@@ -291,9 +291,14 @@ def run_video_job(
         try:
             if segment:
                 frames = _run_segment(run)
-                runner.store.complete(
-                    spec.request_id, token=token, result={"frames": frames}, extra={"timings": run.timings}
+                completed = runner.store.complete(
+                    spec.request_id,
+                    token=token,
+                    result={"frames": frames},
+                    extra={"timings": run.timings},
+                    report=runner.report("done", run.timings.get("total")),
                 )
+                runner.ended(spec.request_id, completed)
                 return Outcome("done", timings=run.timings)
             run.log(
                 f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
@@ -314,7 +319,13 @@ def run_video_job(
             if not segment:
                 runner._end(spec, token, RequestCancelled())
             else:
-                runner.store.complete(spec.request_id, token=token, result={"cancelled": True})
+                completed = runner.store.complete(
+                    spec.request_id,
+                    token=token,
+                    result={"cancelled": True},
+                    report=runner.report("cancelled"),
+                )
+                runner.ended(spec.request_id, completed)
             return Outcome("cancelled")
         if runner._cancelled(spec, token):
             return Outcome("cancelled")
