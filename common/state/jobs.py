@@ -27,8 +27,8 @@ from common.state import keys
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
-# KEYS: record, lease, pending zset, job channel, queue channel, running set. ARGV: lease token, lease ms,
-# now, max attempts, request id, worker. One read of the record's fields; a claimed job is in its variant's
+# KEYS: record, lease, pending zset, job channel, running set. ARGV: lease token, lease ms, now, max
+# attempts, request id, worker, variant. One read of the record's fields; a claimed job is in its variant's
 # running set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on.
 _CLAIM = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone')
@@ -38,8 +38,7 @@ if status == 'COMPLETED' then return {'completed'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'leased'} end
 local attempts = (tonumber(f[2]) or 0) + 1
 redis.call('ZREM', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[4], '1')
-redis.call('PUBLISH', KEYS[5], '1')
+redis.call('PUBLISH', KEYS[4], ARGV[7])  -- the job changed, and its queue's order
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempts', attempts)
   return {'exhausted'}
@@ -47,7 +46,7 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
            'attempts', attempts)
-redis.call('ZADD', KEYS[6], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
 return {'claimed', f[3] or '', f[4] or ''}
 """
 
@@ -57,13 +56,14 @@ return 0
 """
 
 # ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at,
-# the run report (outcome, '' for none; worker; run seconds; entries kept; error type; variant), log
+# the run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log
 # entries count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset,
-# logs list, webhook schedule, job channel, queue channel, webhook ready list, running set, completions
-# stream. One round trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with
-# the completion, so it exists iff the job completed) and its hand-off to the deliverers, the change
-# notices, and the ops state (out of the running set, the completions stream entry). Returns the record's
-# created and started times (the worker's metrics), or 0 when the job was not completed by this call.
+# logs list, webhook schedule, job channel, webhook ready list, running set, completions stream. One round
+# trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so
+# it exists iff the job completed) and its hand-off to the deliverers, its change notice (naming the
+# variant when a queued job left its queue), and the ops state (out of the running set, the completions
+# stream entry). Returns the record's created and started times (the worker's metrics), or 0 when the job
+# was not completed by this call.
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at')
 local status, created, started = f[1], f[2], f[3]
@@ -74,10 +74,12 @@ local n = tonumber(ARGV[13])
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
+local moved = ''  -- the variant, when the queue's order changes too
 if status == 'IN_PROGRESS' then
-  redis.call('ZREM', KEYS[9], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
+  redis.call('ZREM', KEYS[8], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
 else
   redis.call('ZREM', KEYS[3], ARGV[2])
+  moved = ARGV[12]
 end
 if n > 0 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n))
@@ -85,15 +87,14 @@ if n > 0 then
 end
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
-  redis.call('LPUSH', KEYS[8], ARGV[4])
+  redis.call('LPUSH', KEYS[7], ARGV[4])
 end
-redis.call('PUBLISH', KEYS[6], '1')
-redis.call('PUBLISH', KEYS[7], '1')
+redis.call('PUBLISH', KEYS[6], moved)
 if ARGV[7] ~= '' then
   local wait, latency = '', ''
   if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
   if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
-  redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
              'outcome', ARGV[7], 'error_type', ARGV[11], 'worker', ARGV[8], 'queue_wait', wait,
              'run', ARGV[9], 'latency', latency)
 end
@@ -299,14 +300,12 @@ class JobStore:
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 
     def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
-        """Tell waiting callers (gateway status streams and sync runs) that the job, and with `variant`
-        its queue, changed. Two PUBLISHes in one round trip (or on the caller's pipeline)."""
-        target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        target.publish(keys.job_channel(request_id), "1")
-        if variant:
-            target.publish(keys.queue_channel(variant), "1")
-        if pipe is None:
-            target.execute()
+        """Tell waiting callers (gateway status streams and sync runs) that the job changed, and with
+        `variant` that its queue's order changed too: one PUBLISH on the job's channel whose message is the
+        variant (else empty), sent now or on the caller's pipeline. gateway.push wakes the job's watchers
+        and, for a variant, that queue's."""
+        target = pipe if pipe is not None else self.redis
+        target.publish(keys.job_channel(request_id), variant or "")
 
     # --- creation and lookup ---
     def create(self, spec: JobSpec) -> bool:
@@ -413,10 +412,9 @@ class JobStore:
                 keys.lease(request_id),
                 keys.pending(variant),
                 keys.job_channel(request_id),
-                keys.queue_channel(variant),
                 keys.running(variant),
             ],
-            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker],
+            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker, variant],
         )
         outcome = cast(ClaimOutcome, reply[0])
         flags = reply[1:] if outcome == "claimed" else ["", ""]
@@ -487,7 +485,6 @@ class JobStore:
                 keys.logs(request_id),
                 keys.WEBHOOK_DUE,
                 keys.job_channel(request_id),
-                keys.queue_channel(variant),
                 keys.WEBHOOK_READY,
                 keys.running(variant),
                 keys.COMPLETIONS,
