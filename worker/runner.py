@@ -150,12 +150,14 @@ class JobRunner:
         outcome = Outcome("retry", "raised")
         try:
             outcome = self._run_job(spec)
-            return outcome
         finally:
             with self._running_lock:
                 completed = self._ended.pop(spec.request_id, None)
+            if completed is not None and completed.cancelled and outcome.kind in ("done", "failed"):
+                outcome = Outcome("cancelled", "cancelled while it ran: its completion recorded the cancel")
             completion = job_finished(self.store, spec, outcome.kind, completed)
             count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
+        return outcome
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         token = uuid.uuid4().hex
@@ -363,7 +365,9 @@ class JobRunner:
             log.info("job %s: %s", spec.request_id, mask.detail)
         if mask.batch_size > 1:
             ctx.log(f"ran in a batch of {mask.batch_size}")
-        if self._cancelled(spec, token):
+        # A cancel is honoured by the completion in any case; reading the flag again (one command) saves the
+        # render and upload, worth it only once the claim's reading of it is `cancel_check_interval` old.
+        if time.time() - claim.started_at >= settings.cancel_check_interval and self._cancelled(spec, token):
             return Outcome("cancelled")
 
         with ctx.stage("render"):

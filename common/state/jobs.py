@@ -27,9 +27,15 @@ from common.state import keys
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
+
 # KEYS: record, lease, pending zset, job channel, running set. ARGV: lease token, lease ms, now, max
 # attempts, request id, worker, variant. One read of the record's fields; a claimed job is in its variant's
 # running set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on.
+def _lua_string(text: str) -> str:
+    """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
+    return json.dumps(text)
+
+
 _CLAIM = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone')
 local status = f[1]
@@ -62,16 +68,26 @@ return 0
 # trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so
 # it exists iff the job completed) and its hand-off to the deliverers, its change notice (naming the
 # variant when a queued job left its queue), and the ops state (out of the running set, the completions
-# stream entry). Returns the record's created and started times (the worker's metrics), or 0 when the job
-# was not completed by this call.
+# stream entry). A cancel requested while the job ran is honoured here: fal's cancelled outcome (what
+# `cancel` records for a queued job) is recorded instead of the one given. Returns {1, or 2 when it recorded
+# the cancel; the record's created and started times (the worker's metrics)}, or 0 when this call did not
+# complete the job.
+_CANCELLED = RequestCancelled()
 _COMPLETE = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at')
+local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested')
 local status, created, started = f[1], f[2], f[3]
 if (not status) or status == 'COMPLETED' then return 0 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[13])
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
+local ended, outcome, error_type = 1, ARGV[7], ARGV[11]
+if f[4] == '1' then  -- a cancel requested while it ran: fal's cancelled outcome, as `cancel` records it
+  ended, outcome, error_type = 2, 'cancelled', CANCELLED_TYPE
+  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', 'completed_at', ARGV[6], 'result', CANCELLED_BODY,
+             'result_code', CANCELLED_CODE, 'error', CANCELLED_MESSAGE, 'error_type', error_type)
+else
+  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
 local moved = ''  -- the variant, when the queue's order changes too
@@ -95,11 +111,18 @@ if ARGV[7] ~= '' then
   if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
   if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
-             'outcome', ARGV[7], 'error_type', ARGV[11], 'worker', ARGV[8], 'queue_wait', wait,
+             'outcome', outcome, 'error_type', error_type, 'worker', ARGV[8], 'queue_wait', wait,
              'run', ARGV[9], 'latency', latency)
 end
-return {1, created or '', started or ''}
+return {ended, created or '', started or ''}
 """
+for _name, _value in {
+    "CANCELLED_BODY": json.dumps(_CANCELLED.body()),
+    "CANCELLED_CODE": str(_CANCELLED.status_code),
+    "CANCELLED_MESSAGE": _CANCELLED.message,
+    "CANCELLED_TYPE": _CANCELLED.error_type,
+}.items():
+    _COMPLETE = _COMPLETE.replace(_name, _lua_string(_value))
 
 _REQUEUE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -258,6 +281,7 @@ class Completed:
     created_at: float | None
     started_at: float | None
     error_type: str = ""
+    cancelled: bool = False  # a cancel requested while the job ran was recorded instead of the outcome given
 
     @property
     def queue_wait(self) -> float | None:
@@ -452,7 +476,8 @@ class JobStore:
         webhook_due: float | None = None,
         report: RunReport | None = None,
     ) -> Completed | None:
-        """Record the outcome; a Completed only for the one call that completed the job (None otherwise).
+        """Record the outcome (fal's cancelled one instead if a cancel was requested while the job ran); a
+        Completed only for the one call that completed the job (None otherwise).
         `variant` (else read from the record), `logs` (`log_entry` lines appended with it), `webhook_due`
         (book the first webhook attempt at this time) and `report` (a worker's completions-stream entry)
         ride along in the same round trip, which also takes the job out of its running set."""
@@ -506,9 +531,13 @@ class JobStore:
         )
         if not reply:
             return None
-        _, created, started = reply
+        ended, created, started = reply
+        cancelled = ended == 2
         return Completed(
-            float(created) if created else None, float(started) if started else None, error_type or ""
+            float(created) if created else None,
+            float(started) if started else None,
+            _CANCELLED.error_type if cancelled else error_type or "",
+            cancelled,
         )
 
     def send_webhook(self, request_id: str, safety_due: float) -> None:

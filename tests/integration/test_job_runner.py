@@ -286,7 +286,10 @@ def test_cancelled_before_it_runs(harness: Harness):
     assert not forwards, "no forward for a job cancelled before it ran"
 
 
-def test_cancelled_while_it_runs(harness: Harness):
+def test_cancelled_while_it_runs(stack: Stack):
+    """With the flag read again before rendering (its last reading is older than cancel_check_interval),
+    the run stops there: no outputs are stored."""
+    harness = make_harness(stack, cancel_check_interval=0)
     spec = harness.job()
     cancels: list[str] = []
     harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
@@ -298,6 +301,30 @@ def test_cancelled_while_it_runs(harness: Harness):
         .list_objects_v2(Bucket=harness.settings.output_bucket, Prefix=spec.output_prefix + "cutout")
         .get("Contents")
     )
+
+
+def test_a_cancel_soon_after_the_claim_is_recorded_by_the_completion(harness: Harness):
+    """Within cancel_check_interval of the claim the flag is not read again: the job runs to its end, and
+    its completion records fal's cancelled outcome instead of the result (one completion, one webhook)."""
+    assert harness.settings.cancel_check_interval >= 1.0
+    spec = harness.job(webhook_url="http://127.0.0.1:9/hook")
+    cancels: list[str] = []
+    harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
+    reads: list[str] = []
+    read_flag = harness.store.cancel_requested
+    harness.store.cancel_requested = lambda rid: reads.append(rid) or read_flag(rid)  # type: ignore[method-assign]
+    assert harness.runner.run(spec).kind == "cancelled"
+    assert cancels == ["requested"]
+    assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
+    assert harness.record(spec).result == {
+        "detail": "Request was cancelled",
+        "error_type": "client_cancelled",
+    }
+    [entry] = completions_of(harness, spec)
+    assert (entry["outcome"], entry["error_type"]) == ("cancelled", "client_cancelled")
+    assert harness.store.redis.zscore(keys.WEBHOOK_DUE, f"{spec.request_id}|0") is not None, "its webhook"
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None
+    assert reads == [], "no read of the cancel flag before rendering"
 
 
 # --- lease lost ---------------------------------------------------------------------------------------

@@ -90,6 +90,26 @@ def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
     assert store.cancel(running.request_id) == "requested" and store.cancel_requested(running.request_id)
     assert store.cancel(queued.request_id) == "already_completed"
     assert store.cancel(str(uuid.uuid4())) == "not_found"
+    # The running job's completion records the cancel instead of its result, as the cancel of a queued job.
+    completed = store.complete(running.request_id, token="t1", result={"image": "x"}, variant=running.variant)
+    assert completed is not None and completed.cancelled and completed.error_type == "client_cancelled"
+    ended = store.get(running.request_id)
+    assert (ended.result, ended.result_code, ended.error, ended.error_type) == (
+        record.result,
+        499,
+        record.error,
+        "client_cancelled",
+    )
+    assert store.complete(running.request_id, token="t1", result={}) is None, "completed once"
+    done = make_spec()
+    store.create(done)
+    claim(store, done)
+    completed = store.complete(done.request_id, token="t1", result={"image": "x"}, variant=done.variant)
+    assert (
+        completed is not None
+        and not completed.cancelled
+        and store.get(done.request_id).result == {"image": "x"}
+    )
 
 
 def test_logs_are_fal_shaped(store: JobStore):
