@@ -28,9 +28,11 @@ ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
 
-# KEYS: record, lease, pending zset, job channel, running set. ARGV: lease token, lease ms, now, max
-# attempts, request id, worker, variant. One read of the record's fields; a claimed job is in its variant's
-# running set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on.
+# KEYS: record, lease, pending zset, job channel, running set, logs list. ARGV: lease token, lease ms, now,
+# max attempts, request id, worker, variant, record TTL. One read of the record's fields; a claimed job is
+# in its variant's running set (ops, metrics) for as long as its lease, and the claim returns the run flags
+# the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to lines an
+# earlier run left, the completion to all.
 def _lua_string(text: str) -> str:
     """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
     return json.dumps(text)
@@ -53,6 +55,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
            'attempts', attempts)
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+redis.call('EXPIRE', KEYS[6], ARGV[8])
 return {'claimed', f[3] or '', f[4] or ''}
 """
 
@@ -97,10 +100,8 @@ else
   redis.call('ZREM', KEYS[3], ARGV[2])
   moved = ARGV[12]
 end
-if n > 0 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n))
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
+if n > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n)) end
+redis.call('EXPIRE', KEYS[4], ARGV[3])  -- also the lines runs appended without a TTL
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
   redis.call('LPUSH', KEYS[7], ARGV[4])
@@ -401,16 +402,19 @@ class JobStore:
         return self.redis.zcard(keys.pending(variant))
 
     # --- logs ---
-    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
-        self.log_many(request_id, [log_entry(message, level)])
+    def log(self, request_id: str, message: str, level: str = "INFO", *, expire: bool = False) -> None:
+        self.log_many(request_id, [log_entry(message, level)], expire=expire)
 
-    def log_many(self, request_id: str, entries: list[str]) -> None:
-        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one."""
+    def log_many(self, request_id: str, entries: list[str], *, expire: bool = False) -> None:
+        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one.
+        The list gets its TTL from the job's claim and its completion (a run's lines come between them);
+        `expire`: here too, for lines written outside a run (ops)."""
         if not entries:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(keys.logs(request_id), *entries)
-        pipe.expire(keys.logs(request_id), self.record_ttl)
+        if expire:
+            pipe.expire(keys.logs(request_id), self.record_ttl)
         self.notify(request_id, pipe=pipe)
         pipe.execute()
 
@@ -437,8 +441,18 @@ class JobStore:
                 keys.pending(variant),
                 keys.job_channel(request_id),
                 keys.running(variant),
+                keys.logs(request_id),
             ],
-            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker, variant],
+            args=[
+                token,
+                int(lease_seconds * 1000),
+                repr(now),
+                max_attempts,
+                request_id,
+                worker,
+                variant,
+                self.record_ttl,
+            ],
         )
         outcome = cast(ClaimOutcome, reply[0])
         flags = reply[1:] if outcome == "claimed" else ["", ""]

@@ -112,6 +112,20 @@ def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
     )
 
 
+def test_log_lines_of_a_run_get_their_ttl_from_the_claim_and_the_completion(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    assert claim(store, spec) == "claimed"
+    store.log(spec.request_id, "loading image")  # a stage's lines: RPUSH and PUBLISH only
+    assert store.redis.ttl(keys.logs(spec.request_id)) == -1
+    store.redis.delete(keys.lease(spec.request_id))  # the worker died; its job is delivered again
+    assert claim(store, spec, token="t2") == "claimed"
+    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the next claim sets it"
+    store.redis.persist(keys.logs(spec.request_id))
+    assert store.complete(spec.request_id, token="t2", result={}, variant=spec.variant)
+    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the completion sets it"
+
+
 def test_logs_are_fal_shaped(store: JobStore):
     spec = make_spec()
     store.create(spec)
