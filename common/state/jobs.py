@@ -31,15 +31,16 @@ CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_foun
 # KEYS: record, lease, pending zset, job channel, running set, logs list. ARGV: lease token, lease ms, now,
 # max attempts, request id, worker, variant, record TTL. One read of the record's fields; a claimed job is
 # in its variant's running set (ops, metrics) for as long as its lease, and the claim returns the run flags
-# the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to lines an
-# earlier run left, the completion to all.
+# the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to the lines an
+# earlier run left (no command on a first claim: EXPIRE cannot give a list that does not exist yet its
+# TTL), the completion to all.
 def _lua_string(text: str) -> str:
     """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
     return json.dumps(text)
 
 
 _CLAIM = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone')
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'started_at')
 local status = f[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' then return {'completed'} end
@@ -55,7 +56,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
            'attempts', attempts)
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
-redis.call('EXPIRE', KEYS[6], ARGV[8])
+if f[5] then redis.call('EXPIRE', KEYS[6], ARGV[8]) end  -- an earlier run's lines
 return {'claimed', f[3] or '', f[4] or ''}
 """
 

@@ -59,11 +59,11 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
     # Counted with what the scripts run, the worker's whole path (no command of its own besides these):
-    # create 7; claim 9 (one HMGET of status, attempts and run flags; the running set; the logs' TTL);
+    # create 7; claim 8 (one HMGET of status, attempts and run flags; the running set);
     # a stage's logs 2 (RPUSH, PUBLISH); completion 13 (outcome and TTLs, lease, out of the running set,
     # the last lines, the webhook's booking and hand-off to the deliverers, one change notice, the
     # completions-stream entry; the queue entry already went with the claim).
-    assert used <= 31, used
+    assert used <= 30, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
