@@ -176,9 +176,7 @@ class JobRunner:
             )
 
         claim = claim_it()
-        if (
-            claim.outcome == "missing"
-        ):  # the record was lost with Redis data: the message carries the whole spec
+        if claim.outcome == "missing":  # the record was lost with Redis data: the message has the whole spec
             self.store.ensure(spec)
             claim = claim_it()
         if claim.outcome == "completed":
@@ -325,6 +323,9 @@ class JobRunner:
     ) -> Outcome:
         """The image job's stages: fetch, decode, mask (network, cache or kept), render, upload."""
         params, predictor, settings = spec.params, ctx.predictor, self.settings
+        if claim.cancel_requested:  # a cancel came while an earlier run held the job: nothing to fetch
+            self._end(spec, token, RequestCancelled())
+            return Outcome("cancelled")
         ctx.log("loading image")
         with ctx.stage("fetch"):
             data = fetch_input(
@@ -339,9 +340,6 @@ class JobRunner:
         with ctx.stage("decode"):
             rgb = decode_rgb(data, max_pixels=settings.max_input_pixels, max_side=settings.max_input_side)
         background = self._background(spec)
-        if claim.cancel_requested:  # a cancel came while an earlier run held the job
-            self._end(spec, token, RequestCancelled())
-            return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
         size = (rgb.shape[1], rgb.shape[0])
