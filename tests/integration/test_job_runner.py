@@ -316,10 +316,12 @@ def test_a_cancel_soon_after_the_claim_is_recorded_by_the_completion(harness: Ha
     assert harness.runner.run(spec).kind == "cancelled"
     assert cancels == ["requested"]
     assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
-    assert harness.record(spec).result == {
-        "detail": "Request was cancelled",
-        "error_type": "client_cancelled",
-    }
+    cancelled_body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
+    assert harness.record(spec).result == cancelled_body
+    document = harness.runner.objects.read_json(
+        harness.settings.output_bucket, spec.output_prefix + RESULT_DOCUMENT
+    )
+    assert document == cancelled_body, "the result document says what the record says"
     [entry] = completions_of(harness, spec)
     assert (entry["outcome"], entry["error_type"]) == ("cancelled", "client_cancelled")
     assert harness.store.redis.zscore(keys.WEBHOOK_DUE, f"{spec.request_id}|0") is not None, "its webhook"
