@@ -4,7 +4,9 @@ State changes are Lua scripts, so a cancel, a claim by a worker and a completion
 moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL the running worker renews), so a
 redelivered copy of a job whose lease is alive is deferred, never run twice, and one whose lease expired
 (its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
-holder) is recorded, so a job gets exactly one result and one webhook.
+holder) is recorded, so a job gets exactly one result and one webhook (fal's cancelled one when a cancel
+was requested while it ran). The claim and the completion also keep the ops state (running set,
+completions stream) and send the job's one change notice, so a worker's job costs no other command.
 """
 
 from __future__ import annotations
@@ -28,17 +30,17 @@ ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
 
+def _lua_string(text: str) -> str:
+    """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
+    return json.dumps(text)
+
+
 # KEYS: record, lease, pending zset, job channel, running set, logs list. ARGV: lease token, lease ms, now,
 # max attempts, request id, worker, variant, record TTL. One read of the record's fields; a claimed job is
 # in its variant's running set (ops, metrics) for as long as its lease, and the claim returns the run flags
 # the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to the lines an
 # earlier run left (no command on a first claim: EXPIRE cannot give a list that does not exist yet its
 # TTL), the completion to all.
-def _lua_string(text: str) -> str:
-    """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
-    return json.dumps(text)
-
-
 _CLAIM = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'started_at')
 local status = f[1]
