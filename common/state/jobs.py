@@ -6,7 +6,7 @@ redelivered copy of a job whose lease is alive is deferred, never run twice, and
 (its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
 holder) is recorded, so a job gets exactly one result and one webhook (fal's cancelled one when a cancel
 was requested while it ran). The claim and the completion also keep the ops state (running set,
-completions stream) and send the job's one change notice, so a worker's job costs no other command.
+completions stream) and send the job's one change notice: the worker sends no command of its own for these.
 """
 
 from __future__ import annotations
