@@ -55,7 +55,7 @@ def row(args: argparse.Namespace) -> dict:
     predictor = Predictor(spec, settings)
     predictor.load()
     res = args.resolution
-    store = SimpleNamespace(run_flags=lambda _rid: (False, False), cancel_requested=lambda _rid: False)
+    store = SimpleNamespace(cancel_requested=lambda _rid: False)
     batcher = MaskBatcher(predictor, max_size=args.batch, wait_seconds=0.005)
     runner = SimpleNamespace(
         settings=settings,

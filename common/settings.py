@@ -595,6 +595,14 @@ class WorkerOptions(VariantSettings):
         "another worker; after max_job_attempts: 504 request_timeout, dead-lettered), and a worker whose "
         "inference thread is stuck that long hands its jobs back and exits for its supervisor to replace.",
     )
+    cancel_check_interval: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds after which a running image job reads its cancel flag again before rendering "
+        "(one Redis command). A cancel requested more recently is still honoured: the completion records "
+        "fal's cancelled outcome instead of the result; only the render and upload are not saved. "
+        "0: read it before every render.",
+    )
     worker_metrics_port: int = Field(
         9100, description="Port of a worker's Prometheus /metrics (0: off). A busy port is logged, not fatal."
     )

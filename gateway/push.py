@@ -1,7 +1,10 @@
 """Push, not polling, for callers that wait: one Redis pub/sub subscription per gateway process.
 
-`JobStore` publishes on `birefnet:events:job:<id>` and `birefnet:events:queue:<variant>`; the hub
-pattern-subscribes once and wakes that job's (or queue's) local waiters, which then read the record once.
+`JobStore` publishes one notice per transition on `birefnet:events:job:<id>`, whose message is the job's
+variant when its queue's order changed too (a claim, a queued job completed, cancelled or requeued) and
+empty otherwise; a new job that moves others in its queue is told on `birefnet:events:queue:<variant>`.
+The hub pattern-subscribes once and wakes that job's local waiters and, for a variant, that queue's; they
+then read the record once.
 While the subscription is down waiters re-read every `gateway_push_fallback_poll` s (and all once it is
 back); `gateway_push_recheck` is the safety net for a change that did not go through `JobStore`."""
 
@@ -18,6 +21,10 @@ import redis.asyncio as aioredis
 from common.state import keys
 
 log = logging.getLogger(__name__)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Watch:
@@ -89,11 +96,16 @@ class JobEvents:
             for watch in watchers:
                 watch.changed.set()
 
-    def _dispatch(self, channel: str) -> None:
-        kind, _, name = channel[len(keys.EVENTS_PREFIX) :].partition(":")
-        index = self._by_job if kind == "job" else self._by_queue if kind == "queue" else {}
-        for watch in index.get(name, ()):
-            watch.changed.set()
+    def _dispatch(self, channel: str | bytes, data: str | bytes) -> None:
+        """A job's notice wakes its watchers and, when it names a variant, that queue's watchers."""
+        kind, _, name = _text(channel)[len(keys.EVENTS_PREFIX) :].partition(":")
+        woken = [self._by_job.get(name, ())] if kind == "job" else []
+        queue = name if kind == "queue" else _text(data) if kind == "job" else ""
+        if queue:
+            woken.append(self._by_queue.get(queue, ()))
+        for watchers in woken:
+            for watch in watchers:
+                watch.changed.set()
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -110,7 +122,7 @@ class JobEvents:
                         self._ready.set()
                         self._wake_all()  # anything published while we were not subscribed
                     elif message["type"] == "pmessage":
-                        self._dispatch(message["channel"])
+                        self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except (redis.RedisError, OSError) as exc:

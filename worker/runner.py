@@ -25,8 +25,8 @@ from common.domain.errors import JobError, RequestCancelled, RequestTimeout, Run
 from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import WorkerSettings
-from common.state.job_progress import job_finished, job_started
-from common.state.jobs import JobStore
+from common.state.job_progress import job_finished
+from common.state.jobs import Claim, Completed, JobStore, RunReport
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
@@ -81,6 +81,7 @@ class JobRunner:
         # Jobs running now: request id -> deadline of this run (time.monotonic()), for the watchdog.
         self.running: dict[str, float] = {}
         self._running_lock = threading.Lock()
+        self._ended: dict[str, Completed] = {}  # request id -> the completion its running run recorded
         self.store = store
         self.objects = objects
         self.celery = celery
@@ -89,15 +90,43 @@ class JobRunner:
         self.net_policy = NetPolicy.from_settings(settings)
         self.masks = MaskSource(settings, store, objects)
 
-    def _finish(self, spec: JobSpec, token: str, **kwargs) -> bool:
-        return finish_job(
-            settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token, **kwargs
+    def _finish(self, spec: JobSpec, token: str, **kwargs) -> Completed | None:
+        run = (kwargs.get("extra") or {}).get("timings", {}).get("total")
+        completed = finish_job(
+            settings=self.settings,
+            store=self.store,
+            objects=self.objects,
+            spec=spec,
+            token=token,
+            report=self.report("done", run),
+            **kwargs,
         )
+        self.ended(spec.request_id, completed)
+        return completed
 
-    def _end(self, spec: JobSpec, token: str, exc: JobError) -> bool:
-        return fail_job(
-            exc=exc, settings=self.settings, store=self.store, objects=self.objects, spec=spec, token=token
+    def _end(self, spec: JobSpec, token: str, exc: JobError) -> Completed | None:
+        outcome = "cancelled" if isinstance(exc, RequestCancelled) else "failed"
+        completed = fail_job(
+            exc=exc,
+            settings=self.settings,
+            store=self.store,
+            objects=self.objects,
+            spec=spec,
+            token=token,
+            report=self.report(outcome),
         )
+        self.ended(spec.request_id, completed)
+        return completed
+
+    def report(self, outcome: str, run_seconds: float | None = None) -> RunReport:
+        """The completions-stream entry of a run of this worker that ends its job (`outcome`: its kind)."""
+        return RunReport(outcome, self.worker_name, run_seconds, self.settings.ops_completions_kept)
+
+    def ended(self, request_id: str, completed: Completed | None) -> None:
+        """Note the completion a run recorded: `run` hands it to job_finished (metrics) once it returns."""
+        if completed is not None:
+            with self._running_lock:
+                self._ended[request_id] = completed
 
     def _stop_inference(self, reason: str) -> None:
         for batcher in self.batchers.values():
@@ -116,23 +145,19 @@ class JobRunner:
     def run(self, spec: JobSpec) -> Outcome:
         if self.health.tripped:  # stuck: take nothing more (the Celery task puts the message back)
             return Outcome("handback", f"worker is stuck: {self.health.reason}")
-        # For ops and metrics: the running set while it runs, then the completions stream and the stage
-        # histograms (timings come with `done` outcomes).
-        job_started(self.store, spec)
+        # For ops and metrics: the claim puts the job in the running set, the completion takes it out and
+        # appends to the completions stream; then the stage histograms (timings come with `done` outcomes).
         outcome = Outcome("retry", "raised")
         try:
             outcome = self._run_job(spec)
-            return outcome
         finally:
-            completion = job_finished(
-                self.store,
-                spec,
-                outcome.kind,
-                outcome.timings,
-                worker=self.worker_name,
-                keep=self.settings.ops_completions_kept,
-            )
+            with self._running_lock:
+                completed = self._ended.pop(spec.request_id, None)
+            if completed is not None and completed.cancelled and outcome.kind in ("done", "failed"):
+                outcome = Outcome("cancelled", "cancelled while it ran: its completion recorded the cancel")
+            completion = job_finished(self.store, spec, outcome.kind, completed)
             count_job_run(spec.variant, outcome.kind, completion, outcome.timings)
+        return outcome
 
     def _run_job(self, spec: JobSpec) -> Outcome:
         token = uuid.uuid4().hex
@@ -151,14 +176,14 @@ class JobRunner:
             )
 
         claim = claim_it()
-        if claim == "missing":  # the record was lost with Redis data: the message carries the whole spec
+        if claim.outcome == "missing":  # the record was lost with Redis data: the message has the whole spec
             self.store.ensure(spec)
             claim = claim_it()
-        if claim == "completed":
+        if claim.outcome == "completed":
             return Outcome("skipped", "already completed")
-        if claim == "leased":
+        if claim.outcome == "leased":
             return Outcome("defer", "another worker holds the lease")
-        if claim == "exhausted":
+        if claim.outcome == "exhausted":
             self.store.dead_letter(spec.request_id)
             last, last_type = self.store.last_error(spec.request_id)
             last = last or "worker stopped"
@@ -181,7 +206,7 @@ class JobRunner:
                 )
             self._end(spec, "", RunnerDisconnected(message))
             return Outcome("failed", "attempts exhausted")
-        if claim == "missing":
+        if claim.outcome == "missing":
             return Outcome("skipped", "job record missing")
 
         limit = self.settings.time_limit(spec.variant)
@@ -192,15 +217,15 @@ class JobRunner:
             with LeaseKeeper(
                 self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health
             ):
-                return self._run_leased(spec, token, deadline, limit)
+                return self._run_leased(spec, token, deadline, limit, claim)
         finally:
             with self._running_lock:
                 self.running.pop(spec.request_id, None)
 
-    def _run_leased(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
+    def _run_leased(self, spec: JobSpec, token: str, deadline: float, limit: float, claim: Claim) -> Outcome:
         try:
             try:
-                return self._run_claimed(spec, token, deadline, limit)
+                return self._run_claimed(spec, token, deadline, limit, claim)
             except JobError as exc:  # storing the error can meet an outage too: handled below
                 return self._fail(spec, token, exc)
             except (JobTimedOut, ForwardTimeout) as exc:
@@ -269,7 +294,7 @@ class JobRunner:
         self._end(spec, token, RequestCancelled())
         return True
 
-    def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float) -> Outcome:
+    def _run_claimed(self, spec: JobSpec, token: str, deadline: float, limit: float, claim: Claim) -> Outcome:
         if spec.start_deadline and time.time() > spec.start_deadline:
             self._end(spec, token, RequestTimeout())
             return Outcome("failed", "start deadline passed")
@@ -287,15 +312,20 @@ class JobRunner:
         if spec.extra.get("video") is not None:
             from worker.video.job import run_video_job  # PyAV loads only where video jobs run
 
-            return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now)
+            return run_video_job(self, spec, token, deadline, limit, predictor, ctx.log_now, claim)
         try:
-            return self._run_image(spec, token, deadline, ctx)
+            return self._run_image(spec, token, deadline, ctx, claim)
         finally:
             ctx.flush_quietly()
 
-    def _run_image(self, spec: JobSpec, token: str, deadline: float, ctx: JobContext) -> Outcome:
+    def _run_image(
+        self, spec: JobSpec, token: str, deadline: float, ctx: JobContext, claim: Claim
+    ) -> Outcome:
         """The image job's stages: fetch, decode, mask (network, cache or kept), render, upload."""
         params, predictor, settings = spec.params, ctx.predictor, self.settings
+        if claim.cancel_requested:  # a cancel came while an earlier run held the job: nothing to fetch
+            self._end(spec, token, RequestCancelled())
+            return Outcome("cancelled")
         ctx.log("loading image")
         with ctx.stage("fetch"):
             data = fetch_input(
@@ -310,10 +340,6 @@ class JobRunner:
         with ctx.stage("decode"):
             rgb = decode_rgb(data, max_pixels=settings.max_input_pixels, max_side=settings.max_input_side)
         background = self._background(spec)
-        cancel, alone = self.store.run_flags(spec.request_id)  # one round trip for both
-        if cancel:
-            self._end(spec, token, RequestCancelled())
-            return Outcome("cancelled")
         _check_deadline(deadline, "the download and decode")
 
         size = (rgb.shape[1], rgb.shape[0])
@@ -328,7 +354,7 @@ class JobRunner:
                     size,
                     resolution=ctx.resolution,
                     weights=predictor.weights_description,
-                    compute=lambda: self._infer(spec, rgb, ctx.size, alone, deadline),
+                    compute=lambda: self._infer(spec, rgb, ctx.size, claim.run_alone, deadline),
                 )
             )
         mask = obtained[0]
@@ -337,7 +363,9 @@ class JobRunner:
             log.info("job %s: %s", spec.request_id, mask.detail)
         if mask.batch_size > 1:
             ctx.log(f"ran in a batch of {mask.batch_size}")
-        if self._cancelled(spec, token):
+        # A cancel is honoured by the completion in any case; reading the flag again (one command) saves the
+        # render and upload, worth it only once the claim's reading of it is `cancel_check_interval` old.
+        if time.time() - claim.started_at >= settings.cancel_check_interval and self._cancelled(spec, token):
             return Outcome("cancelled")
 
         with ctx.stage("render"):

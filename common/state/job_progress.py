@@ -1,5 +1,6 @@
-"""The ops state a worker writes around each job: in the running set while it runs, then an entry in
-the completions stream (what `python -m ops` and the queue gauges read)."""
+"""The ops state around each job: in the running set while it runs, then an entry in the completions
+stream (what `python -m ops` and the queue gauges read). The claim and completion scripts
+(common.state.jobs) write both; what is left here is a run that gives its job back, and the metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 from dataclasses import dataclass
 
 from common.domain.schemas import JobSpec
-from common.state import keys, ops_state
-from common.state.jobs import JobStore
+from common.state import ops_state
+from common.state.jobs import Completed, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -24,56 +25,22 @@ class Completion:
     queue_wait: float | None
 
 
-def job_started(store: JobStore, spec: JobSpec) -> None:
-    """A worker took the job: it shows as running (ops, metrics) until `job_finished`."""
-    try:
-        ops_state.mark_running(store.redis, spec.variant, spec.request_id)
-    except Exception:
-        log.warning("could not mark job %s as running", spec.request_id, exc_info=True)
-
-
 def job_finished(
-    store: JobStore,
-    spec: JobSpec,
-    outcome: str,
-    timings: dict[str, float] | None = None,
-    *,
-    worker: str = "",
-    keep: int = 100_000,
+    store: JobStore, spec: JobSpec, outcome: str, completed: Completed | None
 ) -> Completion | None:
-    """Record a run the worker is done with (`outcome`: the runner's Outcome.kind; `defer`: another
-    worker holds the job); its Completion if it ended the job. Never raises: bookkeeping mustn't fail jobs."""
+    """A run the worker is done with (`outcome`: the runner's Outcome.kind; `completed`: what its
+    completion recorded, if it ended the job); its Completion if it ended the job. The claim and the
+    completion keep the running set and the completions stream themselves: a run that ended nothing but
+    gave the job back (retry, handback) leaves the running set here. Never raises: bookkeeping mustn't
+    fail jobs."""
     try:
-        if outcome == "defer":
+        if outcome in ("retry", "handback"):
+            ops_state.unmark_running(store.redis, spec.variant, spec.request_id)
+        else:
+            ops_state.prune_running(store.redis, spec.variant)
+        if outcome not in COMPLETED or completed is None:
             return None
-        pipe = store.redis.pipeline(transaction=False)
-        if outcome in COMPLETED:
-            pipe.hmget(keys.job(spec.request_id), "created_at", "started_at", "completed_at", "error_type")
-        ops_state.unmark_running(store.redis, spec.variant, spec.request_id, pipe)  # same round trip
-        replies = pipe.execute()
-        if outcome not in COMPLETED:
-            return None
-        created, started, completed, error_type = replies[0]
-        queue_wait = float(started) - float(created) if started and created else None
-        ops_state.record_completion(
-            store.redis,
-            {
-                "request_id": spec.request_id,
-                "variant": spec.variant,
-                "outcome": outcome,
-                "error_type": error_type or "",
-                "worker": worker,
-                "queue_wait": _rounded(queue_wait),
-                "run": _rounded((timings or {}).get("total")),
-                "latency": _rounded(float(completed) - float(created)) if completed and created else "",
-            },
-            keep=keep,
-        )
-        return Completion(outcome, str(error_type or ""), queue_wait)
+        return Completion(outcome, completed.error_type, completed.queue_wait)
     except Exception:
         log.warning("could not record the end of job %s", spec.request_id, exc_info=True)
         return None
-
-
-def _rounded(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"

@@ -4,7 +4,9 @@ State changes are Lua scripts, so a cancel, a claim by a worker and a completion
 moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL the running worker renews), so a
 redelivered copy of a job whose lease is alive is deferred, never run twice, and one whose lease expired
 (its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
-holder) is recorded, so a job gets exactly one result and one webhook.
+holder) is recorded, so a job gets exactly one result and one webhook (fal's cancelled one when a cancel
+was requested while it ran). The claim and the completion also keep the ops state (running set,
+completions stream) and send the job's one change notice: the worker sends no command of its own for these.
 """
 
 from __future__ import annotations
@@ -28,19 +30,37 @@ from common.state import keys
 ClaimOutcome = Literal["claimed", "completed", "leased", "exhausted", "missing"]
 CancelOutcome = Literal["cancelled", "requested", "already_completed", "not_found"]
 
+
+def _lua_string(text: str) -> str:
+    """`text` as a Lua string literal (JSON's escapes are Lua's for what JSON strings hold here)."""
+    return json.dumps(text)
+
+
+# KEYS: record, lease, pending zset, job channel, running set, logs list. ARGV: lease token, lease ms, now,
+# max attempts, request id, worker, variant, record TTL. One read of the record's fields; a claimed job is
+# in its variant's running set (ops, metrics) for as long as its lease, and the claim returns the run flags
+# the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to the lines an
+# earlier run left (no command on a first claim: EXPIRE cannot give a list that does not exist yet its
+# TTL), the completion to all.
 _CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'COMPLETED' then return 'completed' end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'leased' end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'started_at')
+local status = f[1]
+if not status then return {'missing'} end
+if status == 'COMPLETED' then return {'completed'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'leased'} end
+local attempts = (tonumber(f[2]) or 0) + 1
 redis.call('ZREM', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[4], '1')
-redis.call('PUBLISH', KEYS[5], '1')
-if attempts > tonumber(ARGV[4]) then return 'exhausted' end
+redis.call('PUBLISH', KEYS[4], ARGV[7])  -- the job changed, and its queue's order
+if attempts > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'attempts', attempts)
+  return {'exhausted'}
+end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6])
-return 'claimed'
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
+           'attempts', attempts)
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+if f[5] then redis.call('EXPIRE', KEYS[6], ARGV[8]) end  -- an earlier run's lines
+return {'claimed', f[3] or '', f[4] or ''}
 """
 
 _RENEW = """
@@ -48,33 +68,66 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, log entries
-# count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, logs
-# list, webhook schedule, job channel, queue channel, webhook ready list. One round trip ends a job:
-# outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so it exists iff the
-# job completed) and its hand-off to the deliverers, and the change notices.
+# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at,
+# the run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log
+# entries count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset,
+# logs list, webhook schedule, job channel, webhook ready list, running set, completions stream. One round
+# trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so
+# it exists iff the job completed) and its hand-off to the deliverers, its change notice (naming the
+# variant when a queued job left its queue), and the ops state (out of the running set, the completions
+# stream entry). A cancel requested while the job ran is honoured here: fal's cancelled outcome (what
+# `cancel` records for a queued job) is recorded instead of the one given. Returns {1, or 2 when it recorded
+# the cancel; the record's created and started times (the worker's metrics)}, or 0 when this call did not
+# complete the job.
+_CANCELLED = RequestCancelled()
 _COMPLETE = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested')
+local status, created, started = f[1], f[2], f[3]
 if (not status) or status == 'COMPLETED' then return 0 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7 + n))
+local n = tonumber(ARGV[13])
+local ended, outcome, error_type = 1, ARGV[7], ARGV[11]
+if f[4] == '1' then  -- a cancel requested while it ran: fal's cancelled outcome, as `cancel` records it
+  ended, outcome, error_type = 2, 'cancelled', CANCELLED_TYPE
+  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', 'completed_at', ARGV[6], 'result', CANCELLED_BODY,
+             'result_code', CANCELLED_CODE, 'error', CANCELLED_MESSAGE, 'error_type', error_type)
+else
+  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
-if status ~= 'IN_PROGRESS' then redis.call('ZREM', KEYS[3], ARGV[2]) end  -- a claim already took it off
-if n > 0 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 7, 6 + n))
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
+local moved = ''  -- the variant, when the queue's order changes too
+if status == 'IN_PROGRESS' then
+  redis.call('ZREM', KEYS[8], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
+else
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  moved = ARGV[12]
 end
+if n > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n)) end
+redis.call('EXPIRE', KEYS[4], ARGV[3])  -- also the lines runs appended without a TTL
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
-  redis.call('LPUSH', KEYS[8], ARGV[4])
+  redis.call('LPUSH', KEYS[7], ARGV[4])
 end
-redis.call('PUBLISH', KEYS[6], '1')
-redis.call('PUBLISH', KEYS[7], '1')
-return 1
+redis.call('PUBLISH', KEYS[6], moved)
+if ARGV[7] ~= '' then
+  local wait, latency = '', ''
+  if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
+  if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
+             'outcome', outcome, 'error_type', error_type, 'worker', ARGV[8], 'queue_wait', wait,
+             'run', ARGV[9], 'latency', latency)
+end
+return {ended, created or '', started or ''}
 """
+for _name, _value in {
+    "CANCELLED_BODY": json.dumps(_CANCELLED.body()),
+    "CANCELLED_CODE": str(_CANCELLED.status_code),
+    "CANCELLED_MESSAGE": _CANCELLED.message,
+    "CANCELLED_TYPE": _CANCELLED.error_type,
+}.items():
+    _COMPLETE = _COMPLETE.replace(_name, _lua_string(_value))
 
 _REQUEUE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -224,6 +277,43 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """What `JobStore.claim` found: its outcome and, for a claimed job, the flags its run acts on."""
+
+    outcome: ClaimOutcome
+    started_at: float  # the claim's time, the record's started_at when claimed
+    cancel_requested: bool = False  # a cancel came while an earlier run held the job
+    run_alone: bool = False  # the next run takes a forward by itself (JobStore.note_error)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The completions-stream entry (what ops and metrics read) a worker's completion appends."""
+
+    outcome: str  # the runner's Outcome kind: done, failed or cancelled
+    worker: str
+    run_seconds: float | None = None
+    keep: int = 100_000  # entries the stream keeps (approximately)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A completion this call recorded, with the record's times (the worker's queue-wait metric)."""
+
+    created_at: float | None
+    started_at: float | None
+    error_type: str = ""
+    cancelled: bool = False  # a cancel requested while the job ran was recorded instead of the outcome given
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from created to started, if both are known."""
+        if self.created_at is None or self.started_at is None:
+            return None
+        return self.started_at - self.created_at
+
+
+@dataclass(frozen=True)
 class Restart:
     """What `JobStore.restart_failed` found and did."""
 
@@ -256,14 +346,12 @@ class JobStore:
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 
     def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
-        """Tell waiting callers (gateway status streams and sync runs) that the job, and with `variant`
-        its queue, changed. Two PUBLISHes in one round trip (or on the caller's pipeline)."""
-        target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        target.publish(keys.job_channel(request_id), "1")
-        if variant:
-            target.publish(keys.queue_channel(variant), "1")
-        if pipe is None:
-            target.execute()
+        """Tell waiting callers (gateway status streams and sync runs) that the job changed, and with
+        `variant` that its queue's order changed too: one PUBLISH on the job's channel whose message is the
+        variant (else empty), sent now or on the caller's pipeline. gateway.push wakes the job's watchers
+        and, for a variant, that queue's."""
+        target = pipe if pipe is not None else self.redis
+        target.publish(keys.job_channel(request_id), variant or "")
 
     # --- creation and lookup ---
     def create(self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None) -> bool:
@@ -352,16 +440,19 @@ class JobStore:
         return self.redis.zcard(keys.pending(variant))
 
     # --- logs ---
-    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
-        self.log_many(request_id, [log_entry(message, level)])
+    def log(self, request_id: str, message: str, level: str = "INFO", *, expire: bool = False) -> None:
+        self.log_many(request_id, [log_entry(message, level)], expire=expire)
 
-    def log_many(self, request_id: str, entries: list[str]) -> None:
-        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one."""
+    def log_many(self, request_id: str, entries: list[str], *, expire: bool = False) -> None:
+        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one.
+        The list gets its TTL from the job's claim and its completion (a run's lines come between them);
+        `expire`: here too, for lines written outside a run (ops)."""
         if not entries:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(keys.logs(request_id), *entries)
-        pipe.expire(keys.logs(request_id), self.record_ttl)
+        if expire:
+            pipe.expire(keys.logs(request_id), self.record_ttl)
         self.notify(request_id, pipe=pipe)
         pipe.execute()
 
@@ -378,18 +469,32 @@ class JobStore:
         lease_seconds: float,
         max_attempts: int,
         worker: str,
-    ) -> ClaimOutcome:
-        outcome = self._claim(
+    ) -> Claim:
+        """Take the job for a run (IN_QUEUE -> IN_PROGRESS, a lease, the running set), in one round trip."""
+        now = time.time()
+        reply = self._claim(
             keys=[
                 keys.job(request_id),
                 keys.lease(request_id),
                 keys.pending(variant),
                 keys.job_channel(request_id),
-                keys.queue_channel(variant),
+                keys.running(variant),
+                keys.logs(request_id),
             ],
-            args=[token, int(lease_seconds * 1000), repr(time.time()), max_attempts, request_id, worker],
+            args=[
+                token,
+                int(lease_seconds * 1000),
+                repr(now),
+                max_attempts,
+                request_id,
+                worker,
+                variant,
+                self.record_ttl,
+            ],
         )
-        return outcome
+        outcome = cast(ClaimOutcome, reply[0])
+        flags = reply[1:] if outcome == "claimed" else ["", ""]
+        return Claim(outcome, now, cancel_requested=flags[0] == "1", run_alone=flags[1] == "1")
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[keys.lease(request_id)], args=[token, int(lease_seconds * 1000)]))
@@ -421,16 +526,20 @@ class JobStore:
         variant: str | None = None,
         logs: list[str] | None = None,
         webhook_due: float | None = None,
-    ) -> bool:
-        """Record the outcome; True only for the one call that completed the job. `variant` (else read
-        from the record), `logs` (`log_entry` lines appended with it) and `webhook_due` (book the first
-        webhook attempt at this time) ride along in the same round trip."""
+        report: RunReport | None = None,
+    ) -> Completed | None:
+        """Record the outcome (fal's cancelled one instead if a cancel was requested while the job ran); a
+        Completed only for the one call that completed the job (None otherwise).
+        `variant` (else read from the record), `logs` (`log_entry` lines appended with it), `webhook_due`
+        (book the first webhook attempt at this time) and `report` (a worker's completions-stream entry)
+        ride along in the same round trip, which also takes the job out of its running set."""
         if variant is None:
             variant = (
                 cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""
             )  # a decoding client
+        completed_at = repr(time.time())
         fields: dict[str, str | int] = {
-            "completed_at": repr(time.time()),
+            "completed_at": completed_at,
             "result": json.dumps(result),
             "result_code": result_code,
             "error": error or "",
@@ -441,29 +550,46 @@ class JobStore:
         flat = [item for pair in fields.items() for item in pair]
         lines = logs or []
         booking = keys.webhook_booking(request_id, 0) if webhook_due is not None else ""
-        return bool(
-            self._complete(
-                keys=[
-                    keys.job(request_id),
-                    keys.lease(request_id),
-                    keys.pending(variant),
-                    keys.logs(request_id),
-                    keys.WEBHOOK_DUE,
-                    keys.job_channel(request_id),
-                    keys.queue_channel(variant),
-                    keys.WEBHOOK_READY,
-                ],
-                args=[
-                    token,
-                    request_id,
-                    self.record_ttl,
-                    booking,
-                    webhook_due or 0,
-                    len(lines),
-                    *lines,
-                    *flat,
-                ],
-            )
+        reported: list[str | int] = ["", "", "", 0]
+        if report is not None:
+            run = "" if report.run_seconds is None else f"{report.run_seconds:.4f}"
+            reported = [report.outcome, report.worker, run, report.keep]
+        reply = self._complete(
+            keys=[
+                keys.job(request_id),
+                keys.lease(request_id),
+                keys.pending(variant),
+                keys.logs(request_id),
+                keys.WEBHOOK_DUE,
+                keys.job_channel(request_id),
+                keys.WEBHOOK_READY,
+                keys.running(variant),
+                keys.COMPLETIONS,
+            ],
+            args=[
+                token,
+                request_id,
+                self.record_ttl,
+                booking,
+                webhook_due or 0,
+                completed_at,
+                *reported,
+                error_type or "",
+                variant,
+                len(lines),
+                *lines,
+                *flat,
+            ],
+        )
+        if not reply:
+            return None
+        ended, created, started = reply
+        cancelled = ended == 2
+        return Completed(
+            float(created) if created else None,
+            float(started) if started else None,
+            _CANCELLED.error_type if cancelled else error_type or "",
+            cancelled,
         )
 
     def send_webhook(self, request_id: str, safety_due: float) -> None:
@@ -515,13 +641,6 @@ class JobStore:
             list[str | None], self.redis.hmget(keys.job(request_id), ["last_error", "last_error_type"])
         )  # decoding client
         return last, last_type
-
-    def run_flags(self, request_id: str) -> tuple[bool, bool]:
-        """(a cancel was requested, the next run takes a forward by itself), in one round trip."""
-        cancel, alone = cast(
-            list[str | None], self.redis.hmget(keys.job(request_id), ["cancel_requested", "run_alone"])
-        )
-        return cancel == "1", alone == "1"
 
     def dead_letter(self, request_id: str) -> None:
         """List a job whose attempts ran out (ops lists and requeues them)."""

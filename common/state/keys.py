@@ -57,11 +57,13 @@ EVENTS_PREFIX = f"{PREFIX}events:"
 EVENTS_PATTERN = f"{EVENTS_PREFIX}*"
 
 
-def job_channel(request_id: str) -> str:  # every change of the job's record (a hint only)
+def job_channel(request_id: str) -> str:
+    """Every change of the job's record (a hint only); the message is the job's variant when the order of
+    its queue changed with it (its queue's watchers wake too), else empty."""
     return f"{EVENTS_PREFIX}job:{request_id}"
 
 
-def queue_channel(variant: str) -> str:  # every change of the order of a variant's queue
+def queue_channel(variant: str) -> str:  # a change of the order of a variant's queue told apart from a job's
     return f"{EVENTS_PREFIX}queue:{variant}"
 
 

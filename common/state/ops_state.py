@@ -60,25 +60,25 @@ def celery_node(worker_name: str) -> str:
 # --- running jobs ---
 
 
-def mark_running(r: redis.Redis, variant: str, request_id: str) -> None:
-    r.zadd(keys.running(variant), {request_id: time.time()})
-
-
+# A claim adds the job to its variant's running set (common.state.jobs, with the lease); the completion
+# takes it out.
 _PRUNE_EVERY = 60.0  # seconds between sweeps of a running set for entries left by killed workers
 _pruned: dict[str, float] = {}
 
 
-def unmark_running(r: redis.Redis, variant: str, request_id: str, pipe=None) -> None:
-    """Take a job out of its running set (on the caller's pipeline, if given). Entries killed workers left
-    behind are swept once a minute per process, not with every job."""
-    target = pipe if pipe is not None else r.pipeline(transaction=False)
-    target.zrem(keys.running(variant), request_id)
+def unmark_running(r: redis.Redis, variant: str, request_id: str) -> None:
+    """Take a job out of its running set (a run that gave its job back)."""
+    r.zrem(keys.running(variant), request_id)
+    prune_running(r, variant)
+
+
+def prune_running(r: redis.Redis, variant: str) -> None:
+    """Sweep a running set of the entries killed workers left behind: once a minute per process (no command
+    otherwise), not with every job."""
     now = time.time()
     if now - _pruned.get(variant, 0.0) > _PRUNE_EVERY:
         _pruned[variant] = now
-        target.zremrangebyscore(keys.running(variant), "-inf", now - 86400)
-    if pipe is None:
-        target.execute()
+        r.zremrangebyscore(keys.running(variant), "-inf", now - 86400)
 
 
 def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]]:

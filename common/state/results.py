@@ -9,10 +9,10 @@ import logging
 
 from common.adapters.redis_conn import wait_for_replicas
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore
-from common.domain.errors import JobError
+from common.domain.errors import JobError, RequestCancelled
 from common.domain.schemas import JobSpec
 from common.settings import GatewaySettings, ProducerSettings, WorkerSettings
-from common.state.jobs import JobStore
+from common.state.jobs import Completed, JobStore, RunReport
 from common.state.webhooks import first_attempt_due
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,12 @@ def finish_job(
     inference_time: float | None = None,
     extra: dict | None = None,
     logs: list[str] | None = None,
-) -> bool:
-    """Store the outcome once; returns True for the call that completed the job. `logs`: the last stage's
-    log lines (`jobs.log_entry`), stored with the outcome."""
-    if objects is not None and not spec.params.sync_mode:
-        objects.write_json(
-            settings.output_bucket,
-            spec.output_prefix + RESULT_DOCUMENT,
-            body,
-            metadata={
-                "request-id": spec.request_id,
-                "status": "OK" if error is None else "ERROR",
-                "status-code": str(code),
-            },
-        )
+    report: RunReport | None = None,
+) -> Completed | None:
+    """Store the outcome once; a Completed for the call that completed the job, else None. `logs`: the last
+    stage's log lines (`jobs.log_entry`), stored with the outcome; `report`: a worker's completions-stream
+    entry."""
+    _write_result(settings, objects, spec, body, code, ok=error is None)
     # The first webhook attempt is booked and handed to the deliverers with the completion, in its script.
     done = store.complete(
         spec.request_id,
@@ -59,15 +51,40 @@ def finish_job(
         variant=spec.variant,
         logs=logs,
         webhook_due=first_attempt_due(settings) if spec.webhook_url else None,
+        report=report,
     )
-    if done:
+    if done is not None and done.cancelled and error_type != RequestCancelled.error_type:
+        # The completion recorded a cancel requested while the job ran: the result document says so too.
+        cancelled = RequestCancelled()
+        _write_result(settings, objects, spec, cancelled.body(), cancelled.status_code, ok=False)
+    if done is not None:
         wait_for_replicas(store.redis, settings)  # a failover now must not forget the completion
-    if not done:
+    else:
         log.info("job %s was already completed elsewhere; outcome discarded", spec.request_id)
     return done
 
 
-def fail_job(*, exc: JobError, **kwargs) -> bool:
+def _write_result(
+    settings: GatewaySettings | ProducerSettings | WorkerSettings,
+    objects: ObjectStore | None,
+    spec: JobSpec,
+    body: dict,
+    code: int,
+    *,
+    ok: bool,
+) -> None:
+    """The result document in the output bucket (fal's output or error body), unless the run is sync."""
+    if objects is None or spec.params.sync_mode:
+        return
+    objects.write_json(
+        settings.output_bucket,
+        spec.output_prefix + RESULT_DOCUMENT,
+        body,
+        metadata={"request-id": spec.request_id, "status": "OK" if ok else "ERROR", "status-code": str(code)},
+    )
+
+
+def fail_job(*, exc: JobError, **kwargs) -> Completed | None:
     """End the job with the error's own body and status."""
     return finish_job(
         body=exc.body(), code=exc.status_code, error=exc.message, error_type=exc.error_type, **kwargs

@@ -522,7 +522,9 @@ def test_no_retry_request_fails_instead_of_running_again(gs, alice):
     store = JobStore.from_url(gs.settings.redis_url)
     for rid in (no_retry, retried):
         assert (
-            store.claim(rid, "general-heavy", "ghost", lease_seconds=0.5, max_attempts=3, worker="ghost")
+            store.claim(
+                rid, "general-heavy", "ghost", lease_seconds=0.5, max_attempts=3, worker="ghost"
+            ).outcome
             == "claimed"
         )
     time.sleep(0.6)

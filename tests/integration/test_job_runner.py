@@ -15,7 +15,7 @@ from common.adapters.queue import make_celery
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
+from common.state import keys, ops_state
 from common.state.jobs import JobRecord, JobStore
 from tests.helpers.hooked_worker import HooksForTests, install, install_forward_hook
 from tests.helpers.images import data_uri, png_bytes
@@ -127,6 +127,32 @@ def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
     assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= stored
     assert not harness.store.redis.exists(keys.lease(spec.request_id)), "the lease is released"
     assert spec.request_id not in harness.runner.running_jobs()
+
+
+def completions_of(h: Harness, spec: JobSpec) -> list[dict]:
+    return [e for e in ops_state.read_completions(h.store.redis, 0) if e["request_id"] == spec.request_id]
+
+
+def running_ids(h: Harness) -> list[str]:
+    return ops_state.running_jobs(h.store.redis, [VARIANT])[VARIANT]
+
+
+def test_ops_see_a_job_running_while_it_runs_and_one_completion_after(harness: Harness):
+    spec = harness.job()
+    during: list[list[str]] = []
+    harness.during_forward.append(lambda: during.append(running_ids(harness)))
+    assert harness.runner.run(spec).kind == "done"
+    assert during == [[spec.request_id]], "running (in the running set, with a live lease) during its forward"
+    assert spec.request_id not in running_ids(harness)
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None
+    [entry] = completions_of(harness, spec)
+    assert (entry["outcome"], entry["worker"], entry["variant"], entry["error_type"]) == (
+        "done",
+        "test-runner:1",
+        VARIANT,
+        "",
+    )
+    assert float(entry["run"]) > 0 and float(entry["queue_wait"]) >= 0 and float(entry["latency"]) > 0
 
 
 def test_an_existing_result_for_the_same_input_is_reused(harness: Harness):
@@ -260,7 +286,10 @@ def test_cancelled_before_it_runs(harness: Harness):
     assert not forwards, "no forward for a job cancelled before it ran"
 
 
-def test_cancelled_while_it_runs(harness: Harness):
+def test_cancelled_while_it_runs(stack: Stack):
+    """With the flag read again before rendering (its last reading is older than cancel_check_interval),
+    the run stops there: no outputs are stored."""
+    harness = make_harness(stack, cancel_check_interval=0)
     spec = harness.job()
     cancels: list[str] = []
     harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
@@ -274,6 +303,32 @@ def test_cancelled_while_it_runs(harness: Harness):
     )
 
 
+def test_a_cancel_soon_after_the_claim_is_recorded_by_the_completion(harness: Harness):
+    """Within cancel_check_interval of the claim the flag is not read again: the job runs to its end, and
+    its completion records fal's cancelled outcome instead of the result (one completion, one webhook)."""
+    assert harness.settings.cancel_check_interval >= 1.0
+    spec = harness.job(webhook_url="http://127.0.0.1:9/hook")
+    cancels: list[str] = []
+    harness.during_forward.append(lambda: cancels.append(harness.store.cancel(spec.request_id)))
+    reads: list[str] = []
+    read_flag = harness.store.cancel_requested
+    harness.store.cancel_requested = lambda rid: reads.append(rid) or read_flag(rid)  # type: ignore[method-assign]
+    assert harness.runner.run(spec).kind == "cancelled"
+    assert cancels == ["requested"]
+    assert_ended_with(harness, spec, 499, "client_cancelled", "Request was cancelled")
+    cancelled_body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
+    assert harness.record(spec).result == cancelled_body
+    document = harness.runner.objects.read_json(
+        harness.settings.output_bucket, spec.output_prefix + RESULT_DOCUMENT
+    )
+    assert document == cancelled_body, "the result document says what the record says"
+    [entry] = completions_of(harness, spec)
+    assert (entry["outcome"], entry["error_type"]) == ("cancelled", "client_cancelled")
+    assert harness.store.redis.zscore(keys.WEBHOOK_DUE, f"{spec.request_id}|0") is not None, "its webhook"
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None
+    assert reads == [], "no read of the cancel flag before rendering"
+
+
 # --- lease lost ---------------------------------------------------------------------------------------
 def test_a_lost_lease_discards_the_outcome(harness: Harness):
     spec = harness.job()
@@ -285,6 +340,10 @@ def test_a_lost_lease_discards_the_outcome(harness: Harness):
     assert record.status == "IN_PROGRESS" and record.result is None, (
         "the lease holder's job, not completed by us"
     )
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is not None, (
+        "still running for ops: the lease holder runs it"
+    )
+    assert completions_of(harness, spec) == [], "no completion recorded for an outcome discarded"
 
 
 # --- retried ------------------------------------------------------------------------------------------
@@ -319,6 +378,8 @@ def test_a_stuck_batcher_hands_the_job_to_another_worker(harness: Harness):
         "the attempt is refunded"
     )
     assert "handed to another worker" in " ".join(e["message"] for e in harness.store.logs(spec.request_id))
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None, "no longer running"
+    assert completions_of(harness, spec) == []
 
 
 def test_an_s3_outage_retries_with_the_attempt_refunded(harness: Harness):

@@ -34,7 +34,7 @@ def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSp
 def claim(store: JobStore, spec: JobSpec, token: str = "t1", attempts: int = 3) -> str:
     return store.claim(
         spec.request_id, spec.variant, token, lease_seconds=5, max_attempts=attempts, worker="w"
-    )
+    ).outcome
 
 
 def test_queue_positions_follow_submission_order_and_priority(store: JobStore):
@@ -132,6 +132,40 @@ def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
     assert store.cancel(running.request_id) == "requested" and store.cancel_requested(running.request_id)
     assert store.cancel(queued.request_id) == "already_completed"
     assert store.cancel(str(uuid.uuid4())) == "not_found"
+    # The running job's completion records the cancel instead of its result, as the cancel of a queued job.
+    completed = store.complete(running.request_id, token="t1", result={"image": "x"}, variant=running.variant)
+    assert completed is not None and completed.cancelled and completed.error_type == "client_cancelled"
+    ended = store.get(running.request_id)
+    assert (ended.result, ended.result_code, ended.error, ended.error_type) == (
+        record.result,
+        499,
+        record.error,
+        "client_cancelled",
+    )
+    assert store.complete(running.request_id, token="t1", result={}) is None, "completed once"
+    done = make_spec()
+    store.create(done)
+    claim(store, done)
+    completed = store.complete(done.request_id, token="t1", result={"image": "x"}, variant=done.variant)
+    assert (
+        completed is not None
+        and not completed.cancelled
+        and store.get(done.request_id).result == {"image": "x"}
+    )
+
+
+def test_log_lines_of_a_run_get_their_ttl_from_the_claim_and_the_completion(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    assert claim(store, spec) == "claimed"
+    store.log(spec.request_id, "loading image")  # a stage's lines: RPUSH and PUBLISH only
+    assert store.redis.ttl(keys.logs(spec.request_id)) == -1
+    store.redis.delete(keys.lease(spec.request_id))  # the worker died; its job is delivered again
+    assert claim(store, spec, token="t2") == "claimed"
+    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the next claim sets it"
+    store.redis.persist(keys.logs(spec.request_id))
+    assert store.complete(spec.request_id, token="t2", result={}, variant=spec.variant)
+    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the completion sets it"
 
 
 def test_logs_are_fal_shaped(store: JobStore):

@@ -107,3 +107,40 @@ def test_a_lost_subscription_wakes_waiters_and_they_fall_back_to_polling(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_queue_watchers_wake_when_their_queue_moves_and_not_for_other_changes(
+    store: JobStore, redis_server: RedisServer
+):
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", decode_responses=True)
+        hub = JobEvents(client, recheck=60.0, fallback_poll=0.2)
+        ahead, waiting, elsewhere = make_spec(), make_spec(), make_spec(variant="portrait")
+        for spec in (ahead, waiting, elsewhere):
+            store.create(spec)
+        try:
+            async with (
+                hub.watch(waiting.request_id, waiting.variant) as queued,
+                hub.watch(elsewhere.request_id, elsewhere.variant) as other_queue,
+            ):
+                assert hub.subscribed
+                await asyncio.to_thread(store.log, ahead.request_id, "loading image")
+                assert not await queued.wait(0.5), "a log line of the job ahead leaves the queue as it was"
+                await asyncio.to_thread(
+                    store.claim,
+                    ahead.request_id,
+                    ahead.variant,
+                    "t",
+                    lease_seconds=5,
+                    max_attempts=3,
+                    worker="w",
+                )
+                assert await queued.wait(10.0), "the job ahead left the queue: the position moved"
+                await asyncio.to_thread(store.complete, ahead.request_id, token="t", result={"ok": True})
+                assert not await queued.wait(0.5), "a running job's completion leaves the queue as it was"
+                assert not await other_queue.wait(0.1), "another variant's queue did not move"
+        finally:
+            await hub.close()
+            await client.aclose()
+
+    asyncio.run(scenario())

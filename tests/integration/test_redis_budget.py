@@ -13,8 +13,8 @@ import redis
 from common.adapters.queue import make_celery
 from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
-from common.state import keys
-from common.state.jobs import JobStore, log_entry
+from common.state import keys, ops_state
+from common.state.jobs import JobStore, RunReport, log_entry
 
 
 def commands(client: redis.Redis) -> int:
@@ -37,7 +37,7 @@ def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
 def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.create(job)
     assert (
-        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w").outcome
         == "claimed"
     )
     store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
@@ -48,6 +48,7 @@ def run_one(store: JobStore, job: JobSpec) -> None:
         variant=job.variant,
         logs=[log_entry("uploading"), log_entry("done in 0.10s")],
         webhook_due=123.0 if job.webhook_url else None,
+        report=RunReport("done", "w", 0.1, keep=1000),
     )
 
 
@@ -59,9 +60,12 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     before = commands(probe)
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
-    # Counted with what the scripts run: create 7, claim 9, a stage's logs 3, completion 12 (with the
-    # webhook's hand-off to the deliverers; the queue entry already went with the claim).
-    assert used <= 31, used
+    # Counted with what the scripts run, the worker's whole path (no command of its own besides these):
+    # create 7; claim 8 (one HMGET of status, attempts and run flags; the running set);
+    # a stage's logs 2 (RPUSH, PUBLISH); completion 13 (outcome and TTLs, lease, out of the running set,
+    # the last lines, the webhook's booking and hand-off to the deliverers, one change notice, the
+    # completions-stream entry; the queue entry already went with the claim).
+    assert used <= 30, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
@@ -74,6 +78,11 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") == 123.0
     assert 0 < store.redis.ttl(keys.job(job.request_id)) <= store.record_ttl
     assert 0 < store.redis.ttl(keys.logs(job.request_id)) <= store.record_ttl
+    # The ops state: out of the running set, one completions entry with ops' fields.
+    assert store.redis.zscore(keys.running(job.variant), job.request_id) is None
+    entry = ops_state.read_completions(store.redis, 0)[-1]
+    assert entry["request_id"] == job.request_id and entry["outcome"] == "done" and entry["worker"] == "w"
+    assert entry["run"] == "0.1000" and float(entry["queue_wait"]) >= 0 and float(entry["latency"]) > 0
 
 
 def test_a_second_completion_changes_nothing_and_books_nothing(redis_server):
@@ -102,9 +111,11 @@ def test_watchers_hear_each_transition(redis_server):
     store.complete(job.request_id, token="t", result={}, variant=job.variant)
     heard = []
     while (message := listener.get_message(timeout=0.5)) is not None:
-        heard.append(message["channel"].decode())
-    job_channel, queue_channel = keys.job_channel(job.request_id), keys.queue_channel(job.variant)
-    assert heard == [job_channel, queue_channel, job_channel, queue_channel]  # claimed, completed
+        heard.append((message["channel"].decode(), message["data"].decode()))
+    # One notice per transition on the job's channel; the claim took the job off its queue, so it names
+    # the variant (queue watchers wake); the completion of a claimed job leaves the queue alone.
+    job_channel = keys.job_channel(job.request_id)
+    assert heard == [(job_channel, job.variant), (job_channel, "")]
 
 
 def test_celery_task_events_are_off_unless_asked_for():

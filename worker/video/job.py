@@ -31,6 +31,7 @@ from common.domain.errors import ImageTooLargeError, JobError, RequestCancelled
 from common.domain.extensions import parse_hex_color
 from common.domain.schemas import JobSpec
 from common.domain.video import VideoFile, VideoOptions
+from common.state.jobs import Claim
 from common.state.limits import Limiter, admitted_units, video_units
 from worker.leases import LeaseKeeper
 from worker.outcome import JobTimedOut, Outcome
@@ -83,6 +84,7 @@ class VideoRun:
     timings: dict[str, float] = field(default_factory=dict)
     # Per-frame stages, summed over frames and threads: decode, prepare, forward, postprocess, render, encode.
     stages: StageTimings = field(default_factory=StageTimings)
+    alone: bool = False  # its claim's run_alone flag: each forward by itself
 
     @property
     def request_id(self) -> str:
@@ -123,7 +125,6 @@ class VideoRun:
         width, height = (int(v) for v in resolution.split("x"))
         background = parse_hex_color(self.options.background_color)[:3]
         batcher = runner.batchers[self.spec.variant]
-        _, alone = runner.store.run_flags(self.spec.request_id)
         writers: dict[str, codec.VideoWriter] = {}
         total = info.frames if end is None else max(1, round((min(end, info.duration) - start) * info.fps))
         done = 0
@@ -138,7 +139,7 @@ class VideoRun:
                 prepared = self.predictor.prepare(frame.rgb, (width, height))
             with stages.stage("forward"):  # includes waiting for the batch to fill
                 logits, _ = batcher.infer(
-                    prepared, timeout=max(0.0, deadline - time.monotonic()), alone=alone
+                    prepared, timeout=max(0.0, deadline - time.monotonic()), alone=self.alone
                 )
             with stages.stage("postprocess"):
                 mask = postprocess(logits, prepared)
@@ -230,12 +231,27 @@ class VideoRun:
 
 
 def run_video_job(
-    runner: JobRunner, spec: JobSpec, token: str, deadline: float, limit: float, predictor: Predictor, log_
+    runner: JobRunner,
+    spec: JobSpec,
+    token: str,
+    deadline: float,
+    limit: float,
+    predictor: Predictor,
+    log_,
+    claim: Claim,
 ) -> Outcome:
     settings = runner.settings
     options = VideoOptions.model_validate(spec.extra["video"])
     run = VideoRun(
-        runner, spec, token, predictor, log_, deadline, options, codec.OUTPUT_KINDS[options.output_type]
+        runner,
+        spec,
+        token,
+        predictor,
+        log_,
+        deadline,
+        options,
+        codec.OUTPUT_KINDS[options.output_type],
+        alone=claim.run_alone,
     )
     segment = spec.extra.get("segment")
     started = time.perf_counter()
@@ -275,9 +291,14 @@ def run_video_job(
         try:
             if segment:
                 frames = _run_segment(run)
-                runner.store.complete(
-                    spec.request_id, token=token, result={"frames": frames}, extra={"timings": run.timings}
+                completed = runner.store.complete(
+                    spec.request_id,
+                    token=token,
+                    result={"frames": frames},
+                    extra={"timings": run.timings},
+                    report=runner.report("done", run.timings.get("total")),
                 )
+                runner.ended(spec.request_id, completed)
                 return Outcome("done", timings=run.timings)
             run.log(
                 f"video {info.width}x{info.height}, {info.duration:.2f}s, ~{info.frames} frames at "
@@ -298,7 +319,13 @@ def run_video_job(
             if not segment:
                 runner._end(spec, token, RequestCancelled())
             else:
-                runner.store.complete(spec.request_id, token=token, result={"cancelled": True})
+                completed = runner.store.complete(
+                    spec.request_id,
+                    token=token,
+                    result={"cancelled": True},
+                    report=runner.report("cancelled"),
+                )
+                runner.ended(spec.request_id, completed)
             return Outcome("cancelled")
         if runner._cancelled(spec, token):
             return Outcome("cancelled")
@@ -447,16 +474,16 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                 max_attempts=max_attempts,
                 worker=runner.worker_name,
             )
-            if claim == "missing":
+            if claim.outcome == "missing":
                 runner.store.create(child)
                 continue
-            if claim == "exhausted":
+            if claim.outcome == "exhausted":
                 raise JobError(
                     f"segment {child.extra['segment']['index'] + 1}/{count} failed {max_attempts} times",
                     error_type="runner_disconnected",
                     status_code=503,
                 )
-            if claim == "claimed":
+            if claim.outcome == "claimed":
                 sub = VideoRun(
                     runner,
                     child,
@@ -470,11 +497,12 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                     source=run.source,
                     tmp=run.tmp,
                     timings=run.timings,
+                    alone=claim.run_alone,
                 )
                 with LeaseKeeper(runner.store, rid, token, settings.job_lease_seconds, runner.health):
                     n = _run_segment(sub)
                 runner.store.complete(rid, token=token, result={"frames": n})
-            if claim in ("claimed", "completed"):
+            if claim.outcome in ("claimed", "completed"):
                 record = runner.store.get(rid)
                 result = (record.result if record is not None else None) or {}
                 if result.get("cancelled"):
