@@ -66,8 +66,9 @@ def test_lost_message_of_a_queued_job_is_resent_once(redis_server: RedisServer):
 
 
 def _running(store: JobStore, spec: JobSpec, started: float, *, lease: bool) -> None:
-    store.claim(spec.request_id, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
-    store.redis.zadd(keys.running(spec.variant), {spec.request_id: started})
+    claim = store.claim(spec.request_id, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    assert claim.outcome == "claimed"
+    store.redis.zadd(keys.running(spec.variant), {spec.request_id: started})  # as if claimed then
     if not lease:
         store.redis.delete(keys.lease(spec.request_id))  # its worker died a lease ago
 
@@ -87,7 +88,7 @@ def test_a_dead_workers_running_job_is_resent_and_claimed_again(redis_server: Re
     assert _sweep(store, celery) == [], "the copy gets a lease's time to be claimed before another is sent"
 
     outcome = store.claim(dead.request_id, dead.variant, "t2", lease_seconds=30, max_attempts=3, worker="w2")
-    assert outcome == "claimed" and store.get(dead.request_id).attempts == 2, "the attempt counts"
+    assert outcome.outcome == "claimed" and store.get(dead.request_id).attempts == 2, "the attempt counts"
 
 
 def test_a_job_that_kills_every_worker_is_dead_lettered(redis_server: RedisServer):
@@ -95,10 +96,13 @@ def test_a_job_that_kills_every_worker_is_dead_lettered(redis_server: RedisServe
     spec = _job(store, time.time() - 100)
     for attempt in range(3):
         token = f"t{attempt}"
-        assert store.claim(spec.request_id, spec.variant, token, lease_seconds=30, max_attempts=3, worker="w")
+        claim = store.claim(
+            spec.request_id, spec.variant, token, lease_seconds=30, max_attempts=3, worker="w"
+        )
+        assert claim.outcome == "claimed"
         store.redis.delete(keys.lease(spec.request_id))
         store.redis.zadd(keys.running(spec.variant), {spec.request_id: time.time() - 60})
         assert _sweep(store, celery) == [spec.request_id]
         store.redis.delete(QUEUE)
     outcome = store.claim(spec.request_id, spec.variant, "t3", lease_seconds=30, max_attempts=3, worker="w")
-    assert outcome == "exhausted", "the runner then dead-letters it"
+    assert outcome.outcome == "exhausted", "the runner then dead-letters it"
