@@ -101,7 +101,7 @@ def test_warm_shutdown_puts_back_what_the_worker_took_and_did_not_finish(stack: 
 
     jobs = [job(marker_png(SLOW_WIDTH))] + [job(small_png(n)) for n in range(6)]
     wait_for(lambda: store.status(jobs[0].request_id) == "IN_PROGRESS", 60, "the slow job to start")
-    held = job(small_png(99), countdown=20)
+    held = job(small_png(99), countdown=45)  # due well after the worker has left, even on a slow machine
     jobs.append(held)
 
     def in_queue() -> set[str | None]:
@@ -111,7 +111,7 @@ def test_warm_shutdown_puts_back_what_the_worker_took_and_did_not_finish(stack: 
             if (message := broker.decode(raw))
         }
 
-    wait_for(lambda: held.request_id not in in_queue(), 10, "the worker to take the held job")
+    wait_for(lambda: held.request_id not in in_queue(), 25, "the worker to take the held job")
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     stopped_at = time.time()
