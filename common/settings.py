@@ -452,6 +452,12 @@ class GatewayOptions(_Env):
         description="A waiting sync run or status stream learns of changes by Redis pub/sub; it "
         "re-reads the record anyway after this many seconds without a message (a safety net, not a poll).",
     )
+    gateway_queue_position_poll: float = Field(
+        1.0,
+        gt=0,
+        description="A status stream of a queued request re-reads its queue position this often (the "
+        "other jobs' transitions publish no change notice unless a caller watches them).",
+    )
     gateway_push_fallback_poll: float = Field(
         0.5,
         gt=0,

@@ -218,6 +218,6 @@ async def compose_run(
         caller,
         request_id,
         await request.body(),
-        options("v2", timeout, queue_priority, lifecycle, no_retry),
+        options("v2", timeout, queue_priority, lifecycle, no_retry, watched=True),
     )
     return await run_answer(gw, request, submitted.request_id)

@@ -1,10 +1,13 @@
 """Push, not polling, for callers that wait: one Redis pub/sub subscription per gateway process.
 
-`JobStore` publishes one notice per transition on `birefnet:events:job:<id>`, whose message is the job's
-variant when its queue's order changed too (a claim, a queued job completed, cancelled or requeued) and
-empty otherwise; a new job that moves others in its queue is told on `birefnet:events:queue:<variant>`.
-The hub pattern-subscribes once and wakes that job's local waiters and, for a variant, that queue's; they
-then read the record once.
+`JobStore` publishes one notice per transition on `birefnet:events:job:<id>` of a job a caller watches: the
+gateway marks the record `watched` (created so for a sync run; in a status stream's first read) after it
+subscribed and before it reads, so a transition after the mark publishes and one before it is in the read;
+the claim, the completion and a stage's lines of an unwatched job publish nothing. The message is the
+job's variant when its queue's order changed too, and empty otherwise; a new job that moves others in its
+queue is told on `birefnet:events:queue:<variant>`. The hub pattern-subscribes once and wakes that job's
+local waiters and, for a variant, that queue's; they then read the record once. Queue positions do not
+rely on these: a status stream re-reads a queued job every `gateway_queue_position_poll` s.
 While the subscription is down waiters re-read every `gateway_push_fallback_poll` s (and all once it is
 back); `gateway_push_recheck` is the safety net for a change that did not go through `JobStore`."""
 

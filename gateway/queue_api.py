@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
 from common.domain.schemas import BiRefNetOutput
+from common.domain.status import Status
 from common.domain.variants import Endpoint
 from common.state import keys
 from common.state.webhooks import first_attempt_due
@@ -156,6 +157,7 @@ def options(
     no_retry: str | None,
     webhook_url: str | None = None,
     max_queue_length: int | None = None,
+    watched: bool = False,
 ) -> SubmitOptions:
     return SubmitOptions(
         endpoint=endpoint,
@@ -165,6 +167,7 @@ def options(
         output_ttl=lifecycle_seconds(lifecycle),
         no_retry=flag(no_retry),
         max_queue_length=max_queue_length,
+        watched=watched,
     )
 
 
@@ -283,14 +286,20 @@ async def status_stream(
 async def status_events(
     gw: Gateway, request_id: str, caller, urls: dict, with_logs: bool, variant: str = ""
 ) -> AsyncIterator[str]:
-    """One `data:` event per change, read when the job's (or its queue's) pub/sub event says something
-    changed; `: ping` keep-alives in between cost no Redis command."""
+    """One `data:` event per change, read when the job's pub/sub event says something changed (its first
+    read marks it watched, so its transitions publish) and, while it is queued, every
+    `gateway_queue_position_poll` s for its position (other jobs' transitions publish only when watched);
+    `: ping` keep-alives in between cost no Redis command."""
     sent_logs, last_state, last_sent = 0, None, 0.0
+    marked = False
     async with gw.on_request(request_id).events.watch(request_id, variant) as watch:
         while True:
-            read = await records.read_status(gw, request_id, caller, sent_logs if with_logs else None)
+            read = await records.read_status(
+                gw, request_id, caller, sent_logs if with_logs else None, watch=not marked
+            )
             if read is None:
                 return
+            marked = True
             if (read.snap.status, read.position) != last_state or read.logs:
                 body = records.status_body(read.snap, urls, read.logs, read.position)
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
@@ -300,17 +309,20 @@ async def status_events(
                     return
             # Sleep until an event, a ping is due, or the safety re-check; only events and re-checks read.
             idle = 0.0
+            queued = read.snap.status == Status.IN_QUEUE
+            recheck = min(watch.recheck_after, gw.settings.gateway_queue_position_poll) if queued else None
             while True:
+                reread_after = recheck if recheck is not None else watch.recheck_after
                 ping_in = gw.settings.gateway_sse_ping_interval - (time.monotonic() - last_sent)
                 if ping_in <= 0:
                     yield ": ping\n\n"
                     last_sent = time.monotonic()
                     continue
                 started = time.monotonic()
-                if await watch.wait(min(ping_in, watch.recheck_after - idle)):
+                if await watch.wait(min(ping_in, reread_after - idle)):
                     break
                 idle += time.monotonic() - started
-                if idle >= watch.recheck_after:
+                if idle >= reread_after:
                     break
 
 

@@ -48,13 +48,15 @@ class StatusRead:
 
 
 async def read_status(
-    gw: Gateway, request_id: str, principal: Principal, logs_from: int | None = None
+    gw: Gateway, request_id: str, principal: Principal, logs_from: int | None = None, *, watch: bool = False
 ) -> StatusRead | None:
-    """The request as `principal` may see it (None: unknown, another key's, or past retention)."""
+    """The request as `principal` may see it (None: unknown, another key's, or past retention). `watch`:
+    the caller waits for its changes next (subscribed already): the record is marked watched in the same
+    call, so each transition after this read publishes its change, and one before it is in the read."""
     shard = gw.on_request(request_id)
     if shard.status_script is None:
         shard.status_script = shard.aredis.register_script(STATUS_READ)
-    reply = await shard.status_script(**status_read_call(request_id, logs_from))
+    reply = await shard.status_script(**status_read_call(request_id, logs_from, watch=watch))
     if not reply:
         return None
     values, rank, entries = reply

@@ -79,7 +79,13 @@ def make_run(endpoint: Endpoint):
             caller,
             await request.body(),
             options(
-                endpoint, timeout, queue_priority, lifecycle, no_retry, max_queue_length=max_queue_length
+                endpoint,
+                timeout,
+                queue_priority,
+                lifecycle,
+                no_retry,
+                max_queue_length=max_queue_length,
+                watched=True,
             ),
         )
         return await run_answer(gw, request, submitted.request_id)

@@ -29,6 +29,7 @@ class SubmitOptions:
     output_ttl: int | None = None
     no_retry: bool = False  # x-fal-no-retry: a job whose worker dies is not run again
     max_queue_length: int | None = None  # fal_max_queue_length: refuse when this many already wait
+    watched: bool = False  # the caller waits for the result (a sync run): the record is created marked so
 
 
 def mask_cache_scope(principal: Principal) -> str:
@@ -140,6 +141,7 @@ def enqueue(
             max_queue_length=options.max_queue_length,
             schedule=schedule,
             prepare=writes.flush if writes is not None else None,
+            watched=options.watched,
         )
     except LimitRefused as exc:
         raise FalError.flat(

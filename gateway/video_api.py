@@ -188,6 +188,14 @@ async def run_video(
         gw,
         caller,
         await request.body(),
-        options("v2", timeout, queue_priority, lifecycle, no_retry, max_queue_length=max_queue_length),
+        options(
+            "v2",
+            timeout,
+            queue_priority,
+            lifecycle,
+            no_retry,
+            max_queue_length=max_queue_length,
+            watched=True,
+        ),
     )
     return await run_answer(gw, request, submitted.request_id)

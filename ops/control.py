@@ -151,7 +151,7 @@ def requeue(r: redis.Redis, celery: Celery, settings: OpsSettings, request_id: s
             f"job {request_id} is {record.status}"
             f"{' and succeeded' if record.status.is_terminal else ''}; only failed jobs are requeued"
         )
-    store.log(request_id, "requeued by ops: attempts reset", "WARN", expire=True)
+    store.log(request_id, "requeued by ops: attempts reset", "WARN")
     send_job(celery, restart.spec)
     return {
         "request_id": request_id,

@@ -113,6 +113,7 @@ class Admission:
         max_queue_length: int | None = None,
         schedule: Mapping[str, tuple[str, float]] | None = None,
         prepare: Callable[[], None] | None = None,
+        watched: bool = False,
     ) -> Submitted:
         """Queue `spec`'s job (adding `schedule`: sorted set -> (member, due)), or complete it with
         `rejection`.
@@ -121,7 +122,8 @@ class Admission:
         queue ends the job (QueueUnreachable). S3 events: the configured cap (QueueFull: the sender keeps the
         event); a redelivered event's unfinished job is sent again (a worker runs a job at most once).
         `prepare` (e.g. storing a large inline input) runs once the job is admitted, before it is recorded: a
-        refused request stores nothing."""
+        refused request stores nothing. `watched`: the caller waits on the job (a sync run): its record is
+        created marked so."""
         if principal is not None:  # rejected input never waits in a queue: no queue cap applies to it
             refusal = self.limiter.admit(
                 key_id=principal.key_id,
@@ -146,7 +148,7 @@ class Admission:
         # with the queue position an API submit answers.
         bookings = schedule if rejection is None else None
         if principal is not None and rejection is None:
-            position = self.store.create_queued(spec, bookings)
+            position = self.store.create_queued(spec, bookings, watched=watched)
             created = position is not None
         else:
             position, created = None, self.store.create(spec, bookings)

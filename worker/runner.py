@@ -173,6 +173,7 @@ class JobRunner:
                 lease_seconds=self.settings.job_lease_seconds,
                 max_attempts=max_attempts,
                 worker=self.worker_name,
+                sole_log_writer=spec.extra.get("video") is None,  # a video's segments write its lines too
             )
 
         claim = claim_it()
@@ -232,8 +233,9 @@ class JobRunner:
                 return self._timed_out(spec, token, limit, exc)
             except WorkerUnavailable as exc:
                 # Not the job's fault: refund the attempt and let another worker take it at once.
-                self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=True)
+                # The line first: once requeued, the next holder numbers the job's lines.
                 self.store.log(spec.request_id, f"handed to another worker: {exc}", "WARN")
+                self.store.requeue(spec.request_id, spec.variant, token, refund_attempt=True)
                 return Outcome("handback", str(exc))
         except Exception as exc:
             transient = _is_transient(exc)

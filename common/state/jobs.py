@@ -6,7 +6,8 @@ redelivered copy of a job whose lease is alive is deferred, never run twice, and
 (its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
 holder) is recorded, so a job gets exactly one result and one webhook (fal's cancelled one when a cancel
 was requested while it ran). The claim and the completion also keep the ops state (running set,
-completions stream) and send the job's one change notice: the worker sends no command of its own for these.
+completions stream) and send the job's one change notice when a caller watches it (the record's `watched`
+mark, set by the gateway before it waits): the worker sends no command of its own for these.
 """
 
 from __future__ import annotations
@@ -36,21 +37,21 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)
 
 
-# KEYS: record, lease, pending zset, job channel, running set, logs list. ARGV: lease token, lease ms, now,
-# max attempts, request id, worker, variant, record TTL. One read of the record's fields; a claimed job is
-# in its variant's running set (ops, metrics) for as long as its lease, and the claim returns the run flags
-# the worker acts on. Log lines are appended without a TTL of their own: the claim gives it to the lines an
-# earlier run left (no command on a first claim: EXPIRE cannot give a list that does not exist yet its
-# TTL), the completion to all.
+# KEYS: record, lease, pending zset, job channel, running set. ARGV: lease token, lease ms, now, max attempts,
+# request id, worker, variant. One read of the record's fields; a claimed job is in its variant's running
+# set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on and
+# the record's log line count (the lease holder numbers its lines from it) and whether a caller watches the
+# job (the record's `watched` mark, set by the gateway before it waits: only then is the change published).
 _CLAIM = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'started_at')
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'log_count',
+                    'watched')
 local status = f[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' then return {'completed'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'leased'} end
 local attempts = (tonumber(f[2]) or 0) + 1
 redis.call('ZREM', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[4], ARGV[7])  -- the job changed, and its queue's order
+if f[6] then redis.call('PUBLISH', KEYS[4], ARGV[7]) end  -- a caller waits on it
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempts', attempts)
   return {'exhausted'}
@@ -59,8 +60,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
            'attempts', attempts)
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
-if f[5] then redis.call('EXPIRE', KEYS[6], ARGV[8]) end  -- an earlier run's lines
-return {'claimed', f[3] or '', f[4] or ''}
+return {'claimed', f[3] or '', f[4] or '', f[5] or '0', f[6] or ''}
 """
 
 _RENEW = """
@@ -71,8 +71,9 @@ return 0
 # ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at,
 # the run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log
 # entries count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset,
-# logs list, webhook schedule, job channel, webhook ready list, running set, completions stream. One round
-# trip ends a job: outcome, TTL, the stage's log lines, the first webhook booking (with the completion, so
+# (unused), webhook schedule, job channel, webhook ready list, running set, completions stream. One round
+# trip ends a job: outcome, TTL, the stage's log lines (numbered on from the record's count, in the same
+# HSET), the first webhook booking (with the completion, so
 # it exists iff the job completed) and its hand-off to the deliverers, its change notice (naming the
 # variant when a queued job left its queue), and the ops state (out of the running set, the completions
 # stream entry). A cancel requested while the job ran is honoured here: fal's cancelled outcome (what
@@ -81,20 +82,32 @@ return 0
 # complete the job.
 _CANCELLED = RequestCancelled()
 _COMPLETE = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested')
+local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested', 'log_count',
+                    'watched')
 local status, created, started = f[1], f[2], f[3]
 if (not status) or status == 'COMPLETED' then return 0 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[13])
 local ended, outcome, error_type = 1, ARGV[7], ARGV[11]
+local fields = {'status', 'COMPLETED'}
 if f[4] == '1' then  -- a cancel requested while it ran: fal's cancelled outcome, as `cancel` records it
   ended, outcome, error_type = 2, 'cancelled', CANCELLED_TYPE
-  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', 'completed_at', ARGV[6], 'result', CANCELLED_BODY,
-             'result_code', CANCELLED_CODE, 'error', CANCELLED_MESSAGE, 'error_type', error_type)
+  fields = {'status', 'COMPLETED', 'completed_at', ARGV[6], 'result', CANCELLED_BODY,
+            'result_code', CANCELLED_CODE, 'error', CANCELLED_MESSAGE, 'error_type', error_type}
 else
-  redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 14 + n))
+  for i = 14 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 end
+if n > 0 then  -- the last lines, numbered on from the record's count
+  local first = tonumber(f[5]) or 0
+  for i = 1, n do
+    fields[#fields + 1] = 'log:' .. (first + i - 1)
+    fields[#fields + 1] = ARGV[13 + i]
+  end
+  fields[#fields + 1] = 'log_count'
+  fields[#fields + 1] = first + n
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
 local moved = ''  -- the variant, when the queue's order changes too
@@ -104,13 +117,11 @@ else
   redis.call('ZREM', KEYS[3], ARGV[2])
   moved = ARGV[12]
 end
-if n > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, 14, 13 + n)) end
-redis.call('EXPIRE', KEYS[4], ARGV[3])  -- also the lines runs appended without a TTL
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
   redis.call('LPUSH', KEYS[7], ARGV[4])
 end
-redis.call('PUBLISH', KEYS[6], moved)
+if f[6] then redis.call('PUBLISH', KEYS[6], moved) end  -- a caller waits on it
 if ARGV[7] ~= '' then
   local wait, latency = '', ''
   if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
@@ -128,6 +139,25 @@ for _name, _value in {
     "CANCELLED_TYPE": _CANCELLED.error_type,
 }.items():
     _COMPLETE = _COMPLETE.replace(_name, _lua_string(_value))
+
+# Log lines from a writer that does not number them itself (not the lease holder of an image job): the next
+# numbers are taken here, atomically. KEYS: record, job channel. ARGV: the lines. Nothing on a record that
+# is gone (a line must not recreate it without its TTL).
+_APPEND_LOGS = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'log_count', 'watched')
+if not f[1] then return false end
+local first = tonumber(f[2]) or 0
+local fields = {}
+for i = 1, #ARGV do
+  fields[#fields + 1] = 'log:' .. (first + i - 1)
+  fields[#fields + 1] = ARGV[i]
+end
+fields[#fields + 1] = 'log_count'
+fields[#fields + 1] = first + #ARGV
+redis.call('HSET', KEYS[1], unpack(fields))
+if f[3] then redis.call('PUBLISH', KEYS[2], '') end  -- a caller waits on it
+return first + #ARGV
+"""
 
 _REQUEUE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -183,8 +213,10 @@ return items
 """
 
 # The gateway's status read (run on its async client): the record's small fields (never the spec, which
-# may carry a data URI), the queue rank while queued, and logs from an index when asked for, in one round
-# trip. (The pending key is derived inside: fine on one Redis, not on a cluster.)
+# may carry a data URI), the queue rank while queued, and logs from an index when asked for (the record's
+# `log:<n>` fields; a record written before they existed has its lines in a list), in one round trip; for
+# a caller about to wait it first marks the record `watched` (ARGV[4] '1'), so every transition after the
+# read publishes its change. (The pending key is derived inside: fine on one Redis, not on a cluster.)
 STATUS_FIELDS = (
     "status",
     "owner",
@@ -198,19 +230,35 @@ STATUS_FIELDS = (
 STATUS_READ = f"""
 local fields = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in STATUS_FIELDS)})
 if not fields[1] then return false end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'watched', '1') end  -- a caller waits: publish changes
 local rank = false
 if fields[1] == 'IN_QUEUE' then rank = redis.call('ZRANK', ARGV[1] .. fields[3], ARGV[2]) end
 local logs = {{}}
-if ARGV[3] ~= '' then logs = redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1) end
+if ARGV[3] ~= '' then
+  local count = redis.call('HGET', KEYS[1], 'log_count')
+  if not count then
+    logs = redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1)  -- a record from before the lines moved in
+  elseif tonumber(count) > tonumber(ARGV[3]) then
+    local names = {{}}
+    for i = tonumber(ARGV[3]), tonumber(count) - 1 do names[#names + 1] = 'log:' .. i end
+    logs = redis.call('HMGET', KEYS[1], unpack(names))
+  end
+end
 return {{fields, rank, logs}}
 """
 
 
-def status_read_call(request_id: str, logs_from: int | None) -> dict:
-    """`keys` and `args` for STATUS_READ."""
+def status_read_call(request_id: str, logs_from: int | None, *, watch: bool = False) -> dict:
+    """`keys` and `args` for STATUS_READ; `watch`: mark the record watched in the same call (a caller that
+    waits for its changes: the transitions after this read publish them)."""
     return {
         "keys": [keys.job(request_id), keys.logs(request_id)],
-        "args": [keys.PENDING_PREFIX, request_id, "" if logs_from is None else logs_from],
+        "args": [
+            keys.PENDING_PREFIX,
+            request_id,
+            "" if logs_from is None else logs_from,
+            "1" if watch else "",
+        ],
     }
 
 
@@ -284,6 +332,8 @@ class Claim:
     started_at: float  # the claim's time, the record's started_at when claimed
     cancel_requested: bool = False  # a cancel came while an earlier run held the job
     run_alone: bool = False  # the next run takes a forward by itself (JobStore.note_error)
+    watched: bool = False  # a caller waits on the job: its changes are published
+    log_count: int = 0  # the record's log lines so far (a sole writer numbers its lines on from here)
 
 
 @dataclass(frozen=True)
@@ -333,6 +383,11 @@ class JobStore:
         self._pop_due = client.register_script(_POP_DUE)
         self._requeue = client.register_script(_REQUEUE)
         self._create = client.register_script(_CREATE)
+        self._append_logs = client.register_script(_APPEND_LOGS)
+        # The next log line number of each job this process holds as its sole log writer (an image job's
+        # lease holder): its lines are one HSET, numbered from the claim's count.
+        self._log_next: dict[str, int] = {}
+        self._watched: set[str] = set()  # those of them a caller watched at their claim: a flush publishes
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> JobStore:
@@ -346,7 +401,9 @@ class JobStore:
         return cls(redis_client(settings), record_ttl=settings.job_record_ttl)
 
     def notify(self, request_id: str, variant: str | None = None, pipe=None) -> None:
-        """Tell waiting callers (gateway status streams and sync runs) that the job changed, and with
+        """Tell waiting callers (gateway status streams and sync runs) that the job changed (the rare
+        transitions sent from here publish whether watched or not; the scripts' only when the record is
+        marked `watched`), and with
         `variant` that its queue's order changed too: one PUBLISH on the job's channel whose message is the
         variant (else empty), sent now or on the caller's pipeline. gateway.push wakes the job's watchers
         and, for a variant, that queue's."""
@@ -360,14 +417,20 @@ class JobStore:
         return self._run_create(spec, schedule, answer_position=False) is not None
 
     def create_queued(
-        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None
+        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None, *, watched: bool = False
     ) -> int | None:
         """`create`, answering the new job's queue position (0 = next) in the same round trip; None if a
-        record with this id exists already."""
-        return self._run_create(spec, schedule, answer_position=True)
+        record with this id exists already. `watched`: a caller will wait on it (a sync run): its
+        transitions publish their changes from the start."""
+        return self._run_create(spec, schedule, answer_position=True, watched=watched)
 
     def _run_create(
-        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None, *, answer_position: bool
+        self,
+        spec: JobSpec,
+        schedule: Mapping[str, tuple[str, float]] | None,
+        *,
+        answer_position: bool,
+        watched: bool = False,
     ) -> int | None:
         bookings = list((schedule or {}).items())
         reply = self._create(
@@ -391,6 +454,7 @@ class JobStore:
                 len(bookings),
                 *[item for _, (member, due) in bookings for item in (member, repr(due))],
                 *[item for pair in webhook_fields(spec).items() for item in pair],
+                *(["watched", "1"] if watched else []),
             ],
         )
         return None if reply is None else int(reply)
@@ -440,24 +504,39 @@ class JobStore:
         return self.redis.zcard(keys.pending(variant))
 
     # --- logs ---
-    def log(self, request_id: str, message: str, level: str = "INFO", *, expire: bool = False) -> None:
-        self.log_many(request_id, [log_entry(message, level)], expire=expire)
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        self.log_many(request_id, [log_entry(message, level)])
 
-    def log_many(self, request_id: str, entries: list[str], *, expire: bool = False) -> None:
-        """Append log entries (`log_entry`) in one round trip: a stage's lines together, not one by one.
-        The list gets its TTL from the job's claim and its completion (a run's lines come between them);
-        `expire`: here too, for lines written outside a run (ops)."""
+    def log_many(self, request_id: str, entries: list[str]) -> None:
+        """Append log entries (`log_entry`) to the job's record in one round trip: a stage's lines together,
+        not one by one. The record's TTL covers them. A sole writer (the process that claimed an image job)
+        numbers them itself, from its claim's count: one HSET; any other writer goes through a script that
+        takes the next numbers atomically."""
         if not entries:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(keys.logs(request_id), *entries)
-        if expire:
-            pipe.expire(keys.logs(request_id), self.record_ttl)
-        self.notify(request_id, pipe=pipe)
-        pipe.execute()
+        first = self._log_next.get(request_id)
+        if first is None:
+            self._append_logs(keys=[keys.job(request_id), keys.job_channel(request_id)], args=entries)
+            return
+        fields: dict[FieldT, EncodableT] = {keys.log_field(first + i): e for i, e in enumerate(entries)}
+        fields[keys.LOG_COUNT_FIELD] = first + len(entries)
+        if request_id in self._watched:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.job(request_id), mapping=fields)
+            self.notify(request_id, pipe=pipe)
+            pipe.execute()
+        else:
+            self.redis.hset(keys.job(request_id), mapping=fields)
+        self._log_next[request_id] = first + len(entries)
 
     def logs(self, request_id: str, start: int = 0) -> list[dict]:
-        return [json.loads(item) for item in self.redis.lrange(keys.logs(request_id), start, -1)]
+        count = cast(str | None, self.redis.hget(keys.job(request_id), keys.LOG_COUNT_FIELD))
+        if count is None:  # a record from before the lines moved into it
+            return [json.loads(item) for item in self.redis.lrange(keys.logs(request_id), start, -1)]
+        names = [keys.log_field(n) for n in range(start, int(count))]
+        if not names:
+            return []
+        return [json.loads(item) for item in cast(list[str], self.redis.hmget(keys.job(request_id), names))]
 
     # --- worker side ---
     def claim(
@@ -469,8 +548,12 @@ class JobStore:
         lease_seconds: float,
         max_attempts: int,
         worker: str,
+        sole_log_writer: bool = False,
     ) -> Claim:
-        """Take the job for a run (IN_QUEUE -> IN_PROGRESS, a lease, the running set), in one round trip."""
+        """Take the job for a run (IN_QUEUE -> IN_PROGRESS, a lease, the running set), in one round trip.
+        `sole_log_writer`: no other process writes this job's log lines while it runs (an image job; a
+        video's segments write to theirs), so `log_many` numbers them here, until the completion or
+        requeue."""
         now = time.time()
         reply = self._claim(
             keys=[
@@ -479,22 +562,24 @@ class JobStore:
                 keys.pending(variant),
                 keys.job_channel(request_id),
                 keys.running(variant),
-                keys.logs(request_id),
             ],
-            args=[
-                token,
-                int(lease_seconds * 1000),
-                repr(now),
-                max_attempts,
-                request_id,
-                worker,
-                variant,
-                self.record_ttl,
-            ],
+            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker, variant],
         )
         outcome = cast(ClaimOutcome, reply[0])
-        flags = reply[1:] if outcome == "claimed" else ["", ""]
-        return Claim(outcome, now, cancel_requested=flags[0] == "1", run_alone=flags[1] == "1")
+        flags = reply[1:] if outcome == "claimed" else ["", "", "0", ""]
+        count, watched = int(flags[2]), flags[3] == "1"
+        if outcome == "claimed" and sole_log_writer:
+            self._log_next[request_id] = count
+            if watched:
+                self._watched.add(request_id)
+        return Claim(
+            outcome,
+            now,
+            cancel_requested=flags[0] == "1",
+            run_alone=flags[1] == "1",
+            watched=watched,
+            log_count=count,
+        )
 
     def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._renew(keys=[keys.lease(request_id)], args=[token, int(lease_seconds * 1000)]))
@@ -502,6 +587,8 @@ class JobStore:
     def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
         """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
         was not the job's doing (an outage), so it does not count towards `max_attempts`."""
+        self._log_next.pop(request_id, None)  # lines after this are not the holder's to number
+        self._watched.discard(request_id)
         requeued = bool(
             self._requeue(
                 keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
@@ -533,6 +620,8 @@ class JobStore:
         `variant` (else read from the record), `logs` (`log_entry` lines appended with it), `webhook_due`
         (book the first webhook attempt at this time) and `report` (a worker's completions-stream entry)
         ride along in the same round trip, which also takes the job out of its running set."""
+        self._log_next.pop(request_id, None)  # the completion numbers its lines from the record's count
+        self._watched.discard(request_id)
         if variant is None:
             variant = (
                 cast(str | None, self.redis.hget(keys.job(request_id), "variant")) or ""
@@ -559,7 +648,7 @@ class JobStore:
                 keys.job(request_id),
                 keys.lease(request_id),
                 keys.pending(variant),
-                keys.logs(request_id),
+                keys.job(request_id),  # (unused slot)
                 keys.WEBHOOK_DUE,
                 keys.job_channel(request_id),
                 keys.WEBHOOK_READY,

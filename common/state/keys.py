@@ -20,7 +20,16 @@ def job(request_id: str) -> str:
 
 
 def logs(request_id: str) -> str:
+    """The log list of a record written before log lines moved into the record (read as a fallback)."""
     return f"{JOB_PREFIX}{request_id}:logs"
+
+
+# A job's log lines live in its record: field `log:<n>` holds line n, `log_count` how many there are.
+LOG_COUNT_FIELD = "log_count"
+
+
+def log_field(n: int) -> str:
+    return f"log:{n}"
 
 
 def lease(request_id: str) -> str:

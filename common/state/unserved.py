@@ -20,8 +20,8 @@ BATCH = 200
 _NOTE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'IN_QUEUE' then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+local first = tonumber(redis.call('HGET', KEYS[1], 'log_count')) or 0  -- queued: no lease holder writes
+redis.call('HSET', KEYS[1], 'log:' .. first, ARGV[3], 'log_count', first + 1)
 return 1
 """
 
@@ -84,8 +84,8 @@ def note_unserved_jobs(store: JobStore, registry: Iterable[VariantSpec], now: fl
         for request_id in looked_at:
             noted += int(
                 script(
-                    keys=[keys.job(request_id), keys.logs(request_id)],
-                    args=[NOTED_FIELD, str(now), entry, store.record_ttl],
+                    keys=[keys.job(request_id)],
+                    args=[NOTED_FIELD, str(now), entry],
                 )
             )
         r.zadd(keys.unserved_noted(spec.id), dict.fromkeys(looked_at, now))

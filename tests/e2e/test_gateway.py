@@ -100,9 +100,10 @@ def record(gs: GatewayStack, request_id: str):
     return JobStore.from_url(gs.settings.redis_url).get(request_id)
 
 
-def sse_events(response: httpx.Response) -> list[str]:
-    """Raw SSE blocks (`data: …` events and `: ping` comments) until the server closes the stream."""
-    blocks, buffer = [], ""
+def sse_events(response: httpx.Response, blocks: list[str] | None = None) -> list[str]:
+    """Raw SSE blocks (`data: …` events and `: ping` comments) until the server closes the stream, appended
+    to `blocks` as they come when given."""
+    blocks, buffer = [] if blocks is None else blocks, ""
     for chunk in response.iter_text():
         buffer += chunk
         while "\n\n" in buffer:
@@ -251,6 +252,38 @@ def test_stream_pings_while_queued_and_closes_when_cancelled(gs, alice):
     data = [json.loads(b[6:]) for b in blocks if b.startswith("data: ")]
     assert data[0]["status"] == "IN_QUEUE" and data[0]["logs"] is None and "queue_position" in data[0]
     assert data[-1]["status"] == "COMPLETED" and data[-1]["error_type"] == "client_cancelled"
+
+
+def test_stream_of_a_queued_job_follows_its_position_without_the_other_jobs_notices(gs, alice):
+    """Jobs nobody watches publish nothing: the queued job's stream re-reads its position on its own."""
+    ahead = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY})["request_id"]
+    rid = submit(alice, {"image_url": NOT_AN_IMAGE, **HEAVY})["request_id"]
+    store = JobStore.from_url(gs.settings.redis_url)
+    blocks: list[str] = []
+
+    def stream() -> None:
+        with gs.client(ALICE) as client, client.stream("GET", f"{REQ}/{rid}/status/stream") as response:
+            sse_events(response, blocks)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    time.sleep(0.5)
+    assert store.redis.hget(keys.job(rid), "watched") == "1", "the stream marked the job it watches"
+    assert store.redis.hget(keys.job(ahead), "watched") is None
+    first = [json.loads(b[6:]) for b in blocks if b.startswith("data: ")][0]["queue_position"]
+    claimed = store.claim(ahead, "general-heavy", "t", lease_seconds=30, max_attempts=3, worker="test")
+    assert claimed.outcome == "claimed" and not claimed.watched
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        positions = [json.loads(b[6:])["queue_position"] for b in blocks if b.startswith("data: ")]
+        if positions[-1] == first - 1:
+            break
+        time.sleep(0.1)
+    assert positions[-1] == first - 1, positions
+    store.complete(ahead, token="t", result={}, variant="general-heavy")
+    assert alice.put(f"{REQ}/{rid}/cancel").status_code == 202
+    streamer.join(timeout=10)
+    assert not streamer.is_alive()
 
 
 # --- 8, 14: validation and model-side errors --------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from common.domain.schemas import JobParams, JobSpec
 from common.state import keys
-from common.state.jobs import JobStore
+from common.state.jobs import JobStore, log_entry
 from devstack.services import RedisServer
 
 
@@ -154,18 +154,66 @@ def test_cancel_in_queue_in_progress_and_completed(store: JobStore):
     )
 
 
-def test_log_lines_of_a_run_get_their_ttl_from_the_claim_and_the_completion(store: JobStore):
+def test_log_lines_live_in_the_record_and_share_its_ttl(store: JobStore):
     spec = make_spec()
     store.create(spec)
     assert claim(store, spec) == "claimed"
-    store.log(spec.request_id, "loading image")  # a stage's lines: RPUSH and PUBLISH only
-    assert store.redis.ttl(keys.logs(spec.request_id)) == -1
-    store.redis.delete(keys.lease(spec.request_id))  # the worker died; its job is delivered again
+    store.log(spec.request_id, "loading image")
+    assert not store.redis.exists(keys.logs(spec.request_id)), "no list of their own"
+    assert store.complete(
+        spec.request_id, token="t1", result={}, variant=spec.variant, logs=[log_entry("done")]
+    )
+    assert [e["message"] for e in store.logs(spec.request_id)] == ["loading image", "done"]
+    assert store.redis.hget(keys.job(spec.request_id), keys.LOG_COUNT_FIELD) == "2"
+    assert 0 < store.redis.ttl(keys.job(spec.request_id)) <= store.record_ttl
+
+
+def test_a_sole_writer_and_other_writers_never_take_the_same_line_number(store: JobStore, redis_server):
+    spec = make_spec()
+    store.create(spec)
+    other = JobStore.from_url(redis_server.url)  # another process: the unserved sweep, a video segment, ops
+    other.log(spec.request_id, "no worker serves this model yet", "WARN")  # queued: numbered by the script
+    claimed = store.claim(
+        spec.request_id,
+        spec.variant,
+        "t1",
+        lease_seconds=30,
+        max_attempts=3,
+        worker="w",
+        sole_log_writer=True,
+    )
+    assert claimed.log_count == 1
+    store.log_many(spec.request_id, [log_entry("loading image"), log_entry("inference")])  # one HSET
+    store.log(spec.request_id, "handed to another worker", "WARN")
+    assert store.requeue(spec.request_id, spec.variant, "t1", refund_attempt=True)
+    store.log(spec.request_id, "after the requeue")  # no longer the holder: the script numbers it
+    other.log(spec.request_id, "from elsewhere")
     assert claim(store, spec, token="t2") == "claimed"
-    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the next claim sets it"
-    store.redis.persist(keys.logs(spec.request_id))
-    assert store.complete(spec.request_id, token="t2", result={}, variant=spec.variant)
-    assert 0 < store.redis.ttl(keys.logs(spec.request_id)) <= store.record_ttl, "the completion sets it"
+    assert store.complete(
+        spec.request_id, token="t2", result={}, variant=spec.variant, logs=[log_entry("end")]
+    )
+    assert [e["message"] for e in store.logs(spec.request_id)] == [
+        "no worker serves this model yet",
+        "loading image",
+        "inference",
+        "handed to another worker",
+        "after the requeue",
+        "from elsewhere",
+        "end",
+    ]
+    assert [e["message"] for e in store.logs(spec.request_id, 5)] == ["from elsewhere", "end"]
+
+
+def test_a_record_written_before_the_lines_moved_in_still_shows_its_list(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+    store.redis.rpush(keys.logs(spec.request_id), log_entry("old line"), log_entry("older format"))
+    assert [e["message"] for e in store.logs(spec.request_id, 1)] == ["older format"]
+
+
+def test_a_line_for_a_record_that_is_gone_does_not_recreate_it(store: JobStore):
+    store.log("no-such-job", "late line")
+    assert not store.redis.exists(keys.job("no-such-job"))
 
 
 def test_logs_are_fal_shaped(store: JobStore):

@@ -36,10 +36,10 @@ def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
 
 def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.create(job)
-    assert (
-        store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w").outcome
-        == "claimed"
+    claimed = store.claim(
+        job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w", sole_log_writer=True
     )
+    assert claimed.outcome == "claimed"
     store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
     assert store.complete(
         job.request_id,
@@ -61,11 +61,12 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
     # Counted with what the scripts run, the worker's whole path (no command of its own besides these):
-    # create 7; claim 8 (one HMGET of status, attempts and run flags; the running set);
-    # a stage's logs 2 (RPUSH, PUBLISH); completion 13 (outcome and TTLs, lease, out of the running set,
-    # the last lines, the webhook's booking and hand-off to the deliverers, one change notice, the
-    # completions-stream entry; the queue entry already went with the claim).
-    assert used <= 30, used
+    # create 7; claim 7 (one HMGET of status, attempts, run flags, the log count and the watched mark; the
+    # running set); a stage's logs 1 (one HSET of the numbered lines); completion 10 (outcome and the last
+    # lines in one HSET, TTL, lease, out of the running set, the webhook's booking and hand-off to the
+    # deliverers, the completions-stream entry; the queue entry went with the claim). Nobody watches the
+    # job: no change notice.
+    assert used <= 25, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
@@ -77,7 +78,7 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     # The first webhook attempt is booked with the completion, and the record keeps its TTL.
     assert store.redis.zscore(keys.WEBHOOK_DUE, f"{job.request_id}|0") == 123.0
     assert 0 < store.redis.ttl(keys.job(job.request_id)) <= store.record_ttl
-    assert 0 < store.redis.ttl(keys.logs(job.request_id)) <= store.record_ttl
+    assert not store.redis.exists(keys.logs(job.request_id)), "the lines live in the record, under its TTL"
     # The ops state: out of the running set, one completions entry with ops' fields.
     assert store.redis.zscore(keys.running(job.variant), job.request_id) is None
     entry = ops_state.read_completions(store.redis, 0)[-1]
@@ -100,22 +101,28 @@ def test_a_second_completion_changes_nothing_and_books_nothing(redis_server):
     assert store.logs(job.request_id) == []
 
 
-def test_watchers_hear_each_transition(redis_server):
+def test_transitions_publish_only_for_a_watched_job(redis_server):
     store = JobStore.from_url(redis_server.url)
-    job = spec(webhook=None)
     listener = redis.Redis.from_url(redis_server.url).pubsub()
     listener.psubscribe(keys.EVENTS_PATTERN)
     listener.get_message(timeout=1)
-    store.create(job)
-    store.claim(job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
-    store.complete(job.request_id, token="t", result={}, variant=job.variant)
-    heard = []
-    while (message := listener.get_message(timeout=0.5)) is not None:
-        heard.append((message["channel"].decode(), message["data"].decode()))
+
+    def heard() -> list[tuple[str, str]]:
+        messages = []
+        while (message := listener.get_message(timeout=0.5)) is not None:
+            messages.append((message["channel"].decode(), message["data"].decode()))
+        return messages
+
+    quiet, watched = spec(webhook=None), spec(webhook=None)
+    run_one(store, quiet)
+    assert heard() == [], "nobody watches it: no notice"
+    assert store.create_queued(watched, watched=True) is not None  # a sync run's job
+    store.claim(watched.request_id, watched.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    store.complete(watched.request_id, token="t", result={}, variant=watched.variant)
     # One notice per transition on the job's channel; the claim took the job off its queue, so it names
-    # the variant (queue watchers wake); the completion of a claimed job leaves the queue alone.
-    job_channel = keys.job_channel(job.request_id)
-    assert heard == [(job_channel, job.variant), (job_channel, "")]
+    # the variant; the completion of a claimed job leaves the queue alone.
+    job_channel = keys.job_channel(watched.request_id)
+    assert heard() == [(job_channel, watched.variant), (job_channel, "")]
 
 
 def test_celery_task_events_are_off_unless_asked_for():
