@@ -68,18 +68,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at,
-# the run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log
-# entries count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset,
-# (unused), webhook schedule, job channel, webhook ready list, running set, completions stream. One round
-# trip ends a job: outcome, TTL, the stage's log lines (numbered on from the record's count, in the same
-# HSET), the first webhook booking (with the completion, so
-# it exists iff the job completed) and its hand-off to the deliverers, its change notice (naming the
-# variant when a queued job left its queue), and the ops state (out of the running set, the completions
-# stream entry). A cancel requested while the job ran is honoured here: fal's cancelled outcome (what
-# `cancel` records for a queued job) is recorded instead of the one given. Returns {1, or 2 when it recorded
-# the cancel; the record's created and started times (the worker's metrics)}, or 0 when this call did not
-# complete the job.
+# ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at, the
+# run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log entries
+# count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, webhook
+# schedule, job channel, webhook ready list, running set, completions stream. One round trip ends a job:
+# outcome, TTL, the stage's log lines (numbered on from the record's count, in the same HSET), the first
+# webhook booking (with the completion, so it exists iff the job completed) and its hand-off to the
+# deliverers, its change notice (naming the variant when a queued job left its queue), and the ops state (out
+# of the running set, the completions stream entry). A cancel requested while the job ran is honoured here:
+# fal's cancelled outcome (what `cancel` records for a queued job) is recorded instead of the one given.
+# Returns {1, or 2 when it recorded the cancel; the record's created and started times (the worker's
+# metrics)}, or 0 when this call did not complete the job.
 _CANCELLED = RequestCancelled()
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested', 'log_count',
@@ -112,21 +111,21 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 if lease then redis.call('DEL', KEYS[2]) end
 local moved = ''  -- the variant, when the queue's order changes too
 if status == 'IN_PROGRESS' then
-  redis.call('ZREM', KEYS[8], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
+  redis.call('ZREM', KEYS[7], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
 else
   redis.call('ZREM', KEYS[3], ARGV[2])
   moved = ARGV[12]
 end
 if ARGV[4] ~= '' then
-  redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[4])
-  redis.call('LPUSH', KEYS[7], ARGV[4])
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[4])
+  redis.call('LPUSH', KEYS[6], ARGV[4])
 end
-if f[6] then redis.call('PUBLISH', KEYS[6], moved) end  -- a caller waits on it
+if f[6] then redis.call('PUBLISH', KEYS[5], moved) end  -- a caller waits on it
 if ARGV[7] ~= '' then
   local wait, latency = '', ''
   if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
   if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
              'outcome', outcome, 'error_type', error_type, 'worker', ARGV[8], 'queue_wait', wait,
              'run', ARGV[9], 'latency', latency)
 end
@@ -648,7 +647,6 @@ class JobStore:
                 keys.job(request_id),
                 keys.lease(request_id),
                 keys.pending(variant),
-                keys.job(request_id),  # (unused slot)
                 keys.WEBHOOK_DUE,
                 keys.job_channel(request_id),
                 keys.WEBHOOK_READY,
