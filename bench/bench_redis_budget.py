@@ -10,7 +10,10 @@ policy. Commands run inside Lua scripts count, as INFO commandstats counts them.
 Redis commands by command (INFO commandstats deltas), Redis CPU (INFO cpu used_cpu_sys + used_cpu_user),
 and CPU of each of our processes with children (/proc).
 
-    python bench/bench_redis_budget.py --jobs 300 --baseline-root /tmp/redis-baseline
+    python bench/bench_redis_budget.py --jobs 300 --baseline-root /tmp/redis-baseline [--pin-redis]
+
+`--pin-redis` puts redis-server alone on one CPU and the rest on the others, so Redis's CPU per job is not
+inflated by the stack's processes taking turns on its core (on a 2-CPU machine the stack then runs on one).
 """
 
 from __future__ import annotations
@@ -59,6 +62,39 @@ def command_counts(client: redis.Redis) -> dict[str, int]:
     }
 
 
+ALL_CPUS = sorted(os.sched_getaffinity(0))  # before any pinning: each run pins afresh
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` and of its descendants onto `cpus` (threads started later inherit it)."""
+    parents: dict[int, int] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
+        todo.extend(child for child, parent in parents.items() if parent == current)
+
+
+def pin_redis_apart(stack: LoopbackStack) -> None:
+    """redis-server alone on the first CPU this process may use, everything else (our processes, moto and
+    the client threads, which live in this process) on the others: Redis's CPU per job without other
+    processes competing for its core, as on a deployed Redis."""
+    cpus = ALL_CPUS
+    if len(cpus) < 2:
+        raise SystemExit("--pin-redis needs at least two CPUs")
+    rest = set(cpus[1:])
+    for pid in [*our_processes(stack).values(), os.getpid()]:
+        pin_tree(pid, rest)
+    assert stack.redis.process is not None, "the stack's redis-server runs"
+    pin_tree(stack.redis.process.pid, {cpus[0]})
+
+
 def redis_cpu(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -101,6 +137,8 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
             stack.start(workers=args.workers, producer=False)
             client = redis.Redis.from_url(stack.settings.redis_url)
             client.config_set("appendfsync", fsync)  # the stack's Redis starts with AOF, fsync always
+            if args.pin_redis:
+                pin_redis_apart(stack)
             load(stack, receiver, args.warmup, args.concurrency, 0)
             time.sleep(1.0)
             idle_from, idle_cpu = command_counts(client), redis_cpu(client)
@@ -134,6 +172,8 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
         finally:
             stack.close()
             receiver.stop()
+            if args.pin_redis:
+                pin_tree(os.getpid(), set(ALL_CPUS))
     deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
     deltas["info"] -= 2  # this benchmark's own INFO calls
     return Run(
@@ -245,12 +285,19 @@ def main() -> None:
         choices=["always", "everysec", "no"],
         help="Redis AOF fsync policies to measure each checkout under",
     )
+    parser.add_argument(
+        "--pin-redis",
+        action="store_true",
+        help="redis-server alone on one CPU, the rest of the stack and the clients on the others",
+    )
     args = parser.parse_args()
     runs = []
     for fsync in args.appendfsync:
         if args.baseline_root:
             runs.append(measure(f"baseline, fsync {fsync}", args.baseline_root.resolve(), fsync, args))
         runs.append(measure(f"this checkout, fsync {fsync}", ROOT, fsync, args))
+    if args.pin_redis:
+        print("redis-server pinned alone to one CPU, everything else to the others\n")
     with contextlib.suppress(BrokenPipeError):
         report(runs)
 

@@ -1,0 +1,124 @@
+"""Redis CPU per job with Redis alone: one job's commands, made by the product's own calls, from one client.
+
+`bench_redis_budget.py` measures Redis inside the whole loopback stack, where the gateway, the worker, the
+deliverer and the client threads share this machine's CPUs with redis-server. Here nothing else runs: for
+each of `--jobs` jobs this process makes, in order, the calls the stack makes (the gateway's
+`JobStore.create_queued` with its output-retention booking, the Celery message (`send_job`, then the BRPOP
+kombu's consumer sends), `JobStore.claim`, the first stage's `log_many`, `JobStore.complete` with the
+webhook's booking, the deliverer's BRPOP on the ready list and `WebhookSender.deliver` posting to a
+receiver on loopback), against a redis-server with AOF under each `--appendfsync` policy. Reported per
+job: Redis commands (INFO commandstats, script commands included) and Redis CPU (INFO cpu).
+
+    python bench/bench_redis_alone.py [--jobs 1000] [--appendfsync always everysec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchstack import cpu_model, png_128  # noqa: E402
+
+from common.adapters import broker  # noqa: E402
+from common.adapters.queue import make_celery, send_job  # noqa: E402
+from common.domain.schemas import JobParams, JobSpec  # noqa: E402
+from common.domain.signing import WebhookSigner  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from common.state import keys  # noqa: E402
+from common.state.jobs import JobStore, log_entry  # noqa: E402
+from common.state.webhooks import WebhookSender  # noqa: E402
+from devstack.builder import signing_seed  # noqa: E402
+from devstack.load import data_uri  # noqa: E402
+from devstack.receiver import WebhookReceiver  # noqa: E402
+from devstack.services import RedisServer  # noqa: E402
+
+
+def totals(client: redis.Redis) -> tuple[int, float]:
+    calls = sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+    cpu = client.info("cpu")
+    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
+def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n: int) -> None:
+    rid = str(uuid.uuid4())
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url=data_uri(png_128(n)),
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=receiver_url,
+        owner="bench",
+    )
+    store.create_queued(spec, {keys.OUTPUTS: (f"req:{rid}", time.time() + 900)})  # the gateway
+    send_job(celery, spec)
+    store.redis.brpop(broker.queue_lists(spec.queue), 1)  # the worker's consumer takes the message
+    claim = store.claim(
+        rid, spec.variant, "token", lease_seconds=30, max_attempts=3, worker="bench", sole_log_writer=True
+    )
+    assert claim.outcome == "claimed", claim
+    store.log_many(rid, [log_entry("loading image"), log_entry("inference 128x128 on cpu")])
+    done = store.complete(
+        rid,
+        token="token",
+        result={"image": {"url": "http://127.0.0.1/x.png"}},
+        variant=spec.variant,
+        logs=[log_entry("uploading"), log_entry("done in 0.01s")],
+        webhook_due=time.time() + 30,
+    )
+    assert done, rid
+    store.redis.brpop([keys.WEBHOOK_READY], 1)  # the deliverer takes the hand-off
+    sender.deliver(rid, 0)
+
+
+def measure(fsync: str, jobs: int) -> tuple[float, float]:
+    server = RedisServer().start()
+    receiver = WebhookReceiver().start()
+    try:
+        settings = Settings(redis_url=server.url, webhook_signing_keys=[signing_seed()])
+        client = redis.Redis.from_url(server.url)
+        client.config_set("appendfsync", fsync)
+        store = JobStore.from_settings(settings)
+        celery = make_celery(settings)
+        sender = WebhookSender(settings, store, WebhookSigner.from_keys(settings.webhook_signing_keys))
+        for n in range(20):  # scripts loaded, connections open
+            one_job(store, celery, sender, receiver.url, n)
+        calls, cpu = totals(client)
+        for n in range(jobs):
+            one_job(store, celery, sender, receiver.url, 100 + n)
+        after_calls, after_cpu = totals(client)
+        return (after_calls - calls - 2) / jobs, (after_cpu - cpu) / jobs * 1000  # less our two INFOs
+    finally:
+        receiver.stop()
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--appendfsync", nargs="+", default=["always", "everysec"])
+    args = parser.parse_args()
+    print(
+        f"### Redis alone, one job's commands from one client: {cpu_model()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}, {args.jobs} jobs\n"
+    )
+    print("| fsync | Redis commands per job | Redis CPU ms per job |")
+    print("| --- | ---: | ---: |")
+    for fsync in args.appendfsync:
+        commands, cpu_ms = measure(fsync, args.jobs)
+        print(f"| {fsync} | {commands:.1f} | {cpu_ms:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
