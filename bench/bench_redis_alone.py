@@ -4,10 +4,11 @@
 deliverer and the client threads share this machine's CPUs with redis-server. Here nothing else runs: for
 each of `--jobs` jobs this process makes, in order, the calls the stack makes (the gateway's
 `JobStore.create_queued` with its output-retention booking, the Celery message (`send_job`, then the BRPOP
-kombu's consumer sends), `JobStore.claim`, the first stage's `log_many`, `JobStore.complete` with the
-webhook's booking, the deliverer's BRPOP on the ready list and `WebhookSender.deliver` posting to a
-receiver on loopback), against a redis-server with AOF under each `--appendfsync` policy. Reported per
-job: Redis commands (INFO commandstats, script commands included) and Redis CPU (INFO cpu).
+kombu's consumer sends), `JobStore.claim`, `JobStore.complete` with the job's log lines (an unwatched job's
+lines go with its completion) and the webhook's booking, the deliverer's BRPOP on the ready list and
+`WebhookSender.deliver_handed` posting to a receiver on loopback), against a redis-server with AOF under
+each `--appendfsync` policy. Reported per job: Redis commands (INFO commandstats, script commands
+included) and Redis CPU (INFO cpu).
 
     python bench/bench_redis_alone.py [--jobs 1000] [--appendfsync always everysec]
 """
@@ -20,6 +21,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -35,7 +37,7 @@ from common.domain.signing import WebhookSigner  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.state import keys  # noqa: E402
 from common.state.jobs import JobStore, log_entry  # noqa: E402
-from common.state.webhooks import WebhookSender  # noqa: E402
+from common.state.webhooks import Handoff, WebhookSender, first_attempt_due  # noqa: E402
 from devstack.builder import signing_seed  # noqa: E402
 from devstack.load import data_uri  # noqa: E402
 from devstack.receiver import WebhookReceiver  # noqa: E402
@@ -66,25 +68,30 @@ def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n
         rid, spec.variant, "token", lease_seconds=30, max_attempts=3, worker="bench", sole_log_writer=True
     )
     assert claim.outcome == "claimed", claim
-    store.log_many(rid, [log_entry("loading image"), log_entry("inference 128x128 on cpu")])
+    lines = ["loading image", "inference 128x128 on cpu", "uploading", "done in 0.01s"]
     done = store.complete(
         rid,
         token="token",
         result={"image": {"url": "http://127.0.0.1/x.png"}},
         variant=spec.variant,
-        logs=[log_entry("uploading"), log_entry("done in 0.01s")],
-        webhook_due=time.time() + 30,
+        logs=[log_entry(line) for line in lines],
+        webhook_due=first_attempt_due(sender.settings),
     )
     assert done, rid
-    store.redis.brpop([keys.WEBHOOK_READY], 1)  # the deliverer takes the hand-off
-    sender.deliver(rid, 0)
+    popped = cast(tuple[str, str], store.redis.brpop([keys.WEBHOOK_READY], 1))  # the deliverer's BRPOP
+    handoff = Handoff.parse(popped[1])
+    assert handoff is not None, popped
+    attempt = sender.deliver_handed(handoff)
+    assert attempt is not None and attempt.ok, attempt
 
 
 def measure(fsync: str, jobs: int) -> tuple[float, float]:
     server = RedisServer().start()
     receiver = WebhookReceiver().start()
     try:
-        settings = Settings(redis_url=server.url, webhook_signing_keys=[signing_seed()])
+        settings = Settings(
+            redis_url=server.url, webhook_signing_keys=[signing_seed()], fetch_allow_networks=("127.0.0.0/8",)
+        )
         client = redis.Redis.from_url(server.url)
         client.config_set("appendfsync", fsync)
         store = JobStore.from_settings(settings)

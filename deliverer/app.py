@@ -1,12 +1,13 @@
 """The webhook deliverer: takes attempts straight from Redis, no Celery and no torch.
 
-A job's completion books its first attempt in the due schedule and pushes it on the ready list in the same
-script (common/state/jobs.py). A deliverer blocks on the ready list (one BRPOP per webhook), popping only
-while one of its `concurrency` delivery threads is free, and attempts what it pops; a pump thread moves
-bookings that fall due (retries, and first attempts whose deliverer died
-after popping them) back onto the ready list. An attempt removes its own booking only once it has started,
-so every webhook is attempted at least once whatever process dies when; the attempt's lock
-(`webhook_try`) keeps a second copy from posting again (common/state/webhooks.py).
+A job's completion books its first attempt in the due schedule and hands it, with what the attempt posts,
+to the ready list in the same script (common/state/jobs.py). A deliverer blocks on the ready list (one BRPOP
+per webhook), popping only while one of its `concurrency` delivery threads is free, and attempts what it
+pops; a pump thread moves bookings that fall due (retries, and first attempts whose deliverer died after
+popping them) back onto the ready list. An attempt removes its own booking only once its outcome is
+recorded, so every webhook is attempted at least once whatever process dies when; a copy the pump hands out
+takes the attempt's lock (`webhook_try`), so it does not post while another copy is under way
+(common/state/webhooks.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from common.observability.metrics import count_webhook_delivery
 from common.settings import DelivererSettings
 from common.state import keys
 from common.state.jobs import JobStore
-from common.state.webhooks import WebhookSender
+from common.state.webhooks import Handoff, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,20 @@ class Deliverer:
             if popped is None:
                 free.release()
                 continue
-            request_id, _, attempt = str(popped[1]).rpartition("|")
-            pool.submit(self.attempt, request_id, int(attempt)).add_done_callback(lambda _: free.release())
+            pool.submit(self.attempt, str(popped[1])).add_done_callback(lambda _: free.release())
 
-    def attempt(self, request_id: str, attempt: int) -> None:
+    def attempt(self, entry: str) -> None:
+        """Attempt a ready-list entry: a completion's hand-off, or a booking ("<request id>|<attempt>")."""
+        request_id, attempt = "?", 0
         try:
-            result = self.sender.deliver(request_id, attempt)
+            handoff = Handoff.parse(entry)
+            if handoff is not None:
+                request_id, attempt = handoff.request_id, handoff.attempt
+                result = self.sender.deliver_handed(handoff)
+            else:
+                rid, _, number = entry.rpartition("|")
+                request_id, attempt = rid, int(number)
+                result = self.sender.deliver(request_id, attempt)
         except Exception:  # the booking stays behind: the pump hands it out again when it falls due
             log.warning("webhook for %s (attempt %d) failed to run", request_id, attempt, exc_info=True)
             return

@@ -148,8 +148,8 @@ class Admission:
         # with the queue position an API submit answers.
         bookings = schedule if rejection is None else None
         if principal is not None and rejection is None:
-            position = self.store.create_queued(spec, bookings, watched=watched)
-            created = position is not None
+            position = self.store.create_queued(spec, bookings, watched=watched)  # a fresh request id
+            created = True
         else:
             position, created = None, self.store.create(spec, bookings)
         if rejection is not None:

@@ -49,11 +49,13 @@ class LeaseKeeper:
         self,
         store: JobStore,
         request_id: str,
+        variant: str,
         token: str,
         lease_seconds: float,
         health: WorkerHealth | None = None,
     ):
-        self.store, self.request_id, self.token, self.lease_seconds = store, request_id, token, lease_seconds
+        self.store, self.request_id, self.variant = store, request_id, variant
+        self.token, self.lease_seconds = token, lease_seconds
         self.health = health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
@@ -63,7 +65,7 @@ class LeaseKeeper:
             if self.health is not None and self.health.tripped:
                 return  # a stuck worker lets its leases run out, so other workers can take the jobs
             try:
-                self.store.renew(self.request_id, self.token, self.lease_seconds)
+                self.store.renew(self.request_id, self.variant, self.token, self.lease_seconds)
             except redis.RedisError:
                 log.warning("could not renew the lease of %s", self.request_id)
 

@@ -216,7 +216,7 @@ class JobRunner:
             self.running[spec.request_id] = deadline
         try:
             with LeaseKeeper(
-                self.store, spec.request_id, token, self.settings.job_lease_seconds, self.health
+                self.store, spec.request_id, spec.variant, token, self.settings.job_lease_seconds, self.health
             ):
                 return self._run_leased(spec, token, deadline, limit, claim)
         finally:
@@ -346,7 +346,8 @@ class JobRunner:
 
         size = (rgb.shape[1], rgb.shape[0])
         ctx.announce_inference(size)
-        ctx.flush()
+        if claim.watched:  # a caller follows the job: its lines so far now; otherwise they go at the end
+            ctx.flush()
         obtained: list[ObtainedMask] = []
         with ctx.timed(lambda: "mask_reuse" if obtained and obtained[0].source != "network" else "inference"):
             obtained.append(

@@ -1,6 +1,7 @@
 """The ops state around each job: in the running set while it runs, then an entry in the completions
 stream (what `python -m ops` and the queue gauges read). The claim and completion scripts
-(common.state.jobs) write both; what is left here is a run that gives its job back, and the metrics."""
+(common.state.jobs) write both (the requeue of a run that gives its job back too); what is left here is an
+occasional prune and the metrics."""
 
 from __future__ import annotations
 
@@ -30,14 +31,10 @@ def job_finished(
 ) -> Completion | None:
     """A run the worker is done with (`outcome`: the runner's Outcome.kind; `completed`: what its
     completion recorded, if it ended the job); its Completion if it ended the job. The claim and the
-    completion keep the running set and the completions stream themselves: a run that ended nothing but
-    gave the job back (retry, handback) leaves the running set here. Never raises: bookkeeping mustn't
-    fail jobs."""
+    completion keep the running set and the completions stream themselves (a run that gives its job back
+    takes it out of the running set with the requeue). Never raises: bookkeeping mustn't fail jobs."""
     try:
-        if outcome in ("retry", "handback"):
-            ops_state.unmark_running(store.redis, spec.variant, spec.request_id)
-        else:
-            ops_state.prune_running(store.redis, spec.variant)
+        ops_state.prune_running(store.redis, spec.variant)
         if outcome not in COMPLETED or completed is None:
             return None
         return Completion(outcome, completed.error_type, completed.queue_wait)

@@ -1,13 +1,18 @@
 """Job records in Redis: status, logs, result, queue position, and the per-job lease.
 
 State changes are Lua scripts, so a cancel, a claim by a worker and a completion can race safely: `claim`
-moves IN_QUEUE -> IN_PROGRESS and takes a lease (a key with a TTL the running worker renews), so a
-redelivered copy of a job whose lease is alive is deferred, never run twice, and one whose lease expired
-(its worker died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease
-holder) is recorded, so a job gets exactly one result and one webhook (fal's cancelled one when a cancel
-was requested while it ran). The claim and the completion also keep the ops state (running set,
-completions stream) and send the job's one change notice when a caller watches it (the record's `watched`
-mark, set by the gateway before it waits): the worker sends no command of its own for these.
+moves IN_QUEUE -> IN_PROGRESS and takes a lease (the holder's token in the record, and the time the lease
+lapses as the job's score in its variant's running set, which the running worker renews), so a redelivered
+copy of a job whose lease is alive is deferred, never run twice, and one whose lease lapsed (its worker
+died) is claimed again, up to `max_attempts` times; only the first `complete` (by the lease holder, or by
+anyone once the lease lapsed) is recorded, so a job gets exactly one result and one webhook (fal's
+cancelled one when a cancel was requested while it ran). The claim and the completion also keep the ops
+state (running set, completions stream) and send the job's one change notice when a caller watches it (the
+record's `watched` mark, set by the gateway before it waits): the worker sends no command of its own for
+these. Lease times are the workers' clocks (unix seconds): they must agree to well within a lease (NTP).
+
+A record has no TTL while its job waits or runs (every job ends: by a worker, a cancel, a start deadline or
+the orphan sweep's retries); the end sets it.
 """
 
 from __future__ import annotations
@@ -37,56 +42,66 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)
 
 
-# KEYS: record, lease, pending zset, job channel, running set. ARGV: lease token, lease ms, now, max attempts,
-# request id, worker, variant. One read of the record's fields; a claimed job is in its variant's running
-# set (ops, metrics) for as long as its lease, and the claim returns the run flags the worker acts on and
-# the record's log line count (the lease holder numbers its lines from it) and whether a caller watches the
-# job (the record's `watched` mark, set by the gateway before it waits: only then is the change published).
+# KEYS: record, pending zset, job channel, running set. ARGV: lease token, when the lease lapses, now, max
+# attempts, request id, worker, variant. One read of the record's fields; the running set is looked at only
+# for a copy of a job already IN_PROGRESS (its score there is when its lease lapses). The claim returns the
+# run flags the worker acts on, the record's log line count (the lease holder numbers its lines from it)
+# and whether a caller watches the job (the record's `watched` mark, set by the gateway before it waits:
+# only then is the change published).
 _CLAIM = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'log_count',
                     'watched')
 local status = f[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' then return {'completed'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'leased'} end
+if status == 'IN_PROGRESS' then
+  local lapses = redis.call('ZSCORE', KEYS[4], ARGV[5])
+  if lapses and tonumber(lapses) > tonumber(ARGV[3]) then return {'leased'} end
+else
+  redis.call('ZREM', KEYS[2], ARGV[5])
+end
 local attempts = (tonumber(f[2]) or 0) + 1
-redis.call('ZREM', KEYS[3], ARGV[5])
-if f[6] then redis.call('PUBLISH', KEYS[4], ARGV[7]) end  -- a caller waits on it
+if f[6] then redis.call('PUBLISH', KEYS[3], ARGV[7]) end  -- a caller waits on it
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempts', attempts)
   return {'exhausted'}
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
-           'attempts', attempts)
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+           'attempts', attempts, 'lease', ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[5])
 return {'claimed', f[3] or '', f[4] or '', f[5] or '0', f[6] or ''}
 """
 
+# KEYS: record, running set. ARGV: lease token, when the lease now lapses, request id. Only the holder renews,
+# and only a job still in the running set (XX: a completion took it out).
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[3])
+return 1
 """
 
 # ARGV: lease token, request id, record TTL, webhook booking ('' for none), its due time, completed at, the
 # run report (outcome, '' for none; worker; run seconds; entries kept; error type), the variant, log entries
-# count n, n log entries, then the outcome's field/value pairs. KEYS: record, lease, pending zset, webhook
-# schedule, job channel, webhook ready list, running set, completions stream. One round trip ends a job:
-# outcome, TTL, the stage's log lines (numbered on from the record's count, in the same HSET), the first
-# webhook booking (with the completion, so it exists iff the job completed) and its hand-off to the
-# deliverers, its change notice (naming the variant when a queued job left its queue), and the ops state (out
-# of the running set, the completions stream entry). A cancel requested while the job ran is honoured here:
-# fal's cancelled outcome (what `cancel` records for a queued job) is recorded instead of the one given.
-# Returns {1, or 2 when it recorded the cancel; the record's created and started times (the worker's
-# metrics)}, or 0 when this call did not complete the job.
+# count n, n log entries, then the outcome's field/value pairs. KEYS: record, pending zset, webhook schedule,
+# job channel, webhook ready list, running set, completions stream. One round trip ends a job: outcome,
+# TTL, the stage's log lines (numbered on from the record's count, in the same HSET), the first webhook
+# booking (with the completion, so it exists iff the job completed) and its hand-off to the deliverers (a
+# JSON object with what the attempt needs, so the deliverer reads nothing), its change notice (naming the
+# variant when a queued job left its queue), and the ops state (out of the running set, the completions
+# stream entry). A run other than the lease holder's completes a running job only once the lease lapsed. A
+# cancel requested while the job ran is honoured here: fal's cancelled outcome (what `cancel` records for a
+# queued job) is recorded instead of the one given. Returns {1, or 2 when it recorded the cancel; the
+# record's created and started times (the worker's metrics)}, or 0 when this call did not complete the job.
 _CANCELLED = RequestCancelled()
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'started_at', 'cancel_requested', 'log_count',
-                    'watched')
+                    'watched', 'lease', 'webhook_url', 'webhook_user')
 local status, created, started = f[1], f[2], f[3]
 if (not status) or status == 'COMPLETED' then return 0 end
-local lease = redis.call('GET', KEYS[2])
-if lease and lease ~= ARGV[1] then return 0 end
+if status == 'IN_PROGRESS' and f[7] and f[7] ~= ARGV[1] then  -- another run's lease, unless it lapsed
+  local lapses = redis.call('ZSCORE', KEYS[6], ARGV[2])
+  if lapses and tonumber(lapses) > tonumber(ARGV[6]) then return 0 end
+end
 local n = tonumber(ARGV[13])
 local ended, outcome, error_type = 1, ARGV[7], ARGV[11]
 local fields = {'status', 'COMPLETED'}
@@ -97,6 +112,7 @@ if f[4] == '1' then  -- a cancel requested while it ran: fal's cancelled outcome
 else
   for i = 14 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 end
+local outcome_fields = #fields
 if n > 0 then  -- the last lines, numbered on from the record's count
   local first = tonumber(f[5]) or 0
   for i = 1, n do
@@ -108,24 +124,31 @@ if n > 0 then  -- the last lines, numbered on from the record's count
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if lease then redis.call('DEL', KEYS[2]) end
 local moved = ''  -- the variant, when the queue's order changes too
 if status == 'IN_PROGRESS' then
-  redis.call('ZREM', KEYS[7], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
+  redis.call('ZREM', KEYS[6], ARGV[2])  -- the claim put it in the running set (and took it off the queue)
 else
-  redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[2])
   moved = ARGV[12]
 end
 if ARGV[4] ~= '' then
-  redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[4])
-  redis.call('LPUSH', KEYS[6], ARGV[4])
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[4])
+  local handed = ARGV[4]  -- a record from before the webhook's fields: the deliverer reads it
+  if f[8] then
+    local given = {}
+    for i = 3, outcome_fields, 2 do given[fields[i]] = fields[i + 1] end
+    handed = cjson.encode({booking = ARGV[4], due = ARGV[5], url = f[8], user = f[9] or '',
+                           result = given['result'], result_code = given['result_code'],
+                           error = given['error']})
+  end
+  redis.call('LPUSH', KEYS[5], handed)
 end
-if f[6] then redis.call('PUBLISH', KEYS[5], moved) end  -- a caller waits on it
+if f[6] then redis.call('PUBLISH', KEYS[4], moved) end  -- a caller waits on it
 if ARGV[7] ~= '' then
   local wait, latency = '', ''
   if created and started then wait = string.format('%.4f', tonumber(started) - tonumber(created)) end
   if created then latency = string.format('%.4f', tonumber(ARGV[6]) - tonumber(created)) end
-  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[10], '*', 'request_id', ARGV[2], 'variant', ARGV[12],
              'outcome', outcome, 'error_type', error_type, 'worker', ARGV[8], 'queue_wait', wait,
              'run', ARGV[9], 'latency', latency)
 end
@@ -158,13 +181,15 @@ if f[3] then redis.call('PUBLISH', KEYS[2], '') end  -- a caller waits on it
 return first + #ARGV
 """
 
+# KEYS: record, pending zset, running set. ARGV: lease token, request id, '1' to refund the attempt, queue
+# score. Only the lease holder's run gives its job back (out of the running set, into the queue).
 _REQUEUE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-if redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
+local f = redis.call('HMGET', KEYS[1], 'status', 'lease')
+if f[1] ~= 'IN_PROGRESS' or f[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'lease', '')
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 return 1
 """
 
@@ -177,31 +202,26 @@ if status == 'IN_PROGRESS' then
   return 'requested'
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 'cancelled'
 """
 
-# A new IN_QUEUE record, its queue entry and its bookings in schedules, in one round trip; answers false when
-# a record with this id exists, else its queue position (0 = next) when asked for, else -1. KEYS: record,
-# sequence, pending zset, queue channel, then the n schedules (sorted sets). ARGV[1..8]: spec, created_at,
-# variant, owner, TTL, priority offset, request id, the low-priority offset; ARGV[9]: '1' to answer the
-# position; ARGV[10]: n, then n (member, due) pairs, then more field/value pairs of the record
-# (`webhook_fields`). A normal-priority job queued ahead of waiting low-priority ones moves their positions:
-# only then are the queue's watchers told (nobody watches the new job's own channel before it is named).
+# A new IN_QUEUE record (no TTL until its job ends), its queue entry and its bookings in schedules, in one
+# round trip; answers false when asked to check (ARGV[7] '1') and a record with this id exists, else its
+# queue position (0 = next) when asked for (ARGV[8] '1'), else -1. KEYS: record, pending zset, then the n
+# schedules (sorted sets). ARGV[1..6]: spec, created_at, variant, owner, queue score, request id; ARGV[9]:
+# n, then n (member, due) pairs, then more field/value pairs of the record (`webhook_fields`). A job queued
+# ahead of waiting ones (a normal job before low-priority ones) tells nobody: queued callers poll their
+# position.
 _CREATE = """
-if redis.call('HSETNX', KEYS[1], 'spec', ARGV[1]) == 0 then return false end
-local offset = tonumber(ARGV[6])
-local score = redis.call('INCR', KEYS[2]) + offset
-local n = tonumber(ARGV[10])
-redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3], 'owner', ARGV[4],
-           'attempts', 0, unpack(ARGV, 11 + 2 * n))
-redis.call('ZADD', KEYS[3], score, ARGV[7])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-for i = 1, n do redis.call('ZADD', KEYS[4 + i], ARGV[10 + 2 * i], ARGV[9 + 2 * i]) end
-if offset == 0 and redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[8], '+inf') > 0 then
-  redis.call('PUBLISH', KEYS[4], '1')
-end
-if ARGV[9] == '1' then return redis.call('ZRANK', KEYS[3], ARGV[7]) end
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local n = tonumber(ARGV[9])
+redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3],
+           'owner', ARGV[4], 'attempts', 0, unpack(ARGV, 10 + 2 * n))
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+for i = 1, n do redis.call('ZADD', KEYS[2 + i], ARGV[9 + 2 * i], ARGV[8 + 2 * i]) end
+if ARGV[8] == '1' then return redis.call('ZRANK', KEYS[2], ARGV[6]) end
 return -1
 """
 
@@ -413,42 +433,38 @@ class JobStore:
     def create(self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None) -> bool:
         """Record a new IN_QUEUE job, and book `schedule` (sorted set -> (member, due)) with it, in one round
         trip; False (nothing written) if a record with this id exists already."""
-        return self._run_create(spec, schedule, answer_position=False) is not None
+        return self._run_create(spec, schedule, check=True, answer_position=False) is not None
 
     def create_queued(
         self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None, *, watched: bool = False
-    ) -> int | None:
-        """`create`, answering the new job's queue position (0 = next) in the same round trip; None if a
-        record with this id exists already. `watched`: a caller will wait on it (a sync run): its
-        transitions publish their changes from the start."""
-        return self._run_create(spec, schedule, answer_position=True, watched=watched)
+    ) -> int:
+        """`create` for a request id just minted (an API submission: no record can have it, so none is looked
+        for), answering the new job's queue position (0 = next) in the same round trip. `watched`: a caller
+        will wait on it (a sync run): its transitions publish their changes from the start."""
+        position = self._run_create(spec, schedule, check=False, answer_position=True, watched=watched)
+        assert position is not None  # only a checked creation answers "exists"
+        return position
 
     def _run_create(
         self,
         spec: JobSpec,
         schedule: Mapping[str, tuple[str, float]] | None,
         *,
+        check: bool,
         answer_position: bool,
         watched: bool = False,
     ) -> int | None:
         bookings = list((schedule or {}).items())
         reply = self._create(
-            keys=[
-                keys.job(spec.request_id),
-                keys.SEQUENCE,
-                keys.pending(spec.variant),
-                keys.queue_channel(spec.variant),
-                *[key for key, _ in bookings],
-            ],
+            keys=[keys.job(spec.request_id), keys.pending(spec.variant), *[key for key, _ in bookings]],
             args=[
                 spec.model_dump_json(),
                 repr(spec.created_at),
                 spec.variant,
                 spec.owner or "",
-                self.record_ttl,
-                keys.LOW_PRIORITY_OFFSET if spec.priority == "low" else 0,
+                repr(keys.queue_score(spec.created_at, spec.priority)),
                 spec.request_id,
-                keys.LOW_PRIORITY_OFFSET,
+                "1" if check else "0",
                 "1" if answer_position else "0",
                 len(bookings),
                 *[item for _, (member, due) in bookings for item in (member, repr(due))],
@@ -557,12 +573,11 @@ class JobStore:
         reply = self._claim(
             keys=[
                 keys.job(request_id),
-                keys.lease(request_id),
                 keys.pending(variant),
                 keys.job_channel(request_id),
                 keys.running(variant),
             ],
-            args=[token, int(lease_seconds * 1000), repr(now), max_attempts, request_id, worker, variant],
+            args=[token, repr(now + lease_seconds), repr(now), max_attempts, request_id, worker, variant],
         )
         outcome = cast(ClaimOutcome, reply[0])
         flags = reply[1:] if outcome == "claimed" else ["", "", "0", ""]
@@ -580,8 +595,14 @@ class JobStore:
             log_count=count,
         )
 
-    def renew(self, request_id: str, token: str, lease_seconds: float) -> bool:
-        return bool(self._renew(keys=[keys.lease(request_id)], args=[token, int(lease_seconds * 1000)]))
+    def renew(self, request_id: str, variant: str, token: str, lease_seconds: float) -> bool:
+        """Push the lease of a job this run holds `lease_seconds` on; False when it holds it no more."""
+        return bool(
+            self._renew(
+                keys=[keys.job(request_id), keys.running(variant)],
+                args=[token, repr(time.time() + lease_seconds), request_id],
+            )
+        )
 
     def requeue(self, request_id: str, variant: str, token: str, *, refund_attempt: bool) -> bool:
         """Give a running job back to the queue (it will be retried); `refund_attempt` when the failure
@@ -590,7 +611,7 @@ class JobStore:
         self._watched.discard(request_id)
         requeued = bool(
             self._requeue(
-                keys=[keys.job(request_id), keys.lease(request_id), keys.pending(variant)],
+                keys=[keys.job(request_id), keys.pending(variant), keys.running(variant)],
                 args=[token, request_id, "1" if refund_attempt else "0", 0],
             )
         )
@@ -645,7 +666,6 @@ class JobStore:
         reply = self._complete(
             keys=[
                 keys.job(request_id),
-                keys.lease(request_id),
                 keys.pending(variant),
                 keys.WEBHOOK_DUE,
                 keys.job_channel(request_id),
@@ -702,7 +722,8 @@ class JobStore:
         }
         flat = [item for pair in fields.items() for item in pair]
         outcome = self._cancel(
-            keys=[keys.job(request_id), keys.pending(record.spec.variant)], args=[request_id, *flat]
+            keys=[keys.job(request_id), keys.pending(record.spec.variant)],
+            args=[request_id, self.record_ttl, *flat],
         )
         if outcome in ("cancelled", "requested"):
             self.notify(request_id, record.spec.variant if outcome == "cancelled" else None)
@@ -751,7 +772,7 @@ class JobStore:
                         return Restart(record, dead)
                     # A start deadline set at submission has long passed; the retry must not time out at once.
                     spec = record.spec.model_copy(update={"start_deadline": None})
-                    score = keys.priority_score(self.redis.incr(keys.SEQUENCE), spec.priority)
+                    score = keys.queue_score(time.time(), spec.priority)
                     pipe.multi()
                     attempts = range(webhook_attempts)
                     pipe.hdel(
@@ -769,7 +790,7 @@ class JobStore:
                     for name, value in webhook_fields(spec).items():
                         fresh[name] = value
                     pipe.hset(key, mapping=fresh)
-                    pipe.expire(key, self.record_ttl)
+                    pipe.persist(key)  # waiting again: no TTL until it ends
                     pipe.zadd(keys.pending(spec.variant), {request_id: score})
                     self.notify(request_id, spec.variant, pipe)
                     pipe.zrem(keys.DEADLETTER, request_id)

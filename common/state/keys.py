@@ -5,14 +5,15 @@ from __future__ import annotations
 
 PREFIX = "birefnet:"
 
-# Queue position score of a low-priority job: added to its sequence number, so every normal job ranks
-# ahead of every low-priority one while each class stays first-in, first-out.
+# Queue position score of a low-priority job: added to its creation time (unix seconds), so every normal job
+# ranks ahead of every low-priority one while each class stays first-in, first-out. (Scores written before
+# they were times were a sequence number, plus this offset for low ones: smaller than a time, so such jobs
+# keep their place ahead of newer ones of their class.)
 LOW_PRIORITY_OFFSET = 10**12
 
 # --- job records (common.state.jobs) ---
 JOB_PREFIX = f"{PREFIX}job:"  # + request id: the record hash (Lua scripts append the id themselves)
 PENDING_PREFIX = f"{PREFIX}pending:"  # + variant: the IN_QUEUE zset, scored by queue position
-SEQUENCE = f"{PREFIX}seq"  # counter behind the queue position scores
 
 
 def job(request_id: str) -> str:
@@ -32,8 +33,9 @@ def log_field(n: int) -> str:
     return f"log:{n}"
 
 
-def lease(request_id: str) -> str:
-    return f"{PREFIX}lease:{request_id}"
+# A running job's lease is its score in its variant's running set (when it lapses, unix seconds) and the
+# record's `lease` field (the holder's token): one write per claim, none per completion.
+LEASE_FIELD = "lease"
 
 
 def pending(variant: str) -> str:
@@ -44,8 +46,9 @@ def unserved_noted(variant: str) -> str:  # waiting jobs already told no worker 
     return f"{PREFIX}unserved-noted:{variant}"
 
 
-def priority_score(sequence: int, priority: str) -> int:
-    return sequence + (LOW_PRIORITY_OFFSET if priority == "low" else 0)
+def queue_score(created_at: float, priority: str) -> float:
+    """A waiting job's score in its pending zset: its creation time, low-priority ones after all others."""
+    return created_at + (LOW_PRIORITY_OFFSET if priority == "low" else 0)
 
 
 # --- S3 intake de-duplication (producer.intake) ---
@@ -89,7 +92,7 @@ def heartbeat(worker_name: str) -> str:
     return f"{HEARTBEAT_PREFIX}{worker_name}"
 
 
-def running(variant: str) -> str:  # zset request id -> start, jobs workers run for a variant
+def running(variant: str) -> str:  # zset request id -> when its lease lapses: the jobs workers run
     return f"{PREFIX}running:{variant}"
 
 
@@ -137,7 +140,9 @@ def mask_cache(digest: str) -> str:
 # --- webhooks (common.state.webhooks) ---
 WEBHOOK_DUE = f"{PREFIX}webhook:due"  # zset "<request id>|<attempt>" -> due time
 WEBHOOK_FAILED = f"{PREFIX}webhook:failed"  # zset request id -> when retries ran out
-WEBHOOK_READY = f"{PREFIX}webhook:ready"  # list of bookings to attempt now (the deliverers block on it)
+# List of attempts to make now (the deliverers block on it): a booking ("<request id>|<attempt>"), or a
+# completion's hand-off of attempt 0, a JSON object carrying what the attempt needs (common.state.webhooks).
+WEBHOOK_READY = f"{PREFIX}webhook:ready"
 
 
 # The delivery attempts made are fields of the job's record (its TTL covers them): a count, and one JSON

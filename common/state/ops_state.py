@@ -60,21 +60,15 @@ def celery_node(worker_name: str) -> str:
 # --- running jobs ---
 
 
-# A claim adds the job to its variant's running set (common.state.jobs, with the lease); the completion
-# takes it out.
+# A claim adds the job to its variant's running set, scored by when its lease lapses (common.state.jobs);
+# the completion, or the run giving the job back (requeue), takes it out.
 _PRUNE_EVERY = 60.0  # seconds between sweeps of a running set for entries left by killed workers
 _pruned: dict[str, float] = {}
 
 
-def unmark_running(r: redis.Redis, variant: str, request_id: str) -> None:
-    """Take a job out of its running set (a run that gave its job back)."""
-    r.zrem(keys.running(variant), request_id)
-    prune_running(r, variant)
-
-
 def prune_running(r: redis.Redis, variant: str) -> None:
-    """Sweep a running set of the entries killed workers left behind: once a minute per process (no command
-    otherwise), not with every job."""
+    """Sweep a running set of entries whose lease lapsed a day ago (the orphan sweep sends such jobs again
+    long before): once a minute per process (no command otherwise), not with every job."""
     now = time.time()
     if now - _pruned.get(variant, 0.0) > _PRUNE_EVERY:
         _pruned[variant] = now
@@ -82,21 +76,15 @@ def prune_running(r: redis.Redis, variant: str) -> None:
 
 
 def running_jobs(r: redis.Redis, variants: Iterable[str]) -> dict[str, list[str]]:
-    """Jobs a worker is running, by variant: in a worker's running set *and* holding a live lease (a
-    killed worker's entry stays behind, but its lease expires)."""
+    """Jobs a worker is running, by variant: those in the running set whose lease (their score) has not
+    lapsed (a killed worker's entry stays behind until the orphan sweep sends its job again)."""
     variants = list(variants)
+    now = time.time()
     pipe = r.pipeline()
     for variant in variants:
-        pipe.zrange(keys.running(variant), 0, -1)
+        pipe.zrangebyscore(keys.running(variant), f"({now!r}", "+inf")
     members = pipe.execute()
-    pipe = r.pipeline()
-    for ids in members:
-        for rid in ids:
-            pipe.exists(keys.lease(_text(rid)))
-    alive = iter(pipe.execute())
-    return {
-        v: sorted(_text(rid) for rid in ids if next(alive)) for v, ids in zip(variants, members, strict=True)
-    }
+    return {v: sorted(_text(rid) for rid in ids) for v, ids in zip(variants, members, strict=True)}
 
 
 # --- completions stream ---

@@ -5,9 +5,10 @@ killed while holding one (running it, or prefetched behind the job it runs) take
 warm shutdown puts its unstarted messages back; a SIGKILL, an OOM kill or a lost host does not. Workers
 therefore look, one at a time per variant (a lock whose TTL sets the cadence), for
 
-- IN_PROGRESS jobs in the variant's running set whose lease key is gone (their worker died, or lost Redis
-  for a whole lease) and that have no message waiting: sent again, their claim finds the expired lease and
-  claims again (the attempt counts, so `max_attempts` dead-letters a job that kills its workers);
+- IN_PROGRESS jobs in the variant's running set whose lease lapsed (their worker died, or lost Redis for a
+  whole lease) and that have no message waiting: sent again, their claim finds the lapsed lease and claims
+  again (the attempt counts, so `max_attempts` dead-letters a job that kills its workers); a job sent again
+  is marked so (`RESENT_FIELD`) and left alone for a lease while its copy waits to be claimed;
 - IN_QUEUE jobs older than `queued_age` with no message waiting (taken by a worker that died before
   claiming them, or held in a dead worker's memory for a countdown retry).
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
 QUEUED_SCAN = 200  # IN_QUEUE jobs looked at per sweep, from the head of the queue (where a lost one ends up)
+RESENT_FIELD = "orphan_resent_at"  # record field: when the sweep last found the job abandoned
 _queued_tried: dict[str, float] = {}  # variant -> when this process last asked for the queued-scan lock
 
 
@@ -65,19 +67,23 @@ def _ids_with_messages(store: JobStore, queue: str) -> set[str] | None:
     return {rid for message in map(broker.decode, raws) if message and (rid := message.job_request_id)}
 
 
-def _abandoned(store: JobStore, members: list[str]) -> list[str]:
-    """Of running-set members started (or last re-sent) over a lease ago: those whose lease key is gone and
-    whose record is still IN_PROGRESS."""
+def _abandoned(store: JobStore, members: list[str], cutoff: float) -> list[str]:
+    """Of running-set members whose lease lapsed: those whose record is still IN_PROGRESS, unless the sweep
+    sent the job again after `cutoff` and no run has claimed it since (its copy is on its way)."""
     pipe = store.redis.pipeline(transaction=False)
     for rid in members:
-        pipe.exists(keys.lease(rid))
-    gone = [rid for rid, alive in zip(members, pipe.execute(), strict=True) if not alive]
-    if not gone:
-        return []
-    pipe = store.redis.pipeline(transaction=False)
-    for rid in gone:
-        pipe.hget(keys.job(rid), "status")
-    return [rid for rid, status in zip(gone, pipe.execute(), strict=True) if status == Status.IN_PROGRESS]
+        pipe.hmget(keys.job(rid), "status", "started_at", RESENT_FIELD)
+    return [
+        rid
+        for rid, (status, started, resent) in zip(members, pipe.execute(), strict=True)
+        if status == Status.IN_PROGRESS
+        and not (resent and float(resent) > cutoff and float(resent) >= float(started or 0))
+    ]
+
+
+def _lease_alive(store: JobStore, variant: str, request_id: str, now: float) -> bool:
+    lapses = store.redis.zscore(keys.running(variant), request_id)
+    return lapses is not None and lapses > now
 
 
 def _stale_queued(store: JobStore, unlisted: list[str], cutoff: float) -> list[str]:
@@ -101,8 +107,8 @@ def resend_orphans(
     if not store.redis.set(keys.orphan_scan(variant), "1", nx=True, px=int(timing.interval * 1000)):
         return []  # another worker just looked
     now = time.time()
-    suspects = cast(list[str], store.redis.zrangebyscore(keys.running(variant), "-inf", now - timing.lease))
-    abandoned = _abandoned(store, suspects) if suspects else []  # long jobs are suspects: leases first
+    suspects = cast(list[str], store.redis.zrangebyscore(keys.running(variant), "-inf", now))  # lapsed leases
+    abandoned = _abandoned(store, suspects, now - timing.lease) if suspects else []
     waiting: list[str] = []
     # Reading the queue lists costs Redis a pass over every waiting message: the waiting jobs are looked
     # at once per queued_age / 2 only (each process asks for that lock no more often), and for the running
@@ -124,14 +130,17 @@ def resend_orphans(
         record = store.get(request_id)
         if record is None or record.status not in (Status.IN_PROGRESS, Status.IN_QUEUE):
             continue
-        if record.status == Status.IN_PROGRESS and store.redis.exists(keys.lease(request_id)):
+        if record.status == Status.IN_PROGRESS and _lease_alive(store, variant, request_id, now):
             continue  # claimed again meanwhile
         send_job(celery, record.spec)
         resent.append(request_id)
     if found:
-        # Restart their clocks in the running set: the copy sent now (or waiting) has a lease's time to be
-        # claimed (it may wait behind a running job in a worker's prefetch) before another is sent.
-        store.redis.zadd(keys.running(variant), dict.fromkeys(found, now), xx=True)
+        # The copy sent now (or waiting) has a lease's time to be claimed (it may wait behind a running job in
+        # a worker's prefetch) before another is sent.
+        pipe = store.redis.pipeline(transaction=False)
+        for request_id in found:
+            pipe.hset(keys.job(request_id), RESENT_FIELD, repr(now))
+        pipe.execute()
     if resent:
         log.warning(
             "re-sent %d job(s) of %s whose broker message was gone: %s", len(resent), variant, resent[:5]

@@ -4,8 +4,14 @@ Deliveries run in the deliverer (deliverer/), so GPU workers never wait on HTTP;
 them. Every attempt is booked in the due zset: the first by the completion itself (which also hands it to
 the deliverers on the ready list), each retry by the failed attempt before it. A booking stays until its
 attempt's outcome is recorded, and the deliverer's pump hands out bookings as they fall due, so a
-deliverer dying after taking an attempt, or mid-attempt, leaves the attempt behind (its lock expires).
-Each attempt's outcome is a field of the job's record, written with the delivered (or next attempt) mark.
+deliverer dying after taking an attempt, or mid-attempt, leaves the attempt behind. Each attempt's outcome
+is a field of the job's record, written with the delivered (or next attempt) mark.
+
+The completion's hand-off (`Handoff`) carries what attempt 0 needs, so its deliverer reads nothing and posts
+at once. Its booking falls due only after the longest an attempt can take (`attempt_seconds`) and a
+timeout more, so a deliverer that takes the hand-off in time finishes before the pump could hand the same
+attempt out again: it takes no lock. A hand-off taken later, and every booking the pump hands out, reads
+the record and takes the attempt's lock (`webhook_try`), so no second copy posts while one is under way.
 """
 
 from __future__ import annotations
@@ -187,11 +193,52 @@ def post(
     return response.status, f"HTTP {response.status}"
 
 
+def attempt_seconds(settings: WebhookTimingSettings) -> int:
+    """The longest an attempt can run, with margin: connect, write and read (each up to webhook_timeout),
+    the outcome's write, and a slow process's pauses. An attempt's lock outlives its deliverer this long."""
+    return int(5 * settings.webhook_timeout) + 5
+
+
 def first_attempt_due(settings: WebhookTimingSettings) -> float:
     """When attempt 0's booking (made with the completion, common.state.jobs.JobStore.complete) falls due:
-    after the hand-off made at completion had its chance. The hand-off and the pump then race; whichever copy
-    runs first delivers, and the attempt removes the booking."""
-    return time.time() + settings.webhook_timeout + retry_delay(settings, 0, jitter=False)
+    once an attempt started from the hand-off within a timeout of the completion must have ended. A later
+    copy from the pump finds the attempt recorded (or, if its deliverer died, makes it)."""
+    return time.time() + settings.webhook_timeout + attempt_seconds(settings)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Attempt 0 of a completed job's webhook as the completion hands it to the deliverers (a JSON object on
+    the ready list, written by the completion script): the booking, when it falls due, and what the
+    attempt posts. An entry that is a bare booking ("<request id>|<attempt>") is read as None."""
+
+    request_id: str
+    attempt: int
+    due: float
+    delivery: Delivery
+
+    @classmethod
+    def parse(cls, entry: str) -> Handoff | None:
+        if not entry.startswith("{"):
+            return None
+        fields = json.loads(entry)
+        request_id, _, attempt = str(fields["booking"]).rpartition("|")
+        return cls(
+            request_id,
+            int(attempt),
+            float(fields["due"]),
+            Delivery(
+                request_id=request_id,
+                status=Status.COMPLETED,
+                result=json.loads(fields["result"]) if fields.get("result") else None,
+                result_code=int(fields["result_code"]) if fields.get("result_code") else None,
+                error=fields.get("error") or None,
+                webhook_url=fields["url"],
+                user_id=fields.get("user") or "system",
+                delivered=False,
+                next_attempt=0,
+            ),
+        )
 
 
 def retry_delay(settings: WebhookTimingSettings, attempt: int, jitter: bool = True) -> float:
@@ -219,13 +266,17 @@ class WebhookSender:
         self.policy = webhook_policy(settings)
         self._claim_due = store.redis.register_script(_CLAIM_DUE)
 
+    def deliver_handed(self, handoff: Handoff) -> Attempt | None:
+        """Deliver a completion's hand-off: at once, without a read or a lock, when taken in time (its booking
+        cannot fall due before the attempt ends); else as any booking (`deliver`)."""
+        if time.time() + attempt_seconds(self.settings) > handoff.due:
+            return self.deliver(handoff.request_id, handoff.attempt)
+        return self._attempt(handoff.delivery, handoff.attempt)
+
     def deliver(self, request_id: str, attempt: int = 0) -> Attempt | None:
         """Deliver attempt `attempt`; None when there is nothing (more) to deliver."""
         redis = self.store.redis
-        own, successor = (
-            keys.webhook_booking(request_id, attempt),
-            keys.webhook_booking(request_id, attempt + 1),
-        )
+        own = keys.webhook_booking(request_id, attempt)
         record = delivery_state(self.store, request_id)
         if (
             record is None
@@ -236,14 +287,24 @@ class WebhookSender:
         ):
             redis.zrem(keys.WEBHOOK_DUE, own)  # nothing (more) to deliver: leave no booking behind
             return None
-        last = attempt >= self.settings.webhook_max_retries
         # One run per attempt number at a time, however often it is handed out. The attempt's own booking
         # stays until its outcome is recorded: if this process dies first, the lock expires and the pump
         # hands the booking out again (at least once).
-        taken = redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=self.attempt_lock_seconds)
-        if not taken:
+        lock_seconds = attempt_seconds(self.settings)
+        if not redis.set(keys.webhook_try(request_id, attempt), "1", nx=True, ex=lock_seconds):
             return None
+        return self._attempt(record, attempt)
 
+    def _attempt(self, record: Delivery, attempt: int) -> Attempt:
+        """Post, then record the outcome and book the next attempt (or list the webhook as failed) in one
+        round trip; the attempt's booking goes with it."""
+        assert record.webhook_url is not None
+        request_id = record.request_id
+        own, successor = (
+            keys.webhook_booking(request_id, attempt),
+            keys.webhook_booking(request_id, attempt + 1),
+        )
+        last = attempt >= self.settings.webhook_max_retries
         body = encode_payload(build_payload(record))
         headers = self.signer.headers(request_id, record.user_id, body)
         status_code, error = post(
@@ -258,7 +319,7 @@ class WebhookSender:
             error=error,
             final=error is not None and (last or refused),
         )
-        pipe = redis.pipeline(transaction=False)  # the outcome's writes in one round trip
+        pipe = self.store.redis.pipeline(transaction=False)  # the outcome's writes in one round trip
         pipe.hset(keys.job(request_id), mapping=attempt_fields(result))
         pipe.zrem(keys.WEBHOOK_DUE, own)
         if result.final:  # a refused URL stays refused: no retry
@@ -267,12 +328,6 @@ class WebhookSender:
             pipe.zadd(keys.WEBHOOK_DUE, {successor: result.at + retry_delay(self.settings, attempt)})
         pipe.execute()
         return result
-
-    @property
-    def attempt_lock_seconds(self) -> int:
-        """How long an attempt's lock outlives a deliverer that died holding it: past the longest post
-        (connect, write and read, each up to webhook_timeout) and the pump's grace."""
-        return int(5 * self.settings.webhook_timeout) + 5
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
         """Attempts whose time has come, for this pump to hand out. Each stays booked, due again after a

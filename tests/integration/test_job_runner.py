@@ -125,7 +125,7 @@ def test_a_job_is_done_with_its_outputs_in_s3(harness: Harness):
         ]
     }
     assert {spec.output_prefix + name for name in ("cutout.png", "mask.png", RESULT_DOCUMENT)} <= stored
-    assert not harness.store.redis.exists(keys.lease(spec.request_id)), "the lease is released"
+    assert harness.store.redis.zscore(keys.running(VARIANT), spec.request_id) is None, "the lease is released"
     assert spec.request_id not in harness.runner.running_jobs()
 
 
@@ -176,10 +176,14 @@ def test_a_completed_job_is_skipped(harness: Harness):
 
 def test_a_job_leased_by_another_worker_is_deferred(harness: Harness):
     spec = harness.job()
-    harness.store.redis.set(keys.lease(spec.request_id), "elsewhere", px=60_000)
+    taken = harness.store.claim(
+        spec.request_id, spec.variant, "elsewhere", lease_seconds=60, max_attempts=3, worker="other"
+    )
+    assert taken.outcome == "claimed"
     outcome = harness.runner.run(spec)
     assert (outcome.kind, outcome.detail) == ("defer", "another worker holds the lease")
-    assert harness.record(spec).status == "IN_QUEUE"
+    record = harness.record(spec)
+    assert (record.status, record.worker, record.attempts) == ("IN_PROGRESS", "other", 1)
 
 
 def test_a_job_without_a_record_is_skipped(harness: Harness, monkeypatch: pytest.MonkeyPatch):
@@ -332,8 +336,14 @@ def test_a_cancel_soon_after_the_claim_is_recorded_by_the_completion(harness: Ha
 # --- lease lost ---------------------------------------------------------------------------------------
 def test_a_lost_lease_discards_the_outcome(harness: Harness):
     spec = harness.job()
-    key = keys.lease(spec.request_id)
-    harness.during_forward.append(lambda: harness.store.redis.set(key, "another-worker", px=60_000))
+    def taken_elsewhere() -> None:  # our lease lapses (a pause past it), and another worker claims the job
+        harness.store.redis.zadd(keys.running(VARIANT), {spec.request_id: 0}, xx=True)
+        claim = harness.store.claim(
+            spec.request_id, VARIANT, "another-worker", lease_seconds=60, max_attempts=3, worker="other"
+        )
+        assert claim.outcome == "claimed"
+
+    harness.during_forward.append(taken_elsewhere)
     outcome = harness.runner.run(spec)
     assert outcome.kind == "done"
     record = harness.record(spec)

@@ -65,21 +65,19 @@ def test_lost_message_of_a_queued_job_is_resent_once(redis_server: RedisServer):
     assert _sweep(store, celery) == [], "its message is in the queue now"
 
 
-def _running(store: JobStore, spec: JobSpec, started: float, *, lease: bool) -> None:
+def _running(store: JobStore, spec: JobSpec, lapses: float) -> None:
     claim = store.claim(spec.request_id, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
     assert claim.outcome == "claimed"
-    store.redis.zadd(keys.running(spec.variant), {spec.request_id: started})  # as if claimed then
-    if not lease:
-        store.redis.delete(keys.lease(spec.request_id))  # its worker died a lease ago
+    store.redis.zadd(keys.running(spec.variant), {spec.request_id: lapses}, xx=True)  # its lease lapses then
 
 
 def test_a_dead_workers_running_job_is_resent_and_claimed_again(redis_server: RedisServer):
     store, celery = _setup(redis_server)
     now = time.time()
     dead, alive, young = _job(store, now - 100), _job(store, now - 100), _job(store, now - 5)
-    _running(store, dead, now - 60, lease=False)
-    _running(store, alive, now - 60, lease=True)  # a long job whose worker renews its lease
-    _running(store, young, now - 5, lease=False)  # started under a lease ago: not yet suspect
+    _running(store, dead, now - 10)  # its worker died a lease ago
+    _running(store, alive, now + 25)  # a long job whose worker renews its lease
+    _running(store, young, now + 1)  # its worker may have died, but its lease has not lapsed yet
 
     assert _sweep(store, celery) == [dead.request_id]
     assert _queued_ids(store) == [dead.request_id]
@@ -100,8 +98,7 @@ def test_a_job_that_kills_every_worker_is_dead_lettered(redis_server: RedisServe
             spec.request_id, spec.variant, token, lease_seconds=30, max_attempts=3, worker="w"
         )
         assert claim.outcome == "claimed"
-        store.redis.delete(keys.lease(spec.request_id))
-        store.redis.zadd(keys.running(spec.variant), {spec.request_id: time.time() - 60})
+        store.redis.zadd(keys.running(spec.variant), {spec.request_id: time.time() - 1})  # the worker died
         assert _sweep(store, celery) == [spec.request_id]
         store.redis.delete(QUEUE)
     outcome = store.claim(spec.request_id, spec.variant, "t3", lease_seconds=30, max_attempts=3, worker="w")

@@ -15,6 +15,7 @@ from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
 from common.state import keys, ops_state
 from common.state.jobs import JobStore, RunReport, log_entry
+from common.state.webhooks import Handoff
 
 
 def commands(client: redis.Redis) -> int:
@@ -40,13 +41,14 @@ def run_one(store: JobStore, job: JobSpec) -> None:
         job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w", sole_log_writer=True
     )
     assert claimed.outcome == "claimed"
-    store.log_many(job.request_id, [log_entry("loading image"), log_entry("inference 1024x1024")])
+    # Nobody watches the job: its lines go with the completion (the runner flushes early only when watched).
+    lines = ["loading image", "inference 1024x1024", "uploading", "done in 0.10s"]
     assert store.complete(
         job.request_id,
         token="t",
         result={"image": None},
         variant=job.variant,
-        logs=[log_entry("uploading"), log_entry("done in 0.10s")],
+        logs=[log_entry(line) for line in lines],
         webhook_due=123.0 if job.webhook_url else None,
         report=RunReport("done", "w", 0.1, keep=1000),
     )
@@ -60,13 +62,14 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     before = commands(probe)
     run_one(store, job)
     used = commands(probe) - before - 1  # less the first INFO
-    # Counted with what the scripts run, the worker's whole path (no command of its own besides these):
-    # create 7; claim 7 (one HMGET of status, attempts, run flags, the log count and the watched mark; the
-    # running set); a stage's logs 1 (one HSET of the numbered lines); completion 10 (outcome and the last
-    # lines in one HSET, TTL, lease, out of the running set, the webhook's booking and hand-off to the
-    # deliverers, the completions-stream entry; the queue entry went with the claim). Nobody watches the
+    # Counted with what the scripts run, the job's whole path but Celery's message and the webhook's
+    # attempt: create 4 (the existence check of an id not minted here, the record without a TTL, its queue
+    # entry); claim 5 (one HMGET of status, attempts, run flags, the log count and the watched mark; the
+    # record's HSET with the lease token; the lease as its running-set score); completion 8 (one HMGET; the
+    # outcome and the lines in one HSET, TTL, out of the running set, the webhook's booking and hand-off to
+    # the deliverers, the completions-stream entry; the queue entry went with the claim). Nobody watches the
     # job: no change notice.
-    assert used <= 25, used
+    assert used <= 17, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
     assert [entry["message"] for entry in store.logs(job.request_id)] == [
@@ -135,12 +138,42 @@ def test_celery_task_events_are_off_unless_asked_for():
 
 def test_the_completion_hands_its_webhook_to_the_deliverers(redis_server):
     store = JobStore.from_url(redis_server.url)
+    store.redis.delete(keys.WEBHOOK_READY)  # what earlier tests on this server handed off
     job = spec()
     run_one(store, job)
-    assert f"{job.request_id}|0" in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
+    (entry,) = store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
+    handoff = Handoff.parse(entry)
+    assert handoff is not None and (handoff.request_id, handoff.attempt, handoff.due) == (
+        job.request_id,
+        0,
+        123,
+    )
+    delivery = handoff.delivery
+    assert (
+        delivery.webhook_url,
+        delivery.user_id,
+        delivery.result,
+        delivery.result_code,
+        delivery.error,
+    ) == (
+        "http://127.0.0.1:9/hook",
+        "alice",
+        {"image": None},
+        200,
+        None,
+    ), "what the attempt posts, so the deliverer reads nothing"
     quiet = spec(webhook=None)
     run_one(store, quiet)
-    assert f"{quiet.request_id}|0" not in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)
+    assert store.redis.llen(keys.WEBHOOK_READY) == 1, "no webhook, no hand-off"
+    older = spec()
+    store.create(older)
+    store.redis.hdel(
+        keys.job(older.request_id), "webhook_url", "webhook_user"
+    )  # as an older release wrote it
+    store.complete(older.request_id, result={}, variant=older.variant, webhook_due=1.0)
+    assert store.redis.lindex(keys.WEBHOOK_READY, 0) == f"{older.request_id}|0", (
+        "the deliverer reads the record"
+    )
 
 
 def test_a_delivered_job_message_costs_its_pop_only_and_an_unstarted_one_goes_back_at_close(redis_server):

@@ -18,7 +18,14 @@ from common.domain.signing import WebhookSigner, load_private_key, message, veri
 from common.settings import Settings
 from common.state import keys
 from common.state.jobs import JobStore
-from common.state.webhooks import WebhookSender, list_attempts, retry_delay
+from common.state.webhooks import (
+    Handoff,
+    WebhookSender,
+    attempt_seconds,
+    first_attempt_due,
+    list_attempts,
+    retry_delay,
+)
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer
 from tests.helpers.fal_verify import fal_documented_verify
@@ -231,6 +238,88 @@ def test_a_delivered_attempt_is_kept_in_the_record_in_four_commands_without_read
         "no key of its own beside the lock"
     )
     assert 0 < store.redis.ttl(keys.job(rid)) <= store.record_ttl, "the record's TTL covers the attempts"
+
+
+def handed_job(store: JobStore, url: str, hooks: WebhookSender) -> Handoff:
+    """A job completed by its worker, as the completion hands its webhook to the deliverers."""
+    rid = str(uuid.uuid4())
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=url,
+        owner="alice",
+        extra={"user_id": "user-alice"},
+    )
+    store.create(spec)
+    store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    result = {"image": {"url": "https://x/y.png"}, "mask_image": None}
+    store.complete(rid, token="t", result=result, webhook_due=first_attempt_due(hooks.settings))
+    entries = [Handoff.parse(entry) for entry in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)]
+    (handoff,) = [entry for entry in entries if entry is not None and entry.request_id == rid]
+    return handoff
+
+
+def test_a_hand_off_taken_in_time_is_posted_without_a_read_or_a_lock(store, receiver):
+    hooks = sender(store)
+    hooks.deliver_handed(handed_job(store, receiver.url, hooks))  # connections open
+    handoff = handed_job(store, receiver.url, hooks)
+    assert handoff.due >= time.time() + attempt_seconds(hooks.settings), "due only once an attempt has ended"
+    before = {name: int(stats["calls"]) for name, stats in store.redis.info("commandstats").items()}
+    assert hooks.deliver_handed(handoff).ok
+    after = {name: int(stats["calls"]) for name, stats in store.redis.info("commandstats").items()}
+    used = {name.removeprefix("cmdstat_"): after[name] - before.get(name, 0) for name in after}
+    # The outcome with the delivered mark (HSET) and the booking taken back (ZREM), in one round trip.
+    assert {name: n for name, n in used.items() if n and name != "info"} == {"hset": 1, "zrem": 1}, used
+    posted = receiver.received[-1]
+    assert posted.json() == {
+        "request_id": handoff.request_id,
+        "gateway_request_id": handoff.request_id,
+        "status": "OK",
+        "payload": {"image": {"url": "https://x/y.png"}, "mask_image": None},
+        "error": None,
+    }
+    assert posted.headers["X-Fal-Webhook-User-Id"] == "user-alice"
+    assert store.get(handoff.request_id).webhook_delivered
+    assert store.redis.zscore(keys.WEBHOOK_DUE, f"{handoff.request_id}|0") is None
+
+
+def test_a_hand_off_taken_late_reads_the_record_and_takes_the_lock(store, receiver):
+    hooks = sender(store)
+    handoff = handed_job(store, receiver.url, hooks)
+    late = Handoff(handoff.request_id, 0, time.time() + 1, handoff.delivery)  # the pump may hand it out soon
+    store.redis.set(keys.webhook_try(handoff.request_id, 0), "1", ex=30)  # a copy from the pump is under way
+    assert hooks.deliver_handed(late) is None, "the copy under way posts; this one does not"
+    assert receiver.received == []
+    store.redis.delete(keys.webhook_try(handoff.request_id, 0))
+    assert hooks.deliver_handed(late).ok
+    assert hooks.deliver_handed(late) is None, "delivered: a later copy finds it so in the record"
+    assert len(receiver.received) == 1
+
+
+def test_a_cancel_honoured_at_completion_hands_fals_cancelled_payload(store, receiver):
+    hooks = sender(store)
+    rid = str(uuid.uuid4())
+    spec = JobSpec(
+        request_id=rid,
+        variant="general-light",
+        image_url="s3://b/k.png",
+        params=JobParams(),
+        output_prefix=f"results/requests/{rid}/",
+        webhook_url=receiver.url,
+        owner="alice",
+    )
+    store.create(spec)
+    store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
+    assert store.cancel(rid) == "requested"
+    store.complete(rid, token="t", result={"image": {}}, webhook_due=first_attempt_due(hooks.settings))
+    (handoff,) = [Handoff.parse(e) for e in store.redis.lrange(keys.WEBHOOK_READY, 0, -1)]
+    assert handoff is not None and hooks.deliver_handed(handoff).ok
+    body = receiver.received[-1].json()
+    assert body["status"] == "ERROR" and body["payload"] == store.get(rid).result
+    assert body["payload"]["error_type"] == "client_cancelled" and body["error"] == "Invalid status code: 499"
 
 
 def test_a_record_written_before_the_webhook_fields_existed_is_still_delivered(store, receiver):

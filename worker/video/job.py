@@ -499,7 +499,9 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                     timings=run.timings,
                     alone=claim.run_alone,
                 )
-                with LeaseKeeper(runner.store, rid, token, settings.job_lease_seconds, runner.health):
+                with LeaseKeeper(
+                    runner.store, rid, child.variant, token, settings.job_lease_seconds, runner.health
+                ):
                     n = _run_segment(sub)
                 runner.store.complete(rid, token=token, result={"frames": n})
             if claim.outcome in ("claimed", "completed"):
