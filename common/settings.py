@@ -152,7 +152,9 @@ class JobSettings(RedisSettings):
     """Job records in Redis."""
 
     job_record_ttl: int = Field(
-        7 * 24 * 3600, description="Seconds job records (status, logs, result) are kept."
+        7 * 24 * 3600,
+        description="Seconds job records (status, logs, result) are kept once their job ended (a waiting or "
+        "running job's record does not expire).",
     )
 
 

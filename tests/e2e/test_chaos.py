@@ -195,9 +195,8 @@ def test_a_copy_of_a_running_job_is_dropped_and_the_job_comes_back_when_its_work
         )
         store.create(spec)
         # Another worker runs it and keeps its lease alive (held here for the whole observation).
-        store.redis.hset(keys.job(rid), mapping={"status": "IN_PROGRESS", "attempts": 1})
-        store.redis.zadd(keys.running(VARIANT), {rid: time.time()})
-        store.redis.set(keys.lease(rid), "elsewhere", px=60_000)
+        taken = store.claim(rid, VARIANT, "elsewhere", lease_seconds=60, max_attempts=3, worker="other")
+        assert taken.outcome == "claimed"
         send_job(make_celery(settings), spec)
         deadline, peak = time.time() + 10, 0
         while time.time() < deadline:
@@ -205,7 +204,7 @@ def test_a_copy_of_a_running_job_is_dropped_and_the_job_comes_back_when_its_work
             time.sleep(0.2)
         assert peak <= 1 and messages_of(store.redis, rid, spec.queue) == 0, "the copy was taken and dropped"
         assert store.status(rid) == "IN_PROGRESS" and log_lines(store, rid).count("loading image") == 0
-        store.redis.delete(keys.lease(rid))  # the other worker died: its lease is gone
+        store.redis.zadd(keys.running(VARIANT), {rid: time.time() - 1}, xx=True)  # the other worker died
         wait_for(lambda: store.status(rid) == "COMPLETED", 60, "the job to be sent again and run")
         record = store.get(rid)
         assert record.ok and record.attempts == 2 and log_lines(store, rid).count("loading image") == 1
@@ -249,7 +248,7 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     from common.settings import Settings
     from common.state.jobs import JobStore
     from common.state.results import finish_job
-    from common.state.webhooks import WebhookSender
+    from common.state.webhooks import Handoff, WebhookSender
     from tests.helpers.gateway import signing_seed
 
     store = JobStore.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
@@ -272,11 +271,13 @@ def test_a_completion_whose_webhook_task_is_lost_is_still_delivered_once(redis_s
     store.create(spec)
     # Completed, then the deliverer that took the hand-off dies before attempting it.
     finish_job(settings=settings, store=store, objects=None, spec=spec, body={"image": None}, token="")
-    assert store.redis.rpop(keys.WEBHOOK_READY) == f"{rid}|0"
+    handoff = Handoff.parse(store.redis.rpop(keys.WEBHOOK_READY))
+    assert handoff is not None and handoff.request_id == rid
     assert store.status(rid) == "COMPLETED"
     sender = WebhookSender(settings, store, WebhookSigner([load_private_key(signing_seed())]))
     assert sender.claim_due() == [], "not due yet: the task sent at completion gets its chance first"
-    due = wait_for(lambda: sender.claim_due(), 5, "the first attempt's booking to fall due")
+    # Due once an attempt made from the hand-off must have ended: 5 timeouts and 5 s, and a timeout more.
+    due = wait_for(lambda: sender.claim_due(), 10, "the first attempt's booking to fall due")
     assert due == [(rid, 0)]
     assert sender.deliver(rid, 0).ok and store.redis.zscore(keys.WEBHOOK_DUE, f"{rid}|0") is None
     assert sender.deliver(rid, 0) is None, "a second copy of the task finds the attempt taken"

@@ -336,6 +336,7 @@ def test_a_cancel_soon_after_the_claim_is_recorded_by_the_completion(harness: Ha
 # --- lease lost ---------------------------------------------------------------------------------------
 def test_a_lost_lease_discards_the_outcome(harness: Harness):
     spec = harness.job()
+
     def taken_elsewhere() -> None:  # our lease lapses (a pause past it), and another worker claims the job
         harness.store.redis.zadd(keys.running(VARIANT), {spec.request_id: 0}, xx=True)
         claim = harness.store.claim(
