@@ -3,9 +3,9 @@
 `bench_redis_budget.py` measures Redis inside the whole loopback stack, where the gateway, the worker, the
 deliverer and the client threads share this machine's CPUs with redis-server. Here nothing else runs: for
 each of `--jobs` jobs this process makes, in order, the calls the stack makes (the gateway's
-`JobStore.create_queued` with its output-retention booking, the Celery message (`send_job`, then the BRPOP
-kombu's consumer sends), `JobStore.claim`, `JobStore.complete` with the job's log lines (an unwatched job's
-lines go with its completion) and the webhook's booking, the deliverer's BRPOP on the ready list and
+`JobStore.create_queued` with its output-retention booking and the Celery message (`job_message`), the
+BRPOP kombu's consumer sends, `JobStore.claim`, `JobStore.complete` with the job's log lines (an unwatched
+job's lines go with its completion) and the webhook's booking, the deliverer's BRPOP on the ready list and
 `WebhookSender.deliver_handed` posting to a receiver on loopback), against a redis-server with AOF under
 each `--appendfsync` policy. Reported per job: Redis commands (INFO commandstats, script commands
 included) and Redis CPU (INFO cpu).
@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 from benchstack import cpu_model, png_128  # noqa: E402
 
 from common.adapters import broker  # noqa: E402
-from common.adapters.queue import make_celery, send_job  # noqa: E402
+from common.adapters.queue import job_message, make_celery  # noqa: E402
 from common.domain.schemas import JobParams, JobSpec  # noqa: E402
 from common.domain.signing import WebhookSigner  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.state import keys  # noqa: E402
-from common.state.jobs import JobStore, log_entry  # noqa: E402
+from common.state.jobs import JobStore, RunReport, log_entry  # noqa: E402
 from common.state.webhooks import Handoff, WebhookSender, first_attempt_due  # noqa: E402
 from devstack.builder import signing_seed  # noqa: E402
 from devstack.load import data_uri  # noqa: E402
@@ -61,8 +61,8 @@ def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n
         webhook_url=receiver_url,
         owner="bench",
     )
-    store.create_queued(spec, {keys.OUTPUTS: (f"req:{rid}", time.time() + 900)})  # the gateway
-    send_job(celery, spec)
+    retention = {keys.OUTPUTS: (f"req:{rid}", time.time() + 900)}
+    store.create_queued(spec, retention, message=job_message(celery, spec))  # the gateway
     store.redis.brpop(broker.queue_lists(spec.queue), 1)  # the worker's consumer takes the message
     claim = store.claim(
         rid, spec.variant, "token", lease_seconds=30, max_attempts=3, worker="bench", sole_log_writer=True
@@ -76,6 +76,7 @@ def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n
         variant=spec.variant,
         logs=[log_entry(line) for line in lines],
         webhook_due=first_attempt_due(sender.settings),
+        report=RunReport("done", "bench", 0.01),  # the completions-stream entry, as the worker writes it
     )
     assert done, rid
     popped = cast(tuple[str, str], store.redis.brpop([keys.WEBHOOK_READY], 1))  # the deliverer's BRPOP

@@ -4,10 +4,9 @@
 gateway marks the record `watched` (created so for a sync run; in a status stream's first read) after it
 subscribed and before it reads, so a transition after the mark publishes and one before it is in the read;
 the claim, the completion and a stage's lines of an unwatched job publish nothing. The message is the
-job's variant when its queue's order changed too, and empty otherwise; a new job that moves others in its
-queue is told on `birefnet:events:queue:<variant>`. The hub pattern-subscribes once and wakes that job's
-local waiters and, for a variant, that queue's; they then read the record once. Queue positions do not
-rely on these: a status stream re-reads a queued job every `gateway_queue_position_poll` s.
+job's variant when its queue's order changed too, and empty otherwise. The hub pattern-subscribes once and
+wakes that job's local waiters and, for a variant, that queue's; they then read the record once. Queue
+positions do not rely on these: a status stream re-reads a queued job every `gateway_queue_position_poll` s.
 While the subscription is down waiters re-read every `gateway_push_fallback_poll` s (and all once it is
 back); `gateway_push_recheck` is the safety net for a change that did not go through `JobStore`."""
 
@@ -103,7 +102,7 @@ class JobEvents:
         """A job's notice wakes its watchers and, when it names a variant, that queue's watchers."""
         kind, _, name = _text(channel)[len(keys.EVENTS_PREFIX) :].partition(":")
         woken = [self._by_job.get(name, ())] if kind == "job" else []
-        queue = name if kind == "queue" else _text(data) if kind == "job" else ""
+        queue = _text(data) if kind == "job" else ""
         if queue:
             woken.append(self._by_queue.get(queue, ()))
         for watchers in woken:

@@ -13,7 +13,7 @@ from celery import Celery
 from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 
-from common.adapters.queue import send_job
+from common.adapters.queue import job_message, send_job
 from common.adapters.redis_conn import wait_for_replicas
 from common.adapters.storage import ObjectStore
 from common.domain.auth import Principal
@@ -144,14 +144,18 @@ class Admission:
             raise QueueFull(spec.variant, self.settings.queue_full_retry_after)
         if prepare is not None and rejection is None:
             prepare()
-        # The record, its queue entry and the schedules' bookings (a queued job's only) in one round trip,
-        # with the queue position an API submit answers.
+        # The record, its queue entry, its Celery message and the schedules' bookings (a queued job's only) in
+        # one round trip, with the queue position an API submit answers. With Celery's task events on, Celery
+        # sends the message itself (its task-sent event goes with it).
         bookings = schedule if rejection is None else None
-        if principal is not None and rejection is None:
-            position = self.store.create_queued(spec, bookings, watched=watched)  # a fresh request id
+        message = None
+        if rejection is None and not self.settings.celery_task_events:
+            message = job_message(self.celery, spec)
+        if principal is not None and rejection is None:  # a request id just minted
+            position = self.store.create_queued(spec, bookings, message=message, watched=watched)
             created = True
         else:
-            position, created = None, self.store.create(spec, bookings)
+            position, created = None, self.store.create(spec, bookings, message=message)
         if rejection is not None:
             if created:
                 log.warning(
@@ -159,17 +163,18 @@ class Admission:
                 )
                 self._end(spec, rejection)
             return Submitted(spec.request_id, spec.variant, rejected=True)
-        if not created:
+        if not created:  # a redelivered event: its job's message is sent again unless it ended
             record = self.store.get(spec.request_id)
             if record is None or record.status == "COMPLETED":
                 return Submitted(spec.request_id, spec.variant, rejected=False)
-        try:
-            send_job(self.celery, spec)
-        except Exception as exc:
-            if principal is None:
-                raise
-            self._end(spec, QueueUnreachable())  # not IN_QUEUE forever; the caller may retry
-            raise QueueUnreachable() from exc
+        if message is None or not created:
+            try:
+                send_job(self.celery, spec)
+            except Exception as exc:
+                if principal is None:
+                    raise
+                self._end(spec, QueueUnreachable())  # not IN_QUEUE forever; the caller may retry
+                raise QueueUnreachable() from exc
         wait_for_replicas(self.store.redis, self.settings)  # with Sentinel: a failover now must not forget it
         log.info("job %s queued on %s", spec.request_id, spec.queue)
         return Submitted(spec.request_id, spec.variant, rejected=False, queue_position=position)

@@ -26,7 +26,7 @@ from common.domain.schemas import ImageFile, JobSpec
 from common.observability.metrics import count_job_run
 from common.settings import WorkerSettings
 from common.state.job_progress import job_finished
-from common.state.jobs import Claim, Completed, JobStore, RunReport
+from common.state.jobs import Claim, Completed, JobStore, RunReport, log_entry
 from common.state.results import fail_job, finish_job
 from worker.batcher import ForwardTimeout, MaskBatcher, WorkerUnavailable
 from worker.engine import Predictor
@@ -165,6 +165,11 @@ class JobRunner:
             spec.max_attempts or self.settings.max_job_attempts, self.settings.max_job_attempts
         )
 
+        image = spec.extra.get("video") is None  # (a video's segments write its lines too)
+        predictor = self.predictors.get(spec.variant)
+        # An image run's first line goes with its claim: every run shows in the log, even a killed one.
+        first_line = log_entry(predictor.log_prefix + "loading image") if image and predictor else ""
+
         def claim_it():
             return self.store.claim(
                 spec.request_id,
@@ -173,7 +178,8 @@ class JobRunner:
                 lease_seconds=self.settings.job_lease_seconds,
                 max_attempts=max_attempts,
                 worker=self.worker_name,
-                sole_log_writer=spec.extra.get("video") is None,  # a video's segments write its lines too
+                sole_log_writer=image,
+                first_line=first_line,
             )
 
         claim = claim_it()
@@ -328,7 +334,7 @@ class JobRunner:
         if claim.cancel_requested:  # a cancel came while an earlier run held the job: nothing to fetch
             self._end(spec, token, RequestCancelled())
             return Outcome("cancelled")
-        ctx.log("loading image")
+        # ("loading image", this run's first line, was written with the claim)
         with ctx.stage("fetch"):
             data = fetch_input(
                 spec.image_url,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
+from kombu import serialization
 from kombu.transport.redis import PRIORITY_STEPS, Channel
+from kombu.utils.json import dumps as json_dumps
 
 _MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
 
@@ -65,6 +68,43 @@ def _args(message: dict) -> list:
         return args if isinstance(args, list) else []
     except _MALFORMED:
         return []
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as the transport stores it: the list it is pushed on (LPUSH; workers pop with BRPOP) and its
+    JSON text."""
+
+    list_key: str
+    payload: str
+
+
+def stored_message(
+    queue: str, *, headers: dict, properties: dict, body: object, priority: int | None
+) -> StoredMessage:
+    """A Celery message (a task message's headers, properties and body) as kombu's Redis transport publishes
+    it to `queue` through the default exchange: the body serialized as JSON and base64-encoded, the delivery
+    properties added, on the list of its priority step. What `kombu.transport.redis.Channel._put` pushes, so
+    a script can push it with the job's record (tests/integration/test_broker.py compares the two)."""
+    content_type, content_encoding, data = serialization.dumps(body, serializer="json")
+    raw = data.encode(content_encoding) if isinstance(data, str) else data
+    clamped = min(max(priority or 0, Channel.min_priority), Channel.max_priority)
+    step = max(step for step in PRIORITY_STEPS if step <= clamped)
+    message = {
+        "body": base64.b64encode(raw).decode("ascii"),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": 2,  # persistent
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": priority or 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return StoredMessage(queue_lists(queue)[PRIORITY_STEPS.index(step)], json_dumps(message))
 
 
 def queue_lists(queue: str) -> list[str]:

@@ -5,8 +5,11 @@ The gateway and producer only *send* tasks by name; they never import worker cod
 
 from __future__ import annotations
 
+import uuid
+
 from celery import Celery
 
+from common.adapters import broker
 from common.adapters.redis_conn import celery_broker
 from common.domain.schemas import JobSpec
 from common.settings import BrokerSettings
@@ -53,4 +56,38 @@ LOW_PRIORITY = 9
 def send_job(app: Celery, spec: JobSpec) -> None:
     """Put a job on its variant's queue (the spec travels whole, so a lost record can be rebuilt)."""
     priority = LOW_PRIORITY if spec.priority == "low" else None
-    app.send_task(RUN_JOB, args=[spec.model_dump(mode="json")], queue=spec.queue, priority=priority)
+    app.send_task(
+        RUN_JOB,
+        args=[spec.model_dump(mode="json")],
+        queue=spec.queue,
+        priority=priority,
+        argsrepr=_args_repr(spec),
+    )
+
+
+def job_message(app: Celery, spec: JobSpec) -> broker.StoredMessage:
+    """The message `send_job` sends, built by Celery but not sent: for the script that records a new job to
+    push it in the same call (one round trip, and never a record without its message or the reverse)."""
+    task_id = str(uuid.uuid4())
+    message = app.amqp.create_task_message(
+        task_id,
+        RUN_JOB,
+        [spec.model_dump(mode="json")],
+        {},
+        reply_to=app.thread_oid,
+        argsrepr=_args_repr(spec),
+        ignore_result=None,  # as send_task leaves it (the app's task_ignore_result decides)
+    )
+    return broker.stored_message(
+        spec.queue,
+        headers=message.headers,
+        properties=message.properties,
+        body=message.body,
+        priority=LOW_PRIORITY if spec.priority == "low" else None,
+    )
+
+
+def _args_repr(spec: JobSpec) -> str:
+    """What Celery's logs and Flower show of a job's arguments: its id, not the whole spec (which is in the
+    message's body already, and may carry a data URI)."""
+    return f"[job {spec.request_id}]"

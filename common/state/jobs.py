@@ -27,6 +27,7 @@ from typing import Literal, cast
 import redis
 from redis.typing import EncodableT, FieldT
 
+from common.adapters.broker import StoredMessage
 from common.domain.errors import RequestCancelled
 from common.domain.schemas import JobSpec
 from common.domain.status import Status
@@ -43,11 +44,13 @@ def _lua_string(text: str) -> str:
 
 
 # KEYS: record, pending zset, job channel, running set. ARGV: lease token, when the lease lapses, now, max
-# attempts, request id, worker, variant. One read of the record's fields; the running set is looked at only
-# for a copy of a job already IN_PROGRESS (its score there is when its lease lapses). The claim returns the
-# run flags the worker acts on, the record's log line count (the lease holder numbers its lines from it)
-# and whether a caller watches the job (the record's `watched` mark, set by the gateway before it waits:
-# only then is the change published).
+# attempts, request id, worker, variant, the run's first log line ('' for none; not written when a cancel
+# waits: the run ends at once). One read of the record's fields; the running set is looked at only for a
+# copy of a job already IN_PROGRESS (its score there is when its lease lapses). The claim returns the run
+# flags the worker acts on, the record's log line count after its own line (the lease holder numbers its
+# lines from it) and whether a caller watches the job (the record's `watched` mark, set by the gateway
+# before it waits: only then is the change published). The first line in the claim's HSET shows every run
+# in the log, even one whose worker is killed before it writes another.
 _CLAIM = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'cancel_requested', 'run_alone', 'log_count',
                     'watched')
@@ -66,10 +69,19 @@ if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempts', attempts)
   return {'exhausted'}
 end
-redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6],
-           'attempts', attempts, 'lease', ARGV[1])
+local fields = {'status', 'IN_PROGRESS', 'started_at', ARGV[3], 'worker', ARGV[6], 'attempts', attempts,
+                'lease', ARGV[1]}
+local count = tonumber(f[5]) or 0
+if ARGV[8] ~= '' and f[3] ~= '1' then
+  fields[#fields + 1] = 'log:' .. count
+  fields[#fields + 1] = ARGV[8]
+  count = count + 1
+  fields[#fields + 1] = 'log_count'
+  fields[#fields + 1] = count
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[5])
-return {'claimed', f[3] or '', f[4] or '', f[5] or '0', f[6] or ''}
+return {'claimed', f[3] or '', f[4] or '', tostring(count), f[6] or ''}
 """
 
 # KEYS: record, running set. ARGV: lease token, when the lease now lapses, request id. Only the holder renews,
@@ -133,10 +145,11 @@ else
 end
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[4])
-  local handed = ARGV[4]  -- a record from before the webhook's fields: the deliverer reads it
-  if f[8] then
-    local given = {}
-    for i = 3, outcome_fields, 2 do given[fields[i]] = fields[i + 1] end
+  local given = {}
+  for i = 3, outcome_fields, 2 do given[fields[i]] = fields[i + 1] end
+  -- the bare booking, for the deliverer to read the record, if from before the URL's field or a big result
+  local handed = ARGV[4]
+  if f[8] and #(given['result'] or '') <= HANDOFF_MAX_RESULT then
     handed = cjson.encode({booking = ARGV[4], due = ARGV[5], url = f[8], user = f[9] or '',
                            result = given['result'], result_code = given['result_code'],
                            error = given['error']})
@@ -154,6 +167,10 @@ if ARGV[7] ~= '' then
 end
 return {ended, created or '', started or ''}
 """
+# A result larger than this (data URIs of a sync_mode job) is not copied into the hand-off: the deliverer
+# reads it from the record.
+HANDOFF_MAX_RESULT = 64 * 1024
+_COMPLETE = _COMPLETE.replace("HANDOFF_MAX_RESULT", str(HANDOFF_MAX_RESULT))
 for _name, _value in {
     "CANCELLED_BODY": json.dumps(_CANCELLED.body()),
     "CANCELLED_CODE": str(_CANCELLED.status_code),
@@ -207,20 +224,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 'cancelled'
 """
 
-# A new IN_QUEUE record (no TTL until its job ends), its queue entry and its bookings in schedules, in one
-# round trip; answers false when asked to check (ARGV[7] '1') and a record with this id exists, else its
-# queue position (0 = next) when asked for (ARGV[8] '1'), else -1. KEYS: record, pending zset, then the n
-# schedules (sorted sets). ARGV[1..6]: spec, created_at, variant, owner, queue score, request id; ARGV[9]:
-# n, then n (member, due) pairs, then more field/value pairs of the record (`webhook_fields`). A job queued
-# ahead of waiting ones (a normal job before low-priority ones) tells nobody: queued callers poll their
-# position.
+# A new IN_QUEUE record (no TTL until its job ends), its queue entry, its broker message and its bookings in
+# schedules, in one round trip; answers false when asked to check (ARGV[7] '1') and a record with this id
+# exists, else its queue position (0 = next) when asked for (ARGV[8] '1'), else -1. KEYS: record, pending
+# zset, the message's list, then the n schedules (sorted sets). ARGV[1..6]: spec, created_at, variant, owner,
+# queue score, request id; ARGV[9]: the Celery message as the broker stores it ('' for none: the caller
+# sends it); ARGV[10]: n, then n (member, due) pairs, then more field/value pairs of the record
+# (`webhook_fields`). A job queued ahead of waiting ones (a normal job before low-priority ones) tells
+# nobody: queued callers poll their position.
 _CREATE = """
 if ARGV[7] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local n = tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'status', 'IN_QUEUE', 'created_at', ARGV[2], 'variant', ARGV[3],
-           'owner', ARGV[4], 'attempts', 0, unpack(ARGV, 10 + 2 * n))
+           'owner', ARGV[4], 'attempts', 0, unpack(ARGV, 11 + 2 * n))
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-for i = 1, n do redis.call('ZADD', KEYS[2 + i], ARGV[9 + 2 * i], ARGV[8 + 2 * i]) end
+if ARGV[9] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[9]) end
+for i = 1, n do redis.call('ZADD', KEYS[3 + i], ARGV[10 + 2 * i], ARGV[9 + 2 * i]) end
 if ARGV[8] == '1' then return redis.call('ZRANK', KEYS[2], ARGV[6]) end
 return -1
 """
@@ -430,18 +449,32 @@ class JobStore:
         target.publish(keys.job_channel(request_id), variant or "")
 
     # --- creation and lookup ---
-    def create(self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None) -> bool:
-        """Record a new IN_QUEUE job, and book `schedule` (sorted set -> (member, due)) with it, in one round
-        trip; False (nothing written) if a record with this id exists already."""
-        return self._run_create(spec, schedule, check=True, answer_position=False) is not None
+    def create(
+        self,
+        spec: JobSpec,
+        schedule: Mapping[str, tuple[str, float]] | None = None,
+        *,
+        message: StoredMessage | None = None,
+    ) -> bool:
+        """Record a new IN_QUEUE job, and book `schedule` (sorted set -> (member, due)) and push its broker
+        `message` (common.adapters.queue.job_message) with it, in one round trip; False (nothing written) if
+        a record with this id exists already."""
+        return self._run_create(spec, schedule, message, check=True, answer_position=False) is not None
 
     def create_queued(
-        self, spec: JobSpec, schedule: Mapping[str, tuple[str, float]] | None = None, *, watched: bool = False
+        self,
+        spec: JobSpec,
+        schedule: Mapping[str, tuple[str, float]] | None = None,
+        *,
+        message: StoredMessage | None = None,
+        watched: bool = False,
     ) -> int:
         """`create` for a request id just minted (an API submission: no record can have it, so none is looked
         for), answering the new job's queue position (0 = next) in the same round trip. `watched`: a caller
         will wait on it (a sync run): its transitions publish their changes from the start."""
-        position = self._run_create(spec, schedule, check=False, answer_position=True, watched=watched)
+        position = self._run_create(
+            spec, schedule, message, check=False, answer_position=True, watched=watched
+        )
         assert position is not None  # only a checked creation answers "exists"
         return position
 
@@ -449,6 +482,7 @@ class JobStore:
         self,
         spec: JobSpec,
         schedule: Mapping[str, tuple[str, float]] | None,
+        message: StoredMessage | None,
         *,
         check: bool,
         answer_position: bool,
@@ -456,7 +490,12 @@ class JobStore:
     ) -> int | None:
         bookings = list((schedule or {}).items())
         reply = self._create(
-            keys=[keys.job(spec.request_id), keys.pending(spec.variant), *[key for key, _ in bookings]],
+            keys=[
+                keys.job(spec.request_id),
+                keys.pending(spec.variant),
+                message.list_key if message is not None else spec.queue,
+                *[key for key, _ in bookings],
+            ],
             args=[
                 spec.model_dump_json(),
                 repr(spec.created_at),
@@ -466,6 +505,7 @@ class JobStore:
                 spec.request_id,
                 "1" if check else "0",
                 "1" if answer_position else "0",
+                message.payload if message is not None else "",
                 len(bookings),
                 *[item for _, (member, due) in bookings for item in (member, repr(due))],
                 *[item for pair in webhook_fields(spec).items() for item in pair],
@@ -564,11 +604,13 @@ class JobStore:
         max_attempts: int,
         worker: str,
         sole_log_writer: bool = False,
+        first_line: str = "",
     ) -> Claim:
         """Take the job for a run (IN_QUEUE -> IN_PROGRESS, a lease, the running set), in one round trip.
         `sole_log_writer`: no other process writes this job's log lines while it runs (an image job; a
         video's segments write to theirs), so `log_many` numbers them here, until the completion or
-        requeue."""
+        requeue. `first_line` (a `log_entry`): the run's first log line, written by the claim (unless a
+        cancel waits)."""
         now = time.time()
         reply = self._claim(
             keys=[
@@ -577,7 +619,16 @@ class JobStore:
                 keys.job_channel(request_id),
                 keys.running(variant),
             ],
-            args=[token, repr(now + lease_seconds), repr(now), max_attempts, request_id, worker, variant],
+            args=[
+                token,
+                repr(now + lease_seconds),
+                repr(now),
+                max_attempts,
+                request_id,
+                worker,
+                variant,
+                first_line,
+            ],
         )
         outcome = cast(ClaimOutcome, reply[0])
         flags = reply[1:] if outcome == "claimed" else ["", "", "0", ""]

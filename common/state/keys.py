@@ -75,10 +75,6 @@ def job_channel(request_id: str) -> str:
     return f"{EVENTS_PREFIX}job:{request_id}"
 
 
-def queue_channel(variant: str) -> str:  # a change of the order of a variant's queue told apart from a job's
-    return f"{EVENTS_PREFIX}queue:{variant}"
-
-
 # --- operational state (common.state.ops_state) ---
 PAUSED = f"{PREFIX}paused"  # hash variant -> JSON
 WORKERS = f"{PREFIX}workers"  # zset worker name -> last heartbeat

@@ -219,3 +219,32 @@ def test_object_versions_map_to_one_job(store: JobStore):
     assert store.job_for_object("fp1", "job-a") == "job-a"
     assert store.job_for_object("fp1", "job-b") == "job-a"
     assert store.job_for_object("fp2", "job-b") == "job-b"
+
+
+def test_every_run_s_first_line_is_written_by_its_claim(store: JobStore):
+    spec = make_spec()
+    store.create(spec)
+
+    def run(token: str) -> int:
+        taken = store.claim(
+            spec.request_id,
+            spec.variant,
+            token,
+            lease_seconds=30,
+            max_attempts=5,
+            worker="w",
+            sole_log_writer=True,
+            first_line=log_entry("loading image"),
+        )
+        assert taken.outcome == "claimed"
+        store.redis.zadd(
+            keys.running(spec.variant), {spec.request_id: 0}, xx=True
+        )  # killed: the lease lapses
+        return taken.log_count
+
+    assert run("a") == 1 and run("b") == 2, "the line is numbered with the record's count"
+    assert [entry["message"] for entry in store.logs(spec.request_id)] == ["loading image"] * 2
+    assert store.cancel(spec.request_id) == "requested"
+    assert run("c") == 2, "a run that ends at once for a cancel writes no line"
+    store.log_many(spec.request_id, [log_entry("cancelled")])
+    assert [entry["message"] for entry in store.logs(spec.request_id)][-1] == "cancelled"

@@ -38,11 +38,19 @@ def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
 def run_one(store: JobStore, job: JobSpec) -> None:
     assert store.create(job)
     claimed = store.claim(
-        job.request_id, job.variant, "t", lease_seconds=30, max_attempts=3, worker="w", sole_log_writer=True
+        job.request_id,
+        job.variant,
+        "t",
+        lease_seconds=30,
+        max_attempts=3,
+        worker="w",
+        sole_log_writer=True,
+        first_line=log_entry("loading image"),
     )
     assert claimed.outcome == "claimed"
-    # Nobody watches the job: its lines go with the completion (the runner flushes early only when watched).
-    lines = ["loading image", "inference 1024x1024", "uploading", "done in 0.10s"]
+    # Nobody watches the job: its other lines go with the completion (the runner writes them before the
+    # forward only when watched).
+    lines = ["inference 1024x1024", "uploading", "done in 0.10s"]
     assert store.complete(
         job.request_id,
         token="t",
@@ -65,10 +73,10 @@ def test_a_job_s_record_goes_from_queued_to_completed_in_few_commands(redis_serv
     # Counted with what the scripts run, the job's whole path but Celery's message and the webhook's
     # attempt: create 4 (the existence check of an id not minted here, the record without a TTL, its queue
     # entry); claim 5 (one HMGET of status, attempts, run flags, the log count and the watched mark; the
-    # record's HSET with the lease token; the lease as its running-set score); completion 8 (one HMGET; the
-    # outcome and the lines in one HSET, TTL, out of the running set, the webhook's booking and hand-off to
-    # the deliverers, the completions-stream entry; the queue entry went with the claim). Nobody watches the
-    # job: no change notice.
+    # record's HSET with the lease token and the run's first line; the lease as its running-set score);
+    # completion 8 (one HMGET; the outcome and the lines in one HSET, TTL, out of the running set, the
+    # webhook's booking and hand-off to the deliverers, the completions-stream entry; the queue entry went
+    # with the claim). Nobody watches the job: no change notice.
     assert used <= 17, used
     record = store.get(job.request_id)
     assert record is not None and record.status == "COMPLETED"
@@ -167,13 +175,14 @@ def test_the_completion_hands_its_webhook_to_the_deliverers(redis_server):
     assert store.redis.llen(keys.WEBHOOK_READY) == 1, "no webhook, no hand-off"
     older = spec()
     store.create(older)
-    store.redis.hdel(
-        keys.job(older.request_id), "webhook_url", "webhook_user"
-    )  # as an older release wrote it
+    store.redis.hdel(keys.job(older.request_id), "webhook_url", "webhook_user")  # as an older release wrote
     store.complete(older.request_id, result={}, variant=older.variant, webhook_due=1.0)
-    assert store.redis.lindex(keys.WEBHOOK_READY, 0) == f"{older.request_id}|0", (
-        "the deliverer reads the record"
-    )
+    assert store.redis.lindex(keys.WEBHOOK_READY, 0) == f"{older.request_id}|0", "the deliverer reads it"
+    big = spec()  # a sync_mode result: data URIs
+    store.create(big)
+    result = {"image": {"url": "data:image/png;base64," + "A" * 70_000}}
+    store.complete(big.request_id, result=result, variant=big.variant, webhook_due=1.0)
+    assert store.redis.lindex(keys.WEBHOOK_READY, 0) == f"{big.request_id}|0", "a big result is not copied"
 
 
 def test_a_delivered_job_message_costs_its_pop_only_and_an_unstarted_one_goes_back_at_close(redis_server):
