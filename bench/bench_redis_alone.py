@@ -65,10 +65,17 @@ def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n
     store.create_queued(spec, retention, message=job_message(celery, spec))  # the gateway
     store.redis.brpop(broker.queue_lists(spec.queue), 1)  # the worker's consumer takes the message
     claim = store.claim(
-        rid, spec.variant, "token", lease_seconds=30, max_attempts=3, worker="bench", sole_log_writer=True
+        rid,
+        spec.variant,
+        "token",
+        lease_seconds=30,
+        max_attempts=3,
+        worker="bench",
+        sole_log_writer=True,
+        first_line=log_entry("loading image"),
     )
     assert claim.outcome == "claimed", claim
-    lines = ["loading image", "inference 128x128 on cpu", "uploading", "done in 0.01s"]
+    lines = ["inference 128x128 on cpu", "uploading", "done in 0.01s"]
     done = store.complete(
         rid,
         token="token",
