@@ -2,11 +2,11 @@
 
 Three variants (general-light, general-heavy, portrait), one null-model worker each. With S shards the
 variants are split over S redis-servers (BIREFNET_REDIS_SHARDS; the workers pick their shard from it, as
-deployed workers do). `--jobs` jobs are submitted the way the gateway does (job record, then Celery
-message) on the shard of their variant, round-robin over the variants, with request ids naming their shard
-(common.state.shards). Reported per shard: jobs, Redis CPU ms per job (INFO cpu), Redis commands per job,
-the Redis core's busy share, and the ceiling they imply: the rate of jobs (this mix of variants) at which
-the busiest shard's Redis core is full.
+deployed workers do). `--jobs` jobs are submitted the way the gateway does (job record and Celery message
+in one script call) on the shard of their variant, round-robin over the variants, with request ids naming
+their shard (common.state.shards). Reported per shard: jobs, Redis CPU ms per job (INFO cpu), Redis
+commands per job, the Redis core's busy share, and the ceiling they imply: the rate of jobs (this mix of
+variants) at which the busiest shard's Redis core is full.
 On a small machine the workers' own CPU caps the measured jobs/s long before Redis does; the ceiling is
 what Redis alone would allow.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchstack import cpu_model  # noqa: E402
 
-from common.adapters.queue import make_celery, send_job  # noqa: E402
+from common.adapters.queue import job_message, make_celery  # noqa: E402
 from common.domain.schemas import JobParams, JobSpec  # noqa: E402
 from common.state import keys  # noqa: E402
 from common.state.jobs import JobStore  # noqa: E402
@@ -115,8 +115,7 @@ def simulate(count: int, args, moto_url: str, logs: Path) -> list[dict]:
                 output_prefix=f"bench-shards/{rid}/",
                 owner="bench",
             )
-            stores[shard.index].create(spec)
-            send_job(celeries[shard.index], spec)
+            stores[shard.index].create_queued(spec, message=job_message(celeries[shard.index], spec))
 
         expected = [
             sum(1 for n in range(args.jobs) if shard_map.for_variant(VARIANTS[n % 3]).index == i)
