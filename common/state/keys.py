@@ -33,9 +33,8 @@ def log_field(n: int) -> str:
     return f"log:{n}"
 
 
-# A running job's lease is its score in its variant's running set (when it lapses, unix seconds) and the
-# record's `lease` field (the holder's token): one write per claim, none per completion.
-LEASE_FIELD = "lease"
+# A running job's lease has no key of its own: it is the job's score in its variant's running set (when it
+# lapses, unix seconds; `running` below) and the record's `lease` field (the holder's token).
 
 
 def pending(variant: str) -> str:
