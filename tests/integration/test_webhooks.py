@@ -118,9 +118,10 @@ def receiver():
     hooks.stop()
 
 
-def completed_job(store: JobStore, url: str) -> str:
+def job_spec(url: str) -> JobSpec:
+    """A job of alice's (user id user-alice) with a webhook to `url`."""
     rid = str(uuid.uuid4())
-    spec = JobSpec(
+    return JobSpec(
         request_id=rid,
         variant="general-light",
         image_url="s3://b/k.png",
@@ -130,6 +131,11 @@ def completed_job(store: JobStore, url: str) -> str:
         owner="alice",
         extra={"user_id": "user-alice"},
     )
+
+
+def completed_job(store: JobStore, url: str) -> str:
+    spec = job_spec(url)
+    rid = spec.request_id
     store.create(spec)
     store.complete(rid, result={"image": {"url": "https://x/y.png"}, "mask_image": None}, inference_time=0.1)
     return rid
@@ -242,17 +248,8 @@ def test_a_delivered_attempt_is_kept_in_the_record_in_four_commands_without_read
 
 def handed_job(store: JobStore, url: str, hooks: WebhookSender) -> Handoff:
     """A job completed by its worker, as the completion hands its webhook to the deliverers."""
-    rid = str(uuid.uuid4())
-    spec = JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        webhook_url=url,
-        owner="alice",
-        extra={"user_id": "user-alice"},
-    )
+    spec = job_spec(url)
+    rid = spec.request_id
     store.create(spec)
     store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
     result = {"image": {"url": "https://x/y.png"}, "mask_image": None}
@@ -301,16 +298,8 @@ def test_a_hand_off_taken_late_reads_the_record_and_takes_the_lock(store, receiv
 
 def test_a_cancel_honoured_at_completion_hands_fals_cancelled_payload(store, receiver):
     hooks = sender(store)
-    rid = str(uuid.uuid4())
-    spec = JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        webhook_url=receiver.url,
-        owner="alice",
-    )
+    spec = job_spec(receiver.url)
+    rid = spec.request_id
     store.create(spec)
     store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
     assert store.cancel(rid) == "requested"
