@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import pytest
 import redis
 
 from common.adapters import broker
 from common.adapters.queue import job_message, make_celery, send_job
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state import keys
 from common.state.jobs import JobStore
+from tests.helpers.specs import job_spec
 
 # Fields that differ between any two messages (fresh ids), and the copy of the arguments' summary that
 # send_task also leaves among the properties.
@@ -24,15 +24,7 @@ PER_DELIVERY = {("properties", "delivery_tag"), ("properties", "argsrepr")}
 
 
 def make_spec(priority: str = "normal") -> JobSpec:
-    rid = str(uuid.uuid4())
-    return JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="data:,x",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        priority=priority,  # type: ignore[arg-type]
-    )
+    return job_spec(image_url="data:,x", priority=priority)
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.state import keys
 from common.state.jobs import JobStore, log_entry
 from devstack.services import RedisServer
+from tests.helpers.specs import job_spec
 
 
 @pytest.fixture
@@ -20,15 +21,7 @@ def store(redis_server: RedisServer) -> JobStore:
 
 
 def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
-    rid = str(uuid.uuid4())
-    return JobSpec(
-        request_id=rid,
-        variant=variant,
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        priority=priority,
-    )  # type: ignore[arg-type]
+    return job_spec(variant, priority=priority)
 
 
 def claim(store: JobStore, spec: JobSpec, token: str = "t1", attempts: int = 3) -> str:

@@ -4,15 +4,15 @@ holds its lease, is not."""
 from __future__ import annotations
 
 import time
-import uuid
 
 from common.adapters.queue import make_celery, send_job
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state import keys, orphans
 from common.state.jobs import JobStore
 from common.state.orphans import SweepTiming, resend_orphans
 from devstack.services import RedisServer
+from tests.helpers.specs import job_spec
 
 QUEUE = "birefnet.general-light"
 TIMING = SweepTiming.from_lease(30)
@@ -26,15 +26,7 @@ def _setup(redis_server: RedisServer):
 
 
 def _job(store: JobStore, created_at: float) -> JobSpec:
-    rid = str(uuid.uuid4())
-    spec = JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        created_at=created_at,
-    )
+    spec = job_spec(created_at=created_at)
     store.create(spec)
     return spec
 

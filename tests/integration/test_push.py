@@ -4,27 +4,19 @@ JobStore, not otherwise, and cost Redis no command while they wait. Real redis-s
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import redis.asyncio as aioredis
 
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.state.jobs import STATUS_READ, JobStore, status_read_call
 from devstack.services import RedisServer
 from gateway.push import JobEvents
+from tests.helpers.specs import job_spec
 
 
 def make_spec(variant: str = "general-light", priority: str = "normal") -> JobSpec:
-    rid = str(uuid.uuid4())
-    return JobSpec(
-        request_id=rid,
-        variant=variant,
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        priority=priority,
-    )  # type: ignore[arg-type]
+    return job_spec(variant, priority=priority)
 
 
 @pytest.fixture

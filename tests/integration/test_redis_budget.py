@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import kombu
 import redis
 
 from common.adapters.queue import make_celery
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.settings import Settings
 from common.state import keys, ops_state
 from common.state.jobs import JobStore, RunReport, log_entry
 from common.state.webhooks import Handoff
+from tests.helpers.specs import job_spec
 
 
 def commands(client: redis.Redis) -> int:
@@ -23,16 +23,7 @@ def commands(client: redis.Redis) -> int:
 
 
 def spec(webhook: str | None = "http://127.0.0.1:9/hook") -> JobSpec:
-    rid = str(uuid.uuid4())
-    return JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="data:,x",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        webhook_url=webhook,
-        owner="alice",
-    )
+    return job_spec(image_url="data:,x", webhook_url=webhook, owner="alice")
 
 
 def run_one(store: JobStore, job: JobSpec) -> None:

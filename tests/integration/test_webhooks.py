@@ -7,13 +7,12 @@ import base64
 import hashlib
 import json
 import time
-import uuid
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.domain.schemas import JobParams, JobSpec
+from common.domain.schemas import JobSpec
 from common.domain.signing import WebhookSigner, load_private_key, message, verify
 from common.settings import Settings
 from common.state import keys
@@ -29,6 +28,7 @@ from common.state.webhooks import (
 from devstack.receiver import WebhookReceiver
 from devstack.services import RedisServer
 from tests.helpers.fal_verify import fal_documented_verify
+from tests.helpers.specs import job_spec
 
 
 def seed() -> str:
@@ -118,23 +118,13 @@ def receiver():
     hooks.stop()
 
 
-def job_spec(url: str) -> JobSpec:
+def alice_job(url: str) -> JobSpec:
     """A job of alice's (user id user-alice) with a webhook to `url`."""
-    rid = str(uuid.uuid4())
-    return JobSpec(
-        request_id=rid,
-        variant="general-light",
-        image_url="s3://b/k.png",
-        params=JobParams(),
-        output_prefix=f"results/requests/{rid}/",
-        webhook_url=url,
-        owner="alice",
-        extra={"user_id": "user-alice"},
-    )
+    return job_spec(webhook_url=url, owner="alice", extra={"user_id": "user-alice"})
 
 
 def completed_job(store: JobStore, url: str) -> str:
-    spec = job_spec(url)
+    spec = alice_job(url)
     rid = spec.request_id
     store.create(spec)
     store.complete(rid, result={"image": {"url": "https://x/y.png"}, "mask_image": None}, inference_time=0.1)
@@ -248,7 +238,7 @@ def test_a_delivered_attempt_is_kept_in_the_record_in_four_commands_without_read
 
 def handed_job(store: JobStore, url: str, hooks: WebhookSender) -> Handoff:
     """A job completed by its worker, as the completion hands its webhook to the deliverers."""
-    spec = job_spec(url)
+    spec = alice_job(url)
     rid = spec.request_id
     store.create(spec)
     store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
@@ -298,7 +288,7 @@ def test_a_hand_off_taken_late_reads_the_record_and_takes_the_lock(store, receiv
 
 def test_a_cancel_honoured_at_completion_hands_fals_cancelled_payload(store, receiver):
     hooks = sender(store)
-    spec = job_spec(receiver.url)
+    spec = alice_job(receiver.url)
     rid = spec.request_id
     store.create(spec)
     store.claim(rid, spec.variant, "t", lease_seconds=30, max_attempts=3, worker="w")
