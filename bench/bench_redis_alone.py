@@ -6,9 +6,10 @@ each of `--jobs` jobs this process makes, in order, the calls the stack makes (t
 `JobStore.create_queued` with its output-retention booking and the Celery message (`job_message`), the
 BRPOP kombu's consumer sends, `JobStore.claim`, `JobStore.complete` with the job's log lines (an unwatched
 job's lines go with its completion) and the webhook's booking, the deliverer's BRPOP on the ready list and
-`WebhookSender.deliver_handed` posting to a receiver on loopback), against a redis-server with AOF under
-each `--appendfsync` policy. Reported per job: Redis commands (INFO commandstats, script commands
-included) and Redis CPU (INFO cpu).
+`WebhookSender.deliver_handed` posting to a receiver on loopback, its outcome written with the next job's
+pop as the deliverer writes it), against a redis-server with AOF under each `--appendfsync` policy.
+Reported per job: Redis commands (INFO commandstats, script commands included), round trips (requests
+read, INFO stats) and Redis CPU (INFO cpu); and a PING's Redis CPU right after, the machine's speed then.
 
     python bench/bench_redis_alone.py [--jobs 1000] [--appendfsync always everysec]
 """
@@ -37,20 +38,27 @@ from common.domain.signing import WebhookSigner  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.state import keys  # noqa: E402
 from common.state.jobs import JobStore, RunReport, log_entry  # noqa: E402
-from common.state.webhooks import Handoff, WebhookSender, first_attempt_due  # noqa: E402
+from common.state.webhooks import Handoff, OutcomeOutbox, WebhookSender, first_attempt_due  # noqa: E402
+from deliverer.app import Deliverer  # noqa: E402
 from devstack.builder import signing_seed  # noqa: E402
 from devstack.load import data_uri  # noqa: E402
 from devstack.receiver import WebhookReceiver  # noqa: E402
 from devstack.services import RedisServer  # noqa: E402
 
 
-def totals(client: redis.Redis) -> tuple[int, float]:
-    calls = sum(int(stats["calls"]) for stats in client.info("commandstats").values())
-    cpu = client.info("cpu")
-    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+def totals(client: redis.Redis) -> tuple[int, int, float]:
+    """Commands run, requests read (round trips) and CPU seconds so far, from one INFO."""
+    info = client.info("all")
+    calls = sum(int(stats["calls"]) for name, stats in info.items() if name.startswith("cmdstat_"))
+    return (
+        calls,
+        int(info["total_reads_processed"]),
+        float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+    )
 
 
-def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n: int) -> None:
+def one_job(store: JobStore, celery, deliverer: Deliverer, receiver_url: str, n: int) -> None:
+    sender = deliverer.sender
     rid = str(uuid.uuid4())
     spec = JobSpec(
         request_id=rid,
@@ -86,14 +94,16 @@ def one_job(store: JobStore, celery, sender: WebhookSender, receiver_url: str, n
         report=RunReport("done", "bench", 0.01),  # the completions-stream entry, as the worker writes it
     )
     assert done, rid
-    popped = cast(tuple[str, str], store.redis.brpop([keys.WEBHOOK_READY], 1))  # the deliverer's BRPOP
+    # The deliverer's pop, with the previous attempt's outcome in the same round trip.
+    popped = cast(tuple[str, str], deliverer.write_outcomes_and_pop())
     handoff = Handoff.parse(popped[1])
     assert handoff is not None, popped
-    attempt = sender.deliver_handed(handoff)
+    attempt = sender.deliver_handed(handoff)  # its outcome waits in the outbox for the next pop
     assert attempt is not None and attempt.ok, attempt
 
 
-def measure(fsync: str, jobs: int) -> tuple[float, float]:
+def measure(fsync: str, jobs: int) -> tuple[float, float, float, float]:
+    """Per job: commands, round trips, Redis CPU ms; and a PING's Redis CPU in µs right after."""
     server = RedisServer().start()
     receiver = WebhookReceiver().start()
     try:
@@ -104,14 +114,24 @@ def measure(fsync: str, jobs: int) -> tuple[float, float]:
         client.config_set("appendfsync", fsync)
         store = JobStore.from_settings(settings)
         celery = make_celery(settings)
-        sender = WebhookSender(settings, store, WebhookSigner.from_keys(settings.webhook_signing_keys))
+        signer = WebhookSigner.from_keys(settings.webhook_signing_keys)
+        deliverer = Deliverer(settings, store, WebhookSender(settings, store, signer, OutcomeOutbox()))
         for n in range(20):  # scripts loaded, connections open
-            one_job(store, celery, sender, receiver.url, n)
-        calls, cpu = totals(client)
+            one_job(store, celery, deliverer, receiver.url, n)
+        calls, reads, cpu = totals(client)
         for n in range(jobs):
-            one_job(store, celery, sender, receiver.url, 100 + n)
-        after_calls, after_cpu = totals(client)
-        return (after_calls - calls - 2) / jobs, (after_cpu - cpu) / jobs * 1000  # less our two INFOs
+            one_job(store, celery, deliverer, receiver.url, 100 + n)
+        after_calls, after_reads, after_cpu = totals(client)
+        pings = 2000
+        for _ in range(pings):
+            client.ping()
+        ping_cpu = totals(client)[2] - after_cpu
+        return (  # less our INFO
+            (after_calls - calls - 1) / jobs,
+            (after_reads - reads - 1) / jobs,
+            (after_cpu - cpu) / jobs * 1000,
+            ping_cpu / pings * 1e6,
+        )
     finally:
         receiver.stop()
         server.stop()
@@ -128,11 +148,11 @@ def main() -> None:
         f"### Redis alone, one job's commands from one client: {cpu_model()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}, {args.jobs} jobs\n"
     )
-    print("| fsync | Redis commands per job | Redis CPU ms per job |")
-    print("| --- | ---: | ---: |")
+    print("| fsync | Redis commands per job | round trips per job | Redis CPU ms per job | a PING's, µs |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for fsync in args.appendfsync:
-        commands, cpu_ms = measure(fsync, args.jobs)
-        print(f"| {fsync} | {commands:.1f} | {cpu_ms:.3f} |")
+        commands, round_trips, cpu_ms, ping_us = measure(fsync, args.jobs)
+        print(f"| {fsync} | {commands:.1f} | {round_trips:.1f} | {cpu_ms:.3f} | {ping_us:.0f} |")
 
 
 if __name__ == "__main__":

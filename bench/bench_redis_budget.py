@@ -7,8 +7,10 @@ runs `--jobs` ~128x128 PNG requests with a webhook each from `--concurrency` thr
 window opens after a warm-up and closes once the last webhook arrived; the harness itself sends Redis
 nothing inside it (completion is seen at the webhook receiver); `--appendfsync` sets Redis's AOF fsync
 policy. Commands run inside Lua scripts count, as INFO commandstats counts them. Reported per job:
-Redis commands by command (INFO commandstats deltas), Redis CPU (INFO cpu used_cpu_sys + used_cpu_user),
-and CPU of each of our processes with children (/proc).
+Redis commands by command (INFO commandstats deltas), round trips (requests read, INFO stats
+total_reads_processed), Redis CPU (INFO cpu used_cpu_sys + used_cpu_user), and CPU of each of our processes
+with children (/proc). After the window, 2,000 PINGs give what a bare round trip costs Redis at that moment:
+this virtual machine's speed moves over an hour, and a job's cost moves with it.
 
     python bench/bench_redis_budget.py --jobs 300 --baseline-root /tmp/redis-baseline [--pin-redis]
 
@@ -48,18 +50,43 @@ class Run:
     jobs: int
     seconds: float
     commands: dict[str, int]  # per-command call deltas over the window
+    round_trips: int  # requests Redis read over the window
     redis_cpu: float  # seconds
     processes: dict[str, float]  # seconds of CPU by process
     idle_commands_per_s: float
     idle_redis_cpu_per_s: float  # seconds of Redis CPU per second with no jobs (sweeps, polls, serverCron)
+    ping_cpu: float  # seconds of Redis CPU for one PING, right after the window
     objects: dict[str, float]  # S3 objects written per job, by bucket role
 
 
-def command_counts(client: redis.Redis) -> dict[str, int]:
-    return {
-        name.removeprefix("cmdstat_"): int(stats["calls"])
-        for name, stats in client.info("commandstats").items()
-    }
+@dataclass
+class Sample:
+    """Redis's counters at one moment, from one INFO (one command, one round trip)."""
+
+    commands: dict[str, int]
+    cpu: float  # seconds, INFO cpu used_cpu_sys + used_cpu_user
+    reads: int  # requests read from clients (total_reads_processed)
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> Sample:
+        info = client.info("all")
+        return cls(
+            {
+                name.removeprefix("cmdstat_"): int(stats["calls"])
+                for name, stats in info.items()
+                if name.startswith("cmdstat_")
+            },
+            float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+            int(info["total_reads_processed"]),
+        )
+
+
+def ping_cpu(client: redis.Redis, pings: int = 2000) -> float:
+    """Seconds of Redis CPU one PING costs now: a bare round trip's price on this machine at this moment."""
+    before = Sample.of(client).cpu
+    for _ in range(pings):
+        client.ping()
+    return (Sample.of(client).cpu - before) / pings
 
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))  # before any pinning: each run pins afresh
@@ -93,11 +120,6 @@ def pin_redis_apart(stack: LoopbackStack) -> None:
         pin_tree(pid, rest)
     assert stack.redis.process is not None, "the stack's redis-server runs"
     pin_tree(stack.redis.process.pid, {cpus[0]})
-
-
-def redis_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def delivered(receiver: WebhookReceiver) -> set[str]:
@@ -141,16 +163,18 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
                 pin_redis_apart(stack)
             load(stack, receiver, args.warmup, args.concurrency, 0)
             time.sleep(1.0)
-            idle_from, idle_cpu = command_counts(client), redis_cpu(client)
+            idle_from = Sample.of(client)
             time.sleep(args.idle_seconds)
-            idle = (sum(command_counts(client).values()) - sum(idle_from.values()) - 2) / args.idle_seconds
-            idle_cpu = (redis_cpu(client) - idle_cpu) / args.idle_seconds
+            idle_to = Sample.of(client)
+            idle = (sum(idle_to.commands.values()) - sum(idle_from.commands.values()) - 1) / args.idle_seconds
+            idle_cpu = (idle_to.cpu - idle_from.cpu) / args.idle_seconds
             pids = our_processes(stack)
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            counts, cpu, started = command_counts(client), redis_cpu(client), time.time()
+            window_from, started = Sample.of(client), time.time()
             ids = load(stack, receiver, args.jobs, args.concurrency, 10_000)
             seconds = time.time() - started
-            after_counts, after_cpu = command_counts(client), redis_cpu(client)  # two commands of ours
+            window_to = Sample.of(client)  # and one INFO of ours
+            ping = ping_cpu(client)
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             s3 = stack.s3_direct()
             objects = {}
@@ -174,17 +198,21 @@ def measure(label: str, root: Path, fsync: str, args) -> Run:
             receiver.stop()
             if args.pin_redis:
                 pin_tree(os.getpid(), set(ALL_CPUS))
-    deltas = {name: after_counts[name] - counts.get(name, 0) for name in after_counts}
-    deltas["info"] -= 2  # this benchmark's own INFO calls
+    deltas = {
+        name: window_to.commands[name] - window_from.commands.get(name, 0) for name in window_to.commands
+    }
+    deltas["info"] -= 1  # this benchmark's own INFO
     return Run(
         label,
         args.jobs,
         seconds,
         {k: v for k, v in deltas.items() if v > 0},
-        after_cpu - cpu,
+        window_to.reads - window_from.reads - 1,
+        window_to.cpu - window_from.cpu,
         {name: after[name] - before[name] for name in pids},
         idle,
         idle_cpu,
+        ping,
         objects,
     )
 
@@ -205,6 +233,11 @@ def report(runs: list[Run]) -> None:
     print(
         "| **Redis commands per job** | "
         + " | ".join(f"**{sum(run.commands.values()) / run.jobs:.1f}**" for run in runs)
+        + " |"
+    )
+    print(
+        "| Redis round trips per job | "
+        + " | ".join(f"{run.round_trips / run.jobs:.1f}" for run in runs)
         + " |"
     )
     print(
@@ -233,6 +266,11 @@ def report(runs: list[Run]) -> None:
             f"{(run.redis_cpu - run.idle_redis_cpu_per_s * run.seconds) / run.jobs * 1000:.2f}"
             for run in runs
         )
+        + " |"
+    )
+    print(
+        "| a PING's Redis CPU, µs (the machine's speed then) | "
+        + " | ".join(f"{run.ping_cpu * 1e6:.0f}" for run in runs)
         + " |"
     )
     names = sorted({n for run in runs for n in run.processes})

@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     from common.observability.metrics import process_probes, start_metrics_server
     from common.state.dev_secrets import webhook_signer
     from common.state.jobs import JobStore
-    from common.state.webhooks import WebhookSender
+    from common.state.webhooks import OutcomeOutbox, WebhookSender
     from deliverer.app import Deliverer
 
     store = JobStore.from_settings(settings)
-    sender = WebhookSender(settings, store, webhook_signer(settings.webhook_signing_keys, store.redis))
+    signer = webhook_signer(settings.webhook_signing_keys, store.redis)
+    sender = WebhookSender(settings, store, signer, OutcomeOutbox())  # outcomes go with the next pop
     start_metrics_server(
         settings.webhooks_metrics_port, "webhooks", process_probes(settings), host=settings.metrics_host
     )

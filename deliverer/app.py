@@ -3,11 +3,12 @@
 A job's completion books its first attempt in the due schedule and hands it, with what the attempt posts,
 to the ready list in the same script (common/state/jobs.py). A deliverer blocks on the ready list (one BRPOP
 per webhook), popping only while one of its `concurrency` delivery threads is free, and attempts what it
-pops; a pump thread moves bookings that fall due (retries, and first attempts whose deliverer died after
-popping them) back onto the ready list. An attempt removes its own booking only once its outcome is
-recorded, so every webhook is attempted at least once whatever process dies when; a copy the pump hands out
-takes the attempt's lock (`webhook_try`), so it does not post while another copy is under way
-(common/state/webhooks.py).
+pops; the outcomes of the attempts that ended since its last pop go in the same round trip as its next one
+(an `OutcomeOutbox`), so a webhook costs the deliverer one round trip. A pump thread moves bookings that
+fall due (retries, and first attempts whose deliverer died after popping them) back onto the ready list. An
+attempt's booking goes only with its outcome's write, so every webhook is attempted at least once whatever
+process dies when; a copy the pump hands out takes the attempt's lock (`webhook_try`), so it does not post
+while another copy is under way (common/state/webhooks.py).
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from common.observability.metrics import count_webhook_delivery
 from common.settings import DelivererSettings
 from common.state import keys
 from common.state.jobs import JobStore
-from common.state.webhooks import Handoff, WebhookSender
+from common.state.webhooks import READY_WAIT, Handoff, Outcome, OutcomeOutbox, WebhookSender
 
 log = logging.getLogger(__name__)
-
-READY_WAIT = 2.0  # s a BRPOP blocks (under the clients' 5 s socket timeout): an idle deliverer's one command
 
 
 class Deliverer:
@@ -35,6 +34,7 @@ class Deliverer:
         self, settings: DelivererSettings, store: JobStore, sender: WebhookSender, concurrency: int = 4
     ):
         self.settings, self.store, self.sender = settings, store, sender
+        self.outbox = sender.outbox or OutcomeOutbox()  # empty unless the sender leaves its outcomes here
         self.concurrency = max(1, concurrency)
         self.pump_interval = max(0.05, min(1.0, settings.webhook_retry_base / 4))
 
@@ -44,6 +44,7 @@ class Deliverer:
         pump.start()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook") as pool:
             self._pop_ready(stop, pool)
+        self._write_last_outcomes()
         pump.join(timeout=self.pump_interval + 1)
 
     def _pop_ready(self, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
@@ -53,7 +54,7 @@ class Deliverer:
             if not free.acquire(timeout=READY_WAIT):
                 continue
             try:
-                popped = self.store.redis.brpop([keys.WEBHOOK_READY], timeout=READY_WAIT)
+                popped = self.write_outcomes_and_pop()
                 delay = 0.1
             except (redis.RedisError, OSError):
                 free.release()
@@ -65,6 +66,39 @@ class Deliverer:
                 free.release()
                 continue
             pool.submit(self.attempt, str(popped[1])).add_done_callback(lambda _: free.release())
+
+    def write_outcomes_and_pop(self) -> tuple[str, str] | None:
+        """One round trip: the outcomes waiting in the outbox, then a BRPOP on the ready list."""
+        outcomes = self.outbox.take()
+        pipe = self.store.redis.pipeline(transaction=False)
+        self.sender.write_outcomes(pipe, outcomes)
+        pipe.brpop([keys.WEBHOOK_READY], timeout=READY_WAIT)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.outbox.put_back(outcomes)
+            raise
+        self._check_outcomes(outcomes, replies[:-1])
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        return replies[-1]
+
+    def _check_outcomes(self, outcomes: list[Outcome], replies: list) -> None:
+        failed = [reply for reply in replies if isinstance(reply, Exception)]
+        if failed:  # a command refused (not a lost connection): retrying would not help; the bookings stay
+            log.error("outcomes of %d webhook attempts not recorded: %s", len(outcomes), failed[0])
+
+    def _write_last_outcomes(self) -> None:
+        """The outcomes of the attempts that ended after the last pop, once no pop follows."""
+        outcomes = self.outbox.take()
+        if not outcomes:
+            return
+        pipe = self.store.redis.pipeline(transaction=False)
+        self.sender.write_outcomes(pipe, outcomes)
+        try:
+            self._check_outcomes(outcomes, pipe.execute(raise_on_error=False))
+        except (redis.RedisError, OSError):  # the bookings stay: the attempts are made again when due
+            log.warning("outcomes of %d webhook attempts not recorded at stop", len(outcomes), exc_info=True)
 
     def attempt(self, entry: str) -> None:
         """Attempt a ready-list entry: a completion's hand-off, or a booking ("<request id>|<attempt>")."""

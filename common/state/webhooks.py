@@ -12,18 +12,23 @@ at once. Its booking falls due only after the longest an attempt can take (`atte
 timeout more, so a deliverer that takes the hand-off in time finishes before the pump could hand the same
 attempt out again: it takes no lock. A hand-off taken later, and every booking the pump hands out, reads
 the record and takes the attempt's lock (`webhook_try`), so no second copy posts while one is under way.
+
+A sender given an `OutcomeOutbox` (the deliverer's) leaves each outcome there instead of writing it: the
+deliverer writes it in the same round trip as its next pop from the ready list, at most `READY_WAIT` later.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import cast
 
 import httpcore
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from common.adapters.netguard import NetPolicy, guarded_pool, parse_http_url
@@ -193,10 +198,16 @@ def post(
     return response.status, f"HTTP {response.status}"
 
 
+# Seconds a deliverer's pop blocks (under the clients' 5 s socket timeout): the longest an outcome waits in
+# the deliverer's outbox for the next pop.
+READY_WAIT = 2.0
+
+
 def attempt_seconds(settings: WebhookTimingSettings) -> int:
     """The longest an attempt can run, with margin: connect, write and read (each up to webhook_timeout),
-    the outcome's write, and a slow process's pauses. An attempt's lock outlives its deliverer this long."""
-    return int(5 * settings.webhook_timeout) + 5
+    the outcome's write (up to READY_WAIT after the post, with the deliverer's next pop), and a slow
+    process's pauses. An attempt's lock outlives its deliverer this long."""
+    return int(5 * settings.webhook_timeout + READY_WAIT) + 3
 
 
 def first_attempt_due(settings: WebhookTimingSettings) -> float:
@@ -249,6 +260,38 @@ def retry_delay(settings: WebhookTimingSettings, attempt: int, jitter: bool = Tr
     return ceiling if not jitter else ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """An attempt's outcome, to be written: the record's fields and the schedule's change."""
+
+    request_id: str
+    attempt: Attempt
+
+
+class OutcomeOutbox:
+    """Outcomes the deliverer's threads leave for its pop loop, which writes them in the round trip of its
+    next pop (`WebhookSender.write_outcomes`). Until then each attempt's booking stays in the schedule: a
+    deliverer killed with outcomes here has those attempts made again when their bookings fall due."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outcomes: list[Outcome] = []
+
+    def put(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._outcomes.append(outcome)
+
+    def take(self) -> list[Outcome]:
+        with self._lock:
+            taken, self._outcomes = self._outcomes, []
+        return taken
+
+    def put_back(self, outcomes: Sequence[Outcome]) -> None:
+        """Outcomes whose write failed, for the next round trip (the writes are idempotent)."""
+        with self._lock:
+            self._outcomes[:0] = outcomes
+
+
 _CLAIM_DUE = """
 local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(items) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], member) end
@@ -259,10 +302,17 @@ return items
 class WebhookSender:
     """Signs and delivers one attempt at a time; books retries; lists what finally failed."""
 
-    def __init__(self, settings: DelivererSettings, store: JobStore, signer: WebhookSigner):
+    def __init__(
+        self,
+        settings: DelivererSettings,
+        store: JobStore,
+        signer: WebhookSigner,
+        outbox: OutcomeOutbox | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.signer = signer
+        self.outbox = outbox  # None: each attempt writes its outcome itself, in a round trip of its own
         self.policy = webhook_policy(settings)
         self._claim_due = store.redis.register_script(_CLAIM_DUE)
 
@@ -296,14 +346,10 @@ class WebhookSender:
         return self._attempt(record, attempt)
 
     def _attempt(self, record: Delivery, attempt: int) -> Attempt:
-        """Post, then record the outcome and book the next attempt (or list the webhook as failed) in one
-        round trip; the attempt's booking goes with it."""
+        """Post, then record the outcome and book the next attempt (or list the webhook as failed), in one
+        round trip or through the outbox; the attempt's booking goes with it."""
         assert record.webhook_url is not None
         request_id = record.request_id
-        own, successor = (
-            keys.webhook_booking(request_id, attempt),
-            keys.webhook_booking(request_id, attempt + 1),
-        )
         last = attempt >= self.settings.webhook_max_retries
         body = encode_payload(build_payload(record))
         headers = self.signer.headers(request_id, record.user_id, body)
@@ -319,15 +365,36 @@ class WebhookSender:
             error=error,
             final=error is not None and (last or refused),
         )
-        pipe = self.store.redis.pipeline(transaction=False)  # the outcome's writes in one round trip
-        pipe.hset(keys.job(request_id), mapping=attempt_fields(result))
-        pipe.zrem(keys.WEBHOOK_DUE, own)
-        if result.final:  # a refused URL stays refused: no retry
-            pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
-        elif not result.ok:
-            pipe.zadd(keys.WEBHOOK_DUE, {successor: result.at + retry_delay(self.settings, attempt)})
-        pipe.execute()
+        outcome = Outcome(request_id, result)
+        if self.outbox is not None:
+            self.outbox.put(outcome)
+        else:
+            pipe = self.store.redis.pipeline(transaction=False)
+            self.write_outcomes(pipe, [outcome])
+            pipe.execute()
         return result
+
+    def write_outcomes(self, pipe: Pipeline, outcomes: Sequence[Outcome]) -> None:
+        """Queue on `pipe` the writes of `outcomes`: each attempt's entry and mark in its record (an HSET),
+        their bookings taken back (one ZREM), and each failed attempt's retry booked or its webhook listed
+        as failed."""
+        if not outcomes:
+            return
+        for outcome in outcomes:
+            pipe.hset(keys.job(outcome.request_id), mapping=attempt_fields(outcome.attempt))
+        pipe.zrem(
+            keys.WEBHOOK_DUE,
+            *(keys.webhook_booking(outcome.request_id, outcome.attempt.attempt) for outcome in outcomes),
+        )
+        for outcome in outcomes:
+            result, request_id = outcome.attempt, outcome.request_id
+            if result.final:  # a refused URL stays refused: no retry
+                pipe.zadd(keys.WEBHOOK_FAILED, {request_id: result.at})
+            elif not result.ok:
+                successor = keys.webhook_booking(request_id, result.attempt + 1)
+                pipe.zadd(
+                    keys.WEBHOOK_DUE, {successor: result.at + retry_delay(self.settings, result.attempt)}
+                )
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, int]]:
         """Attempts whose time has come, for this pump to hand out. Each stays booked, due again after a
