@@ -36,7 +36,7 @@ from common.domain.schemas import JobParams, JobSpec
 from common.settings import Settings
 from common.state.jobs import JobRecord, JobStore
 from tests.helpers.servers import LocalServer
-from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, wait_for
+from tests.helpers.stack import TEST_VARIANTS, Stack, build_stack, free_database, wait_for
 from worker.pipeline.decode import decode_image
 
 pytestmark = pytest.mark.filterwarnings(
@@ -475,7 +475,7 @@ def worker(redis_server, moto_endpoint, tmp_path_factory) -> Iterator[WorkerHarn
     """One worker for the module, with the same limits as the decode cases and the production network
     policy (no allow-list): everything but the model is as deployed."""
     suffix = uuid.uuid4().hex[:8]
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/{int(suffix, 16) % 15 + 1}"
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/{free_database(redis_server.port)}"
     redis.Redis.from_url(redis_url).flushdb()
     log_dir = tmp_path_factory.mktemp("bad-images")
     stack = build_stack(

@@ -19,18 +19,49 @@ from devstack.builder import Stack, wait_for
 from devstack.loopback import NANO_VARIANTS
 from devstack.services import ROOT, settings_from
 
-__all__ = ["ROOT", "TEST_VARIANTS", "Stack", "build_stack", "isolated_settings", "settings_from", "wait_for"]
+__all__ = [
+    "ROOT",
+    "TEST_VARIANTS",
+    "Stack",
+    "build_stack",
+    "free_database",
+    "isolated_settings",
+    "settings_from",
+    "wait_for",
+]
 
 # Tests run the nano architecture with recipe weights: fast on CPU, same code path as real checkpoints.
 TEST_VARIANTS = NANO_VARIANTS
 
 
+# The Redis databases test stacks take (redis-server's 16 but database 0), and per server the one last taken.
+DATABASES = range(1, 16)
+_last_database: dict[int, int] = {}
+
+
+def free_database(redis_port: int) -> int:
+    """A database of the test Redis no process is connected to, the first such after the one last taken (the
+    least recently taken of all, should every one have clients). A module's stack lives on while each test's
+    own stack comes and goes: two live stacks on one database would share their Celery queues (each one's
+    workers taking the other's jobs, and storing their outputs in their own buckets), and the second one's
+    FLUSHDB would wipe the first one's records."""
+    client = redis.Redis(port=redis_port)
+    try:
+        busy = {int(entry["db"]) for entry in client.client_list()}
+    finally:
+        client.close()
+    last = _last_database.get(redis_port, 0)
+    order = [db for db in DATABASES if db > last] + [db for db in DATABASES if db <= last]
+    db = next((db for db in order if db not in busy), order[0])
+    _last_database[redis_port] = db
+    return db
+
+
 def isolated_settings(redis_port: int, log_dir: Path) -> tuple[str, str, dict[str, str]]:
-    """A fresh Redis database, bucket names and fast timings for one test's processes:
+    """A fresh Redis database (`free_database`), bucket names and fast timings for one test's processes:
     (name suffix, Redis URL, BIREFNET_* environment)."""
     suffix = uuid.uuid4().hex[:8]
-    db = int(suffix, 16) % 15 + 1  # spread tests over Redis databases 1..15
-    redis_url = f"redis://127.0.0.1:{redis_port}/{db}"
+    redis_url = f"redis://127.0.0.1:{redis_port}/{free_database(redis_port)}"
     redis.Redis.from_url(redis_url).flushdb()
     return (
         suffix,

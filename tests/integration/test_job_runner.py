@@ -1,6 +1,6 @@
 """worker/runner.py's JobRunner in this process, over every outcome it can return: a real redis-server, moto
 S3, the null-model predictor (a constant mask, no network), no Celery worker (the Celery app only books
-webhook tasks, and these jobs have none)."""
+webhook tasks, which these jobs have none of, and a video's segment jobs, which the video's own run takes)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from common.adapters.queue import make_celery
 from common.adapters.storage import RESULT_DOCUMENT, ObjectStore, request_output_prefix
 from common.domain.schemas import JobParams, JobSpec
+from common.domain.video import VideoOptions
 from common.settings import Settings
 from common.state import keys, ops_state
 from common.state.jobs import JobRecord, JobStore
@@ -21,10 +22,12 @@ from tests.helpers.hooked_worker import HooksForTests, install, install_forward_
 from tests.helpers.images import data_uri, png_bytes
 from tests.helpers.pipeline import put, s3_client
 from tests.helpers.stack import Stack
+from tests.helpers.video import make_clip, read_video
 from worker.engine import Predictor
 from worker.null_model import NULL_MODEL_BANNER
 from worker.pipeline.types import PreparedImage
 from worker.runner import TIMEOUT_ERROR_TYPE, JobRunner
+from worker.video.job import segment_specs
 
 VARIANT = "general-light"
 IMAGE = data_uri(png_bytes((40, 30)))
@@ -414,3 +417,43 @@ def test_an_unexpected_error_retries_and_is_recorded(harness: Harness, monkeypat
     fields = harness.store.redis.hgetall(keys.job(spec.request_id))
     assert fields["status"] == "IN_QUEUE" and fields["last_error"] == "RuntimeError: boom"
     assert harness.attempts(spec) == 1, "the attempt counts"
+
+
+# --- a video in segments -------------------------------------------------------------------------------
+def test_a_segment_whose_parts_are_not_in_the_output_bucket_is_encoded_again(stack: Stack, tmp_path):
+    """A segment run by a worker whose output bucket is another (two deployments on one Redis database)
+    stored its parts there: the worker joining the video encodes it again, where the join used to leave
+    its frames out (5 of 8) while the result said 8."""
+    joining = make_harness(stack, video_segment_seconds=0.4)
+    elsewhere = f"{stack.settings.output_bucket}-elsewhere"
+    s3 = s3_client(stack.settings)
+    s3.create_bucket(Bucket=elsewhere)
+    other = make_harness(stack, video_segment_seconds=0.4, output_bucket=elsewhere)
+    clip = make_clip(str(tmp_path / "clip.mp4"), width=64, height=48, seconds=1.0, fps=8)
+    with open(clip, "rb") as fh:
+        video_url = data_uri(fh.read(), "video/mp4")
+    spec = joining.job(
+        image_url=video_url,
+        params=JobParams(output_mask=True),
+        extra={"video": VideoOptions(output_type="VP9 (.webm)").model_dump()},
+    )
+    # 3 segments of 1/3 s (3, 3 and 2 frames); the other worker takes the second first.
+    second = segment_specs(spec, 3, 1.0)[1]
+    assert other.store.create(second)
+    assert other.runner.run(second).kind == "done"
+    assert other.record(second).result == {"frames": 3}
+
+    assert joining.runner.run(spec).kind == "done"
+    record = joining.record(spec)
+    assert record.ok and record.result["video"]["num_frames"] == 8, record.result
+    source = read_video(clip)
+    for name in ("video.webm", "mask.webm"):
+        body = s3.get_object(Bucket=joining.settings.output_bucket, Key=spec.output_prefix + name)["Body"]
+        (tmp_path / name).write_bytes(body.read())
+        out = read_video(str(tmp_path / name))
+        assert out["frames"] == 8 and out["times"] == source["times"], (name, out["times"])
+    logs = [entry["message"] for entry in joining.store.logs(spec.request_id)]
+    assert any(
+        line.endswith("segment 2/3: its parts are not in the output bucket; encoding it again")
+        for line in logs
+    )

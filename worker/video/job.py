@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -458,7 +458,7 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
             send_job(runner.celery, child)
     run.log(f"split into {count} segments of ~{run.info.duration / count:.1f}s, queued for any worker")
     remaining = {child.request_id: child for child in children}
-    frames = 0
+    counts: dict[str, int] = {}  # segment request id -> the frames its run recorded
     max_attempts = min(spec.max_attempts or settings.max_job_attempts, settings.max_job_attempts)
     while remaining:
         if run.cancelled():
@@ -484,21 +484,7 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                     status_code=503,
                 )
             if claim.outcome == "claimed":
-                sub = VideoRun(
-                    runner,
-                    child,
-                    token,
-                    run.predictor,
-                    run.log_,
-                    run.deadline,
-                    run.options,
-                    run.kind,
-                    info=run.info,
-                    source=run.source,
-                    tmp=run.tmp,
-                    timings=run.timings,
-                    alone=claim.run_alone,
-                )
+                sub = replace(run, spec=child, token=token, alone=claim.run_alone, stages=StageTimings())
                 with LeaseKeeper(
                     runner.store, rid, child.variant, token, settings.job_lease_seconds, runner.health
                 ):
@@ -509,7 +495,7 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
                 result = (record.result if record is not None else None) or {}
                 if result.get("cancelled"):
                     raise Cancelled("cancelled")
-                frames += int(result.get("frames", 0))
+                counts[rid] = int(result.get("frames", 0))
                 del remaining[rid]
                 run.log(
                     f"segment {child.extra['segment']['index'] + 1}/{count} done "
@@ -521,23 +507,36 @@ def _run_segmented(run: VideoRun, count: int, outputs: dict[str, str]) -> int:
             if time.monotonic() > run.deadline:
                 raise JobTimedOut("the limit passed while waiting for segments")
             time.sleep(WAIT_POLL)
-    if frames == 0:
+    if not any(counts.values()):
         raise codec.VideoLoadError("the video has no frames")
+    for child in children:
+        # A segment with frames stored its parts; should this worker not find them (stored by a worker whose
+        # output bucket is another, or removed since), it encodes the segment again: a join without them
+        # would lack the segment's frames.
+        index = child.extra["segment"]["index"]
+        keys = segment_keys(child, index, run.kind).values()
+        if not counts[child.request_id] or all(
+            runner.objects.exists(settings.output_bucket, key) for key in keys
+        ):
+            continue
+        run.log(
+            f"segment {index + 1}/{count}: its parts are not in the output bucket; encoding it again", "WARN"
+        )
+        counts[child.request_id] = _run_segment(replace(run, spec=child, stages=StageTimings()))
+    frames = sum(counts.values())
     t = time.perf_counter()
     for name, path in outputs.items():
         parts = []
         for child in children:
+            if not counts[child.request_id]:
+                continue  # a segment without frames stores no parts
             key = segment_keys(child, child.extra["segment"]["index"], run.kind)[name]
             part = os.path.join(run.tmp, os.path.basename(key))
-            data = (
-                runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes)
-                if runner.objects.exists(settings.output_bucket, key)
-                else None
-            )
-            if data:
-                with open(part, "wb") as fh:
-                    fh.write(data)
-                parts.append(part)
+            with open(part, "wb") as fh:
+                fh.write(
+                    runner.objects.read(settings.output_bucket, key, max_bytes=8 * settings.video_max_bytes)
+                )
+            parts.append(part)
         codec.join_segments(
             parts, path, run.kind, run.source if name == "video" and run.info.has_audio else None
         )
