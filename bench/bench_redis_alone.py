@@ -11,7 +11,8 @@ pop as the deliverer writes it), against a redis-server with AOF under each `--a
 Reported per job: Redis commands (INFO commandstats, script commands included), round trips (requests
 read, INFO stats) and Redis CPU (INFO cpu); and a PING's Redis CPU right after, the machine's speed then.
 
-    python bench/bench_redis_alone.py [--jobs 1000] [--appendfsync always everysec]
+    python bench/bench_redis_alone.py [--jobs 1000] [--appendfsync always everysec] [--clients 1 4 16]
+        [--wake-costs]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -102,8 +104,8 @@ def one_job(store: JobStore, celery, deliverer: Deliverer, receiver_url: str, n:
     assert attempt is not None and attempt.ok, attempt
 
 
-def measure(fsync: str, jobs: int) -> tuple[float, float, float, float]:
-    """Per job: commands, round trips, Redis CPU ms; and a PING's Redis CPU in µs right after."""
+def measure(fsync: str, jobs: int, clients: int) -> tuple[float, float, float, float, float]:
+    """Jobs/s; per job: commands, round trips, Redis CPU ms; and a PING's Redis CPU in µs right after."""
     server = RedisServer().start()
     receiver = WebhookReceiver().start()
     try:
@@ -119,14 +121,17 @@ def measure(fsync: str, jobs: int) -> tuple[float, float, float, float]:
         for n in range(20):  # scripts loaded, connections open
             one_job(store, celery, deliverer, receiver.url, n)
         calls, reads, cpu = totals(client)
-        for n in range(jobs):
-            one_job(store, celery, deliverer, receiver.url, 100 + n)
+        started = time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:  # each job's calls in order; `clients` jobs at a time
+            list(pool.map(lambda n: one_job(store, celery, deliverer, receiver.url, 100 + n), range(jobs)))
+        seconds = time.monotonic() - started
         after_calls, after_reads, after_cpu = totals(client)
         pings = 2000
         for _ in range(pings):
             client.ping()
         ping_cpu = totals(client)[2] - after_cpu
         return (  # less our INFO
+            jobs / seconds,
             (after_calls - calls - 1) / jobs,
             (after_reads - reads - 1) / jobs,
             (after_cpu - cpu) / jobs * 1000,
@@ -137,22 +142,73 @@ def measure(fsync: str, jobs: int) -> tuple[float, float, float, float]:
         server.stop()
 
 
+def wake_costs(gaps_ms: list[float]) -> None:
+    """What a PING costs Redis (less its idle rate) by the time between PINGs: a request that finds Redis
+    asleep costs it more than one that finds it awake."""
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        cpu = lambda: totals(client)[2]  # noqa: E731
+        before, started = cpu(), time.monotonic()
+        time.sleep(5)
+        idle = (cpu() - before) / (time.monotonic() - started)
+        print(
+            f"\nA PING's Redis CPU by the time between PINGs (idle rate {idle * 1000:.2f} ms/s, taken off):\n"
+        )
+        print("| time between PINGs | Redis CPU per PING, µs |")
+        print("| ---: | ---: |")
+        for gap_ms in gaps_ms:
+            pings = 2000 if gap_ms < 5 else 600
+            before, started = cpu(), time.monotonic()
+            for _ in range(pings):
+                client.ping()
+                if gap_ms:
+                    time.sleep(gap_ms / 1000)
+            used = cpu() - before - idle * (time.monotonic() - started)
+            print(f"| {gap_ms:g} ms | {used / pings * 1e6:.1f} |")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--appendfsync", nargs="+", default=["always", "everysec"])
+    parser.add_argument(
+        "--clients",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="threads making jobs at once (more: Redis idles less between requests, as under a fleet)",
+    )
+    parser.add_argument(
+        "--wake-costs",
+        type=float,
+        nargs="*",
+        metavar="MS",
+        help="also a PING's Redis CPU by the time between PINGs (ms; none given: 0 1 5 25)",
+    )
     args = parser.parse_args()
     print(
         f"### Redis alone, one job's commands from one client: {cpu_model()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}, {args.jobs} jobs\n"
     )
-    print("| fsync | Redis commands per job | round trips per job | Redis CPU ms per job | a PING's, µs |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| fsync | clients | jobs/s | Redis commands per job | round trips per job | Redis CPU ms per job "
+        "| a PING's, µs |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for fsync in args.appendfsync:
-        commands, round_trips, cpu_ms, ping_us = measure(fsync, args.jobs)
-        print(f"| {fsync} | {commands:.1f} | {round_trips:.1f} | {cpu_ms:.3f} | {ping_us:.0f} |")
+        for clients in args.clients:
+            rate, commands, round_trips, cpu_ms, ping_us = measure(fsync, args.jobs, clients)
+            print(
+                f"| {fsync} | {clients} | {rate:.0f} | {commands:.1f} | {round_trips:.1f} | {cpu_ms:.3f} "
+                f"| {ping_us:.0f} |"
+            )
+    if args.wake_costs is not None:
+        wake_costs(args.wake_costs or [0, 1, 5, 25])
 
 
 if __name__ == "__main__":
