@@ -36,7 +36,7 @@ from common.observability.metrics import (
 from common.settings import RedisSettings, WorkerSettings
 from common.state.jobs import JobStore
 from common.state.ops_state import paused_variants, publish_heartbeat
-from common.state.orphans import SweepTiming, resend_orphans
+from common.state.orphans import OrphanSweep, SweepTiming
 from worker.engine import Predictor
 from worker.packing import load_predictors
 from worker.run_overrides import RunOverrides
@@ -142,6 +142,7 @@ class WorkerProcess:
             "started_at": time.time(),
         }
         timing = SweepTiming.from_lease(settings.job_lease_seconds)
+        orphans = OrphanSweep(self.runner.store, app, timing)
         beat_at = 0.0
         while True:
             try:
@@ -149,9 +150,7 @@ class WorkerProcess:
                     publish_heartbeat(self.runner.store.redis, self.name, info)
                     beat_at = time.monotonic()
                 for variant in self.runner.predictors:
-                    resend_orphans(
-                        self.runner.store, app, variant, settings.variants.get(variant).queue, timing
-                    )
+                    orphans.resend(variant, settings.variants.get(variant).queue)
             except Exception:  # the heartbeat must never take the worker down
                 log.warning("heartbeat to Redis failed", exc_info=True)
             time.sleep(timing.interval)

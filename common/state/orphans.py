@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 SCAN_LIMIT = 20_000  # beyond this many messages the check is skipped (a long queue is not an orphan's)
 QUEUED_SCAN = 200  # IN_QUEUE jobs looked at per sweep, from the head of the queue (where a lost one ends up)
 RESENT_FIELD = "orphan_resent_at"  # record field: when the sweep last found the job abandoned
-_queued_tried: dict[str, float] = {}  # variant -> when this process last asked for the queued-scan lock
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,28 @@ def _stale_queued(store: JobStore, unlisted: list[str], cutoff: float) -> list[s
     ]
 
 
-def resend_orphans(
-    store: JobStore, celery: Celery, variant: str, queue: str, timing: SweepTiming
+class OrphanSweep:
+    """A worker's sweep for the jobs of its variants whose broker message is gone (one per worker process,
+    called every `timing.interval`)."""
+
+    def __init__(self, store: JobStore, celery: Celery, timing: SweepTiming):
+        self.store, self.celery, self.timing = store, celery, timing
+        self._queued_tried: dict[str, float] = {}  # variant -> when this sweep last asked for its scan lock
+
+    def resend(self, variant: str, queue: str) -> list[str]:
+        """Send again the IN_PROGRESS jobs of `variant` whose worker died and the old IN_QUEUE ones, when
+        they have no message waiting; at most once per `timing.interval` for all workers together."""
+        return _resend(self.store, self.celery, variant, queue, self.timing, self._queued_tried)
+
+
+def _resend(
+    store: JobStore,
+    celery: Celery,
+    variant: str,
+    queue: str,
+    timing: SweepTiming,
+    queued_tried: dict[str, float],
 ) -> list[str]:
-    """Send again the IN_PROGRESS jobs of `variant` whose worker died and the old IN_QUEUE ones, when they
-    have no message waiting; at most once per `timing.interval` for all workers together."""
     if not store.redis.set(keys.orphan_scan(variant), "1", nx=True, px=int(timing.interval * 1000)):
         return []  # another worker just looked
     now = time.time()
@@ -111,10 +127,10 @@ def resend_orphans(
     abandoned = _abandoned(store, suspects, now - timing.lease) if suspects else []
     waiting: list[str] = []
     # Reading the queue lists costs Redis a pass over every waiting message: the waiting jobs are looked
-    # at once per queued_age / 2 only (each process asks for that lock no more often), and for the running
+    # at once per queued_age / 2 only (each sweep asks for that lock no more often), and for the running
     # ones only when one's lease is gone.
-    if now - _queued_tried.get(variant, 0.0) >= timing.queued_age / 2:
-        _queued_tried[variant] = now
+    if now - queued_tried.get(variant, 0.0) >= timing.queued_age / 2:
+        queued_tried[variant] = now
         if store.redis.set(keys.orphan_queued_scan(variant), "1", nx=True, px=int(timing.queued_age * 500)):
             waiting = cast(list[str], store.redis.zrange(keys.pending(variant), 0, QUEUED_SCAN - 1))
     if not abandoned and not waiting:

@@ -8,9 +8,9 @@ import time
 from common.adapters.queue import make_celery, send_job
 from common.domain.schemas import JobSpec
 from common.settings import Settings
-from common.state import keys, orphans
+from common.state import keys
 from common.state.jobs import JobStore
-from common.state.orphans import SweepTiming, resend_orphans
+from common.state.orphans import OrphanSweep, SweepTiming
 from devstack.services import RedisServer
 from tests.helpers.specs import job_spec
 
@@ -32,10 +32,10 @@ def _job(store: JobStore, created_at: float) -> JobSpec:
 
 
 def _sweep(store: JobStore, celery, *, again: bool = True) -> list[str]:
+    """A sweep by a worker that just started; `again`: once the last sweep's locks have expired."""
     if again:
         store.redis.delete(keys.orphan_scan("general-light"), keys.orphan_queued_scan("general-light"))
-        orphans._queued_tried.clear()  # this process may ask for the queued-scan lock again
-    return resend_orphans(store, celery, "general-light", QUEUE, TIMING)
+    return OrphanSweep(store, celery, TIMING).resend("general-light", QUEUE)
 
 
 def _queued_ids(store: JobStore) -> list[str]:
